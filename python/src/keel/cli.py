@@ -1,0 +1,52 @@
+"""The ``keel`` command: one entry point, a subcommand per service.
+
+Each service package has a ``cli`` module with ``register(subparsers)``, which
+adds its subcommands and sets ``func`` (``args -> exit code``) on each. Service
+modules import their heavy dependencies inside the handlers so that
+``keel --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from keel import __version__
+from keel.errors import KeelError
+
+# Order is the order of `keel --help`.
+SERVICE_CLIS: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keel",
+        description="keel: supervision, egress control, safe switches, a post-quantum mesh "
+        "and a tamper-evident ledger for fleets of AI agents.",
+        epilog="Run `keel COMMAND --help` for the options of each command. Files default to "
+        "/etc/keel, /var/lib/keel and /run/keel on an installed host, and to ./.keel in dev "
+        "mode (no /etc/keel, or KEEL_DEV=1).",
+    )
+    parser.add_argument("--version", action="version", version=f"keel {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SERVICE_CLIS:
+        importlib.import_module(module_name).register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeelError as exc:
+        print(f"keel: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `keel ledger tail | head`: the reader left; that is not an error.
+        sys.stderr.close()
+        return 0

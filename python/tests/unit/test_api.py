@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel import api
+from keel.errors import ApiError, KeelError
+
+
+async def _echo(args: dict[str, Any], peer: api.Peer) -> Any:
+    return {"args": args, "uid": peer.uid}
+
+
+async def _refuse(args: dict[str, Any], peer: api.Peer) -> Any:
+    raise KeelError("no such agent 'web'")
+
+
+async def _crash(args: dict[str, Any], peer: api.Peer) -> Any:
+    raise RuntimeError("bug")
+
+
+HANDLERS = {"echo": _echo, "refuse": _refuse, "crash": _crash}
+
+
+def test_round_trip_errors_and_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "test.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS, mode=0o600):
+            assert oct(path.stat().st_mode & 0o777) == "0o600"
+            result = await api.acall(path, "echo", {"x": 1})
+            assert result == {"args": {"x": 1}, "uid": os.getuid()}
+            # The blocking client, from a thread so the loop keeps serving.
+            assert await asyncio.to_thread(api.call, path, "echo") == {
+                "args": {},
+                "uid": os.getuid(),
+            }
+            with pytest.raises(ApiError, match="no such agent 'web'"):
+                await api.acall(path, "refuse")
+            with pytest.raises(ApiError, match="internal error in 'crash'"):
+                await api.acall(path, "crash")
+            with pytest.raises(ApiError, match=r"unknown verb 'nope'.*crash, echo, refuse"):
+                await api.acall(path, "nope")
+            # Garbage gets an error line and the connection stays usable.
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"\xff not json\n")
+            await writer.drain()
+            assert json.loads(await reader.readline())["ok"] is False
+            writer.write(b'{"verb": "echo", "args": {"y": 2}}\n')
+            await writer.drain()
+            assert json.loads(await reader.readline())["result"]["args"] == {"y": 2}
+            writer.close()
+        assert not path.exists()
+
+    asyncio.run(scenario())
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a dead daemon's socket file
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+            with pytest.raises(KeelError, match="already serving"):
+                await api.ControlServer(path, HANDLERS).start()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ApiError, match=r"cannot reach the watch daemon at .*is `keel watch serve`"):
+        api.call(tmp_path / "none.sock", "status", service="watch")

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from keel.config import Section, load_json_file
+from keel.errors import ConfigError
+
+
+def section(data: object) -> Section:
+    return Section(data, source="test.json")
+
+
+def test_reads_typed_values_and_defaults() -> None:
+    with section({"name": "web", "port": 8080, "ratio": 1, "on": True, "argv": ["a", "b"]}) as s:
+        assert s.string("name") == "web"
+        assert s.integer("port", minimum=1, maximum=65535) == 8080
+        assert s.number("ratio", positive=True) == 1.0
+        assert s.boolean("on") is True
+        assert s.strings("argv") == ["a", "b"]
+        assert s.string("missing", default="x") == "x"
+        assert s.integer("absent", None) is None
+        assert s.number("gone", 2.5) == 2.5
+
+
+@pytest.mark.parametrize(
+    ("data", "read", "message"),
+    [
+        ({}, lambda s: s.string("name"), "test.json: name: required key is missing"),
+        (
+            {"port": "80"},
+            lambda s: s.integer("port"),
+            'port: expected an integer, got a string "80"',
+        ),
+        (
+            {"port": True},
+            lambda s: s.integer("port"),
+            "port: expected an integer, got true or false",
+        ),
+        ({"port": 0}, lambda s: s.integer("port", minimum=1), "port: must be at least 1, got 0"),
+        ({"t": 0}, lambda s: s.number("t", positive=True), "t: expected a number > 0, got 0"),
+        ({"n": ""}, lambda s: s.string("n"), "n: must not be empty"),
+        ({"b": "x"}, lambda s: s.choice("b", ["systemd", "process"]), "b: expected one of"),
+        ({"argv": ["a", 1]}, lambda s: s.strings("argv"), "argv[1]: expected a non-empty string"),
+        ({"env": {"A": 1}}, lambda s: s.string_map("env"), "env.A: expected a string"),
+    ],
+)
+def test_bad_values_name_the_key(data: object, read, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        read(section(data))
+    assert message in str(info.value)
+
+
+def test_unknown_keys_are_refused_with_their_path() -> None:
+    cfg = section({"agents": {"web": {"unit": "web.service", "probs": []}}})
+    agents = cfg.section("agents")
+    with pytest.raises(
+        ConfigError, match=r"agents\.web\.probs: unknown key \(known keys here: unit\)"
+    ):
+        for _name, agent in agents.sections():
+            agent.string("unit")
+            agent.done()
+
+
+def test_nested_list_paths() -> None:
+    cfg = section({"probes": [{"type": "tcp"}, {"interval": -1}]})
+    probes = cfg.section_list("probes")
+    assert probes[0].string("type") == "tcp"
+    with pytest.raises(ConfigError, match=r"probes\[1\]\.interval: expected a number > 0"):
+        probes[1].number("interval", positive=True)
+
+
+def test_top_level_must_be_an_object() -> None:
+    with pytest.raises(ConfigError, match="top level: expected an object, got a list"):
+        section([])
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_json_file(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 2 column 7"):
+        load_json_file(bad)
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_json_file(binary)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"x": 1}))
+    assert Section.load(good).integer("x") == 1
