@@ -21,6 +21,18 @@ TIERS = {
     "nix": "tier 4 nix",
 }
 TESTS = Path(__file__).parent
+REPO = TESTS.parent.parent
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    """The published test vectors in ``../shared/vectors`` (``KEEL_VECTORS`` overrides)."""
+    import os
+
+    path = Path(os.environ.get("KEEL_VECTORS") or REPO.parent / "shared" / "vectors")
+    if not path.is_dir():
+        pytest.skip(f"no test vectors at {path} (set KEEL_VECTORS to their folder)")
+    return path
 
 
 def tier_of(path: Path) -> str | None:
