@@ -1,0 +1,183 @@
+"""The Python client agents use to talk through their local mesh daemon.
+
+::
+
+    from keel.mesh.client import MeshClient
+
+    mesh = MeshClient("/var/lib/keel/mesh")
+    message_id = mesh.send(peer_id, "jobs", b"hello")
+    for message in mesh.recv("jobs", wait=5):
+        print(message.sender, message.data)
+
+**Exactly once.** The daemon hands out received messages under a lease and
+deletes them only when the client acknowledges them. ``recv`` acknowledges
+the previous batch when it fetches the next one (or call :meth:`ack`), and
+the client remembers the ids it has returned: a message the daemon hands out
+again (its daemon was killed before the acknowledgement arrived, or a lease
+ran out) is acknowledged and not returned a second time. So, for the
+lifetime of one client, every message is returned once. A client that dies
+between receiving and acknowledging gets the message again in its next life
+(at-least-once across client crashes: keep the id if that matters).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel import api
+from keel.mesh.settings import control_path
+
+DEFAULT_TIMEOUT = 30.0
+REMEMBERED_IDS = 1 << 17
+
+
+@dataclass(frozen=True)
+class Received:
+    id: str
+    sender: str
+    topic: str
+    room: str | None
+    data: bytes = field(repr=False)
+    received: float
+
+
+class MeshClient:
+    """A connection-less client: every call is one request on ``DIR/control.sock``."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT):
+        self.directory = Path(directory)
+        self.path = control_path(self.directory)
+        self.timeout = timeout
+        self._unacked: list[int] = []
+        self._returned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+    def call(
+        self, verb: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        return api.call(
+            self.path, verb, args or {}, timeout=timeout or self.timeout, service="mesh"
+        )
+
+    # -- node and membership
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def node_id(self) -> str:
+        return str(self.status()["node"])
+
+    def invite(self, *, ttl: float = 3600, uses: int = 1) -> str:
+        return str(self.call("invite", {"ttl": ttl, "uses": uses})["token"])
+
+    def join(self, token: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(
+            "join", {"token": token, "timeout": timeout}, timeout=timeout + 5
+        )
+        return result
+
+    def peers(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("peers")
+        return result
+
+    def remove(self, node_id: str) -> None:
+        self.call("remove", {"node": node_id})
+
+    # -- messages
+
+    @staticmethod
+    def _message(to: str, topic: str, data: bytes, ttl: float | None) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "to": to,
+            "topic": topic,
+            "data": base64.b64encode(data).decode(),
+        }
+        if ttl is not None:
+            message["ttl"] = ttl
+        return message
+
+    def send(self, to: str, topic: str, data: bytes, *, ttl: float | None = None) -> str:
+        """Queue ``data`` for node ``to`` durably; returns the message id."""
+        return str(self.call("send", self._message(to, topic, data, ttl))["id"])
+
+    def send_many(
+        self, messages: Iterable[tuple[str, str, bytes]], *, ttl: float | None = None
+    ) -> list[str]:
+        """Queue several ``(to, topic, data)`` messages in one transaction."""
+        batch = [self._message(to, topic, data, ttl) for to, topic, data in messages]
+        return [str(i) for i in self.call("send_many", {"messages": batch})["ids"]]
+
+    def recv(self, topic: str, *, max: int = 100, wait: float = 0.0) -> list[Received]:
+        """Up to ``max`` new messages on ``topic``, waiting up to ``wait`` seconds for one."""
+        args = {"topic": topic, "max": max, "wait": wait, "ack": self._unacked}
+        result = self.call("recv", args, timeout=wait + self.timeout)
+        self._unacked = []
+        out = []
+        for item in result["messages"]:
+            self._unacked.append(int(item["receipt"]))
+            key = (item["from"], item["id"])
+            if key in self._returned:
+                continue
+            self._returned[key] = None
+            if len(self._returned) > REMEMBERED_IDS:
+                self._returned.popitem(last=False)
+            out.append(
+                Received(
+                    id=item["id"],
+                    sender=item["from"],
+                    topic=item["topic"],
+                    room=item.get("room"),
+                    data=base64.b64decode(item["data"]),
+                    received=float(item["received"]),
+                )
+            )
+        return out
+
+    def ack(self) -> None:
+        """Acknowledge what ``recv`` returned so far (``recv`` does it on its next call)."""
+        if self._unacked:
+            self.call("ack", {"receipts": self._unacked})
+            self._unacked = []
+
+    def messages(self, topic: str, *, wait: float = 30.0) -> Iterator[Received]:
+        """Every message on ``topic`` as it arrives, forever."""
+        while True:
+            yield from self.recv(topic, wait=wait)
+
+    # -- rooms
+
+    def room_create(self, name: str, members: Sequence[str] = ()) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_create", {"name": name, "members": list(members)})
+        return result
+
+    def room_add(self, room: str, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_add", {"room": room, "node": node_id})
+        return result
+
+    def room_remove(self, room: str, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_remove", {"room": room, "node": node_id})
+        return result
+
+    def room_members(self, room: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_members", {"room": room})
+        return result
+
+    def room_send(self, room: str, topic: str, data: bytes, *, ttl: float | None = None) -> str:
+        args: dict[str, Any] = {
+            "room": room,
+            "topic": topic,
+            "data": base64.b64encode(data).decode(),
+        }
+        if ttl is not None:
+            args["ttl"] = ttl
+        return str(self.call("room_send", args)["id"])
+
+    def rooms(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("rooms")
+        return result
