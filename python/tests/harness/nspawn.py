@@ -477,7 +477,7 @@ class Container:
             argv = ["/bin/sh", "-c", switch, "sh", user, *argv]
         return [
             "nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net",
-            "--pid", "--cgroup", "--root", "--wd=/",
+            "--pid", "--cgroup", "--root", "--wd",
             "/usr/bin/env", "-i", f"PATH={IN_CONTAINER_PATH}", "LANG=C.UTF-8",
             f"HOME={'/root' if user is None else '/'}",
             *argv,
