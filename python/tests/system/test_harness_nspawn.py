@@ -40,7 +40,8 @@ def test_a_container_boots_systemd_on_a_private_network(containers: Containers) 
         "-c",
         "from keel.agents.units import load_tiers; print(load_tiers().source)",
     ).stdout.strip()
-    assert tiers.startswith("/opt/keel/lib/python3") and tiers.endswith("keel/data/tiers.json")
+    assert tiers.startswith("/opt/keel/lib/python3")
+    assert tiers.endswith("keel/data/tiers.json")
 
 
 def test_files_commands_and_users_inside(containers: Containers) -> None:
