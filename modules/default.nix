@@ -1,0 +1,5 @@
+# Every keel NixOS module: the flake's `nixosModules.default`. Each service
+# module is inert until its `services.keel.<service>.enable` is set.
+{
+  imports = [ ];
+}
