@@ -7,18 +7,25 @@
   repo,
   nixpkgsLib,
   hostConfig ? { },
+  # Option paths (lists of attribute names) whose values to return as well.
+  paths ? [ ],
+  # false: the same without keel's modules, to compare against.
+  withKeel ? true,
+  # An overlay on the stand-in pkgs, as a host's nixpkgs.overlays would be.
+  overlay ? final: prev: { },
 }:
 let
   lib = import nixpkgsLib;
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  stubPkgs = import ./stub-pkgs.nix { inherit lib; };
+  pkgs = stubPkgs // overlay pkgs stubPkgs;
 
   evaluated = lib.evalModules {
     modules = [
       ./nixos-stubs.nix
-      (repo + "/modules")
       { _module.args.pkgs = pkgs; }
       hostConfig
-    ];
+    ]
+    ++ lib.optional withKeel (repo + "/modules");
   };
   inherit (evaluated) config;
 
@@ -77,4 +84,6 @@ in
 
   tmpfiles = lib.filter (rule: lib.hasInfix "keel" rule) config.systemd.tmpfiles.rules;
   systemPackages = map (p: p.name) config.environment.systemPackages;
+  enabledServices = config.services.keel.enabledServices or [ ];
+  values = map (path: lib.attrByPath path null config) paths;
 }

@@ -29,6 +29,13 @@ let
         lib.mergeEqualOption loc defs';
   };
 
+  enableOption =
+    default:
+    mkOption {
+      type = types.bool;
+      inherit default;
+    };
+
   unitList = mkOption {
     type = types.listOf types.str;
     default = [ ];
@@ -242,6 +249,76 @@ in
       type = types.listOf types.package;
       default = [ ];
     };
+
+    # The options the appliance profile sets (system/boot/systemd.nix,
+    # system/boot/kernel.nix, system/boot/tmp.nix, system/boot/loader/*,
+    # services/networking/firewall.nix, ssh/sshd.nix, config/nix.nix,
+    # services/system/nix-gc.nix, config/locale.nix, misc/documentation.nix,
+    # config/fonts/fontconfig.nix, programs/command-not-found).
+    systemd.settings.Manager = mkOption {
+      type = types.submodule { freeformType = types.attrsOf unitOption; };
+      default = { };
+    };
+    systemd.enableEmergencyMode = enableOption true;
+    boot.kernel.sysctl = mkOption {
+      type = types.attrsOf (
+        types.nullOr (
+          types.oneOf [
+            types.bool
+            types.str
+            types.int
+          ]
+        )
+      );
+      default = { };
+    };
+    boot.tmp.cleanOnBoot = enableOption false;
+    boot.loader.grub.configurationLimit = mkOption {
+      type = types.int;
+      default = 100;
+    };
+    boot.loader.systemd-boot.configurationLimit = mkOption {
+      type = types.nullOr types.int;
+      default = null;
+    };
+    networking.firewall.enable = enableOption true;
+    services.openssh.enable = enableOption false;
+    services.openssh.settings = mkOption {
+      type = types.submodule {
+        freeformType = types.attrsOf types.anything;
+        options = {
+          PasswordAuthentication = enableOption true;
+          KbdInteractiveAuthentication = enableOption true;
+          PermitRootLogin = mkOption {
+            type = types.enum [
+              "yes"
+              "without-password"
+              "prohibit-password"
+              "forced-commands-only"
+              "no"
+            ];
+            default = "prohibit-password";
+          };
+        };
+      };
+      default = { };
+    };
+    nix.settings = mkOption {
+      type = types.submodule { freeformType = types.attrsOf types.anything; };
+      default = { };
+    };
+    nix.gc.automatic = enableOption false;
+    nix.gc.options = mkOption {
+      type = types.str;
+      default = "";
+    };
+    time.timeZone = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+    };
+    documentation.enable = enableOption true;
+    fonts.fontconfig.enable = enableOption true;
+    programs.command-not-found.enable = enableOption true;
   };
 
   # NixOS' own checks on users that a service module can trip: the assertions
