@@ -57,11 +57,11 @@ demo: system-packages venv
 	@KEEL_DEV=1 $(BIN)/python examples/demo.py
 
 lint: venv
-	@$(BIN)/ruff check --config python/pyproject.toml python bench examples
-	@$(BIN)/ruff format --check --quiet --config python/pyproject.toml python bench examples
+	@$(BIN)/ruff check --config python/pyproject.toml python bench examples conformance
+	@$(BIN)/ruff format --check --quiet --config python/pyproject.toml python bench examples conformance
 
 typecheck: venv
-	@cd python && ../$(BIN)/mypy
+	@cd python && ../$(BIN)/mypy && ../$(BIN)/mypy ../conformance
 
 pytest: venv
 	@cd python && ../$(BIN)/pytest $(PYTEST_ARGS)
