@@ -25,12 +25,15 @@ from __future__ import annotations
 import base64
 import collections
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from keel import api
+from keel.errors import ApiError
+from keel.mesh.packets import new_message_id
 from keel.mesh.settings import control_path
 
 DEFAULT_TIMEOUT = 30.0
@@ -94,6 +97,7 @@ class MeshClient:
     @staticmethod
     def _message(to: str, topic: str, data: bytes, ttl: float | None) -> dict[str, Any]:
         message: dict[str, Any] = {
+            "id": new_message_id(),
             "to": to,
             "topic": topic,
             "data": base64.b64encode(data).decode(),
@@ -102,9 +106,27 @@ class MeshClient:
             message["ttl"] = ttl
         return message
 
-    def send(self, to: str, topic: str, data: bytes, *, ttl: float | None = None) -> str:
-        """Queue ``data`` for node ``to`` durably; returns the message id."""
-        return str(self.call("send", self._message(to, topic, data, ttl))["id"])
+    def send(
+        self, to: str, topic: str, data: bytes, *, ttl: float | None = None, retry: float = 0.0
+    ) -> str:
+        """Queue ``data`` for node ``to`` durably; returns the message id.
+
+        The id is chosen here, so a send that failed halfway (the daemon died
+        before it answered) can be repeated as the same message: with
+        ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
+        """
+        message = self._message(to, topic, data, ttl)
+        return str(self._retrying("send", message, retry)["id"])
+
+    def _retrying(self, verb: str, args: dict[str, Any], retry: float) -> Any:
+        deadline = time.monotonic() + retry
+        while True:
+            try:
+                return self.call(verb, args)
+            except ApiError as exc:
+                if time.monotonic() >= deadline or not _transient(exc):
+                    raise
+                time.sleep(0.1)
 
     def send_many(
         self, messages: Iterable[tuple[str, str, bytes]], *, ttl: float | None = None
@@ -181,3 +203,9 @@ class MeshClient:
     def rooms(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("rooms")
         return result
+
+
+def _transient(error: ApiError) -> bool:
+    """The daemon could not be reached or went away mid-request (it may be restarting)."""
+    text = str(error)
+    return text.startswith("cannot reach") or "connection" in text or "no answer" in text

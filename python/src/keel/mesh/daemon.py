@@ -167,12 +167,24 @@ class PeerConnection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         self.session.receive_data(data)
-        incoming: list[Msg] = []
+        incoming: list[Msg] = []  # stored and acknowledged together, one transaction
+        try:
+            self._events(incoming)
+        except ProtocolError:
+            if incoming and not self.closing:  # what arrived intact before the fault counts
+                self.node.on_messages(self, incoming)
+            raise
+        if incoming and not self.closing:
+            self.node.on_messages(self, incoming)
+        if not data:
+            self.abort()
+
+    def _events(self, incoming: list[Msg]) -> None:
         while not self.closing:
             event = self.session.next_event()
             self._write(self.session.data_to_send())
             if isinstance(event, NeedData):
-                break
+                return
             if isinstance(event, HandshakeComplete):
                 self.node.on_handshake(self, event)
             elif isinstance(event, Message):
@@ -182,19 +194,15 @@ class PeerConnection(asyncio.Protocol):
                     continue
                 if incoming:
                     self.node.on_messages(self, incoming)
-                    incoming = []
+                    incoming.clear()
                 self.node.on_packet(self, packet)
             elif isinstance(event, Closed):
                 if incoming:
                     self.node.on_messages(self, incoming)
-                    incoming = []
+                    incoming.clear()
                 self.node.on_closed(self, event)
                 self.abort()
                 return
-        if incoming and not self.closing:
-            self.node.on_messages(self, incoming)
-        if not data:
-            self.abort()
 
     def _arm_timer(self) -> None:
         if self.closing:
@@ -586,6 +594,8 @@ class MeshNode:
 
     def refused(self, conn: PeerConnection, reason: str, hint: str = "") -> None:
         """Log (and record) why a connection is being dropped."""
+        if conn.joining is not None and not conn.joining.done():
+            conn.joining.set_exception(MeshError(f"{reason}{f' ({hint})' if hint else ''}"))
         log.warning(
             "mesh: dropping the connection with %s: %s%s",
             conn.describe(),
@@ -708,7 +718,7 @@ class MeshNode:
         self.kick()
 
     def on_closed(self, conn: PeerConnection, event: Closed) -> None:
-        level = logging.INFO if event.clean else logging.DEBUG
+        level = logging.INFO if event.clean or conn.peer is None else logging.DEBUG
         log.log(level, "mesh: %s closed the connection: %s", conn.describe(), event.reason)
         if conn.joining is not None and not conn.joining.done():
             conn.joining.set_exception(_join_refusal(event.reason))
@@ -937,6 +947,8 @@ class MeshNode:
             ]
         items = self.store.enqueue(rows, self.wall())
         for row, item in zip(rows, items, strict=True):
+            if item is None:
+                continue  # the same id for the same peer is queued already: a retried send
             self.outbox.add(item, check=False)
             self._remember_payload(item.seq, row.payload, row.stamp)
             self.ledger("sent", item.id, _metadata(self.identity.node_id, item))
@@ -1139,7 +1151,7 @@ class MeshNode:
     async def _h_send(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self._require_member()
         message = self._direct(args)
-        message_id = packets.new_message_id()
+        message_id = _message_id(args)
         self.enqueue([message], message_ids=[message_id])
         return {"id": message_id}
 
@@ -1149,7 +1161,7 @@ class MeshNode:
         if not isinstance(items, list) or not 0 < len(items) <= 10_000:
             raise UsageError("messages must be a list of 1 to 10000 messages")
         messages = [self._direct(item if isinstance(item, dict) else {}) for item in items]
-        ids = [packets.new_message_id() for _ in messages]
+        ids = [_message_id(item if isinstance(item, dict) else {}) for item in items]
         self.enqueue(messages, message_ids=ids)
         return {"ids": ids}
 
@@ -1321,7 +1333,7 @@ class MeshNode:
         if me not in recipients:
             raise KeelError(f"this node is not a member of room {room.name}")
         topic, payload, expires = self._message_args(args)
-        message_id = packets.new_message_id()
+        message_id = _message_id(args)
         stamp = rooms.stamp(
             self.identity, room, message_id, topic=topic, expires=int(expires), payload=payload
         )
@@ -1379,6 +1391,16 @@ def _join_refusal(reason: str) -> KeelError:
             text = reason.split(":", 1)[-1].strip()
             return InviteError(f"the inviter refused the invite: {text}", kind)
     return MeshError(f"the inviter closed the connection: {reason}")
+
+
+def _message_id(args: Mapping[str, Any]) -> str:
+    """The client's id for the message (so that a retried send is the same message), or a new one."""
+    value = args.get("id")
+    if value is None:
+        return packets.new_message_id()
+    if not packets.is_message_id(value):
+        raise UsageError("id must be 32 lowercase hex digits")
+    return str(value)
 
 
 def _string(args: Mapping[str, Any], key: str) -> str:

@@ -9,7 +9,7 @@ directory) overrides timeouts and limits, e.g. for tests or slow links::
      "connect_timeout": 5, "max_handshakes": 64, "lease": 30,
      "max_outbox_per_peer": 10000, "max_outbox": 100000, "max_outbox_bytes": 268435456,
      "max_inbox": 100000, "max_inbox_bytes": 268435456,
-     "window_messages": 256, "window_bytes": 8388608, "durability": "full"}
+     "window_messages": 256, "window_bytes": 8388608, "durability": "normal"}
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Settings:
     dial_cap: float = 30.0
     connect_timeout: float = 5.0
     max_handshakes: int = 64
-    durability: str = "full"
+    durability: str = "normal"
 
 
 def load_settings(directory: Path) -> Settings:
@@ -84,7 +84,7 @@ def load_settings(directory: Path) -> Settings:
             dial_cap=cfg.number("dial_cap", 30.0, positive=True),
             connect_timeout=cfg.number("connect_timeout", 5.0, positive=True),
             max_handshakes=cfg.integer("max_handshakes", 64, minimum=1),
-            durability=cfg.choice("durability", ["full", "normal"], "full"),
+            durability=cfg.choice("durability", ["full", "normal"], "normal"),
         )
         if settings.dial_base > settings.dial_cap:
             raise cfg.error("dial_base", "must not exceed dial_cap")

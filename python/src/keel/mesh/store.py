@@ -205,12 +205,14 @@ class Store:
 
     # -- outbox
 
-    def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing]:
-        out = []
+    def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing | None]:
+        """Store outgoing messages; ``None`` for one already queued (same peer and id)."""
+        out: list[Outgoing | None] = []
         with self.transaction() as db:
             for item in items:
                 cursor = db.execute(
-                    "INSERT INTO outbox (id, peer, room, topic, expires, created, stamp, payload) "
+                    "INSERT OR IGNORE INTO outbox "
+                    "(id, peer, room, topic, expires, created, stamp, payload) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         item.id,
@@ -223,6 +225,9 @@ class Store:
                         item.payload,
                     ),
                 )
+                if cursor.rowcount == 0:
+                    out.append(None)
+                    continue
                 assert cursor.lastrowid is not None
                 out.append(
                     Outgoing(
