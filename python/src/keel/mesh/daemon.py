@@ -1296,6 +1296,10 @@ class MeshNode:
     async def _room_change(self, args: dict[str, Any], add: bool) -> dict[str, Any]:
         self._require_member()
         room = self._room(args)
+        if room.owner != self.identity.node_id:
+            raise UsageError(
+                f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
+            )
         node = _string(args, "node")
         if not is_node_id(node):
             raise UsageError(f"{node!r} is not a node id")

@@ -106,6 +106,10 @@ class Node:
             return True
 
         wait_until(ready, timeout=timeout, what=f"{self.name} to serve its control socket")
+        status = self.status()
+        self._id = str(status["node"])
+        if self.listen.endswith(":0"):  # keep the port the kernel chose across restarts
+            self.listen = str(status["addresses"][0])
         return self
 
     def alive(self) -> bool:
