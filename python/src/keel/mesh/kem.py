@@ -37,8 +37,8 @@ CIPHERTEXT_SIZE = 1088
 SHARED_SECRET_SIZE = 32
 SEED_SIZE = 64
 EXPANDED_PRIVATE_KEY_SIZE = 2400
-_Q = 3329
 _K = 3
+_LOW_NIBBLE = bytes(i & 0x0F for i in range(256))
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,15 +56,27 @@ def check_encapsulation_key(public_key: bytes) -> None:
             f"ML-KEM-768 public key is {len(public_key)} bytes, not {PUBLIC_KEY_SIZE}",
             hint="the peer's handshake message is malformed",
         )
-    # ByteDecode12: every 3 bytes hold two little-endian 12-bit coefficients.
+    # ByteDecode12: each 3 bytes (b0, b1, b2) hold two 12-bit coefficients,
+    # c0 = b0 | (b1 & 0xF) << 8 and c1 = b1 >> 4 | b2 << 4. With q = 0xD01,
+    # c0 >= q iff (b1 & 0xF) > 0xD, or == 0xD with b0 >= 1; c1 >= q iff
+    # b2 > 0xD0, or == 0xD0 with b1 >> 4 >= 1. Checked column-wise in C speed.
     encoded = public_key[: 384 * _K]
-    for i in range(0, len(encoded), 3):
-        b0, b1, b2 = encoded[i], encoded[i + 1], encoded[i + 2]
-        if (b0 | ((b1 & 0x0F) << 8)) >= _Q or ((b1 >> 4) | (b2 << 4)) >= _Q:
-            raise RemoteProtocolError(
-                "ML-KEM-768 public key has a coefficient not reduced modulo q (FIPS 203 7.2)",
-                hint="the peer's handshake message is malformed or tampered with",
-            )
+    b0, b1, b2 = encoded[0::3], encoded[1::3], encoded[2::3]
+    low = b1.translate(_LOW_NIBBLE)
+    bad = max(low) > 0x0D or max(b2) > 0xD0
+    i = low.find(0x0D)
+    while not bad and i != -1:
+        bad = b0[i] >= 1
+        i = low.find(0x0D, i + 1)
+    i = b2.find(0xD0)
+    while not bad and i != -1:
+        bad = b1[i] >> 4 >= 1
+        i = b2.find(0xD0, i + 1)
+    if bad:
+        raise RemoteProtocolError(
+            "ML-KEM-768 public key has a coefficient not reduced modulo q (FIPS 203 7.2)",
+            hint="the peer's handshake message is malformed or tampered with",
+        )
 
 
 class Kem(abc.ABC):

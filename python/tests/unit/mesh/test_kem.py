@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keel.mesh import kem as kem_module
 from keel.mesh.errors import KemUnavailable, LocalProtocolError, RemoteProtocolError
 from keel.mesh.kem import Kem, check_encapsulation_key, get_kem
@@ -177,6 +179,52 @@ def test_backends_refuse_invalid_modulus_keys_on_their_own(vectors_dir: Path, na
     for key in modulus_keys(vectors_dir)[:50]:
         with pytest.raises((RemoteProtocolError, ValueError)):
             kem._encapsulate(key)
+
+
+def reference_modulus_check(public_key: bytes) -> bool:
+    """FIPS 203 7.2 written out plainly: every decoded coefficient below q."""
+    encoded = public_key[:1152]
+    for i in range(0, 1152, 3):
+        c0 = encoded[i] | (encoded[i + 1] & 0x0F) << 8
+        c1 = encoded[i + 1] >> 4 | encoded[i + 2] << 4
+        if c0 >= 3329 or c1 >= 3329:
+            return False
+    return True
+
+
+SAMPLE_KEYS = [KyberPyKem().keygen(bytes([i]) * 64).public_key for i in range(4)]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    which=st.integers(0, len(SAMPLE_KEYS) - 1),
+    edits=st.lists(st.tuples(st.integers(0, 1151), st.integers(0, 255)), max_size=4),
+)
+def test_fast_modulus_check_agrees_with_the_plain_one(
+    which: int, edits: list[tuple[int, int]]
+) -> None:
+    key = bytearray(SAMPLE_KEYS[which])
+    for position, value in edits:
+        key[position] = value
+    expected = reference_modulus_check(bytes(key))
+    try:
+        check_encapsulation_key(bytes(key))
+        accepted = True
+    except RemoteProtocolError:
+        accepted = False
+    assert accepted == expected
+
+
+@pytest.mark.parametrize(("c0", "c1"), [(3328, 3328), (3329, 0), (0, 3329), (4095, 0), (0, 4095)])
+def test_modulus_check_at_the_boundary(c0: int, c1: int) -> None:
+    key = bytearray(1184)
+    key[0:3] = bytes([c0 & 0xFF, (c0 >> 8) | (c1 & 0x0F) << 4, c1 >> 4])
+    assert reference_modulus_check(bytes(key)) == (c0 < 3329 and c1 < 3329)
+    if c0 < 3329 and c1 < 3329:
+        check_encapsulation_key(bytes(key))
+    else:
+        with pytest.raises(RemoteProtocolError, match="not reduced modulo q"):
+            check_encapsulation_key(bytes(key))
 
 
 def test_key_check_accepts_real_keys_and_refuses_wrong_lengths() -> None:
