@@ -22,9 +22,11 @@ the backends refuse exactly the same keys.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes.util
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +206,10 @@ class OqsKem(Kem):
             import oqs
         except (ImportError, OSError, RuntimeError, SystemExit) as exc:
             return f"liboqs-python failed to load: {exc}"
-        enabled = oqs.get_enabled_kem_mechanisms()
+        enabled_names = (
+            getattr(oqs, "get_enabled_kem_mechanisms", None) or oqs.get_enabled_KEM_mechanisms
+        )
+        enabled = enabled_names()
         if cls.ALGORITHM not in enabled:
             return f"liboqs was built without {cls.ALGORITHM}"
         if not hasattr(oqs.KeyEncapsulation, "generate_keypair_seed"):
@@ -241,14 +246,40 @@ class OqsKem(Kem):
 
 
 def _liboqs_present() -> bool:
+    """Whether liboqs-python's own search would find a loadable liboqs (without installing).
+
+    Mirrors ``oqs.oqs._load_liboqs``: ``$OQS_INSTALL_PATH``, else the install
+    directory written into the module (nixpkgs patches it to the liboqs store
+    path), else ``~/_oqs``; each with ``lib``/``lib64``; then the linker's search.
+    """
+    roots: list[Path] = []
     install = os.environ.get("OQS_INSTALL_PATH")
-    candidates = [Path(install)] if install else []
-    candidates.append(Path.home() / "_oqs")
-    for root in candidates:
-        for lib in ("lib", "lib64"):
-            if any((root / lib).glob("liboqs.so*")):
-                return True
-    return ctypes.util.find_library("oqs") is not None
+    if install:
+        roots.append(Path(install))
+    else:
+        spec = importlib.util.find_spec("oqs")
+        if spec is not None and spec.origin:
+            module = Path(spec.origin).with_name("oqs.py")
+            try:
+                patched = re.search(r'oqs_install_dir = Path\("([^"]+)"\)', module.read_text())
+            except OSError:
+                patched = None
+            if patched:
+                roots.append(Path(patched.group(1)))
+        if not roots:
+            with contextlib.suppress(RuntimeError):  # no home directory
+                roots.append(Path.home() / "_oqs")
+    candidates = [str(root / lib / "liboqs.so") for root in roots for lib in ("lib", "lib64")]
+    found = ctypes.util.find_library("oqs")
+    if found:
+        candidates.append(found)
+    for candidate in candidates:
+        try:
+            ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 BACKENDS: dict[str, type[CryptographyKem] | type[OqsKem]] = {

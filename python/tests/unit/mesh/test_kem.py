@@ -278,3 +278,58 @@ def test_oqs_reports_why_it_cannot_load() -> None:
         pytest.skip("oqs loads here; nothing to explain")
     assert reason
     print(f"oqs backend unavailable: {reason}")
+
+
+@pytest.fixture
+def stand_in_library() -> Path:
+    """Any real shared library, copied in as liboqs.so: only loadability is checked."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("z") or ctypes.util.find_library("c")
+    assert name is not None
+    for folder in (
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib",
+        "/usr/lib",
+        "/lib64",
+    ):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    pytest.skip(f"cannot locate {name} to stand in for liboqs")
+
+
+def test_liboqs_search_follows_oqs_install_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_library: Path
+) -> None:
+    """Never import oqs unless its own search would find liboqs (it would download it)."""
+    import ctypes.util
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path))
+    assert not kem_module._liboqs_present()
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "liboqs.so").write_bytes(stand_in_library.read_bytes())
+    assert kem_module._liboqs_present()
+
+
+def test_liboqs_search_reads_the_nixpkgs_patched_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_library: Path
+) -> None:
+    import ctypes.util
+    import importlib
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.delenv("OQS_INSTALL_PATH", raising=False)
+    store = tmp_path / "store-liboqs"
+    package = tmp_path / "site" / "oqs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise SystemExit('must not be imported')\n")
+    (package / "oqs.py").write_text(f'        oqs_install_dir = Path("{store}")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    assert not kem_module._liboqs_present()
+    (store / "lib").mkdir(parents=True)
+    (store / "lib" / "liboqs.so").write_bytes(stand_in_library.read_bytes())
+    assert kem_module._liboqs_present()
+    assert "oqs" not in __import__("sys").modules
