@@ -32,7 +32,20 @@ if str(PYTHON) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(PYTHON))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
-from keel.mesh.noise import HandshakeState, NoiseProtocol  # noqa: E402
+from keel.mesh.framing import FrameReader, Record, decode_record  # noqa: E402
+from keel.mesh.identity import NodeIdentity  # noqa: E402
+from keel.mesh.invite import InviteToken  # noqa: E402
+from keel.mesh.kem import Kem  # noqa: E402
+from keel.mesh.noise import CIPHERS, CipherState, HandshakeState, NoiseProtocol  # noqa: E402
+from keel.mesh.session import (  # noqa: E402
+    Closed,
+    HandshakeComplete,
+    Keepalive,
+    Message,
+    NeedData,
+    Session,
+    SessionConfig,
+)
 
 from tests.kyberpy_kem import KyberPyKem  # noqa: E402
 
@@ -178,6 +191,161 @@ def make_vector(name: str) -> dict[str, Any]:
     return vector
 
 
+# -- a whole keel session: handshake with an invite, messages, rekey, close ------
+
+SESSION_CONFIG = SessionConfig(max_frame_size=2048, rekey_messages=3)
+SESSION_CLOCK = 1000.0
+
+
+def session_identity(name: str) -> NodeIdentity:
+    return NodeIdentity(
+        static_private=fixed_bytes(f"{name}/static", 32),
+        signing_private=fixed_bytes(f"{name}/signing", 32),
+    )
+
+
+def session_token(bob: NodeIdentity) -> InviteToken:
+    return InviteToken(
+        node_id=bob.node_id,
+        addresses=("192.0.2.2:7400",),
+        static_key=bob.static_public,
+        secret=fixed_bytes("invite/secret", 32),
+        expires=1_700_003_600,
+        uses=1,
+    )
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    reader = FrameReader()
+    reader.feed(data)
+    frames = []
+    while (frame := reader.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def describe(event: object) -> dict[str, Any]:
+    if isinstance(event, HandshakeComplete):
+        described: dict[str, Any] = {
+            "event": "HandshakeComplete",
+            "remote_node_id": event.remote_node_id,
+            "extra": dict(event.extra),
+            "handshake_hash": event.handshake_hash.hex(),
+        }
+        if event.invite is not None:
+            described["invite_id"] = event.invite.invite_id.hex()
+        return described
+    if isinstance(event, Message):
+        return {"event": "Message", "data": event.data.hex()}
+    if isinstance(event, Keepalive):
+        return {"event": "Keepalive"}
+    if isinstance(event, Closed):
+        return {"event": "Closed", "reason": event.reason, "clean": event.clean}
+    raise AssertionError(f"unexpected event {event!r}")
+
+
+class Shadow:
+    """Decrypts one direction's transport frames on the side, to show their records.
+
+    It starts from the receiving session's first transport key (read from the
+    session's internals: test-data generation only) and follows REKEY records
+    as the spec says, so it is a second, independent reading of the stream.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.cipher = CipherState(CIPHERS["ChaChaPoly"], key)
+
+    def record(self, frame: bytes) -> str:
+        plaintext = self.cipher.decrypt_with_ad(b"", frame)
+        kind, _ = decode_record(plaintext)
+        if kind is Record.REKEY:
+            self.cipher.rekey()
+        return plaintext.hex()
+
+
+def session_conversation(initiator_kem: Kem | None = None) -> dict[str, Any]:
+    """Alice joins Bob with an invite, they talk, Alice closes; every frame recorded."""
+    alice, bob = session_identity("alice"), session_identity("bob")
+    token = session_token(bob)
+    initiator = Session.initiator(
+        alice,
+        remote_static=bob.static_public,
+        kem=initiator_kem or KyberPyKem(),
+        clock=lambda: SESSION_CLOCK,
+        random=sequence([fixed_bytes("alice/ephemeral", 32), fixed_bytes("alice/kem-seed", 64)]),
+        config=SESSION_CONFIG,
+        invite=token,
+        extra={"addresses": ["192.0.2.1:7400"]},
+    )
+    responder = Session.responder(
+        bob,
+        kem=KyberPyKem(encaps_random=sequence([fixed_bytes("bob/kem-encaps", 32)])),
+        clock=lambda: SESSION_CLOCK,
+        random=sequence([fixed_bytes("bob/ephemeral", 32)]),
+        config=SESSION_CONFIG,
+        extra={"addresses": ["192.0.2.2:7400"]},
+    )
+    sides = {"initiator": initiator, "responder": responder}
+    shadows: dict[str, Shadow] = {}
+    steps: list[dict[str, Any]] = []
+
+    def deliver(sender: str, action: str, data: bytes) -> None:
+        receiver_name = "responder" if sender == "initiator" else "initiator"
+        receiver = sides[receiver_name]
+        for frame in split_frames(data):
+            step: dict[str, Any] = {"from": sender, "action": action, "frame": frame.hex()}
+            if sender in shadows:
+                step["record"] = shadows[sender].record(frame)
+            receiver.receive_data(len(frame).to_bytes(2, "big") + frame)
+            events = []
+            while not isinstance(event := receiver.next_event(), NeedData):
+                events.append(describe(event))
+                if isinstance(event, Closed):
+                    break
+            step["events"] = events
+            steps.append(step)
+            reply = receiver.data_to_send()
+            if reply:
+                deliver(receiver_name, "handshake reply", reply)
+            if receiver.remote is not None and sender not in shadows:
+                recv = receiver._recv  # test-data generation only: see Shadow
+                assert recv is not None
+                assert recv.key is not None
+                shadows[sender] = Shadow(recv.key)
+
+    deliver("initiator", "start", initiator.start())
+    claim = responder.remote.invite if responder.remote else None
+    if claim is None or not claim.verify(token.secret):
+        raise AssertionError("the invite proof did not verify")
+    deliver("initiator", "send_message hello", initiator.send_message(b"hello bob"))
+    deliver("responder", "send_message reply", responder.send_message(b"hello alice"))
+    long = bytes(i % 251 for i in range(5000))
+    deliver("initiator", "send_message 5000 bytes", initiator.send_message(long))
+    deliver("initiator", "send_keepalive", initiator.send_keepalive())
+    deliver("initiator", "close", initiator.close("done"))
+    return {
+        "protocol_name": "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s",
+        "prologue": b"keel-mesh/1".hex(),
+        "config": {"max_frame_size": 2048, "rekey_messages": 3},
+        "initiator": {
+            "static_private": alice.static_private.hex(),
+            "signing_private": alice.signing_private.hex(),
+            "node_id": alice.node_id,
+            "ephemeral": fixed_bytes("alice/ephemeral", 32).hex(),
+            "kem_seed": fixed_bytes("alice/kem-seed", 64).hex(),
+            "invite_token": token.encode(),
+        },
+        "responder": {
+            "static_private": bob.static_private.hex(),
+            "signing_private": bob.signing_private.hex(),
+            "node_id": bob.node_id,
+            "ephemeral": fixed_bytes("bob/ephemeral", 32).hex(),
+            "kem_encaps_randomness": fixed_bytes("bob/kem-encaps", 32).hex(),
+        },
+        "steps": steps,
+    }
+
+
 def render() -> str:
     document = {
         "about": (
@@ -186,6 +354,7 @@ def render() -> str:
             "ML-KEM via kyber-py with fixed encapsulation randomness."
         ),
         "vectors": [make_vector(name) for name in PROTOCOLS],
+        "session": session_conversation(),
     }
     return json.dumps(document, indent=1) + "\n"
 

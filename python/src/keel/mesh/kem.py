@@ -22,9 +22,11 @@ the backends refuse exactly the same keys.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes.util
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,8 @@ CIPHERTEXT_SIZE = 1088
 SHARED_SECRET_SIZE = 32
 SEED_SIZE = 64
 EXPANDED_PRIVATE_KEY_SIZE = 2400
-_Q = 3329
 _K = 3
+_LOW_NIBBLE = bytes(i & 0x0F for i in range(256))
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,15 +58,27 @@ def check_encapsulation_key(public_key: bytes) -> None:
             f"ML-KEM-768 public key is {len(public_key)} bytes, not {PUBLIC_KEY_SIZE}",
             hint="the peer's handshake message is malformed",
         )
-    # ByteDecode12: every 3 bytes hold two little-endian 12-bit coefficients.
+    # ByteDecode12: each 3 bytes (b0, b1, b2) hold two 12-bit coefficients,
+    # c0 = b0 | (b1 & 0xF) << 8 and c1 = b1 >> 4 | b2 << 4. With q = 0xD01,
+    # c0 >= q iff (b1 & 0xF) > 0xD, or == 0xD with b0 >= 1; c1 >= q iff
+    # b2 > 0xD0, or == 0xD0 with b1 >> 4 >= 1. Checked column-wise in C speed.
     encoded = public_key[: 384 * _K]
-    for i in range(0, len(encoded), 3):
-        b0, b1, b2 = encoded[i], encoded[i + 1], encoded[i + 2]
-        if (b0 | ((b1 & 0x0F) << 8)) >= _Q or ((b1 >> 4) | (b2 << 4)) >= _Q:
-            raise RemoteProtocolError(
-                "ML-KEM-768 public key has a coefficient not reduced modulo q (FIPS 203 7.2)",
-                hint="the peer's handshake message is malformed or tampered with",
-            )
+    b0, b1, b2 = encoded[0::3], encoded[1::3], encoded[2::3]
+    low = b1.translate(_LOW_NIBBLE)
+    bad = max(low) > 0x0D or max(b2) > 0xD0
+    i = low.find(0x0D)
+    while not bad and i != -1:
+        bad = b0[i] >= 1
+        i = low.find(0x0D, i + 1)
+    i = b2.find(0xD0)
+    while not bad and i != -1:
+        bad = b1[i] >> 4 >= 1
+        i = b2.find(0xD0, i + 1)
+    if bad:
+        raise RemoteProtocolError(
+            "ML-KEM-768 public key has a coefficient not reduced modulo q (FIPS 203 7.2)",
+            hint="the peer's handshake message is malformed or tampered with",
+        )
 
 
 class Kem(abc.ABC):
@@ -192,7 +206,10 @@ class OqsKem(Kem):
             import oqs
         except (ImportError, OSError, RuntimeError, SystemExit) as exc:
             return f"liboqs-python failed to load: {exc}"
-        enabled = oqs.get_enabled_kem_mechanisms()
+        enabled_names = (
+            getattr(oqs, "get_enabled_kem_mechanisms", None) or oqs.get_enabled_KEM_mechanisms
+        )
+        enabled = enabled_names()
         if cls.ALGORITHM not in enabled:
             return f"liboqs was built without {cls.ALGORITHM}"
         if not hasattr(oqs.KeyEncapsulation, "generate_keypair_seed"):
@@ -229,14 +246,40 @@ class OqsKem(Kem):
 
 
 def _liboqs_present() -> bool:
+    """Whether liboqs-python's own search would find a loadable liboqs (without installing).
+
+    Mirrors ``oqs.oqs._load_liboqs``: ``$OQS_INSTALL_PATH``, else the install
+    directory written into the module (nixpkgs patches it to the liboqs store
+    path), else ``~/_oqs``; each with ``lib``/``lib64``; then the linker's search.
+    """
+    roots: list[Path] = []
     install = os.environ.get("OQS_INSTALL_PATH")
-    candidates = [Path(install)] if install else []
-    candidates.append(Path.home() / "_oqs")
-    for root in candidates:
-        for lib in ("lib", "lib64"):
-            if any((root / lib).glob("liboqs.so*")):
-                return True
-    return ctypes.util.find_library("oqs") is not None
+    if install:
+        roots.append(Path(install))
+    else:
+        spec = importlib.util.find_spec("oqs")
+        if spec is not None and spec.origin:
+            module = Path(spec.origin).with_name("oqs.py")
+            try:
+                patched = re.search(r'oqs_install_dir = Path\("([^"]+)"\)', module.read_text())
+            except OSError:
+                patched = None
+            if patched:
+                roots.append(Path(patched.group(1)))
+        if not roots:
+            with contextlib.suppress(RuntimeError):  # no home directory
+                roots.append(Path.home() / "_oqs")
+    candidates = [str(root / lib / "liboqs.so") for root in roots for lib in ("lib", "lib64")]
+    found = ctypes.util.find_library("oqs")
+    if found:
+        candidates.append(found)
+    for candidate in candidates:
+        try:
+            ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 BACKENDS: dict[str, type[CryptographyKem] | type[OqsKem]] = {

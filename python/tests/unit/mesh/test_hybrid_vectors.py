@@ -83,6 +83,72 @@ def test_a_changed_vector_fails_the_replay() -> None:
         replay(vector)
 
 
+# -- the whole-session transcript -------------------------------------------------
+
+
+def recorded_session() -> dict[str, Any]:
+    session: dict[str, Any] = json.loads(maker.OUTPUT.read_text())["session"]
+    return session
+
+
+def test_session_transcript_with_a_production_kem_on_the_initiator() -> None:
+    reason = kem_module.available_backends()["cryptography"]
+    if reason is not None:
+        pytest.skip(f"ML-KEM backend cryptography unavailable here: {reason}")
+    assert maker.session_conversation(get_kem("cryptography")) == recorded_session()
+
+
+def test_session_transcript_replays_from_the_files_own_inputs() -> None:
+    """A responder built only from the file answers the recorded frames with the recorded ones."""
+    from keel.mesh.identity import NodeIdentity
+    from keel.mesh.invite import InviteToken
+    from keel.mesh.session import Closed, NeedData, Session, SessionConfig
+
+    recorded = recorded_session()
+    bob = recorded["responder"]
+    identity = NodeIdentity(
+        static_private=bytes.fromhex(bob["static_private"]),
+        signing_private=bytes.fromhex(bob["signing_private"]),
+    )
+    assert identity.node_id == bob["node_id"]
+    responder = Session.responder(
+        identity,
+        kem=KyberPyKem(encaps_random=lambda n: bytes.fromhex(bob["kem_encaps_randomness"])),
+        clock=lambda: 0.0,
+        random=lambda n: bytes.fromhex(bob["ephemeral"]),
+        config=SessionConfig(**recorded["config"]),
+        extra={"addresses": ["192.0.2.2:7400"]},
+    )
+    token = InviteToken.decode(recorded["initiator"]["invite_token"])
+    steps = recorded["steps"]
+    replies = [
+        s["frame"] for s in steps if s["from"] == "responder" and s["action"] == "handshake reply"
+    ]
+    for step in steps:
+        if step["from"] != "initiator":
+            continue
+        frame = bytes.fromhex(step["frame"])
+        responder.receive_data(len(frame).to_bytes(2, "big") + frame)
+        events = []
+        while not isinstance(event := responder.next_event(), NeedData):
+            events.append(maker.describe(event))
+            if isinstance(event, Closed):
+                break
+        assert events == step["events"], step["action"]
+        reply = responder.data_to_send()
+        if reply:
+            assert reply[2:].hex() == replies.pop(0)
+    assert replies == []
+    claim = responder.remote.invite if responder.remote else None
+    assert claim is not None
+    assert claim.verify(token.secret)
+
+
+def test_session_transcript_shows_every_record_type() -> None:
+    records = [bytes.fromhex(s["record"])[0] for s in recorded_session()["steps"] if "record" in s]
+    assert set(records) == {0x00, 0x01, 0x02, 0x03, 0x04}
+
+
 # -- the token rules, computed by hand for the mesh's protocol ----------------
 
 

@@ -116,6 +116,12 @@ def test_proof_and_claim() -> None:
     assert not InviteClaim(bytes(16), proof, h2, joiner).verify(token.secret)
 
 
+def test_known_answers_from_the_protocol_doc() -> None:
+    assert invite_id_of(bytes(32)).hex() == "abec28a72078f0b6986e3148e4658ab8"
+    proof = invite_proof(bytes(32), bytes(range(32)), bytes(range(32, 64)))
+    assert proof.hex() == "c757a92fe92fb3948de06e6203f8e678ef57720fd42c6ccfb02959e28dbd7f81"
+
+
 def test_new_invite_checks_its_input() -> None:
     inviter = NodeIdentity.generate()
     with pytest.raises(UsageError, match="ttl must be positive"):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keel.mesh import kem as kem_module
 from keel.mesh.errors import KemUnavailable, LocalProtocolError, RemoteProtocolError
 from keel.mesh.kem import Kem, check_encapsulation_key, get_kem
@@ -179,6 +182,54 @@ def test_backends_refuse_invalid_modulus_keys_on_their_own(vectors_dir: Path, na
             kem._encapsulate(key)
 
 
+def reference_modulus_check(public_key: bytes) -> bool:
+    """FIPS 203 7.2 written out plainly: every decoded coefficient below q."""
+    encoded = public_key[:1152]
+    for i in range(0, 1152, 3):
+        c0 = encoded[i] | (encoded[i + 1] & 0x0F) << 8
+        c1 = encoded[i + 1] >> 4 | encoded[i + 2] << 4
+        if c0 >= 3329 or c1 >= 3329:
+            return False
+    return True
+
+
+@functools.cache
+def sample_keys() -> list[bytes]:
+    return [KyberPyKem().keygen(bytes([i]) * 64).public_key for i in range(4)]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    which=st.integers(0, 3),
+    edits=st.lists(st.tuples(st.integers(0, 1151), st.integers(0, 255)), max_size=4),
+)
+def test_fast_modulus_check_agrees_with_the_plain_one(
+    which: int, edits: list[tuple[int, int]]
+) -> None:
+    key = bytearray(sample_keys()[which])
+    for position, value in edits:
+        key[position] = value
+    expected = reference_modulus_check(bytes(key))
+    try:
+        check_encapsulation_key(bytes(key))
+        accepted = True
+    except RemoteProtocolError:
+        accepted = False
+    assert accepted == expected
+
+
+@pytest.mark.parametrize(("c0", "c1"), [(3328, 3328), (3329, 0), (0, 3329), (4095, 0), (0, 4095)])
+def test_modulus_check_at_the_boundary(c0: int, c1: int) -> None:
+    key = bytearray(1184)
+    key[0:3] = bytes([c0 & 0xFF, (c0 >> 8) | (c1 & 0x0F) << 4, c1 >> 4])
+    assert reference_modulus_check(bytes(key)) == (c0 < 3329 and c1 < 3329)
+    if c0 < 3329 and c1 < 3329:
+        check_encapsulation_key(bytes(key))
+    else:
+        with pytest.raises(RemoteProtocolError, match="not reduced modulo q"):
+            check_encapsulation_key(bytes(key))
+
+
 def test_key_check_accepts_real_keys_and_refuses_wrong_lengths() -> None:
     check_encapsulation_key(KyberPyKem().keygen(os.urandom(64)).public_key)
     with pytest.raises(RemoteProtocolError, match="1183 bytes"):
@@ -227,3 +278,58 @@ def test_oqs_reports_why_it_cannot_load() -> None:
         pytest.skip("oqs loads here; nothing to explain")
     assert reason
     print(f"oqs backend unavailable: {reason}")
+
+
+@pytest.fixture
+def stand_in_library() -> Path:
+    """Any real shared library, copied in as liboqs.so: only loadability is checked."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("z") or ctypes.util.find_library("c")
+    assert name is not None
+    for folder in (
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib",
+        "/usr/lib",
+        "/lib64",
+    ):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    pytest.skip(f"cannot locate {name} to stand in for liboqs")
+
+
+def test_liboqs_search_follows_oqs_install_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_library: Path
+) -> None:
+    """Never import oqs unless its own search would find liboqs (it would download it)."""
+    import ctypes.util
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path))
+    assert not kem_module._liboqs_present()
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "liboqs.so").write_bytes(stand_in_library.read_bytes())
+    assert kem_module._liboqs_present()
+
+
+def test_liboqs_search_reads_the_nixpkgs_patched_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_library: Path
+) -> None:
+    import ctypes.util
+    import importlib
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.delenv("OQS_INSTALL_PATH", raising=False)
+    store = tmp_path / "store-liboqs"
+    package = tmp_path / "site" / "oqs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise SystemExit('must not be imported')\n")
+    (package / "oqs.py").write_text(f'        oqs_install_dir = Path("{store}")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    assert not kem_module._liboqs_present()
+    (store / "lib").mkdir(parents=True)
+    (store / "lib" / "liboqs.so").write_bytes(stand_in_library.read_bytes())
+    assert kem_module._liboqs_present()
+    assert "oqs" not in __import__("sys").modules
