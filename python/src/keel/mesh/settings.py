@@ -50,14 +50,16 @@ def load_settings(directory: Path) -> Settings:
     if not path.exists():
         return Settings(SessionConfig(), Limits(), InboxLimits())
     with Section.load(path) as cfg:
+        keepalive = cfg.number("keepalive_interval", 15.0, positive=True)
+        idle = cfg.number("idle_timeout", 60.0, positive=True)
+        if idle <= keepalive:
+            raise cfg.error("idle_timeout", "must exceed keepalive_interval")
         session = SessionConfig(
             handshake_timeout=cfg.number("handshake_timeout", 10.0, positive=True),
-            keepalive_interval=cfg.number("keepalive_interval", 15.0, positive=True),
-            idle_timeout=cfg.number("idle_timeout", 60.0, positive=True),
+            keepalive_interval=keepalive,
+            idle_timeout=idle,
             rekey_interval=cfg.number("rekey_interval", 120.0, positive=True),
         )
-        if session.idle_timeout <= session.keepalive_interval:
-            raise cfg.error("idle_timeout", "must exceed keepalive_interval")
         limits = Limits(
             max_per_peer=cfg.integer("max_outbox_per_peer", 10_000, minimum=1),
             max_total=cfg.integer("max_outbox", 100_000, minimum=1),
