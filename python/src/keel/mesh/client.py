@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import base64
 import collections
+import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel import api
 from keel.errors import ApiError
 from keel.mesh.packets import new_message_id
 from keel.mesh.settings import control_path
@@ -50,22 +51,116 @@ class Received:
     received: float
 
 
+class _Channel:
+    """One Unix-socket connection to the daemon, JSON lines, kept open between calls."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.buffer = bytearray()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.buffer.clear()
+
+    def request(self, verb: str, args: dict[str, Any], timeout: float) -> Any:
+        line = json.dumps({"verb": verb, "args": args}, separators=(",", ":")).encode() + b"\n"
+        if self.sock is not None and not self._alive(self.sock):
+            self.close()  # the daemon restarted since the last call: a fresh connection
+        if self.sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.path))
+            except OSError as exc:
+                sock.close()
+                raise ApiError(
+                    f"cannot reach the mesh daemon at {self.path}: "
+                    f"{exc.strerror or type(exc).__name__} "
+                    "(is `keel mesh serve` running, and may you open its socket?)"
+                ) from None
+            self.sock = sock
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(line)
+            raw = self._read_line()
+        except TimeoutError:
+            self.close()
+            raise ApiError(f"{self.path}: no answer to {verb!r} within {timeout:g} s") from None
+        except OSError as exc:
+            self.close()
+            raise ApiError(
+                f"{self.path}: connection failed during {verb!r}: {exc.strerror or exc}"
+            ) from None
+        try:
+            response = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.close()
+            raise ApiError(
+                f"{self.path}: the daemon sent a malformed response to {verb!r}"
+            ) from None
+        if not isinstance(response, dict) or "ok" not in response:
+            raise ApiError(f"{self.path}: the daemon sent a malformed response to {verb!r}")
+        if not response["ok"]:
+            raise ApiError(str(response.get("error", "request failed")))
+        return response.get("result")
+
+    @staticmethod
+    def _alive(sock: socket.socket) -> bool:
+        """False if the daemon's end is closed (EOF or error waiting to be read)."""
+        timeout = sock.gettimeout()
+        sock.setblocking(False)  # with a timeout set, recv would first wait for data
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+        return bool(data)
+
+    def _read_line(self) -> bytes:
+        assert self.sock is not None
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                return line
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionResetError(0, "the daemon closed the connection")
+            self.buffer += chunk
+
+
 class MeshClient:
-    """A connection-less client: every call is one request on ``DIR/control.sock``."""
+    """A client of one node's daemon (``DIR/control.sock``); not thread-safe: one per thread."""
 
     def __init__(self, directory: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT):
         self.directory = Path(directory)
         self.path = control_path(self.directory)
         self.timeout = timeout
+        self._channel = _Channel(self.path)
         self._unacked: list[int] = []
         self._returned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
     def call(
         self, verb: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> Any:
-        return api.call(
-            self.path, verb, args or {}, timeout=timeout or self.timeout, service="mesh"
-        )
+        """One request; ``ApiError`` with a readable message if it fails."""
+        return self._channel.request(verb, args or {}, timeout or self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- node and membership
 

@@ -125,15 +125,19 @@ def encode(packet: Packet) -> bytes:
             raise LocalProtocolError(
                 f"payload of {len(packet.payload)} bytes exceeds the maximum of {MAX_PAYLOAD}"
             )
-        header: dict[str, Any] = {"id": packet.id, "topic": packet.topic, "exp": packet.expires}
-        if packet.room is not None:
-            header |= {
-                "room": packet.room.room,
-                "from": packet.room.author,
-                "rv": packet.room.version,
-                "sig": b64u_encode(packet.room.signature),
-            }
-        return _pack(PacketType.MSG, header, packet.payload)
+        # Every field is a number or a string of [A-Za-z0-9._:/@+=-], so this
+        # formatting is the canonical JSON (sorted keys, no whitespace) itself.
+        room = packet.room
+        if room is None:
+            text = f'{{"exp":{packet.expires},"id":"{packet.id}","topic":"{packet.topic}"}}'
+        else:
+            text = (
+                f'{{"exp":{packet.expires},"from":"{room.author}","id":"{packet.id}",'
+                f'"room":"{room.room}","rv":{room.version},'
+                f'"sig":"{b64u_encode(room.signature)}","topic":"{packet.topic}"}}'
+            )
+        raw = text.encode()
+        return b"\x10" + len(raw).to_bytes(HEADER_LENGTH_SIZE, "big") + raw + packet.payload
     if isinstance(packet, Ack):
         return _pack(
             PacketType.ACK,

@@ -207,14 +207,25 @@ class Store:
 
     def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id)."""
+        keys = [(item.peer, item.id) for item in items]
+        queued = self._existing("outbox", "peer", keys)
         out: list[Outgoing | None] = []
+        rows = []
         with self.transaction() as db:
-            for item in items:
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO outbox "
-                    "(id, peer, room, topic, expires, created, stamp, payload) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (last,) = db.execute(
+                "SELECT coalesce(max(seq), 0) FROM "
+                "(SELECT seq FROM sqlite_sequence WHERE name = 'outbox' UNION ALL "
+                "SELECT max(seq) FROM outbox UNION ALL SELECT max(seq) FROM dead_letters)"
+            ).fetchone()
+            for item, key in zip(items, keys, strict=True):
+                if key in queued:
+                    out.append(None)
+                    continue
+                queued.add(key)
+                last += 1
+                rows.append(
                     (
+                        last,
                         item.id,
                         item.peer,
                         item.room,
@@ -223,15 +234,11 @@ class Store:
                         created,
                         item.stamp,
                         item.payload,
-                    ),
+                    )
                 )
-                if cursor.rowcount == 0:
-                    out.append(None)
-                    continue
-                assert cursor.lastrowid is not None
                 out.append(
                     Outgoing(
-                        cursor.lastrowid,
+                        last,
                         item.id,
                         item.peer,
                         item.topic,
@@ -240,7 +247,28 @@ class Store:
                         len(item.payload),
                     )
                 )
+            db.executemany(
+                "INSERT INTO outbox (seq, id, peer, room, topic, expires, created, stamp, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         return out
+
+    def _existing(
+        self, table: str, column: str, keys: Sequence[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        """Which ``(column, id)`` pairs are in ``table`` (outbox: peer; seen: sender)."""
+        found: set[tuple[str, str]] = set()
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 400):
+            chunk = unique[start : start + 400]
+            marks = ", ".join("(?, ?)" for _ in chunk)
+            rows = self._db.execute(
+                f"SELECT {column}, id FROM {table} WHERE ({column}, id) IN (VALUES {marks})",  # noqa: S608 (fixed names)
+                [v for pair in chunk for v in pair],
+            ).fetchall()
+            found.update((str(a), str(b)) for a, b in rows)
+        return found
 
     def load_outbox(self) -> list[Outgoing]:
         rows = self._db.execute(
@@ -252,11 +280,10 @@ class Store:
         row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else (bytes(row[0]), row[1])
 
-    def delivered(self, items: Sequence[Outgoing], peer: str, wall: float) -> None:
-        """Acknowledged by ``peer``: drop the rows, note when the peer was seen."""
+    def delivered(self, items: Sequence[Outgoing]) -> None:
+        """Acknowledged: drop the rows."""
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
-            db.execute("INSERT OR REPLACE INTO peers (node, last_seen) VALUES (?, ?)", (peer, wall))
 
     def dead_letter(self, items: Sequence[Outgoing], reason: str, wall: float) -> None:
         with self.transaction() as db:
@@ -279,28 +306,26 @@ class Store:
     # -- inbox
 
     def is_seen(self, sender: str, message_id: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM seen WHERE sender = ? AND id = ?", (sender, message_id)
-        ).fetchone()
-        return row is not None
+        return bool(self._existing("seen", "sender", [(sender, message_id)]))
+
+    def seen_among(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(author, id)`` pairs of ``keys`` received before (one query per 400)."""
+        return self._existing("seen", "sender", keys)
 
     def receive(self, items: Sequence[Incoming], wall: float) -> list[int]:
         """Store new messages with their dedup keys, atomically; returns their inbox seqs."""
-        seqs = []
         with self.transaction() as db:
-            for item in items:
-                db.execute(
-                    "INSERT INTO seen (sender, id, keep_until) VALUES (?, ?, ?)",
-                    (item.sender, item.id, item.keep_until),
-                )
-                cursor = db.execute(
-                    "INSERT INTO inbox (id, sender, room, topic, received, payload) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (item.id, item.sender, item.room, item.topic, wall, item.payload),
-                )
-                assert cursor.lastrowid is not None
-                seqs.append(cursor.lastrowid)
-        return seqs
+            db.executemany(
+                "INSERT INTO seen (sender, id, keep_until) VALUES (?, ?, ?)",
+                [(i.sender, i.id, i.keep_until) for i in items],
+            )
+            db.executemany(
+                "INSERT INTO inbox (id, sender, room, topic, received, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(i.id, i.sender, i.room, i.topic, wall, i.payload) for i in items],
+            )
+            (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()
+        return list(range(last - len(items) + 1, last + 1))
 
     def inbox_totals(self) -> tuple[int, int]:
         count, size = self._db.execute(
@@ -333,16 +358,17 @@ class Store:
 
     def consume(self, seqs: Iterable[int]) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there."""
-        seqs = list(seqs)
+        unique = list(dict.fromkeys(seqs))
+        gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            gone = []
-            for seq in seqs:
-                row = db.execute(
-                    "DELETE FROM inbox WHERE seq = ? RETURNING length(payload)", (seq,)
-                ).fetchone()
-                if row is not None:
-                    gone.append((seq, int(row[0])))
-        return gone
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                gone += db.execute(
+                    f"DELETE FROM inbox WHERE seq IN ({marks}) RETURNING seq, length(payload)",  # noqa: S608
+                    chunk,
+                ).fetchall()
+        return [(int(a), int(b)) for a, b in gone]
 
     def prune_seen(self, wall: float) -> int:
         with self.transaction() as db:

@@ -153,3 +153,23 @@ def test_fuzz_structured_headers(kind: int, header: object, body: bytes) -> None
     except RemoteProtocolError:
         return
     assert packets.decode(packets.encode(packet)) == packet
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9._:/@+=-]{1,128}", fullmatch=True),
+    st.integers(0, 2**53),
+    st.booleans(),
+    st.integers(1, 2**40),
+    st.binary(min_size=64, max_size=64),
+)
+def test_msg_headers_are_canonical_json(
+    message_id: str, topic: str, expires: int, in_room: bool, version: int, sig: bytes
+) -> None:
+    stamp = RoomStamp(message_id[::-1], "b" * 32, version, sig) if in_room else None
+    data = packets.encode(Msg(message_id, topic, expires, b"body", stamp))
+    length = int.from_bytes(data[1:3], "big")
+    header = json.loads(data[3 : 3 + length])
+    assert data[3 : 3 + length] == packets.canonical_json(header)
+    assert packets.decode(data) == Msg(message_id, topic, expires, b"body", stamp)

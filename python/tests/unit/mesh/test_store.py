@@ -35,7 +35,8 @@ def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path
     loaded = store.load_outbox()
     assert [(i.id[0], i.peer) for i in loaded] == [("1", P), ("2", P), ("1", Q)]
     assert store.outbox_payload(loaded[0].seq) == (b"data", None)
-    store.delivered(loaded[:1], P, wall=5.0)
+    store.delivered(loaded[:1])
+    store.touch_peers([P], wall=5.0)
     store.dead_letter(loaded[1:2], "expired", wall=6.0)
     assert [i.seq for i in store.load_outbox()] == [loaded[2].seq]
     assert store.dead_letters() == [
