@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -137,13 +138,17 @@ class _Channel:
 
 
 class MeshClient:
-    """A client of one node's daemon (``DIR/control.sock``); not thread-safe: one per thread."""
+    """A client of one node's daemon (``DIR/control.sock``), one connection per thread.
+
+    ``recv``'s bookkeeping (what to acknowledge, what was returned) is shared:
+    receive on one thread at a time.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT):
         self.directory = Path(directory)
         self.path = control_path(self.directory)
         self.timeout = timeout
-        self._channel = _Channel(self.path)
+        self._local = threading.local()
         self._unacked: list[int] = []
         self._returned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
@@ -151,10 +156,16 @@ class MeshClient:
         self, verb: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> Any:
         """One request; ``ApiError`` with a readable message if it fails."""
-        return self._channel.request(verb, args or {}, timeout or self.timeout)
+        channel: _Channel | None = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = self._local.channel = _Channel(self.path)
+        return channel.request(verb, args or {}, timeout or self.timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        """Close this thread's connection (the next call opens a new one)."""
+        channel: _Channel | None = getattr(self._local, "channel", None)
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> MeshClient:
         return self
