@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -169,7 +170,7 @@ def test_stale_names_are_recognised() -> None:
 
 def test_leftovers_of_dead_runs_are_swept(network: Network) -> None:
     # A pid above pid_max can never be alive: its run died without cleaning up.
-    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     dead = f"kh{pid_max + 1}-1-x"
     subprocess.run(["ip", "netns", "add", dead], check=True)
     try:
