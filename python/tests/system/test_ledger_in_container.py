@@ -16,6 +16,7 @@ def _has_ledger_cli() -> bool:
     except ModuleNotFoundError:
         return False
 
+
 DB = "/var/lib/keel/ledger.db"
 
 
