@@ -327,8 +327,11 @@ class Ledger:
             return self._lookup(level, index)
 
     def _size(self) -> int:
-        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
-        last = self._db.execute("SELECT max(idx) FROM leaves").fetchone()[0]
+        # One statement, so one snapshot: other processes may be appending.
+        recorded_text, last = self._db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'size'), (SELECT max(idx) FROM leaves)"
+        ).fetchone()
+        recorded = int(recorded_text)
         held = 0 if last is None else last + 1
         if held != recorded:
             raise TamperError(
@@ -499,8 +502,27 @@ class Ledger:
         ``(label, signed note)`` checkpoint (an older one kept elsewhere) must
         verify with ``verifier`` and be a prefix of this tree. The first
         problem raises :class:`TamperError` with the first bad leaf index.
+
+        It reads one snapshot (a read transaction), so appends by other
+        processes meanwhile neither disturb it nor wait for it.
         """
-        stored = self.checkpoints()
+        with self._lock, self._errors("verify"):
+            self._db.execute("BEGIN")
+            try:
+                return self._verify_snapshot(verifier, external)
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
+
+    def _verify_snapshot(
+        self, verifier: core.Verifier | None, external: Sequence[tuple[str, str]]
+    ) -> VerifyReport:
+        stored = [
+            StoredCheckpoint(*row)
+            for row in self._db.execute(
+                "SELECT id, size, note, created FROM checkpoints ORDER BY id"
+            ).fetchall()
+        ]
         targets: dict[int, list[tuple[str, bytes]]] = {}
         for checkpoint in stored:
             label = f"stored checkpoint {checkpoint.id} (size {checkpoint.size})"
@@ -531,23 +553,20 @@ class Ledger:
                     )
                 good_prefix = builder.size
 
-        with self._lock, self._errors("verify"):
-            recorded = int(
-                self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0]
-            )
-            cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
-            check_targets()
-            while True:
-                chunk = cursor.fetchmany(4096)
-                if not chunk:
-                    break
-                while chunk:
-                    # Up to the next checkpoint size, so each is checked at its size.
-                    upcoming = [size for size in targets if size > builder.size]
-                    room = min(upcoming) - builder.size if upcoming else len(chunk)
-                    part, chunk = chunk[:room], chunk[room:]
-                    self._verify_rows(builder, part)
-                    check_targets()
+        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
+        cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
+        check_targets()
+        while True:
+            chunk = cursor.fetchmany(4096)
+            if not chunk:
+                break
+            while chunk:
+                # Up to the next checkpoint size, so each is checked at its size.
+                upcoming = [size for size in targets if size > builder.size]
+                room = min(upcoming) - builder.size if upcoming else len(chunk)
+                part, chunk = chunk[:room], chunk[room:]
+                self._verify_rows(builder, part)
+                check_targets()
         size = builder.size
         if recorded != size:
             raise TamperError(
