@@ -70,7 +70,7 @@ def test_round_trip(populated: Populated, tmp_path: Path) -> None:
     out = ok("ledger", "verify", "--db", db, "--checkpoint", populated.checkpoints[12])
     assert out.startswith("ok: 20 entries, root ")
     assert "3 stored checkpoints" in out
-    assert "extends 1 checkpoint file" in out
+    assert "extends the 1 checkpoint file given" in out
 
     lines = ok("ledger", "tail", "--db", db, "-n", "3", "--json").splitlines()
     entries = [json.loads(line) for line in lines]
