@@ -602,8 +602,9 @@ def remove(run_id: str = RUN_ID) -> None:
 def sweep_stale() -> list[str]:
     """Remove containers and work directories of earlier runs that died uncleanly."""
     runs = {name.split("-", 1)[0] for name in _nspawn_processes().values() if stale(name)}
-    if WORK_ROOT.is_dir():
-        runs |= {p.name.split("-", 1)[0] for p in WORK_ROOT.iterdir() if stale(p.name)}
+    for directory in (WORK_ROOT, PROPAGATE):
+        if directory.is_dir():
+            runs |= {p.name.split("-", 1)[0] for p in directory.iterdir() if stale(p.name)}
     for run_id in sorted(runs):
         remove(run_id)
     return sorted(runs)
