@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 STAMP = struct.Struct(">Q")
@@ -162,6 +163,8 @@ class Tcp:
 
 def receive(args: argparse.Namespace) -> dict[str, Any]:
     keys = json.loads(args.keys) if args.keys else {}
+    get: Callable[[], bytes]
+    ack: Callable[[], object]
     if args.transport == "zmq":
         data, reply = zmq_sockets("recv", args.address, keys)
         get, ack = data.recv, (lambda: reply.send(b"k"))
