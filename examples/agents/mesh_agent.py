@@ -66,5 +66,6 @@ def main() -> int:
             return serve(mesh, args.name, args.count, args.timeout)
         return ask(mesh, args.name, args.peer, args.ask, count=args.count, timeout=args.timeout)
 
+
 if __name__ == "__main__":
     sys.exit(main())
