@@ -17,7 +17,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import importlib
 import itertools
 import json
 import logging
@@ -25,11 +24,12 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from keel import sd
 from keel.api import ControlServer, Peer
 from keel.errors import KeelError, UsageError
+from keel.ledger import AsyncLedger, LedgerError
 from keel.mesh import packets, rooms
 from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import Outbox, Outgoing, Receipt, keep_seen_until, receipt
@@ -64,14 +64,6 @@ MAX_ADMISSION_CHAIN = 16
 MAX_UNIX_PATH = 107
 HOUSEKEEPING = 30.0
 PAYLOAD_CACHE_BYTES = 64 << 20
-
-
-class LedgerLike(Protocol):
-    async def append(
-        self, *, source: str, kind: str, subject: str = "", data: Mapping[str, Any] | None = None
-    ) -> int: ...
-
-    async def aclose(self) -> None: ...
 
 
 def _close_code(reason: str) -> str:
@@ -289,7 +281,7 @@ class MeshNode:
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ledger: LedgerLike | None = None
+        self._ledger: AsyncLedger | None = None
         self._server: asyncio.Server | None = None
         self._control: ControlServer | None = None
         self._stopped = asyncio.Event()
@@ -350,15 +342,11 @@ class MeshNode:
         )
         sd.ready(f"node {self.identity.node_id}")
 
-    async def _open_ledger(self, path: Path) -> LedgerLike:
+    async def _open_ledger(self, path: Path) -> AsyncLedger:
         try:
-            module = importlib.import_module("keel.ledger")
-        except ImportError:
-            raise KeelError(
-                "--ledger: this keel has no ledger module (keel.ledger); drop --ledger"
-            ) from None
-        ledger: LedgerLike = await module.AsyncLedger.open(path)
-        return ledger
+            return await AsyncLedger.open(path)
+        except LedgerError as exc:
+            raise KeelError(f"--ledger {path}: {exc}") from None
 
     async def stop(self) -> None:
         for conn in list(self.connections):

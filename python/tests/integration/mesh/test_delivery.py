@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from keel.errors import ApiError
+from keel.ledger import Ledger
 from keel.mesh.client import MeshClient, Received
 
 from .nodes import FAST, Node, wait_until
@@ -264,9 +265,6 @@ def test_only_the_owner_changes_a_room(pair: tuple[Node, Node]) -> None:
 
 
 def test_no_payload_byte_reaches_the_ledger(mesh_nodes: Callable[..., Node], short_tmp) -> None:
-    ledger_module = pytest.importorskip(
-        "keel.ledger", reason="the ledger module is not in this tree yet"
-    )
     ledger_a, ledger_b = short_tmp / "a-ledger.db", short_tmp / "b-ledger.db"
     a = mesh_nodes("a", ledger=ledger_a).start()
     b = mesh_nodes("b", ledger=ledger_b).start()
@@ -295,10 +293,22 @@ def test_no_payload_byte_reaches_the_ledger(mesh_nodes: Callable[..., Node], sho
         for form in forms:
             assert form not in content, f"{form!r} found in {path}"
     for path in (ledger_a, ledger_b):
-        ledger = ledger_module.Ledger.open(path)
+        ledger = Ledger.open(path)
         try:
             for _, entry in ledger.entries():
                 kinds.add(entry.kind)
         finally:
             ledger.close()
     assert {"sent", "delivered", "received", "dead-letter", "member-join"} <= kinds
+
+
+def test_a_bad_ledger_path_stops_the_start_with_a_clear_message(
+    mesh_nodes: Callable[..., Node], short_tmp
+) -> None:
+    bogus = short_tmp / "not-a-ledger.db"
+    bogus.write_bytes(b"certainly not SQLite" * 100)
+    node = mesh_nodes("a", ledger=bogus)
+    with pytest.raises(AssertionError, match="exited at start"):
+        node.start(timeout=20)
+    assert f"keel: error: --ledger {bogus}:" in node.log()
+    assert "Traceback" not in node.log()
