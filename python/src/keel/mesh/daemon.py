@@ -64,6 +64,7 @@ MAX_ADMISSION_CHAIN = 16
 MAX_UNIX_PATH = 107
 HOUSEKEEPING = 30.0
 PAYLOAD_CACHE_BYTES = 64 << 20
+REFUSALS_BURST = 30
 
 
 def _close_code(reason: str) -> str:
@@ -286,6 +287,8 @@ class MeshNode:
         self._control: ControlServer | None = None
         self._stopped = asyncio.Event()
         self._removed_logged = False
+        self._refusal_tokens = float(REFUSALS_BURST)
+        self._refusal_refill = clock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -604,11 +607,20 @@ class MeshNode:
             reason,
             f" ({hint})" if hint else "",
         )
-        self.ledger(
-            "refused",
-            conn.peer or "",
-            {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
+        # A flood of junk connections must not flood the ledger: a token bucket
+        # lets through a burst of REFUSALS_BURST entries, then one per second.
+        now = self.clock()
+        self._refusal_tokens = min(
+            REFUSALS_BURST, self._refusal_tokens + (now - self._refusal_refill)
         )
+        self._refusal_refill = now
+        if self._refusal_tokens >= 1:
+            self._refusal_tokens -= 1
+            self.ledger(
+                "refused",
+                conn.peer or "",
+                {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
+            )
 
     def on_handshake(self, conn: PeerConnection, event: HandshakeComplete) -> None:
         remote = event.remote_node_id
