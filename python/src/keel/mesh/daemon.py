@@ -193,6 +193,7 @@ class PeerConnection(asyncio.Protocol):
                 return
             if isinstance(event, HandshakeComplete):
                 self.node.on_handshake(self, event)
+                self._arm_timer()  # keepalives and rekeys run on their own deadlines now
             elif isinstance(event, Message):
                 packet = packets.decode(event.data)
                 if isinstance(packet, Msg):
@@ -211,6 +212,9 @@ class PeerConnection(asyncio.Protocol):
                 return
 
     def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.closing:
             return
         deadline = self.session.next_deadline()
