@@ -972,7 +972,7 @@ class MeshNode:
             self.outbox.add(item, check=False)
             self._remember_payload(item.seq, row.payload, row.stamp)
             self.ledger("sent", item.id, _metadata(self.identity.node_id, item))
-        self.kick()
+        self._pump()  # now, not on the next turn of the loop: the frames leave before the reply
 
     # ------------------------------------------------------------ joining
 
@@ -1210,7 +1210,8 @@ class MeshNode:
                 break
             waiter = self._inbox_waiters.setdefault(topic, asyncio.Event())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await waiter.wait()
         until = self.clock() + lease
         for message in found:
             self._leases[message.seq] = until
