@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -305,6 +306,7 @@ class MeshNode:
                 f"--dir {directory}: the control socket path {socket_path} is longer than "
                 f"{MAX_UNIX_PATH} bytes; choose a shorter directory"
             )
+        _refuse_if_served(socket_path)  # before touching the state another daemon owns
         self.identity: NodeIdentity = load_or_create(directory / IDENTITY_FILE)
         self.kem: Kem = self._kem or get_kem()
         sync = "FULL" if self.settings.durability == "full" else "NORMAL"
@@ -1462,6 +1464,21 @@ def _data(args: Mapping[str, Any]) -> bytes:
             f"a message carries at most {packets.MAX_PAYLOAD} bytes, this one has {len(payload)}"
         )
     return payload
+
+
+def _refuse_if_served(path: Path) -> None:
+    """``KeelError`` if a live daemon answers on ``path`` (its directory is taken)."""
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # a stale socket: the control server replaces it
+    raise KeelError(
+        f"{path}: another keel mesh daemon is already serving this directory; stop it first"
+    )
 
 
 def run(directory: Path, listen: str, ledger: Path | None) -> int:

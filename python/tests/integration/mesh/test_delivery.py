@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -194,13 +195,16 @@ def test_one_connection_per_pair_even_when_both_dial(mesh_nodes: Callable[..., N
         node.wait_connected(*[n for n in (a, b, c) if n is not node])
     time.sleep(2)  # let any duplicate be resolved
     ports = {int(n.address.rpartition(":")[2]) for n in (a, b, c)}
-    listing = subprocess.run(["ss", "-Htn", "state", "established"], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        ["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
     accepted = [
-        line for line in listing.splitlines()
+        line
+        for line in listing.splitlines()
         if int(line.split()[2].rpartition(":")[2]) in ports
-        and line.split()[2].startswith("127.0.0.1") and line.split()[3].startswith("127.0.0.1")
-    ]  # fmt: skip
+        and line.split()[2].startswith("127.0.0.1")
+        and line.split()[3].startswith("127.0.0.1")
+    ]
     assert len(accepted) == 3, listing
     for node in (a, b, c):
         assert len(node.connected()) == 2
@@ -222,9 +226,13 @@ def test_rooms_fan_out_and_a_removed_member_receives_nothing_more(
         b.node_id,
         c.node_id,
     }
-    wait_until(lambda: b.client.rooms() and c.client.rooms()
-               and b.client.room_members(room)["version"] == 2, timeout=15,
-               what="b and c to learn the room")  # fmt: skip
+    wait_until(
+        lambda: (
+            b.client.rooms() and c.client.rooms() and b.client.room_members(room)["version"] == 2
+        ),
+        timeout=15,
+        what="b and c to learn the room",
+    )
     members = json.loads(c.cli("room", "members", room, "--json").stdout)
     assert members["owner"] == a.node_id
     sent = b.cli("room", "send", "ops", "--topic", "chat", "hi all")
@@ -239,8 +247,11 @@ def test_rooms_fan_out_and_a_removed_member_receives_nothing_more(
     b.client.room_send(room, "chat", b"while c is away")
     removed = a.cli("room", "remove", room, c.node_id)
     assert removed.returncode == 0, removed.stderr
-    wait_until(lambda: b.client.room_members(room)["version"] == 3, timeout=15,
-               what="b to learn c's removal")  # fmt: skip
+    wait_until(
+        lambda: b.client.room_members(room)["version"] == 3,
+        timeout=15,
+        what="b to learn c's removal",
+    )
     wait_until(lambda: b.status()["outbox"] == 0, timeout=15, what="b to drop c's copies")
     b.client.room_send(room, "chat", b"after c left")
     c.start()
@@ -285,8 +296,13 @@ def test_no_payload_byte_reaches_the_ledger(mesh_nodes: Callable[..., Node], sho
     b.stop()
     import base64
 
-    forms = [secret, base64.b64encode(secret), secret.hex().encode(), b"deadbeefcafebabe",
-             base64.b64encode(secret[8:20])]  # fmt: skip
+    forms = [
+        secret,
+        base64.b64encode(secret),
+        secret.hex().encode(),
+        b"deadbeefcafebabe",
+        base64.b64encode(secret[8:20]),
+    ]
     kinds: set[str] = set()
     for path in short_tmp.glob("*-ledger.db*"):
         content = path.read_bytes()
@@ -312,3 +328,32 @@ def test_a_bad_ledger_path_stops_the_start_with_a_clear_message(
         node.start(timeout=20)
     assert f"keel: error: --ledger {bogus}:" in node.log()
     assert "Traceback" not in node.log()
+
+
+def test_a_second_daemon_on_the_same_directory_is_refused(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    records = a.directory / "state.db"
+    before = records.stat().st_mtime_ns
+    twin = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keel",
+            "mesh",
+            "serve",
+            "--dir",
+            str(a.directory),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert twin.returncode == 1
+    assert "another keel mesh daemon is already serving this directory" in twin.stderr
+    assert records.stat().st_mtime_ns == before  # it touched nothing
+    assert a.status()["node"] == a.node_id
