@@ -299,7 +299,8 @@ class MeshNode:
 
     async def start(self) -> None:
         directory = self.directory
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0750: the keel group may reach control.sock; every file inside is 0600.
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         socket_path = control_path(directory)
         if len(str(socket_path.absolute())) > MAX_UNIX_PATH:
             raise UsageError(

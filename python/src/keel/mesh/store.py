@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ class InboxMessage:
 class Store:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
+        try:
+            # Messages and invite secrets live here: owner only (the -wal and
+            # -shm files SQLite makes take the database file's mode).
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"{path}: cannot create the mesh state database: {exc.strerror}"
+            ) from None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

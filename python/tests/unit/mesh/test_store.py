@@ -142,3 +142,11 @@ def test_invite_record_json_round_trip() -> None:
     token = new_invite(alice, ["127.0.0.1:1"], now=0, ttl=60)
     record = InviteRecord.from_token(token)
     assert InviteRecord.from_json(record.to_json()) == record
+
+
+def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.enqueue([out("1" * 32)], created=1.0)
+    for name in ("s.db", "s.db-wal"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    store.close()
