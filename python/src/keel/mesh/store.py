@@ -267,17 +267,25 @@ class Store:
     def _existing(
         self, table: str, column: str, keys: Sequence[tuple[str, str]]
     ) -> set[tuple[str, str]]:
-        """Which ``(column, id)`` pairs are in ``table`` (outbox: peer; seen: sender)."""
+        """Which ``(column, id)`` pairs are in ``table`` (outbox: peer; seen: sender).
+
+        One query per ``column`` value (and 500 ids), ``column = ? AND id IN (...)``,
+        so SQLite walks the ``(column, id)`` index: a row-value ``IN (VALUES ...)``
+        would scan the whole table, and ``seen`` holds a week of ids.
+        """
+        by_first: dict[str, list[str]] = {}
+        for first, message_id in dict.fromkeys(keys):
+            by_first.setdefault(first, []).append(message_id)
         found: set[tuple[str, str]] = set()
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), 400):
-            chunk = unique[start : start + 400]
-            marks = ", ".join("(?, ?)" for _ in chunk)
-            rows = self._db.execute(
-                f"SELECT {column}, id FROM {table} WHERE ({column}, id) IN (VALUES {marks})",  # noqa: S608 (fixed names)
-                [v for pair in chunk for v in pair],
-            ).fetchall()
-            found.update((str(a), str(b)) for a, b in rows)
+        for first, ids in by_first.items():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id FROM {table} WHERE {column} = ? AND id IN ({marks})",  # noqa: S608 (fixed names)
+                    [first, *chunk],
+                ).fetchall()
+                found.update((first, str(row[0])) for row in rows)
         return found
 
     def load_outbox(self) -> list[Outgoing]:

@@ -76,6 +76,27 @@ def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
     assert store.prune_seen(wall=150.0) == 5
 
 
+def test_dedup_lookups_walk_the_index(tmp_path: Path) -> None:
+    """``seen`` keeps a week of ids: a lookup that scanned it would grow with it."""
+    store = Store(tmp_path / "s.db")
+    store.receive([Incoming(P, f"{i:032x}", None, "t", b"", 1e10) for i in range(50)], wall=1.0)
+    store.enqueue([out(f"{i:032x}") for i in range(5)], created=1.0)
+    keys = [(P, f"{i:032x}") for i in range(45, 55)] + [(Q, f"{1:032x}")]
+    assert store.seen_among(keys) == {(P, f"{i:032x}") for i in range(45, 50)}
+    assert store.enqueue([out(f"{i:032x}") for i in range(3, 7)], created=2.0)[:2] == [None, None]
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # the SQL with its parameters filled in
+    store.seen_among(keys)
+    store.enqueue([out(f"{i:032x}") for i in range(3, 7)], created=3.0)
+    store._db.set_trace_callback(None)
+    lookups = [sql for sql in statements if sql.startswith("SELECT") and " id IN (" in sql]
+    assert len(lookups) == 3  # seen for P, seen for Q, outbox for P
+    for sql in lookups:
+        plan = [row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        assert plan, sql
+        assert all(step.startswith("SEARCH") for step in plan), (sql, plan)
+
+
 def test_records_and_invites(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     alice, bob = NodeIdentity.generate(seeded("a")), NodeIdentity.generate(seeded("b"))

@@ -1,0 +1,155 @@
+"""A focused mesh benchmark for iterating: two daemons, one flood, one ping-pong.
+
+Much quicker than ``run.py`` (no baselines, no handshake or memory figures,
+loopback by default), so it can run after each change. ``--profile DIR``
+records both daemons with py-spy (``pip install py-spy``) during the flood
+and prints where their time goes, by function (self time) and by top-level
+stage; the raw collapsed stacks stay in DIR.
+
+Run: ``.venv/bin/python bench/mesh/focus.py [--size 256] [--count 20000]
+[--pings 300] [--netns] [--profile DIR]``. The figures are for comparing
+one change with the next on the same machine, not for the record: the
+record is ``run.py``, which measures the baselines in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+
+
+def profile_start(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def profile_stop(recorder: subprocess.Popen[bytes]) -> None:
+    recorder.send_signal(signal.SIGINT)
+    try:
+        recorder.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        recorder.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (and its reaped children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(daemon: run.Daemon) -> int:
+    """The daemon itself, not ``ip netns exec`` in front of it."""
+    pid = daemon.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return int(kids[-1]) if kids else pid
+
+
+def summarize(path: Path, title: str, top: int = 25) -> None:
+    """Self time by function, and total time under each daemon entry point."""
+    own: collections.Counter[str] = collections.Counter()
+    under: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        leaf = frames[-1]
+        own[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += n
+        seen = set()
+        for frame in frames:
+            name = frame.split(" (")[0]
+            if name not in seen:
+                seen.add(name)
+                under[name] += n
+    if not total:
+        print(f"   {title}: no samples")
+        return
+    print(f"\n   {title}: {total} samples; self time")
+    for name, n in own.most_common(top):
+        print(f"   {100 * n / total:5.1f}%  {name}")
+    print(f"   {title}: inclusive time of selected stages")
+    for name, n in under.most_common(60):
+        print(f"   {100 * n / total:5.1f}%  {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--pings", type=int, default=300)
+    parser.add_argument("--netns", action="store_true", help="two hosts joined by veth")
+    parser.add_argument("--profile", type=Path, help="py-spy both daemons during the flood")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="kmf-"))
+    try:
+        with run.two_hosts(args.netns) as (a, b, medium):
+            da = run.Daemon(workdir, "a", a, 0 if medium == "loopback" else run.MESH_PORT)
+            db = run.Daemon(workdir, "b", b, 0 if medium == "loopback" else run.MESH_PORT)
+            try:
+                db.client.join(da.client.invite())
+                to = db.client.node_id()
+                time.sleep(0.5)
+                run.mesh_flood(da.client, db.client, to, args.size, min(args.count, 2000))
+                pids = [daemon_pid(da), daemon_pid(db)]
+                recorders = []
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    recorders = [
+                        profile_start(pid, args.profile / f"{name}.txt")
+                        for pid, name in zip(pids, ("sender", "receiver"), strict=True)
+                    ]
+                    time.sleep(1.0)
+                daemons_before = [cpu_seconds(pid) for pid in pids]
+                started = time.process_time()
+                rate = run.mesh_flood(da.client, db.client, to, args.size, args.count)
+                client_cpu = time.process_time() - started
+                daemons_cpu = [
+                    cpu_seconds(pid) - t for pid, t in zip(pids, daemons_before, strict=True)
+                ]
+                for recorder in recorders:
+                    profile_stop(recorder)
+                latencies = run.mesh_pingpong(da.client, db.client, to, args.size, args.pings)
+            finally:
+                da.stop()
+                db.stop()
+        print(
+            f"mesh {args.size} B over {medium}: {rate:,.0f} msg/s, {rate * args.size / 1e6:.1f} MB/s; "
+            f"CPU us/msg: clients {1e6 * client_cpu / args.count:.1f}, "
+            f"sending daemon {1e6 * daemons_cpu[0] / args.count:.1f}, "
+            f"receiving daemon {1e6 * daemons_cpu[1] / args.count:.1f}; "
+            f"p50 {statistics.median(latencies):.3f} ms, p99 {run.percentile(latencies, 0.99):.3f} ms"
+        )
+        if args.profile:
+            for name in ("sender", "receiver"):
+                summarize(args.profile / f"{name}.txt", f"{name} daemon")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
