@@ -24,6 +24,7 @@ import enum
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -54,8 +55,17 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def new_message_id(random: Callable[[int], bytes] = secrets.token_bytes) -> str:
-    return random(MESSAGE_ID_BYTES).hex()
+def new_message_id(
+    random: Callable[[int], bytes] = secrets.token_bytes, clock: Callable[[], float] = time.time
+) -> str:
+    """A fresh id: 6 bytes of Unix time in milliseconds (big-endian), then 10 random bytes.
+
+    Receivers take any 16 bytes; time-ordered ids just keep the stores'
+    ``(sender, id)`` indexes growing at their end, so inserting one touches
+    one page instead of a random page of a week-long table.
+    """
+    millis = int(clock() * 1000) & 0xFFFF_FFFF_FFFF
+    return millis.to_bytes(6, "big").hex() + random(MESSAGE_ID_BYTES - 6).hex()
 
 
 def is_message_id(value: object) -> bool:

@@ -173,3 +173,15 @@ def test_msg_headers_are_canonical_json(
     header = json.loads(data[3 : 3 + length])
     assert data[3 : 3 + length] == packets.canonical_json(header)
     assert packets.decode(data) == Msg(message_id, topic, expires, b"body", stamp)
+
+
+def test_new_message_ids_are_time_ordered_and_random_after_the_time() -> None:
+    ids = [
+        packets.new_message_id(random=lambda n: bytes([i]) * n, clock=lambda: 1700000000.123 + i)
+        for i in range(3)
+    ]
+    assert all(packets.is_message_id(i) for i in ids)
+    assert ids == sorted(ids)
+    assert ids[0] == f"{1700000000123:012x}" + "00" * 10
+    assert ids[1][12:] == "01" * 10
+    assert packets.new_message_id() != packets.new_message_id()
