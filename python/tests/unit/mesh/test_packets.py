@@ -177,7 +177,10 @@ def test_msg_headers_are_canonical_json(
 
 def test_new_message_ids_are_time_ordered_and_random_after_the_time() -> None:
     ids = [
-        packets.new_message_id(random=lambda n: bytes([i]) * n, clock=lambda: 1700000000.123 + i)
+        packets.new_message_id(
+            random=lambda n, i=i: bytes([i]) * n,  # type: ignore[misc]
+            clock=lambda i=i: 1700000000.123 + i,  # type: ignore[misc]
+        )
         for i in range(3)
     ]
     assert all(packets.is_message_id(i) for i in ids)
