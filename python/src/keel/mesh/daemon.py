@@ -39,7 +39,7 @@ from keel.mesh.identity import NodeIdentity, is_node_id, load_or_create
 from keel.mesh.invite import InviteRecord, InviteToken, new_invite
 from keel.mesh.kem import Kem, get_kem
 from keel.mesh.membership import Membership, MembershipError, Record, Room, View, is_address
-from keel.mesh.packets import Ack, Msg, Records, RoomStamp
+from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 from keel.mesh.session import (
     Closed,
     HandshakeComplete,
@@ -66,6 +66,9 @@ MAX_UNIX_PATH = 107
 HOUSEKEEPING = 30.0
 PAYLOAD_CACHE_BYTES = 64 << 20
 REFUSALS_BURST = 30
+# A MSGS packet may reach 1 MiB; smaller ones let the receiver store and
+# acknowledge one while the next is still on its way.
+BATCH_TARGET = 256 << 10
 
 
 def _close_code(reason: str) -> str:
@@ -95,6 +98,7 @@ class PeerConnection(asyncio.Protocol):
         self.peer: str | None = None  # set once the node accepts the peer
         self.registered = False
         self.closing = False
+        self.batching = False  # the peer takes MSGS packets (application revision >= 2)
         self.join_records: list[Record] = []
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []
@@ -197,6 +201,9 @@ class PeerConnection(asyncio.Protocol):
                 self._arm_timer()  # keepalives and rekeys run on their own deadlines now
             elif isinstance(event, Message):
                 packet = packets.decode(event.data)
+                if isinstance(packet, Msgs):
+                    incoming.extend(packet.messages)
+                    continue
                 if isinstance(packet, Msg):
                     incoming.append(packet)
                     continue
@@ -254,6 +261,32 @@ class PeerConnection(asyncio.Protocol):
             self._timer.cancel()
         if self.transport is not None:
             self.transport.close()
+
+
+class Batch:
+    """Messages for one connection, sent as MSGS packets of at most the batch limits."""
+
+    __slots__ = ("conn", "entries", "size")
+
+    def __init__(self, conn: PeerConnection) -> None:
+        self.conn = conn
+        self.entries: list[bytes] = []
+        self.size = len(packets.MSGS_HEADER)
+
+    def add(self, message: Msg) -> None:
+        entry = packets.msgs_entry(message)
+        if self.entries and (
+            self.size + len(entry) > BATCH_TARGET or len(self.entries) == packets.MAX_BATCH_MESSAGES
+        ):
+            self.flush()
+        self.entries.append(entry)
+        self.size += len(entry)
+
+    def flush(self) -> None:
+        if self.entries:
+            self.conn.send_packet(packets.MSGS_HEADER + b"".join(self.entries))
+        self.entries = []
+        self.size = len(packets.MSGS_HEADER)
 
 
 class MeshNode:
@@ -492,7 +525,12 @@ class MeshNode:
                 break
             chain.append(join.to_json())
             node = member.admitted_by
-        return {"addrs": self.addresses, "mesh": self.membership.mesh_id, "admission": chain}
+        return {
+            "addrs": self.addresses,
+            "mesh": self.membership.mesh_id,
+            "admission": chain,
+            "app": packets.APP_REVISION,
+        }
 
     def _add_records(self, raw: Iterable[Any], source: PeerConnection | None) -> list[Record]:
         """Merge records from a peer (or local); persist, gossip and apply the new ones."""
@@ -725,6 +763,10 @@ class MeshNode:
                 return
         self.links[peer] = conn
         conn.registered = True
+        remote = conn.session.remote
+        if remote is not None:
+            revision = remote.extra.get("app")
+            conn.batching = type(revision) is int and revision >= 2
         if event is not None:
             for address in event.extra.get("addrs", []):
                 if is_address(address):
@@ -871,7 +913,14 @@ class MeshNode:
                         "size": len(item.payload),
                     },
                 )
-        conn.send_packet(packets.encode(Ack(tuple(ok), tuple(busy), tuple(rejected))))
+        step = packets.MAX_ACK_IDS
+        for at in range(0, max(len(ok), len(busy), len(rejected), 1), step):
+            answer = Ack(
+                tuple(ok[at : at + step]),
+                tuple(busy[at : at + step]),
+                tuple(rejected[at : at + step]),
+            )
+            conn.send_packet(packets.encode(answer))
 
     # ------------------------------------------------------------ the outbox pump
 
@@ -890,6 +939,7 @@ class MeshNode:
             due = self.outbox.poll()
             if due.expired:
                 self._dead_letter(due.expired, "expired")
+            batches: dict[str, Batch] = {}
             for item in due.sends:
                 conn = self.links.get(item.peer)
                 stored = self._payload(item.seq)
@@ -897,8 +947,16 @@ class MeshNode:
                     continue
                 payload, stamp = stored
                 room = _stamp_from_json(stamp) if stamp else None
-                packet = Msg(item.id, item.topic, int(item.expires), payload, room)
-                conn.send_packet(packets.encode(packet))
+                message = Msg(item.id, item.topic, int(item.expires), payload, room)
+                if conn.batching and packets.batchable(message):
+                    batch = batches.get(item.peer)
+                    if batch is None:
+                        batch = batches[item.peer] = Batch(conn)
+                    batch.add(message)
+                else:
+                    conn.send_packet(packets.encode(message))
+            for batch in batches.values():
+                batch.flush()
             for dial in self.dialer.due():
                 self._spawn(self._dial(dial))
         except Exception:

@@ -12,6 +12,8 @@ Every ``Message`` a ``Session`` delivers holds exactly one packet::
                   message; body = the payload
     0x11 ACK      {"ok": [ids], "busy": [ids], "rejected": [{"id","reason"}]}
     0x12 RECORDS  {"records": [record, ...]} (membership and room records)
+    0x13 MSGS     several MSGs in binary, no header (application revision 2,
+                  sent only to peers that announce it in the handshake)
 
 Decoding is strict (exact key sets, types, sizes); anything else is a
 ``RemoteProtocolError``, after which the shell drops the connection.
@@ -24,6 +26,7 @@ import enum
 import json
 import re
 import secrets
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,10 @@ MAX_TOPIC: Final = 128
 MAX_ACK_IDS: Final = 4096
 MAX_REASON: Final = 200
 MESSAGE_ID_BYTES: Final = 16
+APP_REVISION: Final = 2  # the application-layer revision this node speaks (MSGS is revision 2)
+MAX_BATCH_MESSAGES: Final = 4096  # per MSGS packet: what one ACK list may answer
+MAX_BATCH_BYTES: Final = 1 << 20  # a MSGS packet is one session message
+MAX_EXPIRY: Final = (1 << 64) - 1  # exp and rv are u64 in MSGS
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
@@ -48,6 +55,7 @@ class PacketType(enum.IntEnum):
     MSG = 0x10
     ACK = 0x11
     RECORDS = 0x12
+    MSGS = 0x13
 
 
 def canonical_json(value: Any) -> bytes:
@@ -116,7 +124,14 @@ class Records:
     records: tuple[Mapping[str, Any], ...]
 
 
-Packet = Msg | Ack | Records
+@dataclass(frozen=True)
+class Msgs:
+    """Several messages in one packet (MSGS, application revision 2)."""
+
+    messages: tuple[Msg, ...]
+
+
+Packet = Msg | Ack | Records | Msgs
 
 
 # ---------------------------------------------------------------- encoding
@@ -148,6 +163,8 @@ def encode(packet: Packet) -> bytes:
             )
         raw = text.encode()
         return b"\x10" + len(raw).to_bytes(HEADER_LENGTH_SIZE, "big") + raw + packet.payload
+    if isinstance(packet, Msgs):
+        return encode_msgs(packet.messages)
     if isinstance(packet, Ack):
         return _pack(
             PacketType.ACK,
@@ -158,6 +175,56 @@ def encode(packet: Packet) -> bytes:
             },
         )
     return _pack(PacketType.RECORDS, {"records": list(packet.records)})
+
+
+# MSGS entries: flags, id, exp; room, from, rv, sig (room messages only); topic; payload.
+_ENTRY = struct.Struct(">B16sQ")
+_ROOM = struct.Struct(">16s32sQ64s")
+_LENGTH = struct.Struct(">I")
+_FLAG_ROOM = 0x01
+MSGS_HEADER: Final = bytes([PacketType.MSGS, 0, 0])  # type, then an empty header
+
+
+def batchable(message: Msg) -> bool:
+    """Whether ``message`` fits a MSGS entry (an expiry or room version past 2^64 - 1 does not)."""
+    room = message.room
+    return (
+        0 <= message.expires <= MAX_EXPIRY
+        and len(message.id) == 2 * MESSAGE_ID_BYTES
+        and (room is None or (room.version <= MAX_EXPIRY and len(room.author) == 32))
+    )
+
+
+def msgs_entry(message: Msg) -> bytes:
+    """One MSGS entry (``encode_msgs`` joins them behind ``MSGS_HEADER``)."""
+    topic = message.topic.encode("ascii")
+    room = message.room
+    if room is None:
+        head = _ENTRY.pack(0, bytes.fromhex(message.id), message.expires)
+    else:
+        head = _ENTRY.pack(_FLAG_ROOM, bytes.fromhex(message.id), message.expires) + _ROOM.pack(
+            bytes.fromhex(room.room), room.author.encode("ascii"), room.version, room.signature
+        )
+    return b"".join(
+        (head, bytes([len(topic)]), topic, _LENGTH.pack(len(message.payload)), message.payload)
+    )
+
+
+def encode_msgs(messages: Sequence[Msg]) -> bytes:
+    """A MSGS packet; ``LocalProtocolError`` past the limits (the caller splits batches)."""
+    if not 0 < len(messages) <= MAX_BATCH_MESSAGES:
+        raise LocalProtocolError(f"a MSGS packet holds 1 to {MAX_BATCH_MESSAGES} messages")
+    for message in messages:
+        if len(message.payload) > MAX_PAYLOAD:
+            raise LocalProtocolError(
+                f"payload of {len(message.payload)} bytes exceeds the maximum of {MAX_PAYLOAD}"
+            )
+        if not batchable(message):
+            raise LocalProtocolError(f"message {message.id} does not fit a MSGS entry (exp, rv)")
+    packet = MSGS_HEADER + b"".join(msgs_entry(m) for m in messages)
+    if len(packet) > MAX_BATCH_BYTES:
+        raise LocalProtocolError(f"MSGS packet of {len(packet)} bytes is over {MAX_BATCH_BYTES}")
+    return packet
 
 
 def split_records(records: Sequence[Mapping[str, Any]], limit: int = 60_000) -> list[Records]:
@@ -193,6 +260,10 @@ def decode(data: bytes) -> Packet:
     except ValueError:
         raise _bad(f"unknown packet type 0x{data[0]:02x}") from None
     length = int.from_bytes(data[1:3], "big")
+    if kind is PacketType.MSGS:
+        if length:
+            raise _bad("MSGS has no header (its header length must be 0)")
+        return _decode_msgs(data)
     if len(data) < 3 + length:
         raise _bad(f"header length {length} runs past the packet's end")
     try:
@@ -249,6 +320,69 @@ def _decode_msg(header: Mapping[str, Any], body: bytes) -> Msg:
             raise _bad(str(exc)) from None
         stamp = RoomStamp(header["room"], header["from"], _int(header["rv"], "rv", 1), signature)
     return Msg(header["id"], topic, _int(header["exp"], "exp"), bytes(body), stamp)
+
+
+_valid_topics: dict[bytes, str] = {}
+
+
+def _topic(raw: bytes) -> str:
+    """A MSGS entry's topic, checked once per distinct topic (a small cache)."""
+    topic = _valid_topics.get(raw)
+    if topic is None:
+        try:
+            topic = check_topic(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise _bad(
+                "MSGS entry topic must be 1 to 128 characters of [A-Za-z0-9._:/@+=-]"
+            ) from None
+        if len(_valid_topics) >= 1024:
+            _valid_topics.clear()
+        _valid_topics[raw] = topic
+    return topic
+
+
+def _decode_msgs(data: bytes) -> Msgs:
+    view = memoryview(data)
+    end = len(data)
+    at = 3
+    messages: list[Msg] = []
+    try:
+        while at < end:
+            if len(messages) == MAX_BATCH_MESSAGES:
+                raise _bad(f"MSGS holds more than {MAX_BATCH_MESSAGES} messages")
+            flags, raw_id, expires = _ENTRY.unpack_from(data, at)
+            at += _ENTRY.size
+            stamp = None
+            if flags == _FLAG_ROOM:
+                room, author, version, signature = _ROOM.unpack_from(data, at)
+                at += _ROOM.size
+                author_id = author.decode("ascii", errors="replace")
+                if not is_node_id(author_id):
+                    raise _bad("MSGS entry from is not a node id")
+                if version < 1:
+                    raise _bad("MSGS entry rv must be an integer >= 1")
+                stamp = RoomStamp(room.hex(), author_id, version, signature)
+            elif flags:
+                raise _bad(f"MSGS entry flags 0x{flags:02x} (only bit 0, room, is defined)")
+            topic_length = data[at]
+            topic = _topic(data[at + 1 : at + 1 + topic_length])
+            at += 1 + topic_length
+            (size,) = _LENGTH.unpack_from(data, at)
+            at += 4
+            if size > MAX_PAYLOAD:
+                raise _bad(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
+            if at + size > end:
+                raise _bad("MSGS entry runs past the packet's end")
+            payload = bytes(view[at : at + size])
+            at += size
+            messages.append(Msg(raw_id.hex(), topic, expires, payload, stamp))
+    except (struct.error, IndexError):
+        raise _bad("MSGS entry runs past the packet's end") from None
+    finally:
+        view.release()
+    if not messages:
+        raise _bad("MSGS holds no message")
+    return Msgs(tuple(messages))
 
 
 def _ids(value: object, what: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.membership import Record, room_id_of
-from keel.mesh.packets import Msg, encode
+from keel.mesh.packets import Msg, Msgs, RoomStamp, decode, encode
 
 DOC = Path(__file__).resolve().parents[4] / "docs" / "mesh-protocol.md"
 
@@ -31,3 +31,15 @@ def test_the_documented_known_answers() -> None:
     shown = re.search(r"is the packet \(hex\)\s+`([0-9a-f]+)`", text)
     assert shown is not None
     assert shown.group(1) == packet.hex()
+    direct = Msg("0" * 32, "jobs", 1_700_000_000, b"hi")
+    room = Msg(
+        "01" * 16,
+        "chat",
+        1_700_000_000,
+        b"",
+        RoomStamp(room_id_of(identity.node_id, bytes(16)), identity.node_id, 1, b"\xab" * 64),
+    )
+    batch = re.search(r"in one `MSGS` packet, is \(hex\)\s+`([0-9a-f]+)`", text)
+    assert batch is not None
+    assert batch.group(1) == encode(Msgs((direct, room))).hex()
+    assert decode(bytes.fromhex(batch.group(1))) == Msgs((direct, room))

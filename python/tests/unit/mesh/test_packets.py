@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keel.mesh import packets
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
-from keel.mesh.packets import Ack, Msg, Records, RoomStamp
+from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 
 ID = "0123456789abcdef0123456789abcdef"
 NODE = "a" * 32
@@ -188,3 +188,110 @@ def test_new_message_ids_are_time_ordered_and_random_after_the_time() -> None:
     assert ids[0] == f"{1700000000123:012x}" + "00" * 10
     assert ids[1][12:] == "01" * 10
     assert packets.new_message_id() != packets.new_message_id()
+
+
+def test_msgs_round_trip_and_layout() -> None:
+    direct = Msg(ID, "jobs.v1", 1_800_000_000, b"\x00\xffpayload")
+    room = Msg(ID[::-1], "chat", 5, b"", RoomStamp(ID, NODE, 3, bytes(range(64))))
+    data = packets.encode_msgs([direct, room, direct])
+    assert packets.decode(data) == Msgs((direct, room, direct))
+    assert packets.encode(Msgs((direct, room, direct))) == data
+    assert data[:3] == b"\x13\x00\x00"
+    first = data[3:]
+    assert first[0] == 0
+    assert first[1:17] == bytes.fromhex(ID)
+    assert first[17:25] == (1_800_000_000).to_bytes(8, "big")
+    assert first[25:33] == b"\x07jobs.v1"
+    assert first[33:37] == (9).to_bytes(4, "big")
+    assert first[37:46] == b"\x00\xffpayload"
+    second = first[46:]
+    assert second[0] == 1
+    assert second[25:41] == bytes.fromhex(ID)
+    assert second[41:73] == NODE.encode()
+    assert second[73:81] == (3).to_bytes(8, "big")
+    assert second[81:145] == bytes(range(64))
+    assert second[145:154] == b"\x04chat\x00\x00\x00\x00"
+
+
+def test_msgs_limits_are_the_senders_to_keep() -> None:
+    message = Msg(ID, "t", 1, b"x")
+    with pytest.raises(LocalProtocolError):
+        packets.encode_msgs([])
+    with pytest.raises(LocalProtocolError):
+        packets.encode_msgs([message] * (packets.MAX_BATCH_MESSAGES + 1))
+    with pytest.raises(LocalProtocolError):
+        packets.encode_msgs([Msg(ID, "t", 2**64, b"")])
+    with pytest.raises(LocalProtocolError):
+        packets.encode_msgs([Msg(ID, "t", 1, b"x" * (packets.MAX_PAYLOAD + 1))])
+    with pytest.raises(LocalProtocolError):
+        packets.encode_msgs([Msg(ID, "t", 1, b"x" * packets.MAX_PAYLOAD)] * 2)
+    assert not packets.batchable(Msg(ID, "t", 1, b"", RoomStamp(ID, NODE, 2**64, bytes(64))))
+    assert packets.batchable(Msg(ID, "t", 2**64 - 1, b""))
+
+
+def entry(flags: int = 0, topic: bytes = b"t", size: int = 1, body: bytes = b"x") -> bytes:
+    return (
+        bytes([flags])
+        + bytes(16)
+        + bytes(8)
+        + bytes([len(topic)])
+        + topic
+        + (size.to_bytes(4, "big") + body)
+    )
+
+
+ROOM_FIELDS = bytes(16) + NODE.encode() + (1).to_bytes(8, "big") + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\x13\x00\x00", "holds no message"),
+        (b"\x13\x00\x02{}" + entry(), "no header"),
+        (b"\x13\x00\x00" + entry()[:-1], "runs past"),
+        (b"\x13\x00\x00" + entry()[:20], "runs past"),
+        (b"\x13\x00\x00" + entry() + b"\x00", "runs past"),
+        (b"\x13\x00\x00" + entry(flags=2), "flags"),
+        (b"\x13\x00\x00" + entry(topic=b""), "topic"),
+        (b"\x13\x00\x00" + entry(topic=b"a b"), "topic"),
+        (b"\x13\x00\x00" + entry(topic=b"\xff"), "topic"),
+        (b"\x13\x00\x00" + entry(size=packets.MAX_PAYLOAD + 1), "exceeds"),
+        (
+            b"\x13\x00\x00"
+            + bytes([1])
+            + bytes(24)
+            + bytes(16)
+            + b"A" * 32
+            + ROOM_FIELDS[48:]
+            + b"\x01t"
+            + bytes(4),
+            "not a node id",
+        ),
+        (
+            b"\x13\x00\x00"
+            + bytes([1])
+            + bytes(24)
+            + ROOM_FIELDS[:48]
+            + bytes(8)
+            + bytes(64)
+            + b"\x01t"
+            + bytes(4),
+            "rv",
+        ),
+        (b"\x13\x00\x00" + entry(size=0, body=b"") * (packets.MAX_BATCH_MESSAGES + 1), "more than"),
+    ],
+)
+def test_malformed_msgs_are_refused(data: bytes, problem: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=problem):
+        packets.decode(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_msgs_raises_only_remote_protocol_errors(body: bytes) -> None:
+    try:
+        packet = packets.decode(b"\x13\x00\x00" + body)
+    except RemoteProtocolError:
+        return
+    assert isinstance(packet, Msgs)
+    assert packets.decode(packets.encode(packet)) == packet
