@@ -915,12 +915,12 @@ class MeshNode:
                 )
         step = packets.MAX_ACK_IDS
         for at in range(0, max(len(ok), len(busy), len(rejected), 1), step):
-            answer = Ack(
+            reply = Ack(
                 tuple(ok[at : at + step]),
                 tuple(busy[at : at + step]),
                 tuple(rejected[at : at + step]),
             )
-            conn.send_packet(packets.encode(answer))
+            conn.send_packet(packets.encode(reply))
 
     # ------------------------------------------------------------ the outbox pump
 
