@@ -15,6 +15,9 @@ need to know who is calling (the mesh tells agents apart this way).
 A handler is ``async def handler(args: dict, peer: Peer) -> JSON``; raising
 :class:`~keel.errors.KeelError` sends its message back as the error; any other
 exception is logged and answered with "internal error", and the daemon goes on.
+A handler may instead return :class:`Upgrade`: its ``result`` is the reply, and
+then the connection belongs to ``Upgrade.serve`` (a binary protocol, say)
+until that returns; JSON lines stop there.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ class Peer:
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """A handler's answer that takes the connection over after the reply line."""
+
+    result: Any
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def _peer_of(writer: asyncio.StreamWriter) -> Peer:
@@ -126,6 +137,10 @@ class ControlServer:
                 if not line:
                     return
                 response = await self._dispatch(line, peer)
+                if isinstance(response, Upgrade):
+                    await _send(writer, {"ok": True, "result": response.result})
+                    await response.serve(reader, writer)
+                    return
                 await _send(writer, response)
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -135,7 +150,7 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _dispatch(self, line: bytes, peer: Peer) -> dict[str, Any]:
+    async def _dispatch(self, line: bytes, peer: Peer) -> dict[str, Any] | Upgrade:
         try:
             request = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -162,6 +177,8 @@ class ControlServer:
         except Exception:
             log.exception("%s: control verb %r failed", self.name, verb)
             return {"ok": False, "error": f"internal error in {verb!r}; see the daemon's log"}
+        if isinstance(result, Upgrade):
+            return result
         return {"ok": True, "result": result}
 
 

@@ -24,7 +24,16 @@ async def _crash(args: dict[str, Any], peer: api.Peer) -> Any:
     raise RuntimeError("bug")
 
 
-HANDLERS = {"echo": _echo, "refuse": _refuse, "crash": _crash}
+async def _upgrade(args: dict[str, Any], peer: api.Peer) -> Any:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):  # a byte echo, reversed: not JSON any more
+            writer.write(data[::-1])
+            await writer.drain()
+
+    return api.Upgrade({"upgraded": args.get("to")}, serve)
+
+
+HANDLERS = {"echo": _echo, "refuse": _refuse, "crash": _crash, "upgrade": _upgrade}
 
 
 def test_round_trip_errors_and_garbage(tmp_path: Path) -> None:
@@ -44,7 +53,9 @@ def test_round_trip_errors_and_garbage(tmp_path: Path) -> None:
                 await api.acall(path, "refuse")
             with pytest.raises(ApiError, match="internal error in 'crash'"):
                 await api.acall(path, "crash")
-            with pytest.raises(ApiError, match=r"unknown verb 'nope'.*crash, echo, refuse"):
+            with pytest.raises(
+                ApiError, match=r"unknown verb 'nope'.*crash, echo, refuse, upgrade"
+            ):
                 await api.acall(path, "nope")
             # Garbage gets an error line and the connection stays usable.
             reader, writer = await asyncio.open_unix_connection(str(path))
@@ -77,3 +88,26 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
 def test_unreachable_daemon_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ApiError, match=r"cannot reach the watch daemon at .*is `keel watch serve`"):
         api.call(tmp_path / "none.sock", "status", service="watch")
+
+
+def test_a_handler_can_take_the_connection_over(tmp_path: Path) -> None:
+    path = tmp_path / "test.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"verb": "echo"}\n{"verb": "upgrade", "args": {"to": "bytes"}}\n')
+            await writer.drain()
+            assert json.loads(await reader.readline())["ok"] is True
+            assert json.loads(await reader.readline()) == {
+                "ok": True,
+                "result": {"upgraded": "bytes"},
+            }
+            writer.write(b'{"verb": "echo"}\n')  # no longer a request: just bytes
+            await writer.drain()
+            assert await reader.readexactly(17) == b'{"verb": "echo"}\n'[::-1]
+            writer.write_eof()
+            assert await reader.read() == b""  # serve returned: the server hung up
+            writer.close()
+
+    asyncio.run(scenario())

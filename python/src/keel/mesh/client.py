@@ -9,6 +9,16 @@
     for message in mesh.recv("jobs", wait=5):
         print(message.sender, message.data)
 
+    with mesh.sender() as out:             # pipelined: many messages per request
+        for item in work:
+            out.send(peer_id, "jobs", item)  # queued durably once the block ends
+    with mesh.subscribe("jobs") as inbox:  # pushed as they arrive
+        for message in inbox.recv(wait=5):
+            handle(message)
+
+Payloads travel as raw bytes on a binary stream (``keel.mesh.local``);
+status, membership and rooms use the JSON control verbs.
+
 **Exactly once.** The daemon hands out received messages under a lease and
 deletes them only when the client acknowledges them. ``recv`` acknowledges
 the previous batch when it fetches the next one (or call :meth:`ack`), and
@@ -26,6 +36,7 @@ import base64
 import collections
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -35,11 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from keel.errors import ApiError
+from keel.mesh import local
 from keel.mesh.packets import new_message_id
 from keel.mesh.settings import control_path
 
 DEFAULT_TIMEOUT = 30.0
 REMEMBERED_IDS = 1 << 17
+SEND_BATCH = 1000  # messages per SEND frame of a pipelined sender
+SEND_BATCH_BYTES = 1 << 20
+SEND_WINDOW = 4  # SEND frames a pipelined sender has in flight
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,326 @@ class _Channel:
             self.buffer += chunk
 
 
+class _Stream:
+    """A control connection upgraded to the binary stream (``keel.mesh.local``), blocking."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        channel = _Channel(path)
+        channel.request("stream", {}, timeout)  # unknown verb: an ApiError the caller handles
+        assert channel.sock is not None
+        self.sock = channel.sock
+        self.buffer = channel.buffer  # whatever followed the reply line already
+        self.request = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _broken(self, what: str, exc: BaseException) -> ApiError:
+        self.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return ApiError(f"{self.path}: connection failed during {what}: {reason}")
+
+    def write(self, data: bytes, what: str) -> None:
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise self._broken(what, exc) from None
+
+    def frame(self, timeout: float | None, what: str) -> tuple[int, bytes] | None:
+        """The next frame; ``None`` if none is complete within ``timeout`` (None: block)."""
+        head = local.FRAME.size
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if len(self.buffer) >= head:
+                kind, length = local.read_frame_head(bytes(self.buffer[:head]))
+                if len(self.buffer) >= head + length:
+                    body = bytes(self.buffer[head : head + length])
+                    del self.buffer[: head + length]
+                    if kind == local.Kind.ERROR:
+                        self.close()
+                        raise ApiError(f"{self.path}: {body.decode(errors='replace')}")
+                    return kind, body
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            try:
+                self.sock.settimeout(left if left is not None else self.timeout)
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                if left is None:
+                    raise self._broken(what, TimeoutError("no answer")) from None
+                continue
+            except OSError as exc:
+                raise self._broken(what, exc) from None
+            if not chunk:
+                raise self._broken(what, ConnectionResetError("the daemon closed the connection"))
+            self.buffer += chunk
+
+    def readable(self) -> bool:
+        if self.buffer:
+            return True
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return bool(ready)
+
+    def sent(self, what: str) -> tuple[int, str | None]:
+        """Wait for the next SENT."""
+        while True:
+            got = self.frame(None, what)
+            assert got is not None
+            kind, body = got
+            if kind == local.Kind.SENT:
+                return local.decode_sent(body)
+
+
+class SendRefused(ApiError):
+    """The daemon refused a batch (a full outbox, a bad recipient...); ``ids`` were not queued."""
+
+    def __init__(self, message: str, ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.ids = list(ids)
+
+
+class Sender:
+    """Pipelined sending on one stream: batches of messages, several in flight.
+
+    ``send`` returns the id at once; the message is durably queued once the
+    daemon confirmed its batch, which ``flush`` (and leaving the ``with``
+    block) waits for. A refused batch raises :class:`SendRefused` (from
+    ``send`` or ``flush``) naming the ids that were not queued; batches
+    before and after it are unaffected.
+    """
+
+    def __init__(
+        self,
+        client: MeshClient,
+        *,
+        ttl: float | None = None,
+        window: int = SEND_WINDOW,
+        batch: int = SEND_BATCH,
+        batch_bytes: int = SEND_BATCH_BYTES,
+    ) -> None:
+        self.client = client
+        self.ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        self.window = max(1, window)
+        self.batch = max(1, batch)
+        self.batch_bytes = batch_bytes
+        self._stream: _Stream | None = None
+        self._entries: list[bytes] = []
+        self._ids: list[str] = []
+        self._size = 0
+        self._in_flight: collections.deque[tuple[int, list[str]]] = collections.deque()
+
+    def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
+        message_id = id or new_message_id()
+        entry = local.Outgoing(message_id, to, topic, data, self.ttl_ms)
+        try:
+            self._entries.append(local.send_entry(entry))
+        except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
+            raise ApiError(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
+        self._ids.append(message_id)
+        self._size += len(data)
+        if len(self._entries) >= self.batch or self._size >= self.batch_bytes:
+            self._write_batch()
+        return message_id
+
+    def _write_batch(self) -> None:
+        if not self._entries:
+            return
+        if self._stream is None:
+            self._stream = _Stream(self.client.path, self.client.timeout)
+        stream = self._stream
+        stream.request += 1
+        data = local.encode_send(stream.request, self._entries)
+        self._in_flight.append((stream.request, self._ids))
+        self._entries, self._ids, self._size = [], [], 0
+        try:
+            stream.write(data, "send")
+        except ApiError:
+            self._lost()
+            raise
+        while len(self._in_flight) >= self.window:
+            self._confirm()
+
+    def _confirm(self) -> None:
+        assert self._stream is not None
+        try:
+            request, error = self._stream.sent("send")
+        except ApiError:
+            self._lost()
+            raise
+        expected, ids = self._in_flight.popleft()
+        if request != expected:
+            self._lost()
+            raise ApiError(
+                f"{self.client.path}: the daemon confirmed batch {request}, not {expected}"
+            )
+        if error is not None:
+            raise SendRefused(f"{len(ids)} message(s) not queued: {error}", ids)
+
+    def _lost(self) -> None:
+        """The connection broke: batches not confirmed are in doubt (resend them with their ids)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = None
+        doubtful = [i for _, ids in self._in_flight for i in ids]
+        self._in_flight.clear()
+        if doubtful:
+            raise SendRefused(
+                f"{self.client.path}: the connection broke with {len(doubtful)} message(s) "
+                "unconfirmed; sending them again with the same ids is safe",
+                doubtful,
+            )
+
+    def flush(self) -> None:
+        """Send what is batched and wait until every batch is confirmed."""
+        self._write_batch()
+        while self._in_flight:
+            self._confirm()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class Subscription:
+    """Messages on one topic, pushed by the daemon as they arrive (a binary stream).
+
+    ``recv`` acknowledges what the previous ``recv`` returned, so (as with
+    :meth:`MeshClient.recv`) every message is returned once in the client's
+    life, across daemon restarts; what the client had not acknowledged when
+    the connection ended is handed out again. A broken connection raises
+    :class:`ApiError` from ``recv``; the next ``recv`` reconnects.
+    """
+
+    def __init__(
+        self, client: MeshClient, topic: str, *, max_unacked: int = 1000, max_bytes: int = 16 << 20
+    ) -> None:
+        self.client = client
+        self.topic = topic
+        self.max_unacked = max_unacked
+        self.max_bytes = max_bytes
+        self._stream: _Stream | None = None
+        self._unacked: list[int] = []
+        self._ready: collections.deque[_Pending] = collections.deque()
+
+    def _connect(self) -> _Stream:
+        if self._stream is None:
+            stream = _Stream(self.client.path, self.client.timeout)
+            try:
+                stream.write(
+                    local.encode_subscribe(self.topic, self.max_unacked, self.max_bytes),
+                    "subscribe",
+                )
+            except (local.LocalStreamError, UnicodeEncodeError) as exc:
+                stream.close()
+                raise ApiError(f"cannot subscribe to topic {self.topic!r}: {exc}") from None
+            self._stream = stream
+        return self._stream
+
+    def ack(self) -> None:
+        """Acknowledge what ``recv`` returned so far (the next ``recv`` does it too)."""
+        if self._unacked:
+            stream = self._connect()
+            try:
+                stream.write(local.encode_ack(self._unacked), "ack")
+            except ApiError:
+                self._stream = None
+                raise
+            self._unacked = []
+
+    def recv(self, *, wait: float = 0.0, max: int | None = None) -> list[Received]:
+        """The messages that arrived (up to ``max``), waiting up to ``wait`` s for one."""
+        self.ack()
+        stream = self._connect()
+        deadline = time.monotonic() + wait
+        try:
+            while not self._ready or stream.readable():
+                got = stream.frame(0 if self._ready else max_wait(deadline), "recv")
+                if got is None:
+                    break
+                kind, body = got
+                if kind == local.Kind.DELIVER:
+                    self._take(body)
+        except ApiError:
+            self._stream = None
+            raise
+        except local.LocalStreamError as exc:
+            stream.close()
+            self._stream = None
+            raise ApiError(f"{self.client.path}: malformed frame from the daemon: {exc}") from None
+        count = len(self._ready) if max is None else min(max, len(self._ready))
+        out = [self._ready.popleft() for _ in range(count)]
+        self._unacked += [m.receipt for m in out]
+        return [m.message for m in out]
+
+    def _take(self, body: bytes) -> None:
+        for item in local.decode_deliver(body):
+            key = (item.sender, item.id)
+            if self.client._seen(key):
+                self._unacked.append(item.receipt)  # handed out again: acknowledge, skip
+                continue
+            self._ready.append(
+                _Pending(
+                    item.receipt,
+                    Received(
+                        id=item.id,
+                        sender=item.sender,
+                        topic=self.topic,
+                        room=item.room,
+                        data=item.payload,
+                        received=item.received,
+                    ),
+                )
+            )
+
+    def __iter__(self) -> Iterator[Received]:
+        while True:
+            yield from self.recv(wait=30.0)
+
+    def close(self) -> None:
+        """Acknowledge what was returned, then hang up (the rest is handed out again)."""
+        try:
+            if self._stream is not None:
+                self.ack()
+        finally:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = None
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    receipt: int
+    message: Received
+
+
+def max_wait(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
 class MeshClient:
     """A client of one node's daemon (``DIR/control.sock``), one connection per thread.
 
@@ -151,6 +486,18 @@ class MeshClient:
         self._local = threading.local()
         self._unacked: list[int] = []
         self._returned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._binary = True  # the daemon speaks the binary stream (until it says otherwise)
+        self._lock = threading.Lock()
+
+    def _seen(self, key: tuple[str, str]) -> bool:
+        """Whether ``key`` (sender, id) was returned before; remembers it if not."""
+        with self._lock:
+            if key in self._returned:
+                return True
+            self._returned[key] = None
+            if len(self._returned) > REMEMBERED_IDS:
+                self._returned.popitem(last=False)
+            return False
 
     def call(
         self, verb: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -162,10 +509,48 @@ class MeshClient:
         return channel.request(verb, args or {}, timeout or self.timeout)
 
     def close(self) -> None:
-        """Close this thread's connection (the next call opens a new one)."""
+        """Close this thread's connections (the next call opens new ones)."""
         channel: _Channel | None = getattr(self._local, "channel", None)
         if channel is not None:
             channel.close()
+        stream: _Stream | None = getattr(self._local, "stream", None)
+        if stream is not None:
+            stream.close()
+            self._local.stream = None
+
+    def _send_binary(self, messages: Sequence[local.Outgoing]) -> bool:
+        """Queue ``messages`` over this thread's stream; False if the daemon has no streams."""
+        if not self._binary:
+            return False
+        try:
+            entries = [local.send_entry(m) for m in messages]
+        except (local.LocalStreamError, UnicodeEncodeError, ValueError):
+            return False  # the daemon's checks word the error (JSON path)
+        stream: _Stream | None = getattr(self._local, "stream", None)
+        if stream is None:
+            try:
+                stream = self._local.stream = _Stream(self.path, self.timeout)
+            except ApiError as exc:
+                if "unknown verb" in str(exc):
+                    self._binary = False
+                    return False
+                raise
+        stream.request += 1
+        try:
+            stream.write(local.encode_send(stream.request, entries), "send")
+            request, error = stream.sent("send")
+        except ApiError:
+            self._local.stream = None
+            raise
+        if request != stream.request:
+            stream.close()
+            self._local.stream = None
+            raise ApiError(
+                f"{self.path}: the daemon confirmed batch {request}, not {stream.request}"
+            )
+        if error is not None:
+            raise ApiError(error)
+        return True
 
     def __enter__(self) -> MeshClient:
         return self
@@ -222,7 +607,19 @@ class MeshClient:
         ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
         """
         message = self._message(to, topic, data, ttl)
-        return str(self._retrying("send", message, retry)["id"])
+        binary = local.Outgoing(message["id"], to, topic, data, _ttl_ms(ttl))
+        deadline = time.monotonic() + retry
+        while True:
+            try:
+                if self._send_binary([binary]):
+                    return str(message["id"])
+                return str(
+                    self._retrying("send", message, max(0.0, deadline - time.monotonic()))["id"]
+                )
+            except ApiError as exc:
+                if time.monotonic() >= deadline or not _transient(exc):
+                    raise
+                time.sleep(0.1)
 
     def _retrying(self, verb: str, args: dict[str, Any], retry: float) -> Any:
         deadline = time.monotonic() + retry
@@ -238,8 +635,28 @@ class MeshClient:
         self, messages: Iterable[tuple[str, str, bytes]], *, ttl: float | None = None
     ) -> list[str]:
         """Queue several ``(to, topic, data)`` messages in one transaction."""
-        batch = [self._message(to, topic, data, ttl) for to, topic, data in messages]
+        listed = list(messages)
+        ids = [new_message_id() for _ in listed]
+        binary = [
+            local.Outgoing(i, to, topic, data, _ttl_ms(ttl))
+            for i, (to, topic, data) in zip(ids, listed, strict=True)
+        ]
+        if self._send_binary(binary):
+            return ids
+        batch = [self._message(to, topic, data, ttl) for to, topic, data in listed]
+        for item, message_id in zip(batch, ids, strict=True):
+            item["id"] = message_id
         return [str(i) for i in self.call("send_many", {"messages": batch})["ids"]]
+
+    def sender(self, *, ttl: float | None = None, window: int = SEND_WINDOW) -> Sender:
+        """A pipelined :class:`Sender` (its own connection); use it in a ``with`` block."""
+        return Sender(self, ttl=ttl, window=window)
+
+    def subscribe(
+        self, topic: str, *, max_unacked: int = 1000, max_bytes: int = 16 << 20
+    ) -> Subscription:
+        """Messages on ``topic`` pushed as they arrive (its own connection): a :class:`Subscription`."""
+        return Subscription(self, topic, max_unacked=max_unacked, max_bytes=max_bytes)
 
     def recv(self, topic: str, *, max: int = 100, wait: float = 0.0) -> list[Received]:
         """Up to ``max`` new messages on ``topic``, waiting up to ``wait`` seconds for one."""
@@ -249,12 +666,8 @@ class MeshClient:
         out = []
         for item in result["messages"]:
             self._unacked.append(int(item["receipt"]))
-            key = (item["from"], item["id"])
-            if key in self._returned:
+            if self._seen((item["from"], item["id"])):
                 continue
-            self._returned[key] = None
-            if len(self._returned) > REMEMBERED_IDS:
-                self._returned.popitem(last=False)
             out.append(
                 Received(
                     id=item["id"],
@@ -309,6 +722,15 @@ class MeshClient:
     def rooms(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("rooms")
         return result
+
+
+def _ttl_ms(ttl: float | None) -> int:
+    """The binary stream's TTL: milliseconds, 0 for the daemon's default."""
+    if ttl is None:
+        return 0
+    if ttl <= 0:
+        raise ApiError("ttl must be positive")
+    return min(max(1, round(ttl * 1000)), (1 << 64) - 1)
 
 
 def _transient(error: ApiError) -> bool:

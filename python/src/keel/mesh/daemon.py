@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from keel import sd
-from keel.api import ControlServer, Peer
+from keel.api import ControlServer, Peer, Upgrade
 from keel.errors import KeelError, UsageError
 from keel.ledger import AsyncLedger, LedgerError
-from keel.mesh import packets, rooms
+from keel.mesh import local, packets, rooms
 from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import Outbox, Outgoing, Receipt, keep_seen_until, receipt
 from keel.mesh.errors import InviteError, MeshError, ProtocolError, RemoteProtocolError
@@ -55,7 +55,7 @@ from keel.mesh.settings import (
     load_settings,
     parse_listen,
 )
-from keel.mesh.store import Incoming, NewOutgoing, Store
+from keel.mesh.store import InboxMessage, Incoming, NewOutgoing, Store
 
 log = logging.getLogger("keel.mesh")
 
@@ -69,6 +69,8 @@ REFUSALS_BURST = 30
 # A MSGS packet may reach 1 MiB; smaller ones let the receiver store and
 # acknowledge one while the next is still on its way.
 BATCH_TARGET = 256 << 10
+DELIVER_FRAME = 1 << 20  # a local stream's DELIVER frames are about this big at most
+MAX_STREAM_UNACKED = 100_000
 
 
 def _close_code(reason: str) -> str:
@@ -289,6 +291,50 @@ class Batch:
         self.size = len(packets.MSGS_HEADER)
 
 
+class LocalStream:
+    """One agent's binary stream (``keel.mesh.local``): its subscription and what it holds."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.topic: str | None = None
+        self.max_unacked = 0
+        self.max_bytes = 0
+        self.pending: dict[int, int] = {}  # receipts handed out, not acknowledged: size
+        self.pending_bytes = 0
+        self.backlog = False  # the inbox may hold messages for it that it was not handed
+        self.closed = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+
+    def has_room(self) -> bool:
+        return len(self.pending) < self.max_unacked and (
+            not self.pending or self.pending_bytes < self.max_bytes
+        )
+
+    def hand(self, entry: bytes, seq: int, size: int) -> None:
+        self.pending[seq] = size
+        self.pending_bytes += size
+        self._out.append(entry)
+        self._out_bytes += len(entry)
+        if self._out_bytes >= DELIVER_FRAME:
+            self.flush()
+
+    def release(self, seq: int) -> None:
+        size = self.pending.pop(seq, None)
+        if size is not None:
+            self.pending_bytes -= size
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def flush(self) -> None:
+        if self._out:
+            self.write(local.frame(local.Kind.DELIVER, b"".join(self._out)))
+            self._out = []
+            self._out_bytes = 0
+
+
 class MeshNode:
     """The daemon: one per node directory."""
 
@@ -315,7 +361,9 @@ class MeshNode:
         self.addresses: list[str] = []
         self._payloads: dict[int, tuple[bytes, str | None]] = {}
         self._payload_bytes = 0
-        self._leases: dict[int, float] = {}
+        self._leases: dict[int, float] = {}  # receipts handed out by ``recv``: lease end
+        self._handed: dict[int, LocalStream] = {}  # receipts handed out on a local stream
+        self._streams: dict[str, list[LocalStream]] = {}  # subscribers by topic
         self._inbox_waiters: dict[str, asyncio.Event] = {}
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -447,7 +495,13 @@ class MeshNode:
                 self.store.prune_seen(wall)
                 self.store.prune_invites(wall)
                 now = self.clock()
+                expired = len(self._leases)
                 self._leases = {s: t for s, t in self._leases.items() if t > now}
+                if expired != len(self._leases):  # those messages are up for grabs again
+                    for streams in self._streams.values():
+                        for stream in streams:
+                            stream.backlog = True
+                            self._feed(stream)
                 self.store.touch_peers(self.links, wall)
             except Exception:
                 log.exception("mesh: housekeeping failed")
@@ -895,8 +949,10 @@ class MeshNode:
                     )
                 )
         if fresh:
-            self.store.receive(fresh, wall)
+            seqs = self.store.receive(fresh, wall)
             self.inbox_count, self.inbox_bytes = count, size
+            if self._streams:
+                self._offer(fresh, seqs, wall)
             for item in fresh:
                 waiter = self._inbox_waiters.pop(item.topic, None)
                 if waiter is not None:
@@ -1143,6 +1199,7 @@ class MeshNode:
             "send": self._h_send,
             "send_many": self._h_send_many,
             "recv": self._h_recv,
+            "stream": self._h_stream,
             "ack": self._h_ack,
             "remove": self._h_remove,
             "room_create": self._h_room_create,
@@ -1264,8 +1321,7 @@ class MeshNode:
         deadline = self.clock() + max(0.0, min(wait, 3600.0))
         while True:
             now = self.clock()
-            leased = [s for s, t in self._leases.items() if t > now]
-            found = self.store.take(topic, limit, leased)
+            found = self.store.take(topic, limit, _Leased(self, now))
             remaining = deadline - now
             if found or remaining <= 0:
                 break
@@ -1295,11 +1351,176 @@ class MeshNode:
         gone = self.store.consume(receipts)
         for seq, size in gone:
             self._leases.pop(seq, None)
+            stream = self._handed.pop(seq, None)
+            if stream is not None:
+                stream.release(seq)
             self.inbox_count -= 1
             self.inbox_bytes -= size
         if gone:
             self.kick()
         return len(gone)
+
+    # ------------------------------------------------------------ local streams
+
+    async def _h_stream(self, args: dict[str, Any], peer: Peer) -> Upgrade:
+        return Upgrade({"stream": 1, "node": self.identity.node_id}, self._serve_stream)
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Frames from one agent until it hangs up (``keel.mesh.local``)."""
+        stream = LocalStream(writer)
+        try:
+            while True:
+                kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
+                body = await reader.readexactly(length) if length else b""
+                self._stream_frame(stream, kind, body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except local.LocalStreamError as exc:
+            stream.write(local.frame(local.Kind.ERROR, f"malformed frame: {exc}".encode()))
+        finally:
+            self._stream_closed(stream)
+
+    def _stream_frame(self, stream: LocalStream, kind: int, body: bytes) -> None:
+        if kind == local.Kind.SEND:
+            request, messages = local.decode_send(body)
+            try:
+                self._send_local(messages)
+            except KeelError as exc:
+                stream.write(local.encode_sent(request, str(exc)))
+            except Exception:
+                log.exception("mesh: a local SEND failed")
+                stream.write(local.encode_sent(request, "internal error; see the daemon's log"))
+            else:
+                stream.write(local.encode_sent(request))
+        elif kind == local.Kind.ACK:
+            self._consume(local.decode_ack(body))
+            self._feed(stream)
+        elif kind == local.Kind.SUBSCRIBE:
+            topic, max_unacked, max_bytes = local.decode_subscribe(body)
+            if stream.topic is not None:
+                raise local.LocalStreamError("a stream subscribes once")
+            try:
+                stream.topic = packets.check_topic(topic)
+            except ValueError as exc:
+                raise local.LocalStreamError(str(exc)) from None
+            stream.max_unacked = max(1, min(max_unacked, MAX_STREAM_UNACKED))
+            stream.max_bytes = max(1, max_bytes)
+            stream.backlog = True
+            self._streams.setdefault(topic, []).append(stream)
+            self._feed(stream)
+        else:
+            raise local.LocalStreamError(f"unknown frame type 0x{kind:02x}")
+
+    def _send_local(self, messages: Sequence[local.Outgoing]) -> None:
+        """A SEND: the same checks as ``send_many``, all or nothing, one transaction."""
+        self._require_member()
+        me = self.identity.node_id
+        view = self.view
+        recipients: dict[str, list[str]] = {}
+        topics: set[str] = set()
+        wall = self.wall()
+        batch: list[tuple[Sequence[str], str, bytes, float, None]] = []
+        for message in messages:
+            to = recipients.get(message.to)
+            if to is None:
+                if not is_node_id(message.to):
+                    raise UsageError(f"{message.to!r} is not a node id")
+                if message.to == me:
+                    raise UsageError("that is this node's own id; send to another member")
+                if not view.is_member(message.to):
+                    state = (
+                        "was removed from" if message.to in view.removed else "is not a member of"
+                    )
+                    raise KeelError(f"{message.to} {state} mesh {view.mesh_id}")
+                to = recipients[message.to] = [message.to]
+            if message.topic not in topics:
+                try:
+                    topics.add(packets.check_topic(message.topic))
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
+            if len(message.payload) > packets.MAX_PAYLOAD:
+                raise UsageError(
+                    f"a message carries at most {packets.MAX_PAYLOAD} bytes, "
+                    f"this one has {len(message.payload)}"
+                )
+            ttl = message.ttl_ms / 1000 if message.ttl_ms else self.settings.default_ttl
+            batch.append((to, message.topic, message.payload, wall + ttl, None))
+        self.enqueue(batch, message_ids=[m.id for m in messages])
+
+    def _offer(self, fresh: Sequence[Incoming], seqs: Sequence[int], wall: float) -> None:
+        """Hand new messages straight to subscribed streams with room; others catch up later."""
+        touched: dict[int, LocalStream] = {}
+        for item, seq in zip(fresh, seqs, strict=True):
+            streams = self._streams.get(item.topic)
+            if not streams:
+                continue
+            target = next((s for s in streams if s.has_room() and not s.backlog), None)
+            if target is None:
+                for stream in streams:
+                    stream.backlog = True
+                    touched[id(stream)] = stream
+                continue
+            self._hand(target, item, seq, wall)
+            touched[id(target)] = target
+        for stream in touched.values():
+            self._feed(stream)
+
+    def _hand(
+        self, stream: LocalStream, item: Incoming | InboxMessage, seq: int, wall: float
+    ) -> None:
+        received = item.received if isinstance(item, InboxMessage) else wall
+        entry = local.deliver_entry(
+            seq,
+            item.id,
+            sender=item.sender,
+            received=received,
+            room=item.room,
+            payload=item.payload,
+        )
+        self._handed[seq] = stream
+        stream.hand(entry, seq, len(item.payload))
+
+    def _feed(self, stream: LocalStream) -> None:
+        """Hand ``stream`` what waits in the inbox for its topic, while it has room."""
+        topic = stream.topic
+        while topic is not None and not stream.closed and stream.backlog and stream.has_room():
+            room_left = stream.max_unacked - len(stream.pending)
+            found = self.store.take(topic, room_left, _Leased(self, self.clock()))
+            if len(found) < room_left:
+                stream.backlog = False
+            for message in found:
+                self._hand(stream, message, message.seq, message.received)
+            if not found:
+                break
+        stream.flush()
+
+    def _stream_closed(self, stream: LocalStream) -> None:
+        """What it held goes to the topic's other subscribers (and ``recv`` callers)."""
+        stream.closed = True
+        for seq in stream.pending:
+            self._handed.pop(seq, None)
+        topic = stream.topic
+        if topic is None:
+            return
+        streams = self._streams.get(topic, [])
+        if stream in streams:
+            streams.remove(stream)
+        if not streams:
+            self._streams.pop(topic, None)
+        if stream.pending:
+            waiter = self._inbox_waiters.pop(topic, None)
+            if waiter is not None:
+                waiter.set()
+            for other in streams:
+                other.backlog = True
+                try:
+                    self._feed(other)
+                except Exception:
+                    log.exception("mesh: handing messages to a local stream failed")
+        stream.pending.clear()
 
     async def _h_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         receipts = args.get("receipts", [])
@@ -1439,6 +1660,20 @@ class MeshNode:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+class _Leased:
+    """Receipts not to hand out now: on a local stream, or leased by ``recv`` until later."""
+
+    __slots__ = ("handed", "leases", "now")
+
+    def __init__(self, node: MeshNode, now: float) -> None:
+        self.handed = node._handed
+        self.leases = node._leases
+        self.now = now
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self.handed or self.leases.get(seq, 0.0) > self.now  # type: ignore[call-overload]
 
 
 def _metadata(me: str, item: Outgoing) -> dict[str, Any]:

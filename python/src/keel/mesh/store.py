@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,27 +351,33 @@ class Store:
         ).fetchone()
         return int(count), int(size)
 
-    def take(self, topic: str, limit: int, exclude: Iterable[int]) -> list[InboxMessage]:
-        """The oldest ``limit`` messages on ``topic`` whose seq is not in ``exclude``."""
-        excluded = set(exclude)
-        out: list[InboxMessage] = []
+    def take(self, topic: str, limit: int, exclude: Container[int]) -> list[InboxMessage]:
+        """The oldest ``limit`` messages on ``topic`` whose seq is not in ``exclude``.
+
+        Seqs come from the ``(topic, seq)`` index first; only the chosen rows'
+        payloads are read.
+        """
+        chosen: list[int] = []
         after = 0
-        while len(out) < limit:
-            rows = self._db.execute(
-                "SELECT seq, id, sender, room, topic, received, payload FROM inbox "
-                "WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (topic, after, limit + len(excluded)),
+        while len(chosen) < limit:
+            seqs = self._db.execute(
+                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (topic, after, max(limit, 256)),
             ).fetchall()
-            if not rows:
+            if not seqs:
                 break
-            for row in rows:
-                after = row[0]
-                if row[0] not in excluded:
-                    out.append(
-                        InboxMessage(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]))
-                    )
-                    if len(out) == limit:
-                        break
+            after = seqs[-1][0]
+            chosen += [seq for (seq,) in seqs if seq not in exclude][: limit - len(chosen)]
+        out: list[InboxMessage] = []
+        for start in range(0, len(chosen), 500):
+            chunk = chosen[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            query = "SELECT seq, id, sender, room, topic, received, payload FROM inbox WHERE seq IN"
+            rows = self._db.execute(f"{query} ({marks}) ORDER BY seq", chunk).fetchall()
+            out += [
+                InboxMessage(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]))
+                for row in rows
+            ]
         return out
 
     def consume(self, seqs: Iterable[int]) -> list[tuple[int, int]]:
