@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import signal
 import statistics
@@ -47,21 +46,6 @@ def profile_stop(recorder: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         recorder.kill()
         recorder.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (and its reaped children), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def daemon_pid(daemon: run.Daemon) -> int:
-    """The daemon itself, not ``ip netns exec`` in front of it."""
-    pid = daemon.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = children.read_text().split() if children.exists() else []
-    return int(kids[-1]) if kids else pid
 
 
 def summarize(path: Path, title: str, top: int = 25) -> None:
@@ -111,10 +95,9 @@ def main() -> int:
             db = run.Daemon(workdir, "b", b, 0 if medium == "loopback" else run.MESH_PORT)
             try:
                 db.client.join(da.client.invite())
-                to = db.client.node_id()
                 time.sleep(0.5)
-                run.mesh_flood(da.client, db.client, to, args.size, min(args.count, 2000))
-                pids = [daemon_pid(da), daemon_pid(db)]
+                run.mesh_run(da, db, a, b, "flood", size=args.size, count=min(args.count, 2000))
+                pids = [run.daemon_pid(da), run.daemon_pid(db)]
                 recorders = []
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
@@ -123,25 +106,22 @@ def main() -> int:
                         for pid, name in zip(pids, ("sender", "receiver"), strict=True)
                     ]
                     time.sleep(1.0)
-                daemons_before = [cpu_seconds(pid) for pid in pids]
-                started = time.process_time()
-                rate = run.mesh_flood(da.client, db.client, to, args.size, args.count)
-                client_cpu = time.process_time() - started
-                daemons_cpu = [
-                    cpu_seconds(pid) - t for pid, t in zip(pids, daemons_before, strict=True)
-                ]
+                flood = run.mesh_run(da, db, a, b, "flood", size=args.size, count=args.count)
                 for recorder in recorders:
                     profile_stop(recorder)
-                latencies = run.mesh_pingpong(da.client, db.client, to, args.size, args.pings)
+                ping = run.mesh_run(da, db, a, b, "pingpong", size=args.size, count=args.pings)
             finally:
                 da.stop()
                 db.stop()
+        rate, latencies = flood["rate"], ping["latencies"]
         print(
             f"mesh {args.size} B over {medium}: {rate:,.0f} msg/s, {rate * args.size / 1e6:.1f} MB/s; "
-            f"CPU us/msg: clients {1e6 * client_cpu / args.count:.1f}, "
-            f"sending daemon {1e6 * daemons_cpu[0] / args.count:.1f}, "
-            f"receiving daemon {1e6 * daemons_cpu[1] / args.count:.1f}; "
             f"p50 {statistics.median(latencies):.3f} ms, p99 {run.percentile(latencies, 0.99):.3f} ms"
+        )
+        print(
+            "CPU us/msg: "
+            + ", ".join(f"{name} {value:.1f}" for name, value in flood["cpu_us"].items())
+            + f"; total {sum(flood['cpu_us'].values()):.1f}"
         )
         if args.profile:
             for name in ("sender", "receiver"):
