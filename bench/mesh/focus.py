@@ -110,6 +110,11 @@ def main() -> int:
                 for recorder in recorders:
                     profile_stop(recorder)
                 ping = run.mesh_run(da, db, a, b, "pingpong", size=args.size, count=args.pings)
+            except Exception:
+                for name in ("a", "b"):
+                    log = workdir / f"{name}.log"
+                    print(f"--- {log}", *log.read_text().splitlines()[-30:], sep="\n")
+                raise
             finally:
                 da.stop()
                 db.stop()

@@ -52,7 +52,7 @@ from keel.mesh.settings import control_path  # noqa: E402
 
 STAMP = struct.Struct(">Q")
 PEER = Path(__file__).with_name("peer.py")
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).with_name("meshpeer.py")
 MESH_PORT, BASE_PORT = 7400, 7600
 
 
@@ -180,7 +180,7 @@ def daemon_pid(daemon: Daemon) -> int:
 def mesh_run(
     da: Daemon, db: Daemon, a: Side, b: Side, mode: str, *, size: int, count: int
 ) -> dict[str, Any]:
-    """Agent to agent through both daemons: two agent processes (``agent.py``), one per host.
+    """Agent to agent through both daemons: two agent processes (``meshpeer.py``), one per host.
 
     Returns the rate, the receiver's one-way latencies (ms) and the CPU each
     process spent per message (agents and daemons) while it ran.

@@ -210,13 +210,28 @@ class _Stream:
                 raise self._broken(what, ConnectionResetError("the daemon closed the connection"))
             self.buffer += chunk
 
+    def finish(self) -> None:
+        """Hang up cleanly: say so (EOF), and read until the daemon hung up too.
+
+        Closing a Unix socket with data still unread makes the daemon's side
+        fail at once (``ECONNRESET``), losing the frames it had not read yet,
+        such as the last ACK; this way it reads them all first.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(self.timeout)
+            while self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass  # it is gone already: nothing more to do
+
     def readable(self) -> bool:
         if self.buffer:
             return True
         ready, _, _ = select.select([self.sock], [], [], 0)
         return bool(ready)
 
-    def sent(self, what: str) -> tuple[int, str | None]:
+    def sent(self, what: str) -> tuple[int, local.Status, str]:
         """Wait for the next SENT."""
         while True:
             got = self.frame(None, what)
@@ -229,9 +244,17 @@ class _Stream:
 class SendRefused(ApiError):
     """The daemon refused a batch (a full outbox, a bad recipient...); ``ids`` were not queued."""
 
-    def __init__(self, message: str, ids: Sequence[str]) -> None:
+    def __init__(self, message: str, ids: Sequence[str], *, busy: bool = False) -> None:
         super().__init__(message)
         self.ids = list(ids)
+        self.busy = busy  # back-pressure: the same messages may be sent again later
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    entries: list[bytes]
+    request: int = 0
 
 
 class Sender:
@@ -239,9 +262,12 @@ class Sender:
 
     ``send`` returns the id at once; the message is durably queued once the
     daemon confirmed its batch, which ``flush`` (and leaving the ``with``
-    block) waits for. A refused batch raises :class:`SendRefused` (from
-    ``send`` or ``flush``) naming the ids that were not queued; batches
-    before and after it are unaffected.
+    block) waits for. With ``retry`` > 0 the sender rides out back-pressure
+    (a full outbox) and a daemon restart for that many seconds, sending the
+    same batches (same ids: delivered once) again. Otherwise, or past that, a
+    refused batch raises :class:`SendRefused` (from ``send`` or ``flush``)
+    naming the ids that were not queued; batches before and after it are
+    unaffected.
     """
 
     def __init__(
@@ -249,81 +275,124 @@ class Sender:
         client: MeshClient,
         *,
         ttl: float | None = None,
+        retry: float = 0.0,
         window: int = SEND_WINDOW,
         batch: int = SEND_BATCH,
         batch_bytes: int = SEND_BATCH_BYTES,
     ) -> None:
         self.client = client
-        self.ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        self.ttl_ms = _ttl_ms(ttl)
+        self.retry = retry
         self.window = max(1, window)
         self.batch = max(1, batch)
         self.batch_bytes = batch_bytes
         self._stream: _Stream | None = None
-        self._entries: list[bytes] = []
-        self._ids: list[str] = []
+        self._next = _Batch([], [])
         self._size = 0
-        self._in_flight: collections.deque[tuple[int, list[str]]] = collections.deque()
+        self._in_flight: collections.deque[_Batch] = collections.deque()
+        self._backoff = 0.0
+        self._deadline: float | None = None  # while retrying
 
     def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
         message_id = id or new_message_id()
         entry = local.Outgoing(message_id, to, topic, data, self.ttl_ms)
         try:
-            self._entries.append(local.send_entry(entry))
+            self._next.entries.append(local.send_entry(entry))
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
             raise ApiError(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
-        self._ids.append(message_id)
+        self._next.ids.append(message_id)
         self._size += len(data)
-        if len(self._entries) >= self.batch or self._size >= self.batch_bytes:
+        if len(self._next.ids) >= self.batch or self._size >= self.batch_bytes:
             self._write_batch()
         return message_id
 
     def _write_batch(self) -> None:
-        if not self._entries:
+        if not self._next.ids:
             return
-        if self._stream is None:
-            self._stream = _Stream(self.client.path, self.client.timeout)
-        stream = self._stream
-        stream.request += 1
-        data = local.encode_send(stream.request, self._entries)
-        self._in_flight.append((stream.request, self._ids))
-        self._entries, self._ids, self._size = [], [], 0
-        try:
-            stream.write(data, "send")
-        except ApiError:
-            self._lost()
-            raise
+        batch, self._next, self._size = self._next, _Batch([], []), 0
+        self._in_flight.append(batch)
+        self._transmit(batch)
         while len(self._in_flight) >= self.window:
             self._confirm()
 
-    def _confirm(self) -> None:
-        assert self._stream is not None
+    def _transmit(self, batch: _Batch) -> None:
+        """Write ``batch`` (a new request number); a broken connection is ``_broken``'s."""
         try:
-            request, error = self._stream.sent("send")
-        except ApiError:
-            self._lost()
-            raise
-        expected, ids = self._in_flight.popleft()
-        if request != expected:
-            self._lost()
-            raise ApiError(
-                f"{self.client.path}: the daemon confirmed batch {request}, not {expected}"
-            )
-        if error is not None:
-            raise SendRefused(f"{len(ids)} message(s) not queued: {error}", ids)
+            if self._stream is None:
+                self._stream = _Stream(self.client.path, self.client.timeout)
+            self._stream.request += 1
+            batch.request = self._stream.request
+            self._stream.write(local.encode_send(batch.request, batch.entries), "send")
+        except ApiError as exc:
+            self._broken(exc)
 
-    def _lost(self) -> None:
-        """The connection broke: batches not confirmed are in doubt (resend them with their ids)."""
-        if self._stream is not None:
-            self._stream.close()
-        self._stream = None
-        doubtful = [i for _, ids in self._in_flight for i in ids]
-        self._in_flight.clear()
-        if doubtful:
-            raise SendRefused(
-                f"{self.client.path}: the connection broke with {len(doubtful)} message(s) "
-                "unconfirmed; sending them again with the same ids is safe",
-                doubtful,
+    def _confirm(self) -> None:
+        """Wait for the oldest batch's SENT (sending batches again while retrying)."""
+        if self._stream is None:
+            self._broken(ApiError(f"{self.client.path}: not connected"))
+            return
+        try:
+            request, status, error = self._stream.sent("send")
+        except ApiError as exc:
+            self._broken(exc)
+            return
+        batch = self._in_flight.popleft()
+        if request != batch.request:
+            self._in_flight.appendleft(batch)
+            self._broken(
+                ApiError(f"{self.client.path}: the daemon confirmed {request}, not {batch.request}")
             )
+            return
+        if status is local.Status.QUEUED:
+            self._backoff = 0.0
+            self._deadline = None
+            return
+        busy = status is local.Status.BUSY
+        if busy and self._may_retry():
+            self._in_flight.append(batch)  # behind the others: SENTs come in order
+            self._transmit(batch)
+            return
+        raise SendRefused(f"{len(batch.ids)} message(s) not queued: {error}", batch.ids, busy=busy)
+
+    def _may_retry(self) -> bool:
+        """True (after a pause that doubles, 5 ms to 0.5 s) while the retry time lasts."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.retry
+        if now >= self._deadline:
+            self._deadline = None
+            return False
+        self._backoff = min(0.5, max(0.005, self._backoff * 2))
+        time.sleep(min(self._backoff, self._deadline - now))
+        return True
+
+    def _broken(self, error: ApiError) -> None:
+        """The connection failed: reconnect and send what is unconfirmed again, or give up."""
+        while True:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = None
+            if not (self._in_flight and _transient(error) and self._may_retry()):
+                break
+            try:
+                stream = self._stream = _Stream(self.client.path, self.client.timeout)
+                for batch in self._in_flight:
+                    stream.request += 1
+                    batch.request = stream.request
+                    stream.write(local.encode_send(batch.request, batch.entries), "send")
+            except ApiError as exc:
+                error = exc
+                continue
+            return
+        doubtful = [i for batch in self._in_flight for i in batch.ids]
+        self._in_flight.clear()
+        if not doubtful:
+            raise error
+        raise SendRefused(
+            f"{error}; {len(doubtful)} message(s) unconfirmed (sending them again with the "
+            "same ids is safe)",
+            doubtful,
+        )
 
     def flush(self) -> None:
         """Send what is batched and wait until every batch is confirmed."""
@@ -373,12 +442,19 @@ class Subscription:
 
     def _connect(self) -> _Stream:
         if self._stream is None:
+            # receipts of messages handed over from memory died with the old connection
+            self._unacked = [r for r in self._unacked if r < local.STREAM_RECEIPTS]
             stream = _Stream(self.client.path, self.client.timeout)
             try:
                 stream.write(
                     local.encode_subscribe(self.topic, self.max_unacked, self.max_bytes),
                     "subscribe",
                 )
+                while True:  # the daemon answers with a DELIVER frame: subscribed
+                    got = stream.frame(None, "subscribe")
+                    if got is not None and got[0] == local.Kind.DELIVER:
+                        self._take(got[1])
+                        break
             except (local.LocalStreamError, UnicodeEncodeError) as exc:
                 stream.close()
                 raise ApiError(f"cannot subscribe to topic {self.topic!r}: {exc}") from None
@@ -447,12 +523,14 @@ class Subscription:
 
     def close(self) -> None:
         """Acknowledge what was returned, then hang up (the rest is handed out again)."""
+        stream = self._stream
         try:
-            if self._stream is not None:
+            if stream is not None:
                 self.ack()
+                stream.finish()
         finally:
-            if self._stream is not None:
-                self._stream.close()
+            if stream is not None:
+                stream.close()
             self._stream = None
 
     def __enter__(self) -> Subscription:
@@ -538,17 +616,15 @@ class MeshClient:
         stream.request += 1
         try:
             stream.write(local.encode_send(stream.request, entries), "send")
-            request, error = stream.sent("send")
+            request, status, error = stream.sent("send")
         except ApiError:
             self._local.stream = None
             raise
         if request != stream.request:
             stream.close()
             self._local.stream = None
-            raise ApiError(
-                f"{self.path}: the daemon confirmed batch {request}, not {stream.request}"
-            )
-        if error is not None:
+            raise ApiError(f"{self.path}: the daemon confirmed {request}, not {stream.request}")
+        if status is not local.Status.QUEUED:
             raise ApiError(error)
         return True
 
@@ -648,9 +724,16 @@ class MeshClient:
             item["id"] = message_id
         return [str(i) for i in self.call("send_many", {"messages": batch})["ids"]]
 
-    def sender(self, *, ttl: float | None = None, window: int = SEND_WINDOW) -> Sender:
+    def sender(
+        self,
+        *,
+        ttl: float | None = None,
+        retry: float = 0.0,
+        window: int = SEND_WINDOW,
+        batch: int = SEND_BATCH,
+    ) -> Sender:
         """A pipelined :class:`Sender` (its own connection); use it in a ``with`` block."""
-        return Sender(self, ttl=ttl, window=window)
+        return Sender(self, ttl=ttl, retry=retry, window=window, batch=batch)
 
     def subscribe(
         self, topic: str, *, max_unacked: int = 1000, max_bytes: int = 16 << 20

@@ -20,10 +20,12 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,14 @@ from keel.errors import KeelError, UsageError
 from keel.ledger import AsyncLedger, LedgerError
 from keel.mesh import local, packets, rooms
 from keel.mesh.connections import Dial, Dialer, Link, preferred
-from keel.mesh.delivery import Outbox, Outgoing, Receipt, keep_seen_until, receipt
+from keel.mesh.delivery import (
+    Backpressure,
+    Outbox,
+    Outgoing,
+    Receipt,
+    keep_seen_until,
+    receipt,
+)
 from keel.mesh.errors import InviteError, MeshError, ProtocolError, RemoteProtocolError
 from keel.mesh.identity import NodeIdentity, is_node_id, load_or_create
 from keel.mesh.invite import InviteRecord, InviteToken, new_invite
@@ -69,6 +78,8 @@ REFUSALS_BURST = 30
 # A MSGS packet may reach 1 MiB; smaller ones let the receiver store and
 # acknowledge one while the next is still on its way.
 BATCH_TARGET = 256 << 10
+HANDOFF_BASE = local.STREAM_RECEIPTS
+HANDOFF_HOLD = 1.0  # s an agent may hold a handed-off message before it is stored anyway
 DELIVER_FRAME = 1 << 20  # a local stream's DELIVER frames are about this big at most
 MAX_STREAM_UNACKED = 100_000
 
@@ -291,6 +302,18 @@ class Batch:
         self.size = len(packets.MSGS_HEADER)
 
 
+@dataclass(slots=True, eq=False)
+class Handoff:
+    """A message handed to an agent's stream from memory, not stored, not yet answered."""
+
+    receipt: int
+    item: Incoming
+    peer: str  # whose connection brought it: the ACK goes to that node
+    stream: LocalStream
+    since: float
+    seq: int | None = None  # its inbox seq once stored (still the agent's to acknowledge)
+
+
 class LocalStream:
     """One agent's binary stream (``keel.mesh.local``): its subscription and what it holds."""
 
@@ -328,8 +351,8 @@ class LocalStream:
         if not self.closed and not self.writer.is_closing():
             self.writer.write(data)
 
-    def flush(self) -> None:
-        if self._out:
+    def flush(self, *, always: bool = False) -> None:
+        if self._out or always:
             self.write(local.frame(local.Kind.DELIVER, b"".join(self._out)))
             self._out = []
             self._out_bytes = 0
@@ -364,6 +387,13 @@ class MeshNode:
         self._leases: dict[int, float] = {}  # receipts handed out by ``recv``: lease end
         self._handed: dict[int, LocalStream] = {}  # receipts handed out on a local stream
         self._streams: dict[str, list[LocalStream]] = {}  # subscribers by topic
+        self._handoffs: dict[int, Handoff] = {}  # messages handed to agents from memory
+        self._held: dict[tuple[str, str], Handoff] = {}  # the same, by dedup key
+        # Handoff receipts have the top bit set (valid only on their stream) and a
+        # random epoch, so a stale one from an earlier daemon never matches.
+        epoch = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
+        self._handoff_receipts = itertools.count(HANDOFF_BASE | epoch << 32)
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._inbox_waiters: dict[str, asyncio.Event] = {}
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -446,7 +476,7 @@ class MeshNode:
             self._server.close()
         if self._control is not None:
             await self._control.close()
-        for handle in (self._pump_handle, self._pump_timer):
+        for handle in (self._pump_handle, self._pump_timer, self._hold_timer):
             if handle is not None:
                 handle.cancel()
         for task in list(self._tasks):
@@ -501,7 +531,8 @@ class MeshNode:
                     for streams in self._streams.values():
                         for stream in streams:
                             stream.backlog = True
-                            self._feed(stream)
+                            self._fill(stream)
+                            stream.flush()
                 self.store.touch_peers(self.links, wall)
             except Exception:
                 log.exception("mesh: housekeeping failed")
@@ -888,7 +919,13 @@ class MeshNode:
         self.kick()
 
     def on_messages(self, conn: PeerConnection, messages: list[Msg]) -> None:
-        """Store new messages (one transaction), then acknowledge them all in one ACK."""
+        """Decide on messages that arrived together; store them (one transaction), then ACK.
+
+        A new message a subscribed local stream has room for is handed to it
+        straight from memory instead (a *handoff*): it is answered once the
+        agent acknowledged it (its dedup key stored) or, if the agent is slow
+        or goes away, once it is stored like any other (``_hold_check``).
+        """
         if not conn.registered:
             return
         peer = conn.peer
@@ -905,6 +942,8 @@ class MeshNode:
         seen = self.store.seen_among(
             [(msg.room.author if msg.room else peer, msg.id) for msg in messages]
         )
+        handed: dict[int, LocalStream] = {}
+        backlogged: set[str] = set()
         for msg in messages:
             author = peer
             if msg.room is not None:
@@ -923,6 +962,8 @@ class MeshNode:
                     continue
                 author = msg.room.author
             key = (author, msg.id)
+            if key in self._held:
+                continue  # a copy of a message an agent holds: answered when that one is
             answer = receipt(
                 seen=key in batch_keys or key in seen,
                 inbox_messages=count,
@@ -933,50 +974,76 @@ class MeshNode:
             if answer is Receipt.BUSY:
                 busy.append(msg.id)
                 continue
+            if answer is Receipt.DUPLICATE:
+                ok.append(msg.id)
+                continue
+            batch_keys.add(key)
+            item = Incoming(
+                author,
+                msg.id,
+                msg.room.room if msg.room else None,
+                msg.topic,
+                msg.payload,
+                keep_seen_until(msg.expires, wall, self.settings.inbox),
+            )
+            stream = self._taker(msg.topic)
+            if stream is not None:
+                self._handoff(stream, item, peer, wall)
+                handed[id(stream)] = stream
+                continue
             ok.append(msg.id)
-            if answer is Receipt.STORE:
-                batch_keys.add(key)
-                count += 1
-                size += len(msg.payload)
-                fresh.append(
-                    Incoming(
-                        author,
-                        msg.id,
-                        msg.room.room if msg.room else None,
-                        msg.topic,
-                        msg.payload,
-                        keep_seen_until(msg.expires, wall, self.settings.inbox),
-                    )
-                )
+            count += 1
+            size += len(msg.payload)
+            fresh.append(item)
+            if msg.topic in self._streams:
+                backlogged.add(msg.topic)
         if fresh:
-            seqs = self.store.receive(fresh, wall)
+            self.store.receive(fresh, wall)
             self.inbox_count, self.inbox_bytes = count, size
-            if self._streams:
-                self._offer(fresh, seqs, wall)
             for item in fresh:
-                waiter = self._inbox_waiters.pop(item.topic, None)
-                if waiter is not None:
-                    waiter.set()
-                self.ledger(
-                    "received",
-                    item.id,
-                    {
-                        "id": item.id,
-                        "from": item.sender,
-                        "to": me,
-                        "room": item.room,
-                        "topic": item.topic,
-                        "size": len(item.payload),
-                    },
-                )
+                self._received(item)
+        for topic in backlogged:
+            for stream in self._streams.get(topic, ()):
+                stream.backlog = True
+        for stream in handed.values():
+            stream.flush()
+        self._answer(conn, ok, busy, rejected)
+
+    def _answer(
+        self,
+        conn: PeerConnection,
+        ok: Sequence[str],
+        busy: Sequence[str] = (),
+        rejected: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """ACK packets (at most 4096 ids per list each)."""
         step = packets.MAX_ACK_IDS
-        for at in range(0, max(len(ok), len(busy), len(rejected), 1), step):
+        for at in range(0, max(len(ok), len(busy), len(rejected)), step):
             reply = Ack(
                 tuple(ok[at : at + step]),
                 tuple(busy[at : at + step]),
                 tuple(rejected[at : at + step]),
             )
             conn.send_packet(packets.encode(reply))
+
+    def _received(self, item: Incoming) -> None:
+        """A message is this node's now (stored, or taken by an agent): wake readers, record it."""
+        waiter = self._inbox_waiters.pop(item.topic, None)
+        if waiter is not None:
+            waiter.set()
+        if self._ledger is not None:
+            self.ledger(
+                "received",
+                item.id,
+                {
+                    "id": item.id,
+                    "from": item.sender,
+                    "to": self.identity.node_id,
+                    "room": item.room,
+                    "topic": item.topic,
+                    "size": len(item.payload),
+                },
+            )
 
     # ------------------------------------------------------------ the outbox pump
 
@@ -1380,6 +1447,9 @@ class MeshNode:
             pass
         except local.LocalStreamError as exc:
             stream.write(local.frame(local.Kind.ERROR, f"malformed frame: {exc}".encode()))
+        except Exception:
+            log.exception("mesh: internal error on a local stream")
+            stream.write(local.frame(local.Kind.ERROR, b"internal error; see the daemon's log"))
         finally:
             self._stream_closed(stream)
 
@@ -1388,16 +1458,20 @@ class MeshNode:
             request, messages = local.decode_send(body)
             try:
                 self._send_local(messages)
+            except Backpressure as exc:
+                stream.write(local.encode_sent(request, local.Status.BUSY, str(exc)))
             except KeelError as exc:
-                stream.write(local.encode_sent(request, str(exc)))
+                stream.write(local.encode_sent(request, local.Status.REFUSED, str(exc)))
             except Exception:
                 log.exception("mesh: a local SEND failed")
-                stream.write(local.encode_sent(request, "internal error; see the daemon's log"))
+                error = "internal error; see the daemon's log"
+                stream.write(local.encode_sent(request, local.Status.REFUSED, error))
             else:
                 stream.write(local.encode_sent(request))
         elif kind == local.Kind.ACK:
-            self._consume(local.decode_ack(body))
-            self._feed(stream)
+            self._stream_ack(stream, local.decode_ack(body))
+            self._fill(stream)
+            stream.flush()
         elif kind == local.Kind.SUBSCRIBE:
             topic, max_unacked, max_bytes = local.decode_subscribe(body)
             if stream.topic is not None:
@@ -1410,7 +1484,8 @@ class MeshNode:
             stream.max_bytes = max(1, max_bytes)
             stream.backlog = True
             self._streams.setdefault(topic, []).append(stream)
-            self._feed(stream)
+            self._fill(stream)
+            stream.flush(always=True)  # the answer: subscribed (with whatever waited)
         else:
             raise local.LocalStreamError(f"unknown frame type 0x{kind:02x}")
 
@@ -1450,40 +1525,143 @@ class MeshNode:
             batch.append((to, message.topic, message.payload, wall + ttl, None))
         self.enqueue(batch, message_ids=[m.id for m in messages])
 
-    def _offer(self, fresh: Sequence[Incoming], seqs: Sequence[int], wall: float) -> None:
-        """Hand new messages straight to subscribed streams with room; others catch up later."""
-        touched: dict[int, LocalStream] = {}
-        for item, seq in zip(fresh, seqs, strict=True):
-            streams = self._streams.get(item.topic)
-            if not streams:
-                continue
-            target = next((s for s in streams if s.has_room() and not s.backlog), None)
-            if target is None:
-                for stream in streams:
-                    stream.backlog = True
-                    touched[id(stream)] = stream
-                continue
-            self._hand(target, item, seq, wall)
-            touched[id(target)] = target
-        for stream in touched.values():
-            self._feed(stream)
+    def _taker(self, topic: str) -> LocalStream | None:
+        """A stream subscribed to ``topic`` that can take a message now, if any."""
+        for stream in self._streams.get(topic, ()):
+            if not stream.backlog and stream.has_room():
+                return stream
+        return None
 
-    def _hand(
-        self, stream: LocalStream, item: Incoming | InboxMessage, seq: int, wall: float
-    ) -> None:
-        received = item.received if isinstance(item, InboxMessage) else wall
+    def _handoff(self, stream: LocalStream, item: Incoming, peer: str, wall: float) -> None:
+        receipt_number = next(self._handoff_receipts)
+        held = Handoff(receipt_number, item, peer, stream, self.clock())
+        self._handoffs[receipt_number] = held
+        self._held[(item.sender, item.id)] = held
         entry = local.deliver_entry(
-            seq,
+            receipt_number,
             item.id,
             sender=item.sender,
-            received=received,
+            received=wall,
             room=item.room,
             payload=item.payload,
         )
-        self._handed[seq] = stream
-        stream.hand(entry, seq, len(item.payload))
+        stream.hand(entry, receipt_number, len(item.payload))
+        if self._hold_timer is None:
+            self._hold_timer = asyncio.get_running_loop().call_later(HANDOFF_HOLD, self._hold_check)
 
-    def _feed(self, stream: LocalStream) -> None:
+    def _hold_check(self) -> None:
+        """Store the handoffs agents have held for ``HANDOFF_HOLD`` s (still theirs), then ACK."""
+        self._hold_timer = None
+        now = self.clock()
+        due = [
+            h for h in self._handoffs.values() if h.seq is None and now - h.since >= HANDOFF_HOLD
+        ]
+        try:
+            self._store_handoffs(due, keep=True)
+        except Exception:
+            log.exception("mesh: storing held messages failed; retrying")
+        waiting = [h.since for h in self._handoffs.values() if h.seq is None]
+        if waiting:
+            delay = max(0.05, min(waiting) + HANDOFF_HOLD - now)
+            self._hold_timer = asyncio.get_running_loop().call_later(delay, self._hold_check)
+
+    def _store_handoffs(self, held: Sequence[Handoff], *, keep: bool) -> None:
+        """Store handed-off messages in the inbox and answer ``ok`` for them.
+
+        ``keep``: the agent still holds them (they stay leased to its stream
+        and its acknowledgement consumes them); otherwise they are up for
+        grabs again. What the inbox has no room for stays unanswered (the
+        sender sends it again later) and, unless kept, is forgotten.
+        """
+        wall = self.wall()
+        store: list[Handoff] = []
+        count, size = self.inbox_count, self.inbox_bytes
+        for handoff in held:
+            length = len(handoff.item.payload)
+            full = receipt(
+                seen=False,
+                inbox_messages=count,
+                inbox_bytes=size,
+                size=length,
+                limits=self.settings.inbox,
+            )
+            if full is Receipt.BUSY:
+                if not keep:
+                    self._forget_handoff(handoff)
+                continue
+            count += 1
+            size += length
+            store.append(handoff)
+        if not store:
+            return
+        seqs = self.store.receive([h.item for h in store], wall)
+        self.inbox_count, self.inbox_bytes = count, size
+        answers: dict[str, list[str]] = {}
+        for handoff, seq in zip(store, seqs, strict=True):
+            self._held.pop((handoff.item.sender, handoff.item.id), None)
+            answers.setdefault(handoff.peer, []).append(handoff.item.id)
+            self._received(handoff.item)
+            if keep:
+                handoff.seq = seq
+                self._handed[seq] = handoff.stream
+            else:
+                self._forget_handoff(handoff)
+        self._answer_peers(answers)
+
+    def _forget_handoff(self, handoff: Handoff) -> None:
+        self._handoffs.pop(handoff.receipt, None)
+        self._held.pop((handoff.item.sender, handoff.item.id), None)
+        handoff.stream.release(handoff.receipt)
+
+    def _answer_peers(self, answers: Mapping[str, Sequence[str]]) -> None:
+        """``ok`` for these ids to each peer, on its current connection (if any: else it resends)."""
+        for peer, ids in answers.items():
+            conn = self.links.get(peer)
+            if conn is not None:
+                self._answer(conn, ids)
+
+    def _stream_ack(self, stream: LocalStream, receipts: Sequence[int]) -> None:
+        """An agent's ACK: consume stored messages; store the keys of handed-off ones, then ``ok``."""
+        stored: list[int] = []
+        taken: list[Handoff] = []
+        for number in receipts:
+            if number < HANDOFF_BASE:
+                stored.append(number)
+                continue
+            handoff = self._handoffs.get(number)
+            if handoff is None or handoff.stream is not stream:
+                continue  # another stream's, or stale: not this agent's to acknowledge
+            if handoff.seq is not None:  # stored meanwhile: consume the stored copy
+                stored.append(handoff.seq)
+                self._handoffs.pop(number, None)
+                stream.release(number)
+            else:
+                taken.append(handoff)
+        if taken:
+            self.store.mark_seen([(h.item.sender, h.item.id, h.item.keep_until) for h in taken])
+            answers: dict[str, list[str]] = {}
+            for handoff in taken:
+                self._forget_handoff(handoff)
+                answers.setdefault(handoff.peer, []).append(handoff.item.id)
+                self._received(handoff.item)
+            self._answer_peers(answers)
+        if stored:
+            self._consume(stored)
+
+    def _hand(self, stream: LocalStream, message: InboxMessage) -> None:
+        """Hand a stored message to ``stream`` (leased to it until acknowledged or closed)."""
+        entry = local.deliver_entry(
+            message.seq,
+            message.id,
+            sender=message.sender,
+            received=message.received,
+            room=message.room,
+            payload=message.payload,
+        )
+        self._handed[message.seq] = stream
+        stream.hand(entry, message.seq, len(message.payload))
+
+    def _fill(self, stream: LocalStream) -> None:
         """Hand ``stream`` what waits in the inbox for its topic, while it has room."""
         topic = stream.topic
         while topic is not None and not stream.closed and stream.backlog and stream.has_room():
@@ -1492,14 +1670,24 @@ class MeshNode:
             if len(found) < room_left:
                 stream.backlog = False
             for message in found:
-                self._hand(stream, message, message.seq, message.received)
+                self._hand(stream, message)
             if not found:
                 break
-        stream.flush()
 
     def _stream_closed(self, stream: LocalStream) -> None:
         """What it held goes to the topic's other subscribers (and ``recv`` callers)."""
         stream.closed = True
+        handoffs = [h for h in self._handoffs.values() if h.stream is stream]
+        for handoff in handoffs:
+            if handoff.seq is not None:
+                self._handed.pop(handoff.seq, None)
+                self._handoffs.pop(handoff.receipt, None)
+        try:
+            self._store_handoffs([h for h in handoffs if h.seq is None], keep=False)
+        except Exception:
+            log.exception("mesh: storing the messages a closed stream held failed")
+            for handoff in handoffs:
+                self._forget_handoff(handoff)  # unanswered: their senders send them again
         for seq in stream.pending:
             self._handed.pop(seq, None)
         topic = stream.topic
@@ -1510,14 +1698,15 @@ class MeshNode:
             streams.remove(stream)
         if not streams:
             self._streams.pop(topic, None)
-        if stream.pending:
+        if stream.pending or handoffs:
             waiter = self._inbox_waiters.pop(topic, None)
             if waiter is not None:
                 waiter.set()
             for other in streams:
                 other.backlog = True
                 try:
-                    self._feed(other)
+                    self._fill(other)
+                    other.flush()
                 except Exception:
                     log.exception("mesh: handing messages to a local stream failed")
         stream.pending.clear()

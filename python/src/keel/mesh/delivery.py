@@ -136,7 +136,18 @@ class Outbox:
     def check_batch(self, counts: Mapping[str, int], size: int) -> None:
         """``Backpressure`` unless ``counts[peer]`` more messages per peer (``size`` bytes) fit."""
         limits = self.limits
+        total = sum(counts.values())
+        if total > limits.max_total or size > limits.max_bytes:
+            raise KeelError(
+                f"a batch of {total} messages ({size} bytes) is more than the outbox holds "
+                f"({limits.max_total} messages, {limits.max_bytes} bytes); send fewer at a time"
+            )
         for peer, count in counts.items():
+            if count > limits.max_per_peer:
+                raise KeelError(
+                    f"a batch of {count} messages for {peer} is more than the outbox holds "
+                    f"for one peer ({limits.max_per_peer}); send fewer at a time"
+                )
             state = self._peers.get(peer)
             queued = len(state.entries) if state else 0
             if queued + count > limits.max_per_peer:
@@ -144,7 +155,7 @@ class Outbox:
                     f"outbox for {peer} is full ({queued} messages waiting): the peer is slow "
                     "or unreachable; retry later"
                 )
-        if self._total + sum(counts.values()) > limits.max_total:
+        if self._total + total > limits.max_total:
             raise Backpressure(f"outbox is full ({self._total} messages waiting); retry later")
         if self._bytes + size > limits.max_bytes:
             raise Backpressure(

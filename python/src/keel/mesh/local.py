@@ -12,12 +12,15 @@ Agent to daemon:
     0x01 SEND       request: u32 || entries, each
                     id (16) || to (32, ASCII node id) || ttl_ms: u64 (0: the daemon's default)
                     || topic_length: u8 || topic || size: u32 || payload
-    0x02 SUBSCRIBE  max_unacked: u32 || max_bytes: u32 || topic_length: u8 || topic   (once)
+    0x02 SUBSCRIBE  max_unacked: u32 || max_bytes: u32 || topic_length: u8 || topic   (once;
+                    answered with a DELIVER frame, empty if nothing waits)
     0x03 ACK        receipts, u64 each: handled, delete them
 
 Daemon to agent:
 
-    0x81 SENT       request: u32 || status: u8 (0 queued, 1 refused) || UTF-8 error if refused
+    0x81 SENT       request: u32 || status: u8 || UTF-8 error (status 1 or 2)
+                    status 0: queued; 1: refused (a bad recipient, topic, size...);
+                    2: busy (the outbox is full: nothing queued, send it again later)
     0x82 DELIVER    entries, each
                     receipt: u64 || id (16) || from (32) || received: f64 (Unix seconds)
                     || flags: u8 (bit 0: room) || room (16, if flags bit 0) || size: u32 || payload
@@ -29,7 +32,11 @@ flight; SENTs come back in order. After SUBSCRIBE the daemon pushes the
 topic's messages as they arrive, keeping at most ``max_unacked`` messages and
 ``max_bytes`` bytes (but always at least one message) handed out and not yet
 acknowledged; what a stream had not acknowledged when it closes is handed out
-again. Receipts stay valid across reconnects and daemon restarts.
+again. A receipt below 2^63 names a stored message and stays valid across
+reconnects and daemon restarts; one with the top bit set names a message the
+daemon handed over from memory and is valid only on the stream that got it
+(an agent drops those when its connection ends: the daemon hands the
+messages out again, under new receipts).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
 _RECEIPT = struct.Struct(">Q")
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
+STREAM_RECEIPTS: Final = 1 << 63  # receipts from here on are valid on their stream only
 
 
 class Kind(enum.IntEnum):
@@ -159,19 +167,27 @@ def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
     return request, out
 
 
-def encode_sent(request: int, error: str | None = None) -> bytes:
-    if error is None:
-        return frame(Kind.SENT, _SENT.pack(request, 0))
-    return frame(Kind.SENT, _SENT.pack(request, 1) + error.encode())
+class Status(enum.IntEnum):
+    QUEUED = 0
+    REFUSED = 1
+    BUSY = 2
 
 
-def decode_sent(body: bytes) -> tuple[int, str | None]:
+def encode_sent(request: int, status: Status = Status.QUEUED, error: str = "") -> bytes:
+    return frame(Kind.SENT, _SENT.pack(request, status) + error.encode())
+
+
+def decode_sent(body: bytes) -> tuple[int, Status, str]:
+    """(request, status, error text: empty when queued)."""
     if len(body) < _SENT.size:
         raise LocalStreamError("SENT too short")
     request, status = _SENT.unpack_from(body)
-    if status == 0:
-        return request, None
-    return request, body[_SENT.size :].decode("utf-8", errors="replace") or "refused"
+    try:
+        status = Status(status)
+    except ValueError:
+        raise LocalStreamError(f"SENT status {status} is not 0, 1 or 2") from None
+    text = body[_SENT.size :].decode("utf-8", errors="replace")
+    return request, status, text or ("" if status is Status.QUEUED else "refused")
 
 
 # ---------------------------------------------------------------- SUBSCRIBE / ACK

@@ -5,12 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from keel.errors import ApiError
+from keel.mesh import packets
 from keel.mesh.client import MeshClient, SendRefused, Subscription
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.invite import InviteToken
+from keel.mesh.packets import Ack, Msg, Msgs
 
-from .nodes import Node, wait_until
+from .nodes import FAST, Node, RawPeer, wait_until
 
 
 def drain(subscription: Subscription, want: int, timeout: float = 60) -> Counter[bytes]:
@@ -139,3 +144,107 @@ def test_exactly_once_over_streams_when_either_daemon_is_killed(pair: tuple[Node
     assert all(count == 1 for count in got.values()), [p for p, c in got.items() if c > 1]
     wait_until(lambda: a.status()["outbox"] == 0, timeout=30, what="a's outbox to drain")
     wait_until(lambda: b.status()["inbox"] == 0, timeout=30, what="b's inbox to empty")
+
+
+def member_sending_to(node: Node) -> RawPeer:
+    """A raw member of ``node``'s mesh (revision 2) that sends it messages by hand."""
+    token = InviteToken.decode(node.invite())
+    peer = RawPeer(
+        NodeIdentity.generate(), token.addresses[0], token.static_key, invite=token,
+        extra={"app": 2},
+    )  # fmt: skip
+    peer.handshake()
+    peer.read_until(lambda e: True, timeout=5)
+    return peer
+
+
+def acked(peer: RawPeer) -> list[str]:
+    return [i for p in peer.received() if isinstance(p, Ack) for i in p.ok]
+
+
+def test_a_message_handed_to_a_subscriber_is_acknowledged_once_the_agent_took_it(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    peer = member_sending_to(a)
+    expires = int(time.time()) + 600
+    first = Msg(packets.new_message_id(), "hand", expires, b"one")
+    with a.client.subscribe("hand") as inbox:
+        inbox.recv()
+        peer.send_packet(Msgs((first,)))
+        got = wait_until(lambda: inbox.recv(wait=0.2), timeout=10, what="the handoff")
+        assert [m.data for m in got] == [b"one"]
+        peer.pump(0.3)
+        assert first.id not in acked(peer)  # the agent has not acknowledged it yet
+        peer.send_packet(Msgs((first,)))  # a copy while the agent holds it: no answer
+        peer.pump(0.3)
+        assert first.id not in acked(peer)
+        assert inbox.recv(wait=0.3) == []  # and not handed over twice
+        inbox.ack()
+        peer.read_until(lambda e: first.id in acked(peer), timeout=10)
+    assert a.status()["inbox"] == 0  # taken straight from memory: never stored
+    peer.events.clear()
+    peer.send_packet(Msgs((first,)))  # resent later: a known duplicate, answered ok
+    peer.read_until(lambda e: first.id in acked(peer), timeout=10)
+    assert MeshClient(a.directory).recv("hand", max=10, wait=0.3) == []
+
+
+def test_a_held_message_is_stored_when_the_agent_is_slow_or_goes_away(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    peer = member_sending_to(a)
+    expires = int(time.time()) + 600
+    slow, gone = (Msg(packets.new_message_id(), "hold", expires, b) for b in (b"slow", b"gone"))
+    sleepy = a.client.subscribe("hold")
+    sleepy.recv()
+    peer.send_packet(Msgs((slow,)))
+    assert [m.data for m in wait_until(lambda: sleepy.recv(wait=0.2), timeout=10, what="it")] == [
+        b"slow"
+    ]
+    # the agent sits on it: after a second the daemon stores it and answers ok
+    peer.read_until(lambda e: slow.id in acked(peer), timeout=10)
+    assert a.status()["inbox"] == 1
+    sleepy.ack()  # the agent's acknowledgement now consumes the stored copy
+    wait_until(lambda: a.status()["inbox"] == 0, timeout=10, what="the stored copy consumed")
+    peer.send_packet(Msgs((gone,)))
+    assert [m.data for m in wait_until(lambda: sleepy.recv(wait=0.2), timeout=10, what="it")] == [
+        b"gone"
+    ]
+    assert sleepy._stream is not None
+    sleepy._stream.close()  # the agent dies holding it: stored, answered, handed out again
+    peer.read_until(lambda e: gone.id in acked(peer), timeout=10)
+    other = MeshClient(a.directory)  # another agent (a.client remembers what sleepy returned)
+    again = wait_until(lambda: other.recv("hold", max=10, wait=0.5), timeout=10, what="it")
+    assert [m.data for m in again] == [b"gone"]
+
+
+def test_a_pipelined_sender_rides_out_back_pressure(mesh_nodes: Callable[..., Node]) -> None:
+    a = mesh_nodes("a", config={**FAST, "max_outbox_per_peer": 40}).start()
+    b = mesh_nodes("b").start()
+    b.join(a)
+    a.wait_connected(b)
+    b.stop()  # nothing drains a's outbox
+    out = a.client.sender()
+    with pytest.raises(SendRefused, match="more than the outbox holds") as refused:
+        for _ in range(41):
+            out.send(b.node_id, "bp", b"too many at once")
+        out.flush()
+    assert not refused.value.busy  # it never fits: no point in trying again
+    for i in range(30):
+        out.send(b.node_id, "bp", f"first {i}".encode())
+    out.flush()
+    for i in range(20):
+        out.send(b.node_id, "bp", f"then {i}".encode())
+    with pytest.raises(SendRefused, match="is full") as full:
+        out.flush()
+    assert full.value.busy
+    assert a.status()["outbox"] == 30  # the second batch: all or nothing
+    b.start()
+    more = [f"{i}".encode() for i in range(300)]
+    with b.client.subscribe("bp") as inbox, a.client.sender(retry=60, batch=20) as patient:
+        for payload in more:
+            patient.send(b.node_id, "bp", payload)
+        patient.flush()
+        got = drain(inbox, 30 + len(more))
+    assert got == Counter([f"first {i}".encode() for i in range(30)] + more)

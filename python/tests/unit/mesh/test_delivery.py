@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from keel.errors import KeelError
 from keel.mesh.delivery import (
     Backpressure,
     InboxLimits,
@@ -181,7 +182,12 @@ def test_backpressure_per_peer_total_and_bytes() -> None:
     with pytest.raises(Backpressure, match="3 messages waiting"):
         box.add(item(5, "r"))
     with pytest.raises(Backpressure, match="bytes"):
-        box.check_batch({"r": 0}, 2000)
+        box.check_batch({"r": 0}, 1000 - box.bytes + 1)
+    # a batch that could never fit is refused for good, not "later"
+    for counts, size in (({"r": 3}, 10), ({"r": 1, "s": 1, "t": 2}, 10), ({"r": 1}, 1001)):
+        with pytest.raises(KeelError, match="more than the outbox holds") as never:
+            box.check_batch(counts, size)
+        assert not isinstance(never.value, Backpressure)
     box.acked("p", [item(1).id])
     box.add(item(6, "r"))
     box.add(item(7, "z", size=5), check=False)  # restoring at start is never refused

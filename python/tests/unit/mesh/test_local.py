@@ -35,9 +35,12 @@ def test_send_round_trip_and_layout() -> None:
 
 
 def test_sent_subscribe_and_ack_round_trips() -> None:
-    assert local.decode_sent(body_of(local.encode_sent(3), Kind.SENT)) == (3, None)
-    refused = local.encode_sent(4, "outbox is full")
-    assert local.decode_sent(body_of(refused, Kind.SENT)) == (4, "outbox is full")
+    queued = local.decode_sent(body_of(local.encode_sent(3), Kind.SENT))
+    assert queued == (3, local.Status.QUEUED, "")
+    busy = local.encode_sent(4, local.Status.BUSY, "outbox is full")
+    assert local.decode_sent(body_of(busy, Kind.SENT)) == (4, local.Status.BUSY, "outbox is full")
+    refused = local.encode_sent(5, local.Status.REFUSED)
+    assert local.decode_sent(body_of(refused, Kind.SENT)) == (5, local.Status.REFUSED, "refused")
     subscribe = body_of(local.encode_subscribe("jobs", 100, 1 << 20), Kind.SUBSCRIBE)
     assert local.decode_subscribe(subscribe) == ("jobs", 100, 1 << 20)
     assert local.decode_ack(body_of(local.encode_ack([1, 2**40]), Kind.ACK)) == (1, 2**40)
@@ -82,6 +85,7 @@ def test_deliver_round_trip() -> None:
         (lambda: local.decode_subscribe(bytes(8) + b"\x05ab"), "does not match"),
         (lambda: local.decode_ack(b"\x00" * 7), "multiple of 8"),
         (lambda: local.decode_sent(b"\x00"), "too short"),
+        (lambda: local.decode_sent(b"\x00\x00\x00\x01\x03"), "status"),
         (lambda: list(local.decode_deliver(bytes(30))), "runs past"),
         (lambda: local.read_frame_head(b"\x01\xff\xff\xff\xff"), "is over"),
         (lambda: local.send_entry(Outgoing(ID, "short", "t", b"")), "node id"),

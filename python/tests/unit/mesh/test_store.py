@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from keel.errors import ConfigError, UsageError
+from keel.mesh import store as store_module
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
 from keel.mesh.membership import Membership, Record
@@ -171,3 +172,24 @@ def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     for name in ("s.db", "s.db-wal"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
     store.close()
+
+
+def test_the_checkpoint_thread_copies_the_log_and_stops_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHECKPOINT_BYTES", 1)
+    path = tmp_path / "s.db"
+    store = Store(path)
+    before = path.stat().st_size
+    store.enqueue([out(f"{1:032x}", payload=b"x" * 200_000)], created=1.0)
+    deadline = time.monotonic() + 30
+    while path.stat().st_size <= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.stat().st_size > before  # the row reached the database file itself
+    for _ in range(20):  # pokes in flight, then close straight away
+        store.touch_peers([P], wall=1.0)
+    store.close()
+    assert not store._checkpointer._thread.is_alive()
+    reopened = Store(path)
+    assert [i.id for i in reopened.load_outbox()] == [f"{1:032x}"]
+    reopened.close()

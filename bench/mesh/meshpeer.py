@@ -1,7 +1,7 @@
 """One benchmark agent: a process that talks to its own node's mesh daemon (``keel.mesh.client``).
 
-``run.py`` starts ``agent.py recv`` next to the receiving node (in its
-network namespace) and ``agent.py send`` next to the sending node, as
+``run.py`` starts ``meshpeer.py recv`` next to the receiving node (in its
+network namespace) and ``meshpeer.py send`` next to the sending node, as
 ``peer.py`` does for the baselines, so each agent is its own process like a
 real agent on its own host. Each message starts with the sender's
 ``CLOCK_MONOTONIC`` in nanoseconds; the receiver measures one-way latency.
@@ -60,7 +60,7 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
     cpu = time.process_time()
     start = time.monotonic_ns()
     if args.mode == "flood":
-        with client.sender() as out:
+        with client.sender(retry=120) as out:
             for _ in range(args.count):
                 out.send(args.to, args.topic, stamped(args.size))
     else:
