@@ -455,7 +455,7 @@ class _Checkpointer:
         self.path = path
         self.wal = path.with_name(path.name + "-wal")
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="keel-mesh-checkpoint", daemon=True)
         self._thread.start()
 
@@ -463,7 +463,7 @@ class _Checkpointer:
         self._wake.set()
 
     def stop(self) -> None:
-        self._stopping = True
+        self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=30)
 
@@ -473,11 +473,11 @@ class _Checkpointer:
             db.execute("PRAGMA busy_timeout=5000")
             while True:
                 self._wake.wait()
-                if self._stopping:
+                if self._stopping.is_set():
                     return
                 time.sleep(CHECKPOINT_DELAY)
                 self._wake.clear()
-                if self._stopping:  # stop() may have set (and we cleared) the event
+                if self._stopping.is_set():  # stop() may have set (and we cleared) _wake
                     return
                 try:
                     if self.wal.stat().st_size >= CHECKPOINT_BYTES:
