@@ -162,6 +162,7 @@ class _Stream:
         channel.request("stream", {}, timeout)  # unknown verb: an ApiError the caller handles
         assert channel.sock is not None
         self.sock = channel.sock
+        local.widen(self.sock)
         self.buffer = channel.buffer  # whatever followed the reply line already
         self.request = 0
 

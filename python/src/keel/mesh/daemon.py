@@ -908,7 +908,8 @@ class MeshNode:
             self.store.delivered(delivered)
             for item in delivered:
                 self._forget_payload(item.seq)
-                self.ledger("delivered", item.id, _metadata(self.identity.node_id, item))
+                if self._ledger is not None:
+                    self.ledger("delivered", item.id, _metadata(self.identity.node_id, item))
         if packet.busy:
             self.outbox.busy(peer, packet.busy)
         for message_id, reason in packet.rejected:
@@ -1155,7 +1156,8 @@ class MeshNode:
                 continue  # the same id for the same peer is queued already: a retried send
             self.outbox.add(item, check=False)
             self._remember_payload(item.seq, row.payload, row.stamp)
-            self.ledger("sent", item.id, _metadata(self.identity.node_id, item))
+            if self._ledger is not None:
+                self.ledger("sent", item.id, _metadata(self.identity.node_id, item))
         self._pump()  # now, not on the next turn of the loop: the frames leave before the reply
 
     # ------------------------------------------------------------ joining
@@ -1436,6 +1438,9 @@ class MeshNode:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Frames from one agent until it hangs up (``keel.mesh.local``)."""
+        sock = writer.get_extra_info("socket")  # asyncio's TransportSocket
+        if sock is not None:
+            local.widen(sock)
         stream = LocalStream(writer)
         try:
             while True:

@@ -31,7 +31,7 @@ import heapq
 import random as random_module
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from keel.errors import KeelError
 
@@ -62,9 +62,8 @@ class Limits:
             raise ValueError("retry_base, retry_cap and ack_timeout must be positive, base <= cap")
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """One message for one recipient: everything the outbox needs but the payload."""
+class Outgoing(NamedTuple):
+    """One message for one recipient: everything the outbox needs but the payload (a tuple)."""
 
     seq: int
     id: str
@@ -81,7 +80,7 @@ class _Phase(enum.Enum):
     WAITING = "waiting"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     item: Outgoing
     phase: _Phase = _Phase.READY

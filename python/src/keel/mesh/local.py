@@ -41,13 +41,15 @@ messages out again, under new receipts).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple, Protocol
 
 MAX_FRAME: Final = 16 << 20
+SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (the kernel caps it at wmem_max)
 FRAME: Final = struct.Struct(">BI")
 _SEND_HEAD = struct.Struct(">16s32sQB")
 _SIZE = struct.Struct(">I")
@@ -73,25 +75,40 @@ class LocalStreamError(ValueError):
     """A malformed frame or body (the daemon answers ERROR and hangs up)."""
 
 
-@dataclass(frozen=True)
-class Outgoing:
+class Outgoing(NamedTuple):
     """A message an agent sends: ``id`` 32 hex digits, ``ttl_ms`` 0 for the default."""
 
     id: str
     to: str
     topic: str
-    payload: bytes = field(repr=False)
+    payload: bytes
     ttl_ms: int = 0
 
+    def __repr__(self) -> str:  # never the payload
+        return f"Outgoing(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
 
-@dataclass(frozen=True)
-class Delivered:
+
+class Delivered(NamedTuple):
     receipt: int
     id: str
     sender: str
     received: float
     room: str | None
-    payload: bytes = field(repr=False)
+    payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"Delivered(receipt={self.receipt}, id={self.id!r}, sender={self.sender!r})"
+
+
+class _Socket(Protocol):
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
+
+def widen(sock: _Socket) -> None:
+    """Big socket buffers: a 1 MiB frame crosses in one or two wakeups, not a dozen."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # the default works, only slower
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
 def frame(kind: Kind, body: bytes) -> bytes:

@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
@@ -103,13 +103,19 @@ class RoomStamp:
     signature: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
-class Msg:
+class Msg(NamedTuple):
+    """One message (a tuple: built for every message on the hot path)."""
+
     id: str
     topic: str
     expires: int  # Unix seconds, sender's clock
-    payload: bytes = field(repr=False)
+    payload: bytes
     room: RoomStamp | None = None
+
+    def __repr__(self) -> str:  # never the payload
+        return (
+            f"Msg(id={self.id!r}, topic={self.topic!r}, expires={self.expires}, room={self.room!r})"
+        )
 
 
 @dataclass(frozen=True)

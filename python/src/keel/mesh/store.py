@@ -28,9 +28,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Container, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from keel.errors import KeelError
 from keel.mesh.delivery import Outgoing
@@ -73,8 +72,10 @@ class StoreError(KeelError):
     """The state database cannot be opened or written."""
 
 
-@dataclass(frozen=True)
-class NewOutgoing:
+# Tuples, not dataclasses: one of each is made per message on the hot path.
+
+
+class NewOutgoing(NamedTuple):
     id: str
     peer: str
     room: str | None
@@ -83,9 +84,11 @@ class NewOutgoing:
     stamp: str | None  # JSON of the room stamp, the same for every recipient
     payload: bytes
 
+    def __repr__(self) -> str:  # never the payload
+        return f"NewOutgoing(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
 
-@dataclass(frozen=True)
-class Incoming:
+
+class Incoming(NamedTuple):
     sender: str  # the author (dedup key with id)
     id: str
     room: str | None
@@ -93,9 +96,11 @@ class Incoming:
     payload: bytes
     keep_until: float
 
+    def __repr__(self) -> str:  # never the payload
+        return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
 
-@dataclass(frozen=True)
-class InboxMessage:
+
+class InboxMessage(NamedTuple):
     seq: int
     id: str
     sender: str
@@ -103,6 +108,9 @@ class InboxMessage:
     topic: str
     received: float
     payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"
 
 
 class Store:

@@ -63,13 +63,13 @@ def test_a_member_checks_the_author_signature(m: Membership) -> None:
     good = room_msg(m)
     assert rooms.check_message(m.view, C.node_id, good).verdict is Verdict.ACCEPT
     # C relays B's message after changing the payload: refused
-    tampered = dataclasses.replace(good, payload=b"evil")
+    tampered = good._replace(payload=b"evil")
     check = rooms.check_message(m.view, A.node_id, tampered)
     assert check.verdict is Verdict.REJECT
     assert "signature" in check.reason
     # C signs a message but claims B wrote it: refused
     forged_stamp = dataclasses.replace(room_msg(m, author=C).room, author=B.node_id)  # type: ignore[type-var]
-    forged = dataclasses.replace(good, room=forged_stamp)
+    forged = good._replace(room=forged_stamp)
     assert rooms.check_message(m.view, A.node_id, forged).verdict is Verdict.REJECT
 
 
