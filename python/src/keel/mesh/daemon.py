@@ -79,6 +79,7 @@ REFUSALS_BURST = 30
 # acknowledge one while the next is still on its way.
 BATCH_TARGET = 256 << 10
 HANDOFF_BASE = local.STREAM_RECEIPTS
+STREAM_SEND_WAIT = 5.0  # s a stream's SEND waits for room in a full outbox before "busy"
 HANDOFF_HOLD = 1.0  # s an agent may hold a handed-off message before it is stored anyway
 DELIVER_FRAME = 1 << 20  # a local stream's DELIVER frames are about this big at most
 MAX_STREAM_UNACKED = 100_000
@@ -394,6 +395,7 @@ class MeshNode:
         epoch = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
         self._handoff_receipts = itertools.count(HANDOFF_BASE | epoch << 32)
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._outbox_room = asyncio.Event()  # set whenever messages leave the outbox
         self._inbox_waiters: dict[str, asyncio.Event] = {}
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -905,6 +907,7 @@ class MeshNode:
             return
         delivered = self.outbox.acked(peer, packet.ok)
         if delivered:
+            self._outbox_room.set()
             self.store.delivered(delivered)
             for item in delivered:
                 self._forget_payload(item.seq)
@@ -1109,6 +1112,7 @@ class MeshNode:
             self._payload_bytes -= len(cached[0])
 
     def _dead_letter(self, items: Sequence[Outgoing], reason: str) -> None:
+        self._outbox_room.set()
         self.store.dead_letter(items, reason, self.wall())
         for item in items:
             self._forget_payload(item.seq)
@@ -1446,7 +1450,10 @@ class MeshNode:
             while True:
                 kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
                 body = await reader.readexactly(length) if length else b""
-                self._stream_frame(stream, kind, body)
+                if kind == local.Kind.SEND:
+                    await self._stream_send(stream, body)
+                else:
+                    self._stream_frame(stream, kind, body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -1458,22 +1465,42 @@ class MeshNode:
         finally:
             self._stream_closed(stream)
 
+    async def _stream_send(self, stream: LocalStream, body: bytes) -> None:
+        """A SEND: queued, refused, or (the outbox full for ``STREAM_SEND_WAIT`` s) busy.
+
+        While it waits for room, this stream's later frames wait in the socket:
+        the agent's pipeline slows to the pace the mesh delivers at.
+        """
+        request, messages = local.decode_send(body)
+        deadline = self.clock() + STREAM_SEND_WAIT
+        try:
+            batch = self._local_batch(messages)
+            while True:
+                try:
+                    self.enqueue(batch, message_ids=[m.id for m in messages])
+                    break
+                except Backpressure:
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        raise
+                    self._outbox_room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await self._outbox_room.wait()
+                    self._require_member()
+        except Backpressure as exc:
+            stream.write(local.encode_sent(request, local.Status.BUSY, str(exc)))
+        except KeelError as exc:
+            stream.write(local.encode_sent(request, local.Status.REFUSED, str(exc)))
+        except Exception:
+            log.exception("mesh: a local SEND failed")
+            error = "internal error; see the daemon's log"
+            stream.write(local.encode_sent(request, local.Status.REFUSED, error))
+        else:
+            stream.write(local.encode_sent(request))
+
     def _stream_frame(self, stream: LocalStream, kind: int, body: bytes) -> None:
-        if kind == local.Kind.SEND:
-            request, messages = local.decode_send(body)
-            try:
-                self._send_local(messages)
-            except Backpressure as exc:
-                stream.write(local.encode_sent(request, local.Status.BUSY, str(exc)))
-            except KeelError as exc:
-                stream.write(local.encode_sent(request, local.Status.REFUSED, str(exc)))
-            except Exception:
-                log.exception("mesh: a local SEND failed")
-                error = "internal error; see the daemon's log"
-                stream.write(local.encode_sent(request, local.Status.REFUSED, error))
-            else:
-                stream.write(local.encode_sent(request))
-        elif kind == local.Kind.ACK:
+        if kind == local.Kind.ACK:
             self._stream_ack(stream, local.decode_ack(body))
             self._fill(stream)
             stream.flush()
@@ -1494,8 +1521,10 @@ class MeshNode:
         else:
             raise local.LocalStreamError(f"unknown frame type 0x{kind:02x}")
 
-    def _send_local(self, messages: Sequence[local.Outgoing]) -> None:
-        """A SEND: the same checks as ``send_many``, all or nothing, one transaction."""
+    def _local_batch(
+        self, messages: Sequence[local.Outgoing]
+    ) -> list[tuple[Sequence[str], str, bytes, float, None]]:
+        """A SEND's messages for ``enqueue``, after the same checks as ``send_many``."""
         self._require_member()
         me = self.identity.node_id
         view = self.view
@@ -1528,7 +1557,7 @@ class MeshNode:
                 )
             ttl = message.ttl_ms / 1000 if message.ttl_ms else self.settings.default_ttl
             batch.append((to, message.topic, message.payload, wall + ttl, None))
-        self.enqueue(batch, message_ids=[m.id for m in messages])
+        return batch
 
     def _taker(self, topic: str) -> LocalStream | None:
         """A stream subscribed to ``topic`` that can take a message now, if any."""

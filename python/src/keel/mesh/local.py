@@ -20,7 +20,9 @@ Daemon to agent:
 
     0x81 SENT       request: u32 || status: u8 || UTF-8 error (status 1 or 2)
                     status 0: queued; 1: refused (a bad recipient, topic, size...);
-                    2: busy (the outbox is full: nothing queued, send it again later)
+                    2: busy (the outbox stayed full for 5 s: nothing queued, send it
+                    again later). While a SEND waits for room the daemon reads nothing
+                    more from that stream, so a pipelining agent slows to the mesh's pace.
     0x82 DELIVER    entries, each
                     receipt: u64 || id (16) || from (32) || received: f64 (Unix seconds)
                     || flags: u8 (bit 0: room) || room (16, if flags bit 0) || size: u32 || payload
