@@ -1084,6 +1084,10 @@ class MeshNode:
                     conn.send_packet(packets.encode(message))
             for batch in batches.values():
                 batch.flush()
+            for conn in {
+                id(c): c for c in (self.links.get(i.peer) for i in due.sends) if c
+            }.values():
+                conn.flush()  # now: before the local reply (SENT) that follows a send
             for dial in self.dialer.due():
                 self._spawn(self._dial(dial))
         except Exception:

@@ -41,7 +41,7 @@ log = logging.getLogger("keel.mesh")
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384  # new databases only; an existing file keeps its own
 CHECKPOINT_BYTES = 8 << 20  # the checkpoint thread copies the log once it is this big
-CHECKPOINT_DELAY = 0.02  # s: commits in a burst share one checkpoint
+CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
 WAL_SIZE_LIMIT = 64 << 20  # a log reset after a burst is truncated to this
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -452,11 +452,12 @@ class Store:
 class _Checkpointer:
     """Copies the write-ahead log into the database from its own thread and connection.
 
-    ``poke`` after commits; the thread waits ``CHECKPOINT_DELAY`` (so a burst
-    of commits shares one checkpoint), then checkpoints (PASSIVE: writers go
-    on meanwhile) if the log holds ``CHECKPOINT_BYTES`` or more. Idle, it
-    sleeps. A failed checkpoint is logged and tried again on the next poke:
-    the log only grows meanwhile, nothing is lost.
+    ``poke`` after commits: at most every ``CHECKPOINT_DELAY`` it looks at the
+    log's size and, once it holds ``CHECKPOINT_BYTES`` or more, wakes the
+    thread, which checkpoints (PASSIVE: writers go on meanwhile). Otherwise
+    the thread sleeps: waking it for nothing would cost the event loop's
+    thread the GIL. A failed checkpoint is logged and tried again on a later
+    poke: the log only grows meanwhile, nothing is lost.
     """
 
     def __init__(self, path: Path) -> None:
@@ -464,11 +465,21 @@ class _Checkpointer:
         self.wal = path.with_name(path.name + "-wal")
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._looked = 0.0
         self._thread = threading.Thread(target=self._run, name="keel-mesh-checkpoint", daemon=True)
         self._thread.start()
 
     def poke(self) -> None:
-        self._wake.set()
+        now = time.monotonic()
+        if now - self._looked < CHECKPOINT_DELAY:
+            return
+        self._looked = now
+        try:
+            big = self.wal.stat().st_size >= CHECKPOINT_BYTES
+        except OSError:
+            return
+        if big:
+            self._wake.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -481,16 +492,12 @@ class _Checkpointer:
             db.execute("PRAGMA busy_timeout=5000")
             while True:
                 self._wake.wait()
+                self._wake.clear()
                 if self._stopping.is_set():
                     return
-                time.sleep(CHECKPOINT_DELAY)
-                self._wake.clear()
-                if self._stopping.is_set():  # stop() may have set (and we cleared) _wake
-                    return
                 try:
-                    if self.wal.stat().st_size >= CHECKPOINT_BYTES:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except (OSError, sqlite3.Error) as exc:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
                     log.warning("mesh: checkpoint of %s failed (will retry): %s", self.path, exc)
         finally:
             db.close()
