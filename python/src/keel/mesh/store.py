@@ -12,8 +12,8 @@ rows before the ACK leaves.
 
 Commits append to the write-ahead log; a thread of its own copies the log
 into the database (a *checkpoint*, with its fsyncs), so the event loop
-never waits for that. New databases use 16 KiB pages (a 64 KiB payload is a
-few pages, not sixteen), and deleted rows are zeroed where that costs no
+never waits for that. New databases use 8 KiB pages (a 64 KiB payload is
+eight pages, not sixteen; a small commit still writes little), and deleted rows are zeroed where that costs no
 extra I/O (``secure_delete=FAST``: small payloads are wiped in place, the
 pages of large ones go to the free list as they are).
 """
@@ -39,7 +39,7 @@ from keel.mesh.membership import Record
 log = logging.getLogger("keel.mesh")
 
 SCHEMA_VERSION = 1
-PAGE_SIZE = 16384  # new databases only; an existing file keeps its own
+PAGE_SIZE = 8192  # new databases only; an existing file keeps its own
 CHECKPOINT_BYTES = 8 << 20  # the checkpoint thread copies the log once it is this big
 CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
 WAL_SIZE_LIMIT = 64 << 20  # a log reset after a burst is truncated to this
@@ -70,6 +70,23 @@ CREATE TABLE IF NOT EXISTS peers (node TEXT PRIMARY KEY, last_seen REAL NOT NULL
 
 class StoreError(KeelError):
     """The state database cannot be opened or written."""
+
+
+class _Duplicates(Exception):
+    """A batch holds messages queued already: undo, and take the slow path."""
+
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (seq, id, peer, room, topic, expires, created, stamp, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert outbox rows; ``_Duplicates`` (the caller rolls back) if any was there already."""
+    inserted = db.executemany(_INSERT_OUTBOX + " ON CONFLICT (peer, id) DO NOTHING", rows)
+    if inserted.rowcount != len(rows):
+        raise _Duplicates
 
 
 # Tuples, not dataclasses: one of each is made per message on the hot path.
@@ -140,6 +157,7 @@ class Store:
                 f"{path}: cannot open the mesh state database: {exc} "
                 "(a damaged file? move it away to start afresh, losing queued messages)"
             ) from None
+        self._last_seq: int | None = None  # the last outbox seq used (cached)
         self._checkpointer = _Checkpointer(path)
 
     def _migrate(self) -> None:
@@ -247,36 +265,45 @@ class Store:
     # -- outbox
 
     def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing | None]:
-        """Store outgoing messages; ``None`` for one already queued (same peer and id)."""
+        """Store outgoing messages; ``None`` for one already queued (same peer and id).
+
+        One transaction. The common case (nothing queued twice) is one
+        INSERT that skips conflicts; if it skipped any, the transaction is
+        undone and done again with a lookup of what is queued already.
+        """
+        try:
+            with self.transaction() as db:
+                last = self._outbox_seq(db)
+                rows = [
+                    self._outbox_row(last + n, item, created) for n, item in enumerate(items, 1)
+                ]
+                _insert_new(db, rows)
+        except _Duplicates:
+            return self._enqueue_checked(items, created)
+        self._last_seq = last + len(rows)
+        return [
+            Outgoing(
+                seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload)
+            )
+            for seq, item in enumerate(items, last + 1)
+        ]
+
+    def _enqueue_checked(
+        self, items: Sequence[NewOutgoing], created: float
+    ) -> list[Outgoing | None]:
         keys = [(item.peer, item.id) for item in items]
         queued = self._existing("outbox", "peer", keys)
         out: list[Outgoing | None] = []
         rows = []
         with self.transaction() as db:
-            (last,) = db.execute(
-                "SELECT coalesce(max(seq), 0) FROM "
-                "(SELECT seq FROM sqlite_sequence WHERE name = 'outbox' UNION ALL "
-                "SELECT max(seq) FROM outbox UNION ALL SELECT max(seq) FROM dead_letters)"
-            ).fetchone()
+            last = self._outbox_seq(db)
             for item, key in zip(items, keys, strict=True):
                 if key in queued:
                     out.append(None)
                     continue
                 queued.add(key)
                 last += 1
-                rows.append(
-                    (
-                        last,
-                        item.id,
-                        item.peer,
-                        item.room,
-                        item.topic,
-                        item.expires,
-                        created,
-                        item.stamp,
-                        item.payload,
-                    )
-                )
+                rows.append(self._outbox_row(last, item, created))
                 out.append(
                     Outgoing(
                         last,
@@ -288,12 +315,33 @@ class Store:
                         len(item.payload),
                     )
                 )
-            db.executemany(
-                "INSERT INTO outbox (seq, id, peer, room, topic, expires, created, stamp, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            db.executemany(_INSERT_OUTBOX, rows)
+        self._last_seq = last
         return out
+
+    @staticmethod
+    def _outbox_row(seq: int, item: NewOutgoing, created: float) -> tuple[Any, ...]:
+        return (
+            seq,
+            item.id,
+            item.peer,
+            item.room,
+            item.topic,
+            item.expires,
+            created,
+            item.stamp,
+            item.payload,
+        )
+
+    def _outbox_seq(self, db: sqlite3.Connection) -> int:
+        """The last outbox seq ever used (one query per Store; this Store is the only writer)."""
+        if self._last_seq is None:
+            (self._last_seq,) = db.execute(
+                "SELECT coalesce(max(seq), 0) FROM "
+                "(SELECT seq FROM sqlite_sequence WHERE name = 'outbox' UNION ALL "
+                "SELECT max(seq) FROM outbox UNION ALL SELECT max(seq) FROM dead_letters)"
+            ).fetchone()
+        return self._last_seq
 
     def _existing(
         self, table: str, column: str, keys: Sequence[tuple[str, str]]

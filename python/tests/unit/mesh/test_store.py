@@ -193,3 +193,22 @@ def test_the_checkpoint_thread_copies_the_log_and_stops_at_once(
     reopened = Store(path)
     assert [i.id for i in reopened.load_outbox()] == [f"{1:032x}"]
     reopened.close()
+
+
+def test_outbox_seqs_only_grow_and_a_batch_may_repeat_itself(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    first = store.enqueue([out(f"{1:032x}"), out(f"{2:032x}")], created=1.0)
+    twice = store.enqueue([out(f"{3:032x}"), out(f"{3:032x}"), out(f"{2:032x}")], created=1.0)
+    assert twice[1:] == [None, None]  # the same message twice in a batch, and one queued before
+    assert twice[0] is not None
+    seqs = [i.seq for i in first if i] + [twice[0].seq]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 3
+    store.dead_letter([i for i in first if i], "expired", wall=2.0)
+    store.delivered([twice[0]])
+    store.close()
+    reopened = Store(tmp_path / "s.db")  # the outbox is empty now: seqs still never come back
+    (later,) = reopened.enqueue([out(f"{4:032x}")], created=3.0)
+    assert later is not None
+    assert later.seq > max(seqs)
+    reopened.close()
