@@ -189,7 +189,8 @@ class _Stream:
             if len(self.buffer) >= head:
                 kind, length = local.read_frame_head(bytes(self.buffer[:head]))
                 if len(self.buffer) >= head + length:
-                    body = bytes(self.buffer[head : head + length])
+                    with memoryview(self.buffer) as view:  # one copy, not two
+                        body = bytes(view[head : head + length])
                     del self.buffer[: head + length]
                     if kind == local.Kind.ERROR:
                         self.close()
@@ -254,7 +255,7 @@ class SendRefused(ApiError):
 @dataclass
 class _Batch:
     ids: list[str]
-    entries: list[bytes]
+    entries: list[bytes]  # SEND entries' heads and payloads, in order
     request: int = 0
 
 
@@ -298,7 +299,7 @@ class Sender:
         message_id = id or new_message_id()
         entry = local.Outgoing(message_id, to, topic, data, self.ttl_ms)
         try:
-            self._next.entries.append(local.send_entry(entry))
+            self._next.entries += (local.send_entry_head(entry), data)
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
             raise ApiError(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
         self._next.ids.append(message_id)

@@ -171,6 +171,13 @@ class PeerConnection(asyncio.Protocol):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def _write_parts(self, parts: list[bytes]) -> None:
+        """``_write`` for pieces: they are joined once, with the rest, when flushed."""
+        self._out += parts
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
@@ -256,7 +263,7 @@ class PeerConnection(asyncio.Protocol):
     def send_packet(self, data: bytes) -> None:
         if self.closing or self.session.state is not State.OPEN:
             return
-        self._guarded(lambda: self._write(self.session.send_message(data)))
+        self._guarded(lambda: self._write_parts(self.session.send_message_parts(data)))
 
     def close(self, reason: str) -> None:
         """Say why (a CLOSE record) and hang up."""
@@ -280,26 +287,30 @@ class PeerConnection(asyncio.Protocol):
 class Batch:
     """Messages for one connection, sent as MSGS packets of at most the batch limits."""
 
-    __slots__ = ("conn", "entries", "size")
+    __slots__ = ("conn", "count", "parts", "size")
 
     def __init__(self, conn: PeerConnection) -> None:
         self.conn = conn
-        self.entries: list[bytes] = []
+        self.parts: list[bytes] = [packets.MSGS_HEADER]  # entry heads and payloads, in order
+        self.count = 0
         self.size = len(packets.MSGS_HEADER)
 
     def add(self, message: Msg) -> None:
-        entry = packets.msgs_entry(message)
-        if self.entries and (
-            self.size + len(entry) > BATCH_TARGET or len(self.entries) == packets.MAX_BATCH_MESSAGES
+        head = packets.msgs_entry_head(message)
+        size = len(head) + len(message.payload)
+        if self.count and (
+            self.size + size > BATCH_TARGET or self.count == packets.MAX_BATCH_MESSAGES
         ):
             self.flush()
-        self.entries.append(entry)
-        self.size += len(entry)
+        self.parts += (head, message.payload)
+        self.count += 1
+        self.size += size
 
     def flush(self) -> None:
-        if self.entries:
-            self.conn.send_packet(packets.MSGS_HEADER + b"".join(self.entries))
-        self.entries = []
+        if self.count:
+            self.conn.send_packet(b"".join(self.parts))  # the payloads' one copy on this side
+        self.parts = [packets.MSGS_HEADER]
+        self.count = 0
         self.size = len(packets.MSGS_HEADER)
 
 
@@ -335,11 +346,12 @@ class LocalStream:
             not self.pending or self.pending_bytes < self.max_bytes
         )
 
-    def hand(self, entry: bytes, seq: int, size: int) -> None:
-        self.pending[seq] = size
-        self.pending_bytes += size
-        self._out.append(entry)
-        self._out_bytes += len(entry)
+    def hand(self, head: bytes, payload: bytes, seq: int) -> None:
+        """Queue one DELIVER entry (its head, then its payload) for the next frame."""
+        self.pending[seq] = len(payload)
+        self.pending_bytes += len(payload)
+        self._out += (head, payload)
+        self._out_bytes += len(head) + len(payload)
         if self._out_bytes >= DELIVER_FRAME:
             self.flush()
 
@@ -354,7 +366,9 @@ class LocalStream:
 
     def flush(self, *, always: bool = False) -> None:
         if self._out or always:
-            self.write(local.frame(local.Kind.DELIVER, b"".join(self._out)))
+            if not self.closed and not self.writer.is_closing():
+                head = local.FRAME.pack(local.Kind.DELIVER, self._out_bytes)
+                self.writer.writelines([head, *self._out])  # one join, then the socket
             self._out = []
             self._out_bytes = 0
 
@@ -1575,15 +1589,15 @@ class MeshNode:
         held = Handoff(receipt_number, item, peer, stream, self.clock())
         self._handoffs[receipt_number] = held
         self._held[(item.sender, item.id)] = held
-        entry = local.deliver_entry(
+        head = local.deliver_entry_head(
             receipt_number,
             item.id,
             sender=item.sender,
             received=wall,
             room=item.room,
-            payload=item.payload,
+            size=len(item.payload),
         )
-        stream.hand(entry, receipt_number, len(item.payload))
+        stream.hand(head, item.payload, receipt_number)
         if self._hold_timer is None:
             self._hold_timer = asyncio.get_running_loop().call_later(HANDOFF_HOLD, self._hold_check)
 
@@ -1688,16 +1702,16 @@ class MeshNode:
 
     def _hand(self, stream: LocalStream, message: InboxMessage) -> None:
         """Hand a stored message to ``stream`` (leased to it until acknowledged or closed)."""
-        entry = local.deliver_entry(
+        head = local.deliver_entry_head(
             message.seq,
             message.id,
             sender=message.sender,
             received=message.received,
             room=message.room,
-            payload=message.payload,
+            size=len(message.payload),
         )
         self._handed[message.seq] = stream
-        stream.hand(entry, message.seq, len(message.payload))
+        stream.hand(head, message.payload, message.seq)
 
     def _fill(self, stream: LocalStream) -> None:
         """Hand ``stream`` what waits in the inbox for its topic, while it has room."""

@@ -92,7 +92,8 @@ class FrameReader:
                     hint="oversized frame or garbage on the connection",
                 )
             if len(self._buffer) >= LENGTH_SIZE + length:
-                frame = bytes(self._buffer[LENGTH_SIZE : LENGTH_SIZE + length])
+                with memoryview(self._buffer) as view:  # one copy, not two
+                    frame = bytes(view[LENGTH_SIZE : LENGTH_SIZE + length])
                 del self._buffer[: LENGTH_SIZE + length]
                 return frame
         if self._eof and self._buffer:

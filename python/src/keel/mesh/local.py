@@ -137,7 +137,8 @@ def _ascii(raw: bytes, what: str) -> str:
 # ---------------------------------------------------------------- SEND
 
 
-def send_entry(message: Outgoing) -> bytes:
+def send_entry_head(message: Outgoing) -> bytes:
+    """A SEND entry up to its payload (the entry is this head, then ``message.payload``)."""
     topic = message.topic.encode("ascii")
     to = message.to.encode("ascii")
     if len(to) != 32 or not 0 < len(topic) < 256 or len(message.id) != 32:
@@ -147,14 +148,20 @@ def send_entry(message: Outgoing) -> bytes:
             _SEND_HEAD.pack(bytes.fromhex(message.id), to, message.ttl_ms, len(topic)),
             topic,
             _SIZE.pack(len(message.payload)),
-            message.payload,
         )
     )
 
 
+def send_entry(message: Outgoing) -> bytes:
+    return send_entry_head(message) + message.payload
+
+
 def encode_send(request: int, entries: Sequence[bytes]) -> bytes:
-    """A SEND frame from ``send_entry`` results."""
-    return frame(Kind.SEND, _REQUEST.pack(request) + b"".join(entries))
+    """A SEND frame from ``send_entry`` results (or their pieces, in order: joined once)."""
+    size = _REQUEST.size + sum(len(e) for e in entries)
+    if size > MAX_FRAME:
+        raise LocalStreamError(f"a frame body carries at most {MAX_FRAME} bytes")
+    return b"".join((FRAME.pack(Kind.SEND, size), _REQUEST.pack(request), *entries))
 
 
 def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
@@ -240,16 +247,26 @@ def decode_ack(body: bytes) -> tuple[int, ...]:
 # ---------------------------------------------------------------- DELIVER
 
 
-def deliver_entry(
-    receipt: int, message_id: str, *, sender: str, received: float, room: str | None, payload: bytes
+def deliver_entry_head(
+    receipt: int, message_id: str, *, sender: str, received: float, room: str | None, size: int
 ) -> bytes:
+    """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
     flags = FLAG_ROOM if room is not None else 0
     head = _DELIVER_HEAD.pack(
         receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
     )
     if room is not None:
         head += bytes.fromhex(room)
-    return b"".join((head, _SIZE.pack(len(payload)), payload))
+    return head + _SIZE.pack(size)
+
+
+def deliver_entry(
+    receipt: int, message_id: str, *, sender: str, received: float, room: str | None, payload: bytes
+) -> bytes:
+    head = deliver_entry_head(
+        receipt, message_id, sender=sender, received=received, room=room, size=len(payload)
+    )
+    return head + payload
 
 
 def decode_deliver(body: bytes) -> Iterator[Delivered]:

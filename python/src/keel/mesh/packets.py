@@ -201,8 +201,8 @@ def batchable(message: Msg) -> bool:
     )
 
 
-def msgs_entry(message: Msg) -> bytes:
-    """One MSGS entry (``encode_msgs`` joins them behind ``MSGS_HEADER``)."""
+def msgs_entry_head(message: Msg) -> bytes:
+    """A MSGS entry up to its payload (the entry is this head, then ``message.payload``)."""
     topic = message.topic.encode("ascii")
     room = message.room
     if room is None:
@@ -211,9 +211,12 @@ def msgs_entry(message: Msg) -> bytes:
         head = _ENTRY.pack(_FLAG_ROOM, bytes.fromhex(message.id), message.expires) + _ROOM.pack(
             bytes.fromhex(room.room), room.author.encode("ascii"), room.version, room.signature
         )
-    return b"".join(
-        (head, bytes([len(topic)]), topic, _LENGTH.pack(len(message.payload)), message.payload)
-    )
+    return b"".join((head, bytes([len(topic)]), topic, _LENGTH.pack(len(message.payload))))
+
+
+def msgs_entry(message: Msg) -> bytes:
+    """One MSGS entry (``encode_msgs`` joins them behind ``MSGS_HEADER``)."""
+    return msgs_entry_head(message) + message.payload
 
 
 def encode_msgs(messages: Sequence[Msg]) -> bytes:

@@ -61,6 +61,8 @@ from keel.mesh.kem import Kem
 from keel.mesh.noise import TAG_LEN, CipherState, HandshakeState
 
 PROTOCOL_NAME: Final = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s"
+_DATA: Final = bytes([Record.DATA])
+_DATA_MORE: Final = bytes([Record.DATA_MORE])
 PROLOGUE: Final = b"keel-mesh/1"
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_SIZE: Final = 1 << 20
@@ -207,7 +209,8 @@ class Session:
         self._h2 = b""
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
-        self._partial = bytearray()
+        self._partial: list[bytes] = []  # the chunks of a message arriving in pieces
+        self._partial_size = 0
         self._partial_active = False
         now = clock()
         self._created = now
@@ -304,27 +307,46 @@ class Session:
 
     def send_message(self, data: bytes) -> bytes:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
+        return b"".join(self.send_message_parts(data))
+
+    def send_message_parts(self, data: bytes) -> list[bytes]:
+        """``send_message``'s bytes as a list of pieces to write in order (no joining)."""
         self._require_open("send a message")
         if len(data) > self.config.max_message_size:
             raise LocalProtocolError(
                 f"message of {len(data)} bytes exceeds the maximum of {self.config.max_message_size}",
                 hint="split it at the application level",
             )
+        return self._guard(lambda: self._seal_message(data))
+
+    def _seal_message(self, data: bytes) -> list[bytes]:
         chunk = self.config.max_frame_size - TAG_LEN - 1
-        view = memoryview(bytes(data))
+        parts: list[bytes] = []
+        now = self.clock()
+        if len(data) <= chunk:
+            self._seal_into(parts, _DATA, data, now)
+            return parts
+        with memoryview(data) as view:
+            for offset in range(0, len(view), chunk):
+                last = offset + chunk >= len(view)
+                self._seal_into(
+                    parts, _DATA if last else _DATA_MORE, view[offset : offset + chunk], now
+                )
+        return parts
 
-        def seal_all() -> bytes:
-            out = bytearray()
-            offset = 0
-            while True:
-                piece = view[offset : offset + chunk]
-                offset += len(piece)
-                last = offset >= len(view)
-                out += self._seal(Record.DATA if last else Record.DATA_MORE, bytes(piece))
-                if last:
-                    return bytes(out)
-
-        return self._guard(seal_all)
+    def _seal_into(
+        self, parts: list[bytes], kind: bytes, body: bytes | memoryview, now: float
+    ) -> None:
+        """One record's frame, appended to ``parts`` as (length, ciphertext), after a REKEY if due."""
+        rekey = self._rekey_if_due(now)
+        if rekey:
+            parts.append(rekey)
+        assert self._send is not None
+        sealed = self._send.encrypt_with_ad(b"", kind + body)
+        parts.append(len(sealed).to_bytes(2, "big"))
+        parts.append(sealed)
+        self._sent_since_rekey += 1
+        self._last_sent = now
 
     def send_keepalive(self) -> bytes:
         self._require_open("send a keepalive")
@@ -559,21 +581,27 @@ class Session:
         kind, body = decode_record(self._recv.decrypt_with_ad(b"", frame))
         self._last_received = self.clock()
         if kind is Record.DATA_MORE or kind is Record.DATA:
-            if len(self._partial) + len(body) > self.config.max_message_size:
+            if self._partial_size + len(body) > self.config.max_message_size:
                 raise RemoteProtocolError(
                     f"incoming message exceeds the maximum of {self.config.max_message_size} bytes",
                     hint="oversized message",
                 )
-            self._partial += body
+            if kind is Record.DATA and not self._partial:
+                self._events.append(Message(body))  # the usual case: one record, no copy
+                return
+            self._partial.append(body)
+            self._partial_size += len(body)
             if kind is Record.DATA:
-                self._events.append(Message(bytes(self._partial)))
+                self._events.append(Message(b"".join(self._partial)))
                 self._partial.clear()
+                self._partial_size = 0
         elif kind is Record.KEEPALIVE:
             self._events.append(Keepalive())
         elif kind is Record.REKEY:
             self._recv.rekey()
         elif kind is Record.CLOSE:
             self._partial.clear()
+            self._partial_size = 0
             reason = body.decode("utf-8", errors="replace")
             self._finish(Closed(reason or "closed by the peer", clean=True))
 
