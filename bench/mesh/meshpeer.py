@@ -9,7 +9,10 @@ real agent on its own host. Each message starts with the sender's
 - ``flood``: the sender pipelines ``count`` messages (``MeshClient.sender``);
   the receiver's subscription takes them as they are pushed.
 - ``pingpong``: the sender sends one message (``MeshClient.send``) and waits
-  for a one-byte reply over the mesh before the next; the receiver replies.
+  until the receiver has it before the next: the receiver writes a byte to a
+  FIFO (``--pace``, a side channel like the in-process event the first
+  version of this benchmark used), so only the measured message crosses
+  the mesh.
 
 Each side prints one JSON line with its figures (and its own CPU time).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -39,9 +43,12 @@ def receive(args: argparse.Namespace) -> dict[str, Any]:
     client = MeshClient(args.dir, timeout=60)
     latencies: list[int] = []
     first = last = 0
+    pace = None
     with client.subscribe(args.topic, max_unacked=4096) as inbox:
         inbox.recv()  # subscribed before the sender starts
         print("ready", flush=True)
+        if args.mode == "pingpong":
+            pace = os.open(args.pace, os.O_WRONLY)  # blocks until the sender opens it
         cpu = time.process_time()
         while len(latencies) < args.count:
             for message in inbox.recv(wait=10):
@@ -49,8 +56,8 @@ def receive(args: argparse.Namespace) -> dict[str, Any]:
                 first = first or now
                 last = now
                 latencies.append(now - STAMP.unpack_from(message.data)[0])
-                if args.mode == "pingpong":
-                    client.send(args.reply_to, f"{args.topic}-pong", b"k")
+                if pace is not None:
+                    os.write(pace, b"k")
         cpu = time.process_time() - cpu
     return {"first_ns": first, "last_ns": last, "latencies_ns": latencies, "cpu_s": cpu}
 
@@ -64,12 +71,14 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.count):
                 out.send(args.to, args.topic, stamped(args.size))
     else:
-        with client.subscribe(f"{args.topic}-pong") as replies:
-            replies.recv()
+        pace = os.open(args.pace, os.O_RDONLY)
+        try:
             for _ in range(args.count):
                 client.send(args.to, args.topic, stamped(args.size))
-                while not replies.recv(wait=10):
-                    pass
+                if not os.read(pace, 1):
+                    raise RuntimeError("the receiving agent went away")
+        finally:
+            os.close(pace)
     return {"start_ns": start, "cpu_s": time.process_time() - cpu}
 
 
@@ -82,7 +91,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--to", default="")
-    parser.add_argument("--reply-to", default="")
+    parser.add_argument("--pace", default="", help="pingpong: the FIFO the receiver writes to")
     args = parser.parse_args()
     result = receive(args) if args.role == "recv" else send(args)
     print(json.dumps(result), flush=True)

@@ -186,10 +186,13 @@ def mesh_run(
     process spent per message (agents and daemons) while it ran.
     """
     topic = f"{mode}{size}"
-    common = ["--mode", mode, "--topic", topic, "--count", str(count), "--size", str(size)]
+    pace = da.directory.parent / f"pace-{topic}"
+    if mode == "pingpong" and not pace.exists():
+        os.mkfifo(pace)
+    common = ["--mode", mode, "--topic", topic, "--count", str(count), "--size", str(size),
+              "--pace", str(pace)]  # fmt: skip
     receiver = subprocess.Popen(
-        [*b.prefix, sys.executable, str(AGENT), "recv", "--dir", str(db.directory), *common,
-         "--reply-to", da.node_id],
+        [*b.prefix, sys.executable, str(AGENT), "recv", "--dir", str(db.directory), *common],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert receiver.stdout is not None
