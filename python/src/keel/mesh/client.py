@@ -684,16 +684,17 @@ class MeshClient:
         before it answered) can be repeated as the same message: with
         ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
         """
-        message = self._message(to, topic, data, ttl)
-        binary = local.Outgoing(message["id"], to, topic, data, _ttl_ms(ttl))
+        message_id = new_message_id()
+        binary = local.Outgoing(message_id, to, topic, data, _ttl_ms(ttl))
         deadline = time.monotonic() + retry
         while True:
             try:
                 if self._send_binary([binary]):
-                    return str(message["id"])
-                return str(
-                    self._retrying("send", message, max(0.0, deadline - time.monotonic()))["id"]
-                )
+                    return message_id
+                message = self._message(to, topic, data, ttl)  # an older daemon: JSON
+                message["id"] = message_id
+                left = max(0.0, deadline - time.monotonic())
+                return str(self._retrying("send", message, left)["id"])
             except ApiError as exc:
                 if time.monotonic() >= deadline or not _transient(exc):
                     raise
