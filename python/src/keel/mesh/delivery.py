@@ -47,7 +47,7 @@ class Limits:
     max_per_peer: int = 10_000
     max_total: int = 100_000
     max_bytes: int = 256 << 20
-    window_messages: int = 1024
+    window_messages: int = 4096
     window_bytes: int = 16 << 20
     ack_timeout: float = 10.0
     retry_base: float = 1.0

@@ -9,7 +9,7 @@ directory) overrides timeouts and limits, e.g. for tests or slow links::
      "connect_timeout": 5, "max_handshakes": 64, "lease": 30,
      "max_outbox_per_peer": 10000, "max_outbox": 100000, "max_outbox_bytes": 268435456,
      "max_inbox": 100000, "max_inbox_bytes": 268435456,
-     "window_messages": 1024, "window_bytes": 16777216, "durability": "normal"}
+     "window_messages": 4096, "window_bytes": 16777216, "durability": "normal"}
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def load_settings(directory: Path) -> Settings:
             max_per_peer=cfg.integer("max_outbox_per_peer", 10_000, minimum=1),
             max_total=cfg.integer("max_outbox", 100_000, minimum=1),
             max_bytes=cfg.integer("max_outbox_bytes", 256 << 20, minimum=1),
-            window_messages=cfg.integer("window_messages", 1024, minimum=1),
+            window_messages=cfg.integer("window_messages", 4096, minimum=1),
             window_bytes=cfg.integer("window_bytes", 16 << 20, minimum=1),
             ack_timeout=cfg.number("ack_timeout", 10.0, positive=True),
             retry_base=cfg.number("retry_base", 1.0, positive=True),
