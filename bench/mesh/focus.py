@@ -60,10 +60,30 @@ def profile_stop(recorder: subprocess.Popen[bytes]) -> None:
         recorder.wait()
 
 
-def summarize(path: Path, title: str, top: int = 25) -> None:
-    """Self time by function, and total time under each daemon entry point."""
+# Where a sample's innermost frame is, as a stage of the path (first match wins).
+STAGES = (
+    ("SQLite (outbox, inbox, dedup ids)", ("keel/mesh/store.py", "sqlite3")),
+    ("ChaCha20-Poly1305", ("noise.py",)),
+    ("secure channel framing (session, framing)", ("session.py", "framing.py")),
+    ("packets (MSGS, ACK)", ("packets.py",)),
+    ("local stream codec (agent side frames)", ("keel/mesh/local.py",)),
+    ("outbox bookkeeping (delivery core)", ("delivery.py",)),
+    ("daemon logic (daemon.py)", ("daemon.py",)),
+    ("asyncio, sockets, syscalls", ("asyncio/", "selectors.py", "socket.py")),
+)
+
+
+def stage_of(leaf: str) -> str:
+    for name, needles in STAGES:
+        if any(needle in leaf for needle in needles):
+            return name
+    return "other"
+
+
+def summarize(path: Path, title: str, top: int = 20) -> None:
+    """Samples by stage of the path, then the hottest functions (self time)."""
     own: collections.Counter[str] = collections.Counter()
-    under: collections.Counter[str] = collections.Counter()
+    stages: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -74,20 +94,15 @@ def summarize(path: Path, title: str, top: int = 25) -> None:
         total += n
         leaf = frames[-1]
         own[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += n
-        seen = set()
-        for frame in frames:
-            name = frame.split(" (")[0]
-            if name not in seen:
-                seen.add(name)
-                under[name] += n
+        stages[stage_of(leaf)] += n
     if not total:
         print(f"   {title}: no samples")
         return
-    print(f"\n   {title}: {total} samples; self time")
-    for name, n in own.most_common(top):
+    print(f"\n   {title}: {total} samples while holding the GIL, by stage")
+    for name, n in stages.most_common():
         print(f"   {100 * n / total:5.1f}%  {name}")
-    print(f"   {title}: inclusive time of selected stages")
-    for name, n in under.most_common(60):
+    print(f"   {title}: hottest functions (self time)")
+    for name, n in own.most_common(top):
         print(f"   {100 * n / total:5.1f}%  {name}")
 
 

@@ -962,6 +962,8 @@ class MeshNode:
         )
         handed: dict[int, LocalStream] = {}
         backlogged: set[str] = set()
+        takers: dict[str, LocalStream | None] = {}  # per topic, while it has room
+        inbox_limits = self.settings.inbox
         for msg in messages:
             author = peer
             if msg.room is not None:
@@ -1002,9 +1004,11 @@ class MeshNode:
                 msg.room.room if msg.room else None,
                 msg.topic,
                 msg.payload,
-                keep_seen_until(msg.expires, wall, self.settings.inbox),
+                keep_seen_until(msg.expires, wall, inbox_limits),
             )
-            stream = self._taker(msg.topic)
+            stream = takers.get(msg.topic)
+            if stream is None or not stream.has_room():
+                stream = takers[msg.topic] = self._taker(msg.topic)
             if stream is not None:
                 self._handoff(stream, item, peer, wall)
                 handed[id(stream)] = stream

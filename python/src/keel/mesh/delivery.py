@@ -123,6 +123,7 @@ class Outbox:
         self._expiry: list[tuple[float, str, int]] = []  # heap (expires, peer, seq)
         self._total = 0
         self._bytes = 0
+        self._first_ack_timeout = float(min(self.limits.retry_cap, self.limits.ack_timeout))
 
     # -- queue
 
@@ -300,6 +301,8 @@ class Outbox:
         )
 
     def _ack_timeout(self, attempts: int) -> float:
+        if attempts == 1:  # the usual case, without the arithmetic
+            return self._first_ack_timeout
         limits = self.limits
         return float(min(limits.retry_cap, limits.ack_timeout * 2 ** min(attempts - 1, 30)))
 
