@@ -7,11 +7,17 @@ Measured in one run, on this machine:
 2. Throughput and one-way p50/p99 latency, application to application, for
    256 B and 64 KiB messages between two hosts joined by a veth pair
    (network namespaces; loopback if namespaces are unavailable), for:
-   keel mesh (client -> daemon -> encrypted session -> daemon -> client, with
-   the durable outbox/inbox and acknowledgements), pyzmq with CURVE security
-   (PUSH/PULL, the baseline), raw TCP (length-prefixed, no security) and
-   keel's secure channel alone (``keel.mesh.session`` over TCP, no daemon).
-   Goals: throughput >= pyzmq CURVE; 256 B p50 <= 1 ms.
+   keel mesh (agent -> daemon -> durable outbox -> encrypted session ->
+   daemon -> agent, with acknowledgements; each agent its own process next
+   to its node, ``meshpeer.py``, using ``MeshClient.sender`` and
+   ``MeshClient.subscribe``), pyzmq with CURVE security (PUSH/PULL, the
+   baseline), raw TCP (length-prefixed, no security) and keel's secure
+   channel alone (``keel.mesh.session`` over TCP, no daemon), each side of
+   each its own process (``peer.py``). One message at a time: the mesh's
+   sender waits for a byte on a FIFO from the receiving agent, the others
+   for a one-byte reply on their own connection. Goals: throughput >= pyzmq
+   CURVE; 256 B p50 <= 1 ms. The mesh rows also give the CPU each of the
+   four processes spends per message (the daemons run without ``--ledger``).
 3. Memory per connected peer: a daemon's RSS growth per open session.
 
 Run: ``.venv/bin/python bench/mesh/run.py [--quick]`` (as root for veth).
