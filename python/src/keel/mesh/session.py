@@ -209,7 +209,7 @@ class Session:
         self._h2 = b""
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
-        self._partial: list[bytes] = []  # the chunks of a message arriving in pieces
+        self._partial: list[memoryview] = []  # the pieces of a message arriving in records
         self._partial_size = 0
         self._partial_active = False
         now = clock()
@@ -578,32 +578,40 @@ class Session:
         assert self._recv is not None
         if len(frame) <= TAG_LEN:
             raise RemoteProtocolError("transport frame shorter than its tag", hint="garbage")
-        kind, body = decode_record(self._recv.decrypt_with_ad(b"", frame))
+        plaintext = self._recv.decrypt_with_ad(b"", frame)
         self._last_received = self.clock()
-        if kind is Record.DATA_MORE or kind is Record.DATA:
-            if self._partial_size + len(body) > self.config.max_message_size:
-                raise RemoteProtocolError(
-                    f"incoming message exceeds the maximum of {self.config.max_message_size} bytes",
-                    hint="oversized message",
-                )
-            if kind is Record.DATA and not self._partial:
-                self._events.append(Message(body))  # the usual case: one record, no copy
-                return
-            self._partial.append(body)
-            self._partial_size += len(body)
-            if kind is Record.DATA:
+        kind = plaintext[:1]
+        if kind == _DATA_MORE or (kind == _DATA and self._partial):
+            # a piece of a longer message: kept as a view, copied once when joined
+            piece = memoryview(plaintext)[1:]
+            self._check_size(self._partial_size + len(piece))
+            self._partial.append(piece)
+            self._partial_size += len(piece)
+            if kind == _DATA:
                 self._events.append(Message(b"".join(self._partial)))
                 self._partial.clear()
                 self._partial_size = 0
-        elif kind is Record.KEEPALIVE:
+            return
+        record, body = decode_record(plaintext)
+        if record is Record.DATA:  # the usual case: a message in one record
+            self._check_size(len(body))
+            self._events.append(Message(body))
+        elif record is Record.KEEPALIVE:
             self._events.append(Keepalive())
-        elif kind is Record.REKEY:
+        elif record is Record.REKEY:
             self._recv.rekey()
-        elif kind is Record.CLOSE:
+        elif record is Record.CLOSE:
             self._partial.clear()
             self._partial_size = 0
             reason = body.decode("utf-8", errors="replace")
             self._finish(Closed(reason or "closed by the peer", clean=True))
+
+    def _check_size(self, size: int) -> None:
+        if size > self.config.max_message_size:
+            raise RemoteProtocolError(
+                f"incoming message exceeds the maximum of {self.config.max_message_size} bytes",
+                hint="oversized message",
+            )
 
     def _rekey_if_due(self, now: float) -> bytes:
         assert self._send is not None
