@@ -24,9 +24,19 @@ let
     in
     f (builtins.intersectAttrs (builtins.functionArgs f) scope // overrides);
 
+  buildPython =
+    attrs:
+    attrs
+    // {
+      type = "derivation";
+      name = "${attrs.pname}-${attrs.version}";
+      outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${attrs.pname}-${attrs.version}";
+    };
+
   python3Packages =
     lib.genAttrs [
       "setuptools"
+      "hatchling"
       "cryptography"
       "systemd-python"
       "liboqs-python"
@@ -34,14 +44,9 @@ let
       "hypothesis"
     ] package
     // {
-      buildPythonApplication =
-        attrs:
-        attrs
-        // {
-          type = "derivation";
-          name = "${attrs.pname}-${attrs.version}";
-          outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${attrs.pname}-${attrs.version}";
-        };
+      buildPythonApplication = buildPython;
+      buildPythonPackage = buildPython;
+      fetchPypi = args: package "${args.pname}-${args.version}.tar.gz" // { inherit (args) hash; };
       callPackage = callPackageWith (python3Packages // { inherit lib; });
     };
 

@@ -161,12 +161,31 @@ def test_package_covers_the_runtime_requirements(flake_summary: dict[str, Any]) 
     assert not missing, f"pkgs/keel.nix lacks python3Packages {sorted(missing)}"
 
 
-def test_package_source_leaves_out_working_tree_junk(flake_summary: dict[str, Any]) -> None:
+def test_package_source_is_what_it_is_built_from(flake_summary: dict[str, Any]) -> None:
     keeps = flake_summary["sourceKeeps"]
-    kept = ("pyproject", "module", "unitTest")
+    # python/ and what the package and its tests read beside it.
+    kept = ("pyproject", "module", "unitTest", "tiersJson", "examples", "docs")
     assert all(keeps[name] for name in kept), keeps
-    dropped = ("pycache", "pyc", "eggInfo", "pytestCache", "hypothesis", "build", "result")
+    assert flake_summary["keel"]["sourceRoot"] == "keel-source/python"
+    # Neither working-tree junk nor the Nix files (a change to a module must
+    # not rebuild the package).
+    dropped = ["pycache", "pyc", "eggInfo", "pytestCache", "hypothesis", "build", "venv"]
+    dropped += ["devState", "flake", "vmTests", "packages"]
     assert not any(keeps[name] for name in dropped), keeps
+
+
+def test_kyber_py_is_packaged_for_the_check_phase(flake_summary: dict[str, Any]) -> None:
+    # Not in nixpkgs; the mesh's KEM tests cross-check against it.
+    assert "kyber-py" in flake_summary["keel"]["nativeCheckInputs"]
+    kyber = flake_summary["kyberPy"]
+    assert kyber == {
+        "pname": "kyber-py",
+        "version": kyber["version"],
+        "pyproject": True,
+        "pythonImportsCheck": ["kyber_py.ml_kem"],
+        "src": f"kyber_py-{kyber['version']}.tar.gz",
+        "build-system": ["hatchling"],
+    }
 
 
 def test_outputs_wire_package_overlay_modules_and_checks(flake_summary: dict[str, Any]) -> None:
