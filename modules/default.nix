@@ -3,6 +3,7 @@
 {
   imports = [
     ./keel.nix
+    ./agents.nix
     ./appliance.nix
   ];
 }

@@ -6,7 +6,7 @@
   self,
 }:
 let
-  tests = [ ];
+  tests = [ ./agents.nix ];
 
   runTest =
     file:

@@ -84,6 +84,10 @@ in
 
   tmpfiles = lib.filter (rule: lib.hasInfix "keel" rule) config.systemd.tmpfiles.rules;
   systemPackages = map (p: p.name) config.environment.systemPackages;
+  checks = map (p: {
+    inherit (p) name;
+    script = p.keelScript or null;
+  }) config.system.checks;
   enabledServices = config.services.keel.enabledServices or [ ];
   values = map (path: lib.attrByPath path null config) paths;
 }

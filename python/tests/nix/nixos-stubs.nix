@@ -116,8 +116,14 @@ let
   };
 
   userModule =
-    { name, ... }:
+    { name, config, ... }:
     {
+      # As NixOS does for normal users (config/users-groups.nix).
+      config = lib.mkIf config.isNormalUser {
+        group = lib.mkDefault "users";
+        home = lib.mkDefault "/home/${name}";
+        createHome = lib.mkDefault true;
+      };
       options = {
         name = mkOption {
           type = types.str;
@@ -150,6 +156,10 @@ let
         createHome = mkOption {
           type = types.bool;
           default = false;
+        };
+        homeMode = mkOption {
+          type = types.strMatching "[0-7]{1,5}";
+          default = "700";
         };
         uid = mkOption {
           type = types.nullOr types.int;
@@ -246,6 +256,10 @@ in
       default = { };
     };
     environment.systemPackages = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+    };
+    system.checks = mkOption {
       type = types.listOf types.package;
       default = [ ];
     };

@@ -15,6 +15,7 @@ let
     inherit name;
     pname = name;
     outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${name}";
+    meta.mainProgram = name;
   };
 
   callPackageWith =
@@ -85,10 +86,16 @@ let
       };
 
     writeText = name: text: package name // { keelText = text; };
+    runCommand =
+      name: env: script:
+      package name // { keelScript = script; };
 
     testers.runNixOSTest = module: { keelNixosTest = module; };
 
     nixfmt-tree = package "nixfmt-tree";
+    python3 = package "python3";
+    curl = package "curl";
+    jq = package "jq";
   };
 in
 self

@@ -274,3 +274,16 @@ def test_eval_errors_are_reported(nix_instantiate: str) -> None:
             '((import ./flake.nix).outputs { self = {}; nixpkgs = throw "nixpkgs was evaluated"; })'
             ".packages.x86_64-linux.keel.name",
         )
+
+
+def test_links_in_the_package_stay_inside_its_source(flake_summary: dict[str, Any]) -> None:
+    # A link out of python/ (src/keel/data/tiers.json -> modules/tiers.json)
+    # must land in a tree the package's source keeps, or the build sees a
+    # dangling link.
+    root = REPO.resolve()
+    links = [p for p in (REPO / "python" / "src").rglob("*") if p.is_symlink()]
+    assert links, "python/src/keel/data/tiers.json is expected to link to modules/tiers.json"
+    for link in links:
+        target = link.resolve().relative_to(root)
+        assert target.parts[0] in {"python", "modules", "examples", "docs"}, (link, target)
+    assert flake_summary["sourceKeeps"]["tiersJson"]
