@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from keel.agents.spec import check_domain, parse_spec
 from keel.agents.units import load_tiers, service_directives
+
 from tests.conftest import REPO
 from tests.nix.test_modules import evaluate
 
