@@ -8,6 +8,7 @@
   buildPythonApplication,
   setuptools,
   cryptography,
+  jeepney,
   systemd-python,
   liboqs-python,
   pytestCheckHook,
@@ -65,6 +66,8 @@ buildPythonApplication {
 
   dependencies = [
     cryptography
+    # D-Bus to systemd for keel watch's systemd backend.
+    jeepney
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
     # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.

@@ -39,6 +39,7 @@ let
       "setuptools"
       "hatchling"
       "cryptography"
+      "jeepney"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"

@@ -32,6 +32,7 @@ SYSTEM = "x86_64-linux"
 # and to pkgs/keel.nix (Nix's own runtime-deps check would refuse the build).
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
+    "jeepney": "jeepney",
     "systemd-python": "systemd-python",
 }
 
