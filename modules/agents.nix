@@ -463,52 +463,65 @@ in
     '';
   };
 
-  config = lib.mkIf (agents != { }) {
-    services.keel.enabledServices = [ "agents" ];
-
-    assertions = [
-      {
-        assertion = tiers.version == 1;
-        message = "modules/tiers.json: this keel reads version 1, got ${toString tiers.version}";
-      }
-      {
-        assertion = sharedUsers == [ ];
-        message = "services.keel.agents: ${
-          lib.concatMapStringsSep ", " (u: "${u.name} (${u.user})") sharedUsers
-        }: tier 1 and 2 agents need a user of their own";
-      }
-    ]
-    ++ lib.concatLists (lib.mapAttrsToList assertionsFor agents);
-
-    environment.etc = lib.mapAttrs' (
-      name: agent: lib.nameValuePair "keel/agents/${name}.json" { source = specFile name agent; }
-    ) agents;
-
-    users.users = lib.mapAttrs' (
-      name: agent:
-      lib.nameValuePair agent.user {
-        description = "keel agent ${name}";
-        isSystemUser = true;
-        group = agent.user;
-      }
-    ) defaultUsers;
-    users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
-
-    systemd.services = lib.mapAttrs' (
-      name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
-    ) agents;
-
-    # keel's own validator has the last word: a spec it refuses fails the
-    # system build with its message, so Nix and Python cannot drift apart.
-    system.checks = [
-      (pkgs.runCommand "keel-agents-valid" { nativeBuildInputs = [ cfg.package ]; } ''
-        ${lib.concatStrings (
-          lib.mapAttrsToList (name: agent: ''
-            keel agents render-unit ${specFile name agent} > /dev/null
-          '') agents
-        )}
-        touch $out
-      '')
-    ];
+  options.services.keel.agentSpecs = mkOption {
+    type = types.attrsOf settingsFormat.type;
+    internal = true;
+    readOnly = true;
+    description = ''
+      The agent specs (docs/agents.md) of the enabled agents, by name, as
+      written to /etc/keel/agents/<name>.json: what keel watch supervises.
+    '';
   };
+
+  config = lib.mkMerge [
+    { services.keel.agentSpecs = lib.mapAttrs specOf agents; }
+    (lib.mkIf (agents != { }) {
+      services.keel.enabledServices = [ "agents" ];
+
+      assertions = [
+        {
+          assertion = tiers.version == 1;
+          message = "modules/tiers.json: this keel reads version 1, got ${toString tiers.version}";
+        }
+        {
+          assertion = sharedUsers == [ ];
+          message = "services.keel.agents: ${
+            lib.concatMapStringsSep ", " (u: "${u.name} (${u.user})") sharedUsers
+          }: tier 1 and 2 agents need a user of their own";
+        }
+      ]
+      ++ lib.concatLists (lib.mapAttrsToList assertionsFor agents);
+
+      environment.etc = lib.mapAttrs' (
+        name: agent: lib.nameValuePair "keel/agents/${name}.json" { source = specFile name agent; }
+      ) agents;
+
+      users.users = lib.mapAttrs' (
+        name: agent:
+        lib.nameValuePair agent.user {
+          description = "keel agent ${name}";
+          isSystemUser = true;
+          group = agent.user;
+        }
+      ) defaultUsers;
+      users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
+
+      systemd.services = lib.mapAttrs' (
+        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
+      ) agents;
+
+      # keel's own validator has the last word: a spec it refuses fails the
+      # system build with its message, so Nix and Python cannot drift apart.
+      system.checks = [
+        (pkgs.runCommand "keel-agents-valid" { nativeBuildInputs = [ cfg.package ]; } ''
+          ${lib.concatStrings (
+            lib.mapAttrsToList (name: agent: ''
+              keel agents render-unit ${specFile name agent} > /dev/null
+            '') agents
+          )}
+          touch $out
+        '')
+      ];
+    })
+  ];
 }

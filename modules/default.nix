@@ -4,6 +4,7 @@
   imports = [
     ./keel.nix
     ./agents.nix
+    ./watch.nix
     ./appliance.nix
   ];
 }

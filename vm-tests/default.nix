@@ -6,7 +6,10 @@
   self,
 }:
 let
-  tests = [ ./agents.nix ];
+  tests = [
+    ./agents.nix
+    ./watch.nix
+  ];
 
   runTest =
     file:
