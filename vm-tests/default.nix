@@ -9,6 +9,7 @@ let
   tests = [
     ./agents.nix
     ./watch.nix
+    ./mesh.nix
   ];
 
   runTest =

@@ -296,6 +296,15 @@ in
       default = null;
     };
     networking.firewall.enable = enableOption true;
+    # Set by the NixOS test framework on every node (nixos/lib/testing).
+    networking.primaryIPAddress = mkOption {
+      type = types.str;
+      default = "192.168.1.1";
+    };
+    networking.firewall.allowedTCPPorts = mkOption {
+      type = types.listOf types.port;
+      default = [ ];
+    };
     services.openssh.enable = enableOption false;
     services.openssh.settings = mkOption {
       type = types.submodule {
