@@ -224,7 +224,7 @@ in
         ExecStart = "${lib.getExe cfg.package} watch serve --config ${configFile}";
         WatchdogSec = "${toString cfg.watchdogSec}s";
         Restart = "always";
-        RestartSec = "200ms";
+        RestartSec = "500ms";
 
         # root, for systemd's private socket (no polkit round trip), but
         # with no capabilities and a read-only system.
