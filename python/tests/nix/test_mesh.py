@@ -131,3 +131,31 @@ def test_bad_settings_fail_with_a_message(
 ) -> None:
     failed = mesh(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
     assert any(message in text for text in failed), failed
+
+
+def test_keel_mesh_accepts_the_config_the_module_writes(
+    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from keel.mesh.settings import load_settings
+
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_lib,
+        """
+          services.keel.mesh.listen = "0.0.0.0:7400";
+          services.keel.mesh.settings = {
+            keepalive_interval = 5; idle_timeout = 20; rekey_interval = 60;
+            window_messages = 64; max_inbox = 1000; durability = "full";
+          };
+        """,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(node_config(result)))
+    settings = load_settings(tmp_path)
+    assert settings.session.keepalive_interval == 5
+    assert settings.session.idle_timeout == 20
+    assert settings.session.rekey_interval == 60
+    assert settings.limits.window_messages == 64
+    assert settings.inbox.max_messages == 1000
+    assert settings.durability == "full"
