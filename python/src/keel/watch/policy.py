@@ -336,10 +336,10 @@ class AgentPolicy:
     def tick(self, now: float) -> list[Action]:
         """Let time pass: end back-offs, reset the failure count, close incidents."""
         actions: list[Action] = []
-        if self.phase is Phase.BACKOFF and self.backoff_until is not None:
-            if now >= self.backoff_until:
-                self.backoff_until = None
-                actions += self._start(now, restart=True)
+        backoff_until = self.backoff_until
+        if self.phase is Phase.BACKOFF and backoff_until is not None and now >= backoff_until:
+            self.backoff_until = None
+            actions += self._start(now, restart=True)
         healthy = self.healthy_since
         if healthy is not None:
             if self.failures_in_a_row and now - healthy >= self.rules.restart.stable_after:
