@@ -1,0 +1,633 @@
+"""The ledger on disk: SQLite in WAL mode, shared by every daemon.
+
+Typical use, from any process (several may append at once)::
+
+    ledger = Ledger.open(path)        # creates the file and its directory if missing
+    index = ledger.append(source="watch", kind="restart", subject="web", data={"n": 3})
+    ledger.close()
+
+``append`` is one durable transaction (``synchronous=FULL``): when it returns,
+the entry survives a crash or power loss. ``append_many`` writes a batch in one
+transaction. Writers serialise on SQLite's write lock (``BEGIN IMMEDIATE`` and
+a busy timeout), so concurrent appends from many processes interleave without
+losing or duplicating anything. A :class:`Ledger` may be shared between
+threads (its connection is guarded by a lock), so from asyncio
+``await asyncio.to_thread(ledger.append, ...)`` works; :class:`AsyncLedger`
+does better: appends made concurrently by a daemon's tasks are written in one
+transaction by one writer thread, and the event loop never blocks::
+
+    async with await AsyncLedger.open(path) as ledger:
+        index = await ledger.append(source="mesh", kind="message.sent", data={...})
+
+Schema (``PRAGMA application_id`` = ``0x6b65656c`` "keel", ``user_version`` = 1):
+
+- ``leaves(idx, entry, hashes)``: one row per leaf; ``entry`` is the
+  canonical entry, ``hashes`` the leaf hash followed by the hashes of the
+  perfect subtrees this leaf completes (see :mod:`keel.ledger.core`);
+- ``checkpoints(id, size, note, created)``: the signed checkpoint notes;
+- ``meta(key, value)``: ``size``, the number of leaves, updated in every
+  append transaction (so deleting trailing rows is detected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from keel.ledger import core
+from keel.ledger.errors import (
+    EntryError,
+    LedgerError,
+    MalformedError,
+    ProofError,
+    StoreError,
+    TamperError,
+)
+
+APPLICATION_ID = 0x6B65656C  # "keel"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 30.0
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE leaves (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL, hashes BLOB NOT NULL);
+CREATE TABLE checkpoints (
+    id INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL,
+    note TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('size', '0');
+"""
+_TABLES = {"meta", "leaves", "checkpoints"}
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    id: int
+    size: int
+    note: str
+    created: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` checked; it raises :class:`TamperError` instead of returning on a problem."""
+
+    size: int
+    root: bytes
+    checkpoints: int
+    signatures_checked: bool
+    external: int
+
+
+class Ledger:
+    """An append-only Merkle log in one SQLite file. Use :meth:`open`."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, path: Path, clock: Callable[[], float]
+    ) -> None:
+        self._db = connection
+        self._lock = threading.RLock()
+        self.path = path
+        self.clock = clock
+        self._closed = False
+
+    # ---- opening --------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+        timeout: float = BUSY_TIMEOUT,
+    ) -> Ledger:
+        """Open the ledger at ``path``; with ``create`` (the default) make it if missing.
+
+        A file that is not SQLite, a SQLite database without the ledger
+        schema, or one of another schema version is refused with a
+        :class:`StoreError` and left untouched.
+        """
+        db_path = Path(path)
+        if create:
+            try:
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {db_path.parent}: {exc.strerror}") from None
+        elif not db_path.exists():
+            raise StoreError(f"no ledger at {db_path} (nothing appended yet, or a wrong --db?)")
+        if db_path.is_dir():
+            raise StoreError(f"{db_path} is a directory, not a ledger database")
+        uri = db_path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+        try:
+            connection = sqlite3.connect(
+                uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {db_path}: {exc}") from None
+        ledger = cls(connection, db_path, clock)
+        try:
+            ledger._prepare(create)
+        except BaseException:
+            connection.close()
+            raise
+        return ledger
+
+    def _prepare(self, create: bool) -> None:
+        with self._errors("open"):
+            state = self._schema_state()
+            if state == "empty":
+                if not create:
+                    raise StoreError(f"{self.path} is an empty database, not a keel ledger")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._schema_state() == "empty":
+                        # executescript() would commit first; run the statements one by one.
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                self._db.execute(statement)
+                        self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous = FULL")
+
+    def _schema_state(self) -> str:
+        """``"empty"`` for a fresh database, ``"ledger"`` for ours; raises for anything else."""
+        application_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if application_id == 0 and not tables:
+            return "empty"
+        if application_id != APPLICATION_ID:
+            raise StoreError(
+                f"{self.path} is a SQLite database but not a keel ledger "
+                f"(application_id {application_id:#x}); point --db at a ledger file"
+            )
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has ledger schema version {version}, this keel reads version "
+                f"{SCHEMA_VERSION}: use the keel release that wrote it"
+            )
+        if not tables >= _TABLES:
+            raise StoreError(
+                f"{self.path} lacks the ledger tables {', '.join(sorted(_TABLES - tables))}"
+            )
+        return "ledger"
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn SQLite failures into one-line :class:`StoreError`s naming the file."""
+        if self._closed:
+            raise StoreError(f"the ledger {self.path} is closed")
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            message = str(exc)
+            if "file is not a database" in message:
+                raise StoreError(
+                    f"{self.path} is not a SQLite database; point --db at a ledger file"
+                ) from None
+            raise StoreError(f"cannot {action} {self.path}: {message}") from None
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction, rolled back on any failure."""
+        with self._lock, self._errors(action):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- reading the tree -------------------------------------------------
+
+    def _lookup(self, level: int, index: int) -> bytes:
+        row, slot = core.stored_location(level, index)
+        found = self._db.execute(
+            "SELECT substr(hashes, ?, ?) FROM leaves WHERE idx = ?",
+            (slot * core.HASH_SIZE + 1, core.HASH_SIZE, row),
+        ).fetchone()
+        if found is None or not isinstance(found[0], bytes) or len(found[0]) != core.HASH_SIZE:
+            raise TamperError(
+                f"{self.path}: the stored hash of leaves {index << level}..{row} is missing "
+                "or damaged; run `keel ledger verify`",
+                index << level,
+            )
+        return found[0]
+
+    def _size(self) -> int:
+        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
+        last = self._db.execute("SELECT max(idx) FROM leaves").fetchone()[0]
+        held = 0 if last is None else last + 1
+        if held != recorded:
+            raise TamperError(
+                f"{self.path} records {recorded} entries but its last entry is "
+                f"{held - 1}: the ledger was altered; run `keel ledger verify`",
+                min(held, recorded),
+            )
+        return recorded
+
+    def size(self) -> int:
+        with self._lock, self._errors("read"):
+            return self._size()
+
+    def _check_size(self, size: int | None) -> int:
+        current = self._size()
+        if size is None:
+            return current
+        if not 0 <= size <= current:
+            raise LedgerError(f"the ledger has {current} entries; size {size} is out of range")
+        return size
+
+    def root(self, size: int | None = None) -> bytes:
+        with self._lock, self._errors("read"):
+            return core.tree_root(self._check_size(size), self._lookup)
+
+    def entries(self, start: int = 0, end: int | None = None) -> list[tuple[int, core.Entry]]:
+        """Entries ``start..end-1`` (all from ``start`` when ``end`` is None), parsed."""
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                "SELECT idx, entry FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx",
+                (start, end if end is not None else 2**63 - 1),
+            ).fetchall()
+        return [(index, _parse_stored(index, raw)) for index, raw in rows]
+
+    def tail(self, count: int) -> list[tuple[int, core.Entry]]:
+        with self._lock, self._errors("read"):
+            size = self._size()
+        return self.entries(max(0, size - count), size)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> core.InclusionProof:
+        with self._lock, self._errors("read"):
+            tree_size = self._check_size(size)
+            if not 0 <= index < tree_size:
+                raise LedgerError(f"leaf {index} is not in a tree of size {tree_size}")
+            return core.InclusionProof(
+                index,
+                tree_size,
+                core.tree_root(tree_size, self._lookup),
+                self._lookup(0, index),
+                tuple(core.inclusion_proof(index, tree_size, self._lookup)),
+            )
+
+    def consistency_proof(self, size1: int, size2: int) -> core.ConsistencyProof:
+        with self._lock, self._errors("read"):
+            self._check_size(size2)
+            if not 0 < size1 <= size2:
+                raise LedgerError(f"a consistency proof needs 0 < OLD <= NEW, got {size1}, {size2}")
+            return core.ConsistencyProof(
+                size1,
+                size2,
+                core.tree_root(size1, self._lookup),
+                core.tree_root(size2, self._lookup),
+                tuple(core.consistency_proof(size1, size2, self._lookup)),
+            )
+
+    # ---- appending --------------------------------------------------------
+
+    def append(
+        self,
+        *,
+        source: str,
+        kind: str,
+        subject: str = "",
+        data: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append one entry in its own durable transaction; returns its leaf index."""
+        raw = core.make_entry(ts=self.clock(), source=source, kind=kind, subject=subject, data=data)
+        return self.append_raw([raw])
+
+    def append_many(self, entries: Iterable[Mapping[str, Any]]) -> range:
+        """Append a batch in one transaction; each item has ``append``'s keywords.
+
+        Nothing is written unless every entry is valid. Returns the indices.
+        """
+        raws = []
+        for number, entry in enumerate(entries):
+            unknown = set(entry) - {"source", "kind", "subject", "data"}
+            if unknown:
+                raise EntryError(f"entry {number}: unknown field {sorted(unknown)[0]!r}")
+            raws.append(
+                core.make_entry(
+                    ts=self.clock(),
+                    source=entry.get("source", ""),
+                    kind=entry.get("kind", ""),
+                    subject=entry.get("subject", ""),
+                    data=entry.get("data"),
+                )
+            )
+        first = self.append_raw(raws)
+        return range(first, first + len(raws))
+
+    def append_raw(self, raws: Sequence[bytes]) -> int:
+        """Append canonical entry bytes (from :func:`core.make_entry`); returns the first index."""
+        with self._write("append to"):
+            size = self._size()
+            if not raws:
+                return size
+            builder = core.TreeBuilder.resume(size, self._lookup)
+            rows = [
+                (size + offset, raw, b"".join(builder.append(core.leaf_hash(raw))))
+                for offset, raw in enumerate(raws)
+            ]
+            self._db.executemany("INSERT INTO leaves (idx, entry, hashes) VALUES (?, ?, ?)", rows)
+            self._db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'size'", (str(size + len(raws)),)
+            )
+        return size
+
+    # ---- checkpoints --------------------------------------------------------
+
+    def checkpoint(self, signer: core.Signer) -> StoredCheckpoint:
+        """Sign the current tree head, store the note and return it."""
+        with self._write("checkpoint"):
+            size = self._size()
+            root = core.tree_root(size, self._lookup)
+            note = core.sign_checkpoint(core.Checkpoint(signer.name, size, root), signer)
+            latest = self._latest_checkpoint()
+            if latest is not None and latest.note == note:
+                return latest
+            created = core.format_ts(self.clock())
+            cursor = self._db.execute(
+                "INSERT INTO checkpoints (size, note, created) VALUES (?, ?, ?)",
+                (size, note, created),
+            )
+            assert cursor.lastrowid is not None
+            return StoredCheckpoint(cursor.lastrowid, size, note, created)
+
+    def _latest_checkpoint(self) -> StoredCheckpoint | None:
+        row = self._db.execute(
+            "SELECT id, size, note, created FROM checkpoints ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else StoredCheckpoint(*row)
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                "SELECT id, size, note, created FROM checkpoints ORDER BY id"
+            ).fetchall()
+        return [StoredCheckpoint(*row) for row in rows]
+
+    # ---- verification -------------------------------------------------------
+
+    def verify(
+        self,
+        verifier: core.Verifier | None,
+        external: Sequence[tuple[str, str]] = (),
+    ) -> VerifyReport:
+        """Recompute the whole tree from the stored entries and check everything.
+
+        Every leaf hash is recomputed from its entry, every stored subtree
+        hash from its leaves, every stored checkpoint's signature (with
+        ``verifier``; skipped when it is None) and root, and each ``external``
+        ``(label, signed note)`` checkpoint (an older one kept elsewhere) must
+        verify with ``verifier`` and be a prefix of this tree. The first
+        problem raises :class:`TamperError` with the first bad leaf index.
+        """
+        stored = self.checkpoints()
+        targets: dict[int, list[tuple[str, bytes]]] = {}
+        for checkpoint in stored:
+            label = f"stored checkpoint {checkpoint.id} (size {checkpoint.size})"
+            head = self._open_checkpoint(label, checkpoint.note, verifier, checkpoint.size)
+            if head.size != checkpoint.size:
+                raise TamperError(
+                    f"{label}: its note says size {head.size}; the checkpoint row was edited",
+                    min(head.size, checkpoint.size),
+                )
+            targets.setdefault(head.size, []).append((label, head.root))
+        if external and verifier is None:
+            raise LedgerError("checking an external checkpoint needs a verifier key")
+        for label, note in external:
+            head = self._open_checkpoint(label, note, verifier, None)
+            targets.setdefault(head.size, []).append((label, head.root))
+
+        builder = core.TreeBuilder()
+        good_prefix = 0  # leaves known to match a signed checkpoint
+
+        def check_targets() -> None:
+            nonlocal good_prefix
+            for label, root in targets.pop(builder.size, []):
+                if root != builder.root():
+                    raise TamperError(
+                        f"{self.path}: the first {builder.size} entries do not match {label}: "
+                        f"an entry from {good_prefix} on was changed, deleted or reordered",
+                        good_prefix,
+                    )
+                good_prefix = builder.size
+
+        with self._lock, self._errors("verify"):
+            recorded = int(
+                self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0]
+            )
+            cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
+            check_targets()
+            for index, entry, hashes in cursor:
+                if index != builder.size:
+                    raise TamperError(
+                        f"{self.path}: entry {builder.size} is missing (deleted)", builder.size
+                    )
+                if not isinstance(entry, bytes) or not isinstance(hashes, bytes):
+                    raise TamperError(
+                        f"{self.path}: entry {index} is stored with the wrong type", index
+                    )
+                expected = builder.append(core.leaf_hash(entry))
+                if hashes != b"".join(expected):
+                    raise _hash_mismatch(self.path, index, hashes, expected)
+                check_targets()
+        size = builder.size
+        if recorded != size:
+            raise TamperError(
+                f"{self.path} records {recorded} entries but holds {size}: "
+                f"entries from {size} on were deleted (truncated)",
+                size,
+            )
+        if targets:
+            larger = min(targets)
+            label = targets[larger][0][0]
+            raise TamperError(
+                f"{self.path} holds {size} entries but {label} commits to {larger}: "
+                f"entries from {size} on were deleted (truncated)",
+                size,
+            )
+        return VerifyReport(
+            size=size,
+            root=builder.root(),
+            checkpoints=len(stored),
+            signatures_checked=verifier is not None,
+            external=len(external),
+        )
+
+    def _open_checkpoint(
+        self, label: str, note: str, verifier: core.Verifier | None, stored_size: int | None
+    ) -> core.Checkpoint:
+        try:
+            if verifier is None:
+                text = note[: note.rindex("\n\n") + 1] if "\n\n" in note else note
+                return core.Checkpoint.parse(text)
+            return core.open_checkpoint(note, verifier)
+        except (ProofError, MalformedError) as exc:
+            index = stored_size if stored_size is not None else 0
+            raise TamperError(f"{label}: {exc}", index) from None
+
+
+def _parse_stored(index: int, raw: bytes) -> core.Entry:
+    try:
+        return core.parse_entry(raw)
+    except EntryError as exc:
+        raise TamperError(f"entry {index} is damaged: {exc}", index) from None
+
+
+def _hash_mismatch(path: Path, index: int, stored: bytes, expected: list[bytes]) -> TamperError:
+    for slot, want in enumerate(expected):
+        got = stored[slot * core.HASH_SIZE : (slot + 1) * core.HASH_SIZE]
+        if got == want:
+            continue
+        if slot == 0:
+            return TamperError(
+                f"{path}: entry {index} does not match its stored leaf hash (edited)", index
+            )
+        first = index - (1 << slot) + 1
+        return TamperError(
+            f"{path}: entries {first}..{index} do not match their stored subtree hash: "
+            "one of them was edited, replaced or reordered",
+            first,
+        )
+    return TamperError(f"{path}: entry {index} has extra stored hashes (damaged row)", index)
+
+
+_Queued = tuple[bytes, "asyncio.Future[int]"]
+
+
+class AsyncLedger:
+    """Appends from asyncio without blocking the event loop.
+
+    One writer thread owns the writes; appends made while it is busy are
+    queued and written together in the next transaction (group commit), each
+    caller getting its own index back once that transaction is durable. A
+    malformed entry fails its own ``append`` call at once and never reaches
+    the queue.
+    """
+
+    MAX_BATCH = 1000
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-ledger")
+        self._queue: asyncio.Queue[_Queued | None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], **options: Any) -> AsyncLedger:
+        ledger = await asyncio.to_thread(Ledger.open, path, **options)
+        return cls(ledger)
+
+    async def append(
+        self,
+        *,
+        source: str,
+        kind: str,
+        subject: str = "",
+        data: Mapping[str, Any] | None = None,
+    ) -> int:
+        raw = core.make_entry(
+            ts=self.ledger.clock(), source=source, kind=kind, subject=subject, data=data
+        )
+        if self._closing:
+            raise StoreError(f"the ledger {self.ledger.path} is closed")
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._writer = asyncio.create_task(self._write_batches(self._queue))
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((raw, done))
+        return await done
+
+    async def _write_batches(self, queue: asyncio.Queue[_Queued | None]) -> None:
+        loop = asyncio.get_running_loop()
+        finished = False
+        while not finished:
+            batch: list[_Queued] = []
+            item = await queue.get()
+            while True:
+                if item is None:
+                    finished = True
+                    break
+                batch.append(item)
+                if queue.empty() or len(batch) >= self.MAX_BATCH:
+                    break
+                item = queue.get_nowait()
+            if not batch:
+                continue
+            try:
+                first = await loop.run_in_executor(
+                    self._executor, self.ledger.append_raw, [raw for raw, _ in batch]
+                )
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for offset, (_, done) in enumerate(batch):
+                    if not done.done():
+                        done.set_result(first + offset)
+
+    async def aclose(self) -> None:
+        """Write what is queued, then close the ledger."""
+        self._closing = True
+        if self._queue is not None and self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.ledger.close)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
