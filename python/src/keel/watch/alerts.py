@@ -196,7 +196,12 @@ class AlertRouter:
                 delay,
             )
             await asyncio.sleep(delay)
-        self._dropped(name, alert, f"gave up after {limits.attempts} attempts: {reason}", attempts=limits.attempts)
+        self._dropped(
+            name,
+            alert,
+            f"gave up after {limits.attempts} attempts: {reason}",
+            attempts=limits.attempts,
+        )
 
     async def _attempt(self, name: str, route: Route, alert: Alert) -> Verdict:
         try:

@@ -120,10 +120,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Restarted:
-    """The agent runs again ``downtime`` seconds after its failure was seen."""
+    """The agent runs again ``downtime`` seconds after its failure was seen.
+
+    ``backoff`` tells whether a back-off wait was part of that time.
+    """
 
     agent: str
     downtime: float
+    backoff: bool = False
 
 
 Action = StartAgent | StopAgent | SendAlert | Record | Restarted
@@ -212,6 +216,7 @@ class AgentPolicy:
         self.backoff_until: float | None = None
         self._pending_delay = 0.0
         self._pending_cause = ""
+        self._backed_off = False
         self.incident: Incident | None = None
         self._incident_opens: deque[float] = deque()
         self._last_incident_resolved: float | None = None
@@ -449,7 +454,9 @@ class AgentPolicy:
             probe.grace_until = since + probe.rules.grace
         actions: list[Action] = []
         if self.failed_at is not None:
-            actions.append(Restarted(self.name, max(0.0, now - self.failed_at)))
+            actions.append(
+                Restarted(self.name, max(0.0, now - self.failed_at), backoff=self._backed_off)
+            )
             self.failed_at = None
         self._update_health(now)
         return actions
@@ -501,6 +508,9 @@ class AgentPolicy:
             actions.append(StopAgent(self.name, cause))
         else:
             actions += self._restart_after(now, delay)
+        # Records read in the order things happened: the failure, then the restart.
+        start_records = [a for a in actions if isinstance(a, Record)]
+        actions = [a for a in actions if not isinstance(a, Record)]
         actions.append(
             Record(
                 self.name,
@@ -508,6 +518,7 @@ class AgentPolicy:
                 {"cause": cause, "failures_in_a_row": n, "decision": decision},
             )
         )
+        actions += start_records
         actions += self._open_incident(now, cause, decision, restarts_before)
         if quarantine:
             incident = self.incident.id if self.incident else ""
@@ -524,6 +535,7 @@ class AgentPolicy:
         return actions
 
     def _restart_after(self, now: float, delay: float) -> list[Action]:
+        self._backed_off = delay > 0
         if delay <= 0:
             return self._start(now, restart=True)
         self.phase = Phase.BACKOFF
