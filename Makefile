@@ -12,10 +12,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed
 
 # What the test tiers need from Debian: nix-bin (tier 4 parse checks),
-# debootstrap + systemd-container (tier 3), nftables + iproute2 (tier 2),
-# libsystemd-dev + pkg-config + python3-dev (systemd-python), python3-venv.
+# debootstrap + systemd-container + openssh-client (tier 3, conformance over
+# ssh), nftables + iproute2 + iputils-ping + iptables (tier 2: iptables only
+# for the NFQUEUE delay shaper on kernels without netem), libsystemd-dev +
+# pkg-config + python3-dev (systemd-python), python3-venv.
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
-	iproute2 nftables debootstrap systemd-container nix-bin
+	iproute2 iputils-ping iptables nftables debootstrap systemd-container openssh-client nix-bin
 
 .PHONY: help demo test lint typecheck pytest bench system-packages venv clean
 

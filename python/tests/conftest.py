@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# The network-namespace and container fixtures (tests/harness/README.md).
+pytest_plugins = ["tests.harness.plugin"]
+
 TIERS = {
     "unit": "tier 1 unit",
     "integration": "tier 2 integration",

@@ -1,0 +1,202 @@
+"""Render an agent's systemd unit from its spec and ``tiers.json``, nothing else.
+
+``modules/tiers.json`` holds each trust tier's directives once; the NixOS
+module merges them the same way (``common // tiers.<n> // per-agent``, later
+keys replacing earlier ones), so a Debian host, the system tests and NixOS run
+an agent under the same sandbox::
+
+    tiers = load_tiers()                       # the packaged tiers.json
+    text = render_unit(spec, tiers)            # the unit file, as a string
+
+The per-agent directives, in the order they are rendered, are listed in
+``docs/agents.md`` ("From spec to unit").
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.agents.spec import TIERS, AgentSpec
+from keel.config import Section, load_json_file
+from keel.errors import ConfigError
+
+Value = str | bool | int | list[str]
+Directives = dict[str, Value]
+
+_DIRECTIVE = re.compile(r"[A-Z][A-Za-z0-9]*\Z")
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@+=:,./-]+\Z")
+
+
+@dataclass(frozen=True)
+class Tier:
+    description: str
+    unit: Directives
+    service: Directives
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """The parsed ``tiers.json``: directives common to all agents and per tier."""
+
+    source: str
+    common_unit: Directives
+    common_service: Directives
+    tiers: dict[int, Tier]
+
+    def service_directives(self, tier: int) -> Directives:
+        return {**self.common_service, **self.tiers[tier].service}
+
+    def unit_directives(self, tier: int) -> Directives:
+        return {**self.common_unit, **self.tiers[tier].unit}
+
+
+def packaged_tiers() -> Path:
+    """Where the installed package keeps ``tiers.json`` (a copy of ``modules/tiers.json``)."""
+    resource = importlib.resources.files("keel") / "data" / "tiers.json"
+    return Path(str(resource))
+
+
+def _directives(section: Section, key: str) -> Directives:
+    out: Directives = {}
+    with section.section(key, optional=True) as block:
+        names = block.keys()
+        for name in names:
+            value = block.raw(name)
+            if not _DIRECTIVE.match(name):
+                raise block.error(
+                    name, "not a systemd directive name (CamelCase, e.g. ProtectHome)"
+                )
+            if isinstance(value, list):
+                if not all(isinstance(item, str) for item in value):
+                    raise block.error(name, "a list must hold strings only")
+            elif not isinstance(value, str | bool | int):
+                raise block.error(
+                    name, "expected a string, true/false, a number or a list of strings"
+                )
+            if any("\n" in item for item in (value if isinstance(value, list) else [str(value)])):
+                raise block.error(name, "values cannot contain line breaks")
+            out[name] = value
+    return out
+
+
+def parse_tiers(data: object, *, source: str) -> Tiers:
+    with Section(data, source=source) as top:
+        top.raw("$comment", None)
+        version = top.integer("version")
+        if version != 1:
+            raise top.error("version", f"this keel reads version 1, got {version}")
+        with top.section("common") as common:
+            common_unit = _directives(common, "unitConfig")
+            common_service = _directives(common, "serviceConfig")
+        tiers: dict[int, Tier] = {}
+        with top.section("tiers") as tier_sections:
+            for key, tier_section in tier_sections.sections():
+                if key not in {str(t) for t in TIERS}:
+                    raise tier_sections.error(key, 'tiers are named "0", "1" and "2"')
+                with tier_section:
+                    tiers[int(key)] = Tier(
+                        description=tier_section.string("description"),
+                        unit=_directives(tier_section, "unitConfig"),
+                        service=_directives(tier_section, "serviceConfig"),
+                    )
+        missing = [t for t in TIERS if t not in tiers]
+        if missing:
+            raise top.error("tiers", f"tier {missing[0]} is not defined")
+    return Tiers(source, common_unit, common_service, tiers)
+
+
+def load_tiers(path: Path | None = None) -> Tiers:
+    """Read ``tiers.json`` (the packaged copy unless ``path`` is given)."""
+    path = path or packaged_tiers()
+    return parse_tiers(load_json_file(path, what="tiers"), source=str(path))
+
+
+# --- quoting (systemd.syntax(7), systemd.service(5) "Command lines") -----------
+
+
+def _escape(text: str) -> str:
+    return (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("%", "%%")
+    )
+
+
+def quote_exec_arg(arg: str) -> str:
+    """One argv word for ExecStart=: specifiers (%) and variables ($) kept literal."""
+    escaped = _escape(arg).replace("$", "$$")
+    if escaped and _PLAIN_WORD.match(escaped):
+        return escaped
+    return f'"{escaped}"'
+
+
+def quote_assignment(key: str, value: str) -> str:
+    """One ``Environment=`` word, ``"KEY=value"``."""
+    return f'"{key}={_escape(value)}"'
+
+
+def _render_value(value: Value) -> list[str]:
+    if isinstance(value, bool):
+        return ["yes" if value else "no"]
+    if isinstance(value, list):
+        return list(value)
+    return [str(value)]
+
+
+def agent_directives(spec: AgentSpec) -> Directives:
+    """The directives that come from the spec itself (see docs/agents.md)."""
+    directives: Directives = {
+        "User": spec.user,
+        "ExecStart": " ".join(quote_exec_arg(arg) for arg in spec.command),
+        "StateDirectory": f"keel-agents/{spec.name}",
+        "WorkingDirectory": (spec.working_directory or spec.state_directory).replace("%", "%%"),
+    }
+    if spec.environment:
+        directives["Environment"] = [quote_assignment(k, v) for k, v in spec.environment.items()]
+    if spec.environment_files:
+        directives["EnvironmentFile"] = [p.replace("%", "%%") for p in spec.environment_files]
+    if spec.read_write_paths:
+        directives["ReadWritePaths"] = [p.replace("%", "%%") for p in spec.read_write_paths]
+    if spec.resources.memory_max is not None:
+        directives["MemoryMax"] = spec.resources.memory_max
+    if spec.resources.cpu_quota is not None:
+        directives["CPUQuota"] = spec.resources.cpu_quota
+    if spec.resources.tasks_max is not None:
+        directives["TasksMax"] = spec.resources.tasks_max
+    if spec.watchdog_sec is not None:
+        directives["WatchdogSec"] = f"{spec.watchdog_sec:g}s"
+    return directives
+
+
+def service_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
+    """Everything in ``[Service]``: common, then the tier's, then the agent's own."""
+    return {**tiers.service_directives(spec.tier), **agent_directives(spec)}
+
+
+def render_unit(spec: AgentSpec, tiers: Tiers) -> str:
+    if spec.tier not in tiers.tiers:
+        raise ConfigError(f"{tiers.source}: tiers.{spec.tier}: not defined")
+    unit: Directives = {
+        "Description": f"keel agent {spec.name} (tier {spec.tier})",
+        **tiers.unit_directives(spec.tier),
+    }
+    sections: list[tuple[str, Directives]] = [
+        ("Unit", unit),
+        ("Service", service_directives(spec, tiers)),
+        ("Install", {"WantedBy": "multi-user.target"}),
+    ]
+    lines = [
+        f"# keel agent {spec.name!r}, tier {spec.tier}: {tiers.tiers[spec.tier].description}",
+        "# Rendered by keel from the agent's spec and tiers.json; edit those, not this file.",
+    ]
+    for title, directives in sections:
+        lines.append("")
+        lines.append(f"[{title}]")
+        for key, value in directives.items():
+            lines.extend(f"{key}={item}" for item in _render_value(value))
+    return "\n".join(lines) + "\n"
