@@ -376,8 +376,8 @@ class Watch:
             actions = runtime.policy.probe_result(
                 now, instance, spec.name, outcome.ok, outcome.detail
             )
-            if actions:
-                self._feed(name, actions)
+            # Even without actions the result may move a deadline (healthy since now).
+            self._feed(name, actions)
             in_grace = now < started + spec.grace
             due += fast if (not passed and in_grace) else spec.interval
             due = max(due, now)
