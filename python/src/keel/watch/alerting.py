@@ -158,6 +158,8 @@ def telegram_verdict(response: Response) -> Verdict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         answer = None
     if not isinstance(answer, dict):
+        if response.status == 429:
+            return Verdict("retry", "HTTP 429", _seconds_value(response.headers.get("retry-after")))
         if response.status >= 500:
             return Verdict("retry", f"HTTP {response.status}")
         return Verdict("failed", f"HTTP {response.status}: not a Bot API answer")
