@@ -10,6 +10,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keel-installed
+# The Python trees ruff checks (those that exist yet).
+LINT_DIRS := $(wildcard python bench examples conformance)
 
 # What the test tiers need from Debian: nix-bin (tier 4 parse checks),
 # debootstrap + systemd-container + openssh-client (tier 3, conformance over
@@ -57,11 +59,11 @@ demo: system-packages venv
 	@KEEL_DEV=1 $(BIN)/python examples/demo.py
 
 lint: venv
-	@$(BIN)/ruff check --config python/pyproject.toml python bench examples
-	@$(BIN)/ruff format --check --quiet --config python/pyproject.toml python bench examples
+	@$(BIN)/ruff check --config python/pyproject.toml $(LINT_DIRS)
+	@$(BIN)/ruff format --check --quiet --config python/pyproject.toml $(LINT_DIRS)
 
 typecheck: venv
-	@cd python && ../$(BIN)/mypy
+	@cd python && ../$(BIN)/mypy && ../$(BIN)/mypy ../conformance
 
 pytest: venv
 	@cd python && ../$(BIN)/pytest $(PYTEST_ARGS)

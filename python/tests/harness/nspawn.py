@@ -210,18 +210,33 @@ def remove_workdir(path: Path) -> None:
 
 
 def build_wheelhouse(dest: Path) -> Path:
-    """The keel wheel (built from this checkout) and its dependencies, as wheels."""
+    """The keel wheel (built from this checkout) and its dependencies, as wheels.
+
+    The build runs on a copy of ``python/`` and ``modules/`` laid out as in the
+    checkout (so ``keel/data/tiers.json``, a symlink to ``modules/tiers.json``,
+    resolves the same way) without the checkout's ``build/`` and
+    ``*.egg-info``, whose stale files would otherwise end up in the wheel.
+    """
     started = time.monotonic()
-    dest.mkdir(parents=True, exist_ok=True)
+    source = dest / "source"
+    shutil.copytree(
+        REPO / "python",
+        source / "python",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".*_cache", "tests"),
+    )
+    shutil.copytree(REPO / "modules", source / "modules")
+    wheels = dest / "wheels"
     run(
         [
             sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-            "--wheel-dir", str(dest), str(REPO / "python"),
+            "--wheel-dir", str(wheels), str(source / "python"),
         ],
         timeout=600,
     )  # fmt: skip
+    shutil.rmtree(source)
     timings["wheelhouse"] = time.monotonic() - started
-    return dest
+    return wheels
 
 
 def keel_wheel(wheelhouse: Path) -> Path:
@@ -278,7 +293,7 @@ class Image:
     def build(cls, workdir: Path, packages: Sequence[str] = DEFAULT_PACKAGES) -> Image:
         """The cached rootfs plus a keel layer made from this checkout."""
         rootfs = ensure_rootfs(packages)
-        wheelhouse = build_wheelhouse(workdir / "wheels")
+        wheelhouse = build_wheelhouse(workdir)
         layer = build_keel_layer(rootfs, wheelhouse, workdir / "keel-layer")
         return cls((layer, rootfs), wheelhouse)
 
@@ -458,10 +473,11 @@ class Container:
         if self.leader is None:
             raise HarnessError(f"container {self.name} is not running")
         if user is not None:
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
+            switch = 'u="$1"; shift; exec setpriv --reuid="$u" --regid="$(id -g "$u")" --init-groups -- "$@"'
+            argv = ["/bin/sh", "-c", switch, "sh", user, *argv]
         return [
             "nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net",
-            "--pid", "--cgroup", "--root", "--wd=/",
+            "--pid", "--cgroup", "--root", "--wd",
             "/usr/bin/env", "-i", f"PATH={IN_CONTAINER_PATH}", "LANG=C.UTF-8",
             f"HOME={'/root' if user is None else '/'}",
             *argv,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,15 @@ def test_stale_names_are_recognised() -> None:
     assert not stale(f"{RUN_ID}-1-a")  # this run
     assert not stale("unrelated-namespace")
     assert stale("kh999999999-1-a")  # no such pid
+
+
+def test_leftovers_of_dead_runs_are_swept(network: Network) -> None:
+    # A pid above pid_max can never be alive: its run died without cleaning up.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    dead = f"kh{pid_max + 1}-1-x"
+    subprocess.run(["ip", "netns", "add", dead], check=True)
+    try:
+        assert dead in netns.sweep_stale()
+        assert dead not in netns.namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "delete", dead], check=False, capture_output=True)

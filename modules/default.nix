@@ -1,0 +1,8 @@
+# Every keel NixOS module: the flake's `nixosModules.default`. Each service
+# module is inert until its `services.keel.<service>.enable` is set.
+{
+  imports = [
+    ./keel.nix
+    ./appliance.nix
+  ];
+}
