@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import math
@@ -314,16 +315,42 @@ _NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
+@functools.lru_cache(maxsize=16)
+def _ts_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def format_ts(seconds: float) -> str:
     """A POSIX time as the entry timestamp: RFC 3339, UTC, microseconds, ``Z``."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return f"{_ts_second(whole)}.{micros:06d}Z"
+
+
+# One encoder for every entry: json.dumps() would build a new one per call.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, finite numbers only."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
+
+
+def _encode_entry(value: dict[str, Any]) -> bytes:
+    try:
+        raw = canonical_json(value)
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise EntryError(f"entry data is not plain JSON: {exc}") from None
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise EntryError(
+            f"entry is {len(raw)} bytes, the limit is {MAX_ENTRY_BYTES} "
+            "(ledger entries carry metadata, not payloads)"
+        )
+    return raw
 
 
 @dataclass(frozen=True)
@@ -338,24 +365,15 @@ class Entry:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "ts": self.ts,
-            "source": self.source,
-            "kind": self.kind,
-            "subject": self.subject,
             "data": dict(self.data),
+            "kind": self.kind,
+            "source": self.source,
+            "subject": self.subject,
+            "ts": self.ts,
         }
 
     def canonical(self) -> bytes:
-        try:
-            raw = canonical_json(self.as_dict())
-        except (TypeError, ValueError) as exc:
-            raise EntryError(f"entry data is not plain JSON: {exc}") from None
-        if len(raw) > MAX_ENTRY_BYTES:
-            raise EntryError(
-                f"entry is {len(raw)} bytes, the limit is {MAX_ENTRY_BYTES} "
-                "(ledger entries carry metadata, not payloads)"
-            )
-        return raw
+        return _encode_entry(self.as_dict())
 
 
 def make_entry(
@@ -363,22 +381,27 @@ def make_entry(
 ) -> bytes:
     """Validate the fields and return the canonical entry bytes (the leaf)."""
     for name, value in (("source", source), ("kind", kind)):
-        if not isinstance(value, str) or not _NAME.fullmatch(value):
+        if type(value) is not str or not _NAME.fullmatch(value):
             raise EntryError(
                 f"entry {name} must be 1-128 characters without spaces or control "
                 f"characters, got {value!r}"
             )
-    if not isinstance(subject, str) or len(subject) > 1024 or "\x00" in subject:
+    if type(subject) is not str or len(subject) > 1024 or "\x00" in subject:
         raise EntryError(f"entry subject must be a string of at most 1024 characters: {subject!r}")
     if data is None:
         data = {}
-    if not isinstance(data, Mapping):
-        raise EntryError(f"entry data must be a JSON object, got {type(data).__name__}")
-    if not all(isinstance(key, str) for key in data):
-        raise EntryError("entry data keys must be strings")
+    elif type(data) is not dict:
+        if not isinstance(data, Mapping):
+            raise EntryError(f"entry data must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+    for key in data:
+        if type(key) is not str:
+            raise EntryError(f"entry data keys must be strings, got {key!r}")
     if not math.isfinite(ts):
         raise EntryError(f"entry time must be finite, got {ts}")
-    return Entry(format_ts(ts), source, kind, subject, data).canonical()
+    return _encode_entry(
+        {"data": data, "kind": kind, "source": source, "subject": subject, "ts": format_ts(ts)}
+    )
 
 
 def parse_entry(raw: bytes) -> Entry:
@@ -401,7 +424,7 @@ def parse_entry(raw: bytes) -> Entry:
         canonical = entry.canonical()
     except EntryError:
         canonical = b""
-    if canonical != raw:
+    if canonical != raw:  # also refuses duplicate keys and escaped non-ASCII
         raise EntryError("entry is not in canonical form (sorted keys, no spaces, UTF-8)")
     return entry
 
@@ -448,7 +471,7 @@ class Verifier:
 
     @classmethod
     def parse(cls, text: str) -> Verifier:
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)  # base64 may contain '+', names may not
         if len(parts) != 3:
             raise MalformedError("a verifier key has the form name+hexkeyid+base64key")
         name, hex_id, material = parts
@@ -498,7 +521,7 @@ class Signer:
 
     @classmethod
     def parse(cls, text: str) -> Signer:
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 4)  # base64 may contain '+', names may not
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
             raise MalformedError("a signer key has the form PRIVATE+KEY+name+hexkeyid+base64key")
         name, hex_id, material = parts[2:]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -139,36 +140,60 @@ class Ledger:
             raise StoreError(f"cannot open {db_path}: {exc}") from None
         ledger = cls(connection, db_path, clock)
         try:
-            ledger._prepare(create)
+            ledger._prepare(create, timeout)
         except BaseException:
             connection.close()
             raise
         return ledger
 
-    def _prepare(self, create: bool) -> None:
+    def _prepare(self, create: bool, timeout: float) -> None:
+        # Opening races with other processes creating the same file or switching
+        # it to WAL; SQLite reports some of those as "locked" without waiting.
+        deadline = time.monotonic() + timeout
         with self._errors("open"):
-            state = self._schema_state()
-            if state == "empty":
-                if not create:
-                    raise StoreError(f"{self.path} is an empty database, not a keel ledger")
-                self._db.execute("BEGIN IMMEDIATE")
+            while True:
                 try:
-                    if self._schema_state() == "empty":
-                        # executescript() would commit first; run the statements one by one.
-                        for statement in _SCHEMA.split(";"):
-                            if statement.strip():
-                                self._db.execute(statement)
-                        self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    self._db.execute("COMMIT")
-                except BaseException:
+                    self._prepare_once(create)
+                except sqlite3.OperationalError as exc:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
-                    raise
-                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
+                    transient = "locked" in str(exc) or "busy" in str(exc)
+                    if not transient or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005 + 0.02 * random.random())
+                else:
+                    return
+
+    def _prepare_once(self, create: bool) -> None:
+        self._db.execute("BEGIN")
+        try:
+            state = self._schema_state()
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        if state == "empty":
+            if not create:
+                raise StoreError(f"{self.path} is an empty database, not a keel ledger")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._schema_state() == "empty":
+                    # executescript() would commit first; run the statements one by one.
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        # Set on creation; repeated in case the creator died before it got there.
+        if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode})")
+        self._db.execute("PRAGMA synchronous = FULL")
 
     def _schema_state(self) -> str:
         """``"empty"`` for a fresh database, ``"ledger"`` for ours; raises for anything else."""
