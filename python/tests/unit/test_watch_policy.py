@@ -12,6 +12,7 @@ from keel.watch.policy import (
     AgentPolicy,
     AgentRules,
     AlertRules,
+    HoldAgent,
     Phase,
     ProbeRules,
     Record,
@@ -175,6 +176,22 @@ def test_repeated_crashes_back_off_exponentially_up_to_the_cap() -> None:
         policy.started(clock.now, 200)
     assert delays == [0, 1, 2, 4, 8, 8, 8]
     assert policy.restarts == 7
+
+
+def test_backing_off_or_quarantining_a_crashed_agent_holds_it_down() -> None:
+    clock = Clock()
+    policy = make(restart=RestartRules(quarantine_after=3))
+    running(policy, clock)
+    assert not any(isinstance(a, HoldAgent) for a in crash(policy, clock))  # immediate restart
+    actions = policy.exited(clock.now, "exited with status 1")
+    assert HoldAgent("web") in actions
+    assert policy.state() == "backoff"
+    clock.now = policy.next_deadline() or 0
+    policy.tick(clock.now)
+    policy.started(clock.now, 5)
+    actions = policy.exited(clock.now, "exited with status 1")
+    assert HoldAgent("web") in actions
+    assert policy.state() == "quarantined"
 
 
 def test_backoff_resets_after_a_stable_period() -> None:

@@ -42,5 +42,8 @@ class Backend(Protocol):
     def stop(self, name: str, reason: str, *, timeout: float) -> None:
         """Stop the agent (TERM, then KILL after ``timeout``); ``agent_exited`` follows."""
 
+    def hold(self, name: str) -> None:
+        """The agent exited and must stay down until the next ``start``."""
+
     async def close(self) -> None:
         """Watch is shutting down: release resources (agents are left as the backend says)."""

@@ -67,7 +67,25 @@ def load(path: Path) -> WatchConfig:
         return parse(cfg)
 
 
+TOP_LEVEL_KEYS = (
+    "agents",
+    "alerts",
+    "backend",
+    "host",
+    "ledger",
+    "metrics",
+    "socket",
+    "state_file",
+    "systemd_bus",
+)
+
+
 def parse(cfg: Section) -> WatchConfig:
+    # A misspelt top-level key ("agentz") is named as such, not reported as a
+    # missing "agents".
+    unknown = sorted(set(cfg.keys()) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise cfg.error(unknown[0], f"unknown key (known keys here: {', '.join(TOP_LEVEL_KEYS)})")
     backend: Backend = (
         "process" if cfg.choice("backend", ["systemd", "process"]) == "process" else "systemd"
     )

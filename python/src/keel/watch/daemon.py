@@ -34,6 +34,7 @@ from keel.watch.config import AgentConfig, WatchConfig, read_token
 from keel.watch.policy import (
     Action,
     AgentPolicy,
+    HoldAgent,
     Record,
     Restarted,
     SendAlert,
@@ -261,6 +262,8 @@ class Watch:
                 self.backend.start(name)
             elif isinstance(action, StopAgent):
                 self.backend.stop(name, action.reason, timeout=runtime.config.stop_timeout)
+            elif isinstance(action, HoldAgent):
+                self.backend.hold(name)
             elif isinstance(action, SendAlert):
                 self._alert(runtime, action)
             elif isinstance(action, Record):

@@ -98,6 +98,17 @@ class StopAgent:
     reason: str
 
 
+@dataclass(frozen=True)
+class HoldAgent:
+    """Keep the (exited) agent down: it must not come back until a StartAgent.
+
+    systemd's own ``Restart=`` would otherwise bring it back behind a back-off
+    or a quarantine.
+    """
+
+    agent: str
+
+
 AlertKind = Literal["open", "resolve", "quarantine", "flapping", "stable"]
 
 
@@ -130,7 +141,7 @@ class Restarted:
     backoff: bool = False
 
 
-Action = StartAgent | StopAgent | SendAlert | Record | Restarted
+Action = StartAgent | StopAgent | HoldAgent | SendAlert | Record | Restarted
 
 
 # --- state --------------------------------------------------------------------
@@ -500,6 +511,8 @@ class AgentPolicy:
         if quarantine:
             if running:
                 actions.append(StopAgent(self.name, f"quarantined: {cause}"))
+            else:
+                actions.append(HoldAgent(self.name))
             self._not_running()
             self.phase = Phase.QUARANTINED
         elif running:
@@ -540,7 +553,7 @@ class AgentPolicy:
             return self._start(now, restart=True)
         self.phase = Phase.BACKOFF
         self.backoff_until = now + delay
-        return []
+        return [HoldAgent(self.name)]
 
     def _open_incident(
         self, now: float, cause: str, decision: str, restarts_before: int

@@ -129,6 +129,9 @@ class ProcessBackend:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
+    def hold(self, name: str) -> None:
+        """Nothing to do: only watch starts these processes."""
+
     def _exited(self, name: str, child: Child, code: int | None) -> None:
         if self._children.get(name) is not child:
             return

@@ -59,9 +59,10 @@ class UnitState:
     start_pending: bool = False  # we asked for a start...
     inactive_exit_before: Any = None  # ...when InactiveExitTimestampMonotonic was this
     activation_seen: bool = False  # ...and have seen the unit activating since
+    holding: bool = False  # keep it down (back-off, quarantine) until our next start
     our_stop: bool = False
     external_stop: bool = False
-    our_jobs: set[str] = field(default_factory=set)
+    our_jobs: dict[str, str] = field(default_factory=dict)  # job path -> "start" / "stop"
 
     @property
     def active(self) -> str:
@@ -268,15 +269,34 @@ class SystemdBackend:
     def start(self, name: str) -> None:
         state = self.units[name]
         state.start_pending = True
+        state.holding = False
+        state.our_stop = False
         state.activation_seen = False
         state.inactive_exit_before = state.props.get("InactiveExitTimestampMonotonic")
         state.external_stop = False
-        if state.active == "activating" and state.sub == "auto-restart":
-            # systemd's own Restart= timer is pending: restart now instead.
-            self._job(state, "RestartUnit", "start")
-        else:
-            self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
-            self._job(state, "StartUnit", "start")
+        if state.active == "activating" and state.sub != "auto-restart":
+            self._job(state, "StartUnit", "start")  # a start is under way: join it
+            return
+        # ResetFailedUnit also resets systemd's start rate limit: back-off is
+        # watch's job. RestartUnit (not StartUnit) because a unit with Restart=
+        # may be waiting for its own restart timer, which a start would wait for
+        # and a restart cancels; on a unit that is down it simply starts it.
+        self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
+        self._job(state, "RestartUnit", "start")
+
+    def hold(self, name: str) -> None:
+        state = self.units[name]
+        state.holding = True
+        # A unit with Restart= goes from "failed" to "auto-restart" at once (the
+        # signals for both arrive together): cancel systemd's own restart timer,
+        # watch decides when it comes back.
+        if state.sub == "auto-restart" or state.props.get("Restart", "no") != "no":
+            # Cancel systemd's own Restart= timer: watch decides when it comes back.
+            log.info(
+                "agent %s: holding %s down (cancelling its automatic restart)", name, state.unit
+            )
+            state.our_stop = True
+            self._job(state, "StopUnit", "stop")
 
     def stop(self, name: str, reason: str, *, timeout: float) -> None:
         state = self.units[name]
@@ -299,7 +319,7 @@ class SystemdBackend:
                 return
             exc = f.exception()
             if exc is None:
-                state.our_jobs.add(str(f.result().body[0]))
+                state.our_jobs[str(f.result().body[0])] = what
                 return
             log.warning("agent %s: systemd refused to %s %s: %s", state.name, what, state.unit, exc)
             if what == "start" and state.start_pending:
@@ -366,11 +386,19 @@ class SystemdBackend:
             # main process still lives (it sent SIGTERM a moment ago). A crash
             # shows no live main process, and a watchdog kill a failed Result.
             state.external_stop = True
+        auto_restart = state.active == "activating" and state.sub == "auto-restart"
+        if state.start_pending and not state.activation_seen and auto_restart:
+            # Entering auto-restart counts as leaving "failed" for systemd's
+            # timestamps; it is not the start we asked for.
+            state.inactive_exit_before = state.props.get("InactiveExitTimestampMonotonic")
         if state.start_pending and (
             state.active in ("active", "reloading", "deactivating")
-            or (state.active == "activating" and state.sub != "auto-restart")
+            or (state.active == "activating" and not auto_restart)
         ):
             state.activation_seen = True
+        if state.running and state.holding and state.our_stop and not state.reported_running:
+            # systemd's Restart= timer beat our StopUnit; that stop will end it.
+            return
         if state.running and not state.reported_running:
             state.reported_running = True
             state.start_pending = False
@@ -392,14 +420,17 @@ class SystemdBackend:
             # Our start failed before the unit ever ran (exec failed, start timeout...).
             state.start_pending = False
             events.agent_exited(state.name, describe_result(state.props))
-        elif state.our_stop:
+        elif state.our_stop and not state.holding:
             state.our_stop = False
 
     def _job_removed(self, state: UnitState, job_path: str, result: str) -> None:
-        if job_path not in state.our_jobs:
+        what = state.our_jobs.pop(job_path, None)
+        if what is None:
             return
-        state.our_jobs.discard(job_path)
-        if not state.start_pending or state.start_seen:
+        if what == "stop" and state.holding:
+            state.our_stop = False  # the hold's stop is done: the unit is down for good
+            return
+        if what != "start" or not state.start_pending or state.start_seen:
             return  # the unit's own state changes tell the story
         if result not in ("done", "skipped"):
             state.start_pending = False
