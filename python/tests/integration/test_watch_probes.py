@@ -128,3 +128,75 @@ def test_exec_probe_leaves_no_process_behind() -> None:
         assert out.strip() == b""
 
     asyncio.run(scenario())
+
+
+# --- the probe engine (the thread that runs plain-HTTP and TCP probes) ------------------
+
+
+def test_probe_engine_runs_checks_on_schedule_and_cancels() -> None:
+    from keel.watch.probe_engine import ProbeEngine, Result, supported
+
+    assert supported(TcpCheck("127.0.0.1", 1))
+    assert supported(http(80))
+    assert not supported(TcpCheck("localhost", 1))
+    assert not supported(HttpCheck(parse_url("https://127.0.0.1/")))
+    assert not supported(ExecCheck(("true",)))
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused_port = closed.getsockname()[1]
+
+    async def scenario() -> dict[str, list[Result]]:
+        results: dict[str, list[Result]] = {}
+
+        def deliver(batch: list[Result]) -> None:
+            for result in batch:
+                results.setdefault(str(result.key), []).append(result)
+
+        async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(30)
+
+        servers = [await asyncio.start_server(h, "127.0.0.1", 0) for h in (ok, busy, silent)]
+        ports = [s.sockets[0].getsockname()[1] for s in servers]
+        engine = ProbeEngine(deliver)
+        engine.start()
+        now = time.monotonic()
+        common = {"interval": 0.2, "timeout": 0.15, "grace": 0.0, "started": now}
+        engine.schedule("ok", http(ports[0], expect_body="ok"), **common)
+        engine.schedule("busy", http(ports[1]), **common)
+        engine.schedule("silent", http(ports[2]), **common)
+        engine.schedule("refused", TcpCheck("127.0.0.1", refused_port), **common)
+        engine.schedule("tcp", TcpCheck("127.0.0.1", ports[0]), **common)
+        engine.schedule("cancelled", http(ports[0]), **common)
+        engine.cancel("cancelled")
+        await asyncio.sleep(1.0)
+        engine.cancel("ok")
+        await asyncio.sleep(0.1)
+        count = len(results["ok"])
+        await asyncio.sleep(0.5)
+        assert len(results["ok"]) == count  # cancelled: no more runs
+        await engine.close()
+        for server in servers:
+            server.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert {r.outcome for r in results["ok"]} == {Outcome(True, "HTTP 200")}
+    assert 3 <= len(results["ok"]) <= 6  # every 0.2 s for about a second
+    assert {r.outcome for r in results["busy"]} == {Outcome(False, "HTTP 503")}
+    assert {r.outcome for r in results["silent"]} == {Outcome(False, "timeout after 0.15s")}
+    assert {r.outcome for r in results["refused"]} == {Outcome(False, "connection refused")}
+    assert {r.outcome for r in results["tcp"]} == {Outcome(True, "connected")}
+    assert "cancelled" not in results

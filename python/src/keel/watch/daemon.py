@@ -26,7 +26,7 @@ from typing import Any
 from keel import sd
 from keel.api import ControlServer, Peer
 from keel.errors import KeelError
-from keel.watch import metrics
+from keel.watch import metrics, probe_engine
 from keel.watch.alerting import Alert, TelegramRoute
 from keel.watch.alerts import AlertRouter
 from keel.watch.backend import Backend
@@ -41,11 +41,9 @@ from keel.watch.policy import (
     StartAgent,
     StopAgent,
 )
-from keel.watch.probes import ProbeSpec, run_check
+from keel.watch.probes import Outcome, ProbeSpec, run_check
 
 log = logging.getLogger("keel.watch")
-
-FAST_PROBE = 0.25  # seconds between probes of a starting agent that has not passed yet
 
 
 class LedgerRecorder:
@@ -112,6 +110,7 @@ class AgentRuntime:
         self.config = config
         self.policy = policy
         self.probe_tasks: list[asyncio.Task[None]] = []
+        self.engine_keys: list[tuple[str, str, int]] = []
         self.probing_instance = 0
         self.probe_failures = dict.fromkeys((p.name for p in config.probes), 0)
         self.last_probe: tuple[str, bool, float, str] | None = None  # name, ok, wall, detail
@@ -144,6 +143,7 @@ class Watch:
         }
         self.router = AlertRouter(config.routes, tokens, record=self.ledger.record, rng=rng)
         self.latency = {"no": metrics.Histogram(), "yes": metrics.Histogram()}
+        self.engine = probe_engine.ProbeEngine(self._engine_results, clock=clock)
         self.control = ControlServer(
             config.socket,
             {"status": self._status, "start": self._start_verb, "stop": self._stop_verb},
@@ -164,6 +164,7 @@ class Watch:
         """Open everything, adopt running agents, start the rest; then serve."""
         await self.ledger.open()
         self.router.start()
+        self.engine.start()
         await self.backend.open(self)
         await self.control.start()
         if self.metrics is not None:
@@ -197,6 +198,7 @@ class Watch:
                 await self._timer_task
         for runtime in self.agents.values():
             self._cancel_probes(runtime)
+        await self.engine.close()
         await self.backend.close()
         await self.control.close()
         if self.metrics is not None:
@@ -335,19 +337,32 @@ class Watch:
     def _sync_probes(self, runtime: AgentRuntime) -> None:
         policy = runtime.policy
         if policy.running:
-            if runtime.probing_instance == policy.instance and runtime.probe_tasks:
+            if runtime.probing_instance == policy.instance:
                 return
             self._cancel_probes(runtime)
             runtime.probing_instance = policy.instance
             started = self.clock()
-            runtime.probe_tasks = [
-                asyncio.create_task(
-                    self._probe(runtime, spec, policy.instance, started),
-                    name=f"probe:{runtime.config.name}:{spec.name}",
-                )
-                for spec in runtime.config.probes
-            ]
-        elif runtime.probe_tasks:
+            name = runtime.config.name
+            for spec in runtime.config.probes:
+                key = (name, spec.name, policy.instance)
+                if probe_engine.supported(spec.check):
+                    self.engine.schedule(
+                        key,
+                        spec.check,
+                        interval=spec.interval,
+                        timeout=spec.timeout,
+                        grace=spec.grace,
+                        started=started,
+                    )
+                    runtime.engine_keys.append(key)
+                else:
+                    runtime.probe_tasks.append(
+                        asyncio.create_task(
+                            self._probe(runtime, spec, policy.instance, started),
+                            name=f"probe:{name}:{spec.name}",
+                        )
+                    )
+        elif runtime.probing_instance:
             self._cancel_probes(runtime)
 
     def _cancel_probes(self, runtime: AgentRuntime) -> None:
@@ -355,14 +370,36 @@ class Watch:
         # it then ends at its next await.
         for task in runtime.probe_tasks:
             task.cancel()
+        for key in runtime.engine_keys:
+            self.engine.cancel(key)
         runtime.probe_tasks = []
+        runtime.engine_keys = []
         runtime.probing_instance = 0
+
+    def _probe_done(
+        self, runtime: AgentRuntime, probe: str, instance: int, outcome: Outcome, at: float
+    ) -> None:
+        if not outcome.ok:
+            runtime.probe_failures[probe] += 1
+        runtime.last_probe = (probe, outcome.ok, self.wall() - (self.clock() - at), outcome.detail)
+        actions = runtime.policy.probe_result(at, instance, probe, outcome.ok, outcome.detail)
+        # Even without actions the result may move a deadline (healthy since now).
+        self._feed(runtime.config.name, actions)
+
+    def _engine_results(self, batch: list[probe_engine.Result]) -> None:
+        for result in batch:
+            key = result.key
+            assert isinstance(key, tuple)
+            name, probe, instance = key
+            runtime = self.agents.get(str(name))
+            if runtime is not None and instance == runtime.probing_instance:
+                self._probe_done(runtime, str(probe), int(instance), result.outcome, result.at)
 
     async def _probe(
         self, runtime: AgentRuntime, spec: ProbeSpec, instance: int, started: float
     ) -> None:
-        name = runtime.config.name
-        fast = min(spec.interval, FAST_PROBE)
+        """The asyncio path, for checks the engine does not take (https, host names, exec)."""
+        fast = min(spec.interval, probe_engine.FAST_PROBE)
         due = started + fast
         passed = False
         while True:
@@ -371,16 +408,8 @@ class Watch:
                 await asyncio.sleep(delay)
             outcome = await run_check(spec.check, spec.timeout)
             now = self.clock()
-            if outcome.ok:
-                passed = True
-            else:
-                runtime.probe_failures[spec.name] += 1
-            runtime.last_probe = (spec.name, outcome.ok, self.wall(), outcome.detail)
-            actions = runtime.policy.probe_result(
-                now, instance, spec.name, outcome.ok, outcome.detail
-            )
-            # Even without actions the result may move a deadline (healthy since now).
-            self._feed(name, actions)
+            passed = passed or outcome.ok
+            self._probe_done(runtime, spec.name, instance, outcome, now)
             in_grace = now < started + spec.grace
             due += fast if (not passed and in_grace) else spec.interval
             due = max(due, now)

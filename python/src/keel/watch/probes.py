@@ -129,7 +129,7 @@ async def _http(check: HttpCheck, timeout: float) -> Outcome:
     url = check.url
     if url.scheme == "https":
         response = await httpwire.request("GET", url, timeout=timeout, max_body=64 * 1024)
-        return _judge(check, response)
+        return judge(check, response)
     payload = _REQUESTS.get(url)
     if payload is None:
         payload = _REQUESTS[url] = httpwire.build_request("GET", url)
@@ -149,10 +149,10 @@ async def _http(check: HttpCheck, timeout: float) -> Outcome:
                     break
         finally:
             sock.close()
-    return _judge(check, response)
+    return judge(check, response)
 
 
-def _judge(check: HttpCheck, response: httpwire.Response) -> Outcome:
+def judge(check: HttpCheck, response: httpwire.Response) -> Outcome:
     status = response.status
     if check.expect_status:
         if status not in check.expect_status:

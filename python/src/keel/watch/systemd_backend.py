@@ -29,6 +29,8 @@ import contextlib
 import logging
 import os
 import signal
+import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +65,7 @@ class UnitState:
     our_stop: bool = False
     external_stop: bool = False
     our_jobs: dict[str, str] = field(default_factory=dict)  # job path -> "start" / "stop"
+    starts: deque[float] = field(default_factory=deque)  # our recent starts (monotonic)
 
     @property
     def active(self) -> str:
@@ -277,12 +280,32 @@ class SystemdBackend:
         if state.active == "activating" and state.sub != "auto-restart":
             self._job(state, "StartUnit", "start")  # a start is under way: join it
             return
-        # ResetFailedUnit also resets systemd's start rate limit: back-off is
-        # watch's job. RestartUnit (not StartUnit) because a unit with Restart=
-        # may be waiting for its own restart timer, which a start would wait for
-        # and a restart cancels; on a unit that is down it simply starts it.
-        self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
+        # Back-off is watch's job, not systemd's start rate limit: when this
+        # start could hit StartLimitBurst=, ResetFailedUnit clears the count
+        # first. (Not always: it lets systemd drop and reload the unit, which
+        # costs a restart a few milliseconds.) RestartUnit, not StartUnit: a
+        # unit with Restart= may be waiting for its own restart timer, which a
+        # start would wait for and a restart cancels; a unit that is down it
+        # simply starts.
+        if self._near_start_limit(state):
+            self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
+            state.starts.clear()
+        state.starts.append(time.monotonic())
         self._job(state, "RestartUnit", "start")
+
+    @staticmethod
+    def _near_start_limit(state: UnitState) -> bool:
+        interval = state.props.get("StartLimitIntervalUSec")
+        burst = state.props.get("StartLimitBurst")
+        if not isinstance(interval, int) or not isinstance(burst, int) or interval <= 0:
+            return False
+        if state.props.get("Result") == "start-limit-hit":
+            return True
+        horizon = time.monotonic() - interval / 1e6
+        while state.starts and state.starts[0] < horizon:
+            state.starts.popleft()
+        # systemd's own Restart= starts count too and are not in this list: keep a margin.
+        return len(state.starts) >= max(1, burst - 2)
 
     def hold(self, name: str) -> None:
         state = self.units[name]

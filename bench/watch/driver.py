@@ -1,0 +1,153 @@
+"""The in-container half of the watch benchmark (run by run.py inside the container).
+
+    python3 driver.py crash TRIALS SETTLE LABEL=UNIT=PORT ...
+    python3 driver.py hang TRIALS UNIT PORT AGENT
+    python3 driver.py cpu SECONDS
+
+Prints one JSON object on stdout. Times are CLOCK_MONOTONIC, shared with the
+agents (same kernel), so "ready" times from the agents compare with kill times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPORT = "/run/bench-ready.sock"
+
+
+def main_pid(unit: str) -> int:
+    out = subprocess.run(
+        ["systemctl", "show", "-p", "MainPID", "--value", unit],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip() or 0)
+
+
+def watch_status() -> dict:
+    out = subprocess.run(["keel", "status", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def wait_ready(sock: socket.socket, port: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        data = sock.recv(256).decode().split()
+        if int(data[0]) == port:
+            return float(data[1])
+
+
+def crash(trials: int, settle: float, targets: list[tuple[str, str, int]]) -> dict:
+    if os.path.exists(REPORT):
+        os.unlink(REPORT)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(REPORT)
+    os.chmod(REPORT, 0o666)
+    latencies: dict[str, list[float]] = {label: [] for label, _, _ in targets}
+    for _, unit, _ in targets:  # each agent must be up before the first crash
+        deadline = time.monotonic() + 30
+        while main_pid(unit) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for trial in range(trials):
+        order = targets if trial % 2 == 0 else list(reversed(targets))
+        for label, unit, port in order:
+            pid = main_pid(unit)
+            sock.setblocking(False)
+            try:  # drop stale reports
+                while True:
+                    sock.recv(256)
+            except BlockingIOError:
+                pass
+            sock.setblocking(True)
+            started = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            ready = wait_ready(sock, port, 30)
+            latencies[label].append(ready - started)
+            time.sleep(settle)
+    return {"latencies": latencies}
+
+
+def hang(trials: int, unit: str, port: int, agent: str) -> dict:
+    detections = []
+    for _ in range(trials):
+        deadline = time.monotonic() + 60
+        while True:
+            state = watch_status()["agents"][agent]
+            # Past the start-up grace (2 s): the budget counts from there.
+            if state["state"] == "healthy" and (state["uptime"] or 0) > 2.2:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{agent} never became healthy: {state}")
+            time.sleep(0.05)
+        restarts = state["restarts"]
+        time.sleep(random.uniform(0, 1.0))  # a random phase against the probe timer
+        hung_at = time.time()
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/hang", timeout=5).read()
+        while True:
+            state = watch_status()["agents"][agent]
+            if state["restarts"] > restarts:
+                break
+            if time.time() - hung_at > 60:
+                raise SystemExit(f"{agent}: the hang was never detected: {state}")
+            time.sleep(0.05)
+        detections.append(state["last_error_at"] - hung_at)
+    return {"detections": detections, "unit": unit}
+
+
+def cpu(seconds: float) -> dict:
+    # keel-watch's own CPU time, from /proc (cgroup accounting may be off).
+    pid = main_pid("keel-watch.service")
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def usage() -> float:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+
+    status = watch_status()
+    states = [a["state"] for a in status["agents"].values()]
+    before, start = usage(), time.monotonic()
+    time.sleep(seconds)
+    after, end = usage(), time.monotonic()
+    status = watch_status()
+    probes = sum(1 for a in status["agents"].values() if a["last_probe"] and a["last_probe"]["ok"])
+    return {
+        "cpu_seconds": after - before,
+        "elapsed": end - start,
+        "agents": len(states),
+        "healthy_before": states.count("healthy"),
+        "healthy_after": [a["state"] for a in status["agents"].values()].count("healthy"),
+        "last_probe_ok": probes,
+        "restarts": sum(a["restarts"] for a in status["agents"].values()),
+    }
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "crash":
+        trials, settle = int(sys.argv[2]), float(sys.argv[3])
+        targets = []
+        for spec in sys.argv[4:]:
+            label, unit, port = spec.split("=")
+            targets.append((label, unit, int(port)))
+        result = crash(trials, settle, targets)
+    elif mode == "hang":
+        result = hang(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    else:
+        result = cpu(float(sys.argv[2]))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
