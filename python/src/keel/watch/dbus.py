@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.auth import BEGIN, make_auth_external
 from jeepney.bus_messages import message_bus
-from jeepney.low_level import HeaderFields, Message, MessageType, Parser
+from jeepney.low_level import Header, HeaderFields, Message, MessageType, calc_msg_size
 
 log = logging.getLogger("keel.watch.dbus")
 
@@ -43,6 +44,37 @@ class DBusError(Exception):
         self.message = message
 
 
+MAX_MESSAGE = 1 << 27  # the D-Bus specification's limit (128 MiB)
+
+
+class Signal:
+    """A signal whose header is parsed and whose body is parsed only on demand.
+
+    Most signals systemd sends to a direct connection concern units watch does
+    not follow; they are dropped after reading the header.
+    """
+
+    __slots__ = ("body_start", "header", "raw")
+
+    def __init__(self, header: Header, raw: bytes, body_start: int) -> None:
+        self.header = header
+        self.raw = raw
+        self.body_start = body_start
+
+    @property
+    def member(self) -> str | None:
+        value = self.header.fields.get(HeaderFields.member)
+        return str(value) if value is not None else None
+
+    @property
+    def path(self) -> str | None:
+        value = self.header.fields.get(HeaderFields.path)
+        return str(value) if value is not None else None
+
+    def body(self) -> tuple[Any, ...]:
+        return tuple(Message.from_buffer(self.raw).body)
+
+
 class ConnectionLost(Exception):
     """The bus or systemd closed the connection (e.g. ``systemctl daemon-reexec``)."""
 
@@ -63,14 +95,13 @@ class Connection:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        on_signal: Callable[[Message], None],
+        on_signal: Callable[[Signal], None],
         on_lost: Callable[[], None],
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._on_signal = on_signal
         self._on_lost = on_lost
-        self._parser = Parser()
         self._serial = 0
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +113,7 @@ class Connection:
         path: str,
         *,
         bus: bool,
-        on_signal: Callable[[Message], None],
+        on_signal: Callable[[Signal], None],
         on_lost: Callable[[], None] = lambda: None,
         timeout: float = 10.0,
     ) -> Connection:
@@ -118,34 +149,38 @@ class Connection:
         return tuple(reply.body)
 
     async def _read(self) -> None:
+        buffer = bytearray()
         try:
             while True:
                 data = await self._reader.read(65536)
                 if not data:
                     break
-                for message in self._parser.feed(data):
-                    self._dispatch(message)
-        except (OSError, ValueError) as exc:
+                buffer += data
+                for raw in _split_messages(buffer):
+                    self._dispatch(raw)
+        except (OSError, ValueError, struct.error) as exc:
             log.warning("D-Bus connection failed: %s", exc)
         finally:
             self._lost()
 
-    def _dispatch(self, message: Message) -> None:
-        kind = message.header.message_type
+    def _dispatch(self, raw: bytes) -> None:
+        header, body_start = Header.from_buffer(raw)
+        kind = header.message_type
         if kind is MessageType.signal:
             try:
-                self._on_signal(message)
+                self._on_signal(Signal(header, raw, body_start))
             except Exception:
                 log.exception("D-Bus signal handler failed")
             return
         if kind not in (MessageType.method_return, MessageType.error):
             return
-        serial = message.header.fields.get(HeaderFields.reply_serial)
+        serial = header.fields.get(HeaderFields.reply_serial)
         future = self._pending.pop(serial, None) if isinstance(serial, int) else None
         if future is None or future.done():
             return
+        message = Message.from_buffer(raw)
         if kind is MessageType.error:
-            name = str(message.header.fields.get(HeaderFields.error_name, "error"))
+            name = str(header.fields.get(HeaderFields.error_name, "error"))
             text = str(message.body[0]) if message.body else ""
             future.set_exception(DBusError(name, text))
         else:
@@ -223,3 +258,72 @@ def add_match(rule: str) -> Message:
 def unwrap(properties: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     """``{name: (signature, value)}`` as jeepney parses ``a{sv}`` -> ``{name: value}``."""
     return {name: value[1] for name, value in properties.items()}
+
+
+def _split_messages(buffer: bytearray) -> list[bytes]:
+    """Take every complete message off the front of ``buffer``."""
+    messages = []
+    while len(buffer) >= 16:
+        size = calc_msg_size(bytes(buffer[:16]))
+        if size > MAX_MESSAGE:
+            raise ValueError(f"a {size}-byte message is larger than D-Bus allows")
+        if len(buffer) < size:
+            break
+        messages.append(bytes(buffer[:size]))
+        del buffer[:size]
+    return messages
+
+
+# --- PropertiesChanged, read for the few properties watch needs -----------------------
+
+_ALIGN = {"s": 4, "o": 4, "u": 4, "i": 4, "b": 4, "t": 8, "x": 8}
+_FIXED = {"u": "I", "i": "i", "b": "I", "t": "Q", "x": "q"}
+
+
+def properties_changed(signal: Signal, wanted: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """The interface and the ``wanted`` entries of a ``PropertiesChanged`` signal.
+
+    ``wanted`` maps property names to their D-Bus type (basic types only:
+    ``s o u i b t x``). The body (``sa{sv}as``) is not unmarshalled whole:
+    each wanted entry is found by its exact encoding (key length, key, NUL,
+    variant signature) at a dict-entry boundary (8-aligned) inside the array,
+    and only its value is decoded. The first such entry wins, so a nested
+    ``a{sv}`` holding the same key could shadow a later top-level one; the
+    properties of systemd's units nest none. A full unmarshal of one unit's signal costs
+    the better part of a millisecond in pure Python, and two of them sit
+    between a crash and the restart.
+    """
+    raw, header = signal.raw, signal.header
+    order = "<" if header.endianness.dbus_code() == b"l" else ">"
+    pos = _align(signal.body_start, 4)
+    (length,) = struct.unpack_from(order + "I", raw, pos)
+    interface = raw[pos + 4 : pos + 4 + length].decode()
+    pos = _align(pos + 4 + length + 1, 4)
+    (array_length,) = struct.unpack_from(order + "I", raw, pos)
+    start = _align(pos + 4, 8)
+    end = start + array_length
+    if end > len(raw):
+        raise ValueError("PropertiesChanged: the property array runs past the message")
+    found: dict[str, Any] = {}
+    for name, kind in wanted.items():
+        key = name.encode()
+        needle = (
+            struct.pack(order + "I", len(key)) + key + b"\0" + bytes([1]) + kind.encode() + b"\0"
+        )
+        at = raw.find(needle, start, end)
+        while at >= 0 and (at - start) % 8:
+            at = raw.find(needle, at + 1, end)
+        if at < 0:
+            continue
+        value_at = _align(at + len(needle), _ALIGN[kind])
+        if kind in ("s", "o"):
+            (size,) = struct.unpack_from(order + "I", raw, value_at)
+            found[name] = raw[value_at + 4 : value_at + 4 + size].decode()
+        else:
+            (value,) = struct.unpack_from(order + _FIXED[kind], raw, value_at)
+            found[name] = bool(value) if kind == "b" else value
+    return interface, found
+
+
+def _align(position: int, boundary: int) -> int:
+    return position + (-position % boundary)

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jeepney.low_level import HeaderFields, Message
+from jeepney.low_level import Message
 
 from keel.errors import KeelError
 from keel.watch import dbus
@@ -47,6 +47,19 @@ log = logging.getLogger("keel.watch.systemd")
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 RUNNING_STATES = ("active", "reloading")
+
+# What watch reads from PropertiesChanged (all emitted on change by systemd).
+WANTED = {
+    "ActiveState": "s",
+    "SubState": "s",
+    "LoadState": "s",
+    "InactiveExitTimestampMonotonic": "t",
+    "ActiveEnterTimestampMonotonic": "t",
+    "MainPID": "u",
+    "Result": "s",
+    "ExecMainCode": "i",
+    "ExecMainStatus": "i",
+}
 
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
@@ -283,15 +296,16 @@ class SystemdBackend:
         # Back-off is watch's job, not systemd's start rate limit: when this
         # start could hit StartLimitBurst=, ResetFailedUnit clears the count
         # first. (Not always: it lets systemd drop and reload the unit, which
-        # costs a restart a few milliseconds.) RestartUnit, not StartUnit: a
-        # unit with Restart= may be waiting for its own restart timer, which a
-        # start would wait for and a restart cancels; a unit that is down it
-        # simply starts.
+        # costs a restart a few milliseconds.) RestartUnit for a unit with
+        # Restart=: it may be waiting for its own restart timer, which a start
+        # job would wait for and a restart job cancels. StartUnit otherwise (one
+        # job step fewer).
         if self._near_start_limit(state):
             self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
             state.starts.clear()
         state.starts.append(time.monotonic())
-        self._job(state, "RestartUnit", "start")
+        restarts_itself = state.sub == "auto-restart" or state.props.get("Restart", "no") != "no"
+        self._job(state, "RestartUnit" if restarts_itself else "StartUnit", "start")
 
     @staticmethod
     def _near_start_limit(state: UnitState) -> bool:
@@ -363,20 +377,18 @@ class SystemdBackend:
 
     # --- following systemd ----------------------------------------------------------------
 
-    def _signal(self, message: Message) -> None:
-        fields = message.header.fields
-        member = fields.get(HeaderFields.member)
-        path = fields.get(HeaderFields.path)
+    def _signal(self, signal: dbus.Signal) -> None:
+        member = signal.member
         if member == "PropertiesChanged":
-            state = self._by_path.get(str(path))
+            state = self._by_path.get(signal.path or "")
             if state is None:
-                return
-            interface, changed, _invalidated = message.body
-            state.props.update(dbus.unwrap(changed))
+                return  # another unit: its body is never parsed
+            interface, changed = dbus.properties_changed(signal, WANTED)
+            state.props.update(changed)
             if interface == UNIT and ("ActiveState" in changed or "SubState" in changed):
                 self._follow(state)
         elif member == "JobRemoved":
-            _job_id, job_path, unit, result = message.body
+            _job_id, job_path, unit, result = signal.body()
             for state in self.units.values():
                 if state.unit == unit:
                     self._job_removed(state, str(job_path), str(result))
