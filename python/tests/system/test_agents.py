@@ -232,3 +232,20 @@ def test_install_without_root_says_so(agents_host: Container) -> None:
     )
     assert result.returncode == 1
     assert "keel agents install must run as root" in result.stderr
+
+
+def test_install_names_an_agent_that_does_not_start(agents_host: Container) -> None:
+    spec = {"name": "broken", "command": ["/usr/bin/no-such-program"], "tier": 1}
+    agents_host.write_file("/root/broken.json", json.dumps(spec))
+    try:
+        result = agents_host.run("keel", "agents", "install", "/root/broken.json", check=False)
+        assert result.returncode == 1
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith("keel: error: keel-agent-broken.service did not start (")
+        assert error.endswith("see `journalctl -u keel-agent-broken.service`")
+    finally:
+        agents_host.sh(
+            "systemctl disable --now keel-agent-broken.service; "
+            "rm -f /etc/systemd/system/keel-agent-broken.service /etc/keel/agents/broken.json; "
+            "systemctl daemon-reload; systemctl reset-failed"
+        )

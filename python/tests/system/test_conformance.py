@@ -38,6 +38,9 @@ asyncio.run(main())
 """
 
 
+LEDGER = "/var/lib/keel/ledger.db"
+
+
 @dataclass
 class Site:
     operator: Host
@@ -83,6 +86,11 @@ def site(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
             lambda: box.run("test", "-S", "/run/keel/probe.sock", check=False).returncode == 0,
             what="the probe socket",
         )
+        for agent in ("ops", "notes", "scout"):
+            box.run(
+                "keel", "ledger", "append", "--db", LEDGER, "--source", "watch",
+                "--kind", "started", "--subject", agent,
+            )  # fmt: skip
         yield Site(operator, box, keel_host.address, ssh_config, workdir)
     finally:
         if box is not None:
@@ -129,12 +137,13 @@ def test_conformance_passes_on_a_keel_host(site: Site) -> None:
         "test_each_enabled_daemon_has_its_socket",
         "test_sockets_are_closed_to_others",
     } <= passed, outcomes
+    assert "test_ledger_verifies" in passed
     not_passed = {name: o for name, o in outcomes.items() if name not in passed}
     # Nothing fails; only what this host lacks is skipped, and says why.
-    assert set(not_passed) <= {"test_egress_table_present", "test_ledger_verifies"}, not_passed
-    for outcome, message in not_passed.values():
-        assert outcome == "skipped"
-        assert "egress is not configured here" in message or "no ledger at" in message
+    assert set(not_passed) == {"test_egress_table_present"}, not_passed
+    outcome, message = not_passed["test_egress_table_present"]
+    assert outcome == "skipped"
+    assert "egress is not configured here" in message
 
 
 def test_conformance_catches_a_weakened_sandbox_and_an_open_socket(site: Site) -> None:
@@ -146,9 +155,16 @@ def test_conformance_catches_a_weakened_sandbox_and_an_open_socket(site: Site) -
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "restart", "keel-agent-scout.service")
     box.run("chmod", "0666", "/run/keel/probe.sock")
+    box.run("cp", LEDGER, "/root/ledger.db.good")
+    box.run(
+        "sqlite3", LEDGER,
+        "UPDATE leaves SET entry = CAST(replace(CAST(entry AS TEXT), 'notes', 'n0tes') AS BLOB) "
+        "WHERE idx = 1",
+    )  # fmt: skip
     try:
         outcomes = conformance(site, "broken")
     finally:
+        box.run("cp", "/root/ledger.db.good", LEDGER)
         box.run("rm", "-r", "/etc/systemd/system/keel-agent-scout.service.d")
         box.run("systemctl", "daemon-reload")
         box.run("systemctl", "restart", "keel-agent-scout.service")
@@ -160,6 +176,9 @@ def test_conformance_catches_a_weakened_sandbox_and_an_open_socket(site: Site) -
     outcome, message = outcomes["test_sockets_are_closed_to_others"]
     assert outcome == "failed"
     assert "/run/keel/probe.sock: root:keel 0o666" in message
+    outcome, message = outcomes["test_ledger_verifies"]
+    assert outcome == "failed"
+    assert f"`keel ledger verify --db {LEDGER}` failed" in message
     # What was not broken still passes.
     assert outcomes["test_running_agents_show_their_sandbox"][0] == "passed"
     assert outcomes["test_agent_units_are_enabled_and_active"][0] == "passed"

@@ -60,6 +60,7 @@ def test_full_spec_round_trips() -> None:
                 {"type": "http", "url": "http://127.0.0.1:8080/health", "expect_status": 204},
                 {"type": "tcp", "host": "127.0.0.1", "port": 8080, "interval": 1, "timeout": 0.5},
                 {"type": "exec", "command": ["/bin/true"], "failures": 1, "grace": 0},
+                {"type": "tcp", "name": "port", "port": 9, "interval": 1},
             ],
             "watchdogSec": 5,
         },
@@ -72,11 +73,22 @@ def test_full_spec_round_trips() -> None:
     assert out["health"]["probes"][0] == {
         "type": "http",
         "url": "http://127.0.0.1:8080/health",
-        "expect_status": 204,
+        "expect_status": [204],
         "interval": 5.0,
         "timeout": 2.0,
         "failures": 3,
-        "grace": 10.0,
+        "grace": 0.0,
+    }
+    assert out["health"]["probes"][1]["timeout"] == 0.5
+    assert out["health"]["probes"][3] == {
+        "type": "tcp",
+        "name": "port",
+        "host": "127.0.0.1",
+        "port": 9,
+        "interval": 1.0,
+        "timeout": 1.0,
+        "failures": 3,
+        "grace": 0.0,
     }
     assert out["health"]["probes"][2]["command"] == ["/bin/true"]
     assert out["health"]["watchdogSec"] == 5.0
@@ -150,6 +162,14 @@ def test_full_spec_round_trips() -> None:
             "health.probes[0].failures: must be at least 1",
         ),
         (minimal(health={"watchdogSec": -1}), "health.watchdogSec: expected a number > 0"),
+        (
+            minimal(health={"probes": [{"type": "http", "url": "http://x", "expect_status": []}]}),
+            "health.probes[0].expect_status: expected an HTTP status (100-599) or a non-empty list",
+        ),
+        (
+            minimal(health={"probes": [{"type": "http", "url": "http://x", "expect_status": 600}]}),
+            "health.probes[0].expect_status: expected an HTTP status",
+        ),
         (minimal(resources={"memoryMax": "lots"}), "resources.memoryMax: 'lots': expected bytes"),
         (minimal(resources={"cpuQuota": "50"}), "resources.cpuQuota: '50': expected a percentage"),
         (minimal(resources={"tasksMax": 0}), "resources.tasksMax: must be at least 1"),

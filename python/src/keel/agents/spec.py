@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from keel.config import Section, load_json_file
+from keel.config import Section, describe, load_json_file
 from keel.errors import ConfigError
 
 # An agent name becomes part of a unit name (keel-agent-NAME.service) and of a
@@ -35,7 +35,9 @@ USER_PATTERN = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
 TIERS = (0, 1, 2)
 PROBE_TYPES = ("http", "tcp", "exec")
-PROBE_DEFAULTS: dict[str, float] = {"interval": 5.0, "timeout": 2.0, "failures": 3, "grace": 10.0}
+# The same defaults as keel watch's own config (docs/watch.md): a timeout of
+# min(2, interval), 3 failures, no grace, TCP to 127.0.0.1.
+PROBE_DEFAULTS: dict[str, float] = {"interval": 5.0, "timeout": 2.0, "failures": 3, "grace": 0.0}
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _SIZE = re.compile(r"[0-9]+[KMGT]?\Z")
@@ -52,8 +54,9 @@ class Probe:
     timeout: float
     failures: int
     grace: float
+    name: str | None = None
     url: str | None = None
-    expect_status: int | None = None
+    expect_status: tuple[int, ...] = ()
     expect_body: str | None = None
     host: str | None = None
     port: int | None = None
@@ -61,10 +64,12 @@ class Probe:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}
+        if self.name is not None:
+            out["name"] = self.name
         if self.type == "http":
             out["url"] = self.url
-            if self.expect_status is not None:
-                out["expect_status"] = self.expect_status
+            if self.expect_status:
+                out["expect_status"] = list(self.expect_status)
             if self.expect_body is not None:
                 out["expect_body"] = self.expect_body
         elif self.type == "tcp":
@@ -237,14 +242,16 @@ def item_error(section: Section, key: str, index: int, problem: str) -> ConfigEr
 
 def _probe(section: Section) -> Probe:
     kind = section.choice("type", PROBE_TYPES)
+    name = section.string("name", None)
     interval = section.number("interval", PROBE_DEFAULTS["interval"], positive=True)
-    timeout = section.number("timeout", PROBE_DEFAULTS["timeout"], positive=True)
+    timeout = section.number("timeout", min(PROBE_DEFAULTS["timeout"], interval), positive=True)
     if timeout > interval:
         raise section.error("timeout", f"must not exceed interval ({interval:g} s)")
     failures = section.integer("failures", int(PROBE_DEFAULTS["failures"]), minimum=1)
     grace = section.number("grace", PROBE_DEFAULTS["grace"], minimum=0)
     common: dict[str, Any] = {
         "type": kind,
+        "name": name,
         "interval": interval,
         "timeout": timeout,
         "failures": failures,
@@ -262,16 +269,32 @@ def _probe(section: Section) -> Probe:
         return Probe(
             **common,
             url=url,
-            expect_status=section.integer("expect_status", None, minimum=100, maximum=599),
+            expect_status=_expect_status(section),
             expect_body=section.string("expect_body", None, nonempty=False),
         )
     if kind == "tcp":
         return Probe(
             **common,
-            host=section.string("host"),
+            host=section.string("host", "127.0.0.1"),
             port=section.integer("port", minimum=1, maximum=65535),
         )
     return Probe(**common, command=tuple(section.strings("command", nonempty=True)))
+
+
+def _expect_status(section: Section) -> tuple[int, ...]:
+    """An HTTP status or a list of them, as keel watch reads it."""
+    raw = section.raw("expect_status", None)
+    if raw is None:
+        return ()
+    values = raw if isinstance(raw, list) else [raw]
+    if not values or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in values
+    ):
+        raise section.error(
+            "expect_status",
+            f"expected an HTTP status (100-599) or a non-empty list of them, got {describe(raw)}",
+        )
+    return tuple(values)
 
 
 def _environment(spec: Section) -> dict[str, str]:

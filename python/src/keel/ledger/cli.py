@@ -334,12 +334,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print(f"ok: {report.size} entries, root {root}")
+    print(f"ok: {_count(report.size, 'entry', 'entries')}, root {root}")
     if report.checkpoints:
-        print(f"ok: {report.checkpoints} stored checkpoints, signed by {verifier}")
+        stored = _count(report.checkpoints, "stored checkpoint", "stored checkpoints")
+        print(f"ok: {stored}, signed by {verifier}")
     if report.external:
-        print(f"ok: the ledger extends {report.external} checkpoint file(s)")
+        files = _count(report.external, "checkpoint file", "checkpoint files")
+        print(f"ok: the ledger extends the {files} given")
     return 0
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _print_proof(document: dict[str, Any]) -> None:

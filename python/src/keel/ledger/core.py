@@ -137,6 +137,32 @@ class TreeBuilder:
         self.size += 1
         return row
 
+    def append_entries(self, entries: Iterable[bytes]) -> list[bytes]:
+        """Add leaves for canonical ``entries``; returns each row's hashes, concatenated.
+
+        The same as :meth:`append` of each leaf hash, unrolled for batches.
+        """
+        sha256 = hashlib.sha256
+        frontier = self._frontier
+        size = self.size
+        rows = []
+        for entry in entries:
+            current = sha256(b"\x00" + entry).digest()
+            if size & 1:
+                parts = [current]
+                pending = size
+                while pending & 1:
+                    current = sha256(b"\x01" + frontier.pop() + current).digest()
+                    parts.append(current)
+                    pending >>= 1
+                rows.append(b"".join(parts))
+            else:
+                rows.append(current)
+            frontier.append(current)
+            size += 1
+        self.size = size
+        return rows
+
     def root(self) -> bytes:
         if not self._frontier:
             return EMPTY_ROOT

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from keel.ledger import core
 from keel.ledger.errors import (
@@ -54,6 +54,8 @@ from keel.ledger.errors import (
     StoreError,
     TamperError,
 )
+
+T = TypeVar("T")
 
 APPLICATION_ID = 0x6B65656C  # "keel"
 SCHEMA_VERSION = 1
@@ -268,22 +270,68 @@ class Ledger:
     # ---- reading the tree -------------------------------------------------
 
     def _lookup(self, level: int, index: int) -> bytes:
+        row = core.stored_location(level, index)[0]
+        found = self._db.execute("SELECT hashes FROM leaves WHERE idx = ?", (row,)).fetchone()
+        return self._slot(level, index, found[0] if found else None)
+
+    def _slot(self, level: int, index: int, hashes: object) -> bytes:
+        """Slot ``level`` of a row's hash list, or a :class:`TamperError` if it is not there."""
         row, slot = core.stored_location(level, index)
-        found = self._db.execute(
-            "SELECT substr(hashes, ?, ?) FROM leaves WHERE idx = ?",
-            (slot * core.HASH_SIZE + 1, core.HASH_SIZE, row),
-        ).fetchone()
-        if found is None or not isinstance(found[0], bytes) or len(found[0]) != core.HASH_SIZE:
+        value = (
+            hashes[slot * core.HASH_SIZE : (slot + 1) * core.HASH_SIZE]
+            if isinstance(hashes, bytes)
+            else b""
+        )
+        if len(value) != core.HASH_SIZE:
             raise TamperError(
                 f"{self.path}: the stored hash of leaves {index << level}..{row} is missing "
                 "or damaged; run `keel ledger verify`",
                 index << level,
             )
-        return found[0]
+        return value
+
+    def _fetched(self, compute: Callable[[core.HashLookup], T]) -> T:
+        """Run ``compute`` with its stored hashes read in one query instead of one each.
+
+        Which subtrees a root or proof needs depends only on the sizes and
+        indices, never on hash values, so a dry run with placeholder hashes
+        names them all; one ``IN (...)`` query then fetches their rows.
+        """
+        wanted: list[tuple[int, int]] = []
+
+        def record(level: int, index: int) -> bytes:
+            wanted.append((level, index))
+            return bytes(core.HASH_SIZE)
+
+        compute(record)
+        rows = sorted({core.stored_location(level, index)[0] for level, index in wanted})
+        fetched: dict[int, bytes] = {}
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            fetched.update(
+                self._db.execute(
+                    f"SELECT idx, hashes FROM leaves WHERE idx IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+            )
+
+        def lookup(level: int, index: int) -> bytes:
+            return self._slot(level, index, fetched.get(core.stored_location(level, index)[0]))
+
+        return compute(lookup)
+
+    def stored_hash(self, level: int, index: int) -> bytes:
+        """The stored hash of perfect subtree ``(level, index)`` (a :data:`core.HashLookup`)."""
+        with self._lock, self._errors("read"):
+            return self._lookup(level, index)
 
     def _size(self) -> int:
-        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
-        last = self._db.execute("SELECT max(idx) FROM leaves").fetchone()[0]
+        # One statement, so one snapshot: other processes may be appending.
+        recorded_text, last = self._db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'size'), (SELECT max(idx) FROM leaves)"
+        ).fetchone()
+        recorded = int(recorded_text)
         held = 0 if last is None else last + 1
         if held != recorded:
             raise TamperError(
@@ -307,7 +355,8 @@ class Ledger:
 
     def root(self, size: int | None = None) -> bytes:
         with self._lock, self._errors("read"):
-            return core.tree_root(self._check_size(size), self._lookup)
+            tree_size = self._check_size(size)
+            return self._fetched(lambda lookup: core.tree_root(tree_size, lookup))
 
     def entries(self, start: int = 0, end: int | None = None) -> list[tuple[int, core.Entry]]:
         """Entries ``start..end-1`` (all from ``start`` when ``end`` is None), parsed."""
@@ -328,12 +377,14 @@ class Ledger:
             tree_size = self._check_size(size)
             if not 0 <= index < tree_size:
                 raise LedgerError(f"leaf {index} is not in a tree of size {tree_size}")
-            return core.InclusionProof(
-                index,
-                tree_size,
-                core.tree_root(tree_size, self._lookup),
-                self._lookup(0, index),
-                tuple(core.inclusion_proof(index, tree_size, self._lookup)),
+            return self._fetched(
+                lambda lookup: core.InclusionProof(
+                    index,
+                    tree_size,
+                    core.tree_root(tree_size, lookup),
+                    lookup(0, index),
+                    tuple(core.inclusion_proof(index, tree_size, lookup)),
+                )
             )
 
     def consistency_proof(self, size1: int, size2: int) -> core.ConsistencyProof:
@@ -341,12 +392,14 @@ class Ledger:
             self._check_size(size2)
             if not 0 < size1 <= size2:
                 raise LedgerError(f"a consistency proof needs 0 < OLD <= NEW, got {size1}, {size2}")
-            return core.ConsistencyProof(
-                size1,
-                size2,
-                core.tree_root(size1, self._lookup),
-                core.tree_root(size2, self._lookup),
-                tuple(core.consistency_proof(size1, size2, self._lookup)),
+            return self._fetched(
+                lambda lookup: core.ConsistencyProof(
+                    size1,
+                    size2,
+                    core.tree_root(size1, lookup),
+                    core.tree_root(size2, lookup),
+                    tuple(core.consistency_proof(size1, size2, lookup)),
+                )
             )
 
     # ---- appending --------------------------------------------------------
@@ -391,12 +444,12 @@ class Ledger:
             size = self._size()
             if not raws:
                 return size
-            builder = core.TreeBuilder.resume(size, self._lookup)
-            rows = [
-                (size + offset, raw, b"".join(builder.append(core.leaf_hash(raw))))
-                for offset, raw in enumerate(raws)
-            ]
-            self._db.executemany("INSERT INTO leaves (idx, entry, hashes) VALUES (?, ?, ?)", rows)
+            builder = self._fetched(lambda lookup: core.TreeBuilder.resume(size, lookup))
+            hashes = builder.append_entries(raws)
+            self._db.executemany(
+                "INSERT INTO leaves (idx, entry, hashes) VALUES (?, ?, ?)",
+                zip(range(size, size + len(raws)), raws, hashes, strict=True),
+            )
             self._db.execute(
                 "UPDATE meta SET value = ? WHERE key = 'size'", (str(size + len(raws)),)
             )
@@ -408,7 +461,7 @@ class Ledger:
         """Sign the current tree head, store the note and return it."""
         with self._write("checkpoint"):
             size = self._size()
-            root = core.tree_root(size, self._lookup)
+            root = self._fetched(lambda lookup: core.tree_root(size, lookup))
             note = core.sign_checkpoint(core.Checkpoint(signer.name, size, root), signer)
             latest = self._latest_checkpoint()
             if latest is not None and latest.note == note:
@@ -449,8 +502,27 @@ class Ledger:
         ``(label, signed note)`` checkpoint (an older one kept elsewhere) must
         verify with ``verifier`` and be a prefix of this tree. The first
         problem raises :class:`TamperError` with the first bad leaf index.
+
+        It reads one snapshot (a read transaction), so appends by other
+        processes meanwhile neither disturb it nor wait for it.
         """
-        stored = self.checkpoints()
+        with self._lock, self._errors("verify"):
+            self._db.execute("BEGIN")
+            try:
+                return self._verify_snapshot(verifier, external)
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
+
+    def _verify_snapshot(
+        self, verifier: core.Verifier | None, external: Sequence[tuple[str, str]]
+    ) -> VerifyReport:
+        stored = [
+            StoredCheckpoint(*row)
+            for row in self._db.execute(
+                "SELECT id, size, note, created FROM checkpoints ORDER BY id"
+            ).fetchall()
+        ]
         targets: dict[int, list[tuple[str, bytes]]] = {}
         for checkpoint in stored:
             label = f"stored checkpoint {checkpoint.id} (size {checkpoint.size})"
@@ -481,24 +553,19 @@ class Ledger:
                     )
                 good_prefix = builder.size
 
-        with self._lock, self._errors("verify"):
-            recorded = int(
-                self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0]
-            )
-            cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
-            check_targets()
-            for index, entry, hashes in cursor:
-                if index != builder.size:
-                    raise TamperError(
-                        f"{self.path}: entry {builder.size} is missing (deleted)", builder.size
-                    )
-                if not isinstance(entry, bytes) or not isinstance(hashes, bytes):
-                    raise TamperError(
-                        f"{self.path}: entry {index} is stored with the wrong type", index
-                    )
-                expected = builder.append(core.leaf_hash(entry))
-                if hashes != b"".join(expected):
-                    raise _hash_mismatch(self.path, index, hashes, expected)
+        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
+        cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
+        check_targets()
+        while True:
+            chunk = cursor.fetchmany(4096)
+            if not chunk:
+                break
+            while chunk:
+                # Up to the next checkpoint size, so each is checked at its size.
+                upcoming = [size for size in targets if size > builder.size]
+                room = min(upcoming) - builder.size if upcoming else len(chunk)
+                part, chunk = chunk[:room], chunk[room:]
+                self._verify_rows(builder, part)
                 check_targets()
         size = builder.size
         if recorded != size:
@@ -522,6 +589,25 @@ class Ledger:
             signatures_checked=verifier is not None,
             external=len(external),
         )
+
+    def _verify_rows(self, builder: core.TreeBuilder, rows: list[tuple[Any, Any, Any]]) -> None:
+        """Check consecutive stored rows against the tree ``builder`` recomputes."""
+        start = builder.size
+        for offset, (index, entry, hashes) in enumerate(rows):
+            if index != start + offset:
+                raise TamperError(
+                    f"{self.path}: entry {start + offset} is missing (deleted)", start + offset
+                )
+            if type(entry) is not bytes or type(hashes) is not bytes:
+                raise TamperError(
+                    f"{self.path}: entry {index} is stored with the wrong type", index
+                )
+        expected = builder.append_entries([entry for _, entry, _ in rows])
+        for offset, (index, _, hashes) in enumerate(rows):
+            if hashes != expected[offset]:
+                want = expected[offset]
+                parts = [want[i : i + core.HASH_SIZE] for i in range(0, len(want), core.HASH_SIZE)]
+                raise _hash_mismatch(self.path, index, hashes, parts)
 
     def _open_checkpoint(
         self, label: str, note: str, verifier: core.Verifier | None, stored_size: int | None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,7 +70,7 @@ def test_round_trip(populated: Populated, tmp_path: Path) -> None:
     out = ok("ledger", "verify", "--db", db, "--checkpoint", populated.checkpoints[12])
     assert out.startswith("ok: 20 entries, root ")
     assert "3 stored checkpoints" in out
-    assert "extends 1 checkpoint file" in out
+    assert "extends the 1 checkpoint file given" in out
 
     lines = ok("ledger", "tail", "--db", db, "-n", "3", "--json").splitlines()
     entries = [json.loads(line) for line in lines]
@@ -284,6 +287,48 @@ def test_foreign_databases_are_refused_untouched(tmp_path: Path, command: list[s
         assert result.stderr.count("\n") == 1
         assert needle in result.stderr, result.stderr
         assert snapshot(tmp_path) == before, f"{command} modified {db.name}"
+
+
+def test_corrupt_ledger(populated: Populated) -> None:
+    data = bytearray(populated.db.read_bytes())
+    assert len(data) > 3 * 4096
+    data[4096 : 3 * 4096] = b"\xa5" * (2 * 4096)  # two pages of garbage
+    populated.db.write_bytes(bytes(data))
+    for command in (["verify"], ["tail"], ["append", "--source", "s", "--kind", "k"]):
+        result = keel("ledger", *command, "--db", populated.db)
+        assert result.returncode == 1, (command, result.stdout)
+        assert_one_line_error(result.stderr)
+
+
+def test_tail_follow(populated: Populated) -> None:
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "keel",
+            "ledger",
+            "tail",
+            "--follow",
+            "--json",
+            "-n",
+            "1",
+            "--db",
+            str(populated.db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert json.loads(follower.stdout.readline())["index"] == 19
+        ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "late")
+        ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "later")
+        seen = [json.loads(follower.stdout.readline()) for _ in range(2)]
+        assert [(e["index"], e["kind"]) for e in seen] == [(20, "late"), (21, "later")]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.communicate(timeout=30)
+    assert follower.returncode == 130
 
 
 def test_missing_ledger(tmp_path: Path) -> None:

@@ -135,6 +135,26 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     per_child = 150
     plan = {"single0": 1, "single1": 1, "single2": 1, "batched": 10}
     children = {name: start_child(db, name, per_child, batch) for name, batch in plan.items()}
+    # Meanwhile, a reader: every snapshot it takes is a consistent, verifiable tree.
+    reads = 0
+    with Ledger.open(db) as reader:
+        while any(child.poll() is None for child in children.values()):
+            report = reader.verify(None)
+            if report.size:
+                proof = reader.inclusion_proof(report.size - 1, report.size)
+                assert proof.root == report.root
+                proof.verify()
+            before = reader.size()
+            last = [index for index, _ in reader.tail(5)]
+            # The tail of a tree at least as large as the one seen before.
+            assert min(5, before) <= len(last) <= 5
+            if last:
+                assert last == list(range(last[0], last[0] + len(last)))
+                assert last[-1] >= before - 1
+            else:
+                assert before == 0
+            reads += 1
+    assert reads > 0
     for name, child in children.items():
         out = finish(child, timeout=300)
         err = (db.parent / f"{name}.stderr").read_text()

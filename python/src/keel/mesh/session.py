@@ -1,0 +1,602 @@
+"""The mesh's secure channel, sans-I/O (h11-style).
+
+Bytes from the socket go in with ``receive_data``; ``next_event`` returns the
+next event or ``NEED_DATA``; every ``send_*`` returns the bytes to write; the
+handshake replies the core produces while reading are collected by
+``data_to_send``. Time comes from the ``clock`` given at construction;
+``next_deadline``/``tick`` let the shell enforce the handshake timeout, the
+idle timeout, keepalives and time-based rekeying without the core sleeping.
+
+Protocol: ``Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s`` with prologue
+``b"keel-mesh/1"``, over the frames and records of ``keel.mesh.framing``.
+Handshake payloads are UTF-8 JSON objects (``docs/mesh-protocol.md``):
+
+1. initiator -> responder (readable by anyone): ``{"v": 1}``
+2. responder -> initiator (encrypted): ``{"v": 1, "signing_key", "binding", "extra"}``
+3. initiator -> responder (encrypted): the same, plus ``"invite": {"id", "proof"}``
+   when the initiator joins with an invite token.
+
+The initiator always knows whom it dials (``remote_static``) and refuses a
+responder with another static key before revealing its own identity.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+from keel.mesh.encoding import b64u_decode, b64u_encode
+from keel.mesh.errors import (
+    HandshakeTimeout,
+    LocalProtocolError,
+    PeerTimeout,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from keel.mesh.framing import (
+    MAX_CLOSE_REASON,
+    MAX_FRAME_SIZE,
+    FrameReader,
+    Record,
+    decode_record,
+    encode_frame,
+    encode_record,
+)
+from keel.mesh.identity import (
+    KEY_SIZE,
+    SIGNATURE_SIZE,
+    NodeIdentity,
+    NodeRecord,
+    node_id_of,
+    verify_binding,
+)
+from keel.mesh.invite import INVITE_ID_SIZE, PROOF_SIZE, InviteClaim, InviteToken, invite_proof
+from keel.mesh.kem import Kem
+from keel.mesh.noise import TAG_LEN, CipherState, HandshakeState
+
+PROTOCOL_NAME: Final = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s"
+PROLOGUE: Final = b"keel-mesh/1"
+PROTOCOL_VERSION: Final = 1
+MAX_MESSAGE_SIZE: Final = 1 << 20
+
+T = TypeVar("T")
+
+
+class Role(enum.Enum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    idle_timeout: float = 60.0
+    rekey_interval: float = 120.0
+    rekey_messages: int = 65536
+    max_message_size: int = MAX_MESSAGE_SIZE
+    max_frame_size: int = MAX_FRAME_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "keepalive_interval", "idle_timeout", "rekey_interval"):
+            if getattr(self, name) <= 0:
+                raise LocalProtocolError(f"SessionConfig.{name} must be positive")
+        if self.idle_timeout <= self.keepalive_interval:
+            raise LocalProtocolError("SessionConfig.idle_timeout must exceed keepalive_interval")
+        if self.rekey_messages < 1 or self.max_message_size < 0:
+            raise LocalProtocolError("SessionConfig.rekey_messages/max_message_size out of range")
+        if not 2048 <= self.max_frame_size <= MAX_FRAME_SIZE:
+            # The handshake's second message is about 1.2 KiB.
+            raise LocalProtocolError(
+                f"SessionConfig.max_frame_size must be in 2048..{MAX_FRAME_SIZE}"
+            )
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    """The peer is authenticated: its static key, node id and signing key are proven."""
+
+    remote_static: bytes
+    remote_node_id: str
+    remote_signing_key: bytes
+    remote_binding: bytes = field(repr=False)
+    handshake_hash: bytes = field(repr=False)
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    invite: InviteClaim | None = None
+
+    def remote_record(self) -> NodeRecord:
+        return NodeRecord(
+            self.remote_node_id, self.remote_static, self.remote_signing_key, self.remote_binding
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    pass
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer is gone: ``clean`` if it said so (a CLOSE record), not on a bare EOF."""
+
+    reason: str
+    clean: bool
+
+
+Event = HandshakeComplete | Message | Keepalive | Closed
+
+
+class NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+# ---------------------------------------------------------------- session
+
+
+class Session:
+    """One side of one connection. Build with ``Session.initiator`` / ``Session.responder``."""
+
+    def __init__(
+        self,
+        role: Role,
+        identity: NodeIdentity,
+        *,
+        kem: Kem,
+        clock: Callable[[], float],
+        random: Callable[[int], bytes] = secrets.token_bytes,
+        config: SessionConfig | None = None,
+        remote_static: bytes | None = None,
+        invite: InviteToken | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.role = role
+        self.identity = identity
+        self.config = config or SessionConfig()
+        self.clock = clock
+        if role is Role.INITIATOR:
+            if remote_static is None or len(remote_static) != KEY_SIZE:
+                raise LocalProtocolError("an initiator must know the 32-byte static key it dials")
+            if invite is not None and invite.static_key != remote_static:
+                raise LocalProtocolError("the invite token is for another node's static key")
+        elif invite is not None or remote_static is not None:
+            raise LocalProtocolError("a responder takes no remote_static or invite")
+        self.expected_remote = remote_static
+        self._invite = invite
+        self._extra = dict(extra or {})
+        self._check_extra(self._extra)
+        self._handshake = HandshakeState(
+            PROTOCOL_NAME,
+            initiator=role is Role.INITIATOR,
+            prologue=PROLOGUE,
+            s=identity.static_private,
+            kem=kem,
+            random=random,
+        )
+        self._reader = FrameReader(self.config.max_frame_size)
+        self._outgoing = bytearray()
+        self._events: deque[Event] = deque()
+        self._state = State.HANDSHAKE
+        self._error: ProtocolError | None = None
+        self._closed_event: Closed | None = None
+        self._started = False
+        self._h2 = b""
+        self._send: CipherState | None = None
+        self._recv: CipherState | None = None
+        self._partial = bytearray()
+        self._partial_active = False
+        now = clock()
+        self._created = now
+        self._last_received = now
+        self._last_sent = now
+        self._send_key_since = now
+        self._sent_since_rekey = 0
+        self.remote: HandshakeComplete | None = None
+
+    @classmethod
+    def initiator(
+        cls,
+        identity: NodeIdentity,
+        *,
+        remote_static: bytes,
+        kem: Kem,
+        clock: Callable[[], float],
+        random: Callable[[int], bytes] = secrets.token_bytes,
+        config: SessionConfig | None = None,
+        invite: InviteToken | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Session:
+        return cls(
+            Role.INITIATOR,
+            identity,
+            kem=kem,
+            clock=clock,
+            random=random,
+            config=config,
+            remote_static=remote_static,
+            invite=invite,
+            extra=extra,
+        )
+
+    @classmethod
+    def responder(
+        cls,
+        identity: NodeIdentity,
+        *,
+        kem: Kem,
+        clock: Callable[[], float],
+        random: Callable[[int], bytes] = secrets.token_bytes,
+        config: SessionConfig | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Session:
+        return cls(
+            Role.RESPONDER,
+            identity,
+            kem=kem,
+            clock=clock,
+            random=random,
+            config=config,
+            extra=extra,
+        )
+
+    # -- state
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def remote_node_id(self) -> str | None:
+        return self.remote.remote_node_id if self.remote else None
+
+    # -- input
+
+    def start(self) -> bytes:
+        """The initiator's first handshake message (call once)."""
+        self._check_alive()
+        if self.role is not Role.INITIATOR or self._started:
+            raise LocalProtocolError("start() is for an initiator, once")
+        self._started = True
+        payload = json.dumps({"v": PROTOCOL_VERSION}).encode()
+        return self._guard(lambda: self._frame(self._handshake.write_message(payload)))
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the socket; ``b""`` when the peer closed its side."""
+        self._check_alive()
+        self._guard(lambda: self._reader.feed(bytes(data)))
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or ``NEED_DATA``. Raises ``ProtocolError`` (then the session is dead)."""
+        self._check_alive()
+        return self._guard(self._next_event)
+
+    def data_to_send(self) -> bytes:
+        """Handshake replies produced while reading (empty most of the time)."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    # -- output
+
+    def send_message(self, data: bytes) -> bytes:
+        """Encrypt one application message (split into DATA_MORE.../DATA records)."""
+        self._require_open("send a message")
+        if len(data) > self.config.max_message_size:
+            raise LocalProtocolError(
+                f"message of {len(data)} bytes exceeds the maximum of {self.config.max_message_size}",
+                hint="split it at the application level",
+            )
+        chunk = self.config.max_frame_size - TAG_LEN - 1
+        view = memoryview(bytes(data))
+
+        def seal_all() -> bytes:
+            out = bytearray()
+            offset = 0
+            while True:
+                piece = view[offset : offset + chunk]
+                offset += len(piece)
+                last = offset >= len(view)
+                out += self._seal(Record.DATA if last else Record.DATA_MORE, bytes(piece))
+                if last:
+                    return bytes(out)
+
+        return self._guard(seal_all)
+
+    def send_keepalive(self) -> bytes:
+        self._require_open("send a keepalive")
+        return self._guard(lambda: self._seal(Record.KEEPALIVE))
+
+    def close(self, reason: str = "") -> bytes:
+        """Say goodbye (a CLOSE record, once the channel is open); the session is then CLOSED."""
+        if self._state is not State.OPEN:
+            if self._state is State.HANDSHAKE:
+                self._state = State.CLOSED
+            return b""
+        body = reason.encode()[:MAX_CLOSE_REASON]
+        out = self._guard(lambda: self._seal(Record.CLOSE, body))
+        self._state = State.CLOSED
+        return out
+
+    # -- time
+
+    def next_deadline(self) -> float | None:
+        """The clock value at which ``tick`` must next be called (``None``: never)."""
+        config = self.config
+        if self._state is State.HANDSHAKE:
+            return self._created + config.handshake_timeout
+        if self._state is State.OPEN:
+            return min(
+                self._last_received + config.idle_timeout,
+                self._last_sent + config.keepalive_interval,
+                self._send_key_since + config.rekey_interval,
+            )
+        return None
+
+    def tick(self) -> bytes:
+        """Enforce timeouts and send what is due; raises ``HandshakeTimeout``/``PeerTimeout``."""
+        self._check_alive()
+        return self._guard(self._tick)
+
+    def _tick(self) -> bytes:
+        now = self.clock()
+        config = self.config
+        if self._state is State.HANDSHAKE:
+            if now >= self._created + config.handshake_timeout:
+                raise HandshakeTimeout(
+                    f"handshake not finished after {config.handshake_timeout:g} s",
+                    hint="slow or stalled peer",
+                )
+            return b""
+        if self._state is not State.OPEN:
+            return b""
+        if now >= self._last_received + config.idle_timeout:
+            raise PeerTimeout(
+                f"nothing received for {config.idle_timeout:g} s", hint="peer or path is gone"
+            )
+        out = self._rekey_if_due(now)
+        if now >= self._last_sent + config.keepalive_interval:
+            out += self._seal(Record.KEEPALIVE)
+        return out
+
+    # -- internals
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise type(self._error)(f"session failed earlier: {self._error}", self._error.hint)
+
+    def _guard(self, action: Callable[[], T]) -> T:
+        try:
+            return action()
+        except ProtocolError as exc:
+            self._state = State.ERROR
+            self._error = exc
+            raise
+
+    def _require_open(self, what: str) -> None:
+        self._check_alive()
+        if self._state is State.HANDSHAKE:
+            raise LocalProtocolError(f"cannot {what} before the handshake completes")
+        if self._state is not State.OPEN:
+            raise LocalProtocolError(f"cannot {what}: the session is closed")
+
+    def _frame(self, message: bytes) -> bytes:
+        return encode_frame(message, self.config.max_frame_size)
+
+    def _next_event(self) -> Event | NeedData:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._closed_event is not None:
+                return self._closed_event
+            frame = self._reader.next_frame()
+            if frame is None:
+                if self._reader.eof:
+                    during = " during the handshake" if self._state is State.HANDSHAKE else ""
+                    self._finish(Closed(f"connection closed by the peer{during}", clean=False))
+                    continue
+                return NEED_DATA
+            if self._state is State.HANDSHAKE:
+                self._on_handshake_frame(frame)
+            elif self._state is State.OPEN:
+                self._on_transport_frame(frame)
+            # CLOSED (we closed): whatever still arrives is dropped.
+
+    def _finish(self, event: Closed) -> None:
+        self._state = State.CLOSED
+        self._closed_event = event
+        self._events.append(event)
+
+    # handshake
+
+    def _on_handshake_frame(self, frame: bytes) -> None:
+        hs = self._handshake
+        if self.role is Role.INITIATOR and not self._started:
+            raise LocalProtocolError("call start() before feeding the responder's reply")
+        payload = hs.read_message(frame)
+        if self.role is Role.RESPONDER and hs.message_index == 1:
+            self._parse_payload(payload, message=1)
+            reply = self._identity_payload()
+            self._outgoing += self._frame(hs.write_message(reply))
+            self._h2 = hs.handshake_hash
+        elif self.role is Role.INITIATOR and hs.message_index == 2:
+            remote_static = hs.remote_static
+            if remote_static != self.expected_remote:
+                raise RemoteProtocolError(
+                    f"the responder is {node_id_of(remote_static or bytes(KEY_SIZE))}, "
+                    f"not the expected {node_id_of(self.expected_remote or bytes(KEY_SIZE))}",
+                    hint="wrong static key: a man in the middle, or a stale address",
+                )
+            fields = self._parse_payload(payload, message=2)
+            self._h2 = hs.handshake_hash
+            reply = self._identity_payload(with_invite=True)
+            self._outgoing += self._frame(hs.write_message(reply))
+            self._open(fields, invite=None)
+        elif self.role is Role.RESPONDER and hs.message_index == 3:
+            fields = self._parse_payload(payload, message=3)
+            claim = None
+            if "invite" in fields:
+                assert hs.remote_static is not None
+                invite_id, proof = fields["invite"]
+                claim = InviteClaim(invite_id, proof, self._h2, hs.remote_static)
+            self._open(fields, invite=claim)
+
+    def _identity_payload(self, *, with_invite: bool = False) -> bytes:
+        body: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "signing_key": b64u_encode(self.identity.signing_public),
+            "binding": b64u_encode(self.identity.binding),
+            "extra": self._extra,
+        }
+        if with_invite and self._invite is not None:
+            proof = invite_proof(self._invite.secret, self._h2, self.identity.static_public)
+            body["invite"] = {
+                "id": b64u_encode(self._invite.invite_id),
+                "proof": b64u_encode(proof),
+            }
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    @staticmethod
+    def _check_extra(extra: Mapping[str, Any]) -> None:
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"handshake extra must be JSON: {exc}") from None
+
+    def _parse_payload(self, payload: bytes, *, message: int) -> dict[str, Any]:
+        def bad(problem: str) -> RemoteProtocolError:
+            return RemoteProtocolError(
+                f"handshake message {message} payload: {problem}",
+                hint="peer runs an incompatible keel version, or garbage",
+            )
+
+        try:
+            body = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise bad("not UTF-8 JSON") from None
+        if not isinstance(body, dict):
+            raise bad("not a JSON object")
+        if body.get("v") != PROTOCOL_VERSION or type(body.get("v")) is not int:
+            raise bad(f"unsupported protocol version {body.get('v')!r} (this side speaks 1)")
+        if message == 1:
+            return {}
+        fields: dict[str, Any] = {}
+        try:
+            fields["signing_key"] = b64u_decode(body.get("signing_key"), "signing_key", KEY_SIZE)
+            fields["binding"] = b64u_decode(body.get("binding"), "binding", SIGNATURE_SIZE)
+            invite = body.get("invite")
+            if invite is not None and message == 3 and isinstance(invite, dict):
+                fields["invite"] = (
+                    b64u_decode(invite.get("id"), "invite id", INVITE_ID_SIZE),
+                    b64u_decode(invite.get("proof"), "invite proof", PROOF_SIZE),
+                )
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        if invite is not None and "invite" not in fields:
+            raise bad("invite is only an object, in message 3")
+        extra = body.get("extra", {})
+        if not isinstance(extra, dict):
+            raise bad("extra is not a JSON object")
+        fields["extra"] = extra
+        remote_static = self._handshake.remote_static
+        assert remote_static is not None
+        if not verify_binding(remote_static, fields["signing_key"], fields["binding"]):
+            raise RemoteProtocolError(
+                f"handshake message {message}: the signing key's binding does not verify",
+                hint="forged identity payload",
+            )
+        return fields
+
+    def _open(self, fields: dict[str, Any], invite: InviteClaim | None) -> None:
+        hs = self._handshake
+        remote_static = hs.remote_static
+        assert remote_static is not None
+        assert hs.complete
+        self._send, self._recv = hs.split_for_role()
+        now = self.clock()
+        self._last_received = self._last_sent = self._send_key_since = now
+        self._state = State.OPEN
+        self.remote = HandshakeComplete(
+            remote_static=remote_static,
+            remote_node_id=node_id_of(remote_static),
+            remote_signing_key=fields["signing_key"],
+            remote_binding=fields["binding"],
+            handshake_hash=hs.handshake_hash,
+            extra=MappingProxyType(fields["extra"]),
+            invite=invite,
+        )
+        self._events.append(self.remote)
+
+    # transport
+
+    def _on_transport_frame(self, frame: bytes) -> None:
+        assert self._recv is not None
+        if len(frame) <= TAG_LEN:
+            raise RemoteProtocolError("transport frame shorter than its tag", hint="garbage")
+        kind, body = decode_record(self._recv.decrypt_with_ad(b"", frame))
+        self._last_received = self.clock()
+        if kind is Record.DATA_MORE or kind is Record.DATA:
+            if len(self._partial) + len(body) > self.config.max_message_size:
+                raise RemoteProtocolError(
+                    f"incoming message exceeds the maximum of {self.config.max_message_size} bytes",
+                    hint="oversized message",
+                )
+            self._partial += body
+            if kind is Record.DATA:
+                self._events.append(Message(bytes(self._partial)))
+                self._partial.clear()
+        elif kind is Record.KEEPALIVE:
+            self._events.append(Keepalive())
+        elif kind is Record.REKEY:
+            self._recv.rekey()
+        elif kind is Record.CLOSE:
+            self._partial.clear()
+            reason = body.decode("utf-8", errors="replace")
+            self._finish(Closed(reason or "closed by the peer", clean=True))
+
+    def _rekey_if_due(self, now: float) -> bytes:
+        assert self._send is not None
+        if (
+            self._sent_since_rekey < self.config.rekey_messages
+            and now < self._send_key_since + self.config.rekey_interval
+        ):
+            return b""
+        out = self._seal_raw(Record.REKEY, b"", now)
+        self._send.rekey()
+        self._sent_since_rekey = 0
+        self._send_key_since = now
+        return out
+
+    def _seal(self, kind: Record, body: bytes = b"") -> bytes:
+        now = self.clock()
+        return self._rekey_if_due(now) + self._seal_raw(kind, body, now)
+
+    def _seal_raw(self, kind: Record, body: bytes, now: float) -> bytes:
+        assert self._send is not None
+        frame = self._frame(self._send.encrypt_with_ad(b"", encode_record(kind, body)))
+        self._sent_since_rekey += 1
+        self._last_sent = now
+        return frame

@@ -1,0 +1,75 @@
+"""Frames and records."""
+
+from __future__ import annotations
+
+import pytest
+from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
+from keel.mesh.framing import FrameReader, Record, decode_record, encode_frame, encode_record
+
+
+def test_frames_in_any_chunking() -> None:
+    stream = encode_frame(b"one") + encode_frame(b"two" * 100) + encode_frame(b"3")
+    for size in (1, 2, 3, 7, len(stream)):
+        reader = FrameReader()
+        got = []
+        for i in range(0, len(stream), size):
+            reader.feed(stream[i : i + size])
+            while (frame := reader.next_frame()) is not None:
+                got.append(frame)
+        assert got == [b"one", b"two" * 100, b"3"]
+        before_eof = reader.eof
+        reader.feed(b"")
+        assert (before_eof, reader.eof) == (False, True)
+        assert reader.next_frame() is None
+
+
+def test_encode_frame_bounds() -> None:
+    assert encode_frame(b"x" * 65535)[:2] == b"\xff\xff"
+    with pytest.raises(LocalProtocolError, match=r"outside 1\.\.65535"):
+        encode_frame(b"x" * 65536)
+    with pytest.raises(LocalProtocolError):
+        encode_frame(b"")
+    with pytest.raises(LocalProtocolError, match=r"outside 1\.\.100"):
+        encode_frame(b"x" * 101, max_frame_size=100)
+
+
+def test_bad_lengths() -> None:
+    reader = FrameReader(max_frame_size=100)
+    reader.feed(b"\x00\x65")
+    with pytest.raises(RemoteProtocolError, match="101 bytes exceeds the maximum of 100"):
+        reader.next_frame()
+    zero = FrameReader()
+    zero.feed(b"\x00\x00rest")
+    with pytest.raises(RemoteProtocolError, match="zero-length"):
+        zero.next_frame()
+    with pytest.raises(LocalProtocolError):
+        FrameReader(max_frame_size=70000)
+
+
+def test_eof_inside_a_frame_or_its_length() -> None:
+    for partial in (b"\x00", b"\x00\x05abc"):
+        reader = FrameReader()
+        reader.feed(partial)
+        assert reader.next_frame() is None
+        reader.feed(b"")
+        with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+            reader.next_frame()
+    after = FrameReader()
+    after.feed(b"")
+    after.feed(b"")
+    with pytest.raises(LocalProtocolError, match="after EOF"):
+        after.feed(b"x")
+
+
+def test_records() -> None:
+    assert decode_record(encode_record(Record.DATA, b"abc")) == (Record.DATA, b"abc")
+    assert decode_record(encode_record(Record.KEEPALIVE)) == (Record.KEEPALIVE, b"")
+    assert encode_record(Record.CLOSE, b"bye") == b"\x04bye"
+    with pytest.raises(RemoteProtocolError, match="empty"):
+        decode_record(b"")
+    with pytest.raises(RemoteProtocolError, match="unknown transport record type 0x09"):
+        decode_record(b"\x09")
+    with pytest.raises(RemoteProtocolError, match="REKEY record with a body"):
+        decode_record(b"\x03x")
+    with pytest.raises(RemoteProtocolError, match="reason too long"):
+        decode_record(b"\x04" + b"x" * 257)
