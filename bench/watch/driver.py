@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPORT = "/run/bench-ready.sock"
 
@@ -34,9 +35,10 @@ def main_pid(unit: str) -> int:
     return int(out.stdout.strip() or 0)
 
 
-def watch_status() -> dict:
+def watch_status() -> dict[str, Any]:
     out = subprocess.run(["keel", "status", "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
 
 
 def wait_ready(sock: socket.socket, port: int, timeout: float) -> float:
@@ -48,7 +50,7 @@ def wait_ready(sock: socket.socket, port: int, timeout: float) -> float:
             return float(data[1])
 
 
-def crash(trials: int, settle: float, targets: list[tuple[str, str, int]]) -> dict:
+def crash(trials: int, settle: float, targets: list[tuple[str, str, int]]) -> dict[str, Any]:
     if os.path.exists(REPORT):
         os.unlink(REPORT)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -78,7 +80,7 @@ def crash(trials: int, settle: float, targets: list[tuple[str, str, int]]) -> di
     return {"latencies": latencies}
 
 
-def hang(trials: int, unit: str, port: int, agent: str) -> dict:
+def hang(trials: int, unit: str, port: int, agent: str) -> dict[str, Any]:
     detections = []
     for _ in range(trials):
         deadline = time.monotonic() + 60
@@ -105,7 +107,7 @@ def hang(trials: int, unit: str, port: int, agent: str) -> dict:
     return {"detections": detections, "unit": unit}
 
 
-def cpu(seconds: float) -> dict:
+def cpu(seconds: float) -> dict[str, Any]:
     # keel-watch's own CPU time, from /proc (cgroup accounting may be off).
     pid = main_pid("keel-watch.service")
     ticks = os.sysconf("SC_CLK_TCK")

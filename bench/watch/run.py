@@ -48,7 +48,7 @@ Restart=always
 RestartSec=200ms
 """
 
-AGENT_CMD = "/usr/bin/python3 -S -E /srv/bench/agent.py"
+AGENT_CMD = "/usr/bin/python3 -S -E /srv/bench/bench_agent.py"
 
 
 def agent_unit(port: int, restart: str, *, report: bool = True) -> str:

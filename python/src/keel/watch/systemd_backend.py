@@ -290,6 +290,10 @@ class SystemdBackend:
         state.activation_seen = False
         state.inactive_exit_before = state.props.get("InactiveExitTimestampMonotonic")
         state.external_stop = False
+        if state.running:
+            # systemd's own Restart= got there first: what runs is the restart.
+            asyncio.get_running_loop().call_soon(self._follow, state)
+            return
         if state.active == "activating" and state.sub != "auto-restart":
             self._job(state, "StartUnit", "start")  # a start is under way: join it
             return

@@ -1,6 +1,6 @@
 """The benchmark's agent: listen, say "ready" with the time, answer HTTP probes.
 
-    python3 -S agent.py PORT [REPORT_SOCKET]
+    python3 -S bench_agent.py PORT [REPORT_SOCKET]
 
 Once its socket listens it sends ``"PORT MONOTONIC_TIME"`` as one datagram to
 REPORT_SOCKET, so the driver learns the moment it is serving again without
