@@ -169,7 +169,7 @@ def hang_phase(box: Container, hangs: int) -> None:
     box.run("systemctl", "stop", "bench-hang.service")
 
 
-def cpu_phase(box: Container, seconds: float, agents: int = 100) -> None:
+def cpu_phase(box: Container, seconds: float, kind: str, agents: int = 100) -> None:
     for i in range(agents):
         box.write_file(
             f"/etc/systemd/system/bench-cpu-{i:03d}.service",
@@ -181,8 +181,12 @@ def cpu_phase(box: Container, seconds: float, agents: int = 100) -> None:
             "unit": f"bench-cpu-{i:03d}.service",
             "probes": [
                 {
-                    "type": "http",
-                    "url": f"http://127.0.0.1:{9100 + i}/health",
+                    "type": kind,
+                    **(
+                        {"url": f"http://127.0.0.1:{9100 + i}/health"}
+                        if kind == "http"
+                        else {"port": 9100 + i}
+                    ),
                     "interval": 1,
                     "timeout": 0.5,
                     "failures": 3,
@@ -202,24 +206,42 @@ def cpu_phase(box: Container, seconds: float, agents: int = 100) -> None:
         what=f"{agents} agents healthy",
     )
     time.sleep(5)  # past start-up, into the steady state
-    result = driver(box, "cpu", str(seconds), timeout=seconds + 60)
-    percent = result["cpu_seconds"] / result["elapsed"] * 100
-    per_probe = result["cpu_seconds"] / (agents * result["elapsed"]) * 1e6
+    result = driver(box, "cpu", str(seconds), timeout=seconds + 120)
+    windows = sorted(result["windows"], key=lambda w: w["cpu_seconds"] / w["elapsed"])
+    median = windows[len(windows) // 2]
+    percents = [w["cpu_seconds"] / w["elapsed"] * 100 for w in windows]
+    percent = percents[len(percents) // 2]
+    user = median["user_seconds"] / median["elapsed"] * 100
+    per_probe = median["cpu_seconds"] / (agents * median["elapsed"]) * 1e6
     print(
-        f"CPU of keel-watch with {agents} agents, an http probe each every 1 s, over {result['elapsed']:.0f} s"
+        f"CPU of keel-watch with {agents} agents, a {kind} probe each every 1 s "
+        f"({len(windows)} windows of 10 s)"
     )
     print(
-        f"  {percent:.2f}% of one core ({per_probe:.0f} us per probe); "
+        f"  median {percent:.2f}% of one core (user {user:.2f}%, kernel {percent - user:.2f}%; "
+        f"{per_probe:.0f} us per probe), windows {min(percents):.2f}-{max(percents):.2f}%; "
         f"healthy {result['healthy_after']}/{agents}, restarts {result['restarts']} (goal: <= 2%)"
     )
+    shares = ", ".join(
+        f"{name} {seconds / median['elapsed'] * 100:.2f}%"
+        for name, seconds in sorted(median["threads"].items(), key=lambda kv: -kv[1])
+        if seconds > 0
+    )
+    print(f"  by thread: {shares}")
+    for i in range(agents):
+        box.run("systemctl", "stop", f"bench-cpu-{i:03d}.service", check=False)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crashes", type=int, default=200)
     parser.add_argument("--hangs", type=int, default=10)
-    parser.add_argument("--cpu-seconds", type=float, default=30)
+    parser.add_argument("--cpu-seconds", type=float, default=60)
+    parser.add_argument(
+        "--phases", default="crash,hang,cpu", help="which measurements (default: all three)"
+    )
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
     reason = nspawn.missing_prerequisite()
     if reason is not None:
         print(f"bench/watch: skipped: {reason}")
@@ -243,9 +265,13 @@ def main() -> int:
             f"container: Debian 12, {box.run('systemctl', '--version').stdout.splitlines()[0]}; "
             f"host: {os.cpu_count()} cores, shared"
         )
-        crash_phase(box, args.crashes)
-        hang_phase(box, args.hangs)
-        cpu_phase(box, args.cpu_seconds)
+        if "crash" in phases:
+            crash_phase(box, args.crashes)
+        if "hang" in phases:
+            hang_phase(box, args.hangs)
+        if "cpu" in phases:
+            cpu_phase(box, args.cpu_seconds, "http")
+            cpu_phase(box, args.cpu_seconds, "tcp")
     finally:
         box.stop()
         nspawn.remove_workdir(workdir)

@@ -140,9 +140,25 @@ def test_crash_hang_and_operator_stop_of_real_units(containers: Containers) -> N
     box.run("systemctl", "start", "agent-web.service")
     wait_agent(box, "web", "healthy again", state="healthy")
 
+    # systemd re-executing itself drops watch's connection; watch reconnects
+    # and goes on following the unit.
+    box.run("systemctl", "daemon-reexec", timeout=120)
+    box.wait_until(
+        lambda: box.run("systemctl", "is-system-running", check=False).stdout.strip() == "running",
+        timeout=60,
+        what="systemd back",
+    )
+    pid = wait_agent(box, "web", "healthy", state="healthy")["pid"]
+    box.run("kill", "-KILL", str(pid))
+    wait_agent(box, "web", "restarted after the reexec", restarts=3, state="healthy")
+    assert "reconnected to systemd" in box.journal("keel-watch.service")
+
+    # keel-watch pinged its own watchdog all along (WatchdogSec=5s): never restarted.
+    assert box.unit_properties("keel-watch.service", "NRestarts")["NRestarts"] == "0"
+
     entries = ledger(box)
     kinds = [(e["kind"], e["subject"]) for e in entries if e["source"] == "watch"]
-    assert kinds.count(("restart", "web")) == 2
+    assert kinds.count(("restart", "web")) == 3
     assert ("stop", "web") in kinds
     table = box.run("keel", "status").stdout.splitlines()
     assert table[1].split()[:2] == ["web", "healthy"]

@@ -225,19 +225,21 @@ class ResponseParser:
         return self.response
 
 
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise HttpError("undecodable response head") from None
-    lines = text.split("\r\n")
-    status_line = lines[0]
-    version, _, rest = status_line.partition(" ")
+def parse_status_line(line: str) -> tuple[int, str]:
+    """``HTTP/1.1 200 OK`` -> ``(200, "OK")``; HttpError for anything else."""
+    version, _, rest = line.partition(" ")
     if not version.startswith("HTTP/1."):
-        raise HttpError(f"not an HTTP/1.x response: {status_line[:60]!r}")
+        raise HttpError(f"not an HTTP/1.x response: {line[:60]!r}")
     code, _, reason = rest.partition(" ")
     if len(code) != 3 or not code.isdigit():
-        raise HttpError(f"bad status line {status_line[:60]!r}")
+        raise HttpError(f"bad status line {line[:60]!r}")
+    return int(code), reason
+
+
+def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
+    text = head.decode("latin-1")  # every byte decodes
+    lines = text.split("\r\n")
+    status, reason = parse_status_line(lines[0])
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -246,7 +248,7 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
         key = name.lower()
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return int(code), reason, headers
+    return status, reason, headers
 
 
 # --- the asyncio client -----------------------------------------------------------

@@ -153,15 +153,21 @@ async def _http(check: HttpCheck, timeout: float) -> Outcome:
 
 
 def judge(check: HttpCheck, response: httpwire.Response) -> Outcome:
-    status = response.status
+    verdict = judge_status(check, response.status)
+    wanted = check.expect_body
+    if verdict.ok and wanted is not None and wanted.encode() not in response.body:
+        return Outcome(False, f"HTTP {response.status}, body lacks {wanted!r}")
+    return verdict
+
+
+def judge_status(check: HttpCheck, status: int) -> Outcome:
+    """The verdict on the status code alone (enough when no body is expected)."""
     if check.expect_status:
         if status not in check.expect_status:
             wanted = ", ".join(str(s) for s in check.expect_status)
             return Outcome(False, f"HTTP {status} (expected {wanted})")
     elif not 200 <= status < 400:
         return Outcome(False, f"HTTP {status}")
-    if check.expect_body is not None and check.expect_body.encode() not in response.body:
-        return Outcome(False, f"HTTP {status}, body lacks {check.expect_body!r}")
     return Outcome(True, f"HTTP {status}")
 
 
