@@ -228,9 +228,6 @@ class Watch:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    def request_shutdown(self) -> None:
-        self._stopping.set()
-
     async def _watchdog(self, interval: float) -> None:
         # Pings come from the event loop itself: a loop stuck anywhere stops them,
         # and systemd restarts watch (which then adopts the running agents).

@@ -175,7 +175,6 @@ class ProbeState:
 class Incident:
     id: str
     opened_at: float
-    cause: str
     announced: bool  # an "open" alert went out, so a "resolve" must follow
     restarts_at_open: int
 
@@ -230,7 +229,6 @@ class AgentPolicy:
         self._backed_off = False
         self.incident: Incident | None = None
         self._incident_opens: deque[float] = deque()
-        self._last_incident_resolved: float | None = None
         self.flapping = False
         self._flap_incident = ""
 
@@ -593,7 +591,7 @@ class AgentPolicy:
                     f"{self.name} failed: {cause}; {_decision_text(decision)}",
                 )
             )
-        self.incident = Incident(incident_id, now, cause, announced, restarts_before)
+        self.incident = Incident(incident_id, now, announced, restarts_before)
         return actions
 
     def _close_incident(self, now: float, reason: str) -> list[Action]:
@@ -601,7 +599,6 @@ class AgentPolicy:
         if incident is None:
             return []
         self.incident = None
-        self._last_incident_resolved = now
         if not incident.announced:
             return []
         restarts = self.restarts - incident.restarts_at_open

@@ -153,10 +153,6 @@ class ProcessBackend:
         await asyncio.gather(*self._stopping, return_exceptions=True)
         self._save_state()
 
-    def pid(self, name: str) -> int | None:
-        child = self._children.get(name)
-        return child.pid if child is not None and not child.exited else None
-
     # --- the state file -------------------------------------------------------------------
 
     def _require_events(self) -> Events:

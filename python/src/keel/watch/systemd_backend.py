@@ -503,6 +503,3 @@ class SystemdBackend:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-    def pid(self, name: str) -> int | None:
-        return self.units[name].main_pid
