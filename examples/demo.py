@@ -1,9 +1,10 @@
 """keel demo: what `make demo` runs (dev mode, every file under ./.keel).
 
 The demo is a sequence of steps, each printing what it does and the commands
-it runs, so that it reads as a walk through the appliance. It shows the ledger,
-then watch supervising two example agents (one of them flaky); later steps
-start the other services around them on embedded defaults.
+it runs, so that it reads as a walk through the appliance. Today it shows the
+ledger, watch supervising two example agents (one of them flaky), and the mesh
+(two nodes on loopback paired by invite, example agents talking through them);
+later steps start the other services on embedded defaults.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +100,110 @@ def ledger_steps() -> None:
 
     step("ledger: verify every entry, stored hash and checkpoint")
     keel("ledger", "verify", "--checkpoint", str(saved))
+
+
+MESH = STATE / "mesh-demo"
+AGENT = Path(__file__).with_name("agents") / "mesh_agent.py"
+
+
+def start_node(name: str) -> subprocess.Popen[bytes]:
+    """``keel mesh serve`` in the background, logging to .keel/mesh-demo/NAME.log."""
+    directory = MESH / name
+    argv = [
+        "mesh",
+        "serve",
+        "--dir",
+        str(directory),
+        "--listen",
+        "127.0.0.1:0",
+        "--ledger",
+        str(STATE / "ledger.db"),
+    ]
+    print(f"$ keel {shlex.join(argv)} &", flush=True)
+    with (MESH / f"{name}.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "keel", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, KEEL_DEV="1"),
+        )
+    deadline = time.monotonic() + 30
+    while not (directory / "control.sock").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"demo: node {name} did not start; see {MESH / f'{name}.log'}")
+        time.sleep(0.1)
+    return process
+
+
+def agent(*args: str) -> subprocess.Popen[str]:
+    print(
+        f"$ python3 {AGENT.relative_to(Path.cwd()) if AGENT.is_relative_to(Path.cwd()) else AGENT} "
+        f"{shlex.join(args)} &",
+        flush=True,
+    )
+    return subprocess.Popen(
+        [sys.executable, str(AGENT), *args], text=True, env=dict(os.environ, KEEL_DEV="1")
+    )
+
+
+def mesh_steps() -> None:
+    shutil.rmtree(MESH, ignore_errors=True)  # a fresh pair of nodes on every run
+    MESH.mkdir(parents=True)
+    a_dir, b_dir = str(MESH / "a"), str(MESH / "b")
+    step("mesh: two nodes on loopback (hybrid X25519 + ML-KEM-768 Noise sessions)")
+    nodes = [start_node("a"), start_node("b")]
+    try:
+        a_id = keel("mesh", "id", "--dir", a_dir).strip()
+        b_id = keel("mesh", "id", "--dir", b_dir).strip()
+
+        step("mesh: node a invites node b (a single-use token); b joins with it")
+        token = keel("mesh", "invite", "--dir", a_dir, "--ttl", "600").strip()
+        keel("mesh", "join", "--dir", b_dir, token)
+        keel("mesh", "peers", "--dir", a_dir)
+
+        step("mesh: agent 'notes' on node a answers agent 'scout' on node b")
+        notes = agent("--name", "notes", "--dir", a_dir, "--serve", "--count", "3")
+        scout = agent("--name", "scout", "--dir", b_dir, "--ask", a_id, "--peer", "notes")
+        if scout.wait(timeout=90) != 0 or notes.wait(timeout=90) != 0:
+            raise SystemExit("demo: the mesh agents did not finish their exchange")
+
+        step("mesh: a room owned by a; b posts to it, a reads it")
+        keel("mesh", "room", "create", "--dir", a_dir, "ops", b_id)
+        deadline = time.monotonic() + 20
+        while (
+            "ops"
+            not in subprocess.run(
+                [sys.executable, "-m", "keel", "mesh", "room", "members", "--dir", b_dir, "ops"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+        ):
+            if time.monotonic() > deadline:
+                raise SystemExit("demo: the room never reached node b")
+            time.sleep(0.2)
+        keel("mesh", "room", "send", "--dir", b_dir, "ops", "--topic", "chat", "deploy done")
+        keel(
+            "mesh",
+            "recv",
+            "--dir",
+            a_dir,
+            "--topic",
+            "chat",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+            "--json",
+        )
+
+        step("mesh: what the ledger recorded (metadata only: ids, peers, topics, sizes)")
+        keel("ledger", "tail", "-n", "6")
+    finally:
+        for process in nodes:
+            process.terminate()
+        for process in nodes:
+            process.wait(timeout=20)
 
 
 def free_port() -> int:
@@ -217,6 +323,7 @@ def main() -> int:
     STATE.mkdir(exist_ok=True)
     ledger_steps()
     watch_steps()
+    mesh_steps()
     print("\ndemo: done", flush=True)
     return 0
 

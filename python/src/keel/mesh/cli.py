@@ -1,0 +1,268 @@
+"""``keel mesh ...``: run a node, pair nodes by invite, send and receive, rooms.
+
+Every command but ``serve`` and ``id`` talks to the node's daemon through
+``DIR/control.sock``, so ``keel mesh serve --dir DIR`` must be running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from keel.errors import KeelError, UsageError
+
+DEFAULT_DIR_HELP = "the node's directory: identity, state, control socket (default: %(default)s)"
+
+
+def _default_dir() -> Path:
+    from keel.paths import state_dir
+
+    return state_dir() / "mesh"
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mesh = commands.add_parser(
+        "mesh",
+        help="encrypted peer-to-peer messaging between keel hosts",
+        description="The keel mesh: post-quantum hybrid encrypted messaging between nodes, "
+        "paired by invite, with rooms and store-and-forward delivery.",
+    )
+    sub = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
+        parser.set_defaults(func=func)
+        return parser
+
+    p = command("serve", "run the node's daemon", _serve)
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address for peers")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help="append message metadata here")
+
+    command("id", "print the node id (makes the identity if there is none)", _id)
+
+    p = command("invite", "print a single-use invite token for another node", _invite)
+    p.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="valid for (default 3600)"
+    )
+    p.add_argument("--uses", type=int, default=1, metavar="N", help="joins allowed (default 1)")
+
+    p = command("join", "join the mesh of the node that made TOKEN", _join)
+    p.add_argument("token", metavar="TOKEN")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("peers", "list the mesh's members", _peers)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("send", "send DATA to a node; prints the message id", _send)
+    p.add_argument("node", metavar="NODE_ID")
+    p.add_argument("--topic", required=True, metavar="T")
+    p.add_argument("data", metavar="DATA", help="the message; - reads it from stdin")
+
+    p = command("recv", "print messages received on a topic", _recv)
+    p.add_argument("--topic", required=True, metavar="T")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
+    p.add_argument("--json", action="store_true", help="JSON lines: id, from, topic, data")
+
+    p = command("remove", "revoke a node: it is refused from then on", _remove)
+    p.add_argument("node", metavar="NODE_ID")
+
+    room = sub.add_parser("room", help="rooms: owner-managed groups of nodes")
+    room_sub = room.add_subparsers(dest="room_command", metavar="COMMAND", required=True)
+
+    def room_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        parser = room_sub.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
+        parser.set_defaults(func=func)
+        return parser
+
+    p = room_command("create", "create a room owned by this node; prints its id", _room_create)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("members", metavar="NODE_ID", nargs="*", help="initial members")
+    p.add_argument("--json", action="store_true", help="print the room as JSON")
+    for name, verb in (("add", "add a member to"), ("remove", "remove a member from")):
+        p = room_command(name, f"{verb} a room this node owns", _room_change)
+        p.add_argument("room", metavar="ROOM", help="room id or name")
+        p.add_argument("node", metavar="NODE_ID")
+        p.add_argument("--json", action="store_true", help="print the room as JSON")
+    p = room_command("send", "send DATA to every member of a room", _room_send)
+    p.add_argument("room", metavar="ROOM", help="room id or name")
+    p.add_argument("--topic", required=True, metavar="T")
+    p.add_argument("data", metavar="DATA", help="the message; - reads it from stdin")
+    p = room_command("members", "list a room's members", _room_members)
+    p.add_argument("room", metavar="ROOM", help="room id or name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from keel.mesh.client import MeshClient
+
+    return MeshClient(args.dir)
+
+
+def _payload(data: str) -> bytes:
+    if data == "-":
+        return sys.stdin.buffer.read()
+    return data.encode()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from keel.mesh.daemon import run
+
+    return run(args.dir, args.listen, args.ledger)
+
+
+def _id(args: argparse.Namespace) -> int:
+    from keel.mesh.daemon import IDENTITY_FILE
+    from keel.mesh.identity import load_or_create
+
+    args.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(load_or_create(args.dir / IDENTITY_FILE).node_id)
+    return 0
+
+
+def _invite(args: argparse.Namespace) -> int:
+    if args.ttl <= 0:
+        raise UsageError(f"--ttl must be positive, got {args.ttl:g}")
+    if args.uses < 1:
+        raise UsageError(f"--uses must be at least 1, got {args.uses}")
+    print(_client(args).invite(ttl=args.ttl, uses=args.uses))
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    from keel.mesh.invite import InviteToken
+    from keel.output import print_json
+
+    token = InviteToken.decode(args.token)  # malformed / forged tokens fail here, clearly
+    token.check_fresh(time.time())
+    result = _client(args).join(args.token)
+    if args.json:
+        print_json(result)
+    elif result.get("joined"):
+        print(f"joined mesh {result['mesh']} through {result['via']} ({result['members']} members)")
+    else:
+        print(f"already a member of mesh {result['mesh']}")
+    return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from keel.output import human_duration, print_json, print_table
+
+    peers = _client(args).peers()
+    if args.json:
+        print_json(peers)
+        return 0
+    now = time.time()
+    rows = [
+        (
+            p["id"],
+            ",".join(p["addresses"]) or "-",
+            "yes" if p["connected"] else "no",
+            "now"
+            if p["connected"]
+            else (human_duration(now - p["last_seen"]) + " ago" if p["last_seen"] else "never"),
+            p["queued"],
+        )
+        for p in peers
+    ]
+    print_table(["id", "addresses", "connected", "last seen", "queued"], rows)
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    print(_client(args).send(args.node, args.topic, _payload(args.data)))
+    return 0
+
+
+def _recv(args: argparse.Namespace) -> int:
+    from keel.output import print_json_line
+
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    if args.timeout is not None and args.timeout < 0:
+        raise UsageError(f"--timeout must not be negative, got {args.timeout:g}")
+    client = _client(args)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    got = 0
+    while args.count is None or got < args.count:
+        remaining = 30.0 if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        want = 1000 if args.count is None else min(1000, args.count - got)
+        for message in client.recv(args.topic, max=want, wait=min(remaining, 30.0)):
+            got += 1
+            if args.json:
+                line: dict[str, Any] = {
+                    "id": message.id,
+                    "from": message.sender,
+                    "topic": message.topic,
+                }
+                if message.room:
+                    line["room"] = message.room
+                try:
+                    line["data"] = message.data.decode("utf-8")
+                except UnicodeDecodeError:
+                    import base64
+
+                    line["data_base64"] = base64.b64encode(message.data).decode()
+                print_json_line(line)
+            else:
+                where = f" room {message.room}" if message.room else ""
+                text = message.data.decode("utf-8", errors="backslashreplace")
+                print(f"{message.sender} {message.topic}{where}: {text}", flush=True)
+    client.ack()
+    if args.count is not None and got < args.count:
+        raise KeelError(
+            f"timed out after {args.timeout:g} s with {got} of {args.count} messages on {args.topic}"
+        )
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    _client(args).remove(args.node)
+    print(f"removed {args.node}")
+    return 0
+
+
+def _print_room(room: dict[str, Any], as_json: bool) -> None:
+    from keel.output import print_json, print_table
+
+    if as_json:
+        print_json(room)
+        return
+    print(f"room {room['name']} ({room['room']}), owner {room['owner']}, version {room['version']}")
+    print_table(
+        ["member", "connected"],
+        [(m["id"], "yes" if m["connected"] else "no") for m in room["members"]],
+    )
+
+
+def _room_create(args: argparse.Namespace) -> int:
+    room = _client(args).room_create(args.name, args.members)
+    if args.json:
+        _print_room(room, True)
+    else:
+        print(room["room"])
+    return 0
+
+
+def _room_change(args: argparse.Namespace) -> int:
+    client = _client(args)
+    change = client.room_add if args.room_command == "add" else client.room_remove
+    _print_room(change(args.room, args.node), args.json)
+    return 0
+
+
+def _room_send(args: argparse.Namespace) -> int:
+    print(_client(args).room_send(args.room, args.topic, _payload(args.data)))
+    return 0
+
+
+def _room_members(args: argparse.Namespace) -> int:
+    _print_room(_client(args).room_members(args.room), args.json)
+    return 0

@@ -1,0 +1,276 @@
+"""The application layer's packets, carried one per session message. Pure.
+
+Every ``Message`` a ``Session`` delivers holds exactly one packet::
+
+    type: u8  ||  header_length: u16, big-endian  ||  header  ||  body
+
+``header`` is a JSON object in canonical form (``canonical_json``) and
+``body`` is raw bytes (only ``MSG`` has one). Types:
+
+    0x10 MSG      an application message; header {"id","topic","exp"} for a
+                  direct message, plus {"room","from","rv","sig"} for a room
+                  message; body = the payload
+    0x11 ACK      {"ok": [ids], "busy": [ids], "rejected": [{"id","reason"}]}
+    0x12 RECORDS  {"records": [record, ...]} (membership and room records)
+
+Decoding is strict (exact key sets, types, sizes); anything else is a
+``RemoteProtocolError``, after which the shell drops the connection.
+``docs/mesh-protocol.md`` ("Application layer") is the normative text.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from keel.mesh.encoding import b64u_decode, b64u_encode
+from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
+from keel.mesh.identity import SIGNATURE_SIZE, is_node_id
+
+HEADER_LENGTH_SIZE: Final = 2
+MAX_HEADER: Final = 65535
+MAX_PAYLOAD: Final = 960 * 1024  # a packet stays under the session's 1 MiB message limit
+MAX_TOPIC: Final = 128
+MAX_ACK_IDS: Final = 4096
+MAX_REASON: Final = 200
+MESSAGE_ID_BYTES: Final = 16
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
+
+
+class PacketType(enum.IntEnum):
+    MSG = 0x10
+    ACK = 0x11
+    RECORDS = 0x12
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, non-ASCII escaped: the bytes every signature covers."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def new_message_id(random: Callable[[int], bytes] = secrets.token_bytes) -> str:
+    return random(MESSAGE_ID_BYTES).hex()
+
+
+def is_message_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def check_topic(topic: object) -> str:
+    """A topic: 1 to 128 characters of ``[A-Za-z0-9._:/@+=-]``; ``ValueError`` otherwise."""
+    if (
+        not isinstance(topic, str)
+        or not 0 < len(topic) <= MAX_TOPIC
+        or _TOPIC_RE.fullmatch(topic) is None
+    ):
+        raise ValueError(
+            f"topic {topic!r} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
+        )
+    return topic
+
+
+@dataclass(frozen=True)
+class RoomStamp:
+    """What makes a room message verifiable by every member, whoever delivers it."""
+
+    room: str
+    author: str
+    version: int
+    signature: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Msg:
+    id: str
+    topic: str
+    expires: int  # Unix seconds, sender's clock
+    payload: bytes = field(repr=False)
+    room: RoomStamp | None = None
+
+
+@dataclass(frozen=True)
+class Ack:
+    ok: tuple[str, ...] = ()
+    busy: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()  # (id, reason)
+
+
+@dataclass(frozen=True)
+class Records:
+    records: tuple[Mapping[str, Any], ...]
+
+
+Packet = Msg | Ack | Records
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _pack(kind: PacketType, header: Mapping[str, Any], body: bytes = b"") -> bytes:
+    raw = canonical_json(header)
+    if len(raw) > MAX_HEADER:
+        raise LocalProtocolError(f"{kind.name} header of {len(raw)} bytes is over {MAX_HEADER}")
+    return bytes([kind]) + len(raw).to_bytes(HEADER_LENGTH_SIZE, "big") + raw + body
+
+
+def encode(packet: Packet) -> bytes:
+    if isinstance(packet, Msg):
+        if len(packet.payload) > MAX_PAYLOAD:
+            raise LocalProtocolError(
+                f"payload of {len(packet.payload)} bytes exceeds the maximum of {MAX_PAYLOAD}"
+            )
+        # Every field is a number or a string of [A-Za-z0-9._:/@+=-], so this
+        # formatting is the canonical JSON (sorted keys, no whitespace) itself.
+        room = packet.room
+        if room is None:
+            text = f'{{"exp":{packet.expires},"id":"{packet.id}","topic":"{packet.topic}"}}'
+        else:
+            text = (
+                f'{{"exp":{packet.expires},"from":"{room.author}","id":"{packet.id}",'
+                f'"room":"{room.room}","rv":{room.version},'
+                f'"sig":"{b64u_encode(room.signature)}","topic":"{packet.topic}"}}'
+            )
+        raw = text.encode()
+        return b"\x10" + len(raw).to_bytes(HEADER_LENGTH_SIZE, "big") + raw + packet.payload
+    if isinstance(packet, Ack):
+        return _pack(
+            PacketType.ACK,
+            {
+                "ok": list(packet.ok),
+                "busy": list(packet.busy),
+                "rejected": [{"id": i, "reason": r} for i, r in packet.rejected],
+            },
+        )
+    return _pack(PacketType.RECORDS, {"records": list(packet.records)})
+
+
+def split_records(records: Sequence[Mapping[str, Any]], limit: int = 60_000) -> list[Records]:
+    """Batch records into RECORDS packets whose headers stay under ``limit`` bytes."""
+    batches: list[Records] = []
+    current: list[Mapping[str, Any]] = []
+    size = 0
+    for record in records:
+        length = len(canonical_json(record)) + 1
+        if current and size + length > limit:
+            batches.append(Records(tuple(current)))
+            current, size = [], 0
+        current.append(record)
+        size += length
+    if current:
+        batches.append(Records(tuple(current)))
+    return batches
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _bad(problem: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed packet: {problem}", hint="peer bug or garbage")
+
+
+def decode(data: bytes) -> Packet:
+    """Parse one packet; ``RemoteProtocolError`` for anything off."""
+    if len(data) < 1 + HEADER_LENGTH_SIZE:
+        raise _bad(f"{len(data)} bytes is shorter than a packet's fixed part")
+    try:
+        kind = PacketType(data[0])
+    except ValueError:
+        raise _bad(f"unknown packet type 0x{data[0]:02x}") from None
+    length = int.from_bytes(data[1:3], "big")
+    if len(data) < 3 + length:
+        raise _bad(f"header length {length} runs past the packet's end")
+    try:
+        header = json.loads(data[3 : 3 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _bad(f"{kind.name} header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise _bad(f"{kind.name} header is not a JSON object")
+    body = data[3 + length :]
+    if kind is PacketType.MSG:
+        return _decode_msg(header, body)
+    if body:
+        raise _bad(f"{kind.name} packet with a body")
+    if kind is PacketType.ACK:
+        return _decode_ack(header)
+    return _decode_records(header)
+
+
+def _keys(header: Mapping[str, Any], what: str, required: set[str], optional: set[str]) -> None:
+    keys = set(header)
+    if not required <= keys or not keys <= required | optional:
+        raise _bad(f"{what} fields must be {sorted(required)} (optionally {sorted(optional)})")
+
+
+def _int(value: object, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(f"{what} must be an integer >= {minimum}")
+    return value
+
+
+def _decode_msg(header: Mapping[str, Any], body: bytes) -> Msg:
+    room_keys = {"room", "from", "rv", "sig"}
+    _keys(header, "MSG", {"id", "topic", "exp"}, room_keys)
+    if not is_message_id(header["id"]):
+        raise _bad("MSG id must be 32 lowercase hex digits")
+    try:
+        topic = check_topic(header["topic"])
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    if len(body) > MAX_PAYLOAD:
+        raise _bad(f"payload of {len(body)} bytes exceeds {MAX_PAYLOAD}")
+    stamp = None
+    present = room_keys & set(header)
+    if present:
+        if present != room_keys:
+            raise _bad("a room MSG carries all of room, from, rv and sig")
+        if not is_message_id(header["room"]):
+            raise _bad("room id must be 32 lowercase hex digits")
+        if not is_node_id(header["from"]):
+            raise _bad("from is not a node id")
+        try:
+            signature = b64u_decode(header["sig"], "sig", SIGNATURE_SIZE)
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        stamp = RoomStamp(header["room"], header["from"], _int(header["rv"], "rv", 1), signature)
+    return Msg(header["id"], topic, _int(header["exp"], "exp"), bytes(body), stamp)
+
+
+def _ids(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ACK_IDS:
+        raise _bad(f"ACK {what} must be a list of at most {MAX_ACK_IDS} ids")
+    if not all(is_message_id(i) for i in value):
+        raise _bad(f"ACK {what} holds something that is not a message id")
+    return tuple(value)
+
+
+def _decode_ack(header: Mapping[str, Any]) -> Ack:
+    _keys(header, "ACK", {"ok", "busy", "rejected"}, set())
+    rejected = header["rejected"]
+    if not isinstance(rejected, list) or len(rejected) > MAX_ACK_IDS:
+        raise _bad(f"ACK rejected must be a list of at most {MAX_ACK_IDS} entries")
+    pairs: list[tuple[str, str]] = []
+    for entry in rejected:
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"id", "reason"}
+            or not is_message_id(entry["id"])
+            or not isinstance(entry["reason"], str)
+            or len(entry["reason"]) > MAX_REASON
+        ):
+            raise _bad('ACK rejected entries are {"id": message id, "reason": short text}')
+        pairs.append((entry["id"], entry["reason"]))
+    return Ack(_ids(header["ok"], "ok"), _ids(header["busy"], "busy"), tuple(pairs))
+
+
+def _decode_records(header: Mapping[str, Any]) -> Records:
+    _keys(header, "RECORDS", {"records"}, set())
+    records = header["records"]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise _bad("RECORDS records must be a list of JSON objects")
+    return Records(tuple(records))

@@ -1,0 +1,359 @@
+"""Delivery through real daemons on loopback: exactly once across SIGKILL, TTLs, back-pressure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from keel.errors import ApiError
+from keel.ledger import Ledger
+from keel.mesh.client import MeshClient, Received
+
+from .nodes import FAST, Node, wait_until
+
+
+def collect(
+    client: MeshClient, topic: str, want: set[bytes], timeout: float = 60
+) -> Counter[bytes]:
+    """Receive until every payload in ``want`` came; rides out the daemon restarting."""
+    got: Counter[bytes] = Counter()
+    deadline = time.monotonic() + timeout
+    while not want <= set(got) and time.monotonic() < deadline:
+        try:
+            batch: list[Received] = client.recv(topic, max=500, wait=0.5)
+        except ApiError:
+            time.sleep(0.1)  # the daemon is down for the moment
+            continue
+        got.update(m.data for m in batch)
+    client.ack()
+    return got
+
+
+def test_messages_both_ways_with_the_cli(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    sent = a.cli("send", b.node_id, "--topic", "greet", "hello b")
+    assert sent.returncode == 0, sent.stderr
+    message_id = sent.stdout.strip()
+    assert len(message_id) == 32
+    piped = b.cli("send", a.node_id, "--topic", "greet", "-", input=b"\xff\x00binary")
+    assert piped.returncode == 0, piped.stderr
+    got = b.cli("recv", "--topic", "greet", "--count", "1", "--timeout", "20", "--json")
+    assert got.returncode == 0, got.stderr
+    line = json.loads(got.stdout)
+    assert line == {"id": message_id, "from": a.node_id, "topic": "greet", "data": "hello b"}
+    raw = a.cli("recv", "--topic", "greet", "--count", "1", "--timeout", "20", "--json")
+    assert json.loads(raw.stdout)["data_base64"] == "/wBiaW5hcnk="
+    # nothing more: a timeout with a count not reached is an error, and says so
+    empty = b.cli("recv", "--topic", "greet", "--count", "1", "--timeout", "0.5")
+    assert empty.returncode == 1
+    assert "timed out after 0.5 s with 0 of 1 messages" in empty.stderr
+    # --timeout alone just stops
+    assert b.cli("recv", "--topic", "greet", "--timeout", "0.3").returncode == 0
+
+
+def test_cli_errors_are_one_clear_line(
+    pair: tuple[Node, Node], mesh_nodes: Callable[..., Node]
+) -> None:
+    a, b = pair
+    cases = [
+        (a.cli("send", "nonsense", "--topic", "t", "x"), "is not a node id"),
+        (a.cli("send", a.node_id, "--topic", "t", "x"), "own id"),
+        (a.cli("send", "a" * 32, "--topic", "t", "x"), "is not a member"),
+        (a.cli("send", b.node_id, "--topic", "bad topic", "x"), "topic"),
+        (a.cli("recv", "--topic", "t", "--count", "0"), "--count must be at least 1"),
+        (a.cli("invite", "--ttl", "0"), "--ttl must be positive"),
+        (a.cli("room", "send", "nope", "--topic", "t", "x"), "no room 'nope'"),
+        (mesh_nodes("idle").cli("peers"), "is `keel mesh serve` running"),
+    ]
+    for done, text in cases:
+        assert done.returncode in (1, 2), done
+        assert text in done.stderr, done.stderr
+        assert done.stderr.startswith("keel: error: "), done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_peers_and_ids(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    assert a.cli("id").stdout.strip() == a.node_id
+    listed = json.loads(a.cli("peers", "--json").stdout)
+    assert [p["id"] for p in listed] == [b.node_id]
+    assert listed[0]["connected"] is True
+    assert listed[0]["addresses"] == [b.address]
+    assert listed[0]["last_seen"] > time.time() - 60
+    table = a.cli("peers").stdout
+    assert b.node_id in table
+    assert "yes" in table
+
+
+def test_exactly_once_when_either_daemon_is_killed_mid_stream(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    payloads = [f"message {i}".encode() for i in range(300)]
+    receiver = MeshClient(b.directory, timeout=5)
+    sender = MeshClient(a.directory, timeout=5)
+    result: dict[str, Counter[bytes]] = {}
+
+    def receive() -> None:
+        result["got"] = collect(receiver, "stream", set(payloads), timeout=120)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        for i, payload in enumerate(payloads):
+            if i == 100:
+                a.kill()  # the sender's daemon dies with messages queued and in flight
+                a.start()
+            if i == 200:
+                b.kill()  # the receiver's daemon dies while the receiver reads
+                b.start()
+            sender.send(b.node_id, "stream", payload, retry=30)
+    finally:
+        thread.join(timeout=150)
+    got = result["got"]
+    assert set(got) == set(payloads)
+    assert all(count == 1 for count in got.values()), [p for p, c in got.items() if c > 1]
+    wait_until(lambda: a.status()["outbox"] == 0, timeout=30, what="a's outbox to drain")
+    assert b.status()["inbox"] == 0
+
+
+def test_queued_messages_survive_restarts_of_the_sender(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    b.stop()
+    ids = [a.client.send(b.node_id, "later", f"{i}".encode()) for i in range(20)]
+    assert a.status()["outbox"] == 20
+    a.kill()
+    a.start()
+    assert a.status()["outbox"] == 20
+    b.start()
+    got = collect(b.client, "later", {f"{i}".encode() for i in range(20)})
+    assert sum(got.values()) == 20
+    assert len(set(ids)) == 20
+
+
+def test_ttl_expiry_makes_a_dead_letter(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    b.stop()
+    message_id = a.client.send(b.node_id, "t", b"too late", ttl=1)
+    wait_until(lambda: a.client.call("dead_letters"), timeout=15, what="a dead letter")
+    letter = a.client.call("dead_letters")[0]
+    assert letter["id"] == message_id
+    assert letter["reason"] == "expired"
+    assert letter["to"] == b.node_id
+    assert a.status()["outbox"] == 0
+    a.wait_log(f"message {message_id} to {b.node_id} is a dead letter: expired")
+    b.start()
+    time.sleep(1)
+    assert b.client.recv("t", max=10, wait=1) == []
+
+
+def test_a_full_outbox_pushes_back(mesh_nodes: Callable[..., Node]) -> None:
+    a = mesh_nodes("a", config={**FAST, "max_outbox_per_peer": 5}).start()
+    b = mesh_nodes("b").start()
+    b.join(a)
+    b.stop()
+    for i in range(5):
+        a.client.send(b.node_id, "t", f"{i}".encode())
+    refused = a.cli("send", b.node_id, "--topic", "t", "one too many")
+    assert refused.returncode == 1
+    assert f"outbox for {b.node_id} is full (5 messages waiting)" in refused.stderr
+    b.start()
+    got = collect(b.client, "t", {f"{i}".encode() for i in range(5)})
+    assert sum(got.values()) == 5
+    wait_until(lambda: a.status()["outbox"] == 0, timeout=20, what="the outbox to drain")
+    assert a.cli("send", b.node_id, "--topic", "t", "room again").returncode == 0
+
+
+def test_a_full_inbox_slows_the_sender_down_without_losing_anything(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    b = mesh_nodes("b", config={**FAST, "max_inbox": 3}).start()
+    b.join(a)
+    a.wait_connected(b)
+    ids = a.client.send_many([(b.node_id, "t", f"{i}".encode()) for i in range(10)])
+    wait_until(lambda: b.status()["inbox"] == 3, timeout=20, what="b's inbox to fill")
+    time.sleep(1)
+    assert b.status()["inbox"] == 3
+    assert a.status()["outbox"] == 7  # held back, not lost
+    got = collect(b.client, "t", {f"{i}".encode() for i in range(10)})
+    assert sum(got.values()) == 10
+    assert len(ids) == 10
+
+
+def test_one_connection_per_pair_even_when_both_dial(mesh_nodes: Callable[..., Node]) -> None:
+    a = mesh_nodes("a").start()
+    b = mesh_nodes("b").start()
+    c = mesh_nodes("c").start()
+    b.join(a)
+    c.join(b)  # c learns a through b and both dial each other
+    for node in (a, b, c):
+        node.wait_connected(*[n for n in (a, b, c) if n is not node])
+    time.sleep(2)  # let any duplicate be resolved
+    ports = {int(n.address.rpartition(":")[2]) for n in (a, b, c)}
+    listing = subprocess.run(
+        ["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
+    accepted = [
+        line
+        for line in listing.splitlines()
+        if int(line.split()[2].rpartition(":")[2]) in ports
+        and line.split()[2].startswith("127.0.0.1")
+        and line.split()[3].startswith("127.0.0.1")
+    ]
+    assert len(accepted) == 3, listing
+    for node in (a, b, c):
+        assert len(node.connected()) == 2
+
+
+def test_rooms_fan_out_and_a_removed_member_receives_nothing_more(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a, b, c = (mesh_nodes(n).start() for n in "abc")
+    b.join(a)
+    c.join(a)
+    a.wait_connected(b, c)
+    created = a.cli("room", "create", "ops", b.node_id, "--json")
+    assert created.returncode == 0, created.stderr
+    room = json.loads(created.stdout)["room"]
+    added = a.cli("room", "add", "ops", c.node_id, "--json")
+    assert {m["id"] for m in json.loads(added.stdout)["members"]} == {
+        a.node_id,
+        b.node_id,
+        c.node_id,
+    }
+    wait_until(
+        lambda: (
+            b.client.rooms() and c.client.rooms() and b.client.room_members(room)["version"] == 2
+        ),
+        timeout=15,
+        what="b and c to learn the room",
+    )
+    members = json.loads(c.cli("room", "members", room, "--json").stdout)
+    assert members["owner"] == a.node_id
+    sent = b.cli("room", "send", "ops", "--topic", "chat", "hi all")
+    assert sent.returncode == 0, sent.stderr
+    for node in (a, c):
+        got = collect(node.client, "chat", {b"hi all"})
+        assert got == Counter({b"hi all": 1})
+    line = json.loads(c.cli("recv", "--topic", "chat", "--timeout", "0.2", "--json").stdout or "{}")
+    assert line == {}
+    # c goes offline with a message queued for it; then a removes c from the room
+    c.stop()
+    b.client.room_send(room, "chat", b"while c is away")
+    removed = a.cli("room", "remove", room, c.node_id)
+    assert removed.returncode == 0, removed.stderr
+    wait_until(
+        lambda: b.client.room_members(room)["version"] == 3,
+        timeout=15,
+        what="b to learn c's removal",
+    )
+    wait_until(lambda: b.status()["outbox"] == 0, timeout=15, what="b to drop c's copies")
+    b.client.room_send(room, "chat", b"after c left")
+    c.start()
+    c.wait_connected(a, b)
+    got = collect(a.client, "chat", {b"while c is away", b"after c left"})
+    assert set(got) == {b"while c is away", b"after c left"}
+    time.sleep(2)
+    assert c.client.recv("chat", max=10, wait=1) == []
+    not_member = c.cli("room", "send", room, "--topic", "chat", "let me in")
+    assert not_member.returncode == 1
+    assert "not a member of room ops" in not_member.stderr
+    b.wait_log("is a dead letter: recipient removed")
+
+
+def test_only_the_owner_changes_a_room(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    room = a.client.room_create("ops", [b.node_id])["room"]
+    wait_until(b.client.rooms, timeout=10, what="b to learn the room")
+    done = b.cli("room", "remove", room, a.node_id)
+    assert done.returncode == 1
+    assert "only its owner changes it" in done.stderr
+
+
+def test_no_payload_byte_reaches_the_ledger(mesh_nodes: Callable[..., Node], short_tmp) -> None:
+    ledger_a, ledger_b = short_tmp / "a-ledger.db", short_tmp / "b-ledger.db"
+    a = mesh_nodes("a", ledger=ledger_a).start()
+    b = mesh_nodes("b", ledger=ledger_b).start()
+    b.join(a)
+    a.wait_connected(b)
+    secret = b"PAYLOAD-" + bytes.fromhex("deadbeefcafebabe") * 8
+    room = a.client.room_create("r", [b.node_id])["room"]
+    wait_until(b.client.rooms, timeout=10, what="the room to reach b")
+    a.client.send(b.node_id, "secrets", secret)
+    a.client.room_send(room, "secrets", secret)
+    b.stop()
+    a.client.send(b.node_id, "secrets", secret, ttl=0.5)  # will be a dead letter
+    wait_until(lambda: a.client.call("dead_letters"), timeout=10, what="the dead letter")
+    b.start()
+    got = collect(b.client, "secrets", {secret})
+    assert got[secret] == 2
+    a.stop()
+    b.stop()
+    import base64
+
+    forms = [
+        secret,
+        base64.b64encode(secret),
+        secret.hex().encode(),
+        b"deadbeefcafebabe",
+        base64.b64encode(secret[8:20]),
+    ]
+    kinds: set[str] = set()
+    for path in short_tmp.glob("*-ledger.db*"):
+        content = path.read_bytes()
+        for form in forms:
+            assert form not in content, f"{form!r} found in {path}"
+    for path in (ledger_a, ledger_b):
+        ledger = Ledger.open(path)
+        try:
+            for _, entry in ledger.entries():
+                kinds.add(entry.kind)
+        finally:
+            ledger.close()
+    assert {"sent", "delivered", "received", "dead-letter", "member-join"} <= kinds
+
+
+def test_a_bad_ledger_path_stops_the_start_with_a_clear_message(
+    mesh_nodes: Callable[..., Node], short_tmp
+) -> None:
+    bogus = short_tmp / "not-a-ledger.db"
+    bogus.write_bytes(b"certainly not SQLite" * 100)
+    node = mesh_nodes("a", ledger=bogus)
+    with pytest.raises(AssertionError, match="exited at start"):
+        node.start(timeout=20)
+    assert f"keel: error: --ledger {bogus}:" in node.log()
+    assert "Traceback" not in node.log()
+
+
+def test_a_second_daemon_on_the_same_directory_is_refused(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    records = a.directory / "state.db"
+    before = records.stat().st_mtime_ns
+    twin = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keel",
+            "mesh",
+            "serve",
+            "--dir",
+            str(a.directory),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert twin.returncode == 1
+    assert "another keel mesh daemon is already serving this directory" in twin.stderr
+    assert records.stat().st_mtime_ns == before  # it touched nothing
+    assert a.status()["node"] == a.node_id

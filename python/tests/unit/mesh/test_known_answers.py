@@ -1,0 +1,33 @@
+"""The application layer's known answers in docs/mesh-protocol.md stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.membership import Record, room_id_of
+from keel.mesh.packets import Msg, encode
+
+DOC = Path(__file__).resolve().parents[4] / "docs" / "mesh-protocol.md"
+
+
+def test_the_documented_known_answers() -> None:
+    text = DOC.read_text().split("**Known answers.** For the identity", 1)[1]
+    identity = NodeIdentity(bytes(range(32)), bytes(range(32, 64)))
+    assert f"(node id `{identity.node_id}`)" in text
+    assert f"nonce = 16 zero bytes: `{room_id_of(identity.node_id, bytes(16))}`" in text
+    genesis = Record.make(
+        identity,
+        "genesis",
+        1_700_000_000_000,
+        node=identity.record().to_json(),
+        addrs=["10.0.0.1:7400"],
+    )
+    assert f"`{genesis.signed_bytes().decode()}`" in text
+    assert f"`{genesis.to_json()['sig']}`" in text
+    assert f"mesh id) `{genesis.id}`" in text
+    packet = encode(Msg("0" * 32, "jobs", 1_700_000_000, b"hi"))
+    shown = re.search(r"is the packet \(hex\)\s+`([0-9a-f]+)`", text)
+    assert shown is not None
+    assert shown.group(1) == packet.hex()
