@@ -2,8 +2,9 @@
 
 The demo is a sequence of steps, each printing what it does and the commands
 it runs, so that it reads as a walk through the appliance. Today it shows the
-ledger and the mesh (two nodes on loopback paired by invite, example agents
-talking through them); later steps start the other services on embedded defaults.
+ledger, watch supervising two example agents (one of them flaky), and the mesh
+(two nodes on loopback paired by invite, example agents talking through them);
+later steps start the other services on embedded defaults.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -15,10 +16,14 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 STATE = Path(".keel")
 
@@ -201,10 +206,123 @@ def mesh_steps() -> None:
             process.wait(timeout=20)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def watch_status() -> dict[str, Any]:
+    """``keel status --json``, quietly (for waiting); {} while watch is not up yet."""
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    )
+    if result.returncode != 0:
+        return {}
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def wait_for(condition: Callable[[dict[str, Any]], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = watch_status()
+        if status and condition(status["agents"]):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"demo: {what} did not happen within {timeout:g} s (see .keel/watch.log)")
+
+
+def watch_steps() -> None:
+    step("watch: two example agents under the process backend, one steady, one flaky")
+    steady, flaky = free_port(), free_port()
+    agent = str(Path(__file__).parent / "agents" / "flaky.py")
+    count = STATE / "flaky.count"
+    count.unlink(missing_ok=True)
+
+    def probe(port: int) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/health"
+        return {
+            "type": "http",
+            "url": url,
+            "interval": 0.5,
+            "timeout": 0.3,
+            "failures": 2,
+            "grace": 2,
+        }
+
+    config = {
+        "backend": "process",
+        "agents": {
+            "steady": {
+                "command": [sys.executable, agent, "--port", str(steady)],
+                "probes": [probe(steady)],
+            },
+            "flaky": {
+                # crashes 3 s after its first start, hangs 3 s after its second
+                "command": [
+                    sys.executable,
+                    agent,
+                    "--port",
+                    str(flaky),
+                    "--trouble-after",
+                    "3",
+                    "--state",
+                    str(count),
+                ],
+                "probes": [probe(flaky)],
+                "log": str(STATE / "flaky.log"),
+            },
+        },
+    }
+    path = STATE / "watch.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    keel("watch", "check-config", "--config", str(path))
+    print(f"$ keel watch serve --config {path} &    (its log: {STATE / 'watch.log'})", flush=True)
+    with (STATE / "watch.log").open("w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "keel", "watch", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=log,
+            env=dict(os.environ, KEEL_DEV="1"),
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda agents: all(a["state"] == "healthy" for a in agents.values()),
+            "both agents healthy",
+            30,
+        )
+        step("watch: both agents are healthy")
+        keel("status")
+
+        step("watch: the flaky agent crashes, then hangs; watch restarts it both times")
+        wait_for(
+            lambda agents: (
+                agents["flaky"]["restarts"] >= 2 and agents["flaky"]["state"] == "healthy"
+            ),
+            "two restarts of the flaky agent",
+            60,
+        )
+        keel("status")
+
+        step("ledger: what watch recorded (failures, restarts, probe changes)")
+        keel("ledger", "tail", "-n", "10")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    step("watch: stopped (in dev mode it stops the agents it started)")
+
+
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
     ledger_steps()
+    watch_steps()
     mesh_steps()
     print("\ndemo: done", flush=True)
     return 0
