@@ -167,3 +167,49 @@ def test_nothing_without_enable(nix_instantiate: str, nixpkgs_lib: Path) -> None
     result = evaluate(nix_instantiate, nixpkgs_lib, "{" + SCOUT + "}")
     assert "keel-watch" not in result["services"]
     assert "keel/watch.json" not in result["etc"]
+
+
+def test_keel_watch_accepts_the_config_the_module_writes(
+    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+) -> None:
+    from keel.config import Section
+    from keel.watch.config import parse
+
+    token = tmp_path / "bot-token"
+    token.write_text("123456:ABC-def_ghi\n")
+    result = watch(
+        nix_instantiate,
+        nixpkgs_lib,
+        SCOUT
+        + f"""
+          services.keel.agents.notes = {{
+            command = [ "/bin/notes" ];
+            tier = 1;
+            health.probes = [
+              {{ type = "tcp"; port = 8701; name = "port"; }}
+              {{ type = "exec"; command = [ "/bin/true" ]; interval = 10; timeout = 2.5; }}
+              {{ type = "http"; url = "http://127.0.0.1:8701/ready"; expect_status = [ 200 204 ]; }}
+            ];
+          }};
+          services.keel.watch.settings = {{
+            metrics = "127.0.0.1:9101";
+            alerts.ops = {{ type = "telegram"; token_file = "{token}"; chat_id = -100123; }};
+            alerts.hook = {{ type = "webhook"; url = "http://127.0.0.1:9/hook"; }};
+            agents.scout.alerts = [ "ops" ];
+            agents.scout.restart = {{ backoff_initial = 0.5; backoff_max = 30; quarantine_after = 20; }};
+          }};
+        """,
+    )
+    assert result["failedAssertions"] == []
+    written = watch_json(result)
+    with Section(written, source="/etc/keel/watch.json") as section:
+        config = parse(section)
+    assert config.backend == "systemd"
+    assert config.metrics == ("127.0.0.1", 9101)
+    assert set(config.routes) == {"ops", "hook"}
+    assert {name: agent.unit for name, agent in config.agents.items()} == {
+        "scout": "keel-agent-scout.service",
+        "notes": "keel-agent-notes.service",
+    }
+    assert [p.name for p in config.agents["notes"].probes] == ["port", "exec1", "http2"]
+    assert config.agents["scout"].rules.restart.quarantine_after == 20
