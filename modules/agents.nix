@@ -19,6 +19,8 @@ let
 
   tiers = lib.importJSON ./tiers.json;
   tierOf = agent: tiers.tiers.${toString agent.tier};
+  # "any", or the list of capabilities an agent of this tier may declare.
+  allowedCapabilities = agent: (tierOf agent).capabilities or "any";
 
   settingsFormat = pkgs.formats.json { };
 
@@ -171,6 +173,18 @@ let
           '';
         };
 
+        capabilities = mkOption {
+          type = types.listOf (types.enum tiers.capabilities);
+          default = [ ];
+          example = [ "CAP_NET_BIND_SERVICE" ];
+          description = ''
+            Linux capabilities the agent needs. Tiers 1 and 2 get exactly
+            these (bounding and ambient set) instead of none; tier 0 gets them
+            as ambient capabilities. Tier 2 may declare only what
+            modules/tiers.json allows it (CAP_NET_BIND_SERVICE).
+          '';
+        };
+
         egress.allow = mkOption {
           type = types.listOf types.str;
           default = [ ];
@@ -261,6 +275,7 @@ let
       environmentFiles
       readWritePaths
       ;
+    capabilities = lib.unique agent.capabilities;
     egress.allow = agent.egress.allow;
     health = {
       probes = map probeSpec agent.health.probes;
@@ -310,6 +325,18 @@ let
     // lib.optionalAttrs (agent.readWritePaths != [ ]) {
       ReadWritePaths = map escapePercent agent.readWritePaths;
     }
+    // lib.optionalAttrs (agent.capabilities != [ ]) (
+      let
+        declared = lib.concatStringsSep " " (lib.unique agent.capabilities);
+      in
+      if agent.tier == 0 then
+        { AmbientCapabilities = declared; }
+      else
+        {
+          CapabilityBoundingSet = declared;
+          AmbientCapabilities = declared;
+        }
+    )
     // lib.optionalAttrs (agent.resources.memoryMax != null) {
       MemoryMax = agent.resources.memoryMax;
     }
@@ -394,6 +421,14 @@ let
       {
         assertion = agent.user != "root" || agent.tier == 0;
         message = "${option}.user: tier ${toString agent.tier} agents run as their own user, not root";
+      }
+      {
+        assertion =
+          allowedCapabilities agent == "any"
+          || lib.all (c: lib.elem c (allowedCapabilities agent)) agent.capabilities;
+        message = "${option}.capabilities: tier ${toString agent.tier} agents may declare only ${
+          lib.concatStringsSep ", " (lib.toList (allowedCapabilities agent))
+        } (modules/tiers.json); the others would let the agent out of its sandbox (use tier 1)";
       }
       {
         assertion = agent.egress.allow == [ ] || agent.tier != 0;

@@ -31,6 +31,7 @@ HOST = r"""
                   "--greeting" "hello world" "--rate" "100%" "--home" "$HOME"
                   "--quote" "say \"hi\"" "--back" "a\\b" ];
       tier = 2;
+      capabilities = [ "CAP_NET_BIND_SERVICE" ];
       readWritePaths = [ "/srv/keel-scout" ];
       environment = { AGENT_ROLE = "web scout"; AGENT_MOTTO = "50% \"curious\""; };
       egress.allow = [ "example.org" "*.wikipedia.org" ];
@@ -44,6 +45,7 @@ HOST = r"""
     notes = {
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "notes" ];
       tier = 1;
+      capabilities = [ "CAP_NET_RAW" "CAP_NET_BIND_SERVICE" "CAP_NET_RAW" ];
       workingDirectory = "/srv/keel-notes";
       readWritePaths = [ "/srv/keel-notes" ];
       environmentFiles = [ "/run/secrets/notes.env" ];
@@ -58,6 +60,7 @@ HOST = r"""
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "ops" ];
       tier = 0;
       user = "root";
+      capabilities = [ "CAP_NET_BIND_SERVICE" ];
     };
   };
 }
@@ -126,8 +129,12 @@ def test_the_unit_is_the_one_keel_renders(host: dict[str, Any], name: str) -> No
 def test_tier_2_has_the_tier_2_sandbox(host: dict[str, Any]) -> None:
     tiers = json.loads(TIERS_JSON.read_text())
     scout = host["services"]["keel-agent-scout"]["serviceConfig"]
+    declared = {"CapabilityBoundingSet", "AmbientCapabilities"}
     for key, value in tiers["tiers"]["2"]["serviceConfig"].items():
-        assert scout[key] == value, key
+        if key not in declared:
+            assert scout[key] == value, key
+    # The tier's empty capability set gives way to the declared one, no more.
+    assert {key: scout[key] for key in declared} == dict.fromkeys(declared, "CAP_NET_BIND_SERVICE")
     ops = host["services"]["keel-agent-ops"]["serviceConfig"]
     assert "ProtectSystem" not in ops
     assert ops["User"] == "root"
@@ -152,6 +159,11 @@ def agent(**fields: str) -> str:
 
 
 BAD = [
+    pytest.param(
+        agent(capabilities='[ "CAP_SYS_ADMIN" ]'),
+        "services.keel.agents.probe.capabilities: tier 2 agents may declare only CAP_NET_BIND_SERVICE",
+        id="tier-2-capability",
+    ),
     pytest.param(
         agent(tier="0", **{"egress.allow": '[ "example.org" ]'}),
         "services.keel.agents.probe.egress.allow: tier 0 agents have an open network",
