@@ -1,10 +1,10 @@
 """keel demo: what `make demo` runs (dev mode, every file under ./.keel).
 
 The demo is a sequence of steps, each printing what it does and the commands
-it runs, so that it reads as a walk through the appliance. Today it shows the
-ledger, watch supervising two example agents (one of them flaky), and the mesh
-(two nodes on loopback paired by invite, example agents talking through them);
-later steps start the other services on embedded defaults.
+it runs, so that it reads as a walk through the appliance: watch supervising
+two example agents (one of them flaky), the mesh (two nodes on loopback paired
+by invite, example agents talking through them), and the ledger that recorded
+all of it, signed, proved and verified, with a tampered copy caught.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -50,39 +51,38 @@ def keel(*args: str) -> str:
     return result.stdout
 
 
-# The events a small appliance records in its first minutes (metadata only).
-EVENTS = [
-    ("watch", "started", "notes", {"unit": "keel-agent-notes.service", "tier": 1}),
-    ("watch", "restart", "scout", {"reason": "http probe failed", "attempt": 1}),
-    ("egress", "blocked", "scout", {"address": "203.0.113.7", "port": 443}),
-    ("mesh", "message.sent", "ops", {"peer": "b3c1f0d2", "bytes": 412, "room": "ops"}),
-    ("safeswitch", "switch", "system", {"generation": 42, "result": "passed"}),
-]
+def keel_fails(*args: str) -> None:
+    """Run a command that must fail (exit 1), echoing what it says."""
+    print(f"$ keel {shlex.join(args)}", flush=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    )
+    said = (result.stdout + result.stderr).rstrip("\n")
+    print("  " + said.replace("\n", "\n  ") + f"\n  (exit {result.returncode})", flush=True)
+    if result.returncode != 1:
+        raise SystemExit(f"demo: `keel {shlex.join(args)}` should have failed with exit 1")
 
 
-def ledger_steps() -> None:
-    step("ledger: append a handful of events (each one durable transaction)")
-    first = None
-    for source, kind, subject, data in EVENTS:
-        index = int(
-            keel(
-                "ledger",
-                "append",
-                "--source",
-                source,
-                "--kind",
-                kind,
-                "--subject",
-                subject,
-                "--data",
-                json.dumps(data),
-            )
+def ledger_start() -> int:
+    """The operator notes the start of the demo; returns the entry's index."""
+    step("ledger: the operator records a note (every service appends the same way)")
+    note = {"text": "keel demo started", "by": os.environ.get("USER", "operator")}
+    return int(
+        keel(
+            "ledger", "append", "--source", "operator", "--kind", "note",
+            "--subject", "demo", "--data", json.dumps(note),
         )
-        first = index if first is None else first
-    assert first is not None
+    )  # fmt: skip
 
-    step("ledger: the last entries")
-    keel("ledger", "tail", "-n", str(len(EVENTS)))
+
+def ledger_audit(first: int) -> None:
+    """Everything watch and mesh recorded, signed, proved and verified."""
+    step("ledger: the last entries that watch and the mesh recorded")
+    keel("ledger", "tail", "-n", "12")
 
     step("ledger: sign a checkpoint (C2SP tlog-checkpoint in an Ed25519 signed note)")
     note = keel("ledger", "checkpoint")
@@ -100,6 +100,19 @@ def ledger_steps() -> None:
 
     step("ledger: verify every entry, stored hash and checkpoint")
     keel("ledger", "verify", "--checkpoint", str(saved))
+
+    step(f"ledger: someone edits entry {first} in a copy of the database; verify catches it")
+    tampered = STATE / "demo-tampered"
+    shutil.rmtree(tampered, ignore_errors=True)
+    tampered.mkdir()
+    for name in ("ledger.db", "ledger.key"):
+        shutil.copy2(STATE / name, tampered / name)
+    with sqlite3.connect(tampered / "ledger.db") as db:
+        (entry,) = db.execute("SELECT entry FROM leaves WHERE idx = ?", (first,)).fetchone()
+        forged = bytes(entry).replace(b"demo started", b"demo stopped")
+        db.execute("UPDATE leaves SET entry = ? WHERE idx = ?", (forged, first))
+    db.close()
+    keel_fails("ledger", "verify", "--db", str(tampered / "ledger.db"))
 
 
 MESH = STATE / "mesh-demo"
@@ -321,9 +334,10 @@ def watch_steps() -> None:
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
-    ledger_steps()
+    first = ledger_start()
     watch_steps()
     mesh_steps()
+    ledger_audit(first)
     print("\ndemo: done", flush=True)
     return 0
 
