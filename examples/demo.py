@@ -33,8 +33,12 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def keel(*args: str) -> str:
-    """Run the real CLI in its own process, echoing the command and its output."""
+def keel(*args: str, expect: int = 0) -> str:
+    """Run the real CLI in its own process, echoing the command and what it says.
+
+    The demo stops unless the command exits with ``expect`` (1 for a check
+    that must fail).
+    """
     print(f"$ keel {shlex.join(args)}", flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "keel", *args],
@@ -43,28 +47,17 @@ def keel(*args: str) -> str:
         check=False,
         env=dict(os.environ, KEEL_DEV="1"),
     )
-    if result.stdout:
-        print("  " + result.stdout.rstrip("\n").replace("\n", "\n  "), flush=True)
-    if result.returncode != 0:
+    said = result.stdout if expect == 0 else result.stdout + result.stderr
+    if said:
+        print("  " + said.rstrip("\n").replace("\n", "\n  "), flush=True)
+    if expect:
+        print(f"  (exit {result.returncode})", flush=True)
+    if result.returncode != expect:
         sys.stderr.write(result.stderr)
-        raise SystemExit(f"demo: `keel {shlex.join(args)}` failed (exit {result.returncode})")
+        raise SystemExit(
+            f"demo: `keel {shlex.join(args)}` exited {result.returncode}, expected {expect}"
+        )
     return result.stdout
-
-
-def keel_fails(*args: str) -> None:
-    """Run a command that must fail (exit 1), echoing what it says."""
-    print(f"$ keel {shlex.join(args)}", flush=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "keel", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=dict(os.environ, KEEL_DEV="1"),
-    )
-    said = (result.stdout + result.stderr).rstrip("\n")
-    print("  " + said.replace("\n", "\n  ") + f"\n  (exit {result.returncode})", flush=True)
-    if result.returncode != 1:
-        raise SystemExit(f"demo: `keel {shlex.join(args)}` should have failed with exit 1")
 
 
 def ledger_start() -> int:
@@ -112,7 +105,7 @@ def ledger_audit(first: int) -> None:
         forged = bytes(entry).replace(b"demo started", b"demo stopped")
         db.execute("UPDATE leaves SET entry = ? WHERE idx = ?", (forged, first))
     db.close()
-    keel_fails("ledger", "verify", "--db", str(tampered / "ledger.db"))
+    keel("ledger", "verify", "--db", str(tampered / "ledger.db"), expect=1)
 
 
 MESH = STATE / "mesh-demo"

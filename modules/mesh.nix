@@ -134,7 +134,7 @@ in
         ln -sfn ${configFile} ${directory}/config.json
       '';
 
-      serviceConfig = {
+      serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = lib.escapeShellArgs (
@@ -167,33 +167,8 @@ in
 
         CapabilityBoundingSet = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
         AmbientCapabilities = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
         ProtectProc = "invisible";
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
         RemoveIPC = true;
-        LockPersonality = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        RestrictAddressFamilies = [
-          "AF_UNIX"
-          "AF_INET"
-          "AF_INET6"
-        ];
       };
     };
   };

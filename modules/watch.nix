@@ -218,7 +218,7 @@ in
       after = [ "dbus.service" ];
       # Agents do not depend on watch: it adopts running agents when it
       # starts and leaves them running when it stops.
-      serviceConfig = {
+      serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${lib.getExe cfg.package} watch serve --config ${configFile}";
@@ -227,39 +227,15 @@ in
         RestartSec = "500ms";
 
         # root, for systemd's private socket (no polkit round trip), but
-        # with no capabilities and a read-only system.
+        # with no capabilities and a read-only system. No ProtectProc: a
+        # root without capabilities would no longer see the agents' processes.
         Group = keel.group;
         UMask = "0007";
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
         ReadWritePaths = [
           "/var/lib/keel"
           "/run/keel"
-        ];
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        RestrictAddressFamilies = [
-          "AF_UNIX"
-          "AF_INET"
-          "AF_INET6"
         ];
       };
     };
