@@ -16,7 +16,7 @@ import shlex
 from typing import Any
 
 from keel.agents.spec import AgentSpec, parse_spec
-from keel.agents.units import Directives, Tiers, service_directives
+from keel.agents.units import Directives, Tiers, capability_mask, service_directives
 from keel.errors import ConfigError
 
 SPEC_DIR = "/etc/keel/agents"
@@ -178,9 +178,11 @@ def runtime_problems(host: Any, spec: AgentSpec) -> list[str]:
     if spec.tier >= 1:
         if status["NoNewPrivs"] != "1":
             problems.append(f"{spec.unit_name}: NoNewPrivs is {status['NoNewPrivs']}")
-        if int(status["CapEff"], 16) or int(status["CapBnd"], 16):
+        declared = capability_mask(spec.capabilities)
+        if (int(status["CapEff"], 16) | int(status["CapBnd"], 16)) & ~declared:
             problems.append(
-                f"{spec.unit_name}: has capabilities (CapEff {status['CapEff']}, CapBnd {status['CapBnd']})"
+                f"{spec.unit_name}: has capabilities it did not declare "
+                f"(CapEff {status['CapEff']}, CapBnd {status['CapBnd']})"
             )
     if spec.tier >= 2 and status["Seccomp"] != "2":
         problems.append(f"{spec.unit_name}: no seccomp filter (Seccomp {status['Seccomp']})")

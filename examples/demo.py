@@ -1,9 +1,10 @@
 """keel demo: what `make demo` runs (dev mode, every file under ./.keel).
 
 The demo is a sequence of steps, each printing what it does and the commands
-it runs, so that it reads as a walk through the appliance. Today it shows the
-ledger and the mesh (two nodes on loopback paired by invite, example agents
-talking through them); later steps start the other services on embedded defaults.
+it runs, so that it reads as a walk through the appliance: watch supervising
+two example agents (one of them flaky), the mesh (two nodes on loopback paired
+by invite, example agents talking through them), and the ledger that recorded
+all of it, signed, proved and verified, with a tampered copy caught.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -15,10 +16,15 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 STATE = Path(".keel")
 
@@ -27,8 +33,12 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def keel(*args: str) -> str:
-    """Run the real CLI in its own process, echoing the command and its output."""
+def keel(*args: str, expect: int = 0) -> str:
+    """Run the real CLI in its own process, echoing the command and what it says.
+
+    The demo stops unless the command exits with ``expect`` (1 for a check
+    that must fail).
+    """
     print(f"$ keel {shlex.join(args)}", flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "keel", *args],
@@ -37,47 +47,35 @@ def keel(*args: str) -> str:
         check=False,
         env=dict(os.environ, KEEL_DEV="1"),
     )
-    if result.stdout:
-        print("  " + result.stdout.rstrip("\n").replace("\n", "\n  "), flush=True)
-    if result.returncode != 0:
+    said = result.stdout if expect == 0 else result.stdout + result.stderr
+    if said:
+        print("  " + said.rstrip("\n").replace("\n", "\n  "), flush=True)
+    if expect:
+        print(f"  (exit {result.returncode})", flush=True)
+    if result.returncode != expect:
         sys.stderr.write(result.stderr)
-        raise SystemExit(f"demo: `keel {shlex.join(args)}` failed (exit {result.returncode})")
+        raise SystemExit(
+            f"demo: `keel {shlex.join(args)}` exited {result.returncode}, expected {expect}"
+        )
     return result.stdout
 
 
-# The events a small appliance records in its first minutes (metadata only).
-EVENTS = [
-    ("watch", "started", "notes", {"unit": "keel-agent-notes.service", "tier": 1}),
-    ("watch", "restart", "scout", {"reason": "http probe failed", "attempt": 1}),
-    ("egress", "blocked", "scout", {"address": "203.0.113.7", "port": 443}),
-    ("mesh", "message.sent", "ops", {"peer": "b3c1f0d2", "bytes": 412, "room": "ops"}),
-    ("safeswitch", "switch", "system", {"generation": 42, "result": "passed"}),
-]
-
-
-def ledger_steps() -> None:
-    step("ledger: append a handful of events (each one durable transaction)")
-    first = None
-    for source, kind, subject, data in EVENTS:
-        index = int(
-            keel(
-                "ledger",
-                "append",
-                "--source",
-                source,
-                "--kind",
-                kind,
-                "--subject",
-                subject,
-                "--data",
-                json.dumps(data),
-            )
+def ledger_start() -> int:
+    """The operator notes the start of the demo; returns the entry's index."""
+    step("ledger: the operator records a note (every service appends the same way)")
+    note = {"text": "keel demo started", "by": os.environ.get("USER", "operator")}
+    return int(
+        keel(
+            "ledger", "append", "--source", "operator", "--kind", "note",
+            "--subject", "demo", "--data", json.dumps(note),
         )
-        first = index if first is None else first
-    assert first is not None
+    )  # fmt: skip
 
-    step("ledger: the last entries")
-    keel("ledger", "tail", "-n", str(len(EVENTS)))
+
+def ledger_audit(first: int) -> None:
+    """Everything watch and mesh recorded, signed, proved and verified."""
+    step("ledger: the last entries that watch and the mesh recorded")
+    keel("ledger", "tail", "-n", "12")
 
     step("ledger: sign a checkpoint (C2SP tlog-checkpoint in an Ed25519 signed note)")
     note = keel("ledger", "checkpoint")
@@ -95,6 +93,19 @@ def ledger_steps() -> None:
 
     step("ledger: verify every entry, stored hash and checkpoint")
     keel("ledger", "verify", "--checkpoint", str(saved))
+
+    step(f"ledger: someone edits entry {first} in a copy of the database; verify catches it")
+    tampered = STATE / "demo-tampered"
+    shutil.rmtree(tampered, ignore_errors=True)
+    tampered.mkdir()
+    for name in ("ledger.db", "ledger.key"):
+        shutil.copy2(STATE / name, tampered / name)
+    with sqlite3.connect(tampered / "ledger.db") as db:
+        (entry,) = db.execute("SELECT entry FROM leaves WHERE idx = ?", (first,)).fetchone()
+        forged = bytes(entry).replace(b"demo started", b"demo stopped")
+        db.execute("UPDATE leaves SET entry = ? WHERE idx = ?", (forged, first))
+    db.close()
+    keel("ledger", "verify", "--db", str(tampered / "ledger.db"), expect=1)
 
 
 MESH = STATE / "mesh-demo"
@@ -201,11 +212,125 @@ def mesh_steps() -> None:
             process.wait(timeout=20)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def watch_status() -> dict[str, Any]:
+    """``keel status --json``, quietly (for waiting); {} while watch is not up yet."""
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    )
+    if result.returncode != 0:
+        return {}
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def wait_for(condition: Callable[[dict[str, Any]], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = watch_status()
+        if status and condition(status["agents"]):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"demo: {what} did not happen within {timeout:g} s (see .keel/watch.log)")
+
+
+def watch_steps() -> None:
+    step("watch: two example agents under the process backend, one steady, one flaky")
+    steady, flaky = free_port(), free_port()
+    agent = str(Path(__file__).parent / "agents" / "flaky.py")
+    count = STATE / "flaky.count"
+    count.unlink(missing_ok=True)
+
+    def probe(port: int) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/health"
+        return {
+            "type": "http",
+            "url": url,
+            "interval": 0.5,
+            "timeout": 0.3,
+            "failures": 2,
+            "grace": 2,
+        }
+
+    config = {
+        "backend": "process",
+        "agents": {
+            "steady": {
+                "command": [sys.executable, agent, "--port", str(steady)],
+                "probes": [probe(steady)],
+            },
+            "flaky": {
+                # crashes 3 s after its first start, hangs 3 s after its second
+                "command": [
+                    sys.executable,
+                    agent,
+                    "--port",
+                    str(flaky),
+                    "--trouble-after",
+                    "3",
+                    "--state",
+                    str(count),
+                ],
+                "probes": [probe(flaky)],
+                "log": str(STATE / "flaky.log"),
+            },
+        },
+    }
+    path = STATE / "watch.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    keel("watch", "check-config", "--config", str(path))
+    print(f"$ keel watch serve --config {path} &    (its log: {STATE / 'watch.log'})", flush=True)
+    with (STATE / "watch.log").open("w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "keel", "watch", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=log,
+            env=dict(os.environ, KEEL_DEV="1"),
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda agents: all(a["state"] == "healthy" for a in agents.values()),
+            "both agents healthy",
+            30,
+        )
+        step("watch: both agents are healthy")
+        keel("status")
+
+        step("watch: the flaky agent crashes, then hangs; watch restarts it both times")
+        wait_for(
+            lambda agents: (
+                agents["flaky"]["restarts"] >= 2 and agents["flaky"]["state"] == "healthy"
+            ),
+            "two restarts of the flaky agent",
+            60,
+        )
+        keel("status")
+
+        step("ledger: what watch recorded (failures, restarts, probe changes)")
+        keel("ledger", "tail", "-n", "10")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    step("watch: stopped (in dev mode it stops the agents it started)")
+
+
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
-    ledger_steps()
+    first = ledger_start()
+    watch_steps()
     mesh_steps()
+    ledger_audit(first)
     print("\ndemo: done", flush=True)
     return 0
 

@@ -3,6 +3,9 @@
 {
   imports = [
     ./keel.nix
+    ./agents.nix
+    ./watch.nix
+    ./mesh.nix
     ./appliance.nix
   ];
 }

@@ -54,9 +54,13 @@ in
 
     users.groups = lib.mkIf (cfg.group == "keel") { keel = { }; };
 
-    # setgid directories, so files the daemons create (the ledger's -wal and
-    # -shm files among them) stay in the group whichever daemon made them.
+    # /etc/keel is how keel knows it is on an installed host (keel.paths),
+    # also where no service has a file in it (a mesh-only host). The state
+    # and socket directories are setgid, so files the daemons create (the
+    # ledger's -wal and -shm files among them) stay in the group whichever
+    # daemon made them.
     systemd.tmpfiles.rules = [
+      "d /etc/keel 0755 root root - -"
       "d /var/lib/keel 2770 root ${cfg.group} - -"
       "d /run/keel 2770 root ${cfg.group} - -"
     ];

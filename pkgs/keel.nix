@@ -4,9 +4,11 @@
 # the Nix sandbox (`make test`) or as NixOS VM tests (vm-tests/).
 {
   lib,
+  callPackage,
   buildPythonApplication,
   setuptools,
   cryptography,
+  jeepney,
   systemd-python,
   liboqs-python,
   pytestCheckHook,
@@ -16,8 +18,17 @@
 let
   pyproject = lib.importTOML ../python/pyproject.toml;
 
-  # Only what the build and the tests read: no .venv, caches or build output
-  # from a working tree, so the derivation does not change with them.
+  # The source is python/ plus the parts of the repository the package and
+  # its tests read beside it: modules/tiers.json (src/keel/data/tiers.json
+  # links to it) and the example agent specs and docs the tests check. No
+  # .venv, caches or build output from a working tree, and no Nix files, so
+  # the derivation changes only with what it is built from.
+  sourceTrees = [
+    "python"
+    "modules"
+    "examples"
+    "docs"
+  ];
   buildJunk = [
     "__pycache__"
     ".pytest_cache"
@@ -27,27 +38,36 @@ let
     "build"
     "dist"
   ];
+  repo = toString ../.;
   src = lib.cleanSourceWith {
-    name = "keel-python-source";
-    src = lib.cleanSource ../python;
+    name = "keel-source";
+    src = lib.cleanSource ../.;
     filter =
       path: type:
       let
+        relative = lib.removePrefix "${repo}/" (toString path);
         name = baseNameOf path;
       in
-      !(lib.elem name buildJunk || lib.hasSuffix ".egg-info" name || lib.hasSuffix ".pyc" name);
+      lib.elem (lib.head (lib.splitString "/" relative)) sourceTrees
+      && !(lib.elem name buildJunk || lib.hasSuffix ".egg-info" name || lib.hasSuffix ".pyc" name);
   };
+
+  # Not in nixpkgs: the ML-KEM the mesh tests cross-check against.
+  kyber-py = callPackage ./kyber-py.nix { };
 in
 buildPythonApplication {
   pname = "keel";
   inherit (pyproject.project) version;
   pyproject = true;
   inherit src;
+  sourceRoot = "${src.name}/python";
 
   build-system = [ setuptools ];
 
   dependencies = [
     cryptography
+    # D-Bus to systemd for keel watch's systemd backend.
+    jeepney
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
     # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.
@@ -57,6 +77,7 @@ buildPythonApplication {
   nativeCheckInputs = [
     pytestCheckHook
     hypothesis
+    kyber-py
   ];
 
   # The unit tier only; the published vectors (../shared/vectors) are not in

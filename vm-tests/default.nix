@@ -6,7 +6,12 @@
   self,
 }:
 let
-  tests = [ ];
+  tests = [
+    ./agents.nix
+    ./watch.nix
+    ./mesh.nix
+    ./appliance.nix
+  ];
 
   runTest =
     file:

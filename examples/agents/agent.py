@@ -53,7 +53,7 @@ def try_socket(family: int, kind: int, proto: int = 0) -> str:
 
 
 def status_fields() -> dict[str, str]:
-    wanted = {"NoNewPrivs", "CapEff", "CapBnd", "Seccomp"}
+    wanted = {"NoNewPrivs", "CapEff", "CapBnd", "CapAmb", "Seccomp"}
     fields: dict[str, str] = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")

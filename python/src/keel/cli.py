@@ -17,7 +17,12 @@ from keel import __version__
 from keel.errors import KeelError
 
 # Order is the order of `keel --help`.
-SERVICE_CLIS: tuple[str, ...] = ("keel.agents.cli", "keel.ledger.cli", "keel.mesh.cli")
+SERVICE_CLIS: tuple[str, ...] = (
+    "keel.agents.cli",
+    "keel.watch.cli",
+    "keel.ledger.cli",
+    "keel.mesh.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,28 +31,37 @@ let
     dependencies = names p.dependencies;
     nativeCheckInputs = names p.nativeCheckInputs;
     mainProgram = p.meta.mainProgram;
+    sourceRoot = p.sourceRoot;
   };
 
   keel = outputs.packages.x86_64-linux.keel;
+  kyberPy = lib.findFirst (p: p.pname == "kyber-py") null keel.nativeCheckInputs;
   fromOverlay = (outputs.overlays.default pkgs pkgs).keel;
 
   # The package's source filter, asked about paths of a working tree.
   sourceKeeps =
     let
-      root = toString (repo + "/python");
+      root = toString repo;
       keeps = path: type: keel.src.filter "${root}/${path}" type;
     in
     {
-      pyproject = keeps "pyproject.toml" "regular";
-      module = keeps "src/keel/cli.py" "regular";
-      unitTest = keeps "tests/unit/test_config.py" "regular";
-      pycache = keeps "src/keel/__pycache__" "directory";
-      pyc = keeps "src/keel/cli.cpython-311.pyc" "regular";
-      eggInfo = keeps "src/keel.egg-info" "directory";
-      pytestCache = keeps ".pytest_cache" "directory";
-      hypothesis = keeps ".hypothesis" "directory";
-      build = keeps "build" "directory";
-      result = keeps "result" "symlink";
+      pyproject = keeps "python/pyproject.toml" "regular";
+      module = keeps "python/src/keel/cli.py" "regular";
+      unitTest = keeps "python/tests/unit/test_config.py" "regular";
+      tiersJson = keeps "modules/tiers.json" "regular";
+      examples = keeps "examples/agents" "directory";
+      docs = keeps "docs/nix.md" "regular";
+      pycache = keeps "python/src/keel/__pycache__" "directory";
+      pyc = keeps "python/src/keel/cli.cpython-311.pyc" "regular";
+      eggInfo = keeps "python/src/keel.egg-info" "directory";
+      pytestCache = keeps "python/.pytest_cache" "directory";
+      hypothesis = keeps "python/.hypothesis" "directory";
+      build = keeps "python/build" "directory";
+      venv = keeps ".venv" "directory";
+      devState = keeps ".keel" "directory";
+      flake = keeps "flake.nix" "regular";
+      vmTests = keeps "vm-tests" "directory";
+      packages = keeps "pkgs" "directory";
     };
 in
 {
@@ -62,6 +71,11 @@ in
   defaultIsKeel = outputs.packages.x86_64-linux.default == keel;
   overlayKeel = summarise fromOverlay;
   inherit sourceKeeps;
+  kyberPy = {
+    inherit (kyberPy) pname version pyproject pythonImportsCheck;
+    src = kyberPy.src.name;
+    build-system = names kyberPy.build-system;
+  };
   keelArgs = builtins.attrNames (builtins.functionArgs (import (repo + "/pkgs/keel.nix")));
   checkNames = builtins.attrNames outputs.checks.x86_64-linux;
   checkKeelIsPackage = outputs.checks.x86_64-linux.keel == keel;

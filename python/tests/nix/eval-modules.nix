@@ -59,6 +59,7 @@ in
       serviceConfig
       unitConfig
       script
+      preStart
       restartIfChanged
       stopIfChanged
       ;
@@ -84,6 +85,12 @@ in
 
   tmpfiles = lib.filter (rule: lib.hasInfix "keel" rule) config.systemd.tmpfiles.rules;
   systemPackages = map (p: p.name) config.environment.systemPackages;
+  checks = map (p: {
+    inherit (p) name;
+    script = p.keelScript or null;
+  }) config.system.checks;
   enabledServices = config.services.keel.enabledServices or [ ];
+  # What modules/mesh.nix generates the node's config.json from.
+  meshConfig = if config.services.keel.mesh.enable or false then config.services.keel.mesh.settings else null;
   values = map (path: lib.attrByPath path null config) paths;
 }

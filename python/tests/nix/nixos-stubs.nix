@@ -116,8 +116,14 @@ let
   };
 
   userModule =
-    { name, ... }:
+    { name, config, ... }:
     {
+      # As NixOS does for normal users (config/users-groups.nix).
+      config = lib.mkIf config.isNormalUser {
+        group = lib.mkDefault "users";
+        home = lib.mkDefault "/home/${name}";
+        createHome = lib.mkDefault true;
+      };
       options = {
         name = mkOption {
           type = types.str;
@@ -150,6 +156,10 @@ let
         createHome = mkOption {
           type = types.bool;
           default = false;
+        };
+        homeMode = mkOption {
+          type = types.strMatching "[0-7]{1,5}";
+          default = "700";
         };
         uid = mkOption {
           type = types.nullOr types.int;
@@ -249,6 +259,10 @@ in
       type = types.listOf types.package;
       default = [ ];
     };
+    system.checks = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+    };
 
     # The options the appliance profile sets (system/boot/systemd.nix,
     # system/boot/kernel.nix, system/boot/tmp.nix, system/boot/loader/*,
@@ -282,6 +296,15 @@ in
       default = null;
     };
     networking.firewall.enable = enableOption true;
+    # Set by the NixOS test framework on every node (nixos/lib/testing).
+    networking.primaryIPAddress = mkOption {
+      type = types.str;
+      default = "192.168.1.1";
+    };
+    networking.firewall.allowedTCPPorts = mkOption {
+      type = types.listOf types.port;
+      default = [ ];
+    };
     services.openssh.enable = enableOption false;
     services.openssh.settings = mkOption {
       type = types.submodule {

@@ -15,6 +15,7 @@ let
     inherit name;
     pname = name;
     outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${name}";
+    meta.mainProgram = name;
   };
 
   callPackageWith =
@@ -24,24 +25,30 @@ let
     in
     f (builtins.intersectAttrs (builtins.functionArgs f) scope // overrides);
 
+  buildPython =
+    attrs:
+    attrs
+    // {
+      type = "derivation";
+      name = "${attrs.pname}-${attrs.version}";
+      outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${attrs.pname}-${attrs.version}";
+    };
+
   python3Packages =
     lib.genAttrs [
       "setuptools"
+      "hatchling"
       "cryptography"
+      "jeepney"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"
       "hypothesis"
     ] package
     // {
-      buildPythonApplication =
-        attrs:
-        attrs
-        // {
-          type = "derivation";
-          name = "${attrs.pname}-${attrs.version}";
-          outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${attrs.pname}-${attrs.version}";
-        };
+      buildPythonApplication = buildPython;
+      buildPythonPackage = buildPython;
+      fetchPypi = args: package "${args.pname}-${args.version}.tar.gz" // { inherit (args) hash; };
       callPackage = callPackageWith (python3Packages // { inherit lib; });
     };
 
@@ -80,10 +87,16 @@ let
       };
 
     writeText = name: text: package name // { keelText = text; };
+    runCommand =
+      name: env: script:
+      package name // { keelScript = script; };
 
     testers.runNixOSTest = module: { keelNixosTest = module; };
 
     nixfmt-tree = package "nixfmt-tree";
+    python3 = package "python3";
+    curl = package "curl";
+    jq = package "jq";
   };
 in
 self

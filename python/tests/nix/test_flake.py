@@ -32,6 +32,7 @@ SYSTEM = "x86_64-linux"
 # and to pkgs/keel.nix (Nix's own runtime-deps check would refuse the build).
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
+    "jeepney": "jeepney",
     "systemd-python": "systemd-python",
 }
 
@@ -161,12 +162,31 @@ def test_package_covers_the_runtime_requirements(flake_summary: dict[str, Any]) 
     assert not missing, f"pkgs/keel.nix lacks python3Packages {sorted(missing)}"
 
 
-def test_package_source_leaves_out_working_tree_junk(flake_summary: dict[str, Any]) -> None:
+def test_package_source_is_what_it_is_built_from(flake_summary: dict[str, Any]) -> None:
     keeps = flake_summary["sourceKeeps"]
-    kept = ("pyproject", "module", "unitTest")
+    # python/ and what the package and its tests read beside it.
+    kept = ("pyproject", "module", "unitTest", "tiersJson", "examples", "docs")
     assert all(keeps[name] for name in kept), keeps
-    dropped = ("pycache", "pyc", "eggInfo", "pytestCache", "hypothesis", "build", "result")
+    assert flake_summary["keel"]["sourceRoot"] == "keel-source/python"
+    # Neither working-tree junk nor the Nix files (a change to a module must
+    # not rebuild the package).
+    dropped = ["pycache", "pyc", "eggInfo", "pytestCache", "hypothesis", "build", "venv"]
+    dropped += ["devState", "flake", "vmTests", "packages"]
     assert not any(keeps[name] for name in dropped), keeps
+
+
+def test_kyber_py_is_packaged_for_the_check_phase(flake_summary: dict[str, Any]) -> None:
+    # Not in nixpkgs; the mesh's KEM tests cross-check against it.
+    assert "kyber-py" in flake_summary["keel"]["nativeCheckInputs"]
+    kyber = flake_summary["kyberPy"]
+    assert kyber == {
+        "pname": "kyber-py",
+        "version": kyber["version"],
+        "pyproject": True,
+        "pythonImportsCheck": ["kyber_py.ml_kem"],
+        "src": f"kyber_py-{kyber['version']}.tar.gz",
+        "build-system": ["hatchling"],
+    }
 
 
 def test_outputs_wire_package_overlay_modules_and_checks(flake_summary: dict[str, Any]) -> None:
@@ -255,3 +275,16 @@ def test_eval_errors_are_reported(nix_instantiate: str) -> None:
             '((import ./flake.nix).outputs { self = {}; nixpkgs = throw "nixpkgs was evaluated"; })'
             ".packages.x86_64-linux.keel.name",
         )
+
+
+def test_links_in_the_package_stay_inside_its_source(flake_summary: dict[str, Any]) -> None:
+    # A link out of python/ (src/keel/data/tiers.json -> modules/tiers.json)
+    # must land in a tree the package's source keeps, or the build sees a
+    # dangling link.
+    root = REPO.resolve()
+    links = [p for p in (REPO / "python" / "src").rglob("*") if p.is_symlink()]
+    assert links, "python/src/keel/data/tiers.json is expected to link to modules/tiers.json"
+    for link in links:
+        target = link.resolve().relative_to(root)
+        assert target.parts[0] in {"python", "modules", "examples", "docs"}, (link, target)
+    assert flake_summary["sourceKeeps"]["tiersJson"]

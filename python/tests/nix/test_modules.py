@@ -74,6 +74,7 @@ def test_the_shared_parts_appear_with_the_first_service(
     assert result["failedAssertions"] == []
     assert result["groups"] == ["keel"]
     assert result["tmpfiles"] == [
+        "d /etc/keel 0755 root root - -",
         "d /var/lib/keel 2770 root keel - -",
         "d /run/keel 2770 root keel - -",
     ]

@@ -249,3 +249,35 @@ def test_install_names_an_agent_that_does_not_start(agents_host: Container) -> N
             "rm -f /etc/systemd/system/keel-agent-broken.service /etc/keel/agents/broken.json; "
             "systemctl daemon-reload; systemctl reset-failed"
         )
+
+
+def test_declared_capability_is_all_a_tier_one_agent_gets(agents_host: Container) -> None:
+    """``capabilities`` gives a tier-1 agent exactly what it declares (here CAP_NET_RAW)."""
+    spec = {
+        "name": "pinger",
+        "command": [
+            "/usr/bin/python3", "/opt/keel-examples/agents/agent.py", "--name", "pinger",
+            "--port", "8709",
+        ],
+        "tier": 1,
+        "capabilities": ["CAP_NET_RAW"],
+    }  # fmt: skip
+    agents_host.write_file("/root/pinger.json", json.dumps(spec))
+    unit = "keel-agent-pinger.service"
+    try:
+        agents_host.sh("keel agents install /root/pinger.json")
+        pinger = wait_for_fresh_report(agents_host, "pinger")
+        assert pinger["checks"]["socket:raw"] == "ok"  # refused to notes, which declares none
+        cap_net_raw = 1 << 13  # capabilities(7)
+        for field in ("CapBnd", "CapAmb", "CapEff"):
+            assert int(pinger["status"][field], 16) == cap_net_raw, field
+        props = agents_host.unit_properties(unit, "CapabilityBoundingSet", "AmbientCapabilities")
+        assert props == {
+            "CapabilityBoundingSet": "cap_net_raw",
+            "AmbientCapabilities": "cap_net_raw",
+        }
+    finally:
+        agents_host.sh(
+            f"systemctl disable --now {unit}; rm -f /etc/systemd/system/{unit} "
+            "/etc/keel/agents/pinger.json; systemctl daemon-reload"
+        )

@@ -40,6 +40,7 @@ def test_minimal_spec_gets_defaults() -> None:
         "environment": {},
         "environmentFiles": [],
         "readWritePaths": [],
+        "capabilities": [],
         "egress": {"allow": []},
         "health": {"probes": []},
         "resources": {},

@@ -281,3 +281,60 @@ def test_install_refuses_bad_specs_before_touching_anything(
 def test_list_without_agents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agents", "list", "--json", "--spec-dir", str(tmp_path / "none")]) == 0
     assert json.loads(capsys.readouterr().out) == {"agents": {}}
+
+
+def test_declared_capabilities_replace_the_empty_set() -> None:
+    tiers = load_tiers()
+    web = spec(tier=1, capabilities=["CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"])
+    assert web.capabilities == ("CAP_NET_BIND_SERVICE", "CAP_NET_RAW")
+    lines = unit_lines(render_unit(web, tiers), "Service")
+    assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_RAW" in lines
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_RAW" in lines
+    assert "CapabilityBoundingSet=" not in lines  # the tier's empty set is replaced
+    # Tier 0 keeps systemd's bounding set; the declared ones become ambient.
+    ops = service_directives(spec(tier=0, capabilities=["CAP_NET_BIND_SERVICE"]), tiers)
+    assert ops["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    assert "CapabilityBoundingSet" not in ops
+    # Without a declaration, tiers 1 and 2 have none at all.
+    assert service_directives(spec(tier=2), tiers)["CapabilityBoundingSet"] == ""
+
+
+def test_tier_two_may_declare_only_what_tiers_json_allows() -> None:
+    tiers = load_tiers()
+    assert tiers.tiers[2].capabilities == frozenset({"CAP_NET_BIND_SERVICE"})
+    assert tiers.tiers[1].capabilities is None
+    lines = unit_lines(render_unit(spec(capabilities=["CAP_NET_BIND_SERVICE"]), tiers), "Service")
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in lines
+    with pytest.raises(
+        ConfigError,
+        match=r"web.json: capabilities\[0\]: tier 2 agents may declare only CAP_NET_BIND_SERVICE; CAP_SYS_ADMIN",
+    ):
+        render_unit(spec(capabilities=["CAP_SYS_ADMIN"]), tiers)
+    with pytest.raises(
+        ConfigError, match=r"capabilities\[0\]: 'CAP_FLY' is not a Linux capability"
+    ):
+        render_unit(spec(tier=1, capabilities=["CAP_FLY"]), tiers)
+
+
+@pytest.mark.parametrize("bad", ["net_bind_service", "CAP_net", "", 7])
+def test_capability_names_are_checked(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"web.json: capabilities\[0\]"):
+        spec(capabilities=[bad])
+
+
+def test_capability_bits_cover_tiers_json() -> None:
+    from keel.agents.units import CAPABILITY_BITS, capability_mask
+
+    known = load_tiers().known_capabilities
+    assert {f"CAP_{name}" for name in CAPABILITY_BITS} == known
+    assert sorted(CAPABILITY_BITS.values()) == list(range(len(known)))
+    assert capability_mask(["CAP_NET_BIND_SERVICE", "CAP_NET_RAW"]) == (1 << 10) | (1 << 13)
+
+
+def test_tier_capabilities_must_be_known() -> None:
+    data = json.loads(TIERS_JSON.read_text())
+    data["tiers"]["2"]["capabilities"] = ["CAP_FLY"]
+    with pytest.raises(
+        ConfigError, match=r"tiers.2.capabilities: 'CAP_FLY' is not in the top-level list"
+    ):
+        parse_tiers(data, source="tiers.json")

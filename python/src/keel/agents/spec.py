@@ -43,6 +43,7 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _SIZE = re.compile(r"[0-9]+[KMGT]?\Z")
 _PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?%\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CAPABILITY = re.compile(r"CAP_[A-Z_]+\Z")
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,13 @@ class AgentSpec:
     environment: dict[str, str] = field(default_factory=dict)
     environment_files: tuple[str, ...] = ()
     read_write_paths: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
     egress_allow: tuple[str, ...] = ()
     probes: tuple[Probe, ...] = ()
     watchdog_sec: float | None = None
     resources: Resources = Resources()
+    # Where the spec came from, for error messages about it (not part of it).
+    source: str = field(default="", compare=False)
 
     @property
     def unit_name(self) -> str:
@@ -137,6 +141,7 @@ class AgentSpec:
             "environment": dict(self.environment),
             "environmentFiles": list(self.environment_files),
             "readWritePaths": list(self.read_write_paths),
+            "capabilities": list(self.capabilities),
             "egress": {"allow": list(self.egress_allow)},
             "health": {"probes": [p.to_json() for p in self.probes]},
             "resources": self.resources.to_json(),
@@ -341,6 +346,17 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
         environment = _environment(spec)
         environment_files = _paths(spec, "environmentFiles")
         read_write_paths = _paths(spec, "readWritePaths")
+        # Which capabilities exist and which a tier may take is tiers.json's
+        # to say (keel.agents.units checks it); here only the form.
+        capabilities = spec.strings("capabilities", [])
+        for i, capability in enumerate(capabilities):
+            if not _CAPABILITY.match(capability):
+                raise item_error(
+                    spec,
+                    "capabilities",
+                    i,
+                    f"{capability!r}: write capabilities as in capabilities(7), e.g. 'CAP_NET_BIND_SERVICE'",
+                )
 
         with spec.section("egress", optional=True) as egress:
             allow = egress.strings("allow", [])
@@ -377,10 +393,12 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
         environment=environment,
         environment_files=environment_files,
         read_write_paths=read_write_paths,
+        capabilities=tuple(dict.fromkeys(capabilities)),
         egress_allow=tuple(dict.fromkeys(allow)),
         probes=probes,
         watchdog_sec=watchdog_sec,
         resources=resources,
+        source=source,
     )
 
 

@@ -35,6 +35,8 @@ class Tier:
     description: str
     unit: Directives
     service: Directives
+    # The capabilities an agent of this tier may declare; None: any known one.
+    capabilities: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Tiers:
     common_unit: Directives
     common_service: Directives
     tiers: dict[int, Tier]
+    known_capabilities: frozenset[str] = frozenset()
 
     def service_directives(self, tier: int) -> Directives:
         return {**self.common_service, **self.tiers[tier].service}
@@ -88,6 +91,7 @@ def parse_tiers(data: object, *, source: str) -> Tiers:
         version = top.integer("version")
         if version != 1:
             raise top.error("version", f"this keel reads version 1, got {version}")
+        known = frozenset(top.strings("capabilities", []))
         with top.section("common") as common:
             common_unit = _directives(common, "unitConfig")
             common_service = _directives(common, "serviceConfig")
@@ -101,11 +105,24 @@ def parse_tiers(data: object, *, source: str) -> Tiers:
                         description=tier_section.string("description"),
                         unit=_directives(tier_section, "unitConfig"),
                         service=_directives(tier_section, "serviceConfig"),
+                        capabilities=_tier_capabilities(tier_section, known),
                     )
         missing = [t for t in TIERS if t not in tiers]
         if missing:
             raise top.error("tiers", f"tier {missing[0]} is not defined")
-    return Tiers(source, common_unit, common_service, tiers)
+    return Tiers(source, common_unit, common_service, tiers, known)
+
+
+def _tier_capabilities(section: Section, known: frozenset[str]) -> frozenset[str] | None:
+    """A tier's ``capabilities``: ``"any"`` (the default) or a list of known ones."""
+    raw = section.raw("capabilities", "any")
+    if raw == "any":
+        return None
+    allowed = section.strings("capabilities")
+    for name in allowed:
+        if name not in known:
+            raise section.error("capabilities", f"{name!r} is not in the top-level list")
+    return frozenset(allowed)
 
 
 def load_tiers(path: Path | None = None) -> Tiers:
@@ -173,9 +190,101 @@ def agent_directives(spec: AgentSpec) -> Directives:
     return directives
 
 
+# Bit numbers of the capabilities (linux/capability.h), to read /proc/PID/status.
+CAPABILITY_BITS = {
+    name: bit
+    for bit, name in enumerate(
+        [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "DAC_READ_SEARCH",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "SETGID",
+            "SETUID",
+            "SETPCAP",
+            "LINUX_IMMUTABLE",
+            "NET_BIND_SERVICE",
+            "NET_BROADCAST",
+            "NET_ADMIN",
+            "NET_RAW",
+            "IPC_LOCK",
+            "IPC_OWNER",
+            "SYS_MODULE",
+            "SYS_RAWIO",
+            "SYS_CHROOT",
+            "SYS_PTRACE",
+            "SYS_PACCT",
+            "SYS_ADMIN",
+            "SYS_BOOT",
+            "SYS_NICE",
+            "SYS_RESOURCE",
+            "SYS_TIME",
+            "SYS_TTY_CONFIG",
+            "MKNOD",
+            "LEASE",
+            "AUDIT_WRITE",
+            "AUDIT_CONTROL",
+            "SETFCAP",
+            "MAC_OVERRIDE",
+            "MAC_ADMIN",
+            "SYSLOG",
+            "WAKE_ALARM",
+            "BLOCK_SUSPEND",
+            "AUDIT_READ",
+            "PERFMON",
+            "BPF",
+            "CHECKPOINT_RESTORE",
+        ]
+    )
+}
+
+
+def capability_mask(names: tuple[str, ...] | list[str]) -> int:
+    """The /proc/PID/status bit mask (CapEff, CapBnd...) of these capabilities."""
+    mask = 0
+    for name in names:
+        mask |= 1 << CAPABILITY_BITS[name.removeprefix("CAP_")]
+    return mask
+
+
+def capability_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
+    """The declared capabilities, checked against what the agent's tier allows.
+
+    Tier 0 keeps systemd's bounding set and gets the capabilities as ambient
+    ones (for a tier-0 agent that is not root); tiers 1 and 2 get exactly the
+    declared set, bounding and ambient, instead of tiers.json's empty one.
+    """
+    if not spec.capabilities:
+        return {}
+    allowed = tiers.tiers[spec.tier].capabilities
+    where = spec.source or f"agent {spec.name!r}"
+    for i, capability in enumerate(spec.capabilities):
+        if capability not in tiers.known_capabilities:
+            raise ConfigError(
+                f"{where}: capabilities[{i}]: {capability!r} is not a Linux capability "
+                f"known to {tiers.source}"
+            )
+        if allowed is not None and capability not in allowed:
+            may = ", ".join(sorted(allowed)) or "none"
+            raise ConfigError(
+                f"{where}: capabilities[{i}]: tier {spec.tier} agents may declare only {may}; "
+                f"{capability} would let the agent out of its sandbox (use tier 1)"
+            )
+    declared = " ".join(spec.capabilities)
+    if spec.tier == 0:
+        return {"AmbientCapabilities": declared}
+    return {"CapabilityBoundingSet": declared, "AmbientCapabilities": declared}
+
+
 def service_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
     """Everything in ``[Service]``: common, then the tier's, then the agent's own."""
-    return {**tiers.service_directives(spec.tier), **agent_directives(spec)}
+    return {
+        **tiers.service_directives(spec.tier),
+        **capability_directives(spec, tiers),
+        **agent_directives(spec),
+    }
 
 
 def render_unit(spec: AgentSpec, tiers: Tiers) -> str:

@@ -1,0 +1,562 @@
+# services.keel.agents.<name>: every agent a systemd service at a trust tier
+# (docs/agents.md). For each agent the module writes the JSON agent spec the
+# Python side reads (/etc/keel/agents/<name>.json, the same file
+# `keel agents install` writes on a plain systemd host) and builds its unit
+# from modules/tiers.json the way `keel agents render-unit` does: tiers.json's
+# common directives, then the tier's, then the agent's own, later keys
+# replacing earlier ones.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  cfg = config.services.keel;
+  agents = lib.filterAttrs (_: agent: agent.enable) cfg.agents;
+
+  tiers = lib.importJSON ./tiers.json;
+  tierOf = agent: tiers.tiers.${toString agent.tier};
+  # "any", or the list of capabilities an agent of this tier may declare.
+  allowedCapabilities = agent: (tierOf agent).capabilities or "any";
+
+  settingsFormat = pkgs.formats.json { };
+
+  userPrefix = "keel-agent-";
+  maxUserLength = 32;
+  # keel's own state, sockets and configuration, which tier 2 cannot reach
+  # (tiers.json's InaccessiblePaths): an agent cannot be given them either.
+  keelDirectories = [
+    "/run/keel"
+    "/var/lib/keel"
+    "/etc/keel"
+  ];
+
+  httpStatus = types.ints.between 100 599;
+
+  # A probe in keel watch's own shape (docs/watch.md), with its defaults.
+  probeModule = {
+    options = {
+      type = mkOption {
+        type = types.enum [
+          "http"
+          "tcp"
+          "exec"
+        ];
+        description = "`http` (GET a URL), `tcp` (connect) or `exec` (run a command, exit 0 is healthy).";
+      };
+      name = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "A name for the probe in status and alerts (watch names it after its type when null).";
+      };
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "http://127.0.0.1:8080/health";
+        description = "For `http`: the URL to GET.";
+      };
+      expect_status = mkOption {
+        type = types.nullOr (types.either httpStatus (types.nonEmptyListOf httpStatus));
+        default = null;
+        description = "For `http`: the status, or statuses, that mean healthy (any 2xx when null).";
+      };
+      expect_body = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "For `http`: a string the body must contain.";
+      };
+      host = mkOption {
+        type = types.str;
+        default = "127.0.0.1";
+        description = "For `tcp`: the host to connect to.";
+      };
+      port = mkOption {
+        type = types.nullOr types.port;
+        default = null;
+        description = "For `tcp`: the port to connect to.";
+      };
+      command = mkOption {
+        type = types.nullOr (types.nonEmptyListOf types.str);
+        default = null;
+        description = "For `exec`: the command (argv) to run.";
+      };
+      interval = mkOption {
+        type = types.number;
+        default = 5;
+        description = "Seconds between probes.";
+      };
+      timeout = mkOption {
+        type = types.nullOr types.number;
+        default = null;
+        defaultText = lib.literalMD "the smaller of 2 and `interval`";
+        description = "Seconds a probe may take; at most `interval`.";
+      };
+      failures = mkOption {
+        type = types.ints.positive;
+        default = 3;
+        description = "Consecutive failures that make the agent unhealthy.";
+      };
+      grace = mkOption {
+        type = types.number;
+        default = 0;
+        description = "Seconds after a start during which failures do not count.";
+      };
+    };
+  };
+
+  agentModule =
+    { name, ... }:
+    {
+      options = {
+        enable = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Whether to run this agent; false keeps its definition but removes it.";
+        };
+
+        command = mkOption {
+          type = types.nonEmptyListOf types.str;
+          example = lib.literalExpression ''[ (lib.getExe pkgs.my-agent) "--port" "8080" ]'';
+          description = "The agent's argv. The program is an absolute path (systemd does not search PATH).";
+        };
+
+        tier = mkOption {
+          type = types.enum [
+            0
+            1
+            2
+          ];
+          description = ''
+            The trust tier (modules/tiers.json): 0 for the operator's own
+            automation, 1 for semi-trusted agents, 2 for untrusted input and
+            third-party code (sandboxed, deny-by-default egress).
+          '';
+        };
+
+        user = mkOption {
+          type = types.str;
+          default = userPrefix + name;
+          defaultText = lib.literalExpression ''"keel-agent-''${name}"'';
+          description = ''
+            The user the agent runs as. The default user (and its group) is
+            created here; any other user must exist. Only tier 0 may be root.
+          '';
+        };
+
+        workingDirectory = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Working directory; the agent's state directory (/var/lib/keel-agents/<name>) when null.";
+        };
+
+        environment = mkOption {
+          type = types.attrsOf types.str;
+          default = { };
+          description = "Environment variables of the agent.";
+        };
+
+        environmentFiles = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Files of KEY=value lines read at start (secrets stay out of the Nix store).";
+        };
+
+        readWritePaths = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = ''
+            Paths the agent may write besides its state directory (tiers 1
+            and 2 see the rest of the file system read-only).
+          '';
+        };
+
+        capabilities = mkOption {
+          type = types.listOf (types.enum tiers.capabilities);
+          default = [ ];
+          example = [ "CAP_NET_BIND_SERVICE" ];
+          description = ''
+            Linux capabilities the agent needs. Tiers 1 and 2 get exactly
+            these (bounding and ambient set) instead of none; tier 0 gets them
+            as ambient capabilities. Tier 2 may declare only what
+            modules/tiers.json allows it (CAP_NET_BIND_SERVICE).
+          '';
+        };
+
+        egress.allow = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "api.example.com"
+            "*.wikipedia.org"
+          ];
+          description = ''
+            Domains (exact, or `*.` wildcards) the agent may reach. Tier 2
+            reaches nothing else; tier 0 has an open network and takes none.
+          '';
+        };
+
+        health = {
+          probes = mkOption {
+            type = types.listOf (types.submodule probeModule);
+            default = [ ];
+            description = "Health probes keel watch runs against the agent.";
+          };
+          watchdogSec = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "systemd's WatchdogSec= (whole seconds) for agents that ping sd_notify.";
+          };
+        };
+
+        resources = {
+          memoryMax = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "512M";
+            description = "systemd's MemoryMax=: bytes with K/M/G/T, a percentage or `infinity`.";
+          };
+          cpuQuota = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "50%";
+            description = "systemd's CPUQuota=: a percentage of one CPU.";
+          };
+          tasksMax = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "systemd's TasksMax=.";
+          };
+        };
+      };
+    };
+
+  # The agent spec of docs/agents.md, in the normalised form keel's
+  # AgentSpec.to_json() gives back.
+  timeoutOf = probe: if probe.timeout != null then probe.timeout else lib.min 2 probe.interval;
+
+  probeSpec =
+    probe:
+    {
+      inherit (probe) type;
+    }
+    // lib.optionalAttrs (probe.name != null) { inherit (probe) name; }
+    // {
+      http =
+        {
+          inherit (probe) url;
+        }
+        // lib.optionalAttrs (probe.expect_status != null) {
+          expect_status = lib.toList probe.expect_status;
+        }
+        // lib.optionalAttrs (probe.expect_body != null) { inherit (probe) expect_body; };
+      tcp = {
+        inherit (probe) host port;
+      };
+      exec = {
+        inherit (probe) command;
+      };
+    }
+    .${probe.type}
+    // {
+      inherit (probe) interval failures grace;
+      timeout = timeoutOf probe;
+    };
+
+  specOf = name: agent: {
+    inherit name;
+    inherit (agent)
+      command
+      tier
+      user
+      environment
+      environmentFiles
+      readWritePaths
+      ;
+    capabilities = lib.unique agent.capabilities;
+    egress.allow = agent.egress.allow;
+    health = {
+      probes = map probeSpec agent.health.probes;
+    }
+    // lib.optionalAttrs (agent.health.watchdogSec != null) {
+      inherit (agent.health) watchdogSec;
+    };
+    resources = lib.filterAttrs (_: value: value != null) agent.resources;
+  }
+  // lib.optionalAttrs (agent.workingDirectory != null) {
+    inherit (agent) workingDirectory;
+  };
+
+  specFile = name: agent: settingsFormat.generate "keel-agent-${name}.json" (specOf name agent);
+
+  # Quoting as keel.agents.units does it (systemd.syntax(7)): specifiers (%)
+  # and variables ($) stay literal; words outside the plain set are quoted.
+  escape =
+    lib.replaceStrings
+      [ "\\" "\"" "\n" "\t" "%" ]
+      [ "\\\\" "\\\"" "\\n" "\\t" "%%" ];
+  quoteExecArg =
+    arg:
+    let
+      escaped = lib.replaceStrings [ "$" ] [ "$$" ] (escape arg);
+    in
+    if builtins.match "[A-Za-z0-9_@+=:,./-]+" escaped != null then escaped else "\"${escaped}\"";
+  quoteAssignment = key: value: "\"${key}=${escape value}\"";
+  escapePercent = lib.replaceStrings [ "%" ] [ "%%" ];
+
+  agentDirectives =
+    name: agent:
+    {
+      User = agent.user;
+      ExecStart = lib.concatMapStringsSep " " quoteExecArg agent.command;
+      StateDirectory = "keel-agents/${name}";
+      WorkingDirectory = escapePercent (
+        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/keel-agents/${name}"
+      );
+    }
+    // lib.optionalAttrs (agent.environment != { }) {
+      Environment = lib.mapAttrsToList quoteAssignment agent.environment;
+    }
+    // lib.optionalAttrs (agent.environmentFiles != [ ]) {
+      EnvironmentFile = map escapePercent agent.environmentFiles;
+    }
+    // lib.optionalAttrs (agent.readWritePaths != [ ]) {
+      ReadWritePaths = map escapePercent agent.readWritePaths;
+    }
+    // lib.optionalAttrs (agent.capabilities != [ ]) (
+      let
+        declared = lib.concatStringsSep " " (lib.unique agent.capabilities);
+      in
+      if agent.tier == 0 then
+        { AmbientCapabilities = declared; }
+      else
+        {
+          CapabilityBoundingSet = declared;
+          AmbientCapabilities = declared;
+        }
+    )
+    // lib.optionalAttrs (agent.resources.memoryMax != null) {
+      MemoryMax = agent.resources.memoryMax;
+    }
+    // lib.optionalAttrs (agent.resources.cpuQuota != null) {
+      CPUQuota = agent.resources.cpuQuota;
+    }
+    // lib.optionalAttrs (agent.resources.tasksMax != null) {
+      TasksMax = agent.resources.tasksMax;
+    }
+    // lib.optionalAttrs (agent.health.watchdogSec != null) {
+      WatchdogSec = "${toString agent.health.watchdogSec}s";
+    };
+
+  unitOf = name: agent: {
+    description = "keel agent ${name} (tier ${toString agent.tier})";
+    wantedBy = [ "multi-user.target" ];
+    unitConfig = tiers.common.unitConfig or { } // (tierOf agent).unitConfig or { };
+    serviceConfig =
+      tiers.common.serviceConfig or { }
+      // (tierOf agent).serviceConfig or { }
+      // agentDirectives name agent;
+  };
+
+  # --- checks, as keel.agents.spec makes them, plus what only Nix can see ---
+
+  isAbsolute = path: lib.hasPrefix "/" path;
+  badPath =
+    path:
+    !isAbsolute path
+    || path == "/"
+    || lib.elem ".." (lib.splitString "/" path)
+    || builtins.match ".*[[:space:]].*" path != null;
+  under = directory: path: path == directory || lib.hasPrefix "${directory}/" path;
+  domainLabel = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
+  goodDomain =
+    domain:
+    builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
+      != null
+    && builtins.match ".*\\.[0-9]+\\.?" ("." + domain) == null
+    && builtins.stringLength (lib.removeSuffix "." (lib.removePrefix "*." domain)) <= 253;
+
+  assertionsFor =
+    name: agent:
+    let
+      option = "services.keel.agents.${name}";
+      allPaths =
+        agent.readWritePaths ++ agent.environmentFiles ++ lib.optional (agent.workingDirectory != null) agent.workingDirectory;
+      probeProblems = lib.concatLists (
+        lib.imap0 (
+          i: probe:
+          let
+            at = "${option}.health.probes.${toString i}";
+          in
+          lib.optional (probe.type == "http" && probe.url == null) "${at}.url is required for an http probe"
+          ++ lib.optional (probe.type == "tcp" && probe.port == null) "${at}.port is required for a tcp probe"
+          ++ lib.optional (
+            probe.type == "exec" && probe.command == null
+          ) "${at}.command is required for an exec probe"
+          ++ lib.optional (
+            timeoutOf probe > probe.interval
+          ) "${at}.timeout (${toString probe.timeout}) must not exceed interval (${toString probe.interval})"
+        ) agent.health.probes
+      );
+    in
+    [
+      {
+        assertion = builtins.match "[a-z][a-z0-9_-]*" name != null;
+        message = "${option}: '${name}' is not a valid agent name: lowercase letters, digits, '-' and '_', starting with a letter (it becomes a unit and a user name)";
+      }
+      {
+        assertion = builtins.stringLength (userPrefix + name) <= maxUserLength;
+        message = "${option}: '${name}' is too long: '${userPrefix}${name}' must fit the ${toString maxUserLength}-character user name limit";
+      }
+      {
+        assertion = builtins.match "[a-z_][a-z0-9_-]*" agent.user != null && builtins.stringLength agent.user <= maxUserLength;
+        message = "${option}.user: '${agent.user}' is not a valid user name";
+      }
+      {
+        assertion = isAbsolute (builtins.head agent.command);
+        message = "${option}.command: '${builtins.head agent.command}' must be an absolute path (systemd does not search PATH); use lib.getExe or \"\${pkg}/bin/...\"";
+      }
+      {
+        assertion = agent.user != "root" || agent.tier == 0;
+        message = "${option}.user: tier ${toString agent.tier} agents run as their own user, not root";
+      }
+      {
+        assertion =
+          allowedCapabilities agent == "any"
+          || lib.all (c: lib.elem c (allowedCapabilities agent)) agent.capabilities;
+        message = "${option}.capabilities: tier ${toString agent.tier} agents may declare only ${
+          lib.concatStringsSep ", " (lib.toList (allowedCapabilities agent))
+        } (modules/tiers.json); the others would let the agent out of its sandbox (use tier 1)";
+      }
+      {
+        assertion = agent.egress.allow == [ ] || agent.tier != 0;
+        message = "${option}.egress.allow: tier 0 agents have an open network; use tier 1 or 2 for an allowlist";
+      }
+      {
+        assertion = !lib.any badPath allPaths;
+        message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, without '..' or whitespace, and not '/'";
+      }
+      {
+        assertion = lib.all goodDomain agent.egress.allow;
+        message = "${option}.egress.allow: ${lib.concatStringsSep ", " (lib.filter (d: !goodDomain d) agent.egress.allow)}: expected lowercase domain names, '*.' only as the whole first label (docs/agents.md)";
+      }
+      {
+        assertion = lib.all (key: builtins.match "[A-Za-z_][A-Za-z0-9_]*" key != null) (builtins.attrNames agent.environment);
+        message = "${option}.environment: variable names are letters, digits and '_', not starting with a digit";
+      }
+      {
+        assertion =
+          agent.resources.memoryMax == null
+          || builtins.match "(infinity|[0-9]+[KMGT]?|[0-9]+(\\.[0-9]+)?%)" agent.resources.memoryMax != null;
+        message = "${option}.resources.memoryMax: expected bytes with an optional K/M/G/T suffix ('512M'), a percentage or 'infinity'";
+      }
+      {
+        assertion = agent.resources.cpuQuota == null || builtins.match "0*[1-9][0-9]*(\\.[0-9]+)?%|0+\\.[0-9]*[1-9][0-9]*%" agent.resources.cpuQuota != null;
+        message = "${option}.resources.cpuQuota: expected a percentage of one CPU ('50%', '200%' for two)";
+      }
+      {
+        assertion = agent.tier != 2 || !lib.any (path: lib.any (dir: under dir path) keelDirectories) agent.readWritePaths;
+        message = "${option}.readWritePaths: tier 2 agents cannot reach keel's own ${lib.concatStringsSep ", " keelDirectories}";
+      }
+    ]
+    ++ map (message: {
+      assertion = false;
+      inherit message;
+    }) probeProblems;
+
+  # One user per sandboxed agent: egress matches an agent by its user
+  # (nftables `meta skuid`) and tier 1 and 2 keep agents out of each other's
+  # files by it.
+  sandboxedUsers = lib.mapAttrsToList (name: agent: {
+    inherit name;
+    inherit (agent) user;
+  }) (lib.filterAttrs (_: agent: agent.tier > 0) agents);
+  sharedUsers = lib.filter (u: lib.length (lib.filter (v: v.user == u.user) sandboxedUsers) > 1) sandboxedUsers;
+
+  defaultUsers = lib.filterAttrs (name: agent: agent.user == userPrefix + name) agents;
+in
+{
+  options.services.keel.agents = mkOption {
+    type = types.attrsOf (types.submodule agentModule);
+    default = { };
+    example = lib.literalExpression ''
+      {
+        scout = {
+          command = [ (lib.getExe pkgs.my-scout) "--port" "8702" ];
+          tier = 2;
+          egress.allow = [ "example.org" "*.wikipedia.org" ];
+          health.probes = [ { type = "http"; url = "http://127.0.0.1:8702/health"; } ];
+          resources.memoryMax = "256M";
+        };
+      }
+    '';
+    description = ''
+      keel agents, each the service `keel-agent-<name>` running as its own
+      user at a trust tier, restarted whenever it exits.
+    '';
+  };
+
+  options.services.keel.agentSpecs = mkOption {
+    type = types.attrsOf settingsFormat.type;
+    internal = true;
+    readOnly = true;
+    description = ''
+      The agent specs (docs/agents.md) of the enabled agents, by name, as
+      written to /etc/keel/agents/<name>.json: what keel watch supervises.
+    '';
+  };
+
+  config = lib.mkMerge [
+    { services.keel.agentSpecs = lib.mapAttrs specOf agents; }
+    (lib.mkIf (agents != { }) {
+      services.keel.enabledServices = [ "agents" ];
+
+      assertions = [
+        {
+          assertion = tiers.version == 1;
+          message = "modules/tiers.json: this keel reads version 1, got ${toString tiers.version}";
+        }
+        {
+          assertion = sharedUsers == [ ];
+          message = "services.keel.agents: ${
+            lib.concatMapStringsSep ", " (u: "${u.name} (${u.user})") sharedUsers
+          }: tier 1 and 2 agents need a user of their own";
+        }
+      ]
+      ++ lib.concatLists (lib.mapAttrsToList assertionsFor agents);
+
+      environment.etc = lib.mapAttrs' (
+        name: agent: lib.nameValuePair "keel/agents/${name}.json" { source = specFile name agent; }
+      ) agents;
+
+      users.users = lib.mapAttrs' (
+        name: agent:
+        lib.nameValuePair agent.user {
+          description = "keel agent ${name}";
+          isSystemUser = true;
+          group = agent.user;
+        }
+      ) defaultUsers;
+      users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
+
+      systemd.services = lib.mapAttrs' (
+        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
+      ) agents;
+
+      # keel's own validator has the last word: a spec it refuses fails the
+      # system build with its message, so Nix and Python cannot drift apart.
+      system.checks = [
+        (pkgs.runCommand "keel-agents-valid" { nativeBuildInputs = [ cfg.package ]; } ''
+          ${lib.concatStrings (
+            lib.mapAttrsToList (name: agent: ''
+              keel agents render-unit ${specFile name agent} > /dev/null
+            '') agents
+          )}
+          touch $out
+        '')
+      ];
+    })
+  ];
+}

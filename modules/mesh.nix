@@ -1,0 +1,175 @@
+# services.keel.mesh: this host's node of the keel mesh (docs/mesh.md). Its
+# settings become the node's config.json; identity, state and the control
+# socket live in /var/lib/keel/mesh, the directory the `keel mesh` commands
+# use by default.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib) mkOption types;
+
+  keel = config.services.keel;
+  cfg = keel.mesh;
+  settingsFormat = pkgs.formats.json { };
+  configFile = settingsFormat.generate "keel-mesh-config.json" cfg.settings;
+
+  directory = "/var/lib/keel/mesh";
+  # "HOST:PORT" or "[V6]:PORT": the port is after the last colon.
+  listenPort = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
+  validListen = builtins.match "([[][0-9A-Fa-f:.]+[]]|[0-9.]+):[0-9]+" cfg.listen != null;
+
+  seconds =
+    default: description:
+    mkOption {
+      type = types.number;
+      inherit default description;
+    };
+in
+{
+  options.services.keel.mesh = {
+    enable = lib.mkEnableOption "the keel mesh node: post-quantum hybrid encrypted messaging between keel hosts";
+
+    package = mkOption {
+      type = types.package;
+      default = keel.package;
+      defaultText = lib.literalExpression "config.services.keel.package";
+      description = "The keel package the mesh node runs from.";
+    };
+
+    listen = mkOption {
+      type = types.str;
+      example = "0.0.0.0:7400";
+      description = ''
+        The TCP address peers reach this node on, `IP:PORT` (`[IPv6]:PORT`);
+        `0.0.0.0` or `[::]` advertise every interface's address in invites.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the port of `listen` in the firewall, for peers to dial.";
+    };
+
+    ledger = mkOption {
+      type = types.nullOr types.str;
+      default = keel.ledger;
+      defaultText = lib.literalExpression "config.services.keel.ledger";
+      description = "The ledger message metadata is recorded in (never payloads); null turns that off.";
+    };
+
+    watchdogSec = mkOption {
+      type = types.ints.positive;
+      default = 30;
+      description = "systemd's WatchdogSec= for the node: a hung daemon is killed and restarted.";
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The node's config.json (docs/mesh.md) as a Nix attribute set: every
+        key can be set; the main ones are typed here with keel's defaults.
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          handshake_timeout = seconds 10 "Seconds a handshake may take.";
+          keepalive_interval = seconds 15 "Seconds of silence before a keepalive.";
+          idle_timeout = seconds 60 "Seconds of silence before a connection is dropped; more than keepalive_interval.";
+          rekey_interval = seconds 120 "Seconds between rekeys (also every 65536 records).";
+          default_ttl = seconds 86400 "Seconds before an unacknowledged message becomes a dead letter.";
+          durability = mkOption {
+            type = types.enum [
+              "normal"
+              "full"
+            ];
+            default = "normal";
+            description = "`normal` survives any crash of the daemon; `full` also a power loss (fsync per commit).";
+          };
+        };
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    services.keel.enabledServices = [ "mesh" ];
+
+    assertions = [
+      {
+        assertion = validListen;
+        message = "services.keel.mesh.listen: expected IP:PORT or [IPv6]:PORT (e.g. \"0.0.0.0:7400\"), got \"${cfg.listen}\"";
+      }
+      {
+        assertion = !validListen || (listenPort >= 1 && listenPort <= 65535);
+        message = "services.keel.mesh.listen: the port must be 1 to 65535 (0 picks a random one, which peers cannot follow)";
+      }
+      {
+        assertion = cfg.settings.idle_timeout > cfg.settings.keepalive_interval;
+        message = "services.keel.mesh.settings.idle_timeout (${toString cfg.settings.idle_timeout}) must exceed keepalive_interval (${toString cfg.settings.keepalive_interval})";
+      }
+    ];
+
+    users.users.keel-mesh = {
+      description = "keel mesh node";
+      isSystemUser = true;
+      group = keel.group;
+    };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && validListen) [ listenPort ];
+
+    systemd.services.keel-mesh = {
+      description = "keel mesh: encrypted messaging between keel hosts";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # A switch restarts the node in one step instead of stopping it before
+      # the activation and starting it after (as tailscale.nix does): a
+      # switch driven over the mesh does not cut the link it runs on.
+      stopIfChanged = false;
+
+      preStart = ''
+        ln -sfn ${configFile} ${directory}/config.json
+      '';
+
+      serviceConfig = import ./lib/hardening.nix // {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = lib.escapeShellArgs (
+          [
+            (lib.getExe cfg.package)
+            "mesh"
+            "serve"
+            "--dir"
+            directory
+            "--listen"
+            cfg.listen
+          ]
+          ++ lib.optionals (cfg.ledger != null) [
+            "--ledger"
+            cfg.ledger
+          ]
+        );
+        WatchdogSec = "${toString cfg.watchdogSec}s";
+        Restart = "always";
+        RestartSec = "1s";
+
+        User = "keel-mesh";
+        Group = keel.group;
+        StateDirectory = "keel/mesh";
+        # The keel group reaches control.sock (mode 0660); identity.key
+        # stays the node's own (0600).
+        StateDirectoryMode = "0750";
+        UMask = "0007";
+        ReadWritePaths = [ "/var/lib/keel" ];
+
+        CapabilityBoundingSet = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        AmbientCapabilities = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        ProtectProc = "invisible";
+        RemoveIPC = true;
+      };
+    };
+  };
+}

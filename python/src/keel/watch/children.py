@@ -1,0 +1,217 @@
+"""Processes watched through pidfds: death seen at once, whole groups killed.
+
+A :class:`Child` is started in its own session (so its process group is its
+own, and ``killpg`` reaches everything it forked that did not leave the group)
+and watched through ``pidfd_open(2)``: the pidfd becomes readable the moment
+the process exits, which the event loop sees like any socket. No SIGCHLD
+handler, no polling, no thread per child.
+
+A pidfd also works for a process that is not our child, which is how a
+restarted watch adopts the agents its previous incarnation started: it learns
+when they die, though not their exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+
+def describe_status(code: int | None) -> str:
+    """``exited with status 3``, ``killed by signal 9 (SIGKILL)``, from a returncode."""
+    if code is None:
+        return "exited (status unknown: the process was adopted, not started, by this watch)"
+    if code >= 0:
+        return f"exited with status {code}"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"killed by signal {number} ({name})"
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def seconds_since_start(ticks: int) -> float:
+    """How long ago a process with start time ``ticks`` (since boot) started."""
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / hz)
+
+
+class Child:
+    """One process (and its process group) whose exit is reported through a pidfd.
+
+    With ``kill_group_on_exit`` (the default), the rest of the process group is
+    killed when the leader exits, as systemd's ``KillMode=control-group`` does.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[Child, int | None], None] | None = None,
+        popen: subprocess.Popen[bytes] | None = None,
+        pgid: int | None = None,
+        kill_group_on_exit: bool = True,
+    ) -> None:
+        self.pid = pid
+        self.kill_group_on_exit = kill_group_on_exit
+        self.pgid = pgid if pgid is not None else pid
+        self.returncode: int | None = None
+        self.exited = False
+        self._popen = popen
+        self._loop = loop
+        self._on_exit = on_exit
+        self._done: asyncio.Future[int | None] = loop.create_future()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._reap()
+            return
+        loop.add_reader(self._pidfd, self._reap)
+
+    # --- construction ------------------------------------------------------------
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdout: int | IO[bytes] | None = None,
+        stderr: int | IO[bytes] | None = None,
+        on_exit: Callable[[Child, int | None], None] | None = None,
+    ) -> Child:
+        """Start ``argv`` in a new session; OSError if it cannot be executed."""
+        loop = asyncio.get_running_loop()
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+        return cls(popen.pid, loop=loop, on_exit=on_exit, popen=popen)
+
+    @classmethod
+    def adopt(
+        cls,
+        pid: int,
+        *,
+        on_exit: Callable[[Child, int | None], None] | None = None,
+    ) -> Child:
+        """Watch a process we did not start (exit status will be unknown)."""
+        loop = asyncio.get_running_loop()
+        try:
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
+            pgid = pid
+        return cls(pid, loop=loop, on_exit=on_exit, pgid=pgid)
+
+    # --- exit --------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        if self.exited:
+            return
+        code: int | None = None
+        if self.kill_group_on_exit:
+            # The leader is a zombie until reaped, so its pid (the group id) cannot
+            # have been reused yet: what is left of the group goes with it.
+            self.signal_group(signal.SIGKILL)
+        if self._popen is not None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid == 0:
+                return  # readable but not yet reapable: wait for the next wakeup
+            code = os.waitstatus_to_exitcode(status)
+            # Keep subprocess from reaping (or warning about) this pid itself.
+            self._popen.returncode = code
+        self.exited = True
+        self.returncode = code
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self._done.done():
+            self._done.set_result(code)
+        if self._on_exit is not None:
+            self._on_exit(self, code)
+
+    async def wait(self) -> int | None:
+        """The returncode (negative: killed by that signal; None: adopted, unknown)."""
+        return await asyncio.shield(self._done)
+
+    # --- signals -----------------------------------------------------------------
+
+    def signal_group(self, sig: int) -> bool:
+        """Send ``sig`` to the whole process group; False if nothing was left to signal."""
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        return True
+
+    async def terminate(self, timeout: float) -> int | None:
+        """SIGTERM the group, SIGKILL it after ``timeout`` seconds, wait for the exit."""
+        if not self.exited:
+            self.signal_group(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            self.signal_group(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.wait()
+        if not self.exited:
+            self.signal_group(signal.SIGKILL)
+        return await self.wait()
+
+    def close(self) -> None:
+        """Stop watching (the process itself is left alone)."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self._done.done():
+            self._done.cancel()
+
+
+def pidfd_supported() -> bool:
+    """True when this kernel has pidfd_open (Linux 5.3+)."""
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            return False
+        raise
+    os.close(fd)
+    return True

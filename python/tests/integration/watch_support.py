@@ -1,0 +1,181 @@
+"""Helpers for watch's integration tests: configs, a running daemon, HTTP stand-ins.
+
+The Telegram stand-in speaks the Bot API's shape on loopback
+(``POST /bot<token>/sendMessage`` with a JSON body, answered with
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error_code": 429,
+"parameters": {"retry_after": N}}``), as the real API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from keel.watch import config as watch_config
+from keel.watch.daemon import Watch
+from keel.watch.process_backend import ProcessBackend
+
+AGENT = Path(__file__).resolve().parents[1] / "watch_agent.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def agent_entry(port: int, *extra: str, **fields: Any) -> dict[str, Any]:
+    """A process-backend agent running watch_agent.py with an http probe on ``port``."""
+    entry: dict[str, Any] = {
+        "command": [sys.executable, str(AGENT), "--port", str(port), *extra],
+        "probes": [
+            {
+                "type": "http",
+                "url": f"http://127.0.0.1:{port}/health",
+                "interval": 0.5,
+                "timeout": 0.4,
+                "failures": 2,
+                "grace": 3,
+            }
+        ],
+        "stop_timeout": 2,
+    }
+    entry.update(fields)
+    return entry
+
+
+def write_config(tmp: Path, agents: dict[str, Any], **top: Any) -> Path:
+    data: dict[str, Any] = {
+        "backend": "process",
+        "socket": str(tmp / "watch.sock"),
+        "ledger": str(tmp / "ledger.db"),
+        "state_file": str(tmp / "processes.json"),
+        "host": "testhost",
+        "agents": agents,
+    }
+    data.update(top)
+    path = tmp / "watch.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_watch(config_path: Path) -> AsyncIterator[Watch]:
+    config = watch_config.load(config_path)
+    backend = ProcessBackend(config.agents, state_file=config.state_file)
+    watch = Watch(config, backend)
+    await watch.start()
+    try:
+        yield watch
+    finally:
+        await watch.close()
+
+
+async def until(
+    condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition"
+) -> None:
+    """Poll ``condition`` every 20 ms; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def ledger_entries(path: Path) -> list[Any]:
+    from keel.ledger import Ledger
+
+    ledger = Ledger.open(path, create=False)
+    try:
+        return [entry for _, entry in ledger.entries()]
+    finally:
+        ledger.close()
+
+
+# --- HTTP stand-ins ----------------------------------------------------------------------
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """An HTTP server on loopback that records POSTs and answers from a script."""
+
+    def __init__(self, answer: Callable[[Recorder, str, dict[str, Any]], tuple[int, Any]]) -> None:
+        self.requests: list[tuple[float, str, dict[str, Any]]] = []
+        self.answer = answer
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Recorder
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        with self.server.lock:
+            self.server.requests.append((time.monotonic(), self.path, body))
+            status, payload = self.server.answer(self.server, self.path, body)
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_stub(
+    answer: Callable[[Recorder, str, dict[str, Any]], tuple[int, Any]],
+) -> Iterator[Recorder]:
+    server = Recorder(answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def telegram_answer(
+    *, throttle_first: int = 0, retry_after: int = 1
+) -> Callable[[Recorder, str, dict[str, Any]], tuple[int, Any]]:
+    """Bot API answers: the first ``throttle_first`` calls get 429 with retry_after."""
+
+    def answer(server: Recorder, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if not path.endswith("/sendMessage") or not path.startswith("/bot"):
+            return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
+        if len(server.requests) <= throttle_first:
+            return 429, {
+                "ok": False,
+                "error_code": 429,
+                "description": f"Too Many Requests: retry after {retry_after}",
+                "parameters": {"retry_after": retry_after},
+            }
+        return 200, {
+            "ok": True,
+            "result": {
+                "message_id": len(server.requests),
+                "chat": {"id": body.get("chat_id"), "type": "private"},
+                "date": int(time.time()),
+                "text": body.get("text"),
+            },
+        }
+
+    return answer

@@ -1,0 +1,161 @@
+"""modules/mesh.nix: the node's config.json and keel-mesh.service from the options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.nix.test_modules import evaluate
+
+FIREWALL = '[ [ "networking" "firewall" "allowedTCPPorts" ] ]'
+
+
+def mesh(nix_instantiate: str, nixpkgs_lib: Path, body: str) -> dict[str, Any]:
+    return evaluate(
+        nix_instantiate,
+        nixpkgs_lib,
+        "{ services.keel.mesh.enable = true; " + body + " }",
+        paths=FIREWALL,
+    )
+
+
+def node_config(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON the unit links to /var/lib/keel/mesh/config.json before it starts."""
+    link = result["services"]["keel-mesh"]["preStart"].split()
+    assert link[:2] == ["ln", "-sfn"], link
+    assert link[3] == "/var/lib/keel/mesh/config.json", link
+    assert link[2].endswith("-keel-mesh-config.json"), link
+    config: dict[str, Any] = result["meshConfig"]
+    return config
+
+
+@pytest.fixture
+def default_node(nix_instantiate: str, nixpkgs_lib: Path) -> dict[str, Any]:
+    return mesh(nix_instantiate, nixpkgs_lib, 'services.keel.mesh.listen = "0.0.0.0:7400";')
+
+
+def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> None:
+    assert default_node["failedAssertions"] == []
+    unit = default_node["services"]["keel-mesh"]
+    service = unit["serviceConfig"]
+    assert service["ExecStart"].split()[1:] == [
+        "mesh",
+        "serve",
+        "--dir",
+        "/var/lib/keel/mesh",
+        "--listen",
+        "0.0.0.0:7400",
+        "--ledger",
+        "/var/lib/keel/ledger.db",
+    ]
+    assert service["Type"] == "notify"
+    assert service["Restart"] == "always"
+    assert service["User"] == "keel-mesh"
+    assert service["Group"] == "keel"
+    assert service["StateDirectory"] == "keel/mesh"
+    assert service["CapabilityBoundingSet"] == ""
+    assert service["ProtectSystem"] == "strict"
+    assert unit["after"] == ["network-online.target"]
+    assert default_node["users"]["keel-mesh"]["isSystemUser"] is True
+    assert default_node["values"] == [[]]
+
+
+def test_a_switch_restarts_the_node_without_stopping_it_first(
+    default_node: dict[str, Any],
+) -> None:
+    # As tailscale.nix: an activation driven over the mesh keeps its link.
+    assert default_node["services"]["keel-mesh"]["stopIfChanged"] is False
+
+
+def test_settings_become_config_json(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_lib,
+        """
+          services.keel.mesh.listen = "[::]:7400";
+          services.keel.mesh.settings = { keepalive_interval = 5; idle_timeout = 20; window_messages = 64; };
+        """,
+    )
+    assert node_config(result) == {
+        "handshake_timeout": 10,
+        "keepalive_interval": 5,
+        "idle_timeout": 20,
+        "rekey_interval": 120,
+        "default_ttl": 86400,
+        "durability": "normal",
+        "window_messages": 64,
+    }
+
+
+def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_lib,
+        """
+          services.keel.mesh = { listen = "[::]:443"; openFirewall = true; ledger = null; };
+        """,
+    )
+    service = result["services"]["keel-mesh"]["serviceConfig"]
+    assert service["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert service["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert "--ledger" not in service["ExecStart"]
+    assert "'[::]:443'" in service["ExecStart"]
+    assert result["values"] == [[443]]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(
+            'services.keel.mesh.listen = "mesh.example.org:7400";',
+            "services.keel.mesh.listen: expected IP:PORT",
+            id="host-name",
+        ),
+        pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:0";',
+            "services.keel.mesh.listen: the port must be 1 to 65535",
+            id="port-0",
+        ),
+        pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:7400"; '
+            "services.keel.mesh.settings.idle_timeout = 10;",
+            "services.keel.mesh.settings.idle_timeout (10) must exceed keepalive_interval (15)",
+            id="idle-below-keepalive",
+        ),
+    ],
+)
+def test_bad_settings_fail_with_a_message(
+    nix_instantiate: str, nixpkgs_lib: Path, body: str, message: str
+) -> None:
+    failed = mesh(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
+    assert any(message in text for text in failed), failed
+
+
+def test_keel_mesh_accepts_the_config_the_module_writes(
+    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from keel.mesh.settings import load_settings
+
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_lib,
+        """
+          services.keel.mesh.listen = "0.0.0.0:7400";
+          services.keel.mesh.settings = {
+            keepalive_interval = 5; idle_timeout = 20; rekey_interval = 60;
+            window_messages = 64; max_inbox = 1000; durability = "full";
+          };
+        """,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(node_config(result)))
+    settings = load_settings(tmp_path)
+    assert settings.session.keepalive_interval == 5
+    assert settings.session.idle_timeout == 20
+    assert settings.session.rekey_interval == 60
+    assert settings.limits.window_messages == 64
+    assert settings.inbox.max_messages == 1000
+    assert settings.durability == "full"
