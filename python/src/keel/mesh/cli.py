@@ -120,8 +120,13 @@ def _id(args: argparse.Namespace) -> int:
     from keel.mesh.daemon import IDENTITY_FILE
     from keel.mesh.identity import load_or_create
 
+    key = args.dir / IDENTITY_FILE
+    made = not key.exists()
     args.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    print(load_or_create(args.dir / IDENTITY_FILE).node_id)
+    print(load_or_create(key).node_id)
+    if made:
+        # A mistyped --dir must not pass for the node's identity unnoticed.
+        print(f"keel: no identity in {args.dir} yet: made a new one in {key}", file=sys.stderr)
     return 0
 
 
