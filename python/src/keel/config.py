@@ -56,6 +56,75 @@ def type_name(value: object) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+MAX_DEPTH: Final = 64  # nesting of objects and lists: far more than any keel file needs
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value (use a number or null)")
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON from outside (configs, specs, ``--data``, requests) strictly.
+
+    A key given twice in one object is refused (the last would silently win),
+    and so are ``NaN``/``Infinity`` (not JSON) and nesting deeper than
+    ``max_depth``. Every failure is a
+    :class:`ConfigError` that starts with ``source``, one line, no traceback.
+    """
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+        )
+    except _NotJson as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{source}: key {describe(exc.key)} appears twice in one object"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than {max_depth} levels deep") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if _depth_exceeds(value, max_depth):
+        raise ConfigError(f"{source}: nested more than {max_depth} levels deep")
+    return value
+
+
 def load_json_file(path: Path, *, what: str = "config") -> Any:
     """Parse a JSON file; any failure is a :class:`ConfigError` naming the file."""
     try:
@@ -70,12 +139,7 @@ def load_json_file(path: Path, *, what: str = "config") -> Any:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+    return parse_json(text, source=str(path))
 
 
 class Section:

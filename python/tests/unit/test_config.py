@@ -90,3 +90,46 @@ def test_file_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"x": 1}))
     assert Section.load(good).integer("x") == 1
+
+
+def test_parse_json_refuses_a_key_given_twice() -> None:
+    from keel.config import parse_json
+
+    with pytest.raises(ConfigError, match=r'^spec.json: key "name" appears twice in one object$'):
+        parse_json('{"a": {"name": 1, "name": 2}}', source="spec.json")
+    assert parse_json('{"a": {"name": 1}, "name": 2}', source="x") == {"a": {"name": 1}, "name": 2}
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 200_000])
+def test_parse_json_refuses_deep_nesting_in_one_line(depth: int) -> None:
+    from keel.config import parse_json
+
+    for opener, closer in (("[", "]"), ('{"k":', "}")):
+        text = opener * depth + "1" + closer * depth
+        with pytest.raises(ConfigError, match=r"^--data: nested more than 64 levels deep$"):
+            parse_json(text, source="--data")
+
+
+def test_parse_json_accepts_nesting_up_to_the_limit() -> None:
+    from keel.config import parse_json
+
+    assert parse_json("[" * 64 + "]" * 64, source="x") is not None
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\xff{}", "not UTF-8 text"),
+        ("{", "invalid JSON at line 1 column 2"),
+        ('{"a": 1', "invalid JSON"),
+        ('{"a": NaN}', "NaN is not a JSON value"),
+        ("[Infinity]", "Infinity is not a JSON value"),
+    ],
+)
+def test_parse_json_errors_are_one_line(raw: str | bytes, message: str) -> None:
+    from keel.config import parse_json
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_json(raw, source="f.json")
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("f.json: ")
