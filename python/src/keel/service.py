@@ -36,7 +36,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -296,3 +296,33 @@ class _Signals:
             self.shell.log.warning("%s again: exiting at once", signum.name)
             os._exit(128 + signum)
         self.shell.request_stop(signum.name)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    name: str, daemon: Daemon, common: Common, *, recorder: Recorder | None = None
+) -> AsyncIterator[Shell]:
+    """Run a daemon in this loop for the body of an ``async with`` (tests, embedding).
+
+    Yields the shell once the daemon serves; stops it on leaving and raises
+    :class:`KeelError` if it did not start or did not stop cleanly.
+    """
+    shell_ready: asyncio.Future[Shell] = asyncio.get_running_loop().create_future()
+
+    def ready(shell: Shell) -> None:
+        shell_ready.set_result(shell)
+
+    task = asyncio.create_task(serve(name, daemon, common, recorder=recorder, ready=ready))
+    waiting: set[asyncio.Future[Any]] = {task, shell_ready}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if not shell_ready.done():
+        shell_ready.cancel()
+        raise KeelError(f"{name} did not start (exit {task.result()}); see its log")
+    shell = shell_ready.result()
+    try:
+        yield shell
+    finally:
+        shell.request_stop("leaving the running() block")
+        code = await task
+        if code != EXIT_OK:
+            raise KeelError(f"{name} stopped with exit {code}; see its log")
