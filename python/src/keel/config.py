@@ -229,6 +229,17 @@ def load_json_file(path: Path, *, what: str = "config") -> Any:
     return parse_json(text, source=str(path))
 
 
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a file, or None."""
+    if "\x00" in value:
+        return f"{describe(value)} contains a NUL character, which no path can hold"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{describe(value)} is not valid text"
+    return None
+
+
 class Section:
     """One JSON object of a config, read key by key with checked types."""
 
@@ -440,6 +451,10 @@ class Section:
             raise self.error(key, f"must be at least {minimum}, got {describe(value)}")
         if maximum is not None and value > maximum:
             raise self.error(key, f"must be at most {maximum}, got {describe(value)}")
+
+    def filepath(self, key: str, default: str | _Missing = REQUIRED) -> Path:
+        """A file system path: a non-empty string the kernel can take (no NUL, valid text)."""
+        return Path(self.string(key, default, check=path_problem))
 
     def choice(self, key: str, choices: Sequence[str], default: str | _Missing = REQUIRED) -> str:
         value = self.string(key, default)
