@@ -24,11 +24,12 @@ from typing import Any
 from keel.api import Handler, Peer
 from keel.errors import KeelError
 from keel.service import Daemon, Shell
+from keel.telegram import read_token
 from keel.watch import metrics, probe_engine
 from keel.watch.alerting import Alert, TelegramRoute
 from keel.watch.alerts import AlertRouter
 from keel.watch.backend import Backend
-from keel.watch.config import AgentConfig, WatchConfig, read_token
+from keel.watch.config import AgentConfig, WatchConfig
 from keel.watch.policy import (
     Action,
     AgentPolicy,

@@ -2,7 +2,7 @@
 
 Watch speaks HTTP three ways: probes (``GET`` a health URL once a second for
 every agent), alerts (``POST`` JSON to Telegram or a webhook) and the metrics
-endpoint. Each exchange is one request on a fresh connection with
+endpoint; keel chat speaks the Telegram Bot API with it too. Each exchange is one request on a fresh connection with
 ``Connection: close``, so the parser only needs the response framings of
 RFC 9112 section 6: no body (HEAD, 1xx, 204, 304), ``Transfer-Encoding:
 chunked``, ``Content-Length``, or read until the server closes.
@@ -119,13 +119,14 @@ def build_request(
     *,
     headers: Mapping[str, str] | None = None,
     body: bytes | None = None,
+    user_agent: str = "keel-watch",
 ) -> bytes:
     """One request with ``Connection: close``; ``Content-Length`` when there is a body."""
     lines = [
         f"{method} {url.target} HTTP/1.1",
         f"Host: {url.authority}",
         "Connection: close",
-        "User-Agent: keel-watch",
+        f"User-Agent: {user_agent}",
     ]
     for name, value in (headers or {}).items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
@@ -306,6 +307,7 @@ async def request(
     timeout: float,
     max_body: int = 1 << 20,
     ssl_context: ssl.SSLContext | None = None,
+    user_agent: str = "keel-watch",
 ) -> Response:
     """One HTTP exchange within ``timeout`` seconds (raises TimeoutError, OSError, HttpError)."""
     async with asyncio.timeout(timeout):
@@ -316,7 +318,9 @@ async def request(
             url.host, url.port, ssl=context, server_hostname=url.host if context else None
         )
         try:
-            writer.write(build_request(method, url, headers=headers, body=body))
+            writer.write(
+                build_request(method, url, headers=headers, body=body, user_agent=user_agent)
+            )
             parser = ResponseParser(method=method, max_body=max_body)
             while True:
                 data = await reader.read(65536)
