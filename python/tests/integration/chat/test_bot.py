@@ -327,3 +327,22 @@ def test_a_refused_token_is_reported_and_the_daemon_stays_up(tmp_path: Path) -> 
 
     with bot_api("654321:other-token") as server:
         asyncio.run(scenario(server))
+
+
+def test_no_action_without_a_record_of_its_approval(tmp_path: Path, api: BotApi) -> None:
+    unwritable = tmp_path / "not-a-ledger"
+    unwritable.mkdir()  # a directory: the chat's recorder cannot open it
+
+    async def scenario() -> None:
+        async with chat_host(tmp_path, api, ledger=str(unwritable)) as host:
+            web = host.agent("web")["pid"]
+            before, index = await confirmation(host)
+            api.press(ALICE, api.to(ALICE)[index])
+            result = await host.reply(ALICE, after=before + 1, what="the refusal")
+            assert result.text.startswith("Not done: the ledger cannot record your approval")
+            await host.settled()
+            assert host.agent("web")["pid"] == web
+            assert host.chat.status()["confirmations"]["approved"] == 1
+
+    asyncio.run(scenario())
+    assert "stop" not in kinds(tmp_path, source="watch")
