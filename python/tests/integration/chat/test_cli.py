@@ -6,8 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,8 @@ from keel.watch.children import pidfd_supported
 
 from tests.integration.chat.botapi import BotApi, bot_api
 from tests.integration.chat.support import ALICE, TOKEN, sleeper, write_chat_config
+from tests.integration.test_watch_cli import KEEL, keel, wait_for
 from tests.integration.watch_support import ledger_entries, write_config
-
-KEEL = [sys.executable, "-m", "keel"]
-
-
-def keel(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*KEEL, *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def json_of(*args: str) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def test_agents_lists_every_agent_and_clips_long_errors() -> None:
     assert lines[0] == "box, 2 agents:"
     assert lines[1] == "web: healthy, pid 100, up 1h2m, 0 restarts"
     assert lines[2] == "db: unhealthy, pid 100, up 1h2m, 0 restarts"
-    assert lines[3].startswith("  last error: xxx") and lines[3].endswith("…")
+    assert lines[3].startswith("  last error: xxx")
+    assert lines[3].endswith("…")
     assert len(lines[3]) == len("  last error: ") + views.ERROR_WIDTH
 
 
