@@ -66,6 +66,7 @@ LOG_DEFAULT = 10
 LOG_MAX = 100
 MAX_CONFIRM_TIMEOUT = 60.0
 DENIAL_RECORD_EVERY = 600.0  # seconds between two records of one stranger's attempts
+DENIAL_RECORDS = (20, 30.0)  # strangers recorded at once, then one per this many seconds
 MAX_PENDING = 64  # confirmations waiting at once, all people together
 MAX_PENDING_PER_USER = 4
 REMEMBER = 1024  # used and expired confirmations remembered, to answer a replay precisely
@@ -279,6 +280,7 @@ class ChatCore:
         self._in_flight: set[tuple[str, str]] = set()  # (action, target) being carried out
         self._buckets: OrderedDict[int, _Bucket] = OrderedDict()
         self._denials: OrderedDict[int, float] = OrderedDict()  # stranger -> last record
+        self._denial_records = _Bucket(*DENIAL_RECORDS, now=clock())  # all strangers together
         self._serial = 0
 
     # --- updates --------------------------------------------------------------------
@@ -296,11 +298,18 @@ class ChatCore:
         return not is_bot and user_id in self.policy.allowed_users
 
     def _denied(self, user_id: int, name: str, chat: int | None, what: str) -> list[Effect]:
-        """A stranger: no answer; a record (and a log line) at most every 10 minutes."""
+        """A stranger: no answer; a record (and a log line) at most every 10 minutes.
+
+        Many strangers at once (a large group) are recorded at a bounded pace:
+        past it they are only counted (``stats.denied``), so no crowd can fill
+        the ledger or the log.
+        """
         self.stats.denied += 1
         now = self.clock()
         last = self._denials.get(user_id)
         if last is not None and now - last < DENIAL_RECORD_EVERY:
+            return []
+        if not self._denial_records.take(now):
             return []
         self._denials[user_id] = now
         self._denials.move_to_end(user_id)
@@ -419,7 +428,9 @@ class ChatCore:
         mine = [p for p in self._pending.values() if p.request.user == request.user]
         for old in list(mine):
             if (old.action, old.target) == (action, target):
-                effects += self._close(old, "superseded", "Superseded by a newer confirmation.")
+                effects += self._close(
+                    old, "superseded", "Superseded by a newer confirmation.", "chat_supersede"
+                )
                 mine.remove(old)
         if len(mine) >= MAX_PENDING_PER_USER or len(self._pending) >= MAX_PENDING:
             return [
@@ -543,7 +554,15 @@ class ChatCore:
             self.stats.cancelled += 1
             return [
                 AnswerButton(query.id, "Cancelled."),
-                *self._close(pending, "used", "Cancelled: nothing was done."),
+                *self._close(pending, "used", "Cancelled: nothing was done.", "chat_cancel"),
+            ]
+        if (pending.action, pending.target) in self._in_flight:
+            # Another approved one is under way: this one's state is about to change anyway.
+            self.stats.refused_presses += 1
+            busy = f"A {pending.action} of {pending.target} is already under way; nothing more was done."
+            return [
+                AnswerButton(query.id, busy),
+                *self._close(pending, "used", busy, "chat_press_refused", reason="busy"),
             ]
         # Approved: single use from here on, whatever the action's outcome.
         self.stats.approved += 1
@@ -611,14 +630,15 @@ class ChatCore:
 
     def _expire(self, pending: Pending) -> list[Effect]:
         self.stats.expired += 1
-        return self._close(pending, "expired", "Expired: nothing was done.")
+        return self._close(pending, "expired", "Expired: nothing was done.", "chat_expire")
 
-    def _close(self, pending: Pending, why: str, text: str) -> list[Effect]:
+    def _close(
+        self, pending: Pending, why: str, text: str, kind: str, **extra: Any
+    ) -> list[Effect]:
         """End a confirmation that will not be carried out: its record, and its message edited."""
         self._forget(pending, why)
         request = pending.request
-        kind = {"expired": "chat_expire", "superseded": "chat_supersede"}.get(why, "chat_cancel")
-        data = {"id": pending.id, "action": pending.action, "target": pending.target}
+        data = {"id": pending.id, "action": pending.action, "target": pending.target, **extra}
         effects: list[Effect] = [Record(kind, str(request.user), data)]
         if pending.message_id is not None:
             effects.append(Edit(request.chat, pending.message_id, f"{pending.text}\n\n{text}"))

@@ -137,6 +137,15 @@ def test_a_stranger_gets_no_answer_and_is_recorded_once_per_ten_minutes() -> Non
     assert bot.core.stats.denied == 4
 
 
+def test_a_crowd_of_strangers_is_recorded_at_a_bounded_pace() -> None:
+    bot = Bot()
+    recorded = sum(len(records(bot.send("/status", user=10_000 + n))) for n in range(500))
+    assert recorded == 20
+    assert bot.core.stats.denied == 500
+    bot.advance(30)
+    assert records(bot.send("/status", user=20_000)) == ["chat_denied"]
+
+
 def test_a_stranger_in_a_group_with_allowed_people_is_still_a_stranger() -> None:
     bot = Bot()
     assert of(bot.send("/agents", user=EVE, chat=GROUP, kind="supergroup"), Say) == []
@@ -350,7 +359,18 @@ def test_the_owner_pressing_in_another_chat_does_nothing() -> None:
     bot = Bot()
     data = bot.offer()
     assert of(bot.press(data, chat=GROUP, kind="group"), Execute) == []
+    assert of(bot.press(data, chat=BOB, kind="private"), Execute) == []
     assert of(bot.press(data), Execute) != []
+
+
+def test_the_person_is_checked_even_where_the_chat_matches() -> None:
+    # Telegram would not deliver Bob's press on a message in Alice's private chat;
+    # if anything ever did, the person still decides.
+    bot = Bot()
+    data = bot.offer()
+    effects = bot.press(data, user=BOB, chat=ALICE, kind="private")
+    assert of(effects, Execute) == []
+    assert "not yours" in one(effects, AnswerButton).text
 
 
 def test_a_confirmation_expires_after_the_timeout() -> None:
@@ -431,6 +451,18 @@ def test_one_restart_of_a_target_at_a_time() -> None:
     assert of(bot.send("/restart db"), Propose) != []
     bot.core.finished(execute.pending, Outcome("failed", "no"))
     assert of(bot.send("/restart web"), Propose) != []
+
+
+def test_two_approvals_for_one_target_do_not_both_act() -> None:
+    bot = Bot()
+    alices = bot.offer("web", user=ALICE)
+    bobs = bot.offer("web", user=BOB)
+    assert of(bot.press(alices), Execute) != []
+    busy = bot.press(bobs, user=BOB)
+    assert of(busy, Execute) == []
+    assert "already under way" in one(busy, AnswerButton).text
+    assert one(busy, Record).data["reason"] == "busy"
+    assert "already answered" in one(bot.press(bobs, user=BOB), AnswerButton).text
 
 
 def test_a_person_has_a_bounded_number_of_confirmations_waiting() -> None:
