@@ -1,14 +1,15 @@
 # Evaluates one NixOS VM test of vm-tests/ without building it: its name,
 # its test script (for the Python checks of test_vm_tests.py), and each node's
-# configuration run through keel's modules as eval-modules.nix does.
+# configuration run through keel's modules and the real NixOS declarations as
+# eval-modules.nix does.
 {
   repo,
-  nixpkgsLib,
+  nixpkgs,
   file,
 }:
 let
-  lib = import nixpkgsLib;
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  lib = import (nixpkgs + "/lib");
+  pkgs = import ./stub-pkgs.nix { inherit lib nixpkgs; };
   test = import file {
     inherit pkgs lib;
   };
@@ -17,12 +18,13 @@ let
     name: node:
     let
       result = import ./eval-modules.nix {
-        inherit repo nixpkgsLib;
+        inherit repo nixpkgs;
         hostConfig = node;
+        units = [ ];
       };
     in
     {
-      inherit (result) failedAssertions;
+      inherit (result) failedAssertions listeners;
       services = builtins.attrNames result.services;
     };
 in

@@ -52,26 +52,26 @@ def nix_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def appliance(nix_instantiate: str, nixpkgs_lib: Path, *extra: str) -> dict[str, Any]:
+def appliance(nix_instantiate: str, nixpkgs_tree: Path, *extra: str) -> dict[str, Any]:
     host = "{ services.keel.appliance.enable = true; " + " ".join(extra) + " }"
-    return evaluate(nix_instantiate, nixpkgs_lib, host, paths=nix_paths())
+    return evaluate(nix_instantiate, nixpkgs_tree, host, paths=nix_paths())
 
 
-def test_the_profile_sets_its_defaults(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = appliance(nix_instantiate, nixpkgs_lib)
+def test_the_profile_sets_its_defaults(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = appliance(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     assert result["values"] == [value for _, value, _ in SETTINGS]
 
 
-def test_a_host_overrides_every_setting(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_a_host_overrides_every_setting(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     # A plain definition in the host wins over each of the profile's: every
     # one of them is mkDefault (a plain one would conflict and fail here).
     overrides = [nix_attr(path, other) for path, _, other in SETTINGS]
-    result = appliance(nix_instantiate, nixpkgs_lib, *overrides)
+    result = appliance(nix_instantiate, nixpkgs_tree, *overrides)
     assert result["values"] == [other for _, _, other in SETTINGS]
 
 
-def test_the_profile_is_inert_until_enabled(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    disabled = evaluate(nix_instantiate, nixpkgs_lib, paths=nix_paths())
-    without_keel = evaluate(nix_instantiate, nixpkgs_lib, paths=nix_paths(), with_keel=False)
+def test_the_profile_is_inert_until_enabled(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    disabled = evaluate(nix_instantiate, nixpkgs_tree, paths=nix_paths())
+    without_keel = evaluate(nix_instantiate, nixpkgs_tree, paths=nix_paths(), with_keel=False)
     assert disabled["values"] == without_keel["values"]

@@ -12,10 +12,10 @@ from tests.nix.test_modules import evaluate
 FIREWALL = '[ [ "networking" "firewall" "allowedTCPPorts" ] ]'
 
 
-def mesh(nix_instantiate: str, nixpkgs_lib: Path, body: str) -> dict[str, Any]:
+def mesh(nix_instantiate: str, nixpkgs_tree: Path, body: str) -> dict[str, Any]:
     return evaluate(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         "{ services.keel.mesh.enable = true; " + body + " }",
         paths=FIREWALL,
     )
@@ -32,8 +32,8 @@ def node_config(result: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def default_node(nix_instantiate: str, nixpkgs_lib: Path) -> dict[str, Any]:
-    return mesh(nix_instantiate, nixpkgs_lib, 'services.keel.mesh.listen = "0.0.0.0:7400";')
+def default_node(nix_instantiate: str, nixpkgs_tree: Path) -> dict[str, Any]:
+    return mesh(nix_instantiate, nixpkgs_tree, 'services.keel.mesh.listen = "0.0.0.0:7400";')
 
 
 def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> None:
@@ -69,10 +69,10 @@ def test_a_switch_restarts_the_node_without_stopping_it_first(
     assert default_node["services"]["keel-mesh"]["stopIfChanged"] is False
 
 
-def test_settings_become_config_json(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_settings_become_config_json(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh.listen = "[::]:7400";
           services.keel.mesh.settings = { keepalive_interval = 5; idle_timeout = 20; window_messages = 64; };
@@ -89,10 +89,10 @@ def test_settings_become_config_json(nix_instantiate: str, nixpkgs_lib: Path) ->
     }
 
 
-def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh = { listen = "[::]:443"; openFirewall = true; ledger = null; };
         """,
@@ -127,14 +127,14 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path
     ],
 )
 def test_bad_settings_fail_with_a_message(
-    nix_instantiate: str, nixpkgs_lib: Path, body: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, body: str, message: str
 ) -> None:
-    failed = mesh(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
+    failed = mesh(nix_instantiate, nixpkgs_tree, body)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
 def test_keel_mesh_accepts_the_config_the_module_writes(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     import json
 
@@ -142,7 +142,7 @@ def test_keel_mesh_accepts_the_config_the_module_writes(
 
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh.listen = "0.0.0.0:7400";
           services.keel.mesh.settings = {

@@ -68,13 +68,13 @@ def undefined_names(script: str, nodes: set[str]) -> set[str]:
     return used - known
 
 
-def evaluate_vm_test(nix_instantiate: str, nixpkgs_lib: Path, path: Path) -> dict[str, Any]:
+def evaluate_vm_test(nix_instantiate: str, nixpkgs_tree: Path, path: Path) -> dict[str, Any]:
     result: dict[str, Any] = nix_eval_file(
         nix_instantiate,
         HERE / "eval-vm-test.nix",
         args={
             "repo": Path(nix_string(REPO)),
-            "nixpkgsLib": Path(nix_string(nixpkgs_lib)),
+            "nixpkgs": Path(nix_string(nixpkgs_tree)),
             "file": Path(nix_string(path)),
         },
     )
@@ -87,9 +87,9 @@ def test_the_agents_vm_test_exists() -> None:
 
 @pytest.mark.parametrize("path", VM_TESTS, ids=[p.stem for p in VM_TESTS])
 def test_vm_test_evaluates_and_its_script_is_sound(
-    nix_instantiate: str, nixpkgs_lib: Path, path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, path: Path
 ) -> None:
-    test = evaluate_vm_test(nix_instantiate, nixpkgs_lib, path)
+    test = evaluate_vm_test(nix_instantiate, nixpkgs_tree, path)
     assert test["name"].startswith("keel-")
     assert test["nodes"], "a VM test needs at least one node"
     for name, node in test["nodes"].items():
