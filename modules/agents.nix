@@ -314,19 +314,10 @@ let
   execStartLine = command: "ExecStart=${utils.escapeSystemdExecArgs command}";
   tooLong = line: builtins.stringLength line >= maxLine;
 
-  # Nix strings cannot hold NUL (it ends them); a string read from a file may
-  # hold bytes that are not UTF-8, which systemd refuses in Environment= and
-  # which cannot be JSON. Nix has no UTF-8 check that an assertion could
-  # catch: the JSON round trip fails the evaluation with this context.
-  # (Store paths are fine: their context is not part of the text.)
-  validUtf8 =
-    where: value:
-    let
-      text = builtins.unsafeDiscardStringContext value;
-    in
-    builtins.addErrorContext "while checking that ${where} is UTF-8 (systemd and JSON need it)" (
-      builtins.fromJSON (builtins.toJSON text) == text
-    );
+  # Nix strings cannot hold NUL (Nix 2.8 cuts a string at it, newer Nix
+  # refuses it); a string read from a file may hold bytes that are not UTF-8,
+  # which systemd drops from Environment= and JSON cannot carry.
+  utf8 = import ./lib/utf8.nix { inherit lib; };
 
   # tiers.json's [Unit] directives: systemd's dependency directives become
   # the NixOS options NixOS derives them from (`after`, `wants`...), so that
@@ -417,6 +408,7 @@ let
   badPath =
     path:
     !isAbsolute path
+    || builtins.stringLength path >= 4096
     || path == "/"
     || lib.elem ".." (lib.splitString "/" path)
     || builtins.match ".*[[:space:][:cntrl:]\"'\\].*" path != null;
@@ -424,7 +416,8 @@ let
   domainLabel = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
   goodDomain =
     domain:
-    builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
+    builtins.stringLength domain <= 256
+    && builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
       != null
     && builtins.match ".*\\.[0-9]+\\.?" ("." + domain) == null
     && builtins.stringLength (lib.removeSuffix "." (lib.removePrefix "*." domain)) <= 253;
@@ -435,6 +428,12 @@ let
       option = "services.keel.agents.${name}";
       badNames = lib.filter (key: builtins.match "[A-Za-z_][A-Za-z0-9_]*" key == null) (
         builtins.attrNames agent.environment
+      );
+      notUtf8 = lib.filter (key: !utf8.valid agent.environment.${key}) (
+        builtins.attrNames agent.environment
+      );
+      badWords = lib.filter (i: !utf8.valid (builtins.elemAt agent.command i)) (
+        lib.range 0 (builtins.length agent.command - 1)
       );
       longValues = lib.filter (key: tooLong (environmentLine key agent.environment.${key})) (
         builtins.attrNames agent.environment
@@ -476,6 +475,13 @@ let
         message = "${option}.command: '${builtins.head agent.command}' must be an absolute path (systemd does not search PATH); use lib.getExe or \"\${pkg}/bin/...\"";
       }
       {
+        # systemd refuses an executable name with control characters, quotes
+        # or backslashes; a `$` would be doubled by the quoting of Exec lines
+        # and never undone in the program path (only in its arguments).
+        assertion = builtins.match ".*[[:cntrl:]\"'\\$].*" (builtins.head agent.command) == null;
+        message = "${option}.command: the program path ${builtins.toJSON (builtins.head agent.command)} holds a control character, a quote, a backslash or '$', which systemd cannot take in an executable name";
+      }
+      {
         assertion = agent.user != "root" || agent.tier == 0;
         message = "${option}.user: tier ${toString agent.tier} agents run as their own user, not root";
       }
@@ -493,7 +499,7 @@ let
       }
       {
         assertion = !lib.any badPath allPaths;
-        message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, without '..', whitespace, control characters, quotes or backslashes, and not '/'";
+        message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, shorter than 4096 bytes, without '..', whitespace, control characters, quotes or backslashes, and not '/'";
       }
       {
         assertion = lib.all goodDomain agent.egress.allow;
@@ -510,20 +516,18 @@ let
         message = "${option}.environment: ${lib.concatStringsSep ", " longValues}: too long for a unit file line (1 MiB); pass it in a file (environmentFiles)";
       }
       {
-        assertion = lib.all (key: validUtf8 "${option}.environment.${key}" agent.environment.${key}) (
-          builtins.attrNames agent.environment
-        );
-        message = "${option}.environment: not UTF-8";
+        assertion = notUtf8 == [ ];
+        message = "${option}.environment: ${lib.concatStringsSep ", " notUtf8}: not UTF-8 (systemd would drop the variable)";
       }
       {
         assertion = !tooLong (execStartLine agent.command);
         message = "${option}.command: the command line is too long for a unit file line (1 MiB)";
       }
       {
-        assertion = lib.all (i: validUtf8 "${option}.command.${toString i}" (builtins.elemAt agent.command i)) (
-          lib.range 0 (builtins.length agent.command - 1)
-        );
-        message = "${option}.command: not UTF-8";
+        assertion = badWords == [ ];
+        message = "${option}.command: ${
+          lib.concatMapStringsSep ", " (i: "word ${toString i}") badWords
+        }: not UTF-8 (the agent's JSON spec cannot carry it)";
       }
       {
         assertion =

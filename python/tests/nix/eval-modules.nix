@@ -59,6 +59,7 @@ let
   };
   inherit (evaluated) config options;
 
+  failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   isKeel = name: lib.hasPrefix "keel" name;
   keelOnly = lib.filterAttrs (name: _: isKeel name);
 
@@ -75,7 +76,7 @@ let
       { source = toString source; };
 in
 {
-  failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  inherit failedAssertions;
   inherit (config) warnings;
 
   services = lib.mapAttrs (name: unit: {
@@ -100,8 +101,10 @@ in
     restartTriggers = map toString unit.restartTriggers;
   }) (keelOnly config.systemd.services);
 
-  # The unit files NixOS writes (nixos/lib/systemd-lib.nix), by unit name.
-  units = lib.mapAttrs (name: unit: unit.text) (
+  # The unit files NixOS writes (nixos/lib/systemd-lib.nix), by unit name;
+  # none when an assertion failed, as NixOS builds nothing then (and a value
+  # an assertion refused may make NixOS throw while writing the unit).
+  units = if failedAssertions != [ ] then null else lib.mapAttrs (name: unit: unit.text) (
     lib.filterAttrs (
       name: unit: isKeel name && (units == null || lib.elem name units) && unit.enable
     ) config.systemd.units

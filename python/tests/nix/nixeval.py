@@ -79,7 +79,16 @@ def nix_eval_file(
     argv = [nix_instantiate, "--eval", "--strict", "--json", str(expression)]
     for name, value in (args or {}).items():
         argv += ["--arg", name, str(value) if isinstance(value, Path) else value]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    # Nix prints strings byte for byte; a test may feed it bytes that are not
+    # UTF-8 on purpose.
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        encoding="utf-8",
+        errors="surrogateescape",
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise NixEvalError(proc.stderr.strip())
     return json.loads(proc.stdout)

@@ -322,10 +322,12 @@ DOMAINS = [
     "xn--bcher-kva.example",
     "under_score.example",
     "a" * 64 + ".example",
+    "a." * 200 + "example",
+    "b" * 100_000,
 ]
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d[:40] for d in DOMAINS])
 def test_egress_domains_are_judged_as_keel_judges_them(
     nix_instantiate: str, nixpkgs_tree: Path, domain: str
 ) -> None:
