@@ -313,6 +313,10 @@ let
   environmentLine = key: value: "Environment=${builtins.toJSON "${key}=${escapePercent value}"}";
   execStartLine = command: "ExecStart=${utils.escapeSystemdExecArgs command}";
   tooLong = line: builtins.stringLength line >= maxLine;
+  # Linux passes no argument and no environment string ("KEY=value") of
+  # MAX_ARG_STRLEN (128 KiB, with its NUL) or more to a program (execve E2BIG).
+  maxArgument = 131072;
+  tooLongForExec = text: builtins.stringLength text + 1 > maxArgument;
 
   # Nix strings cannot hold NUL (Nix 2.8 cuts a string at it, newer Nix
   # refuses it); a string read from a file may hold bytes that are not UTF-8,
@@ -435,8 +439,16 @@ let
       badWords = lib.filter (i: !utf8.valid (builtins.elemAt agent.command i)) (
         lib.range 0 (builtins.length agent.command - 1)
       );
-      longValues = lib.filter (key: tooLong (environmentLine key agent.environment.${key})) (
-        builtins.attrNames agent.environment
+      longValues = lib.filter (
+        key:
+        tooLongForExec "${key}=${agent.environment.${key}}"
+        || tooLong (environmentLine key agent.environment.${key})
+      ) (builtins.attrNames agent.environment);
+      emptyWords = lib.filter (i: builtins.elemAt agent.command i == "") (
+        lib.range 0 (builtins.length agent.command - 1)
+      );
+      longWords = lib.filter (i: tooLongForExec (builtins.elemAt agent.command i)) (
+        lib.range 0 (builtins.length agent.command - 1)
       );
       allPaths =
         agent.readWritePaths ++ agent.environmentFiles ++ lib.optional (agent.workingDirectory != null) agent.workingDirectory;
@@ -513,11 +525,23 @@ let
       }
       {
         assertion = longValues == [ ];
-        message = "${option}.environment: ${lib.concatStringsSep ", " longValues}: too long for a unit file line (1 MiB); pass it in a file (environmentFiles)";
+        message = "${option}.environment: ${lib.concatStringsSep ", " longValues}: longer than Linux passes to a program (128 KiB for KEY=value); pass it in a file the agent reads";
       }
       {
         assertion = notUtf8 == [ ];
         message = "${option}.environment: ${lib.concatStringsSep ", " notUtf8}: not UTF-8 (systemd would drop the variable)";
+      }
+      {
+        assertion = emptyWords == [ ];
+        message = "${option}.command: ${
+          lib.concatMapStringsSep ", " (i: "word ${toString i}") emptyWords
+        }: empty; keel's agent spec takes no empty argument";
+      }
+      {
+        assertion = longWords == [ ];
+        message = "${option}.command: ${
+          lib.concatMapStringsSep ", " (i: "word ${toString i}") longWords
+        }: longer than Linux passes to a program (128 KiB each)";
       }
       {
         assertion = !tooLong (execStartLine agent.command);

@@ -40,7 +40,7 @@ def test_every_argument_reaches_systemd_unchanged(
     strings, result = hostile_unit
     argv, _ = systemd_syntax.service_values(result["units"][UNIT])
     assert argv[0] == "/usr/local/bin/agent"
-    for i, (got, given) in enumerate(zip(argv[1:], strings, strict=True)):
+    for i, (got, given) in enumerate(zip(argv[1:], hostile.arguments_of(strings), strict=True)):
         assert got == given, (i, given)
 
 
@@ -66,7 +66,7 @@ def test_no_value_becomes_a_directive(hostile_unit: tuple[list[str], dict[str, A
 def test_the_spec_keeps_every_value(hostile_unit: tuple[list[str], dict[str, Any]]) -> None:
     strings, result = hostile_unit
     spec = result["etc"]["keel/agents/hostile.json"]["json"]
-    assert spec["command"][1:] == strings
+    assert spec["command"][1:] == hostile.arguments_of(strings)
     assert spec["environment"] == hostile.environment_of(strings)
 
 
@@ -91,8 +91,13 @@ def agent(**fields: str) -> str:
     return "{ services.keel.agents.probe = { " + body + " }; }"
 
 
-# 1 MiB of "x", made by Nix (an argument that long exceeds the kernel's limit).
-MEBIBYTE = '(builtins.concatStringsSep "" (builtins.genList (_: "xxxxxxxxxxxxxxxx") 65536))'
+def xs(count: int) -> str:
+    """A Nix expression for ``count`` times "x", made by Nix: an argument of
+    128 KiB or more cannot be passed to nix-instantiate either."""
+    return f'(builtins.concatStringsSep "" (builtins.genList (_: "x") {count}))'
+
+
+MEBIBYTE = xs(1_048_576)
 
 
 def nix_string(value: str) -> str:
@@ -118,8 +123,23 @@ REFUSED = [
     ),
     pytest.param(
         agent(environment=f'{{ BIG = {MEBIBYTE}; SMALL = "y"; }}'),
-        "services.keel.agents.probe.environment: BIG: too long for a unit file line (1 MiB)",
+        "services.keel.agents.probe.environment: BIG: longer than Linux passes to a program",
         id="value-over-a-line",
+    ),
+    pytest.param(
+        agent(environment=f"{{ AB = {xs(131072 - 3)}; OK = {xs(131072 - 4)}; }}"),
+        "services.keel.agents.probe.environment: AB: longer than Linux passes to a program",
+        id="value-at-max-arg-strlen",
+    ),
+    pytest.param(
+        agent(command=f'[ "/bin/agent" {xs(131072)} {xs(131071)} ]'),
+        "services.keel.agents.probe.command: word 1: longer than Linux passes to a program",
+        id="argument-at-max-arg-strlen",
+    ),
+    pytest.param(
+        agent(command='[ "/bin/agent" "" "x" "" ]'),
+        "services.keel.agents.probe.command: word 1, word 3: empty",
+        id="empty-argument",
     ),
     pytest.param(
         agent(command=f'[ "/bin/agent" {MEBIBYTE} ]'),
