@@ -164,6 +164,16 @@ def nix_string(path: Path) -> str:
     return text
 
 
+def nix_text(value: str) -> str:
+    """A Nix expression for the string ``value``, whatever it holds.
+
+    Through JSON: Nix string literals have no escape for most control
+    characters, and ``${`` in them interpolates.
+    """
+    literal = json.dumps(json.dumps(value)).replace("$", "\\$")
+    return f"(builtins.fromJSON {literal})"
+
+
 def flake_ref() -> str | None:
     """``git+file://`` of the checkout: Nix then sees the tracked files only."""
     if not (REPO / ".git").exists():

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.mesh.settings import parse_listen
 
+from tests import systemd_syntax
+from tests.nix.nixeval import nix_text
 from tests.nix.test_modules import evaluate
 
 FIREWALL = '[ [ "networking" "firewall" "allowedTCPPorts" ] ]'
@@ -40,7 +43,9 @@ def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> 
     assert default_node["failedAssertions"] == []
     unit = default_node["services"]["keel-mesh"]
     service = unit["serviceConfig"]
-    assert service["ExecStart"].split()[1:] == [
+    argv, _ = systemd_syntax.service_values(default_node["units"]["keel-mesh.service"])
+    assert argv[0].endswith("-keel-0.1.0/bin/keel")
+    assert argv[1:] == [
         "mesh",
         "serve",
         "--dir",
@@ -100,9 +105,41 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Pat
     service = result["services"]["keel-mesh"]["serviceConfig"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
     assert service["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
-    assert "--ledger" not in service["ExecStart"]
-    assert "'[::]:443'" in service["ExecStart"]
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert "--ledger" not in argv
+    assert argv[argv.index("--listen") + 1] == "[::]:443"
     assert result["values"] == [[443]]
+
+
+def test_the_command_line_reaches_systemd_as_given(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # `%` and `$` mean nothing to a shell but are specifiers and variables to
+    # systemd: the command line is quoted as NixOS quotes Exec lines.
+    ledger = "/srv/keel %h $HOME ${USER} \"x\" 'y' \\.db"
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_tree,
+        f'services.keel.mesh = {{ listen = "0.0.0.0:7400"; ledger = {nix_text(ledger)}; }};',
+    )
+    assert result["failedAssertions"] == []
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert argv[argv.index("--ledger") + 1] == ledger
+
+
+def test_a_zero_padded_port_is_the_port_keel_mesh_reads(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # lib.toInt throws on "07400" (octal or padded?); keel mesh reads 7400.
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_tree,
+        'services.keel.mesh = { listen = "0.0.0.0:07400"; openFirewall = true; };',
+    )
+    assert result["failedAssertions"] == []
+    assert result["values"] == [[7400]]
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert parse_listen(argv[argv.index("--listen") + 1]) == ("0.0.0.0", 7400)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +154,26 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Pat
             'services.keel.mesh.listen = "0.0.0.0:0";',
             "services.keel.mesh.listen: the port must be 1 to 65535",
             id="port-0",
+        ),
+        pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:00000";',
+            "services.keel.mesh.listen: the port must be 1 to 65535",
+            id="port-0-padded",
+        ),
+        pytest.param(
+            'services.keel.mesh = { listen = "0.0.0.0:99999"; openFirewall = true; };',
+            "services.keel.mesh.listen: the port must be 1 to 65535",
+            id="port-over-65535",
+        ),
+        pytest.param(
+            'services.keel.mesh = { listen = "0.0.0.0:99999999999999999999"; openFirewall = true; };',
+            "services.keel.mesh.listen: expected IP:PORT",
+            id="port-of-20-digits",
+        ),
+        pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:";',
+            "services.keel.mesh.listen: expected IP:PORT",
+            id="no-port",
         ),
         pytest.param(
             'services.keel.mesh.listen = "0.0.0.0:7400"; '

@@ -9,7 +9,6 @@ and the key.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from tests import systemd_syntax
 from tests.nix import hostile
-from tests.nix.nixeval import NixEvalError
+from tests.nix.nixeval import nix_text
 from tests.nix.test_modules import evaluate
 
 UNIT = "keel-agent-hostile.service"
@@ -100,11 +99,6 @@ def xs(count: int) -> str:
 MEBIBYTE = xs(1_048_576)
 
 
-def nix_string(value: str) -> str:
-    """A Nix expression for ``value`` (through JSON: Nix literals lack \\u escapes)."""
-    return f"(builtins.fromJSON {json.dumps(json.dumps(value))})"
-
-
 REFUSED = [
     pytest.param(
         agent(environment='{ "A-B" = "x"; "ok" = "y"; "1X" = "z"; }'),
@@ -148,7 +142,7 @@ REFUSED = [
     ),
     *[
         pytest.param(
-            agent(command=f"[ {nix_string(program)} ]"),
+            agent(command=f"[ {nix_text(program)} ]"),
             "services.keel.agents.probe.command: the program path",
             id=f"program-{label}",
         )
@@ -164,7 +158,7 @@ REFUSED = [
     ],
     *[
         pytest.param(
-            agent(readWritePaths=f"[ {nix_string(path)} ]"),
+            agent(readWritePaths=f"[ {nix_text(path)} ]"),
             "paths must be absolute, shorter than 4096 bytes, without '..', whitespace, control",
             id=f"path-{label}",
         )
@@ -206,6 +200,6 @@ def test_bytes_that_are_not_utf8_are_refused_by_name(
 
 
 def test_utf8_of_every_width_is_accepted(nix_instantiate: str, nixpkgs_tree: Path) -> None:
-    text = nix_string("aé中😀\U0010ffff\u0800\ud7ff\ue000")
+    text = nix_text("aé中😀\U0010ffff\u0800\ud7ff\ue000")
     failed = evaluate(nix_instantiate, nixpkgs_tree, agent(environment=f"{{ T = {text}; }}"))
     assert failed["failedAssertions"] == []
