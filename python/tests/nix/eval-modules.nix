@@ -26,6 +26,8 @@
   # Unit names (keel-... only) whose generated text to return; all keel
   # units when null.
   units ? null,
+  # true: the evaluated configuration itself (for other Nix files here).
+  raw ? false,
 }:
 let
   lib = import (nixpkgs + "/lib");
@@ -75,6 +77,9 @@ let
     else
       { source = toString source; };
 in
+if raw then
+  config
+else
 {
   inherit failedAssertions;
   inherit (config) warnings;
