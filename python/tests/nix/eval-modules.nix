@@ -26,12 +26,15 @@
   # Unit names (keel-... only) whose generated text to return; all keel
   # units when null.
   units ? null,
-  # true: the evaluated configuration itself (for other Nix files here).
+  # The platform of the stand-in pkgs (pkgs.stdenv.hostPlatform).
+  system ? "x86_64-linux",
+  # true: the evaluated configuration itself; "evaluation": the whole
+  # result of lib.evalModules (for other Nix files here).
   raw ? false,
 }:
 let
   lib = import (nixpkgs + "/lib");
-  stubPkgs = import ./stub-pkgs.nix { inherit lib nixpkgs; };
+  stubPkgs = import ./stub-pkgs.nix { inherit lib nixpkgs system; };
   pkgs = stubPkgs // overlay pkgs stubPkgs;
 
   # What any real host has and a test's host snippet need not repeat.
@@ -45,13 +48,13 @@ let
     environment.defaultPackages = lib.mkDefault [ ];
   };
 
+  real = import ./nixos-modules.nix ++ extraNixosModules;
   evaluated = lib.evalModules {
     specialArgs.modulesPath = nixpkgs + "/nixos/modules";
     modules =
-      import ./nixos-modules.nix nixpkgs
-      ++ map (file: nixpkgs + "/nixos/modules/${file}") extraNixosModules
+      map (file: nixpkgs + "/nixos/modules/${file}") real
       ++ [
-        ./nixos-stubs.nix
+        (import ./nixos-stubs.nix real)
         { _module.args.pkgs = pkgs; }
         baseHost
         hostConfig
@@ -77,7 +80,9 @@ let
     else
       { source = toString source; };
 in
-if raw then
+if raw == "evaluation" then
+  evaluated
+else if raw then
   config
 else
 {
@@ -109,7 +114,13 @@ else
   # The unit files NixOS writes (nixos/lib/systemd-lib.nix), by unit name;
   # none when an assertion failed, as NixOS builds nothing then (and a value
   # an assertion refused may make NixOS throw while writing the unit).
-  units = if failedAssertions != [ ] then null else lib.mapAttrs (name: unit: unit.text) (
+  units =
+    if failedAssertions != [ ] then
+      null
+    else if units == [ ] then
+      { }
+    else
+      lib.mapAttrs (name: unit: unit.text) (
     lib.filterAttrs (
       name: unit: isKeel name && (units == null || lib.elem name units) && unit.enable
     ) config.systemd.units

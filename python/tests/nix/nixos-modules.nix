@@ -9,11 +9,10 @@
 # or `lib.mkOption`). If that file reads options declared nowhere here, the
 # evaluation fails naming them: declare each in nixos-stubs.nix (`standIns`,
 # with NixOS' default) if it is read, or sink it (`sinks`) if it is only set.
-nixpkgs:
-let
-  m = nixpkgs + "/nixos/modules";
-in
-map (file: m + "/${file}") [
+#
+# Paths are relative to nixos/modules (eval-modules.nix joins them to the
+# tree, nixos-stubs.nix leaves out its stand-ins for the files named here).
+[
   # assertions, warnings
   "misc/assertions.nix"
   # the `utils` module argument (nixos/lib/utils.nix: escapeSystemdExecArgs...)

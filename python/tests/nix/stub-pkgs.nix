@@ -38,7 +38,13 @@ let
         version = "0";
         outPath = storePath name;
         outputs = [ "out" ];
+        # Every output is the package itself (cloud-utils.guest...).
         out = self;
+        bin = self;
+        lib = self;
+        dev = self;
+        man = self;
+        guest = self;
         outputName = "out";
         meta.mainProgram = name;
         overrideAttrs = _: self;
@@ -146,10 +152,21 @@ let
     callPackage = callPackageWith (self // python3Packages);
     buildPackages = self;
     stdenv = {
+      mkDerivation = self.stdenvNoCC.mkDerivation;
       hostPlatform = platform;
       buildPlatform = platform;
       targetPlatform = platform;
       cc.libc = package "glibc";
+    };
+    # A derivation marker named as mkDerivation would name it.
+    stdenvNoCC = {
+      mkDerivation =
+        arg:
+        let
+          attrs = if builtins.isFunction arg then arg attrs else arg;
+        in
+        package (attrs.name or "${attrs.pname}-${attrs.version}") // { keelDerivation = true; };
+      hostPlatform = platform;
     };
     hostPlatform = platform;
     targetPlatform = platform;
@@ -182,6 +199,35 @@ let
       };
 
     testers.runNixOSTest = module: { keelNixosTest = module; };
+
+    # What nixos/lib/make-disk-image.nix (the image framework) builds with.
+    vmTools.runInLinuxVM = drv: drv // { keelInVM = true; };
+    closureInfo = { rootPaths }: package "closure-info" // { inherit rootPaths; };
+
+    # What system/boot/kernel.nix reads of the default kernel (it extends
+    # the package set with its own kernel override).
+    linuxPackages = lib.makeExtensible (_: {
+      kernel =
+        let
+          kernel = package "linux" // {
+            version = "6.12.0";
+            modDirVersion = "6.12.0";
+            target = if platform.isAarch64 then "Image" else "bzImage";
+            features = {
+              efiBootStub = true;
+            };
+            config = {
+              isEnabled = _: true;
+              isYes = _: true;
+              isSet = _: true;
+            };
+            override = _: kernel;
+            overrideAttrs = _: kernel;
+          };
+        in
+        kernel;
+      stdenv = self.stdenv;
+    });
   }
   // lib.genAttrs [
     # keel's flake and VM tests
@@ -205,6 +251,7 @@ let
     "fish"
     "zsh"
     "xonsh"
+    "cloud-utils"
   ] package;
 in
 self
