@@ -55,12 +55,13 @@ let
     };
   pkgs = pkgsFor "x86_64-linux";
   flake = import (repo + "/flake.nix");
+  nixpkgsInput = {
+    inherit lib;
+    legacyPackages = lib.genAttrs systems pkgsFor;
+  };
   outputs = flake.outputs {
     self = outputs;
-    nixpkgs = {
-      inherit lib;
-      legacyPackages = lib.genAttrs systems pkgsFor;
-    };
+    nixpkgs = nixpkgsInput;
   };
 
   names = map (p: p.pname);
@@ -157,6 +158,9 @@ let
     };
 in
 {
+  # For eval-template.nix: the stand-in nixpkgs input and keel's outputs.
+  inherit nixpkgsInput outputs;
+
   package = {
     outputNames = builtins.attrNames outputs;
     packageNames = builtins.attrNames outputs.packages.x86_64-linux;

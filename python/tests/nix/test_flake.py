@@ -517,3 +517,49 @@ def test_links_in_the_package_stay_inside_its_source(flake_summary: dict[str, An
         target = link.resolve().relative_to(root)
         assert target.parts[0] in {"python", "modules", "examples", "docs"}, (link, target)
     assert flake_summary["sourceKeeps"]["tiersJson"]
+
+
+def evaluate_template(nix_instantiate: str, nixpkgs_tree: Path, *, with_key: bool) -> Any:
+    return nix_eval_file(
+        nix_instantiate,
+        HERE / "eval-template.nix",
+        args={
+            "repo": Path(nix_string(REPO)),
+            "nixpkgs": Path(nix_string(nixpkgs_tree)),
+            "withKey": "true" if with_key else "false",
+        },
+        timeout=300,
+    )
+
+
+GRUB_DEVICES = "You must set the option ‘boot.loader.grub.devices’"
+
+
+def test_the_template_host_needs_only_its_key_and_disko(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # templates/appliance as `nix flake init` gives it: keel's modules and
+    # appliance host, the operator's own part, a disko layout.
+    fresh = evaluate_template(nix_instantiate, nixpkgs_tree, with_key=False)
+    assert fresh["inputs"] == ["disko", "keel", "nixpkgs"]
+    assert fresh["followsNixpkgs"] == {"disko": "nixpkgs", "keel": "nixpkgs"}
+    assert fresh["platform"] == SYSTEM
+    # Without the operator's key it refuses to build, saying so.
+    assert any("put your SSH public key" in m for m in fresh["failedAssertions"])
+    keyed = evaluate_template(nix_instantiate, nixpkgs_tree, with_key=True)
+    # What remains is what disko's module provides (for an EF02 partition
+    # it sets boot.loader.grub.devices; the stand-in here does not).
+    assert len(keyed["failedAssertions"]) == 1 and keyed["failedAssertions"][0].startswith(
+        GRUB_DEVICES
+    ), keyed["failedAssertions"]
+    assert keyed["partitions"] == {"boot": "EF02", "ESP": "EF00", "root": None}
+    assert keyed["grub"] == {"enable": True, "efiSupport": True, "efiInstallAsRemovable": True}
+    assert keyed["systemdBoot"] is False
+    assert {"keel-mesh", "keel-watch", "keel-agent-hello"} <= set(keyed["keelServices"])
+
+
+def test_the_template_follows_the_pinned_nixos_release(nix_instantiate: str) -> None:
+    inputs = nix_eval_expr(nix_instantiate, "(import ./templates/appliance/flake.nix).inputs")
+    assert inputs["nixpkgs"]["url"] == nix_eval_expr(
+        nix_instantiate, "(import ./flake.nix).inputs.nixpkgs.url"
+    )
