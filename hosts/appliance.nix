@@ -90,6 +90,11 @@ in
   boot.growPartition = lib.mkDefault true;
 
   boot.loader.systemd-boot.enable = lib.mkDefault true;
+  # The images' EFI system partition is 256 MiB (make-disk-image.nix's
+  # bootSize) and systemd-boot keeps each generation's kernel and initrd on
+  # it: five fit with room to spare (the profile's default is ten).
+  # (Above the profile's lib.mkDefault, below any plain definition.)
+  boot.loader.systemd-boot.configurationLimit = lib.mkOverride 900 5;
   # The image boots through the removable-media path (EFI/BOOT/BOOT*.EFI),
   # which every firmware tries; it need not (and in a rescue system cannot)
   # write EFI variables.

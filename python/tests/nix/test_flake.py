@@ -563,3 +563,30 @@ def test_the_template_follows_the_pinned_nixos_release(nix_instantiate: str) -> 
     assert inputs["nixpkgs"]["url"] == nix_eval_expr(
         nix_instantiate, "(import ./flake.nix).inputs.nixpkgs.url"
     )
+
+
+def test_the_ci_workflow_runs_flake_check_with_kvm() -> None:
+    workflow = (REPO / ".github" / "workflows" / "nix.yml").read_text()
+    steps = [line.strip() for line in workflow.splitlines()]
+    assert "runs-on: ubuntu-latest" in steps
+    assert any(s.startswith("uses: cachix/install-nix-action@v") for s in steps)
+    assert "run: nix flake check -L --show-trace" in steps
+    assert "run: test -c /dev/kvm && test -w /dev/kvm" in steps
+    assert any("system-features" in s and "kvm" in s and "nixos-test" in s for s in steps)
+    # Tabs are not YAML indentation.
+    assert "\t" not in workflow
+
+
+def test_the_docs_walk_through_the_three_ways() -> None:
+    install = (REPO / "docs" / "install.md").read_text()
+    for needle in (
+        "nix build github:OWNER/keel#image-raw-efi",
+        "nix flake init -t github:OWNER/keel#appliance",
+        "nixos-anywhere -- --flake .#appliance root@SERVER",
+        "keel.nixosModules.default",
+        "ssh root@SERVER keel status",
+        "nix run github:OWNER/keel#vm",
+        "keel-seed/authorized_keys",
+    ):
+        assert needle in install, needle
+    assert "docs/install.md" in (REPO / "README.md").read_text()
