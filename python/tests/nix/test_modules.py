@@ -61,7 +61,8 @@ def test_a_failing_assertion_is_reported(nix_instantiate: str, nixpkgs_tree: Pat
     )
     # NixOS' own assertion (config/users-groups.nix), not one of keel's.
     assert any(
-        text.startswith("users.users.keel-probe.group is unset") for text in result["failedAssertions"]
+        text.startswith("users.users.keel-probe.group is unset")
+        for text in result["failedAssertions"]
     ), result["failedAssertions"]
 
 

@@ -193,7 +193,9 @@ def test_bytes_that_are_not_utf8_are_refused_by_name(
     # that is not UTF-8, and the JSON spec cannot carry it.
     (tmp_path / "raw").write_bytes(raw)
     read = f"(builtins.readFile {tmp_path / 'raw'})"
-    config = agent(environment=f"{{ GREETING = {read}; OK = \"é\"; }}", command=f'[ "/bin/a" "x" {read} ]')
+    config = agent(
+        environment=f'{{ GREETING = {read}; OK = "é"; }}', command=f'[ "/bin/a" "x" {read} ]'
+    )
     failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
     assert "services.keel.agents.probe.environment: GREETING: not UTF-8" in "\n".join(failed)
     assert "services.keel.agents.probe.command: word 2: not UTF-8" in "\n".join(failed)

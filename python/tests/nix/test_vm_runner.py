@@ -61,7 +61,9 @@ def run(
     vm = runner.parent / "vm"
     if not (vm / "env.txt").exists():
         return proc, {}, []
-    seen = dict(line.split("=", 1) for line in (vm / "env.txt").read_text().splitlines() if "=" in line)
+    seen = dict(
+        line.split("=", 1) for line in (vm / "env.txt").read_text().splitlines() if "=" in line
+    )
     return proc, seen, (vm / "args.txt").read_text().splitlines()
 
 
@@ -105,7 +107,10 @@ def test_the_operator_chooses_key_port_and_more_qemu_options(runner: Path, tmp_p
     ("env", "message"),
     [
         ({"KEEL_SSH_PORT": "22x"}, "keel-vm: KEEL_SSH_PORT must be a port number, got '22x'"),
-        ({"KEEL_SSH_KEY": "/nonexistent.pub"}, "keel-vm: KEEL_SSH_KEY=/nonexistent.pub: no such file"),
+        (
+            {"KEEL_SSH_KEY": "/nonexistent.pub"},
+            "keel-vm: KEEL_SSH_KEY=/nonexistent.pub: no such file",
+        ),
     ],
 )
 def test_bad_settings_stop_it_with_one_line(

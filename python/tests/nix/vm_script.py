@@ -47,7 +47,9 @@ def _test_symbols(driver: str) -> frozenset[str]:
             for inner in ast.walk(node):
                 if (
                     isinstance(inner, ast.Assign)
-                    and any(isinstance(t, ast.Name) and t.id == "general_symbols" for t in inner.targets)
+                    and any(
+                        isinstance(t, ast.Name) and t.id == "general_symbols" for t in inner.targets
+                    )
                     and isinstance(inner.value, ast.Call)
                 ):
                     return frozenset(k.arg for k in inner.value.keywords if k.arg)
@@ -68,7 +70,9 @@ def _signature(function: ast.FunctionDef) -> inspect.Signature:
             else inspect.Parameter.POSITIONAL_OR_KEYWORD
         )
         params.append(
-            inspect.Parameter(arg.arg, kind, default=inspect.Parameter.empty if default is None else 0)
+            inspect.Parameter(
+                arg.arg, kind, default=inspect.Parameter.empty if default is None else 0
+            )
         )
     if args.vararg:
         params.append(inspect.Parameter(args.vararg.arg, inspect.Parameter.VAR_POSITIONAL))
@@ -156,7 +160,9 @@ def check_script(
         )
         if not starred:
             try:
-                api.methods[method].bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})
+                api.methods[method].bind(
+                    *call.args, **{k.arg: k.value for k in call.keywords if k.arg}
+                )
             except TypeError as exc:
                 problems.append(f"{where}(...): {exc}")
                 continue

@@ -214,7 +214,8 @@ def test_the_python_rendered_unit_gives_the_agent_the_same_values(
     # allowed (with a one-line error), altering a value is not.
     box, strings, _, refused = loaded
     if refused is not None:
-        assert len(refused.splitlines()) == 1 and refused.startswith("keel: error:"), refused
+        assert len(refused.splitlines()) == 1, refused
+        assert refused.startswith("keel: error:"), refused
         pytest.skip(f"keel agents render-unit refuses the spec: {refused}")
     argv, environ = started_with(box, PYTHON_UNIT)
     assert_received(argv, environ, strings)

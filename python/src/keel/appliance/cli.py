@@ -70,9 +70,7 @@ def _seed(args: argparse.Namespace) -> int:
     if keys is None and mesh is None:
         print(f"keel: nothing to apply in {args.dir}")
     if keys is not None:
-        print(
-            f"keel: {len(keys['added'])} of {keys['keys']} seed key(s) added to {keys['target']}"
-        )
+        print(f"keel: {len(keys['added'])} of {keys['keys']} seed key(s) added to {keys['target']}")
     if mesh is not None:
         print(f"keel: joined mesh {mesh.get('mesh')} through {mesh.get('via')}")
     return 0

@@ -165,9 +165,7 @@ class CryptographyKem(Kem):
             library,
             backend.openssl_version_number(),
             backend.openssl_version_text(),
-            has_module=importlib.util.find_spec(
-                "cryptography.hazmat.primitives.asymmetric.mlkem"
-            )
+            has_module=importlib.util.find_spec("cryptography.hazmat.primitives.asymmetric.mlkem")
             is not None,
             backend_supports=None if supported is None else bool(supported()),
         )

@@ -52,6 +52,7 @@ def test_a_join_that_fails_keeps_the_invite_and_says_why(
     a.kill()
     failed = seed_command(seed, b)
     assert failed.returncode == 1
-    assert failed.stderr.startswith("keel: error: ") and failed.stderr.count("\n") == 1
+    assert failed.stderr.startswith("keel: error: ")
+    assert failed.stderr.count("\n") == 1
     assert "Traceback" not in failed.stderr
     assert (seed / "mesh-invite").exists()

@@ -148,7 +148,9 @@ def test_the_invite_is_joined_then_deleted(tmp_path: Path) -> None:
         calls.append(text)
         return {"joined": True, "mesh": "m1", "via": "n1", "members": 2}
 
-    assert join_mesh(tmp_path, join, now=lambda: NOW)["mesh"] == "m1"
+    done = join_mesh(tmp_path, join, now=lambda: NOW)
+    assert done is not None
+    assert done["mesh"] == "m1"
     assert calls == [token]
     assert not (tmp_path / INVITE).exists()
     assert join_mesh(tmp_path, join, now=lambda: NOW) is None
@@ -182,7 +184,9 @@ def test_a_bad_invite_is_refused_before_joining(
     assert caught.value.reason == kind
 
 
-def test_the_cli_applies_keys_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_applies_keys_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     seed = tmp_path / "seed"
     seed.mkdir()
     (seed / KEYS).write_text(ED + "\n")
@@ -201,4 +205,5 @@ def test_the_cli_reports_a_bad_seed_in_one_line(
     code = main(["appliance", "seed", "--dir", str(tmp_path), "--authorized-keys", os.devnull])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"keel: error: {tmp_path / KEYS}:1: ") and err.count("\n") == 1
+    assert err.startswith(f"keel: error: {tmp_path / KEYS}:1: ")
+    assert err.count("\n") == 1
