@@ -148,36 +148,29 @@ def _split(value: str) -> list[tuple[str, bool]]:
         out.append((text, value[start:i] == text))
 
 
-def specifiers(word: str) -> str:
-    """``%%`` read as ``%``; any other specifier would be expanded by systemd."""
+def _undouble(word: str, char: str, what: str) -> str:
+    """``word`` with each doubled ``char`` read as one; a single one is refused."""
     out: list[str] = []
     i = 0
     while i < len(word):
-        if word[i] == "%":
-            if word[i + 1 : i + 2] != "%":
-                raise Unreadable(f"specifier {word[i : i + 2]!r} would be expanded")
-            out.append("%")
+        if word[i] == char:
+            if word[i + 1 : i + 2] != char:
+                raise Unreadable(f"{what} {word[i : i + 2]!r} would be expanded")
             i += 2
         else:
-            out.append(word[i])
             i += 1
+        out.append(word[i - 1])
     return "".join(out)
+
+
+def specifiers(word: str) -> str:
+    """``%%`` read as ``%``; any other specifier would be expanded by systemd."""
+    return _undouble(word, "%", "specifier")
 
 
 def variables(word: str) -> str:
     """``$$`` read as ``$`` in a command line; ``$VAR`` would be expanded."""
-    out: list[str] = []
-    i = 0
-    while i < len(word):
-        if word[i] == "$":
-            if word[i + 1 : i + 2] != "$":
-                raise Unreadable(f"variable {word[i : i + 2]!r}... would be expanded")
-            out.append("$")
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return "".join(out)
+    return _undouble(word, "$", "variable")
 
 
 def exec_argv(value: str) -> list[str]:

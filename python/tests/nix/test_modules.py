@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import REPO
 from tests.nix.nixeval import evaluate_modules, nix_eval_expr
@@ -11,29 +10,9 @@ from tests.nix.nixeval import evaluate_modules, nix_eval_expr
 MODULES = REPO / "modules"
 
 
-def evaluate(
-    nix_instantiate: str,
-    nixpkgs_tree: Path,
-    host_config: str = "{ }",
-    *,
-    paths: str = "[ ]",
-    with_keel: bool = True,
-    overlay: str = "final: prev: { }",
-) -> dict[str, Any]:
-    """What keel's modules make of a host configuration (a Nix expression).
-
-    :func:`tests.nix.nixeval.evaluate_modules`, against the real NixOS
-    declarations of ``nixpkgs_tree``; ``paths`` is a Nix list of option paths
-    whose values come back in ``values``.
-    """
-    return evaluate_modules(
-        nix_instantiate,
-        nixpkgs_tree,
-        host_config,
-        paths=paths,
-        with_keel=with_keel,
-        overlay=overlay,
-    )
+# What keel's modules make of a host configuration (a Nix expression),
+# against the real NixOS declarations: tests.nix.nixeval.evaluate_modules.
+evaluate = evaluate_modules
 
 
 def test_the_aggregate_imports_every_module(nix_instantiate: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 from tests import systemd_syntax
 from tests.nix import hostile
 from tests.nix.nixeval import nix_text
+from tests.nix.test_agents import agent
 from tests.nix.test_modules import evaluate
 
 UNIT = "keel-agent-hostile.service"
@@ -81,13 +82,6 @@ def test_an_agent_path_replaces_the_nixos_path(nix_instantiate: str, nixpkgs_tre
     _, env = systemd_syntax.service_values(result["units"]["keel-agent-p.service"])
     assert env["PATH"] == "/opt/agent/bin:%h"
     assert env["TZDIR"] == "/usr/share/zoneinfo"
-
-
-def agent(**fields: str) -> str:
-    base = {"command": '[ "/bin/agent" ]', "tier": "2"}
-    base.update(fields)
-    body = " ".join(f"{key} = {value};" for key, value in base.items())
-    return "{ services.keel.agents.probe = { " + body + " }; }"
 
 
 def xs(count: int) -> str:

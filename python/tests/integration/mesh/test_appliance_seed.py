@@ -19,14 +19,20 @@ def seed_command(seed: Path, node: Node, *extra: str) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def test_the_seed_invite_joins_the_mesh_once(
-    mesh_nodes: Callable[..., Node], short_tmp: Path
-) -> None:
+def invited(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[Node, Node, Path]:
+    """Nodes a and b running, and a seed holding an invite of a's."""
     a = mesh_nodes("a").start()
     b = mesh_nodes("b").start()
     seed = short_tmp / "seed"
     seed.mkdir()
     (seed / "mesh-invite").write_text(a.invite() + "\n")
+    return a, b, seed
+
+
+def test_the_seed_invite_joins_the_mesh_once(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    a, b, seed = invited(mesh_nodes, short_tmp)
     done = seed_command(seed, b, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -44,11 +50,7 @@ def test_the_seed_invite_joins_the_mesh_once(
 def test_a_join_that_fails_keeps_the_invite_and_says_why(
     mesh_nodes: Callable[..., Node], short_tmp: Path
 ) -> None:
-    a = mesh_nodes("a").start()
-    b = mesh_nodes("b").start()
-    seed = short_tmp / "seed"
-    seed.mkdir()
-    (seed / "mesh-invite").write_text(a.invite())
+    a, b, seed = invited(mesh_nodes, short_tmp)
     a.kill()
     failed = seed_command(seed, b)
     assert failed.returncode == 1
