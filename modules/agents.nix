@@ -307,16 +307,19 @@ let
   # checked to hold nothing systemd would read as syntax, and `%` is doubled.
   escapePercent = lib.replaceStrings [ "%" ] [ "%%" ];
 
-  # systemd reads unit files in lines of at most LONG_LINE_MAX (1 MiB); NixOS
-  # throws on a longer Environment= line, keel refuses any longer line first.
-  maxLine = 1048576;
-  environmentLine = key: value: "Environment=${builtins.toJSON "${key}=${escapePercent value}"}";
-  execStartLine = command: "ExecStart=${utils.escapeSystemdExecArgs command}";
-  tooLong = line: builtins.stringLength line >= maxLine;
-  # Linux passes no argument and no environment string ("KEY=value") of
-  # MAX_ARG_STRLEN (128 KiB, with its NUL) or more to a program (execve E2BIG).
-  maxArgument = 131072;
-  tooLongForExec = text: builtins.stringLength text + 1 > maxArgument;
+  # What keel passes to a program at most, counted as the kernel counts
+  # argv and envp (bytes, a NUL after each string, "=" in each variable): as
+  # keel.launch.MAX_EXEC_BYTES, the limit the Python side holds a spec to.
+  # Far below Linux's own limits (128 KiB per string, a quarter of the stack
+  # for all), and it keeps the escaped ExecStart= and Environment= lines
+  # under systemd's 1 MiB line limit.
+  maxExecBytes = 131072;
+  execBytes =
+    agent:
+    lib.foldl' (n: arg: n + builtins.stringLength arg + 1) 0 agent.command
+    + lib.foldl' (n: key: n + builtins.stringLength key + builtins.stringLength agent.environment.${key} + 2) 0 (
+      builtins.attrNames agent.environment
+    );
 
   # Nix strings cannot hold NUL (Nix 2.8 cuts a string at it, newer Nix
   # refuses it); a string read from a file may hold bytes that are not UTF-8,
@@ -439,17 +442,6 @@ let
       badWords = lib.filter (i: !utf8.valid (builtins.elemAt agent.command i)) (
         lib.range 0 (builtins.length agent.command - 1)
       );
-      longValues = lib.filter (
-        key:
-        tooLongForExec "${key}=${agent.environment.${key}}"
-        || tooLong (environmentLine key agent.environment.${key})
-      ) (builtins.attrNames agent.environment);
-      emptyWords = lib.filter (i: builtins.elemAt agent.command i == "") (
-        lib.range 0 (builtins.length agent.command - 1)
-      );
-      longWords = lib.filter (i: tooLongForExec (builtins.elemAt agent.command i)) (
-        lib.range 0 (builtins.length agent.command - 1)
-      );
       allPaths =
         agent.readWritePaths ++ agent.environmentFiles ++ lib.optional (agent.workingDirectory != null) agent.workingDirectory;
       probeProblems = lib.concatLists (
@@ -524,34 +516,18 @@ let
         }: variable names are letters, digits and '_', not starting with a digit (systemd ignores any other)";
       }
       {
-        assertion = longValues == [ ];
-        message = "${option}.environment: ${lib.concatStringsSep ", " longValues}: longer than Linux passes to a program (128 KiB for KEY=value); pass it in a file the agent reads";
+        assertion = execBytes agent <= maxExecBytes;
+        message = "${option}: the command and environment take ${toString (execBytes agent)} bytes; keel passes at most ${toString maxExecBytes} to a program (put large data in a file the agent reads)";
       }
       {
         assertion = notUtf8 == [ ];
-        message = "${option}.environment: ${lib.concatStringsSep ", " notUtf8}: not UTF-8 (systemd would drop the variable)";
-      }
-      {
-        assertion = emptyWords == [ ];
-        message = "${option}.command: ${
-          lib.concatMapStringsSep ", " (i: "word ${toString i}") emptyWords
-        }: empty; keel's agent spec takes no empty argument";
-      }
-      {
-        assertion = longWords == [ ];
-        message = "${option}.command: ${
-          lib.concatMapStringsSep ", " (i: "word ${toString i}") longWords
-        }: longer than Linux passes to a program (128 KiB each)";
-      }
-      {
-        assertion = !tooLong (execStartLine agent.command);
-        message = "${option}.command: the command line is too long for a unit file line (1 MiB)";
+        message = "${option}.environment: ${lib.concatStringsSep ", " notUtf8}: not UTF-8 text (bytes that are not UTF-8, or a Unicode noncharacter): systemd would drop the variable";
       }
       {
         assertion = badWords == [ ];
         message = "${option}.command: ${
           lib.concatMapStringsSep ", " (i: "word ${toString i}") badWords
-        }: not UTF-8 (the agent's JSON spec cannot carry it)";
+        }: not UTF-8 text (bytes that are not UTF-8, or a Unicode noncharacter), which systemd refuses";
       }
       {
         assertion =

@@ -1,10 +1,12 @@
-# Is a Nix string UTF-8? Nix strings are bytes: one read from a file may hold
-# any, and systemd ignores an Environment= value that is not UTF-8 (the agent
-# would silently go without it) while JSON cannot carry it at all. Nix has
-# no builtin for this and its regular expressions see bytes, so the check
-# walks the bytes of a string that is not plain ASCII (RFC 3629, table 3-7
-# of the Unicode standard: no overlong forms, no surrogates, nothing above
-# U+10FFFF).
+# Is a Nix string text systemd takes? Nix strings are bytes: one read from a
+# file may hold any, and systemd ignores an Environment= value that is not
+# UTF-8 (the agent would silently go without it) while JSON cannot carry it
+# at all. Nix has no builtin for this and its regular expressions see bytes,
+# so the check walks the bytes of a string that is not plain ASCII (RFC 3629,
+# table 3-7 of the Unicode standard: no overlong forms, no surrogates,
+# nothing above U+10FFFF). systemd's own UTF-8 check (utf8_is_valid) also
+# refuses the Unicode noncharacters (U+FDD0-U+FDEF and U+xFFFE, U+xFFFF of
+# every plane), and so does keel's Python side (keel.launch.text_problem).
 { lib }:
 let
   # One raw byte as a string, cut out of the UTF-8 encoding of a code point
@@ -91,19 +93,29 @@ let
           else
             191;
       };
+  noncharacters = map encode (
+    lib.range 64976 65007 # U+FDD0-U+FDEF
+    ++ lib.concatMap (plane: [
+      (plane * 65536 + 65534)
+      (plane * 65536 + 65535)
+    ]) (lib.range 0 16)
+  );
+  # builtins.split searches (it does not recurse per character as a
+  # `.*x.*` match would), so it copes with long strings.
+  holds = part: s: builtins.length (builtins.split (lib.escapeRegex part) s) > 1;
+
+  utf8 =
+    s:
+    let
+      end = builtins.foldl' step {
+        due = 0;
+        low = 128;
+        high = 191;
+      } (lib.stringToCharacters s);
+    in
+    end != "bad" && end.due == 0;
 in
 {
-  valid =
-    s:
-    isAscii s
-    || (
-      let
-        end = builtins.foldl' step {
-          due = 0;
-          low = 128;
-          high = 191;
-        } (lib.stringToCharacters s);
-      in
-      end != "bad" && end.due == 0
-    );
+  # UTF-8 without Unicode noncharacters.
+  valid = s: isAscii s || (utf8 s && !lib.any (c: holds c s) noncharacters);
 }

@@ -5,7 +5,7 @@ agent's data into its unit (``src/basic/extract-word.c``,
 ``src/basic/escape.c``, ``config_parse_exec`` and ``config_parse_environ`` in
 ``src/core/load-fragment.c``), so that the tests can compare what a unit says
 with what its spec meant without a running systemd. The system tier
-(``tests/system/test_unit_values.py``) holds the model to systemd itself: the
+(``tests/system/test_nixos_unit_values.py``) holds the model to systemd itself: the
 same units, loaded by systemd, read back through D-Bus. Anything the model
 does not know (a specifier other than ``%%``, a ``$VAR``, an unknown escape)
 raises :class:`Unreadable` rather than guess, since systemd would change or

@@ -2,8 +2,10 @@
 
 Every value here is one an agent spec may hold (an argv word, an environment
 value) and that systemd must read back exactly (issue 8: a value never
-becomes unit syntax). The corpus is written out, the generated strings come
-from a fixed seed, so a failure names the same value every run.
+becomes unit syntax): this module's own cases, the shared corpus of
+``tests/unit_values.py`` (``CARRIED``, which keel's Python renderer is held
+to as well), and generated strings from a fixed seed, so a failure names the
+same value every run.
 :func:`agent_host` makes the NixOS host configuration that gives them to one
 agent, through a JSON file as a host would read them from outside Nix.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+from tests.unit_values import CARRIED
 
 CONTROLS = [chr(c) for c in range(1, 0x20)] + ["\x7f"]
 
@@ -84,9 +88,6 @@ CORPUS: list[str] = [
     # long
     "x" * 4096,
     "%$\\\"'\n" * 2000,
-    # just under what Linux passes to a program (MAX_ARG_STRLEN, 128 KiB
-    # with the NUL, and with "V123=" for a variable)
-    "y" * 131_000,
 ]
 
 # Characters the generated values are drawn from: the specials many times
@@ -106,12 +107,12 @@ def generated(count: int, seed: int = 8) -> list[str]:
 
 
 def values(count: int = 300) -> list[str]:
-    return CORPUS + generated(count)
+    return CORPUS + [value for value in CARRIED if value not in CORPUS] + generated(count)
 
 
 def arguments_of(strings: list[str]) -> list[str]:
-    """The argv words among ``strings``: keel's spec takes no empty argument."""
-    return [value for value in strings if value]
+    """The argv words (every one: an empty argument is an argument)."""
+    return list(strings)
 
 
 def environment_of(strings: list[str]) -> dict[str, str]:

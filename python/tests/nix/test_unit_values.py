@@ -2,7 +2,7 @@
 
 The unit text is the one the real NixOS generates (nixos/lib/systemd-lib.nix,
 from the real declarations); ``tests/systemd_syntax.py`` reads it as systemd
-252 does, and ``tests/system/test_unit_values.py`` checks the same units with
+252 does, and ``tests/system/test_nixos_unit_values.py`` checks the same units with
 systemd itself. What cannot be carried fails an assertion naming the agent
 and the key.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests import systemd_syntax
+from tests import systemd_syntax, unit_values
 from tests.nix import hostile
-from tests.nix.nixeval import nix_text
+from tests.nix.nixeval import NixEvalError, nix_eval_expr, nix_text
 from tests.nix.test_agents import agent
 from tests.nix.test_modules import evaluate
 
@@ -111,28 +111,20 @@ REFUSED = [
     ),
     pytest.param(
         agent(environment=f'{{ BIG = {MEBIBYTE}; SMALL = "y"; }}'),
-        "services.keel.agents.probe.environment: BIG: longer than Linux passes to a program",
-        id="value-over-a-line",
-    ),
-    pytest.param(
-        agent(environment=f"{{ AB = {xs(131072 - 3)}; OK = {xs(131072 - 4)}; }}"),
-        "services.keel.agents.probe.environment: AB: longer than Linux passes to a program",
-        id="value-at-max-arg-strlen",
-    ),
-    pytest.param(
-        agent(command=f'[ "/bin/agent" {xs(131072)} {xs(131071)} ]'),
-        "services.keel.agents.probe.command: word 1: longer than Linux passes to a program",
-        id="argument-at-max-arg-strlen",
-    ),
-    pytest.param(
-        agent(command='[ "/bin/agent" "" "x" "" ]'),
-        "services.keel.agents.probe.command: word 1, word 3: empty",
-        id="empty-argument",
+        "services.keel.agents.probe: the command and environment take 1048600 bytes; "
+        "keel passes at most 131072 to a program",
+        id="a-mebibyte-value",
     ),
     pytest.param(
         agent(command=f'[ "/bin/agent" {MEBIBYTE} ]'),
-        "services.keel.agents.probe.command: the command line is too long",
-        id="command-over-a-line",
+        "services.keel.agents.probe: the command and environment take 1048588 bytes",
+        id="a-mebibyte-argument",
+    ),
+    pytest.param(
+        # "/bin/agent" and NUL (11), "AB=" + value + NUL: one byte over.
+        agent(command='[ "/bin/agent" ]', environment=f"{{ AB = {xs(131072 - 11 - 4 + 1)}; }}"),
+        "services.keel.agents.probe: the command and environment take 131073 bytes",
+        id="one-byte-over",
     ),
     *[
         pytest.param(
@@ -177,8 +169,18 @@ def test_what_cannot_be_carried_is_refused_by_name(
     assert any(message in text for text in failed), failed
 
 
+# unit_values.REFUSED that a Nix string can hold: the noncharacters.
+NONCHARACTERS = [
+    text
+    for text in unit_values.REFUSED
+    if "\x00" not in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+]
+
+
 @pytest.mark.parametrize(
-    "raw", [b"caf\xe9", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe4\xb8", b"\xff"]
+    "raw",
+    [b"caf\xe9", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe4\xb8", b"\xff"]
+    + [text.encode() for text in NONCHARACTERS],
 )
 def test_bytes_that_are_not_utf8_are_refused_by_name(
     nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path, raw: bytes
@@ -191,11 +193,30 @@ def test_bytes_that_are_not_utf8_are_refused_by_name(
         environment=f'{{ GREETING = {read}; OK = "é"; }}', command=f'[ "/bin/a" "x" {read} ]'
     )
     failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
-    assert "services.keel.agents.probe.environment: GREETING: not UTF-8" in "\n".join(failed)
-    assert "services.keel.agents.probe.command: word 2: not UTF-8" in "\n".join(failed)
+    assert "services.keel.agents.probe.environment: GREETING: not UTF-8 text" in "\n".join(failed)
+    assert "services.keel.agents.probe.command: word 2: not UTF-8 text" in "\n".join(failed)
+
+
+def test_nul_and_lone_surrogates_cannot_reach_the_module(nix_instantiate: str) -> None:
+    # The rest of unit_values.REFUSED: Nix cannot hold them. A lone
+    # surrogate fails JSON parsing; Nix 2.8 cuts a string at NUL (newer Nix
+    # refuses it), so the value the module would see is not the one given,
+    # and the spec keel reads refuses NUL anyway.
+    with pytest.raises(NixEvalError, match=r"surrogate|invalid string|parse error"):
+        nix_eval_expr(nix_instantiate, 'builtins.fromJSON "\\"\\\\ud800\\""')
+    cut = nix_eval_expr(nix_instantiate, 'builtins.fromJSON "\\"a\\\\u0000b\\""')
+    assert cut != "a\x00b"
+
+
+def test_exactly_the_limit_is_accepted(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    # As keel.launch.exec_bytes counts: each argument and NUL, each KEY=value and NUL.
+    config = agent(
+        command='[ "/bin/agent" "a b" ]', environment=f"{{ AB = {xs(131072 - 11 - 4 - 4)}; }}"
+    )
+    assert evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"] == []
 
 
 def test_utf8_of_every_width_is_accepted(nix_instantiate: str, nixpkgs_tree: Path) -> None:
-    text = nix_text("aé中😀\U0010ffff\u0800\ud7ff\ue000")
+    text = nix_text("aé中😀\U0010fffd\u0800\ud7ff\ue000\ufdcf\ufdf0")
     failed = evaluate(nix_instantiate, nixpkgs_tree, agent(environment=f"{{ T = {text}; }}"))
     assert failed["failedAssertions"] == []

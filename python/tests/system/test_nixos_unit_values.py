@@ -9,6 +9,8 @@ received exactly the given values. systemd's own reading is also taken
 through D-Bus (``busctl --json``: ExecStart's argv and the Environment list as
 systemd holds them, before ``$$`` becomes ``$`` at exec time), which holds
 ``tests/systemd_syntax.py``, the model tier 4 reads units with, to systemd.
+(``test_unit_values.py`` beside it holds keel's Python renderer to the same
+values through ``keel agents install``.)
 
 Needs what tier 3 needs (root, systemd-nspawn) and what tier 4's module
 evaluation needs (``nix-instantiate``, ``KEEL_NIXPKGS``); skips otherwise.
@@ -25,7 +27,6 @@ from typing import Any
 import pytest
 
 from tests import systemd_syntax
-from tests.harness.common import HarnessError
 from tests.harness.nspawn import Container, Image
 from tests.nix import hostile
 from tests.nix.conftest import TREE_NEEDED
@@ -201,12 +202,6 @@ def test_systemd_logged_nothing_about_the_unit(
     assert where not in log, [line for line in log.splitlines() if where in line]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(HarnessError, AssertionError),
-    reason="issue 8 item 1, Python half (branch units): keel agents render-unit writes \\r "
-    "and other control characters raw; remove this mark when that lands",
-)
 def test_the_python_rendered_unit_gives_the_agent_the_same_values(
     loaded: tuple[Container, list[str], dict[str, Any], str | None],
 ) -> None:
