@@ -83,6 +83,10 @@ in
       }
     ];
 
+    warnings =
+      lib.optional (seed.enable && !(config.services.openssh.authorizedKeysInHomedir or true))
+        "services.keel.appliance.seed: services.openssh.authorizedKeysInHomedir is false, so sshd does not read the seed's keys (added to /root/.ssh/authorized_keys); set it to true or turn the seed off";
+
     # The seed needs keel's package, which the first keel service brings.
     services.keel.enabledServices = lib.mkIf seed.enable [ "appliance" ];
 

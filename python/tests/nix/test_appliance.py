@@ -122,3 +122,15 @@ def test_the_seed_follows_its_options(nix_instantiate: str, nixpkgs_tree: Path) 
         nix_instantiate, nixpkgs_tree, 'services.keel.appliance.seed.directory = "seed dir";'
     )
     assert any("services.keel.appliance.seed.directory" in m for m in bad["failedAssertions"])
+
+
+def test_a_host_whose_sshd_ignores_home_keys_is_warned(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # The seed adds to /root/.ssh/authorized_keys, which sshd reads only
+    # with authorizedKeysInHomedir (NixOS' default).
+    assert appliance(nix_instantiate, nixpkgs_tree)["warnings"] == []
+    off = appliance(
+        nix_instantiate, nixpkgs_tree, "services.openssh.authorizedKeysInHomedir = false;"
+    )
+    assert any("authorizedKeysInHomedir is false" in w for w in off["warnings"]), off["warnings"]
