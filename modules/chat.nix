@@ -182,7 +182,6 @@ in
         "network-online.target"
         "keel-watch.service"
       ];
-      restartTriggers = [ configFile ];
 
       serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";

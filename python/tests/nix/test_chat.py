@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests import systemd_syntax
 from tests.nix.nixeval import NixEvalError
 from tests.nix.test_modules import evaluate
 
@@ -18,7 +19,7 @@ TOKEN_PATH = "/run/credentials/keel-chat.service/telegram-token"
 
 def chat(
     nix_instantiate: str,
-    nixpkgs_lib: Path,
+    nixpkgs_tree: Path,
     body: str = "",
     *,
     token_file: str = '"/run/secrets/keel-chat-token"',
@@ -30,7 +31,7 @@ def chat(
         f"services.keel.chat.tokenFile = {token_file}; "
         f"services.keel.chat.allowedUsers = {users}; "
     )
-    return evaluate(nix_instantiate, nixpkgs_lib, "{ " + base + body + " }")
+    return evaluate(nix_instantiate, nixpkgs_tree, "{ " + base + body + " }")
 
 
 def chat_json(result: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +39,8 @@ def chat_json(result: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def test_defaults_make_a_read_only_bot(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = chat(nix_instantiate, nixpkgs_lib)
+def test_defaults_make_a_read_only_bot(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = chat(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     assert chat_json(result) == {
         "token_file": TOKEN_PATH,
@@ -57,15 +58,18 @@ def test_defaults_make_a_read_only_bot(nix_instantiate: str, nixpkgs_lib: Path) 
 
 
 def test_the_daemon_is_a_hardened_notify_service_with_the_token_as_a_credential(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
-    result = chat(nix_instantiate, nixpkgs_lib, "services.keel.chat.watchdogSec = 9;")
+    result = chat(nix_instantiate, nixpkgs_tree, "services.keel.chat.watchdogSec = 9;")
     unit = result["services"]["keel-chat"]
     service = unit["serviceConfig"]
-    command = service["ExecStart"].split()
-    assert command[0].endswith("-keel-0.1.0/bin/keel")
-    assert command[1:4] == ["chat", "serve", "--config"]
-    assert command[4].endswith("-chat.json")
+    # The unit file NixOS writes, read back as systemd reads it.
+    text = result["units"]["keel-chat.service"]
+    argv, _ = systemd_syntax.service_values(text)
+    assert argv[0].endswith("-keel-0.1.0/bin/keel")
+    assert argv[1:4] == ["chat", "serve", "--config"]
+    assert argv[4].endswith("-chat.json")
+    assert "LoadCredential=telegram-token:/run/secrets/keel-chat-token" in text.splitlines()
     assert service["Type"] == "notify"
     assert service["WatchdogSec"] == "9s"
     assert service["Restart"] == "always"
@@ -91,10 +95,10 @@ def test_the_daemon_is_a_hardened_notify_service_with_the_token_as_a_credential(
     assert unit["wants"] == ["network-online.target"]
 
 
-def test_commands_and_settings_reach_the_config(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_commands_and_settings_reach_the_config(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = chat(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.watch.enable = true;
           services.keel.chat.commands = [ "status" "restart" ];
@@ -108,8 +112,8 @@ def test_commands_and_settings_reach_the_config(nix_instantiate: str, nixpkgs_li
     assert (config["host"], config["confirm_timeout"], config["poll_timeout"]) == ("edge-1", 30, 40)
 
 
-def test_without_watch_the_module_warns(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    warnings = chat(nix_instantiate, nixpkgs_lib)["warnings"]
+def test_without_watch_the_module_warns(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    warnings = chat(nix_instantiate, nixpkgs_tree)["warnings"]
     assert any("without services.keel.watch" in w for w in warnings)
 
 
@@ -147,24 +151,24 @@ def test_without_watch_the_module_warns(nix_instantiate: str, nixpkgs_lib: Path)
     ],
 )
 def test_bad_combinations_fail_an_assertion(
-    nix_instantiate: str, nixpkgs_lib: Path, options: dict[str, str], message: str
+    nix_instantiate: str, nixpkgs_tree: Path, options: dict[str, str], message: str
 ) -> None:
-    failed = chat(nix_instantiate, nixpkgs_lib, **options)["failedAssertions"]
+    failed = chat(nix_instantiate, nixpkgs_tree, **options)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
-def test_an_unknown_command_is_a_type_error(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_an_unknown_command_is_a_type_error(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     with pytest.raises(NixEvalError) as info:
-        chat(nix_instantiate, nixpkgs_lib, 'services.keel.chat.commands = [ "shell" ];')
+        chat(nix_instantiate, nixpkgs_tree, 'services.keel.chat.commands = [ "shell" ];')
     assert "services.keel.chat.commands" in str(info.value)
     assert '"shell"' in str(info.value)
 
 
 def test_the_config_the_module_writes_is_one_keel_chat_accepts(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     config = chat_json(
-        chat(nix_instantiate, nixpkgs_lib, 'services.keel.chat.commands = [ "status" "restart" ];')
+        chat(nix_instantiate, nixpkgs_tree, 'services.keel.chat.commands = [ "status" "restart" ];')
     )
     token = tmp_path / "token"
     token.write_text("123456:ABC-def\n")
