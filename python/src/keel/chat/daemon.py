@@ -177,10 +177,14 @@ class Chat(Daemon):
     def _set_state(self, state: str, problem: str | None) -> None:
         if (state, problem) == (self.state, self.problem):
             return
+        recovered = self.problem is not None and problem is None
         self.state, self.problem = state, problem
         if problem:
             log.error("telegram: %s", problem)
-        elif self.shell is not None:
+            return
+        if recovered:
+            log.info("telegram: working again")
+        if self.shell is not None:
             self.shell.set_status(self.summary())
 
     # --- the Bot API ----------------------------------------------------------------------
