@@ -104,6 +104,22 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Role:
+    """What a unit rendered from a spec runs: names its unit, state directory and description.
+
+    Agents are one role; keel's MCP servers (:mod:`keel.mcp`) are another, run
+    under the same tiers by the same renderer (:mod:`keel.agents.units`).
+    """
+
+    title: str  # "agent", in "keel agent NAME (tier N)"
+    unit_prefix: str  # "keel-agent-", in "keel-agent-NAME.service"
+    state_root: str  # "keel-agents", in "/var/lib/keel-agents/NAME"
+
+
+AGENT = Role(title="agent", unit_prefix=USER_PREFIX, state_root="keel-agents")
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """A validated agent spec; ``to_json`` gives it back normalised."""
 
@@ -122,15 +138,16 @@ class AgentSpec:
     resources: Resources = Resources()
     # Where the spec came from, for error messages about it (not part of it).
     source: str = field(default="", compare=False)
+    role: Role = AGENT
 
     @property
     def unit_name(self) -> str:
-        return f"{USER_PREFIX}{self.name}.service"
+        return f"{self.role.unit_prefix}{self.name}.service"
 
     @property
     def state_directory(self) -> str:
         """The agent's own writable directory, made by systemd (StateDirectory=)."""
-        return f"/var/lib/keel-agents/{self.name}"
+        return f"/var/lib/{self.role.state_root}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
