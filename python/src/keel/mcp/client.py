@@ -26,14 +26,14 @@ from pathlib import Path
 from mcp import ClientSession
 
 from keel.errors import KeelError
-from keel.mcp.wire import DEFAULT_MAX_MESSAGE, message_streams
+from keel.mcp.wire import DEFAULT_MAX_MESSAGE, ReadStream, WriteStream, message_streams
 
 
 @contextlib.asynccontextmanager
-async def open_session(
-    path: Path, *, initialize: bool = True, max_message: int = DEFAULT_MAX_MESSAGE
-) -> AsyncIterator[ClientSession]:
-    """A ``ClientSession`` with the gateway at ``path`` (initialised unless told not to)."""
+async def unix_transport(
+    path: Path, *, max_message: int = DEFAULT_MAX_MESSAGE
+) -> AsyncIterator[tuple[ReadStream, WriteStream]]:
+    """The SDK's transport streams on the gateway's socket (for ``mcp.Client`` or a session)."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=max_message + 1)
     except OSError as exc:
@@ -41,11 +41,19 @@ async def open_session(
             f"cannot reach the MCP gateway at {path}: {exc.strerror or exc} "
             "(is `keel mcp serve` running?)"
         ) from None
+    async with message_streams(
+        reader, writer, max_message=max_message, answer_errors=False
+    ) as streams:
+        yield streams
+
+
+@contextlib.asynccontextmanager
+async def open_session(
+    path: Path, *, initialize: bool = True, max_message: int = DEFAULT_MAX_MESSAGE
+) -> AsyncIterator[ClientSession]:
+    """A ``ClientSession`` with the gateway at ``path`` (initialised unless told not to)."""
     async with (
-        message_streams(reader, writer, max_message=max_message, answer_errors=False) as (
-            read,
-            write,
-        ),
+        unix_transport(path, max_message=max_message) as (read, write),
         ClientSession(read, write) as session,
     ):
         if initialize:

@@ -114,6 +114,8 @@ class McpGateway(Daemon):
 
     async def start(self, shell: Shell) -> None:
         self.shell = shell
+        # The SDK logs every HTTP session and request at INFO; keel says what matters itself.
+        logging.getLogger("mcp").setLevel(max(logging.WARNING, logging.getLogger().level))
         for name, upstream in self.upstreams.items():
             shell.spawn(upstream.run(), name=f"upstream:{name}")
         listen = self.config.listen

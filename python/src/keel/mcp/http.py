@@ -102,6 +102,7 @@ class HttpFront:
         )
         config.load()
         server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
         await server.startup()
         if server.should_exit:
             raise KeelError(f"cannot serve HTTP at {self.path} (see the log)")

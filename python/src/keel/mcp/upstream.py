@@ -96,6 +96,7 @@ class Upstream:
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._refresh = asyncio.Event()
+        self._logged: str | None = None  # the last failure logged, said once until it changes
 
     # --- status ------------------------------------------------------------------------
 
@@ -141,8 +142,9 @@ class Upstream:
             except Exception as exc:  # the server's or the network's failure, never ours to die of
                 was_ready = self._session is not None
                 reason = _reason(exc)
-                if self.state != "down" or self.last_error != reason:
+                if reason != self._logged:
                     log.info("MCP server %s: %s", self.name, reason)
+                    self._logged = reason
                 self._down(reason)
             else:
                 self._down(self.last_error or "the connection ended")
@@ -205,6 +207,7 @@ class Upstream:
             self._session = session
             self._ready.set()
             self.last_error = None
+            self._logged = None
             self._set_state("ready")
             log.info("MCP server %s: ready, %d tools", self.name, len(tools))
             while not self._lost.is_set():
