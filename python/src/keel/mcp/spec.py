@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keel.agents.spec import (
+    NAME_PATTERN,
     TIERS,
     AgentSpec,
     Resources,
@@ -180,9 +181,11 @@ class ServerSpec:
 
 
 def check_server_name(name: str) -> str | None:
-    problem = check_name(name)
-    if problem is not None:
-        return problem.replace("agent name", "MCP server name")
+    if not NAME_PATTERN.match(name):
+        return (
+            f"{name!r} is not a valid MCP server name: use lowercase letters, digits, '-' and "
+            "'_', starting with a letter (it becomes a unit and a user name)"
+        )
     if len(name) > MAX_NAME_LENGTH:
         return (
             f"{name!r} is too long: at most {MAX_NAME_LENGTH} characters, so that "
