@@ -169,10 +169,12 @@ def test_the_server_unit_is_the_agent_renderer_s_with_the_launcher() -> None:
         elif not isinstance(value, bool):
             assert f"{key}={value}" in service
     assert "StateDirectory=keel-mcp/files" in service
-    assert "MemoryMax=128M" in service and "TasksMax=16" in service
+    assert "MemoryMax=128M" in service
+    assert "TasksMax=16" in service
     assert "Description=keel MCP server files (tier 2)" in service
     assert "Requires=keel-mcp-files.socket" in service
-    assert "After=network.target" in service and "After=keel-mcp-files.socket" in service
+    assert "After=network.target" in service
+    assert "After=keel-mcp-files.socket" in service
     assert "InaccessiblePaths=-/run/keel" in service  # tier 2's sandbox
     assert service == render_unit(
         unit_spec,
