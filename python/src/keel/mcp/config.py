@@ -115,10 +115,7 @@ def parse(cfg: Section) -> McpConfig:
     unavailable_wait = cfg.number("unavailable_wait", 0.5, minimum=0, maximum=1.0)
     servers = _servers(cfg)
     agents = _agents(cfg)
-    try:
-        policy = Policy(servers, {name: entry.tier for name, entry in agents.items()})
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
+    policy = Policy(servers, {name: entry.tier for name, entry in agents.items()})
     try:
         AgentDirectory({name: entry.uid for name, entry in agents.items()})
     except ConfigError as exc:
