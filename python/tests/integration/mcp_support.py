@@ -51,8 +51,7 @@ def needs_root() -> None:
         pytest.skip("setpriv not found (util-linux)")
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
+def world_directory() -> Iterator[Path]:
     """A directory other uids can enter (pytest's tmp_path is private to root)."""
     path = Path(tempfile.mkdtemp(prefix="keel-mcp-test-"))
     path.chmod(0o755)

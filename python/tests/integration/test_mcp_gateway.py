@@ -30,7 +30,7 @@ from tests.integration.mcp_support import (
     running_world,
     text_of,
     toolbox,
-    world_dir,  # noqa: F401 - a fixture
+    world_directory,
 )
 from tests.integration.watch_support import until
 
@@ -39,7 +39,9 @@ pytestmark = pytest.mark.skipif(
     reason="watch's process backend needs Linux 5.3+ (pidfd_open)",
 )
 
-SHARE = [
+world_dir = pytest.fixture(world_directory, name="world_dir")
+
+SHARE: list[dict[str, Any]] = [
     {"agents": ["scout"], "tools": ["echo", "add", "pid", "crash", "sleep"]},
     {"agents": "*", "tools": ["echo"]},
 ]
@@ -324,6 +326,7 @@ def test_operators_list_and_call_through_the_control_socket(world_dir: Path) -> 
             def keel(*args: str) -> subprocess.CompletedProcess[str]:
                 return subprocess.run(
                     [KEEL, "mcp", *args, "--socket", sock],
+                    check=False,
                     capture_output=True,
                     text=True,
                     timeout=60,
