@@ -306,14 +306,21 @@ let
   quoteAssignment = key: value: "\"${key}=${escape value}\"";
   escapePercent = lib.replaceStrings [ "%" ] [ "%%" ];
 
+  # What a unit runs (keel.agents.spec.Role): agents here, MCP servers in
+  # mcp.nix, both rendered by unitOf below.
+  agentRole = {
+    title = "agent";
+    stateRoot = "keel-agents";
+  };
+
   agentDirectives =
-    name: agent:
+    role: name: agent:
     {
       User = agent.user;
       ExecStart = lib.concatMapStringsSep " " quoteExecArg agent.command;
-      StateDirectory = "keel-agents/${name}";
+      StateDirectory = "${role.stateRoot}/${name}";
       WorkingDirectory = escapePercent (
-        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/keel-agents/${name}"
+        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/${role.stateRoot}/${name}"
       );
     }
     // lib.optionalAttrs (agent.environment != { }) {
@@ -350,14 +357,14 @@ let
       WatchdogSec = "${toString agent.health.watchdogSec}s";
     };
 
-  unitOf = name: agent: {
-    description = "keel agent ${name} (tier ${toString agent.tier})";
+  unitOf = role: name: agent: {
+    description = "keel ${role.title} ${name} (tier ${toString agent.tier})";
     wantedBy = [ "multi-user.target" ];
     unitConfig = tiers.common.unitConfig or { } // (tierOf agent).unitConfig or { };
     serviceConfig =
       tiers.common.serviceConfig or { }
       // (tierOf agent).serviceConfig or { }
-      // agentDirectives name agent;
+      // agentDirectives role name agent;
   };
 
   # --- checks, as keel.agents.spec makes them, plus what only Nix can see ---
@@ -508,8 +515,22 @@ in
     '';
   };
 
+  options.services.keel.renderUnit = mkOption {
+    type = types.raw;
+    internal = true;
+    readOnly = true;
+    description = ''
+      The unit renderer of agents, `role -> name -> declaration -> unit`, for
+      other modules whose services run at a trust tier (mcp.nix's servers):
+      one renderer, as keel.agents.units is one on the Python side.
+    '';
+  };
+
   config = lib.mkMerge [
-    { services.keel.agentSpecs = lib.mapAttrs specOf agents; }
+    {
+      services.keel.agentSpecs = lib.mapAttrs specOf agents;
+      services.keel.renderUnit = unitOf;
+    }
     (lib.mkIf (agents != { }) {
       services.keel.enabledServices = [ "agents" ];
 
@@ -542,7 +563,7 @@ in
       users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
 
       systemd.services = lib.mapAttrs' (
-        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
+        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf agentRole name agent)
       ) agents;
 
       # keel's own validator has the last word: a spec it refuses fails the

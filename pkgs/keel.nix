@@ -9,6 +9,7 @@
   setuptools,
   cryptography,
   jeepney,
+  mcp,
   systemd-python,
   liboqs-python,
   pytestCheckHook,
@@ -68,6 +69,8 @@ buildPythonApplication {
     cryptography
     # D-Bus to systemd for keel watch's systemd backend.
     jeepney
+    # keel mcp: the official MCP SDK (2.x) for the gateway's sessions.
+    mcp
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
     # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.

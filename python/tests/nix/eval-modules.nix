@@ -67,6 +67,8 @@ in
     restartTriggers = map toString unit.restartTriggers;
   }) (keelOnly config.systemd.services);
 
+  sockets = keelOnly config.systemd.sockets;
+
   users = lib.mapAttrs (name: user: {
     inherit (user)
       isSystemUser

@@ -237,6 +237,31 @@ in
       type = types.attrsOf (types.submodule serviceModule);
       default = { };
     };
+    # systemd.sockets.<name>, as nixos/modules/system/boot/systemd.nix declares
+    # the parts keel sets.
+    systemd.sockets = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            description = mkOption {
+              type = types.str;
+              default = "";
+            };
+            wantedBy = unitList;
+            partOf = unitList;
+            listenStreams = mkOption {
+              type = types.listOf types.str;
+              default = [ ];
+            };
+            socketConfig = mkOption {
+              type = types.attrsOf unitOption;
+              default = { };
+            };
+          };
+        }
+      );
+      default = { };
+    };
     systemd.tmpfiles.rules = mkOption {
       type = types.listOf types.str;
       default = [ ];

@@ -40,6 +40,7 @@ let
       "hatchling"
       "cryptography"
       "jeepney"
+      "mcp"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"

@@ -33,6 +33,7 @@ SYSTEM = "x86_64-linux"
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
     "jeepney": "jeepney",
+    "mcp": "mcp",
     "systemd-python": "systemd-python",
 }
 
