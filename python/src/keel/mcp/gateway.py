@@ -100,6 +100,9 @@ class McpGateway(Daemon):
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
+        # The SDK's default middleware is OpenTelemetry's, a no-op per message
+        # until an exporter is installed; keel traces nothing, so it goes.
+        self.server.middleware = []
         self.init_options = self.server.create_initialization_options()
         self.shell: Shell | None = None
         self.connections: set[asyncio.Task[Any]] = set()

@@ -255,7 +255,16 @@ class Upstream:
         self.calls += 1
         limit = timeout if timeout is not None else self.spec.call_timeout
         try:
-            result = await session.call_tool(tool, arguments, read_timeout_seconds=limit)
+            # send_request, not call_tool: the result is relayed as the server
+            # gave it; checking it against the tool's output schema is the
+            # calling agent's client's job, not the relay's.
+            result = await session.send_request(
+                types.CallToolRequest(
+                    params=types.CallToolRequestParams(name=tool, arguments=arguments)
+                ),
+                types.CallToolResult,
+                request_read_timeout_seconds=limit,
+            )
         except MCPError as exc:
             self.failed_calls += 1
             if exc.code == types.CONNECTION_CLOSED:
