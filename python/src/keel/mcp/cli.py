@@ -119,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add.add_argument("--unit-dir", type=Path, default=None, help=argparse.SUPPRESS)
     add.add_argument("--spec-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    add.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)
     add.set_defaults(func=_add)
 
     remove = commands.add_parser(
@@ -399,6 +400,7 @@ def _add(args: argparse.Namespace) -> int:
         load_tiers(),
         unit_dir=args.unit_dir or install.UNIT_DIR,
         spec_dir=args.spec_dir or install.SPEC_DIR,
+        config=args.config or install.CONFIG,
     )
     for line in steps.describe():
         print(f"{'would ' if args.dry_run else ''}{line}")

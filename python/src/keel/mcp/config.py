@@ -168,7 +168,8 @@ def _agents(cfg: Section) -> dict[str, AgentEntry]:
     if isinstance(raw, str):
         directory = Path(raw)
         files = sorted(directory.glob("*.json")) if directory.is_dir() else []
-        specs = load_specs(files)
+        # An agent running as root cannot be told apart from root: it is no agent here.
+        specs = [spec for spec in load_specs(files) if spec.user != "root"]
         users = AgentDirectory.from_users({spec.name: spec.user for spec in specs})
         return {
             spec.name: AgentEntry(spec.name, users.uid_of(spec.name) or 0, spec.tier)

@@ -23,11 +23,57 @@ from keel.agents import install as agents_install
 from keel.agents.units import Tiers
 from keel.errors import KeelError
 from keel.mcp.spec import USER_PREFIX, ServerSpec
-from keel.mcp.units import render_units
+from keel.mcp.units import keel_program, render_units
 
 UNIT_DIR = agents_install.UNIT_DIR
 SPEC_DIR = Path("/etc/keel/mcp/servers")
+CONFIG = Path("/etc/keel/mcp.json")
 GATEWAY_UNIT = "keel-mcp.service"
+
+
+def gateway_unit(program: str | None = None) -> str:
+    """keel-mcp.service for a plain systemd host (NixOS renders its own in mcp.nix)."""
+    keel = program or keel_program()
+    return "\n".join(
+        [
+            "# keel's MCP gateway. Rendered by `keel mcp add`; edit /etc/keel/mcp.json instead.",
+            "[Unit]",
+            "Description=keel mcp: the gateway between agents and MCP tool servers",
+            "After=network.target sockets.target",
+            "",
+            "[Service]",
+            "Type=notify",
+            "NotifyAccess=main",
+            f"ExecStart={keel} mcp serve --config {CONFIG}",
+            "WatchdogSec=10s",
+            "Restart=always",
+            "RestartSec=500ms",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "PrivateDevices=yes",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectControlGroups=yes",
+            "RestrictSUIDSGID=yes",
+            "LockPersonality=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "CapabilityBoundingSet=",
+            "UMask=0007",
+            # /run/keel-mcp: the agents' socket; /run/keel: the control socket;
+            # /var/lib/keel: the ledger. Kept across restarts (others use them too).
+            "RuntimeDirectory=keel-mcp keel",
+            "RuntimeDirectoryMode=0755",
+            "RuntimeDirectoryPreserve=yes",
+            "StateDirectory=keel",
+            "StateDirectoryMode=0750",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
 
 
 def spec_text(spec: ServerSpec) -> str:
@@ -62,11 +108,20 @@ def plan_add(
     *,
     unit_dir: Path = UNIT_DIR,
     spec_dir: Path = SPEC_DIR,
+    config: Path = CONFIG,
     user_exists: Callable[[str], bool] | None = None,
     program: str | None = None,
 ) -> AddPlan:
     exists = user_exists or _user_exists
     result = AddPlan()
+    # The gateway itself, the first time: its unit and a config of defaults
+    # (servers from /etc/keel/mcp/servers, agents from /etc/keel/agents).
+    if _current(config) is None:
+        result.files.append((config, "{}\n"))
+    gateway = gateway_unit(program)
+    if _current(unit_dir / GATEWAY_UNIT) != gateway:
+        result.files.append((unit_dir / GATEWAY_UNIT, gateway))
+        result.changed_units.append(GATEWAY_UNIT)
     for spec in specs:
         spec_file = spec_dir / f"{spec.name}.json"
         if _current(spec_file) != spec_text(spec):
@@ -86,7 +141,8 @@ def plan_add(
         if spec.url is None:
             result.units.append(spec.socket_unit_name)
         result.units.append(spec.unit_name)
-    result.restart_gateway = bool(result.files)
+    result.units.append(GATEWAY_UNIT)
+    result.restart_gateway = bool(result.files) and GATEWAY_UNIT not in result.changed_units
     return result
 
 
