@@ -21,7 +21,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "src"))
 
-from keel.mcp.client import open_session  # noqa: E402
+from keel.mcp.client import open_session
 
 
 async def measure(session: ClientSession, tool: str, calls: int, seconds: float | None) -> dict[str, Any]:
