@@ -18,6 +18,7 @@ from keel.mcp.gateway import FORBIDDEN
 from keel.mcp.upstream import UNAVAILABLE
 from keel.mcp.wire import digest
 from keel.watch.children import pidfd_supported
+from mcp import MCPError
 
 from tests.integration.mcp_support import (
     KEEL,
@@ -366,5 +367,36 @@ def test_operators_list_and_call_through_the_control_socket(world_dir: Path) -> 
                 e["data"].get("operator_uid") == 0 and e["data"]["outcome"] == "ok" for e in entries
             )
             assert any(e["data"]["outcome"] == "tool_error" for e in entries)
+
+    asyncio.run(scenario())
+
+
+def test_calls_from_other_nodes_meet_the_hosting_node_s_grants(world_dir: Path) -> None:
+    """The seam the mesh transport will use: node and agent as the mesh authenticated them."""
+    needs_root()
+    node_a, node_b = "a" * 32, "b" * 32
+    share = [
+        {"agents": ["scout"], "tools": ["echo"]},
+        {"nodes": [node_a], "agents": ["scout"], "tools": ["add"]},
+    ]
+
+    async def scenario() -> None:
+        async with running_world(world_dir, [toolbox(share=share)]) as world:
+            gateway = world.gateway
+            assert [t.name for t in gateway.tools_for_node(node_a, "scout")] == ["toolbox.add"]
+            assert gateway.tools_for_node(node_b, "scout") == []
+            result = await gateway.call_from_node(node_a, "scout", "toolbox.add", {"a": 1, "b": 2})
+            assert result.content[0].text == "3"  # type: ignore[union-attr]
+            for node, name in ((node_b, "toolbox.add"), (node_a, "toolbox.echo")):
+                with pytest.raises(MCPError) as refused:
+                    await gateway.call_from_node(node, "scout", name, {"text": "x"})
+                assert refused.value.code == FORBIDDEN
+                assert f"scout@{node}" in refused.value.message
+            # A local agent named like the remote one has only its own grants.
+            local = await agent(world, "scout", 'call:toolbox.add:{"a": 1, "b": 1}')
+            assert local[0]["error"]["code"] == FORBIDDEN
+            entries = [e for e in world.ledger() if e["kind"] == "mcp_call"]
+        remote = [e["data"] for e in entries if e["data"]["caller"]["node"] == node_a]
+        assert [(e["tool"], e["outcome"]) for e in remote] == [("add", "ok"), ("echo", "refused")]
 
     asyncio.run(scenario())
