@@ -80,13 +80,9 @@ def spec_text(spec: ServerSpec) -> str:
     return json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n"
 
 
-def _current(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise KeelError(f"{path}: cannot read: {exc.strerror}") from None
+# The same reads as `keel agents install`'s.
+_current = agents_install._current
+_user_exists = agents_install._user_exists
 
 
 @dataclass
@@ -144,16 +140,6 @@ def plan_add(
     result.units.append(GATEWAY_UNIT)
     result.restart_gateway = bool(result.files) and GATEWAY_UNIT not in result.changed_units
     return result
-
-
-def _user_exists(user: str) -> bool:
-    import pwd
-
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        return False
-    return True
 
 
 @dataclass

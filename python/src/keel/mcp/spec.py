@@ -26,23 +26,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from keel.agents.spec import (
     NAME_PATTERN,
-    TIERS,
     AgentSpec,
     Resources,
     Role,
-    check_absolute_path,
-    check_domain,
+    Sandboxed,
     check_name,
-    check_percent,
-    check_size,
-    check_user,
     item_error,
+    parse_command,
+    parse_sandboxed,
 )
 from keel.config import Section, describe, load_json_file, type_name
 from keel.errors import ConfigError
@@ -54,7 +51,6 @@ MAX_NAME_LENGTH = 32 - len(USER_PREFIX)
 # Tool names as the MCP specification allows them (SEP-986): letters, digits,
 # '_', '-' and '.', 1 to 128 characters.
 TOOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NODE_ID = re.compile(r"[a-z2-7]{32}\Z")  # keel.mesh.identity.NODE_ID_RE
 
 ANY = "*"
@@ -257,85 +253,35 @@ def _grant(section: Section) -> Grant:
     return Grant(agents, tools, nodes, remote, allow_lower_tier)
 
 
+RUN_KEYS = (
+    "tier",
+    "user",
+    "workingDirectory",
+    "environment",
+    "environmentFiles",
+    "readWritePaths",
+    "egress",
+    "resources",
+)
+
+
 def parse_server_spec(data: object, *, source: str) -> ServerSpec:
     """Validate one MCP server spec (a parsed JSON object); ``source`` names it in errors."""
     with Section(data, source=source) as spec:
         name = spec.string("name", check=check_server_name)
         url = spec.string("url", None, check=check_url)
-        command: tuple[str, ...] = ()
-        if "command" in spec:
-            command = tuple(spec.strings("command", nonempty=True))
-            if not PurePosixPath(command[0]).is_absolute():
-                raise item_error(
-                    spec,
-                    "command",
-                    0,
-                    f"{command[0]!r}: the program must be an absolute path "
-                    "(systemd does not search PATH the way a shell does)",
-                )
+        command = parse_command(spec) if "command" in spec else ()
         if not command and url is None:
             raise spec.error(
                 "command",
                 "required key is missing: give `command` (a stdio server keel runs) or `url` "
                 "(a Streamable HTTP server)",
             )
-        tier: int | None = None
-        user = ""
-        working_directory = None
-        environment: dict[str, str] = {}
-        environment_files: tuple[str, ...] = ()
-        read_write_paths: tuple[str, ...] = ()
-        allow: list[str] = []
-        resources = Resources()
-        run_keys = (
-            "tier",
-            "user",
-            "workingDirectory",
-            "environment",
-            "environmentFiles",
-            "readWritePaths",
-            "egress",
-            "resources",
-        )
+        run: Sandboxed | None = None
         if command:
-            tier = spec.integer("tier")
-            if tier not in TIERS:
-                raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
-            user = spec.string("user", USER_PREFIX + name, check=check_user)
-            if user == "root" and tier != 0:
-                raise spec.error(
-                    "user", f"tier {tier} servers run as their own user, not root; drop the key"
-                )
-            working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
-            environment = spec.string_map("environment", {})
-            for key in environment:
-                if not _ENV_NAME.match(key):
-                    raise spec.error(
-                        "environment",
-                        f"{key!r} is not a valid variable name (letters, digits and '_', "
-                        "not starting with a digit)",
-                    )
-            environment_files = _paths(spec, "environmentFiles")
-            read_write_paths = _paths(spec, "readWritePaths")
-            with spec.section("egress", optional=True) as egress:
-                allow = egress.strings("allow", [])
-                for i, domain in enumerate(allow):
-                    if (problem := check_domain(domain)) is not None:
-                        raise item_error(egress, "allow", i, problem)
-            allow = [d.removesuffix(".") for d in allow]
-            if allow and tier == 0:
-                raise spec.error(
-                    "egress.allow",
-                    "tier 0 servers have an open network; use tier 1 or 2 for an allowlist",
-                )
-            with spec.section("resources", optional=True) as res:
-                resources = Resources(
-                    memory_max=res.string("memoryMax", None, check=check_size),
-                    cpu_quota=res.string("cpuQuota", None, check=check_percent),
-                    tasks_max=res.integer("tasksMax", None, minimum=1),
-                )
+            run = parse_sandboxed(spec, default_user=USER_PREFIX + name, what="servers")
         else:
-            for key in run_keys:
+            for key in RUN_KEYS:
                 if key in spec:
                     raise spec.error(
                         key,
@@ -344,30 +290,26 @@ def parse_server_spec(data: object, *, source: str) -> ServerSpec:
                     )
         grants = tuple(_grant(grant) for grant in spec.section_list("share", default=[]))
         call_timeout = spec.number("callTimeout", DEFAULT_CALL_TIMEOUT, positive=True)
+    if run is None:
+        return ServerSpec(
+            name=name, url=url, share=grants, call_timeout=call_timeout, source=source
+        )
     return ServerSpec(
         name=name,
         command=command,
         url=url,
-        tier=tier,
-        user=user,
-        working_directory=working_directory,
-        environment=environment,
-        environment_files=environment_files,
-        read_write_paths=read_write_paths,
-        egress_allow=tuple(dict.fromkeys(allow)),
-        resources=resources,
+        tier=run.tier,
+        user=run.user,
+        working_directory=run.working_directory,
+        environment=run.environment,
+        environment_files=run.environment_files,
+        read_write_paths=run.read_write_paths,
+        egress_allow=run.egress_allow,
+        resources=run.resources,
         share=grants,
         call_timeout=call_timeout,
         source=source,
     )
-
-
-def _paths(spec: Section, key: str) -> tuple[str, ...]:
-    paths = spec.strings(key, [])
-    for i, path in enumerate(paths):
-        if (problem := check_absolute_path(path)) is not None:
-            raise item_error(spec, key, i, problem)
-    return tuple(dict.fromkeys(paths))
 
 
 def load_server_spec(path: Path) -> ServerSpec:
