@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "src"))
 from keel.mcp.client import open_session
 
 
-async def measure(session: ClientSession, tool: str, calls: int, seconds: float | None) -> dict[str, Any]:
+async def measure(
+    session: ClientSession, tool: str, calls: int, seconds: float | None
+) -> dict[str, Any]:
     for _ in range(20):  # warm up
         await session.call_tool(tool, {"text": "warm"})
     latencies: list[float] = []
@@ -34,7 +36,9 @@ async def measure(session: ClientSession, tool: str, calls: int, seconds: float 
         await session.call_tool(tool, {"text": "hello"})
         latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - started
-        if (seconds is None and len(latencies) >= calls) or (seconds is not None and elapsed >= seconds):
+        if (seconds is None and len(latencies) >= calls) or (
+            seconds is not None and elapsed >= seconds
+        ):
             break
     raw = list(latencies)
     latencies.sort()

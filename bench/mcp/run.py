@@ -95,7 +95,12 @@ class Gateway:
             "listen": str(self.root / "agents.sock"),
             "sockets": str(sockets),
             "servers": {
-                name: {"name": name, "command": [sys.executable, str(SERVER)], "tier": 2, "share": share}
+                name: {
+                    "name": name,
+                    "command": [sys.executable, str(SERVER)],
+                    "tier": 2,
+                    "share": share,
+                }
                 for name in self.names
             },
             # One uid when not root: then a single agent, for every client.
@@ -108,7 +113,16 @@ class Gateway:
         for name in self.names:
             self.processes.append(
                 subprocess.Popen(
-                    [KEEL, "mcp", "exec", "--listen", str(sockets / f"{name}.sock"), "--", sys.executable, str(SERVER)],
+                    [
+                        KEEL,
+                        "mcp",
+                        "exec",
+                        "--listen",
+                        str(sockets / f"{name}.sock"),
+                        "--",
+                        sys.executable,
+                        str(SERVER),
+                    ],
                     stderr=subprocess.DEVNULL,
                 )
             )
@@ -179,7 +193,9 @@ async def bench(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="keel-mcp-bench-"))
     root.chmod(0o755)
     try:
-        print(f"keel mcp benchmark ({os.cpu_count()} CPUs, {args.calls} calls, {args.agents} agents)")
+        print(
+            f"keel mcp benchmark ({os.cpu_count()} CPUs, {args.calls} calls, {args.agents} agents)"
+        )
         async with Gateway(root, args.servers, args.agents) as gateway:
             listen = str(root / "agents.sock")
 
@@ -191,39 +207,69 @@ async def bench(args: argparse.Namespace) -> None:
             gateway_cpu = server_cpu = 0.0
             server_pid = gateway.server_pids[0]
             for _ in range(rounds):
-                direct_runs.append(await client(0, "direct", str(SERVER), calls=args.calls // rounds))
+                direct_runs.append(
+                    await client(0, "direct", str(SERVER), calls=args.calls // rounds)
+                )
                 before = cpu_seconds(gateway.gateway.pid), cpu_seconds(server_pid)
                 gateway_runs.append(await client(0, "gateway", listen, calls=args.calls // rounds))
                 gateway_cpu += cpu_seconds(gateway.gateway.pid) - before[0]
                 server_cpu += cpu_seconds(server_pid) - before[1]
             direct = summary(direct_runs)
             through = summary(gateway_runs)
-            line("directly to a stdio server (baseline) p50 / p99", f"{direct['p50_us']:8.0f} / {direct['p99_us']:8.0f} µs")
-            line("through keel's gateway p50 / p99", f"{through['p50_us']:8.0f} / {through['p99_us']:8.0f} µs")
-            line("ratio gateway / direct p50 / p99", f"{through['p50_us'] / direct['p50_us']:8.2f} / {through['p99_us'] / direct['p99_us']:8.2f} x")
+            line(
+                "directly to a stdio server (baseline) p50 / p99",
+                f"{direct['p50_us']:8.0f} / {direct['p99_us']:8.0f} µs",
+            )
+            line(
+                "through keel's gateway p50 / p99",
+                f"{through['p50_us']:8.0f} / {through['p99_us']:8.0f} µs",
+            )
+            line(
+                "ratio gateway / direct p50 / p99",
+                f"{through['p50_us'] / direct['p50_us']:8.2f} / {through['p99_us'] / direct['p99_us']:8.2f} x",
+            )
             line("added by the gateway p50", f"{through['p50_us'] - direct['p50_us']:8.0f} µs")
             calls = sum(run["calls"] + 20 for run in gateway_runs)  # with the warm-up calls
-            line("CPU per call: the gateway / the server itself", f"{gateway_cpu / calls * 1e6:8.0f} / {server_cpu / calls * 1e6:8.0f} µs")
+            line(
+                "CPU per call: the gateway / the server itself",
+                f"{gateway_cpu / calls * 1e6:8.0f} / {server_cpu / calls * 1e6:8.0f} µs",
+            )
 
             print(f"2. calls per second, {args.agents} agents, {args.seconds:g} s")
             shared = await asyncio.gather(
                 *(client(i, "gateway", listen, seconds=args.seconds) for i in range(args.agents))
             )
             private = await asyncio.gather(
-                *(client(i, "direct", str(SERVER), seconds=args.seconds) for i in range(args.agents))
+                *(
+                    client(i, "direct", str(SERVER), seconds=args.seconds)
+                    for i in range(args.agents)
+                )
             )
             shared_rate = sum(r["per_second"] for r in shared)
             private_rate = sum(r["per_second"] for r in private)
             line(f"{args.agents} agents x own server (baseline)", f"{private_rate:8.0f} calls/s")
-            line(f"{args.agents} agents sharing one server via the gateway", f"{shared_rate:8.0f} calls/s")
+            line(
+                f"{args.agents} agents sharing one server via the gateway",
+                f"{shared_rate:8.0f} calls/s",
+            )
             line("ratio shared / private", f"{shared_rate / private_rate:8.2f} x")
-            line("p99 latency shared / private", f"{max(r['p99_us'] for r in shared):8.0f} / {max(r['p99_us'] for r in private):8.0f} µs")
+            line(
+                "p99 latency shared / private",
+                f"{max(r['p99_us'] for r in shared):8.0f} / {max(r['p99_us'] for r in private):8.0f} µs",
+            )
 
-            print(f"3. memory (PSS): {args.servers} servers shared vs {args.agents} agents x {args.servers} servers")
+            print(
+                f"3. memory (PSS): {args.servers} servers shared vs {args.agents} agents x {args.servers} servers"
+            )
             one_server = sum(pss_kib(pid) for pid in gateway.server_pids) / len(gateway.server_pids)
-            shared_kib = sum(pss_kib(pid) for pid in gateway.server_pids) + pss_kib(gateway.gateway.pid)
+            shared_kib = sum(pss_kib(pid) for pid in gateway.server_pids) + pss_kib(
+                gateway.gateway.pid
+            )
         private_kib = await private_servers(args.agents * args.servers)
-        line(f"{args.agents * args.servers} private server processes (baseline)", f"{private_kib / 1024:8.1f} MiB")
+        line(
+            f"{args.agents * args.servers} private server processes (baseline)",
+            f"{private_kib / 1024:8.1f} MiB",
+        )
         line(f"{args.servers} shared servers + the gateway", f"{shared_kib / 1024:8.1f} MiB")
         line("ratio shared / private", f"{shared_kib / private_kib:8.3f} x")
         line("one idle server", f"{one_server / 1024:8.1f} MiB")
@@ -242,7 +288,9 @@ async def private_servers(count: int) -> int:
     done = asyncio.Event()
 
     async def one() -> None:
-        params = StdioServerParameters(command=sys.executable, args=[str(SERVER), "--name", "private"])
+        params = StdioServerParameters(
+            command=sys.executable, args=[str(SERVER), "--name", "private"]
+        )
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             result = await session.call_tool("pid", {})
@@ -260,7 +308,9 @@ async def private_servers(count: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--servers", type=int, default=3)

@@ -93,7 +93,7 @@ def test_a_url_server_runs_elsewhere() -> None:
         ({"name": "files", "tier": 1}, r"command: required key is missing: give `command`"),
         (
             stdio(command=["files-mcp"]),
-            r"command\[0\]: 'files-mcp': the program must be an absolute path",
+            r'command\[0\]: "files-mcp": the program must be an absolute path',
         ),
         (stdio(tier=3), r"tier: expected 0, 1 or 2, got 3"),
         (stdio(user="root"), r"user: tier 2 servers run as their own user, not root"),
@@ -111,7 +111,7 @@ def test_a_url_server_runs_elsewhere() -> None:
             stdio(share=[{"agents": ["*"], "tools": "*"}]),
             r'share\[0\].agents\[0\]: write "\*" instead',
         ),
-        (stdio(share=[{"agents": ["Bad"], "tools": "*"}]), r"share\[0\].agents\[0\]: 'Bad' is not"),
+        (stdio(share=[{"agents": ["Bad"], "tools": "*"}]), r'share\[0\].agents\[0\]: "Bad" is not'),
         (stdio(share=[{"agents": "*", "tools": ["a b"]}]), r"tools\[0\]: 'a b' is not a tool name"),
         (
             stdio(share=[{"agents": "*", "tools": "*", "nodes": ["x"]}]),
@@ -127,8 +127,8 @@ def test_a_url_server_runs_elsewhere() -> None:
         ),
         (stdio(egress={"allow": ["*"]}), r"egress.allow\[0\]"),
         (stdio(tier=0, egress={"allow": ["example.com"]}), r"tier 0 servers have an open network"),
-        (stdio(resources={"memoryMax": "lots"}), r"resources.memoryMax: 'lots'"),
-        (stdio(environment={"1X": "y"}), r"environment: '1X' is not a valid variable name"),
+        (stdio(resources={"memoryMax": "lots"}), r'resources.memoryMax: "lots"'),
+        (stdio(environment={"1X": "y"}), r'environment.1X: "1X" is not a valid variable name'),
         (stdio(callTimeout=0), r"callTimeout: expected a number > 0"),
         (stdio(sharing=[]), r"sharing: unknown key"),
     ],

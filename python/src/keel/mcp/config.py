@@ -105,9 +105,9 @@ def parse(cfg: Section) -> McpConfig:
     if unknown:
         raise cfg.error(unknown[0], f"unknown key (known keys here: {', '.join(TOP_LEVEL_KEYS)})")
     common = read_common(cfg, "mcp")
-    listen = Path(cfg.string("listen", default=str(default_listen())))
-    http_text = cfg.string("http", None)
-    sockets = Path(cfg.string("sockets", default=str(default_sockets())))
+    listen = cfg.filepath("listen", default=str(default_listen()))
+    http = cfg.filepath("http") if cfg.raw("http", None) is not None else None
+    sockets = cfg.filepath("sockets", default=str(default_sockets()))
     node = cfg.string("node", None)
     max_message = cfg.integer("max_message", DEFAULT_MAX_MESSAGE, minimum=1024)
     max_connections = cfg.integer("max_connections", 1024, minimum=1)
@@ -124,7 +124,7 @@ def parse(cfg: Section) -> McpConfig:
         source=cfg.source,
         common=common,
         listen=listen,
-        http=Path(http_text) if http_text else None,
+        http=http,
         sockets=sockets,
         servers=servers,
         agents=agents,

@@ -279,7 +279,7 @@ def parse_server_spec(data: object, *, source: str) -> ServerSpec:
             )
         run: Sandboxed | None = None
         if command:
-            run = parse_sandboxed(spec, default_user=USER_PREFIX + name, what="servers")
+            run = parse_sandboxed(spec, command, default_user=USER_PREFIX + name, what="servers")
         else:
             for key in RUN_KEYS:
                 if key in spec:
