@@ -276,7 +276,8 @@ class ChatCore:
         self.username: str | None = None  # the bot's own, once getMe told it
         self.stats = Stats()
         self._pending: dict[str, Pending] = {}  # by nonce
-        self._gone: OrderedDict[str, str] = OrderedDict()  # nonce -> "used" / "expired" / ...
+        # nonce -> why it ended ("used", "expired", "superseded") and its last words
+        self._gone: OrderedDict[str, tuple[str, Pending, str]] = OrderedDict()
         self._in_flight: set[tuple[str, str]] = set()  # (action, target) being carried out
         self._buckets: OrderedDict[int, _Bucket] = OrderedDict()
         self._denials: OrderedDict[int, float] = OrderedDict()  # stranger -> last record
@@ -492,11 +493,23 @@ class ChatCore:
             ),
         ]
 
-    def shown(self, nonce: str, message_id: int) -> None:
-        """The confirmation went out as ``message_id`` (so it can be edited later)."""
+    def shown(self, nonce: str, message_id: int) -> list[Effect]:
+        """The confirmation went out as ``message_id`` (so it can be edited later).
+
+        If it already ended before Telegram said so (answered or expired while
+        the message was on its way), the message is edited now: no buttons
+        stay on screen that look alive.
+        """
         pending = self._pending.get(nonce)
         if pending is not None:
             pending.message_id = message_id
+            return []
+        gone = self._gone.get(nonce)
+        if gone is None:
+            return []
+        _, ended, last_words = gone
+        ended.message_id = message_id
+        return [Edit(ended.request.chat, message_id, f"{ended.text}\n\n{last_words}")]
 
     def _press(self, query: CallbackQuery) -> list[Effect]:
         sender = query.sender
@@ -512,7 +525,8 @@ class ChatCore:
         verb, nonce = match.groups()
         pending = self._pending.get(nonce)
         if pending is None:
-            gone = self._gone.get(nonce)
+            ended = self._gone.get(nonce)
+            gone = ended[0] if ended is not None else ""
             self.stats.refused_presses += 1
             text = {
                 "used": "This confirmation was already answered; it works once.",
@@ -566,17 +580,14 @@ class ChatCore:
             ]
         # Approved: single use from here on, whatever the action's outcome.
         self.stats.approved += 1
-        self._forget(pending, "used")
+        working = "Approved; working on it."
+        self._forget(pending, "used", working)
         self._in_flight.add((pending.action, pending.target))
         effects: list[Effect] = [
             AnswerButton(query.id, f"Approved: {pending.action} {pending.target}.")
         ]
         if pending.message_id is not None:
-            effects.append(
-                Edit(
-                    request.chat, pending.message_id, f"{pending.text}\n\nApproved; working on it."
-                )
-            )
+            effects.append(Edit(request.chat, pending.message_id, f"{pending.text}\n\n{working}"))
         approval = Record(
             "chat_approve",
             str(request.user),
@@ -636,7 +647,7 @@ class ChatCore:
         self, pending: Pending, why: str, text: str, kind: str, **extra: Any
     ) -> list[Effect]:
         """End a confirmation that will not be carried out: its record, and its message edited."""
-        self._forget(pending, why)
+        self._forget(pending, why, text)
         request = pending.request
         data = {"id": pending.id, "action": pending.action, "target": pending.target, **extra}
         effects: list[Effect] = [Record(kind, str(request.user), data)]
@@ -644,9 +655,9 @@ class ChatCore:
             effects.append(Edit(request.chat, pending.message_id, f"{pending.text}\n\n{text}"))
         return effects
 
-    def _forget(self, pending: Pending, why: str) -> None:
+    def _forget(self, pending: Pending, why: str, last_words: str) -> None:
         self._pending.pop(pending.nonce, None)
-        self._gone[pending.nonce] = why
+        self._gone[pending.nonce] = (why, pending, last_words)
         while len(self._gone) > REMEMBER:
             self._gone.popitem(last=False)
 

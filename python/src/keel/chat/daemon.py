@@ -465,7 +465,7 @@ class Chat(Daemon):
             if item.confirmation is not None and isinstance(result.result, dict):
                 message_id = result.result.get("message_id")
                 if isinstance(message_id, int):
-                    self.core.shown(item.confirmation, message_id)
+                    self._apply(self.core.shown(item.confirmation, message_id))
             return
         if result.retryable:
             self._again(item, result.reason, result.retry_after if result.throttled else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -82,10 +83,20 @@ class Host:
 
 @contextlib.asynccontextmanager
 async def chat_host(
-    tmp_path: Path, api: BotApi, *, agents: dict[str, Any] | None = None, **chat: Any
+    tmp_path: Path,
+    api: BotApi,
+    *,
+    agents: dict[str, Any] | None = None,
+    refill: float | None = None,
+    **chat: Any,
 ) -> AsyncIterator[Host]:
+    """A real watch and the chat daemon; ``refill`` slows each person's pace (not config)."""
     watch_config = write_config(tmp_path, agents or {"web": sleeper(), "db": sleeper()})
     config = chat_config.load(write_chat_config(tmp_path, api.url, **chat))
+    if refill is not None:
+        config = dataclasses.replace(
+            config, policy=dataclasses.replace(config.policy, refill=refill)
+        )
     async with running_watch(watch_config) as watch:
         await until(
             lambda: all(a["state"] == "healthy" for a in watch.status()["agents"].values()),

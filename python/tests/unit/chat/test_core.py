@@ -401,14 +401,29 @@ def test_tick_expires_and_edits_the_message() -> None:
     assert bot.core.stats.expired == 1
 
 
-def test_an_offer_not_yet_shown_expires_without_an_edit() -> None:
+def test_an_offer_shown_only_after_it_expired_is_edited_then() -> None:
     bot = Bot()
     proposal = one(bot.send("/restart web"), Propose)
-    bot.core.offer(proposal.request, "restart", "web", "s", "s")
+    say = one(bot.core.offer(proposal.request, "restart", "web", "s", "s"), Say)
     bot.advance(60)
     effects = bot.core.tick()
     assert records(effects) == ["chat_expire"]
-    assert of(effects, Edit) == []
+    assert of(effects, Edit) == []  # its message id is not known yet
+    edit = one(bot.core.shown(say.confirmation or "", 901), Edit)
+    assert (edit.chat, edit.message_id) == (ALICE, 901)
+    assert edit.text.endswith("Expired: nothing was done.")
+
+
+def test_an_offer_answered_before_telegram_confirmed_it_is_edited_then() -> None:
+    bot = Bot()
+    proposal = one(bot.send("/restart web"), Propose)
+    say = one(bot.core.offer(proposal.request, "restart", "web", "s", "s"), Say)
+    approved = bot.press(say.buttons[0][1])
+    assert of(approved, Execute) != []
+    assert of(approved, Edit) == []
+    edit = one(bot.core.shown(say.confirmation or "", 902), Edit)
+    assert edit.text.endswith("Approved; working on it.")
+    assert bot.core.shown("unknown-nonce", 903) == []
 
 
 def test_cancel_does_nothing_and_uses_the_confirmation_up() -> None:
