@@ -45,8 +45,10 @@ from keel.mesh.delivery import (
 )
 from keel.mesh.errors import InviteError, MeshError, ProtocolError, RemoteProtocolError
 from keel.mesh.identity import NodeIdentity, is_node_id, load_or_create
+from keel.mesh.intake import Intake, TokenBucket
 from keel.mesh.invite import InviteRecord, InviteToken, new_invite
 from keel.mesh.kem import Kem, get_kem
+from keel.mesh.listener import Listener, listening_socket, quiet_resource_errors
 from keel.mesh.membership import Membership, MembershipError, Record, Room, View, is_address
 from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 from keel.mesh.session import (
@@ -101,11 +103,13 @@ class PeerConnection(asyncio.Protocol):
         *,
         dial: Dial | None = None,
         joining: asyncio.Future[dict[str, Any]] | None = None,
+        admitted: tuple[Listener[PeerConnection], int] | None = None,
     ) -> None:
         self.node = node
         self.session = session
         self.dial = dial
         self.joining = joining
+        self.admitted = admitted  # an inbound connection: its listener and intake ticket
         self.serial = next(self._serials)
         self.transport: asyncio.Transport | None = None
         self.address = "?"
@@ -123,6 +127,9 @@ class PeerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.closing:  # dropped before its transport was made
+            transport.abort()
+            return
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.address = f"{peername[0]}:{peername[1]}"
@@ -143,6 +150,9 @@ class PeerConnection(asyncio.Protocol):
             self._timer.cancel()
         self.closing = True
         self.node.connection_lost(self)
+        if self.admitted is not None:
+            listener, ticket = self.admitted
+            listener.closed(ticket)
 
     # -- plumbing
 
@@ -218,6 +228,9 @@ class PeerConnection(asyncio.Protocol):
             if isinstance(event, NeedData):
                 return
             if isinstance(event, HandshakeComplete):
+                if self.admitted is not None:
+                    listener, ticket = self.admitted
+                    listener.handshake_over(ticket)
                 self.node.on_handshake(self, event)
                 self._arm_timer()  # keepalives and rekeys run on their own deadlines now
             elif isinstance(event, Message):
@@ -271,6 +284,14 @@ class PeerConnection(asyncio.Protocol):
             return
         with contextlib.suppress(ProtocolError):
             self._write(self.session.close(reason[:200]))
+        self.abort()
+
+    def drop(self, reason: str, quietly: bool) -> None:
+        """The listener gives up on this handshake (past its deadline, or evicted)."""
+        if self.closing:
+            return
+        if not quietly:
+            self.node.refused(self, reason, "slow or stalled peer")
         self.abort()
 
     def abort(self) -> None:
@@ -415,12 +436,12 @@ class MeshNode:
         self._pump_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ledger: AsyncLedger | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: Listener[PeerConnection] | None = None
         self._control: ControlServer | None = None
         self._stopped = asyncio.Event()
         self._removed_logged = False
-        self._refusal_tokens = float(REFUSALS_BURST)
-        self._refusal_refill = clock()
+        self._refusals = TokenBucket(REFUSALS_BURST, 1.0, clock=clock)
+        self._refusals_untold = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -446,16 +467,19 @@ class MeshNode:
             base=self.settings.dial_base,
             cap=self.settings.dial_cap,
         )
-        try:
-            self._server = await asyncio.get_running_loop().create_server(
-                self._accept, self.listen_host, self.listen_port
-            )
-        except OSError as exc:
-            raise KeelError(
-                f"cannot listen on {self.listen_host}:{self.listen_port}: {exc.strerror}"
-            ) from None
-        sockname = self._server.sockets[0].getsockname()
-        self.listen_port = int(sockname[1])
+        intake = Intake(
+            total=self.settings.max_handshakes,
+            per_source=self.settings.max_handshakes_per_address,
+            timeout=self.settings.session.handshake_timeout,
+            clock=self.clock,
+        )
+        self._listener = Listener(
+            listening_socket(self.listen_host, self.listen_port),
+            intake,
+            self._inbound,
+            PeerConnection.drop,
+        )
+        self.listen_port = self._listener.port
         self.addresses = advertised_addresses(self.listen_host, self.listen_port)
         self._load_membership()
         for item in self.store.load_outbox():
@@ -465,6 +489,7 @@ class MeshNode:
             self._ledger = await self._open_ledger(self.ledger_path)
         self._control = ControlServer(socket_path, self._handlers(), name="mesh")
         await self._control.start()
+        self._listener.start()
         self._apply_view()
         self._spawn(self._housekeeping())
         self.kick()
@@ -488,8 +513,8 @@ class MeshNode:
     async def stop(self) -> None:
         for conn in list(self.connections):
             conn.close("shutdown: the node is stopping")
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._control is not None:
             await self._control.close()
         for handle in (self._pump_handle, self._pump_timer, self._hold_timer):
@@ -508,6 +533,7 @@ class MeshNode:
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        quiet_resource_errors(loop)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -696,7 +722,9 @@ class MeshNode:
 
     # ------------------------------------------------------------ connections
 
-    def _accept(self) -> PeerConnection:
+    def _inbound(self, ticket: int) -> PeerConnection:
+        """The protocol of a connection the listener admitted."""
+        assert self._listener is not None
         session = Session.responder(
             self.identity,
             kem=self.kem,
@@ -704,18 +732,7 @@ class MeshNode:
             config=self.settings.session,
             extra=self._handshake_extra(),
         )
-        conn = PeerConnection(self, session)
-        handshaking = sum(1 for c in self.connections if c.session.state is State.HANDSHAKE)
-        if handshaking >= self.settings.max_handshakes:
-            log.warning("mesh: too many handshakes in progress; refusing a connection")
-            conn.closing = True
-            asyncio.get_running_loop().call_soon(self._close_new, conn)
-        return conn
-
-    @staticmethod
-    def _close_new(conn: PeerConnection) -> None:
-        if conn.transport is not None:
-            conn.transport.close()
+        return PeerConnection(self, session, admitted=(self._listener, ticket))
 
     async def _dial(self, dial: Dial) -> None:
         member = self.view.admitted.get(dial.peer)
@@ -747,26 +764,25 @@ class MeshNode:
         """Log (and record) why a connection is being dropped."""
         if conn.joining is not None and not conn.joining.done():
             conn.joining.set_exception(MeshError(f"{reason}{f' ({hint})' if hint else ''}"))
+        # A flood of junk connections must not flood the log or the ledger: a
+        # burst of REFUSALS_BURST refusals is told, then one a second, and the
+        # next one told says how many were not.
+        if not self._refusals.take():
+            self._refusals_untold += 1
+            return
+        untold, self._refusals_untold = self._refusals_untold, 0
         log.warning(
-            "mesh: dropping the connection with %s: %s%s",
+            "mesh: dropping the connection with %s: %s%s%s",
             conn.describe(),
             reason,
             f" ({hint})" if hint else "",
+            f" ({untold} more refusals since the last one logged)" if untold else "",
         )
-        # A flood of junk connections must not flood the ledger: a token bucket
-        # lets through a burst of REFUSALS_BURST entries, then one per second.
-        now = self.clock()
-        self._refusal_tokens = min(
-            REFUSALS_BURST, self._refusal_tokens + (now - self._refusal_refill)
+        self.ledger(
+            "refused",
+            conn.peer or "",
+            {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
         )
-        self._refusal_refill = now
-        if self._refusal_tokens >= 1:
-            self._refusal_tokens -= 1
-            self.ledger(
-                "refused",
-                conn.peer or "",
-                {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
-            )
 
     def on_handshake(self, conn: PeerConnection, event: HandshakeComplete) -> None:
         remote = event.remote_node_id
@@ -882,7 +898,10 @@ class MeshNode:
         self.kick()
 
     def on_closed(self, conn: PeerConnection, event: Closed) -> None:
-        level = logging.INFO if event.clean or conn.peer is None else logging.DEBUG
+        if conn.session.remote is None:  # a handshake cut short: anyone can make these, fast
+            level = logging.DEBUG
+        else:
+            level = logging.INFO if event.clean or conn.peer is None else logging.DEBUG
         log.log(level, "mesh: %s closed the connection: %s", conn.describe(), event.reason)
         if conn.joining is not None and not conn.joining.done():
             conn.joining.set_exception(_join_refusal(event.reason))

@@ -6,7 +6,8 @@ directory) overrides timeouts and limits, e.g. for tests or slow links::
     {"handshake_timeout": 10, "keepalive_interval": 15, "idle_timeout": 60,
      "rekey_interval": 120, "default_ttl": 86400, "ack_timeout": 10,
      "retry_base": 1, "retry_cap": 60, "dial_base": 0.5, "dial_cap": 30,
-     "connect_timeout": 5, "max_handshakes": 64, "lease": 30,
+     "connect_timeout": 5, "max_handshakes": 64, "max_handshakes_per_address": 8,
+     "lease": 30,
      "max_outbox_per_peer": 10000, "max_outbox": 100000, "max_outbox_bytes": 268435456,
      "max_inbox": 100000, "max_inbox_bytes": 268435456,
      "window_messages": 4096, "window_bytes": 16777216, "durability": "normal"}
@@ -42,6 +43,7 @@ class Settings:
     dial_cap: float = 30.0
     connect_timeout: float = 5.0
     max_handshakes: int = 64
+    max_handshakes_per_address: int = 8
     durability: str = "normal"
 
 
@@ -86,6 +88,7 @@ def load_settings(directory: Path) -> Settings:
             dial_cap=cfg.number("dial_cap", 30.0, positive=True),
             connect_timeout=cfg.number("connect_timeout", 5.0, positive=True),
             max_handshakes=cfg.integer("max_handshakes", 64, minimum=1),
+            max_handshakes_per_address=cfg.integer("max_handshakes_per_address", 8, minimum=1),
             durability=cfg.choice("durability", ["full", "normal"], "normal"),
         )
         if settings.dial_base > settings.dial_cap:
