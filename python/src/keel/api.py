@@ -9,8 +9,11 @@ many requests per connection as the client likes::
 
 Access control is the socket file itself: it is created with ``mode`` (0660 by
 default) inside a directory only keel and its group can enter. The peer's
-uid/gid/pid (``SO_PEERCRED``) reach handlers that ask for them, for verbs that
-need to know who is calling (the mesh tells agents apart this way).
+uid/gid/pid (``SO_PEERCRED``) and supplementary groups (``SO_PEERGROUPS``)
+reach every handler, for verbs that need to know who is calling (the mesh
+keeps its administrative verbs to operators this way). Requests are parsed
+with :func:`keel.config.parse_json` (no duplicate keys, ``NaN`` or deep
+nesting); a malformed one gets an error reply saying why.
 
 A handler is ``async def handler(args: dict, peer: Peer) -> JSON``; raising
 :class:`~keel.errors.KeelError` sends its message back as the error; any other
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,20 +39,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keel.errors import ApiError, KeelError
+from keel.config import parse_json
+from keel.errors import ApiError, ConfigError, KeelError
 
 log = logging.getLogger("keel.api")
 
 MAX_REQUEST = 1 << 20  # bytes per line; a request larger than this closes the connection
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python 3.11 lacks the name
+
+
 @dataclass(frozen=True)
 class Peer:
-    """The process on the other end of a control connection (from SO_PEERCRED)."""
+    """The process on the other end of a control connection (from SO_PEERCRED).
+
+    ``groups``: its supplementary groups when it connected (``SO_PEERGROUPS``;
+    on older kernels, read from ``/proc/PID/status``).
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
@@ -71,7 +84,33 @@ def _peer_of(writer: asyncio.StreamWriter) -> Peer:
     except OSError:
         return Peer(-1, -1, -1)
     pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: Any, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups, as the kernel recorded them when it connected."""
+    size = 4 * 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 4 * 65536:
+                size *= 16
+                continue
+            return _proc_groups(pid)  # an old kernel: the process's groups now
+        count = len(raw) // 4
+        return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    except OSError:
+        pass
+    return frozenset()
 
 
 class ControlServer:
@@ -152,9 +191,9 @@ class ControlServer:
 
     async def _dispatch(self, line: bytes, peer: Peer) -> dict[str, Any] | Upgrade:
         try:
-            request = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {"ok": False, "error": "malformed request: not JSON"}
+            request = parse_json(line, source="malformed request")
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc)}
         if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
             return {
                 "ok": False,

@@ -34,6 +34,7 @@ from keel.api import ControlServer, Peer, Upgrade
 from keel.errors import KeelError, UsageError
 from keel.ledger import AsyncLedger, LedgerError
 from keel.mesh import local, packets, rooms
+from keel.mesh.access import guard
 from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import (
     Backpressure,
@@ -487,7 +488,8 @@ class MeshNode:
         self.inbox_count, self.inbox_bytes = self.store.inbox_totals()
         if self.ledger_path is not None:
             self._ledger = await self._open_ledger(self.ledger_path)
-        self._control = ControlServer(socket_path, self._handlers(), name="mesh")
+        handlers = guard(self._handlers(), self.settings.operators())
+        self._control = ControlServer(socket_path, handlers, name="mesh")
         await self._control.start()
         self._listener.start()
         self._apply_view()

@@ -10,20 +10,29 @@ directory) overrides timeouts and limits, e.g. for tests or slow links::
      "lease": 30,
      "max_outbox_per_peer": 10000, "max_outbox": 100000, "max_outbox_bytes": 268435456,
      "max_inbox": 100000, "max_inbox_bytes": 268435456,
-     "window_messages": 4096, "window_bytes": 16777216, "durability": "normal"}
+     "window_messages": 4096, "window_bytes": 16777216, "durability": "normal",
+     "operator_group": "keel-operators"}
+
+``operator_group`` (no default) names the group whose members may use the
+control socket's administrative verbs besides root and the daemon's user
+(:mod:`keel.mesh.access`). These settings move to the daemon's ``--config``
+file with the shared service shell.
 """
 
 from __future__ import annotations
 
 import fcntl
+import grp
 import ipaddress
+import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from keel.config import Section
 from keel.errors import UsageError
+from keel.mesh.access import Operators
 from keel.mesh.delivery import DEFAULT_TTL, InboxLimits, Limits
 from keel.mesh.session import SessionConfig
 
@@ -45,6 +54,12 @@ class Settings:
     max_handshakes: int = 64
     max_handshakes_per_address: int = 8
     durability: str = "normal"
+    operator_group: str | None = None
+    operator_gid: int | None = None
+
+    def operators(self) -> Operators:
+        """Who may administer the mesh through the control socket."""
+        return Operators(os.getuid(), self.operator_group, self.operator_gid)
 
 
 def load_settings(directory: Path) -> Settings:
@@ -90,7 +105,16 @@ def load_settings(directory: Path) -> Settings:
             max_handshakes=cfg.integer("max_handshakes", 64, minimum=1),
             max_handshakes_per_address=cfg.integer("max_handshakes_per_address", 8, minimum=1),
             durability=cfg.choice("durability", ["full", "normal"], "normal"),
+            operator_group=cfg.string("operator_group", None),
         )
+        if settings.operator_group is not None:
+            try:
+                gid = grp.getgrnam(settings.operator_group).gr_gid
+            except KeyError:
+                raise cfg.error(
+                    "operator_group", f"no group {settings.operator_group!r} on this host"
+                ) from None
+            settings = replace(settings, operator_gid=gid)
         if settings.dial_base > settings.dial_cap:
             raise cfg.error("dial_base", "must not exceed dial_cap")
     return settings
