@@ -82,6 +82,13 @@ def _refuse_constant(name: str) -> Any:
     raise _NotJson(f"{name} is not a JSON value (use a number or null)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: json.loads would make it inf
+        raise _NotJson(f"{describe(text)} is too large for a number")
+    return value
+
+
 def _depth_exceeds(value: object, limit: int) -> bool:
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
@@ -98,13 +105,18 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
     """Parse JSON from outside (configs, specs, ``--data``, requests) strictly.
 
     A key given twice in one object is refused (the last would silently win),
-    and so are ``NaN``/``Infinity`` (not JSON) and nesting deeper than
-    ``max_depth``. Every failure is a
+    and so are ``NaN``/``Infinity`` (not JSON), numbers too large for a float
+    or with thousands of digits, and nesting deeper than ``max_depth``. Every failure is a
     :class:`ConfigError` that starts with ``source``, one line, no traceback.
     """
     try:
+        if isinstance(text, bytes):  # UTF-8 only: json.loads would also guess UTF-16 and -32
+            text = text.decode("utf-8")
         value = json.loads(
-            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+            text,
+            object_pairs_hook=_refuse_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
         )
     except _NotJson as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -120,6 +132,8 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError:  # the only one left: int() of more digits than Python converts
+        raise ConfigError(f"{source}: a number has too many digits") from None
     if _depth_exceeds(value, max_depth):
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep")
     return value

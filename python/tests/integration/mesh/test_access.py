@@ -1,4 +1,5 @@
-"""The control socket's administrative verbs are the operators' (issue 8, item 3).
+"""The control socket's administrative verbs are the operators' (issue 8, item 3),
+and what an unprivileged user meets when it may not write a node's directory.
 
 The daemon runs as root; the CLI runs as the unprivileged ``nobody`` (setpriv)
 with and without the operator group (``users``, gid 100, as a supplementary
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from keel.mesh.settings import control_path
@@ -137,3 +139,43 @@ def test_an_unknown_operator_group_stops_the_start(mesh_nodes: Callable[..., Nod
         a.start()
     assert "operator_group: no group 'no-such-group-here' on this host" in a.log()
     assert "Traceback" not in a.log()
+
+
+def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv += [sys.executable, "-m", "keel", "mesh", *args]
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def test_a_directory_this_user_cannot_write_is_one_clear_line(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)
+    locked = short_tmp / "locked"
+    locked.mkdir(mode=0o555)
+    theirs = short_tmp / "theirs"
+    theirs.mkdir(mode=0o755)
+    key = theirs / "identity.key"
+    key.write_text("{}")
+    key.chmod(0o600)  # root's, unreadable to nobody
+    cases = [
+        (("id", "--dir", str(locked / "node")), f"--dir {locked / 'node'}: cannot create"),
+        (("id", "--dir", str(locked)), f"--dir {locked}: not writable by this user (uid {NOBODY})"),
+        (("id", "--dir", str(theirs)), f"{key}: cannot open the identity key file"),
+        (
+            ("serve", "--dir", str(locked / "node"), "--listen", "127.0.0.1:0"),
+            f"--dir {locked / 'node'}: cannot create the node's directory: Permission denied",
+        ),
+        (
+            ("serve", "--dir", str(locked), "--listen", "127.0.0.1:0"),
+            f"--dir {locked}: not writable by this user",
+        ),
+    ]
+    for args, text in cases:
+        done = run_as_nobody(*args)
+        assert done.returncode == 1, (args, done)
+        assert done.stderr.startswith("keel: error: "), done.stderr
+        assert text in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr

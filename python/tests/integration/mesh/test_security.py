@@ -101,7 +101,6 @@ def test_a_man_in_the_middle_with_the_wrong_key_is_refused(
     assert "not the expected" in done.stderr
     assert genuine.node_id in done.stderr
     b.wait_log("wrong static key")
-    impostor.wait_log("closed the connection: connection closed by the peer during the handshake")
     # the genuine token still works afterwards: nothing was used up
     assert b.cli("join", genuine.encode()).returncode == 0
     still_serving(b)
