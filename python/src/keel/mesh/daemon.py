@@ -444,6 +444,7 @@ class MeshNode:
         self._removed_logged = False
         self._refusals = TokenBucket(REFUSALS_BURST, 1.0, clock=clock)
         self._refusals_untold = 0
+        self.answered_busy = 0  # messages senders were told to send again later
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1052,6 +1053,7 @@ class MeshNode:
         rejected: Sequence[tuple[str, str]] = (),
     ) -> None:
         """ACK packets (at most 4096 ids per list each)."""
+        self.answered_busy += len(busy)
         step = packets.MAX_ACK_IDS
         for at in range(0, max(len(ok), len(busy), len(rejected)), step):
             reply = Ack(
@@ -1334,6 +1336,7 @@ class MeshNode:
             "connected": sorted(self.links),
             "outbox": len(self.outbox),
             "inbox": self.inbox_count,
+            "answered_busy": self.answered_busy,
             "kem": f"{self.kem.name}/{self.kem.backend}",
         }
 

@@ -176,8 +176,13 @@ def test_ttl_expiry_makes_a_dead_letter(pair: tuple[Node, Node]) -> None:
     assert a.status()["outbox"] == 0
     a.wait_log(f"message {message_id} to {b.node_id} is a dead letter: expired")
     b.start()
-    time.sleep(1)
-    assert b.client.recv("t", max=10, wait=1) == []
+    b.wait_connected(a)
+    # a marker sent now is all b gets: a's outbox held nothing else
+    marker = a.client.send(b.node_id, "t", b"marker")
+    got = wait_until(lambda: b.client.recv("t", max=10, wait=1), timeout=20, what="the marker")
+    assert [m.id for m in got] == [marker]
+    wait_until(lambda: a.status()["outbox"] == 0, timeout=20, what="a's outbox to drain")
+    assert b.client.recv("t", max=10) == []  # whatever a delivered is in b's inbox by now
 
 
 def test_a_full_outbox_pushes_back(mesh_nodes: Callable[..., Node]) -> None:
@@ -206,7 +211,8 @@ def test_a_full_inbox_slows_the_sender_down_without_losing_anything(
     a.wait_connected(b)
     ids = a.client.send_many([(b.node_id, "t", f"{i}".encode()) for i in range(10)])
     wait_until(lambda: b.status()["inbox"] == 3, timeout=20, what="b's inbox to fill")
-    time.sleep(1)
+    # a offered the other 7 at least twice (its first try and a retry): b took none of them
+    wait_until(lambda: b.status()["answered_busy"] >= 14, timeout=30, what="a retry, refused")
     assert b.status()["inbox"] == 3
     assert a.status()["outbox"] == 7  # held back, not lost
     got = collect(b.client, "t", {f"{i}".encode() for i in range(10)})
@@ -222,21 +228,25 @@ def test_one_connection_per_pair_even_when_both_dial(mesh_nodes: Callable[..., N
     c.join(b)  # c learns a through b and both dial each other
     for node in (a, b, c):
         node.wait_connected(*[n for n in (a, b, c) if n is not node])
-    time.sleep(2)  # let any duplicate be resolved
     ports = {int(n.address.rpartition(":")[2]) for n in (a, b, c)}
-    listing = subprocess.run(
-        ["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True
-    ).stdout
-    accepted = [
-        line
-        for line in listing.splitlines()
-        if int(line.split()[2].rpartition(":")[2]) in ports
-        and line.split()[2].startswith("127.0.0.1")
-        and line.split()[3].startswith("127.0.0.1")
-    ]
-    assert len(accepted) == 3, listing
+
+    def accepted() -> list[str]:
+        listing = subprocess.run(
+            ["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True
+        ).stdout
+        return [
+            line
+            for line in listing.splitlines()
+            if int(line.split()[2].rpartition(":")[2]) in ports
+            and line.split()[2].startswith("127.0.0.1")
+            and line.split()[3].startswith("127.0.0.1")
+        ]
+
+    # Duplicates are closed as both ends notice them; then one per pair stays.
+    wait_until(lambda: len(accepted()) == 3, timeout=30, what="one connection per pair")
     for node in (a, b, c):
         assert len(node.connected()) == 2
+    assert len(accepted()) == 3
 
 
 def test_rooms_fan_out_and_a_removed_member_receives_nothing_more(
@@ -287,8 +297,12 @@ def test_rooms_fan_out_and_a_removed_member_receives_nothing_more(
     c.wait_connected(a, b)
     got = collect(a.client, "chat", {b"while c is away", b"after c left"})
     assert set(got) == {b"while c is away", b"after c left"}
-    time.sleep(2)
-    assert c.client.recv("chat", max=10, wait=1) == []
+    # b queued nothing more for c (its copies were dropped): a marker is all c gets
+    marker = b.client.send(c.node_id, "chat", b"marker")
+    got_c = wait_until(lambda: c.client.recv("chat", max=10, wait=1), timeout=20, what="marker")
+    assert [m.id for m in got_c] == [marker]
+    wait_until(lambda: b.status()["outbox"] == 0, timeout=20, what="b's outbox to drain")
+    assert c.client.recv("chat", max=10) == []  # whatever b delivered is in c's inbox by now
     not_member = c.cli("room", "send", room, "--topic", "chat", "let me in")
     assert not_member.returncode == 1
     assert "not a member of room ops" in not_member.stderr

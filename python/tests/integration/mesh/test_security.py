@@ -65,10 +65,8 @@ def test_a_slow_handshake_times_out(mesh_nodes: Callable[..., Node]) -> None:
     peer = RawPeer(NodeIdentity.generate(), address, key)
     first = peer.session.start()
     peer.sock.sendall(first[:100])  # half a message, then silence
-    started = time.monotonic()
     assert is_closed_by_peer(peer.sock, timeout=15)
-    assert time.monotonic() - started >= 1.5  # the configured 2 s, not at once
-    a.wait_log("handshake not finished after 2 s")
+    a.wait_log("handshake not finished after 2 s")  # closed by its deadline, not at once
     still_serving(a)
 
 
@@ -121,7 +119,8 @@ def test_invite_reuse_expiry_and_forgery_are_refused_clearly(
     a.wait_log("invite-used-up")
 
     short = a.client.invite(ttl=1)
-    time.sleep(1.2)
+    expires = InviteToken.decode(short).expires
+    wait_until(lambda: time.time() > expires, timeout=10, what="the invite to expire")
     expired = c.cli("join", short)
     assert expired.returncode == 1
     assert "expired" in expired.stderr
