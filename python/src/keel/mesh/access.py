@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from keel.api import Peer
-from keel.errors import ApiError
+from keel.errors import Forbidden
 
 ADMIN_VERBS = frozenset({"invite", "join", "remove", "room_create", "room_add", "room_remove"})
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
 
-class NotPermitted(ApiError):
-    """The caller may not use this verb."""
+class NotPermitted(Forbidden):
+    """The caller may not use this verb (answered as ``forbidden``)."""
 
 
 @dataclass(frozen=True)
