@@ -77,9 +77,10 @@ def test_any_request_gets_a_one_line_answer(pair: tuple[Node, Node]) -> None:
     )  # fmt: skip
     def one(verb: str, args: dict[str, Any]) -> None:
         answer = request(path, json.dumps({"verb": verb, "args": args}).encode())
-        assert set(answer) in ({"ok", "result"}, {"ok", "error"}), answer
+        assert set(answer) in ({"ok", "result"}, {"ok", "error", "kind"}), answer
         if not answer["ok"]:
             error = answer["error"]
+            assert answer["kind"] != "internal", (verb, args, error)
             assert "internal error" not in error, (verb, args, error)
             assert "\n" not in error
             assert len(error) < 400, error

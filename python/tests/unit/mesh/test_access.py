@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from keel.api import Peer
-from keel.errors import ConfigError
-from keel.mesh.access import ADMIN_VERBS, NotPermitted, Operators, guard
+from keel.errors import ConfigError, Forbidden
+from keel.mesh.access import ADMIN_VERBS, Operators, guard
 from keel.mesh.settings import load_settings
 
 OPERATORS = Operators(daemon_uid=990, group="ops", gid=1234)
@@ -69,7 +69,7 @@ def test_the_guard_wraps_only_the_administrative_verbs() -> None:
 
     async def scenario() -> None:
         assert await handlers["send"]({}, peer(1000)) == "send"
-        with pytest.raises(NotPermitted, match="group ops"):
+        with pytest.raises(Forbidden, match="group ops"):
             await handlers["invite"]({}, peer(1000))
         assert await handlers["invite"]({}, peer(0)) == "invite"
 

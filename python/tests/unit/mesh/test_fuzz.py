@@ -415,6 +415,7 @@ def test_control_request_lines(line: bytes) -> None:
         answer = asyncio.run(server._dispatch(candidate, Peer(1, 0, 0)))
         assert isinstance(answer, dict)
         if not answer["ok"]:
+            assert answer["kind"] != "internal"
             assert "internal error" not in answer["error"]
             one_line(Exception(answer["error"]))
         json.dumps(answer)  # it can be sent back
