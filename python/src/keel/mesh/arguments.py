@@ -15,9 +15,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
+from keel.config import shorten
 from keel.errors import UsageError
 from keel.mesh import packets
-from keel.mesh.encoding import short
 from keel.mesh.identity import is_node_id
 
 MAX_TTL: Final = 10 * 365 * 86400  # s: ten years, for invites and messages
@@ -35,7 +35,7 @@ def string(args: Mapping[str, Any], key: str) -> str:
 def node_id(args: Mapping[str, Any], key: str) -> str:
     value = string(args, key)
     if not is_node_id(value):
-        raise UsageError(f"{key} {short(value)} is not a node id")
+        raise UsageError(f"{key} {shorten(repr(value))} is not a node id")
     return value
 
 

@@ -28,12 +28,6 @@ def is_address(value: object) -> bool:
     return value.isprintable() and " " not in value
 
 
-def short(value: object) -> str:
-    """``repr(value)``, cut to a length fit for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def split_address(value: str) -> tuple[str, int]:
     """The host (brackets of an IPv6 address taken off) and port of an address."""
     if not is_address(value):

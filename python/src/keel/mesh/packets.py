@@ -32,9 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from keel.config import parse_json
+from keel.config import parse_json, shorten
 from keel.errors import ConfigError
-from keel.mesh.encoding import b64u_decode, b64u_encode, short
+from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
 from keel.mesh.identity import SIGNATURE_SIZE, is_node_id
 
@@ -90,7 +90,7 @@ def check_topic(topic: object) -> str:
         or _TOPIC_RE.fullmatch(topic) is None
     ):
         raise ValueError(
-            f"topic {short(topic)} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
+            f"topic {shorten(repr(topic))} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
         )
     return topic
 
