@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.mesh.settings import control_path
 
+from tests.json_values import json_values
+
 from .nodes import Node
 
 VERBS = [
@@ -29,18 +31,7 @@ KEYS = [
     "room", "name", "members", "messages", "limit", "uses", "timeout",
 ]  # fmt: skip
 
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(KEYS), children, max_size=4)
-    ),
-    max_leaves=12,
-)
+JSON = json_values(st.sampled_from(KEYS), max_leaves=12, max_size=4)
 
 
 def plausible(b: Node) -> st.SearchStrategy[Any]:

@@ -38,6 +38,7 @@ from keel.mesh.membership import Membership, Record
 from keel.mesh.packets import Ack, Msg, Msgs, Records
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session
 
+from tests.json_values import json_values
 from tests.kyberpy_kem import KyberPyKem
 
 from .conftest import FakeClock, production_kem, seeded
@@ -222,17 +223,7 @@ def test_initiator_survives_any_mutation(how: tuple[str, int, bytes], chunk: int
 
 # -- what peers, people and local processes send, above the frames -----------------------
 
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=30),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
-    ),
-    max_leaves=20,
-)
+JSON = json_values()
 
 
 def one_line(error: Exception) -> None:
