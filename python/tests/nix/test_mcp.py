@@ -16,8 +16,8 @@ from keel.agents.units import load_tiers
 from keel.mcp.spec import parse_server_spec
 from keel.mcp.units import launcher, render_units
 
-from tests.conftest import REPO
 from tests import systemd_syntax
+from tests.conftest import REPO
 from tests.nix.test_agents import NIXOS_ENVIRONMENT, sections
 from tests.nix.test_modules import evaluate
 
@@ -114,7 +114,9 @@ def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str,
         python_text = render_units(spec, tiers, program=program)[spec.unit_name]
         # The same directives, argv and environment, however each side quotes them.
         values = {"ExecStart", "Environment"}
-        nix_service = {k: v for k, v in sections(nix_text, skip=values).items() if k[0] == "Service"}
+        nix_service = {
+            k: v for k, v in sections(nix_text, skip=values).items() if k[0] == "Service"
+        }
         python_service = {
             k: v for k, v in sections(python_text, skip=values).items() if k[0] == "Service"
         }
