@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -201,7 +200,7 @@ async def _exec(check: ExecCheck, timeout: float) -> Outcome:
         async with asyncio.timeout(timeout):
             code = await child.wait()
     except TimeoutError:
-        child.signal_group(signal.SIGKILL)
+        child.kill()
         await child.wait()
         return Outcome(False, f"timeout after {timeout:g}s")
     finally:
