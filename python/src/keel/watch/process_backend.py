@@ -63,7 +63,7 @@ class ProcessBackend:
         self._events = events
         self._previous = self._load_state()
         if self.use_cgroups is False:
-            log.info("agents tracked by process group and %s (cgroups not asked for)", "marker")
+            log.info("agents tracked by process group and environment marker (no cgroups asked)")
             return
         self.cgroups, reason = CgroupTree.create()
         if self.cgroups is not None:
