@@ -14,9 +14,9 @@ from keel.watch.policy import (
     AgentRules,
     AlertRules,
     HoldAgent,
+    LedgerRecord,
     Phase,
     ProbeRules,
-    Record,
     Restarted,
     RestartRules,
     SendAlert,
@@ -61,8 +61,8 @@ def alerts(actions: list[Action]) -> list[SendAlert]:
     return [a for a in actions if isinstance(a, SendAlert)]
 
 
-def records(actions: list[Action], kind: str) -> list[Record]:
-    return [a for a in actions if isinstance(a, Record) and a.kind == kind]
+def records(actions: list[Action], kind: str) -> list[LedgerRecord]:
+    return [a for a in actions if isinstance(a, LedgerRecord) and a.kind == kind]
 
 
 def running(policy: AgentPolicy, clock: Clock, pid: int = 100) -> list[Action]:

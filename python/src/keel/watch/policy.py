@@ -121,7 +121,7 @@ class SendAlert:
 
 
 @dataclass(frozen=True)
-class Record:
+class LedgerRecord:
     """A ledger entry: ``kind`` and metadata about the agent (never secrets)."""
 
     agent: str
@@ -141,7 +141,7 @@ class Restarted:
     backoff: bool = False
 
 
-Action = StartAgent | StopAgent | HoldAgent | SendAlert | Record | Restarted
+Action = StartAgent | StopAgent | HoldAgent | SendAlert | LedgerRecord | Restarted
 
 
 # --- state --------------------------------------------------------------------
@@ -335,7 +335,7 @@ class AgentPolicy:
             self.backoff_until = None
             return self._start(now, Event.OPERATOR_START, restart=True)
         self.failures_in_a_row = 0
-        actions: list[Action] = [Record(self.name, "start", {"by": "operator"})]
+        actions: list[Action] = [LedgerRecord(self.name, "start", {"by": "operator"})]
         if self.phase is Phase.STOPPING:
             self._move(Event.OPERATOR_START)  # the start follows the exit
             return actions
@@ -345,7 +345,7 @@ class AgentPolicy:
         """The operator asks for the agent to stop and stay stopped."""
         if not self._allows(Event.OPERATOR_STOP):
             return []
-        actions: list[Action] = [Record(self.name, "stop", {"by": "operator"})]
+        actions: list[Action] = [LedgerRecord(self.name, "stop", {"by": "operator"})]
         if self.phase in (Phase.STARTING, Phase.RUNNING, Phase.KILLING):
             actions.append(StopAgent(self.name, "stopped by the operator"))
         self._move(Event.OPERATOR_STOP)
@@ -373,7 +373,9 @@ class AgentPolicy:
         phase = self.phase
         if phase in (Phase.STOPPING, Phase.RESTARTING):
             self._not_running()
-            actions: list[Action] = [Record(self.name, "exit", {"cause": cause, "expected": True})]
+            actions: list[Action] = [
+                LedgerRecord(self.name, "exit", {"cause": cause, "expected": True})
+            ]
             if phase is Phase.STOPPING:
                 self._move(Event.EXITED)
                 return actions
@@ -393,7 +395,7 @@ class AgentPolicy:
         self._not_running()
         self._move(Event.STOPPED_ELSEWHERE)
         self.backoff_until = None
-        actions: list[Action] = [Record(self.name, "stop", {"by": "systemd"})]
+        actions: list[Action] = [LedgerRecord(self.name, "stop", {"by": "systemd"})]
         return actions + self._close_incident(now, "stopped outside watch")
 
     def probe_result(
@@ -408,7 +410,9 @@ class AgentPolicy:
         if ok:
             state.failures_in_a_row = 0
             if state.passing is False:
-                actions.append(Record(self.name, "probe", {"probe": probe, "state": "passing"}))
+                actions.append(
+                    LedgerRecord(self.name, "probe", {"probe": probe, "state": "passing"})
+                )
             state.passing = True
             self._update_health(now)
             return actions
@@ -417,7 +421,7 @@ class AgentPolicy:
         state.failures_in_a_row += 1
         if state.passing is not False:
             actions.append(
-                Record(
+                LedgerRecord(
                     self.name,
                     "probe",
                     {"probe": probe, "state": "failing", "detail": detail},
@@ -542,7 +546,7 @@ class AgentPolicy:
             }
             if self.failed_at is not None:
                 data["waited"] = round(now - self.failed_at, 6)
-            actions.append(Record(self.name, "restart", data))
+            actions.append(LedgerRecord(self.name, "restart", data))
         return actions
 
     def _now_running(self, now: float, pid: int | None, since: float) -> list[Action]:
@@ -611,10 +615,10 @@ class AgentPolicy:
         else:
             actions += self._restart_after(now, delay)
         # Records read in the order things happened: the failure, then the restart.
-        start_records = [a for a in actions if isinstance(a, Record)]
-        actions = [a for a in actions if not isinstance(a, Record)]
+        start_records = [a for a in actions if isinstance(a, LedgerRecord)]
+        actions = [a for a in actions if not isinstance(a, LedgerRecord)]
         actions.append(
-            Record(
+            LedgerRecord(
                 self.name,
                 "failure",
                 {"cause": cause, "failures_in_a_row": n, "decision": decision},
@@ -633,7 +637,7 @@ class AgentPolicy:
                     f"watch will not restart it until `keel watch start {self.name}`",
                 )
             )
-            actions.append(Record(self.name, "quarantine", {"failures_in_a_row": n}))
+            actions.append(LedgerRecord(self.name, "quarantine", {"failures_in_a_row": n}))
         return actions
 
     def _restart_after(self, now: float, delay: float) -> list[Action]:

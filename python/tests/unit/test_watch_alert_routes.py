@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from keel.watch import metrics
-from keel.watch.alerting import (
+from keel.watch.alert_routes import (
     Alert,
     Gate,
     RouteLimits,
