@@ -90,13 +90,14 @@ class Report(enum.Enum):
 
 P, S, R = UnitPhase, Seen, Report
 _GONE = (S.DOWN, S.AUTO_RESTART, S.DOWN_SINCE_START)
+Step = tuple[UnitPhase, tuple[Report, ...]]  # the next phase, and what the policy hears
 
 
-def _on(targets: tuple[Seen, ...], step: tuple[UnitPhase, tuple[Report, ...]]) -> dict[Seen, Any]:
-    return dict.fromkeys(targets, step)
+def _on(seens: tuple[Seen, ...], step: Step) -> dict[Seen, Step]:
+    return dict.fromkeys(seens, step)
 
 
-ON_SEEN: dict[UnitPhase, dict[Seen, tuple[UnitPhase, tuple[Report, ...]]]] = {
+ON_SEEN: dict[UnitPhase, dict[Seen, Step]] = {
     # Started by someone else (systemctl start, or systemd itself): adopt it.
     P.DOWN: {S.ACTIVE: (P.RUNNING, (R.STARTED,))},
     P.START_ASKED: {
