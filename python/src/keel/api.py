@@ -103,8 +103,13 @@ class Upgrade:
     serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> Peer:
-    sock = writer.get_extra_info("socket")
+def peer_of(writer: asyncio.StreamWriter) -> Peer:
+    """The peer of a Unix socket connection (SO_PEERCRED); -1s when the kernel cannot say."""
+    return peer_of_socket(writer.get_extra_info("socket"))
+
+
+def peer_of_socket(sock: socket.socket | None) -> Peer:
+    """:func:`peer_of` for a socket object (other servers than asyncio's streams)."""
     if sock is None:
         return Peer(-1, -1, -1)
     try:
@@ -135,7 +140,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(self.path)
+        remove_stale_socket(self.path)
         self._server = await asyncio.start_unix_server(
             self._serve_connection, path=str(self.path), limit=MAX_REQUEST
         )
@@ -165,7 +170,7 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        peer = _peer_of(writer)
+        peer = peer_of(writer)
         try:
             while True:
                 try:
@@ -230,7 +235,7 @@ async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     await writer.drain()
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Remove a socket left by a dead daemon; refuse to steal a live one."""
     try:
         st = path.lstat()
