@@ -70,10 +70,10 @@ def test_the_daemon_is_a_hardened_notify_service(nix_instantiate: str, nixpkgs_t
 
 
 def test_the_process_backend_gets_a_cgroup_subtree_to_give_its_agents(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
     body = 'services.keel.watch.settings.backend = "process";'
-    result = watch(nix_instantiate, nixpkgs_lib, body)
+    result = watch(nix_instantiate, nixpkgs_tree, body)
     assert result["failedAssertions"] == []
     service = result["services"]["keel-watch"]["serviceConfig"]
     assert service["Delegate"] is True
