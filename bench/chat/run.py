@@ -37,7 +37,7 @@ from keel.chat import config as chat_config  # noqa: E402
 from keel.chat.core import READ_ONLY, ChatCore, Policy  # noqa: E402
 from keel.chat.daemon import Chat  # noqa: E402
 from keel.testing import FakeClock  # noqa: E402
-from keel.watch import httpwire  # noqa: E402
+from keel.watch import http_client, httpwire  # noqa: E402
 from tests.integration.chat.botapi import bot_api  # noqa: E402
 from tests.integration.chat.support import TOKEN, sleeper, write_chat_config  # noqa: E402
 from tests.integration.watch_support import running_watch, until, write_config  # noqa: E402
@@ -113,7 +113,7 @@ async def latency(replies: int, tmp: Path) -> tuple[list[float], list[float]]:
                 ("sendMessage", {"chat_id": user, "text": "x"}),
             ):
                 headers, body = telegram.json_body(params)
-                await httpwire.request(
+                await http_client.request(
                     "POST",
                     telegram.method_url(url, TOKEN, method),
                     headers=headers,

@@ -5,7 +5,7 @@ method URLs (the token is part of the path), request bodies (JSON, and
 ``multipart/form-data`` for ``sendDocument``), reading an answer
 (``{"ok": true, "result": ...}`` or ``{"ok": false, "error_code": 429,
 "parameters": {"retry_after": N}}``) and the typed view of the updates
-``getUpdates`` returns. Both users send with :func:`keel.watch.httpwire.request`.
+``getUpdates`` returns. Both users send with :func:`keel.watch.http_client.request`.
 
 Updates come from the network: :func:`parse_update` checks every field it
 reads and returns None for anything it cannot vouch for, so the layers above

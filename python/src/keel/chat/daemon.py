@@ -45,8 +45,8 @@ from keel.chat.outbox import Outbox, Outgoing, answer, compose, edit
 from keel.chat.verbs import LocalVerbs, StateChanged, VerbError, Verbs, describe, fingerprint
 from keel.ledger.recorder import LedgerUnavailable
 from keel.service import Daemon, Shell
-from keel.watch import httpwire
-from keel.watch.alerting import RouteLimits, retry_delay
+from keel.watch import http_client, httpwire
+from keel.watch.alert_routes import RouteLimits, retry_delay
 
 log = logging.getLogger("keel.chat")
 
@@ -210,7 +210,7 @@ class Chat(Daemon):
         else:
             headers, body = telegram.json_body(params)
         try:
-            response = await httpwire.request(
+            response = await http_client.request(
                 "POST",
                 url,
                 headers=headers,

@@ -19,7 +19,7 @@ from keel.errors import ConfigError
 from keel.service import Common, read_common
 from keel.telegram import TELEGRAM_API, read_token
 from keel.watch import httpwire
-from keel.watch.alerting import (
+from keel.watch.alert_routes import (
     Route,
     RouteLimits,
     TelegramRoute,

@@ -10,7 +10,7 @@ waits exactly what the server asked (Telegram's ``parameters.retry_after``,
 or a ``Retry-After`` header). Other 4xx answers are permanent: retrying a
 wrong token or chat id only hides the problem.
 
-No I/O here; :mod:`keel.watch.alerts` sends.
+No I/O here; :mod:`keel.watch.alert_router` sends.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from keel import telegram
 from keel.watch.httpwire import Response, Url
@@ -126,7 +126,7 @@ def retry_delay(
 
 
 @dataclass(frozen=True)
-class Verdict:
+class SendVerdict:
     """How one HTTP attempt went: delivered, worth retrying (maybe after N s), or hopeless."""
 
     outcome: Literal["sent", "retry", "failed"]
@@ -148,14 +148,14 @@ def telegram_request(route: TelegramRoute, token: str, alert: Alert) -> tuple[Ur
     return url, json.dumps(payload, ensure_ascii=False).encode()
 
 
-def telegram_verdict(response: Response) -> Verdict:
+def telegram_verdict(response: Response) -> SendVerdict:
     """Read a Bot API answer: ``{"ok": true, ...}`` or ``{"ok": false, "error_code": ...}``."""
     answer = telegram.read_answer(response)
     if answer.ok:
-        return Verdict("sent")
+        return SendVerdict("sent")
     if answer.retryable:
-        return Verdict("retry", answer.reason, answer.retry_after)
-    return Verdict("failed", answer.reason)
+        return SendVerdict("retry", answer.reason, answer.retry_after)
+    return SendVerdict("failed", answer.reason)
 
 
 # --- webhooks --------------------------------------------------------------------------
@@ -174,17 +174,17 @@ def webhook_body(alert: Alert) -> bytes:
     return json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()
 
 
-def webhook_verdict(response: Response) -> Verdict:
+def webhook_verdict(response: Response) -> SendVerdict:
     status = response.status
     if 200 <= status < 300:
-        return Verdict("sent")
+        return SendVerdict("sent")
     if status == 429:
-        return Verdict(
+        return SendVerdict(
             "retry", "HTTP 429", telegram.seconds_value(response.headers.get("retry-after"))
         )
     if status >= 500 or status == 408:
-        return Verdict("retry", f"HTTP {status}")
-    return Verdict("failed", f"HTTP {status}")
+        return SendVerdict("retry", f"HTTP {status}")
+    return SendVerdict("failed", f"HTTP {status}")
 
 
 def render_text(alert: Alert) -> str:
