@@ -182,31 +182,26 @@ class LocalVerbs:
         raise NoSuchAgent(f"watch supervises no agent named {name} (it has: {known})")
 
     async def restart(self, name: str, *, expect: str) -> AgentView:
-        """Stop the agent through watch, wait until it exited, start it again.
+        """Ask watch to restart the agent, then wait until it runs as a new process.
 
-        The state is compared first, in this call, right before watch is asked
-        to do anything; from then on watch drives the agent.
+        The state is compared first, in this call, right before watch is asked;
+        from then on watch drives the agent (its ``restart`` verb is one step:
+        the start follows the exit, whatever happens to keel chat meanwhile).
         """
         before = await self.agent(name)
         if fingerprint(before) != expect:
             raise StateChanged(f"{name} changed since you were asked (now {describe(before)})")
-        await self._watch("stop", {"agent": name})
+        await self._watch("restart", {"agent": name})
         deadline = self.clock() + self.restart_timeout
         while True:
             agent = await self.agent(name)
-            if agent.state == "stopped" and agent.pid is None:
-                break
+            if agent.pid is not None and agent.pid != before.pid:
+                return agent
             if self.clock() >= deadline:
                 raise VerbError(
-                    f"{name} did not stop within {self.restart_timeout:g} s "
-                    f"(now {describe(agent)}); it was not started again: /restart {name} to retry"
+                    f"watch was asked to restart {name}, but it is not running again after "
+                    f"{self.restart_timeout:g} s (now {describe(agent)}); /status shows more"
                 )
-            await asyncio.sleep(self.poll)
-        await self._watch("start", {"agent": name})
-        while True:
-            agent = await self.agent(name)
-            if agent.state != "stopped" or self.clock() >= deadline:
-                return agent
             await asyncio.sleep(self.poll)
 
     async def log(self, count: int) -> list[LogLine]:

@@ -20,7 +20,7 @@ import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from keel import telegram
 from keel.watch.httpwire import Response, Url
