@@ -1,0 +1,99 @@
+"""Running the gate's checks (their judging is :mod:`keel.safeswitch.checks`).
+
+Each :meth:`Prober.run` performs one check within its timeout and returns a
+verdict and a line a person can read; it never raises for anything the host
+does. tcp, http and command checks are watch's own probes
+(:func:`keel.watch.probes.run_check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from keel.api import acall
+from keel.errors import ApiError
+from keel.safeswitch import checks
+from keel.safeswitch.checks import CheckSpec, Verdict, WatchBaseline
+from keel.watch import probes
+
+
+async def _output(argv: list[str], timeout: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode or 0, out.decode("utf-8", "replace")
+
+
+async def failed_units(timeout: float = 10.0) -> frozenset[str]:
+    """The units systemd lists as failed now (empty without systemd)."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not Path("/run/systemd/system").is_dir():
+        return frozenset()
+    try:
+        _, out = await _output(
+            [systemctl, "list-units", "--state=failed", "--plain", "--no-legend", "--no-pager"],
+            timeout,
+        )
+    except TimeoutError:
+        return frozenset()
+    return checks.parse_failed_units(out)
+
+
+class Prober:
+    def __init__(self, *, failed_before: frozenset[str] = frozenset()) -> None:
+        self.failed_before = failed_before
+        self.watch_baselines: dict[str, WatchBaseline] = {}
+
+    async def run(self, name: str, spec: CheckSpec) -> tuple[Verdict, str]:
+        try:
+            if isinstance(spec, checks.WatchCheck):
+                return await self._watch(name, spec)
+            if isinstance(spec, checks.SystemCheck):
+                return await self._system(spec)
+            if isinstance(spec, checks.TcpCheck):
+                outcome = await probes.run_check(probes.TcpCheck(spec.host, spec.port), spec.timeout)
+            elif isinstance(spec, checks.HttpCheck):
+                outcome = await probes.run_check(
+                    probes.HttpCheck(spec.url, spec.expect_status), spec.timeout
+                )
+            else:
+                outcome = await probes.run_check(
+                    probes.ExecCheck(("/bin/sh", "-c", spec.command)), spec.timeout
+                )
+        except TimeoutError:
+            return "fail", f"no answer within {spec.timeout:g} s"
+        return ("pass" if outcome.ok else "fail"), outcome.detail
+
+    async def _watch(self, name: str, spec: checks.WatchCheck) -> tuple[Verdict, str]:
+        try:
+            status = await acall(Path(spec.socket), "status", service="watch", timeout=spec.timeout)
+        except ApiError as exc:
+            # watch may be restarting with the new configuration: not an answer yet.
+            # One that never answers again keeps the gate from holding until the deadline.
+            return "pending", f"watch not answering: {exc}"
+        baseline = self.watch_baselines.setdefault(name, WatchBaseline())
+        return checks.judge_watch(status, baseline)
+
+    async def _system(self, spec: checks.SystemCheck) -> tuple[Verdict, str]:
+        systemctl = shutil.which("systemctl")
+        if systemctl is None:
+            return "fail", "systemctl not found"
+        _, state = await _output([systemctl, "is-system-running"], spec.timeout)
+        failed: frozenset[str] = frozenset()
+        if state.strip() == "degraded":
+            failed = await failed_units(spec.timeout)
+        return checks.judge_system(
+            state, failed, self.failed_before, allow_degraded=spec.allow_degraded
+        )
