@@ -16,6 +16,7 @@ from typing import Literal
 from keel import paths
 from keel.config import Section, describe, type_name
 from keel.errors import ConfigError
+from keel.service import Common, read_common
 from keel.watch import httpwire
 from keel.watch.alerting import (
     TELEGRAM_API,
@@ -49,16 +50,25 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class WatchConfig:
+    """watch.json, checked (docs/watch.md)."""
+
     source: str
     backend: Backend
-    socket: Path
-    ledger: Path | None
+    common: Common  # socket, ledger, checkpoint_every: read as every daemon reads them
     metrics: tuple[str, int] | None
     state_file: Path
     systemd_bus: BusChoice
     host: str
     agents: dict[str, AgentConfig]
     routes: dict[str, Route]
+
+    @property
+    def socket(self) -> Path:
+        return self.common.socket
+
+    @property
+    def ledger(self) -> Path | None:
+        return self.common.ledger
 
 
 def load(path: Path) -> WatchConfig:
@@ -71,6 +81,7 @@ TOP_LEVEL_KEYS = (
     "agents",
     "alerts",
     "backend",
+    "checkpoint_every",
     "host",
     "ledger",
     "metrics",
@@ -89,12 +100,7 @@ def parse(cfg: Section) -> WatchConfig:
     backend: Backend = (
         "process" if cfg.choice("backend", ["systemd", "process"]) == "process" else "systemd"
     )
-    socket_path = Path(cfg.string("socket", default=str(paths.socket_file("watch"))))
-    ledger: str | None = str(paths.ledger_db())
-    if "ledger" in cfg and cfg.raw("ledger") is None:
-        ledger = None  # explicitly off
-    else:
-        ledger = cfg.string("ledger", default=str(paths.ledger_db()))
+    common = read_common(cfg, "watch")
     metrics = cfg.string("metrics", None, check=_metrics_problem)
     state_file = Path(
         cfg.string("state_file", default=str(paths.runtime_dir() / "watch-processes.json"))
@@ -119,8 +125,7 @@ def parse(cfg: Section) -> WatchConfig:
     return WatchConfig(
         source=cfg.source,
         backend=backend,
-        socket=socket_path,
-        ledger=Path(ledger) if ledger is not None else None,
+        common=common,
         metrics=_split_host_port(metrics) if metrics else None,
         state_file=state_file,
         systemd_bus=bus,
