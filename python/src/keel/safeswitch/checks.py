@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel.safeswitch.machine import Verdict
 from keel.watch.httpwire import Url
-
-Verdict = str  # "pass" | "pending" | "fail", as in keel.safeswitch.machine
 
 
 @dataclass(frozen=True)

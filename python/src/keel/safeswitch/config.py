@@ -129,7 +129,9 @@ def parse(cfg: Section) -> SafeswitchConfig:
     if (problem := limits.problem()) is not None:
         raise cfg.error("deadline", problem)
     timer: TimerKind = (
-        "process" if cfg.choice("timer", ["systemd", "process"], "systemd") == "process" else "systemd"
+        "process"
+        if cfg.choice("timer", ["systemd", "process"], "systemd") == "process"
+        else "systemd"
     )
     checks: tuple[CheckSpec, ...] | None = None
     if "checks" in cfg:
@@ -139,9 +141,7 @@ def parse(cfg: Section) -> SafeswitchConfig:
         with cfg.section("alerts") as section:
             routes = None if section.raw("routes", None) is None else section.strings("routes")
             alerts = AlertSettings(
-                watch_config=Path(
-                    section.string("watch_config", str(paths.config_file("watch")))
-                ),
+                watch_config=Path(section.string("watch_config", str(paths.config_file("watch")))),
                 routes=tuple(routes) if routes is not None else None,
             )
     ledger: Path | None = base.ledger
@@ -200,7 +200,9 @@ def _check(item: Section) -> CheckSpec:
             return HttpCheck(url, expect_status(item), name=name, timeout=timeout)
         command = item.raw("command")
         if not isinstance(command, str) or not command.strip():
-            raise item.error("command", f"expected a shell command (a string), got {describe(command)}")
+            raise item.error(
+                "command", f"expected a shell command (a string), got {describe(command)}"
+            )
         return CommandCheck(command, name=name, timeout=timeout)
 
 

@@ -547,7 +547,9 @@ class Switch:
             self.gate.report(event.name, verdict, event.detail, now)
             if target is Phase.ROLLING_BACK:
                 self.failed_checks = [{"name": event.name, "detail": event.detail}]
-                return self._roll_back(now, f"check {event.name} failed: {event.detail}", [CloseGate()])
+                return self._roll_back(
+                    now, f"check {event.name} failed: {event.detail}", [CloseGate()]
+                )
             return []
         if isinstance(event, GateHeld):
             t.commit_started = now
@@ -583,7 +585,9 @@ class Switch:
             ]
         if isinstance(event, RollbackFailed):
             return self._rollback_failed(event.detail, now, [])
-        raise LocalProtocolError(f"no effect defined for {type(event).__name__}")  # pragma: no cover
+        raise LocalProtocolError(
+            f"no effect defined for {type(event).__name__}"
+        )  # pragma: no cover
 
     def _deadline_passed(self, source: Phase, now: float) -> list[Action]:
         if source is Phase.ACTIVATING:

@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 
 from keel.api import acall
-from keel.errors import ApiError
+from keel.errors import ApiError, Unavailable
 from keel.safeswitch import checks
-from keel.safeswitch.checks import CheckSpec, Verdict, WatchBaseline
+from keel.safeswitch.checks import CheckSpec, WatchBaseline
+from keel.safeswitch.machine import Verdict
 from keel.watch import probes
 
 
@@ -63,7 +64,9 @@ class Prober:
             if isinstance(spec, checks.SystemCheck):
                 return await self._system(spec)
             if isinstance(spec, checks.TcpCheck):
-                outcome = await probes.run_check(probes.TcpCheck(spec.host, spec.port), spec.timeout)
+                outcome = await probes.run_check(
+                    probes.TcpCheck(spec.host, spec.port), spec.timeout
+                )
             elif isinstance(spec, checks.HttpCheck):
                 outcome = await probes.run_check(
                     probes.HttpCheck(spec.url, spec.expect_status), spec.timeout
@@ -79,10 +82,12 @@ class Prober:
     async def _watch(self, name: str, spec: checks.WatchCheck) -> tuple[Verdict, str]:
         try:
             status = await acall(Path(spec.socket), "status", service="watch", timeout=spec.timeout)
-        except ApiError as exc:
+        except Unavailable as exc:
             # watch may be restarting with the new configuration: not an answer yet.
             # One that never answers again keeps the gate from holding until the deadline.
             return "pending", f"watch not answering: {exc}"
+        except ApiError as exc:
+            return "fail", f"watch refused its status: {exc}"
         baseline = self.watch_baselines.setdefault(name, WatchBaseline())
         return checks.judge_watch(status, baseline)
 

@@ -247,7 +247,9 @@ class ProcessRunners:
                     close_fds=True,
                 )
             except OSError as exc:
-                raise KeelError(f"cannot start the rollback timer {argv[0]}: {exc.strerror}") from None
+                raise KeelError(
+                    f"cannot start the rollback timer {argv[0]}: {exc.strerror}"
+                ) from None
         _detached.append(process)
         ref = ProcessRef.of(process.pid)
         if ref is None:

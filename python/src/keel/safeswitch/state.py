@@ -35,6 +35,10 @@ from keel.watch.children import process_start_ticks
 STATE_VERSION = 1
 
 
+class DamagedState(Exception):
+    """The state file is not what keel writes; the message names the field."""
+
+
 # --- processes named by pid and start time ---------------------------------------------
 
 
@@ -107,18 +111,18 @@ class Runner:
     @classmethod
     def from_json(cls, value: Any, where: str) -> Runner:
         if not isinstance(value, dict) or value.get("kind") not in ("systemd", "process"):
-            raise ValueError(f"{where}: expected a runner object")
+            raise DamagedState(f"{where}: expected a runner object")
         process = None
         if "pid" in value:
             pid, start = value.get("pid"), value.get("start")
             if not isinstance(pid, int) or not isinstance(start, int):
-                raise ValueError(f"{where}: pid and start must be integers")
+                raise DamagedState(f"{where}: pid and start must be integers")
             process = ProcessRef(pid, start)
         unit, log = value.get("unit"), value.get("log")
         if unit is not None and not isinstance(unit, str):
-            raise ValueError(f"{where}.unit: expected a string")
+            raise DamagedState(f"{where}.unit: expected a string")
         if log is not None and not isinstance(log, str):
-            raise ValueError(f"{where}.log: expected a string")
+            raise DamagedState(f"{where}.log: expected a string")
         return cls(value["kind"], unit, process, log)
 
 
@@ -177,34 +181,32 @@ class SwitchState:
     def from_json(cls, value: Any) -> SwitchState:
         """Check every field; ValueError names the one that is wrong."""
         if not isinstance(value, dict):
-            raise ValueError("expected an object")
+            raise DamagedState("expected an object")
         if value.get("version") != STATE_VERSION:
-            raise ValueError(f"version: expected {STATE_VERSION}, got {value.get('version')!r}")
+            raise DamagedState(f"version: expected {STATE_VERSION}, got {value.get('version')!r}")
         known = {f.name for f in fields(cls)} | {"version"}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"{unknown[0]}: unknown key")
+            raise DamagedState(f"{unknown[0]}: unknown key")
         try:
-            phase = Phase(value.get("phase"))
+            phase = Phase(str(value.get("phase")))
         except ValueError:
-            raise ValueError(f"phase: not a phase: {value.get('phase')!r}") from None
+            raise DamagedState(f"phase: not a phase: {value.get('phase')!r}") from None
         limits_raw = value.get("limits")
-        if not isinstance(limits_raw, dict) or set(limits_raw) != {
-            f.name for f in fields(Limits)
-        }:
-            raise ValueError("limits: expected gate, deadline, commit_timeout, rollback_timeout")
+        if not isinstance(limits_raw, dict) or set(limits_raw) != {f.name for f in fields(Limits)}:
+            raise DamagedState("limits: expected gate, deadline, commit_timeout, rollback_timeout")
         for name, number in limits_raw.items():
             if isinstance(number, bool) or not isinstance(number, int | float):
-                raise ValueError(f"limits.{name}: expected a number")
+                raise DamagedState(f"limits.{name}: expected a number")
         switcher_raw = value.get("switcher")
         switcher = None
         if switcher_raw is not None:
             if not isinstance(switcher_raw, dict) or not all(
                 isinstance(switcher_raw.get(k), int) for k in ("pid", "start")
             ):
-                raise ValueError("switcher: expected {pid, start}")
+                raise DamagedState("switcher: expected {pid, start}")
             switcher = ProcessRef(switcher_raw["pid"], switcher_raw["start"])
-        state = cls(
+        return cls(
             id=_string(value, "id"),
             phase=phase,
             old=_string(value, "old"),
@@ -233,7 +235,6 @@ class SwitchState:
             run_dir=_string(value, "run_dir", optional=True) or "",
             updated_at=_number(value, "updated_at", optional=True) or 0.0,
         )
-        return state
 
 
 def _string(value: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
@@ -241,7 +242,7 @@ def _string(value: Mapping[str, Any], key: str, *, optional: bool = False) -> An
     if item is None and optional:
         return None
     if not isinstance(item, str):
-        raise ValueError(f"{key}: expected a string, got {type(item).__name__}")
+        raise DamagedState(f"{key}: expected a string, got {type(item).__name__}")
     return item
 
 
@@ -250,21 +251,21 @@ def _number(value: Mapping[str, Any], key: str, *, optional: bool = False) -> An
     if item is None and optional:
         return None
     if isinstance(item, bool) or not isinstance(item, int | float):
-        raise ValueError(f"{key}: expected a number, got {type(item).__name__}")
+        raise DamagedState(f"{key}: expected a number, got {type(item).__name__}")
     return float(item)
 
 
 def _strings(value: Mapping[str, Any], key: str) -> list[str]:
     items = value.get(key, [])
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ValueError(f"{key}: expected a list of strings")
+        raise DamagedState(f"{key}: expected a list of strings")
     return list(items)
 
 
 def _objects(value: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
     items = value.get(key, [])
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ValueError(f"{key}: expected a list of objects")
+        raise DamagedState(f"{key}: expected a list of objects")
     return list(items)
 
 
@@ -288,7 +289,7 @@ class StateFile:
             return SwitchState.from_json(parse_json(raw, source=str(self.path)))
         except ConfigError as exc:
             raise KeelError(f"{exc} (the switch state file is damaged)") from None
-        except ValueError as exc:
+        except DamagedState as exc:
             raise KeelError(
                 f"{self.path}: {exc} (the switch state file is damaged; see docs/safeswitch.md, "
                 "'when the state file is damaged')"
