@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 # --- phases -------------------------------------------------------------------
@@ -377,7 +377,7 @@ class Gate:
         state.verdict, state.detail, state.at = verdict, detail, now
         state.results += 1
         if verdict == "fail" and self.failure is None:
-            self.failure = state
+            self.failure = replace(state)  # as it failed, whatever it says later
 
     def held(self, now: float) -> bool:
         holds_at = self.holds_at
@@ -485,11 +485,13 @@ class Switch:
             return t.rollback_started + self.limits.rollback_timeout
         return None
 
-    def next_wakeup(self) -> float | None:
-        """The next time :meth:`tick` can change anything (None: only events can)."""
+    def next_wakeup(self, now: float) -> float | None:
+        """The next time after ``now`` that :meth:`tick` can change anything (None: only
+        events can). Once the gate's time is over, only a result or the deadline can."""
         times = [t for t in (self.deadline(),) if t is not None]
         if self.phase is Phase.GATING and (holds_at := self.gate.holds_at) is not None:
-            times.append(holds_at)
+            if holds_at > now:
+                times.append(holds_at)
         return min(times) if times else None
 
     # --- feeding ----------------------------------------------------------------

@@ -309,7 +309,7 @@ class Executor:
         self.persist()
         await self.execute(actions)
         while not self.machine.finished:
-            wake = self.machine.next_wakeup()
+            wake = self.machine.next_wakeup(self.clock())
             timeout = None if wake is None else max(0.0, wake - self.clock())
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout)
