@@ -489,9 +489,9 @@ class Switch:
         """The next time after ``now`` that :meth:`tick` can change anything (None: only
         events can). Once the gate's time is over, only a result or the deadline can."""
         times = [t for t in (self.deadline(),) if t is not None]
-        if self.phase is Phase.GATING and (holds_at := self.gate.holds_at) is not None:
-            if holds_at > now:
-                times.append(holds_at)
+        holds_at = self.gate.holds_at
+        if self.phase is Phase.GATING and holds_at is not None and holds_at > now:
+            times.append(holds_at)
         return min(times) if times else None
 
     # --- feeding ----------------------------------------------------------------

@@ -22,6 +22,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from keel.errors import KeelError, UsageError
@@ -51,10 +52,17 @@ async def wait_until(monotonic: float, clock: Callable[[], float] = time.monoton
         await asyncio.sleep(min(left, 60.0))
 
 
+def _as_rollback(result: Result) -> Result:
+    """The rollback command succeeds (exit 0) when the host is back on the old system."""
+    if result.phase is m.Phase.ROLLED_BACK:
+        return replace(result, exit_code=0)
+    return result
+
+
 async def by_timer(files: StateFile, switch_id: str, out: Output) -> Result:
     result = await take_over(files, switch_id=switch_id, by="timer", out=out)
     if result is not None:
-        return result
+        return _as_rollback(result)
     state = files.read()
     what = (
         f"it ended {state.phase.value}"
@@ -86,7 +94,7 @@ async def by_operator(
             return await _ask_switcher(files, state, out)
         result = await take_over(files, switch_id=state.id, by="operator", out=out)
         if result is not None:
-            return result
+            return _as_rollback(result)
     return await to_generation(config, to=to, out=out, rng=rng)
 
 

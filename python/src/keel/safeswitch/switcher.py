@@ -224,7 +224,10 @@ class Alerter:
             return
         from keel.watch.alerting import Alert
 
-        router.send(Alert(SOURCE, switch_id, kind, text, self.host, time.time()), names)
+        alert = Alert(
+            SOURCE, switch_id, kind, text, self.host, time.time(), source="keel-safeswitch"
+        )
+        router.send(alert, names)
 
     def _open(self) -> tuple[Any, tuple[str, ...]]:
         from keel.watch.alerting import TelegramRoute

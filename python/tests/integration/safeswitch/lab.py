@@ -132,8 +132,12 @@ class Lab:
             [*KEEL, *args], capture_output=True, text=True, timeout=timeout, check=False
         )
 
-    def switch(self, system: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.keel("switch", "--config", str(self.config_path), *args, str(system), timeout=timeout)
+    def switch(
+        self, system: Path, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self.keel(
+            "switch", "--config", str(self.config_path), *args, str(system), timeout=timeout
+        )
 
     @property
     def config_path(self) -> Path:

@@ -101,7 +101,7 @@ def test_failed_units_are_read_from_systemctl() -> None:
 
 
 def test_checks_get_readable_unique_names() -> None:
-    specs = [
+    specs: list[checks.CheckSpec] = [
         checks.WatchCheck("/run/keel/watch.sock"),
         checks.TcpCheck("127.0.0.1", 22),
         checks.TcpCheck("::1", 22),

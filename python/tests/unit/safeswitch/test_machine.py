@@ -102,48 +102,74 @@ EXPECTED: dict[tuple[Phase, type[m.Event]], tuple[Feed, Phase, list[str]]] = {
     (Phase.ARMING, m.Armed): (event(m.Armed()), Phase.ACTIVATING, ["Activate"]),
     (Phase.ARMING, m.Refused): (event(m.Refused("no timer")), Phase.REFUSED, []),
     (Phase.ARMING, m.TakenOver): (
-        event(TAKEN), Phase.ROLLING_BACK, ["StopActivation", "RollBack()"]
+        event(TAKEN),
+        Phase.ROLLING_BACK,
+        ["StopActivation", "RollBack()"],
     ),
     (Phase.ACTIVATING, m.ActivationSucceeded): (
-        event(m.ActivationSucceeded()), Phase.GATING, ["OpenGate"]
+        event(m.ActivationSucceeded()),
+        Phase.GATING,
+        ["OpenGate"],
     ),
     (Phase.ACTIVATING, m.ActivationFailed): (
-        event(m.ActivationFailed("exit 1")), Phase.ROLLING_BACK, ["RollBack()"]
+        event(m.ActivationFailed("exit 1")),
+        Phase.ROLLING_BACK,
+        ["RollBack()"],
     ),
     (Phase.ACTIVATING, m.DeadlinePassed): (
-        deadline_passed, Phase.ROLLING_BACK, ["StopActivation", "RollBack()"]
+        deadline_passed,
+        Phase.ROLLING_BACK,
+        ["StopActivation", "RollBack()"],
     ),
     (Phase.ACTIVATING, m.Interrupted): (
-        event(m.Interrupted("SIGINT")), Phase.ROLLING_BACK, ["StopActivation", "RollBack()"]
+        event(m.Interrupted("SIGINT")),
+        Phase.ROLLING_BACK,
+        ["StopActivation", "RollBack()"],
     ),
     (Phase.ACTIVATING, m.TakenOver): (
-        event(TAKEN), Phase.ROLLING_BACK, ["StopActivation", "RollBack()"]
+        event(TAKEN),
+        Phase.ROLLING_BACK,
+        ["StopActivation", "RollBack()"],
     ),
     (Phase.GATING, m.CheckPassed): (event(m.CheckPassed("watch")), Phase.GATING, []),
     (Phase.GATING, m.CheckPending): (event(m.CheckPending("watch")), Phase.GATING, []),
     (Phase.GATING, m.CheckFailed): (
-        event(m.CheckFailed("health", "exit 1")), Phase.ROLLING_BACK, ["CloseGate", "RollBack()"]
+        event(m.CheckFailed("health", "exit 1")),
+        Phase.ROLLING_BACK,
+        ["CloseGate", "RollBack()"],
     ),
     (Phase.GATING, m.GateHeld): (gate_held, Phase.COMMITTING, ["CloseGate", "Commit"]),
     (Phase.GATING, m.DeadlinePassed): (
-        deadline_passed, Phase.ROLLING_BACK, ["CloseGate", "RollBack()"]
+        deadline_passed,
+        Phase.ROLLING_BACK,
+        ["CloseGate", "RollBack()"],
     ),
     (Phase.GATING, m.Interrupted): (
-        event(m.Interrupted("SIGTERM")), Phase.ROLLING_BACK, ["CloseGate", "RollBack()"]
+        event(m.Interrupted("SIGTERM")),
+        Phase.ROLLING_BACK,
+        ["CloseGate", "RollBack()"],
     ),
     (Phase.GATING, m.TakenOver): (event(TAKEN), Phase.ROLLING_BACK, ["CloseGate", "RollBack()"]),
     (Phase.COMMITTING, m.CommitDone): (
-        event(m.CommitDone()), Phase.COMMITTED, ["Disarm", "Record(committed)", "ReleaseRoots"]
+        event(m.CommitDone()),
+        Phase.COMMITTED,
+        ["Disarm", "Record(committed)", "ReleaseRoots"],
     ),
     (Phase.COMMITTING, m.CommitFailed): (
-        event(m.CommitFailed("boot")), Phase.ROLLING_BACK, ["RollBack(restore)"]
+        event(m.CommitFailed("boot")),
+        Phase.ROLLING_BACK,
+        ["RollBack(restore)"],
     ),
     (Phase.COMMITTING, m.DeadlinePassed): (
-        deadline_passed, Phase.ROLLING_BACK, ["StopCommit", "RollBack(restore)"]
+        deadline_passed,
+        Phase.ROLLING_BACK,
+        ["StopCommit", "RollBack(restore)"],
     ),
     (Phase.COMMITTING, m.Interrupted): (event(m.Interrupted("SIGINT")), Phase.COMMITTING, []),
     (Phase.COMMITTING, m.TakenOver): (
-        event(TAKEN), Phase.ROLLING_BACK, ["StopCommit", "RollBack(restore)"]
+        event(TAKEN),
+        Phase.ROLLING_BACK,
+        ["StopCommit", "RollBack(restore)"],
     ),
     (Phase.ROLLING_BACK, m.RolledBack): (
         event(m.RolledBack()),
@@ -162,7 +188,9 @@ EXPECTED: dict[tuple[Phase, type[m.Event]], tuple[Feed, Phase, list[str]]] = {
     ),
     (Phase.ROLLING_BACK, m.Interrupted): (event(m.Interrupted("SIGINT")), Phase.ROLLING_BACK, []),
     (Phase.ROLLING_BACK, m.TakenOver): (
-        event(TAKEN), Phase.ROLLING_BACK, ["StopRollback", "RollBack(restore)"]
+        event(TAKEN),
+        Phase.ROLLING_BACK,
+        ["StopRollback", "RollBack(restore)"],
     ),
 }
 
@@ -189,9 +217,7 @@ def test_transition(phase: Phase, event_type: type[m.Event]) -> None:
     assert sw.phase is target
 
 
-ILLEGAL = [
-    (phase, ev) for phase in Phase for ev in EVENT_TYPES if ev not in m.TRANSITIONS[phase]
-]
+ILLEGAL = [(phase, ev) for phase in Phase for ev in EVENT_TYPES if ev not in m.TRANSITIONS[phase]]
 
 
 def _instance(event_type: type[m.Event]) -> m.Event:
@@ -262,7 +288,7 @@ def test_the_gate_holds_only_when_every_check_passed_after_the_whole_gate() -> N
     # ...and holds at the first result that completes it, not at the next tick.
     clock.advance(1)
     assert kinds(sw.handle(m.CheckPassed("health"), clock())) == ["CloseGate", "Commit"]
-    assert sw.phase is Phase.COMMITTING
+    assert sw.phase.value == "committing"
 
 
 def test_a_pending_check_keeps_the_gate_open_until_the_deadline() -> None:
@@ -395,7 +421,7 @@ def test_the_committed_record_carries_both_systems_and_timings() -> None:
 )
 def test_limits_that_cannot_work_are_refused(limits: m.Limits, problem: str) -> None:
     assert problem in (limits.problem() or "")
-    with pytest.raises(ValueError, match="."):
+    with pytest.raises(ValueError, match=r"\w"):
         m.Switch(PLAN, limits)
 
 
@@ -477,11 +503,14 @@ def test_any_run_keeps_the_promises(steps: list[tuple[m.Event, float]]) -> None:
         assert disarms == 1  # every decided switch stops its timer, once
         records = [a.kind for a in actions if isinstance(a, m.Record)]
         assert len(records) == 1
-        assert records[0] == {
-            Phase.COMMITTED: "committed",
-            Phase.ROLLED_BACK: "rolled-back",
-            Phase.NEEDS_OPERATOR: "rollback-failed",
-        }[sw.phase]
+        assert (
+            records[0]
+            == {
+                Phase.COMMITTED: "committed",
+                Phase.ROLLED_BACK: "rolled-back",
+                Phase.NEEDS_OPERATOR: "rollback-failed",
+            }[sw.phase]
+        )
         # The old system stays rooted when the host needs an operator.
         released = any(isinstance(a, m.ReleaseRoots) for a in actions)
         assert released == (sw.phase is not Phase.NEEDS_OPERATOR)

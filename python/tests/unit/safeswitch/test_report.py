@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import io
 
-from keel.safeswitch.report import HostFacts, Output, history, history_table, host_state, short, status_lines
+from keel.safeswitch.report import (
+    HostFacts,
+    Output,
+    history,
+    history_table,
+    host_state,
+    short,
+    status_lines,
+)
 
 
 def entry(kind: str, subject: str, **data: object) -> dict[str, object]:
-    return {"kind": kind, "subject": subject, "ts": f"2026-01-01T00:00:0{len(subject) % 10}.000000Z", "data": data}
+    return {
+        "kind": kind,
+        "subject": subject,
+        "ts": f"2026-01-01T00:00:0{len(subject) % 10}.000000Z",
+        "data": data,
+    }
 
 
 def test_history_pairs_each_start_with_its_outcome() -> None:
