@@ -50,7 +50,9 @@ in
       enable
       description
       wantedBy
+      requiredBy
       after
+      before
       wants
       requires
       bindsTo

@@ -342,6 +342,29 @@ in
     documentation.enable = enableOption true;
     fonts.fontconfig.enable = enableOption true;
     programs.command-not-found.enable = enableOption true;
+
+    # The options safeswitch's module reads and its VM test sets
+    # (system/boot/loader/systemd-boot/systemd-boot.nix, loader/efi/efi.nix,
+    # virtualisation/qemu-vm.nix, system/activation/specialisation.nix).
+    boot.loader.systemd-boot.enable = enableOption false;
+    boot.loader.systemd-boot.bootCounting.enable = enableOption false;
+    boot.loader.efi.canTouchEfiVariables = enableOption false;
+    virtualisation.useBootLoader = enableOption false;
+    virtualisation.useEFIBoot = enableOption false;
+    specialisation = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            inheritParentConfig = enableOption true;
+            configuration = mkOption {
+              type = types.deferredModule;
+              default = { };
+            };
+          };
+        }
+      );
+      default = { };
+    };
   };
 
   # NixOS' own checks on users that a service module can trip: the assertions

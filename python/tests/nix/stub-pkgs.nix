@@ -97,6 +97,7 @@ let
     python3 = package "python3";
     curl = package "curl";
     jq = package "jq";
+    coreutils = package "coreutils";
   };
 in
 self

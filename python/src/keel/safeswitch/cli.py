@@ -139,6 +139,13 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
             "--deadline seconds. The boot check of docs/safeswitch.md runs this."
         )
         _switch_options(parser, gate_only=True)
+        parser.add_argument(
+            "--skip-check",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="leave out the configured check of this name (repeatable)",
+        )
         return parser
     parser.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -321,6 +328,11 @@ def _check(args: argparse.Namespace) -> int:
     config = _config(args)
     extra = tuple(ss_config.command_check(text) for text in args.check)
     specs = named(choose_checks(config, extra))
+    unknown = sorted(set(args.skip_check) - {name for name, _ in specs})
+    if unknown:
+        known = ", ".join(name for name, _ in specs) or "none"
+        raise UsageError(f"--skip-check {unknown[0]}: no such check (the checks: {known})")
+    specs = [(name, spec) for name, spec in specs if name not in args.skip_check]
     hold = config.limits.gate
     deadline = args.deadline if args.deadline is not None else hold + 60.0
     if deadline < hold:

@@ -347,3 +347,22 @@ def test_bad_options_are_refused_before_anything(lab: Lab) -> None:
         result.stderr
     )
     assert lab.calls() == []
+
+
+def test_the_gate_alone(lab: Lab) -> None:
+    config = str(lab.config_path)
+    held = lab.keel("switch", "check", "--config", config, "--gate", "0.5", "--json")
+    assert held.returncode == 0, held.stdout + held.stderr
+    report = json.loads(held.stdout)
+    assert report["held"]
+    assert report["checks"][0]["verdict"] == "pass"
+    (lab.root / "health").write_text("broken\n")
+    failed = lab.keel("switch", "check", "--config", config, "--gate", "0.5")
+    assert failed.returncode == 1
+    assert "gate failed: health: exited with status 1" in failed.stdout
+    skipped = lab.keel("switch", "check", "--config", config, "--gate", "0.5", "--skip-check", "health")
+    assert skipped.returncode == 0
+    unknown = lab.keel("switch", "check", "--config", config, "--skip-check", "nope")
+    assert unknown.returncode == 2
+    assert "--skip-check nope: no such check (the checks: health)" in unknown.stderr
+    assert lab.calls() == []  # nothing was switched
