@@ -9,6 +9,7 @@ import pytest
 
 from tests.nix.test_modules import evaluate
 
+
 def safeswitch(
     nix_instantiate: str, nixpkgs_lib: Path, body: str = "", *, boot_counting: bool = False
 ) -> dict[str, Any]:
@@ -74,7 +75,12 @@ def test_typed_checks_and_watch_alerts(nix_instantiate: str, nixpkgs_lib: Path) 
         {"type": "watch", "socket": "/run/keel/watch.sock"},
         {"type": "system", "allow_degraded": True},
         {"type": "tcp", "host": "127.0.0.1", "port": 22, "timeout": 5, "name": "ssh"},
-        {"type": "http", "url": "http://127.0.0.1:8080/health", "timeout": 5, "expect_status": [200]},
+        {
+            "type": "http",
+            "url": "http://127.0.0.1:8080/health",
+            "timeout": 5,
+            "expect_status": [200],
+        },
         {"type": "command", "command": "curl -fsS http://127.0.0.1:8080/ready", "timeout": 30},
         {"type": "command", "command": "true", "timeout": 3, "name": "t"},
     ]

@@ -10,7 +10,6 @@ into the container.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from tests.harness.nspawn import Container
@@ -149,8 +148,10 @@ def test_the_transient_timer_rolls_back_after_sigkill(containers: Containers) ->
     assert "the rollback timer fired" in timer_log
     # The rollback service succeeded (exit 0): nothing failed, nothing left behind.
     box.wait_until(
-        lambda: box.run("systemctl", "is-active", service, check=False).stdout.strip()
-        in ("inactive", "unknown"),
+        lambda: (
+            box.run("systemctl", "is-active", service, check=False).stdout.strip()
+            in ("inactive", "unknown")
+        ),
         timeout=30,
         what="the rollback service to end",
     )
@@ -181,7 +182,9 @@ def test_activation_units_report_their_exit_status(containers: Containers) -> No
     assert running(box).endswith("/gen-c")
     assert box.run("readlink", f"{LAB}/profiles/system").stdout.strip() == "system-2-link"
     # No unit of the switch is left: the timer was disarmed, activations collected.
-    units = box.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "keel-safeswitch*")
+    units = box.run(
+        "systemctl", "list-units", "--all", "--plain", "--no-legend", "keel-safeswitch*"
+    )
     assert units.stdout.strip() == ""
 
 
@@ -227,7 +230,9 @@ def test_real_agent_units_feed_the_gate_through_watch(containers: Containers) ->
     verdicts = {c["name"]: c["verdict"] for c in json.loads(good.stdout)["checks"]}
     assert verdicts == {"watch": "pass", "system": "pass"}
 
-    bad = box.run("keel", "switch", "--json", system(box, "gen-c", "break"), check=False, timeout=120)
+    bad = box.run(
+        "keel", "switch", "--json", system(box, "gen-c", "break"), check=False, timeout=120
+    )
     assert bad.returncode == 1, bad.stdout + bad.stderr
     reason = json.loads(bad.stdout)["reason"]
     assert reason.startswith(("check watch failed: web", "check system failed: degraded")), reason

@@ -52,6 +52,19 @@ async def failed_units(timeout: float = 10.0) -> frozenset[str]:
     return checks.parse_failed_units(out)
 
 
+def command_argv(command: str, timeout: float) -> tuple[str, ...]:
+    """``sh -c COMMAND``, bounded by coreutils' ``timeout`` too where it exists.
+
+    The switcher stops a check that overruns; ``timeout`` also stops one whose
+    switcher was killed, which would otherwise run on, orphaned, in its session.
+    """
+    shell = ("/bin/sh", "-c", command)
+    bound = shutil.which("timeout")
+    if bound is None:
+        return shell
+    return (bound, "--kill-after=2", f"{timeout + 1:g}", *shell)
+
+
 class Prober:
     def __init__(self, *, failed_before: frozenset[str] = frozenset()) -> None:
         self.failed_before = failed_before
@@ -73,7 +86,7 @@ class Prober:
                 )
             else:
                 outcome = await probes.run_check(
-                    probes.ExecCheck(("/bin/sh", "-c", spec.command)), spec.timeout
+                    probes.ExecCheck(command_argv(spec.command, spec.timeout)), spec.timeout
                 )
         except TimeoutError:
             return "fail", f"no answer within {spec.timeout:g} s"

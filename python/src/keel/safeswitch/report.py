@@ -98,6 +98,11 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     state = switch["phase"]
     if switch["in_progress"]:
         lines.append(f"switch {switch['id']}: IN PROGRESS ({state})")
+    elif switch.get("interrupted_by_reboot"):
+        lines.append(
+            f"last switch {switch['id']}: interrupted by a reboot while {state} "
+            "(the old boot default started)"
+        )
     else:
         lines.append(f"last switch {switch['id']}: {state}")
     lines.append(f"  old:      {switch['old']}")

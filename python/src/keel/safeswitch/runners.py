@@ -6,7 +6,9 @@ and the timer counting down to the rollback.
 
 - ``systemd`` (the default on a host): the timer is a transient timer unit
   (``systemd-run --on-active=…``, ``AccuracySec=100ms``) whose service runs
-  ``keel switch rollback --switch-id ID``; each activation runs as its own
+  ``keel switch rollback --switch-id ID``, started up to 2 s early and
+  waiting for the deadline itself, so keel's own start-up does not delay the
+  rollback; each activation runs as its own
   transient service (``systemd-run --wait``), its output appended to a log
   file. Transient units live in ``/run/systemd/transient``: no generation
   declares them, so ``switch-to-configuration`` neither stops nor restarts
@@ -36,6 +38,7 @@ from keel.safeswitch.state import ProcessRef, Runner
 from keel.watch.children import Child
 
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this many seconds
+EARLY_START = 2.0  # seconds the rollback timer's keel starts before the deadline, at most
 
 # Detached timer processes: kept referenced so that no Popen is collected (and
 # warned about) while its process still runs.
@@ -152,12 +155,17 @@ class SystemdRunners:
 
     async def arm(self, switch_id: str, delay: float, argv: Sequence[str], log: Path) -> Runner:
         unit = f"keel-safeswitch-rollback-{switch_id}"
+        # The timer fires a little early and the rollback waits for the deadline on
+        # the monotonic clock (the same for every process of this boot): starting
+        # keel takes a moment, and that moment should not come after the deadline.
+        not_before = time.monotonic() + delay
+        early = min(EARLY_START, delay / 2)
         code, said = await _run(
             [
                 _tool("systemd-run"),
                 f"--unit={unit}",
                 f"--description=keel safeswitch: roll back switch {switch_id} unless it commits",
-                f"--on-active={delay:.3f}s",
+                f"--on-active={delay - early:.3f}s",
                 "--timer-property=AccuracySec=100ms",
                 "--timer-property=RemainAfterElapse=no",
                 f"--property=StandardOutput=append:{log}",
@@ -166,6 +174,8 @@ class SystemdRunners:
                 "--quiet",
                 "--",
                 *argv,
+                "--not-before",
+                f"{not_before:.6f}",
             ]
         )
         if code != 0:

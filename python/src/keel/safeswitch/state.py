@@ -33,6 +33,15 @@ from keel.safeswitch.machine import FINISHED, IN_PROGRESS, Limits, Phase
 from keel.watch.children import process_start_ticks
 
 STATE_VERSION = 1
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    """This boot's id (a state file from another boot describes nothing that runs)."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
 
 
 class DamagedState(Exception):
@@ -152,11 +161,17 @@ class SwitchState:
     alerts: dict[str, Any] | None = None
     host: str = ""
     run_dir: str = ""
+    boot_id: str = field(default_factory=boot_id)
     updated_at: float = 0.0
 
     @property
+    def interrupted_by_reboot(self) -> bool:
+        """In progress when the host went down: the old boot default started again."""
+        return self.phase in IN_PROGRESS and self.boot_id != boot_id()
+
+    @property
     def in_progress(self) -> bool:
-        return self.phase in IN_PROGRESS
+        return self.phase in IN_PROGRESS and not self.interrupted_by_reboot
 
     @property
     def finished(self) -> bool:
@@ -233,6 +248,7 @@ class SwitchState:
             alerts=value.get("alerts") if isinstance(value.get("alerts"), dict) else None,
             host=_string(value, "host", optional=True) or "",
             run_dir=_string(value, "run_dir", optional=True) or "",
+            boot_id=_string(value, "boot_id", optional=True) or "",
             updated_at=_number(value, "updated_at", optional=True) or 0.0,
         )
 
@@ -296,7 +312,12 @@ class StateFile:
             ) from None
 
     def write(self, state: SwitchState) -> None:
-        """Atomically replace the state (readers see the old or the new, never half)."""
+        """Atomically replace the state (readers see the old or the new, never half).
+
+        No fsync: the state describes this boot only (``/run`` is a tmpfs, and a
+        state from an earlier boot is recognised by its boot id), so what a
+        power loss would take is worthless anyway; the rename is what readers need.
+        """
         state.updated_at = time.time()
         data = json.dumps(state.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -304,16 +325,9 @@ class StateFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
 
 
 # --- the lock --------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def status(config: SafeswitchConfig, *, wall: float | None = None) -> dict[str, 
     switch = state.to_json()
     switch.pop("version", None)
     switch["in_progress"] = state.in_progress
+    switch["interrupted_by_reboot"] = state.interrupted_by_reboot
     if state.in_progress:
         switch["seconds_left"] = round(state.deadline_at - now, 3)
         switch["lock_held"] = Lock(config.run_dir).held_elsewhere()

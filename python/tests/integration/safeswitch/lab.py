@@ -12,7 +12,8 @@ generations, a run directory, GC roots and a ledger. Each system made by
 - does what ``behaviour/NAME`` says at the moment it runs: ``ok``, ``fail``
   (exit 1 after re-pointing, as a half-done activation would), ``hang``
   (re-point, then never return), ``break`` (activate fine, report broken),
-  ``fail-boot`` (``boot`` exits 1).
+  ``slow`` (a second's work, as a small real activation), ``fail-boot``
+  (``boot`` exits 1).
 
 The behaviour is read at each call, so a test can change it mid-switch.
 """
@@ -46,6 +47,7 @@ case "$verb" in
       fail) echo "activation of $name failed: a unit did not start" >&2; exit 1 ;;
       hang) echo "activation of $name hangs"; exec sleep 3600 ;;
       break) echo broken > "$lab/health" ;;
+      slow) sleep 1; echo ok > "$lab/health" ;;
       *) echo ok > "$lab/health" ;;
     esac
     echo "activated $name" ;;

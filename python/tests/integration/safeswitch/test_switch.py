@@ -360,7 +360,9 @@ def test_the_gate_alone(lab: Lab) -> None:
     failed = lab.keel("switch", "check", "--config", config, "--gate", "0.5")
     assert failed.returncode == 1
     assert "gate failed: health: exited with status 1" in failed.stdout
-    skipped = lab.keel("switch", "check", "--config", config, "--gate", "0.5", "--skip-check", "health")
+    skipped = lab.keel(
+        "switch", "check", "--config", config, "--gate", "0.5", "--skip-check", "health"
+    )
     assert skipped.returncode == 0
     unknown = lab.keel("switch", "check", "--config", config, "--skip-check", "nope")
     assert unknown.returncode == 2

@@ -101,3 +101,16 @@ def test_a_process_reference_outlives_pid_reuse() -> None:
     assert me.alive()
     assert not ProcessRef(me.pid, me.start + 1).alive()  # same pid, another process
     assert not ProcessRef(me.pid, me.start + 1).signal(0)
+
+
+def test_a_state_from_an_earlier_boot_is_not_in_progress(tmp_path: Path) -> None:
+    files = StateFile(tmp_path)
+    state = sample()
+    assert state.in_progress  # written by this boot
+    state.boot_id = "00000000-0000-0000-0000-000000000000"
+    files.write(state)
+    again = files.read()
+    assert again is not None
+    assert not again.in_progress
+    assert again.interrupted_by_reboot
+    assert not again.finished
