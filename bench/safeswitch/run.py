@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,18 +49,16 @@ from tests.integration.safeswitch.lab import SCRIPT  # noqa: E402
 DEADLINE = 3.0  # seconds, figure 2
 
 
+@dataclass(frozen=True)
 class Target:
     """Where the switches happen: this host, or a container; shell in, text out."""
 
-    def __init__(
-        self, name: str, lab: str, run_dir: str, keel: str, timer: str, sh: Callable[[str], str]
-    ) -> None:
-        self.name = name
-        self.lab = lab
-        self.run_dir = run_dir
-        self.keel = keel
-        self.timer = timer
-        self.sh = sh
+    name: str
+    lab: str
+    run_dir: str
+    keel: str
+    timer: str
+    sh: Callable[[str], str]
 
     def write(self, path: str, text: str, mode: str = "644") -> None:
         self.sh(
@@ -168,7 +167,6 @@ def kill_latency(target: Target, runs: int) -> tuple[list[float], list[float]]:
 
 def switch_overhead(target: Target, runs: int, behaviour: str) -> tuple[list[float], list[float]]:
     """Figure 3: a healthy switch (gate 0, no checks) against a bare activation."""
-    lab = target.lab
     keel_times, bare = [], []
     for i in range(runs):
         config = target.reset([], gate=0)
