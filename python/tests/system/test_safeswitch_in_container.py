@@ -14,35 +14,11 @@ from typing import Any
 
 from tests.harness.nspawn import Container
 from tests.harness.plugin import Containers
-from tests.integration.safeswitch.lab import SCRIPT
+from tests.integration.safeswitch.lab import HEALTH_AGENT, SCRIPT
 
 LAB = "/srv/lab"
 CONFIG = "/etc/keel/safeswitch.json"
 
-# An agent that serves /health and dies when the running system says it is broken.
-AGENT = """
-import http.server, os, sys, threading, time
-health, port = sys.argv[1], int(sys.argv[2])
-def broken():
-    try:
-        return open(health).read().strip() != "ok"
-    except OSError:
-        return True
-if broken():
-    sys.exit(1)
-def watch():
-    while not broken():
-        time.sleep(0.05)
-    os._exit(1)
-threading.Thread(target=watch, daemon=True).start()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers()
-        self.wfile.write(b"ok\\n")
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
 
 WATCH_UNIT = """\
 [Service]
@@ -190,7 +166,7 @@ def test_activation_units_report_their_exit_status(containers: Containers) -> No
 
 def test_real_agent_units_feed_the_gate_through_watch(containers: Containers) -> None:
     box = containers.boot("switch3")
-    box.write_file("/srv/agent.py", AGENT)
+    box.write_file("/srv/agent.py", HEALTH_AGENT)
     box.write_file(
         "/etc/systemd/system/agent-web.service",
         f"[Service]\nExecStart=/usr/bin/python3 /srv/agent.py {LAB}/health 8091\nRestart=no\n",

@@ -42,6 +42,9 @@ def store_dir() -> str:
 
 def system_problem(path: Path) -> str | None:
     """Why ``path`` is not a built system, or None."""
+    text = str(path)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return f"{text!r}: a path with control characters is not a system keel will run"
     if not path.exists():
         return f"{path} does not exist"
     if not path.is_dir():

@@ -8,7 +8,6 @@ does. tcp, http and command checks are watch's own probes
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 
@@ -17,24 +16,12 @@ from keel.errors import ApiError, Unavailable
 from keel.safeswitch import checks
 from keel.safeswitch.checks import CheckSpec, WatchBaseline
 from keel.safeswitch.machine import Verdict
+from keel.safeswitch.runners import capture
 from keel.watch import probes
 
 
-async def _output(argv: list[str], timeout: float) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, _ = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    return process.returncode or 0, out.decode("utf-8", "replace")
+async def _output(argv: list[str], timeout: float) -> str:
+    return (await capture(argv, timeout=timeout))[1]
 
 
 async def failed_units(timeout: float = 10.0) -> frozenset[str]:
@@ -43,7 +30,7 @@ async def failed_units(timeout: float = 10.0) -> frozenset[str]:
     if systemctl is None or not Path("/run/systemd/system").is_dir():
         return frozenset()
     try:
-        _, out = await _output(
+        out = await _output(
             [systemctl, "list-units", "--state=failed", "--plain", "--no-legend", "--no-pager"],
             timeout,
         )
@@ -108,7 +95,7 @@ class Prober:
         systemctl = shutil.which("systemctl")
         if systemctl is None:
             return "fail", "systemctl not found"
-        _, state = await _output([systemctl, "is-system-running"], spec.timeout)
+        state = await _output([systemctl, "is-system-running"], spec.timeout)
         failed: frozenset[str] = frozenset()
         if state.strip() == "degraded":
             failed = await failed_units(spec.timeout)

@@ -14,16 +14,17 @@ The ``nixos-rebuild`` front of ``keel switch``:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from keel.errors import KeelError, UsageError
 from keel.safeswitch.generations import SWITCH, system_problem
 from keel.safeswitch.report import Output
+from keel.safeswitch.runners import capture
 
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUILD_TIMEOUT = 6 * 3600.0
@@ -57,20 +58,10 @@ def parse_flake(text: str, *, default_host: str | None = None) -> FlakeTarget:
 
 
 async def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        async with asyncio.timeout(timeout):
-            out, err = await process.communicate()
+        return await capture(argv, timeout=timeout)
     except TimeoutError:
-        process.kill()
-        await process.wait()
         raise KeelError(f"{argv[0]} did not finish within {timeout:g} s") from None
-    return process.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 async def build(target: FlakeTarget, out: Output) -> str:
@@ -100,16 +91,10 @@ async def build(target: FlakeTarget, out: Output) -> str:
         path = built[0]["outputs"]["out"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise KeelError(f"nix build printed no output path for {target.installable}") from None
-    if not isinstance(path, str) or (problem := system_problem_of(path)) is not None:
+    if not isinstance(path, str) or (problem := system_problem(Path(path))) is not None:
         raise KeelError(f"{target.ref}#{target.host} did not build a NixOS system: {problem}")
     out.line(f"built {path}")
     return path
-
-
-def system_problem_of(path: str) -> str | None:
-    from pathlib import Path
-
-    return system_problem(Path(path))
 
 
 async def dry_activate(system: str, out: Output) -> None:

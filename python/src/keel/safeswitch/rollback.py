@@ -71,7 +71,8 @@ async def by_timer(files: StateFile, switch_id: str, out: Output) -> Result:
     )
     message = f"switch {switch_id}: nothing to roll back ({what})"
     out.line(message)
-    return Result(m.Phase.COMMITTED, 0, state, message)
+    phase = state.phase if state is not None and state.id == switch_id else m.Phase.REFUSED
+    return Result(phase, 0, state, message)
 
 
 async def by_operator(

@@ -77,23 +77,36 @@ class Runners(Protocol):
         ...
 
 
-async def _run(argv: Sequence[str], *, timeout: float = 60.0) -> tuple[int, str]:
+async def capture(argv: Sequence[str], *, timeout: float) -> tuple[int, str, str]:
+    """Run ``argv`` (no stdin, its own session) and return its status, stdout and stderr.
+
+    TimeoutError after ``timeout`` seconds, the process killed.
+    """
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
     try:
         async with asyncio.timeout(timeout):
-            out, _ = await process.communicate()
+            out, err = await process.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+        raise
+    return process.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+async def _run(argv: Sequence[str], *, timeout: float = 60.0) -> tuple[int, str]:
+    """A systemctl or systemd-run call: its status and what it said."""
+    try:
+        code, out, err = await capture(argv, timeout=timeout)
+    except TimeoutError:
         return -1, f"{argv[0]} did not answer within {timeout:g} s"
-    return process.returncode or 0, out.decode("utf-8", "replace").strip()
+    return code, (out + err).strip()
 
 
 def _tool(name: str) -> str:

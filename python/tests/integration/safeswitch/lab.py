@@ -61,6 +61,34 @@ esac
 """
 
 
+# An agent that serves /health and dies when the running system says it is broken
+# (as an agent does whose new configuration it cannot live with): the integration
+# and system tests of the gate run it under watch. Arguments: HEALTH_FILE PORT.
+HEALTH_AGENT = """
+import http.server, os, sys, threading, time
+health, port = sys.argv[1], int(sys.argv[2])
+def broken():
+    try:
+        return open(health).read().strip() != "ok"
+    except OSError:
+        return True
+if broken():
+    sys.exit(1)
+def watch():
+    while not broken():
+        time.sleep(0.05)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers()
+        self.wfile.write(b"ok\\n")
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
 class Lab:
     def __init__(self, root: Path) -> None:
         self.root = root

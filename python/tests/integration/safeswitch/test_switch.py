@@ -192,6 +192,7 @@ def test_two_switches_at_once_the_second_is_refused(lab: Lab) -> None:
         (lambda lab: lab.root / "missing", "does not exist"),
         (lambda lab: lab.root, "is not a NixOS system: it has no bin/switch-to-configuration"),
         (lambda lab: lab.root / "calls-file", "is not a directory"),
+        (lambda lab: lab.root / "a\nb", "a path with control characters"),
     ],
 )
 def test_a_missing_or_bogus_toplevel_changes_nothing(lab: Lab, make: object, message: str) -> None:

@@ -11,36 +11,10 @@ from pathlib import Path
 import pytest
 from keel.watch.children import pidfd_supported
 
-from tests.integration.safeswitch.lab import KEEL, Lab, wait_for
+from tests.integration.safeswitch.lab import HEALTH_AGENT, KEEL, Lab, wait_for
 from tests.integration.watch_support import free_port
 
 pytestmark = pytest.mark.skipif(not pidfd_supported(), reason="needs Linux 5.3+ (pidfd_open)")
-
-# An agent that serves /health and dies when the running system says it is broken
-# (as an agent does whose new configuration it cannot live with).
-AGENT = """
-import http.server, os, sys, threading, time
-health, port = sys.argv[1], int(sys.argv[2])
-def broken():
-    try:
-        return open(health).read().strip() != "ok"
-    except OSError:
-        return True
-if broken():
-    sys.exit(1)
-def watch():
-    while not broken():
-        time.sleep(0.05)
-    os._exit(1)
-threading.Thread(target=watch, daemon=True).start()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers()
-        self.wfile.write(b"ok\\n")
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
 
 
 @pytest.fixture
@@ -48,7 +22,7 @@ def watched(tmp_path: Path) -> Iterator[tuple[Lab, Path]]:
     lab = Lab(tmp_path / "lab")
     lab.boot(lab.system("gen-a"))
     agent = tmp_path / "agent.py"
-    agent.write_text(AGENT)
+    agent.write_text(HEALTH_AGENT)
     port = free_port()
     socket = tmp_path / "watch.sock"
     config = {
