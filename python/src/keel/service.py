@@ -68,12 +68,12 @@ def read_common(cfg: Section, service: str) -> Common:
     ``checkpoint_every`` is how often (seconds) the ledger's head is signed,
     ``null`` for never.
     """
-    socket = Path(cfg.string("socket", default=str(paths.socket_file(service))))
+    socket = cfg.filepath("socket", default=str(paths.socket_file(service)))
     ledger: Path | None = paths.ledger_db()
     if "ledger" in cfg and cfg.raw("ledger") is None:
         ledger = None
     else:
-        ledger = Path(cfg.string("ledger", default=str(paths.ledger_db())))
+        ledger = cfg.filepath("ledger", default=str(paths.ledger_db()))
     checkpoint_every: float | None = None
     if "checkpoint_every" not in cfg or cfg.raw("checkpoint_every") is not None:
         checkpoint_every = cfg.number("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, positive=True)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from keel import launch
 from keel.config import Section, describe, load_json_file
 from keel.errors import ConfigError
+from keel.watch import httpwire
 
 # An agent name becomes part of a unit name (keel-agent-NAME.service) and of a
 # user name (keel-agent-NAME, at most 32 characters for useradd), so it must be
@@ -40,10 +42,19 @@ PROBE_TYPES = ("http", "tcp", "exec")
 PROBE_DEFAULTS: dict[str, float] = {"interval": 5.0, "timeout": 2.0, "failures": 3, "grace": 0.0}
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-_SIZE = re.compile(r"[0-9]+[KMGT]?\Z")
-_PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?%\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SIZE = re.compile(r"([0-9]{1,20})([KMGT]?)\Z")
+_PERCENT = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?%\Z")
 _CAPABILITY = re.compile(r"CAP_[A-Z_]+\Z")
+
+# What systemd 252 reads back (measured, tests/integration/test_units_systemd.py);
+# beyond these it logs a warning and drops the directive, and the agent would
+# silently run without the limit.
+PATH_MAX_BYTES = 4095  # PATH_MAX less the terminating NUL
+NAME_MAX_BYTES = 255  # one path component
+MAX_BYTES = 2**64 - 2  # MemoryMax=: below UINT64_MAX, which means infinity
+MAX_TASKS = 2**64 - 2  # TasksMax=
+MAX_CPU_QUOTA_HUNDREDTHS = 2**31 - 1  # CPUQuota=: 21474836.47%
+WATCHDOG_RANGE = (0.001, 86400.0)  # WatchdogSec=, seconds; rendered to the microsecond
 
 
 @dataclass(frozen=True)
@@ -159,13 +170,13 @@ class AgentSpec:
 def check_name(name: str) -> str | None:
     if not NAME_PATTERN.match(name):
         return (
-            f"{name!r} is not a valid agent name: use lowercase letters, digits, '-' and '_', "
-            "starting with a letter (it becomes a unit and a user name)"
+            f"{describe(name)} is not a valid agent name: use lowercase letters, digits, '-' "
+            "and '_', starting with a letter (it becomes a unit and a user name)"
         )
     if len(name) > MAX_NAME_LENGTH:
         return (
-            f"{name!r} is too long: at most {MAX_NAME_LENGTH} characters, so that "
-            f"'{USER_PREFIX}{name}' fits the {MAX_USER_LENGTH}-character user name limit"
+            f"{describe(name)} is too long: at most {MAX_NAME_LENGTH} characters, so that "
+            f"the user name '{USER_PREFIX}<name>' fits the {MAX_USER_LENGTH}-character limit"
         )
     return None
 
@@ -173,69 +184,142 @@ def check_name(name: str) -> str | None:
 def check_user(user: str) -> str | None:
     if not USER_PATTERN.match(user) or len(user) > MAX_USER_LENGTH:
         return (
-            f"{user!r} is not a valid user name: lowercase letters, digits, '-' and '_', "
-            f"starting with a letter or '_', at most {MAX_USER_LENGTH} characters"
+            f"{describe(user)} is not a valid user name: lowercase letters, digits, '-' and "
+            f"'_', starting with a letter or '_', at most {MAX_USER_LENGTH} characters"
         )
     return None
 
 
-def check_absolute_path(path: str) -> str | None:
-    pure = PurePosixPath(path)
-    if not pure.is_absolute():
-        return f"{path!r} is not an absolute path (start it with '/')"
-    if ".." in pure.parts:
-        return f"{path!r} contains '..'; write the path it means"
-    if any(c in path for c in "\n\0") or any(c.isspace() for c in path):
-        return f"{path!r} contains whitespace or control characters, which unit files cannot carry"
-    if path == "/":
-        return "'/' is the whole file system; name the directories the agent needs"
+def _path_length_problem(path: str) -> str | None:
+    if len(path.encode()) > PATH_MAX_BYTES:
+        return f"{describe(path)} is longer than {PATH_MAX_BYTES} bytes (PATH_MAX)"
+    for part in path.split("/"):
+        if len(part.encode()) > NAME_MAX_BYTES:
+            return (
+                f"{describe(path)}: the name {describe(part)} is longer than {NAME_MAX_BYTES} bytes"
+            )
     return None
+
+
+def normalise_path(path: str) -> str:
+    """``/srv//data/./x/`` as systemd reads it: ``/srv/data/x``."""
+    return "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
+def check_absolute_path(path: str) -> str | None:
+    """A path for WorkingDirectory=, EnvironmentFile=, ReadWritePaths=.
+
+    Written into the unit as it is (``%`` doubled), so it must not hold what
+    systemd would read otherwise: whitespace (a word separator), quotes and
+    backslashes (unquoted, unescaped by ReadWritePaths=), control characters.
+    """
+    if not path.startswith("/"):
+        return f"{describe(path)} is not an absolute path (start it with '/')"
+    if ".." in path.split("/"):
+        return f"{describe(path)} contains '..'; write the path it means"
+    odd = next((c for c in path if not c.isprintable() or c.isspace() or c in "\"'\\"), None)
+    if odd is not None:
+        return (
+            f"{describe(path)} contains {describe(odd)}: paths in a unit cannot hold "
+            "whitespace, quotes, backslashes or control characters"
+        )
+    if normalise_path(path) == "/":
+        return "'/' is the whole file system; name the directories the agent needs"
+    return _path_length_problem(normalise_path(path))
+
+
+def check_program(path: str) -> str | None:
+    """``command[0]`` as systemd accepts it in ExecStart= and passes it back as argv[0].
+
+    systemd refuses control characters, quotes and backslashes in the program
+    (\"Executable name contains special characters\"), and expands ``$`` in
+    argv[0] but not in the path it runs, so no quoting can carry a ``$``.
+    """
+    if not path.startswith("/"):
+        return (
+            f"{describe(path)}: the program must be an absolute path "
+            "(systemd does not search PATH the way a shell does)"
+        )
+    odd = next((c for c in path if ord(c) < 0x20 or c in "\x7f\"'\\$"), None)
+    if odd is not None:
+        return (
+            f"{describe(path)} contains {describe(odd)}: systemd runs no program whose path "
+            "holds a control character, a quote, a backslash or '$' (move or link it)"
+        )
+    if path.endswith("/"):
+        return f"{describe(path)} names a directory, not a program"
+    return _path_length_problem(path)
 
 
 def check_domain(domain: str) -> str | None:
     """An egress allowlist entry: ``example.com`` or ``*.example.com``, lowercase ASCII."""
+    shown = describe(domain)
     if domain != domain.lower():
-        return f"{domain!r}: write domain names in lowercase"
+        return f"{shown}: write domain names in lowercase"
     if not domain.isascii():
-        return f"{domain!r}: write internationalised names in their ASCII form (xn--...)"
+        return f"{shown}: write internationalised names in their ASCII form (xn--...)"
     name = domain.removesuffix(".")
     wildcard = name.startswith("*.")
     if wildcard:
         name = name[2:]
     if "*" in name:
-        return f"{domain!r}: '*' is only allowed as the whole first label ('*.example.com')"
+        return f"{shown}: '*' is only allowed as the whole first label ('*.example.com')"
     try:
         ipaddress.ip_address(name)
     except ValueError:
         pass
     else:
-        return f"{domain!r}: egress.allow takes domain names, not addresses"
+        return f"{shown}: egress.allow takes domain names, not addresses"
     if len(name) > 253:
-        return f"{domain!r}: longer than 253 characters"
+        return f"{shown}: longer than 253 characters"
     labels = name.split(".")
     for label in labels:
         if not _LABEL.match(label):
             return (
-                f"{domain!r}: label {label!r} is not a valid host name label "
+                f"{shown}: label {describe(label)} is not a valid host name label "
                 "(letters, digits and inner '-', 1 to 63 characters)"
             )
     if labels[-1].isdigit():
-        return f"{domain!r}: the last label cannot be all digits"
+        return f"{shown}: the last label cannot be all digits"
     if wildcard and len(labels) < 2:
-        return f"{domain!r}: a wildcard must sit under a registered name ('*.example.com')"
+        return f"{shown}: a wildcard must sit under a registered name ('*.example.com')"
     return None
 
 
-def check_size(value: str) -> str | None:
-    if value == "infinity" or _SIZE.match(value) or _PERCENT.match(value):
+def _hundredths(value: str) -> int | None:
+    """``"12.5%"`` as 1250 (hundredths of a percent), the precision systemd reads."""
+    match = _PERCENT.match(value)
+    if match is None:
         return None
-    return f"{value!r}: expected bytes with an optional K/M/G/T suffix ('512M'), a percentage or 'infinity'"
+    return int(match.group(1)) * 100 + int((match.group(2) or "0").ljust(2, "0"))
+
+
+def check_size(value: str) -> str | None:
+    if value == "infinity":
+        return None
+    if (match := _SIZE.match(value)) is not None:
+        size = int(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+        if 1 <= size <= MAX_BYTES:
+            return None
+        return f"{describe(value)}: out of range (1 byte to {MAX_BYTES} bytes, or 'infinity')"
+    if (hundredths := _hundredths(value)) is not None:
+        if 0 < hundredths <= 100_00:
+            return None
+        return f"{describe(value)}: a percentage of the memory is above 0% and at most 100%"
+    return (
+        f"{describe(value)}: expected bytes with an optional K/M/G/T suffix ('512M'), "
+        "a percentage with at most two decimals ('12.5%') or 'infinity'"
+    )
 
 
 def check_percent(value: str) -> str | None:
-    if _PERCENT.match(value) and float(value[:-1]) > 0:
+    hundredths = _hundredths(value)
+    if hundredths is not None and 0 < hundredths <= MAX_CPU_QUOTA_HUNDREDTHS:
         return None
-    return f"{value!r}: expected a percentage of one CPU ('50%', '200%' for two CPUs)"
+    return (
+        f"{describe(value)}: expected a percentage of one CPU with at most two decimals, "
+        f"above 0% and at most {MAX_CPU_QUOTA_HUNDREDTHS / 100:.2f}% ('50%', '200%' for two CPUs)"
+    )
 
 
 # --- parsing -----------------------------------------------------------------
@@ -263,27 +347,21 @@ def _probe(section: Section) -> Probe:
         "grace": grace,
     }
     if kind == "http":
-        url = section.string(
-            "url",
-            check=lambda u: (
-                None
-                if re.match(r"https?://[^/\s]+", u)
-                else f"{u!r}: expected an http:// or https:// URL"
-            ),
-        )
         return Probe(
             **common,
-            url=url,
+            url=section.string("url", check=httpwire.url_problem),
             expect_status=_expect_status(section),
-            expect_body=section.string("expect_body", None, nonempty=False),
+            expect_body=section.string(
+                "expect_body", None, nonempty=False, check=launch.text_problem
+            ),
         )
     if kind == "tcp":
         return Probe(
             **common,
-            host=section.string("host", "127.0.0.1"),
+            host=section.string("host", "127.0.0.1", check=httpwire.host_problem),
             port=section.integer("port", minimum=1, maximum=65535),
         )
-    return Probe(**common, command=tuple(section.strings("command", nonempty=True)))
+    return Probe(**common, command=launch.read_command(section, "command"))
 
 
 def _expect_status(section: Section) -> tuple[int, ...]:
@@ -302,38 +380,21 @@ def _expect_status(section: Section) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _environment(spec: Section) -> dict[str, str]:
-    environment = spec.string_map("environment", {})
-    for key in environment:
-        if not _ENV_NAME.match(key):
-            raise spec.error(
-                "environment",
-                f"{key!r} is not a valid variable name (letters, digits and '_', not starting with a digit)",
-            )
-    return environment
-
-
 def _paths(spec: Section, key: str) -> tuple[str, ...]:
     paths = spec.strings(key, [])
     for i, path in enumerate(paths):
         if (problem := check_absolute_path(path)) is not None:
             raise item_error(spec, key, i, problem)
-    return tuple(dict.fromkeys(paths))
+    return tuple(dict.fromkeys(normalise_path(path) for path in paths))
 
 
 def parse_spec(data: object, *, source: str) -> AgentSpec:
     """Validate one agent spec (a parsed JSON object); ``source`` names it in errors."""
     with Section(data, source=source) as spec:
         name = spec.string("name", check=check_name)
-        command = tuple(spec.strings("command", nonempty=True))
-        if not PurePosixPath(command[0]).is_absolute():
-            raise item_error(
-                spec,
-                "command",
-                0,
-                f"{command[0]!r}: the program must be an absolute path "
-                "(systemd does not search PATH the way a shell does)",
-            )
+        command = launch.read_command(spec, "command")
+        if (problem := check_program(command[0])) is not None:
+            raise item_error(spec, "command", 0, problem)
         tier = spec.integer("tier")
         if tier not in TIERS:
             raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
@@ -343,7 +404,10 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                 "user", f"tier {tier} agents run as their own user, not root; drop the key"
             )
         working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
-        environment = _environment(spec)
+        if working_directory is not None:
+            working_directory = normalise_path(working_directory)
+        environment = launch.read_environment(spec, "environment")
+        launch.check_exec_size(spec, "environment", command, environment)
         environment_files = _paths(spec, "environmentFiles")
         read_write_paths = _paths(spec, "readWritePaths")
         # Which capabilities exist and which a tier may take is tiers.json's
@@ -355,7 +419,8 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                     spec,
                     "capabilities",
                     i,
-                    f"{capability!r}: write capabilities as in capabilities(7), e.g. 'CAP_NET_BIND_SERVICE'",
+                    f"{describe(capability)}: write capabilities as in capabilities(7), "
+                    "e.g. 'CAP_NET_BIND_SERVICE'",
                 )
 
         with spec.section("egress", optional=True) as egress:
@@ -375,13 +440,15 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                 _probe_checked(probe_section)
                 for probe_section in health.section_list("probes", default=[])
             )
-            watchdog_sec = health.number("watchdogSec", None, positive=True)
+            watchdog_sec = health.number(
+                "watchdogSec", None, minimum=WATCHDOG_RANGE[0], maximum=WATCHDOG_RANGE[1]
+            )
 
         with spec.section("resources", optional=True) as res:
             resources = Resources(
                 memory_max=res.string("memoryMax", None, check=check_size),
                 cpu_quota=res.string("cpuQuota", None, check=check_percent),
-                tasks_max=res.integer("tasksMax", None, minimum=1),
+                tasks_max=res.integer("tasksMax", None, minimum=1, maximum=MAX_TASKS),
             )
 
     return AgentSpec(
@@ -420,7 +487,7 @@ def load_specs(paths: list[Path]) -> list[AgentSpec]:
         spec = load_spec(path)
         if spec.name in seen:
             raise ConfigError(
-                f"{path}: name: agent {spec.name!r} is already defined in {seen[spec.name]}"
+                f"{path}: name: agent {describe(spec.name)} is already defined in {seen[spec.name]}"
             )
         seen[spec.name] = path
         specs.append(spec)
