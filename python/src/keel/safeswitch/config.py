@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from keel import paths
-from keel.config import Section, describe
+from keel.config import Section, describe, path_problem
 from keel.errors import ConfigError
 from keel.safeswitch.checks import (
     CheckSpec,
@@ -141,27 +141,30 @@ def parse(cfg: Section) -> SafeswitchConfig:
         with cfg.section("alerts") as section:
             routes = None if section.raw("routes", None) is None else section.strings("routes")
             alerts = AlertSettings(
-                watch_config=Path(section.string("watch_config", str(paths.config_file("watch")))),
+                watch_config=section.filepath("watch_config", str(paths.config_file("watch"))),
                 routes=tuple(routes) if routes is not None else None,
             )
     ledger: Path | None = base.ledger
     if "ledger" in cfg and cfg.raw("ledger") is None:
         ledger = None
     elif "ledger" in cfg:
-        ledger = Path(cfg.string("ledger"))
+        ledger = cfg.filepath("ledger")
     keel_command = cfg.strings("keel", [], nonempty=False)
+    for i, part in enumerate(keel_command):
+        if (problem := path_problem(part)) is not None:
+            raise cfg.error("keel", f"[{i}]: {problem}")
     return replace(
         base,
         limits=limits,
         interval=cfg.number("interval", base.interval, positive=True),
-        profile=Path(cfg.string("profile", str(base.profile))),
-        current=Path(cfg.string("current", str(base.current))),
+        profile=cfg.filepath("profile", str(base.profile)),
+        current=cfg.filepath("current", str(base.current)),
         timer=timer,
         checks=checks,
         alerts=alerts,
         ledger=ledger,
-        gcroots=Path(cfg.string("gcroots", str(base.gcroots))),
-        run_dir=Path(cfg.string("run_dir", str(base.run_dir))),
+        gcroots=cfg.filepath("gcroots", str(base.gcroots)),
+        run_dir=cfg.filepath("run_dir", str(base.run_dir)),
         keel=tuple(keel_command) or None,
         host=cfg.string("host", base.host),
     )
@@ -172,7 +175,7 @@ def _check(item: Section) -> CheckSpec:
         kind = item.choice("type", ["watch", "system", "tcp", "http", "command"])
         if kind == "watch":
             return WatchCheck(
-                socket=item.string("socket", str(paths.socket_file("watch"))),
+                socket=str(item.filepath("socket", str(paths.socket_file("watch")))),
                 name=item.string("name", "watch"),
                 timeout=item.number("timeout", 5.0, positive=True),
             )
@@ -203,6 +206,8 @@ def _check(item: Section) -> CheckSpec:
             raise item.error(
                 "command", f"expected a shell command (a string), got {describe(command)}"
             )
+        if (problem := path_problem(command)) is not None:
+            raise item.error("command", problem)
         return CommandCheck(command, name=name, timeout=timeout)
 
 
@@ -210,4 +215,6 @@ def command_check(text: str) -> CommandCheck:
     """A ``--check CMD`` from the command line."""
     if not text.strip():
         raise ConfigError("--check: expected a shell command, got an empty string")
+    if (problem := path_problem(text)) is not None:
+        raise ConfigError(f"--check: {problem}")
     return CommandCheck(text)

@@ -45,6 +45,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+MAX_REASON = 2000  # characters of a reason in a ledger entry or an alert
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with a mark where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # --- phases -------------------------------------------------------------------
 
 
@@ -656,10 +664,14 @@ class Switch:
         t = self.timeline
         data: dict[str, Any] = {"old": self.plan.old, "new": self.plan.new}
         if kind != "committed":
-            data["reason"] = self.reason
+            # Metadata, bounded: a ledger entry is no place for a whole log.
+            data["reason"] = clip(self.reason, MAX_REASON)
             data["by"] = self.rolled_back_by
             if self.failed_checks:
-                data["failed_checks"] = list(self.failed_checks)
+                data["failed_checks"] = [
+                    {"name": clip(c["name"], 200), "detail": clip(c["detail"], 500)}
+                    for c in self.failed_checks[:20]
+                ]
         if t.armed_at is not None:
             data["seconds"] = round(now - t.armed_at, 3)
         if t.activated_at is not None and t.armed_at is not None:
@@ -669,7 +681,7 @@ class Switch:
         return Record(kind, data)
 
     def _alert_text(self, what: str) -> str:
-        return f"switch {self.plan.id} to {self.plan.new} {what}: {self.reason}"
+        return f"switch {self.plan.id} to {self.plan.new} {what}: {clip(self.reason, MAX_REASON)}"
 
     # --- resuming from the state file ----------------------------------------------
 

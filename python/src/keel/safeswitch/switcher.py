@@ -44,7 +44,7 @@ from keel.safeswitch.generations import (
     resolve_system,
     system_problem,
 )
-from keel.safeswitch.machine import Verdict
+from keel.safeswitch.machine import Verdict, clip
 from keel.safeswitch.probing import Prober, failed_units
 from keel.safeswitch.report import HostFacts, Output, host_state, short
 from keel.safeswitch.runners import Activation, Runners, runners
@@ -113,7 +113,7 @@ def log_tail(path: str | None, lines: int = LOG_TAIL) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    kept = [clip(line.strip(), 200) for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(kept)
 
 

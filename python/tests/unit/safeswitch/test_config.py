@@ -80,6 +80,9 @@ def test_no_file_means_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ({"checks": [{"type": "command", "command": ["ls"]}]}, "checks[0].command: expected a shell command"),
         ({"checks": [{"type": "watch", "sokcet": "x"}]}, "checks[0].sokcet: unknown key"),
         ({"alerts": {"routes": "ops"}}, "alerts.routes: expected a list of strings"),
+        ({"run_dir": "/run/\u0000x"}, "run_dir: \"/run/\\u0000x\" contains a NUL character"),
+        ({"keel": ["/bin/ke\u0000el"]}, "keel: [0]: "),
+        ({"checks": [{"type": "command", "command": "true\u0000"}]}, "checks[0].command: "),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_key(tmp_path: Path, value: object, message: str) -> None:

@@ -516,3 +516,12 @@ def test_any_run_keeps_the_promises(steps: list[tuple[m.Event, float]]) -> None:
         assert released == (sw.phase is not Phase.NEEDS_OPERATOR)
     else:
         assert disarms == 0
+
+
+def test_records_stay_metadata_however_long_the_reason() -> None:
+    clock = FakeClock()
+    sw = reach(Phase.ACTIVATING, clock)
+    sw.handle(m.ActivationFailed("x" * 100_000), clock())
+    record = next(a for a in sw.handle(m.RolledBack(), clock()) if isinstance(a, m.Record))
+    assert len(record.data["reason"]) == m.MAX_REASON
+    assert record.data["reason"].endswith("…")
