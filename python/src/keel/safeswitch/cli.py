@@ -101,7 +101,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         usage="keel switch [options] TOPLEVEL | rollback | status | history | check",
     )
     _switch_options(parser)
-    parser.add_argument("toplevel", metavar="TOPLEVEL", help="a built system (or a verb above)")
+    parser.add_argument(
+        "toplevel", metavar="TOPLEVEL", nargs="?", help="a built system (or a verb above)"
+    )
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(func=_dispatch, parser=parser)
 
@@ -180,6 +182,8 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.toplevel is None:
+        args.parser.error("the following arguments are required: TOPLEVEL (or a verb)")
     if args.toplevel in VERBS:
         verb_args = _verb_parser(args.toplevel).parse_args(args.rest)
         handler = {"rollback": _rollback, "status": _status, "history": _history, "check": _check}

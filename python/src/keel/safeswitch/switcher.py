@@ -25,7 +25,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,11 @@ async def check_loop(
 ) -> None:
     """Run one check every ``interval`` seconds, posting each verdict, until it fails."""
     while True:
-        verdict, detail = await prober.run(name, spec)
+        try:
+            verdict, detail = await prober.run(name, spec)
+        except Exception as exc:  # a bug: a check that cannot run must not look passed
+            log.exception("check %s", name)
+            verdict, detail = "fail", f"keel could not run the check: {type(exc).__name__}: {exc}"
         post(verdict, detail)
         if verdict == "fail":
             return
@@ -366,16 +371,16 @@ class Executor:
 
     async def _do(self, action: m.Action) -> None:
         if isinstance(action, m.Activate):
-            self._start(self._activate())
+            self._start(self._activate(), m.ActivationFailed)
         elif isinstance(action, m.OpenGate):
             for name, spec in self.specs:
                 self._checks.append(asyncio.create_task(self._check_loop(name, spec)))
         elif isinstance(action, m.CloseGate):
             await self.close_gate()
         elif isinstance(action, m.Commit):
-            self._start(self._commit())
+            self._start(self._commit(), m.CommitFailed)
         elif isinstance(action, m.RollBack):
-            self._start(self._roll_back(action.restore_profile))
+            self._start(self._roll_back(action.restore_profile), m.RollbackFailed)
         elif isinstance(action, m.StopActivation | m.StopCommit | m.StopRollback):
             await self._stop_running()
         elif isinstance(action, m.Disarm):
@@ -389,8 +394,17 @@ class Executor:
         elif isinstance(action, m.Arm):  # pragma: no cover - done by switch() before the loop
             raise m.LocalProtocolError("Arm is carried out by the preflight")
 
-    def _start(self, coro: Any) -> None:
-        self._task = asyncio.create_task(coro)
+    def _start(self, coro: Coroutine[Any, Any, None], failed: Callable[[str], Event]) -> None:
+        """Run a long action; a bug in it is its failure, not a switch left waiting."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.exception("switch %s", self.state.id)
+                self.post(failed(f"internal error in keel: {type(exc).__name__}: {exc}"))
+
+        self._task = asyncio.create_task(guarded())
 
     async def _stop_running(self) -> None:
         task, self._task = self._task, None
@@ -615,6 +629,8 @@ async def switch(
         assert actions == [m.Arm()]
         actions = await _arm(executor, config, clock)
         await executor.drive(actions)
+    except Exception:  # a bug in keel: leave the host to the timer, say so plainly
+        return _internal_error(executor)
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -623,6 +639,25 @@ async def switch(
         await recorder.close()
         lock.release()
     return _result(executor)
+
+
+def _internal_error(executor: Executor) -> Result:
+    state = executor.state
+    trace = Path(executor.files.run_dir) / f"{state.id}-error.log"
+    with contextlib.suppress(OSError):
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(traceback.format_exc())
+    if state.timer is not None and not executor.machine.finished:
+        fate = (
+            f"the rollback timer rolls the switch back at "
+            f"{time.strftime('%H:%M:%S', time.localtime(state.deadline_at))} "
+            "(or run `keel switch rollback` now)"
+        )
+    else:
+        fate = "see `keel switch status`"
+    message = f"internal error in keel (a bug; the traceback is in {trace}): {fate}"
+    executor.out.line(message)
+    return Result(m.Phase.NEEDS_OPERATOR, 3, state, message)
 
 
 def _preflight(
