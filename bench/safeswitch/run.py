@@ -43,7 +43,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from tests.harness import nspawn  # noqa: E402
-from tests.harness.nspawn import Container, Image  # noqa: E402
+from tests.harness.nspawn import Container  # noqa: E402
 from tests.integration.safeswitch.lab import SCRIPT  # noqa: E402
 
 DEADLINE = 3.0  # seconds, figure 2
@@ -265,17 +265,8 @@ def main() -> int:
         if reason is not None:
             print(f"\n== container: skipped: {reason}")
             return 0
-        name = f"switchbench{os.getpid()}"
-        workdir = nspawn.WORK_ROOT / name
-        image = Image.build(workdir / "image")
-        box = Container("bench", image, workdir=workdir / "box")
-        box.name = f"{name}-box"
-        try:
-            box.start()
+        with nspawn.standalone("switchbench") as box:
             report(container_target(box), args.runs)
-        finally:
-            box.stop()
-            nspawn.remove_workdir(workdir)
     return 0
 
 
