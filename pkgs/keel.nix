@@ -10,7 +10,9 @@
   cryptography,
   jeepney,
   systemd-python,
-  liboqs-python,
+  # Optional: a nixpkgs without it still builds keel, whose mesh then takes
+  # ML-KEM from cryptography alone (docs/nix.md).
+  liboqs-python ? null,
   pytestCheckHook,
   hypothesis,
 }:
@@ -70,9 +72,9 @@ buildPythonApplication {
     jeepney
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
-    # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.
-    liboqs-python
-  ];
+  ]
+  # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.
+  ++ lib.optional (liboqs-python != null) liboqs-python;
 
   nativeCheckInputs = [
     pytestCheckHook

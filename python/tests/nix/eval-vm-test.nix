@@ -1,56 +1,56 @@
 # Evaluates one NixOS VM test of vm-tests/ without building it: its name,
-# its test script (for the Python checks of test_vm_tests.py), and each node's
-# configuration run through keel's modules as eval-modules.nix does.
+# its test script (for the Python checks of test_vm_tests.py, given the
+# evaluated nodes as the NixOS test framework gives them), and each node's
+# configuration run through keel's modules and the real NixOS declarations as
+# eval-modules.nix does.
 {
   repo,
-  nixpkgsLib,
+  nixpkgs,
   file,
 }:
 let
-  lib = import nixpkgsLib;
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  lib = import (nixpkgs + "/lib");
+  pkgs = import ./stub-pkgs.nix { inherit lib nixpkgs; };
   test = import file {
     inherit pkgs lib;
   };
   nodes = test.nodes or { };
+  # As nixos/lib/testing/network.nix numbers them: the nodes in name order
+  # on VLAN 1, 192.168.1.1 upwards.
+  names = builtins.attrNames nodes;
+  address = name: "192.168.1.${toString (1 + lib.lists.findFirstIndex (n: n == name) 0 names)}";
+  hostOf = name: {
+    imports = [ nodes.${name} ];
+    networking.primaryIPAddress = address name;
+  };
+  evaluate =
+    name: raw:
+    import ./eval-modules.nix {
+      inherit repo nixpkgs raw;
+      hostConfig = hostOf name;
+      units = [ ];
+    };
   evaluateNode =
-    name: node:
+    name: _:
     let
-      result = import ./eval-modules.nix {
-        inherit repo nixpkgsLib;
-        hostConfig = node;
-        paths = [ [ "specialisation" ] ];
-      };
-      # Each specialisation is the node plus its configuration, as NixOS builds it.
-      specialise =
-        _: specialisation:
-        (import ./eval-modules.nix {
-          inherit repo nixpkgsLib;
-          hostConfig = {
-            imports = [
-              node
-              specialisation.configuration
-            ];
-            specialisation = lib.mkForce { };
-          };
-        }).failedAssertions;
+      result = evaluate name false;
+      # A specialisation's configuration is the whole system NixOS builds for it
+      # (system/activation/specialisation.nix): its own assertions.
+      failed = system: map (a: a.message) (lib.filter (a: !a.assertion) system.assertions);
     in
     {
-      inherit (result) failedAssertions;
+      inherit (result) failedAssertions listeners;
       services = builtins.attrNames result.services;
-      specialisations = lib.mapAttrs specialise (builtins.head result.values);
+      specialisations = lib.mapAttrs (_: special: failed special.configuration) (
+        evaluate name true
+      ).specialisation;
     };
-  # What a test script may interpolate of its nodes (the driver passes the
-  # evaluated configurations; a stand-in toplevel is enough to render it).
-  scriptNodes = lib.mapAttrs (name: _: {
-    system.build.toplevel = "/nix/store/${lib.fixedWidthString 32 "0" ""}-nixos-system-${name}";
-  }) nodes;
 in
 {
   inherit (test) name;
   testScript =
     if builtins.isFunction test.testScript then
-      test.testScript { nodes = scriptNodes; }
+      test.testScript { nodes = lib.mapAttrs (name: _: evaluate name true) nodes; }
     else
       test.testScript;
   nodes = lib.mapAttrs evaluateNode nodes;

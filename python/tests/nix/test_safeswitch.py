@@ -11,11 +11,11 @@ from tests.nix.test_modules import evaluate
 
 
 def safeswitch(
-    nix_instantiate: str, nixpkgs_lib: Path, body: str = "", *, boot_counting: bool = False
+    nix_instantiate: str, nixpkgs_tree: Path, body: str = "", *, boot_counting: bool = False
 ) -> dict[str, Any]:
     counting = "boot.loader.systemd-boot.bootCounting.enable = true; " if boot_counting else ""
     host = "{ services.keel.safeswitch.enable = true; " + counting + body + " }"
-    return evaluate(nix_instantiate, nixpkgs_lib, host)
+    return evaluate(nix_instantiate, nixpkgs_tree, host)
 
 
 def config_of(result: dict[str, Any]) -> dict[str, Any]:
@@ -23,8 +23,8 @@ def config_of(result: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def test_defaults(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = safeswitch(nix_instantiate, nixpkgs_lib)
+def test_defaults(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = safeswitch(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     config = config_of(result)
     keel = config.pop("keel")
@@ -46,10 +46,10 @@ def test_defaults(nix_instantiate: str, nixpkgs_lib: Path) -> None:
     assert result["systemPackages"] == ["keel-0.1.0"]
 
 
-def test_typed_checks_and_watch_alerts(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_typed_checks_and_watch_alerts(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = safeswitch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.watch.enable = true;
           services.keel.watch.settings.alerts = {
@@ -87,13 +87,13 @@ def test_typed_checks_and_watch_alerts(nix_instantiate: str, nixpkgs_lib: Path) 
 
 
 def test_keel_reads_the_file_the_module_writes(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     from keel.safeswitch import config as ss_config
 
     result = safeswitch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.watch.enable = true;
           services.keel.watch.settings.alerts.ops = { type = "webhook"; url = "https://h.example/k"; };
@@ -146,18 +146,18 @@ def test_keel_reads_the_file_the_module_writes(
     ],
 )
 def test_bad_settings_fail_with_a_message(
-    nix_instantiate: str, nixpkgs_lib: Path, body: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, body: str, message: str
 ) -> None:
-    failed = safeswitch(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
+    failed = safeswitch(nix_instantiate, nixpkgs_tree, body)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
 def test_with_boot_counting_the_gate_blesses_the_boot(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
     result = safeswitch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         "services.keel.watch.enable = true; services.keel.safeswitch.bootCounting.rebootOnFailure = true;",
         boot_counting=True,
     )
@@ -186,14 +186,14 @@ def test_with_boot_counting_the_gate_blesses_the_boot(
 
 
 def test_boot_counting_follows_systemd_boot_and_can_be_declined(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
-    on = safeswitch(nix_instantiate, nixpkgs_lib, boot_counting=True)
+    on = safeswitch(nix_instantiate, nixpkgs_tree, boot_counting=True)
     assert "keel-safeswitch-boot-check" in on["services"]
     assert "FailureAction" not in on["services"]["keel-safeswitch-boot-check"]["unitConfig"]
     off = safeswitch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         "services.keel.safeswitch.bootCounting.enable = false;",
         boot_counting=True,
     )

@@ -110,7 +110,7 @@ def test_full_spec_round_trips() -> None:
         ({"command": ["/bin/true"], "tier": 0}, "web.json: name: required key is missing"),
         (minimal(name="Web"), 'name: "Web" is not a valid agent name'),
         (minimal(name="web.1"), 'name: "web.1" is not a valid agent name'),
-        (minimal(name="a" * 22), "is too long: at most 21 characters"),
+        (minimal(name="a" * 21), "is too long: at most 20 characters"),
         (minimal(command=[]), "command: must not be an empty list"),
         (
             minimal(command=["python3", "x.py"]),

@@ -27,11 +27,13 @@ from keel.errors import ConfigError
 from keel.watch import httpwire
 
 # An agent name becomes part of a unit name (keel-agent-NAME.service) and of a
-# user name (keel-agent-NAME, at most 32 characters for useradd), so it must be
-# safe in both: lowercase letters, digits, '-' and '_', starting with a letter.
+# user name (keel-agent-NAME), so it must be safe in both: lowercase letters,
+# digits, '-' and '_', starting with a letter. User names stay under 32
+# characters: useradd takes 32, but NixOS refuses 32 or more, and an agent must
+# be valid on both.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*\Z")
 USER_PREFIX = "keel-agent-"
-MAX_USER_LENGTH = 32
+MAX_USER_LENGTH = 31
 MAX_NAME_LENGTH = MAX_USER_LENGTH - len(USER_PREFIX)
 USER_PATTERN = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
