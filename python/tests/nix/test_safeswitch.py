@@ -179,6 +179,11 @@ def test_with_boot_counting_the_gate_blesses_the_boot(
     assert unit["unitConfig"]["ConditionPathExists"].startswith(
         "/sys/firmware/efi/efivars/LoaderBootCountPath-"
     )
+    # The unit file NixOS writes from it.
+    text = result["units"]["keel-safeswitch-boot-check.service"]
+    assert "Before=boot-complete.target" in text
+    assert "ConditionPathExists=/sys/firmware/efi/efivars/LoaderBootCountPath-" in text
+    assert "FailureAction=reboot" in text
     # Checks only: the daemons' sandbox, no capabilities.
     assert service["ProtectSystem"] == "strict"
     assert service["CapabilityBoundingSet"] == ""
