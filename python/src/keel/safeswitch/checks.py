@@ -188,9 +188,13 @@ def judge_system(
         new = sorted(set(failed) - set(failed_before))
         if allow_degraded:
             return "pass", f"degraded (allowed): {', '.join(failed) or 'no unit listed'}"
-        if not new and failed:
+        if not failed:
+            # The failed unit recovered (restarted) between the two questions: ask
+            # again; one that keeps failing is caught failed, or the deadline ends it.
+            return "pending", "degraded a moment ago, no unit failed now"
+        if not new:
             return "pass", f"degraded as before the switch: {', '.join(failed)}"
-        return "fail", f"degraded: failed units: {', '.join(new or failed) or 'none listed'}"
+        return "fail", f"degraded: failed units: {', '.join(new)}"
     return "fail", state
 
 

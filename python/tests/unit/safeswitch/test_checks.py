@@ -89,6 +89,11 @@ def test_degraded_fails_only_for_units_that_failed_since_the_switch() -> None:
         "pass",
         "degraded (allowed): web.service",
     )
+    # The failed unit was restarted between is-system-running and list-units.
+    assert judge_system("degraded", [], before, allow_degraded=False) == (
+        "pending",
+        "degraded a moment ago, no unit failed now",
+    )
 
 
 def test_failed_units_are_read_from_systemctl() -> None:
