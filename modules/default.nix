@@ -7,6 +7,7 @@
     ./watch.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./mcp.nix
     ./appliance.nix
   ];
 }

@@ -23,6 +23,7 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.ledger.cli",
     "keel.mesh.cli",
     "keel.safeswitch.cli",
+    "keel.mcp.cli",
     "keel.appliance.cli",
 )
 
