@@ -10,6 +10,7 @@ let
     ./agents.nix
     ./watch.nix
     ./mesh.nix
+    ./safeswitch.nix
     ./appliance.nix
   ];
 

@@ -22,6 +22,7 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.watch.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
+    "keel.safeswitch.cli",
     "keel.mcp.cli",
     "keel.appliance.cli",
 )

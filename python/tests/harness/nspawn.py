@@ -559,6 +559,29 @@ class Container:
         return self.run(*argv, *(["-u", unit] if unit else []), check=False).stdout
 
 
+@contextlib.contextmanager
+def standalone(prefix: str) -> Iterator[Container]:
+    """A booted container outside any test session (the benchmarks use it).
+
+    Named ``<prefix><pid>-box``, outside the harness's ``kh<pid>-`` scheme, so
+    that a test session's sweep of dead runs never mistakes it for one; its
+    image and overlay are removed on leaving.
+    """
+    name = f"{prefix}{os.getpid()}"
+    workdir = WORK_ROOT / name
+    try:
+        image = Image.build(workdir / "image")
+        box = Container("bench", image, workdir=workdir / "box")
+        box.name = f"{name}-box"
+        try:
+            box.start()
+            yield box
+        finally:
+            box.stop()
+    finally:
+        remove_workdir(workdir)
+
+
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
