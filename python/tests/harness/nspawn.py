@@ -70,8 +70,11 @@ MASKED_UNITS = (
     "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
     "e2scrub_all.timer", "fstrim.timer", "console-getty.service",
     "getty@.service", "systemd-timesyncd.service",
+    # Fails now and then under load in a container (no hugetlbfs to mount), and a
+    # failed unit makes a boot "degraded": nothing keel tests needs huge pages.
+    "dev-hugepages.mount",
 )  # fmt: skip
-PREPARATION = 1  # bump when _prepare_rootfs changes what it does
+PREPARATION = 2  # bump when _prepare_rootfs changes what it does
 VENV = "/opt/keel"
 IN_CONTAINER_PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

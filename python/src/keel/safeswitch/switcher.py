@@ -206,7 +206,7 @@ async def gate_check(
 
 
 class Alerter:
-    """Alerts through watch's routes (keel.watch.alerts), delivered before the switch exits."""
+    """Alerts through watch's routes (keel.watch.alert_router), delivered before the switch exits."""
 
     def __init__(
         self, settings: dict[str, Any] | None, *, host: str, record: Any, out: Output
@@ -227,7 +227,7 @@ class Alerter:
             return
         if not names:
             return
-        from keel.watch.alerting import Alert
+        from keel.watch.alert_routes import Alert
 
         alert = Alert(
             SOURCE, switch_id, kind, text, self.host, time.time(), source="keel-safeswitch"
@@ -235,8 +235,8 @@ class Alerter:
         router.send(alert, names)
 
     def _open(self) -> tuple[Any, tuple[str, ...]]:
-        from keel.watch.alerting import TelegramRoute
-        from keel.watch.alerts import AlertRouter
+        from keel.watch.alert_router import AlertRouter
+        from keel.watch.alert_routes import TelegramRoute
         from keel.watch.config import load_routes, read_token
 
         assert self.settings is not None
