@@ -120,6 +120,8 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise ConfigError(f"{source}: a number has more digits than any value can need") from None
     if _depth_exceeds(value, max_depth):
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep")
     return value

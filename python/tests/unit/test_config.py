@@ -124,6 +124,7 @@ def test_parse_json_accepts_nesting_up_to_the_limit() -> None:
         ('{"a": 1', "invalid JSON"),
         ('{"a": NaN}', "NaN is not a JSON value"),
         ("[Infinity]", "Infinity is not a JSON value"),
+        ("[" + "9" * 5000 + "]", "a number has more digits than any value can need"),
     ],
 )
 def test_parse_json_errors_are_one_line(raw: str | bytes, message: str) -> None:
