@@ -13,28 +13,37 @@ handler for both signals before anything else (:func:`install`, called by the
 - a second signal while the first is being handled, or one that arrives once
   the command has finished (:func:`finished`), ends the process at once with
   the same status (``os._exit``), also without a word;
-- so does a first one that lands where Python cannot raise it (a ``__del__``
-  method, a weakref callback such as the import system's module locks):
-  Python hands it to :data:`sys.unraisablehook` instead of the command, and
-  keel's hook exits rather than letting the command run on.
+- Python cannot raise everywhere: in a ``__del__`` method or a weakref
+  callback (the import system's module locks have one) it hands the exception
+  to :data:`sys.unraisablehook`, and some C code (extension modules) drops
+  exceptions it did not expect. So a signal is not done with until the
+  command has returned: keel's unraisable hook exits at once; a command that
+  starts while a signal is pending (swallowed during start-up) stops before
+  it begins; and if the process still runs :data:`GRACE` seconds after the
+  signal, an alarm ends it.
 
 Long-running commands (``keel ledger tail --follow``, the mesh's ``recv``)
-need nothing more: they are stopped wherever they block. Daemons get their
-handling from ``keel.service``; asyncio's ``loop.add_signal_handler`` takes
-these handlers over while the event loop runs.
+need nothing more: they are stopped wherever they block in Python. (A call
+into C that cannot be interrupted, such as SQLite waiting for a lock, returns
+first.) Daemons get their handling from ``keel.service``; asyncio's
+``loop.add_signal_handler`` takes these handlers over while the loop runs.
 
-This module imports only ``os`` and ``signal``: the entry point loads it before
-anything else, so the time in which a signal could still print Python's
-``KeyboardInterrupt`` traceback is Python's own start-up alone.
+This module imports only ``os``, ``signal`` and ``sys`` (no ``typing``): the
+entry point loads it before anything else, so the time in which a signal can
+still print Python's ``KeyboardInterrupt`` traceback is Python's own start-up.
 """
 
 import os
 import signal
 import sys
-from types import FrameType, TracebackType
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs milliseconds of start-up, and is for mypy only
+if TYPE_CHECKING:
+    from types import FrameType, TracebackType
+    from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GRACE = 2.0  # seconds from a stop signal to a forced exit, if the command has not ended
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,18 +62,27 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _State:
-    interrupted = False  # the first signal was raised as Interrupted
+    pending: "int | None" = None  # a stop signal the running command has not yet ended on
     finished = False  # the command is done: exit at once
 
 
 _state = _State()
 
 
-def _handle(signum: int, frame: FrameType | None) -> None:
-    if _state.interrupted or _state.finished:
+def _handle(signum: int, frame: "FrameType | None") -> None:
+    if _state.pending is not None or _state.finished:
         os._exit(128 + signum)
-    _state.interrupted = True
+    _state.pending = signum
+    try:  # the last resort, should the exception below be lost
+        signal.signal(signal.SIGALRM, _deadline)
+        signal.setitimer(signal.ITIMER_REAL, GRACE)
+    except (ValueError, OSError):
+        pass
     raise Interrupted(signum)
+
+
+def _deadline(signum: int, frame: "FrameType | None") -> None:
+    os._exit(128 + (_state.pending or signal.SIGTERM))
 
 
 def _unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
@@ -85,8 +103,6 @@ def install() -> bool:
     except ValueError:  # not the main thread
         return False
     sys.unraisablehook = _unraisable
-    _state.interrupted = False
-    _state.finished = False
     return True
 
 
@@ -95,11 +111,21 @@ def finished() -> None:
     _state.finished = True
 
 
+def _settled() -> None:
+    """The command returned: the signal it ended on is done with."""
+    if _state.pending is not None:
+        _state.pending = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 class handled:  # lowercase: used like a function, ``with signals.handled():``
     """:func:`install` for the duration of a ``with`` block, then the previous handlers.
 
-    For callers that run a command inside a longer-lived process (tests that
-    call :func:`keel.cli.main`): their own handlers come back afterwards.
+    Entering raises :class:`Interrupted` at once if a stop signal arrived
+    earlier and was lost on the way (the command must not start). For callers
+    that run a command inside a longer-lived process (tests that call
+    :func:`keel.cli.main`), their own handlers come back afterwards.
     """
 
     def __init__(self) -> None:
@@ -111,15 +137,21 @@ class handled:  # lowercase: used like a function, ``with signals.handled():``
         self._unraisable = sys.unraisablehook
         if install():
             self._previous = previous
+        pending = _state.pending
+        if pending is not None:
+            self.__exit__(None, None, None)
+            raise Interrupted(pending)
         return self
 
     def __exit__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
+        exc_type: "type[BaseException] | None",
+        exc: "BaseException | None",
+        traceback: "TracebackType | None",
     ) -> None:
+        if not self._previous:
+            return
+        _settled()
         for signum, handler in self._previous:
             signal.signal(signum, handler)
-        if self._previous:
-            sys.unraisablehook = self._unraisable
+        sys.unraisablehook = self._unraisable

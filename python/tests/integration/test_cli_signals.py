@@ -138,3 +138,45 @@ def test_signal_inside_a_finalizer_still_ends_the_process(processes: Processes) 
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM
     assert (out, err) == (b"", b"")
+
+
+SWALLOWED = """
+import os, signal, sys, time
+from keel import signals
+
+def lose_a_signal(signum):
+    try:
+        os.kill(os.getpid(), signum)
+        time.sleep(30)
+    except BaseException:
+        pass  # what some C code does with an exception it did not expect
+
+signals.install()
+try:
+    if sys.argv[1] == "before the command":
+        lose_a_signal(signal.SIGINT)
+        with signals.handled():
+            print("the command started", flush=True)
+    else:
+        with signals.handled():
+            lose_a_signal(signal.SIGTERM)
+            time.sleep(30)  # the alarm ends this
+            print("the command ran on", flush=True)
+except KeyboardInterrupt as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "status"),
+    [("before the command", 128 + signal.SIGINT), ("in the command", 128 + signal.SIGTERM)],
+)
+def test_a_lost_signal_still_ends_the_command(
+    processes: Processes, where: str, status: int
+) -> None:
+    process = processes.popen(
+        [sys.executable, "-c", SWALLOWED, where], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == status
+    assert (out, err) == (b"", b"")
