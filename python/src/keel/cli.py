@@ -22,6 +22,8 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.watch.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
+    "keel.mcp.cli",
+    "keel.appliance.cli",
 )
 
 

@@ -25,4 +25,30 @@ class ConfigError(UsageError):
 
 
 class ApiError(KeelError):
-    """The control socket of a daemon could not be reached or refused a request."""
+    """Talking to a daemon's control socket failed; the subclasses say how.
+
+    In the manner of trio's ``BrokenResourceError`` vs ``ClosedResourceError``:
+    a caller tells the cases apart by type, never by reading the message.
+    """
+
+
+class Unavailable(ApiError):
+    """The daemon could not be reached, or the connection broke mid-request.
+
+    The cause (``ConnectionRefusedError``, ``FileNotFoundError``, a timeout...)
+    is kept in ``__cause__``. Trying again later may succeed.
+    """
+
+
+class Refused(ApiError):
+    """The daemon understood the request and refused it (its reason is the message)."""
+
+
+class Forbidden(Refused):
+    """The caller, as the kernel names it (``SO_PEERCRED``), may not do this."""
+
+
+class BadRequest(ApiError):
+    """The daemon found the request malformed: unknown verb, missing or bad arguments."""
+
+    exit_code = 2

@@ -111,3 +111,170 @@ def test_a_handler_can_take_the_connection_over(tmp_path: Path) -> None:
             writer.close()
 
     asyncio.run(scenario())
+
+
+async def _forbid(args: dict[str, Any], peer: api.Peer) -> Any:
+    from keel.errors import Forbidden
+
+    raise Forbidden("`remove` needs root or the group keel-operators")
+
+
+async def _bad_args(args: dict[str, Any], peer: api.Peer) -> Any:
+    from keel.errors import UsageError
+
+    raise UsageError("agent: required")
+
+
+def test_clients_tell_refusals_apart_by_type(tmp_path: Path) -> None:
+    from keel.errors import BadRequest, Forbidden, Refused, Unavailable
+
+    path = tmp_path / "t.sock"
+    handlers = {**HANDLERS, "forbid": _forbid, "bad": _bad_args}
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, handlers):
+            cases: list[tuple[str, type[ApiError]]] = [
+                ("refuse", Refused),
+                ("crash", Refused),
+                ("forbid", Forbidden),
+                ("bad", BadRequest),
+                ("nope", BadRequest),
+            ]
+            for verb, error in cases:
+                with pytest.raises(error) as caught:
+                    await api.acall(path, verb)
+                assert not isinstance(caught.value, Unavailable)
+                with pytest.raises(error):
+                    await asyncio.to_thread(api.call, path, verb)
+            assert not issubclass(BadRequest, Refused)
+            assert issubclass(Forbidden, Refused)
+
+    asyncio.run(scenario())
+    with pytest.raises(Unavailable) as caught:
+        api.call(path, "status")
+    assert isinstance(caught.value.__cause__, FileNotFoundError | ConnectionRefusedError)
+
+
+def test_requests_with_duplicate_keys_or_deep_nesting_are_bad_requests(tmp_path: Path) -> None:
+    path = tmp_path / "t.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            for line in (
+                b'{"verb": "echo", "verb": "crash"}\n',
+                b'{"verb": "echo", "args": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+                b'{"verb": "echo", "args": {"x": NaN}}\n',
+            ):
+                writer.write(line)
+                await writer.drain()
+                answer = json.loads(await reader.readline())
+                assert answer["ok"] is False
+                assert answer["kind"] == "bad_request"
+                assert answer["error"].startswith("malformed request: ")
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_is_kept_and_survives_a_daemon_restart(tmp_path: Path) -> None:
+    from keel.errors import Unavailable
+
+    path = tmp_path / "t.sock"
+
+    async def scenario() -> None:
+        connection = api.Connection(path, service="test")
+        async with api.ControlServer(path, HANDLERS):
+            first = await asyncio.to_thread(connection.call, "echo", {"n": 1})
+            second = await asyncio.to_thread(connection.call, "echo", {"n": 2})
+            assert first["args"] == {"n": 1}
+            assert second["args"] == {"n": 2}
+        with pytest.raises(Unavailable, match="cannot reach the test daemon"):
+            await asyncio.to_thread(connection.call, "echo")
+        async with api.ControlServer(path, HANDLERS):  # the daemon is back
+            assert (await asyncio.to_thread(connection.call, "echo", {"n": 3}))["args"] == {"n": 3}
+        connection.close()
+
+        async with api.AsyncConnection(path) as aconn:
+            async with api.ControlServer(path, HANDLERS):
+                assert (await aconn.call("echo", {"a": 1}))["args"] == {"a": 1}
+                assert (await aconn.call("echo", {"a": 2}))["args"] == {"a": 2}
+            with pytest.raises(Unavailable):
+                await aconn.call("echo")
+            async with api.ControlServer(path, HANDLERS):
+                assert (await aconn.call("echo", {"a": 3}))["args"] == {"a": 3}
+
+    asyncio.run(scenario())
+
+
+def test_connection_upgrade_hands_the_socket_over(tmp_path: Path) -> None:
+    path = tmp_path / "t.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+
+            def client() -> bytes:
+                with api.Connection(path) as connection:
+                    assert connection.call("echo")["args"] == {}
+                    result, sock, rest = connection.upgrade("upgrade", {"to": "raw"})
+                    assert result == {"upgraded": "raw"}
+                    assert rest == b""
+                    with sock:
+                        sock.sendall(b"abc")
+                        return sock.recv(3)
+
+            assert await asyncio.to_thread(client) == b"cba"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b'{"verb": "echo", "verb": "crash"}', 'malformed request: key "verb" appears twice'),
+        (b'{"verb": "echo", "args": {"ttl": NaN}}', "malformed request: NaN is not a JSON value"),
+        (b'{"verb": "echo", "args": ' + b"[" * 100 + b"]" * 100 + b"}", "nested more than 64"),
+        (b'{"verb": "echo", "args": ' + b"[" * 100_000 + b"}", "malformed request: "),
+        (b"\xff not json", "malformed request: not UTF-8"),
+        (b'["echo"]', 'expected {"verb": ..., "args": {...}}'),
+    ],
+)
+def test_requests_are_parsed_strictly_with_one_line_errors(
+    tmp_path: Path, line: bytes, error: str
+) -> None:
+    path = tmp_path / "strict.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(line + b"\n")
+            await writer.drain()
+            answer = json.loads(await reader.readline())
+            assert answer["ok"] is False
+            assert error in answer["error"]
+            assert "\n" not in answer["error"]
+            writer.write(b'{"verb": "echo"}\n')  # the connection stays usable
+            await writer.drain()
+            assert json.loads(await reader.readline())["ok"] is True
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_handlers_see_the_callers_groups(tmp_path: Path) -> None:
+    path = tmp_path / "groups.sock"
+    seen: list[api.Peer] = []
+
+    async def who(args: dict[str, Any], peer: api.Peer) -> Any:
+        seen.append(peer)
+        return None
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, {"who": who}):
+            await api.acall(path, "who")
+
+    asyncio.run(scenario())
+    assert seen[0].pid == os.getpid()
+    assert (seen[0].uid, seen[0].gid) == (os.getuid(), os.getgid())
+    assert seen[0].groups == frozenset(os.getgroups())
+    assert api._proc_groups(os.getpid()) == frozenset(os.getgroups())

@@ -66,7 +66,4 @@ def shown(value: object) -> str:
     """``value`` for an error message: one line, long values cut (keel.config's helper)."""
     from keel.config import describe
 
-    try:
-        return describe(value)
-    except (TypeError, ValueError, RecursionError):  # not JSON (bytes, objects...)
-        return describe(repr(value))
+    return describe(value)
