@@ -257,7 +257,11 @@ def _entry_json(index: int, entry: Entry) -> dict[str, Any]:
 
 def _entry_line(index: int, entry: Entry) -> str:
     data = json.dumps(entry.data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if not data.isprintable():  # bidi overrides, line separators: escaped, not obeyed
+        data = json.dumps(entry.data, sort_keys=True, separators=(",", ":"))
     subject = entry.subject or "-"
+    if not subject.isprintable():  # a terminal escape in a subject must not reach the terminal
+        subject = json.dumps(subject)
     return f"{index:>7}  {entry.ts}  {entry.source:<10} {entry.kind:<16} {subject:<16} {data}"
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from keel.ledger import core
+from keel.ledger import Ledger, core
 
 from tests.harness.processes import Lines, Processes
 
@@ -497,3 +497,15 @@ def test_verify_proof_refuses_hostile_files(
         assert result.returncode == 2, (source, result.stderr)
         assert_one_line_error(result.stderr, needle)
         assert len(result.stderr) < 400
+
+
+def test_tail_shows_control_characters_escaped(tmp_path: Path) -> None:
+    """An entry's subject or data cannot move the cursor or reorder an auditor's screen."""
+    db = tmp_path / "ledger.db"
+    with Ledger.open(db) as ledger:
+        ledger.append(source="s", kind="k", subject="\x1b[2J\rfake\n", data={"x": "\u202eevil"})
+    out = ok("ledger", "tail", "--db", db)
+    assert out.count("\n") == 1
+    assert out.isascii()
+    assert "\\u001b[2J\\rfake\\n" in out
+    assert "\\u202eevil" in out
