@@ -195,15 +195,28 @@ def _open(args: argparse.Namespace, *, create: bool = False, read_only: bool = F
     return Ledger.open(path, create=create, read_only=read_only)
 
 
+def _in_state_directory(path: Path) -> bool:
+    """Is ``path`` in keel's own state directory (installed or dev), made on first use?"""
+    try:
+        parent = path.parent.resolve()
+        return parent in (paths.STATE, paths.DEV_ROOT.resolve())
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def _parent_must_exist(path: Path, option: str) -> None:
-    """A path the user typed must not make directories: a typo would go unnoticed."""
+    """A path the user typed must not make directories: a typo would go unnoticed.
+
+    keel's own state directories (/var/lib/keel, ./.keel) are the exception:
+    they are made on first use, named or not.
+    """
     from keel.ledger.errors import shown
 
     try:
         exists = path.parent.is_dir()
     except (OSError, ValueError):
         exists = False
-    if not exists:
+    if not exists and not _in_state_directory(path):
         # Paths are shown whole (the point of the message), unless absurdly long.
         text, parent = (
             (str(path), str(path.parent)) if len(str(path)) < 1024 else (shown(str(path)), "")
@@ -223,8 +236,8 @@ def _signer(args: argparse.Namespace, ledger: Ledger | None) -> Signer:
     path = _key_path(args)
     if path.exists() or path.is_symlink():
         return load_signer(path)
-    if args.db is None and args.key is None:
-        path.parent.mkdir(parents=True, exist_ok=True)  # the default state directory
+    if _in_state_directory(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return create_signer(path, default_key_name())
 
 

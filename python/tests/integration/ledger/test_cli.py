@@ -509,3 +509,16 @@ def test_tail_shows_control_characters_escaped(tmp_path: Path) -> None:
     assert out.isascii()
     assert "\\u001b[2J\\rfake\\n" in out
     assert "\\u202eevil" in out
+
+
+def test_the_state_directory_is_made_on_first_use(tmp_path: Path) -> None:
+    """./.keel (and /var/lib/keel) are keel's own: named with --db, they are still made."""
+    result = keel("ledger", "append", "--db", ".keel/ledger.db", "--source", "s", "--kind", "k",
+                  cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".keel" / "ledger.db").is_file()
+    (tmp_path / ".keel" / "ledger.db").unlink()
+    (tmp_path / ".keel").rmdir()
+    result = keel("ledger", "key", "--db", ".keel/ledger.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".keel" / "ledger.key").is_file()
