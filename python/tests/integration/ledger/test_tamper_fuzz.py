@@ -230,9 +230,7 @@ ISSUE_EXAMPLES = {
 
 
 @pytest.mark.parametrize("statement", ISSUE_EXAMPLES.values(), ids=list(ISSUE_EXAMPLES))
-def test_the_issue_examples_end_to_end(
-    loose_template: Path, tmp_path: Path, statement: str
-) -> None:
+def test_the_issue_examples_end_to_end(tmp_path: Path, statement: str) -> None:
     """The reported cases, with the schema as keel made it, through the real command."""
     folder = tmp_path / "state"
     folder.mkdir()
