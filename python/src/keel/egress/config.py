@@ -39,6 +39,7 @@ DEFAULT_GRACE = 30
 DEFAULT_LOG_GROUP = 17
 DEFAULT_UPSTREAM_TIMEOUT = 2.0
 DEFAULT_CACHE_SIZE = 10_000
+DEFAULT_TABLE_CHECK = 30.0
 DNS_PORT = 53
 
 
@@ -78,6 +79,7 @@ class EgressConfig:
     log_group: int = DEFAULT_LOG_GROUP
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     cache_size: int = DEFAULT_CACHE_SIZE
+    table_check: float = DEFAULT_TABLE_CHECK
     agents: dict[str, AgentEgress] = field(default_factory=dict)
 
 
@@ -193,6 +195,7 @@ def parse(cfg: Section) -> EgressConfig:
         log_group=cfg.integer("log_group", DEFAULT_LOG_GROUP, minimum=0, maximum=65535),
         upstream_timeout=cfg.number("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT, positive=True),
         cache_size=cfg.integer("cache_size", DEFAULT_CACHE_SIZE, minimum=0),
+        table_check=cfg.number("table_check", DEFAULT_TABLE_CHECK, positive=True),
         agents=agents,
     )
 

@@ -32,7 +32,6 @@ from keel.service import Daemon, Shell
 log = logging.getLogger("keel.egress")
 
 HOUSEKEEPING = 1.0  # seconds between flushes of aggregated denials
-TABLE_CHECK = 30.0  # seconds between checks that the table is still in place
 APPLY_ATTEMPTS = 3
 
 
@@ -222,7 +221,7 @@ class Egress(Daemon):
             await asyncio.sleep(HOUSEKEEPING)
             self._record_entries(self.aggregator.flush())
             self.book.prune()
-            if self.clock() - last_check >= TABLE_CHECK:
+            if self.clock() - last_check >= self.config.table_check:
                 last_check = self.clock()
                 self._check_table()
 
