@@ -282,11 +282,13 @@ def reply_wire(answer: Answer, *, max_size: int) -> bytes:
     try:
         return answer.reply.to_wire(max_size=max_size)
     except dns.exception.TooBig:
-        truncated = dns.message.make_response(answer.reply, our_payload=UPSTREAM_PAYLOAD)
-        truncated.id = answer.reply.id
-        truncated.question = answer.reply.question
-        truncated.flags = answer.reply.flags | dns.flags.TC
-        truncated.set_rcode(answer.reply.rcode())
+        reply = answer.reply
+        truncated = dns.message.Message(id=reply.id)
+        truncated.flags = reply.flags | dns.flags.TC
+        truncated.question = list(reply.question)
+        truncated.set_rcode(reply.rcode())
+        if reply.edns >= 0:
+            truncated.use_edns(reply.edns, reply.ednsflags, reply.payload)
         return truncated.to_wire(max_size=max_size)
 
 
