@@ -9,6 +9,8 @@
   setuptools,
   cryptography,
   jeepney,
+  dnspython,
+  idna,
   systemd-python,
   liboqs-python,
   pytestCheckHook,
@@ -68,6 +70,9 @@ buildPythonApplication {
     cryptography
     # D-Bus to systemd for keel watch's systemd backend.
     jeepney
+    # keel egress: the DNS wire format, IDNA 2008 for allowlist entries.
+    dnspython
+    idna
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
     # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.

@@ -51,6 +51,7 @@ in
       description
       wantedBy
       after
+      before
       wants
       requires
       bindsTo

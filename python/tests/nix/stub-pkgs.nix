@@ -40,6 +40,8 @@ let
       "hatchling"
       "cryptography"
       "jeepney"
+      "dnspython"
+      "idna"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"
@@ -94,9 +96,19 @@ let
     testers.runNixOSTest = module: { keelNixosTest = module; };
 
     nixfmt-tree = package "nixfmt-tree";
-    python3 = package "python3";
+    python3 = package "python3" // {
+      withPackages = select: package "python3-with-packages" // { keelPackages = select python3Packages; };
+    };
+    coreutils = package "coreutils";
+    iproute2 = package "iproute2" // {
+      meta.mainProgram = "ip";
+    };
+    dig = package "dig";
     curl = package "curl";
     jq = package "jq";
+    nftables = package "nftables" // {
+      meta.mainProgram = "nft";
+    };
   };
 in
 self

@@ -23,8 +23,12 @@ TIERS_JSON = REPO / "modules" / "tiers.json"
 
 # Three agents shaped like examples/agents/{scout,notes,ops}.json, one per
 # tier, with argv words and values that need systemd quoting.
+# Tier 2 agents (and allowlists) need keel egress (modules/egress.nix).
+EGRESS = 'services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };'
+
 HOST = r"""
 {
+  services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
   services.keel.agents = {
     scout = {
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "scout"
@@ -84,8 +88,10 @@ def rendered(value: Any) -> list[str]:
 
 
 def test_each_agent_gets_a_spec_a_unit_and_a_user(host: dict[str, Any]) -> None:
-    assert set(host["etc"]) == {f"keel/agents/{n}.json" for n in ("scout", "notes", "ops")}
-    assert set(host["services"]) == {f"keel-agent-{n}" for n in ("scout", "notes", "ops")}
+    agent_files = {name for name in host["etc"] if name.startswith("keel/agents/")}
+    assert agent_files == {f"keel/agents/{n}.json" for n in ("scout", "notes", "ops")}
+    agent_units = {name for name in host["services"] if name.startswith("keel-agent-")}
+    assert agent_units == {f"keel-agent-{n}" for n in ("scout", "notes", "ops")}
     # Their own user and group for the sandboxed tiers; root stays root.
     assert host["users"] == {
         user: {
@@ -117,7 +123,12 @@ def test_the_unit_is_the_one_keel_renders(host: dict[str, Any], name: str) -> No
     spec = parse_spec(written, source=name)
     tiers = load_tiers(TIERS_JSON)
     unit = host["services"][f"keel-agent-{name}"]
-    nix = {key: rendered(value) for key, value in unit["serviceConfig"].items()}
+    # modules/egress.nix adds its fail-closed check to agents it governs.
+    nix = {
+        key: rendered(value)
+        for key, value in unit["serviceConfig"].items()
+        if key != "ExecStartPre"
+    }
     python = {key: rendered(value) for key, value in service_directives(spec, tiers).items()}
     assert nix == python
     assert {k: rendered(v) for k, v in unit["unitConfig"].items()} == {
@@ -155,7 +166,7 @@ def agent(**fields: str) -> str:
     }
     base.update(fields)
     body = " ".join(f"{key} = {value};" for key, value in base.items())
-    return "{ services.keel.agents.probe = { " + body + " }; }"
+    return "{ services.keel.agents.probe = { " + body + " }; " + EGRESS + " }"
 
 
 BAD = [

@@ -33,6 +33,8 @@ SYSTEM = "x86_64-linux"
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
     "jeepney": "jeepney",
+    "dnspython": "dnspython",
+    "idna": "idna",
     "systemd-python": "systemd-python",
 }
 
