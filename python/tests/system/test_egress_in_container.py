@@ -95,6 +95,7 @@ def test_a_tier_2_agent_reaches_exactly_its_allowlist(
         world.start_internet()
         box = containers.boot("egress", host=world.host)
         box.write_file("/opt/keel-examples/egress_agent.py", AGENT.read_text())
+        allow = ["www.allowed.test", "dual.allowed.test", "*.wild.test"]
         spec = {
             "name": "scout",
             "command": [
@@ -103,7 +104,7 @@ def test_a_tier_2_agent_reaches_exactly_its_allowlist(
                 json.dumps(plan(world)),
             ],
             "tier": 2,
-            "egress": {"allow": ["www.allowed.test", "dual.allowed.test", "*.wild.test"]},
+            "egress": {"allow": allow},
         }
         box.write_file("/root/scout.json", json.dumps(spec))
         # Installed (and started) first: egress finds its user by name. The
@@ -117,7 +118,7 @@ def test_a_tier_2_agent_reaches_exactly_its_allowlist(
                 "scout": {
                     "user": "keel-agent-scout",
                     "port": 5301,
-                    "allow": spec["egress"]["allow"],
+                    "allow": allow,
                 }
             },
         }
