@@ -20,7 +20,7 @@ from tests.system.test_egress_in_container import EGRESS_UNIT
 NOTES = {"user": "keel-agent-notes", "port": 5302, "allow": ["api.example.com"]}
 
 
-def start_egress(site: Site, agents: dict[str, object]) -> None:
+def start_egress(site: Site, agents: dict[str, object]) -> None:  # noqa: F811
     box = site.box
     config = {"upstream": ["192.0.2.53"], "agents": {**agents, "notes": NOTES}}
     box.write_file("/etc/keel/egress.json", json.dumps(config))
