@@ -60,7 +60,7 @@ class Egress(Daemon):
         self.shell = shell
         self.uids = resolve_uids(self.config)
         self.writer = SetWriter()
-        kept, removed = self.apply_rules()
+        self.apply_rules()
         self.proxy = Proxy(
             upstream=UpstreamClient(self.config.upstream, timeout=self.config.upstream_timeout),
             cache=self.cache,
@@ -91,17 +91,12 @@ class Egress(Daemon):
                     for name, agent in sorted(self.config.agents.items())
                 },
                 "rules": self.rule_count,
-                "kept_addresses": kept,
-                "removed_addresses": removed,
             },
         )
         shell.spawn(self._housekeeping(), name="housekeeping")
+        shell.spawn(self._adopt_sets(), name="adopt-sets")
         log.info(
-            "egress enforces %d agent(s) with %d rules; kept %d address(es), removed %d",
-            len(self.config.agents),
-            self.rule_count,
-            kept,
-            removed,
+            "egress enforces %d agent(s) with %d rules", len(self.config.agents), self.rule_count
         )
 
     def _open_nflog(self) -> None:
@@ -158,49 +153,91 @@ class Egress(Daemon):
         except ValueError:
             return False
 
-    def apply_rules(self) -> tuple[int, int]:
-        """Replace the table's rules (keeping its sets); (addresses kept, removed)."""
+    def apply_rules(self) -> None:
+        """Replace the table's rules, keeping its sets and whatever they hold.
+
+        The listing is terse (no elements), so this takes the same time with
+        a hundred addresses or a hundred thousand; the book learns the
+        elements afterwards (:meth:`_adopt_sets`) and, until then, replaces
+        rather than adds.
+        """
         agents = self.rule_agents()
         last: KeelError | None = None
         for _ in range(APPLY_ATTEMPTS):
-            current = nft.list_table()
-            stale = ruleset.stale_elements(current, agents, self._still_allowed) if current else {}
-            document = ruleset.replace(
-                agents, log_group=self.config.log_group, current=current, stale=stale
-            )
+            current = nft.list_table(elements=False)
+            document = ruleset.replace(agents, log_group=self.config.log_group, current=current)
             try:
                 nft.apply(document)
             except KeelError as exc:
-                # An element listed a moment ago may have expired since: list again.
-                last = exc
+                last = exc  # the table changed under us: list again
                 continue
             self.rule_count = ruleset.rule_count(document)
             self.rules_applied = time.time()
-            return self._load_book(current, stale)
+            for name in self.config.agents:
+                self.book.expect(name)
+            return
         assert last is not None
         raise KeelError(f"cannot install the egress rules: {last}")
 
-    def _load_book(
-        self, current: ruleset.Table | None, stale: Mapping[str, Any]
-    ) -> tuple[int, int]:
-        kept = 0
-        removed = sum(len(addresses) for addresses in stale.values())
-        for name in self.config.agents:
-            elements = []
-            for family in (4, 6):
-                set_name = ruleset.set_name(name, family)
-                gone = set(stale.get(set_name, ()))
-                for element in current.sets.get(set_name, []) if current else []:
-                    if element.address not in gone:
-                        elements.append((element.address, element.expires, element.comment))
-            self.book.load(name, elements)
-            kept += len(elements)
-        return kept, removed
+    async def _adopt_sets(self) -> None:
+        """Learn what the sets held before this daemon, and drop what is no longer allowed."""
+        agents = self.rule_agents()
+        for _ in range(APPLY_ATTEMPTS):
+            listed = self.clock()
+            try:
+                current = await asyncio.to_thread(nft.list_table)
+            except KeelError as exc:
+                log.warning("cannot list the egress sets: %s", exc)
+                return
+            if current is None:
+                return  # the table is gone: _check_table puts it back
+            stale = {
+                set_name: [
+                    address
+                    for address in addresses
+                    if not self.book.written_since(ruleset.agent_of_set(set_name), address, listed)
+                ]
+                for set_name, addresses in ruleset.stale_elements(
+                    current, agents, self._still_allowed
+                ).items()
+            }
+            removed = sum(len(addresses) for addresses in stale.values())
+            if removed:
+                try:
+                    await asyncio.to_thread(nft.apply, ruleset.delete_elements(stale))
+                except KeelError:
+                    continue  # an element expired meanwhile: list again
+            kept = 0
+            for name in self.config.agents:
+                elements = []
+                for family in (4, 6):
+                    set_name = ruleset.set_name(name, family)
+                    gone = set(stale.get(set_name, ()))
+                    elements += [
+                        (e.address, e.expires, e.comment)
+                        for e in current.sets.get(set_name, [])
+                        if e.address not in gone
+                    ]
+                    if gone:
+                        self.book.forget(name, gone)
+                self.book.adopt(name, elements, listed=listed)
+                kept += len(elements)
+            self._record(
+                "egress.rules", "adopted", {"kept_addresses": kept, "removed_addresses": removed}
+            )
+            log.info(
+                "egress sets: kept %d address(es), removed %d no longer allowed", kept, removed
+            )
+            return
+        log.warning(
+            "could not read the egress sets in %d attempts; addresses are replaced, not added, meanwhile",
+            APPLY_ATTEMPTS,
+        )
 
     def _check_table(self) -> None:
         """Put the rules back if someone removed keel's table or its chains."""
         try:
-            current = nft.list_table()
+            current = nft.list_table(elements=False)
         except KeelError as exc:
             log.warning("cannot list the egress table: %s", exc)
             return
@@ -208,12 +245,17 @@ class Egress(Daemon):
         if current is not None and set(chains) <= current.chains:
             return
         log.error("the egress table was removed or changed behind keel's back: restoring it")
-        kept, removed = self.apply_rules()
-        self._record(
-            "egress.rules",
-            "restored",
-            {"rules": self.rule_count, "kept_addresses": kept, "removed_addresses": removed},
-        )
+        if current is None:
+            for name in self.config.agents:
+                self.book.forget(name)
+        try:
+            self.apply_rules()
+        except KeelError as exc:
+            log.error("could not restore the egress table: %s", exc)  # noqa: TRY400
+            return
+        self._record("egress.rules", "restored", {"rules": self.rule_count})
+        if self.shell is not None:
+            self.shell.spawn(self._adopt_sets(), name="adopt-sets")
 
     async def _housekeeping(self) -> None:
         last_check = self.clock()
@@ -254,7 +296,7 @@ class Egress(Daemon):
 
     def kernel_counters(self) -> dict[str, tuple[int, int]]:
         try:
-            table = nft.list_table()
+            table = nft.list_table(elements=False)
         except KeelError:
             return {}
         return table.counters if table else {}

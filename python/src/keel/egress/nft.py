@@ -57,10 +57,14 @@ def apply(document: dict[str, Any]) -> None:
     _run(["-j", "-f", "-"], stdin=json.dumps(document))
 
 
-def list_table() -> Table | None:
-    """keel's table as it is now, or None when there is none."""
+def list_table(*, elements: bool = True) -> Table | None:
+    """keel's table as it is now, or None when there is none.
+
+    Without ``elements`` (``nft --terse``) the sets come back empty: quick,
+    however many addresses they hold.
+    """
     try:
-        out = _run(["-j", "list", "table", FAMILY, TABLE])
+        out = _run(["-j", *([] if elements else ["-t"]), "list", "table", FAMILY, TABLE])
     except NftError as exc:
         if "No such file or directory" in str(exc):
             return None

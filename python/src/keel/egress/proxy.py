@@ -13,12 +13,14 @@ use.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
@@ -53,6 +55,9 @@ TCP_IDLE = 10.0  # seconds a TCP client may stay silent
 MAX_MESSAGE = 65535
 
 
+TIMINGS = 1024  # recent answers whose timings status reports
+
+
 @dataclass
 class Counters:
     queries: int = 0
@@ -62,9 +67,31 @@ class Counters:
     upstream_failures: int = 0
     insert_failures: int = 0
     dropped: int = 0  # over MAX_INFLIGHT
+    # Seconds per recent answer: keel's own work (all but the wait for the
+    # upstream) and the upstream's part.
+    work: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=TIMINGS)
+    )
+    upstream: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=TIMINGS)
+    )
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+    def as_dict(self) -> dict[str, Any]:
+        counts: dict[str, Any] = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        counts["work_ms"] = _percentiles(self.work)
+        counts["upstream_ms"] = _percentiles(self.upstream)
+        return counts
+
+
+def _percentiles(samples: collections.deque[float]) -> dict[str, float] | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"p50": pick(0.5), "p99": pick(0.99), "samples": len(ordered)}
 
 
 class SetInserter(Protocol):
@@ -166,6 +193,8 @@ class Proxy:
 
     async def answer(self, agent: AgentEgress, wire: bytes, *, tcp: bool) -> bytes | None:
         """The reply to one message from ``agent``, or None to drop it."""
+        began = time.perf_counter()
+        waited = 0.0
         counters = self.counters_of(agent.name)
         parsed = read_query(wire)
         if parsed is None:
@@ -184,20 +213,26 @@ class Proxy:
             if agent.enforced:
                 return denial(query)
         response = self.cache.get(query)
+        raw: bytes | None = None  # a cached answer's TTLs were lowered: encode it anew
         if response is None:
+            asked = time.perf_counter()
             fetched = await self.upstream.exchange(query)
+            waited = time.perf_counter() - asked
+            counters.upstream.append(waited)
             if fetched is None:
                 counters.upstream_failures += 1
                 return server_failure(query)
             response, raw = fetched
             self.cache.put(query, response, raw)
-        answer = read_answer(query, response)
+        answer = read_answer(query, response, raw)
         if allowed and answer.addresses:
             inserts = self.book.plan(agent.name, answer.addresses)
             if not self._insert(agent.name, inserts):
                 counters.insert_failures += 1
                 return server_failure(query)
-        return reply_wire(answer, max_size=MAX_MESSAGE if tcp else query.max_reply)
+        reply = reply_wire(answer, max_size=MAX_MESSAGE if tcp else query.max_reply)
+        counters.work.append(time.perf_counter() - began - waited)
+        return reply
 
     def _insert(self, agent: str, inserts: list[Insert]) -> bool:
         if not inserts:
@@ -208,15 +243,27 @@ class Proxy:
             if exc.errno != errno.ENOENT or not any(i.replace for i in inserts):
                 log.error("cannot insert addresses for %s: %s", agent, exc)  # noqa: TRY400
                 return False
-            # An element to refresh expired in the kernel just now: add it afresh.
-            inserts = [replace(i, replace=False) for i in inserts]
+            # An element to replace was not there (it expired just now, or
+            # a restarted daemon did not know): each one on its own.
             try:
-                self.inserter.write(agent, inserts)
+                for insert in inserts:
+                    self._insert_one(agent, insert)
             except NetlinkError as again:
                 log.error("cannot insert addresses for %s: %s", agent, again)  # noqa: TRY400
                 return False
         self.book.committed(agent, inserts)
         return True
+
+    def _insert_one(self, agent: str, insert: Insert) -> None:
+        if insert.replace:
+            try:
+                self.inserter.write(agent, [insert])
+            except NetlinkError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                return
+        self.inserter.write(agent, [replace(insert, replace=False)])
 
 
 class _UdpListener(asyncio.DatagramProtocol):

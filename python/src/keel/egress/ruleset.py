@@ -19,9 +19,10 @@ other table is read or written. Per agent (matched on ``meta skuid``):
 :func:`replace` builds the transaction that turns whatever the table holds
 now (:class:`Table`, read from ``nft -j list table``) into that, atomically:
 it flushes and rewrites the chains but keeps the sets and their elements
-(a restarted daemon keeps what agents already resolved), deletes the sets and
-chains of agents that are gone, and deletes the elements that the new
-allowlists no longer cover. Pure: no I/O.
+(a restarted daemon keeps what agents already resolved) and deletes the sets
+and chains of agents that are gone. :func:`delete_elements` then takes out,
+in a transaction of its own, what the new allowlists no longer cover
+(:func:`stale_elements`). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -203,13 +204,11 @@ def replace(
     *,
     log_group: int,
     current: Table | None = None,
-    stale: Mapping[str, Iterable[IPAddress]] | None = None,
 ) -> Json:
     """The one transaction that makes keel's table enforce ``agents``.
 
     ``current`` is the table as listed just before (None when there is no
-    table); ``stale`` names, per set, elements to delete (addresses whose
-    name the new allowlist no longer covers). Elements not named stay.
+    table; its sets' elements are not needed: they all stay).
     """
     current = current or Table()
     chains, sets, counters = wanted_objects(agents)
@@ -230,12 +229,6 @@ def replace(
                 {"add": _ref("set", set_name(agent.name, family), type=key, flags=["timeout"])}
             )
         commands.append({"add": _ref("counter", counter_name(agent.name))})
-    for name, addresses in sorted((stale or {}).items()):
-        if name not in sets or name not in current.sets:
-            continue
-        elements = sorted({str(a) for a in addresses})
-        if elements:
-            commands.append({"delete": {"element": {**_ref("set", name)["set"], "elem": elements}}})
     commands.append(
         {
             "add": _ref(
@@ -292,6 +285,20 @@ def replace(
     for agent in agents:
         commands += agent_rules(agent, log_group)
     return {"nftables": commands}
+
+
+def delete_elements(stale: Mapping[str, Iterable[IPAddress]]) -> Json:
+    """The transaction that deletes elements, per set (all or none of them)."""
+    commands: list[Json] = []
+    for name, addresses in sorted(stale.items()):
+        elements = sorted({str(a) for a in addresses})
+        if elements:
+            commands.append({"delete": {"element": {**_ref("set", name)["set"], "elem": elements}}})
+    return {"nftables": commands}
+
+
+def agent_of_set(name: str) -> str:
+    return name.rsplit("_v", 1)[0]
 
 
 def remove() -> Json:

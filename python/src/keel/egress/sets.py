@@ -56,6 +56,7 @@ class Insert:
 class _Element:
     expires: float
     name: str
+    written: float = 0.0  # when keel wrote it (0: learnt from the kernel)
 
 
 class SetBook:
@@ -66,6 +67,14 @@ class SetBook:
         self.min_ttl = min_ttl
         self.grace = grace
         self._sets: dict[str, dict[IPAddress, _Element]] = {}
+        # Agents whose sets hold elements the book has not read yet (a
+        # restart, until the kernel's listing is adopted): an address the
+        # book does not know may be there, so it is replaced, never just added.
+        self._unsure: set[str] = set()
+
+    def expect(self, agent: str) -> None:
+        """The kernel may hold elements of ``agent`` that the book does not know yet."""
+        self._unsure.add(agent)
 
     def load(self, agent: str, elements: Iterable[tuple[IPAddress, float, str]]) -> None:
         """What the kernel holds for ``agent``: (address, seconds left, name) each."""
@@ -75,6 +84,25 @@ class SetBook:
         for address, remaining, name in elements:
             if remaining > 0:
                 book[address] = _Element(now + remaining, name)
+        self._unsure.discard(agent)
+
+    def adopt(
+        self, agent: str, elements: Iterable[tuple[IPAddress, float, str]], *, listed: float
+    ) -> None:
+        """A kernel listing begun at ``listed``: it wins, but for what keel wrote since."""
+        now = self.clock()
+        book = self._sets.setdefault(agent, {})
+        for address, remaining, name in elements:
+            current = book.get(address)
+            if current is not None and current.written >= listed:
+                continue
+            if remaining > 0:
+                book[address] = _Element(now + remaining, name)
+        self._unsure.discard(agent)
+
+    def written_since(self, agent: str, address: IPAddress, when: float) -> bool:
+        element = self._sets.get(agent, {}).get(address)
+        return element is not None and element.written >= when
 
     def plan(self, agent: str, addresses: Sequence[Address]) -> list[Insert]:
         """The writes that make every address last as long as this answer allows."""
@@ -89,7 +117,8 @@ class SetBook:
                 slack = min(MAX_SLACK, timeout * SLACK_FRACTION)
                 if current.expires >= now + timeout - slack:
                     continue
-            inserts.append(Insert(item.address, timeout, item.name, replace=present))
+            maybe_there = present or agent in self._unsure
+            inserts.append(Insert(item.address, timeout, item.name, replace=maybe_there))
         return inserts
 
     def committed(self, agent: str, inserts: Iterable[Insert]) -> None:
@@ -97,7 +126,7 @@ class SetBook:
         now = self.clock()
         book = self._sets.setdefault(agent, {})
         for insert in inserts:
-            book[insert.address] = _Element(now + insert.timeout, insert.name)
+            book[insert.address] = _Element(now + insert.timeout, insert.name, written=now)
 
     def forget(self, agent: str, addresses: Iterable[IPAddress] = ()) -> None:
         """Addresses that are no longer in the kernel (all of the agent's when none are named)."""

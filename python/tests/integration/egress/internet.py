@@ -11,7 +11,9 @@ Run inside the internet namespace::
   ``query NAME TYPE PROTO`` (the tests count them).
 - On every address of the namespace: TCP 80, 853 and 9000 answer each line
   with ``HOST PORT LINE`` (HOST the address the client reached: which server
-  a name led to); UDP 443 and 9000 echo the same way.
+  a name led to); UDP 443 and 9000 echo the same way; TCP and UDP 9 discard.
+- ``A.B.C.D.addr.test`` written ``A-B-C-D.addr.test`` answers A A.B.C.D (fresh
+  names and addresses for benchmarks).
 
 Prints ``ready`` once everything listens.
 """
@@ -37,6 +39,7 @@ import dns.zone
 
 TCP_PORTS = (80, 853, 9000)
 UDP_PORTS = (443, 9000)
+DISCARD = 9  # TCP and UDP: everything read and thrown away (throughput benchmarks)
 
 
 def load_zones(path: str) -> list[dns.zone.Zone]:
@@ -48,6 +51,20 @@ def load_zones(path: str) -> list[dns.zone.Zone]:
         zones.append(dns.zone.from_text(body, origin=origin.strip(), relativize=False))
     assert all(zone.origin is not None for zone in zones)
     return zones
+
+
+SYNTHETIC = dns.name.from_text("addr.test.")
+
+
+def synthesize(name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+    """``10-77-0-1.addr.test A`` is 10.77.0.1 (any name, for benchmarks that need fresh ones)."""
+    if rdtype != dns.rdatatype.A or len(name.labels) < 2 or name.parent() != SYNTHETIC:
+        return None
+    label = name.labels[0].decode(errors="replace")
+    parts = label.split("-")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+        return None
+    return dns.rrset.from_text(name, 300, "IN", "A", ".".join(parts))
 
 
 def origin(zone: dns.zone.Zone) -> dns.name.Name:
@@ -70,6 +87,10 @@ class Authority:
         reply.flags |= dns.flags.AA
         question = query.question[0]
         name, rdtype = question.name, question.rdtype
+        synthesized = synthesize(name, rdtype)
+        if synthesized is not None:
+            reply.answer.append(synthesized)
+            return reply
         zone = self.zone_of(name)
         if zone is None:
             reply.set_rcode(dns.rcode.REFUSED)
@@ -174,6 +195,16 @@ async def line_service(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
+async def discard(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while await reader.read(1 << 20):
+            pass
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 class Echo(asyncio.DatagramProtocol):
     def __init__(self, port: int) -> None:
         self.port = port
@@ -213,6 +244,13 @@ async def main() -> None:
             await loop.create_datagram_endpoint(
                 functools.partial(Echo, port), local_addr=(address, port)
             )
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, DISCARD))
+        await loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=sock)
+    await asyncio.start_server(discard, "0.0.0.0", DISCARD)
     log("ready")
     await asyncio.Event().wait()
 

@@ -177,7 +177,7 @@ class World:
         def ready() -> bool:
             if not self.internet.alive():
                 raise AssertionError(f"internet.py died:\n{self.internet.output()}")
-            return "ready" in self.internet.output()
+            return "ready" in self.internet.output().splitlines()
 
         wait_until(ready, timeout=30, what="the internet to start")
 

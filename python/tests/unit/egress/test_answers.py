@@ -231,3 +231,25 @@ def test_the_cache_keeps_the_most_recently_used() -> None:
     assert len(cache) == 2
     assert cache.get(query("a.test")) is None
     assert cache.get(query("c.test")) is not None
+
+
+def test_an_untouched_answer_goes_out_as_received_with_the_clients_id() -> None:
+    q = query("www.example.com")
+    upstream = response(q, ("www.example.com.", 60, "A", "192.0.2.1"))
+    upstream.id = 999
+    raw = upstream.to_wire()
+    shaped = read_answer(q, upstream, raw)
+    sent = reply_wire(shaped, max_size=q.max_reply)
+    assert sent[2:] == raw[2:]
+    assert dns.message.from_wire(sent).id == q.message.id
+
+
+def test_a_shaped_answer_is_encoded_anew() -> None:
+    q = query("www.example.com")
+    upstream = response(
+        q, ("www.example.com.", 60, "A", "192.0.2.1"), ("evil.test.", 60, "A", "203.0.113.9")
+    )
+    shaped = read_answer(q, upstream, upstream.to_wire())
+    assert shaped.verbatim is None
+    sent = dns.message.from_wire(reply_wire(shaped, max_size=q.max_reply))
+    assert [r.name.to_text() for r in sent.answer] == ["www.example.com."]

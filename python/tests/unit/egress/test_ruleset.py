@@ -126,20 +126,53 @@ def test_replacing_keeps_sets_and_removes_what_is_gone() -> None:
     assert last_flush < first_delete < first_rule
 
 
-def test_stale_elements_are_deleted_in_the_same_transaction() -> None:
+def test_stale_elements_are_found_by_their_name_and_deleted_together() -> None:
     a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    c = ipaddress.ip_address("2001:db8::3")
     current = Table(
         chains={"output"},
         sets={
-            "scout_v4": [ruleset.Element(a, 30, "keep.test"), ruleset.Element(b, 30, "gone.test")]
+            "scout_v4": [ruleset.Element(a, 30, "keep.test"), ruleset.Element(b, 30, "gone.test")],
+            "scout_v6": [ruleset.Element(c, 30, "")],  # not written by keel: goes too
         },
     )
     stale = stale_elements(current, [SCOUT], lambda agent, name: name == "keep.test")
-    assert stale == {"scout_v4": [b]}
-    document = replace([SCOUT], log_group=17, current=current, stale=stale)
-    assert commands(document, "delete", "element") == [
-        {"family": "inet", "table": "keel", "name": "scout_v4", "elem": ["192.0.2.2"]}
-    ]
+    assert stale == {"scout_v4": [b], "scout_v6": [c]}
+    assert ruleset.delete_elements(stale) == {
+        "nftables": [
+            {
+                "delete": {
+                    "element": {
+                        "family": "inet",
+                        "table": "keel",
+                        "name": "scout_v4",
+                        "elem": ["192.0.2.2"],
+                    }
+                }
+            },
+            {
+                "delete": {
+                    "element": {
+                        "family": "inet",
+                        "table": "keel",
+                        "name": "scout_v6",
+                        "elem": ["2001:db8::3"],
+                    }
+                }
+            },
+        ]
+    }
+    assert ruleset.agent_of_set("web_v2_v6") == "web_v2"
+
+
+def test_replacing_never_touches_elements() -> None:
+    current = Table(
+        chains={"output"},
+        sets={"scout_v4": [ruleset.Element(ipaddress.ip_address("192.0.2.1"), 30, "x")]},
+    )
+    document = replace([SCOUT], log_group=17, current=current)
+    assert commands(document, "delete", "element") == []
+    assert commands(document, "flush", "set") == []
 
 
 def test_reading_the_table_back() -> None:

@@ -96,3 +96,21 @@ def test_load_from_the_kernel_then_forget() -> None:
     sets.load("scout", [(A, 50.0, "a.test")])
     sets.forget("scout")
     assert sets.entries("scout") == []
+
+
+def test_after_a_restart_unknown_addresses_are_replaced_until_the_kernel_is_read() -> None:
+    clock = FakeClock()
+    sets = book(clock, min_ttl=0, grace=0)
+    sets.expect("scout")
+    assert [i.replace for i in sets.plan("scout", [Address(A, 60, "a.test")])] == [True]
+    listed = clock()
+    clock.advance(1)
+    sets.committed("scout", sets.plan("scout", [Address(B, 60, "b.test")]))
+    # The listing (begun before B was written) shows A, and B as it was then.
+    sets.adopt("scout", [(A, 40.0, "a.test"), (B, 5.0, "b.test")], listed=listed)
+    assert sets.entries("scout") == [(A, 40, "a.test"), (B, 60, "b.test")]
+    assert sets.written_since("scout", B, listed)
+    assert not sets.written_since("scout", A, listed)
+    # Once adopted, an unknown address is simply added.
+    c = ipaddress.ip_address("192.0.2.99")
+    assert [i.replace for i in sets.plan("scout", [Address(c, 60, "c.test")])] == [False]
