@@ -91,7 +91,7 @@ def test_denied_names_never_go_upstream() -> None:
 
 
 def test_audit_answers_denied_names_without_inserting() -> None:
-    proxy, kernel, upstream, denied = make([])
+    proxy, kernel, _upstream, denied = make([])
     audited = AgentEgress("scout", 5301, "audit", Allowlist.parse(["*.example.com"]), uid=1001)
     assert ask(proxy, "other.test", audited).rcode() == dns.rcode.NOERROR
     assert kernel.elements == {}
@@ -99,7 +99,7 @@ def test_audit_answers_denied_names_without_inserting() -> None:
 
 
 def test_after_a_restart_an_element_already_there_is_refreshed_not_left_as_it_was() -> None:
-    proxy, kernel, upstream, _ = make([])
+    proxy, kernel, _upstream, _ = make([])
     kernel.elements = {"192.0.2.1": 3}  # left by the previous daemon, about to expire
     proxy.book.expect("scout")
     ask(proxy, "www.example.com")
@@ -107,14 +107,14 @@ def test_after_a_restart_an_element_already_there_is_refreshed_not_left_as_it_wa
 
 
 def test_after_a_restart_an_unknown_address_is_added_after_a_failed_replace() -> None:
-    proxy, kernel, upstream, _ = make([])
+    proxy, kernel, _upstream, _ = make([])
     proxy.book.expect("scout")
     ask(proxy, "www.example.com")
     assert kernel.elements == {"192.0.2.1": 65}
 
 
 def test_malformed_input_is_dropped_and_counted() -> None:
-    proxy, kernel, upstream, _ = make([])
+    proxy, kernel, _upstream, _ = make([])
     assert asyncio.run(proxy.answer(AGENT, b"\x00\x01garbage", tcp=False)) is None
     assert proxy.counters_of("scout").malformed == 1
     assert kernel.batches == 0
