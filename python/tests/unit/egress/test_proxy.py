@@ -50,7 +50,9 @@ class Kernel:
         self.batches += 1
 
 
-def make(allow: list[str], mode: str = "enforce") -> tuple[Proxy, Kernel, Upstream, list[DeniedName]]:
+def make(
+    allow: list[str], mode: str = "enforce"
+) -> tuple[Proxy, Kernel, Upstream, list[DeniedName]]:
     clock = FakeClock()
     kernel, upstream, denied = Kernel(), Upstream(), []
     proxy = Proxy(
