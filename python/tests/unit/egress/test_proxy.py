@@ -54,7 +54,8 @@ def make(
     allow: list[str], mode: str = "enforce"
 ) -> tuple[Proxy, Kernel, Upstream, list[DeniedName]]:
     clock = FakeClock()
-    kernel, upstream, denied = Kernel(), Upstream(), []
+    kernel, upstream = Kernel(), Upstream()
+    denied: list[DeniedName] = []
     proxy = Proxy(
         upstream=upstream,  # type: ignore[arg-type]
         cache=AnswerCache(clock=clock),
