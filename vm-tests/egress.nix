@@ -2,7 +2,8 @@
 #
 # `internet` stands for the world: an authoritative DNS server for the test
 # zones and TCP services on several IPv4 and IPv6 addresses (the egress
-# integration tests' own internet.py, on dnspython). `machine` is a keel host
+# stand-in internet of the demo and the integration tests,
+# examples/egress/internet.py, on dnspython). `machine` is a keel host
 # with keel egress and two agents: scout (tier 2, an allowlist) and jail
 # (tier 2, no allowlist: no egress at all); alice is a user keel does not
 # manage. Agents' commands run as the agents' users (runuser), which is what
@@ -79,7 +80,7 @@ in
             [ dnsAddress ] ++ services4
           )
           ++ map (address: "${ip} -6 addr replace ${address}/64 dev eth1 nodad") services6;
-          ExecStart = "${lib.getExe internetPython} ${../python/tests/integration/egress/internet.py} --zone ${zones} --dns ${dnsAddress}";
+          ExecStart = "${lib.getExe internetPython} ${../examples/egress/internet.py} --zone ${zones} --dns ${dnsAddress}";
         };
       };
     };

@@ -52,6 +52,7 @@ class Egress(Daemon):
         self.proxy: Proxy | None = None
         self.shell: Shell | None = None
         self.rules_applied: float | None = None
+        self.sets_adopted: float | None = None  # when the kernel's elements were read
         self.rule_count = 0
 
     # --- lifecycle --------------------------------------------------------
@@ -222,6 +223,7 @@ class Egress(Daemon):
                         self.book.forget(name, gone)
                 self.book.adopt(name, elements, listed=listed)
                 kept += len(elements)
+            self.sets_adopted = time.time()
             self._record(
                 "egress.rules", "adopted", {"kept_addresses": kept, "removed_addresses": removed}
             )
@@ -326,6 +328,7 @@ class Egress(Daemon):
             "table": f"{ruleset.FAMILY} {ruleset.TABLE}",
             "rules": self.rule_count,
             "rules_applied": self.rules_applied,
+            "sets_adopted": self.sets_adopted,
             "upstream": [str(u) for u in self.config.upstream],
             "min_ttl": self.config.min_ttl,
             "grace": self.config.grace,

@@ -1,6 +1,7 @@
 """A small internet and one keel host, as network namespaces, for the egress tests.
 
-- ``inet``: the authoritative DNS server for the test zones (``internet.py``)
+- ``inet``: the authoritative DNS server for the test zones
+  (``examples/egress/internet.py``, which the demo uses too)
   on 10.200.N.2 and fd42:N::2, and TCP/UDP services on several IPv4 and IPv6
   addresses (``SERVICES_V4``, ``SERVICES_V6``, on its loopback, routed to it).
 - ``host``: the machine keel protects: ``keel egress serve`` runs there as root
@@ -31,6 +32,7 @@ from tests.harness.common import dies_with_us
 from tests.harness.netns import Host, Network
 
 HERE = Path(__file__).parent
+INTERNET = HERE.parents[3] / "examples" / "egress" / "internet.py"
 AGENT_UID = 64001
 OTHER_UID = 64002  # a user egress does not manage
 SECOND_AGENT_UID = 64003
@@ -170,7 +172,7 @@ class World:
         zone = self.workdir / "zones.txt"
         zone.write_text(ZONES.format(ttl=ttl, short=short, cached=cached))
         self.internet = self.inet.spawn(
-            sys.executable, str(HERE / "internet.py"), "--zone", str(zone),
+            sys.executable, str(INTERNET), "--zone", str(zone),
             "--dns", self.dns_v4, "--dns", self.dns_v6,
         )  # fmt: skip
 

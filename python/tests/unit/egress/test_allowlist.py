@@ -134,3 +134,22 @@ def test_a_prefix_glued_to_the_apex_never_matches(base: str, glue: str) -> None:
     allowlist = Allowlist.parse(["*." + base])
     assert not allowlist.allows_text(glue + base)
     assert not allowlist.allows_text(base)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.from_regex(r"[A-Za-z0-9-]{1,12}", fullmatch=True), min_size=1, max_size=5))
+def test_the_one_pass_check_and_the_label_check_agree(labels: list[str]) -> None:
+    from keel.egress.allowlist import _ascii_label
+
+    text = ".".join(labels)
+    try:
+        slow: tuple[bytes, ...] | None = tuple(_ascii_label(label, text) for label in labels)
+    except EntryError:
+        slow = None
+    try:
+        fast: tuple[bytes, ...] | None = parse_entry(text).labels
+    except EntryError:
+        fast = None
+    if slow is not None and (slow[-1].isdigit() or len(b".".join(slow)) > 253):
+        slow = None  # refused by the checks after the labels, on both paths
+    assert fast == slow

@@ -1,4 +1,7 @@
-"""The "internet" of the egress tests: an authoritative DNS server and a few services.
+"""A stand-in internet for keel egress: an authoritative DNS server and a few services.
+
+The demo (``make demo``), the integration tests, the benchmark and the VM test
+run it inside a network namespace (or VM) standing in for the world.
 
 Run inside the internet namespace::
 
