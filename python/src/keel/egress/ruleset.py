@@ -158,35 +158,37 @@ def _rule(chain: str, *expr: Json) -> Json:
     return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}}}
 
 
+# Per address family: the payload protocol, the set suffix, the loopback address.
+FAMILIES = (("ip", 4, "127.0.0.1"), ("ip6", 6, "::1"))
+
+
 def agent_rules(agent: AgentRules, log_group: int) -> list[Json]:
     chain = chain_name(agent.name)
-    verdict: Json = {"drop": None} if agent.enforced else {"accept": None}
+    accept: Json = {"accept": None}
+    verdict: Json = {"drop": None} if agent.enforced else accept
+    allowed = [
+        _rule(chain, _match(_payload(proto, "daddr"), f"@{set_name(agent.name, family)}"), accept)
+        for proto, family, _ in FAMILIES
+    ]
+    own_dns = [
+        _rule(
+            chain,
+            _match(_payload(proto, "daddr"), loopback),
+            _match(_meta("l4proto"), TCP_UDP),
+            _match(_payload("th", "dport"), agent.port),
+            accept,
+        )
+        for proto, _, loopback in FAMILIES
+    ]
+    logged = _rule(
+        chain,
+        {"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
+        {"log": {"group": log_group, "prefix": log_prefix(agent.name, agent.enforced)}},
+    )
     return [
-        _rule(
-            chain, _match(_payload("ip", "daddr"), f"@{set_name(agent.name, 4)}"), {"accept": None}
-        ),
-        _rule(
-            chain, _match(_payload("ip6", "daddr"), f"@{set_name(agent.name, 6)}"), {"accept": None}
-        ),
-        _rule(
-            chain,
-            _match(_payload("ip", "daddr"), "127.0.0.1"),
-            _match(_meta("l4proto"), TCP_UDP),
-            _match(_payload("th", "dport"), agent.port),
-            {"accept": None},
-        ),
-        _rule(
-            chain,
-            _match(_payload("ip6", "daddr"), "::1"),
-            _match(_meta("l4proto"), TCP_UDP),
-            _match(_payload("th", "dport"), agent.port),
-            {"accept": None},
-        ),
-        _rule(
-            chain,
-            {"limit": {"rate": LOG_RATE, "per": "second", "burst": LOG_BURST}},
-            {"log": {"group": log_group, "prefix": log_prefix(agent.name, agent.enforced)}},
-        ),
+        *allowed,
+        *own_dns,
+        logged,
         _rule(chain, {"counter": counter_name(agent.name)}, verdict),
     ]
 
