@@ -442,11 +442,12 @@ def scale(world: World, bench: Bench, args: argparse.Namespace) -> dict[str, Any
     restart = answered - kept_started
     print(f"   restart with them in place: first answer after {restart:.2f} s; "
           f"all {kept} addresses known to the daemon after {adopted:.2f} s")  # fmt: skip
-    # The sink is in agent a0's set, as if a0 had resolved it.
+    # The sink is in agent a0's set, as if a0 had resolved n0.a0.bench.test (a name it may
+    # resolve: one it may not would be taken out again by the next restart).
     world.host.run(
         sys.executable, "-c",
         "import ipaddress; from keel.egress.netlink import SetWriter; from keel.egress.sets import Insert; "
-        f"SetWriter().write('a0', [Insert(ipaddress.ip_address('{SINK}'), 3600, 'sink.a0.bench.test', False)])",
+        f"SetWriter().write('a0', [Insert(ipaddress.ip_address('{SINK}'), 3600, 'n0.a0.bench.test', False)])",
     )  # fmt: skip
     with_rules: list[float] = []
     without: list[float] = []
