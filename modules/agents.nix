@@ -9,6 +9,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 let
@@ -27,7 +28,9 @@ let
   settingsFormat = pkgs.formats.json { };
 
   userPrefix = "keel-agent-";
-  maxUserLength = 32;
+  # NixOS refuses user and group names of 32 characters or more
+  # (config/users-groups.nix), one less than useradd on other systems.
+  maxUserLength = 31;
   # keel's own state, sockets and configuration, which tier 2 cannot reach
   # (tiers.json's InaccessiblePaths): an agent cannot be given them either.
   keelDirectories = [
@@ -293,33 +296,69 @@ let
 
   specFile = name: agent: settingsFormat.generate "keel-agent-${name}.json" (specOf name agent);
 
-  # Quoting as keel.agents.units does it (systemd.syntax(7)): specifiers (%)
-  # and variables ($) stay literal; words outside the plain set are quoted.
-  escape =
-    lib.replaceStrings
-      [ "\\" "\"" "\n" "\t" "%" ]
-      [ "\\\\" "\\\"" "\\n" "\\t" "%%" ];
-  quoteExecArg =
-    arg:
-    let
-      escaped = lib.replaceStrings [ "$" ] [ "$$" ] (escape arg);
-    in
-    if builtins.match "[A-Za-z0-9_@+=:,./-]+" escaped != null then escaped else "\"${escaped}\"";
-  quoteAssignment = key: value: "\"${key}=${escape value}\"";
+  # --- what reaches the unit file, so that systemd reads back exactly the
+  # value given (issue 8: a value must never become unit syntax) ---
+  #
+  # Command lines: NixOS' own quoting for Exec lines (nixos/lib/utils.nix):
+  # every word JSON-quoted, which systemd unescapes, and `%` and `$`
+  # doubled, so specifiers and variables stay literal.
+  # Environment: NixOS writes `environment` as Environment="KEY=value" with
+  # the value JSON-quoted (nixos/lib/systemd-lib.nix) but leaves `%`, which
+  # systemd expands in Environment= (specifiers), so keel doubles it first.
+  # Paths go into directives NixOS writes raw (ReadWritePaths=...): they are
+  # checked to hold nothing systemd would read as syntax, and `%` is doubled.
   escapePercent = lib.replaceStrings [ "%" ] [ "%%" ];
 
+  # What keel passes to a program at most, counted as the kernel counts
+  # argv and envp (bytes, a NUL after each string, "=" in each variable): as
+  # keel.launch.MAX_EXEC_BYTES, the limit the Python side holds a spec to.
+  # Far below Linux's own limits (128 KiB per string, a quarter of the stack
+  # for all), and it keeps the escaped ExecStart= and Environment= lines
+  # under systemd's 1 MiB line limit.
+  maxExecBytes = 131072;
+  execBytes =
+    agent:
+    lib.foldl' (n: arg: n + builtins.stringLength arg + 1) 0 agent.command
+    + lib.foldl' (n: key: n + builtins.stringLength key + builtins.stringLength agent.environment.${key} + 2) 0 (
+      builtins.attrNames agent.environment
+    );
+
+  # Nix strings cannot hold NUL (Nix 2.8 cuts a string at it, newer Nix
+  # refuses it); a string read from a file may hold bytes that are not UTF-8,
+  # which systemd drops from Environment= and JSON cannot carry.
+  utf8 = import ./lib/utf8.nix { inherit lib; };
+
+  # tiers.json's [Unit] directives: systemd's dependency directives become
+  # the NixOS options NixOS derives them from (`after`, `wants`...), so that
+  # a host can add to them; others stay in unitConfig.
+  dependencyOptions = {
+    After = "after";
+    Before = "before";
+    Wants = "wants";
+    Requires = "requires";
+    BindsTo = "bindsTo";
+    PartOf = "partOf";
+    Conflicts = "conflicts";
+  };
+  words = value: lib.filter (word: word != "") (lib.splitString " " (toString value));
+  tierUnitConfig = agent: tiers.common.unitConfig or { } // (tierOf agent).unitConfig or { };
+
+  # What a unit runs (keel.agents.spec.Role): agents here, MCP servers in
+  # mcp.nix, both rendered by unitOf below.
+  agentRole = {
+    title = "agent";
+    stateRoot = "keel-agents";
+  };
+
   agentDirectives =
-    name: agent:
+    role: name: agent:
     {
       User = agent.user;
-      ExecStart = lib.concatMapStringsSep " " quoteExecArg agent.command;
-      StateDirectory = "keel-agents/${name}";
+      ExecStart = utils.escapeSystemdExecArgs agent.command;
+      StateDirectory = "${role.stateRoot}/${name}";
       WorkingDirectory = escapePercent (
-        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/keel-agents/${name}"
+        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/${role.stateRoot}/${name}"
       );
-    }
-    // lib.optionalAttrs (agent.environment != { }) {
-      Environment = lib.mapAttrsToList quoteAssignment agent.environment;
     }
     // lib.optionalAttrs (agent.environmentFiles != [ ]) {
       EnvironmentFile = map escapePercent agent.environmentFiles;
@@ -352,30 +391,49 @@ let
       WatchdogSec = "${toString agent.health.watchdogSec}s";
     };
 
-  unitOf = name: agent: {
-    description = "keel agent ${name} (tier ${toString agent.tier})";
-    wantedBy = [ "multi-user.target" ];
-    unitConfig = tiers.common.unitConfig or { } // (tierOf agent).unitConfig or { };
-    serviceConfig =
-      tiers.common.serviceConfig or { }
-      // (tierOf agent).serviceConfig or { }
-      // agentDirectives name agent;
-  };
+  unitOf =
+    role: name: agent:
+    let
+      unitConfig = tierUnitConfig agent;
+    in
+    {
+      description = "keel ${role.title} ${name} (tier ${toString agent.tier})";
+      wantedBy = [ "multi-user.target" ];
+      unitConfig = removeAttrs unitConfig (builtins.attrNames dependencyOptions);
+      # `%` doubled: NixOS quotes the value but systemd still expands
+      # specifiers in Environment=. An agent's PATH replaces the one NixOS
+      # builds from the unit's `path` (a plain definition would conflict).
+      environment = lib.mapAttrs (
+        key: value: if key == "PATH" then lib.mkOverride 90 (escapePercent value) else escapePercent value
+      ) agent.environment;
+      serviceConfig =
+        tiers.common.serviceConfig or { }
+        // (tierOf agent).serviceConfig or { }
+        // agentDirectives role name agent;
+    }
+    // lib.mapAttrs' (directive: option: lib.nameValuePair option (words unitConfig.${directive})) (
+      lib.filterAttrs (directive: _: unitConfig ? ${directive}) dependencyOptions
+    );
 
   # --- checks, as keel.agents.spec makes them, plus what only Nix can see ---
 
   isAbsolute = path: lib.hasPrefix "/" path;
+  # Paths reach directives NixOS writes as they are (ReadWritePaths=...),
+  # which systemd splits at whitespace and unquotes: no whitespace, control
+  # characters, quotes or backslashes.
   badPath =
     path:
     !isAbsolute path
+    || builtins.stringLength path >= 4096
     || path == "/"
     || lib.elem ".." (lib.splitString "/" path)
-    || builtins.match ".*[[:space:]].*" path != null;
+    || builtins.match ".*[[:space:][:cntrl:]\"'\\].*" path != null;
   under = directory: path: path == directory || lib.hasPrefix "${directory}/" path;
   domainLabel = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
   goodDomain =
     domain:
-    builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
+    builtins.stringLength domain <= 256
+    && builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
       != null
     && builtins.match ".*\\.[0-9]+\\.?" ("." + domain) == null
     && builtins.stringLength (lib.removeSuffix "." (lib.removePrefix "*." domain)) <= 253;
@@ -384,6 +442,15 @@ let
     name: agent:
     let
       option = "services.keel.agents.${name}";
+      badNames = lib.filter (key: builtins.match "[A-Za-z_][A-Za-z0-9_]*" key == null) (
+        builtins.attrNames agent.environment
+      );
+      notUtf8 = lib.filter (key: !utf8.valid agent.environment.${key}) (
+        builtins.attrNames agent.environment
+      );
+      badWords = lib.filter (i: !utf8.valid (builtins.elemAt agent.command i)) (
+        lib.range 0 (builtins.length agent.command - 1)
+      );
       allPaths =
         agent.readWritePaths ++ agent.environmentFiles ++ lib.optional (agent.workingDirectory != null) agent.workingDirectory;
       probeProblems = lib.concatLists (
@@ -421,6 +488,13 @@ let
         message = "${option}.command: '${builtins.head agent.command}' must be an absolute path (systemd does not search PATH); use lib.getExe or \"\${pkg}/bin/...\"";
       }
       {
+        # systemd refuses an executable name with control characters, quotes
+        # or backslashes; a `$` would be doubled by the quoting of Exec lines
+        # and never undone in the program path (only in its arguments).
+        assertion = builtins.match ".*[[:cntrl:]\"'\\$].*" (builtins.head agent.command) == null;
+        message = "${option}.command: the program path ${builtins.toJSON (builtins.head agent.command)} holds a control character, a quote, a backslash or '$', which systemd cannot take in an executable name";
+      }
+      {
         assertion = agent.user != "root" || agent.tier == 0;
         message = "${option}.user: tier ${toString agent.tier} agents run as their own user, not root";
       }
@@ -446,15 +520,31 @@ let
       }
       {
         assertion = !lib.any badPath allPaths;
-        message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, without '..' or whitespace, and not '/'";
+        message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, shorter than 4096 bytes, without '..', whitespace, control characters, quotes or backslashes, and not '/'";
       }
       {
         assertion = lib.all goodDomain agent.egress.allow;
         message = "${option}.egress.allow: ${lib.concatStringsSep ", " (lib.filter (d: !goodDomain d) agent.egress.allow)}: expected lowercase domain names, '*.' only as the whole first label (docs/agents.md)";
       }
       {
-        assertion = lib.all (key: builtins.match "[A-Za-z_][A-Za-z0-9_]*" key != null) (builtins.attrNames agent.environment);
-        message = "${option}.environment: variable names are letters, digits and '_', not starting with a digit";
+        assertion = badNames == [ ];
+        message = "${option}.environment: ${
+          lib.concatMapStringsSep ", " (key: "'${key}'") badNames
+        }: variable names are letters, digits and '_', not starting with a digit (systemd ignores any other)";
+      }
+      {
+        assertion = execBytes agent <= maxExecBytes;
+        message = "${option}: the command and environment take ${toString (execBytes agent)} bytes; keel passes at most ${toString maxExecBytes} to a program (put large data in a file the agent reads)";
+      }
+      {
+        assertion = notUtf8 == [ ];
+        message = "${option}.environment: ${lib.concatStringsSep ", " notUtf8}: not UTF-8 text (bytes that are not UTF-8, or a Unicode noncharacter): systemd would drop the variable";
+      }
+      {
+        assertion = badWords == [ ];
+        message = "${option}.command: ${
+          lib.concatMapStringsSep ", " (i: "word ${toString i}") badWords
+        }: not UTF-8 text (bytes that are not UTF-8, or a Unicode noncharacter), which systemd refuses";
       }
       {
         assertion =
@@ -485,7 +575,11 @@ let
   }) (lib.filterAttrs (_: agent: agent.tier > 0) agents);
   sharedUsers = lib.filter (u: lib.length (lib.filter (v: v.user == u.user) sandboxedUsers) > 1) sandboxedUsers;
 
-  defaultUsers = lib.filterAttrs (name: agent: agent.user == userPrefix + name) agents;
+  # Only valid names: NixOS aborts the evaluation on a name it refuses, before
+  # keel's assertion could say which agent it is.
+  defaultUsers = lib.filterAttrs (
+    name: agent: agent.user == userPrefix + name && builtins.stringLength agent.user <= maxUserLength
+  ) agents;
 in
 {
   options.services.keel.agents = mkOption {
@@ -518,8 +612,22 @@ in
     '';
   };
 
+  options.services.keel.renderUnit = mkOption {
+    type = types.raw;
+    internal = true;
+    readOnly = true;
+    description = ''
+      The unit renderer of agents, `role -> name -> declaration -> unit`, for
+      other modules whose services run at a trust tier (mcp.nix's servers):
+      one renderer, as keel.agents.units is one on the Python side.
+    '';
+  };
+
   config = lib.mkMerge [
-    { services.keel.agentSpecs = lib.mapAttrs specOf agents; }
+    {
+      services.keel.agentSpecs = lib.mapAttrs specOf agents;
+      services.keel.renderUnit = unitOf;
+    }
     (lib.mkIf (agents != { }) {
       services.keel.enabledServices = [ "agents" ];
 
@@ -552,7 +660,7 @@ in
       users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
 
       systemd.services = lib.mapAttrs' (
-        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
+        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf agentRole name agent)
       ) agents;
 
       # keel's own validator has the last word: a spec it refuses fails the

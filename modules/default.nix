@@ -7,6 +7,7 @@
     ./watch.nix
     ./egress.nix
     ./mesh.nix
+    ./mcp.nix
     ./appliance.nix
   ];
 }

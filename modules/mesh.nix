@@ -6,6 +6,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 let
@@ -17,9 +18,13 @@ let
   configFile = settingsFormat.generate "keel-mesh-config.json" cfg.settings;
 
   directory = "/var/lib/keel/mesh";
-  # "HOST:PORT" or "[V6]:PORT": the port is after the last colon.
-  listenPort = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
-  validListen = builtins.match "([[][0-9A-Fa-f:.]+[]]|[0-9.]+):[0-9]+" cfg.listen != null;
+  # "HOST:PORT" or "[V6]:PORT". The port is read as keel mesh reads it
+  # (decimal, leading zeros allowed: "07400" is 7400); anything else fails
+  # the assertions below instead of throwing during evaluation.
+  listenMatch = builtins.match "([[][0-9A-Fa-f:.]+[]]|[0-9.]+):([0-9]{1,5})" cfg.listen;
+  validListen = listenMatch != null;
+  listenPort = if validListen then lib.toIntBase10 (lib.last listenMatch) else 0;
+  validPort = validListen && listenPort >= 1 && listenPort <= 65535;
 
   seconds =
     default: description:
@@ -100,10 +105,10 @@ in
     assertions = [
       {
         assertion = validListen;
-        message = "services.keel.mesh.listen: expected IP:PORT or [IPv6]:PORT (e.g. \"0.0.0.0:7400\"), got \"${cfg.listen}\"";
+        message = "services.keel.mesh.listen: expected IP:PORT or [IPv6]:PORT (e.g. \"0.0.0.0:7400\"), got ${builtins.toJSON cfg.listen}";
       }
       {
-        assertion = !validListen || (listenPort >= 1 && listenPort <= 65535);
+        assertion = !validListen || validPort;
         message = "services.keel.mesh.listen: the port must be 1 to 65535 (0 picks a random one, which peers cannot follow)";
       }
       {
@@ -118,7 +123,7 @@ in
       group = keel.group;
     };
 
-    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && validListen) [ listenPort ];
+    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && validPort) [ listenPort ];
 
     systemd.services.keel-mesh = {
       description = "keel mesh: encrypted messaging between keel hosts";
@@ -137,7 +142,7 @@ in
       serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = lib.escapeShellArgs (
+        ExecStart = utils.escapeSystemdExecArgs (
           [
             (lib.getExe cfg.package)
             "mesh"
@@ -165,8 +170,8 @@ in
         UMask = "0007";
         ReadWritePaths = [ "/var/lib/keel" ];
 
-        CapabilityBoundingSet = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
-        AmbientCapabilities = if validListen && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        CapabilityBoundingSet = if validPort && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        AmbientCapabilities = if validPort && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
         ProtectProc = "invisible";
         RemoveIPC = true;
       };

@@ -9,10 +9,13 @@
   setuptools,
   cryptography,
   jeepney,
+  mcp,
   dnspython,
   idna,
   systemd-python,
-  liboqs-python,
+  # Optional: a nixpkgs without it still builds keel, whose mesh then takes
+  # ML-KEM from cryptography alone (docs/nix.md).
+  liboqs-python ? null,
   pytestCheckHook,
   hypothesis,
 }:
@@ -70,14 +73,16 @@ buildPythonApplication {
     cryptography
     # D-Bus to systemd for keel watch's systemd backend.
     jeepney
+    # keel mcp: the official MCP SDK (2.x) for the gateway's sessions.
+    mcp
     # keel egress: the DNS wire format, IDNA 2008 for allowlist entries.
     dnspython
     idna
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
-    # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.
-    liboqs-python
-  ];
+  ]
+  # The mesh's fallback ML-KEM backend where cryptography lacks ML-KEM.
+  ++ lib.optional (liboqs-python != null) liboqs-python;
 
   nativeCheckInputs = [
     pytestCheckHook

@@ -39,6 +39,9 @@
           listen = "${config.networking.primaryIPAddress}:7400";
         };
       };
+      # The first-boot seed, from a directory the test fills (on a real
+      # image it is the EFI system partition's keel-seed/).
+      services.keel.appliance.seed.directory = "/var/keel-seed";
       # A host that says otherwise wins over the profile.
       time.timeZone = "Europe/Berlin";
       environment.systemPackages = [ pkgs.jq ];
@@ -78,6 +81,22 @@
         machine.wait_until_succeeds(
             f"keel status --json | jq -e '.agents.scout | .state == \"healthy\" and .pid != {pid}'",
             timeout=60,
+        )
+
+    with subtest("the seed's SSH key becomes root's, once"):
+        machine.succeed(
+            "mkdir -p /var/keel-seed && ssh-keygen -q -t ed25519 -N \"\" -C operator -f /tmp/operator"
+        )
+        machine.succeed("cp /tmp/operator.pub /var/keel-seed/authorized_keys")
+        machine.succeed("systemctl restart keel-seed-keys.service")
+        machine.succeed("grep -qF \"$(cut -d' ' -f2 /tmp/operator.pub)\" /root/.ssh/authorized_keys")
+        assert machine.succeed("stat -c %a /root/.ssh/authorized_keys").strip() == "600"
+        machine.succeed("test -f /var/keel-seed/authorized_keys.applied")
+        machine.fail("test -e /var/keel-seed/authorized_keys")
+        # And the key logs in over SSH, as the operator will.
+        machine.succeed(
+            "ssh -i /tmp/operator -o StrictHostKeyChecking=no -o BatchMode=yes "
+            "root@127.0.0.1 keel status --json"
         )
 
     with subtest("every daemon writes the one ledger, which verifies"):

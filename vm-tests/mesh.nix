@@ -28,92 +28,102 @@ in
     c = node;
   };
 
-  testScript = ''
-    import json
+  testScript =
+    { nodes, ... }:
+    ''
+      import json
 
-    nodes = {"a": a, "b": b, "c": c}
+      machines = {"a": a, "b": b, "c": c}
+      # Each node listens on its own address only (services.keel.mesh.listen),
+      # so the port is awaited there: wait_for_open_port() alone probes
+      # localhost, where nothing listens, until it times out.
+      addresses = {
+          "a": "${nodes.a.networking.primaryIPAddress}",
+          "b": "${nodes.b.networking.primaryIPAddress}",
+          "c": "${nodes.c.networking.primaryIPAddress}",
+      }
 
-    start_all()
-    for machine in nodes.values():
-        machine.wait_for_unit("keel-mesh.service")
-        machine.wait_for_open_port(7400)
+      start_all()
+      for name, machine in machines.items():
+          machine.wait_for_unit("keel-mesh.service")
+          machine.wait_for_open_port(7400, addresses[name])
 
-    ids = {name: m.succeed("keel mesh id").strip() for name, m in nodes.items()}
-
-
-    def connected(machine, peer: str) -> None:
-        machine.wait_until_succeeds(
-            f"keel mesh peers --json | jq -e '.[] | select(.id == \"{ids[peer]}\") | .connected'",
-            timeout=60,
-        )
-
-
-    def send(sender: str, receiver: str, topic: str, data: str) -> None:
-        nodes[sender].succeed(f"keel mesh send {ids[receiver]} --topic {topic} '{data}'")
-
-
-    def received(receiver: str, topic: str, count: int) -> list:
-        lines = nodes[receiver].succeed(
-            f"keel mesh recv --topic {topic} --count {count} --timeout 60 --json"
-        ).splitlines()
-        return [json.loads(line) for line in lines]
+      ids = {name: m.succeed("keel mesh id").strip() for name, m in machines.items()}
 
 
-    with subtest("the node runs as its own user and keeps its identity private"):
-        assert a.succeed("stat -c %U /var/lib/keel/mesh/identity.key").strip() == "keel-mesh"
-        assert a.succeed("stat -c %a /var/lib/keel/mesh/identity.key").strip() == "600"
-        a.succeed("test -L /var/lib/keel/mesh/config.json")
+      def connected(machine, peer: str) -> None:
+          machine.wait_until_succeeds(
+              f"keel mesh peers --json | jq -e '.[] | select(.id == \"{ids[peer]}\") | .connected'",
+              timeout=60,
+          )
 
-    with subtest("b joins a's mesh with a single-use invite"):
-        token = a.succeed("keel mesh invite --ttl 300 --uses 1").strip()
-        b.succeed(f"keel mesh join {token}")
-        connected(a, "b")
-        c.fail(f"keel mesh join {token}")
 
-    with subtest("c, invited by b, learns a by gossip and connects to it"):
-        token = b.succeed("keel mesh invite").strip()
-        c.succeed(f"keel mesh join {token}")
-        connected(c, "a")
-        connected(a, "c")
+      def send(sender: str, receiver: str, topic: str, data: str) -> None:
+          machines[sender].succeed(f"keel mesh send {ids[receiver]} --topic {topic} '{data}'")
 
-    with subtest("messages go every way, each delivered once"):
-        for sender in nodes:
-            for receiver in nodes:
-                if sender != receiver:
-                    send(sender, receiver, "hello", f"from {sender} to {receiver}")
-        for receiver in nodes:
-            got = sorted(m["data"] for m in received(receiver, "hello", 2))
-            senders = sorted(s for s in nodes if s != receiver)
-            assert got == [f"from {s} to {receiver}" for s in senders], got
 
-    with subtest("messages queued while the receiver's daemon is dead arrive once it is back"):
-        c.succeed("systemctl kill --signal=KILL keel-mesh.service")
-        for n in range(5):
-            send("a", "c", "queued", f"message {n}")
-        c.wait_for_unit("keel-mesh.service")
-        got = sorted(m["data"] for m in received("c", "queued", 5))
-        assert got == [f"message {n}" for n in range(5)], got
-        c.fail("keel mesh recv --topic queued --count 1 --timeout 3 --json")
+      def received(receiver: str, topic: str, count: int) -> list:
+          lines = machines[receiver].succeed(
+              f"keel mesh recv --topic {topic} --count {count} --timeout 60 --json"
+          ).splitlines()
+          return [json.loads(line) for line in lines]
 
-    with subtest("a room fans a message out to its members"):
-        room = a.succeed(f"keel mesh room create ops {ids['b']} {ids['c']}").strip()
-        a.succeed(f"keel mesh room send {room} --topic chat 'standup'")
-        for receiver in ("b", "c"):
-            (message,) = received(receiver, "chat", 1)
-            assert message["data"] == "standup" and message["from"] == ids["a"], message
 
-    with subtest("a removed node is refused by everyone"):
-        a.succeed(f"keel mesh remove {ids['c']}")
-        b.wait_until_succeeds(
-            f"keel mesh peers --json | jq -e 'all(.[]; .id != \"{ids['c']}\" or (.connected | not))'",
-            timeout=60,
-        )
-        c.succeed(f"keel mesh send {ids['b']} --topic after-removal 'still here?'")
-        b.fail("keel mesh recv --topic after-removal --count 1 --timeout 10")
+      with subtest("the node runs as its own user and keeps its identity private"):
+          assert a.succeed("stat -c %U /var/lib/keel/mesh/identity.key").strip() == "keel-mesh"
+          assert a.succeed("stat -c %a /var/lib/keel/mesh/identity.key").strip() == "600"
+          a.succeed("test -L /var/lib/keel/mesh/config.json")
 
-    with subtest("the ledger holds the metadata and verifies"):
-        a.succeed("keel ledger verify")
-        entries = a.succeed("keel ledger tail -n 200 --json")
-        assert "from a to b" not in entries, "a payload reached the ledger"
-  '';
+      with subtest("b joins a's mesh with a single-use invite"):
+          token = a.succeed("keel mesh invite --ttl 300 --uses 1").strip()
+          b.succeed(f"keel mesh join {token}")
+          connected(a, "b")
+          c.fail(f"keel mesh join {token}")
+
+      with subtest("c, invited by b, learns a by gossip and connects to it"):
+          token = b.succeed("keel mesh invite").strip()
+          c.succeed(f"keel mesh join {token}")
+          connected(c, "a")
+          connected(a, "c")
+
+      with subtest("messages go every way, each delivered once"):
+          for sender in machines:
+              for receiver in machines:
+                  if sender != receiver:
+                      send(sender, receiver, "hello", f"from {sender} to {receiver}")
+          for receiver in machines:
+              got = sorted(m["data"] for m in received(receiver, "hello", 2))
+              senders = sorted(s for s in machines if s != receiver)
+              assert got == [f"from {s} to {receiver}" for s in senders], got
+
+      with subtest("messages queued while the receiver's daemon is dead arrive once it is back"):
+          c.succeed("systemctl kill --signal=KILL keel-mesh.service")
+          for n in range(5):
+              send("a", "c", "queued", f"message {n}")
+          c.wait_for_unit("keel-mesh.service")
+          got = sorted(m["data"] for m in received("c", "queued", 5))
+          assert got == [f"message {n}" for n in range(5)], got
+          c.fail("keel mesh recv --topic queued --count 1 --timeout 3 --json")
+
+      with subtest("a room fans a message out to its members"):
+          room = a.succeed(f"keel mesh room create ops {ids['b']} {ids['c']}").strip()
+          a.succeed(f"keel mesh room send {room} --topic chat 'standup'")
+          for receiver in ("b", "c"):
+              (message,) = received(receiver, "chat", 1)
+              assert message["data"] == "standup" and message["from"] == ids["a"], message
+
+      with subtest("a removed node is refused by everyone"):
+          a.succeed(f"keel mesh remove {ids['c']}")
+          b.wait_until_succeeds(
+              f"keel mesh peers --json | jq -e 'all(.[]; .id != \"{ids['c']}\" or (.connected | not))'",
+              timeout=60,
+          )
+          c.succeed(f"keel mesh send {ids['b']} --topic after-removal 'still here?'")
+          b.fail("keel mesh recv --topic after-removal --count 1 --timeout 10")
+
+      with subtest("the ledger holds the metadata and verifies"):
+          a.succeed("keel ledger verify")
+          entries = a.succeed("keel ledger tail -n 200 --json")
+          assert "from a to b" not in entries, "a payload reached the ledger"
+    '';
 }

@@ -23,6 +23,8 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.egress.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
+    "keel.mcp.cli",
+    "keel.appliance.cli",
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -46,10 +47,59 @@ _TYPE_NAMES = {
 }
 
 
-def describe(value: object) -> str:
-    """A short, readable rendering of a JSON value for error messages."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
+MAX_SHOWN: Final = 60  # characters of a value an error message shows
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was.
+
+    ``shorten("x" * 100_000)`` is ``"xxx...xxx... (100000 characters)"``: a
+    message that echoes what a user gave stays readable however much they gave.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 1)]}... ({len(text)} characters)"
+
+
+def _visible(text: str) -> str:
+    """JSON-style ``\\uXXXX`` escapes for what would not print as itself on one line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else json.dumps(ch, ensure_ascii=True)[1:-1] for ch in text
+    )
+
+
+def describe(value: object, limit: int = MAX_SHOWN) -> str:
+    """A value for an error message: JSON-quoted, on one line, long values shortened.
+
+    Control and other invisible characters (line breaks, U+2028, bidi
+    overrides) are escaped, so a message is always one line that shows what
+    the value really holds; a string longer than ``limit`` is cut with
+    :func:`shorten`, which says how long it was.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return _visible(json.dumps(value, ensure_ascii=False))
+        cut = _visible(json.dumps(value[: max(limit - 3, 1)], ensure_ascii=False))
+        return f'{cut[:-1]}..." ({len(value)} characters)'
+    try:
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return shorten(_visible(text), limit)
+
+
+_PLAIN_KEY = re.compile(rf"[A-Za-z0-9_@.:+/-]{{1,{MAX_SHOWN}}}\Z")
+
+
+def join_path(path: str, key: str | int) -> str:
+    """``path`` extended by an object key or a list index, as :meth:`Section.key_path` shows it."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if not _PLAIN_KEY.match(key):
+        return f"{path}[{describe(key)}]"
+    return f"{path}.{key}" if path else key
 
 
 def type_name(value: object) -> str:
@@ -82,29 +132,86 @@ def _refuse_constant(name: str) -> Any:
     raise _NotJson(f"{name} is not a JSON value (use a number or null)")
 
 
-def _depth_exceeds(value: object, limit: int) -> bool:
+MAX_DIGITS: Final = 4300  # of an integer: Python's own limit for converting one
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_DIGITS:
+        raise _NotJson(
+            f"an integer of {len(text.lstrip('-'))} digits is too long (at most {MAX_DIGITS})"
+        )
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotJson(f"the number {shorten(text)} is too large")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# A lone surrogate reaches a parsed value only as itself in the text, or as an
+# escape of one (\ud800 to \udfff); without either, strings need no look.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    if not text.isascii() and _SURROGATE.search(text) is not None:
+        return True
+    return "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+
+
+def _tree_problem(value: object, limit: int, *, strings: bool = True) -> str | None:
+    """Nesting deeper than ``limit``, or a string that is not text (a lone surrogate).
+
+    ``strings=False``: the text held no surrogate in any form; only nesting is checked.
+    """
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, str):
+            if (found := _SURROGATE.search(item)) is not None:
+                return (
+                    f"the string {describe(item)} holds an unpaired surrogate "
+                    f"U+{ord(found.group()):04X}, which is not text"
+                )
+        elif isinstance(item, dict | list):
             if depth > limit:
-                return True
+                return f"nested more than {limit} levels deep"
             children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
+            if strings:
+                if isinstance(item, dict):
+                    stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in children)
+            else:
+                for child in children:
+                    if type(child) is dict or type(child) is list:
+                        stack.append((child, depth + 1))
+    return None
 
 
 def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON from outside (configs, specs, ``--data``, requests) strictly.
 
     A key given twice in one object is refused (the last would silently win),
-    and so are ``NaN``/``Infinity`` (not JSON) and nesting deeper than
-    ``max_depth``. Every failure is a
-    :class:`ConfigError` that starts with ``source``, one line, no traceback.
+    and so are ``NaN``/``Infinity`` (not JSON), numbers too large for a float
+    (``1e400``) or with more than 4300 digits, strings holding an unpaired
+    surrogate (``"\\ud800"``: not text, nothing can encode it) and nesting
+    deeper than ``max_depth``. Every failure is a :class:`ConfigError` that
+    starts with ``source``, one line, no traceback.
     """
     try:
+        if isinstance(text, bytes):  # UTF-8 only: json.loads would also guess UTF-16 and -32
+            text = text.decode("utf-8")
         value = json.loads(
-            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+            text,
+            object_pairs_hook=_refuse_duplicates,
+            parse_constant=_refuse_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
         )
     except _NotJson as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -120,8 +227,9 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if _depth_exceeds(value, max_depth):
-        raise ConfigError(f"{source}: nested more than {max_depth} levels deep")
+    strings = _may_hold_surrogates(text)
+    if (problem := _tree_problem(value, max_depth, strings=strings)) is not None:
+        raise ConfigError(f"{source}: {problem}")
     return value
 
 
@@ -140,6 +248,17 @@ def load_json_file(path: Path, *, what: str = "config") -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
     return parse_json(text, source=str(path))
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a file, or None."""
+    if "\x00" in value:
+        return f"{describe(value)} contains a NUL character, which no path can hold"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{describe(value)} is not valid text"
+    return None
 
 
 class Section:
@@ -175,9 +294,13 @@ class Section:
     # --- errors -----------------------------------------------------------
 
     def key_path(self, key: str | int) -> str:
-        if isinstance(key, int):
-            return f"{self.path}[{key}]"
-        return f"{self.path}.{key}" if self.path else key
+        """Where ``key`` is, for messages: ``agents.web.probes[0]``.
+
+        A key that is not a plain name (a line break, ``=``, a 100 KB string)
+        is shown quoted and shortened, ``environment["A=B"]``, so that the
+        message stays one readable line.
+        """
+        return join_path(self.path, key)
 
     def error(self, key: str | int, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.key_path(key)}: {message}")
@@ -350,6 +473,10 @@ class Section:
         if maximum is not None and value > maximum:
             raise self.error(key, f"must be at most {maximum}, got {describe(value)}")
 
+    def filepath(self, key: str, default: str | _Missing = REQUIRED) -> Path:
+        """A file system path: a non-empty string the kernel can take (no NUL, valid text)."""
+        return Path(self.string(key, default, check=path_problem))
+
     def choice(self, key: str, choices: Sequence[str], default: str | _Missing = REQUIRED) -> str:
         value = self.string(key, default)
         if value not in choices:
@@ -386,7 +513,7 @@ class Section:
         for name, item in value.items():
             if not isinstance(item, str):
                 raise ConfigError(
-                    f"{self.source}: {self.key_path(key)}.{name}: expected a string, "
+                    f"{self.source}: {join_path(self.key_path(key), name)}: expected a string, "
                     f"got {type_name(item)} {describe(item)}"
                 )
         return dict(value)

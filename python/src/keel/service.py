@@ -36,7 +36,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -68,12 +68,12 @@ def read_common(cfg: Section, service: str) -> Common:
     ``checkpoint_every`` is how often (seconds) the ledger's head is signed,
     ``null`` for never.
     """
-    socket = Path(cfg.string("socket", default=str(paths.socket_file(service))))
+    socket = cfg.filepath("socket", default=str(paths.socket_file(service)))
     ledger: Path | None = paths.ledger_db()
     if "ledger" in cfg and cfg.raw("ledger") is None:
         ledger = None
     else:
-        ledger = Path(cfg.string("ledger", default=str(paths.ledger_db())))
+        ledger = cfg.filepath("ledger", default=str(paths.ledger_db()))
     checkpoint_every: float | None = None
     if "checkpoint_every" not in cfg or cfg.raw("checkpoint_every") is not None:
         checkpoint_every = cfg.number("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, positive=True)
@@ -296,3 +296,33 @@ class _Signals:
             self.shell.log.warning("%s again: exiting at once", signum.name)
             os._exit(128 + signum)
         self.shell.request_stop(signum.name)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    name: str, daemon: Daemon, common: Common, *, recorder: Recorder | None = None
+) -> AsyncIterator[Shell]:
+    """Run a daemon in this loop for the body of an ``async with`` (tests, embedding).
+
+    Yields the shell once the daemon serves; stops it on leaving and raises
+    :class:`KeelError` if it did not start or did not stop cleanly.
+    """
+    shell_ready: asyncio.Future[Shell] = asyncio.get_running_loop().create_future()
+
+    def ready(shell: Shell) -> None:
+        shell_ready.set_result(shell)
+
+    task = asyncio.create_task(serve(name, daemon, common, recorder=recorder, ready=ready))
+    waiting: set[asyncio.Future[Any]] = {task, shell_ready}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if not shell_ready.done():
+        shell_ready.cancel()
+        raise KeelError(f"{name} did not start (exit {task.result()}); see its log")
+    shell = shell_ready.result()
+    try:
+        yield shell
+    finally:
+        shell.request_stop("leaving the running() block")
+        code = await task
+        if code != EXIT_OK:
+            raise KeelError(f"{name} stopped with exit {code}; see its log")

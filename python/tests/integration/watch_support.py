@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from keel import service
 from keel.watch import config as watch_config
 from keel.watch.daemon import Watch
 from keel.watch.process_backend import ProcessBackend
@@ -73,11 +74,8 @@ async def running_watch(config_path: Path) -> AsyncIterator[Watch]:
     config = watch_config.load(config_path)
     backend = ProcessBackend(config.agents, state_file=config.state_file)
     watch = Watch(config, backend)
-    await watch.start()
-    try:
+    async with service.running("watch", watch, config.common):
         yield watch
-    finally:
-        await watch.close()
 
 
 async def until(

@@ -1,33 +1,51 @@
 # Evaluates one NixOS VM test of vm-tests/ without building it: its name,
-# its test script (for the Python checks of test_vm_tests.py), and each node's
-# configuration run through keel's modules as eval-modules.nix does.
+# its test script (for the Python checks of test_vm_tests.py, given the
+# evaluated nodes as the NixOS test framework gives them), and each node's
+# configuration run through keel's modules and the real NixOS declarations as
+# eval-modules.nix does.
 {
   repo,
-  nixpkgsLib,
+  nixpkgs,
   file,
 }:
 let
-  lib = import nixpkgsLib;
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  lib = import (nixpkgs + "/lib");
+  pkgs = import ./stub-pkgs.nix { inherit lib nixpkgs; };
   test = import file {
     inherit pkgs lib;
   };
   nodes = test.nodes or { };
+  # As nixos/lib/testing/network.nix numbers them: the nodes in name order
+  # on VLAN 1, 192.168.1.1 upwards.
+  names = builtins.attrNames nodes;
+  address = name: "192.168.1.${toString (1 + lib.lists.findFirstIndex (n: n == name) 0 names)}";
+  hostOf = name: {
+    imports = [ nodes.${name} ];
+    networking.primaryIPAddress = address name;
+  };
+  evaluate =
+    name: raw:
+    import ./eval-modules.nix {
+      inherit repo nixpkgs raw;
+      hostConfig = hostOf name;
+      units = [ ];
+    };
   evaluateNode =
-    name: node:
+    name: _:
     let
-      result = import ./eval-modules.nix {
-        inherit repo nixpkgsLib;
-        hostConfig = node;
-      };
+      result = evaluate name false;
     in
     {
-      inherit (result) failedAssertions;
+      inherit (result) failedAssertions listeners;
       services = builtins.attrNames result.services;
     };
 in
 {
   inherit (test) name;
-  testScript = if builtins.isFunction test.testScript then test.testScript { inherit nodes; } else test.testScript;
+  testScript =
+    if builtins.isFunction test.testScript then
+      test.testScript { nodes = lib.mapAttrs (name: _: evaluate name true) nodes; }
+    else
+      test.testScript;
   nodes = lib.mapAttrs evaluateNode nodes;
 }

@@ -1,13 +1,18 @@
 """Tier 4 helpers: running Nix's evaluator on keel's flake, package and modules.
 
-Three levels, each skipped with its reason when its prerequisite is missing:
+Four levels, each skipped with its reason when its prerequisite is missing:
 
 - ``nix-instantiate`` (Debian's ``nix-bin``): every ``.nix`` file parses, the
   lock agrees with the flake, the flake's outputs have the expected names;
-- ``NIXPKGS_LIB`` (a checkout of nixpkgs' ``lib``): the package, the flake's
-  outputs and the NixOS modules evaluate against the real module system, with
-  the stand-ins in ``stub-pkgs.nix`` and ``nixos-stubs.nix`` for nixpkgs'
-  packages and NixOS' own options;
+- ``NIXPKGS_LIB`` (a checkout of nixpkgs' ``lib``; the ``lib`` of
+  ``KEEL_NIXPKGS`` when unset): the package and the flake's outputs evaluate
+  with the real ``lib``, against the stand-in ``pkgs`` of ``stub-pkgs.nix``;
+- ``KEEL_NIXPKGS`` (a nixpkgs tree: its ``lib``, ``nixos/`` and
+  ``pkgs/pkgs-lib``): keel's NixOS modules evaluate together with the real
+  NixOS module files that declare what they set (``nixos-modules.nix``), with
+  stand-ins (``nixos-stubs.nix``) only for what those files read from the rest
+  of NixOS: real option types, merge rules, assertions and unit file text
+  (:func:`evaluate_modules`);
 - a Nix that can fetch the locked nixpkgs and build: ``nix build`` of the
   package (its check phase runs the unit tier) and ``nix flake check``.
 """
@@ -45,6 +50,21 @@ def resolve_nixpkgs_lib(value: str) -> Path | None:
     return None
 
 
+def resolve_nixpkgs_tree(value: str) -> Path | None:
+    """A nixpkgs tree with what tier 4 evaluates: ``lib``, ``nixos/`` and ``pkgs/pkgs-lib``."""
+    path = Path(value).expanduser()
+    needed = (
+        "lib/default.nix",
+        "nixos/modules/system/boot/systemd.nix",
+        "nixos/lib/systemd-lib.nix",
+        "nixos/lib/utils.nix",
+        "pkgs/pkgs-lib/default.nix",
+    )
+    if all((path / name).is_file() for name in needed):
+        return path.resolve()
+    return None
+
+
 def nix_eval_file(
     nix_instantiate: str,
     expression: Path,
@@ -59,7 +79,16 @@ def nix_eval_file(
     argv = [nix_instantiate, "--eval", "--strict", "--json", str(expression)]
     for name, value in (args or {}).items():
         argv += ["--arg", name, str(value) if isinstance(value, Path) else value]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    # Nix prints strings byte for byte; a test may feed it bytes that are not
+    # UTF-8 on purpose.
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        encoding="utf-8",
+        errors="surrogateescape",
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise NixEvalError(proc.stderr.strip())
     return json.loads(proc.stdout)
@@ -83,12 +112,66 @@ class NixEvalError(Exception):
     """Nix refused an expression; the message is its error output."""
 
 
+def evaluate_modules(
+    nix_instantiate: str,
+    nixpkgs: Path,
+    host_config: str = "{ }",
+    *,
+    paths: str = "[ ]",
+    with_keel: bool = True,
+    overlay: str = "final: prev: { }",
+    extra_nixos_modules: tuple[str, ...] = (),
+    extra_modules: str = "[ ]",
+    units: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """What keel's modules make of a host configuration, against real NixOS.
+
+    ``host_config`` is a Nix expression (a module); ``nixpkgs`` the tree of the
+    ``nixpkgs_tree`` fixture. The result (see ``eval-modules.nix``) holds
+    ``failedAssertions``, ``warnings``, the keel ``services`` (their options),
+    ``units`` (the unit files NixOS generates, by unit name), ``users``,
+    ``groups``, ``etc`` (``/etc/keel/...``, JSON files as ``{"json": value}``),
+    ``tmpfiles``, ``systemPackages``, ``checks``, ``meshConfig`` and
+    ``values``: the value of each option path in ``paths`` (a Nix list of
+    lists of attribute names). ``extra_nixos_modules`` adds real NixOS files
+    (relative to ``nixos/modules``) for a module that sets options the default
+    set (``nixos-modules.nix``) does not declare; ``extra_modules`` is a Nix
+    list of further modules. A type error or a missing option raises
+    :class:`NixEvalError` with Nix's message.
+    """
+    nix_list = "[ " + " ".join(json.dumps(name) for name in extra_nixos_modules) + " ]"
+    args: dict[str, Path | str] = {
+        "repo": Path(nix_string(REPO)),
+        "nixpkgs": Path(nix_string(nixpkgs)),
+        "hostConfig": host_config,
+        "paths": paths,
+        "withKeel": "true" if with_keel else "false",
+        "overlay": overlay,
+        "extraNixosModules": nix_list,
+        "extraModules": extra_modules,
+    }
+    if units is not None:
+        args["units"] = "[ " + " ".join(json.dumps(name) for name in units) + " ]"
+    result: dict[str, Any] = nix_eval_file(nix_instantiate, HERE / "eval-modules.nix", args=args)
+    return result
+
+
 def nix_string(path: Path) -> str:
     """A Nix path literal for an absolute path (no spaces or quotes expected)."""
     text = str(path.resolve())
     if any(c.isspace() or c in "\"'$;{}" for c in text):
         pytest.skip(f"path {text} cannot be written as a Nix path literal")
     return text
+
+
+def nix_text(value: str) -> str:
+    """A Nix expression for the string ``value``, whatever it holds.
+
+    Through JSON: Nix string literals have no escape for most control
+    characters, and ``${`` in them interpolates.
+    """
+    literal = json.dumps(json.dumps(value)).replace("$", "\\$")
+    return f"(builtins.fromJSON {literal})"
 
 
 def flake_ref() -> str | None:

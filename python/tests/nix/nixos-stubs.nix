@@ -1,369 +1,234 @@
-# The NixOS options keel's modules set, declared with the types NixOS gives
-# them (nixos/modules/system/boot/systemd.nix, config/users-groups.nix,
-# system/etc/etc.nix, misc/assertions.nix), so that keel's modules evaluate
-# with nixpkgs' `lib` alone and a wrong type, a misspelt option or a failing
-# assertion shows up without building a system. Only the options keel uses
-# are here; the module system rejects any other one a module sets.
-{
-  lib,
-  pkgs,
-  config,
-  ...
-}:
+# What the real NixOS files of nixos-modules.nix cannot give: options they
+# read or set that are declared in files that are not evaluated here (those
+# would pull in most of NixOS and real packages). Nothing keel's modules set
+# is declared here, except `networking.primaryIPAddress`, which the NixOS test
+# framework (nixos/lib/testing/network.nix) gives every VM-test node.
+# docs/nix.md lists what is real and what is a stand-in.
+#
+# Each entry names the NixOS file that really declares it; when that file is
+# evaluated too (`real`, paths under nixos/modules), the entry is left out.
+#
+# - standIns: options the real files READ (systemd.nix reads
+#   services.openssh.enable...), declared with the type and default NixOS
+#   gives them in that file;
+# - sinks: options the real files only SET (systemd.nix adds to
+#   security.pam, boot.kernelModules...). A sink accepts any definition and
+#   cannot be read (lib.mkSinkUndeclaredOptions), so nothing can depend on
+#   its value by mistake.
+real:
+{ lib, pkgs, ... }:
 let
   inherit (lib) mkOption types;
-
-  # systemd.services.<name>.serviceConfig values merge like NixOS' unitOption:
-  # lists concatenate, anything else must agree.
-  unitOption = lib.mkOptionType {
-    name = "systemd option";
-    check = v: lib.isList v || lib.isString v || lib.isBool v || lib.isInt v || lib.isPath v;
-    merge =
-      loc: defs:
-      let
-        defs' = lib.filterOverrides defs;
-      in
-      if lib.any (def: lib.isList def.value) defs' then
-        lib.concatMap (def: lib.toList def.value) defs'
-      else
-        lib.mergeEqualOption loc defs';
-  };
-
-  enableOption =
-    default:
+  standIn =
+    type: default:
     mkOption {
-      type = types.bool;
-      inherit default;
+      inherit type default;
+      description = "A stand-in (python/tests/nix/nixos-stubs.nix).";
     };
+  sink = lib.mkSinkUndeclaredOptions { };
 
-  unitList = mkOption {
-    type = types.listOf types.str;
-    default = [ ];
-  };
-
-  serviceModule = {
-    options = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      description = mkOption {
-        type = types.str;
-        default = "";
-      };
-      wantedBy = unitList;
-      requiredBy = unitList;
-      after = unitList;
-      before = unitList;
-      wants = unitList;
-      requires = unitList;
-      bindsTo = unitList;
-      partOf = unitList;
-      conflicts = unitList;
-      path = mkOption {
-        type = types.listOf (types.either types.package types.str);
-        default = [ ];
-      };
-      environment = mkOption {
+  # declaring file -> options
+  standIns = {
+    "<nixos/lib/testing/network.nix>" = {
+      networking.primaryIPAddress = standIn types.str "192.168.1.1";
+    };
+    # Cannot be evaluated with Nix 2.8: it imports nixpkgs' default.nix,
+    # which requires Nix 2.18 (test_flake.py reads the declaration instead).
+    "misc/nixpkgs.nix" = {
+      nixpkgs.pkgs = standIn types.pkgs pkgs;
+      nixpkgs.hostPlatform = standIn (types.either types.str types.attrs) pkgs.stdenv.hostPlatform.system;
+    };
+    "tasks/network-interfaces.nix" = {
+      networking.enableIPv6 = standIn types.bool true;
+      networking.hostName = standIn types.str "nixos";
+    };
+    "config/networking.nix" = {
+      networking.proxy.envVars = standIn (types.attrsOf types.str) { };
+    };
+    "services/networking/firewalld/firewalld.nix" = {
+      services.firewalld.enable = standIn types.bool false;
+    };
+    "services/x11/xserver.nix" = {
+      services.xserver.enable = standIn types.bool false;
+      services.xserver.defaultDepth = sink;
+      services.xserver.monitorSection = sink;
+      services.xserver.resolutions = sink;
+      services.xserver.videoDrivers = sink;
+    };
+    "services/system/userborn.nix" = {
+      services.userborn.enable = standIn types.bool false;
+    };
+    "system/boot/systemd/sysusers.nix" = {
+      systemd.sysusers.enable = standIn types.bool false;
+    };
+    "system/boot/systemd/initrd.nix" = {
+      boot.initrd.systemd.enable = standIn types.bool false;
+      # A path or { source; target; }, as initrd.nix takes them.
+      boot.initrd.systemd.storePaths = standIn (types.listOf (
+        types.coercedTo (types.either types.str types.package) (path: {
+          source = path;
+          target = toString path;
+        }) types.attrs
+      )) [ ];
+      boot.initrd.systemd.additionalUpstreamUnits = sink;
+      boot.initrd.systemd.contents = sink;
+      boot.initrd.systemd.services = sink;
+      boot.initrd.systemd.managerEnvironment = sink;
+    };
+    "system/boot/stage-2.nix" = {
+      boot.extraSystemdUnitPaths = standIn (types.listOf types.str) [ ];
+    };
+    "tasks/filesystems.nix" = {
+      system.fsPackages = standIn (types.listOf types.package) [ ];
+    };
+    "virtualisation/nixos-containers.nix" = {
+      boot.isContainer = standIn types.bool false;
+    };
+    "hardware/device-tree.nix" = {
+      hardware.deviceTree.enable = standIn types.bool false;
+      hardware.deviceTree.name = standIn (types.nullOr types.str) null;
+      hardware.deviceTree.package = standIn types.raw null;
+    };
+    "security/polkit.nix" = {
+      security.polkit.enable = standIn types.bool false;
+    };
+    "security/google_oslogin.nix" = {
+      security.googleOsLogin.enable = standIn types.bool false;
+    };
+    "services/system/nix-daemon.nix" = {
+      nix.enable = standIn types.bool true;
+      nix.package = standIn types.package pkgs.nix;
+    };
+    # users-groups.nix checks a user's shell against these
+    "programs/bash/bash.nix" = {
+      programs.bash.enable = standIn types.bool true;
+      programs.bash.interactiveShellInit = sink;
+    };
+    "programs/zsh/zsh.nix" = {
+      programs.zsh.enable = standIn types.bool false;
+      programs.zsh.interactiveShellInit = sink;
+    };
+    "programs/fish.nix" = {
+      programs.fish.enable = standIn types.bool false;
+      programs.fish.interactiveShellInit = sink;
+    };
+    "programs/xonsh.nix" = {
+      programs.xonsh.enable = standIn types.bool false;
+    };
+    "programs/shadow.nix" = {
+      users.defaultUserShell = standIn types.raw pkgs.bashInteractive;
+    };
+    "system/boot/modprobe.nix" = {
+      boot.blacklistedKernelModules = sink;
+      boot.extraModprobeConfig = sink;
+    };
+    "system/boot/kernel.nix" = {
+      boot.kernelModules = sink;
+      system.requiredKernelConfig = sink;
+    };
+    "system/activation/bootspec.nix" = {
+      boot.bootspec = sink;
+    };
+    "system/boot/stage-1.nix" = {
+      boot.loader.supportsInitrdSecrets = sink;
+      # It adds neededForBoot to tasks/filesystems.nix's fileSystems.
+      fileSystems = mkOption {
         type = types.attrsOf (
-          types.nullOr (
-            types.oneOf [
-              types.str
-              types.path
-              types.package
-            ]
-          )
+          types.submodule {
+            options.neededForBoot = standIn types.bool false;
+          }
         );
-        default = { };
       };
-      serviceConfig = mkOption {
-        type = types.attrsOf unitOption;
-        default = { };
-      };
-      unitConfig = mkOption {
-        type = types.attrsOf unitOption;
-        default = { };
-      };
-      script = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      preStart = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      restartTriggers = mkOption {
-        type = types.listOf types.unspecified;
-        default = [ ];
-      };
-      restartIfChanged = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      stopIfChanged = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      reloadIfChanged = mkOption {
-        type = types.bool;
-        default = false;
-      };
-      startAt = mkOption {
-        type = types.either types.str (types.listOf types.str);
-        default = [ ];
-      };
+    };
+    "config/system-environment.nix" = {
+      environment.profileRelativeSessionVariables = sink;
+      environment.sessionVariables = sink;
+    };
+    "config/shells-environment.nix" = {
+      environment.extraInit = sink;
+      environment.profiles = sink;
+      environment.variables = sink;
+    };
+    "security/apparmor.nix" = {
+      security.apparmor = sink;
+    };
+    "security/pam.nix" = {
+      security.pam = sink;
+    };
+    "services/system/dbus.nix" = {
+      services.dbus = sink;
+    };
+    "services/desktops/geoclue2.nix" = {
+      services.geoclue2 = sink;
+    };
+    "services/logging/logrotate.nix" = {
+      services.logrotate = sink;
+    };
+    "system/activation/activation-script.nix" = {
+      system.activationScripts = sink;
+    };
+    "config/nsswitch.nix" = {
+      system.nssDatabases = sink;
+      system.nssModules = sink;
+    };
+    "system/boot/systemd/repart.nix" = {
+      systemd.repart.enable = standIn types.bool false;
+      boot.initrd.systemd.repart.enable = standIn types.bool false;
+    };
+    "config/resolvconf.nix" = {
+      networking.resolvconf.enable = standIn types.bool false;
+    };
+    # What virtualisation/qemu-vm.nix (the VM variant) sets besides its own
+    # options, by declaring file.
+    "system/boot/luksroot.nix" = {
+      boot.initrd.luks = sink;
+    };
+    "system/boot/loader/limine/limine.nix" = {
+      boot.loader.limine = sink;
+    };
+    "services/networking/dhcpcd.nix" = {
+      networking.dhcpcd = sink;
+    };
+    "services/networking/wpa_supplicant.nix" = {
+      networking.wireless = sink;
+    };
+    "security/ca.nix" = {
+      security.pki = sink;
+    };
+    "services/networking/connman.nix" = {
+      services.connman = sink;
+    };
+    "virtualisation/qemu-guest-agent.nix" = {
+      services.qemuGuest = sink;
+    };
+    "system/boot/timesyncd.nix" = {
+      services.timesyncd = sink;
+    };
+    "config/swap.nix" = {
+      swapDevices = sink;
+    };
+    "system/boot/networkd.nix" = {
+      systemd.network.enable = standIn types.bool false;
+      systemd.network.links = sink;
+    };
+    "virtualisation/openvswitch.nix" = {
+      virtualisation.vswitch = sink;
+    };
+    "services/hardware/udev.nix" = {
+      services.udev = sink;
+      networking.usePredictableInterfaceNames = sink;
+    };
+    "services/networking/mstpd.nix" = {
+      services.mstpd = sink;
+    };
+    "system/boot/systemd/user.nix" = {
+      systemd.additionalUpstreamUserUnits = sink;
+      systemd.user = sink;
     };
   };
-
-  userModule =
-    { name, config, ... }:
-    {
-      # As NixOS does for normal users (config/users-groups.nix).
-      config = lib.mkIf config.isNormalUser {
-        group = lib.mkDefault "users";
-        home = lib.mkDefault "/home/${name}";
-        createHome = lib.mkDefault true;
-      };
-      options = {
-        name = mkOption {
-          type = types.str;
-          default = name;
-        };
-        isSystemUser = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        isNormalUser = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        group = mkOption {
-          type = types.str;
-          default = "";
-        };
-        extraGroups = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
-        description = mkOption {
-          type = types.str;
-          default = "";
-        };
-        home = mkOption {
-          type = types.str;
-          default = "/var/empty";
-        };
-        createHome = mkOption {
-          type = types.bool;
-          default = false;
-        };
-        homeMode = mkOption {
-          type = types.strMatching "[0-7]{1,5}";
-          default = "700";
-        };
-        uid = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
-      };
-    };
-
-  groupModule =
-    { name, ... }:
-    {
-      options = {
-        name = mkOption {
-          type = types.str;
-          default = name;
-        };
-        gid = mkOption {
-          type = types.nullOr types.int;
-          default = null;
-        };
-        members = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
-      };
-    };
-
-  etcModule =
-    { name, config, ... }:
-    {
-      options = {
-        enable = mkOption {
-          type = types.bool;
-          default = true;
-        };
-        target = mkOption {
-          type = types.str;
-          default = name;
-        };
-        text = mkOption {
-          type = types.nullOr types.lines;
-          default = null;
-        };
-        source = mkOption { type = types.path; };
-        mode = mkOption {
-          type = types.str;
-          default = "symlink";
-        };
-        user = mkOption {
-          type = types.str;
-          default = "+0";
-        };
-        group = mkOption {
-          type = types.str;
-          default = "+0";
-        };
-      };
-      config.source = lib.mkIf (config.text != null) (
-        lib.mkDefault (pkgs.writeText "etc-${baseNameOf name}" config.text)
-      );
-    };
 in
 {
-  options = {
-    assertions = mkOption {
-      type = types.listOf types.unspecified;
-      default = [ ];
-    };
-    warnings = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-    };
-
-    systemd.services = mkOption {
-      type = types.attrsOf (types.submodule serviceModule);
-      default = { };
-    };
-    systemd.tmpfiles.rules = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-    };
-
-    users.users = mkOption {
-      type = types.attrsOf (types.submodule userModule);
-      default = { };
-    };
-    users.groups = mkOption {
-      type = types.attrsOf (types.submodule groupModule);
-      default = { };
-    };
-
-    environment.etc = mkOption {
-      type = types.attrsOf (types.submodule etcModule);
-      default = { };
-    };
-    environment.systemPackages = mkOption {
-      type = types.listOf types.package;
-      default = [ ];
-    };
-    system.checks = mkOption {
-      type = types.listOf types.package;
-      default = [ ];
-    };
-
-    # The options the appliance profile sets (system/boot/systemd.nix,
-    # system/boot/kernel.nix, system/boot/tmp.nix, system/boot/loader/*,
-    # services/networking/firewall.nix, ssh/sshd.nix, config/nix.nix,
-    # services/system/nix-gc.nix, config/locale.nix, misc/documentation.nix,
-    # config/fonts/fontconfig.nix, programs/command-not-found).
-    systemd.settings.Manager = mkOption {
-      type = types.submodule { freeformType = types.attrsOf unitOption; };
-      default = { };
-    };
-    systemd.enableEmergencyMode = enableOption true;
-    boot.kernel.sysctl = mkOption {
-      type = types.attrsOf (
-        types.nullOr (
-          types.oneOf [
-            types.bool
-            types.str
-            types.int
-          ]
-        )
-      );
-      default = { };
-    };
-    boot.tmp.cleanOnBoot = enableOption false;
-    boot.loader.grub.configurationLimit = mkOption {
-      type = types.int;
-      default = 100;
-    };
-    boot.loader.systemd-boot.configurationLimit = mkOption {
-      type = types.nullOr types.int;
-      default = null;
-    };
-    networking.firewall.enable = enableOption true;
-    # Set by the NixOS test framework on every node (nixos/lib/testing).
-    networking.primaryIPAddress = mkOption {
-      type = types.str;
-      default = "192.168.1.1";
-    };
-    networking.firewall.allowedTCPPorts = mkOption {
-      type = types.listOf types.port;
-      default = [ ];
-    };
-    services.openssh.enable = enableOption false;
-    services.openssh.settings = mkOption {
-      type = types.submodule {
-        freeformType = types.attrsOf types.anything;
-        options = {
-          PasswordAuthentication = enableOption true;
-          KbdInteractiveAuthentication = enableOption true;
-          PermitRootLogin = mkOption {
-            type = types.enum [
-              "yes"
-              "without-password"
-              "prohibit-password"
-              "forced-commands-only"
-              "no"
-            ];
-            default = "prohibit-password";
-          };
-        };
-      };
-      default = { };
-    };
-    nix.settings = mkOption {
-      type = types.submodule { freeformType = types.attrsOf types.anything; };
-      default = { };
-    };
-    nix.gc.automatic = enableOption false;
-    nix.gc.options = mkOption {
-      type = types.str;
-      default = "";
-    };
-    time.timeZone = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-    };
-    documentation.enable = enableOption true;
-    fonts.fontconfig.enable = enableOption true;
-    programs.command-not-found.enable = enableOption true;
-  };
-
-  # NixOS' own checks on users that a service module can trip: the assertions
-  # of config/users-groups.nix, and the activation's refusal of a user whose
-  # group is not declared (update-users-groups.pl).
-  config.assertions = lib.concatLists (
-    lib.mapAttrsToList (name: user: [
-      {
-        assertion = user.isSystemUser != user.isNormalUser;
-        message = "users.users.${name}: exactly one of isSystemUser and isNormalUser must be set";
-      }
-      {
-        assertion = user.group != "";
-        message = "users.users.${name}.group is unset";
-      }
-      {
-        assertion = user.group == "" || config.users.groups ? ${user.group} || lib.elem user.group [
-            "nogroup"
-            "users"
-          ];
-        message = "users.users.${name}.group = \"${user.group}\" is not a declared group";
-      }
-    ]) config.users.users
+  options = lib.foldl' lib.recursiveUpdate { } (
+    lib.attrValues (lib.filterAttrs (file: _: !lib.elem file real) standIns)
   );
 }

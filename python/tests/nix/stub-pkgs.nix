@@ -1,22 +1,58 @@
-# A stand-in for the few attributes of nixpkgs' `pkgs` that keel's flake,
-# package and modules use, so that they evaluate with nixpkgs' `lib` alone
-# (tier 4 without a Nix that can build). Nothing here is built: a "package" is
-# a named marker, and `formats.json`'s `generate` keeps the value it was given
-# so the tests can read the JSON a module would write to /etc/keel.
+# A stand-in for the attributes of nixpkgs' `pkgs` that keel's flake, its
+# package, its modules and the real NixOS module files of nixos-modules.nix
+# use, so that all of them evaluate with nixpkgs' `lib` alone (tier 4 without
+# a Nix that can build). Nothing here is built: a "package" is a named marker
+# whose store path is made up, and the writers (`runCommand`, `writeText`,
+# `writeShellScriptBin`...) keep what they were given, so the tests can read
+# the JSON a module writes to /etc/keel or the script a unit runs.
+#
+# With `nixpkgs` (a nixpkgs tree: KEEL_NIXPKGS), `formats` is nixpkgs' own
+# pkgs/pkgs-lib (real option types, real generators running on the writers
+# below); without it, a minimal `formats.json` for the flake's tests.
 #
 # The attribute names are the ones nixpkgs (nixos-26.05) really has; each was
 # checked against nixpkgs' tree (docs/nix.md says how). A module or
 # pkgs/keel.nix asking for anything else fails to evaluate here, as it would
 # against nixpkgs.
-{ lib }:
+{
+  lib,
+  nixpkgs ? null,
+  system ? "x86_64-linux",
+}:
 let
-  package = name: {
-    type = "derivation";
-    inherit name;
-    pname = name;
-    outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${name}";
-    meta.mainProgram = name;
-  };
+  # The platform as nixpkgs describes it (lib.systems), which NixOS modules
+  # ask about (`pkgs.stdenv.hostPlatform.is64bit`...).
+  platform = lib.systems.elaborate system;
+
+  storePath = name: "/nix/store/${lib.fixedWidthString 32 "0" ""}-${name}";
+
+  # A package marker. Its outputs are itself, as a single-output package's
+  # are (`pkg.out`, `pkg.bin` and `lib.getExe pkg` all work).
+  package =
+    name:
+    let
+      self = {
+        type = "derivation";
+        inherit name;
+        pname = name;
+        version = "0";
+        outPath = storePath name;
+        outputs = [ "out" ];
+        # Every output is the package itself (cloud-utils.guest...).
+        out = self;
+        bin = self;
+        lib = self;
+        dev = self;
+        man = self;
+        guest = self;
+        outputName = "out";
+        meta.mainProgram = name;
+        overrideAttrs = _: self;
+        override = _: self;
+        passthru = { };
+      };
+    in
+    self;
 
   callPackageWith =
     scope: fn: overrides:
@@ -31,7 +67,8 @@ let
     // {
       type = "derivation";
       name = "${attrs.pname}-${attrs.version}";
-      outPath = "/nix/store/${lib.fixedWidthString 32 "0" ""}-${attrs.pname}-${attrs.version}";
+      outPath = storePath "${attrs.pname}-${attrs.version}";
+      meta = attrs.meta or { };
     };
 
   python3Packages =
@@ -40,6 +77,7 @@ let
       "hatchling"
       "cryptography"
       "jeepney"
+      "mcp"
       "dnspython"
       "idna"
       "systemd-python"
@@ -54,58 +92,179 @@ let
       callPackage = callPackageWith (python3Packages // { inherit lib; });
     };
 
-  # pkgs.formats.json's option type is nixpkgs' JSON value type; newer lib
-  # has it as lib.types.json, older lib is given the same definition.
-  jsonType =
-    lib.types.json or (
-      let
-        valueType =
-          with lib.types;
-          nullOr (oneOf [
-            bool
-            int
-            float
-            str
-            path
-            (attrsOf valueType)
-            (listOf valueType)
-          ])
-          // {
-            description = "JSON value";
-          };
-      in
-      valueType
-    );
+  # systemd's build flags that nixos/modules/system/boot/systemd.nix reads
+  # (`cfg.package.withImportd`...), as nixpkgs' default systemd has them.
+  systemd =
+    package "systemd"
+    // lib.genAttrs [
+      "withBootloader"
+      "withCryptsetup"
+      "withEfi"
+      "withFido2"
+      "withHostnamed"
+      "withImportd"
+      "withLocaled"
+      "withLogind"
+      "withMachined"
+      "withNspawn"
+      "withPortabled"
+      "withRepart"
+      "withSysupdate"
+      "withTimedated"
+      "withTpm2Units"
+      "withUtmp"
+    ] (_: true)
+    // {
+      util-linux = package "util-linux";
+    };
+
+  # Without nixpkgs' tree: pkgs.formats.json's type is nixpkgs' JSON value
+  # type (lib.types.json in newer lib, the same definition for older lib).
+  minimalFormats.json =
+    { }:
+    {
+      type =
+        lib.types.json or (
+          let
+            valueType =
+              with lib.types;
+              nullOr (oneOf [
+                bool
+                int
+                float
+                str
+                path
+                (attrsOf valueType)
+                (listOf valueType)
+              ])
+              // {
+                description = "JSON value";
+              };
+          in
+          valueType
+        );
+      generate =
+        name: value:
+        self.runCommand name {
+          inherit value;
+        } ''jq .value "$NIX_ATTRS_JSON_FILE" > $out'';
+    };
 
   self = {
-    inherit lib python3Packages;
+    inherit lib python3Packages systemd;
     callPackage = callPackageWith (self // python3Packages);
+    buildPackages = self;
+    stdenv = {
+      mkDerivation = self.stdenvNoCC.mkDerivation;
+      hostPlatform = platform;
+      buildPlatform = platform;
+      targetPlatform = platform;
+      cc.libc = package "glibc";
+    };
+    # A derivation marker named as mkDerivation would name it.
+    stdenvNoCC = {
+      mkDerivation =
+        arg:
+        let
+          attrs = if builtins.isFunction arg then arg attrs else arg;
+        in
+        package (attrs.name or "${attrs.pname}-${attrs.version}") // { keelDerivation = true; };
+      hostPlatform = platform;
+    };
+    hostPlatform = platform;
+    targetPlatform = platform;
+    # The nixpkgs source, as pkgs.path is.
+    path = if nixpkgs == null then storePath "nixpkgs" else nixpkgs;
 
-    formats.json =
-      { }:
-      {
-        type = jsonType;
-        generate = name: value: package name // { keelJson = value; };
-      };
+    formats =
+      if nixpkgs == null then
+        minimalFormats
+      else
+        (import (nixpkgs + "/pkgs/pkgs-lib") {
+          inherit lib;
+          pkgs = self;
+        }).formats;
 
     writeText = name: text: package name // { keelText = text; };
     runCommand =
       name: env: script:
-      package name // { keelScript = script; };
+      package name
+      // {
+        keelEnv = env;
+        keelScript = script;
+      };
+    writeShellScriptBin = name: text: package name // { keelScript = text; };
+    writeShellApplication =
+      args:
+      package args.name
+      // {
+        keelScript = args.text;
+      };
 
     testers.runNixOSTest = module: { keelNixosTest = module; };
 
-    nixfmt-tree = package "nixfmt-tree";
+    # What nixos/lib/make-disk-image.nix (the image framework) builds with.
+    vmTools.runInLinuxVM = drv: drv // { keelInVM = true; };
+    closureInfo = { rootPaths }: package "closure-info" // { inherit rootPaths; };
+
+    # What system/boot/kernel.nix reads of the default kernel (it extends
+    # the package set with its own kernel override).
+    linuxPackages = lib.makeExtensible (_: {
+      kernel =
+        let
+          kernel = package "linux" // {
+            version = "6.12.0";
+            modDirVersion = "6.12.0";
+            target = if platform.isAarch64 then "Image" else "bzImage";
+            features = {
+              efiBootStub = true;
+            };
+            config = {
+              isEnabled = _: true;
+              isYes = _: true;
+              isSet = _: true;
+            };
+            override = _: kernel;
+            overrideAttrs = _: kernel;
+          };
+        in
+        kernel;
+      stdenv = self.stdenv;
+    });
+  }
+  // lib.genAttrs [
+    # keel's flake and VM tests
+    "nixfmt-tree"
+    "python3"
+    "curl"
+    "jq"
+    # read by the real NixOS modules of nixos-modules.nix when they evaluate
+    # keel's units and users (default PATH of a unit, shells, sshd, nix-gc)
+    "coreutils"
+    "findutils"
+    "gnugrep"
+    "gnused"
+    "tzdata"
+    "openssh"
+    "shadow"
+    "kmod"
+    "nix"
+    "bash"
+    "bashInteractive"
+    "fish"
+    "zsh"
+    "xonsh"
+    "cloud-utils"
+  ] package
+  // {
+    # keel egress's VM test: the stand-in internet's Python and tools.
     python3 = package "python3" // {
       withPackages = select: package "python3-with-packages" // { keelPackages = select python3Packages; };
     };
-    coreutils = package "coreutils";
     iproute2 = package "iproute2" // {
       meta.mainProgram = "ip";
     };
     dig = package "dig";
-    curl = package "curl";
-    jq = package "jq";
     nftables = package "nftables" // {
       meta.mainProgram = "nft";
     };

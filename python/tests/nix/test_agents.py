@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from keel.agents.spec import check_domain, parse_spec
-from keel.agents.units import load_tiers, service_directives
+from keel.agents.units import load_tiers, render_unit
 
+from tests import systemd_syntax
 from tests.conftest import REPO
 from tests.nix.test_modules import evaluate
 
@@ -72,19 +73,29 @@ HOST = r"""
 
 
 @pytest.fixture(scope="module")
-def host(nix_instantiate: str, nixpkgs_lib: Path) -> dict[str, Any]:
-    result = evaluate(nix_instantiate, nixpkgs_lib, HOST)
+def host(nix_instantiate: str, nixpkgs_tree: Path) -> dict[str, Any]:
+    result = evaluate(nix_instantiate, nixpkgs_tree, HOST)
     assert result["failedAssertions"] == []
     return result
 
 
-def rendered(value: Any) -> list[str]:
-    """A directive's value as the lines of a unit file (NixOS and keel agree on these)."""
-    if isinstance(value, bool):
-        return ["yes" if value else "no"]
-    if isinstance(value, list):
-        return [str(item) for item in value]
-    return [str(value)]
+# What NixOS puts in every unit's environment besides the agent's own: the
+# PATH it builds from the unit's `path`, and the time zone database.
+NIXOS_ENVIRONMENT = {"PATH", "TZDIR"}
+
+
+def normalised(value: str) -> str:
+    """A directive's value as systemd takes it (NixOS writes true, keel writes yes)."""
+    return {"true": "yes", "false": "no"}.get(value, value)
+
+
+def sections(text: str, *, skip: set[str]) -> dict[tuple[str, str], list[str]]:
+    """A unit file's directives, by (section, key), but the keys in ``skip``."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for d in systemd_syntax.directives(text):
+        if d.key not in skip:
+            found.setdefault((d.section, d.key), []).append(normalised(d.value))
+    return found
 
 
 def test_each_agent_gets_a_spec_a_unit_and_a_user(host: dict[str, Any]) -> None:
@@ -119,22 +130,48 @@ def test_keel_reads_the_spec_back_unchanged(host: dict[str, Any], name: str) -> 
 
 @pytest.mark.parametrize("name", ["scout", "notes", "ops"])
 def test_the_unit_is_the_one_keel_renders(host: dict[str, Any], name: str) -> None:
+    # The unit file NixOS generates and the one `keel agents render-unit`
+    # writes give systemd the same directives, the same argv and the same
+    # environment, however each quotes them.
     written = host["etc"][f"keel/agents/{name}.json"]["json"]
     spec = parse_spec(written, source=name)
-    tiers = load_tiers(TIERS_JSON)
-    unit = host["services"][f"keel-agent-{name}"]
-    # modules/egress.nix adds its fail-closed check to agents it governs.
-    nix = {
-        key: rendered(value)
-        for key, value in unit["serviceConfig"].items()
-        if key != "ExecStartPre"
-    }
-    python = {key: rendered(value) for key, value in service_directives(spec, tiers).items()}
-    assert nix == python
-    assert {k: rendered(v) for k, v in unit["unitConfig"].items()} == {
-        k: rendered(v) for k, v in tiers.unit_directives(spec.tier).items()
-    }
-    assert unit["description"] == f"keel agent {name} (tier {spec.tier})"
+    nix_text = host["units"][f"keel-agent-{name}.service"]
+    python_text = render_unit(spec, load_tiers(TIERS_JSON))
+    values = {"ExecStart", "Environment"}
+    assert sections(nix_text, skip=values) == sections(python_text, skip=values)
+    nix_argv, nix_env = systemd_syntax.service_values(nix_text)
+    python_argv, python_env = systemd_syntax.service_values(python_text)
+    assert nix_argv == python_argv == list(spec.command)
+    assert python_env == spec.environment
+    assert {k: v for k, v in nix_env.items() if k not in NIXOS_ENVIRONMENT} == spec.environment
+    assert set(nix_env) == set(spec.environment) | NIXOS_ENVIRONMENT
+
+
+def test_a_host_adds_ordering_to_an_agent_unit(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    # tiers.json's After= reaches NixOS through `after`, the list NixOS
+    # derives unitConfig.After from, so a host's own `after` and `wants` add
+    # to it (a string in unitConfig.After made this a conflict in real NixOS).
+    result = evaluate(
+        nix_instantiate,
+        nixpkgs_tree,
+        """{
+          services.keel.agents.scout = { command = [ "/bin/scout" ]; tier = 2; };
+          systemd.services.keel-agent-scout = {
+            after = [ "postgresql.service" ];
+            wants = [ "postgresql.service" ];
+            unitConfig.StartLimitBurst = 10;
+          };
+        }""",
+    )
+    assert result["failedAssertions"] == []
+    unit = result["services"]["keel-agent-scout"]
+    assert sorted(unit["after"]) == ["network.target", "postgresql.service"]
+    assert unit["wants"] == ["postgresql.service"]
+    text = result["units"]["keel-agent-scout.service"]
+    found = {(d.section, d.key): d.value for d in systemd_syntax.directives(text)}
+    assert sorted(found["Unit", "After"].split()) == ["network.target", "postgresql.service"]
+    assert found["Unit", "Wants"] == "postgresql.service"
+    assert found["Unit", "StartLimitBurst"] == "10"
 
 
 def test_tier_2_has_the_tier_2_sandbox(host: dict[str, Any]) -> None:
@@ -152,7 +189,7 @@ def test_tier_2_has_the_tier_2_sandbox(host: dict[str, Any]) -> None:
 
 
 def test_keel_validates_every_spec_when_the_system_is_built(host: dict[str, Any]) -> None:
-    (check,) = host["checks"]
+    (check,) = [c for c in host["checks"] if c["name"].startswith("keel")]
     assert check["name"] == "keel-agents-valid"
     for name in ("scout", "notes", "ops"):
         assert "keel agents render-unit /nix/store/" in check["script"]
@@ -229,7 +266,7 @@ BAD = [
     ),
     pytest.param(
         agent(environment='{ "1ST" = "x"; }'),
-        "services.keel.agents.probe.environment: variable names are letters",
+        "services.keel.agents.probe.environment: '1ST': variable names are letters",
         id="environment-name",
     ),
     pytest.param(
@@ -240,8 +277,16 @@ BAD = [
     pytest.param(
         "{ services.keel.agents.a-very-long-agent-name-indeed = "
         '{ command = [ "/bin/agent" ]; tier = 1; }; }',
-        "must fit the 32-character user name limit",
+        "must fit the 31-character user name limit",
         id="long-name",
+    ),
+    pytest.param(
+        # 32 characters: useradd takes it, NixOS does not (and aborts the
+        # whole evaluation on it unless keel refuses it first).
+        "{ services.keel.agents.twenty-one-characters = "
+        '{ command = [ "/bin/agent" ]; tier = 1; }; }',
+        "'keel-agent-twenty-one-characters' must fit the 31-character user name limit",
+        id="name-at-nixos-user-limit",
     ),
     pytest.param(
         "{ services.keel.agents = { "
@@ -255,17 +300,17 @@ BAD = [
 
 @pytest.mark.parametrize(("config", "message"), BAD)
 def test_bad_combinations_fail_with_a_message(
-    nix_instantiate: str, nixpkgs_lib: Path, config: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, config: str, message: str
 ) -> None:
-    failed = evaluate(nix_instantiate, nixpkgs_lib, config)["failedAssertions"]
+    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
-def test_a_tier_outside_0_to_2_is_a_type_error(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_a_tier_outside_0_to_2_is_a_type_error(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     from tests.nix.nixeval import NixEvalError
 
     with pytest.raises(NixEvalError, match=r"services\.keel\.agents\.probe\.tier"):
-        evaluate(nix_instantiate, nixpkgs_lib, agent(tier="3"))
+        evaluate(nix_instantiate, nixpkgs_tree, agent(tier="3"))
 
 
 DOMAINS = [
@@ -283,14 +328,16 @@ DOMAINS = [
     "xn--bcher-kva.example",
     "under_score.example",
     "a" * 64 + ".example",
+    "a." * 200 + "example",
+    "b" * 100_000,
 ]
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d[:40] for d in DOMAINS])
 def test_egress_domains_are_judged_as_keel_judges_them(
-    nix_instantiate: str, nixpkgs_lib: Path, domain: str
+    nix_instantiate: str, nixpkgs_tree: Path, domain: str
 ) -> None:
     config = agent(**{"egress.allow": f"[ {json.dumps(domain)} ]"})
-    failed = evaluate(nix_instantiate, nixpkgs_lib, config)["failedAssertions"]
+    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
     refused_by_nix = any("egress.allow" in text for text in failed)
     assert refused_by_nix == (check_domain(domain) is not None)

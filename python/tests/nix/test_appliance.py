@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests import systemd_syntax
 from tests.nix.test_modules import evaluate
 
 # Each setting of the profile: option path, the profile's value, and another
@@ -52,26 +53,84 @@ def nix_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def appliance(nix_instantiate: str, nixpkgs_lib: Path, *extra: str) -> dict[str, Any]:
+def appliance(nix_instantiate: str, nixpkgs_tree: Path, *extra: str) -> dict[str, Any]:
     host = "{ services.keel.appliance.enable = true; " + " ".join(extra) + " }"
-    return evaluate(nix_instantiate, nixpkgs_lib, host, paths=nix_paths())
+    return evaluate(nix_instantiate, nixpkgs_tree, host, paths=nix_paths())
 
 
-def test_the_profile_sets_its_defaults(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = appliance(nix_instantiate, nixpkgs_lib)
+def test_the_profile_sets_its_defaults(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = appliance(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     assert result["values"] == [value for _, value, _ in SETTINGS]
 
 
-def test_a_host_overrides_every_setting(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_a_host_overrides_every_setting(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     # A plain definition in the host wins over each of the profile's: every
     # one of them is mkDefault (a plain one would conflict and fail here).
     overrides = [nix_attr(path, other) for path, _, other in SETTINGS]
-    result = appliance(nix_instantiate, nixpkgs_lib, *overrides)
+    result = appliance(nix_instantiate, nixpkgs_tree, *overrides)
     assert result["values"] == [other for _, _, other in SETTINGS]
 
 
-def test_the_profile_is_inert_until_enabled(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    disabled = evaluate(nix_instantiate, nixpkgs_lib, paths=nix_paths())
-    without_keel = evaluate(nix_instantiate, nixpkgs_lib, paths=nix_paths(), with_keel=False)
+def test_the_profile_is_inert_until_enabled(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    disabled = evaluate(nix_instantiate, nixpkgs_tree, paths=nix_paths())
+    without_keel = evaluate(nix_instantiate, nixpkgs_tree, paths=nix_paths(), with_keel=False)
     assert disabled["values"] == without_keel["values"]
+
+
+def unit_directives(text: str) -> dict[tuple[str, str], list[str]]:
+    found: dict[tuple[str, str], list[str]] = {}
+    for d in systemd_syntax.directives(text):
+        found.setdefault((d.section, d.key), []).append(d.value)
+    return found
+
+
+def test_the_seed_is_applied_at_boot(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = appliance(
+        nix_instantiate,
+        nixpkgs_tree,
+        'services.keel.mesh = { enable = true; listen = "0.0.0.0:7400"; };',
+    )
+    assert result["failedAssertions"] == []
+    keys = result["units"]["keel-seed-keys.service"]
+    argv, _ = systemd_syntax.service_values(keys)
+    assert argv[0].endswith("/bin/keel")
+    assert argv[1:] == ["appliance", "seed", "--dir", "/boot/keel-seed", "--only", "keys"]
+    found = unit_directives(keys)
+    assert found["Unit", "ConditionPathExists"] == ["/boot/keel-seed/authorized_keys"]
+    assert found["Unit", "RequiresMountsFor"] == ["/boot/keel-seed"]
+    assert set(found["Unit", "Before"][0].split()) == {"sshd.service", "sshd.socket"}
+    assert found["Service", "Type"] == ["oneshot"]
+    mesh = unit_directives(result["units"]["keel-seed-mesh.service"])
+    assert mesh["Unit", "After"] == ["keel-mesh.service"]
+    assert mesh["Unit", "ConditionPathExists"] == ["/boot/keel-seed/mesh-invite"]
+    assert mesh["Service", "Restart"] == ["on-failure"]
+    # The seed needs the keel package even on a host without a keel daemon.
+    assert "keel-0.1.0" in result["systemPackages"]
+
+
+def test_the_seed_follows_its_options(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    moved = appliance(
+        nix_instantiate, nixpkgs_tree, 'services.keel.appliance.seed.directory = "/mnt/seed";'
+    )
+    assert set(moved["units"]) == {"keel-seed-keys.service"}  # no mesh, no mesh seed
+    argv, _ = systemd_syntax.service_values(moved["units"]["keel-seed-keys.service"])
+    assert argv[argv.index("--dir") + 1] == "/mnt/seed"
+    off = appliance(nix_instantiate, nixpkgs_tree, "services.keel.appliance.seed.enable = false;")
+    assert off["units"] == {}
+    bad = appliance(
+        nix_instantiate, nixpkgs_tree, 'services.keel.appliance.seed.directory = "seed dir";'
+    )
+    assert any("services.keel.appliance.seed.directory" in m for m in bad["failedAssertions"])
+
+
+def test_a_host_whose_sshd_ignores_home_keys_is_warned(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # The seed adds to /root/.ssh/authorized_keys, which sshd reads only
+    # with authorizedKeysInHomedir (NixOS' default).
+    assert appliance(nix_instantiate, nixpkgs_tree)["warnings"] == []
+    off = appliance(
+        nix_instantiate, nixpkgs_tree, "services.openssh.authorizedKeysInHomedir = false;"
+    )
+    assert any("authorizedKeysInHomedir is false" in w for w in off["warnings"]), off["warnings"]

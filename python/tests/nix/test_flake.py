@@ -25,6 +25,7 @@ from tests.nix.nixeval import (
 
 LOCK = REPO / "flake.lock"
 SYSTEM = "x86_64-linux"
+SYSTEMS = ["aarch64-linux", "x86_64-linux"]
 
 # PyPI requirement of python/pyproject.toml -> python3Packages attribute that
 # pkgs/keel.nix must list among its dependencies. A new runtime requirement
@@ -33,6 +34,7 @@ SYSTEM = "x86_64-linux"
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
     "jeepney": "jeepney",
+    "mcp": "mcp",
     "dnspython": "dnspython",
     "idna": "idna",
     "systemd-python": "systemd-python",
@@ -104,36 +106,64 @@ def test_outputs_have_the_expected_names_without_nixpkgs(nix_instantiate: str) -
             self = outputs;
             nixpkgs = throw "nixpkgs was evaluated";
           };
+          systems = attrs: builtins.mapAttrs (_: builtins.attrNames) attrs;
         in {
           top = builtins.attrNames outputs;
-          packages = builtins.attrNames outputs.packages;
-          packageNames = builtins.attrNames outputs.packages.x86_64-linux;
+          packages = systems outputs.packages;
+          apps = systems outputs.apps;
           checks = builtins.attrNames outputs.checks;
           formatter = builtins.attrNames outputs.formatter;
           nixosModules = builtins.attrNames outputs.nixosModules;
+          nixosConfigurations = builtins.attrNames outputs.nixosConfigurations;
           overlays = builtins.attrNames outputs.overlays;
+          templates = builtins.attrNames outputs.templates;
         }
         """,
     )
+    packages = ["default", "image-qcow2", "image-raw-efi", "keel"]
     assert names == {
-        "top": ["checks", "formatter", "nixosModules", "overlays", "packages"],
-        "packages": [SYSTEM],
-        "packageNames": ["default", "keel"],
-        "checks": [SYSTEM],
-        "formatter": [SYSTEM],
-        "nixosModules": ["default"],
+        "top": [
+            "apps",
+            "checks",
+            "formatter",
+            "nixosConfigurations",
+            "nixosModules",
+            "overlays",
+            "packages",
+            "templates",
+        ],
+        "packages": dict.fromkeys(SYSTEMS, packages),
+        "apps": {system: ["vm"] for system in SYSTEMS},
+        "checks": SYSTEMS,
+        "formatter": SYSTEMS,
+        "nixosModules": ["appliance", "default"],
+        "nixosConfigurations": ["appliance", "appliance-aarch64"],
         "overlays": ["default"],
+        "templates": ["appliance"],
     }
 
 
 @pytest.fixture(scope="module")
 def flake_summary(nix_instantiate: str, nixpkgs_lib: Path) -> dict[str, Any]:
-    summary: dict[str, Any] = nix_eval_file(
+    summary: dict[str, Any] = nix_eval_expr(
         nix_instantiate,
-        HERE / "eval-flake.nix",
-        args={"repo": Path(nix_string(REPO)), "nixpkgsLib": Path(nix_string(nixpkgs_lib))},
+        f"(import {HERE / 'eval-flake.nix'} {{ repo = {nix_string(REPO)}; "
+        f"nixpkgsLib = {nix_string(nixpkgs_lib)}; }}).package",
     )
     return summary
+
+
+@pytest.fixture(scope="module")
+def flake_systems(nix_instantiate: str, nixpkgs_tree: Path) -> dict[str, Any]:
+    """Per system: the appliance, its images, checks and apps, against real NixOS."""
+    systems: dict[str, Any] = nix_eval_expr(
+        nix_instantiate,
+        f"(import {HERE / 'eval-flake.nix'} {{ repo = {nix_string(REPO)}; "
+        f"nixpkgsLib = {nix_string(nixpkgs_tree / 'lib')}; nixpkgs = {nix_string(nixpkgs_tree)}; }})"
+        ".systems",
+        timeout=300,
+    )
+    return systems
 
 
 def test_package_is_a_pyproject_application(flake_summary: dict[str, Any]) -> None:
@@ -173,7 +203,7 @@ def test_package_source_is_what_it_is_built_from(flake_summary: dict[str, Any]) 
     # Neither working-tree junk nor the Nix files (a change to a module must
     # not rebuild the package).
     dropped = ["pycache", "pyc", "eggInfo", "pytestCache", "hypothesis", "build", "venv"]
-    dropped += ["devState", "flake", "vmTests", "packages"]
+    dropped += ["devState", "flake", "vmTests", "packages", "hosts"]
     assert not any(keeps[name] for name in dropped), keeps
 
 
@@ -195,7 +225,13 @@ def test_outputs_wire_package_overlay_modules_and_checks(flake_summary: dict[str
     assert flake_summary["defaultIsKeel"] is True
     assert flake_summary["overlayKeel"] == flake_summary["keel"]
     assert flake_summary["checkKeelIsPackage"] is True
-    assert Path(flake_summary["nixosModule"]) == REPO / "modules"
+    assert {k: Path(v) for k, v in flake_summary["nixosModules"].items()} == {
+        "default": REPO / "modules",
+        "appliance": REPO / "hosts" / "appliance.nix",
+    }
+    (template,) = flake_summary["templates"].values()
+    assert Path(template["path"]) == REPO / "templates" / "appliance"
+    assert "nixos-anywhere" in template["description"]
     assert flake_summary["formatter"] == "nixfmt-tree"
 
 
@@ -203,18 +239,212 @@ def test_every_vm_test_file_is_a_check(flake_summary: dict[str, Any]) -> None:
     files = sorted(p.name for p in (REPO / "vm-tests").glob("*.nix") if p.name != "default.nix")
     expected = {f"vm-{Path(name).stem}": name for name in files}
     assert flake_summary["vmTests"] == expected
-    assert set(flake_summary["checkNames"]) == {"keel", *expected}
 
 
-def test_pkgs_keel_asks_only_for_attributes_nixpkgs_has(nix_instantiate: str) -> None:
-    args = nix_eval_expr(nix_instantiate, "builtins.functionArgs (import ./pkgs/keel.nix)")
-    known = nix_eval_expr(
-        nix_instantiate,
-        "let lib = { genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = n; }) names); "
-        "fixedWidthString = w: c: s: s; }; "
-        f"in builtins.attrNames (import {nix_string(HERE / 'stub-pkgs.nix')} {{ inherit lib; }}).python3Packages",
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_the_appliance_evaluates_against_real_nixos(
+    flake_systems: dict[str, Any], system: str
+) -> None:
+    appliance = flake_systems[system]
+    assert appliance["platform"] == system
+    assert appliance["failedAssertions"] == []
+    assert appliance["warnings"] == []
+    assert appliance["configuration"] == ("appliance" if system == SYSTEM else "appliance-aarch64")
+    assert {
+        "keel-agent-hello",
+        "keel-mesh",
+        "keel-watch",
+        "keel-seed-keys",
+        "keel-seed-mesh",
+    } <= set(appliance["keelServices"])
+    checks = {"keel", "appliance-toplevel"}
+    if system == SYSTEM:
+        vm_tests = sorted(p.stem for p in (REPO / "vm-tests").glob("*.nix") if p.stem != "default")
+        checks |= {f"vm-{name}" for name in vm_tests}
+    assert set(appliance["checkNames"]) == checks
+    assert appliance["formatter"] == "nixfmt-tree"
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_the_images_are_variants_of_the_pinned_image_framework(
+    flake_systems: dict[str, Any], system: str
+) -> None:
+    # packages.<system>.image-* are config.system.build.images.<variant> of
+    # the real nixos/modules/image/images.nix, evaluated down to the real
+    # make-disk-image.nix (built in a VM, as a disk image is).
+    appliance = flake_systems[system]
+    assert {"raw-efi", "qemu-efi"} <= set(appliance["imageVariants"])
+    raw, qcow2 = appliance["images"]["image-raw-efi"], appliance["images"]["image-qcow2"]
+    assert (raw["format"], raw["efiSupport"], raw["builtInVM"]) == ("raw", True, True)
+    assert (qcow2["format"], qcow2["efiSupport"], qcow2["builtInVM"]) == ("qcow2", True, True)
+    assert raw["filePath"].endswith(f"-{system}.img"), raw
+    assert qcow2["filePath"].endswith(f"-{system}.qcow2"), qcow2
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_the_vm_app_shares_the_seed_it_writes(flake_systems: dict[str, Any], system: str) -> None:
+    appliance = flake_systems[system]
+    assert appliance["app"]["type"] == "app"
+    assert "QEMU" in appliance["app"]["description"]
+    vm = appliance["vm"]
+    assert vm["seedDirectory"] == vm["share"]["target"] == "/mnt/keel-seed"
+    # The runner exports KEEL_SEED_DIR (pkgs/keel-vm.nix); the share reads it.
+    assert "${KEEL_SEED_DIR:-" in vm["share"]["source"]
+    assert 'export KEEL_SEED_DIR="$seed"' in (REPO / "pkgs" / "keel-vm.nix").read_text()
+    assert vm["systemName"] == "keel"
+
+
+# --- every nixpkgs attribute keel uses, checked against nixpkgs itself ---------
+
+NIX_SOURCES = ["flake.nix", "modules", "hosts", "vm-tests", "templates", "pkgs"]
+# What every pkgs has (lib, the package-set machinery), not packages.
+PKGS_MACHINERY = {"lib", "callPackage", "python3Packages", "path", "stdenv", "system"}
+
+
+def used_package_attributes(nix_instantiate: str) -> dict[str, set[str]]:
+    """The attribute paths of pkgs and of python3Packages that keel's Nix uses.
+
+    Read from keel's own files, not listed by hand: the arguments of the
+    callPackage'd files of pkgs/ (functionArgs, each scope apart) and every
+    ``pkgs.NAME`` / ``pkgs.NAME.SUB`` in the flake, modules, hosts, VM tests
+    and templates.
+    """
+    top: set[str] = set()
+    for path in [REPO / "flake.nix"] + [
+        p for d in NIX_SOURCES[1:] for p in (REPO / d).rglob("*.nix")
+    ]:
+        text = path.read_text()
+        for match in re.finditer(
+            r"(?:\bpkgs|\(pkgsFor system\))\.([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)?)", text
+        ):
+            top.add(match.group(1))
+    python: set[str] = set()
+    for name in ("keel.nix", "kyber-py.nix"):
+        args = nix_eval_expr(nix_instantiate, f"builtins.functionArgs (import ./pkgs/{name})")
+        python |= set(args) - {"lib", "callPackage"}
+    args = nix_eval_expr(nix_instantiate, "builtins.functionArgs (import ./pkgs/keel-vm.nix)")
+    top |= set(args) - {"lib", "vm"}
+    # pkgs.python3Packages.X in modules count as python packages.
+    python |= {p.split(".", 1)[1] for p in top if p.startswith("python3Packages.")}
+    top = {p for p in top if p.split(".")[0] not in PKGS_MACHINERY}
+    return {"pkgs": top, "python3Packages": python}
+
+
+def tree_has(tree: Path, scope: str, attribute: str) -> bool | None:
+    """Whether the nixpkgs tree has ``attribute``; None when this tree cannot tell.
+
+    Looks where nixpkgs defines it: pkgs/by-name, pkgs/top-level, the
+    python-modules directory, the testers and trivial builders. A trimmed
+    tree (nixpkgs-slim lacks pkgs/top-level and most of pkgs/development)
+    answers for what it holds only.
+    """
+    pkgs = tree / "pkgs"
+    if scope == "python3Packages":
+        if (pkgs / "development/python-modules" / attribute).is_dir():
+            return True
+        listing = pkgs / "top-level/python-packages.nix"
+        if listing.is_file():
+            return re.search(rf"^  {re.escape(attribute)} =", listing.read_text(), re.M) is not None
+        return None
+    head, _, sub = attribute.partition(".")
+    if head == "testers":
+        testers = (pkgs / "build-support/testers/default.nix").read_text()
+        return re.search(rf"^  {re.escape(sub)} =", testers, re.M) is not None
+    if (pkgs / "by-name" / head[:2] / head / "package.nix").is_file():
+        return True
+    for name in ("top-level/all-packages.nix", "top-level/aliases.nix"):
+        if (pkgs / name).is_file() and re.search(
+            rf"^  {re.escape(head)} =", (pkgs / name).read_text(), re.M
+        ):
+            return True
+    trivial = pkgs / "build-support/trivial-builders/default.nix"
+    if trivial.is_file() and re.search(rf"^  {re.escape(head)} =", trivial.read_text(), re.M):
+        return True
+    if (pkgs / "top-level/all-packages.nix").is_file():
+        return False
+    return None
+
+
+def test_the_attributes_keel_uses_are_found(nix_instantiate: str) -> None:
+    used = used_package_attributes(nix_instantiate)
+    # What keel's Nix is known to use: the collection itself must see them.
+    assert {"testers.runNixOSTest", "python3", "jq", "writeShellApplication"} <= used["pkgs"]
+    assert {"cryptography", "jeepney", "systemd-python", "liboqs-python", "hatchling"} <= used[
+        "python3Packages"
+    ]
+
+
+def test_package_attributes_exist_in_the_nixpkgs_tree(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    used = used_package_attributes(nix_instantiate)
+    verdicts = {
+        (scope, name): tree_has(nixpkgs_tree, scope, name)
+        for scope, names in used.items()
+        for name in sorted(names)
+    }
+    missing = [f"{scope}.{name}" for (scope, name), found in verdicts.items() if found is False]
+    assert not missing, f"not in {nixpkgs_tree}: {missing}"
+    found = {f"{scope}.{name}" for (scope, name), ok in verdicts.items() if ok}
+    # What the trimmed tree of the development machine answers for (its
+    # pkgs/by-name, testers and trivial builders); the rest is checked
+    # against the locked nixpkgs below, where Nix can fetch it.
+    assert {"pkgs.testers.runNixOSTest", "pkgs.jq", "pkgs.nixfmt-tree"} <= found, found
+
+
+def test_package_attributes_exist_in_the_locked_nixpkgs(nix_instantiate: str) -> None:
+    nix_build_or_skip()
+    used = used_package_attributes(nix_instantiate)
+    paths = [name.split(".") for name in sorted(used["pkgs"])]
+    paths += [["python3Packages", name] for name in sorted(used["python3Packages"])]
+    expression = (
+        f'let flake = builtins.getFlake "git+file://{REPO}"; '
+        "pkgs = flake.inputs.nixpkgs.legacyPackages.x86_64-linux; "
+        f"in map (p: pkgs.lib.hasAttrByPath p pkgs) (builtins.fromJSON ''{json.dumps(paths)}'')"
     )
-    assert set(args) - {"lib"} <= set(known)
+    proc = run_nix("eval", "--json", "--impure", "--expr", expression, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    missing = [".".join(p) for p, ok in zip(paths, json.loads(proc.stdout), strict=True) if not ok]
+    assert not missing, f"not in the locked nixpkgs: {missing}"
+
+
+def test_what_nix_2_8_cannot_evaluate_is_read_from_the_tree(nixpkgs_tree: Path) -> None:
+    # misc/nixpkgs.nix (nixpkgs.hostPlatform, which the flake sets) imports
+    # nixpkgs' default.nix, which needs Nix >= 2.18; qemu-vm.nix (the VM of
+    # `nix run .#vm`) needs builtins.addDrvOutputDependencies (Nix >= 2.18).
+    modules = nixpkgs_tree / "nixos" / "modules"
+    nixpkgs_module = (modules / "misc/nixpkgs.nix").read_text()
+    assert re.search(r"^\s+hostPlatform = (lib\.)?mkOption", nixpkgs_module, re.M)
+    qemu_vm = (modules / "virtualisation/qemu-vm.nix").read_text()
+    # The runner forwards SSH through QEMU_NET_OPTS and runs run-<name>-vm.
+    assert '\\"$QEMU_NET_OPTS\\"' in qemu_vm
+    assert 'meta.mainProgram = "run-${config.system.name}-vm";' in qemu_vm
+    assert "NIX_DISK_IMAGE" in qemu_vm
+
+
+def test_liboqs_python_is_optional(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+    # A nixpkgs without liboqs-python still builds keel (ML-KEM from
+    # cryptography alone); with it, keel depends on it.
+    deps = nix_eval_expr(
+        nix_instantiate,
+        f"""
+        let
+          lib = import {nix_string(nixpkgs_lib)};
+          pkgs = import {nix_string(HERE / "stub-pkgs.nix")} {{ inherit lib; }};
+          without = removeAttrs pkgs.python3Packages [ "liboqs-python" ];
+          keel = scope: (scope.callPackage ./pkgs/keel.nix {{ }}).dependencies;
+        in {{
+          present = map (p: p.pname) (keel pkgs.python3Packages);
+          absent = map (p: p.pname) (keel (without // {{
+            callPackage = fn: args: (import ./pkgs/keel.nix) (
+              builtins.intersectAttrs (builtins.functionArgs (import ./pkgs/keel.nix)) (without // {{ inherit lib; }})
+              // args);
+          }}));
+        }}
+        """,
+    )
+    assert deps["present"] == ["cryptography", "jeepney", "mcp", "systemd-python", "liboqs-python"]
+    assert deps["absent"] == ["cryptography", "jeepney", "mcp", "systemd-python"]
 
 
 def test_nix_takes_the_lock_as_it_is() -> None:
@@ -290,3 +520,76 @@ def test_links_in_the_package_stay_inside_its_source(flake_summary: dict[str, An
         target = link.resolve().relative_to(root)
         assert target.parts[0] in {"python", "modules", "examples", "docs"}, (link, target)
     assert flake_summary["sourceKeeps"]["tiersJson"]
+
+
+def evaluate_template(nix_instantiate: str, nixpkgs_tree: Path, *, with_key: bool) -> Any:
+    return nix_eval_file(
+        nix_instantiate,
+        HERE / "eval-template.nix",
+        args={
+            "repo": Path(nix_string(REPO)),
+            "nixpkgs": Path(nix_string(nixpkgs_tree)),
+            "withKey": "true" if with_key else "false",
+        },
+        timeout=300,
+    )
+
+
+# NixOS quotes the option name with typographic quotes.
+GRUB_DEVICES = "You must set the option \u2018boot.loader.grub.devices\u2019"
+
+
+def test_the_template_host_needs_only_its_key_and_disko(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # templates/appliance as `nix flake init` gives it: keel's modules and
+    # appliance host, the operator's own part, a disko layout.
+    fresh = evaluate_template(nix_instantiate, nixpkgs_tree, with_key=False)
+    assert fresh["inputs"] == ["disko", "keel", "nixpkgs"]
+    assert fresh["followsNixpkgs"] == {"disko": "nixpkgs", "keel": "nixpkgs"}
+    assert fresh["platform"] == SYSTEM
+    # Without the operator's key it refuses to build, saying so.
+    assert any("put your SSH public key" in m for m in fresh["failedAssertions"])
+    keyed = evaluate_template(nix_instantiate, nixpkgs_tree, with_key=True)
+    # What remains is what disko's module provides (for an EF02 partition
+    # it sets boot.loader.grub.devices; the stand-in here does not).
+    (remaining,) = keyed["failedAssertions"]
+    assert remaining.startswith(GRUB_DEVICES), remaining
+    assert keyed["partitions"] == {"boot": "EF02", "ESP": "EF00", "root": None}
+    assert keyed["grub"] == {"enable": True, "efiSupport": True, "efiInstallAsRemovable": True}
+    assert keyed["systemdBoot"] is False
+    assert {"keel-mesh", "keel-watch", "keel-agent-hello"} <= set(keyed["keelServices"])
+
+
+def test_the_template_follows_the_pinned_nixos_release(nix_instantiate: str) -> None:
+    inputs = nix_eval_expr(nix_instantiate, "(import ./templates/appliance/flake.nix).inputs")
+    assert inputs["nixpkgs"]["url"] == nix_eval_expr(
+        nix_instantiate, "(import ./flake.nix).inputs.nixpkgs.url"
+    )
+
+
+def test_the_ci_workflow_runs_flake_check_with_kvm() -> None:
+    workflow = (REPO / ".github" / "workflows" / "nix.yml").read_text()
+    steps = [line.strip() for line in workflow.splitlines()]
+    assert "runs-on: ubuntu-latest" in steps
+    assert any(s.startswith("uses: cachix/install-nix-action@v") for s in steps)
+    assert "run: nix flake check -L --show-trace" in steps
+    assert "run: test -c /dev/kvm && test -w /dev/kvm" in steps
+    assert any("system-features" in s and "kvm" in s and "nixos-test" in s for s in steps)
+    # Tabs are not YAML indentation.
+    assert "\t" not in workflow
+
+
+def test_the_docs_walk_through_the_three_ways() -> None:
+    install = (REPO / "docs" / "install.md").read_text()
+    for needle in (
+        "nix build github:OWNER/keel#image-raw-efi",
+        "nix flake init -t github:OWNER/keel#appliance",
+        "nixos-anywhere -- --flake .#appliance root@SERVER",
+        "keel.nixosModules.default",
+        "ssh root@SERVER keel status",
+        "nix run github:OWNER/keel#vm",
+        "keel-seed/authorized_keys",
+    ):
+        assert needle in install, needle
+    assert "docs/install.md" in (REPO / "README.md").read_text()

@@ -6,16 +6,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.mesh.settings import parse_listen
 
+from tests import systemd_syntax
+from tests.nix.nixeval import nix_text
 from tests.nix.test_modules import evaluate
 
 FIREWALL = '[ [ "networking" "firewall" "allowedTCPPorts" ] ]'
 
 
-def mesh(nix_instantiate: str, nixpkgs_lib: Path, body: str) -> dict[str, Any]:
+def mesh(nix_instantiate: str, nixpkgs_tree: Path, body: str) -> dict[str, Any]:
     return evaluate(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         "{ services.keel.mesh.enable = true; " + body + " }",
         paths=FIREWALL,
     )
@@ -32,15 +35,17 @@ def node_config(result: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def default_node(nix_instantiate: str, nixpkgs_lib: Path) -> dict[str, Any]:
-    return mesh(nix_instantiate, nixpkgs_lib, 'services.keel.mesh.listen = "0.0.0.0:7400";')
+def default_node(nix_instantiate: str, nixpkgs_tree: Path) -> dict[str, Any]:
+    return mesh(nix_instantiate, nixpkgs_tree, 'services.keel.mesh.listen = "0.0.0.0:7400";')
 
 
 def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> None:
     assert default_node["failedAssertions"] == []
     unit = default_node["services"]["keel-mesh"]
     service = unit["serviceConfig"]
-    assert service["ExecStart"].split()[1:] == [
+    argv, _ = systemd_syntax.service_values(default_node["units"]["keel-mesh.service"])
+    assert argv[0].endswith("-keel-0.1.0/bin/keel")
+    assert argv[1:] == [
         "mesh",
         "serve",
         "--dir",
@@ -69,10 +74,10 @@ def test_a_switch_restarts_the_node_without_stopping_it_first(
     assert default_node["services"]["keel-mesh"]["stopIfChanged"] is False
 
 
-def test_settings_become_config_json(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_settings_become_config_json(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh.listen = "[::]:7400";
           services.keel.mesh.settings = { keepalive_interval = 5; idle_timeout = 20; window_messages = 64; };
@@ -89,10 +94,10 @@ def test_settings_become_config_json(nix_instantiate: str, nixpkgs_lib: Path) ->
     }
 
 
-def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh = { listen = "[::]:443"; openFirewall = true; ledger = null; };
         """,
@@ -100,9 +105,41 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path
     service = result["services"]["keel-mesh"]["serviceConfig"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
     assert service["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
-    assert "--ledger" not in service["ExecStart"]
-    assert "'[::]:443'" in service["ExecStart"]
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert "--ledger" not in argv
+    assert argv[argv.index("--listen") + 1] == "[::]:443"
     assert result["values"] == [[443]]
+
+
+def test_the_command_line_reaches_systemd_as_given(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # `%` and `$` mean nothing to a shell but are specifiers and variables to
+    # systemd: the command line is quoted as NixOS quotes Exec lines.
+    ledger = "/srv/keel %h $HOME ${USER} \"x\" 'y' \\.db"
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_tree,
+        f'services.keel.mesh = {{ listen = "0.0.0.0:7400"; ledger = {nix_text(ledger)}; }};',
+    )
+    assert result["failedAssertions"] == []
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert argv[argv.index("--ledger") + 1] == ledger
+
+
+def test_a_zero_padded_port_is_the_port_keel_mesh_reads(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # lib.toInt throws on "07400" (octal or padded?); keel mesh reads 7400.
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_tree,
+        'services.keel.mesh = { listen = "0.0.0.0:07400"; openFirewall = true; };',
+    )
+    assert result["failedAssertions"] == []
+    assert result["values"] == [[7400]]
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
+    assert parse_listen(argv[argv.index("--listen") + 1]) == ("0.0.0.0", 7400)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +156,26 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path
             id="port-0",
         ),
         pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:00000";',
+            "services.keel.mesh.listen: the port must be 1 to 65535",
+            id="port-0-padded",
+        ),
+        pytest.param(
+            'services.keel.mesh = { listen = "0.0.0.0:99999"; openFirewall = true; };',
+            "services.keel.mesh.listen: the port must be 1 to 65535",
+            id="port-over-65535",
+        ),
+        pytest.param(
+            'services.keel.mesh = { listen = "0.0.0.0:99999999999999999999"; openFirewall = true; };',
+            "services.keel.mesh.listen: expected IP:PORT",
+            id="port-of-20-digits",
+        ),
+        pytest.param(
+            'services.keel.mesh.listen = "0.0.0.0:";',
+            "services.keel.mesh.listen: expected IP:PORT",
+            id="no-port",
+        ),
+        pytest.param(
             'services.keel.mesh.listen = "0.0.0.0:7400"; '
             "services.keel.mesh.settings.idle_timeout = 10;",
             "services.keel.mesh.settings.idle_timeout (10) must exceed keepalive_interval (15)",
@@ -127,14 +184,14 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_lib: Path
     ],
 )
 def test_bad_settings_fail_with_a_message(
-    nix_instantiate: str, nixpkgs_lib: Path, body: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, body: str, message: str
 ) -> None:
-    failed = mesh(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
+    failed = mesh(nix_instantiate, nixpkgs_tree, body)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
 def test_keel_mesh_accepts_the_config_the_module_writes(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     import json
 
@@ -142,7 +199,7 @@ def test_keel_mesh_accepts_the_config_the_module_writes(
 
     result = mesh(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.mesh.listen = "0.0.0.0:7400";
           services.keel.mesh.settings = {

@@ -1,17 +1,17 @@
 """The NixOS VM tests of vm-tests/, checked without building them.
 
 Each test file evaluates (name, nodes, test script); every node's
-configuration passes keel's modules without a failed assertion; the test
-script is Python that compiles, uses only names the NixOS test driver
-defines or the script itself binds, and tells its story in subtests. The
-tests themselves run under `nix flake check` (test_flake.py) where Nix can
-build.
+configuration passes keel's modules and the real NixOS declarations without
+a failed assertion; the test script is Python that compiles and passes the
+checks of ``vm_script.py`` against the real NixOS test driver of the nixpkgs
+tree (names, machine methods and their arguments, ports awaited where the
+node listens), and tells its story in subtests. The tests themselves run
+under `nix flake check` (test_flake.py) where Nix can build.
 """
 
 from __future__ import annotations
 
 import ast
-import builtins
 from pathlib import Path
 from typing import Any
 
@@ -19,62 +19,23 @@ import pytest
 
 from tests.conftest import REPO
 from tests.nix.nixeval import HERE, nix_eval_file, nix_string
+from tests.nix.vm_script import DriverApi, check_script
 
 VM_TESTS = sorted(p for p in (REPO / "vm-tests").glob("*.nix") if p.name != "default.nix")
 
-# What the NixOS test driver puts in a test script's globals
-# (nixos/lib/test-driver: driver.py, test_symbols()).
-DRIVER_GLOBALS = {
-    "start_all",
-    "test_script",
-    "machines",
-    "vlans",
-    "driver",
-    "log",
-    "create_machine",
-    "subtest",
-    "run_tests",
-    "join_all",
-    "retry",
-    "serial_stdout_off",
-    "serial_stdout_on",
-    "polling_condition",
-    "Machine",
-    "t",
-}
+
+@pytest.fixture(scope="module")
+def driver(nixpkgs_tree: Path) -> DriverApi:
+    return DriverApi.read(nixpkgs_tree)
 
 
-def bound_names(tree: ast.AST) -> set[str]:
-    """Every name the script binds anywhere (scopes are not told apart)."""
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
-            names.add(node.id)
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.arg):
-            names.add(node.arg)
-        elif isinstance(node, ast.alias):
-            names.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            names.add(node.name)
-    return names
-
-
-def undefined_names(script: str, nodes: set[str]) -> set[str]:
-    tree = ast.parse(script)
-    known = bound_names(tree) | DRIVER_GLOBALS | nodes | set(dir(builtins))
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return used - known
-
-
-def evaluate_vm_test(nix_instantiate: str, nixpkgs_lib: Path, path: Path) -> dict[str, Any]:
+def evaluate_vm_test(nix_instantiate: str, nixpkgs_tree: Path, path: Path) -> dict[str, Any]:
     result: dict[str, Any] = nix_eval_file(
         nix_instantiate,
         HERE / "eval-vm-test.nix",
         args={
             "repo": Path(nix_string(REPO)),
-            "nixpkgsLib": Path(nix_string(nixpkgs_lib)),
+            "nixpkgs": Path(nix_string(nixpkgs_tree)),
             "file": Path(nix_string(path)),
         },
     )
@@ -87,16 +48,17 @@ def test_the_agents_vm_test_exists() -> None:
 
 @pytest.mark.parametrize("path", VM_TESTS, ids=[p.stem for p in VM_TESTS])
 def test_vm_test_evaluates_and_its_script_is_sound(
-    nix_instantiate: str, nixpkgs_lib: Path, path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, driver: DriverApi, path: Path
 ) -> None:
-    test = evaluate_vm_test(nix_instantiate, nixpkgs_lib, path)
+    test = evaluate_vm_test(nix_instantiate, nixpkgs_tree, path)
     assert test["name"].startswith("keel-")
     assert test["nodes"], "a VM test needs at least one node"
     for name, node in test["nodes"].items():
         assert node["failedAssertions"] == [], (name, node["failedAssertions"])
     script = test["testScript"]
     compile(script, f"{path.name}:testScript", "exec")
-    assert not undefined_names(script, set(test["nodes"]))
+    listeners = {name: node["listeners"] for name, node in test["nodes"].items()}
+    assert check_script(script, listeners, driver) == []
     assert "start_all()" in script
     subtests = [
         node
@@ -112,8 +74,72 @@ def test_vm_test_evaluates_and_its_script_is_sound(
     assert len(subtests) >= 2, "one subtest per behaviour"
 
 
-def test_the_script_check_catches_an_undefined_name() -> None:
+def test_the_driver_is_read_from_the_tree(driver: DriverApi) -> None:
+    assert {"start_all", "subtest", "retry", "polling_condition"} <= driver.symbols
+    assert str(driver.methods["wait_for_open_port"]) == "(port, addr=0, timeout=0)"
+    assert {"succeed", "fail", "wait_for_unit", "wait_until_succeeds"} <= set(driver.methods)
+
+
+MESH_LISTENERS = {
+    "a": {"keel-mesh": ["192.168.1.1:7400"]},
+    "b": {"keel-mesh": ["192.168.1.2:7400"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("script", "problem"),
+    [
+        pytest.param(
+            # defect 1 of issue 12, as vm-tests/mesh.nix had it
+            "nodes = {'a': a, 'b': b}\nstart_all()\nfor machine in nodes.values():\n"
+            "    machine.wait_for_open_port(7400)\n",
+            "machine.wait_for_open_port(7400) waits on localhost, but keel-mesh on node a "
+            "listens on 192.168.1.1:7400 only",
+            id="port-on-localhost",
+        ),
+        pytest.param(
+            "start_all()\nb.wait_for_open_port(port=7400, timeout=60)\n",
+            "keel-mesh on node b listens on 192.168.1.2:7400 only",
+            id="port-on-localhost-by-keyword",
+        ),
+        pytest.param(
+            "start_all()\na.wait_for_opne_port(7400)\n",
+            "a.wait_for_opne_port: the test driver's machines have no method 'wait_for_opne_port'",
+            id="misspelt-method",
+        ),
+        pytest.param(
+            "start_all()\na.wait_until_succeeds('true', timeout=5, retries=3)\n",
+            "a.wait_until_succeeds(...): got an unexpected keyword argument 'retries'",
+            id="unknown-keyword",
+        ),
+        pytest.param(
+            "start_all()\na.wait_for_unit()\n",
+            "a.wait_for_unit(...): missing a required argument: 'unit'",
+            id="missing-argument",
+        ),
+        pytest.param(
+            "start_all()\nwith subtest('x'):\n    a.succeed('true')\n    mahcine.fail('false')\n",
+            "undefined name 'mahcine'",
+            id="undefined-name",
+        ),
+    ],
+)
+def test_the_script_check_finds(driver: DriverApi, script: str, problem: str) -> None:
+    problems = check_script(script, MESH_LISTENERS, driver)
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_script_check_passes_a_sound_script(driver: DriverApi) -> None:
     script = (
-        "start_all()\nwith subtest('x'):\n    machine.succeed('true')\n    mahcine.fail('false')\n"
+        "addresses = {'a': '192.168.1.1', 'b': '192.168.1.2'}\n"
+        "start_all()\n"
+        "for name, machine in {'a': a, 'b': b}.items():\n"
+        "    machine.wait_for_unit('keel-mesh.service')\n"
+        "    machine.wait_for_open_port(7400, addresses[name])\n"
+        "a.wait_for_open_port(22)\n"
+        "b.succeed('true', 'true', timeout=10)\n"
+        "a.wait_for_open_port(7400, addr='192.168.1.1', timeout=30)\n"
     )
-    assert undefined_names(script, {"machine"}) == {"mahcine"}
+    assert check_script(script, MESH_LISTENERS, driver) == []
+    local = {"machine": {"keel-watch": ["127.0.0.1:9101"]}}
+    assert check_script("start_all()\nmachine.wait_for_open_port(9101)\n", local, driver) == []

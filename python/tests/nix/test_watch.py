@@ -19,9 +19,9 @@ SCOUT = """
 """
 
 
-def watch(nix_instantiate: str, nixpkgs_lib: Path, body: str = "") -> dict[str, Any]:
+def watch(nix_instantiate: str, nixpkgs_tree: Path, body: str = "") -> dict[str, Any]:
     return evaluate(
-        nix_instantiate, nixpkgs_lib, "{ services.keel.watch.enable = true; " + body + " }"
+        nix_instantiate, nixpkgs_tree, "{ services.keel.watch.enable = true; " + body + " }"
     )
 
 
@@ -30,8 +30,8 @@ def watch_json(result: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def test_defaults_make_a_complete_config(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = watch(nix_instantiate, nixpkgs_lib)
+def test_defaults_make_a_complete_config(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = watch(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     assert watch_json(result) == {
         "backend": "systemd",
@@ -46,8 +46,8 @@ def test_defaults_make_a_complete_config(nix_instantiate: str, nixpkgs_lib: Path
     assert result["groups"] == ["keel"]
 
 
-def test_the_daemon_is_a_hardened_notify_service(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    unit = watch(nix_instantiate, nixpkgs_lib, "services.keel.watch.watchdogSec = 7;")["services"][
+def test_the_daemon_is_a_hardened_notify_service(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    unit = watch(nix_instantiate, nixpkgs_tree, "services.keel.watch.watchdogSec = 7;")["services"][
         "keel-watch"
     ]
     service = unit["serviceConfig"]
@@ -69,17 +69,17 @@ def test_the_daemon_is_a_hardened_notify_service(nix_instantiate: str, nixpkgs_l
 
 
 def test_agents_are_supervised_with_the_probes_of_their_spec(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
-    result = watch(nix_instantiate, nixpkgs_lib, SCOUT)
+    result = watch(nix_instantiate, nixpkgs_tree, SCOUT)
     spec = result["etc"]["keel/agents/scout.json"]["json"]
     assert watch_json(result)["agents"] == {"scout": {"probes": spec["health"]["probes"]}}
 
 
-def test_the_host_adds_rules_and_overrides_probes(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_the_host_adds_rules_and_overrides_probes(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = watch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         SCOUT
         + """
           services.keel.watch.settings.agents.scout = {
@@ -97,17 +97,17 @@ def test_the_host_adds_rules_and_overrides_probes(nix_instantiate: str, nixpkgs_
     assert config["host"] == "edge-1"
 
 
-def test_supervising_agents_can_be_turned_off(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_supervising_agents_can_be_turned_off(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = watch(
-        nix_instantiate, nixpkgs_lib, SCOUT + "services.keel.watch.superviseAgents = false;"
+        nix_instantiate, nixpkgs_tree, SCOUT + "services.keel.watch.superviseAgents = false;"
     )
     assert watch_json(result)["agents"] == {}
 
 
-def test_alert_routes_carry_only_what_was_set(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_alert_routes_carry_only_what_was_set(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = watch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         """
           services.keel.watch.settings.alerts = {
             ops = { type = "telegram"; token_file = "/run/secrets/bot"; chat_id = -100123; };
@@ -158,20 +158,20 @@ def test_alert_routes_carry_only_what_was_set(nix_instantiate: str, nixpkgs_lib:
     ],
 )
 def test_bad_settings_fail_with_a_message(
-    nix_instantiate: str, nixpkgs_lib: Path, body: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, body: str, message: str
 ) -> None:
-    failed = watch(nix_instantiate, nixpkgs_lib, body)["failedAssertions"]
+    failed = watch(nix_instantiate, nixpkgs_tree, body)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
-def test_nothing_without_enable(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = evaluate(nix_instantiate, nixpkgs_lib, "{" + SCOUT + "}")
+def test_nothing_without_enable(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = evaluate(nix_instantiate, nixpkgs_tree, "{" + SCOUT + "}")
     assert "keel-watch" not in result["services"]
     assert "keel/watch.json" not in result["etc"]
 
 
 def test_keel_watch_accepts_the_config_the_module_writes(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     from keel.config import Section
     from keel.watch.config import parse
@@ -180,7 +180,7 @@ def test_keel_watch_accepts_the_config_the_module_writes(
     token.write_text("123456:ABC-def_ghi\n")
     result = watch(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         SCOUT
         + f"""
           services.keel.agents.notes = {{

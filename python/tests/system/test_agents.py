@@ -205,7 +205,7 @@ def test_install_reports_a_bad_spec_and_changes_nothing(agents_host: Container) 
     result = agents_host.run("keel", "agents", "install", "/root/bad.json", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "keel: error: /root/bad.json: command[0]: 'x': the program must be an absolute path "
+        'keel: error: /root/bad.json: command[0]: "x": the program must be an absolute path '
         "(systemd does not search PATH the way a shell does)"
     )
     assert (

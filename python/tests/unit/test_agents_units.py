@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import collections
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keel.agents import install
 from keel.agents.spec import AgentSpec, parse_spec
 from keel.agents.units import (
+    Tiers,
+    format_seconds,
     load_tiers,
     packaged_tiers,
     parse_tiers,
@@ -19,6 +25,8 @@ from keel.agents.units import (
 )
 from keel.cli import main
 from keel.errors import ConfigError
+
+from tests.unit_values import INJECTION, carried_text, env_names
 
 REPO = Path(__file__).resolve().parents[3]
 TIERS_JSON = REPO / "modules" / "tiers.json"
@@ -132,6 +140,13 @@ def test_agent_directives_override_tier_directives() -> None:
         ("back\\slash", '"back\\\\slash"'),
         ("", '""'),
         ("line\nbreak", '"line\\nbreak"'),
+        ("x\rExecStartPre=+/evil", '"x\\rExecStartPre=+/evil"'),
+        ("\x01\x1f\x7f", '"\\x01\\x1f\\x7f"'),
+        ("\a\b\f\t\v", '"\\a\\b\\f\\t\\v"'),
+        ("\u2028\u202e\U000e0001", '"\\u2028\\u202e\\U000e0001"'),
+        ("日本 é", '"日本 é"'),
+        (";", '";"'),
+        ("it's", '"it\'s"'),
     ],
 )
 def test_exec_arguments_are_quoted_for_systemd(arg: str, quoted: str) -> None:
@@ -161,7 +176,7 @@ def test_bad_tiers_files_name_the_key() -> None:
     assert "tiers.1.serviceConfig.protect_home: not a systemd directive name" in bad_tiers(
         lambda d: d["tiers"]["1"]["serviceConfig"].update(protect_home=True)
     )
-    assert "tiers.1.serviceConfig.X: values cannot contain line breaks" in bad_tiers(
+    assert 'tiers.1.serviceConfig.X: "a\\nb" contains "\\n": values in tiers.json' in bad_tiers(
         lambda d: d["tiers"]["1"]["serviceConfig"].update(X="a\nb")
     )
     assert "tiers: tier 2 is not defined" in bad_tiers(lambda d: d["tiers"].pop("2"))
@@ -274,7 +289,7 @@ def test_install_refuses_bad_specs_before_touching_anything(
     units = tmp_path / "units"
     argv = ["agents", "install", "--unit-dir", str(units), str(good), str(bad)]
     assert main(argv) == 2
-    assert "bad.json: readWritePaths[0]: 'rel' is not an absolute path" in capsys.readouterr().err
+    assert 'bad.json: readWritePaths[0]: "rel" is not an absolute path' in capsys.readouterr().err
     assert not units.exists()
 
 
@@ -311,7 +326,7 @@ def test_tier_two_may_declare_only_what_tiers_json_allows() -> None:
     ):
         render_unit(spec(capabilities=["CAP_SYS_ADMIN"]), tiers)
     with pytest.raises(
-        ConfigError, match=r"capabilities\[0\]: 'CAP_FLY' is not a Linux capability"
+        ConfigError, match=r'capabilities\[0\]: "CAP_FLY" is not a Linux capability'
     ):
         render_unit(spec(tier=1, capabilities=["CAP_FLY"]), tiers)
 
@@ -335,6 +350,94 @@ def test_tier_capabilities_must_be_known() -> None:
     data = json.loads(TIERS_JSON.read_text())
     data["tiers"]["2"]["capabilities"] = ["CAP_FLY"]
     with pytest.raises(
-        ConfigError, match=r"tiers.2.capabilities: 'CAP_FLY' is not in the top-level list"
+        ConfigError, match=r'tiers.2.capabilities: "CAP_FLY" is not in the top-level list'
     ):
         parse_tiers(data, source="tiers.json")
+
+
+# --- hostile values (issue 8) -------------------------------------------------------------
+
+_UNIT_LINE = re.compile(r"(#[^\n]*|\[(Unit|Service|Install)\]|[A-Z][A-Za-z0-9]*=[^\n]*|)\Z")
+
+
+def expected_directive_lines(web: AgentSpec, tiers: Tiers) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    unit = {"Description": "", **tiers.unit_directives(web.tier)}
+    for directives in (unit, service_directives(web, tiers), {"WantedBy": ""}):
+        for key, value in directives.items():
+            counts[key] += len(value) if isinstance(value, list) else 1
+    return counts
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    args=st.lists(carried_text(), max_size=6),
+    env=st.dictionaries(env_names(), carried_text(), max_size=6),
+    tier=st.sampled_from([0, 1, 2]),
+)
+def test_a_unit_holds_only_the_lines_keel_rendered(
+    args: list[str], env: dict[str, str], tier: int
+) -> None:
+    web = spec(tier=tier, user="root" if tier == 0 else "keel-agent-web")
+    web = parse_spec(
+        {**web.to_json(), "command": ["/bin/echo", *args], "environment": env}, source="web.json"
+    )
+    tiers = load_tiers()
+    text = render_unit(web, tiers)
+    lines = text.split("\n")
+    assert lines.pop() == ""
+    for line in lines:
+        assert _UNIT_LINE.match(line), line
+        assert line.isprintable(), ascii(line)
+        assert not line.endswith("\\"), line  # no continuation
+    directives = collections.Counter(
+        line.split("=", 1)[0] for line in lines if line and line[0].isupper()
+    )
+    assert directives == expected_directive_lines(web, tiers)
+
+
+def test_the_issues_injection_stays_one_environment_value() -> None:
+    web = spec(environment={"A": INJECTION})
+    service = unit_lines(render_unit(web, load_tiers()), "Service")
+    assert 'Environment="A=x\\rExecStartPre=+/nonexistent/evil-as-root\\rUser=root\\r#"' in service
+    assert not [line for line in service if line.startswith("ExecStartPre")]
+    assert [line for line in service if line.startswith("User=")] == ["User=keel-agent-web"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rendered"),
+    [
+        (2.5, "2.5s"),
+        (10, "10s"),
+        (0.001, "0.001s"),
+        (1.0000004, "1s"),
+        (86400, "86400s"),
+        (0.1234567, "0.123457s"),
+    ],
+)
+def test_watchdog_seconds_are_rendered_to_the_microsecond(seconds: float, rendered: str) -> None:
+    assert format_seconds(seconds) == rendered
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("yes\rExecStartPre=+/bin/sh", 'contains "\\r"'),
+        ("yes\x00", 'contains "\\u0000"'),
+        ("a\u2028b", 'contains "\\u2028"'),
+        ("yes \\", "ends with a backslash"),
+    ],
+)
+def test_tiers_values_stay_on_their_line(value: str, message: str) -> None:
+    assert message in bad_tiers(lambda d: d["tiers"]["1"]["serviceConfig"].update(X=value))
+    assert message in bad_tiers(lambda d: d["tiers"]["1"]["serviceConfig"].update(X=["ok", value]))
+    assert message in bad_tiers(lambda d: d["tiers"]["2"].update(description=value))
+
+
+def test_a_duplicate_key_in_tiers_json_is_refused(tmp_path: Path) -> None:
+    text = TIERS_JSON.read_text().replace('"version": 1,', '"version": 1, "version": 1,', 1)
+    assert text != TIERS_JSON.read_text()
+    path = tmp_path / "tiers.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r'tiers\.json: key "version" appears twice'):
+        load_tiers(path)

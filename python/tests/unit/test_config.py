@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from keel.config import Section, load_json_file
+from keel.config import Section, describe, join_path, load_json_file, parse_json, shorten
 from keel.errors import ConfigError
 
 
@@ -120,6 +120,7 @@ def test_parse_json_accepts_nesting_up_to_the_limit() -> None:
     ("raw", "message"),
     [
         (b"\xff{}", "not UTF-8 text"),
+        ('{"a": 1}'.encode("utf-16"), "not UTF-8 text"),  # json.loads alone would guess UTF-16
         ("{", "invalid JSON at line 1 column 2"),
         ('{"a": 1', "invalid JSON"),
         ('{"a": NaN}', "NaN is not a JSON value"),
@@ -133,3 +134,86 @@ def test_parse_json_errors_are_one_line(raw: str | bytes, message: str) -> None:
         parse_json(raw, source="f.json")
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith("f.json: ")
+
+
+# --- long and hostile values in messages (issue 8, item 11) ----------------------------------
+
+
+def test_shorten_says_how_long_the_original_was() -> None:
+    assert shorten("short") == "short"
+    assert shorten("x" * 60) == "x" * 60
+    assert shorten("x" * 100_000) == "x" * 57 + "... (100000 characters)"
+    assert shorten("abcdef", limit=4) == "a... (6 characters)"
+
+
+def test_describe_is_one_short_line_whatever_the_value() -> None:
+    assert describe("web") == '"web"'
+    assert describe(5) == "5"
+    assert describe(None) == "null"
+    assert describe("a\nb\rc\x00d") == '"a\\nb\\rc\\u0000d"'
+    assert (
+        describe("line\u2028sep\u0085next\u202eltr\x7f")
+        == '"line\\u2028sep\\u0085next\\u202eltr\\u007f"'
+    )
+    assert describe("\ud800") == '"\\ud800"'
+    assert describe("日本") == '"日本"'
+    long = describe("y" * 100_000)
+    assert long == '"' + "y" * 57 + '..." (100000 characters)'
+    assert describe(["z" * 50] * 10).endswith("... (540 characters)")
+    assert describe(object()).startswith("<object object")
+    for value in ("a\nb" * 1000, {"k\n": ["\u2029" * 100]}, "\r" * 10):
+        assert len(describe(value).splitlines()) == 1
+        assert len(describe(value)) < 100
+
+
+@pytest.mark.parametrize(
+    ("key", "path"),
+    [
+        ("web", "agents.web"),
+        ("web.service", "agents.web.service"),
+        ("A=B", 'agents["A=B"]'),
+        ("a b", 'agents["a b"]'),
+        ("a\nb", 'agents["a\\nb"]'),
+        ("", 'agents[""]'),
+        ("k" * 61, 'agents["' + "k" * 57 + '..." (61 characters)]'),
+        (3, "agents[3]"),
+    ],
+)
+def test_key_paths_show_odd_keys_quoted(key: str | int, path: str) -> None:
+    assert join_path("agents", key) == path
+    assert section({}).key_path("x") == "x"
+
+
+def test_a_missing_string_value_with_an_odd_key_is_named_on_one_line() -> None:
+    with pytest.raises(ConfigError) as info, section({"env": {"A\nB": 1}}) as s:
+        s.string_map("env")
+    assert str(info.value) == 'test.json: env["A\\nB"]: expected a string, got an integer 1'
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("1" * 5000, "an integer of 5000 digits is too long (at most 4300)"),
+        ("[-" + "9" * 4301 + "]", "an integer of 4301 digits is too long"),
+        ("1e400", "the number 1e400 is too large"),
+        ('{"a": -1e999}', "the number -1e999 is too large"),
+        (
+            '["\\ud800"]',
+            'the string "\\ud800" holds an unpaired surrogate U+D800, which is not text',
+        ),
+        ('{"\\udfff": 1}', "holds an unpaired surrogate U+DFFF"),
+    ],
+)
+def test_parse_json_refuses_what_python_would_choke_on_later(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_json(raw, source="x.json")
+    assert str(info.value) == f"x.json: {message}" or message in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_parse_json_keeps_big_but_representable_numbers() -> None:
+    assert parse_json("[1e308, " + "9" * 4300 + ', "\\ud83d\\ude00"]', source="x") == [
+        1e308,
+        int("9" * 4300),
+        "\U0001f600",
+    ]

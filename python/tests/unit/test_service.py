@@ -177,3 +177,9 @@ def test_signals_stop_quietly_even_when_sigint_was_ignored(tmp_path: Path, signu
     assert process.returncode == 0
     assert out == "stopped\n"
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["socket", "ledger"])
+def test_read_common_refuses_paths_no_kernel_can_take(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"x.json: {key}: .*contains a NUL character"):
+        service.read_common(Section({key: "/tmp/w\x00.sock"}, source="x.json"), "x")

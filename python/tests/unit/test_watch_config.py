@@ -12,6 +12,8 @@ from keel.watch import config as watch_config
 from keel.watch.alerting import TelegramRoute, WebhookRoute
 from keel.watch.probes import ExecCheck, HttpCheck, TcpCheck
 
+from tests.unit_values import CARRIED
+
 TOKEN = "123456:ABC-def_ghi"
 
 
@@ -122,7 +124,7 @@ def test_agents_default_to_every_route(tmp_path: Path) -> None:
         (process({}, extra=1), "extra: unknown key"),
         (process({}, metrics="9101"), 'metrics: expected "HOST:PORT"'),
         (process({}, metrics="h:99999"), "metrics: port must be at most 65535"),
-        (process({"a b": {"command": ["x"]}}), "agents.a b: agent names are letters"),
+        (process({"a b": {"command": ["x"]}}), 'agents["a b"]: agent names are letters'),
         (process({"a": {}}), "agents.a.command: required key is missing"),
         (process({"a": {"command": []}}), "agents.a.command: must not be an empty list"),
         (
@@ -205,7 +207,7 @@ def test_agents_default_to_every_route(tmp_path: Path) -> None:
                     }
                 }
             ),
-            "agents.a.probes[1].name: two probes named 'tcp'",
+            'agents.a.probes[1].name: two probes named "tcp"',
         ),
         (
             process({"a": {"command": ["x"], "restart": {"backoff_max": 0.5}}}),
@@ -221,11 +223,11 @@ def test_agents_default_to_every_route(tmp_path: Path) -> None:
         ),
         (
             process({"a": {"command": ["x"], "alerts": ["ops"]}}),
-            "agents.a.alerts[0]: no alert route 'ops'",
+            'agents.a.alerts[0]: no alert route "ops"',
         ),
         (
             process({"a": {"command": ["x"], "alerts": {"routes": ["ops"]}}}),
-            "agents.a.alerts.routes[0]: no alert route 'ops'",
+            'agents.a.alerts.routes[0]: no alert route "ops"',
         ),
         (
             process({"a": {"command": ["x"], "alerts": "ops"}}),
@@ -288,3 +290,78 @@ def test_malformed_json_names_the_position(tmp_path: Path) -> None:
     path.write_text('{"backend": "process",\n "agents": {,}}')
     with pytest.raises(ConfigError, match=r"invalid JSON at line 2 column 13"):
         watch_config.load(path)
+
+
+# --- hostile values (issue 8): what check-config accepts, serve can run ---------------------
+
+HOSTILE_AGENT_CASES = [
+    (
+        {"command": ["/bin/sleep", "1"], "environment": {"A=B": "1"}},
+        'agents.a.environment["A=B"]: ',
+    ),
+    ({"command": ["/bin/sleep", "1"], "environment": {"A": "x\x00y"}}, "agents.a.environment.A: "),
+    ({"command": ["/bin/sleep", "1\x00"]}, "agents.a.command[1]: "),
+    ({"command": ["/bin/sl\x00eep"]}, "agents.a.command[0]: "),
+    ({"command": ["", "x"]}, "agents.a.command[0]: the program must not be empty"),
+    ({"command": ["/bin/true", "\ufffe"]}, "agents.a.command[1]: "),
+    ({"command": ["/bin/true"], "environment": {"": "1"}}, 'agents.a.environment[""]: '),
+    ({"command": ["/bin/true"], "working_directory": "/tmp/\x00"}, "agents.a.working_directory: "),
+    ({"command": ["/bin/true"], "log": "/tmp/a\x00.log"}, "agents.a.log: "),
+    (
+        {"command": ["/bin/true"], "probes": [{"type": "exec", "command": ["/bin/x", "\x00"]}]},
+        "agents.a.probes[0].command[1]: ",
+    ),
+    (
+        {"command": ["/bin/true"], "probes": [{"type": "tcp", "host": "a\x00b", "port": 1}]},
+        "agents.a.probes[0].host: ",
+    ),
+    (
+        {"command": ["/bin/true"], "probes": [{"type": "http", "url": "http://h/\u20ac"}]},
+        "agents.a.probes[0].url: ",
+    ),
+    ({"command": ["/bin/true"], "environment": {"BIG": "x" * 200_000}}, "agents.a.environment: "),
+]
+
+
+@pytest.mark.parametrize(("agent", "where"), HOSTILE_AGENT_CASES, ids=ascii)
+def test_values_a_process_cannot_be_given_are_refused(
+    tmp_path: Path, agent: dict[str, Any], where: str
+) -> None:
+    message = error(tmp_path, process({"a": agent}))
+    assert message.startswith(where), message
+    assert len(message.splitlines()) == 1
+    assert len(message) < 400
+
+
+def test_every_hostile_but_valid_value_is_accepted(tmp_path: Path) -> None:
+    env = {f"V{i}": value for i, value in enumerate(CARRIED)}
+    config = load(
+        tmp_path, process({"a": {"command": ["/bin/echo", *CARRIED], "environment": env}})
+    )
+    assert config.agents["a"].command == ("/bin/echo", *CARRIED)
+    assert config.agents["a"].environment == env
+
+
+@pytest.mark.parametrize("key", ["state_file"], ids=str)
+def test_paths_with_a_nul_are_refused(tmp_path: Path, key: str) -> None:
+    assert error(tmp_path, process({}, **{key: "/tmp/x\x00"})).startswith(f"{key}: ")
+
+
+def test_systemd_unit_names_are_checked(tmp_path: Path) -> None:
+    message = error(tmp_path, {"backend": "systemd", "agents": {"a": {"unit": "a b.service"}}})
+    assert message.startswith('agents.a.unit: "a b.service" is not a systemd unit name')
+
+
+def test_a_duplicate_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "watch.json"
+    path.write_text('{"backend": "process", "agents": {"a": {"command": ["/bin/true"]}, "a": {}}}')
+    with pytest.raises(ConfigError) as info:
+        watch_config.load(path)
+    assert str(info.value) == f'{path}: key "a" appears twice in one object'
+
+
+def test_a_long_agent_name_is_shortened_in_the_message(tmp_path: Path) -> None:
+    message = error(tmp_path, process({"a" * 100_000: {"command": ["/bin/true"]}}))
+    assert message.startswith('agents["aaaa')
+    assert '..." (100000 characters)]: agent names are' in message
+    assert len(message) < 300

@@ -18,18 +18,22 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from keel import launch
 from keel.config import Section, describe, load_json_file
 from keel.errors import ConfigError
+from keel.watch import httpwire
 
 # An agent name becomes part of a unit name (keel-agent-NAME.service) and of a
-# user name (keel-agent-NAME, at most 32 characters for useradd), so it must be
-# safe in both: lowercase letters, digits, '-' and '_', starting with a letter.
+# user name (keel-agent-NAME), so it must be safe in both: lowercase letters,
+# digits, '-' and '_', starting with a letter. User names stay under 32
+# characters: useradd takes 32, but NixOS refuses 32 or more, and an agent must
+# be valid on both.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*\Z")
 USER_PREFIX = "keel-agent-"
-MAX_USER_LENGTH = 32
+MAX_USER_LENGTH = 31
 MAX_NAME_LENGTH = MAX_USER_LENGTH - len(USER_PREFIX)
 USER_PATTERN = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
@@ -40,10 +44,19 @@ PROBE_TYPES = ("http", "tcp", "exec")
 PROBE_DEFAULTS: dict[str, float] = {"interval": 5.0, "timeout": 2.0, "failures": 3, "grace": 0.0}
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-_SIZE = re.compile(r"[0-9]+[KMGT]?\Z")
-_PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?%\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SIZE = re.compile(r"([0-9]{1,20})([KMGT]?)\Z")
+_PERCENT = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?%\Z")
 _CAPABILITY = re.compile(r"CAP_[A-Z_]+\Z")
+
+# What systemd 252 reads back (measured, tests/integration/test_units_systemd.py);
+# beyond these it logs a warning and drops the directive, and the agent would
+# silently run without the limit.
+PATH_MAX_BYTES = 4095  # PATH_MAX less the terminating NUL
+NAME_MAX_BYTES = 255  # one path component
+MAX_BYTES = 2**64 - 2  # MemoryMax=: below UINT64_MAX, which means infinity
+MAX_TASKS = 2**64 - 2  # TasksMax=
+MAX_CPU_QUOTA_HUNDREDTHS = 2**31 - 1  # CPUQuota=: 21474836.47%
+WATCHDOG_RANGE = (0.001, 86400.0)  # WatchdogSec=, seconds; rendered to the microsecond
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,22 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Role:
+    """What a unit rendered from a spec runs: names its unit, state directory and description.
+
+    Agents are one role; keel's MCP servers (:mod:`keel.mcp`) are another, run
+    under the same tiers by the same renderer (:mod:`keel.agents.units`).
+    """
+
+    title: str  # "agent", in "keel agent NAME (tier N)"
+    unit_prefix: str  # "keel-agent-", in "keel-agent-NAME.service"
+    state_root: str  # "keel-agents", in "/var/lib/keel-agents/NAME"
+
+
+AGENT = Role(title="agent", unit_prefix=USER_PREFIX, state_root="keel-agents")
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """A validated agent spec; ``to_json`` gives it back normalised."""
 
@@ -122,15 +151,16 @@ class AgentSpec:
     resources: Resources = Resources()
     # Where the spec came from, for error messages about it (not part of it).
     source: str = field(default="", compare=False)
+    role: Role = AGENT
 
     @property
     def unit_name(self) -> str:
-        return f"{USER_PREFIX}{self.name}.service"
+        return f"{self.role.unit_prefix}{self.name}.service"
 
     @property
     def state_directory(self) -> str:
         """The agent's own writable directory, made by systemd (StateDirectory=)."""
-        return f"/var/lib/keel-agents/{self.name}"
+        return f"/var/lib/{self.role.state_root}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -159,13 +189,13 @@ class AgentSpec:
 def check_name(name: str) -> str | None:
     if not NAME_PATTERN.match(name):
         return (
-            f"{name!r} is not a valid agent name: use lowercase letters, digits, '-' and '_', "
-            "starting with a letter (it becomes a unit and a user name)"
+            f"{describe(name)} is not a valid agent name: use lowercase letters, digits, '-' "
+            "and '_', starting with a letter (it becomes a unit and a user name)"
         )
     if len(name) > MAX_NAME_LENGTH:
         return (
-            f"{name!r} is too long: at most {MAX_NAME_LENGTH} characters, so that "
-            f"'{USER_PREFIX}{name}' fits the {MAX_USER_LENGTH}-character user name limit"
+            f"{describe(name)} is too long: at most {MAX_NAME_LENGTH} characters, so that "
+            f"the user name '{USER_PREFIX}<name>' fits the {MAX_USER_LENGTH}-character limit"
         )
     return None
 
@@ -173,69 +203,142 @@ def check_name(name: str) -> str | None:
 def check_user(user: str) -> str | None:
     if not USER_PATTERN.match(user) or len(user) > MAX_USER_LENGTH:
         return (
-            f"{user!r} is not a valid user name: lowercase letters, digits, '-' and '_', "
-            f"starting with a letter or '_', at most {MAX_USER_LENGTH} characters"
+            f"{describe(user)} is not a valid user name: lowercase letters, digits, '-' and "
+            f"'_', starting with a letter or '_', at most {MAX_USER_LENGTH} characters"
         )
     return None
 
 
-def check_absolute_path(path: str) -> str | None:
-    pure = PurePosixPath(path)
-    if not pure.is_absolute():
-        return f"{path!r} is not an absolute path (start it with '/')"
-    if ".." in pure.parts:
-        return f"{path!r} contains '..'; write the path it means"
-    if any(c in path for c in "\n\0") or any(c.isspace() for c in path):
-        return f"{path!r} contains whitespace or control characters, which unit files cannot carry"
-    if path == "/":
-        return "'/' is the whole file system; name the directories the agent needs"
+def _path_length_problem(path: str) -> str | None:
+    if len(path.encode()) > PATH_MAX_BYTES:
+        return f"{describe(path)} is longer than {PATH_MAX_BYTES} bytes (PATH_MAX)"
+    for part in path.split("/"):
+        if len(part.encode()) > NAME_MAX_BYTES:
+            return (
+                f"{describe(path)}: the name {describe(part)} is longer than {NAME_MAX_BYTES} bytes"
+            )
     return None
+
+
+def normalise_path(path: str) -> str:
+    """``/srv//data/./x/`` as systemd reads it: ``/srv/data/x``."""
+    return "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
+def check_absolute_path(path: str) -> str | None:
+    """A path for WorkingDirectory=, EnvironmentFile=, ReadWritePaths=.
+
+    Written into the unit as it is (``%`` doubled), so it must not hold what
+    systemd would read otherwise: whitespace (a word separator), quotes and
+    backslashes (unquoted, unescaped by ReadWritePaths=), control characters.
+    """
+    if not path.startswith("/"):
+        return f"{describe(path)} is not an absolute path (start it with '/')"
+    if ".." in path.split("/"):
+        return f"{describe(path)} contains '..'; write the path it means"
+    odd = next((c for c in path if not c.isprintable() or c.isspace() or c in "\"'\\"), None)
+    if odd is not None:
+        return (
+            f"{describe(path)} contains {describe(odd)}: paths in a unit cannot hold "
+            "whitespace, quotes, backslashes or control characters"
+        )
+    if normalise_path(path) == "/":
+        return "'/' is the whole file system; name the directories the agent needs"
+    return _path_length_problem(normalise_path(path))
+
+
+def check_program(path: str) -> str | None:
+    """``command[0]`` as systemd accepts it in ExecStart= and passes it back as argv[0].
+
+    systemd refuses control characters, quotes and backslashes in the program
+    (\"Executable name contains special characters\"), and expands ``$`` in
+    argv[0] but not in the path it runs, so no quoting can carry a ``$``.
+    """
+    if not path.startswith("/"):
+        return (
+            f"{describe(path)}: the program must be an absolute path "
+            "(systemd does not search PATH the way a shell does)"
+        )
+    odd = next((c for c in path if ord(c) < 0x20 or c in "\x7f\"'\\$"), None)
+    if odd is not None:
+        return (
+            f"{describe(path)} contains {describe(odd)}: systemd runs no program whose path "
+            "holds a control character, a quote, a backslash or '$' (move or link it)"
+        )
+    if path.endswith("/"):
+        return f"{describe(path)} names a directory, not a program"
+    return _path_length_problem(path)
 
 
 def check_domain(domain: str) -> str | None:
     """An egress allowlist entry: ``example.com`` or ``*.example.com``, lowercase ASCII."""
+    shown = describe(domain)
     if domain != domain.lower():
-        return f"{domain!r}: write domain names in lowercase"
+        return f"{shown}: write domain names in lowercase"
     if not domain.isascii():
-        return f"{domain!r}: write internationalised names in their ASCII form (xn--...)"
+        return f"{shown}: write internationalised names in their ASCII form (xn--...)"
     name = domain.removesuffix(".")
     wildcard = name.startswith("*.")
     if wildcard:
         name = name[2:]
     if "*" in name:
-        return f"{domain!r}: '*' is only allowed as the whole first label ('*.example.com')"
+        return f"{shown}: '*' is only allowed as the whole first label ('*.example.com')"
     try:
         ipaddress.ip_address(name)
     except ValueError:
         pass
     else:
-        return f"{domain!r}: egress.allow takes domain names, not addresses"
+        return f"{shown}: egress.allow takes domain names, not addresses"
     if len(name) > 253:
-        return f"{domain!r}: longer than 253 characters"
+        return f"{shown}: longer than 253 characters"
     labels = name.split(".")
     for label in labels:
         if not _LABEL.match(label):
             return (
-                f"{domain!r}: label {label!r} is not a valid host name label "
+                f"{shown}: label {describe(label)} is not a valid host name label "
                 "(letters, digits and inner '-', 1 to 63 characters)"
             )
     if labels[-1].isdigit():
-        return f"{domain!r}: the last label cannot be all digits"
+        return f"{shown}: the last label cannot be all digits"
     if wildcard and len(labels) < 2:
-        return f"{domain!r}: a wildcard must sit under a registered name ('*.example.com')"
+        return f"{shown}: a wildcard must sit under a registered name ('*.example.com')"
     return None
 
 
-def check_size(value: str) -> str | None:
-    if value == "infinity" or _SIZE.match(value) or _PERCENT.match(value):
+def _hundredths(value: str) -> int | None:
+    """``"12.5%"`` as 1250 (hundredths of a percent), the precision systemd reads."""
+    match = _PERCENT.match(value)
+    if match is None:
         return None
-    return f"{value!r}: expected bytes with an optional K/M/G/T suffix ('512M'), a percentage or 'infinity'"
+    return int(match.group(1)) * 100 + int((match.group(2) or "0").ljust(2, "0"))
+
+
+def check_size(value: str) -> str | None:
+    if value == "infinity":
+        return None
+    if (match := _SIZE.match(value)) is not None:
+        size = int(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+        if 1 <= size <= MAX_BYTES:
+            return None
+        return f"{describe(value)}: out of range (1 byte to {MAX_BYTES} bytes, or 'infinity')"
+    if (hundredths := _hundredths(value)) is not None:
+        if 0 < hundredths <= 100_00:
+            return None
+        return f"{describe(value)}: a percentage of the memory is above 0% and at most 100%"
+    return (
+        f"{describe(value)}: expected bytes with an optional K/M/G/T suffix ('512M'), "
+        "a percentage with at most two decimals ('12.5%') or 'infinity'"
+    )
 
 
 def check_percent(value: str) -> str | None:
-    if _PERCENT.match(value) and float(value[:-1]) > 0:
+    hundredths = _hundredths(value)
+    if hundredths is not None and 0 < hundredths <= MAX_CPU_QUOTA_HUNDREDTHS:
         return None
-    return f"{value!r}: expected a percentage of one CPU ('50%', '200%' for two CPUs)"
+    return (
+        f"{describe(value)}: expected a percentage of one CPU with at most two decimals, "
+        f"above 0% and at most {MAX_CPU_QUOTA_HUNDREDTHS / 100:.2f}% ('50%', '200%' for two CPUs)"
+    )
 
 
 # --- parsing -----------------------------------------------------------------
@@ -263,27 +366,21 @@ def _probe(section: Section) -> Probe:
         "grace": grace,
     }
     if kind == "http":
-        url = section.string(
-            "url",
-            check=lambda u: (
-                None
-                if re.match(r"https?://[^/\s]+", u)
-                else f"{u!r}: expected an http:// or https:// URL"
-            ),
-        )
         return Probe(
             **common,
-            url=url,
+            url=section.string("url", check=httpwire.url_problem),
             expect_status=_expect_status(section),
-            expect_body=section.string("expect_body", None, nonempty=False),
+            expect_body=section.string(
+                "expect_body", None, nonempty=False, check=launch.text_problem
+            ),
         )
     if kind == "tcp":
         return Probe(
             **common,
-            host=section.string("host", "127.0.0.1"),
+            host=section.string("host", "127.0.0.1", check=httpwire.host_problem),
             port=section.integer("port", minimum=1, maximum=65535),
         )
-    return Probe(**common, command=tuple(section.strings("command", nonempty=True)))
+    return Probe(**common, command=launch.read_command(section, "command"))
 
 
 def _expect_status(section: Section) -> tuple[int, ...]:
@@ -302,50 +399,94 @@ def _expect_status(section: Section) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _environment(spec: Section) -> dict[str, str]:
-    environment = spec.string_map("environment", {})
-    for key in environment:
-        if not _ENV_NAME.match(key):
-            raise spec.error(
-                "environment",
-                f"{key!r} is not a valid variable name (letters, digits and '_', not starting with a digit)",
-            )
-    return environment
-
-
 def _paths(spec: Section, key: str) -> tuple[str, ...]:
     paths = spec.strings(key, [])
     for i, path in enumerate(paths):
         if (problem := check_absolute_path(path)) is not None:
             raise item_error(spec, key, i, problem)
-    return tuple(dict.fromkeys(paths))
+    return tuple(dict.fromkeys(normalise_path(path) for path in paths))
+
+
+@dataclass(frozen=True)
+class Sandboxed:
+    """What a spec of something keel runs at a tier says about how it runs.
+
+    Agents and MCP servers (:mod:`keel.mcp.spec`) share these keys, read by
+    :func:`parse_sandboxed` alike.
+    """
+
+    tier: int
+    user: str
+    working_directory: str | None
+    environment: dict[str, str]
+    environment_files: tuple[str, ...]
+    read_write_paths: tuple[str, ...]
+    egress_allow: tuple[str, ...]
+    resources: Resources
+
+
+def parse_command(spec: Section) -> tuple[str, ...]:
+    """``command``: an argv whose program is a path systemd can run."""
+    command = launch.read_command(spec, "command")
+    if (problem := check_program(command[0])) is not None:
+        raise item_error(spec, "command", 0, problem)
+    return command
+
+
+def parse_sandboxed(
+    spec: Section, command: tuple[str, ...], *, default_user: str, what: str = "agents"
+) -> Sandboxed:
+    """``tier``, ``user``, paths, ``environment``, ``egress`` and ``resources`` of a spec."""
+    tier = spec.integer("tier")
+    if tier not in TIERS:
+        raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
+    user = spec.string("user", default_user, check=check_user)
+    if user == "root" and tier != 0:
+        raise spec.error(
+            "user", f"tier {tier} {what} run as their own user, not root; drop the key"
+        )
+    working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
+    if working_directory is not None:
+        working_directory = normalise_path(working_directory)
+    environment = launch.read_environment(spec, "environment")
+    launch.check_exec_size(spec, "environment", command, environment)
+    environment_files = _paths(spec, "environmentFiles")
+    read_write_paths = _paths(spec, "readWritePaths")
+    with spec.section("egress", optional=True) as egress:
+        allow = egress.strings("allow", [])
+        for i, domain in enumerate(allow):
+            if (problem := check_domain(domain)) is not None:
+                raise item_error(egress, "allow", i, problem)
+    allow = [d.removesuffix(".") for d in allow]
+    if allow and tier == 0:
+        raise spec.error(
+            "egress.allow",
+            f"tier 0 {what} have an open network; use tier 1 or 2 for an allowlist",
+        )
+    with spec.section("resources", optional=True) as res:
+        resources = Resources(
+            memory_max=res.string("memoryMax", None, check=check_size),
+            cpu_quota=res.string("cpuQuota", None, check=check_percent),
+            tasks_max=res.integer("tasksMax", None, minimum=1, maximum=MAX_TASKS),
+        )
+    return Sandboxed(
+        tier=tier,
+        user=user,
+        working_directory=working_directory,
+        environment=environment,
+        environment_files=environment_files,
+        read_write_paths=read_write_paths,
+        egress_allow=tuple(dict.fromkeys(allow)),
+        resources=resources,
+    )
 
 
 def parse_spec(data: object, *, source: str) -> AgentSpec:
     """Validate one agent spec (a parsed JSON object); ``source`` names it in errors."""
     with Section(data, source=source) as spec:
         name = spec.string("name", check=check_name)
-        command = tuple(spec.strings("command", nonempty=True))
-        if not PurePosixPath(command[0]).is_absolute():
-            raise item_error(
-                spec,
-                "command",
-                0,
-                f"{command[0]!r}: the program must be an absolute path "
-                "(systemd does not search PATH the way a shell does)",
-            )
-        tier = spec.integer("tier")
-        if tier not in TIERS:
-            raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
-        user = spec.string("user", USER_PREFIX + name, check=check_user)
-        if user == "root" and tier != 0:
-            raise spec.error(
-                "user", f"tier {tier} agents run as their own user, not root; drop the key"
-            )
-        working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
-        environment = _environment(spec)
-        environment_files = _paths(spec, "environmentFiles")
-        read_write_paths = _paths(spec, "readWritePaths")
+        command = parse_command(spec)
+        run = parse_sandboxed(spec, command, default_user=USER_PREFIX + name)
         # Which capabilities exist and which a tier may take is tiers.json's
         # to say (keel.agents.units checks it); here only the form.
         capabilities = spec.strings("capabilities", [])
@@ -355,49 +496,32 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                     spec,
                     "capabilities",
                     i,
-                    f"{capability!r}: write capabilities as in capabilities(7), e.g. 'CAP_NET_BIND_SERVICE'",
+                    f"{describe(capability)}: write capabilities as in capabilities(7), "
+                    "e.g. 'CAP_NET_BIND_SERVICE'",
                 )
-
-        with spec.section("egress", optional=True) as egress:
-            allow = egress.strings("allow", [])
-            for i, domain in enumerate(allow):
-                if (problem := check_domain(domain)) is not None:
-                    raise item_error(egress, "allow", i, problem)
-        allow = [d.removesuffix(".") for d in allow]
-        if allow and tier == 0:
-            raise spec.error(
-                "egress.allow",
-                "tier 0 agents have an open network; use tier 1 or 2 for an allowlist",
-            )
-
         with spec.section("health", optional=True) as health:
             probes = tuple(
                 _probe_checked(probe_section)
                 for probe_section in health.section_list("probes", default=[])
             )
-            watchdog_sec = health.number("watchdogSec", None, positive=True)
-
-        with spec.section("resources", optional=True) as res:
-            resources = Resources(
-                memory_max=res.string("memoryMax", None, check=check_size),
-                cpu_quota=res.string("cpuQuota", None, check=check_percent),
-                tasks_max=res.integer("tasksMax", None, minimum=1),
+            watchdog_sec = health.number(
+                "watchdogSec", None, minimum=WATCHDOG_RANGE[0], maximum=WATCHDOG_RANGE[1]
             )
 
     return AgentSpec(
         name=name,
         command=command,
-        tier=tier,
-        user=user,
-        working_directory=working_directory,
-        environment=environment,
-        environment_files=environment_files,
-        read_write_paths=read_write_paths,
+        tier=run.tier,
+        user=run.user,
+        working_directory=run.working_directory,
+        environment=run.environment,
+        environment_files=run.environment_files,
+        read_write_paths=run.read_write_paths,
         capabilities=tuple(dict.fromkeys(capabilities)),
-        egress_allow=tuple(dict.fromkeys(allow)),
+        egress_allow=run.egress_allow,
         probes=probes,
         watchdog_sec=watchdog_sec,
-        resources=resources,
+        resources=run.resources,
         source=source,
     )
 
@@ -420,7 +544,7 @@ def load_specs(paths: list[Path]) -> list[AgentSpec]:
         spec = load_spec(path)
         if spec.name in seen:
             raise ConfigError(
-                f"{path}: name: agent {spec.name!r} is already defined in {seen[spec.name]}"
+                f"{path}: name: agent {describe(spec.name)} is already defined in {seen[spec.name]}"
             )
         seen[spec.name] = path
         specs.append(spec)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.agents.spec import TIERS, AgentSpec
-from keel.config import Section, load_json_file
+from keel.config import Section, describe, load_json_file
 from keel.errors import ConfigError
 
 Value = str | bool | int | list[str]
@@ -79,10 +79,30 @@ def _directives(section: Section, key: str) -> Directives:
                 raise block.error(
                     name, "expected a string, true/false, a number or a list of strings"
                 )
-            if any("\n" in item for item in (value if isinstance(value, list) else [str(value)])):
-                raise block.error(name, "values cannot contain line breaks")
+            for item in value if isinstance(value, list) else [str(value)]:
+                if (problem := raw_value_problem(item)) is not None:
+                    raise block.error(name, problem)
             out[name] = value
     return out
+
+
+def raw_value_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written after ``Directive=`` as it is, or None.
+
+    tiers.json holds systemd syntax (``~@privileged @resources``), written to
+    the unit unchanged; it must stay on its line: no control or other invisible
+    character (a '\\r' or NUL would end the line and start a directive of its
+    own), and no backslash at the end (which joins the next line to it).
+    """
+    odd = next((c for c in text if not c.isprintable()), None)
+    if odd is not None:
+        return (
+            f"{describe(text)} contains {describe(odd)}: values in tiers.json are single "
+            "lines of printable text"
+        )
+    if text.endswith("\\"):
+        return f"{describe(text)} ends with a backslash, which would join the next line to it"
+    return None
 
 
 def parse_tiers(data: object, *, source: str) -> Tiers:
@@ -102,7 +122,7 @@ def parse_tiers(data: object, *, source: str) -> Tiers:
                     raise tier_sections.error(key, 'tiers are named "0", "1" and "2"')
                 with tier_section:
                     tiers[int(key)] = Tier(
-                        description=tier_section.string("description"),
+                        description=tier_section.string("description", check=raw_value_problem),
                         unit=_directives(tier_section, "unitConfig"),
                         service=_directives(tier_section, "serviceConfig"),
                         capabilities=_tier_capabilities(tier_section, known),
@@ -121,7 +141,7 @@ def _tier_capabilities(section: Section, known: frozenset[str]) -> frozenset[str
     allowed = section.strings("capabilities")
     for name in allowed:
         if name not in known:
-            raise section.error("capabilities", f"{name!r} is not in the top-level list")
+            raise section.error("capabilities", f"{describe(name)} is not in the top-level list")
     return frozenset(allowed)
 
 
@@ -132,29 +152,79 @@ def load_tiers(path: Path | None = None) -> Tiers:
 
 
 # --- quoting (systemd.syntax(7), systemd.service(5) "Command lines") -----------
+#
+# systemd reads an ExecStart= or Environment= value as words (extract_first_word
+# with EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE): double quotes group, and C escapes
+# are decoded inside and outside them. It then expands specifiers ("%n") in each
+# word, so a literal '%' is written "%%"; ExecStart= words are also expanded for
+# environment variables when the program starts ("$X", "${X}"), so a literal '$'
+# is written "$$" there (Environment= values are never expanded). A line ends
+# at '\n', '\r' or NUL whatever the quoting, which is why no raw control
+# character may reach the file: each one is written as an escape instead.
+# Values hold no NUL (keel.launch refuses it: no escape can carry one).
+
+_C_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+}
 
 
-def _escape(text: str) -> str:
-    return (
-        text.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("\t", "\\t")
-        .replace("%", "%%")
-    )
+def _escape_char(char: str) -> str:
+    if (escaped := _C_ESCAPES.get(char)) is not None:
+        return escaped
+    code = ord(char)
+    if code < 0x20 or code == 0x7F:
+        return f"\\x{code:02x}"
+    if code > 0xFFFF:
+        return f"\\U{code:08x}"
+    return f"\\u{code:04x}"
+
+
+def escape_word(text: str, *, dollar: bool) -> str:
+    """``text`` as the inside of a double-quoted word that systemd reads back as ``text``.
+
+    Backslashes, quotes and every character that is not printable (controls,
+    line and paragraph separators, bidi and other format characters) become C
+    escapes, ``%`` becomes ``%%`` and, with ``dollar``, ``$`` becomes ``$$``.
+    """
+    out: list[str] = []
+    for char in text:
+        if char == "%":
+            out.append("%%")
+        elif char == "$" and dollar:
+            out.append("$$")
+        elif char in _C_ESCAPES or not char.isprintable():
+            out.append(_escape_char(char))
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def quote_exec_arg(arg: str) -> str:
     """One argv word for ExecStart=: specifiers (%) and variables ($) kept literal."""
-    escaped = _escape(arg).replace("$", "$$")
+    escaped = escape_word(arg, dollar=True)
     if escaped and _PLAIN_WORD.match(escaped):
         return escaped
     return f'"{escaped}"'
 
 
 def quote_assignment(key: str, value: str) -> str:
-    """One ``Environment=`` word, ``"KEY=value"``."""
-    return f'"{key}={_escape(value)}"'
+    """One ``Environment=`` word, ``"KEY=value"`` (``key`` is a valid variable name)."""
+    return f'"{key}={escape_word(value, dollar=False)}"'
+
+
+def format_seconds(seconds: float) -> str:
+    """A time span for systemd, to the microsecond: ``2.5s``, ``10s``, ``0.001s``."""
+    usec = round(seconds * 1_000_000)
+    whole, fraction = divmod(usec, 1_000_000)
+    return f"{whole}.{fraction:06d}".rstrip("0").rstrip(".") + "s"
 
 
 def _render_value(value: Value) -> list[str]:
@@ -170,7 +240,7 @@ def agent_directives(spec: AgentSpec) -> Directives:
     directives: Directives = {
         "User": spec.user,
         "ExecStart": " ".join(quote_exec_arg(arg) for arg in spec.command),
-        "StateDirectory": f"keel-agents/{spec.name}",
+        "StateDirectory": f"{spec.role.state_root}/{spec.name}",
         "WorkingDirectory": (spec.working_directory or spec.state_directory).replace("%", "%%"),
     }
     if spec.environment:
@@ -186,7 +256,7 @@ def agent_directives(spec: AgentSpec) -> Directives:
     if spec.resources.tasks_max is not None:
         directives["TasksMax"] = spec.resources.tasks_max
     if spec.watchdog_sec is not None:
-        directives["WatchdogSec"] = f"{spec.watchdog_sec:g}s"
+        directives["WatchdogSec"] = format_seconds(spec.watchdog_sec)
     return directives
 
 
@@ -263,7 +333,7 @@ def capability_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
     for i, capability in enumerate(spec.capabilities):
         if capability not in tiers.known_capabilities:
             raise ConfigError(
-                f"{where}: capabilities[{i}]: {capability!r} is not a Linux capability "
+                f"{where}: capabilities[{i}]: {describe(capability)} is not a Linux capability "
                 f"known to {tiers.source}"
             )
         if allowed is not None and capability not in allowed:
@@ -287,12 +357,14 @@ def service_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
     }
 
 
-def render_unit(spec: AgentSpec, tiers: Tiers) -> str:
+def render_unit(spec: AgentSpec, tiers: Tiers, *, unit_extra: Directives | None = None) -> str:
+    """The unit file; ``unit_extra`` adds ``[Unit]`` directives (an MCP server's socket)."""
     if spec.tier not in tiers.tiers:
         raise ConfigError(f"{tiers.source}: tiers.{spec.tier}: not defined")
     unit: Directives = {
-        "Description": f"keel agent {spec.name} (tier {spec.tier})",
+        "Description": f"keel {spec.role.title} {spec.name} (tier {spec.tier})",
         **tiers.unit_directives(spec.tier),
+        **(unit_extra or {}),
     }
     sections: list[tuple[str, Directives]] = [
         ("Unit", unit),
@@ -300,7 +372,7 @@ def render_unit(spec: AgentSpec, tiers: Tiers) -> str:
         ("Install", {"WantedBy": "multi-user.target"}),
     ]
     lines = [
-        f"# keel agent {spec.name!r}, tier {spec.tier}: {tiers.tiers[spec.tier].description}",
+        f"# keel {spec.role.title} {spec.name!r}, tier {spec.tier}: {tiers.tiers[spec.tier].description}",
         "# Rendered by keel from the agent's spec and tiers.json; edit those, not this file.",
     ]
     for title, directives in sections:

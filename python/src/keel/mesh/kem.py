@@ -4,8 +4,9 @@ The mesh handshake needs three operations of a KEM: make a key pair, encapsulate
 to a public key, decapsulate a ciphertext. ``Kem`` is that interface, with the
 sizes as attributes; ``get_kem()`` returns the first backend that loads:
 
-- ``cryptography`` (pyca, >= 47) where its OpenSSL reports
-  ``backend.mlkem_supported()``;
+- ``cryptography`` (pyca) where it has ML-KEM: 48 or newer over OpenSSL 3.5
+  or newer, or 47 or newer over AWS-LC or BoringSSL (47's ML-KEM needs one of
+  those); see :func:`cryptography_mlkem_problem`;
 - ``oqs`` (liboqs-python >= 0.14 over liboqs), the fallback under Nix.
 
 Key generation is deterministic from a 64-byte seed ``d || z`` (FIPS 203,
@@ -148,18 +149,26 @@ class CryptographyKem(Kem):
 
     @staticmethod
     def unavailable_reason() -> str | None:
-        try:
-            from cryptography.hazmat.primitives.asymmetric import mlkem  # noqa: F401
-        except ImportError:
-            import cryptography
-
-            return f"cryptography {cryptography.__version__} has no ML-KEM (47 or newer has)"
+        import cryptography
         from cryptography.hazmat.backends.openssl.backend import backend
+        from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 
+        if getattr(rust_openssl, "CRYPTOGRAPHY_IS_AWSLC", False):
+            library = "AWS-LC"
+        elif getattr(rust_openssl, "CRYPTOGRAPHY_IS_BORINGSSL", False):
+            library = "BoringSSL"
+        else:
+            library = "OpenSSL"
         supported = getattr(backend, "mlkem_supported", None)
-        if supported is None or not supported():
-            return "cryptography's OpenSSL build does not support ML-KEM"
-        return None
+        return cryptography_mlkem_problem(
+            cryptography.__version__,
+            library,
+            backend.openssl_version_number(),
+            backend.openssl_version_text(),
+            has_module=importlib.util.find_spec("cryptography.hazmat.primitives.asymmetric.mlkem")
+            is not None,
+            backend_supports=None if supported is None else bool(supported()),
+        )
 
     def _keygen(self, seed: bytes) -> KemKeyPair:
         private = self._mlkem.MLKEM768PrivateKey.from_seed_bytes(seed)
@@ -245,6 +254,41 @@ class OqsKem(Kem):
         return KemKeyPair(expanded[1152 : 1152 + PUBLIC_KEY_SIZE], bytes(expanded))
 
 
+# ML-KEM in pyca/cryptography: 47.0.0 brought it for AWS-LC and BoringSSL
+# builds only; 48.0.0 added OpenSSL, which has ML-KEM from 3.5 on.
+OPENSSL_MLKEM = 0x30500000
+
+
+def cryptography_mlkem_problem(
+    version: str,
+    library: str,
+    openssl_number: int,
+    openssl_text: str,
+    *,
+    has_module: bool,
+    backend_supports: bool | None,
+) -> str | None:
+    """Why this cryptography build cannot do ML-KEM-768, or None when it can.
+
+    ``library`` is "OpenSSL", "AWS-LC" or "BoringSSL" (what cryptography was
+    built against); ``openssl_number`` is OpenSSL's OPENSSL_VERSION_NUMBER;
+    ``backend_supports`` is ``backend.mlkem_supported()`` where it exists.
+    """
+    match = re.match(r"(\d+)\.(\d+)", version)
+    major = int(match.group(1)) if match else 0
+    needed = 47 if library in ("AWS-LC", "BoringSSL") else 48
+    if major < needed or not has_module:
+        return (
+            f"cryptography {version} over {library} has no ML-KEM "
+            f"({needed} or newer has; 47 only over AWS-LC or BoringSSL)"
+        )
+    if library == "OpenSSL" and openssl_number < OPENSSL_MLKEM:
+        return f"cryptography's {openssl_text} has no ML-KEM (OpenSSL 3.5 or newer has)"
+    if backend_supports is False:
+        return f"cryptography's {openssl_text} build does not support ML-KEM"
+    return None
+
+
 def _liboqs_present() -> bool:
     """Whether liboqs-python's own search would find a loadable liboqs (without installing).
 
@@ -309,5 +353,6 @@ def get_kem(backend: str | None = None) -> Kem:
         reasons.append(f"{name}: {reason}")
     raise KemUnavailable(
         "no ML-KEM-768 implementation available (" + "; ".join(reasons) + "); install "
-        "cryptography>=47 built against OpenSSL 3.5+, or liboqs with liboqs-python>=0.14"
+        "cryptography>=48 over OpenSSL 3.5+ (or >=47 over AWS-LC or BoringSSL), or liboqs with "
+        "liboqs-python>=0.14"
     )

@@ -77,18 +77,16 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from keel import sd
+    from keel import service
     from keel.watch import config as watch_config
     from keel.watch.daemon import Watch
 
-    config = watch_config.load(_config_path(args))
-    log = sd.setup_logging("watch", verbose=args.verbose)
-    log.info("keel watch starting with %s", config.source)
-    backend = make_backend(config)
-    asyncio.run(Watch(config, backend).run())
-    return 0
+    def make(config: watch_config.WatchConfig) -> Watch:
+        return Watch(config, make_backend(config))
+
+    return service.main(
+        "watch", _config_path(args), load=watch_config.load, make=make, verbose=args.verbose
+    )
 
 
 def make_backend(config: Any) -> Any:

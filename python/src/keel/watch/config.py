@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from keel import paths
+from keel import launch, paths
 from keel.config import Section, describe, type_name
 from keel.errors import ConfigError
+from keel.service import Common, read_common
 from keel.watch import httpwire
 from keel.watch.alerting import (
     TELEGRAM_API,
@@ -32,6 +33,7 @@ BusChoice = Literal["auto", "private", "system"]
 
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
 _TOKEN = re.compile(r"^[0-9]+:[A-Za-z0-9_-]+$")
+_UNIT = re.compile(r"[A-Za-z0-9:_.@\\-]{1,255}\Z")
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,25 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class WatchConfig:
+    """watch.json, checked (docs/watch.md)."""
+
     source: str
     backend: Backend
-    socket: Path
-    ledger: Path | None
+    common: Common  # socket, ledger, checkpoint_every: read as every daemon reads them
     metrics: tuple[str, int] | None
     state_file: Path
     systemd_bus: BusChoice
     host: str
     agents: dict[str, AgentConfig]
     routes: dict[str, Route]
+
+    @property
+    def socket(self) -> Path:
+        return self.common.socket
+
+    @property
+    def ledger(self) -> Path | None:
+        return self.common.ledger
 
 
 def load(path: Path) -> WatchConfig:
@@ -71,6 +82,7 @@ TOP_LEVEL_KEYS = (
     "agents",
     "alerts",
     "backend",
+    "checkpoint_every",
     "host",
     "ledger",
     "metrics",
@@ -89,15 +101,14 @@ def parse(cfg: Section) -> WatchConfig:
     backend: Backend = (
         "process" if cfg.choice("backend", ["systemd", "process"]) == "process" else "systemd"
     )
-    socket_path = Path(cfg.string("socket", default=str(paths.socket_file("watch"))))
-    ledger: str | None = str(paths.ledger_db())
-    if "ledger" in cfg and cfg.raw("ledger") is None:
-        ledger = None  # explicitly off
-    else:
-        ledger = cfg.string("ledger", default=str(paths.ledger_db()))
+    common = read_common(cfg, "watch")
     metrics = cfg.string("metrics", None, check=_metrics_problem)
     state_file = Path(
-        cfg.string("state_file", default=str(paths.runtime_dir() / "watch-processes.json"))
+        cfg.string(
+            "state_file",
+            default=str(paths.runtime_dir() / "watch-processes.json"),
+            check=_path_problem,
+        )
     )
     bus_choice = cfg.choice("systemd_bus", ["auto", "private", "system"], default="auto")
     bus: BusChoice = "auto"
@@ -123,8 +134,7 @@ def parse(cfg: Section) -> WatchConfig:
     return WatchConfig(
         source=cfg.source,
         backend=backend,
-        socket=socket_path,
-        ledger=Path(ledger) if ledger is not None else None,
+        common=common,
         metrics=_split_host_port(metrics) if metrics else None,
         state_file=state_file,
         systemd_bus=bus,
@@ -144,20 +154,36 @@ def _metrics_problem(value: str) -> str | None:
 
 def _split_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise ValueError(f'expected "HOST:PORT" (e.g. "127.0.0.1:9101"), got {describe(value)}')
-    number = int(port)
-    if number > 65535:
-        raise ValueError(f"port must be at most 65535, got {number}")
-    return host.strip("[]"), number
+    if len(port) > 5 or int(port) > 65535:
+        raise ValueError(f"port must be at most 65535, got {describe(port)}")
+    if (problem := httpwire.host_problem(host.strip("[]"))) is not None:
+        raise ValueError(problem)
+    return host.strip("[]"), int(port)
 
 
 # --- agents ------------------------------------------------------------------------------
 
 
+def _unit_problem(value: str) -> str | None:
+    if _UNIT.match(value):
+        return None
+    return (
+        f"{describe(value)} is not a systemd unit name (letters, digits and ':', '_', '.', "
+        "'@', '-', '\\', at most 255 characters)"
+    )
+
+
+def _path_problem(value: str) -> str | None:
+    """A file or directory name this daemon opens: text without NUL."""
+    problem = launch.text_problem(value)
+    return None if problem is None else f"{describe(value)} {problem}"
+
+
 def _agent(name: str, agent: Section, backend: Backend, routes: dict[str, Route]) -> AgentConfig:
     if backend == "process":
-        command = tuple(agent.strings("command", nonempty=True))
+        command = launch.read_command(agent, "command")
         if "unit" in agent:
             raise agent.error(
                 "unit", 'only the systemd backend runs units; remove it or set backend to "systemd"'
@@ -171,13 +197,14 @@ def _agent(name: str, agent: Section, backend: Backend, routes: dict[str, Route]
                     "only used by the process backend; the systemd backend runs the unit "
                     "named by `unit` (its ExecStart= holds the command)",
                 )
-        unit = agent.string("unit", default=f"keel-agent-{name}.service")
+        unit = agent.string("unit", default=f"keel-agent-{name}.service", check=_unit_problem)
         if "." not in unit:
             unit += ".service"
         command = ()
-    environment = agent.string_map("environment", {})
-    working_directory = agent.string("working_directory", None)
-    log = agent.string("log", None)
+    environment = launch.read_environment(agent, "environment")
+    launch.check_exec_size(agent, "environment", command, environment)
+    working_directory = agent.string("working_directory", None, check=_path_problem)
+    log = agent.string("log", None, check=_path_problem)
     stop_timeout = agent.number("stop_timeout", 5.0, positive=True)
     probes = tuple(
         _probe(i, probe) for i, probe in enumerate(agent.section_list("probes", default=[]))
@@ -187,7 +214,7 @@ def _agent(name: str, agent: Section, backend: Backend, routes: dict[str, Route]
         if probe.name in seen:
             raise ConfigError(
                 f"{agent.source}: {agent.key_path('probes')}[{i}].name: two probes named "
-                f"{probe.name!r}; give them distinct names"
+                f"{describe(probe.name)}; give them distinct names"
             )
         seen.add(probe.name)
     restart = agent.parse("restart", _restart) if "restart" in agent else RestartRules()
@@ -223,14 +250,15 @@ def _probe(index: int, probe: Section) -> ProbeSpec:
             except ValueError as exc:
                 raise probe.error("url", str(exc)) from None
             expect = _expect_status(probe)
-            check = HttpCheck(url, expect, probe.string("expect_body", None, nonempty=False))
+            body = probe.string("expect_body", None, nonempty=False, check=launch.text_problem)
+            check = HttpCheck(url, expect, body)
         elif kind == "tcp":
             check = TcpCheck(
-                probe.string("host", default="127.0.0.1"),
+                probe.string("host", default="127.0.0.1", check=httpwire.host_problem),
                 probe.integer("port", minimum=1, maximum=65535),
             )
         else:
-            check = ExecCheck(tuple(probe.strings("command", nonempty=True)))
+            check = ExecCheck(launch.read_command(probe, "command"))
         interval = probe.number("interval", 5.0, positive=True)
         timeout = probe.number("timeout", min(2.0, interval), positive=True)
         if timeout > interval:
@@ -310,7 +338,7 @@ def _agent_alerts(agent: Section, routes: dict[str, Route], restart: RestartRule
         if route not in routes:
             known = ", ".join(sorted(routes)) or "none are defined"
             raise ConfigError(
-                f"{agent.source}: {key_path}[{i}]: no alert route {route!r} "
+                f"{agent.source}: {key_path}[{i}]: no alert route {describe(route)} "
                 f"(routes are defined under the top-level `alerts` key; {known})"
             )
     return rules
@@ -323,7 +351,7 @@ def _route(name: str, route: Section) -> Route:
     kind = route.choice("type", ["telegram", "webhook"])
     limits = _limits(route)
     if kind == "telegram":
-        token_file = Path(route.string("token_file"))
+        token_file = Path(route.string("token_file", check=_path_problem))
         read_token(token_file, route)
         chat = route.raw("chat_id")
         if isinstance(chat, bool) or not isinstance(chat, int | str) or chat == "":

@@ -17,15 +17,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-from keel import sd
-from keel.api import ControlServer, Peer
+from keel.api import Handler, Peer
 from keel.errors import KeelError
+from keel.service import Daemon, Shell
 from keel.watch import metrics, probe_engine
 from keel.watch.alerting import Alert, TelegramRoute
 from keel.watch.alerts import AlertRouter
@@ -46,63 +44,6 @@ from keel.watch.probes import Outcome, ProbeSpec, run_check
 log = logging.getLogger("keel.watch")
 
 
-class LedgerRecorder:
-    """Queue ledger entries without waiting; a failing ledger is logged, never fatal."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.problem: str | None = None if path else "disabled in the config"
-        self._ledger: Any = None
-        self._pending: set[asyncio.Future[Any]] = set()
-        self.failures = 0
-
-    async def open(self) -> None:
-        if self.path is None:
-            return
-        try:
-            from keel.ledger import AsyncLedger
-
-            self._ledger = await AsyncLedger.open(self.path)
-        except Exception as exc:
-            self.problem = f"cannot open {self.path}: {exc}"
-            # The message says it all; a traceback would add nothing for the operator.
-            log.error("ledger: %s; supervising without records", self.problem)  # noqa: TRY400
-
-    def record(self, kind: str, subject: str, data: Mapping[str, Any]) -> None:
-        ledger = self._ledger
-        if ledger is None:
-            return
-        try:
-            future = asyncio.ensure_future(
-                ledger.append(source="watch", kind=kind, subject=subject, data=dict(data))
-            )
-        except Exception as exc:  # a malformed entry fails at once
-            self._failed(kind, subject, exc)
-            return
-        self._pending.add(future)
-        future.add_done_callback(lambda f: self._done(f, kind, subject))
-
-    def _done(self, future: asyncio.Future[Any], kind: str, subject: str) -> None:
-        self._pending.discard(future)
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._failed(kind, subject, exc)
-
-    def _failed(self, kind: str, subject: str, exc: BaseException) -> None:
-        self.failures += 1
-        log.error("ledger: cannot record %s of %s: %s", kind, subject, exc)
-
-    async def close(self) -> None:
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        if self._ledger is not None:
-            with contextlib.suppress(Exception):
-                await self._ledger.aclose()
-            self._ledger = None
-
-
 class AgentRuntime:
     """One agent: its config, its policy, its probe tasks and counters."""
 
@@ -116,7 +57,9 @@ class AgentRuntime:
         self.last_probe: tuple[str, bool, float, str] | None = None  # name, ok, wall, detail
 
 
-class Watch:
+class Watch(Daemon):
+    """The watch daemon (run by :func:`keel.service.main`, which gives it its shell)."""
+
     def __init__(
         self,
         config: WatchConfig,
@@ -135,20 +78,15 @@ class Watch:
             name: AgentRuntime(agent, AgentPolicy(agent.rules, rng=rng))
             for name, agent in config.agents.items()
         }
-        self.ledger = LedgerRecorder(config.ledger)
+        self.shell: Shell | None = None
         tokens = {
             name: read_token(route.token_file)
             for name, route in config.routes.items()
             if isinstance(route, TelegramRoute)
         }
-        self.router = AlertRouter(config.routes, tokens, record=self.ledger.record, rng=rng)
+        self.router = AlertRouter(config.routes, tokens, record=self.record, rng=rng)
         self.latency = {"no": metrics.Histogram(), "yes": metrics.Histogram()}
         self.engine = probe_engine.ProbeEngine(self._engine_results, clock=clock)
-        self.control = ControlServer(
-            config.socket,
-            {"status": self._status, "start": self._start_verb, "stop": self._stop_verb},
-            name="watch",
-        )
         self.metrics: metrics.MetricsServer | None = None
         if config.metrics is not None:
             self.metrics = metrics.MetricsServer(*config.metrics, self.render_metrics)
@@ -156,21 +94,19 @@ class Watch:
         self._timer_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._timer_target: float | None = None
-        self._stopping = asyncio.Event()
 
     # --- life cycle -----------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open everything, adopt running agents, start the rest; then serve."""
-        await self.ledger.open()
+    async def start(self, shell: Shell) -> None:
+        """Open everything, adopt running agents, start the rest."""
+        self.shell = shell
         self.router.start()
         self.engine.start()
         await self.backend.open(self)
-        await self.control.start()
         if self.metrics is not None:
             await self.metrics.start()
             log.info("metrics on http://%s:%d/metrics", *self.metrics.address or ("?", 0))
-        self.ledger.record(
+        self.record(
             "watch_start",
             self.config.host,
             {"agents": len(self.agents), "backend": self.config.backend},
@@ -179,10 +115,10 @@ class Watch:
             found = await self.backend.find(name)
             if found is not None:
                 self._feed(name, runtime.policy.adopt(self.clock(), found.pid, found.since))
-                self.ledger.record("adopt", name, {"pid": found.pid})
+                self.record("adopt", name, {"pid": found.pid})
             else:
                 self._feed(name, runtime.policy.supervise(self.clock()))
-        self._timer_task = asyncio.create_task(self._timers(), name="watch:timers")
+        self._timer_task = shell.spawn(self._timers(), name="timers")
         log.info(
             "supervising %d agent%s with the %s backend",
             len(self.agents),
@@ -190,8 +126,8 @@ class Watch:
             self.config.backend,
         )
 
-    async def close(self) -> None:
-        self.ledger.record("watch_stop", self.config.host, {"agents": len(self.agents)})
+    async def stop(self) -> None:
+        self.record("watch_stop", self.config.host, {"agents": len(self.agents)})
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,40 +136,20 @@ class Watch:
             self._cancel_probes(runtime)
         await self.engine.close()
         await self.backend.close()
-        await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
         await self.router.drain(2.0)
         await self.router.close()
-        await self.ledger.close()
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, telling systemd we are ready and alive."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        await self.start()
-        sd.ready(f"supervising {len(self.agents)} agents")
-        pinger = None
-        interval = sd.watchdog_interval()
-        if interval:
-            pinger = asyncio.create_task(self._watchdog(interval), name="watch:watchdog")
-        try:
-            await self._stopping.wait()
-        finally:
-            sd.stopping()
-            if pinger is not None:
-                pinger.cancel()
-            await self.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+    def summary(self) -> str:
+        return f"supervising {len(self.agents)} agents"
 
-    async def _watchdog(self, interval: float) -> None:
-        # Pings come from the event loop itself: a loop stuck anywhere stops them,
-        # and systemd restarts watch (which then adopts the running agents).
-        while True:
-            sd.watchdog_ping()
-            await asyncio.sleep(interval)
+    def verbs(self) -> Mapping[str, Handler]:
+        return {"start": self._start_verb, "stop": self._stop_verb}
+
+    def record(self, kind: str, subject: str, data: Mapping[str, Any]) -> None:
+        if self.shell is not None:
+            self.shell.record(kind, subject, data)
 
     # --- events from the backend (backend.Events) ------------------------------------
 
@@ -267,7 +183,7 @@ class Watch:
                 self._alert(runtime, action)
             elif isinstance(action, Record):
                 self._log_record(action)
-                self.ledger.record(action.kind, action.agent, action.data)
+                self.record(action.kind, action.agent, action.data)
             elif isinstance(action, Restarted):
                 self.latency["yes" if action.backoff else "no"].observe(action.downtime)
         self._sync_probes(runtime)
@@ -450,7 +366,6 @@ class Watch:
             "backend": self.config.backend,
             "host": self.config.host,
             "started_at": round(self.started_at, 3),
-            "ledger": self.ledger.problem or str(self.config.ledger),
             "alerts": {
                 name: {"sent": self.router.sent[name], "dropped": self.router.dropped[name]}
                 for name in self.router.routes
@@ -459,9 +374,6 @@ class Watch:
         if self.metrics is not None and self.metrics.address is not None:
             result["metrics"] = "http://{}:{}/metrics".format(*self.metrics.address)
         return result
-
-    async def _status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        return self.status()
 
     def _agent_arg(self, args: dict[str, Any]) -> AgentRuntime:
         name = args.get("agent")

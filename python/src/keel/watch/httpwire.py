@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from keel.config import describe
 
 MAX_HEAD = 64 * 1024
 
@@ -52,22 +56,61 @@ class Url:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}\Z")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or IP address to connect to, or None."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    if _HOST_NAME.match(host):
+        return None
+    return (
+        f"{describe(host)}: expected a host name (letters, digits, '.', '-' and '_') "
+        "or an IP address"
+    )
+
+
 def parse_url(text: str) -> Url:
-    """Split an ``http://`` or ``https://`` URL; ValueError says what is wrong."""
-    parts = urlsplit(text)
+    """Split an ``http://`` or ``https://`` URL; ValueError says what is wrong.
+
+    The URL must be printable ASCII without spaces (it is sent as it is in the
+    request line): percent-encode anything else.
+    """
+    if not (text.isascii() and text.isprintable()) or " " in text:
+        raise ValueError(
+            f"expected a URL in printable ASCII without spaces (percent-encode the rest, "
+            f"%20 for a space), got {describe(text)}"
+        )
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc}): {describe(text)}") from None
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {describe(text)}")
     if not parts.hostname:
-        raise ValueError(f"URL has no host: {text!r}")
+        raise ValueError(f"URL has no host: {describe(text)}")
+    if (problem := host_problem(parts.hostname)) is not None:
+        raise ValueError(f"URL {describe(text)}: host {problem}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"URL has a bad port: {text!r}") from None
+        raise ValueError(f"URL has a bad port: {describe(text)}") from None
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
     default = 443 if parts.scheme == "https" else 80
     return Url(parts.scheme, parts.hostname, port or default, target)
+
+
+def url_problem(text: str) -> str | None:
+    """:func:`parse_url`'s complaint about ``text``, or None (a config ``check``)."""
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def build_request(
