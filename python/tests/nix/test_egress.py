@@ -26,8 +26,8 @@ EGRESS = (
 )
 
 
-def egress(nix_instantiate: str, nixpkgs_lib: Path, body: str = "") -> dict[str, Any]:
-    return evaluate(nix_instantiate, nixpkgs_lib, "{ " + AGENTS + EGRESS + body + " }")
+def egress(nix_instantiate: str, nixpkgs_tree: Path, body: str = "") -> dict[str, Any]:
+    return evaluate(nix_instantiate, nixpkgs_tree, "{ " + AGENTS + EGRESS + body + " }")
 
 
 def egress_json(result: dict[str, Any]) -> dict[str, Any]:
@@ -35,8 +35,10 @@ def egress_json(result: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def test_the_agents_come_from_services_keel_agents(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = egress(nix_instantiate, nixpkgs_lib)
+def test_the_agents_come_from_services_keel_agents(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    result = egress(nix_instantiate, nixpkgs_tree)
     assert result["failedAssertions"] == []
     assert egress_json(result) == {
         "socket": "/run/keel/egress.sock",
@@ -68,11 +70,11 @@ def test_the_agents_come_from_services_keel_agents(nix_instantiate: str, nixpkgs
 
 
 def test_keel_reads_the_file_the_module_writes(
-    nix_instantiate: str, nixpkgs_lib: Path, tmp_path: Path
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
 ) -> None:
     result = egress(
         nix_instantiate,
-        nixpkgs_lib,
+        nixpkgs_tree,
         'services.keel.egress = { min_ttl = 5; grace = 1; onStop = "remove"; audit = [ "notes" ]; };',
     )
     path = tmp_path / "egress.json"
@@ -85,9 +87,9 @@ def test_keel_reads_the_file_the_module_writes(
 
 
 def test_the_daemon_is_a_hardened_notify_service_with_cap_net_admin_only(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
-    unit = egress(nix_instantiate, nixpkgs_lib)["services"]["keel-egress"]
+    unit = egress(nix_instantiate, nixpkgs_tree)["services"]["keel-egress"]
     service = unit["serviceConfig"]
     assert service["Type"] == "notify"
     assert service["Restart"] == "always"
@@ -112,9 +114,9 @@ def test_the_daemon_is_a_hardened_notify_service_with_cap_net_admin_only(
 
 
 def test_governed_agents_start_only_once_their_rules_are_in(
-    nix_instantiate: str, nixpkgs_lib: Path
+    nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:
-    services = egress(nix_instantiate, nixpkgs_lib)["services"]
+    services = egress(nix_instantiate, nixpkgs_tree)["services"]
     scout = services["keel-agent-scout"]
     assert "keel-egress.service" in scout["after"]
     assert "keel-egress.service" in scout["wants"]
@@ -125,8 +127,8 @@ def test_governed_agents_start_only_once_their_rules_are_in(
     assert "ExecStartPre" not in services["keel-agent-ops"]["serviceConfig"]
 
 
-def test_audit_of_a_tier_2_agent_warns(nix_instantiate: str, nixpkgs_lib: Path) -> None:
-    result = egress(nix_instantiate, nixpkgs_lib, 'services.keel.egress.audit = [ "scout" ];')
+def test_audit_of_a_tier_2_agent_warns(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = egress(nix_instantiate, nixpkgs_tree, 'services.keel.egress.audit = [ "scout" ];')
     assert result["failedAssertions"] == []
     assert egress_json(result)["agents"]["scout"]["mode"] == "audit"
     assert any("scout is a tier 2 agent" in w for w in result["warnings"])
@@ -175,15 +177,15 @@ BAD = [
 
 @pytest.mark.parametrize(("config", "message"), BAD)
 def test_bad_combinations_say_the_fix(
-    nix_instantiate: str, nixpkgs_lib: Path, config: str, message: str
+    nix_instantiate: str, nixpkgs_tree: Path, config: str, message: str
 ) -> None:
-    failed = evaluate(nix_instantiate, nixpkgs_lib, config)["failedAssertions"]
+    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
     assert any(message in text for text in failed), failed
 
 
-def test_nothing_without_enable(nix_instantiate: str, nixpkgs_lib: Path) -> None:
+def test_nothing_without_enable(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     result = evaluate(
-        nix_instantiate, nixpkgs_lib, '{ services.keel.egress.upstream = [ "192.0.2.53" ]; }'
+        nix_instantiate, nixpkgs_tree, '{ services.keel.egress.upstream = [ "192.0.2.53" ]; }'
     )
     assert result["failedAssertions"] == []
     assert "keel/egress.json" not in result["etc"]

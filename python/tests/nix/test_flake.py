@@ -443,8 +443,17 @@ def test_liboqs_python_is_optional(nix_instantiate: str, nixpkgs_lib: Path) -> N
         }}
         """,
     )
-    assert deps["present"] == ["cryptography", "jeepney", "mcp", "systemd-python", "liboqs-python"]
-    assert deps["absent"] == ["cryptography", "jeepney", "mcp", "systemd-python"]
+    assert deps["present"] == [
+        "cryptography", "jeepney", "mcp", "dnspython", "idna", "systemd-python", "liboqs-python",
+    ]  # fmt: skip
+    assert deps["absent"] == [
+        "cryptography",
+        "jeepney",
+        "mcp",
+        "dnspython",
+        "idna",
+        "systemd-python",
+    ]
 
 
 def test_nix_takes_the_lock_as_it_is() -> None:

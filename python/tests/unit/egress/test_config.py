@@ -73,7 +73,7 @@ def test_bad_upstreams(text: str, reason: str) -> None:
         ({"log_group": 70000}, "log_group: must be at most 65535"),
         (
             {"agents": {"Scout": {"uid": 1001, "port": 5301}}},
-            "agents.Scout: 'Scout' is not a valid agent name",
+            'agents.Scout: "Scout" is not a valid agent name',
         ),
         ({"agents": {"s": {"uid": 0, "port": 5301}}}, "agents.s.uid: must be at least 1"),
         (
