@@ -148,10 +148,10 @@ def loaded(
         # there is no keel egress (nor that store path) in this container.
         unit_text = "\n".join(
             line
-            for line in result["units"][NIX_UNIT].splitlines()
+            for line in result["units"][NIX_UNIT].split("\n")  # only \n ends a unit line
             if not (line.startswith("ExecStartPre=") and "nft list chain inet keel" in line)
         )
-        box.write_file(f"/etc/systemd/system/{NIX_UNIT}", unit_text + "\n")
+        box.write_file(f"/etc/systemd/system/{NIX_UNIT}", unit_text)
         box.write_file("/root/hostile.json", json.dumps(spec))
         rendered = box.run("keel", "agents", "render-unit", "/root/hostile.json", check=False)
         refused = None
