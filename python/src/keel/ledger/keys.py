@@ -89,6 +89,16 @@ def create_signer(path: Path, name: str, seed: bytes | None = None) -> Signer:
     return signer
 
 
+def load_or_create_signer(path: Path, name: str) -> Signer:
+    """The key at ``path``, made (named ``name``) on first use; a bad key file is an error."""
+    try:
+        return load_signer(path)
+    except KeyFileError:
+        if path.exists():
+            raise
+    return create_signer(path, name)
+
+
 def load_verifier(spec: str) -> Verifier:
     """A verifier key given as the key string itself or as a file holding it."""
     candidate = Path(spec)

@@ -43,7 +43,7 @@ from typing import Any
 from keel.errors import KeelError
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
-from keel.ledger.keys import create_signer, default_key_name, default_key_path, load_signer
+from keel.ledger.keys import default_key_name, default_key_path, load_or_create_signer
 from keel.ledger.store import Ledger
 
 log = logging.getLogger("keel.ledger.recorder")
@@ -401,12 +401,7 @@ class Recorder:
         assert self._ledger is not None
         assert self.key_path is not None
         try:
-            try:
-                signer = load_signer(self.key_path)
-            except LedgerError:
-                if self.key_path.exists():
-                    raise
-                signer = create_signer(self.key_path, default_key_name())
+            signer = load_or_create_signer(self.key_path, default_key_name())
             stored = self._ledger.checkpoint(signer)
         except (LedgerError, OSError) as exc:
             if self.checkpoint_problem is None:
