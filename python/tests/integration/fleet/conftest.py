@@ -1,0 +1,58 @@
+"""Fixtures for the fleet tests: keel hosts in network namespaces, on one bridge."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel.mesh.kem import available_backends
+
+from tests.harness.netns import Network
+
+from .fleet_nodes import FleetHost
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: control socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="kfleet-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+FleetFactory = Callable[..., list[FleetHost]]
+
+
+@pytest.fixture
+def fleet_hosts(network: Network, short_tmp: Path) -> Iterator[FleetFactory]:
+    """``fleet_hosts("abc", **options)``: made, not started; all killed after the test."""
+    if all(reason is not None for reason in available_backends().values()):
+        pytest.skip(f"no ML-KEM-768 backend: {available_backends()}")
+    made: list[FleetHost] = []
+
+    def make(labels: str | list[str], **options: Any) -> list[FleetHost]:
+        hosts = [network.host(label) for label in labels]
+        network.bridge(hosts)
+        per_host: dict[str, dict[str, Any]] = options.pop("per_host", {})
+        out = []
+        for host in hosts:
+            settings = {**options, **per_host.get(host.label, {})}
+            out.append(FleetHost(host, short_tmp / host.label, **settings))
+        made.extend(out)
+        return out
+
+    yield make
+    for fleet_host in made:
+        fleet_host.kill()
+    for fleet_host in made:
+        for daemon in (fleet_host.fleet, fleet_host.watch):
+            if daemon is not None:
+                assert "Traceback" not in daemon.log(), (
+                    f"{daemon.name} of {fleet_host.label}:\n{daemon.log()[-4000:]}"
+                )
