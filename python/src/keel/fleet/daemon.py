@@ -624,7 +624,10 @@ class Fleet(Daemon):
             )
         command = parse_command({k: v for k, v in args.items() if k != "node"})
         me, peers = await self._members()
-        node = self._resolve(ref, [me, *(p["id"] for p in peers)])
+        members = [me, *(p["id"] for p in peers)]
+        if not self._matches(ref, members):
+            await self._verb_status({}, peer)  # learn the host names of the nodes that answer
+        node = self._resolve(ref, members)
         subject = f"{command.agent}@{node}"
         requested = {**command.to_json(), "node": node, "uid": peer.uid}
         self._record("command", subject, {**requested, "by": me, "role": "asked"})
@@ -655,13 +658,16 @@ class Fleet(Daemon):
         self._record("command_result", subject, {**requested, "outcome": "done"})
         return {"node": node, **answer.body}
 
-    def _resolve(self, ref: str, members: list[str]) -> str:
-        """A member named by its id, a unique prefix of it, or its host name (from its reports)."""
+    def _matches(self, ref: str, members: list[str]) -> list[str]:
+        """The members ``ref`` names: by id, a prefix of it, or the host name of its reports."""
         _, store, _, _ = self._parts()
         if ref in members:
-            return ref
+            return [ref]
         hosts = {n: seen.report.get("host") for n, seen in store.reports().items()}
-        found = sorted({n for n in members if n.startswith(ref) or hosts.get(n) == ref})
+        return sorted({n for n in members if n.startswith(ref) or hosts.get(n) == ref})
+
+    def _resolve(self, ref: str, members: list[str]) -> str:
+        found = self._matches(ref, members)
         if len(found) == 1:
             return found[0]
         if not found:
@@ -694,19 +700,29 @@ class Fleet(Daemon):
         return result
 
     async def _act(self, command: AgentCommand) -> dict[str, Any]:
+        """Carry a command out through watch; a restart waits for the stop to finish."""
         socket = self.config.watch
         if socket is None:
             raise Refused("this node runs no watch (watch is null in its fleet config)")
-        verbs = ("stop", "start") if command.verb == "restart" else (command.verb,)
-        result: Any = None
-        for verb in verbs:
-            result = await acall(
-                socket,
-                verb,
-                {"agent": command.agent},
-                timeout=self.config.control_timeout,
-                service="watch",
-            )
+        timeout = self.config.control_timeout
+        deadline = self.clock() + timeout
+
+        async def watch(verb: str, args: dict[str, Any]) -> Any:
+            left = max(0.1, deadline - self.clock())
+            return await acall(socket, verb, args, timeout=left, service="watch")
+
+        if command.verb == "restart":
+            await watch("stop", {"agent": command.agent})
+            while True:  # watch's stop returns at once; its start during a stop would be lost
+                agents = (await watch("status", {})).get("agents", {})
+                if agents.get(command.agent, {}).get("state") == "stopped":
+                    break
+                if self.clock() > deadline:
+                    raise Refused(f"{command.agent} did not stop within {timeout:g} s")
+                await asyncio.sleep(0.1)
+            result = await watch("start", {"agent": command.agent})
+        else:
+            result = await watch(command.verb, {"agent": command.agent})
         state = result.get("state") if isinstance(result, dict) else None
         return {"agent": command.agent, "verb": command.verb, "state": state}
 

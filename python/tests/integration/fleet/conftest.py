@@ -50,9 +50,6 @@ def fleet_hosts(network: Network, short_tmp: Path) -> Iterator[FleetFactory]:
     yield make
     for fleet_host in made:
         fleet_host.kill()
-    for fleet_host in made:
-        for daemon in (fleet_host.fleet, fleet_host.watch):
-            if daemon is not None:
-                assert "Traceback" not in daemon.log(), (
-                    f"{daemon.name} of {fleet_host.label}:\n{daemon.log()[-4000:]}"
-                )
+    for fleet_host in made:  # (watch's log holds its agents' output: only the fleet's is checked)
+        log = fleet_host.fleet.log()
+        assert "Traceback" not in log, f"the fleet daemon of {fleet_host.label}:\n{log[-4000:]}"
