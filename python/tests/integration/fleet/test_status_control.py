@@ -41,8 +41,8 @@ def test_status_from_one_node_shows_every_node_and_never_a_silent_one_as_healthy
     a, b, c, d = started(hosts)
 
     def all_healthy() -> dict[str, Any] | None:
-        code, result = status(c)
-        return result if code == 0 else None
+        done = c.cli("status", "--json")
+        return json.loads(done.stdout) if done.returncode == 0 else None
 
     result = wait_until(all_healthy, timeout=60, what="every node healthy", step=0.5)
     by_node = rows(result)
@@ -79,7 +79,8 @@ def test_status_from_one_node_shows_every_node_and_never_a_silent_one_as_healthy
     b.fleet.start()
 
     def b_answers() -> bool:
-        return bool(rows(status(c)[1])[b.node_id]["state"] == "healthy")
+        done = c.cli("status", "--json")
+        return bool(rows(json.loads(done.stdout))[b.node_id]["state"] == "healthy")
 
     wait_until(b_answers, timeout=30, what="b to answer again")
 
