@@ -35,7 +35,7 @@ from keel.fleet import protocol
 from keel.fleet.config import NODE_ID, FleetConfig
 from keel.fleet.control import AgentCommand, authorize, parse_command
 from keel.fleet.cosign import CosignatureVerifier, Cosigner, cosignatures
-from keel.fleet.link import Incoming, MeshLink, MeshUnavailable
+from keel.fleet.link import Incoming, Link, MeshLink, MeshUnavailable
 from keel.fleet.local import LocalNode
 from keel.fleet.protocol import FleetProtocolError, Reply, Request
 from keel.fleet.status import ReportError, check_report, fleet_view
@@ -64,21 +64,19 @@ class Fleet(Daemon):
         self,
         config: FleetConfig,
         *,
-        make_link: Callable[[FleetConfig], MeshLink] | None = None,
+        make_link: Callable[[FleetConfig], Link] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.make_link = make_link or (
-            lambda c: MeshLink(c.mesh, protocol.TOPIC, timeout=c.request_timeout)
-        )
+        self.make_link = make_link or _mesh_link
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()
         self.shell: Shell | None = None
         self.store: FleetStore | None = None
-        self.link: MeshLink | None = None
+        self.link: Link | None = None
         self.local: LocalNode | None = None
         self.cosigner: Cosigner | None = None
         self._waiting: dict[str, _Waiting] = {}
@@ -168,7 +166,7 @@ class Fleet(Daemon):
             raise Unavailable(f"the mesh daemon in {self.config.mesh} cannot be reached: {reason}")
         return link.node_id
 
-    def _parts(self) -> tuple[MeshLink, FleetStore, LocalNode, Cosigner]:
+    def _parts(self) -> tuple[Link, FleetStore, LocalNode, Cosigner]:
         if self.link is None or self.store is None or self.local is None or self.cosigner is None:
             raise Unavailable("the fleet daemon is not started")
         return self.link, self.store, self.local, self.cosigner
@@ -725,6 +723,10 @@ class Fleet(Daemon):
             result = await watch(command.verb, {"agent": command.agent})
         state = result.get("state") if isinstance(result, dict) else None
         return {"agent": command.agent, "verb": command.verb, "state": state}
+
+
+def _mesh_link(config: FleetConfig) -> Link:
+    return MeshLink(config.mesh, protocol.TOPIC, timeout=config.request_timeout)
 
 
 def _timeout(args: Mapping[str, Any], key: str, default: float) -> float:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from keel.errors import ApiError, KeelError
 
@@ -34,6 +34,20 @@ RETRY = 1.0  # seconds between attempts while the mesh daemon cannot be reached
 class Incoming:
     sender: str  # the node id, as the mesh authenticated it
     data: bytes
+
+
+class Link(Protocol):
+    """What the fleet daemon needs of the mesh (:class:`MeshLink` is the real one)."""
+
+    node_id: str | None
+    problem: str | None
+
+    def start(self, deliver: Callable[[Incoming], None]) -> None: ...
+    async def wait_ready(self, timeout: float) -> bool: ...
+    async def send(self, messages: Sequence[tuple[str, bytes]], *, ttl: float) -> None: ...
+    async def peers(self) -> list[dict[str, Any]]: ...
+    async def status(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
 
 
 class MeshUnavailable(KeelError):

@@ -7,7 +7,6 @@ import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from keel.fleet import cosign
 from keel.fleet.cosign import CosignatureVerifier, Cosigner, cosignatures
 from keel.ledger import core

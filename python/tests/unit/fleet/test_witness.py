@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from keel.fleet.cosign import cosignatures
 from keel.fleet.witness import (
     FORKED,
