@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "is healthy, 1 when one is degraded or unreachable.",
     )
     status.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="wait this long for answers (default 1.5)"
+        "--timeout", type=float, metavar="SECONDS", help="wait this long for answers (default: status_timeout in fleet.json, 1 s)"
     )
     status.set_defaults(func=_status)
 
@@ -185,7 +185,7 @@ def _positive(value: float | None, name: str) -> None:
 def _status(args: argparse.Namespace) -> int:
     _positive(args.timeout, "--timeout")
     request = {} if args.timeout is None else {"timeout": args.timeout}
-    result = _call(args, "fleet_status", request, (args.timeout or 1.5) + 10)
+    result = _call(args, "fleet_status", request, (args.timeout or 1.0) + 10)
     if not isinstance(result, dict) or not isinstance(result.get("nodes"), list):
         raise ApiError(f"{_socket(args)}: the fleet daemon sent a status without nodes")
     if args.json:

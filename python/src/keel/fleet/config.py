@@ -122,7 +122,7 @@ def parse(cfg: Section) -> FleetConfig:
         witness_name=witness_name,
         witness_every=witness_every,
         request_timeout=request_timeout,
-        status_timeout=cfg.number("status_timeout", 1.5, positive=True, maximum=60),
+        status_timeout=cfg.number("status_timeout", 1.0, positive=True, maximum=60),
         control_timeout=cfg.number("control_timeout", 60.0, positive=True),
         watch=watch,
         services=services,

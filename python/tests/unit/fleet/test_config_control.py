@@ -30,7 +30,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.services["mesh"] is None
     assert cfg.witness_every == 60
     assert cfg.witness_name.endswith("/keel/witness")
-    assert cfg.status_timeout == 1.5
+    assert cfg.status_timeout == 1.0
     assert cfg.common.socket.name == "fleet.sock"
 
 
