@@ -341,14 +341,21 @@ let
   words = value: lib.filter (word: word != "") (lib.splitString " " (toString value));
   tierUnitConfig = agent: tiers.common.unitConfig or { } // (tierOf agent).unitConfig or { };
 
+  # What a unit runs (keel.agents.spec.Role): agents here, MCP servers in
+  # mcp.nix, both rendered by unitOf below.
+  agentRole = {
+    title = "agent";
+    stateRoot = "keel-agents";
+  };
+
   agentDirectives =
-    name: agent:
+    role: name: agent:
     {
       User = agent.user;
       ExecStart = utils.escapeSystemdExecArgs agent.command;
-      StateDirectory = "keel-agents/${name}";
+      StateDirectory = "${role.stateRoot}/${name}";
       WorkingDirectory = escapePercent (
-        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/keel-agents/${name}"
+        if agent.workingDirectory != null then agent.workingDirectory else "/var/lib/${role.stateRoot}/${name}"
       );
     }
     // lib.optionalAttrs (agent.environmentFiles != [ ]) {
@@ -383,12 +390,12 @@ let
     };
 
   unitOf =
-    name: agent:
+    role: name: agent:
     let
       unitConfig = tierUnitConfig agent;
     in
     {
-      description = "keel agent ${name} (tier ${toString agent.tier})";
+      description = "keel ${role.title} ${name} (tier ${toString agent.tier})";
       wantedBy = [ "multi-user.target" ];
       unitConfig = removeAttrs unitConfig (builtins.attrNames dependencyOptions);
       # `%` doubled: NixOS quotes the value but systemd still expands
@@ -400,7 +407,7 @@ let
       serviceConfig =
         tiers.common.serviceConfig or { }
         // (tierOf agent).serviceConfig or { }
-        // agentDirectives name agent;
+        // agentDirectives role name agent;
     }
     // lib.mapAttrs' (directive: option: lib.nameValuePair option (words unitConfig.${directive})) (
       lib.filterAttrs (directive: _: unitConfig ? ${directive}) dependencyOptions
@@ -595,8 +602,22 @@ in
     '';
   };
 
+  options.services.keel.renderUnit = mkOption {
+    type = types.raw;
+    internal = true;
+    readOnly = true;
+    description = ''
+      The unit renderer of agents, `role -> name -> declaration -> unit`, for
+      other modules whose services run at a trust tier (mcp.nix's servers):
+      one renderer, as keel.agents.units is one on the Python side.
+    '';
+  };
+
   config = lib.mkMerge [
-    { services.keel.agentSpecs = lib.mapAttrs specOf agents; }
+    {
+      services.keel.agentSpecs = lib.mapAttrs specOf agents;
+      services.keel.renderUnit = unitOf;
+    }
     (lib.mkIf (agents != { }) {
       services.keel.enabledServices = [ "agents" ];
 
@@ -629,7 +650,7 @@ in
       users.groups = lib.mapAttrs' (name: agent: lib.nameValuePair agent.user { }) defaultUsers;
 
       systemd.services = lib.mapAttrs' (
-        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf name agent)
+        name: agent: lib.nameValuePair "keel-agent-${name}" (unitOf agentRole name agent)
       ) agents;
 
       # keel's own validator has the last word: a spec it refuses fails the

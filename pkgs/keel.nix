@@ -9,6 +9,7 @@
   setuptools,
   cryptography,
   jeepney,
+  mcp,
   systemd-python,
   # Optional: a nixpkgs without it still builds keel, whose mesh then takes
   # ML-KEM from cryptography alone (docs/nix.md).
@@ -70,6 +71,8 @@ buildPythonApplication {
     cryptography
     # D-Bus to systemd for keel watch's systemd backend.
     jeepney
+    # keel mcp: the official MCP SDK (2.x) for the gateway's sessions.
+    mcp
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
   ]

@@ -18,8 +18,11 @@ when the daemon cannot be reached.
 
 Access control is the socket file itself: it is created with ``mode`` (0660 by
 default) inside a directory only keel and its group can enter. The peer's
-uid/gid/pid (``SO_PEERCRED``) reach handlers that ask for them, for verbs that
-need to know who is calling (the mesh tells agents apart this way).
+uid/gid/pid (``SO_PEERCRED``) and supplementary groups (``SO_PEERGROUPS``)
+reach every handler, for verbs that need to know who is calling (the mesh
+keeps its administrative verbs to operators this way). Requests are parsed
+with :func:`keel.config.parse_json` (no duplicate keys, ``NaN`` or deep
+nesting); a malformed one gets an error reply saying why.
 
 A handler is ``async def handler(args: dict, peer: Peer) -> JSON``; raising
 :class:`~keel.errors.KeelError` sends its message back as the error; any other
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -83,13 +87,21 @@ def _kind_of(error: KeelError) -> str:
     return "refused"
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python 3.11 lacks the name
+
+
 @dataclass(frozen=True)
 class Peer:
-    """The process on the other end of a control connection (from SO_PEERCRED)."""
+    """The process on the other end of a control connection (from SO_PEERCRED).
+
+    ``groups``: its supplementary groups when it connected (``SO_PEERGROUPS``;
+    on older kernels, read from ``/proc/PID/status``).
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
@@ -103,8 +115,13 @@ class Upgrade:
     serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> Peer:
-    sock = writer.get_extra_info("socket")
+def peer_of(writer: asyncio.StreamWriter) -> Peer:
+    """The peer of a Unix socket connection (SO_PEERCRED); -1s when the kernel cannot say."""
+    return peer_of_socket(writer.get_extra_info("socket"))
+
+
+def peer_of_socket(sock: socket.socket | None) -> Peer:
+    """:func:`peer_of` for a socket object (other servers than asyncio's streams)."""
     if sock is None:
         return Peer(-1, -1, -1)
     try:
@@ -112,7 +129,33 @@ def _peer_of(writer: asyncio.StreamWriter) -> Peer:
     except OSError:
         return Peer(-1, -1, -1)
     pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: Any, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups, as the kernel recorded them when it connected."""
+    size = 4 * 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 4 * 65536:
+                size *= 16
+                continue
+            return _proc_groups(pid)  # an old kernel: the process's groups now
+        count = len(raw) // 4
+        return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    except OSError:
+        pass
+    return frozenset()
 
 
 class ControlServer:
@@ -135,7 +178,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(self.path)
+        remove_stale_socket(self.path)
         self._server = await asyncio.start_unix_server(
             self._serve_connection, path=str(self.path), limit=MAX_REQUEST
         )
@@ -165,7 +208,7 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        peer = _peer_of(writer)
+        peer = peer_of(writer)
         try:
             while True:
                 try:
@@ -230,7 +273,7 @@ async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     await writer.drain()
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Remove a socket left by a dead daemon; refuse to steal a live one."""
     try:
         st = path.lstat()

@@ -22,6 +22,7 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.watch.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
+    "keel.mcp.cli",
     "keel.fleet.cli",
     "keel.appliance.cli",
 )

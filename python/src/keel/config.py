@@ -153,8 +153,22 @@ def _parse_float(text: str) -> float:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _tree_problem(value: object, limit: int) -> str | None:
-    """Nesting deeper than ``limit``, or a string that is not text (a lone surrogate)."""
+# A lone surrogate reaches a parsed value only as itself in the text, or as an
+# escape of one (\ud800 to \udfff); without either, strings need no look.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    if not text.isascii() and _SURROGATE.search(text) is not None:
+        return True
+    return "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+
+
+def _tree_problem(value: object, limit: int, *, strings: bool = True) -> str | None:
+    """Nesting deeper than ``limit``, or a string that is not text (a lone surrogate).
+
+    ``strings=False``: the text held no surrogate in any form; only nesting is checked.
+    """
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -167,11 +181,15 @@ def _tree_problem(value: object, limit: int) -> str | None:
         elif isinstance(item, dict | list):
             if depth > limit:
                 return f"nested more than {limit} levels deep"
-            if isinstance(item, dict):
-                stack.extend((key, depth) for key in item)
-                stack.extend((child, depth + 1) for child in item.values())
+            children = item.values() if isinstance(item, dict) else item
+            if strings:
+                if isinstance(item, dict):
+                    stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in children)
             else:
-                stack.extend((child, depth + 1) for child in item)
+                for child in children:
+                    if type(child) is dict or type(child) is list:
+                        stack.append((child, depth + 1))
     return None
 
 
@@ -186,6 +204,8 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
     starts with ``source``, one line, no traceback.
     """
     try:
+        if isinstance(text, bytes):  # UTF-8 only: json.loads would also guess UTF-16 and -32
+            text = text.decode("utf-8")
         value = json.loads(
             text,
             object_pairs_hook=_refuse_duplicates,
@@ -207,7 +227,8 @@ def parse_json(text: str | bytes, *, source: str, max_depth: int = MAX_DEPTH) ->
         raise ConfigError(f"{source}: nested more than {max_depth} levels deep") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if (problem := _tree_problem(value, max_depth)) is not None:
+    strings = _may_hold_surrogates(text)
+    if (problem := _tree_problem(value, max_depth, strings=strings)) is not None:
         raise ConfigError(f"{source}: {problem}")
     return value
 

@@ -126,6 +126,15 @@ else
     ) config.systemd.units
   );
 
+  sockets = lib.mapAttrs (name: unit: {
+    inherit (unit)
+      description
+      wantedBy
+      listenStreams
+      socketConfig
+      ;
+  }) (keelOnly config.systemd.sockets);
+
   users = lib.mapAttrs (name: user: {
     inherit (user)
       isSystemUser

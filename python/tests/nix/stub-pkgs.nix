@@ -77,6 +77,7 @@ let
       "hatchling"
       "cryptography"
       "jeepney"
+      "mcp"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"

@@ -34,6 +34,7 @@ SYSTEMS = ["aarch64-linux", "x86_64-linux"]
 PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
     "jeepney": "jeepney",
+    "mcp": "mcp",
     "systemd-python": "systemd-python",
 }
 
@@ -440,8 +441,8 @@ def test_liboqs_python_is_optional(nix_instantiate: str, nixpkgs_lib: Path) -> N
         }}
         """,
     )
-    assert deps["present"] == ["cryptography", "jeepney", "systemd-python", "liboqs-python"]
-    assert deps["absent"] == ["cryptography", "jeepney", "systemd-python"]
+    assert deps["present"] == ["cryptography", "jeepney", "mcp", "systemd-python", "liboqs-python"]
+    assert deps["absent"] == ["cryptography", "jeepney", "mcp", "systemd-python"]
 
 
 def test_nix_takes_the_lock_as_it_is() -> None:

@@ -226,3 +226,55 @@ def test_connection_upgrade_hands_the_socket_over(tmp_path: Path) -> None:
             assert await asyncio.to_thread(client) == b"cba"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b'{"verb": "echo", "verb": "crash"}', 'malformed request: key "verb" appears twice'),
+        (b'{"verb": "echo", "args": {"ttl": NaN}}', "malformed request: NaN is not a JSON value"),
+        (b'{"verb": "echo", "args": ' + b"[" * 100 + b"]" * 100 + b"}", "nested more than 64"),
+        (b'{"verb": "echo", "args": ' + b"[" * 100_000 + b"}", "malformed request: "),
+        (b"\xff not json", "malformed request: not UTF-8"),
+        (b'["echo"]', 'expected {"verb": ..., "args": {...}}'),
+    ],
+)
+def test_requests_are_parsed_strictly_with_one_line_errors(
+    tmp_path: Path, line: bytes, error: str
+) -> None:
+    path = tmp_path / "strict.sock"
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(line + b"\n")
+            await writer.drain()
+            answer = json.loads(await reader.readline())
+            assert answer["ok"] is False
+            assert error in answer["error"]
+            assert "\n" not in answer["error"]
+            writer.write(b'{"verb": "echo"}\n')  # the connection stays usable
+            await writer.drain()
+            assert json.loads(await reader.readline())["ok"] is True
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_handlers_see_the_callers_groups(tmp_path: Path) -> None:
+    path = tmp_path / "groups.sock"
+    seen: list[api.Peer] = []
+
+    async def who(args: dict[str, Any], peer: api.Peer) -> Any:
+        seen.append(peer)
+        return None
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, {"who": who}):
+            await api.acall(path, "who")
+
+    asyncio.run(scenario())
+    assert seen[0].pid == os.getpid()
+    assert (seen[0].uid, seen[0].gid) == (os.getuid(), os.getgid())
+    assert seen[0].groups == frozenset(os.getgroups())
+    assert api._proc_groups(os.getpid()) == frozenset(os.getgroups())

@@ -120,6 +120,7 @@ def test_parse_json_accepts_nesting_up_to_the_limit() -> None:
     ("raw", "message"),
     [
         (b"\xff{}", "not UTF-8 text"),
+        ('{"a": 1}'.encode("utf-16"), "not UTF-8 text"),  # json.loads alone would guess UTF-16
         ("{", "invalid JSON at line 1 column 2"),
         ('{"a": 1', "invalid JSON"),
         ('{"a": NaN}', "NaN is not a JSON value"),

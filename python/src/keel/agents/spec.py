@@ -117,6 +117,22 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Role:
+    """What a unit rendered from a spec runs: names its unit, state directory and description.
+
+    Agents are one role; keel's MCP servers (:mod:`keel.mcp`) are another, run
+    under the same tiers by the same renderer (:mod:`keel.agents.units`).
+    """
+
+    title: str  # "agent", in "keel agent NAME (tier N)"
+    unit_prefix: str  # "keel-agent-", in "keel-agent-NAME.service"
+    state_root: str  # "keel-agents", in "/var/lib/keel-agents/NAME"
+
+
+AGENT = Role(title="agent", unit_prefix=USER_PREFIX, state_root="keel-agents")
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """A validated agent spec; ``to_json`` gives it back normalised."""
 
@@ -135,15 +151,16 @@ class AgentSpec:
     resources: Resources = Resources()
     # Where the spec came from, for error messages about it (not part of it).
     source: str = field(default="", compare=False)
+    role: Role = AGENT
 
     @property
     def unit_name(self) -> str:
-        return f"{USER_PREFIX}{self.name}.service"
+        return f"{self.role.unit_prefix}{self.name}.service"
 
     @property
     def state_directory(self) -> str:
         """The agent's own writable directory, made by systemd (StateDirectory=)."""
-        return f"/var/lib/keel-agents/{self.name}"
+        return f"/var/lib/{self.role.state_root}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -390,28 +407,86 @@ def _paths(spec: Section, key: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(normalise_path(path) for path in paths))
 
 
+@dataclass(frozen=True)
+class Sandboxed:
+    """What a spec of something keel runs at a tier says about how it runs.
+
+    Agents and MCP servers (:mod:`keel.mcp.spec`) share these keys, read by
+    :func:`parse_sandboxed` alike.
+    """
+
+    tier: int
+    user: str
+    working_directory: str | None
+    environment: dict[str, str]
+    environment_files: tuple[str, ...]
+    read_write_paths: tuple[str, ...]
+    egress_allow: tuple[str, ...]
+    resources: Resources
+
+
+def parse_command(spec: Section) -> tuple[str, ...]:
+    """``command``: an argv whose program is a path systemd can run."""
+    command = launch.read_command(spec, "command")
+    if (problem := check_program(command[0])) is not None:
+        raise item_error(spec, "command", 0, problem)
+    return command
+
+
+def parse_sandboxed(
+    spec: Section, command: tuple[str, ...], *, default_user: str, what: str = "agents"
+) -> Sandboxed:
+    """``tier``, ``user``, paths, ``environment``, ``egress`` and ``resources`` of a spec."""
+    tier = spec.integer("tier")
+    if tier not in TIERS:
+        raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
+    user = spec.string("user", default_user, check=check_user)
+    if user == "root" and tier != 0:
+        raise spec.error(
+            "user", f"tier {tier} {what} run as their own user, not root; drop the key"
+        )
+    working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
+    if working_directory is not None:
+        working_directory = normalise_path(working_directory)
+    environment = launch.read_environment(spec, "environment")
+    launch.check_exec_size(spec, "environment", command, environment)
+    environment_files = _paths(spec, "environmentFiles")
+    read_write_paths = _paths(spec, "readWritePaths")
+    with spec.section("egress", optional=True) as egress:
+        allow = egress.strings("allow", [])
+        for i, domain in enumerate(allow):
+            if (problem := check_domain(domain)) is not None:
+                raise item_error(egress, "allow", i, problem)
+    allow = [d.removesuffix(".") for d in allow]
+    if allow and tier == 0:
+        raise spec.error(
+            "egress.allow",
+            f"tier 0 {what} have an open network; use tier 1 or 2 for an allowlist",
+        )
+    with spec.section("resources", optional=True) as res:
+        resources = Resources(
+            memory_max=res.string("memoryMax", None, check=check_size),
+            cpu_quota=res.string("cpuQuota", None, check=check_percent),
+            tasks_max=res.integer("tasksMax", None, minimum=1, maximum=MAX_TASKS),
+        )
+    return Sandboxed(
+        tier=tier,
+        user=user,
+        working_directory=working_directory,
+        environment=environment,
+        environment_files=environment_files,
+        read_write_paths=read_write_paths,
+        egress_allow=tuple(dict.fromkeys(allow)),
+        resources=resources,
+    )
+
+
 def parse_spec(data: object, *, source: str) -> AgentSpec:
     """Validate one agent spec (a parsed JSON object); ``source`` names it in errors."""
     with Section(data, source=source) as spec:
         name = spec.string("name", check=check_name)
-        command = launch.read_command(spec, "command")
-        if (problem := check_program(command[0])) is not None:
-            raise item_error(spec, "command", 0, problem)
-        tier = spec.integer("tier")
-        if tier not in TIERS:
-            raise spec.error("tier", f"expected 0, 1 or 2, got {tier}")
-        user = spec.string("user", USER_PREFIX + name, check=check_user)
-        if user == "root" and tier != 0:
-            raise spec.error(
-                "user", f"tier {tier} agents run as their own user, not root; drop the key"
-            )
-        working_directory = spec.string("workingDirectory", None, check=check_absolute_path)
-        if working_directory is not None:
-            working_directory = normalise_path(working_directory)
-        environment = launch.read_environment(spec, "environment")
-        launch.check_exec_size(spec, "environment", command, environment)
-        environment_files = _paths(spec, "environmentFiles")
-        read_write_paths = _paths(spec, "readWritePaths")
+        command = parse_command(spec)
+        run = parse_sandboxed(spec, command, default_user=USER_PREFIX + name)
         # Which capabilities exist and which a tier may take is tiers.json's
         # to say (keel.agents.units checks it); here only the form.
         capabilities = spec.strings("capabilities", [])
@@ -424,19 +499,6 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                     f"{describe(capability)}: write capabilities as in capabilities(7), "
                     "e.g. 'CAP_NET_BIND_SERVICE'",
                 )
-
-        with spec.section("egress", optional=True) as egress:
-            allow = egress.strings("allow", [])
-            for i, domain in enumerate(allow):
-                if (problem := check_domain(domain)) is not None:
-                    raise item_error(egress, "allow", i, problem)
-        allow = [d.removesuffix(".") for d in allow]
-        if allow and tier == 0:
-            raise spec.error(
-                "egress.allow",
-                "tier 0 agents have an open network; use tier 1 or 2 for an allowlist",
-            )
-
         with spec.section("health", optional=True) as health:
             probes = tuple(
                 _probe_checked(probe_section)
@@ -446,27 +508,20 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
                 "watchdogSec", None, minimum=WATCHDOG_RANGE[0], maximum=WATCHDOG_RANGE[1]
             )
 
-        with spec.section("resources", optional=True) as res:
-            resources = Resources(
-                memory_max=res.string("memoryMax", None, check=check_size),
-                cpu_quota=res.string("cpuQuota", None, check=check_percent),
-                tasks_max=res.integer("tasksMax", None, minimum=1, maximum=MAX_TASKS),
-            )
-
     return AgentSpec(
         name=name,
         command=command,
-        tier=tier,
-        user=user,
-        working_directory=working_directory,
-        environment=environment,
-        environment_files=environment_files,
-        read_write_paths=read_write_paths,
+        tier=run.tier,
+        user=run.user,
+        working_directory=run.working_directory,
+        environment=run.environment,
+        environment_files=run.environment_files,
+        read_write_paths=run.read_write_paths,
         capabilities=tuple(dict.fromkeys(capabilities)),
-        egress_allow=tuple(dict.fromkeys(allow)),
+        egress_allow=run.egress_allow,
         probes=probes,
         watchdog_sec=watchdog_sec,
-        resources=resources,
+        resources=run.resources,
         source=source,
     )
 

@@ -240,7 +240,7 @@ def agent_directives(spec: AgentSpec) -> Directives:
     directives: Directives = {
         "User": spec.user,
         "ExecStart": " ".join(quote_exec_arg(arg) for arg in spec.command),
-        "StateDirectory": f"keel-agents/{spec.name}",
+        "StateDirectory": f"{spec.role.state_root}/{spec.name}",
         "WorkingDirectory": (spec.working_directory or spec.state_directory).replace("%", "%%"),
     }
     if spec.environment:
@@ -357,12 +357,14 @@ def service_directives(spec: AgentSpec, tiers: Tiers) -> Directives:
     }
 
 
-def render_unit(spec: AgentSpec, tiers: Tiers) -> str:
+def render_unit(spec: AgentSpec, tiers: Tiers, *, unit_extra: Directives | None = None) -> str:
+    """The unit file; ``unit_extra`` adds ``[Unit]`` directives (an MCP server's socket)."""
     if spec.tier not in tiers.tiers:
         raise ConfigError(f"{tiers.source}: tiers.{spec.tier}: not defined")
     unit: Directives = {
-        "Description": f"keel agent {spec.name} (tier {spec.tier})",
+        "Description": f"keel {spec.role.title} {spec.name} (tier {spec.tier})",
         **tiers.unit_directives(spec.tier),
+        **(unit_extra or {}),
     }
     sections: list[tuple[str, Directives]] = [
         ("Unit", unit),
@@ -370,7 +372,7 @@ def render_unit(spec: AgentSpec, tiers: Tiers) -> str:
         ("Install", {"WantedBy": "multi-user.target"}),
     ]
     lines = [
-        f"# keel agent {spec.name!r}, tier {spec.tier}: {tiers.tiers[spec.tier].description}",
+        f"# keel {spec.role.title} {spec.name!r}, tier {spec.tier}: {tiers.tiers[spec.tier].description}",
         "# Rendered by keel from the agent's spec and tiers.json; edit those, not this file.",
     ]
     for title, directives in sections:

@@ -7,6 +7,8 @@ Every command but ``serve`` and ``id`` talks to the node's daemon through
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,9 +107,16 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _payload(data: str) -> bytes:
-    if data == "-":
-        return sys.stdin.buffer.read()
-    return data.encode()
+    from keel.mesh.packets import MAX_PAYLOAD
+
+    if data != "-":
+        return os.fsencode(data)  # the argument's bytes, as given
+    payload = sys.stdin.buffer.read(MAX_PAYLOAD + 1)  # no more than could be sent
+    if len(payload) > MAX_PAYLOAD:
+        raise UsageError(
+            f"a message carries at most {MAX_PAYLOAD:,} bytes (960 KiB); stdin holds more"
+        )
+    return payload
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,10 +128,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _id(args: argparse.Namespace) -> int:
     from keel.mesh.daemon import IDENTITY_FILE
     from keel.mesh.identity import load_or_create
+    from keel.mesh.settings import prepare_directory
 
     key = args.dir / IDENTITY_FILE
-    made = not key.exists()
-    args.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    made = not os.path.lexists(key)  # (False also when the directory cannot be searched)
+    if made:
+        prepare_directory(args.dir, 0o700)
     print(load_or_create(key).node_id)
     if made:
         # A mistyped --dir must not pass for the node's identity unnoticed.
@@ -131,10 +142,13 @@ def _id(args: argparse.Namespace) -> int:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    if args.ttl <= 0:
-        raise UsageError(f"--ttl must be positive, got {args.ttl:g}")
-    if args.uses < 1:
-        raise UsageError(f"--uses must be at least 1, got {args.uses}")
+    from keel.mesh.arguments import MAX_TTL
+    from keel.mesh.invite import MAX_USES
+
+    if not (math.isfinite(args.ttl) and 0 < args.ttl <= MAX_TTL):
+        raise UsageError(f"--ttl must be a number of seconds above 0, at most {MAX_TTL}")
+    if not 1 <= args.uses <= MAX_USES:
+        raise UsageError(f"--uses must be 1 to {MAX_USES}, got {args.uses}")
     print(_client(args).invite(ttl=args.ttl, uses=args.uses))
     return 0
 
@@ -189,8 +203,8 @@ def _recv(args: argparse.Namespace) -> int:
 
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count must be at least 1, got {args.count}")
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError(f"--timeout must not be negative, got {args.timeout:g}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise UsageError(f"--timeout must be a number of seconds, 0 or more, got {args.timeout:g}")
     client = _client(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     got = 0

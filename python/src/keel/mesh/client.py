@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import math
 import os
 import select
 import socket
@@ -47,7 +48,8 @@ from typing import Any
 
 from keel.errors import ApiError
 from keel.mesh import local
-from keel.mesh.packets import new_message_id
+from keel.mesh.arguments import MAX_TTL, too_big
+from keel.mesh.packets import MAX_PAYLOAD, new_message_id
 from keel.mesh.settings import control_path
 
 DEFAULT_TIMEOUT = 30.0
@@ -296,6 +298,7 @@ class Sender:
         self._deadline: float | None = None  # while retrying
 
     def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
+        _check_size(data)
         message_id = id or new_message_id()
         entry = local.Outgoing(message_id, to, topic, data, self.ttl_ms)
         try:
@@ -684,6 +687,7 @@ class MeshClient:
         before it answered) can be repeated as the same message: with
         ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
         """
+        _check_size(data)
         message_id = new_message_id()
         binary = local.Outgoing(message_id, to, topic, data, _ttl_ms(ttl))
         deadline = time.monotonic() + retry
@@ -715,6 +719,8 @@ class MeshClient:
     ) -> list[str]:
         """Queue several ``(to, topic, data)`` messages in one transaction."""
         listed = list(messages)
+        for _, _, data in listed:
+            _check_size(data)
         ids = [new_message_id() for _ in listed]
         binary = [
             local.Outgoing(i, to, topic, data, _ttl_ms(ttl))
@@ -796,6 +802,7 @@ class MeshClient:
         return result
 
     def room_send(self, room: str, topic: str, data: bytes, *, ttl: float | None = None) -> str:
+        _check_size(data)
         args: dict[str, Any] = {
             "room": room,
             "topic": topic,
@@ -814,9 +821,15 @@ def _ttl_ms(ttl: float | None) -> int:
     """The binary stream's TTL: milliseconds, 0 for the daemon's default."""
     if ttl is None:
         return 0
-    if ttl <= 0:
-        raise ApiError("ttl must be positive")
-    return min(max(1, round(ttl * 1000)), (1 << 64) - 1)
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL):
+        raise ApiError(f"ttl must be a positive number of seconds, at most {MAX_TTL}, got {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
+def _check_size(data: bytes) -> None:
+    """Refuse a payload the daemon would refuse, before sending any of it."""
+    if len(data) > MAX_PAYLOAD:
+        raise ApiError(too_big(len(data)))
 
 
 def _transient(error: ApiError) -> bool:

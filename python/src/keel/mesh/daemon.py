@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import itertools
 import json
@@ -33,7 +32,8 @@ from keel import sd
 from keel.api import ControlServer, Peer, Upgrade
 from keel.errors import KeelError, UsageError
 from keel.ledger import AsyncLedger, LedgerError
-from keel.mesh import local, packets, rooms
+from keel.mesh import arguments, local, packets, rooms
+from keel.mesh.access import guard
 from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import (
     Backpressure,
@@ -43,11 +43,15 @@ from keel.mesh.delivery import (
     keep_seen_until,
     receipt,
 )
+from keel.mesh.encoding import split_address
 from keel.mesh.errors import InviteError, MeshError, ProtocolError, RemoteProtocolError
+from keel.mesh.hello import MAX_ADMISSION_CHAIN, make_hello, parse_hello
 from keel.mesh.identity import NodeIdentity, is_node_id, load_or_create
-from keel.mesh.invite import InviteRecord, InviteToken, new_invite
+from keel.mesh.intake import Intake, TokenBucket
+from keel.mesh.invite import MAX_USES, InviteRecord, InviteToken, new_invite
 from keel.mesh.kem import Kem, get_kem
-from keel.mesh.membership import Membership, MembershipError, Record, Room, View, is_address
+from keel.mesh.listener import Listener, listening_socket, quiet_resource_errors
+from keel.mesh.membership import Membership, MembershipError, Record, Room, View
 from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 from keel.mesh.session import (
     Closed,
@@ -63,6 +67,7 @@ from keel.mesh.settings import (
     control_path,
     load_settings,
     parse_listen,
+    prepare_directory,
 )
 from keel.mesh.store import InboxMessage, Incoming, NewOutgoing, Store
 
@@ -70,7 +75,6 @@ log = logging.getLogger("keel.mesh")
 
 IDENTITY_FILE = "identity.key"
 STATE_FILE = "state.db"
-MAX_ADMISSION_CHAIN = 16
 MAX_UNIX_PATH = 107
 HOUSEKEEPING = 30.0
 PAYLOAD_CACHE_BYTES = 64 << 20
@@ -101,11 +105,13 @@ class PeerConnection(asyncio.Protocol):
         *,
         dial: Dial | None = None,
         joining: asyncio.Future[dict[str, Any]] | None = None,
+        admitted: tuple[Listener[PeerConnection], int] | None = None,
     ) -> None:
         self.node = node
         self.session = session
         self.dial = dial
         self.joining = joining
+        self.admitted = admitted  # an inbound connection: its listener and intake ticket
         self.serial = next(self._serials)
         self.transport: asyncio.Transport | None = None
         self.address = "?"
@@ -123,6 +129,9 @@ class PeerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.closing:  # dropped before its transport was made
+            transport.abort()
+            return
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.address = f"{peername[0]}:{peername[1]}"
@@ -143,6 +152,9 @@ class PeerConnection(asyncio.Protocol):
             self._timer.cancel()
         self.closing = True
         self.node.connection_lost(self)
+        if self.admitted is not None:
+            listener, ticket = self.admitted
+            listener.closed(ticket)
 
     # -- plumbing
 
@@ -218,6 +230,9 @@ class PeerConnection(asyncio.Protocol):
             if isinstance(event, NeedData):
                 return
             if isinstance(event, HandshakeComplete):
+                if self.admitted is not None:
+                    listener, ticket = self.admitted
+                    listener.handshake_over(ticket)
                 self.node.on_handshake(self, event)
                 self._arm_timer()  # keepalives and rekeys run on their own deadlines now
             elif isinstance(event, Message):
@@ -271,6 +286,14 @@ class PeerConnection(asyncio.Protocol):
             return
         with contextlib.suppress(ProtocolError):
             self._write(self.session.close(reason[:200]))
+        self.abort()
+
+    def drop(self, reason: str, quietly: bool) -> None:
+        """The listener gives up on this handshake (past its deadline, or evicted)."""
+        if self.closing:
+            return
+        if not quietly:
+            self.node.refused(self, reason, "slow or stalled peer")
         self.abort()
 
     def abort(self) -> None:
@@ -415,19 +438,20 @@ class MeshNode:
         self._pump_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ledger: AsyncLedger | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: Listener[PeerConnection] | None = None
         self._control: ControlServer | None = None
         self._stopped = asyncio.Event()
         self._removed_logged = False
-        self._refusal_tokens = float(REFUSALS_BURST)
-        self._refusal_refill = clock()
+        self._refusals = TokenBucket(REFUSALS_BURST, 1.0, clock=clock)
+        self._refusals_untold = 0
+        self.answered_busy = 0  # messages senders were told to send again later
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         directory = self.directory
         # 0750: the keel group may reach control.sock; every file inside is 0600.
-        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        prepare_directory(directory, 0o750)
         socket_path = control_path(directory)
         if len(str(socket_path.absolute())) > MAX_UNIX_PATH:
             raise UsageError(
@@ -446,16 +470,19 @@ class MeshNode:
             base=self.settings.dial_base,
             cap=self.settings.dial_cap,
         )
-        try:
-            self._server = await asyncio.get_running_loop().create_server(
-                self._accept, self.listen_host, self.listen_port
-            )
-        except OSError as exc:
-            raise KeelError(
-                f"cannot listen on {self.listen_host}:{self.listen_port}: {exc.strerror}"
-            ) from None
-        sockname = self._server.sockets[0].getsockname()
-        self.listen_port = int(sockname[1])
+        intake = Intake(
+            total=self.settings.max_handshakes,
+            per_source=self.settings.max_handshakes_per_address,
+            timeout=self.settings.session.handshake_timeout,
+            clock=self.clock,
+        )
+        self._listener = Listener(
+            listening_socket(self.listen_host, self.listen_port),
+            intake,
+            self._inbound,
+            PeerConnection.drop,
+        )
+        self.listen_port = self._listener.port
         self.addresses = advertised_addresses(self.listen_host, self.listen_port)
         self._load_membership()
         for item in self.store.load_outbox():
@@ -463,8 +490,10 @@ class MeshNode:
         self.inbox_count, self.inbox_bytes = self.store.inbox_totals()
         if self.ledger_path is not None:
             self._ledger = await self._open_ledger(self.ledger_path)
-        self._control = ControlServer(socket_path, self._handlers(), name="mesh")
+        handlers = guard(self._handlers(), self.settings.operators())
+        self._control = ControlServer(socket_path, handlers, name="mesh")
         await self._control.start()
+        self._listener.start()
         self._apply_view()
         self._spawn(self._housekeeping())
         self.kick()
@@ -488,8 +517,8 @@ class MeshNode:
     async def stop(self) -> None:
         for conn in list(self.connections):
             conn.close("shutdown: the node is stopping")
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._control is not None:
             await self._control.close()
         for handle in (self._pump_handle, self._pump_timer, self._hold_timer):
@@ -508,6 +537,7 @@ class MeshNode:
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        quiet_resource_errors(loop)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -626,12 +656,7 @@ class MeshNode:
                 break
             chain.append(join.to_json())
             node = member.admitted_by
-        return {
-            "addrs": self.addresses,
-            "mesh": self.membership.mesh_id,
-            "admission": chain,
-            "app": packets.APP_REVISION,
-        }
+        return make_hello(self.addresses, self.membership.mesh_id, chain)
 
     def _add_records(self, raw: Iterable[Any], source: PeerConnection | None) -> list[Record]:
         """Merge records from a peer (or local); persist, gossip and apply the new ones."""
@@ -696,7 +721,9 @@ class MeshNode:
 
     # ------------------------------------------------------------ connections
 
-    def _accept(self) -> PeerConnection:
+    def _inbound(self, ticket: int) -> PeerConnection:
+        """The protocol of a connection the listener admitted."""
+        assert self._listener is not None
         session = Session.responder(
             self.identity,
             kem=self.kem,
@@ -704,25 +731,13 @@ class MeshNode:
             config=self.settings.session,
             extra=self._handshake_extra(),
         )
-        conn = PeerConnection(self, session)
-        handshaking = sum(1 for c in self.connections if c.session.state is State.HANDSHAKE)
-        if handshaking >= self.settings.max_handshakes:
-            log.warning("mesh: too many handshakes in progress; refusing a connection")
-            conn.closing = True
-            asyncio.get_running_loop().call_soon(self._close_new, conn)
-        return conn
-
-    @staticmethod
-    def _close_new(conn: PeerConnection) -> None:
-        if conn.transport is not None:
-            conn.transport.close()
+        return PeerConnection(self, session, admitted=(self._listener, ticket))
 
     async def _dial(self, dial: Dial) -> None:
         member = self.view.admitted.get(dial.peer)
         if member is None:
             self.dialer.failed(dial.peer)
             return
-        host, _, port = dial.address.rpartition(":")
         session = Session.initiator(
             self.identity,
             remote_static=member.node.static_key,
@@ -733,13 +748,14 @@ class MeshNode:
         )
         loop = asyncio.get_running_loop()
         try:
+            host, port = split_address(dial.address)
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: PeerConnection(self, session, dial=dial), host.strip("[]"), int(port)
+                    lambda: PeerConnection(self, session, dial=dial), host, port
                 ),
                 self.settings.connect_timeout,
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: IDNA, a bad address
             log.debug("mesh: dialing %s at %s failed: %s", dial.peer, dial.address, exc)
             self.dialer.failed(dial.peer)
 
@@ -747,26 +763,25 @@ class MeshNode:
         """Log (and record) why a connection is being dropped."""
         if conn.joining is not None and not conn.joining.done():
             conn.joining.set_exception(MeshError(f"{reason}{f' ({hint})' if hint else ''}"))
+        # A flood of junk connections must not flood the log or the ledger: a
+        # burst of REFUSALS_BURST refusals is told, then one a second, and the
+        # next one told says how many were not.
+        if not self._refusals.take():
+            self._refusals_untold += 1
+            return
+        untold, self._refusals_untold = self._refusals_untold, 0
         log.warning(
-            "mesh: dropping the connection with %s: %s%s",
+            "mesh: dropping the connection with %s: %s%s%s",
             conn.describe(),
             reason,
             f" ({hint})" if hint else "",
+            f" ({untold} more refusals since the last one logged)" if untold else "",
         )
-        # A flood of junk connections must not flood the ledger: a token bucket
-        # lets through a burst of REFUSALS_BURST entries, then one per second.
-        now = self.clock()
-        self._refusal_tokens = min(
-            REFUSALS_BURST, self._refusal_tokens + (now - self._refusal_refill)
+        self.ledger(
+            "refused",
+            conn.peer or "",
+            {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
         )
-        self._refusal_refill = now
-        if self._refusal_tokens >= 1:
-            self._refusal_tokens -= 1
-            self.ledger(
-                "refused",
-                conn.peer or "",
-                {"address": conn.address, "peer": conn.peer, "reason": reason[:200]},
-            )
 
     def on_handshake(self, conn: PeerConnection, event: HandshakeComplete) -> None:
         remote = event.remote_node_id
@@ -796,11 +811,9 @@ class MeshNode:
                 self._refuse(conn, problem)
                 return
         if not self.view.is_member(remote):
-            extra = event.extra
-            if extra.get("mesh") == self.membership.mesh_id:
-                admission = extra.get("admission")
-                if isinstance(admission, list):
-                    self._add_records(admission[:MAX_ADMISSION_CHAIN], conn)
+            hello = parse_hello(event.extra)
+            if hello.mesh == self.membership.mesh_id:
+                self._add_records(hello.admission, conn)
         if not self.view.is_member(remote):
             self._refuse(conn, f"unknown-node: {remote} is not a member of this mesh")
             return
@@ -828,7 +841,7 @@ class MeshNode:
             redeemed = record.redeem(self.wall())
         except InviteError as exc:
             return f"invite-{exc.reason}: {exc}"
-        addresses = [a for a in event.extra.get("addrs", []) if is_address(a)][:16]
+        addresses = list(parse_hello(event.extra).addresses)
         join = Record.make(
             self.identity,
             "join",
@@ -866,12 +879,10 @@ class MeshNode:
         conn.registered = True
         remote = conn.session.remote
         if remote is not None:
-            revision = remote.extra.get("app")
-            conn.batching = type(revision) is int and revision >= 2
+            conn.batching = parse_hello(remote.extra).app >= 2
         if event is not None:
-            for address in event.extra.get("addrs", []):
-                if is_address(address):
-                    self.dialer.learn(peer, address)
+            for address in parse_hello(event.extra).addresses:
+                self.dialer.learn(peer, address)
         self.dialer.connected(peer)
         self.outbox.connected(peer)
         self.store.touch_peers([peer], self.wall())
@@ -882,7 +893,10 @@ class MeshNode:
         self.kick()
 
     def on_closed(self, conn: PeerConnection, event: Closed) -> None:
-        level = logging.INFO if event.clean or conn.peer is None else logging.DEBUG
+        if conn.session.remote is None:  # a handshake cut short: anyone can make these, fast
+            level = logging.DEBUG
+        else:
+            level = logging.INFO if event.clean or conn.peer is None else logging.DEBUG
         log.log(level, "mesh: %s closed the connection: %s", conn.describe(), event.reason)
         if conn.joining is not None and not conn.joining.done():
             conn.joining.set_exception(_join_refusal(event.reason))
@@ -1039,6 +1053,7 @@ class MeshNode:
         rejected: Sequence[tuple[str, str]] = (),
     ) -> None:
         """ACK packets (at most 4096 ids per list each)."""
+        self.answered_busy += len(busy)
         step = packets.MAX_ACK_IDS
         for at in range(0, max(len(ok), len(busy), len(rejected)), step):
             reply = Ack(
@@ -1215,7 +1230,6 @@ class MeshNode:
         raise KeelError(f"could not join through {token.node_id}: " + "; ".join(problems))
 
     async def _join_via(self, token: InviteToken, address: str) -> dict[str, Any]:
-        host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[dict[str, Any]] = loop.create_future()
         session = Session.initiator(
@@ -1228,14 +1242,15 @@ class MeshNode:
             extra=self._handshake_extra(),
         )
         try:
+            host, port = split_address(address)
             await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: PeerConnection(self, session, joining=done), host.strip("[]"), int(port)
+                    lambda: PeerConnection(self, session, joining=done), host, port
                 ),
                 self.settings.connect_timeout,
             )
-        except OSError as exc:
-            raise KeelError(f"cannot connect: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: IDNA, a bad address
+            raise KeelError(f"cannot connect: {getattr(exc, 'strerror', None) or exc}") from None
         return await done
 
     def _join_records(self, conn: PeerConnection, packet: Records) -> None:
@@ -1321,13 +1336,14 @@ class MeshNode:
             "connected": sorted(self.links),
             "outbox": len(self.outbox),
             "inbox": self.inbox_count,
+            "answered_busy": self.answered_busy,
             "kem": f"{self.kem.name}/{self.kem.backend}",
         }
 
     async def _h_invite(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self._require_member()
-        ttl = _number(args, "ttl", 3600.0)
-        uses = _integer(args, "uses", 1)
+        ttl = arguments.ttl(args, 3600.0)
+        uses = arguments.integer(args, "uses", 1, minimum=1, maximum=MAX_USES)
         wall = self.wall()
         token = new_invite(self.identity, self.addresses, now=wall, ttl=ttl, uses=uses)
         self.store.add_invite(InviteRecord.from_token(token), wall)
@@ -1335,8 +1351,10 @@ class MeshNode:
         return {"token": token.encode(), "expires": token.expires, "uses": token.uses}
 
     async def _h_join(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        token = InviteToken.decode(_string(args, "token"))
-        return await self.join(token, _number(args, "timeout", 30.0))
+        token = InviteToken.decode(arguments.string(args, "token"))
+        return await self.join(
+            token, arguments.number(args, "timeout", 30.0, positive=True, maximum=3600)
+        )
 
     async def _h_peers(self, args: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
         view = self.view
@@ -1359,20 +1377,12 @@ class MeshNode:
         return out
 
     def _message_args(self, args: Mapping[str, Any]) -> tuple[str, bytes, float]:
-        try:
-            topic = packets.check_topic(args.get("topic"))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        payload = _data(args)
-        ttl = _number(args, "ttl", self.settings.default_ttl)
-        if ttl <= 0:
-            raise UsageError("ttl must be positive")
-        return topic, payload, self.wall() + ttl
+        topic = arguments.topic(args)
+        payload = arguments.data(args)
+        return topic, payload, self.wall() + arguments.ttl(args, self.settings.default_ttl)
 
     def _direct(self, args: Mapping[str, Any]) -> tuple[Sequence[str], str, bytes, float, None]:
-        to = _string(args, "to")
-        if not is_node_id(to):
-            raise UsageError(f"{to!r} is not a node id")
+        to = arguments.node_id(args, "to")
         if to == self.identity.node_id:
             raise UsageError("that is this node's own id; send to another member")
         if not self.view.is_member(to):
@@ -1384,7 +1394,7 @@ class MeshNode:
     async def _h_send(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self._require_member()
         message = self._direct(args)
-        message_id = _message_id(args)
+        message_id = arguments.message_id(args)
         self.enqueue([message], message_ids=[message_id])
         return {"id": message_id}
 
@@ -1394,23 +1404,16 @@ class MeshNode:
         if not isinstance(items, list) or not 0 < len(items) <= 10_000:
             raise UsageError("messages must be a list of 1 to 10000 messages")
         messages = [self._direct(item if isinstance(item, dict) else {}) for item in items]
-        ids = [_message_id(item if isinstance(item, dict) else {}) for item in items]
+        ids = [arguments.message_id(item if isinstance(item, dict) else {}) for item in items]
         self.enqueue(messages, message_ids=ids)
         return {"ids": ids}
 
     async def _h_recv(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        try:
-            topic = packets.check_topic(args.get("topic"))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        limit = _integer(args, "max", 100)
-        if not 1 <= limit <= 10_000:
-            raise UsageError("max must be between 1 and 10000")
-        wait = _number(args, "wait", 0.0)
-        lease = _number(args, "lease", self.settings.lease)
-        acks = args.get("ack", [])
-        if not isinstance(acks, list) or not all(isinstance(a, int) for a in acks):
-            raise UsageError("ack must be a list of receipts (integers)")
+        topic = arguments.topic(args)
+        limit = arguments.integer(args, "max", 100, minimum=1, maximum=10_000)
+        wait = arguments.number(args, "wait", 0.0)
+        lease = arguments.number(args, "lease", self.settings.lease, positive=True, maximum=86400)
+        acks = arguments.receipts(args, "ack")
         if acks:
             self._consume(acks)
         deadline = self.clock() + max(0.0, min(wait, 3600.0))
@@ -1572,12 +1575,10 @@ class MeshNode:
                     topics.add(packets.check_topic(message.topic))
                 except ValueError as exc:
                     raise UsageError(str(exc)) from None
-            if len(message.payload) > packets.MAX_PAYLOAD:
-                raise UsageError(
-                    f"a message carries at most {packets.MAX_PAYLOAD} bytes, "
-                    f"this one has {len(message.payload)}"
-                )
+            arguments.check_size(len(message.payload))
             ttl = message.ttl_ms / 1000 if message.ttl_ms else self.settings.default_ttl
+            if ttl > arguments.MAX_TTL:
+                raise UsageError(f"ttl must be at most {arguments.MAX_TTL} s (ten years)")
             batch.append((to, message.topic, message.payload, wall + ttl, None))
         return batch
 
@@ -1768,16 +1769,11 @@ class MeshNode:
         stream.pending.clear()
 
     async def _h_ack(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        receipts = args.get("receipts", [])
-        if not isinstance(receipts, list) or not all(isinstance(r, int) for r in receipts):
-            raise UsageError("receipts must be a list of integers")
-        return {"acked": self._consume(receipts)}
+        return {"acked": self._consume(arguments.receipts(args, "receipts"))}
 
     async def _h_remove(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self._require_member()
-        node = _string(args, "node")
-        if not is_node_id(node):
-            raise UsageError(f"{node!r} is not a node id")
+        node = arguments.node_id(args, "node")
         view = self.view
         if node == self.identity.node_id:
             raise UsageError(
@@ -1796,7 +1792,7 @@ class MeshNode:
         return {"removed": node, "record": record.id}
 
     def _room(self, args: Mapping[str, Any]) -> Room:
-        ref = _string(args, "room")
+        ref = arguments.string(args, "room")
         view = self.view
         if ref in view.rooms:
             return view.rooms[ref]
@@ -1826,7 +1822,7 @@ class MeshNode:
 
     async def _h_room_create(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self._require_member()
-        name = _string(args, "name")
+        name = arguments.string(args, "name")
         members = args.get("members", [])
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise UsageError("members must be a list of node ids")
@@ -1848,9 +1844,7 @@ class MeshNode:
             raise UsageError(
                 f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
             )
-        node = _string(args, "node")
-        if not is_node_id(node):
-            raise UsageError(f"{node!r} is not a node id")
+        node = arguments.node_id(args, "node")
         members = set(room.members)
         if add:
             if not self.view.is_member(node):
@@ -1885,7 +1879,7 @@ class MeshNode:
         if me not in recipients:
             raise KeelError(f"this node is not a member of room {room.name}")
         topic, payload, expires = self._message_args(args)
-        message_id = _message_id(args)
+        message_id = arguments.message_id(args)
         stamp = rooms.stamp(
             self.identity, room, message_id, topic=topic, expires=int(expires), payload=payload
         )
@@ -1901,7 +1895,9 @@ class MeshNode:
         return [self._room_json(r) for r in sorted(self.view.rooms.values(), key=lambda r: r.name)]
 
     async def _h_dead_letters(self, args: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
-        return self.store.dead_letters(_integer(args, "limit", 100))
+        return self.store.dead_letters(
+            arguments.integer(args, "limit", 100, minimum=1, maximum=10_000)
+        )
 
 
 # ---------------------------------------------------------------- helpers
@@ -1957,52 +1953,6 @@ def _join_refusal(reason: str) -> KeelError:
             text = reason.split(":", 1)[-1].strip()
             return InviteError(f"the inviter refused the invite: {text}", kind)
     return MeshError(f"the inviter closed the connection: {reason}")
-
-
-def _message_id(args: Mapping[str, Any]) -> str:
-    """The client's id for the message (so that a retried send is the same message), or a new one."""
-    value = args.get("id")
-    if value is None:
-        return packets.new_message_id()
-    if not packets.is_message_id(value):
-        raise UsageError("id must be 32 lowercase hex digits")
-    return str(value)
-
-
-def _string(args: Mapping[str, Any], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value:
-        raise UsageError(f"{key} must be a non-empty string")
-    return value
-
-
-def _number(args: Mapping[str, Any], key: str, default: float) -> float:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{key} must be a number")
-    return float(value)
-
-
-def _integer(args: Mapping[str, Any], key: str, default: int) -> int:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{key} must be an integer")
-    return value
-
-
-def _data(args: Mapping[str, Any]) -> bytes:
-    data = args.get("data")
-    if not isinstance(data, str):
-        raise UsageError("data must be base64 text")
-    try:
-        payload = binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise UsageError("data is not valid base64") from None
-    if len(payload) > packets.MAX_PAYLOAD:
-        raise UsageError(
-            f"a message carries at most {packets.MAX_PAYLOAD} bytes, this one has {len(payload)}"
-        )
-    return payload
 
 
 def _refuse_if_served(path: Path) -> None:

@@ -42,6 +42,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from keel.config import parse_json
+from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import IdentityError, RemoteProtocolError
 
@@ -239,7 +241,10 @@ def load(path: Path) -> NodeIdentity:
 
 
 def _parse_key_file(raw: bytes) -> tuple[NodeIdentity, object]:
-    data: Any = json.loads(raw)
+    try:
+        data: Any = parse_json(raw, source="JSON")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")  # noqa: TRY004 (reported as malformed, like the rest)
     if data.get("version") != KEY_FILE_VERSION:
@@ -262,8 +267,13 @@ def _hex_key(value: object, what: str) -> bytes:
 def create(path: Path, random: Callable[[int], bytes] = secrets.token_bytes) -> NodeIdentity:
     """Make a new identity and write its key file (0600) atomically; never overwrites."""
     identity = NodeIdentity.generate(random)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, temp = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, temp = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise IdentityError(
+            f"{path.parent}: cannot write the identity key file there: {exc.strerror}"
+        ) from None
     try:
         with os.fdopen(fd, "w") as handle:  # mkstemp creates the file 0600
             handle.write(identity.to_key_file())

@@ -40,8 +40,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from keel.errors import UsageError
-from keel.mesh.encoding import b64u_decode, b64u_encode
+from keel.config import parse_json
+from keel.errors import ConfigError, UsageError
+from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import InviteError
 from keel.mesh.identity import KEY_SIZE, NodeIdentity, is_node_id, node_id_of
 
@@ -51,7 +52,6 @@ SECRET_SIZE = 32
 INVITE_ID_SIZE = 16
 PROOF_SIZE = 32
 MAX_ADDRESSES = 16
-MAX_ADDRESS_LEN = 255
 MAX_TOKEN_LEN = 8192
 MAX_USES = 1_000_000
 INVITE_ID_LABEL = b"keel-mesh/1 invite-id\x00"
@@ -123,9 +123,9 @@ class InviteToken:
         if len(text) > MAX_TOKEN_LEN:
             raise InviteError("invite token is too long", "malformed")
         try:
-            body: Any = json.loads(b64u_decode(text[len(TOKEN_PREFIX) :], "token"))
+            body: Any = parse_json(b64u_decode(text[len(TOKEN_PREFIX) :], "token"), source="JSON")
             token = _token_from_json(body)
-        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        except (ValueError, binascii.Error, UnicodeDecodeError, ConfigError) as exc:
             raise InviteError(
                 f"invite token is damaged ({exc}); copy the whole token again", "malformed"
             ) from None
@@ -157,7 +157,7 @@ def _token_from_json(body: object) -> InviteToken:
     if (
         not isinstance(addresses, list)
         or not 1 <= len(addresses) <= MAX_ADDRESSES
-        or not all(_is_address(a) for a in addresses)
+        or not all(is_address(a) for a in addresses)
     ):
         raise ValueError(f"addrs must list 1 to {MAX_ADDRESSES} host:port strings")
     for name in ("exp", "uses"):
@@ -171,13 +171,6 @@ def _token_from_json(body: object) -> InviteToken:
         expires=body["exp"],
         uses=body["uses"],
     )
-
-
-def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ADDRESS_LEN:
-        return False
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and value.isprintable() and " " not in value)
 
 
 def new_invite(
@@ -197,7 +190,7 @@ def new_invite(
     if not 1 <= len(addresses) <= MAX_ADDRESSES:
         raise UsageError(f"an invite carries 1 to {MAX_ADDRESSES} addresses, got {len(addresses)}")
     for address in addresses:
-        if not _is_address(address):
+        if not is_address(address):
             raise UsageError(f"invite address {address!r} is not host:port")
     return InviteToken(
         node_id=identity.node_id,

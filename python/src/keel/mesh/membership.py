@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from keel.mesh.encoding import b64u_decode, b64u_encode
+from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import (
     SIGNATURE_SIZE,
@@ -49,7 +49,6 @@ from keel.mesh.packets import canonical_json, is_message_id
 KINDS: Final = ("genesis", "join", "remove", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}
 MAX_ADDRESSES: Final = 16
-MAX_ADDRESS_LEN: Final = 255
 MAX_ROOM_NAME: Final = 64
 MAX_ROOM_MEMBERS: Final = 1024
 MAX_AT: Final = 2**53
@@ -68,16 +67,6 @@ _FIELDS: Final[Mapping[str, frozenset[str]]] = {
 
 def _bad(problem: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"membership record: {problem}", hint="forged or corrupted record")
-
-
-def is_address(value: object) -> bool:
-    """``host:port`` (IPv6 hosts in brackets), port 1 to 65535, printable, no spaces."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ADDRESS_LEN:
-        return False
-    host, sep, port = value.rpartition(":")
-    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        return False
-    return value.isprintable() and " " not in value
 
 
 def room_id_of(owner: str, nonce: bytes) -> str:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
+from keel.config import parse_json, shorten
+from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
 from keel.mesh.identity import SIGNATURE_SIZE, is_node_id
@@ -88,7 +90,7 @@ def check_topic(topic: object) -> str:
         or _TOPIC_RE.fullmatch(topic) is None
     ):
         raise ValueError(
-            f"topic {topic!r} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
+            f"topic {shorten(repr(topic))} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
         )
     return topic
 
@@ -276,9 +278,9 @@ def decode(data: bytes) -> Packet:
     if len(data) < 3 + length:
         raise _bad(f"header length {length} runs past the packet's end")
     try:
-        header = json.loads(data[3 : 3 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _bad(f"{kind.name} header is not UTF-8 JSON") from None
+        header = parse_json(data[3 : 3 + length], source=f"{kind.name} header")
+    except ConfigError as exc:
+        raise _bad(str(exc)) from None
     if not isinstance(header, dict):
         raise _bad(f"{kind.name} header is not a JSON object")
     body = data[3 + length :]

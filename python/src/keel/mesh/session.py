@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from keel.config import parse_json
+from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import (
     HandshakeTimeout,
@@ -516,9 +518,9 @@ class Session:
             )
 
         try:
-            body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise bad("not UTF-8 JSON") from None
+            body = parse_json(payload, source="JSON")
+        except ConfigError as exc:
+            raise bad(str(exc)) from None
         if not isinstance(body, dict):
             raise bad("not a JSON object")
         if body.get("v") != PROTOCOL_VERSION or type(body.get("v")) is not int:

@@ -6,23 +6,33 @@ directory) overrides timeouts and limits, e.g. for tests or slow links::
     {"handshake_timeout": 10, "keepalive_interval": 15, "idle_timeout": 60,
      "rekey_interval": 120, "default_ttl": 86400, "ack_timeout": 10,
      "retry_base": 1, "retry_cap": 60, "dial_base": 0.5, "dial_cap": 30,
-     "connect_timeout": 5, "max_handshakes": 64, "lease": 30,
+     "connect_timeout": 5, "max_handshakes": 64, "max_handshakes_per_address": 8,
+     "lease": 30,
      "max_outbox_per_peer": 10000, "max_outbox": 100000, "max_outbox_bytes": 268435456,
      "max_inbox": 100000, "max_inbox_bytes": 268435456,
-     "window_messages": 4096, "window_bytes": 16777216, "durability": "normal"}
+     "window_messages": 4096, "window_bytes": 16777216, "durability": "normal",
+     "operator_group": "keel-operators"}
+
+``operator_group`` (no default) names the group whose members may use the
+control socket's administrative verbs besides root and the daemon's user
+(:mod:`keel.mesh.access`). These settings move to the daemon's ``--config``
+file with the shared service shell.
 """
 
 from __future__ import annotations
 
 import fcntl
+import grp
 import ipaddress
+import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from keel.config import Section
-from keel.errors import UsageError
+from keel.errors import KeelError, UsageError
+from keel.mesh.access import Operators
 from keel.mesh.delivery import DEFAULT_TTL, InboxLimits, Limits
 from keel.mesh.session import SessionConfig
 
@@ -42,7 +52,14 @@ class Settings:
     dial_cap: float = 30.0
     connect_timeout: float = 5.0
     max_handshakes: int = 64
+    max_handshakes_per_address: int = 8
     durability: str = "normal"
+    operator_group: str | None = None
+    operator_gid: int | None = None
+
+    def operators(self) -> Operators:
+        """Who may administer the mesh through the control socket."""
+        return Operators(os.getuid(), self.operator_group, self.operator_gid)
 
 
 def load_settings(directory: Path) -> Settings:
@@ -86,11 +103,38 @@ def load_settings(directory: Path) -> Settings:
             dial_cap=cfg.number("dial_cap", 30.0, positive=True),
             connect_timeout=cfg.number("connect_timeout", 5.0, positive=True),
             max_handshakes=cfg.integer("max_handshakes", 64, minimum=1),
+            max_handshakes_per_address=cfg.integer("max_handshakes_per_address", 8, minimum=1),
             durability=cfg.choice("durability", ["full", "normal"], "normal"),
+            operator_group=cfg.string("operator_group", None),
         )
+        if settings.operator_group is not None:
+            try:
+                gid = grp.getgrnam(settings.operator_group).gr_gid
+            except KeyError:
+                raise cfg.error(
+                    "operator_group", f"no group {settings.operator_group!r} on this host"
+                ) from None
+            settings = replace(settings, operator_gid=gid)
         if settings.dial_base > settings.dial_cap:
             raise cfg.error("dial_base", "must not exceed dial_cap")
     return settings
+
+
+def prepare_directory(directory: Path, mode: int) -> None:
+    """Make the node's directory (``mode``) if need be; ``KeelError`` unless this user may write it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise KeelError(
+            f"--dir {directory}: cannot create the node's directory: {exc.strerror}"
+        ) from None
+    if not directory.is_dir():
+        raise KeelError(f"--dir {directory}: not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise KeelError(
+            f"--dir {directory}: not writable by this user (uid {os.getuid()}); the node keeps "
+            "its identity, state and control socket there"
+        )
 
 
 def control_path(directory: Path) -> Path:

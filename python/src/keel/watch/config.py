@@ -18,7 +18,7 @@ from keel.config import Section, describe, type_name
 from keel.errors import ConfigError
 from keel.service import Common, read_common
 from keel.watch import httpwire
-from keel.watch.alerting import (
+from keel.watch.alert_routes import (
     TELEGRAM_API,
     Route,
     RouteLimits,

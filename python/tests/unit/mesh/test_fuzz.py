@@ -1,27 +1,50 @@
-"""Bounded fuzzing: the frame parser and both sides of the handshake take any bytes.
+"""Bounded fuzzing of every parser of outside input in the mesh.
 
-The only exception allowed out of the core is a ``RemoteProtocolError`` (the
-shell closes the connection); every loop here is bounded, so a hang would show
-as a test that never ends rather than pass. Examples are derandomised so CI
-runs the same cases every time.
+What a peer sends: frames, both sides of the handshake and its identity
+payload, the handshake's ``extra``, membership records, packets (also in
+``test_packets.py``); what a person pastes: invite tokens; what a local
+process sends: control requests and their arguments (the real daemon's
+handlers: ``tests/integration/mesh/test_fuzz_control.py``) and the binary
+stream's frames (``test_local.py``). Each either parses or raises the one
+error type of its layer, with a message of one line; never anything else.
+Every loop here is bounded, so a hang would show as a test that never ends
+rather than pass. Examples are derandomised so CI runs the same cases every
+time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.mesh.errors import RemoteProtocolError
+from keel.api import ControlServer, Peer
+from keel.config import parse_json
+from keel.errors import UsageError
+from keel.mesh import arguments, packets, rooms
+from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
+from keel.mesh.errors import InviteError, RemoteProtocolError
 from keel.mesh.framing import FrameReader
+from keel.mesh.hello import make_hello, parse_hello
 from keel.mesh.identity import NodeIdentity
+from keel.mesh.invite import TOKEN_PREFIX, InviteToken, new_invite
 from keel.mesh.kem import Kem
+from keel.mesh.membership import Membership, Record
+from keel.mesh.packets import Ack, Msg, Msgs, Records
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session
 
+from tests.json_values import json_values
 from tests.kyberpy_kem import KyberPyKem
 
 from .conftest import FakeClock, production_kem, seeded
+from .test_session import hand_made_initiator
+
+ARGUMENT_KEYS = ["token", "to", "wait", "timeout", "ttl", "max", "ack", "data", "id", "topic"]
 
 FUZZ = settings(
     max_examples=150,
@@ -196,3 +219,194 @@ def test_initiator_survives_any_mutation(how: tuple[str, int, bytes], chunk: int
     events = run_to_the_end(new_initiator_started(t), stream, chunk)
     messages = [e for e in events if isinstance(e, Message)]
     assert messages in ([], [Message(b"back")])
+
+
+# -- what peers, people and local processes send, above the frames -----------------------
+
+JSON = json_values()
+
+
+def one_line(error: Exception) -> None:
+    text = str(error)
+    assert text
+    assert "\n" not in text
+    assert len(text) < 1000, text[:200]
+
+
+def mutated_json(base: dict[str, object], data: st.DataObject) -> dict[str, object]:
+    """``base`` with some fields replaced by any JSON, some dropped, some added."""
+    out = dict(base)
+    for key in data.draw(st.lists(st.sampled_from(sorted(base)), max_size=3, unique=True)):
+        if data.draw(st.booleans()):
+            out[key] = data.draw(JSON)
+        else:
+            del out[key]
+    out.update(data.draw(st.dictionaries(st.text(max_size=8), JSON, max_size=2)))
+    return out
+
+
+def valid_token() -> str:
+    inviter = NodeIdentity.generate(seeded("inviter"))
+    token = new_invite(inviter, ["192.0.2.1:7400"], now=1_700_000_000, ttl=60, random=seeded("s"))
+    return token.encode()
+
+
+@FUZZ
+@given(text=st.text(max_size=300))
+def test_invite_tokens_any_text(text: str) -> None:
+    for candidate in (text, TOKEN_PREFIX + text):
+        try:
+            InviteToken.decode(candidate)
+        except InviteError as exc:
+            one_line(exc)
+
+
+@FUZZ
+@given(data=st.data())
+def test_invite_tokens_mutated(data: st.DataObject) -> None:
+    token = valid_token()
+    body = parse_json(b64u_decode(token[len(TOKEN_PREFIX) :], "token"), source="token")
+    text = json.dumps(mutated_json(body, data))
+    for candidate in (
+        TOKEN_PREFIX + b64u_encode(text.encode()),
+        token[: data.draw(st.integers(0, len(token)))] + data.draw(st.text(max_size=10)),
+    ):
+        try:
+            InviteToken.decode(candidate)
+        except InviteError as exc:
+            one_line(exc)
+
+
+def valid_records() -> list[dict[str, object]]:
+    alice, bob = NodeIdentity.generate(seeded("a")), NodeIdentity.generate(seeded("b"))
+    mesh = Membership.found(alice, ["10.0.0.1:7400"], 1_700_000_000_000)
+    join = Record.make(alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[])
+    room = rooms.create(alice, mesh, name="ops", members=[], now_ms=1_700_000_000_002)
+    remove = Record.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
+    return [r.to_json() for r in (mesh.genesis, join, room, remove)]
+
+
+@FUZZ
+@given(data=st.data())
+def test_membership_records(data: st.DataObject) -> None:
+    base = data.draw(st.sampled_from(valid_records()))
+    for candidate in (mutated_json(base, data), data.draw(JSON)):
+        try:
+            record = Record.from_json(candidate)
+        except RemoteProtocolError as exc:
+            one_line(exc)
+            continue
+        assert Record.from_json(record.to_json()) == record
+        packets.canonical_json(record.to_json())  # it can be sent on
+
+
+@FUZZ
+@given(data=st.data())
+def test_handshake_extra(data: st.DataObject) -> None:
+    base = make_hello(["10.0.0.1:7400", "[2001:db8::1]:7400"], "ab" * 16, valid_records()[1:2])
+    for extra in (mutated_json(base, data), data.draw(st.dictionaries(st.text(), JSON))):
+        hello = parse_hello(extra)  # never raises
+        assert len(hello.addresses) <= 16
+        assert all(is_address(a) for a in hello.addresses)
+        assert hello.mesh is None or packets.is_message_id(hello.mesh)
+        assert all(isinstance(r, dict) for r in hello.admission)
+        assert type(hello.app) is int
+        assert hello.app >= 1
+
+
+@settings(FUZZ, max_examples=80)
+@given(data=st.data())
+def test_handshake_identity_payload(data: st.DataObject) -> None:
+    """Message 3's payload, decrypted fine but saying anything at all."""
+    alice = NodeIdentity.generate(seeded("alice"))
+    base: dict[str, object] = {
+        "v": 1,
+        "signing_key": b64u_encode(alice.signing_public),
+        "binding": b64u_encode(alice.binding),
+        "extra": {"addrs": ["10.0.0.1:1"]},
+    }
+    payload = data.draw(
+        st.sampled_from(["mutated", "json", "bytes"]).flatmap(
+            lambda how: (
+                st.just(json.dumps(mutated_json(base, data)).encode())
+                if how == "mutated"
+                else st.builds(lambda v: json.dumps(v).encode(), JSON)
+                if how == "json"
+                else st.binary(max_size=200)
+            )
+        )
+    )
+    responder = Session.responder(
+        NodeIdentity.generate(seeded("r")), kem=production_kem(), clock=FakeClock()
+    )
+    hand_made_initiator(production_kem(), responder, payload)
+    try:
+        event = responder.next_event()
+    except RemoteProtocolError as exc:
+        one_line(exc)
+        return
+    assert isinstance(event, HandshakeComplete)
+    parse_hello(event.extra)
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.data())
+def test_packets_mutated(data: st.DataObject) -> None:
+    message = Msg("ab" * 16, "jobs", 1_700_000_000, b"payload")
+    base = data.draw(
+        st.sampled_from(
+            [
+                packets.encode(message),
+                packets.encode(Ack(("ab" * 16,), ("cd" * 16,), (("ef" * 16, "no"),))),
+                packets.encode(Records(tuple(valid_records()))),
+                packets.encode(Msgs((message, message._replace(id="cd" * 16)))),
+            ]
+        )
+    )
+    how = (data.draw(st.sampled_from(["flip", "truncate", "insert", "duplicate", "drop"])),
+           data.draw(st.integers(0, 10_000)), data.draw(st.binary(min_size=1, max_size=20)))  # fmt: skip
+    try:
+        packets.decode(mutate(base, how))
+    except RemoteProtocolError as exc:
+        one_line(exc)
+
+
+@FUZZ
+@given(args=st.dictionaries(st.sampled_from(ARGUMENT_KEYS), JSON, max_size=6))
+def test_control_request_arguments(args: dict[str, object]) -> None:
+    checks: list[Callable[[], object]] = [
+        lambda: arguments.string(args, "token"),
+        lambda: arguments.node_id(args, "to"),
+        lambda: arguments.number(args, "wait", 0.0),
+        lambda: arguments.number(args, "timeout", 30.0, positive=True, maximum=3600),
+        lambda: arguments.ttl(args, 60.0),
+        lambda: arguments.integer(args, "max", 100, minimum=1, maximum=10_000),
+        lambda: arguments.receipts(args, "ack"),
+        lambda: arguments.data(args),
+        lambda: arguments.message_id(args),
+        lambda: arguments.topic(args),
+    ]
+    for check in checks:
+        try:
+            check()
+        except UsageError as exc:
+            one_line(exc)
+
+
+@FUZZ
+@given(line=st.one_of(st.binary(max_size=200), st.builds(lambda v: json.dumps(v).encode(), JSON)))
+def test_control_request_lines(line: bytes) -> None:
+    """The control socket's parsing: any line gets an answer, never an internal error."""
+
+    async def echo(args: dict[str, object], peer: Peer) -> object:
+        return args
+
+    server = ControlServer(Path("/nonexistent"), {"echo": echo})
+    for candidate in (line, b'{"verb": "echo", "args": ' + line + b"}"):
+        answer = asyncio.run(server._dispatch(candidate, Peer(1, 0, 0)))
+        assert isinstance(answer, dict)
+        if not answer["ok"]:
+            assert answer["kind"] != "internal"
+            assert "internal error" not in answer["error"]
+            one_line(Exception(answer["error"]))
+        json.dumps(answer)  # it can be sent back

@@ -36,6 +36,12 @@ def make_token(**overrides: object) -> InviteToken:
     )
 
 
+def raw_token(token: InviteToken, old: str, new: str) -> str:
+    text = b64u_decode(token.encode()[len(TOKEN_PREFIX) :], "token").decode()
+    assert old in text
+    return TOKEN_PREFIX + b64u_encode(text.replace(old, new, 1).encode())
+
+
 def edit(token: InviteToken, **changes: object) -> str:
     body = json.loads(b64u_decode(token.encode()[len(TOKEN_PREFIX) :], "token"))
     body.update(changes)
@@ -67,6 +73,11 @@ def test_round_trip() -> None:
         (lambda t: edit(t, v=True), "malformed", "unsupported token version"),
         (lambda t: edit(t, addrs=[]), "malformed", "addrs"),
         (lambda t: edit(t, addrs=["no-port"]), "malformed", "addrs"),
+        (lambda t: edit(t, addrs=["192.0.2.1:99999"]), "malformed", "addrs"),
+        (lambda t: edit(t, addrs=["192.0.2.1:0"]), "malformed", "addrs"),
+        (lambda t: edit(t, addrs=["192.0.2.1:\u00b2"]), "malformed", "addrs"),
+        (lambda t: raw_token(t, '"uses":2', '"uses":2,"uses":3'), "malformed", "appears twice"),
+        (lambda t: raw_token(t, '"exp":', '"exp":NaN,"x":'), "malformed", "NaN is not"),
         (lambda t: edit(t, exp="soon"), "malformed", "exp must be"),
         (lambda t: edit(t, uses=-1), "malformed", "uses must be"),
         (lambda t: edit(t, secret="AAAA"), "malformed", "secret must be 32 bytes"),

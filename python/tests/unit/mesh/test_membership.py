@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keel.mesh.encoding import b64u_encode
+from keel.mesh.encoding import b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity
-from keel.mesh.membership import Membership, MembershipError, Record, is_address, room_id_of
+from keel.mesh.membership import Membership, MembershipError, Record, room_id_of
 
 from .conftest import seeded
 
@@ -202,7 +202,19 @@ def test_is_address() -> None:
     assert is_address("10.0.0.1:7400")
     assert is_address("[::1]:7400")
     assert is_address("host.example:1")
-    for bad in ("x", ":1", "h:0", "h:70000", "h:p", "a b:1", 7):
+    for bad in (
+        "x",
+        ":1",
+        "h:0",
+        "h:70000",
+        "h:p",
+        "a b:1",
+        7,
+        "h:\u00b2",
+        "h:\u0661",
+        "h:-1",
+        "h:+1",
+    ):
         assert not is_address(bad)
 
 

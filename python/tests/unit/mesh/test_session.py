@@ -307,12 +307,15 @@ def hand_made_initiator(kem: Kem, responder: Session, payload3: bytes) -> None:
 @pytest.mark.parametrize(
     ("payload", "problem"),
     [
-        (b"\xff\xfe", "not UTF-8 JSON"),
+        (b"\xff\xfe", "JSON: not UTF-8 text"),
+        (b'{"v": 1, "v": 1}', 'key "v" appears twice'),
+        (b'{"v": NaN}', "NaN is not a JSON value"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"v": 2}', "unsupported protocol version 2"),
         (b'{"v": true}', "unsupported protocol version True"),
         (b'{"v": 1, "signing_key": "AAAA", "binding": ""}', "signing_key must be 32 bytes"),
-        (b"[" * 100_00 + b"]" * 100_00, "not UTF-8 JSON"),
+        (b"[" * 100_00 + b"]" * 100_00, "nested more than 64 levels deep"),
+        (b"[" * 65 + b"]" * 65, "nested more than 64 levels deep"),
     ],
 )
 def test_malformed_identity_payloads_are_refused(

@@ -1,0 +1,196 @@
+"""Reading ``mcp.json``, the gateway's config (documented in ``docs/mcp.md``).
+
+Everything is checked before the gateway starts anything: the keys every
+daemon shares (``socket``, ``ledger``, ``checkpoint_every``), where agents
+connect, the MCP servers (inline, or a directory of spec files), the agents
+the gateway tells apart by uid (inline, or the installed agent specs), and the
+policy those make (:class:`~keel.mcp.policy.Policy`, which refuses a grant
+that would let an agent out of its tier). Each error names the file and key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel import paths
+from keel.agents.identity import AgentDirectory
+from keel.agents.spec import load_specs
+from keel.config import Section, describe, type_name
+from keel.errors import ConfigError
+from keel.mcp.policy import Policy
+from keel.mcp.spec import ServerSpec, load_server_specs, parse_server_spec
+from keel.mcp.wire import DEFAULT_MAX_MESSAGE, DEFAULT_WRITE_TIMEOUT
+from keel.service import Common, read_common
+
+TOP_LEVEL_KEYS = (
+    "agents",
+    "checkpoint_every",
+    "http",
+    "ledger",
+    "listen",
+    "max_connections",
+    "max_message",
+    "node",
+    "servers",
+    "socket",
+    "sockets",
+    "unavailable_wait",
+    "write_timeout",
+)
+
+
+def default_listen() -> Path:
+    """Where agents connect: outside /run/keel, which tier-2 sandboxes hide."""
+    return (
+        paths.DEV_ROOT / "run" / "mcp-agents.sock"
+        if paths.dev_mode()
+        else Path("/run/keel-mcp/mcp.sock")
+    )
+
+
+def default_sockets() -> Path:
+    """The directory of the stdio servers' sockets (``<name>.sock``)."""
+    return paths.runtime_dir() / "mcp"
+
+
+def default_servers_dir() -> Path:
+    return (paths.DEV_ROOT if paths.dev_mode() else paths.ETC) / "mcp" / "servers"
+
+
+def default_agents_dir() -> Path:
+    return (paths.DEV_ROOT if paths.dev_mode() else paths.ETC) / "agents"
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    name: str
+    uid: int
+    tier: int
+
+
+@dataclass(frozen=True)
+class McpConfig:
+    """mcp.json, checked."""
+
+    source: str
+    common: Common
+    listen: Path
+    http: Path | None
+    sockets: Path
+    servers: dict[str, ServerSpec]
+    agents: dict[str, AgentEntry]
+    node: str | None
+    max_message: int
+    max_connections: int
+    write_timeout: float
+    unavailable_wait: float
+    policy: Policy
+
+    @property
+    def directory(self) -> AgentDirectory:
+        return AgentDirectory({name: entry.uid for name, entry in self.agents.items()})
+
+    def socket_of(self, server: str) -> Path:
+        return self.sockets / f"{server}.sock"
+
+
+def load(path: Path) -> McpConfig:
+    with Section.load(path) as cfg:
+        return parse(cfg)
+
+
+def parse(cfg: Section) -> McpConfig:
+    unknown = sorted(set(cfg.keys()) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise cfg.error(unknown[0], f"unknown key (known keys here: {', '.join(TOP_LEVEL_KEYS)})")
+    common = read_common(cfg, "mcp")
+    listen = cfg.filepath("listen", default=str(default_listen()))
+    http = cfg.filepath("http") if cfg.raw("http", None) is not None else None
+    sockets = cfg.filepath("sockets", default=str(default_sockets()))
+    node = cfg.string("node", None)
+    max_message = cfg.integer("max_message", DEFAULT_MAX_MESSAGE, minimum=1024)
+    max_connections = cfg.integer("max_connections", 1024, minimum=1)
+    write_timeout = cfg.number("write_timeout", DEFAULT_WRITE_TIMEOUT, positive=True)
+    unavailable_wait = cfg.number("unavailable_wait", 0.5, minimum=0, maximum=1.0)
+    servers = _servers(cfg)
+    agents = _agents(cfg)
+    policy = Policy(servers, {name: entry.tier for name, entry in agents.items()})
+    try:
+        AgentDirectory({name: entry.uid for name, entry in agents.items()})
+    except ConfigError as exc:
+        raise cfg.error("agents", str(exc)) from None
+    return McpConfig(
+        source=cfg.source,
+        common=common,
+        listen=listen,
+        http=http,
+        sockets=sockets,
+        servers=servers,
+        agents=agents,
+        node=node,
+        max_message=max_message,
+        max_connections=max_connections,
+        write_timeout=write_timeout,
+        unavailable_wait=unavailable_wait,
+        policy=policy,
+    )
+
+
+def _servers(cfg: Section) -> dict[str, ServerSpec]:
+    """``servers``: an object of inline specs by name, or a directory of spec files."""
+    raw = cfg.raw("servers", str(default_servers_dir()))
+    servers: dict[str, ServerSpec] = {}
+    if isinstance(raw, str):
+        directory = Path(raw)
+        files = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        for spec in load_server_specs(files):
+            servers[spec.name] = spec
+        return servers
+    if not isinstance(raw, dict):
+        raise cfg.error(
+            "servers",
+            f"expected a directory of spec files or an object of specs by name, got {type_name(raw)}",
+        )
+    for name, data in raw.items():
+        spec = parse_server_spec(data, source=f"{cfg.source}: servers.{name}")
+        if spec.name != name:
+            raise cfg.error(
+                f"servers.{name}", f"the spec is named {spec.name!r}; use the same name as its key"
+            )
+        servers[name] = spec
+    return servers
+
+
+def _agents(cfg: Section) -> dict[str, AgentEntry]:
+    """``agents``: an object ``name -> {"user" or "uid", "tier"}``, or a directory of agent specs."""
+    raw = cfg.raw("agents", str(default_agents_dir()))
+    if isinstance(raw, str):
+        directory = Path(raw)
+        files = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        # An agent running as root cannot be told apart from root: it is no agent here.
+        specs = [spec for spec in load_specs(files) if spec.user != "root"]
+        users = AgentDirectory.from_users({spec.name: spec.user for spec in specs})
+        return {
+            spec.name: AgentEntry(spec.name, users.uid_of(spec.name) or 0, spec.tier)
+            for spec in specs
+        }
+    if not isinstance(raw, dict):
+        raise cfg.error(
+            "agents",
+            f"expected a directory of agent specs or an object by agent name, got {describe(raw)}",
+        )
+    entries: dict[str, AgentEntry] = {}
+    with cfg.section("agents") as agents:
+        for name, agent in agents.sections():
+            with agent:
+                tier = agent.integer("tier", minimum=0, maximum=2)
+                if "uid" in agent:
+                    uid = agent.integer("uid", minimum=1)
+                else:
+                    user = agent.string("user", f"keel-agent-{name}")
+                    uid_of = AgentDirectory.from_users({name: user}).uid_of(name)
+                    assert uid_of is not None
+                    uid = uid_of
+                entries[name] = AgentEntry(name, uid, tier)
+    return entries

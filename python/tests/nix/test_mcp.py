@@ -1,0 +1,194 @@
+"""modules/mcp.nix against the Python side: same specs, same units, same policy checks.
+
+The module writes /etc/keel/mcp.json with every server's spec inline and the
+host's agents; `keel mcp serve` reads it. Here keel's own config reader takes
+the file the module wrote, and each server's unit is the one keel renders from
+that spec (agents.nix's renderer in Nix, keel.agents.units in Python).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel.agents.units import load_tiers
+from keel.mcp.spec import parse_server_spec
+from keel.mcp.units import launcher, render_units
+
+from tests import systemd_syntax
+from tests.conftest import REPO
+from tests.nix.test_agents import NIXOS_ENVIRONMENT, sections
+from tests.nix.test_modules import evaluate
+
+TIERS_JSON = REPO / "modules" / "tiers.json"
+NODE = "a" * 32
+
+HOST = rf"""
+{{
+  services.keel.agents = {{
+    scout = {{ command = [ "/bin/scout" ]; tier = 2; }};
+    notes = {{ command = [ "/bin/notes" ]; tier = 1; }};
+    ops = {{ command = [ "/bin/ops" ]; tier = 0; user = "root"; }};
+  }};
+  services.keel.watch.enable = true;
+  services.keel.mcp = {{
+    enable = true;
+    settings.http = "/run/keel-mcp/http.sock";
+    servers = {{
+      files = {{
+        command = [ "/run/current-system/sw/bin/files-mcp" "--root" "/srv/files" ];
+        tier = 2;
+        readWritePaths = [ "/srv/files" ];
+        environment = {{ MODE = "read only"; }};
+        environmentFiles = [ "/run/secrets/files.env" ];
+        resources = {{ memoryMax = "256M"; tasksMax = 32; }};
+        share = [
+          {{ agents = [ "scout" "notes" ]; tools = [ "read" ]; }}
+          {{ agents = "*"; tools = [ "list" ]; }}
+          {{ agents = "*"; tools = "*"; nodes = [ "{NODE}" ]; }}
+        ];
+      }};
+      shell = {{
+        command = [ "/run/current-system/sw/bin/shell-mcp" ];
+        tier = 0;
+        share = [ {{ agents = [ "ops" ]; tools = "*"; }} ];
+      }};
+      browser = {{
+        command = [ "/run/current-system/sw/bin/browser-mcp" "--port" "8931" ];
+        url = "http://127.0.0.1:8931/mcp";
+        tier = 1;
+        share = [ {{ agents = [ "notes" ]; tools = "*"; }} ];
+      }};
+      search = {{
+        url = "https://search.example.com/mcp";
+        share = [ ];
+      }};
+    }};
+  }};
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def host(nix_instantiate: str, nixpkgs_tree: Path) -> dict[str, Any]:
+    result = evaluate(nix_instantiate, nixpkgs_tree, HOST)
+    assert result["failedAssertions"] == []
+    return result
+
+
+def test_the_gateway_reads_the_config_the_module_writes(host: dict[str, Any]) -> None:
+    written = host["etc"]["keel/mcp.json"]["json"]
+    assert sorted(written["servers"]) == ["browser", "files", "search", "shell"]
+    # Root runs no agent the gateway can tell apart; the others by their users.
+    assert written["agents"] == {
+        "notes": {"user": "keel-agent-notes", "tier": 1},
+        "scout": {"user": "keel-agent-scout", "tier": 2},
+    }
+    assert written["listen"] == "/run/keel-mcp/mcp.sock"
+    assert written["http"] == "/run/keel-mcp/http.sock"
+    for name, data in written["servers"].items():
+        spec = parse_server_spec(data, source=f"servers.{name}")
+        assert spec.to_json() == data
+
+
+def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str, Any]) -> None:
+    written = host["etc"]["keel/mcp.json"]["json"]
+    tiers = load_tiers(TIERS_JSON)
+    assert set(host["sockets"]) == {"keel-mcp-files", "keel-mcp-shell"}
+    socket = host["sockets"]["keel-mcp-files"]
+    assert socket["listenStreams"] == ["/run/keel/mcp/files.sock"]
+    assert socket["socketConfig"] == {
+        "Accept": False,
+        "SocketUser": "keel-mcp",
+        "SocketMode": "0600",
+        "DirectoryMode": "0750",
+    }
+    assert {"keel-mcp-files", "keel-mcp-shell", "keel-mcp-browser"} <= set(host["services"])
+    assert "keel-mcp-search" not in host["services"]  # run elsewhere
+    for name in ("files", "shell", "browser"):
+        spec = parse_server_spec(written["servers"][name], source=name)
+        unit = host["services"][f"keel-mcp-{name}"]
+        nix_text = host["units"][spec.unit_name]
+        program = systemd_syntax.service_values(nix_text)[0][0] if spec.url is None else None
+        python_text = render_units(spec, tiers, program=program)[spec.unit_name]
+        # The same directives, argv and environment, however each side quotes them.
+        values = {"ExecStart", "Environment"}
+        nix_service = {
+            k: v for k, v in sections(nix_text, skip=values).items() if k[0] == "Service"
+        }
+        python_service = {
+            k: v for k, v in sections(python_text, skip=values).items() if k[0] == "Service"
+        }
+        assert nix_service == python_service, name
+        nix_argv, nix_env = systemd_syntax.service_values(nix_text)
+        python_argv, python_env = systemd_syntax.service_values(python_text)
+        assert nix_argv == python_argv, name
+        assert {k: v for k, v in nix_env.items() if k not in NIXOS_ENVIRONMENT} == python_env
+        assert unit["description"] == f"keel MCP server {name} (tier {spec.tier})"
+    files = host["services"]["keel-mcp-files"]
+    assert files["requires"] == ["keel-mcp-files.socket"]
+    assert files["after"] == ["keel-mcp-files.socket"]
+    files_argv = systemd_syntax.service_values(host["units"]["keel-mcp-files.service"])[0]
+    assert files_argv[0].endswith("/bin/keel")
+    assert files_argv[1:] == [
+        "mcp",
+        "exec",
+        "--",
+        "/run/current-system/sw/bin/files-mcp",
+        "--root",
+        "/srv/files",
+    ]
+    assert launcher("/x")[1:] == ("mcp", "exec", "--")
+    assert files["serviceConfig"]["InaccessiblePaths"] == [
+        "-/run/keel",
+        "-/var/lib/keel",
+        "-/etc/keel",
+    ]
+
+
+def test_the_gateway_unit_is_hardened_and_watch_supervises_the_servers(
+    host: dict[str, Any],
+) -> None:
+    gateway = host["services"]["keel-mcp"]["serviceConfig"]
+    assert gateway["User"] == "keel-mcp"
+    assert gateway["Type"] == "notify"
+    assert gateway["NoNewPrivileges"] is True
+    assert gateway["ProtectSystem"] == "strict"
+    assert gateway["CapabilityBoundingSet"] == ""
+    assert gateway["RuntimeDirectory"] == "keel-mcp"
+    assert "mcp serve --config /nix/store/" in gateway["ExecStart"]
+    watch = host["etc"]["keel/watch.json"]["json"]["agents"]
+    assert watch["keel-mcp-files"]["unit"] == "keel-mcp-files.service"
+    assert watch["keel-mcp-browser"]["unit"] == "keel-mcp-browser.service"
+    assert "keel-mcp-search" not in watch
+    assert "d /run/keel/mcp 0750 keel-mcp keel - -" in host["tmpfiles"]
+    assert {"keel-mcp", "keel-mcp-files", "keel-mcp-shell"} <= set(host["users"])
+    names = [check["name"] for check in host["checks"]]
+    assert "keel-mcp-valid" in names
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ('{ command = [ "/bin/x" ]; share = [ ]; }', "servers.bad.tier: required"),
+        ("{ share = [ ]; }", "give `command`"),
+        ('{ command = [ "x" ]; tier = 1; }', "must be an absolute path"),
+        ('{ url = "ftp://x"; }', "expected an http:// or https:// URL"),
+        (
+            '{ command = [ "/bin/x" ]; tier = 0; share = [ { agents = [ "scout" ]; tools = "*"; } ]; }',
+            "would act outside their sandbox",
+        ),
+    ],
+)
+def test_bad_declarations_fail_an_assertion(
+    nix_instantiate: str, nixpkgs_tree: Path, server: str, message: str
+) -> None:
+    config = (
+        '{ services.keel.agents.scout = { command = [ "/bin/scout" ]; tier = 2; }; '
+        f"services.keel.mcp = {{ enable = true; servers.bad = {server}; }}; }}"
+    )
+    result = evaluate(nix_instantiate, nixpkgs_tree, config)
+    assert any(message in failure for failure in result["failedAssertions"]), result[
+        "failedAssertions"
+    ]
