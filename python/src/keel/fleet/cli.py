@@ -67,7 +67,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "is healthy, 1 when one is degraded or unreachable.",
     )
     status.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="wait this long for answers (default: status_timeout in fleet.json, 1 s)"
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for answers (default: status_timeout in fleet.json, 1 s)",
     )
     status.set_defaults(func=_status)
 
