@@ -6,6 +6,7 @@
     ./agents.nix
     ./watch.nix
     ./mesh.nix
+    ./fleet.nix
     ./mcp.nix
     ./appliance.nix
   ];

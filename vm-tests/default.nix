@@ -10,6 +10,7 @@ let
     ./agents.nix
     ./watch.nix
     ./mesh.nix
+    ./fleet.nix
     ./appliance.nix
   ];
 
