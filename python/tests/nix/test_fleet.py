@@ -109,7 +109,10 @@ def test_operators_and_settings(nix_instantiate: str, nixpkgs_tree: Path) -> Non
     [
         ('services.keel.fleet.operators = [ "web1" ];', "services.keel.fleet.operators"),
         ("services.keel.fleet.settings.witness_every = 0;", "witness_every"),
-        ('services.keel.fleet.settings.services = [ "fleet" ];', "services.keel.fleet.settings.services"),
+        (
+            'services.keel.fleet.settings.services = [ "fleet" ];',
+            "services.keel.fleet.settings.services",
+        ),
     ],
 )
 def test_bad_values_are_type_errors(
