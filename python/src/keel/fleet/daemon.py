@@ -630,15 +630,7 @@ class Fleet(Daemon):
         requested = {**command.to_json(), "node": node, "uid": peer.uid}
         self._record("command", subject, {**requested, "by": me, "role": "asked"})
         if node == me:
-            try:
-                result = await self._act(command)
-            except KeelError as exc:
-                self._record(
-                    "command_result", subject, {**requested, "outcome": "failed", "error": str(exc)}
-                )
-                raise
-            self._record("command_result", subject, {**requested, "outcome": "done"})
-            return {"node": node, **result}
+            return {"node": node, **await self._act_recorded(command, subject, requested)}
         request = self.request("control", command.to_json())
         answer = (await self.ask({node: request}, self.config.control_timeout))[node]
         if isinstance(answer, str):
@@ -687,6 +679,12 @@ class Fleet(Daemon):
             self._record("command_refused", subject, {**data, "reason": str(exc)})
             raise
         self._record("command", subject, data)
+        return await self._act_recorded(command, subject, data)
+
+    async def _act_recorded(
+        self, command: AgentCommand, subject: str, data: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """:meth:`_act`, its outcome recorded as ``command_result``."""
         try:
             result = await self._act(command)
         except KeelError as exc:

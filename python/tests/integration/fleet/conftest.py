@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,17 +12,6 @@ from keel.mesh.kem import available_backends
 from tests.harness.netns import Network
 
 from .fleet_nodes import FleetHost
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short temporary directory: control socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="kfleet-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
 
 FleetFactory = Callable[..., list[FleetHost]]
 

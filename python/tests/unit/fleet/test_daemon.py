@@ -11,9 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -98,15 +96,6 @@ def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
     return run
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kfd-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @asynccontextmanager
 async def fleet(
     directory: Path, bus: Bus, nodes: Sequence[str] = NODES, **settings: Any
@@ -138,9 +127,9 @@ async def fleet(
 
 
 @in_loop
-async def test_every_node_witnesses_the_others_and_hands_back_cosignatures(short_dir: Path) -> None:
+async def test_every_node_witnesses_the_others_and_hands_back_cosignatures(short_tmp: Path) -> None:
     bus = Bus()
-    async with fleet(short_dir, bus) as daemons:
+    async with fleet(short_tmp, bus) as daemons:
         for daemon in daemons.values():
             await daemon.witness_round()
         a = daemons[NODES[0]]
@@ -157,10 +146,10 @@ async def test_every_node_witnesses_the_others_and_hands_back_cosignatures(short
 
 
 @in_loop
-async def test_a_reply_from_another_node_than_the_one_asked_is_ignored(short_dir: Path) -> None:
+async def test_a_reply_from_another_node_than_the_one_asked_is_ignored(short_tmp: Path) -> None:
     bus = Bus()
     a, b, c = NODES
-    async with fleet(short_dir, bus) as daemons:
+    async with fleet(short_tmp, bus) as daemons:
         bus.down.add(b)
         request = Request("status", "forgery-target", {})
         asking = asyncio.ensure_future(daemons[a].ask({b: request}, 0.5))
@@ -176,11 +165,11 @@ async def test_a_reply_from_another_node_than_the_one_asked_is_ignored(short_dir
 
 @in_loop
 async def test_malformed_and_unanswerable_messages_do_not_hurt(
-    short_dir: Path, caplog: pytest.LogCaptureFixture
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bus = Bus()
     a, b, _ = NODES
-    async with fleet(short_dir, bus) as daemons:
+    async with fleet(short_tmp, bus) as daemons:
         with caplog.at_level(logging.WARNING, logger="keel.fleet"):
             bus.deliver(b, a, b"\xff garbage")
             bus.deliver(b, a, b'{"v": 1, "type": "checkpoint", "id": "x", "body": {"from": [-1]}}')
@@ -199,11 +188,11 @@ async def test_malformed_and_unanswerable_messages_do_not_hurt(
 
 @in_loop
 async def test_commands_from_nodes_that_are_no_operators_are_refused_and_recorded(
-    short_dir: Path,
+    short_tmp: Path,
 ) -> None:
     bus = Bus()
     a, b, _ = NODES
-    async with fleet(short_dir, bus, operators=[a]) as daemons:
+    async with fleet(short_tmp, bus, operators=[a]) as daemons:
         request = Request("control", "cmd-1", {"verb": "stop", "agent": "web"})
         answer = (await daemons[b].ask({a: request}, 2))[a]
         assert isinstance(answer, Reply)
