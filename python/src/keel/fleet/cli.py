@@ -225,7 +225,12 @@ def node_rows(result: dict[str, Any], *, now: float) -> list[list[object]]:
                 report.get("version"),
                 generation,
                 len(agents) if report else None,
-                ("(stale) " if row.get("stale") else "") + "; ".join(problems)[:80] or None,
+                " ".join(
+                    part
+                    for part in ("(stale)" if row.get("stale") else "", "; ".join(problems)[:80])
+                    if part
+                )
+                or None,
             ]
         )
     return rows

@@ -39,7 +39,7 @@ from keel.fleet.link import Incoming, Link, MeshLink, MeshUnavailable
 from keel.fleet.local import LocalNode
 from keel.fleet.protocol import FleetProtocolError, Reply, Request
 from keel.fleet.status import ReportError, check_report, fleet_view
-from keel.fleet.store import Cosignature, FleetStore, root_text
+from keel.fleet.store import Cosignature, FleetStore, StoreError, root_text
 from keel.fleet.witness import Alarm, Cosigned, Invalid, witness
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
@@ -323,6 +323,8 @@ class Fleet(Daemon):
                 await self.witness_round()
             except MeshUnavailable as exc:
                 log.debug("fleet: no witnessing round: %s", exc)
+            except StoreError as exc:  # a full disk, say: witnessing resumes when it is writable
+                log.error("fleet: a witnessing round could not keep its results: %s", exc)  # noqa: TRY400
             period = self.config.witness_every
             await asyncio.sleep(period * (0.9 + 0.2 * self.rng.random()))
 
