@@ -3,8 +3,9 @@
 The demo is a sequence of steps, each printing what it does and the commands
 it runs, so that it reads as a walk through the appliance: watch supervising
 two example agents (one of them flaky), the mesh (two nodes on loopback paired
-by invite, example agents talking through them), and the ledger that recorded
-all of it, signed, proved and verified, with a tampered copy caught.
+by invite, example agents talking through them), safe switches between
+generation fixtures (one committed, one rolled back by itself), and the ledger
+that recorded all of it, signed, proved and verified, with a tampered copy caught.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -74,7 +75,7 @@ def ledger_start() -> int:
 
 def ledger_audit(first: int) -> None:
     """Everything watch and mesh recorded, signed, proved and verified."""
-    step("ledger: the last entries that watch and the mesh recorded")
+    step("ledger: the last entries that watch, the mesh and safeswitch recorded")
     keel("ledger", "tail", "-n", "12")
 
     step("ledger: sign a checkpoint (C2SP tlog-checkpoint in an Ed25519 signed note)")
@@ -324,12 +325,79 @@ def watch_steps() -> None:
     step("watch: stopped (in dev mode it stops the agents it started)")
 
 
+SWITCH = STATE / "switch-demo"
+
+# A stand-in for a built NixOS system: `switch-to-configuration test` re-points
+# the running-system link at it and says whether the system is healthy (what
+# the gate's check reads); `boot` makes it the boot default.
+FIXTURE = """#!/bin/sh
+here=$(cd "$(dirname "$0")/.." && pwd -P)
+case "$1" in
+  test) ln -s "$here" "{lab}/current.tmp" && mv -T "{lab}/current.tmp" "{lab}/current"
+        echo {health} > "{lab}/health"; echo "activated {name}" ;;
+  boot) echo "$here" > "{lab}/boot-default" ;;
+esac
+"""
+
+
+def switch_system(name: str, health: str) -> Path:
+    lab = SWITCH.resolve()
+    script = lab / "systems" / name / "bin" / "switch-to-configuration"
+    script.parent.mkdir(parents=True)
+    script.write_text(FIXTURE.format(lab=lab, name=name, health=health))
+    script.chmod(0o755)
+    return script.parents[1]
+
+
+def switch_steps() -> None:
+    step("safeswitch: a host's generations as fixtures under .keel/switch-demo, gen-1 running")
+    shutil.rmtree(SWITCH, ignore_errors=True)
+    lab = SWITCH.resolve()
+    first = switch_system("gen-1", "ok")
+    good = switch_system("gen-2", "ok")
+    bad = switch_system("gen-3", "broken")
+    (lab / "profiles").mkdir()
+    (lab / "profiles" / "system-1-link").symlink_to(first)
+    (lab / "profiles" / "system").symlink_to("system-1-link")
+    (lab / "current").symlink_to(first)
+    (lab / "health").write_text("ok\n")
+    config = {
+        "profile": str(lab / "profiles" / "system"),
+        "current": str(lab / "current"),
+        "run_dir": str(lab / "run"),
+        "gcroots": str(lab / "gcroots"),
+        "ledger": str((STATE / "ledger.db").resolve()),
+        "timer": "process",
+        "keel": [sys.executable, "-m", "keel"],
+        "gate": 2,
+        "deadline": 30,
+        "interval": 0.2,
+        "checks": [{"type": "command", "name": "health", "command": f"grep -qx ok {lab}/health"}],
+    }
+    path = SWITCH / "safeswitch.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    print(f"  (config: {path}; a rollback timer runs as a detached process: --timer process)")
+
+    step("safeswitch: switch to gen-2; its check holds for the 2 s gate, so it commits")
+    keel("switch", "--config", str(path), str(good.relative_to(Path.cwd())))
+    keel("switch", "status", "--config", str(path))
+
+    step("safeswitch: switch to gen-3, which breaks its health check: it rolls back by itself")
+    keel("switch", "--config", str(path), str(bad.relative_to(Path.cwd())), expect=1)
+    running = os.path.realpath(lab / "current")
+    print(f"  (running again: {Path(running).name}; boot default still gen-2)")
+
+    step("safeswitch: the switches, from the ledger")
+    keel("switch", "history", "--config", str(path))
+
+
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
     first = ledger_start()
     watch_steps()
     mesh_steps()
+    switch_steps()
     ledger_audit(first)
     print("\ndemo: done", flush=True)
     return 0

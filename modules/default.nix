@@ -6,6 +6,7 @@
     ./agents.nix
     ./watch.nix
     ./mesh.nix
+    ./safeswitch.nix
     ./fleet.nix
     ./mcp.nix
     ./appliance.nix

@@ -10,6 +10,7 @@ let
     ./agents.nix
     ./watch.nix
     ./mesh.nix
+    ./safeswitch.nix
     ./fleet.nix
     ./appliance.nix
   ];

@@ -88,7 +88,7 @@ class Finding:
 
 @dataclass(frozen=True)
 class Held:
-    """A verified held_note: the checkpoint and, if cosigned, when its holder saw it."""
+    """A verified held note: the checkpoint and, if cosigned, when its holder saw it."""
 
     held_note: HeldNote
     checkpoint: core.Checkpoint
@@ -181,16 +181,25 @@ def judge(
     *,
     silent: Sequence[str] = (),
     pinned: Mapping[str, str] | None = None,
+    missing: Mapping[str, str] | None = None,
 ) -> Audit:
     """Audit every node of ``members``: ``presented`` holds the nodes that answered,
-    ``silent`` the members that did not say what they hold, ``pinned`` the ledger
-    keys this auditor has pinned itself.
+    ``missing`` why the others did not present a checkpoint, ``silent`` the members
+    that did not say what they hold, ``pinned`` the ledger keys this auditor has
+    pinned itself.
     """
     pinned = pinned or {}
+    missing = missing or {}
     nodes = []
     for node in members:
         mine = [t for t in held_notes if t.node == node]
-        nodes.append(_judge_node(node, presented.get(node), mine, pinned.get(node)))
+        audit = _judge_node(node, presented.get(node), mine, pinned.get(node))
+        if node not in presented:
+            reason = missing.get(node, "no answer")
+            audit.findings.append(
+                Finding(UNREACHABLE, f"its current checkpoint is unknown: {reason}")
+            )
+        nodes.append(audit)
     return Audit(nodes, sorted(set(silent)))
 
 

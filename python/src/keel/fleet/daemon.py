@@ -43,7 +43,7 @@ from keel.fleet.store import Cosignature, FleetStore, StoreError, root_text
 from keel.fleet.witness import Alarm, Cosigned, Invalid, witness
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
-from keel.ledger.keys import load_or_create_signer
+from keel.ledger.keys import create_signer, load_signer
 from keel.service import Daemon, Shell
 
 log = logging.getLogger("keel.fleet")
@@ -91,7 +91,11 @@ class Fleet(Daemon):
         state = self.config.state
         self.store = await asyncio.to_thread(FleetStore.open, state / STATE_FILE)
         try:
-            signer = load_or_create_signer(state / WITNESS_KEY_FILE, self.config.witness_name)
+            key = state / WITNESS_KEY_FILE
+            if key.exists() or key.is_symlink():
+                signer = load_signer(key)
+            else:
+                signer = create_signer(key, self.config.witness_name)
         except (LedgerError, OSError) as exc:
             raise KeelError(f"cannot load the witness key: {exc}") from None
         if signer.name != self.config.witness_name:
@@ -485,11 +489,19 @@ class Fleet(Daemon):
         presented: dict[str, fleet_audit.Presented] = {}
         own_task = asyncio.ensure_future(local.checkpoint(own_sizes))
         answers = await self.ask(requests, timeout)
-        with contextlib.suppress(KeelError):
+        try:
             own = await own_task
+        except KeelError as exc:
+            answers[me] = Reply("own", False, error=str(exc))
+        else:
             presented[me] = fleet_audit.Presented(me, own["ledger_key"], own["note"], own["proofs"])
+        missing: dict[str, str] = {}
         for node, answer in answers.items():
-            if not (isinstance(answer, Reply) and answer.ok):
+            if isinstance(answer, str):
+                missing[node] = answer
+                continue
+            if not answer.ok:
+                missing[node] = f"it refused: {answer.error}"
                 continue
             try:
                 presented[node] = fleet_audit.Presented(
@@ -499,9 +511,9 @@ class Fleet(Daemon):
                     protocol.proofs(answer.body, "proofs", "checkpoint"),
                 )
             except FleetProtocolError as exc:
-                log.warning("fleet: the checkpoint of %s is unusable: %s", node, exc)
+                missing[node] = f"its answer is unusable: {exc}"
         result = fleet_audit.judge(
-            members, presented, held, silent=silent, pinned=self.config.pinned
+            members, presented, held, silent=silent, pinned=self.config.pinned, missing=missing
         )
         out = result.to_json()
         out.update({"auditor": me, "time": self.wall()})

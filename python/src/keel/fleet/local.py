@@ -25,7 +25,7 @@ from keel.fleet.config import FleetConfig
 from keel.fleet.status import ServiceAnswer, node_report
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
-from keel.ledger.keys import default_key_name, default_key_path, load_or_create_signer
+from keel.ledger.keys import default_key_path, load_signer, signer_for
 from keel.ledger.store import Ledger, StoredCheckpoint
 
 log = logging.getLogger("keel.fleet")
@@ -117,7 +117,7 @@ class LocalNode:
         try:
             if self._ledger is None:
                 self._ledger = Ledger.open(path, create=False)
-            signer = load_or_create_signer(default_key_path(path), default_key_name())
+            signer = signer_for(self._ledger)
             now = self.clock()
             if self._signed is None or now - self._signed[0] > CHECKPOINT_REUSE:
                 self._signed = (now, self._ledger.checkpoint(signer))
@@ -137,11 +137,12 @@ class LocalNode:
         return {"ledger_key": str(signer.verifier), "note": stored.note, "proofs": proofs}
 
     def ledger_key(self) -> str | None:
+        """This node's ledger verifier key, once its ledger has one."""
         path = self.config.common.ledger
         if path is None:
             return None
         with contextlib.suppress(LedgerError, OSError):
-            return str(load_or_create_signer(default_key_path(path), default_key_name()).verifier)
+            return str(load_signer(default_key_path(path)).verifier)
         return None
 
     def verify_own(self, note: str) -> core.Checkpoint | None:

@@ -17,6 +17,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from keel.watch import http_client, httpwire
@@ -140,14 +141,7 @@ class AlertRouter:
                 lost = gate.take_dropped()
                 if lost:
                     note = f" ({lost} earlier alert{'s' if lost != 1 else ''} not sent: rate limit)"
-                    alert = Alert(
-                        alert.agent,
-                        alert.incident,
-                        alert.kind,
-                        alert.text + note,
-                        alert.host,
-                        alert.time,
-                    )
+                    alert = replace(alert, text=alert.text + note)
                 await self._deliver(name, route, alert)
             except asyncio.CancelledError:
                 raise

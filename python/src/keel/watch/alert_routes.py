@@ -74,6 +74,7 @@ class Alert:
     text: str
     host: str
     time: float  # wall clock (seconds since the epoch), for the webhook payload
+    source: str = "keel-watch"  # who raised it (safeswitch alerts through watch's routes)
 
 
 # --- the gate: duplicates and the rate limit ----------------------------------------
@@ -188,7 +189,7 @@ def telegram_verdict(response: Response) -> SendVerdict:
 
 def webhook_body(alert: Alert) -> bytes:
     payload = {
-        "source": "keel-watch",
+        "source": alert.source,
         "host": alert.host,
         "agent": alert.agent,
         "incident": alert.incident,

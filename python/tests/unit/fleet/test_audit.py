@@ -149,3 +149,13 @@ def test_evidence_of_an_old_alarm_is_checked_against_the_current_tree() -> None:
 
 def test_the_order_of_verdicts() -> None:
     assert audit.VERDICTS[:3] == audit.PROBLEMS
+
+
+def test_why_a_node_presented_nothing_is_said() -> None:
+    log = MemoryLog(signer("n", 1)).append(3)
+    result = judge(["n"], {}, [held(log, "a", WA)], missing={"n": "it refused: ledger tampered"})
+    [node] = result.nodes
+    assert node.verdict == audit.UNREACHABLE
+    assert [f.detail for f in node.findings] == [
+        "its current checkpoint is unknown: it refused: ledger tampered"
+    ]
