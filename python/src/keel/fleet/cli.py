@@ -113,6 +113,58 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     checkpoint.set_defaults(func=_checkpoint)
 
+    switch = client(
+        "switch",
+        "a rolling safe switch across nodes: canary first, then batches",
+        "Switch NODES to a new configuration one safe switch (`keel switch`) each: the first "
+        "node alone (the canary), then --batch nodes at a time. The first node whose switch "
+        "does not commit (it rolled back by itself, refused, needs an operator, or gave no "
+        "outcome in time) halts the rollout; the nodes already switched are reported, and "
+        "switched back with --rollback. Each node carries it out only if this node is one of "
+        "its operators. Exit 0 when every node committed, 1 when the rollout halted.",
+    )
+    what = switch.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--flake",
+        metavar="REF[#HOST]",
+        help="each node builds REF#HOST (without #HOST: its own host name) and switches to it",
+    )
+    what.add_argument("--system", metavar="PATH", help="a built system present on every node")
+    what.add_argument(
+        "--specialisation",
+        metavar="NAME",
+        help="each node switches to its running system's specialisation NAME",
+    )
+    switch.add_argument(
+        "--nodes",
+        required=True,
+        metavar="N1,N2,...",
+        help="the nodes, in order (ids, id prefixes or host names); the first is the canary",
+    )
+    switch.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="K",
+        help="nodes at once after the canary (default 1)",
+    )
+    switch.add_argument(
+        "--rollback",
+        action="store_true",
+        help="when the rollout halts, switch the nodes that committed back to their old system",
+    )
+    switch.add_argument("--gate", type=float, metavar="SECONDS", help="each node's health gate")
+    switch.add_argument("--deadline", type=float, metavar="SECONDS", help="each node's deadline")
+    switch.set_defaults(func=_switch)
+
+    rollout = client(
+        "rollout",
+        "the rollout running from this node, or the last one",
+        "Where the rolling switch started from this node stands: each node's outcome, the "
+        "node that halted it and why, the nodes switched, not started, switched back.",
+    )
+    rollout.set_defaults(func=_rollout)
+
     for verb, text in (
         ("restart", "restart an agent on a node (a stop, then a start)"),
         ("stop", "stop an agent on a node and keep it stopped"),
@@ -125,7 +177,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "of its operators; both nodes record the command and its outcome in their ledgers.",
         )
         parser.add_argument(
-            "node", metavar="NODE", help="node id, a unique prefix of it, or host name"
+            "node",
+            metavar="NODE",
+            help="node id, host name, or a unique prefix (4+ characters) of a node id",
         )
         parser.add_argument("agent", metavar="AGENT", help="the agent's name on that node")
         parser.set_defaults(func=_command, verb=verb)
@@ -342,3 +396,66 @@ def _command(args: argparse.Namespace) -> int:
     else:
         print(f"{result['agent']} on {result['node']}: {args.verb}: {result.get('state')}")
     return 0
+
+
+ROLLOUT_WAIT = 7 * 24 * 3600.0  # the daemon bounds each node's switch itself (switch_timeout)
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from keel.errors import UsageError
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if not nodes:
+        raise UsageError("--nodes: name at least one node")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    for name in ("gate", "deadline"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 86400:
+            raise UsageError(f"--{name} must be 0 to 86400 seconds, got {value:g}")
+    if args.flake is not None:
+        target = {"flake": args.flake}
+    elif args.system is not None:
+        target = {"system": args.system}
+    else:
+        target = {"specialisation": args.specialisation}
+    request: dict[str, Any] = {
+        "target": target,
+        "nodes": nodes,
+        "batch": args.batch,
+        "revert": args.rollback,
+    }
+    request.update(
+        {k: getattr(args, k) for k in ("gate", "deadline") if getattr(args, k) is not None}
+    )
+    report = _call(args, "switch", request, ROLLOUT_WAIT)
+    _print_rollout(report, args.json)
+    return 0 if report.get("outcome") == "completed" else 1
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    report = _call(args, "rollout", {}, 10)
+    _print_rollout(report, args.json)
+    return 0
+
+
+def _print_rollout(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(report)
+        return
+    state = "running" if report.get("running") else report.get("outcome")
+    print(f"rollout {report.get('id')} of {report.get('target')}: {state}")
+    rows = []
+    for node, item in (report.get("nodes") or {}).items():
+        rows.append([node[:12], item.get("switch"), item.get("revert"), item.get("reason")])
+    print_table(["node", "switch", "switched back", "reason"], rows)
+    if report.get("halted_by"):
+        print(f"halted by {report['halted_by']}: {report.get('reason') or 'no reason given'}")
+    for key, text in (
+        ("switched", "running the new configuration"),
+        ("not_started", "not started"),
+        ("reverted", "switched back"),
+        ("revert_failed", "FAILED to switch back"),
+    ):
+        if report.get(key):
+            print(f"{text}: {', '.join(report[key])}")

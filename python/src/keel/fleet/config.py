@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class FleetConfig:
     current_system: Path
     profile: Path
     keep: int  # cosigned checkpoints kept per node (the newest; the largest is always kept)
+    safeswitch: Path | None  # the safeswitch.json switches run with (None: safeswitch's default)
+    switch_runner: str  # "systemd" (a transient unit) or "process" (a detached process)
+    keel: tuple[str, ...]  # how to run keel for a switch (the module gives its store path)
+    switch_timeout: float  # seconds a node's switch (build, activation, gate) may take
+    switch_poll: float  # seconds between two questions about a switch in progress
 
 
 TOP_LEVEL_KEYS = (
@@ -45,6 +51,7 @@ TOP_LEVEL_KEYS = (
     "control_timeout",
     "current_system",
     "host",
+    "keel",
     "keep",
     "ledger",
     "mesh",
@@ -52,10 +59,14 @@ TOP_LEVEL_KEYS = (
     "pinned",
     "profile",
     "request_timeout",
+    "safeswitch",
     "services",
     "socket",
     "state",
     "status_timeout",
+    "switch_poll",
+    "switch_runner",
+    "switch_timeout",
     "watch",
     "witness_every",
     "witness_name",
@@ -110,6 +121,9 @@ def parse(cfg: Section) -> FleetConfig:
             pinned[node] = str(core.Verifier.parse(key))
         except LedgerError as exc:
             raise cfg.error("pinned", f"{node}: not a ledger verifier key: {exc}") from None
+    safeswitch: Path | None = None
+    if cfg.raw("safeswitch", None) is not None:
+        safeswitch = cfg.filepath("safeswitch")
     witness_name = cfg.string("witness_name", default=default_witness_name(), check=_key_name)
     witness_every = cfg.number("witness_every", 60.0, positive=True)
     request_timeout = cfg.number("request_timeout", 10.0, positive=True)
@@ -131,6 +145,11 @@ def parse(cfg: Section) -> FleetConfig:
         current_system=cfg.filepath("current_system", default="/run/current-system"),
         profile=cfg.filepath("profile", default="/nix/var/nix/profiles/system"),
         keep=cfg.integer("keep", 1000, minimum=1),
+        safeswitch=safeswitch,
+        switch_runner=cfg.choice("switch_runner", ["systemd", "process"], default="systemd"),
+        keel=tuple(cfg.strings("keel", default=[sys.executable, "-m", "keel"], nonempty=True)),
+        switch_timeout=cfg.number("switch_timeout", 3600.0, positive=True),
+        switch_poll=cfg.number("switch_poll", 2.0, positive=True, maximum=60),
     )
 
 

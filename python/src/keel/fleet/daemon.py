@@ -38,8 +38,10 @@ from keel.fleet.cosign import CosignatureVerifier, Cosigner, cosignatures
 from keel.fleet.link import Incoming, Link, MeshLink, MeshUnavailable
 from keel.fleet.local import LocalNode
 from keel.fleet.protocol import FleetProtocolError, Reply, Request
+from keel.fleet.rollouts import Rollouts, is_switch_verb
 from keel.fleet.status import ReportError, check_report, fleet_view
 from keel.fleet.store import Cosignature, FleetStore, StoreError, root_text
+from keel.fleet.switching import Switches
 from keel.fleet.witness import Alarm, Cosigned, Invalid, witness
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
@@ -48,6 +50,7 @@ from keel.service import Daemon, Shell
 
 log = logging.getLogger("keel.fleet")
 
+MIN_PREFIX = 4  # characters of a node id that name it (shorter ones could name anyone)
 MAX_ANSWERING = 64  # requests from other nodes answered at once; more are refused as busy
 WITNESS_KEY_FILE = "witness.key"
 STATE_FILE = "fleet.db"
@@ -79,6 +82,7 @@ class Fleet(Daemon):
         self.link: Link | None = None
         self.local: LocalNode | None = None
         self.cosigner: Cosigner | None = None
+        self.rollouts: Rollouts | None = None
         self._waiting: dict[str, _Waiting] = {}
         self._answering: set[asyncio.Task[None]] = set()
         self._invalid: dict[str, str] = {}  # node -> the last reason its answer was refused
@@ -108,6 +112,21 @@ class Fleet(Daemon):
         self.cosigner = Cosigner(signer)
         self.link = self.make_link(self.config)
         self.local = LocalNode(self.config, mesh_status=self.link.status, wall=self.wall)
+        self.rollouts = Rollouts(
+            self.config,
+            Switches(
+                self.config.state / "switches",
+                keel=self.config.keel,
+                runner=self.config.switch_runner,
+                safeswitch_config=self.config.safeswitch,
+                current_system=self.config.current_system,
+            ),
+            ask=self.ask,
+            record=self._record,
+            wall=self.wall,
+            clock=self.clock,
+        )
+        self.rollouts.resume()
         self.link.start(self._incoming)
         shell.spawn(self._witness_loop(), name="witness")
         shell.record(
@@ -120,6 +139,8 @@ class Fleet(Daemon):
         )
 
     async def stop(self) -> None:
+        if self.rollouts is not None:
+            await self.rollouts.close()
         for task in list(self._answering):
             task.cancel()
         await asyncio.gather(*self._answering, return_exceptions=True)
@@ -140,6 +161,8 @@ class Fleet(Daemon):
             "forget": self._verb_forget,
             "checkpoint": self._verb_checkpoint,
             "command": self._verb_command,
+            "switch": self._verb_switch,
+            "rollout": self._verb_rollout,
         }
 
     def status(self) -> dict[str, Any]:
@@ -662,13 +685,39 @@ class Fleet(Daemon):
         self._record("command_result", subject, {**requested, "outcome": "done"})
         return {"node": node, **answer.body}
 
+    async def _verb_switch(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """A rolling safe switch of ``nodes`` (canary first), run from this node."""
+        assert self.rollouts is not None
+        refs = args.get("nodes")
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise BadRequest("switch needs nodes: a list of node ids, id prefixes or host names")
+        me, peers = await self._members()
+        members = [me, *(p["id"] for p in peers)]
+        if not all(self._matches(ref, members) for ref in refs):
+            await self._verb_status({}, peer)  # learn the host names of the nodes that answer
+        nodes = [self._resolve(ref, members) for ref in refs]
+        if len(set(nodes)) != len(nodes):
+            raise BadRequest("a node is named twice in nodes")
+        return await self.rollouts.run(me, nodes, args, peer)
+
+    async def _verb_rollout(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """The rollout running from this node, or the last one."""
+        assert self.rollouts is not None
+        if self.rollouts.current is None:
+            raise Refused("no rollout has run from this node since its fleet daemon started")
+        return dict(self.rollouts.current)
+
     def _matches(self, ref: str, members: list[str]) -> list[str]:
-        """The members ``ref`` names: by id, a prefix of it, or the host name of its reports."""
+        """The members ``ref`` names: its id, else the host name its reports give, else a
+        prefix of at least :data:`MIN_PREFIX` characters of its id."""
         _, store, _, _ = self._parts()
         if ref in members:
             return [ref]
         hosts = {n: seen.report.get("host") for n, seen in store.reports().items()}
-        return sorted({n for n in members if n.startswith(ref) or hosts.get(n) == ref})
+        by_host = sorted(n for n in members if hosts.get(n) == ref)
+        if by_host or len(ref) < MIN_PREFIX:
+            return by_host
+        return sorted(n for n in members if n.startswith(ref))
 
     def _resolve(self, ref: str, members: list[str]) -> str:
         found = self._matches(ref, members)
@@ -676,7 +725,8 @@ class Fleet(Daemon):
             return found[0]
         if not found:
             raise BadRequest(
-                f"no member of the mesh is {ref[:60]!r} (by id, id prefix or host name; "
+                f"no member of the mesh is {ref[:60]!r} (by id, id prefix of {MIN_PREFIX} or more "
+                "characters, or host name; "
                 "`keel fleet status` lists them)"
             )
         raise BadRequest(f"{ref[:60]!r} names {len(found)} nodes: {', '.join(found)}")
@@ -684,6 +734,15 @@ class Fleet(Daemon):
     async def _carry_out(self, sender: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A command from another node: only from an operator, recorded before and after."""
         me = self._node_id()
+        if is_switch_verb(body):
+            try:
+                authorize(sender, self.config.operators, me)
+            except KeelError as exc:
+                subject = str(body.get("verb"))
+                self._record("command_refused", subject, {"by": sender, "reason": str(exc)})
+                raise
+            assert self.rollouts is not None
+            return await self.rollouts.carry_out(sender, me, body)
         command = parse_command(body)
         subject = f"{command.agent}@{me}"
         data = {**command.to_json(), "by": sender, "role": "acted"}

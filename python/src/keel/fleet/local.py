@@ -33,6 +33,19 @@ log = logging.getLogger("keel.fleet")
 SERVICE_TIMEOUT = 1.0  # seconds a local service has to answer `status`
 CHECKPOINT_REUSE = 5.0  # seconds a signed head is handed out again rather than re-signed
 _GENERATION = re.compile(r".*-(\d+)-link\Z")
+# What a node reports of its last switch (keel switch status's fields).
+SWITCH_FIELDS = (
+    "id",
+    "phase",
+    "in_progress",
+    "interrupted_by_reboot",
+    "old",
+    "new",
+    "reason",
+    "started_at",
+    "updated_at",
+    "rolled_back_by",
+)
 
 
 class NoLedger(KeelError):
@@ -70,6 +83,7 @@ class LocalNode:
         names = list(targets)
         answers = await asyncio.gather(*(self._service(n, targets[n]) for n in names))
         by_name = dict(zip(names, answers, strict=True))
+        switch = await asyncio.to_thread(self.last_switch)
         return node_report(
             node=node,
             host=self.config.host,
@@ -78,7 +92,7 @@ class LocalNode:
             watch=by_name["watch"] if self.config.watch is not None else None,
             services=[by_name[n] for n in names if n in self.config.services],
             system=self.system(),
-            switch=None,
+            switch=switch,
         )
 
     async def _service(self, name: str, socket: Path | None) -> ServiceAnswer:
@@ -93,6 +107,22 @@ class LocalNode:
         if not isinstance(status, dict):
             return ServiceAnswer(name, None, "its status is not an object")
         return ServiceAnswer(name, status)
+
+    def last_switch(self) -> dict[str, Any] | None:
+        """The switch in progress or the last one and how it ended (``keel switch status``)."""
+        from keel.safeswitch import config as safeswitch_config
+        from keel.safeswitch import views
+
+        try:
+            status = views.status(safeswitch_config.load(self.config.safeswitch), wall=self.wall())
+        except (KeelError, OSError, ValueError) as exc:
+            return {"error": f"the switch state cannot be read: {exc}"}
+        switch = status.get("switch")
+        if not isinstance(switch, dict):
+            return None
+        summary = {key: switch.get(key) for key in SWITCH_FIELDS}
+        summary["outcome"] = None if switch.get("in_progress") else switch.get("phase")
+        return summary
 
     def system(self) -> dict[str, Any]:
         """The running system's store path and the profile's generation number."""
