@@ -115,6 +115,21 @@ in
             defaultText = lib.literalExpression "config.services.keel.fleet.operators";
             description = "Set through services.keel.fleet.operators.";
           };
+          keel = mkOption {
+            type = types.listOf types.str;
+            default = [ (lib.getExe cfg.package) ];
+            defaultText = lib.literalExpression ''[ (lib.getExe config.services.keel.fleet.package) ]'';
+            description = "How a switch asked for by an operator runs keel (by its store path, never the new system's).";
+          };
+          switch_runner = mkOption {
+            type = types.enum [
+              "systemd"
+              "process"
+            ];
+            default = "systemd";
+            description = "`systemd`: an operator's switch runs in a transient unit of its own, which outlives keel-fleet (the new configuration may restart it).";
+          };
+          switch_timeout = seconds 3600 "Seconds a node's switch (build, activation, gate) may take before the rollout counts it lost.";
           witness_every = seconds 60 "Seconds between two rounds of witnessing the other nodes' ledgers.";
           status_timeout = seconds 1 "Seconds `keel fleet status` waits for the nodes' answers.";
           request_timeout = seconds 10 "Seconds a node has to answer a witnessing or audit request.";
@@ -149,6 +164,12 @@ in
         message = "services.keel.fleet.settings.status_timeout: keep it under 2 s, the time `keel fleet status` is promised in (got ${toString cfg.settings.status_timeout})";
       }
     ];
+
+    warnings = lib.optional (cfg.operators != [ ] && !keel.safeswitch.enable) ''
+      services.keel.fleet.operators is set but services.keel.safeswitch is not enabled: the
+      operators' rolling switches (keel fleet switch) of this host will run keel switch without
+      the safeswitch module's checks, run directory and GC roots; enable services.keel.safeswitch.
+    '';
 
     environment.etc."keel/fleet.json".source = configFile;
 

@@ -1,7 +1,8 @@
 # Three keel hosts in NixOS VMs as one fleet: the status of every node seen
 # from any one, a node that goes down shown unreachable with its last report,
-# an operator's command carried out and a non-operator's refused, and the
-# fleet audit after the nodes have witnessed each other's ledgers.
+# an operator's command carried out and a non-operator's refused, a rollout of
+# a bad configuration that stops at the canary (back on its old generation),
+# and the fleet audit after the nodes have witnessed each other's ledgers.
 { pkgs, lib, ... }:
 let
   # a's mesh identity, fixed so that b and c can declare a their operator at
@@ -57,6 +58,18 @@ let
         operators = lib.mkIf (config.networking.hostName != "a") [ operatorId ];
         settings.witness_every = 2;
       };
+      # Switches behind a gate on watch (the default check with watch on).
+      services.keel.safeswitch = {
+        enable = true;
+        gate = 10;
+        deadline = 120;
+      };
+      # A configuration whose agent exits at once: watch restarts it, it exits again.
+      specialisation.bad.configuration = {
+        environment.etc."keel-release".text = "bad\n";
+        services.keel.agents.web.command = lib.mkForce [ (lib.getExe' pkgs.coreutils "false") ];
+      };
+      environment.etc."keel-release".text = lib.mkDefault "good\n";
       environment.systemPackages = [ pkgs.jq ];
     };
 in
@@ -167,6 +180,28 @@ in
                   "keel ledger tail -n 500 --json").splitlines()]
               kinds = [(e["kind"], e["data"].get("role")) for e in entries if e["source"] == "fleet"]
               assert ("command_result", role) in kinds, kinds
+
+      with subtest("a rollout of a bad configuration stops at the canary, back on its old generation"):
+          before = {n: machines[n].succeed("readlink -f /run/current-system").strip() for n in ("b", "c")}
+          status, out = a.execute(
+              "keel fleet switch --json --specialisation bad --nodes b,c", timeout=900
+          )
+          report = json.loads(out)
+          assert status == 1, report
+          assert report["canary"] == ids["b"] and report["halted_by"] == ids["b"], report
+          assert report["nodes"][ids["b"]]["switch"] == "rolled-back", report
+          assert report["switched"] == [] and report["not_started"] == [ids["c"]], report
+          for name in ("b", "c"):
+              machine = machines[name]
+              assert machine.succeed("readlink -f /run/current-system").strip() == before[name]
+              assert machine.succeed("readlink /nix/var/nix/profiles/system").strip() == "system-1-link"
+              assert machine.succeed("cat /etc/keel-release").strip() == "good"
+          history = json.loads(b.succeed("keel switch history --json"))
+          assert [h["outcome"] for h in history] == ["rolled-back"], history
+          assert json.loads(c.succeed("keel switch history --json")) == []
+          b.wait_until_succeeds("keel status --json | jq -e '.agents.web.state == \"healthy\"'", timeout=120)
+          shown = json.loads(a.succeed("keel fleet rollout --json"))
+          assert shown["halted_by"] == ids["b"], shown
 
       with subtest("every node witnessed the others, and the audit finds them consistent"):
           for machine in machines.values():

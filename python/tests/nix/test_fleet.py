@@ -33,6 +33,9 @@ def test_defaults_make_a_config_keel_fleet_reads(nix_instantiate: str, nixpkgs_t
     result = fleet(nix_instantiate, nixpkgs_tree, "services.keel.watch.enable = true;")
     assert result["failedAssertions"] == []
     config = fleet_json(result)
+    keel = config.pop("keel")
+    assert len(keel) == 1
+    assert keel[0].endswith("-keel-0.1.0/bin/keel")  # by its store path, never the new system's
     assert config == {
         "socket": "/run/keel/fleet.sock",
         "ledger": "/var/lib/keel/ledger.db",
@@ -46,7 +49,10 @@ def test_defaults_make_a_config_keel_fleet_reads(nix_instantiate: str, nixpkgs_t
         "status_timeout": 1,
         "request_timeout": 10,
         "control_timeout": 60,
+        "switch_runner": "systemd",
+        "switch_timeout": 3600,
     }
+    config["keel"] = keel
     # the daemon's own reader takes what the module wrote, key for key
     parsed = fleet_config.parse(Section(config, source="/etc/keel/fleet.json"))
     assert parsed.watch == Path("/run/keel/watch.sock")
@@ -154,3 +160,11 @@ def test_the_vm_tests_operator_id_is_that_of_its_fixed_key() -> None:
         signing_private=bytes.fromhex(data["signing_private"]),
     )
     assert identity.node_id == data["node_id"] == declared.group(1)
+
+
+def test_operators_without_safeswitch_are_warned_of(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    body = f'services.keel.fleet.operators = [ "{OPERATOR}" ];'
+    warned = fleet(nix_instantiate, nixpkgs_tree, body)["warnings"]
+    assert any("services.keel.safeswitch is not enabled" in w for w in warned), warned
+    quiet = fleet(nix_instantiate, nixpkgs_tree, body + " services.keel.safeswitch.enable = true;")
+    assert not any("safeswitch" in w for w in quiet["warnings"]), quiet["warnings"]
