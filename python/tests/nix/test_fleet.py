@@ -162,7 +162,9 @@ def test_the_vm_tests_operator_id_is_that_of_its_fixed_key() -> None:
     assert identity.node_id == data["node_id"] == declared.group(1)
 
 
-def test_operators_without_safeswitch_are_warned_of(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+def test_operators_without_safeswitch_are_warned_of(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
     body = f'services.keel.fleet.operators = [ "{OPERATOR}" ];'
     warned = fleet(nix_instantiate, nixpkgs_tree, body)["warnings"]
     assert any("services.keel.safeswitch is not enabled" in w for w in warned), warned
