@@ -5,6 +5,7 @@
     ./keel.nix
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
     ./fleet.nix

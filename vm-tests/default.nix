@@ -9,6 +9,7 @@ let
   tests = [
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
     ./fleet.nix

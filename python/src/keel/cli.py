@@ -20,6 +20,7 @@ from keel.errors import KeelError
 SERVICE_CLIS: tuple[str, ...] = (
     "keel.agents.cli",
     "keel.watch.cli",
+    "keel.egress.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
     "keel.safeswitch.cli",
