@@ -3,12 +3,14 @@
 One per host, on :mod:`keel.service`. It
 
 - answers other nodes' requests for this node (status, its signed ledger
-  head with consistency proofs, what it has witnessed, operators' commands);
-- witnesses every other node's ledger every ``witness_every`` seconds
-  (:mod:`keel.fleet.witness`) and hands each node its cosignature;
+  head with consistency proofs, what it has witnessed, operators' commands
+  and switches);
+- witnesses every other node's ledger every ``witness_every`` seconds and
+  runs the audit (:mod:`keel.fleet.witnessing`), and runs rolling switches
+  (:mod:`keel.fleet.rollouts`);
 - serves the local verbs behind ``keel fleet status``, ``audit``,
-  ``witness``, ``forget``, ``checkpoint`` and the control commands, asking the
-  other nodes over the mesh.
+  ``witness``, ``forget``, ``checkpoint``, the commands on agents, ``switch``
+  and ``rollout``, asking the other nodes over the mesh.
 
 Requests and replies travel as :mod:`keel.fleet.protocol` messages on one mesh
 topic; a reply is matched to its request by id *and* by the node the mesh says
@@ -19,10 +21,8 @@ node is reported unreachable at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,20 +30,18 @@ from typing import Any
 
 from keel.api import Handler, Peer, acall
 from keel.errors import BadRequest, KeelError, Refused, Unavailable
-from keel.fleet import audit as fleet_audit
 from keel.fleet import protocol
 from keel.fleet.config import NODE_ID, FleetConfig
 from keel.fleet.control import AgentCommand, authorize, parse_command
-from keel.fleet.cosign import CosignatureVerifier, Cosigner, cosignatures
+from keel.fleet.cosign import Cosigner
 from keel.fleet.link import Incoming, Link, MeshLink, MeshUnavailable
 from keel.fleet.local import LocalNode
-from keel.fleet.protocol import FleetProtocolError, Reply, Request
+from keel.fleet.protocol import FleetProtocolError, Reply, Request, new_request
 from keel.fleet.rollouts import Rollouts, is_switch_verb
 from keel.fleet.status import ReportError, check_report, fleet_view
-from keel.fleet.store import Cosignature, FleetStore, StoreError, root_text
+from keel.fleet.store import FleetStore
 from keel.fleet.switching import Switches
-from keel.fleet.witness import Alarm, Cosigned, Invalid, witness
-from keel.ledger import core
+from keel.fleet.witnessing import Witnessing
 from keel.ledger.errors import LedgerError
 from keel.ledger.keys import create_signer, load_signer
 from keel.service import Daemon, Shell
@@ -85,8 +83,7 @@ class Fleet(Daemon):
         self.rollouts: Rollouts | None = None
         self._waiting: dict[str, _Waiting] = {}
         self._answering: set[asyncio.Task[None]] = set()
-        self._invalid: dict[str, str] = {}  # node -> the last reason its answer was refused
-        self.rounds = 0
+        self.witnessing: Witnessing | None = None
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -127,8 +124,21 @@ class Fleet(Daemon):
             clock=self.clock,
         )
         self.rollouts.resume()
+        self.witnessing = Witnessing(
+            self.config,
+            store=self.store,
+            local=self.local,
+            cosigner=self.cosigner,
+            link=self.link,
+            ask=self.ask,
+            record=self._record,
+            node_id=self._node_id,
+            members=self._members,
+            wall=self.wall,
+            rng=self.rng,
+        )
         self.link.start(self._incoming)
-        shell.spawn(self._witness_loop(), name="witness")
+        shell.spawn(self.witnessing.loop(), name="witness")
         shell.record(
             "fleet_start",
             self.config.host,
@@ -173,7 +183,7 @@ class Fleet(Daemon):
             "witness_key": None if cosigner is None else str(cosigner.verifier),
             "witnessed": 0 if store is None else len(store.all_witnessed()),
             "alarms": 0 if store is None else len(store.alarms()),
-            "witness_rounds": self.rounds,
+            "witness_rounds": 0 if self.witnessing is None else self.witnessing.rounds,
             "operators": sorted(self.config.operators),
         }
 
@@ -260,10 +270,6 @@ class Fleet(Daemon):
                 out[node] = f"no answer within {timeout:g} s"
         return out
 
-    @staticmethod
-    def request(kind: str, body: Mapping[str, Any] | None = None) -> Request:
-        return Request(kind, secrets.token_hex(8), body or {})
-
     # --- answering other nodes -----------------------------------------------------------
 
     async def _answer(self, sender: str, request: Request) -> None:
@@ -293,156 +299,35 @@ class Fleet(Daemon):
             answer["proofs"] = protocol.encode_proofs(answer["proofs"])
             return answer
         if request.type == "audit":
-            return self._held_body()
+            return self._witness().held_body()
         if request.type == "cosigned":
-            self._take_cosignature(sender, body)
+            self._witness().take_cosignature(sender, body)
             return None
         return await self._carry_out(sender, body)
 
-    def _held_body(self) -> dict[str, Any]:
-        """What this witness holds: the largest cosigned checkpoint of each node, its alarms."""
-        _, store, _, cosigner = self._parts()
-        return {
-            "witness_key": str(cosigner.verifier),
-            "witnessed": [
-                {"node": w.node, "ledger_key": w.ledger_key, "note": w.note}
-                for w in store.all_witnessed()
-            ],
-            "alarms": [a.to_json() for a in store.alarms()],
-        }
-
-    def _take_cosignature(self, sender: str, body: Mapping[str, Any]) -> None:
-        """Keep another node's cosignature of this node's checkpoint, once it verifies."""
-        _, store, _, _ = self._parts()
-        try:
-            cosignature = self._check_cosignature(sender, body)
-        except (FleetProtocolError, LedgerError) as exc:
-            log.warning("fleet: a cosignature from %s was refused: %s", sender, exc)
-            return
-        store.save_cosignature(cosignature)
-
-    def _check_cosignature(self, sender: str, body: Mapping[str, Any]) -> Cosignature:
-        _, store, local, _ = self._parts()
-        note = protocol.string(body, "note", "cosigned")
-        key = CosignatureVerifier.parse(protocol.string(body, "witness_key", "cosigned"))
-        checkpoint = local.verify_own(note)
-        if checkpoint is None:
-            raise FleetProtocolError("the cosigned note is not a checkpoint this node signed")
-        pinned = store.pin_witness_key(sender, str(key), self.wall())
-        if pinned != str(key):
-            raise FleetProtocolError(
-                f"it cosigned with {key}, not its pinned witness key {pinned} "
-                "(`keel fleet forget` the node to accept a new key)"
-            )
-        found = cosignatures(note, [key])
-        if not found:
-            raise FleetProtocolError("the note carries no cosignature of its witness key")
-        return Cosignature(sender, str(key), checkpoint.size, note, found[0].timestamp)
-
-    # --- witnessing ------------------------------------------------------------------
-
-    async def _witness_loop(self) -> None:
-        link, *_ = self._parts()
-        while not await link.wait_ready(5.0):
-            pass
-        while True:
-            try:
-                await self.witness_round()
-            except MeshUnavailable as exc:
-                log.debug("fleet: no witnessing round: %s", exc)
-            except StoreError as exc:  # a full disk, say: witnessing resumes when it is writable
-                log.error("fleet: a witnessing round could not keep its results: %s", exc)  # noqa: TRY400
-            period = self.config.witness_every
-            await asyncio.sleep(period * (0.9 + 0.2 * self.rng.random()))
-
-    async def witness_round(self) -> None:
-        """Ask every other member for its checkpoint, judge each answer, cosign or alarm."""
-        link, store, _, cosigner = self._parts()
-        self._node_id()
-        peers = await link.peers()
-        previous = {}
-        requests = {}
-        for peer in peers:
-            node = peer["id"]
-            if not peer.get("connected") or store.alarms(node):
-                continue  # a node with an alarm is not cosigned again until it is forgotten
-            prior = previous[node] = store.witnessed(node)
-            sizes = [] if prior is None else [prior.size]
-            requests[node] = self.request("checkpoint", {"from": sizes})
-        answers = await self.ask(requests, self.config.request_timeout)
-        notices = []
-        for node, answer in answers.items():
-            if isinstance(answer, str) or not answer.ok:
-                continue  # unreachable or refusing: nothing learnt, nothing changes
-            prior = previous[node]
-            try:
-                note = protocol.string(answer.body, "note", "checkpoint")
-                ledger_key = protocol.string(answer.body, "ledger_key", "checkpoint")
-                proofs = protocol.proofs(answer.body, "proofs", "checkpoint")
-            except FleetProtocolError as exc:
-                self._refused(node, str(exc))
-                continue
-            decision = witness(
-                prior,
-                node=node,
-                ledger_key=ledger_key,
-                note=note,
-                proof=(proofs.get(prior.size) or []) if prior is not None else [],
-                cosigner=cosigner,
-                now=self.wall(),
-                pinned_key=self.config.pinned.get(node),
-            )
-            if isinstance(decision, Cosigned):
-                self._invalid.pop(node, None)
-                store.save_witnessed(decision.witnessed, self.config.keep)
-                record = decision.witnessed
-                if decision.first:
-                    self._record(
-                        "witness_pin",
-                        node,
-                        {
-                            "ledger_key": record.ledger_key,
-                            "size": record.size,
-                            "root": root_text(record.root),
-                        },
-                    )
-                body = {"note": record.note, "witness_key": str(cosigner.verifier)}
-                notices.append((node, self.request("cosigned", body).encode()))
-            elif isinstance(decision, Alarm):
-                self._alarm(decision)
-            elif isinstance(decision, Invalid):
-                self._refused(node, decision.reason)
-        self.rounds += 1
-        with contextlib.suppress(MeshUnavailable):
-            await link.send(notices, ttl=self.config.request_timeout)
-
-    def _alarm(self, alarm: Alarm) -> None:
-        _, store, _, _ = self._parts()
-        stored = store.add_alarm(alarm, self.wall())
-        log.error("fleet: ALARM: node %s %s: %s", alarm.node, alarm.kind, alarm.detail)
-        presented = _checkpoint_of(alarm.presented)
-        self._record(
-            "witness_alarm",
-            alarm.node,
-            {
-                "alarm": stored.id,
-                "kind": alarm.kind,
-                "witnessed": {
-                    "size": alarm.witnessed.size,
-                    "root": root_text(alarm.witnessed.root),
-                },
-                "presented": presented,
-                "ledger_key": alarm.witnessed.ledger_key,
-                "presented_key": alarm.presented_key,
-            },
-        )
-
-    def _refused(self, node: str, reason: str) -> None:
-        if self._invalid.get(node) != reason:
-            log.warning("fleet: the checkpoint of %s was not cosigned: %s", node, reason)
-        self._invalid[node] = reason
-
     # --- local verbs ----------------------------------------------------------------
+
+    def _witness(self) -> Witnessing:
+        if self.witnessing is None:
+            raise Unavailable("the fleet daemon is not started")
+        return self.witnessing
+
+    async def _verb_audit(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return await self._witness().audit(_timeout(args, "timeout", self.config.request_timeout))
+
+    async def _verb_witness(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """What this node witnessed of others, their alarms, and who cosigned this node."""
+        return self._witness().view()
+
+    async def _verb_forget(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        node = args.get("node")
+        if not isinstance(node, str) or not NODE_ID.fullmatch(node):
+            raise BadRequest(f"{str(node)[:40]!r} is not a mesh node id")
+        return self._witness().forget(node, peer.uid)
+
+    async def _verb_checkpoint(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """This node's checkpoint with every cosignature collected for it (the newest such)."""
+        return self._witness().cosigned_checkpoint()
 
     async def _members(self) -> tuple[str, list[dict[str, Any]]]:
         link, *_ = self._parts()
@@ -461,7 +346,7 @@ class Fleet(Daemon):
         requests = {}
         for item in peers:
             if item.get("connected"):
-                requests[item["id"]] = self.request("status")
+                requests[item["id"]] = new_request("status")
             else:
                 errors[item["id"]] = "the mesh has no connection to it"
         own, answers = await asyncio.gather(local.report(me), self.ask(requests, timeout))
@@ -483,173 +368,6 @@ class Fleet(Daemon):
         rows = fleet_view(members, reports, store.reports(), now=now, errors=errors)
         return {"node": me, "time": now, "elapsed": self.clock() - started, "nodes": rows}
 
-    async def _verb_audit(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        _, _store, local, _ = self._parts()
-        timeout = _timeout(args, "timeout", self.config.request_timeout)
-        me, peers = await self._members()
-        others = sorted(p["id"] for p in peers)
-        answers = await self.ask({n: self.request("audit") for n in others}, timeout)
-        bodies: dict[str, Mapping[str, Any]] = {me: self._held_body()}
-        silent = []
-        for node, answer in answers.items():
-            if isinstance(answer, Reply) and answer.ok:
-                bodies[node] = answer.body
-            else:
-                silent.append(node)
-        held: list[fleet_audit.HeldNote] = []
-        for holder, body in bodies.items():
-            try:
-                held += self._held_notes(holder, body)
-            except (FleetProtocolError, LedgerError) as exc:
-                log.warning("fleet: the audit answer of %s is unusable: %s", holder, exc)
-                silent.append(holder)
-        members = [me, *others]
-        requests = {
-            node: self.request("checkpoint", {"from": fleet_audit.sizes_to_prove(held, node)})
-            for node in others
-        }
-        own_sizes = fleet_audit.sizes_to_prove(held, me)
-        presented: dict[str, fleet_audit.Presented] = {}
-        own_task = asyncio.ensure_future(local.checkpoint(own_sizes))
-        answers = await self.ask(requests, timeout)
-        try:
-            own = await own_task
-        except KeelError as exc:
-            answers[me] = Reply("own", False, error=str(exc))
-        else:
-            presented[me] = fleet_audit.Presented(me, own["ledger_key"], own["note"], own["proofs"])
-        missing: dict[str, str] = {}
-        for node, answer in answers.items():
-            if isinstance(answer, str):
-                missing[node] = answer
-                continue
-            if not answer.ok:
-                missing[node] = f"it refused: {answer.error}"
-                continue
-            try:
-                presented[node] = fleet_audit.Presented(
-                    node,
-                    protocol.string(answer.body, "ledger_key", "checkpoint"),
-                    protocol.string(answer.body, "note", "checkpoint"),
-                    protocol.proofs(answer.body, "proofs", "checkpoint"),
-                )
-            except FleetProtocolError as exc:
-                missing[node] = f"its answer is unusable: {exc}"
-        result = fleet_audit.judge(
-            members, presented, held, silent=silent, pinned=self.config.pinned, missing=missing
-        )
-        out = result.to_json()
-        out.update({"auditor": me, "time": self.wall()})
-        self._record(
-            "audit",
-            me,
-            {
-                "nodes": len(members),
-                "problems": {n.node: n.verdict for n in result.problems},
-                "unreachable": [n.node for n in result.nodes if not n.reachable],
-                "silent_witnesses": result.silent_witnesses,
-            },
-        )
-        return out
-
-    def _held_notes(self, holder: str, body: Mapping[str, Any]) -> list[fleet_audit.HeldNote]:
-        _, store, _, _ = self._parts()
-        key = str(CosignatureVerifier.parse(protocol.string(body, "witness_key", "audit")))
-        me = self._node_id()
-        if holder != me and store.pin_witness_key(holder, key, self.wall()) != key:
-            raise FleetProtocolError(f"its witness key {key} is not the one pinned for it")
-        notes = []
-        for item in protocol.items(body, "witnessed", "audit", limit=10_000):
-            notes.append(
-                fleet_audit.HeldNote(
-                    protocol.string(item, "node", "audit.witnessed"),
-                    holder,
-                    protocol.string(item, "ledger_key", "audit.witnessed"),
-                    protocol.string(item, "note", "audit.witnessed"),
-                    key,
-                )
-            )
-        for item in protocol.items(body, "alarms", "audit", limit=10_000):
-            node = protocol.string(item, "node", "audit.alarms")
-            for part in ("witnessed", "presented"):
-                evidence = item.get(part)
-                if not isinstance(evidence, dict):
-                    raise FleetProtocolError(f"audit.alarms.{part} must be an object")
-                notes.append(
-                    fleet_audit.HeldNote(
-                        node,
-                        holder,
-                        protocol.string(evidence, "ledger_key", f"audit.alarms.{part}"),
-                        protocol.string(evidence, "note", f"audit.alarms.{part}"),
-                        None,
-                        "alarm",
-                    )
-                )
-        return notes
-
-    async def _verb_witness(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        """What this node witnessed of others, their alarms, and who cosigned this node."""
-        _, store, _, cosigner = self._parts()
-        return {
-            "node": self.link.node_id if self.link else None,
-            "witness_key": str(cosigner.verifier),
-            "witnessed": [
-                {
-                    "node": w.node,
-                    "ledger_key": w.ledger_key,
-                    "size": w.size,
-                    "root": root_text(w.root),
-                    "at": w.at,
-                    "note": w.note,
-                }
-                for w in store.all_witnessed()
-            ],
-            "alarms": [a.to_json() for a in store.alarms()],
-            "cosigned_by": [
-                {"witness": c.witness, "witness_key": c.witness_key, "size": c.size, "at": c.at}
-                for c in store.cosignatures()
-            ],
-        }
-
-    async def _verb_forget(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        _, store, _, _ = self._parts()
-        node = args.get("node")
-        if not isinstance(node, str) or not NODE_ID.fullmatch(node):
-            raise BadRequest(f"{str(node)[:40]!r} is not a mesh node id")
-        witnessed, alarms = store.forget(node)
-        unpinned = store.unpin(node)
-        self._invalid.pop(node, None)
-        self._record(
-            "witness_forget",
-            node,
-            {"witnessed": witnessed, "alarms": alarms, "witness_key": unpinned, "uid": peer.uid},
-        )
-        return {"node": node, "witnessed": witnessed, "alarms": alarms, "witness_key": unpinned}
-
-    async def _verb_checkpoint(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        """This node's checkpoint with every cosignature collected for it (the newest such)."""
-        _, store, local, _ = self._parts()
-        by_text: dict[str, list[Cosignature]] = {}
-        for item in store.cosignatures():
-            with contextlib.suppress(LedgerError):
-                by_text.setdefault(core.split_note(item.note)[0], []).append(item)
-        if not by_text:
-            raise Refused("no other node has cosigned a checkpoint of this node yet")
-        text, items = max(by_text.items(), key=lambda kv: (_size_of(kv[0]), len(kv[1])))
-        lines: dict[tuple[str, int], str] = {}
-        for item in items:
-            for signature in core.split_note(item.note)[1]:
-                lines.setdefault((signature.name, signature.key_id), signature.line())
-        note = text + "\n" + "".join(lines.values())
-        return {
-            "note": note,
-            "size": _size_of(text),
-            "witnesses": [
-                {"node": i.witness, "witness_key": i.witness_key, "at": i.at} for i in items
-            ],
-            "ledger_key": local.ledger_key(),
-        }
-
     async def _verb_command(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """An operator's command for an agent on a node (this one or another)."""
         ref = args.get("node")
@@ -668,7 +386,7 @@ class Fleet(Daemon):
         self._record("command", subject, {**requested, "by": me, "role": "asked"})
         if node == me:
             return {"node": node, **await self._act_recorded(command, subject, requested)}
-        request = self.request("control", command.to_json())
+        request = new_request("control", command.to_json())
         answer = (await self.ask({node: request}, self.config.control_timeout))[node]
         if isinstance(answer, str):
             self._record(
@@ -805,18 +523,3 @@ def _timeout(args: Mapping[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 300:
         raise BadRequest(f"{key} must be a number of seconds, more than 0 and at most 300")
     return float(value)
-
-
-def _size_of(text: str) -> int:
-    try:
-        return core.Checkpoint.parse(text).size
-    except LedgerError:
-        return -1
-
-
-def _checkpoint_of(note: str) -> dict[str, Any] | None:
-    try:
-        checkpoint = core.Checkpoint.parse(core.split_note(note)[0])
-    except LedgerError:
-        return None
-    return {"size": checkpoint.size, "root": root_text(checkpoint.root)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,11 @@ class Reply:
 
 
 Message = Request | Reply
+
+
+def new_request(kind: str, body: Mapping[str, Any] | None = None) -> Request:
+    """A request with a fresh random id."""
+    return Request(kind, secrets.token_hex(8), body or {})
 
 
 def _encode(message: dict[str, Any]) -> bytes:

@@ -27,7 +27,7 @@ from keel.api import Peer
 from keel.errors import BadRequest, Refused
 from keel.fleet import rollout, switching
 from keel.fleet.config import FleetConfig
-from keel.fleet.protocol import Reply, Request
+from keel.fleet.protocol import Reply, Request, new_request
 from keel.fleet.rollout import Finished, Revert, Rollout, Switch
 from keel.fleet.switching import Run, Switches
 
@@ -255,8 +255,7 @@ class Rollouts:
         return lost, timeout + (f" (last: {last_problem})" if last_problem else "")
 
     async def _control(self, node: str, body: dict[str, Any], timeout: float) -> Reply | str:
-        request = Request("control", secrets.token_hex(8), body)
-        return (await self.ask({node: request}, timeout))[node]
+        return (await self.ask({node: new_request("control", body)}, timeout))[node]
 
 
 def is_switch_verb(body: Mapping[str, Any]) -> bool:

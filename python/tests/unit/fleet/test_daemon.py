@@ -131,7 +131,8 @@ async def test_every_node_witnesses_the_others_and_hands_back_cosignatures(short
     bus = Bus()
     async with fleet(short_tmp, bus) as daemons:
         for daemon in daemons.values():
-            await daemon.witness_round()
+            assert daemon.witnessing is not None
+            await daemon.witnessing.witness_round()
         a = daemons[NODES[0]]
         for _ in range(100):
             held = await a._verb_witness({}, ROOT)
