@@ -262,9 +262,7 @@ class Switches:
         exit_path = self._path(run.id, "exit")
         if not exit_path.exists() and self._alive(run):
             return {"id": run.id, "state": "running"}
-        child = self._children.pop(run.id, None)
-        if child is not None:
-            child.poll()  # reaped: no zombie is left behind
+        self._reap(run.id)
         try:
             code = int(exit_path.read_text().strip())
         except (OSError, ValueError):
@@ -280,6 +278,17 @@ class Switches:
                 if k in result
             }
         return out
+
+    def _reap(self, run_id: str) -> None:
+        """Wait for our child of ``run_id`` (it exits right after writing its outcome):
+        no zombie is left behind."""
+        child = self._children.get(run_id)
+        if child is None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        if child.returncode is not None:
+            del self._children[run_id]
 
     def _alive(self, run: Run) -> bool:
         if run.runner == "systemd" and run.unit:

@@ -124,6 +124,21 @@ def test_a_switch_runs_detached_and_leaves_its_outcome(tmp_path: Path) -> None:
     assert back.argv[4:6] == ["switch", "rollback"]
     assert back.argv[-2:] == [str(tmp_path / "base"), "--json"]
     wait_state(node, back, "done")
+    assert zombies() == []  # every finished run was reaped
+
+
+def zombies() -> list[int]:
+    """This process's children that ended and were never waited for."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.append(int(entry.name))
+    return found
 
 
 def test_one_switch_at_a_time_and_a_vanished_one_is_lost(tmp_path: Path) -> None:
@@ -136,6 +151,7 @@ def test_one_switch_at_a_time_and_a_vanished_one_is_lost(tmp_path: Path) -> None
     os.killpg(run.pid, signal.SIGKILL)  # the switch dies without an outcome
     state = wait_state(node, run, "lost")
     assert "without an outcome" in state["reason"]
+    assert zombies() == []
 
 
 def test_unknown_runs_and_targets_are_refused(tmp_path: Path) -> None:
