@@ -8,6 +8,7 @@
     ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./fleet.nix
     ./mcp.nix
     ./chat.nix
     ./appliance.nix
