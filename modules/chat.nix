@@ -23,8 +23,11 @@ let
 
   # keel chat refuses unknown keys, and a key set to null is one: drop the
   # nulls of the typed options (ledger = null is meaningful and stays).
+  # keel-chat appends to the ledger but never signs its checkpoints: the key
+  # is root's (docs/ledger.md), so checkpoint_every is null.
   settingsJson =
-    lib.filterAttrs (name: value: value != null || name == "ledger") cfg.settings
+    { checkpoint_every = null; }
+    // lib.filterAttrs (name: value: value != null || name == "ledger") cfg.settings
     // {
       token_file = tokenPath;
       allowed_users = cfg.allowedUsers;
@@ -157,6 +160,10 @@ in
       {
         assertion = !(cfg.settings ? token_file || cfg.settings ? token);
         message = "services.keel.chat.settings: set the token through services.keel.chat.tokenFile (passed as a systemd credential), not in settings";
+      }
+      {
+        assertion = (cfg.settings.checkpoint_every or null) == null;
+        message = "services.keel.chat.settings.checkpoint_every: keel-chat cannot sign the ledger's checkpoints (the key is root's; root's daemons, watch, egress and fleet, sign them): leave it unset";
       }
       {
         assertion = mutating == [ ] || cfg.settings.ledger != null;
