@@ -99,7 +99,17 @@ let
       command = mkOption {
         type = types.str;
         example = "curl -fsS http://127.0.0.1:8080/ready";
-        description = "A shell command (`/bin/sh -c`) that must exit 0; it runs as root.";
+        description = "A shell command (`/bin/sh -c`) that must exit 0; it runs as root unless `user` says otherwise.";
+      };
+      user = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "nobody";
+        description = ''
+          The user the command runs as (its uid, gid and groups, with no new
+          privileges: no `sudo` back to root). null: root, as the switcher.
+          A check that only reads a health endpoint needs no root.
+        '';
       };
       name = checkName;
       timeout = checkTimeout 30;
@@ -140,8 +150,12 @@ let
         type = "command";
         inherit (check) command timeout;
       }
+      // lib.optionalAttrs (check.user != null) { inherit (check) user; }
       // withName check
     ) cfg.checks.commands;
+
+  checkUsers = lib.unique (lib.filter (user: user != null) (map (check: check.user) cfg.checks.commands));
+  unknownCheckUsers = lib.filter (user: !(config.users.users ? ${user})) checkUsers;
 
   watchRoutes = if watch.enable then builtins.attrNames watch.settings.alerts else [ ];
   alertRoutes = if cfg.alerts.routes == null then watchRoutes else cfg.alerts.routes;
@@ -305,6 +319,10 @@ in
         message = "services.keel.safeswitch.alerts.routes: ${lib.concatStringsSep ", " unknownRoutes}: no such route in services.keel.watch.settings.alerts";
       }
       {
+        assertion = unknownCheckUsers == [ ];
+        message = "services.keel.safeswitch.checks.commands: user ${lib.concatStringsSep ", " unknownCheckUsers}: no such user in users.users";
+      }
+      {
         assertion = cfg.bootCounting.enable -> systemdBootCounting;
         message = "services.keel.safeswitch.bootCounting.enable needs boot.loader.systemd-boot.bootCounting.enable";
       }
@@ -317,7 +335,40 @@ in
     systemd.tmpfiles.rules = [
       "d /nix/var/nix/gcroots/keel-safeswitch 0755 root root - -"
       "d /run/keel/safeswitch 2750 root ${keel.group} - -"
+      "d /var/lib/keel/safeswitch 0750 root root - -"
     ];
+
+    # A switch cut short by a reboot leaves its trace in /var/lib/keel/safeswitch
+    # (the state file in /run is gone): recorded as `interrupted` in the ledger at
+    # the next boot, with the system that booted; its GC roots are dropped.
+    systemd.services.keel-safeswitch-reconcile = {
+      description = "keel safeswitch: record the switches a reboot interrupted";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "keel-ledger-key.service" ];
+      unitConfig.RequiresMountsFor = [ "/var/lib/keel" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = "${lib.getExe cfg.package} switch reconcile --config ${configFile}";
+        # root: the traces, the GC roots and the ledger; nothing else is written.
+        Group = keel.group;
+        UMask = "0007";
+        CapabilityBoundingSet = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = lib.unique [
+          "/var/lib/keel/safeswitch"
+          (dirOf keel.ledger)
+          "/nix/var/nix/gcroots/keel-safeswitch"
+        ];
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateNetwork = true;
+        RestrictAddressFamilies = [ "AF_UNIX" ];
+        SystemCallArchitectures = "native";
+      };
+    };
 
     systemd.services.keel-safeswitch-boot-check = lib.mkIf cfg.bootCounting.enable {
       description = "keel safeswitch: bless this boot only once keel's health gate holds";
@@ -340,8 +391,12 @@ in
         ExecStart = "${lib.getExe cfg.package} switch check --config ${configFile} --deadline ${toString bootCheckDeadline}${lib.optionalString cfg.checks.system.enable " --skip-check system"}";
         TimeoutStartSec = "${toString (bootCheckDeadline + 60)}s";
         Group = keel.group;
-        CapabilityBoundingSet = "";
+        # Command checks with a `user` drop to it (setpriv): that takes setuid and setgid.
+        CapabilityBoundingSet = if checkUsers == [ ] then "" else [ "CAP_SETUID" "CAP_SETGID" ];
         AmbientCapabilities = "";
+      }
+      // lib.optionalAttrs (checkUsers != [ ]) {
+        SystemCallFilter = (import ./lib/hardening.nix).SystemCallFilter ++ [ "@setuid" ];
       };
     };
   };

@@ -81,7 +81,7 @@ def test_the_ledger_key_is_roots_and_made_before_the_daemons(
     result = evaluate(
         nix_instantiate,
         nixpkgs_tree,
-        "{ services.keel.enabledServices = [ \"watch\" \"mesh\" \"chat\" \"safeswitch\" ]; }",
+        '{ services.keel.enabledServices = [ "watch" "mesh" "chat" "safeswitch" ]; }',
     )
     assert result["failedAssertions"] == []
     unit = result["services"]["keel-ledger-key"]

@@ -29,6 +29,7 @@ from keel.service import Common, read_common
 from .conftest import assert_one_line_error
 
 NOBODY = 65534
+KEEL = [sys.executable, "-m", "keel"]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -194,8 +195,7 @@ def test_provision_takes_back_a_key_another_user_made(shared: Path) -> None:
     assert key.stat().st_uid == NOBODY
     # root takes it back: the same key, root's, still 0600.
     result = subprocess.run(
-        [sys.executable, "-m", "keel", "ledger", "key", "--provision", "--json"]
-        + ["--db", str(shared / "ledger.db")],
+        [*KEEL, "ledger", "key", "--provision", "--json", "--db", str(shared / "ledger.db")],
         capture_output=True,
         text=True,
         timeout=120,
