@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,10 +145,8 @@ def test_a_switch_cut_short_by_a_reboot_is_recorded_at_the_next_boot(lab: Lab) -
     for pid in (switcher.pid, state["timer"]["pid"], (state.get("activation") or {}).get("pid")):
         if pid:
             with_group = pid != switcher.pid
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 (os.killpg if with_group else os.kill)(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     switcher.wait()
     subprocess.run(["rm", "-rf", str(lab.run_dir)], check=True)
     # The file was written in the boot before this one.
