@@ -73,7 +73,7 @@ def test_a_request_for_what_was_confirmed_switches(lab: Lab) -> None:
     assert (lab.run_dir / "requests" / "0123456789abcdef.json").stat().st_mode & 0o777 == 0o640
     (taken,) = entries(lab, "request")
     assert taken["subject"] == "0123456789abcdef"
-    assert taken["data"] == {  # type: ignore[comparison-overlap]
+    assert taken["data"] == {
         "target": "next",
         "unit": f"keel-switch@{instance(lab, old=old)}.service",
         "old": old,
