@@ -35,7 +35,8 @@ let
     };
   configFile = settingsFormat.generate "chat.json" settingsJson;
 
-  mutating = lib.intersectLists [ "restart" ] cfg.commands;
+  mutating = lib.intersectLists [ "restart" "switch" ] cfg.commands;
+  switching = lib.elem "switch" cfg.commands;
   inStore = lib.hasPrefix builtins.storeDir cfg.tokenFile;
 in
 {
@@ -79,6 +80,7 @@ in
           "agents"
           "log"
           "restart"
+          "switch"
         ]
       );
       default = [
@@ -87,10 +89,13 @@ in
         "log"
       ];
       description = ''
-        The commands the bot takes. Read-only by default; `restart` changes
-        things: it works only in a private chat, asks the person to confirm
-        with a button only they can press, once, within 60 s, and records
-        the approval in the ledger before anything is done.
+        The commands the bot takes. Read-only by default; `restart` and
+        `switch` change things: they work only in a private chat, ask the
+        person to confirm with a button only they can press, once, within
+        60 s, and record the approval in the ledger before anything is done.
+        `switch` switches the host to one of services.keel.safeswitch.targets
+        through `keel-switch@.service` (keel-chat may start that unit and
+        nothing else: services.keel.safeswitch.requesters).
       '';
     };
 
@@ -166,12 +171,19 @@ in
         message = "services.keel.chat.settings.checkpoint_every: keel-chat cannot sign the ledger's checkpoints (the key is root's; root's daemons, watch, egress and fleet, sign them): leave it unset";
       }
       {
+        assertion = switching -> (keel.safeswitch.enable && keel.safeswitch.targets != { });
+        message = "services.keel.chat.commands: switch needs services.keel.safeswitch.enable and at least one services.keel.safeswitch.targets entry (the systems the chat may switch to)";
+      }
+      {
         assertion = mutating == [ ] || cfg.settings.ledger != null;
         message = "services.keel.chat.commands: ${lib.concatStringsSep ", " mutating} need a ledger (every approval is recorded before it is carried out), but services.keel.chat.settings.ledger is null";
       }
     ];
 
     warnings = lib.optional (!(keel.watch.enable or false)) "services.keel.chat is enabled without services.keel.watch: /status, /agents and /restart will answer that watch is not running";
+
+    # /switch: keel-chat may start keel-switch@INSTANCE.service (polkit) and nothing else.
+    services.keel.safeswitch.requesters = lib.mkIf switching [ "keel-chat" ];
 
     users.users.keel-chat = {
       description = "keel chat (Telegram bot)";
@@ -189,6 +201,10 @@ in
         "network-online.target"
         "keel-watch.service"
       ];
+      # /switch reads the targets from safeswitch.json at start.
+      restartTriggers = lib.optional (
+        switching && keel.safeswitch.enable
+      ) config.environment.etc."keel/safeswitch.json".source;
 
       serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";

@@ -39,11 +39,12 @@ def template_unit(keel: str, config: str | None = None) -> str:
             "Description=keel safeswitch: a switch to a declared target (request %i)",
             "After=keel-ledger-key.service",
             # The switch of the configuration it carries out must not stop or restart it
-            # (as nixos-upgrade.service); it ends when safeswitch decides.
-            "X-RestartIfChanged=false",
+            # (as nixos-upgrade.service); it ends when safeswitch decides. Where NixOS
+            # writes these two (systemd ignores X- keys; switch-to-configuration reads them).
             "X-StopOnRemoval=false",
             "",
             "[Service]",
+            "X-RestartIfChanged=false",
             "Type=oneshot",
             # Unconfined root, as `keel switch` by hand: it runs switch-to-configuration.
             # safeswitch's deadline and its rollback timer bound it, not a start timeout.
