@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import dns.flags
-import dns.message
 import dns.rcode
 
 from keel.egress.answers import (
     AnswerCache,
     Query,
     Refusal,
+    Response,
     denial,
     matches_question,
     parse_response,
@@ -112,37 +112,37 @@ class UpstreamClient:
         self.rng = rng or random.SystemRandom()
         self.preferred = 0
 
-    async def exchange(self, query: Query) -> tuple[dns.message.Message, bytes] | None:
-        """The first usable answer from a resolver, or None when none gave one."""
+    async def exchange(self, query: Query) -> tuple[Response, float] | None:
+        """The first usable answer from a resolver and the seconds spent waiting for
+        resolvers, or None when none gave one."""
         count = len(self.servers)
+        waited = [0.0]
         for step in range(count):
             index = (self.preferred + step) % count
             server = self.servers[index]
             try:
-                result = await self._ask(server, query)
+                result = await self._ask(server, query, waited)
             except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
                 log.debug("upstream %s: %s", server, exc)
                 continue
             if result is not None:
                 self.preferred = index
-                return result
+                return result, waited[0]
         return None
 
-    async def _ask(
-        self, server: Upstream, query: Query
-    ) -> tuple[dns.message.Message, bytes] | None:
+    async def _ask(self, server: Upstream, query: Query, waited: list[float]) -> Response | None:
         query_id = self.rng.randrange(65536)
         wire = upstream_query(query, query_id)
-        response = await self._udp(server, query, wire, query_id)
-        if response is not None and response[0].flags & dns.flags.TC:
-            response = await self._tcp(server, query, wire, query_id)
-        if response is not None and response[0].rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+        response = await self._udp(server, query, wire, query_id, waited)
+        if response is not None and response.flags & dns.flags.TC:
+            response = await self._tcp(server, query, wire, query_id, waited)
+        if response is not None and response.rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
             return None
         return response
 
     async def _udp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int
-    ) -> tuple[dns.message.Message, bytes] | None:
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: list[float]
+    ) -> Response | None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
@@ -151,29 +151,37 @@ class UpstreamClient:
             await loop.sock_sendall(sock, wire)
             async with asyncio.timeout(self.timeout):
                 while True:
-                    data = await loop.sock_recv(sock, MAX_MESSAGE)
+                    began = time.perf_counter()
+                    try:
+                        data = await loop.sock_recv(sock, MAX_MESSAGE)
+                    finally:
+                        waited[0] += time.perf_counter() - began
                     response = parse_response(data)
                     if response is not None and matches_question(query, response, query_id):
-                        return response, data
+                        return response
 
     async def _tcp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int
-    ) -> tuple[dns.message.Message, bytes] | None:
-        async with asyncio.timeout(self.timeout):
-            reader, writer = await asyncio.open_connection(server.host, server.port)
-            try:
-                writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                data = await reader.readexactly(length)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: list[float]
+    ) -> Response | None:
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                try:
+                    writer.write(struct.pack("!H", len(wire)) + wire)
+                    await writer.drain()
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        finally:
+            waited[0] += time.perf_counter() - began
         response = parse_response(data)
         if response is None or not matches_question(query, response, query_id):
             return None
-        return response, data
+        return response
 
 
 @dataclass
@@ -213,18 +221,17 @@ class Proxy:
             if agent.enforced:
                 return denial(query)
         response = self.cache.get(query)
-        raw: bytes | None = None  # a cached answer's TTLs were lowered: encode it anew
         if response is None:
             asked = time.perf_counter()
             fetched = await self.upstream.exchange(query)
-            waited = time.perf_counter() - asked
-            counters.upstream.append(waited)
             if fetched is None:
+                counters.upstream.append(time.perf_counter() - asked)
                 counters.upstream_failures += 1
                 return server_failure(query)
-            response, raw = fetched
-            self.cache.put(query, response, raw)
-        answer = read_answer(query, response, raw)
+            response, waited = fetched
+            counters.upstream.append(waited)
+            self.cache.put(query, response)
+        answer = read_answer(query, response)
         if allowed and answer.addresses:
             inserts = self.book.plan(agent.name, answer.addresses)
             if not self._insert(agent.name, inserts):
