@@ -206,7 +206,7 @@ agents, names = int(sys.argv[1]), int(sys.argv[2])
 writer = SetWriter()
 for a in range(agents):
     inserts = [
-        Insert(ipaddress.ip_address(f"10.{100 + a // 250}.{a % 250}.0") + n, 3600, f"n{n}.a{a}.bench.test", False)
+        Insert(ipaddress.ip_address(f"10.{100 + a // 250}.{a % 250}.0") + n, 3600, (f"n{n}.a{a}.bench.test",), False)
         for n in range(names)
     ]
     for start in range(0, names, 250):
@@ -471,7 +471,7 @@ def scale(world: World, bench: Bench, args: argparse.Namespace) -> dict[str, Any
     world.host.run(
         sys.executable, "-c",
         "import ipaddress; from keel.egress.netlink import SetWriter; from keel.egress.sets import Insert; "
-        f"SetWriter().write('a0', [Insert(ipaddress.ip_address('{SINK}'), 3600, 'n0.a0.bench.test', False)])",
+        f"SetWriter().write('a0', [Insert(ipaddress.ip_address('{SINK}'), 3600, ('n0.a0.bench.test',), False)])",
     )  # fmt: skip
     with_rules: list[float] = []
     without: list[float] = []

@@ -30,6 +30,7 @@ import dns.rcode
 
 from keel.egress.answers import (
     AnswerCache,
+    IPAddress,
     Query,
     Refusal,
     Response,
@@ -45,7 +46,7 @@ from keel.egress.answers import (
 from keel.egress.config import AgentEgress, Upstream
 from keel.egress.denials import DeniedName
 from keel.egress.netlink import NetlinkError
-from keel.egress.sets import Insert, SetBook
+from keel.egress.sets import Insert, SetBook, names_of
 
 log = logging.getLogger("keel.egress.proxy")
 
@@ -95,10 +96,13 @@ def _percentiles(samples: collections.deque[float]) -> dict[str, float] | None:
 
 
 class SetInserter(Protocol):
-    """What the proxy needs of the kernel: write one agent's elements, atomically
-    (:class:`keel.egress.netlink.SetWriter`), raising NetlinkError when refused."""
+    """What the proxy needs of the kernel (:class:`keel.egress.netlink.SetWriter`): write
+    one agent's elements, atomically; read one element (seconds left, comment; None
+    when absent). Both raise NetlinkError when refused."""
 
     def write(self, agent: str, inserts: Sequence[Insert]) -> None: ...
+
+    def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None: ...
 
 
 class UpstreamClient:
@@ -233,6 +237,7 @@ class Proxy:
             self.cache.put(query, response)
         answer = read_answer(query, response)
         if allowed and answer.addresses:
+            self._learn(agent.name, [a.address for a in answer.addresses])
             inserts = self.book.plan(agent.name, answer.addresses)
             if not self._insert(agent.name, inserts):
                 counters.insert_failures += 1
@@ -240,6 +245,19 @@ class Proxy:
         reply = reply_wire(answer, max_size=MAX_MESSAGE if tcp else query.max_reply)
         counters.work.append(time.perf_counter() - began - waited)
         return reply
+
+    def _learn(self, agent: str, addresses: list[IPAddress]) -> None:
+        """Read from the kernel what a restart left of addresses the book does not know yet,
+        so that rewriting them keeps the names they were opened for."""
+        for address in self.book.unknown(agent, addresses):
+            try:
+                found = self.inserter.read(agent, address)
+            except NetlinkError as exc:
+                log.warning("cannot read %s for %s: %s", address, agent, exc)
+                continue
+            self.book.learn(
+                agent, address, None if found is None else (found[0], names_of(found[1])[0])
+            )
 
     def _insert(self, agent: str, inserts: list[Insert]) -> bool:
         if not inserts:

@@ -19,20 +19,27 @@ other table is read or written. Per agent (matched on ``meta skuid``):
 :func:`replace` builds the transaction that turns whatever the table holds
 now (:class:`Table`, read from ``nft -j list table``) into that, atomically:
 it flushes and rewrites the chains but keeps the sets and their elements
-(a restarted daemon keeps what agents already resolved) and deletes the sets
-and chains of agents that are gone. :func:`delete_elements` then takes out,
-in a transaction of its own, what the new allowlists no longer cover
-(:func:`stale_elements`). Pure: no I/O.
+(a restarted daemon keeps what agents already resolved), deletes the sets
+and chains of agents that are gone and, in the same transaction, the
+elements the new allowlists no longer cover (:func:`stale_elements`), so
+that no moment exists in which the new rules accept an address of a name
+that was dropped. Which agents' sets must be read for that is told by a
+counter per agent, ``<name>_allow_<fingerprint>``, that names the allowlist
+its elements were opened under (:func:`unvouched`): a restart with the same
+allowlists serves at once, whatever the sets hold. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from keel.egress.answers import IPAddress
+from keel.egress.sets import names_of
 
 FAMILY = "inet"
 TABLE = "keel"
@@ -53,6 +60,13 @@ class AgentRules:
     uid: int
     port: int
     enforced: bool
+    fingerprint: str = ""  # of the allowlist (allowlist_fingerprint); "" for none
+
+
+def allowlist_fingerprint(entries: Iterable[str]) -> str:
+    """A short, stable digest of an allowlist (its entries in canonical form, any order)."""
+    text = "\n".join(sorted(set(entries)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def chain_name(agent: str) -> str:
@@ -65,6 +79,11 @@ def set_name(agent: str, family: int) -> str:
 
 def counter_name(agent: str) -> str:
     return f"{agent}_blocked"
+
+
+def fingerprint_counter(agent: str, fingerprint: str) -> str:
+    """The counter whose name says which allowlist the agent's elements were opened under."""
+    return f"{agent}_allow_{fingerprint}"
 
 
 def log_prefix(agent: str, enforced: bool) -> str:
@@ -198,7 +217,22 @@ def wanted_objects(agents: Sequence[AgentRules]) -> tuple[list[str], list[str], 
     chains = [REDIRECT_CHAIN, OUTPUT_CHAIN] + [chain_name(a.name) for a in agents]
     sets = [set_name(a.name, family) for a in agents for family in (4, 6)]
     counters = [counter_name(a.name) for a in agents]
+    counters += [fingerprint_counter(a.name, a.fingerprint) for a in agents if a.fingerprint]
     return chains, sets, counters
+
+
+def unvouched(current: Table | None, agents: Sequence[AgentRules]) -> list[AgentRules]:
+    """The agents whose sets exist but whose allowlist may have changed since their elements
+    were written (no counter with their allowlist's fingerprint): their sets must be
+    read, and what they no longer allow deleted, in the transaction that replaces the rules."""
+    if current is None:
+        return []
+    return [
+        agent
+        for agent in agents
+        if (set_name(agent.name, 4) in current.sets or set_name(agent.name, 6) in current.sets)
+        and fingerprint_counter(agent.name, agent.fingerprint) not in current.counters
+    ]
 
 
 def replace(
@@ -206,11 +240,16 @@ def replace(
     *,
     log_group: int,
     current: Table | None = None,
+    refill: Mapping[str, Sequence[Element]] | None = None,
 ) -> Json:
     """The one transaction that makes keel's table enforce ``agents``.
 
     ``current`` is the table as listed just before (None when there is no
-    table; its sets' elements are not needed: they all stay).
+    table; its sets' elements are not needed: they stay). ``refill`` names
+    sets to empty and fill again with the given elements, in the same
+    transaction: what is left out of them (:func:`stale_elements`) is gone
+    when the new rules apply. (Emptied and refilled, never deleted element
+    by element: an element that expires meanwhile would fail the deletion.)
     """
     current = current or Table()
     chains, sets, counters = wanted_objects(agents)
@@ -231,6 +270,12 @@ def replace(
                 {"add": _ref("set", set_name(agent.name, family), type=key, flags=["timeout"])}
             )
         commands.append({"add": _ref("counter", counter_name(agent.name))})
+        if agent.fingerprint:
+            commands.append(
+                {"add": _ref("counter", fingerprint_counter(agent.name, agent.fingerprint))}
+            )
+    for name, elements in sorted((refill or {}).items()):
+        commands += refill_set(name, elements)
     commands.append(
         {
             "add": _ref(
@@ -289,6 +334,26 @@ def replace(
     return {"nftables": commands}
 
 
+def refill_set(name: str, elements: Sequence[Element]) -> list[Json]:
+    """Commands that empty a set and add ``elements`` back, each with what was left of its
+    timeout and its comment."""
+    commands: list[Json] = [{"flush": _ref("set", name)}]
+    alive = [e for e in elements if e.expires > 0]
+    if alive:
+        items = [
+            {
+                "elem": {
+                    "val": str(e.address),
+                    "timeout": max(1, math.ceil(e.expires)),
+                    "comment": e.comment,
+                }
+            }
+            for e in alive
+        ]
+        commands.append({"add": {"element": {**_ref("set", name)["set"], "elem": items}}})
+    return commands
+
+
 def delete_elements(stale: Mapping[str, Iterable[IPAddress]]) -> Json:
     """The transaction that deletes elements, per set (all or none of them)."""
     commands: list[Json] = []
@@ -316,10 +381,12 @@ def remove() -> Json:
 def stale_elements(
     current: Table, agents: Sequence[AgentRules], still_allowed: Callable[[str, str], bool]
 ) -> dict[str, list[IPAddress]]:
-    """Per set, the elements whose name (their comment) ``agent`` may no longer resolve.
+    """Per set, the elements none of whose names (their comment) ``agent`` may still resolve.
 
     ``still_allowed(agent, name)`` is the new allowlist's verdict. An element
-    without a comment was not put there by keel and goes too.
+    without a comment was not put there by keel and goes too; so does one
+    whose comment could not list every name and none of those it lists is
+    allowed (the others cannot be judged: the agent resolves them again).
     """
     stale: dict[str, list[IPAddress]] = {}
     for agent in agents:
@@ -328,7 +395,7 @@ def stale_elements(
             gone = [
                 e.address
                 for e in current.sets.get(name, [])
-                if not e.comment or not still_allowed(agent.name, e.comment)
+                if not any(still_allowed(agent.name, n) for n in names_of(e.comment)[0])
             ]
             if gone:
                 stale[name] = gone

@@ -10,7 +10,8 @@ One JSON command per line in, one JSON result per line out::
     {"op": "talk", "id": "c1"}                                one line over it
     {"op": "load_start", "good": [[addr, port], ...], "bad": [[addr, port], ...]}
     {"op": "load_count"} -> {"good_ok": n, "good_failed": n, "bad_ok": n, "bad_failed": n}
-    {"op": "load_stop"} -> the same, and the loop ends
+    {"op": "load_stop"} -> the same, and the loop ends, with "bad_ok_at": when (time.monotonic())
+                             each connect to a bad destination that succeeded began
     {"op": "run", "argv": [...]} -> {"rc": n, "stdout": ..., "stderr": ...}
 """
 
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import dns.exception
@@ -87,6 +89,7 @@ class Load:
         self.good, self.bad = good, bad
         self.counts = {"good_ok": 0, "good_failed": 0, "bad_ok": 0, "bad_failed": 0}
         self.failures: list[str] = []
+        self.bad_ok_at: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -96,7 +99,10 @@ class Load:
             for kind, targets in (("good", self.good), ("bad", self.bad)):
                 for address, port in targets:
                     # A blocked SYN never completes; 0.3 s is ages for a veth.
+                    began = time.monotonic()
                     result = connect(address, port, timeout=2.0 if kind == "good" else 0.3)
+                    if kind == "bad" and result["ok"]:
+                        self.bad_ok_at.append(began)
                     outcome = "ok" if result["ok"] else "failed"
                     self.counts[f"{kind}_{outcome}"] += 1
                     if (kind == "good") != result["ok"] and len(self.failures) < 20:
@@ -105,7 +111,7 @@ class Load:
     def finish(self) -> dict[str, Any]:
         self.stop.set()
         self.thread.join()
-        return {**self.counts, "failures": self.failures}
+        return {**self.counts, "failures": self.failures, "bad_ok_at": self.bad_ok_at}
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ $ORIGIN allowed.test.
 ns       {ttl} IN A   10.0.0.1
 www      {ttl} IN A   192.0.2.10
 www      {ttl} IN AAAA 2001:db8::10
+twin     {ttl} IN A   192.0.2.10
 dual     {ttl} IN A   192.0.2.11
 dual     {ttl} IN AAAA 2001:db8::11
 short    {short} IN A 192.0.2.12

@@ -37,19 +37,29 @@ class Kernel:
 
     def __init__(self) -> None:
         self.elements: dict[str, int] = {}
+        self.comments: dict[str, str] = {}
         self.batches = 0
 
     def write(self, agent: str, inserts: Sequence[Insert]) -> None:
         staged = dict(self.elements)
+        comments = dict(self.comments)
         for insert in inserts:
             key = str(insert.address)
             if insert.replace:
                 if key not in staged:
                     raise NetlinkError("absent", errno.ENOENT)
                 del staged[key]
-            staged.setdefault(key, insert.timeout)  # adding an existing element changes nothing
-        self.elements = staged
+            if key not in staged:  # adding an existing element changes nothing
+                staged[key] = insert.timeout
+                comments[key] = insert.comment
+        self.elements, self.comments = staged, comments
         self.batches += 1
+
+    def read(self, agent: str, address: object) -> tuple[float, str] | None:
+        key = str(address)
+        if key not in self.elements:
+            return None
+        return float(self.elements[key]), self.comments.get(key, "")
 
 
 def make(

@@ -229,3 +229,57 @@ def test_log_prefixes_round_trip() -> None:
     assert ruleset.parse_log_prefix("keel-egress scout enforce\0") == ("scout", True)
     assert ruleset.parse_log_prefix("somebody else") is None
     assert ruleset.parse_log_prefix("keel-egress scout maybe") is None
+
+
+def test_an_address_stays_while_any_of_its_names_is_allowed() -> None:
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    c = ipaddress.ip_address("192.0.2.3")
+    current = Table(
+        sets={
+            "scout_v4": [
+                ruleset.Element(a, 30, "twin.test www.test"),  # newest first
+                ruleset.Element(b, 30, "gone.test other.test"),
+                ruleset.Element(c, 30, "gone.test ..."),  # the rest did not fit
+            ]
+        }
+    )
+    allowed = {"www.test", "other.test", "old.test"}
+    stale = stale_elements(current, [SCOUT], lambda agent, name: name in allowed)
+    assert stale == {"scout_v4": [c]}  # c's other names cannot be judged: resolved again
+
+
+def test_the_allowlist_fingerprint_vouches_for_the_sets() -> None:
+    fingerprint = ruleset.allowlist_fingerprint(["b.test", "*.a.test"])
+    assert fingerprint == ruleset.allowlist_fingerprint(["*.a.test", "b.test", "b.test"])
+    assert fingerprint != ruleset.allowlist_fingerprint(["*.a.test"])
+    scout = AgentRules("scout", 1001, 5301, enforced=True, fingerprint=fingerprint)
+    document = replace([scout], log_group=17)
+    counters = {c["name"] for c in commands(document, "add", "counter")}
+    assert counters == {"scout_blocked", f"scout_allow_{fingerprint}"}
+    old = Table(sets={"scout_v4": [], "scout_v6": []}, counters={"scout_allow_0123": (0, 0)})
+    assert ruleset.unvouched(old, [scout]) == [scout]  # its allowlist changed: read its sets
+    same = Table(sets={"scout_v4": []}, counters={f"scout_allow_{fingerprint}": (0, 0)})
+    assert ruleset.unvouched(same, [scout]) == []
+    assert ruleset.unvouched(Table(), [scout]) == []  # no sets yet: nothing to judge
+    assert ruleset.unvouched(None, [scout]) == []
+    # The old fingerprint goes with the transaction that adds the new one.
+    replaced = replace([scout], log_group=17, current=old)
+    assert [c["name"] for c in commands(replaced, "delete", "counter")] == ["scout_allow_0123"]
+
+
+def test_stale_elements_leave_in_the_transaction_that_replaces_the_rules() -> None:
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    kept = ruleset.Element(a, 29.4, "www.test")
+    document = replace(
+        [SCOUT],
+        log_group=17,
+        current=Table(chains={"output"}, sets={"scout_v4": [kept, ruleset.Element(b, 30, "x")]}),
+        refill={"scout_v4": [kept], "scout_v6": []},
+    )
+    order = [next(iter(c)) + " " + next(iter(next(iter(c.values())))) for c in document["nftables"]]
+    assert [c["name"] for c in commands(document, "flush", "set")] == ["scout_v4", "scout_v6"]
+    [added] = commands(document, "add", "element")
+    assert added["name"] == "scout_v4"
+    assert added["elem"] == [{"elem": {"val": "192.0.2.1", "timeout": 30, "comment": "www.test"}}]
+    # The sets are refilled before the first rule is added: one transaction, no gap.
+    assert order.index("add element") < order.index("add rule")
