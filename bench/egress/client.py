@@ -3,7 +3,8 @@
     python client.py latency PLAN.json        {"server": "10.200.1.2", "names": [...]}
     python client.py first-packet PLAN.json   {"server": ..., "names": [...], "port": 80}
     python client.py throughput PLAN.json     {"address": ..., "port": 9, "seconds": 3}
-    python client.py packets PLAN.json        {"address": ..., "port": 9, "seconds": 2, "size": 64}
+    python client.py packets PLAN.json        {"address": ..., "port": 9, "seconds": 2, "size": 64,
+                                               "answered": false}
 
 Prints one JSON object. Timings are taken here, around the system calls,
 with ``time.perf_counter_ns``.
@@ -115,6 +116,11 @@ def packets(plan: dict[str, Any]) -> dict[str, Any]:
     count = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect((plan["address"], plan["port"]))
+        if plan.get("answered"):
+            # One exchange first: the flow's conntrack entry is then established.
+            sock.settimeout(TIMEOUT)
+            sock.send(payload)
+            sock.recv(100)
         started = time.perf_counter()
         cpu = cpu_seconds()
         deadline = started + plan["seconds"]
