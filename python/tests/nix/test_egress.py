@@ -175,6 +175,53 @@ BAD = [
 ]
 
 
+SERVERS = """
+  services.keel.mcp = {
+    enable = true;
+    servers = {
+      files = { command = [ "/bin/files" ]; tier = 2; };
+      fetch = { command = [ "/bin/fetch" ]; tier = 1; egress.allow = [ "*.wikipedia.org" ]; };
+      time = { command = [ "/bin/time" ]; tier = 1; };
+      shell = { command = [ "/bin/shell" ]; tier = 0; };
+      remote = { url = "https://mcp.example.com/mcp"; };
+      off = { command = [ "/bin/off" ]; tier = 2; enable = false; };
+    };
+  };
+"""
+
+
+BAD += [
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 2; }; }; }',
+        "services.keel.mcp.servers.x: tier 2 servers reach only their egress.allow, which keel "
+        "egress enforces: set services.keel.egress.enable = true",
+        id="tier-2-server-without-egress",
+    ),
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 1; '
+        'egress.allow = [ "a.test" ]; }; }; }',
+        "services.keel.mcp.servers.x.egress.allow: an allowlist is enforced by keel egress",
+        id="tier-1-server-allowlist-without-egress",
+    ),
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 0; '
+        'egress.allow = [ "a.test" ]; }; }; ' + EGRESS + " }",
+        "services.keel.mcp.servers.x.egress.allow: tier 0 servers have an open network",
+        id="tier-0-server-allowlist",
+    ),
+    pytest.param(
+        "{ " + AGENTS + EGRESS + SERVERS + ' services.keel.egress.audit = [ "mcp.time" ]; }',
+        "services.keel.egress.audit: mcp.time: not an agent egress governs",
+        id="audit-ungoverned-server",
+    ),
+    pytest.param(
+        "{ " + AGENTS + EGRESS + SERVERS + " services.keel.egress.basePort = 65532; }",
+        "leaves no room for 3 agent ports and 2 MCP server ports",
+        id="server-ports-overflow",
+    ),
+]
+
+
 @pytest.mark.parametrize(("config", "message"), BAD)
 def test_bad_combinations_say_the_fix(
     nix_instantiate: str, nixpkgs_tree: Path, config: str, message: str
@@ -190,21 +237,6 @@ def test_nothing_without_enable(nix_instantiate: str, nixpkgs_tree: Path) -> Non
     assert result["failedAssertions"] == []
     assert "keel/egress.json" not in result["etc"]
     assert "keel-egress" not in result["services"]
-
-
-SERVERS = """
-  services.keel.mcp = {
-    enable = true;
-    servers = {
-      files = { command = [ "/bin/files" ]; tier = 2; };
-      fetch = { command = [ "/bin/fetch" ]; tier = 1; egress.allow = [ "*.wikipedia.org" ]; };
-      time = { command = [ "/bin/time" ]; tier = 1; };
-      shell = { command = [ "/bin/shell" ]; tier = 0; };
-      remote = { url = "https://mcp.example.com/mcp"; };
-      off = { command = [ "/bin/off" ]; tier = 2; enable = false; };
-    };
-  };
-"""
 
 
 def test_mcp_servers_are_governed_as_agents_are(
@@ -248,43 +280,3 @@ def test_mcp_servers_are_governed_as_agents_are(
     )
     assert egress_json(audited)["servers"]["files"]["mode"] == "audit"
     assert any("mcp.files is a tier 2" in w for w in audited["warnings"])
-
-
-SERVER_BAD = [
-    pytest.param(
-        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 2; }; }; }',
-        "services.keel.mcp.servers.x: tier 2 servers reach only their egress.allow, which keel "
-        "egress enforces: set services.keel.egress.enable = true",
-        id="tier-2-server-without-egress",
-    ),
-    pytest.param(
-        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 1; '
-        'egress.allow = [ "a.test" ]; }; }; }',
-        "services.keel.mcp.servers.x.egress.allow: an allowlist is enforced by keel egress",
-        id="tier-1-server-allowlist-without-egress",
-    ),
-    pytest.param(
-        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 0; '
-        'egress.allow = [ "a.test" ]; }; }; ' + EGRESS + " }",
-        "services.keel.mcp.servers.x.egress.allow: tier 0 servers have an open network",
-        id="tier-0-server-allowlist",
-    ),
-    pytest.param(
-        "{ " + AGENTS + EGRESS + SERVERS + ' services.keel.egress.audit = [ "mcp.time" ]; }',
-        "services.keel.egress.audit: mcp.time: not an agent egress governs",
-        id="audit-ungoverned-server",
-    ),
-    pytest.param(
-        "{ " + AGENTS + EGRESS + SERVERS + " services.keel.egress.basePort = 65532; }",
-        "leaves no room for 3 agent ports and 2 MCP server ports",
-        id="server-ports-overflow",
-    ),
-]
-
-
-@pytest.mark.parametrize(("config", "message"), SERVER_BAD)
-def test_bad_server_combinations_say_the_fix(
-    nix_instantiate: str, nixpkgs_tree: Path, config: str, message: str
-) -> None:
-    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
-    assert any(message in text for text in failed), failed

@@ -185,10 +185,9 @@ class Egress(Daemon):
                     [ruleset.set_name(agent.name, family) for agent in changed for family in (4, 6)]
                 )
                 stale = ruleset.stale_elements(listed, changed, self._still_allowed)
-                refill = {
-                    name: [e for e in listed.sets[name] if e.address not in set(gone)]
-                    for name, gone in stale.items()
-                }
+                for name, gone in stale.items():
+                    dropped = set(gone)
+                    refill[name] = [e for e in listed.sets[name] if e.address not in dropped]
             document = ruleset.replace(
                 agents, log_group=self.config.log_group, current=current, refill=refill
             )

@@ -145,14 +145,19 @@ def _lower(labels: Labels) -> Labels:
     return tuple(label.lower() for label in labels)
 
 
-def _opt(wire: bytes, pos: int) -> tuple[int, int, int] | None:
-    """(class, ttl, offset after) of an OPT record without options at ``pos``, the root owner."""
-    if pos + 1 + RR_TAIL.size > len(wire) or wire[pos] != 0:
+def _opt_and_end(wire: bytes, pos: int, additional: int) -> tuple[int, int, int | None] | None:
+    """The rest of a message from ``pos``: nothing, or one OPT record without options (its
+    owner the root) that ends the message. (class, ttl, offset) of that OPT record,
+    (0, 0, None) without one; None for anything else."""
+    if not additional:
+        return (0, 0, None) if pos == len(wire) else None
+    end = pos + 1 + RR_TAIL.size
+    if end != len(wire) or wire[pos] != 0:
         return None
     rdtype, rdclass, ttl, rdlength = RR_TAIL.unpack_from(wire, pos + 1)
     if rdtype != TYPE_OPT or rdlength != 0:
         return None
-    return rdclass, ttl, pos + 1 + RR_TAIL.size
+    return rdclass, ttl, pos
 
 
 def read_query(wire: bytes) -> QuickQuery | None:
@@ -185,23 +190,17 @@ def read_query(wire: bytes) -> QuickQuery | None:
     if rdclass != CLASS_IN or rdtype in REFUSED_QUESTIONS:
         return None
     pos += QUESTION_TAIL.size
-    question_end = pos
-    edns, ednsflags, payload = -1, 0, 0
-    if additional:
-        opt = _opt(wire, pos)
-        if opt is None:
-            return None
-        payload, ednsflags, pos = opt
-        edns = (ednsflags >> 16) & 0xFF
-    if pos != len(wire):
+    rest = _opt_and_end(wire, pos, additional)
+    if rest is None:
         return None
+    payload, ednsflags, opt_at = rest
     return QuickQuery(
         id=query_id,
         flags=flags,
         labels=tuple(labels),
         rdtype=rdtype,
-        question_end=question_end,
-        edns=edns,
+        question_end=pos,
+        edns=-1 if opt_at is None else (ednsflags >> 16) & 0xFF,
         ednsflags=ednsflags,
         payload=payload,
     )
@@ -260,13 +259,8 @@ def read_response(wire: bytes) -> QuickResponse | None:
         else:
             return None
         pos = rdata_end
-    opt_at = None
-    if additional:
-        opt = _opt(wire, pos)
-        if opt is None or opt[1] >> 24:  # an extended rcode: not NOERROR
-            return None
-        opt_at, pos = pos, opt[2]
-    if pos != len(wire):
+    rest = _opt_and_end(wire, pos, additional)
+    if rest is None or rest[1] >> 24:  # an extended rcode: not NOERROR
         return None
     return QuickResponse(
         id=response_id,
@@ -275,7 +269,7 @@ def read_response(wire: bytes) -> QuickResponse | None:
         rdtype=rdtype,
         rdclass=rdclass,
         records=tuple(records),
-        opt_at=opt_at,
+        opt_at=rest[2],
     )
 
 

@@ -232,25 +232,30 @@ class SetWriter:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None:
-        """(seconds left, comment) of ``address`` in the agent's set, or None when absent."""
-        seq = self._seq
-        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+    def _send(self, data: bytes) -> None:
         try:
-            self._sock.send(get_request(agent, address, seq))
+            self._sock.send(data)
         except OSError as exc:
             raise NetlinkError(
                 f"cannot write to nfnetlink: {exc.strerror}", exc.errno or 0
             ) from None
+
+    def _recv(self) -> bytes:
+        try:
+            return self._sock.recv(65536)
+        except TimeoutError:
+            raise NetlinkError("no answer from nfnetlink", errno.ETIMEDOUT) from None
+        except OSError as exc:
+            raise NetlinkError(f"nfnetlink: {exc.strerror}", exc.errno or 0) from None
+
+    def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None:
+        """(seconds left, comment) of ``address`` in the agent's set, or None when absent."""
+        seq = self._seq
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        self._send(get_request(agent, address, seq))
         found: tuple[float, str] | None = None
         while True:
-            try:
-                reply = self._sock.recv(65536)
-            except TimeoutError:
-                raise NetlinkError("no answer from nfnetlink", errno.ETIMEDOUT) from None
-            except OSError as exc:
-                raise NetlinkError(f"nfnetlink: {exc.strerror}", exc.errno or 0) from None
-            code, element = read_reply(reply, seq)
+            code, element = read_reply(self._recv(), seq)
             found = found or element
             if code is not None:
                 break
@@ -272,22 +277,11 @@ class SetWriter:
             return
         data, acked, used = batch(agent, inserts, self._seq)
         self._seq = (self._seq + used) & 0x7FFFFFFF or 1
-        try:
-            self._sock.send(data)
-        except OSError as exc:
-            raise NetlinkError(
-                f"cannot write to nfnetlink: {exc.strerror}", exc.errno or 0
-            ) from None
+        self._send(data)
         waiting = set(acked)
         failure = 0
         while waiting:
-            try:
-                reply = self._sock.recv(65536)
-            except TimeoutError:
-                raise NetlinkError("no answer from nfnetlink", errno.ETIMEDOUT) from None
-            except OSError as exc:
-                raise NetlinkError(f"nfnetlink: {exc.strerror}", exc.errno or 0) from None
-            for seq, code in read_acks(reply).items():
+            for seq, code in read_acks(self._recv()).items():
                 if seq in waiting:
                     waiting.discard(seq)
                     failure = failure or code

@@ -105,6 +105,13 @@ class SetInserter(Protocol):
     def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None: ...
 
 
+@dataclass
+class Waited:
+    """Seconds one exchange spent waiting for resolvers (keel's own time is the rest)."""
+
+    seconds: float = 0.0
+
+
 class UpstreamClient:
     """Asks the configured resolvers in order: UDP, then TCP when the answer is truncated."""
 
@@ -120,7 +127,7 @@ class UpstreamClient:
         """The first usable answer from a resolver and the seconds spent waiting for
         resolvers, or None when none gave one."""
         count = len(self.servers)
-        waited = [0.0]
+        waited = Waited()
         for step in range(count):
             index = (self.preferred + step) % count
             server = self.servers[index]
@@ -131,10 +138,10 @@ class UpstreamClient:
                 continue
             if result is not None:
                 self.preferred = index
-                return result, waited[0]
+                return result, waited.seconds
         return None
 
-    async def _ask(self, server: Upstream, query: Query, waited: list[float]) -> Response | None:
+    async def _ask(self, server: Upstream, query: Query, waited: Waited) -> Response | None:
         query_id = self.rng.randrange(65536)
         wire = upstream_query(query, query_id)
         response = await self._udp(server, query, wire, query_id, waited)
@@ -145,7 +152,7 @@ class UpstreamClient:
         return response
 
     async def _udp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: list[float]
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: Waited
     ) -> Response | None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
@@ -159,13 +166,13 @@ class UpstreamClient:
                     try:
                         data = await loop.sock_recv(sock, MAX_MESSAGE)
                     finally:
-                        waited[0] += time.perf_counter() - began
+                        waited.seconds += time.perf_counter() - began
                     response = parse_response(data)
                     if response is not None and matches_question(query, response, query_id):
                         return response
 
     async def _tcp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: list[float]
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: Waited
     ) -> Response | None:
         began = time.perf_counter()
         try:
@@ -181,7 +188,7 @@ class UpstreamClient:
                     with contextlib.suppress(OSError):
                         await writer.wait_closed()
         finally:
-            waited[0] += time.perf_counter() - began
+            waited.seconds += time.perf_counter() - began
         response = parse_response(data)
         if response is None or not matches_question(query, response, query_id):
             return None
