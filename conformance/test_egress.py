@@ -66,12 +66,14 @@ def uid_of(host: Any, egress: EgressConfig, agent: str) -> int | None:
 
 
 def mapping(expressions: list[dict[str, Any]], key: str) -> dict[int, Any]:
-    """uid -> value of the map (``redirect`` port map, ``vmap``) in a rule, if any."""
+    """uid -> value of the map (``redirect`` port map, ``vmap``, conntrack ``zone``) in a rule."""
     for expression in expressions:
         if key == "redirect" and "redirect" in expression:
             data = expression["redirect"].get("port", {}).get("map", {}).get("data", {})
         elif key == "vmap" and "vmap" in expression:
             data = expression["vmap"].get("data", {})
+        elif key == "zone" and "mangle" in expression:
+            data = expression["mangle"].get("value", {}).get("map", {}).get("data", {})
         else:
             continue
         return {int(k): v for k, v in data.get("set", [])}
@@ -80,7 +82,7 @@ def mapping(expressions: list[dict[str, Any]], key: str) -> dict[int, Any]:
 
 def test_egress_table_present(host: Any, table: list[dict[str, Any]]) -> None:
     chains = {chain["name"] for chain in of_kind(table, "chain")}
-    missing = {"redirect", "output"} - chains
+    missing = {"zones", "redirect", "output"} - chains
     assert not missing, f"keel's table lacks its base chains {sorted(missing)}"
 
 
@@ -108,6 +110,14 @@ def test_every_governed_agent_has_its_rules(
         for rule in rules(table, "output")
         for uid, verdict in mapping(rule, "vmap").items()
     }
+    zones = {
+        uid: zone for rule in rules(table, "zones") for uid, zone in mapping(rule, "zone").items()
+    }
+    shared = {zone for zone in zones.values() if list(zones.values()).count(zone) > 1}
+    if shared:
+        problems.append(
+            f"agents share conntrack zones {sorted(shared)}: one could ride on another's flows"
+        )
     for name, agent in sorted(egress.agents.items()):
         uid = uid_of(host, egress, name)
         if uid is None:
@@ -122,6 +132,11 @@ def test_every_governed_agent_has_its_rules(
         if redirects.get(uid) != agent.port:
             problems.append(
                 f"{name}: DNS of uid {uid} goes to {redirects.get(uid)}, not port {agent.port}"
+            )
+        if not zones.get(uid):
+            problems.append(
+                f"{name}: uid {uid} has no conntrack zone of its own: it could ride on UDP flows "
+                "other users opened"
             )
         if dispatch.get(uid) != {"jump": {"target": chain_name(name)}}:
             problems.append(

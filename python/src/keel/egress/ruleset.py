@@ -3,12 +3,21 @@
 Everything egress puts in the kernel lives in one table, ``inet keel``; no
 other table is read or written. Per agent (matched on ``meta skuid``):
 
+- ``zones`` (raw, output, priority -300): its packets other than TCP are
+  tracked in a conntrack zone of its own (original direction), so that it
+  can never ride on a UDP or ICMP flow someone else opened by sending from
+  the same port to the same address (it would pass as "established");
 - ``redirect`` (nat, output, priority -100): its DNS (UDP and TCP port 53, to
   any resolver) goes to its proxy port on loopback;
 - ``output`` (filter, output, priority 0): established and related traffic
-  passes; a verdict map on the uid jumps to the agent's own chain, so a
+  in its original direction passes (a flow the sender opened: its zone makes
+  it the agent's own), and TCP in either direction (conntrack's TCP tracking
+  gives a connection's packets to its own socket only: replies of an agent's
+  servers); a verdict map on the uid jumps to the agent's own chain, so a
   packet costs one hash lookup however many agents there are (other users'
-  packets find no entry and pass untouched);
+  packets find no entry and pass untouched). An agent's UDP sent as the
+  "reply" of a flow it did not open (an unsolicited datagram from outside,
+  answered) goes through its chain like anything new;
 - ``agent_<name>``: addresses in ``<name>_v4`` / ``<name>_v6`` (sets with
   per-element timeouts, filled by the proxy) pass, so does its DNS to its own
   proxy; everything else (other resolvers, DoT on 853, QUIC on UDP 443,
@@ -43,8 +52,10 @@ from keel.egress.sets import names_of
 
 FAMILY = "inet"
 TABLE = "keel"
+ZONES_CHAIN = "zones"
 REDIRECT_CHAIN = "redirect"
 OUTPUT_CHAIN = "output"
+ZONE_BASE = 51000  # agents' conntrack zones: ZONE_BASE + 1, + 2, ... in the order of their names
 LOG_RATE = 10  # log lines per second per agent (the ledger aggregates further)
 LOG_BURST = 20
 LOG_PREFIX = "keel-egress"  # NFLOG prefix: "keel-egress <agent> <mode>"
@@ -212,9 +223,15 @@ def agent_rules(agent: AgentRules, log_group: int) -> list[Json]:
     ]
 
 
+def conntrack_zones(agents: Sequence[AgentRules]) -> dict[str, int]:
+    """Each agent's conntrack zone: its own, distinct from every other agent's and from
+    the zone 0 everyone else's flows are tracked in."""
+    return {a.name: ZONE_BASE + i for i, a in enumerate(sorted(agents, key=lambda a: a.name), 1)}
+
+
 def wanted_objects(agents: Sequence[AgentRules]) -> tuple[list[str], list[str], list[str]]:
     """(chains, sets, counters) the table must have for ``agents``."""
-    chains = [REDIRECT_CHAIN, OUTPUT_CHAIN] + [chain_name(a.name) for a in agents]
+    chains = [ZONES_CHAIN, REDIRECT_CHAIN, OUTPUT_CHAIN] + [chain_name(a.name) for a in agents]
     sets = [set_name(a.name, family) for a in agents for family in (4, 6)]
     counters = [counter_name(a.name) for a in agents]
     counters += [fingerprint_counter(a.name, a.fingerprint) for a in agents if a.fingerprint]
@@ -279,6 +296,13 @@ def replace(
     commands.append(
         {
             "add": _ref(
+                "chain", ZONES_CHAIN, type="filter", hook="output", prio=-300, policy="accept"
+            )
+        }
+    )
+    commands.append(
+        {
+            "add": _ref(
                 "chain", REDIRECT_CHAIN, type="nat", hook="output", prio=-100, policy="accept"
             )
         }
@@ -287,15 +311,39 @@ def replace(
         {"add": _ref("chain", OUTPUT_CHAIN, type="filter", hook="output", prio=0, policy="accept")}
     )
     commands += [{"add": _ref("chain", chain_name(a.name))} for a in agents]
+    # TCP first: the bulk of the traffic, passed by one rule.
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
+    commands.append(
+        _rule(OUTPUT_CHAIN, established, _match(_meta("l4proto"), "tcp"), {"accept": None})
+    )
     commands.append(
         _rule(
             OUTPUT_CHAIN,
-            _match({"ct": {"key": "state"}}, ["established", "related"], op="in"),
+            established,
+            _match({"ct": {"key": "direction"}}, "original"),
             {"accept": None},
         )
     )
     if agents:
         by_uid = sorted(agents, key=lambda a: a.uid)
+        zones = conntrack_zones(agents)
+        commands.append(
+            _rule(
+                ZONES_CHAIN,
+                _match(_meta("l4proto"), "tcp", op="!="),
+                {
+                    "mangle": {
+                        "key": {"ct": {"key": "zone", "dir": "original"}},
+                        "value": {
+                            "map": {
+                                "key": _meta("skuid"),
+                                "data": {"set": [[a.uid, zones[a.name]] for a in by_uid]},
+                            }
+                        },
+                    }
+                },
+            )
+        )
         commands.append(
             _rule(
                 REDIRECT_CHAIN,

@@ -13,6 +13,10 @@ One JSON command per line in, one JSON result per line out::
     {"op": "load_stop"} -> the same, and the loop ends, with "bad_ok_at": when (time.monotonic())
                              each connect to a bad destination that succeeded began
     {"op": "run", "argv": [...]} -> {"rc": n, "stdout": ..., "stderr": ...}
+    {"op": "datagram", "source_port": 40000, "address": ..., "port": 443}
+    -> {"ok": true, "reply": "..."}  one UDP datagram from a chosen port (and its answer)
+    {"op": "serve", "port": 8080} -> {"ok": true}  a TCP server answering "agent PORT LINE"
+("resolve" takes a "source_port" too.)
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ def resolve(command: dict[str, Any]) -> dict[str, Any]:
     query = dns.message.make_query(command["name"], command.get("type", "A"))
     server = command["server"]
     try:
+        timeout = command.get("timeout", TIMEOUT)
         if command.get("tcp"):
-            response = dns.query.tcp(query, server, timeout=command.get("timeout", TIMEOUT))
+            response = dns.query.tcp(query, server, timeout=timeout)
         else:
-            response = dns.query.udp(query, server, timeout=command.get("timeout", TIMEOUT))
+            source_port = command.get("source_port", 0)
+            response = dns.query.udp(query, server, timeout=timeout, source_port=source_port)
     except dns.exception.Timeout:
         return {"error": "timeout"}
     except OSError as exc:
@@ -80,6 +86,38 @@ def connect(
     except OSError as exc:
         return {"ok": False, "error": errno.errorcode.get(exc.errno or 0, str(exc))}
     return {"ok": True, "reply": reply}
+
+
+def datagram(source_port: int, address: str, port: int, timeout: float = 1.0) -> dict[str, Any]:
+    try:
+        with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::" if ":" in address else "0.0.0.0", source_port))
+            sock.settimeout(timeout)
+            sock.sendto(b"hello\n", (address, port))
+            reply = sock.recv(200).decode(errors="replace").strip()
+    except TimeoutError:
+        return {"ok": False, "error": "timeout"}
+    except OSError as exc:
+        return {"ok": False, "error": errno.errorcode.get(exc.errno or 0, str(exc))}
+    return {"ok": True, "reply": reply}
+
+
+def serve(port: int) -> None:
+    """A TCP server in a thread: each connection gets "agent PORT LINE" for each line."""
+    listener = socket.create_server(("0.0.0.0", port), reuse_port=False)
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                conn.sendall(f"agent {port} {line.decode(errors='replace').strip()}\n".encode())
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 class Load:
@@ -155,6 +193,11 @@ def main() -> None:
         elif op == "load_stop":
             assert load is not None
             result = load.finish()
+        elif op == "datagram":
+            result = datagram(command["source_port"], command["address"], command["port"])
+        elif op == "serve":
+            serve(command["port"])
+            result = {"ok": True}
         elif op == "run":
             proc = subprocess.run(command["argv"], capture_output=True, text=True, check=False)
             result = {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}

@@ -123,9 +123,17 @@ class Agent:
         return result
 
     def resolve(
-        self, name: str, rdtype: str = "A", *, server: str, tcp: bool = False
+        self,
+        name: str,
+        rdtype: str = "A",
+        *,
+        server: str,
+        tcp: bool = False,
+        source_port: int = 0,
     ) -> dict[str, Any]:
-        return self.do("resolve", name=name, type=rdtype, server=server, tcp=tcp)
+        return self.do(
+            "resolve", name=name, type=rdtype, server=server, tcp=tcp, source_port=source_port
+        )
 
     def connect(
         self, address: str, port: int = 80, proto: str = "tcp", timeout: float = 3.0

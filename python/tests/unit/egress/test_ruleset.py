@@ -62,9 +62,34 @@ def test_dns_of_agents_goes_to_their_own_port() -> None:
 
 
 def test_output_accepts_established_then_dispatches_on_the_uid() -> None:
-    established, dispatch = rules(replace([SCOUT], log_group=17), "output")
-    assert established[0]["match"]["right"] == ["established", "related"]
+    tcp, opened, dispatch = rules(replace([SCOUT], log_group=17), "output")
+    # Established in the direction the sender opened it (an agent's own flows:
+    # its zone), and TCP either way (replies of an agent's servers).
+    assert opened[0]["match"]["right"] == ["established", "related"]
+    assert opened[1]["match"] == {
+        "op": "==",
+        "left": {"ct": {"key": "direction"}},
+        "right": "original",
+    }
+    assert tcp[0]["match"]["right"] == ["established", "related"]
+    assert tcp[1]["match"] == {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}
     assert dispatch[0]["vmap"]["data"]["set"] == [[1001, {"jump": {"target": "agent_scout"}}]]
+
+
+def test_each_agent_tracks_its_own_udp_and_icmp_in_a_zone_of_its_own() -> None:
+    document = replace([SCOUT, AUDITED], log_group=17)
+    base = {
+        c["name"]: (c.get("type"), c.get("hook"), c.get("prio"))
+        for c in commands(document, "add", "chain")
+    }
+    assert base["zones"] == ("filter", "output", -300)  # before conntrack (-200)
+    [zones] = rules(document, "zones")
+    assert zones[0] == {"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    mangle = zones[1]["mangle"]
+    assert mangle["key"] == {"ct": {"key": "zone", "dir": "original"}}
+    assert mangle["value"]["map"]["key"] == {"meta": {"key": "skuid"}}
+    assert mangle["value"]["map"]["data"]["set"] == [[1001, 51001], [1002, 51002]]
+    assert ruleset.conntrack_zones([AUDITED, SCOUT]) == {"scout": 51001, "web-2": 51002}
 
 
 def test_an_enforced_agent_drops_what_is_not_in_its_sets() -> None:
@@ -100,7 +125,8 @@ def test_an_audited_agent_logs_and_accepts() -> None:
 def test_no_agents_still_makes_a_harmless_table() -> None:
     document = replace([], log_group=17)
     assert rules(document, "redirect") == []
-    assert len(rules(document, "output")) == 1
+    assert rules(document, "zones") == []
+    assert len(rules(document, "output")) == 2
 
 
 def test_replacing_keeps_sets_and_removes_what_is_gone() -> None:
@@ -115,6 +141,7 @@ def test_replacing_keeps_sets_and_removes_what_is_gone() -> None:
     ]
     flushed = [c["name"] for c in commands(document, "flush", "chain")]
     assert sorted(flushed) == ["agent_old", "agent_scout", "output", "redirect"]
+    assert "zones" in {c["name"] for c in commands(document, "add", "chain")}
     assert [c["name"] for c in commands(document, "delete", "chain")] == ["agent_old"]
     assert [c["name"] for c in commands(document, "delete", "set")] == ["old_v4", "old_v6"]
     assert [c["name"] for c in commands(document, "delete", "counter")] == ["old_blocked"]
