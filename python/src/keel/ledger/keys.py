@@ -11,13 +11,13 @@ an auditor needs to check checkpoints offline.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import socket
 import stat
 from pathlib import Path
 
+from keel.files import write_durably
 from keel.ledger.core import Signer, Verifier
 from keel.ledger.errors import KeyFileError, MalformedError
 
@@ -63,30 +63,12 @@ def create_signer(path: Path, name: str, seed: bytes | None = None) -> Signer:
     and then that key is read instead.
     """
     signer = Signer(name, seed if seed is not None else secrets.token_bytes(32))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask said
-            os.write(fd, (str(signer) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return load_signer(path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = write_durably(path, (str(signer) + "\n").encode("ascii"), mode=0o600, replace=False)
     except OSError as exc:
         raise KeyFileError(f"cannot create signing key {path}: {exc.strerror or exc}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-    return signer
+    return signer if made else load_signer(path)
 
 
 def load_verifier(spec: str) -> Verifier:

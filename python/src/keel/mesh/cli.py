@@ -126,15 +126,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _id(args: argparse.Namespace) -> int:
-    from keel.mesh.daemon import IDENTITY_FILE
-    from keel.mesh.identity import load_or_create
-    from keel.mesh.settings import prepare_directory
+    from keel.mesh.directory import IDENTITY_FILE, load_or_create_identity, prepare
 
     key = args.dir / IDENTITY_FILE
     made = not os.path.lexists(key)  # (False also when the directory cannot be searched)
     if made:
-        prepare_directory(args.dir, 0o700)
-    print(load_or_create(key).node_id)
+        prepare(args.dir, 0o700, named="--dir")
+    print(load_or_create_identity(key).node_id)
     if made:
         # A mistyped --dir must not pass for the node's identity unnoticed.
         print(f"keel: no identity in {args.dir} yet: made a new one in {key}", file=sys.stderr)

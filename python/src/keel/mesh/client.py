@@ -49,7 +49,8 @@ from typing import Any
 from keel.errors import ApiError
 from keel.mesh import local
 from keel.mesh.arguments import MAX_TTL, too_big
-from keel.mesh.packets import MAX_PAYLOAD, new_message_id
+from keel.mesh.ids import new_message_id
+from keel.mesh.packets import MAX_PAYLOAD
 from keel.mesh.settings import control_path
 
 DEFAULT_TIMEOUT = 30.0

@@ -43,10 +43,12 @@ from keel.mesh.delivery import (
     keep_seen_until,
     receipt,
 )
+from keel.mesh.directory import IDENTITY_FILE, STATE_FILE, load_or_create_identity, prepare
 from keel.mesh.encoding import split_address
 from keel.mesh.errors import InviteError, MeshError, ProtocolError, RemoteProtocolError
 from keel.mesh.hello import MAX_ADMISSION_CHAIN, make_hello, parse_hello
-from keel.mesh.identity import NodeIdentity, is_node_id, load_or_create
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import check_topic, is_node_id
 from keel.mesh.intake import Intake, TokenBucket
 from keel.mesh.invite import MAX_USES, InviteRecord, InviteToken, new_invite
 from keel.mesh.kem import Kem, get_kem
@@ -67,14 +69,11 @@ from keel.mesh.settings import (
     control_path,
     load_settings,
     parse_listen,
-    prepare_directory,
 )
 from keel.mesh.store import InboxMessage, Incoming, NewOutgoing, Store
 
 log = logging.getLogger("keel.mesh")
 
-IDENTITY_FILE = "identity.key"
-STATE_FILE = "state.db"
 MAX_UNIX_PATH = 107
 HOUSEKEEPING = 30.0
 PAYLOAD_CACHE_BYTES = 64 << 20
@@ -451,7 +450,7 @@ class MeshNode:
     async def start(self) -> None:
         directory = self.directory
         # 0750: the keel group may reach control.sock; every file inside is 0600.
-        prepare_directory(directory, 0o750)
+        prepare(directory, 0o750, named="--dir")
         socket_path = control_path(directory)
         if len(str(socket_path.absolute())) > MAX_UNIX_PATH:
             raise UsageError(
@@ -459,7 +458,7 @@ class MeshNode:
                 f"{MAX_UNIX_PATH} bytes; choose a shorter directory"
             )
         _refuse_if_served(socket_path)  # before touching the state another daemon owns
-        self.identity: NodeIdentity = load_or_create(directory / IDENTITY_FILE)
+        self.identity: NodeIdentity = load_or_create_identity(directory / IDENTITY_FILE)
         self.kem: Kem = self._kem or get_kem()
         sync = "FULL" if self.settings.durability == "full" else "NORMAL"
         self.store = Store(directory / STATE_FILE, synchronous=sync)
@@ -1534,7 +1533,7 @@ class MeshNode:
             if stream.topic is not None:
                 raise local.LocalStreamError("a stream subscribes once")
             try:
-                stream.topic = packets.check_topic(topic)
+                stream.topic = check_topic(topic)
             except ValueError as exc:
                 raise local.LocalStreamError(str(exc)) from None
             stream.max_unacked = max(1, min(max_unacked, MAX_STREAM_UNACKED))
@@ -1572,7 +1571,7 @@ class MeshNode:
                 to = recipients[message.to] = [message.to]
             if message.topic not in topics:
                 try:
-                    topics.add(packets.check_topic(message.topic))
+                    topics.add(check_topic(message.topic))
                 except ValueError as exc:
                     raise UsageError(str(exc)) from None
             arguments.check_size(len(message.payload))

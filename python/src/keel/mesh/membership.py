@@ -37,14 +37,9 @@ from typing import Any, Final
 
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
-from keel.mesh.identity import (
-    SIGNATURE_SIZE,
-    NodeIdentity,
-    NodeRecord,
-    is_node_id,
-    verify_signature,
-)
-from keel.mesh.packets import canonical_json, is_message_id
+from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
+from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
+from keel.mesh.packets import canonical_json
 
 KINDS: Final = ("genesis", "join", "remove", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from keel.errors import UsageError
 from keel.mesh.encoding import b64u_encode
-from keel.mesh.identity import NodeIdentity, is_node_id, verify_signature
+from keel.mesh.identity import NodeIdentity, verify_signature
+from keel.mesh.ids import is_node_id
 from keel.mesh.membership import (
     MAX_ROOM_MEMBERS,
     MAX_ROOM_NAME,

@@ -50,14 +50,8 @@ from keel.mesh.framing import (
     encode_frame,
     encode_record,
 )
-from keel.mesh.identity import (
-    KEY_SIZE,
-    SIGNATURE_SIZE,
-    NodeIdentity,
-    NodeRecord,
-    node_id_of,
-    verify_binding,
-)
+from keel.mesh.identity import NodeIdentity, NodeRecord, verify_binding
+from keel.mesh.ids import KEY_SIZE, SIGNATURE_SIZE, node_id_of
 from keel.mesh.invite import INVITE_ID_SIZE, PROOF_SIZE, InviteClaim, InviteToken, invite_proof
 from keel.mesh.kem import Kem
 from keel.mesh.noise import TAG_LEN, CipherState, HandshakeState

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from keel.config import Section
-from keel.errors import KeelError, UsageError
+from keel.errors import UsageError
 from keel.mesh.access import Operators
 from keel.mesh.delivery import DEFAULT_TTL, InboxLimits, Limits
 from keel.mesh.session import SessionConfig
@@ -118,23 +118,6 @@ def load_settings(directory: Path) -> Settings:
         if settings.dial_base > settings.dial_cap:
             raise cfg.error("dial_base", "must not exceed dial_cap")
     return settings
-
-
-def prepare_directory(directory: Path, mode: int) -> None:
-    """Make the node's directory (``mode``) if need be; ``KeelError`` unless this user may write it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=mode)
-    except OSError as exc:
-        raise KeelError(
-            f"--dir {directory}: cannot create the node's directory: {exc.strerror}"
-        ) from None
-    if not directory.is_dir():
-        raise KeelError(f"--dir {directory}: not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise KeelError(
-            f"--dir {directory}: not writable by this user (uid {os.getuid()}); the node keeps "
-            "its identity, state and control socket there"
-        )
 
 
 def control_path(directory: Path) -> Path:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 from keel.errors import ApiError
-from keel.mesh import packets
 from keel.mesh.client import MeshClient, SendRefused, Subscription
 from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import new_message_id
 from keel.mesh.invite import InviteToken
 from keel.mesh.packets import Ack, Msg, Msgs
 
@@ -169,7 +169,7 @@ def test_a_message_handed_to_a_subscriber_is_acknowledged_once_the_agent_took_it
     a = mesh_nodes("a").start()
     peer = member_sending_to(a)
     expires = int(time.time()) + 600
-    first = Msg(packets.new_message_id(), "hand", expires, b"one")
+    first = Msg(new_message_id(), "hand", expires, b"one")
     with a.client.subscribe("hand") as inbox:
         inbox.recv()
         peer.send_packet(Msgs((first,)))
@@ -196,7 +196,7 @@ def test_a_held_message_is_stored_when_the_agent_is_slow_or_goes_away(
     a = mesh_nodes("a").start()
     peer = member_sending_to(a)
     expires = int(time.time()) + 600
-    slow, gone = (Msg(packets.new_message_id(), "hold", expires, b) for b in (b"slow", b"gone"))
+    slow, gone = (Msg(new_message_id(), "hold", expires, b) for b in (b"slow", b"gone"))
     sleepy = a.client.subscribe("hold")
     sleepy.recv()
     peer.send_packet(Msgs((slow,)))

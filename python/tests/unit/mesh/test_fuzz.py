@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from keel.api import ControlServer, Peer
 from keel.config import parse_json
 from keel.errors import UsageError
-from keel.mesh import arguments, packets, rooms
+from keel.mesh import arguments, ids, packets, rooms
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import InviteError, RemoteProtocolError
 from keel.mesh.framing import FrameReader
@@ -308,7 +308,7 @@ def test_handshake_extra(data: st.DataObject) -> None:
         hello = parse_hello(extra)  # never raises
         assert len(hello.addresses) <= 16
         assert all(is_address(a) for a in hello.addresses)
-        assert hello.mesh is None or packets.is_message_id(hello.mesh)
+        assert hello.mesh is None or ids.is_message_id(hello.mesh)
         assert all(isinstance(r, dict) for r in hello.admission)
         assert type(hello.app) is int
         assert hello.app >= 1

@@ -13,7 +13,8 @@ from keel.mesh.errors import (
     RemoteProtocolError,
 )
 from keel.mesh.framing import FrameReader
-from keel.mesh.identity import NodeIdentity, node_id_of
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import node_id_of
 from keel.mesh.invite import new_invite
 from keel.mesh.kem import Kem
 from keel.mesh.noise import MAX_NONCE, HandshakeState
