@@ -102,5 +102,7 @@ def test_prepare_makes_the_directory_and_refuses_what_cannot_be_written(tmp_path
     directory.prepare(node, 0o750)
     assert stat.S_IMODE(node.stat().st_mode) == 0o750
     (tmp_path / "file").write_text("")
-    with pytest.raises(KeelError, match=r"directory .*: cannot create the node's directory: File exists"):
+    with pytest.raises(
+        KeelError, match=r"directory .*: cannot create the node's directory: File exists"
+    ):
         directory.prepare(tmp_path / "file", 0o750)
