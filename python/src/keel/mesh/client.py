@@ -301,7 +301,7 @@ class Sender:
     def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
         _check_size(data)
         message_id = id or new_message_id()
-        entry = local.Outgoing(message_id, to, topic, data, self.ttl_ms)
+        entry = local.SendEntry(message_id, to, topic, data, self.ttl_ms)
         try:
             self._next.entries += (local.send_entry_head(entry), data)
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
@@ -602,7 +602,7 @@ class MeshClient:
             stream.close()
             self._local.stream = None
 
-    def _send_binary(self, messages: Sequence[local.Outgoing]) -> bool:
+    def _send_binary(self, messages: Sequence[local.SendEntry]) -> bool:
         """Queue ``messages`` over this thread's stream; False if the daemon has no streams."""
         if not self._binary:
             return False
@@ -690,7 +690,7 @@ class MeshClient:
         """
         _check_size(data)
         message_id = new_message_id()
-        binary = local.Outgoing(message_id, to, topic, data, _ttl_ms(ttl))
+        binary = local.SendEntry(message_id, to, topic, data, _ttl_ms(ttl))
         deadline = time.monotonic() + retry
         while True:
             try:
@@ -724,7 +724,7 @@ class MeshClient:
             _check_size(data)
         ids = [new_message_id() for _ in listed]
         binary = [
-            local.Outgoing(i, to, topic, data, _ttl_ms(ttl))
+            local.SendEntry(i, to, topic, data, _ttl_ms(ttl))
             for i, (to, topic, data) in zip(ids, listed, strict=True)
         ]
         if self._send_binary(binary):

@@ -38,7 +38,7 @@ from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import (
     Backpressure,
     Outbox,
-    Outgoing,
+    Queued,
     Receipt,
     keep_seen_until,
     receipt,
@@ -53,7 +53,7 @@ from keel.mesh.intake import Intake, TokenBucket
 from keel.mesh.invite import MAX_USES, InviteRecord, InviteToken, new_invite
 from keel.mesh.kem import Kem, get_kem
 from keel.mesh.listener import Listener, listening_socket, quiet_resource_errors
-from keel.mesh.membership import Membership, MembershipError, Record, Room, View
+from keel.mesh.membership import Membership, MembershipError, Room, SignedRecord, View
 from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 from keel.mesh.session import (
     Closed,
@@ -70,7 +70,7 @@ from keel.mesh.settings import (
     load_settings,
     parse_listen,
 )
-from keel.mesh.store import InboxMessage, Incoming, NewOutgoing, Store
+from keel.mesh.store import InboxMessage, Incoming, OutboxRow, Store
 
 log = logging.getLogger("keel.mesh")
 
@@ -118,7 +118,7 @@ class PeerConnection(asyncio.Protocol):
         self.registered = False
         self.closing = False
         self.batching = False  # the peer takes MSGS packets (application revision >= 2)
-        self.join_records: list[Record] = []
+        self.join_records: list[SignedRecord] = []
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -603,7 +603,7 @@ class MeshNode:
         records = []
         for item in raw:
             try:
-                records.append(Record.from_json(item))
+                records.append(SignedRecord.from_json(item))
             except RemoteProtocolError as exc:
                 log.error("mesh: skipping a damaged stored record: %s", exc)  # noqa: TRY400 (no traceback wanted)
         mesh_id = self.store.get_meta("mesh")
@@ -657,12 +657,12 @@ class MeshNode:
             node = member.admitted_by
         return make_hello(self.addresses, self.membership.mesh_id, chain)
 
-    def _add_records(self, raw: Iterable[Any], source: PeerConnection | None) -> list[Record]:
+    def _add_records(self, raw: Iterable[Any], source: PeerConnection | None) -> list[SignedRecord]:
         """Merge records from a peer (or local); persist, gossip and apply the new ones."""
         new = []
         for item in raw:
             try:
-                record = Record.from_json(item)
+                record = SignedRecord.from_json(item)
                 if self.membership.add(record):
                     new.append(record)
             except RemoteProtocolError as exc:
@@ -680,14 +680,14 @@ class MeshNode:
             self._apply_view()
         return new
 
-    def _local_record(self, kind: str, **fields: Any) -> Record:
+    def _local_record(self, kind: str, **fields: Any) -> SignedRecord:
         record = self.membership.make(self.identity, kind, self._now_ms(), **fields)
         self.store.add_records([record])
         self._gossip([record], exclude=None)
         self._apply_view()
         return record
 
-    def _gossip(self, records: Sequence[Record], exclude: PeerConnection | None) -> None:
+    def _gossip(self, records: Sequence[SignedRecord], exclude: PeerConnection | None) -> None:
         batches = [packets.encode(b) for b in packets.split_records([r.to_json() for r in records])]
         for conn in list(self.links.values()):
             if conn is not exclude:
@@ -841,7 +841,7 @@ class MeshNode:
         except InviteError as exc:
             return f"invite-{exc.reason}: {exc}"
         addresses = list(parse_hello(event.extra).addresses)
-        join = Record.make(
+        join = SignedRecord.make(
             self.identity,
             "join",
             self.membership.next_at(self._now_ms()),
@@ -981,7 +981,7 @@ class MeshNode:
             author = peer
             if msg.room is not None:
                 check = rooms.check_message(view, me, msg)
-                if check.verdict is rooms.Verdict.REJECT:
+                if check.verdict is rooms.RoomVerdict.REJECT:
                     log.warning(
                         "mesh: refusing room message %s from %s: %s",
                         msg.id,
@@ -990,7 +990,7 @@ class MeshNode:
                     )
                     rejected.append((msg.id, check.reason[: packets.MAX_REASON]))
                     continue
-                if check.verdict is rooms.Verdict.BUSY:
+                if check.verdict is rooms.RoomVerdict.BUSY:
                     busy.append(msg.id)
                     continue
                 author = msg.room.author
@@ -1147,7 +1147,7 @@ class MeshNode:
         if cached is not None:
             self._payload_bytes -= len(cached[0])
 
-    def _dead_letter(self, items: Sequence[Outgoing], reason: str) -> None:
+    def _dead_letter(self, items: Sequence[Queued], reason: str) -> None:
         self._outbox_room.set()
         self.store.dead_letter(items, reason, self.wall())
         for item in items:
@@ -1179,7 +1179,7 @@ class MeshNode:
         ):
             stamp_json = _stamp_to_json(stamp) if stamp else None
             rows += [
-                NewOutgoing(
+                OutboxRow(
                     message_id,
                     peer,
                     stamp.room if stamp else None,
@@ -1257,7 +1257,7 @@ class MeshNode:
         assert conn.joining is not None
         for item in packet.records:
             try:
-                conn.join_records.append(Record.from_json(item))
+                conn.join_records.append(SignedRecord.from_json(item))
             except RemoteProtocolError as exc:
                 log.warning("mesh: ignoring a record from the inviter: %s", exc)
         genesis = [r for r in conn.join_records if r.kind == "genesis"]
@@ -1546,7 +1546,7 @@ class MeshNode:
             raise local.LocalStreamError(f"unknown frame type 0x{kind:02x}")
 
     def _local_batch(
-        self, messages: Sequence[local.Outgoing]
+        self, messages: Sequence[local.SendEntry]
     ) -> list[tuple[Sequence[str], str, bytes, float, None]]:
         """A SEND's messages for ``enqueue``, after the same checks as ``send_many``."""
         self._require_member()
@@ -1916,7 +1916,7 @@ class _Leased:
         return seq in self.handed or self.leases.get(seq, 0.0) > self.now  # type: ignore[call-overload]
 
 
-def _metadata(me: str, item: Outgoing) -> dict[str, Any]:
+def _metadata(me: str, item: Queued) -> dict[str, Any]:
     """What the ledger may know of a message: never its payload."""
     return {
         "id": item.id,

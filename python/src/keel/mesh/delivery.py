@@ -62,7 +62,7 @@ class Limits:
             raise ValueError("retry_base, retry_cap and ack_timeout must be positive, base <= cap")
 
 
-class Outgoing(NamedTuple):
+class Queued(NamedTuple):
     """One message for one recipient: everything the outbox needs but the payload (a tuple)."""
 
     seq: int
@@ -82,7 +82,7 @@ class _Phase(enum.Enum):
 
 @dataclass(slots=True)
 class _Entry:
-    item: Outgoing
+    item: Queued
     phase: _Phase = _Phase.READY
     attempts: int = 0
     deadline: float = 0.0  # INFLIGHT: ack deadline; WAITING: retry time
@@ -102,8 +102,8 @@ class _Peer:
 
 @dataclass(frozen=True)
 class Due:
-    sends: list[Outgoing]
-    expired: list[Outgoing]
+    sends: list[Queued]
+    expired: list[Queued]
 
 
 class Outbox:
@@ -163,7 +163,7 @@ class Outbox:
                 "retry later"
             )
 
-    def add(self, item: Outgoing, *, check: bool = True) -> None:
+    def add(self, item: Queued, *, check: bool = True) -> None:
         """Queue ``item`` (already stored durably); ``check=False`` when restoring at start."""
         if check:
             self.check_batch({item.peer: 1}, item.size)
@@ -178,7 +178,7 @@ class Outbox:
         self._total += 1
         self._bytes += item.size
 
-    def _remove(self, state: _Peer, seq: int) -> Outgoing:
+    def _remove(self, state: _Peer, seq: int) -> Queued:
         entry = state.entries.pop(seq)
         del state.by_id[entry.item.id]
         if entry.phase is _Phase.INFLIGHT:
@@ -206,10 +206,6 @@ class Outbox:
                 heapq.heappush(state.ready, seq)
         state.inflight = state.inflight_bytes = 0
 
-    def is_connected(self, peer: str) -> bool:
-        state = self._peers.get(peer)
-        return bool(state and state.connected)
-
     # -- answers
 
     def _find(self, peer: str, ids: Iterable[str]) -> Iterable[tuple[_Peer, int]]:
@@ -221,11 +217,11 @@ class Outbox:
             if seq is not None:
                 yield state, seq
 
-    def acked(self, peer: str, ids: Iterable[str]) -> list[Outgoing]:
+    def acked(self, peer: str, ids: Iterable[str]) -> list[Queued]:
         """Delivered: forget them (the shell deletes them). Unknown ids are ignored."""
         return [self._remove(state, seq) for state, seq in list(self._find(peer, ids))]
 
-    def rejected(self, peer: str, ids: Iterable[str]) -> list[Outgoing]:
+    def rejected(self, peer: str, ids: Iterable[str]) -> list[Queued]:
         """Refused for good by the recipient: dead letters."""
         return self.acked(peer, ids)
 
@@ -241,7 +237,7 @@ class Outbox:
             entry.deadline = now + self.backoff(entry.attempts)
             heapq.heappush(state.timers, (entry.deadline, seq))
 
-    def drop(self, keep: Callable[[Outgoing], bool]) -> list[Outgoing]:
+    def drop(self, keep: Callable[[Queued], bool]) -> list[Queued]:
         """Remove every queued message that ``keep`` refuses (a removed peer or room member)."""
         dropped = []
         for state in self._peers.values():
@@ -266,7 +262,7 @@ class Outbox:
             state = self._peers.get(peer)
             if state is not None and seq in state.entries:
                 expired.append(self._remove(state, seq))
-        sends: list[Outgoing] = []
+        sends: list[Queued] = []
         for state in self._peers.values():
             while state.timers and state.timers[0][0] <= now:
                 deadline, seq = heapq.heappop(state.timers)
@@ -332,7 +328,7 @@ class Outbox:
         state = self._peers.get(peer)
         return len(state.entries) if state else 0
 
-    def items(self) -> list[Outgoing]:
+    def items(self) -> list[Queued]:
         return sorted(
             (e.item for s in self._peers.values() for e in s.entries.values()),
             key=lambda item: item.seq,

@@ -77,7 +77,7 @@ class LocalStreamError(ValueError):
     """A malformed frame or body (the daemon answers ERROR and hangs up)."""
 
 
-class Outgoing(NamedTuple):
+class SendEntry(NamedTuple):
     """A message an agent sends: ``id`` 32 hex digits, ``ttl_ms`` 0 for the default."""
 
     id: str
@@ -87,7 +87,7 @@ class Outgoing(NamedTuple):
     ttl_ms: int = 0
 
     def __repr__(self) -> str:  # never the payload
-        return f"Outgoing(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
+        return f"SendEntry(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
 
 
 class Delivered(NamedTuple):
@@ -137,7 +137,7 @@ def _ascii(raw: bytes, what: str) -> str:
 # ---------------------------------------------------------------- SEND
 
 
-def send_entry_head(message: Outgoing) -> bytes:
+def send_entry_head(message: SendEntry) -> bytes:
     """A SEND entry up to its payload (the entry is this head, then ``message.payload``)."""
     topic = message.topic.encode("ascii")
     to = message.to.encode("ascii")
@@ -152,7 +152,7 @@ def send_entry_head(message: Outgoing) -> bytes:
     )
 
 
-def send_entry(message: Outgoing) -> bytes:
+def send_entry(message: SendEntry) -> bytes:
     return send_entry_head(message) + message.payload
 
 
@@ -164,13 +164,13 @@ def encode_send(request: int, entries: Sequence[bytes]) -> bytes:
     return b"".join((FRAME.pack(Kind.SEND, size), _REQUEST.pack(request), *entries))
 
 
-def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
+def decode_send(body: bytes) -> tuple[int, list[SendEntry]]:
     if len(body) < _REQUEST.size:
         raise LocalStreamError("SEND without a request number")
     (request,) = _REQUEST.unpack_from(body)
     view = memoryview(body)
     at, end = _REQUEST.size, len(body)
-    out: list[Outgoing] = []
+    out: list[SendEntry] = []
     try:
         while at < end:
             raw_id, to, ttl_ms, topic_length = _SEND_HEAD.unpack_from(body, at)
@@ -183,7 +183,7 @@ def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
                 raise LocalStreamError("SEND entry runs past the frame's end")
             payload = bytes(view[at : at + size])
             at += size
-            out.append(Outgoing(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms))
+            out.append(SendEntry(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms))
     except struct.error:
         raise LocalStreamError("SEND entry runs past the frame's end") from None
     finally:

@@ -35,8 +35,8 @@ from keel.mesh.membership import (
     MAX_ROOM_NAME,
     ROOM_NONCE_SIZE,
     Membership,
-    Record,
     Room,
+    SignedRecord,
     View,
     room_id_of,
 )
@@ -53,7 +53,7 @@ def create(
     members: Sequence[str],
     now_ms: int,
     random: Callable[[int], bytes] = secrets.token_bytes,
-) -> Record:
+) -> SignedRecord:
     """A new room owned by ``identity`` (always a member of it); added to ``membership``."""
     check_name(name)
     nonce = random(ROOM_NONCE_SIZE)
@@ -76,7 +76,7 @@ def update(
     *,
     members: Sequence[str],
     now_ms: int,
-) -> Record:
+) -> SignedRecord:
     """The room's next version with ``members``; only its owner may sign it."""
     if room.owner != identity.node_id:
         raise UsageError(
@@ -155,7 +155,7 @@ def stamp(
     return RoomStamp(room.id, identity.node_id, room.version, identity.sign(MESSAGE_DOMAIN, signed))
 
 
-class Verdict(enum.Enum):
+class RoomVerdict(enum.Enum):
     ACCEPT = "accept"
     BUSY = "busy"  # not yet: the receiver lacks the room version the author saw
     REJECT = "reject"
@@ -163,7 +163,7 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Check:
-    verdict: Verdict
+    verdict: RoomVerdict
     reason: str = ""
 
 
@@ -173,15 +173,15 @@ def check_message(view: View, local: str, message: Msg) -> Check:
     assert stamp_ is not None
     room = view.rooms.get(stamp_.room)
     if room is None or room.version < stamp_.version:
-        return Check(Verdict.BUSY, f"room {stamp_.room} version {stamp_.version} not known yet")
+        return Check(RoomVerdict.BUSY, f"room {stamp_.room} version {stamp_.version} not known yet")
     author = view.admitted.get(stamp_.author)
     if author is None or not view.is_member(stamp_.author):
-        return Check(Verdict.REJECT, f"author {stamp_.author} is not a mesh member")
+        return Check(RoomVerdict.REJECT, f"author {stamp_.author} is not a mesh member")
     recipients = view.room_recipients(room.id)
     if stamp_.author not in recipients:
-        return Check(Verdict.REJECT, f"author {stamp_.author} is not in room {room.id}")
+        return Check(RoomVerdict.REJECT, f"author {stamp_.author} is not in room {room.id}")
     if local not in recipients:
-        return Check(Verdict.REJECT, f"this node is not in room {room.id}")
+        return Check(RoomVerdict.REJECT, f"this node is not in room {room.id}")
     signed = _signed(
         room.id,
         message.id,
@@ -192,5 +192,5 @@ def check_message(view: View, local: str, message: Msg) -> Check:
         payload=message.payload,
     )
     if not verify_signature(author.node.signing_key, MESSAGE_DOMAIN, signed, stamp_.signature):
-        return Check(Verdict.REJECT, f"signature of {stamp_.author} does not verify")
-    return Check(Verdict.ACCEPT)
+        return Check(RoomVerdict.REJECT, f"signature of {stamp_.author} does not verify")
+    return Check(RoomVerdict.ACCEPT)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from keel.errors import KeelError
-from keel.mesh.delivery import Outgoing
+from keel.mesh.delivery import Queued
 from keel.mesh.invite import InviteRecord
-from keel.mesh.membership import Record
+from keel.mesh.membership import SignedRecord
 
 log = logging.getLogger("keel.mesh")
 
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS peers (node TEXT PRIMARY KEY, last_seen REAL NOT NULL
 """
 
 
-class StoreError(KeelError):
+class StateError(KeelError):
     """The state database cannot be opened or written."""
 
 
@@ -92,7 +92,7 @@ def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None
 # Tuples, not dataclasses: one of each is made per message on the hot path.
 
 
-class NewOutgoing(NamedTuple):
+class OutboxRow(NamedTuple):
     id: str
     peer: str
     room: str | None
@@ -102,7 +102,7 @@ class NewOutgoing(NamedTuple):
     payload: bytes
 
     def __repr__(self) -> str:  # never the payload
-        return f"NewOutgoing(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+        return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
 
 
 class Incoming(NamedTuple):
@@ -139,7 +139,7 @@ class Store:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
         except OSError as exc:
-            raise StoreError(
+            raise StateError(
                 f"{path}: cannot create the mesh state database: {exc.strerror}"
             ) from None
         try:
@@ -153,7 +153,7 @@ class Store:
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread's job
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
+            raise StateError(
                 f"{path}: cannot open the mesh state database: {exc} "
                 "(a damaged file? move it away to start afresh, losing queued messages)"
             ) from None
@@ -168,7 +168,7 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
         elif row[0] != str(SCHEMA_VERSION):
-            raise StoreError(
+            raise StateError(
                 f"{self.path}: state schema version {row[0]}, this keel reads {SCHEMA_VERSION}"
             )
 
@@ -181,7 +181,7 @@ class Store:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
+            raise StateError(f"{self.path}: cannot start a transaction: {exc}") from None
         try:
             yield self._db
         except BaseException:
@@ -192,7 +192,7 @@ class Store:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: commit failed: {exc}") from None
+            raise StateError(f"{self.path}: commit failed: {exc}") from None
         self._checkpointer.poke()
 
     # -- meta
@@ -201,24 +201,20 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
     # -- records
 
     def load_records(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT body FROM records ORDER BY at, id").fetchall()
         return [json.loads(body) for (body,) in rows]
 
-    def add_records(self, records: Iterable[Record]) -> None:
+    def add_records(self, records: Iterable[SignedRecord]) -> None:
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO records (id, at, body) VALUES (?, ?, ?)",
                 [(r.id, r.at, json.dumps(r.to_json(), sort_keys=True)) for r in records],
             )
 
-    def replace_records(self, records: Iterable[Record], mesh_id: str) -> None:
+    def replace_records(self, records: Iterable[SignedRecord], mesh_id: str) -> None:
         """Adopt another mesh's records (a fresh node joining); one transaction."""
         with self.transaction() as db:
             db.execute("DELETE FROM records")
@@ -243,7 +239,7 @@ class Store:
         ).fetchone()
         return None if row is None else InviteRecord.from_json(json.loads(row[0]))
 
-    def redeem_invite(self, record: InviteRecord, join: Record) -> None:
+    def redeem_invite(self, record: InviteRecord, join: SignedRecord) -> None:
         """Count a use down and store the join record it produced, together."""
         with self.transaction() as db:
             db.execute(
@@ -264,7 +260,7 @@ class Store:
 
     # -- outbox
 
-    def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing | None]:
+    def enqueue(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id).
 
         One transaction. The common case (nothing queued twice) is one
@@ -282,18 +278,14 @@ class Store:
             return self._enqueue_checked(items, created)
         self._last_seq = last + len(rows)
         return [
-            Outgoing(
-                seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload)
-            )
+            Queued(seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload))
             for seq, item in enumerate(items, last + 1)
         ]
 
-    def _enqueue_checked(
-        self, items: Sequence[NewOutgoing], created: float
-    ) -> list[Outgoing | None]:
+    def _enqueue_checked(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         keys = [(item.peer, item.id) for item in items]
         queued = self._existing("outbox", "peer", keys)
-        out: list[Outgoing | None] = []
+        out: list[Queued | None] = []
         rows = []
         with self.transaction() as db:
             last = self._outbox_seq(db)
@@ -305,7 +297,7 @@ class Store:
                 last += 1
                 rows.append(self._outbox_row(last, item, created))
                 out.append(
-                    Outgoing(
+                    Queued(
                         last,
                         item.id,
                         item.peer,
@@ -320,7 +312,7 @@ class Store:
         return out
 
     @staticmethod
-    def _outbox_row(seq: int, item: NewOutgoing, created: float) -> tuple[Any, ...]:
+    def _outbox_row(seq: int, item: OutboxRow, created: float) -> tuple[Any, ...]:
         return (
             seq,
             item.id,
@@ -367,22 +359,22 @@ class Store:
                 found.update((first, str(row[0])) for row in rows)
         return found
 
-    def load_outbox(self) -> list[Outgoing]:
+    def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
             "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
         ).fetchall()
-        return [Outgoing(*row) for row in rows]
+        return [Queued(*row) for row in rows]
 
     def outbox_payload(self, seq: int) -> tuple[bytes, str | None] | None:
         row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else (bytes(row[0]), row[1])
 
-    def delivered(self, items: Sequence[Outgoing]) -> None:
+    def delivered(self, items: Sequence[Queued]) -> None:
         """Acknowledged: drop the rows."""
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
 
-    def dead_letter(self, items: Sequence[Outgoing], reason: str, wall: float) -> None:
+    def dead_letter(self, items: Sequence[Queued], reason: str, wall: float) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
             db.executemany(
@@ -401,9 +393,6 @@ class Store:
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     # -- inbox
-
-    def is_seen(self, sender: str, message_id: str) -> bool:
-        return bool(self._existing("seen", "sender", [(sender, message_id)]))
 
     def seen_among(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """The ``(author, id)`` pairs of ``keys`` received before (one query per 400)."""

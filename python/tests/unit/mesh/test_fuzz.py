@@ -34,7 +34,7 @@ from keel.mesh.hello import make_hello, parse_hello
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import TOKEN_PREFIX, InviteToken, new_invite
 from keel.mesh.kem import Kem
-from keel.mesh.membership import Membership, Record
+from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.packets import Ack, Msg, Msgs, Records
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session
 
@@ -280,9 +280,11 @@ def test_invite_tokens_mutated(data: st.DataObject) -> None:
 def valid_records() -> list[dict[str, object]]:
     alice, bob = NodeIdentity.generate(seeded("a")), NodeIdentity.generate(seeded("b"))
     mesh = Membership.found(alice, ["10.0.0.1:7400"], 1_700_000_000_000)
-    join = Record.make(alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[])
+    join = SignedRecord.make(
+        alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[]
+    )
     room = rooms.create(alice, mesh, name="ops", members=[], now_ms=1_700_000_000_002)
-    remove = Record.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
+    remove = SignedRecord.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
     return [r.to_json() for r in (mesh.genesis, join, room, remove)]
 
 
@@ -292,11 +294,11 @@ def test_membership_records(data: st.DataObject) -> None:
     base = data.draw(st.sampled_from(valid_records()))
     for candidate in (mutated_json(base, data), data.draw(JSON)):
         try:
-            record = Record.from_json(candidate)
+            record = SignedRecord.from_json(candidate)
         except RemoteProtocolError as exc:
             one_line(exc)
             continue
-        assert Record.from_json(record.to_json()) == record
+        assert SignedRecord.from_json(record.to_json()) == record
         packets.canonical_json(record.to_json())  # it can be sent on
 
 

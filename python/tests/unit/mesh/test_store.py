@@ -12,17 +12,17 @@ from keel.errors import ConfigError, UsageError
 from keel.mesh import store as store_module
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
-from keel.mesh.membership import Membership, Record
+from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.settings import load_settings, parse_listen
-from keel.mesh.store import Incoming, NewOutgoing, Store, StoreError
+from keel.mesh.store import Incoming, OutboxRow, StateError, Store
 
 from .conftest import seeded
 
 P, Q = "p" * 32, "q" * 32
 
 
-def out(message_id: str, peer: str = P, payload: bytes = b"data") -> NewOutgoing:
-    return NewOutgoing(message_id, peer, None, "t", 2e9, None, payload)
+def out(message_id: str, peer: str = P, payload: bytes = b"data") -> OutboxRow:
+    return OutboxRow(message_id, peer, None, "t", 2e9, None, payload)
 
 
 def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> None:
@@ -63,8 +63,7 @@ def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
         ],
         wall=1.0,
     )
-    assert store.is_seen(P, f"{1:032x}")
-    assert not store.is_seen(Q, f"{1:032x}")
+    assert store.seen_among([(P, f"{1:032x}"), (Q, f"{1:032x}")]) == {(P, f"{1:032x}")}
     with pytest.raises(sqlite3.IntegrityError):
         store.receive([Incoming(P, f"{1:032x}", None, "t", b"", 100.0)], wall=1.0)
     assert store.inbox_totals() == (5, 15)
@@ -109,12 +108,15 @@ def test_records_and_invites(tmp_path: Path) -> None:
     record = store.get_invite(token.invite_id)
     assert record is not None
     assert record.uses_left == 2
-    join = Record.make(alice, "join", 1001, node=bob.record().to_json(), addrs=[])
+    join = SignedRecord.make(alice, "join", 1001, node=bob.record().to_json(), addrs=[])
     store.redeem_invite(record.redeem(time.time()), join)
     again = store.get_invite(token.invite_id)
     assert again is not None
     assert again.uses_left == 1
-    assert [Record.from_json(r).id for r in store.load_records()] == [mesh.genesis.id, join.id]
+    assert [SignedRecord.from_json(r).id for r in store.load_records()] == [
+        mesh.genesis.id,
+        join.id,
+    ]
     assert store.prune_invites(wall=time.time() + 3600) == 1
     assert store.get_invite(token.invite_id) is None
 
@@ -122,7 +124,7 @@ def test_records_and_invites(tmp_path: Path) -> None:
 def test_a_damaged_or_foreign_database_is_refused_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="cannot open the mesh state database"):
+    with pytest.raises(StateError, match="cannot open the mesh state database"):
         Store(bad)
     newer = tmp_path / "newer.db"
     Store(newer).close()
@@ -130,7 +132,7 @@ def test_a_damaged_or_foreign_database_is_refused_clearly(tmp_path: Path) -> Non
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StateError, match="schema version 99"):
         Store(newer)
 
 
