@@ -17,7 +17,6 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
@@ -37,7 +36,10 @@ from keel.mesh.access import guard
 from keel.mesh.connections import Dial, Dialer, Link, preferred
 from keel.mesh.delivery import (
     Backpressure,
+    InboxMessage,
+    Incoming,
     Outbox,
+    OutboxRow,
     Queued,
     Receipt,
     keep_seen_until,
@@ -70,7 +72,7 @@ from keel.mesh.settings import (
     load_settings,
     parse_listen,
 )
-from keel.mesh.store import InboxMessage, Incoming, OutboxRow, Store
+from keel.mesh.store import Store
 
 log = logging.getLogger("keel.mesh")
 
@@ -419,7 +421,7 @@ class MeshNode:
         self.connections: set[PeerConnection] = set()
         self.links: dict[str, PeerConnection] = {}
         self.addresses: list[str] = []
-        self._payloads: dict[int, tuple[bytes, str | None]] = {}
+        self._payloads: dict[int, tuple[bytes, RoomStamp | None]] = {}
         self._payload_bytes = 0
         self._leases: dict[int, float] = {}  # receipts handed out by ``recv``: lease end
         self._handed: dict[int, LocalStream] = {}  # receipts handed out on a local stream
@@ -1105,8 +1107,7 @@ class MeshNode:
                 if conn is None or stored is None:
                     continue
                 payload, stamp = stored
-                room = _stamp_from_json(stamp) if stamp else None
-                message = Msg(item.id, item.topic, int(item.expires), payload, room)
+                message = Msg(item.id, item.topic, int(item.expires), payload, stamp)
                 if conn.batching and packets.batchable(message):
                     batch = batches.get(item.peer)
                     if batch is None:
@@ -1131,13 +1132,13 @@ class MeshNode:
             delay = max(0.0, min(deadlines) - self.clock())
             self._pump_timer = asyncio.get_running_loop().call_later(max(delay, 0.001), self.kick)
 
-    def _payload(self, seq: int) -> tuple[bytes, str | None] | None:
+    def _payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
         cached = self._payloads.get(seq)
         if cached is not None:
             return cached
         return self.store.outbox_payload(seq)
 
-    def _remember_payload(self, seq: int, payload: bytes, stamp: str | None) -> None:
+    def _remember_payload(self, seq: int, payload: bytes, stamp: RoomStamp | None) -> None:
         if self._payload_bytes + len(payload) <= PAYLOAD_CACHE_BYTES:
             self._payloads[seq] = (payload, stamp)
             self._payload_bytes += len(payload)
@@ -1177,7 +1178,6 @@ class MeshNode:
         for message_id, (recipients, topic, payload, expires, stamp) in zip(
             message_ids, messages, strict=True
         ):
-            stamp_json = _stamp_to_json(stamp) if stamp else None
             rows += [
                 OutboxRow(
                     message_id,
@@ -1185,7 +1185,7 @@ class MeshNode:
                     stamp.room if stamp else None,
                     topic,
                     expires,
-                    stamp_json,
+                    stamp,
                     payload,
                 )
                 for peer in recipients
@@ -1926,22 +1926,6 @@ def _metadata(me: str, item: Queued) -> dict[str, Any]:
         "topic": item.topic,
         "size": item.size,
     }
-
-
-def _stamp_to_json(stamp: RoomStamp) -> str:
-    return json.dumps(
-        {
-            "room": stamp.room,
-            "from": stamp.author,
-            "rv": stamp.version,
-            "sig": base64.b64encode(stamp.signature).decode(),
-        }
-    )
-
-
-def _stamp_from_json(text: str) -> RoomStamp:
-    data = json.loads(text)
-    return RoomStamp(data["room"], data["from"], data["rv"], base64.b64decode(data["sig"]))
 
 
 def _join_refusal(reason: str) -> KeelError:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from keel.errors import KeelError
+from keel.mesh.packets import RoomStamp
 
 DEFAULT_TTL: Final = 24 * 3600.0
 
@@ -62,6 +63,9 @@ class Limits:
             raise ValueError("retry_base, retry_cap and ack_timeout must be positive, base <= cap")
 
 
+# Tuples, not dataclasses: one of each is made per message on the hot path.
+
+
 class Queued(NamedTuple):
     """One message for one recipient: everything the outbox needs but the payload (a tuple)."""
 
@@ -72,6 +76,44 @@ class Queued(NamedTuple):
     room: str | None
     expires: float
     size: int
+
+
+class OutboxRow(NamedTuple):
+    id: str
+    peer: str
+    room: str | None
+    topic: str
+    expires: float
+    stamp: RoomStamp | None  # a room message's, the same for every recipient
+    payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+
+
+class Incoming(NamedTuple):
+    sender: str  # the author (dedup key with id)
+    id: str
+    room: str | None
+    topic: str
+    payload: bytes
+    keep_until: float
+
+    def __repr__(self) -> str:  # never the payload
+        return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
+
+
+class InboxMessage(NamedTuple):
+    seq: int
+    id: str
+    sender: str
+    room: str | None
+    topic: str
+    received: float
+    payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"
 
 
 class _Phase(enum.Enum):

@@ -20,6 +20,7 @@ pages of large ones go to the free list as they are).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -29,12 +30,13 @@ import threading
 import time
 from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from keel.errors import KeelError
-from keel.mesh.delivery import Queued
+from keel.mesh.delivery import InboxMessage, Incoming, OutboxRow, Queued
 from keel.mesh.invite import InviteRecord
 from keel.mesh.membership import SignedRecord
+from keel.mesh.packets import RoomStamp
 
 log = logging.getLogger("keel.mesh")
 
@@ -89,45 +91,46 @@ def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None
         raise _Duplicates
 
 
-# Tuples, not dataclasses: one of each is made per message on the hot path.
+def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[tuple[Any, ...]]:
+    """Rows for ``items`` with seqs after ``last``; a room stamp is encoded once per message."""
+    texts: dict[
+        int, str
+    ] = {}  # id(stamp): its stored form (the recipients of one message share it)
+    rows = []
+    for seq, item in enumerate(items, last + 1):
+        stamp = item.stamp
+        text = None
+        if stamp is not None:
+            text = texts.get(id(stamp))
+            if text is None:
+                text = texts[id(stamp)] = _stamp_text(stamp)
+        rows.append(
+            (
+                seq,
+                item.id,
+                item.peer,
+                item.room,
+                item.topic,
+                item.expires,
+                created,
+                text,
+                item.payload,
+            )
+        )
+    return rows
 
 
-class OutboxRow(NamedTuple):
-    id: str
-    peer: str
-    room: str | None
-    topic: str
-    expires: float
-    stamp: str | None  # JSON of the room stamp, the same for every recipient
-    payload: bytes
-
-    def __repr__(self) -> str:  # never the payload
-        return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+def _stamp_text(stamp: RoomStamp) -> str:
+    """A room stamp as the ``stamp`` column holds it (JSON, as since the first schema)."""
+    signature = base64.b64encode(stamp.signature).decode()
+    return json.dumps(
+        {"room": stamp.room, "from": stamp.author, "rv": stamp.version, "sig": signature}
+    )
 
 
-class Incoming(NamedTuple):
-    sender: str  # the author (dedup key with id)
-    id: str
-    room: str | None
-    topic: str
-    payload: bytes
-    keep_until: float
-
-    def __repr__(self) -> str:  # never the payload
-        return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
-
-
-class InboxMessage(NamedTuple):
-    seq: int
-    id: str
-    sender: str
-    room: str | None
-    topic: str
-    received: float
-    payload: bytes
-
-    def __repr__(self) -> str:  # never the payload
-        return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"
+def _stamp_from_text(text: str) -> RoomStamp:
+    data = json.loads(text)
+    return RoomStamp(data["room"], data["from"], data["rv"], base64.b64decode(data["sig"]))
 
 
 class Store:
@@ -270,9 +273,7 @@ class Store:
         try:
             with self.transaction() as db:
                 last = self._outbox_seq(db)
-                rows = [
-                    self._outbox_row(last + n, item, created) for n, item in enumerate(items, 1)
-                ]
+                rows = _outbox_rows(last, items, created)
                 _insert_new(db, rows)
         except _Duplicates:
             return self._enqueue_checked(items, created)
@@ -286,7 +287,7 @@ class Store:
         keys = [(item.peer, item.id) for item in items]
         queued = self._existing("outbox", "peer", keys)
         out: list[Queued | None] = []
-        rows = []
+        new: list[OutboxRow] = []
         with self.transaction() as db:
             last = self._outbox_seq(db)
             for item, key in zip(items, keys, strict=True):
@@ -294,11 +295,10 @@ class Store:
                     out.append(None)
                     continue
                 queued.add(key)
-                last += 1
-                rows.append(self._outbox_row(last, item, created))
+                new.append(item)
                 out.append(
                     Queued(
-                        last,
+                        last + len(new),
                         item.id,
                         item.peer,
                         item.topic,
@@ -307,23 +307,9 @@ class Store:
                         len(item.payload),
                     )
                 )
-            db.executemany(_INSERT_OUTBOX, rows)
-        self._last_seq = last
+            db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created))
+        self._last_seq = last + len(new)
         return out
-
-    @staticmethod
-    def _outbox_row(seq: int, item: OutboxRow, created: float) -> tuple[Any, ...]:
-        return (
-            seq,
-            item.id,
-            item.peer,
-            item.room,
-            item.topic,
-            item.expires,
-            created,
-            item.stamp,
-            item.payload,
-        )
 
     def _outbox_seq(self, db: sqlite3.Connection) -> int:
         """The last outbox seq ever used (one query per Store; this Store is the only writer)."""
@@ -365,9 +351,12 @@ class Store:
         ).fetchall()
         return [Queued(*row) for row in rows]
 
-    def outbox_payload(self, seq: int) -> tuple[bytes, str | None] | None:
+    def outbox_payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
+        """A queued message's payload and room stamp (None once it is gone)."""
         row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else (bytes(row[0]), row[1])
+        if row is None:
+            return None
+        return bytes(row[0]), None if row[1] is None else _stamp_from_text(row[1])
 
     def delivered(self, items: Sequence[Queued]) -> None:
         """Acknowledged: drop the rows."""

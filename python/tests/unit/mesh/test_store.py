@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import time
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 from keel.errors import ConfigError, UsageError
 from keel.mesh import store as store_module
+from keel.mesh.delivery import Incoming, OutboxRow
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
 from keel.mesh.membership import Membership, SignedRecord
+from keel.mesh.packets import RoomStamp
 from keel.mesh.settings import load_settings, parse_listen
-from keel.mesh.store import Incoming, OutboxRow, StateError, Store
+from keel.mesh.store import StateError, Store
 
 from .conftest import seeded
 
@@ -52,6 +55,22 @@ def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path
         }
     ]
     assert store.last_seen() == {P: 5.0}
+
+
+def test_a_room_stamp_is_stored_once_per_message_in_the_form_older_keels_wrote(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    stamp = RoomStamp("r" * 32, P, 3, bytes(range(64)))
+    rows = [OutboxRow("1" * 32, peer, "r" * 32, "t", 2e9, stamp, b"x") for peer in (P, Q)]
+    queued = store.enqueue(rows, created=1.0)
+    assert [store.outbox_payload(item.seq) for item in queued if item] == [(b"x", stamp)] * 2
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        texts = [json.loads(text) for (text,) in db.execute("SELECT stamp FROM outbox")]
+    assert texts == [
+        {"room": "r" * 32, "from": P, "rv": 3, "sig": base64.b64encode(bytes(range(64))).decode()}
+    ] * 2
 
 
 def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
