@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from keel.mesh.connections import Dial, Dialer, Link, preferred
-
-from .conftest import FakeClock
+from keel.testing import FakeClock
 
 LOW, HIGH = "a" * 32, "b" * 32
 

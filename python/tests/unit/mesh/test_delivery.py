@@ -20,8 +20,7 @@ from keel.mesh.delivery import (
     keep_seen_until,
     receipt,
 )
-
-from .conftest import FakeClock
+from keel.testing import FakeClock
 
 WALL0 = 1_700_000_000.0
 

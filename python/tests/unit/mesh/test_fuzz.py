@@ -37,11 +37,12 @@ from keel.mesh.kem import Kem
 from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.packets import Ack, Msg, Msgs, Records
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session
+from keel.testing import FakeClock
 
 from tests.json_values import json_values
 from tests.kyberpy_kem import KyberPyKem
 
-from .conftest import FakeClock, production_kem, seeded
+from .conftest import production_kem, seeded
 from .test_session import hand_made_initiator
 
 ARGUMENT_KEYS = ["token", "to", "wait", "timeout", "ttl", "max", "ack", "data", "id", "topic"]

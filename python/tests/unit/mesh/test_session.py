@@ -30,10 +30,11 @@ from keel.mesh.session import (
     SessionConfig,
     State,
 )
+from keel.testing import FakeClock
 
 from tests.kyberpy_kem import KyberPyKem
 
-from .conftest import FakeClock, Pair, drain, make_pair, open_pair, seeded
+from .conftest import Pair, drain, make_pair, open_pair, seeded
 
 
 def frames(data: bytes) -> list[bytes]:

@@ -68,9 +68,18 @@ def test_a_room_stamp_is_stored_once_per_message_in_the_form_older_keels_wrote(
     store.close()
     with sqlite3.connect(tmp_path / "s.db") as db:
         texts = [json.loads(text) for (text,) in db.execute("SELECT stamp FROM outbox")]
-    assert texts == [
-        {"room": "r" * 32, "from": P, "rv": 3, "sig": base64.b64encode(bytes(range(64))).decode()}
-    ] * 2
+    assert (
+        texts
+        == [
+            {
+                "room": "r" * 32,
+                "from": P,
+                "rv": 3,
+                "sig": base64.b64encode(bytes(range(64))).decode(),
+            }
+        ]
+        * 2
+    )
 
 
 def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
