@@ -53,7 +53,7 @@ class Operators:
         owner = "root" if self.daemon_uid == 0 else f"root or uid {self.daemon_uid}, the daemon's"
         return (
             f"`{verb}` needs {owner} (you are uid {peer.uid}); an operator group may be "
-            'named with "operator_group" in the node\'s config.json'
+            'named with "operator_group" in the node\'s config file'
         )
 
 

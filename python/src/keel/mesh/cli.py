@@ -1,7 +1,11 @@
 """``keel mesh ...``: run a node, pair nodes by invite, send and receive, rooms.
 
-Every command but ``serve`` and ``id`` talks to the node's daemon through
-``DIR/control.sock``, so ``keel mesh serve --dir DIR`` must be running.
+``serve`` runs the node's daemon from its config file (``--config``,
+``/etc/keel/mesh.json`` by default, ``./.keel/mesh.json`` in dev mode);
+``check-config`` reads that file as ``serve`` would. ``id`` reads the node's
+identity in its directory. Every other command talks to the daemon through
+its control socket (``--socket``, ``/run/keel/mesh.sock`` by default,
+``./.keel/run/mesh.sock`` in dev mode).
 """
 
 from __future__ import annotations
@@ -12,17 +16,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from keel.errors import KeelError, UsageError
 
-DEFAULT_DIR_HELP = "the node's directory: identity, state, control socket (default: %(default)s)"
-
-
-def _default_dir() -> Path:
-    from keel.paths import state_dir
-
-    return state_dir() / "mesh"
+CONFIG_HELP = "the node's config file (default: /etc/keel/mesh.json, ./.keel/mesh.json in dev mode)"
+SOCKET_HELP = "the node's control socket (default: /run/keel/mesh.sock, ./.keel/run/mesh.sock)"
+MOVED = (
+    "keel mesh serve reads its settings from --config FILE (default /etc/keel/mesh.json): "
+    'write {{"directory": "{directory}", "listen": "{listen}"}} there (docs/mesh.md, '
+    "upgrading); the node's identity and state stay where they are"
+)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,21 +34,49 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "mesh",
         help="encrypted peer-to-peer messaging between keel hosts",
         description="The keel mesh: post-quantum hybrid encrypted messaging between nodes, "
-        "paired by invite, with rooms and store-and-forward delivery.",
+        "paired by invite, with rooms and store-and-forward delivery. See docs/mesh.md.",
     )
     sub = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
+        parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
         parser.set_defaults(func=func)
         return parser
 
-    p = command("serve", "run the node's daemon", _serve)
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address for peers")
-    p.add_argument("--ledger", type=Path, metavar="PATH", help="append message metadata here")
+    p = sub.add_parser(
+        "serve",
+        help="run the node's daemon",
+        description="Run the node's daemon in the foreground (systemd runs it as "
+        "keel-mesh.service, Type=notify with WatchdogSec).",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    for moved in ("--dir", "--listen", "--ledger"):
+        p.add_argument(moved, help=argparse.SUPPRESS)
+    p.set_defaults(func=_serve)
 
-    command("id", "print the node id (makes the identity if there is none)", _id)
+    p = sub.add_parser(
+        "check-config",
+        help="validate a mesh config and exit",
+        description="Read the config as `serve` would and report the first problem, naming "
+        "the key. Exit 0 when it is valid, 2 when it is not.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="print the settings read as JSON")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser(
+        "id",
+        help="print the node id (makes the identity if there is none)",
+        description="Print the node id of the node's directory (from --dir, or the config's "
+        "directory), making its identity if there is none yet.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument(
+        "--dir", type=Path, metavar="DIR", help="the node's directory (overrides the config's)"
+    )
+    p.set_defaults(func=_id)
 
     p = command("invite", "print a single-use invite token for another node", _invite)
     p.add_argument(
@@ -78,7 +110,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     def room_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
         parser = room_sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
+        parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
         parser.set_defaults(func=func)
         return parser
 
@@ -103,7 +135,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _client(args: argparse.Namespace) -> Any:
     from keel.mesh.client import MeshClient
 
-    return MeshClient(args.dir)
+    return MeshClient(args.socket)
 
 
 def _payload(data: str) -> bytes:
@@ -119,23 +151,69 @@ def _payload(data: str) -> bytes:
     return payload
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from keel.mesh.daemon import run
+def _config_path(args: argparse.Namespace) -> Path:
+    from keel import paths
 
-    return run(args.dir, args.listen, args.ledger)
+    return Path(args.config) if args.config else paths.config_file("mesh")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.dir is not None or args.listen is not None or args.ledger is not None:
+        _moved(args)
+    from keel.mesh.serve import main
+
+    return main(_config_path(args), verbose=args.verbose)
+
+
+def _moved(args: argparse.Namespace) -> NoReturn:
+    """``serve --dir/--listen/--ledger``, the flags before the config file: say what to write."""
+    directory = args.dir or "/var/lib/keel/mesh"
+    raise UsageError(MOVED.format(directory=directory, listen=args.listen or "0.0.0.0:7400"))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from keel.mesh import config
+    from keel.mesh.listener import format_address
+    from keel.output import print_json
+
+    loaded = config.load(_config_path(args))
+    settings = loaded.settings
+    if args.json:
+        print_json(
+            {
+                "directory": str(loaded.directory),
+                "listen": format_address(*loaded.listen),
+                "socket": str(loaded.common.socket),
+                "ledger": None if loaded.common.ledger is None else str(loaded.common.ledger),
+                "operator_group": settings.operator_group,
+                "durability": settings.durability,
+            }
+        )
+    else:
+        print(
+            f"{loaded.source}: valid (node directory {loaded.directory}, listening on "
+            f"{format_address(*loaded.listen)}, control socket {loaded.common.socket})"
+        )
+    return 0
 
 
 def _id(args: argparse.Namespace) -> int:
     from keel.mesh.directory import IDENTITY_FILE, load_or_create_identity, prepare
 
-    key = args.dir / IDENTITY_FILE
+    if args.dir is not None:
+        directory, named = Path(args.dir), "--dir"
+    else:
+        from keel.mesh import config
+
+        directory, named = config.load(_config_path(args)).directory, "directory"
+    key = directory / IDENTITY_FILE
     made = not os.path.lexists(key)  # (False also when the directory cannot be searched)
     if made:
-        prepare(args.dir, 0o700, named="--dir")
+        prepare(directory, 0o700, named=named)
     print(load_or_create_identity(key).node_id)
     if made:
         # A mistyped --dir must not pass for the node's identity unnoticed.
-        print(f"keel: no identity in {args.dir} yet: made a new one in {key}", file=sys.stderr)
+        print(f"keel: no identity in {directory} yet: made a new one in {key}", file=sys.stderr)
     return 0
 
 

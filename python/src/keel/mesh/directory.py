@@ -15,6 +15,7 @@ group or others may read it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import stat
@@ -28,7 +29,9 @@ from keel.mesh.identity import NodeIdentity, parse_key_file
 
 IDENTITY_FILE = "identity.key"
 STATE_FILE = "state.db"
+LEGACY_CONFIG = "config.json"  # settings before --config: no longer read
 MAX_KEY_FILE = 64 * 1024
+LOCK_FILE = "daemon.lock"
 
 
 def prepare(directory: Path, mode: int, *, named: str = "directory") -> None:
@@ -103,3 +106,27 @@ def load_or_create_identity(
             if not os.path.lexists(path):
                 raise
     return load_identity(path)
+
+
+def lock(directory: Path) -> int:
+    """Hold the directory for this daemon (``flock``); ``KeelError`` if another one does.
+
+    Returns the lock file's descriptor: closing it (or exiting) lets go.
+    """
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise KeelError(f"{path}: cannot open the node's lock file: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise KeelError(
+            f"{directory}: another keel mesh daemon is already serving this directory"
+            f"{f' (pid {holder})' if holder.isdigit() else ''}; stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

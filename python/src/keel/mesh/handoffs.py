@@ -40,8 +40,8 @@ from typing import Final, NamedTuple
 
 from keel.mesh.delivery import Incoming
 from keel.mesh.errors import LocalProtocolError
+from keel.mesh.local import STREAM_RECEIPTS
 
-STREAM_RECEIPTS: Final = 1 << 63  # receipts from here on name a handoff, on its stream only
 HOLD: Final = 1.0  # s an agent may hold a handed-off message before it is stored anyway
 MAX_UNACKED: Final = 100_000  # the most a stream may ask to hold
 

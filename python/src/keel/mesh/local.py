@@ -43,15 +43,13 @@ messages out again, under new receipts).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple
 
 MAX_FRAME: Final = 16 << 20
-SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (the kernel caps it at wmem_max)
+SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (keel.api.widen; the kernel caps it)
 FRAME: Final = struct.Struct(">BI")
 _SEND_HEAD = struct.Struct(">16s32sQB")
 _SIZE = struct.Struct(">I")
@@ -100,17 +98,6 @@ class Delivered(NamedTuple):
 
     def __repr__(self) -> str:  # never the payload
         return f"Delivered(receipt={self.receipt}, id={self.id!r}, sender={self.sender!r})"
-
-
-class _Socket(Protocol):
-    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
-
-
-def widen(sock: _Socket) -> None:
-    """Big socket buffers: a 1 MiB frame crosses in one or two wakeups, not a dozen."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):  # the default works, only slower
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
 def frame(kind: Kind, body: bytes) -> bytes:

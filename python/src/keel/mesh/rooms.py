@@ -23,8 +23,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from keel.errors import UsageError
 from keel.mesh.encoding import b64u_encode
@@ -34,9 +35,7 @@ from keel.mesh.membership import (
     MAX_ROOM_MEMBERS,
     MAX_ROOM_NAME,
     ROOM_NONCE_SIZE,
-    Membership,
     Room,
-    SignedRecord,
     View,
     room_id_of,
 )
@@ -47,52 +46,36 @@ MESSAGE_DOMAIN = "room-message"
 
 def create(
     identity: NodeIdentity,
-    membership: Membership,
     *,
     name: str,
-    members: Sequence[str],
-    now_ms: int,
+    members: Iterable[str],
     random: Callable[[int], bytes] = secrets.token_bytes,
-) -> SignedRecord:
-    """A new room owned by ``identity`` (always a member of it); added to ``membership``."""
+) -> dict[str, Any]:
+    """The fields of a new ``room`` record owned by ``identity`` (always a member of it)."""
     check_name(name)
     nonce = random(ROOM_NONCE_SIZE)
-    return membership.make(
-        identity,
-        "room",
-        now_ms,
-        room=room_id_of(identity.node_id, nonce),
-        nonce=b64u_encode(nonce),
-        name=name,
-        version=1,
-        members=_member_list(identity.node_id, members),
-    )
+    return {
+        "room": room_id_of(identity.node_id, nonce),
+        "nonce": b64u_encode(nonce),
+        "name": name,
+        "version": 1,
+        "members": _member_list(identity.node_id, members),
+    }
 
 
-def update(
-    identity: NodeIdentity,
-    membership: Membership,
-    room: Room,
-    *,
-    members: Sequence[str],
-    now_ms: int,
-) -> SignedRecord:
-    """The room's next version with ``members``; only its owner may sign it."""
+def update(identity: NodeIdentity, room: Room, *, members: Iterable[str]) -> dict[str, Any]:
+    """The fields of the room's next version, with ``members``; only its owner may sign it."""
     if room.owner != identity.node_id:
         raise UsageError(
             f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
         )
-    body = room.record.body
-    return membership.make(
-        identity,
-        "room",
-        now_ms,
-        room=room.id,
-        nonce=body["nonce"],
-        name=room.name,
-        version=room.version + 1,
-        members=_member_list(identity.node_id, members),
-    )
+    return {
+        "room": room.id,
+        "nonce": room.record.body["nonce"],
+        "name": room.name,
+        "version": room.version + 1,
+        "members": _member_list(identity.node_id, members),
+    }
 
 
 def check_name(name: str) -> None:
@@ -100,7 +83,8 @@ def check_name(name: str) -> None:
         raise UsageError(f"room name must be 1 to {MAX_ROOM_NAME} printable characters")
 
 
-def _member_list(owner: str, members: Sequence[str]) -> list[str]:
+def _member_list(owner: str, members: Iterable[str]) -> list[str]:
+    members = list(members)
     for member in members:
         if not is_node_id(member):
             raise UsageError(f"{member!r} is not a node id (32 characters of a-z and 2-7)")

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from keel.errors import KeelError
 from keel.mesh.delivery import InboxMessage, Incoming, OutboxRow, Queued
@@ -71,7 +72,12 @@ CREATE TABLE IF NOT EXISTS peers (node TEXT PRIMARY KEY, last_seen REAL NOT NULL
 
 
 class StateError(KeelError):
-    """The state database cannot be opened or written."""
+    """The state database cannot be opened, read or written (a full disk, an I/O error)."""
+
+
+def state_failed(what: str, exc: StateError) -> None:
+    """One log line for a failure of the state database the node rides out."""
+    log.error("mesh: %s: %s", what, exc)
 
 
 class _Duplicates(Exception):
@@ -133,7 +139,28 @@ def _stamp_from_text(text: str) -> RoomStamp:
     return RoomStamp(data["room"], data["from"], data["rv"], base64.b64decode(data["sig"]))
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _state_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Any SQLite failure of ``method`` (a full disk, an I/O error) as a :class:`StateError`."""
+
+    @functools.wraps(method)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            assert isinstance(store, Store)
+            raise StateError(f"{store.path}: {exc}") from exc
+
+    return wrapped
+
+
 class Store:
+    """The database; every failure it can meet is a :class:`StateError` naming the file."""
+
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         try:
@@ -188,7 +215,8 @@ class Store:
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                self._db.execute("ROLLBACK")
             raise
         try:
             self._db.execute("COMMIT")
@@ -200,16 +228,19 @@ class Store:
 
     # -- meta
 
+    @_state_errors
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     # -- records
 
+    @_state_errors
     def load_records(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT body FROM records ORDER BY at, id").fetchall()
         return [json.loads(body) for (body,) in rows]
 
+    @_state_errors
     def add_records(self, records: Iterable[SignedRecord]) -> None:
         with self.transaction() as db:
             db.executemany(
@@ -217,6 +248,7 @@ class Store:
                 [(r.id, r.at, json.dumps(r.to_json(), sort_keys=True)) for r in records],
             )
 
+    @_state_errors
     def replace_records(self, records: Iterable[SignedRecord], mesh_id: str) -> None:
         """Adopt another mesh's records (a fresh node joining); one transaction."""
         with self.transaction() as db:
@@ -229,6 +261,7 @@ class Store:
 
     # -- invites
 
+    @_state_errors
     def add_invite(self, record: InviteRecord, created: float) -> None:
         with self.transaction() as db:
             db.execute(
@@ -236,12 +269,14 @@ class Store:
                 (record.invite_id.hex(), json.dumps(record.to_json()), created),
             )
 
+    @_state_errors
     def get_invite(self, invite_id: bytes) -> InviteRecord | None:
         row = self._db.execute(
             "SELECT body FROM invites WHERE invite_id = ?", (invite_id.hex(),)
         ).fetchone()
         return None if row is None else InviteRecord.from_json(json.loads(row[0]))
 
+    @_state_errors
     def redeem_invite(self, record: InviteRecord, join: SignedRecord) -> None:
         """Count a use down and store the join record it produced, together."""
         with self.transaction() as db:
@@ -254,6 +289,7 @@ class Store:
                 (join.id, join.at, json.dumps(join.to_json(), sort_keys=True)),
             )
 
+    @_state_errors
     def prune_invites(self, wall: float) -> int:
         with self.transaction() as db:
             rows = db.execute("SELECT invite_id, body FROM invites").fetchall()
@@ -263,6 +299,7 @@ class Store:
 
     # -- outbox
 
+    @_state_errors
     def enqueue(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id).
 
@@ -345,12 +382,14 @@ class Store:
                 found.update((first, str(row[0])) for row in rows)
         return found
 
+    @_state_errors
     def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
             "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
         ).fetchall()
         return [Queued(*row) for row in rows]
 
+    @_state_errors
     def outbox_payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
         """A queued message's payload and room stamp (None once it is gone)."""
         row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
@@ -358,11 +397,13 @@ class Store:
             return None
         return bytes(row[0]), None if row[1] is None else _stamp_from_text(row[1])
 
+    @_state_errors
     def delivered(self, items: Sequence[Queued]) -> None:
         """Acknowledged: drop the rows."""
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
 
+    @_state_errors
     def dead_letter(self, items: Sequence[Queued], reason: str, wall: float) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
@@ -372,6 +413,7 @@ class Store:
                 [(i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall) for i in items],
             )
 
+    @_state_errors
     def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT id, peer, room, topic, size, reason, at FROM dead_letters "
@@ -383,10 +425,12 @@ class Store:
 
     # -- inbox
 
+    @_state_errors
     def seen_among(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """The ``(author, id)`` pairs of ``keys`` received before (one query per 400)."""
         return self._existing("seen", "sender", keys)
 
+    @_state_errors
     def receive(self, items: Sequence[Incoming], wall: float) -> list[int]:
         """Store new messages with their dedup keys, atomically; returns their inbox seqs."""
         with self.transaction() as db:
@@ -402,6 +446,7 @@ class Store:
             (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()
         return list(range(last - len(items) + 1, last + 1))
 
+    @_state_errors
     def mark_seen(self, keys: Sequence[tuple[str, str, float]]) -> None:
         """Store dedup keys (sender, id, keep_until) of messages an agent took straight away."""
         with self.transaction() as db:
@@ -409,12 +454,14 @@ class Store:
                 "INSERT OR IGNORE INTO seen (sender, id, keep_until) VALUES (?, ?, ?)", keys
             )
 
+    @_state_errors
     def inbox_totals(self) -> tuple[int, int]:
         count, size = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox"
         ).fetchone()
         return int(count), int(size)
 
+    @_state_errors
     def take(self, topic: str, limit: int, exclude: Container[int]) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` whose seq is not in ``exclude``.
 
@@ -444,6 +491,7 @@ class Store:
             ]
         return out
 
+    @_state_errors
     def consume(self, seqs: Iterable[int]) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there."""
         unique = list(dict.fromkeys(seqs))
@@ -458,12 +506,14 @@ class Store:
                 ).fetchall()
         return [(int(a), int(b)) for a, b in gone]
 
+    @_state_errors
     def prune_seen(self, wall: float) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM seen WHERE keep_until < ?", (wall,)).rowcount
 
     # -- peers
 
+    @_state_errors
     def touch_peers(self, peers: Iterable[str], wall: float) -> None:
         with self.transaction() as db:
             db.executemany(
@@ -471,6 +521,7 @@ class Store:
                 [(p, wall) for p in peers],
             )
 
+    @_state_errors
     def last_seen(self) -> dict[str, float]:
         return dict(self._db.execute("SELECT node, last_seen FROM peers"))
 

@@ -284,7 +284,9 @@ def valid_records() -> list[dict[str, object]]:
     join = SignedRecord.make(
         alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[]
     )
-    room = rooms.create(alice, mesh, name="ops", members=[], now_ms=1_700_000_000_002)
+    room = mesh.make(
+        alice, "room", 1_700_000_000_002, **rooms.create(alice, name="ops", members=[])
+    )
     remove = SignedRecord.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
     return [r.to_json() for r in (mesh.genesis, join, room, remove)]
 

@@ -6,7 +6,6 @@ import pytest
 from keel.mesh.delivery import Incoming
 from keel.mesh.errors import LocalProtocolError
 from keel.mesh.handoffs import (
-    STREAM_RECEIPTS,
     TRANSITIONS,
     Do,
     Event,
@@ -16,6 +15,7 @@ from keel.mesh.handoffs import (
     has_room,
     step,
 )
+from keel.mesh.local import STREAM_RECEIPTS
 from keel.testing import FakeClock
 
 PEER = "p" * 32

@@ -108,7 +108,8 @@ def test_a_windows_bytes_are_counted_across_the_batch() -> None:
 def test_room_messages_are_checked_and_keyed_by_their_author() -> None:
     membership = mesh()
     membership.add(join(A, D, T0 + 3))
-    record = rooms.create(A, membership, name="ops", members=[B.node_id, C.node_id], now_ms=T0 + 9)
+    fields = rooms.create(A, name="ops", members=[B.node_id, C.node_id])
+    record = membership.make(A, "room", T0 + 9, **fields)
     room = membership.view.rooms[record.body["room"]]
 
     def stamped(n: int, author=C, version: int | None = None) -> Msg:

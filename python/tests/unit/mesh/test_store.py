@@ -1,4 +1,4 @@
-"""The daemon's SQLite state, and its settings file."""
+"""The daemon's SQLite state."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from keel.errors import ConfigError, UsageError
 from keel.mesh import store as store_module
 from keel.mesh.delivery import Incoming, OutboxRow
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
 from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.packets import RoomStamp
-from keel.mesh.settings import load_settings, parse_listen
 from keel.mesh.store import StateError, Store
 
 from .conftest import seeded
@@ -92,7 +90,7 @@ def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
         wall=1.0,
     )
     assert store.seen_among([(P, f"{1:032x}"), (Q, f"{1:032x}")]) == {(P, f"{1:032x}")}
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StateError, match="UNIQUE constraint failed"):
         store.receive([Incoming(P, f"{1:032x}", None, "t", b"", 100.0)], wall=1.0)
     assert store.inbox_totals() == (5, 15)
     taken = store.take("t", 10, exclude=[seqs[0]])
@@ -164,31 +162,6 @@ def test_a_damaged_or_foreign_database_is_refused_clearly(tmp_path: Path) -> Non
         Store(newer)
 
 
-def test_settings_defaults_overrides_and_errors(tmp_path: Path) -> None:
-    assert load_settings(tmp_path).session.handshake_timeout == 10.0
-    assert load_settings(tmp_path).durability == "normal"
-    (tmp_path / "config.json").write_text(json.dumps({"handshake_timeout": 2, "max_inbox": 5}))
-    settings = load_settings(tmp_path)
-    assert settings.session.handshake_timeout == 2
-    assert settings.inbox.max_messages == 5
-    for bad, key in (
-        ({"nope": 1}, "nope"),
-        ({"idle_timeout": 1, "keepalive_interval": 2}, "idle_timeout"),
-        ({"durability": "maybe"}, "durability"),
-    ):
-        (tmp_path / "config.json").write_text(json.dumps(bad))
-        with pytest.raises(ConfigError, match=key):
-            load_settings(tmp_path)
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:7400") == ("0.0.0.0", 7400)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("7400", "host:7400", "1.2.3.4:x", "1.2.3.4:70000", ":1"):
-        with pytest.raises(UsageError, match="--listen"):
-            parse_listen(bad)
-
-
 def test_invite_record_json_round_trip() -> None:
     alice = NodeIdentity.generate(seeded("a"))
     token = new_invite(alice, ["127.0.0.1:1"], now=0, ttl=60)
@@ -242,3 +215,15 @@ def test_outbox_seqs_only_grow_and_a_batch_may_repeat_itself(tmp_path: Path) -> 
     assert later is not None
     assert later.seq > max(seqs)
     reopened.close()
+
+
+def test_every_failure_of_the_database_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.close()
+    for call in (
+        lambda: store.enqueue([out("1" * 32)], created=1.0),
+        lambda: store.take("t", 10, ()),
+        lambda: store.seen_among([(P, "1" * 32)]),
+    ):
+        with pytest.raises(StateError, match=str(tmp_path / "s.db")):
+            call()
