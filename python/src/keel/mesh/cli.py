@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from keel import commands
 from keel.errors import KeelError, UsageError
 
-CONFIG_HELP = "the node's config file (default: /etc/keel/mesh.json, ./.keel/mesh.json in dev mode)"
 SOCKET_HELP = "the node's control socket (default: /run/keel/mesh.sock, ./.keel/run/mesh.sock)"
 MOVED = (
     "keel mesh serve reads its settings from --config FILE (default /etc/keel/mesh.json): "
@@ -29,8 +29,8 @@ MOVED = (
 )
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    mesh = commands.add_parser(
+def register(subparsers: commands.Subcommands) -> None:
+    mesh = subparsers.add_parser(
         "mesh",
         help="encrypted peer-to-peer messaging between keel hosts",
         description="The keel mesh: post-quantum hybrid encrypted messaging between nodes, "
@@ -44,27 +44,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         parser.set_defaults(func=func)
         return parser
 
-    p = sub.add_parser(
-        "serve",
-        help="run the node's daemon",
-        description="Run the node's daemon in the foreground (systemd runs it as "
-        "keel-mesh.service, Type=notify with WatchdogSec).",
+    p = commands.add_serve(
+        sub, "mesh", help="run the node's daemon", what="the node's daemon", func=_serve
     )
-    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
-    p.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     for moved in ("--dir", "--listen", "--ledger"):
         p.add_argument(moved, help=argparse.SUPPRESS)
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser(
-        "check-config",
+    commands.add_check_config(
+        sub,
+        "mesh",
         help="validate a mesh config and exit",
-        description="Read the config as `serve` would and report the first problem, naming "
-        "the key. Exit 0 when it is valid, 2 when it is not.",
+        json_help="print the settings read as JSON",
+        func=_check_config,
     )
-    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
-    p.add_argument("--json", action="store_true", help="print the settings read as JSON")
-    p.set_defaults(func=_check_config)
 
     p = sub.add_parser(
         "id",
@@ -72,7 +63,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Print the node id of the node's directory (from --dir, or the config's "
         "directory), making its identity if there is none yet.",
     )
-    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--config", type=Path, metavar="FILE", help=commands.config_help("mesh"))
     p.add_argument(
         "--dir", type=Path, metavar="DIR", help="the node's directory (overrides the config's)"
     )
@@ -151,18 +142,12 @@ def _payload(data: str) -> bytes:
     return payload
 
 
-def _config_path(args: argparse.Namespace) -> Path:
-    from keel import paths
-
-    return Path(args.config) if args.config else paths.config_file("mesh")
-
-
 def _serve(args: argparse.Namespace) -> int:
     if args.dir is not None or args.listen is not None or args.ledger is not None:
         _moved(args)
     from keel.mesh.serve import main
 
-    return main(_config_path(args), verbose=args.verbose)
+    return main(commands.config_path(args, "mesh"), verbose=args.verbose)
 
 
 def _moved(args: argparse.Namespace) -> NoReturn:
@@ -176,7 +161,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from keel.mesh.listener import format_address
     from keel.output import print_json
 
-    loaded = config.load(_config_path(args))
+    loaded = config.load(commands.config_path(args, "mesh"))
     settings = loaded.settings
     if args.json:
         print_json(
@@ -205,7 +190,7 @@ def _id(args: argparse.Namespace) -> int:
     else:
         from keel.mesh import config
 
-        directory, named = config.load(_config_path(args)).directory, "directory"
+        directory, named = config.load(commands.config_path(args, "mesh")).directory, "directory"
     key = directory / IDENTITY_FILE
     made = not os.path.lexists(key)  # (False also when the directory cannot be searched)
     if made:

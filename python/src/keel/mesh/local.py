@@ -1,7 +1,7 @@
 """The binary local stream between agents and their daemon: frames and their bodies. Pure.
 
-An agent opens ``DIR/control.sock``, sends the JSON request
-``{"verb": "stream", "args": {}}``, reads the JSON reply
+An agent opens the node's control socket (``/run/keel/mesh.sock``), sends
+the JSON request ``{"verb": "stream", "args": {}}``, reads the JSON reply
 (``{"ok": true, "result": {"stream": 1, "node": ...}}``) and from then on
 both sides exchange binary frames on that connection::
 
