@@ -36,15 +36,14 @@ def add_serve(
     commands: Subcommands, service: str, *, help: str, what: str, func: Command
 ) -> argparse.ArgumentParser:
     """``keel SERVICE serve [--config FILE] [--verbose]``; ``what`` names the daemon."""
-    serve = commands.add_parser(
-        "serve",
-        help=help,
-        description=f"Run {what} in the foreground (systemd runs it as keel-{service}.service, "
-        "Type=notify with WatchdogSec).",
+    description = (
+        f"Run {what} in the foreground (systemd runs it as keel-{service}.service, "
+        "Type=notify with WatchdogSec)."
     )
-    serve.add_argument("--config", type=Path, metavar="FILE", help=config_help(service))
+    serve = _command(
+        commands, "serve", service=service, help=help, description=description, func=func
+    )
     serve.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
-    serve.set_defaults(func=func)
     return serve
 
 
@@ -52,13 +51,21 @@ def add_check_config(
     commands: Subcommands, service: str, *, help: str, json_help: str, func: Command
 ) -> argparse.ArgumentParser:
     """``keel SERVICE check-config [--config FILE] [--json]``."""
-    check = commands.add_parser(
-        "check-config",
-        help=help,
-        description="Read the config as `serve` would and report the first problem, naming "
-        "the file and key. Exit 0 when it is valid, 2 when it is not.",
+    description = (
+        "Read the config as `serve` would and report the first problem, naming the file and "
+        "key. Exit 0 when it is valid, 2 when it is not."
     )
-    check.add_argument("--config", type=Path, metavar="FILE", help=config_help(service))
+    check = _command(
+        commands, "check-config", service=service, help=help, description=description, func=func
+    )
     check.add_argument("--json", action="store_true", help=json_help)
-    check.set_defaults(func=func)
     return check
+
+
+def _command(
+    commands: Subcommands, name: str, *, service: str, help: str, description: str, func: Command
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", type=Path, metavar="FILE", help=config_help(service))
+    parser.set_defaults(func=func)
+    return parser

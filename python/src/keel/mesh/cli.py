@@ -39,10 +39,7 @@ def register(subparsers: commands.Subcommands) -> None:
     sub = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
-        parser.set_defaults(func=func)
-        return parser
+        return _client_command(sub, name, help_text, func)
 
     p = commands.add_serve(
         sub, "mesh", help="run the node's daemon", what="the node's daemon", func=_serve
@@ -100,10 +97,7 @@ def register(subparsers: commands.Subcommands) -> None:
     room_sub = room.add_subparsers(dest="room_command", metavar="COMMAND", required=True)
 
     def room_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        parser = room_sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
-        parser.set_defaults(func=func)
-        return parser
+        return _client_command(room_sub, name, help_text, func)
 
     p = room_command("create", "create a room owned by this node; prints its id", _room_create)
     p.add_argument("name", metavar="NAME")
@@ -121,6 +115,16 @@ def register(subparsers: commands.Subcommands) -> None:
     p = room_command("members", "list a room's members", _room_members)
     p.add_argument("room", metavar="ROOM", help="room id or name")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _client_command(
+    sub: commands.Subcommands, name: str, help_text: str, func: Any
+) -> argparse.ArgumentParser:
+    """A command that talks to the daemon (``--socket``)."""
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -54,25 +54,19 @@ def signed_bytes(domain: str, message: bytes) -> bytes:
 
 def verify_signature(signing_public: bytes, domain: str, message: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is ``signing_public``'s signature of ``message`` in ``domain``."""
-    if len(signing_public) != KEY_SIZE or len(signature) != SIGNATURE_SIZE:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(signing_public).verify(
-            signature, signed_bytes(domain, message)
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return _ed25519_valid(signing_public, signature, signed_bytes(domain, message))
 
 
 def verify_binding(static_public: bytes, signing_public: bytes, binding: bytes) -> bool:
     """Whether ``binding`` ties ``signing_public`` to the node with ``static_public``."""
-    if len(signing_public) != KEY_SIZE or len(binding) != SIGNATURE_SIZE:
+    return _ed25519_valid(signing_public, binding, BINDING_LABEL + static_public)
+
+
+def _ed25519_valid(public: bytes, signature: bytes, signed: bytes) -> bool:
+    if len(public) != KEY_SIZE or len(signature) != SIGNATURE_SIZE:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(signing_public).verify(
-            binding, BINDING_LABEL + static_public
-        )
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, signed)
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -59,6 +59,14 @@ class Join:
         return cls(token, timeout)
 
 
+def _message(args: Mapping[str, Any]) -> tuple[str, str, bytes, float | None]:
+    """A message's id (the client's, or a new one), topic, payload and ttl (None: default)."""
+    topic = arguments.topic(args)
+    payload = arguments.data(args)
+    ttl = arguments.ttl(args, 1.0) if "ttl" in args else None
+    return arguments.message_id(args), topic, payload, ttl
+
+
 @dataclass(frozen=True)
 class Direct:
     """One message to one node (``send``, an entry of ``send_many``)."""
@@ -72,10 +80,8 @@ class Direct:
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> Direct:
         to = arguments.node_id(args, "to")
-        topic = arguments.topic(args)
-        payload = arguments.data(args)
-        ttl = arguments.ttl(args, 1.0) if "ttl" in args else None
-        return cls(arguments.message_id(args), to, topic, payload, ttl)
+        message_id, topic, payload, ttl = _message(args)
+        return cls(message_id, to, topic, payload, ttl)
 
 
 @dataclass(frozen=True)
@@ -175,10 +181,8 @@ class RoomSend:
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> RoomSend:
         room = arguments.string(args, "room")
-        topic = arguments.topic(args)
-        payload = arguments.data(args)
-        ttl = arguments.ttl(args, 1.0) if "ttl" in args else None
-        return cls(arguments.message_id(args), room, topic, payload, ttl)
+        message_id, topic, payload, ttl = _message(args)
+        return cls(message_id, room, topic, payload, ttl)
 
 
 @dataclass(frozen=True)
