@@ -66,6 +66,9 @@ def register(subparsers: commands.Subcommands) -> None:
     )
     p.set_defaults(func=_id)
 
+    p = command("status", "the node: id, mesh, addresses, connections, queues, ledger", _status)
+    p.add_argument("--json", action="store_true", help="print the daemon's whole status as JSON")
+
     p = command("invite", "print a single-use invite token for another node", _invite)
     p.add_argument(
         "--ttl", type=float, default=3600.0, metavar="SECONDS", help="valid for (default 3600)"
@@ -203,6 +206,30 @@ def _id(args: argparse.Namespace) -> int:
     if made:
         # A mistyped --dir must not pass for the node's identity unnoticed.
         print(f"keel: no identity in {directory} yet: made a new one in {key}", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    status = _client(args).status()
+    if args.json:
+        print_json(status)
+        return 0
+    ledger = status.get("service", {}).get("ledger", {})
+    problem = f" ({ledger['problem']})" if ledger.get("problem") else ""
+    lines = [
+        ("node", status["node"]),
+        ("mesh", f"{status['mesh']}{'' if status['member'] else ' (this node was removed)'}"),
+        ("addresses", ", ".join(status["addresses"])),
+        ("members", status["members"]),
+        ("connected", len(status["connected"])),
+        ("outbox", f"{status['outbox']} message(s) waiting"),
+        ("inbox", f"{status['inbox']} message(s) unread"),
+        ("ledger", f"{ledger.get('state', '?')}{problem}"),
+    ]
+    for name, value in lines:
+        print(f"{name + ':':11}{value}")
     return 0
 
 

@@ -11,21 +11,25 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from keel.api import Handler, Peer, Upgrade
 from keel.errors import KeelError, UsageError
 from keel.mesh import agent_streams, arguments, local, rooms, verbs
 from keel.mesh.access import guard
+from keel.mesh.config import Settings
 from keel.mesh.delivery import Backpressure
+from keel.mesh.identity import NodeIdentity
 from keel.mesh.ids import check_topic, is_node_id
-from keel.mesh.invite import InviteRecord, new_invite
+from keel.mesh.inbox import Inbox
+from keel.mesh.invite import InviteRecord, InviteToken, new_invite
+from keel.mesh.links import Links
 from keel.mesh.local import SendEntry, Status
+from keel.mesh.members import Members
 from keel.mesh.membership import Room
-from keel.mesh.outbound import NewMessage
-
-if TYPE_CHECKING:
-    from keel.mesh.node import MeshNode
+from keel.mesh.outbound import NewMessage, Outbound
+from keel.mesh.store import Store
+from keel.service import Shell
 
 STREAM_SEND_WAIT: Final = 5.0  # s a stream's SEND waits for room in a full outbox before "busy"
 
@@ -39,10 +43,29 @@ def _verb(parse: Callable[[Mapping[str, Any]], R], run: Callable[[R], Awaitable[
     return handle
 
 
+class Node(Protocol):
+    """What the verbs use of the node (:class:`keel.mesh.node.MeshNode`)."""
+
+    me: str
+    identity: NodeIdentity
+    addresses: list[str]
+    settings: Settings
+    shell: Shell
+    store: Store
+    members: Members
+    links: Links
+    outbound: Outbound
+    inbox: Inbox
+
+    def wall(self) -> float: ...
+
+    async def join(self, token: InviteToken, timeout: float) -> verbs.Joined: ...
+
+
 class Control:
     """The verbs of one node."""
 
-    def __init__(self, node: MeshNode) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def handlers(self) -> dict[str, Handler]:
@@ -198,6 +221,7 @@ class Control:
         checked: set[str] = set()
         topics: set[str] = set()
         default = self.node.settings.default_ttl
+        wall = self.node.wall()
         messages = []
         for entry in entries:
             if entry.to not in checked:
@@ -214,8 +238,9 @@ class Control:
             ttl = entry.ttl_ms / 1000 if entry.ttl_ms else default
             if ttl > arguments.MAX_TTL:
                 raise UsageError(f"ttl must be at most {arguments.MAX_TTL} s (ten years)")
-            expires = self.node.wall() + ttl
-            messages.append(NewMessage(entry.id, (entry.to,), entry.topic, entry.payload, expires))
+            messages.append(
+                NewMessage(entry.id, (entry.to,), entry.topic, entry.payload, wall + ttl)
+            )
         return messages
 
     # -- rooms

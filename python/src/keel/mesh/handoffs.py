@@ -236,9 +236,9 @@ class Handoffs:
         state.held[hold.receipt] = hold
         state.bytes += hold.size
 
-    def is_handed(self, author: str, message_id: str) -> bool:
-        """Whether a stream holds this message from memory (a copy is answered with it)."""
-        return (author, message_id) in self._handed
+    def handed(self) -> Container[tuple[str, str]]:
+        """The (author, id) of messages streams hold from memory (a copy is answered with them)."""
+        return self._handed.keys()
 
     def holds(self, seq: int, now: float) -> bool:
         """Whether the stored message ``seq`` is not to be handed out at ``now``."""

@@ -19,7 +19,7 @@ one ACK. For each message, in order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keel.mesh import rooms
@@ -55,7 +55,7 @@ def plan(
     me: str,
     view: View,
     seen: Container[Key],
-    handed: Callable[[str, str], bool],
+    handed: Container[Key],
     inbox: tuple[int, int],
     limits: InboxLimits,
     windows: Mapping[str, Sequence[Window]],
@@ -63,8 +63,8 @@ def plan(
 ) -> Plan:
     """Decide on ``messages`` from ``peer`` (see the module's docstring).
 
-    ``seen``: the keys among them stored before; ``handed(author, id)``: held
-    by a local agent from memory; ``inbox``: (messages, bytes) stored now;
+    ``seen``: the keys among them stored before; ``handed``: the keys of
+    messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
     ``windows``: the subscribers of the batch's topics.
     """
     out = Plan()
@@ -83,7 +83,7 @@ def plan(
                 continue
             author = msg.room.author
         key = (author, msg.id)
-        if handed(author, msg.id):
+        if key in handed:
             continue
         answer = receipt(
             seen=key in this_batch or key in seen,
@@ -107,7 +107,7 @@ def plan(
             msg.payload,
             keep_seen_until(msg.expires, wall, limits),
         )
-        stream = takers.take(msg.topic, len(msg.payload))
+        stream = takers.take(msg.topic, len(msg.payload)) if windows else None
         if stream is not None:
             out.hand.append((stream, item))
             continue

@@ -90,7 +90,7 @@ class Inbox:
             me=self.me,
             view=self.view(),
             seen=seen,
-            handed=self.handoffs.is_handed,
+            handed=self.handoffs.handed(),
             inbox=(self.count, self.bytes),
             limits=self.limits,
             windows=self.handoffs.windows({m.topic for m in messages}),

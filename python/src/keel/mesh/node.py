@@ -34,6 +34,7 @@ from keel.errors import KeelError, UsageError
 from keel.mesh import admission, packets
 from keel.mesh.admission import Merge, Redeem, Refuse
 from keel.mesh.config import MeshConfig
+from keel.mesh.control import Control
 from keel.mesh.delivery import Outbox
 from keel.mesh.dialing import Dialer
 from keel.mesh.directory import (
@@ -207,8 +208,6 @@ class MeshNode(Daemon):
         return f"node {self.me}"
 
     def verbs(self) -> Mapping[str, Handler]:
-        from keel.mesh.control import Control
-
         return Control(self).handlers()
 
     def status(self) -> dict[str, Any]:

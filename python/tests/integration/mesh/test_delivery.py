@@ -117,6 +117,12 @@ def test_peers_and_ids(pair: tuple[Node, Node]) -> None:
     table = a.cli("peers").stdout
     assert b.node_id in table
     assert "yes" in table
+    status = a.cli("status").stdout
+    assert f"node:      {a.node_id}" in status
+    assert "connected: 1" in status
+    assert "ledger:    off" in status  # the tests' nodes run without one
+    service = json.loads(a.cli("status", "--json").stdout)["service"]
+    assert (service["name"], service["ledger"]["state"]) == ("mesh", "off")
 
 
 def test_exactly_once_when_either_daemon_is_killed_mid_stream(pair: tuple[Node, Node]) -> None:

@@ -55,11 +55,11 @@ def test_an_acknowledged_handoff_is_taken_and_frees_its_place() -> None:
     core = subscribed(clock, 1, max_unacked=1)
     receipt = core.hand(1, message(1), PEER)
     assert receipt >= STREAM_RECEIPTS
-    assert core.is_handed(AUTHOR, f"{1:032x}")
+    assert (AUTHOR, f"{1:032x}") in core.handed()
     assert not core.has_room(1)
     steps = core.acked(1, [receipt])
     assert [(h.item, h.peer) for h in steps.take] == [(message(1), PEER)]
-    assert not core.is_handed(AUTHOR, f"{1:032x}")
+    assert (AUTHOR, f"{1:032x}") not in core.handed()
     assert core.has_room(1)
     assert core.acked(1, [receipt]).take == []  # twice: stale, ignored
 
@@ -72,7 +72,7 @@ def test_stream_receipts_count_only_on_their_stream_and_seqs_anywhere() -> None:
     steps = core.acked(2, [receipt, seq, 41])
     assert steps.take == []
     assert steps.consume == [40, 41]  # stored receipts stay valid across streams
-    assert core.is_handed(AUTHOR, f"{1:032x}")
+    assert (AUTHOR, f"{1:032x}") in core.handed()
 
 
 def test_a_handoff_held_too_long_is_stored_and_stays_the_streams() -> None:
@@ -90,7 +90,7 @@ def test_a_handoff_held_too_long_is_stored_and_stays_the_streams() -> None:
     assert hold.phase is Phase.STORED
     assert 40 in core.holding()
     assert core.next_deadline() is None
-    assert not core.is_handed(AUTHOR, f"{1:032x}")  # a copy now finds it stored: a duplicate
+    assert (AUTHOR, f"{1:032x}") not in core.handed()  # a copy now finds it stored: a duplicate
     steps = core.acked(1, [receipt])  # the agent acknowledges it by its stream receipt
     assert steps.consume == [40]
     assert 40 not in core.holding()
@@ -102,7 +102,7 @@ def test_a_handoff_the_inbox_cannot_take_stays_handed_and_is_due_again() -> None
     core.hand(1, message(1), PEER)
     clock.advance(1.0)
     assert len(core.due().store_kept) == 1  # the shell found no room: it stays handed
-    assert core.is_handed(AUTHOR, f"{1:032x}")
+    assert (AUTHOR, f"{1:032x}") in core.handed()
     assert len(core.due().store_kept) == 1
 
 
@@ -128,7 +128,7 @@ def test_a_closed_stream_hands_unstored_messages_back_to_the_shell_to_store() ->
     core.hand(1, message(1), PEER)
     steps = core.closed(1)
     assert [(h.item, h.peer) for h in steps.store_freed] == [(message(1), PEER)]
-    assert not core.is_handed(AUTHOR, f"{1:032x}")  # forgotten: stored now, or sent again
+    assert (AUTHOR, f"{1:032x}") not in core.handed()  # forgotten: stored now, or sent again
     assert core.subscribers("jobs") == []
     assert core.next_deadline() is None
 

@@ -46,7 +46,7 @@ def decide(
         me=ME,
         view=(membership or mesh()).view,
         seen=seen or set(),
-        handed=lambda author, message_id: (author, message_id) in held,
+        handed=held,
         inbox=inbox,
         limits=LIMITS,
         windows=windows or {},
