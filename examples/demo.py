@@ -3,8 +3,11 @@
 The demo is a sequence of steps, each printing what it does and the commands
 it runs, so that it reads as a walk through the appliance: watch supervising
 two example agents (one of them flaky), the mesh (two nodes on loopback paired
-by invite, example agents talking through them), and the ledger that recorded
-all of it, signed, proved and verified, with a tampered copy caught.
+by invite, example agents talking through them), safe switches between
+generation fixtures (one committed, one rolled back by itself), egress (as
+root: an agent in a network namespace reaching only its allowlist), and the
+ledger that recorded all of it, signed, proved and verified, with a tampered
+copy caught.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -12,6 +15,7 @@ Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -74,7 +78,7 @@ def ledger_start() -> int:
 
 def ledger_audit(first: int) -> None:
     """Everything watch and mesh recorded, signed, proved and verified."""
-    step("ledger: the last entries that watch and the mesh recorded")
+    step("ledger: the last entries that watch, the mesh and safeswitch recorded")
     keel("ledger", "tail", "-n", "12")
 
     step("ledger: sign a checkpoint (C2SP tlog-checkpoint in an Ed25519 signed note)")
@@ -334,12 +338,239 @@ def watch_steps() -> None:
     step("watch: stopped (in dev mode it stops the agents it started)")
 
 
+SWITCH = STATE / "switch-demo"
+
+# A stand-in for a built NixOS system: `switch-to-configuration test` re-points
+# the running-system link at it and says whether the system is healthy (what
+# the gate's check reads); `boot` makes it the boot default.
+FIXTURE = """#!/bin/sh
+here=$(cd "$(dirname "$0")/.." && pwd -P)
+case "$1" in
+  test) ln -s "$here" "{lab}/current.tmp" && mv -T "{lab}/current.tmp" "{lab}/current"
+        echo {health} > "{lab}/health"; echo "activated {name}" ;;
+  boot) echo "$here" > "{lab}/boot-default" ;;
+esac
+"""
+
+
+def switch_system(name: str, health: str) -> Path:
+    lab = SWITCH.resolve()
+    script = lab / "systems" / name / "bin" / "switch-to-configuration"
+    script.parent.mkdir(parents=True)
+    script.write_text(FIXTURE.format(lab=lab, name=name, health=health))
+    script.chmod(0o755)
+    return script.parents[1]
+
+
+def switch_steps() -> None:
+    step("safeswitch: a host's generations as fixtures under .keel/switch-demo, gen-1 running")
+    shutil.rmtree(SWITCH, ignore_errors=True)
+    lab = SWITCH.resolve()
+    first = switch_system("gen-1", "ok")
+    good = switch_system("gen-2", "ok")
+    bad = switch_system("gen-3", "broken")
+    (lab / "profiles").mkdir()
+    (lab / "profiles" / "system-1-link").symlink_to(first)
+    (lab / "profiles" / "system").symlink_to("system-1-link")
+    (lab / "current").symlink_to(first)
+    (lab / "health").write_text("ok\n")
+    config = {
+        "profile": str(lab / "profiles" / "system"),
+        "current": str(lab / "current"),
+        "run_dir": str(lab / "run"),
+        "gcroots": str(lab / "gcroots"),
+        "ledger": str((STATE / "ledger.db").resolve()),
+        "timer": "process",
+        "keel": [sys.executable, "-m", "keel"],
+        "gate": 2,
+        "deadline": 30,
+        "interval": 0.2,
+        "checks": [{"type": "command", "name": "health", "command": f"grep -qx ok {lab}/health"}],
+    }
+    path = SWITCH / "safeswitch.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    print(f"  (config: {path}; a rollback timer runs as a detached process: --timer process)")
+
+    step("safeswitch: switch to gen-2; its check holds for the 2 s gate, so it commits")
+    keel("switch", "--config", str(path), str(good.relative_to(Path.cwd())))
+    keel("switch", "status", "--config", str(path))
+
+    step("safeswitch: switch to gen-3, which breaks its health check: it rolls back by itself")
+    keel("switch", "--config", str(path), str(bad.relative_to(Path.cwd())), expect=1)
+    running = os.path.realpath(lab / "current")
+    print(f"  (running again: {Path(running).name}; boot default still gen-2)")
+
+    step("safeswitch: the switches, from the ledger")
+    keel("switch", "history", "--config", str(path))
+
+
+EGRESS = Path(__file__).with_name("egress")
+EGRESS_ZONES = """\
+$ORIGIN allowed.test.
+@    300 IN SOA ns.allowed.test. admin.allowed.test. 1 60 60 600 300
+@    300 IN NS  ns.allowed.test.
+www  300 IN A   192.0.2.10
+$ORIGIN other.test.
+@    300 IN SOA ns.other.test. admin.other.test. 1 60 60 600 300
+@    300 IN NS  ns.other.test.
+www  300 IN A   192.0.2.14
+"""
+EGRESS_AGENT_UID = 64123  # the demo agent's uid (no user needed: egress matches the number)
+
+# What the demo agent does, as uid EGRESS_AGENT_UID inside the keel host: ask
+# any resolver (egress catches port 53 whatever the address), then connect.
+EGRESS_AGENT = """
+import socket, sys
+import dns.message, dns.query, dns.rcode
+
+def resolve(name):
+    reply = dns.query.udp(dns.message.make_query(name, "A"), "203.0.113.53", timeout=3)
+    found = [r.address for rrset in reply.answer for r in rrset]
+    print(f"  resolve {name}: {dns.rcode.to_text(reply.rcode())} {' '.join(found)}")
+    return found
+
+def connect(address):
+    try:
+        with socket.create_connection((address, 80), timeout=1) as s:
+            s.sendall(b"hello\\n")
+            print(f"  connect {address}:80: {s.recv(100).decode().strip()!r}")
+    except OSError as exc:
+        print(f"  connect {address}:80: blocked ({exc.strerror or 'no answer'})")
+
+for address in resolve("www.allowed.test"):
+    connect(address)
+resolve("www.other.test")
+connect("192.0.2.14")
+"""
+
+
+def netns(name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", name, *argv], capture_output=True, text=True, check=check
+    )
+
+
+def egress_steps() -> None:
+    """An agent that reaches exactly its allowlist, in network namespaces (needs root)."""
+    step("egress: a per-agent, deny-by-default firewall opened only for allowlisted names")
+    if os.geteuid() != 0:
+        print("  (skipped: egress drives nftables in network namespaces, which needs root)")
+        return
+    missing = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"  (skipped: {', '.join(missing)} not found; install iproute2, nftables, util-linux)"
+        )
+        return
+    inet, host = f"keel-demo-{os.getpid()}-inet", f"keel-demo-{os.getpid()}-host"
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        for name in (inet, host):
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            netns(name, "ip", "link", "set", "lo", "up")
+        subprocess.run(
+            ["ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name", "eth0", "netns", inet],
+            check=True,
+        )  # fmt: skip
+        for name, address in ((host, "10.250.0.1/24"), (inet, "10.250.0.2/24")):
+            netns(name, "ip", "addr", "add", address, "dev", "eth0")
+            netns(name, "ip", "link", "set", "eth0", "up")
+        netns(host, "ip", "route", "add", "default", "via", "10.250.0.2")
+        for address in ("192.0.2.10/32", "192.0.2.14/32"):
+            netns(inet, "ip", "addr", "add", address, "dev", "lo")
+        print(f"  (namespaces {inet} and {host}: the host's own network is not touched)")
+        zones = STATE / "egress-zones.txt"
+        zones.write_text(EGRESS_ZONES)
+        internet_log = (STATE / "egress-internet.log").open("wb")
+        subprocess.Popen(
+            ["ip", "netns", "exec", inet, sys.executable, str(EGRESS / "internet.py"),
+             "--zone", str(zones), "--dns", "10.250.0.2"],
+            stdout=internet_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        config = {
+            "upstream": ["10.250.0.2"],
+            "min_ttl": 30,
+            "grace": 5,
+            "agents": {
+                "scout": {"uid": EGRESS_AGENT_UID, "port": 5301, "allow": ["www.allowed.test"]}
+            },
+        }
+        config_file = STATE / "egress.json"
+        config_file.write_text(json.dumps(config, indent=2))
+        print(f"$ cat {config_file}\n  " + json.dumps(config).replace("\n", "\n  "))
+        keel("egress", "check", "--config", str(config_file), "scout", "www.allowed.test")
+        keel("egress", "check", "--config", str(config_file), "scout", "www.other.test", expect=1)
+        print(f"$ ip netns exec {host} keel egress serve --config {config_file} &", flush=True)
+        log = (STATE / "egress.log").open("wb")
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", host, sys.executable, "-m", "keel", "egress", "serve", "--config", str(config_file)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, KEEL_DEV="1"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while keel_quiet("egress", "status") != 0:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("demo: keel egress did not start (see .keel/egress.log)")
+            time.sleep(0.1)
+        step(f"egress: the agent (uid {EGRESS_AGENT_UID}) resolves and connects")
+        agent = netns(
+            host, "setpriv", f"--reuid={EGRESS_AGENT_UID}", f"--regid={EGRESS_AGENT_UID}",
+            "--clear-groups", sys.executable, "-c", EGRESS_AGENT, check=False,
+        )  # fmt: skip
+        print(agent.stdout.rstrip() or agent.stderr.rstrip(), flush=True)
+        step("egress: keel's own nftables table (inet keel), in the keel host's namespace")
+        rules = netns(host, "nft", "list", "chain", "inet", "keel", "agent_scout").stdout
+        print("  " + rules.strip().replace("\n", "\n  "))
+        # The drop reaches the daemon over NFLOG a moment after it happened.
+        deadline = time.monotonic() + 10
+        while not egress_saw_a_drop() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        step("egress: what the daemon saw")
+        keel("egress", "status")
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        for name in (host, inet):
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+            )
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def egress_saw_a_drop() -> bool:
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "egress", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    )
+    if result.returncode != 0:
+        return False
+    recent = json.loads(result.stdout)["agents"]["scout"]["recent"]
+    return any(item["what"] == "blocked" for item in recent)
+
+
+def keel_quiet(*args: str) -> int:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        capture_output=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    ).returncode
+
+
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
     first = ledger_start()
     watch_steps()
     mesh_steps()
+    switch_steps()
+    egress_steps()
     ledger_audit(first)
     print("\ndemo: done", flush=True)
     return 0

@@ -5,7 +5,9 @@
     ./keel.nix
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
+    ./safeswitch.nix
     ./mcp.nix
     ./appliance.nix
   ];

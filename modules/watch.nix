@@ -237,6 +237,12 @@ in
           "/var/lib/keel"
           "/run/keel"
         ];
+      }
+      // lib.optionalAttrs (cfg.settings.backend == "process") {
+        # The process backend runs each agent in a cgroup of its own, under
+        # watch's: that subtree is watch's to write (docs/watch.md, Backends).
+        Delegate = true;
+        ProtectControlGroups = false;
       };
     };
   };

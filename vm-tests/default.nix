@@ -9,7 +9,9 @@ let
   tests = [
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
+    ./safeswitch.nix
     ./appliance.nix
   ];
 

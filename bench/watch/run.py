@@ -34,7 +34,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from tests.harness import nspawn  # noqa: E402
-from tests.harness.nspawn import Container, Image  # noqa: E402
+from tests.harness.nspawn import Container  # noqa: E402
 
 WATCH_UNIT = """\
 [Unit]
@@ -246,15 +246,7 @@ def main() -> int:
     if reason is not None:
         print(f"bench/watch: skipped: {reason}")
         return 0
-    # Names outside the harness's kh<pid>- scheme: a test session's sweep of
-    # dead runs must not mistake this benchmark for one.
-    name = f"watchbench{os.getpid()}"
-    workdir = nspawn.WORK_ROOT / name
-    image = Image.build(workdir / "image")
-    box = Container("bench", image, workdir=workdir / "box")
-    box.name = f"{name}-box"
-    try:
-        box.start()
+    with nspawn.standalone("watchbench") as box:
         box.copy_in(HERE, "/srv/bench")
         agent = REPO / "python" / "tests" / "watch_agent.py"
         box.write_file("/srv/bench/watch_agent.py", agent.read_text())
@@ -272,9 +264,6 @@ def main() -> int:
         if "cpu" in phases:
             cpu_phase(box, args.cpu_seconds, "http")
             cpu_phase(box, args.cpu_seconds, "tcp")
-    finally:
-        box.stop()
-        nspawn.remove_workdir(workdir)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +18,15 @@ from typing import Any
 import pytest
 from keel.watch.children import pidfd_supported
 
-from tests.integration.watch_support import agent_entry, free_port, write_config
+from tests.integration.watch_support import (
+    agent_entry,
+    cgroups_available,
+    cleaned_up,
+    escaping_agent,
+    free_port,
+    tagged,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not pidfd_supported(),
@@ -209,3 +218,33 @@ def test_agents_outlive_a_killed_watch_and_are_adopted(
     assert daemons[1].kill(signal.SIGTERM) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(last, 0)
+
+
+def test_nothing_an_agent_started_survives_watch_killed_then_stopped(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    reason = cgroups_available()
+    if reason is not None:
+        pytest.skip(f"no cgroup for agents here: {reason}")
+    sock = tmp_path / "watch.sock"
+    with cleaned_up(random.randrange(10**8, 10**9)) as marker:
+        config = write_config(tmp_path, {"dbl": escaping_agent(marker)})
+        daemons.append(Daemon(config, tmp_path / "watch.log"))
+        wait_for(lambda: len(tagged(marker)) == 4, "the agent and its three escapees")
+        first = set(tagged(marker))
+        entry = json.loads((tmp_path / "processes.json").read_text())["agents"]["dbl"]
+        cgroup = Path(entry["cgroup"])
+        assert {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()} == first
+
+        # A killed watch leaves them running; the next one adopts them, cgroup and all.
+        daemons[0].kill(signal.SIGKILL)
+        assert set(tagged(marker)) == first
+        daemons.append(Daemon(config, tmp_path / "watch.log"))
+        wait_for(lambda: answers(sock), "the control socket again")
+        assert status(sock)["agents"]["dbl"]["pid"] == entry["pid"]
+
+        # watch's SIGTERM stops its agents: every process of them.
+        assert daemons[1].kill(signal.SIGTERM) == 0
+        assert tagged(marker) == []
+        assert not cgroup.exists()
+        assert not cgroup.parent.exists()  # the killed watch's tree, removed once empty

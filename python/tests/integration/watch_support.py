@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import os
 import socket
 import sys
 import threading
@@ -70,9 +71,9 @@ def write_config(tmp: Path, agents: dict[str, Any], **top: Any) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running_watch(config_path: Path) -> AsyncIterator[Watch]:
+async def running_watch(config_path: Path, **backend_options: Any) -> AsyncIterator[Watch]:
     config = watch_config.load(config_path)
-    backend = ProcessBackend(config.agents, state_file=config.state_file)
+    backend = ProcessBackend(config.agents, state_file=config.state_file, **backend_options)
     watch = Watch(config, backend)
     async with service.running("watch", watch, config.common):
         yield watch
@@ -177,3 +178,59 @@ def telegram_answer(
         }
 
     return answer
+
+
+# --- agents that leave their process group ------------------------------------------------
+
+
+def escaping_agent(marker: int) -> dict[str, Any]:
+    """An agent whose descendants leave its process group, as daemons do.
+
+    Four processes carry ``600.<marker>`` in their command line: the agent
+    itself; two in a session of their own (``setsid``); one double-forked into
+    another session with an empty environment (``env -i``), orphaned at once.
+    """
+    tag = f"600.{marker}"
+    script = (
+        f"setsid sh -c 'sleep {tag} & exec sleep {tag}' & "
+        f"(setsid env -i sleep {tag} &); "
+        f"exec sleep {tag}"
+    )
+    return {"command": ["sh", "-c", script], "stop_timeout": 2}
+
+
+def tagged(marker: int) -> list[int]:
+    """Pids of the processes with ``600.<marker>`` in their command line."""
+    needle = f"600.{marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline.split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def cleaned_up(marker: int) -> Iterator[int]:
+    """The marker; whatever carries it is killed at the end, whatever the test did."""
+    try:
+        yield marker
+    finally:
+        for pid in tagged(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def cgroups_available() -> str | None:
+    """None if this process can give agents cgroups, else why not."""
+    from keel.watch.scopes import CgroupTree
+
+    tree, reason = CgroupTree.create()
+    if tree is None:
+        return reason
+    tree.path.rmdir()
+    return None

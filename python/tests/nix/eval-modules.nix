@@ -94,7 +94,9 @@ else
       enable
       description
       wantedBy
+      requiredBy
       after
+      before
       wants
       requires
       bindsTo

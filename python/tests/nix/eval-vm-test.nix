@@ -34,10 +34,16 @@ let
     name: _:
     let
       result = evaluate name false;
+      # A specialisation's configuration is the whole system NixOS builds for it
+      # (system/activation/specialisation.nix): its own assertions.
+      failed = system: map (a: a.message) (lib.filter (a: !a.assertion) system.assertions);
     in
     {
       inherit (result) failedAssertions listeners;
       services = builtins.attrNames result.services;
+      specialisations = lib.mapAttrs (_: special: failed special.configuration) (
+        evaluate name true
+      ).specialisation;
     };
 in
 {

@@ -42,6 +42,10 @@
   "system/boot/tmp.nix"
   "system/boot/loader/grub/grub.nix"
   "system/boot/loader/systemd-boot/systemd-boot.nix"
+  # what safeswitch's VM test sets: the EFI loader's options, specialisations
+  # (each one evaluated as NixOS builds it: its configuration is a whole system)
+  "system/boot/loader/efi.nix"
+  "system/activation/specialisation.nix"
   "services/networking/ssh/sshd.nix"
   "programs/ssh.nix"
   "config/nix.nix"

@@ -1,8 +1,9 @@
 # What the real NixOS files of nixos-modules.nix cannot give: options they
 # read or set that are declared in files that are not evaluated here (those
 # would pull in most of NixOS and real packages). Nothing keel's modules set
-# is declared here, except `networking.primaryIPAddress`, which the NixOS test
-# framework (nixos/lib/testing/network.nix) gives every VM-test node.
+# is declared here, except what the NixOS test framework gives every VM-test
+# node: `networking.primaryIPAddress` (nixos/lib/testing/network.nix) and the
+# `virtualisation.*` options safeswitch's VM test sets (qemu-vm.nix).
 # docs/nix.md lists what is real and what is a stand-in.
 #
 # Each entry names the NixOS file that really declares it; when that file is
@@ -31,6 +32,13 @@ let
   standIns = {
     "<nixos/lib/testing/network.nix>" = {
       networking.primaryIPAddress = standIn types.str "192.168.1.1";
+    };
+    # Imported into every VM-test node by the NixOS test framework
+    # (nixos/lib/testing/nodes.nix); safeswitch's VM test boots through a
+    # boot loader.
+    "virtualisation/qemu-vm.nix" = {
+      virtualisation.useBootLoader = standIn types.bool false;
+      virtualisation.useEFIBoot = standIn types.bool false;
     };
     # Cannot be evaluated with Nix 2.8: it imports nixpkgs' default.nix,
     # which requires Nix 2.18 (test_flake.py reads the declaration instead).
@@ -226,9 +234,15 @@ let
       systemd.user = sink;
     };
   };
+  # Real files that evaluate a declaring file themselves (build-vm.nix
+  # evaluates qemu-vm.nix in its VM variant, which extends this very module list).
+  evaluatedBy = {
+    "virtualisation/qemu-vm.nix" = [ "virtualisation/build-vm.nix" ];
+  };
+  isReal = file: lib.any (f: lib.elem f real) ([ file ] ++ evaluatedBy.${file} or [ ]);
 in
 {
   options = lib.foldl' lib.recursiveUpdate { } (
-    lib.attrValues (lib.filterAttrs (file: _: !lib.elem file real) standIns)
+    lib.attrValues (lib.filterAttrs (file: _: !isReal file) standIns)
   );
 }

@@ -55,6 +55,8 @@ def test_vm_test_evaluates_and_its_script_is_sound(
     assert test["nodes"], "a VM test needs at least one node"
     for name, node in test["nodes"].items():
         assert node["failedAssertions"] == [], (name, node["failedAssertions"])
+        for special, failed in node["specialisations"].items():
+            assert failed == [], (name, special, failed)
     script = test["testScript"]
     compile(script, f"{path.name}:testScript", "exec")
     listeners = {name: node["listeners"] for name, node in test["nodes"].items()}

@@ -10,6 +10,7 @@ import pytest
 from tests.nix.test_modules import evaluate
 
 SCOUT = """
+  services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
   services.keel.agents.scout = {
     command = [ "/bin/scout" ];
     tier = 2;
@@ -65,6 +66,19 @@ def test_the_daemon_is_a_hardened_notify_service(nix_instantiate: str, nixpkgs_t
     assert service["ReadWritePaths"] == ["/var/lib/keel", "/run/keel"]
     assert service["Group"] == "keel"
     assert service["UMask"] == "0007"
+    assert service["ProtectControlGroups"] is True
+    assert "Delegate" not in service
+
+
+def test_the_process_backend_gets_a_cgroup_subtree_to_give_its_agents(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    body = 'services.keel.watch.settings.backend = "process";'
+    result = watch(nix_instantiate, nixpkgs_tree, body)
+    assert result["failedAssertions"] == []
+    service = result["services"]["keel-watch"]["serviceConfig"]
+    assert service["Delegate"] is True
+    assert service["ProtectControlGroups"] is False
 
 
 def test_agents_are_supervised_with_the_probes_of_their_spec(

@@ -31,12 +31,15 @@ RestartSec=200ms
 """
 
 
-def agent_unit(port: int, *, notify: bool = False, watchdog: str | None = None) -> str:
+def agent_unit(
+    port: int, *, notify: bool = False, watchdog: str | None = None, start_delay: float = 0
+) -> str:
     lines = [
         "[Service]",
         f"Type={'notify' if notify else 'exec'}",
         f"ExecStart=/usr/bin/python3 /srv/watch_agent.py --port {port}"
-        + (" --notify" if notify else ""),
+        + (" --notify" if notify else "")
+        + (f" --start-delay {start_delay:g}" if start_delay else ""),
         "Restart=no",
     ]
     if watchdog:
@@ -94,6 +97,13 @@ def main_pid(box: Container, unit: str) -> int:
     return int(box.unit_properties(unit, "MainPID")["MainPID"])
 
 
+def settled_down(box: Container, unit: str) -> bool:
+    """Down with nothing pending that could start it: no job, no Restart= timer."""
+    props = box.unit_properties(unit, "ActiveState", "SubState")
+    jobs = box.run("systemctl", "list-jobs", "--no-legend", unit).stdout.strip()
+    return props["ActiveState"] in ("inactive", "failed") and not jobs
+
+
 def ledger(box: Container) -> list[dict[str, Any]]:
     out = box.run(
         "keel", "ledger", "tail", "--db", "/var/lib/keel/ledger.db", "-n", "500", "--json"
@@ -130,12 +140,21 @@ def test_crash_hang_and_operator_stop_of_real_units(containers: Containers) -> N
     assert hung["last_error"].startswith("probe http failed 2 times in a row: timeout")
     assert box.unit_properties("agent-web.service", "ActiveState")["ActiveState"] == "active"
 
-    # systemctl stop is respected: the agent stays stopped...
+    # systemctl stop is respected: the agent stays stopped (watch recorded the
+    # stop as systemd's, has no restart pending, and systemd has no job queued)...
     box.run("systemctl", "stop", "agent-web.service")
     wait_agent(box, "web", "stopped", state="stopped")
-    box.run("sleep", "2")
-    assert box.unit_properties("agent-web.service", "ActiveState")["ActiveState"] == "inactive"
-    assert agent(box, "web")["restarts"] == 2
+    box.wait_until(
+        lambda: (
+            ("stop", "web", "systemd")
+            in [(e["kind"], e["subject"], e["data"].get("by")) for e in ledger(box)]
+        ),
+        timeout=30,
+        what="the stop recorded as systemd's",
+    )
+    box.wait_until(lambda: settled_down(box, "agent-web.service"), timeout=30, what="web down")
+    stopped = agent(box, "web")
+    assert (stopped["state"], stopped["backoff_until"], stopped["restarts"]) == ("stopped", None, 2)
     # ...until someone starts it again.
     box.run("systemctl", "start", "agent-web.service")
     wait_agent(box, "web", "healthy again", state="healthy")
@@ -240,11 +259,45 @@ def test_killing_watch_leaves_agents_running_and_they_are_adopted(
     box.run("kill", "-KILL", str(r["pid"]))
     again = wait_agent(box, "rendered", "restarted", restarts=1, state="healthy")
     assert again["pid"] == main_pid(box, "keel-agent-rendered.service")
-    # ...and the second crash in a row backs off (watch cancels systemd's own timer).
+    # ...and the second crash in a row backs off (watch cancels systemd's own timer:
+    # the unit settles down with no restart of systemd's pending, back-off 30 s).
     box.run("kill", "-KILL", str(again["pid"]))
     wait_agent(box, "rendered", "backing off", state="backoff")
-    box.run("sleep", "1")
-    assert box.unit_properties("keel-agent-rendered.service", "ActiveState")["ActiveState"] in (
-        "inactive",
-        "failed",
+    box.wait_until(
+        lambda: settled_down(box, "keel-agent-rendered.service"),
+        timeout=30,
+        what="systemd's own restart cancelled",
     )
+    held = agent(box, "rendered")
+    assert (held["state"], held["pid"], held["restarts"]) == ("backoff", None, 1)
+
+
+def test_an_agent_stopped_while_it_starts_can_be_started_again(containers: Containers) -> None:
+    # A Type=notify agent is "activating" until READY=1 (here 3 s after it starts).
+    # A stop then used to leave watch waiting for an exit that was never
+    # reported: the agent showed "stopped" and `keel watch start` did nothing.
+    box = containers.boot("watch4")
+    setup(
+        box,
+        {"agent-slow.service": agent_unit(8085, notify=True, start_delay=3)},
+        {"slow": {"unit": "agent-slow.service"}},
+    )
+    box.wait_until(
+        lambda: (
+            box.unit_properties("agent-slow.service", "ActiveState")["ActiveState"] == "activating"
+        ),
+        timeout=60,
+        what="slow activating",
+    )
+    box.run("keel", "watch", "stop", "slow")
+    box.wait_until(lambda: settled_down(box, "agent-slow.service"), timeout=30, what="slow down")
+    box.wait_until(
+        lambda: any(e["kind"] == "exit" and e["subject"] == "slow" for e in ledger(box)),
+        timeout=30,
+        what="the stop's exit recorded",
+    )
+    assert agent(box, "slow")["state"] == "stopped"
+    box.run("keel", "watch", "start", "slow")
+    wait_agent(box, "slow", "healthy after the start", state="healthy")
+    assert agent(box, "slow")["pid"] == main_pid(box, "agent-slow.service")
+    assert agent(box, "slow")["restarts"] == 0

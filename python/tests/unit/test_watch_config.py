@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from keel.errors import ConfigError
 from keel.watch import config as watch_config
-from keel.watch.alerting import TelegramRoute, WebhookRoute
+from keel.watch.alert_routes import TelegramRoute, WebhookRoute
 from keel.watch.probes import ExecCheck, HttpCheck, TcpCheck
 
 from tests.unit_values import CARRIED

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jeepney import DBusAddress, new_signal
 from jeepney.low_level import Endianness, Header
@@ -76,6 +76,7 @@ BASIC = st.one_of(
 NAMES = st.sampled_from([*WANTED, "Other", "Job", "NRestarts", "StatusText"])
 
 
+@settings(deadline=None)  # a loaded machine is slow, not wrong
 @given(
     props=st.dictionaries(NAMES, BASIC, max_size=12),
     endian=st.sampled_from([Endianness.little, Endianness.big]),

@@ -1,10 +1,11 @@
-"""Processes watched through pidfds: death seen at once, whole groups killed.
+"""Processes watched through pidfds: death seen at once, everything they started killed.
 
-A :class:`Child` is started in its own session (so its process group is its
-own, and ``killpg`` reaches everything it forked that did not leave the group)
-and watched through ``pidfd_open(2)``: the pidfd becomes readable the moment
-the process exits, which the event loop sees like any socket. No SIGCHLD
-handler, no polling, no thread per child.
+A :class:`Child` is started in its own session and watched through
+``pidfd_open(2)``: the pidfd becomes readable the moment the process exits,
+which the event loop sees like any socket. No SIGCHLD handler, no polling, no
+thread per child. What it started is reached through its
+:class:`~keel.watch.scopes.Scope`: its process group by default, a cgroup or
+a marker for agents (see :mod:`keel.watch.scopes`).
 
 A pidfd also works for a process that is not our child, which is how a
 restarted watch adopts the agents its previous incarnation started: it learns
@@ -23,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
+
+from keel.watch.scopes import ProcessGroup, Scope
 
 
 def describe_status(code: int | None) -> str:
@@ -60,10 +63,10 @@ def seconds_since_start(ticks: int) -> float:
 
 
 class Child:
-    """One process (and its process group) whose exit is reported through a pidfd.
+    """One process (and what it started) whose exit is reported through a pidfd.
 
-    With ``kill_group_on_exit`` (the default), the rest of the process group is
-    killed when the leader exits, as systemd's ``KillMode=control-group`` does.
+    When it exits, the rest of its scope is killed, as systemd's
+    ``KillMode=control-group`` does.
     """
 
     def __init__(
@@ -73,12 +76,10 @@ class Child:
         loop: asyncio.AbstractEventLoop,
         on_exit: Callable[[Child, int | None], None] | None = None,
         popen: subprocess.Popen[bytes] | None = None,
-        pgid: int | None = None,
-        kill_group_on_exit: bool = True,
+        scope: Scope | None = None,
     ) -> None:
         self.pid = pid
-        self.kill_group_on_exit = kill_group_on_exit
-        self.pgid = pgid if pgid is not None else pid
+        self.scope: Scope = scope if scope is not None else ProcessGroup(pid)
         self.returncode: int | None = None
         self.exited = False
         self._popen = popen
@@ -105,20 +106,27 @@ class Child:
         stdout: int | IO[bytes] | None = None,
         stderr: int | IO[bytes] | None = None,
         on_exit: Callable[[Child, int | None], None] | None = None,
+        scope: Scope | None = None,
     ) -> Child:
-        """Start ``argv`` in a new session; OSError if it cannot be executed."""
+        """Start ``argv`` in a new session (and in ``scope``); OSError if it cannot be."""
         loop = asyncio.get_running_loop()
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
-        return cls(popen.pid, loop=loop, on_exit=on_exit, popen=popen)
+        extra = scope.environment() if scope is not None else {}
+        if extra:
+            env = {**(os.environ if env is None else env), **extra}
+        with scope.hosting() if scope is not None else contextlib.nullcontext():
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        if scope is not None:
+            scope.attach(popen.pid)
+        return cls(popen.pid, loop=loop, on_exit=on_exit, popen=popen, scope=scope)
 
     @classmethod
     def adopt(
@@ -126,14 +134,16 @@ class Child:
         pid: int,
         *,
         on_exit: Callable[[Child, int | None], None] | None = None,
+        scope: Scope | None = None,
     ) -> Child:
         """Watch a process we did not start (exit status will be unknown)."""
         loop = asyncio.get_running_loop()
-        try:
-            pgid = os.getpgid(pid)
-        except ProcessLookupError:
-            pgid = pid
-        return cls(pid, loop=loop, on_exit=on_exit, pgid=pgid)
+        if scope is None:
+            try:
+                scope = ProcessGroup(os.getpgid(pid))
+            except ProcessLookupError:
+                scope = ProcessGroup(pid)
+        return cls(pid, loop=loop, on_exit=on_exit, scope=scope)
 
     # --- exit --------------------------------------------------------------------
 
@@ -141,10 +151,9 @@ class Child:
         if self.exited:
             return
         code: int | None = None
-        if self.kill_group_on_exit:
-            # The leader is a zombie until reaped, so its pid (the group id) cannot
-            # have been reused yet: what is left of the group goes with it.
-            self.signal_group(signal.SIGKILL)
+        # The leader is a zombie until reaped, so its pid (the group id) cannot
+        # have been reused yet: what is left of its scope goes with it.
+        self.scope.kill()
         if self._popen is not None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -172,26 +181,23 @@ class Child:
 
     # --- signals -----------------------------------------------------------------
 
-    def signal_group(self, sig: int) -> bool:
-        """Send ``sig`` to the whole process group; False if nothing was left to signal."""
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return False
-        return True
+    def kill(self) -> None:
+        """SIGKILL the process and everything in its scope."""
+        self.scope.kill()
 
     async def terminate(self, timeout: float) -> int | None:
-        """SIGTERM the group, SIGKILL it after ``timeout`` seconds, wait for the exit."""
+        """SIGTERM the scope, SIGKILL it after ``timeout`` seconds, wait for the exit.
+
+        Whatever is left of the scope is killed when the process exits (``_reap``).
+        """
         if not self.exited:
-            self.signal_group(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            self.signal_group(signal.SIGTERM)
+            self.scope.signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            self.scope.signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.wait()
         if not self.exited:
-            self.signal_group(signal.SIGKILL)
+            self.scope.kill()
         return await self.wait()
 
     def close(self) -> None:

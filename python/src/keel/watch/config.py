@@ -18,7 +18,7 @@ from keel.config import Section, describe, type_name
 from keel.errors import ConfigError
 from keel.service import Common, read_common
 from keel.watch import httpwire
-from keel.watch.alerting import (
+from keel.watch.alert_routes import (
     TELEGRAM_API,
     Route,
     RouteLimits,
@@ -115,11 +115,7 @@ def parse(cfg: Section) -> WatchConfig:
     if bus_choice in ("private", "system"):
         bus = "private" if bus_choice == "private" else "system"
     host = cfg.string("host", default=socket.gethostname() or "localhost")
-    routes: dict[str, Route] = {}
-    with cfg.section("alerts", optional=True) as alerts:
-        for name, route in alerts.sections():
-            with route:
-                routes[name] = _route(name, route)
+    routes = _routes(cfg)
     agents: dict[str, AgentConfig] = {}
     with cfg.section("agents") as agents_section:
         for name, agent in agents_section.sections():
@@ -345,6 +341,24 @@ def _agent_alerts(agent: Section, routes: dict[str, Route], restart: RestartRule
 
 
 # --- alert routes -----------------------------------------------------------------------
+
+
+def load_routes(path: Path) -> dict[str, Route]:
+    """Only the alert routes of the watch config at ``path`` (safeswitch alerts through them).
+
+    The rest of the file is not checked here: a switch must be able to alert
+    even when a watch setting elsewhere in the file is wrong.
+    """
+    return _routes(Section.load(path))
+
+
+def _routes(cfg: Section) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    with cfg.section("alerts", optional=True) as alerts:
+        for name, route in alerts.sections():
+            with route:
+                routes[name] = _route(name, route)
+    return routes
 
 
 def _route(name: str, route: Section) -> Route:

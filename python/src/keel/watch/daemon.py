@@ -25,15 +25,15 @@ from keel.api import Handler, Peer
 from keel.errors import KeelError
 from keel.service import Daemon, Shell
 from keel.watch import metrics, probe_engine
-from keel.watch.alerting import Alert, TelegramRoute
-from keel.watch.alerts import AlertRouter
+from keel.watch.alert_router import AlertRouter
+from keel.watch.alert_routes import Alert, TelegramRoute
 from keel.watch.backend import Backend
 from keel.watch.config import AgentConfig, WatchConfig, read_token
 from keel.watch.policy import (
     Action,
     AgentPolicy,
     HoldAgent,
-    Record,
+    LedgerRecord,
     Restarted,
     SendAlert,
     StartAgent,
@@ -181,7 +181,7 @@ class Watch(Daemon):
                 self.backend.hold(name)
             elif isinstance(action, SendAlert):
                 self._alert(runtime, action)
-            elif isinstance(action, Record):
+            elif isinstance(action, LedgerRecord):
                 self._log_record(action)
                 self.record(action.kind, action.agent, action.data)
             elif isinstance(action, Restarted):
@@ -198,7 +198,7 @@ class Watch(Daemon):
         )
         self.router.send(alert, runtime.policy.rules.alerts.routes)
 
-    def _log_record(self, record: Record) -> None:
+    def _log_record(self, record: LedgerRecord) -> None:
         data = record.data
         if record.kind == "failure":
             log.warning(

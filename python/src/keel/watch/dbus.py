@@ -244,13 +244,6 @@ def get_all(path: str, interface: str) -> Message:
     )
 
 
-def get_property(path: str, interface: str, name: str) -> Message:
-    address = DBusAddress(path, bus_name="org.freedesktop.systemd1")
-    return new_method_call(
-        address.with_interface("org.freedesktop.DBus.Properties"), "Get", "ss", (interface, name)
-    )
-
-
 def add_match(rule: str) -> Message:
     return message_bus.AddMatch(rule)
 

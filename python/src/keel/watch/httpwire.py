@@ -1,8 +1,8 @@
-"""A small sans-I/O HTTP/1.1 reader and writer, and the asyncio client on top.
+"""A small sans-I/O HTTP/1.1 request writer and response reader.
 
-Watch speaks HTTP three ways: probes (``GET`` a health URL once a second for
-every agent), alerts (``POST`` JSON to Telegram or a webhook) and the metrics
-endpoint. Each exchange is one request on a fresh connection with
+Watch is an HTTP client two ways: probes (``GET`` a health URL once a second
+for every agent) and alerts (``POST`` JSON to Telegram or a webhook). Each
+exchange is one request on a fresh connection with
 ``Connection: close``, so the parser only needs the response framings of
 RFC 9112 section 6: no body (HEAD, 1xx, 204, 304), ``Transfer-Encoding:
 chunked``, ``Content-Length``, or read until the server closes.
@@ -11,16 +11,15 @@ chunked``, ``Content-Length``, or read until the server closes.
 bytes, :meth:`ResponseParser.close` reports end of stream, and
 :attr:`ResponseParser.response` is set once the response is complete. It is a
 tenth of the cost of a general library per exchange, which matters at a
-hundred probes a second.
+hundred probes a second. Nothing here does I/O: the probe engine drives it on
+its own sockets, and :mod:`keel.watch.http_client` on asyncio streams.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import re
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -292,40 +291,3 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return status, reason, headers
-
-
-# --- the asyncio client -----------------------------------------------------------
-
-
-async def request(
-    method: str,
-    url: Url,
-    *,
-    headers: Mapping[str, str] | None = None,
-    body: bytes | None = None,
-    timeout: float,
-    max_body: int = 1 << 20,
-    ssl_context: ssl.SSLContext | None = None,
-) -> Response:
-    """One HTTP exchange within ``timeout`` seconds (raises TimeoutError, OSError, HttpError)."""
-    async with asyncio.timeout(timeout):
-        context: ssl.SSLContext | None = None
-        if url.scheme == "https":
-            context = ssl_context or ssl.create_default_context()
-        reader, writer = await asyncio.open_connection(
-            url.host, url.port, ssl=context, server_hostname=url.host if context else None
-        )
-        try:
-            writer.write(build_request(method, url, headers=headers, body=body))
-            parser = ResponseParser(method=method, max_body=max_body)
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    return parser.close()
-                response = parser.feed(data)
-                if response is not None:
-                    return response
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()

@@ -121,7 +121,7 @@ class SendAlert:
 
 
 @dataclass(frozen=True)
-class Record:
+class LedgerRecord:
     """A ledger entry: ``kind`` and metadata about the agent (never secrets)."""
 
     agent: str
@@ -141,7 +141,7 @@ class Restarted:
     backoff: bool = False
 
 
-Action = StartAgent | StopAgent | HoldAgent | SendAlert | Record | Restarted
+Action = StartAgent | StopAgent | HoldAgent | SendAlert | LedgerRecord | Restarted
 
 
 # --- state --------------------------------------------------------------------
@@ -153,8 +153,86 @@ class Phase(enum.Enum):
     RUNNING = "running"
     KILLING = "killing"  # stop issued because it failed its probes; restart follows
     STOPPING = "stopping"  # stop issued by the operator
+    RESTARTING = "restarting"  # stop issued by the operator, who asked for a start since
     BACKOFF = "backoff"
     QUARANTINED = "quarantined"
+
+
+class Event(enum.Enum):
+    """What moves an agent from one phase to another (see :data:`TRANSITIONS`)."""
+
+    SUPERVISE = "supervise"  # watch begins supervising an agent that does not run
+    ADOPT = "adopt"  # found running (watch restarted), or started behind watch's back
+    OPERATOR_START = "operator start"
+    OPERATOR_STOP = "operator stop"
+    STARTED = "started"  # the instance watch started runs
+    EXITED = "exited"  # it ended after a stop the operator asked for
+    RESTART = "restart"  # it failed (or a killed hung agent ended): start it again now
+    BACK_OFF = "back off"  # it failed: start it again after a wait
+    QUARANTINE = "quarantine"  # it failed once too often in a row: keep it down
+    KILL = "kill"  # its probes failed while it runs: stop it, then restart or back off
+    STOPPED_ELSEWHERE = "stopped elsewhere"  # systemctl stop
+    BACKOFF_OVER = "back-off over"
+
+
+# Every phase change, in one place; a pair not in the table is an event that
+# means nothing in that phase (a late exit, a start of what already runs) and
+# is ignored. Which of RESTART, BACK_OFF and QUARANTINE a failure is, the
+# restart rules decide (``AgentPolicy._fail``).
+TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
+    Phase.STOPPED: {
+        Event.SUPERVISE: Phase.STARTING,
+        Event.OPERATOR_START: Phase.STARTING,
+        Event.ADOPT: Phase.RUNNING,
+    },
+    Phase.STARTING: {
+        Event.STARTED: Phase.RUNNING,
+        Event.ADOPT: Phase.RUNNING,
+        Event.OPERATOR_STOP: Phase.STOPPING,
+        Event.RESTART: Phase.STARTING,
+        Event.BACK_OFF: Phase.BACKOFF,
+        Event.QUARANTINE: Phase.QUARANTINED,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.RUNNING: {
+        Event.STARTED: Phase.RUNNING,  # the main pid became known later (forking units)
+        Event.OPERATOR_STOP: Phase.STOPPING,
+        Event.RESTART: Phase.STARTING,
+        Event.BACK_OFF: Phase.BACKOFF,
+        Event.QUARANTINE: Phase.QUARANTINED,
+        Event.KILL: Phase.KILLING,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.KILLING: {
+        Event.OPERATOR_STOP: Phase.STOPPING,
+        Event.RESTART: Phase.STARTING,
+        Event.BACK_OFF: Phase.BACKOFF,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.STOPPING: {
+        Event.EXITED: Phase.STOPPED,
+        Event.OPERATOR_STOP: Phase.STOPPING,
+        Event.OPERATOR_START: Phase.RESTARTING,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.RESTARTING: {
+        Event.EXITED: Phase.STARTING,
+        Event.OPERATOR_STOP: Phase.STOPPING,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.BACKOFF: {
+        Event.BACKOFF_OVER: Phase.STARTING,
+        Event.OPERATOR_START: Phase.STARTING,
+        Event.OPERATOR_STOP: Phase.STOPPED,
+        Event.ADOPT: Phase.RUNNING,
+        Event.STOPPED_ELSEWHERE: Phase.STOPPED,
+    },
+    Phase.QUARANTINED: {
+        Event.OPERATOR_START: Phase.STARTING,
+        Event.OPERATOR_STOP: Phase.STOPPED,
+        Event.ADOPT: Phase.RUNNING,
+    },
+}
 
 
 State = Literal["starting", "healthy", "unhealthy", "backoff", "quarantined", "stopped"]
@@ -236,40 +314,41 @@ class AgentPolicy:
 
     def supervise(self, now: float) -> list[Action]:
         """Begin supervising an agent that is not running: start it."""
-        if self.phase is not Phase.STOPPED:
+        if not self._allows(Event.SUPERVISE):
             return []
-        return self._start(now, restart=False)
+        return self._start(now, Event.SUPERVISE, restart=False)
 
     def adopt(self, now: float, pid: int | None, since: float) -> list[Action]:
         """The agent was found running (watch restarted, or someone started it)."""
-        if self.phase in (Phase.RUNNING, Phase.KILLING, Phase.STOPPING):
+        if not self._allows(Event.ADOPT):
             return []
+        self._move(Event.ADOPT)
         self.instance += 1
         self.backoff_until = None
         return self._now_running(now, pid, since)
 
     def request_start(self, now: float) -> list[Action]:
         """The operator asks for the agent to run (also lifts a quarantine)."""
-        if self.phase in (Phase.STOPPED, Phase.QUARANTINED):
-            self.failures_in_a_row = 0
-            actions: list[Action] = [Record(self.name, "start", {"by": "operator"})]
-            return actions + self._start(now, restart=False)
+        if not self._allows(Event.OPERATOR_START):
+            return []
         if self.phase is Phase.BACKOFF:
             self.backoff_until = None
-            return self._start(now, restart=True)
-        return []
+            return self._start(now, Event.OPERATOR_START, restart=True)
+        self.failures_in_a_row = 0
+        actions: list[Action] = [LedgerRecord(self.name, "start", {"by": "operator"})]
+        if self.phase is Phase.STOPPING:
+            self._move(Event.OPERATOR_START)  # the start follows the exit
+            return actions
+        return actions + self._start(now, Event.OPERATOR_START, restart=False)
 
     def request_stop(self, now: float) -> list[Action]:
         """The operator asks for the agent to stop and stay stopped."""
-        actions: list[Action] = []
-        if self.phase is Phase.STOPPED:
-            return actions
-        actions.append(Record(self.name, "stop", {"by": "operator"}))
+        if not self._allows(Event.OPERATOR_STOP):
+            return []
+        actions: list[Action] = [LedgerRecord(self.name, "stop", {"by": "operator"})]
         if self.phase in (Phase.STARTING, Phase.RUNNING, Phase.KILLING):
             actions.append(StopAgent(self.name, "stopped by the operator"))
-            self.phase = Phase.STOPPING
-        elif self.phase is not Phase.STOPPING:
-            self.phase = Phase.STOPPED
+        self._move(Event.OPERATOR_STOP)
         self.backoff_until = None
         self.healthy_since = None
         actions += self._close_incident(now, "stopped by the operator")
@@ -279,22 +358,28 @@ class AgentPolicy:
 
     def started(self, now: float, pid: int | None) -> list[Action]:
         """The backend reports the agent running (process spawned, unit active)."""
-        if self.phase is Phase.STARTING:
+        if self.phase is Phase.RUNNING:
+            if pid is not None:
+                self.pid = pid  # the main pid became known later (systemd forking units)
+            return []
+        if self._allows(Event.STARTED):
+            self._move(Event.STARTED)
             return self._now_running(now, pid, now)
-        if self.phase in (Phase.STOPPED, Phase.BACKOFF, Phase.QUARANTINED):
-            # Started behind watch's back (systemctl start): supervise what runs.
-            return self.adopt(now, pid, now)
-        if self.phase is Phase.RUNNING and pid is not None:
-            self.pid = pid  # the main pid became known later (systemd forking units)
-        return []
+        # Started behind watch's back (systemctl start): supervise what runs.
+        return self.adopt(now, pid, now)
 
     def exited(self, now: float, cause: str) -> list[Action]:
         """The agent's process ended (by itself, a watchdog kill, or our stop)."""
         phase = self.phase
-        if phase is Phase.STOPPING:
+        if phase in (Phase.STOPPING, Phase.RESTARTING):
             self._not_running()
-            self.phase = Phase.STOPPED
-            return [Record(self.name, "exit", {"cause": cause, "expected": True})]
+            actions: list[Action] = [
+                LedgerRecord(self.name, "exit", {"cause": cause, "expected": True})
+            ]
+            if phase is Phase.STOPPING:
+                self._move(Event.EXITED)
+                return actions
+            return actions + self._start(now, Event.EXITED, restart=False)
         if phase is Phase.KILLING:
             self._not_running()
             return self._restart_after(now, self._pending_delay)
@@ -305,12 +390,12 @@ class AgentPolicy:
 
     def stopped_externally(self, now: float) -> list[Action]:
         """The agent was stopped on purpose outside watch (``systemctl stop``)."""
-        if self.phase in (Phase.STOPPED, Phase.QUARANTINED):
+        if not self._allows(Event.STOPPED_ELSEWHERE):
             return []
         self._not_running()
-        self.phase = Phase.STOPPED
+        self._move(Event.STOPPED_ELSEWHERE)
         self.backoff_until = None
-        actions: list[Action] = [Record(self.name, "stop", {"by": "systemd"})]
+        actions: list[Action] = [LedgerRecord(self.name, "stop", {"by": "systemd"})]
         return actions + self._close_incident(now, "stopped outside watch")
 
     def probe_result(
@@ -325,7 +410,9 @@ class AgentPolicy:
         if ok:
             state.failures_in_a_row = 0
             if state.passing is False:
-                actions.append(Record(self.name, "probe", {"probe": probe, "state": "passing"}))
+                actions.append(
+                    LedgerRecord(self.name, "probe", {"probe": probe, "state": "passing"})
+                )
             state.passing = True
             self._update_health(now)
             return actions
@@ -334,7 +421,7 @@ class AgentPolicy:
         state.failures_in_a_row += 1
         if state.passing is not False:
             actions.append(
-                Record(
+                LedgerRecord(
                     self.name,
                     "probe",
                     {"probe": probe, "state": "failing", "detail": detail},
@@ -351,9 +438,9 @@ class AgentPolicy:
         """Let time pass: end back-offs, reset the failure count, close incidents."""
         actions: list[Action] = []
         backoff_until = self.backoff_until
-        if self.phase is Phase.BACKOFF and backoff_until is not None and now >= backoff_until:
+        if backoff_until is not None and now >= backoff_until and self._allows(Event.BACKOFF_OVER):
             self.backoff_until = None
-            actions += self._start(now, restart=True)
+            actions += self._start(now, Event.BACKOFF_OVER, restart=True)
         healthy = self.healthy_since
         if healthy is not None:
             if self.failures_in_a_row and now - healthy >= self.rules.restart.stable_after:
@@ -402,6 +489,8 @@ class AgentPolicy:
         phase = self.phase
         if phase in (Phase.STOPPED, Phase.STOPPING):
             return "stopped"
+        if phase is Phase.RESTARTING:
+            return "starting"
         if phase is Phase.QUARANTINED:
             return "quarantined"
         if phase is Phase.BACKOFF:
@@ -437,8 +526,15 @@ class AgentPolicy:
 
     # --- transitions -----------------------------------------------------------
 
-    def _start(self, now: float, *, restart: bool) -> list[Action]:
-        self.phase = Phase.STARTING
+    def _allows(self, event: Event) -> bool:
+        return event in TRANSITIONS[self.phase]
+
+    def _move(self, event: Event) -> None:
+        """The one place the phase changes: as :data:`TRANSITIONS` says."""
+        self.phase = TRANSITIONS[self.phase][event]
+
+    def _start(self, now: float, event: Event, *, restart: bool) -> list[Action]:
+        self._move(event)
         self.instance += 1
         actions: list[Action] = [StartAgent(self.name, self.instance)]
         if restart:
@@ -450,11 +546,10 @@ class AgentPolicy:
             }
             if self.failed_at is not None:
                 data["waited"] = round(now - self.failed_at, 6)
-            actions.append(Record(self.name, "restart", data))
+            actions.append(LedgerRecord(self.name, "restart", data))
         return actions
 
     def _now_running(self, now: float, pid: int | None, since: float) -> list[Action]:
-        self.phase = Phase.RUNNING
         self.pid = pid
         self.running_since = since
         for probe in self.probes.values():
@@ -512,18 +607,18 @@ class AgentPolicy:
             else:
                 actions.append(HoldAgent(self.name))
             self._not_running()
-            self.phase = Phase.QUARANTINED
+            self._move(Event.QUARANTINE)
         elif running:
             self._pending_delay = delay
-            self.phase = Phase.KILLING
+            self._move(Event.KILL)
             actions.append(StopAgent(self.name, cause))
         else:
             actions += self._restart_after(now, delay)
         # Records read in the order things happened: the failure, then the restart.
-        start_records = [a for a in actions if isinstance(a, Record)]
-        actions = [a for a in actions if not isinstance(a, Record)]
+        start_records = [a for a in actions if isinstance(a, LedgerRecord)]
+        actions = [a for a in actions if not isinstance(a, LedgerRecord)]
         actions.append(
-            Record(
+            LedgerRecord(
                 self.name,
                 "failure",
                 {"cause": cause, "failures_in_a_row": n, "decision": decision},
@@ -542,14 +637,14 @@ class AgentPolicy:
                     f"watch will not restart it until `keel watch start {self.name}`",
                 )
             )
-            actions.append(Record(self.name, "quarantine", {"failures_in_a_row": n}))
+            actions.append(LedgerRecord(self.name, "quarantine", {"failures_in_a_row": n}))
         return actions
 
     def _restart_after(self, now: float, delay: float) -> list[Action]:
         self._backed_off = delay > 0
         if delay <= 0:
-            return self._start(now, restart=True)
-        self.phase = Phase.BACKOFF
+            return self._start(now, Event.RESTART, restart=True)
+        self._move(Event.BACK_OFF)
         self.backoff_until = now + delay
         return [HoldAgent(self.name)]
 

@@ -6,8 +6,11 @@ timeouts, a command that cannot run are all failed outcomes with a reason a
 person can read). Scheduling (``interval``) belongs to the daemon, counting
 (``failures``, ``grace``) to the policy.
 
-Plain-HTTP and TCP probes use non-blocking sockets directly on the event loop:
-at a hundred agents probed every second, the cost per probe is the budget.
+The daemon hands plain-HTTP and TCP checks of IP addresses to
+:mod:`keel.watch.probe_engine` (one thread, one epoll set: at a hundred agents
+probed every second, the cost per probe is the budget); :func:`run_check` runs
+the others (https, host names, exec) on the event loop, with the same verdicts
+(:func:`judge`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import signal
 import socket
 from dataclasses import dataclass
 
-from keel.watch import httpwire
+from keel.watch import http_client, httpwire
 from keel.watch.children import Child, describe_status
 
 
@@ -128,7 +130,7 @@ _REQUESTS: dict[httpwire.Url, bytes] = {}
 async def _http(check: HttpCheck, timeout: float) -> Outcome:
     url = check.url
     if url.scheme == "https":
-        response = await httpwire.request("GET", url, timeout=timeout, max_body=64 * 1024)
+        response = await http_client.request("GET", url, timeout=timeout, max_body=64 * 1024)
         return judge(check, response)
     payload = _REQUESTS.get(url)
     if payload is None:
@@ -201,7 +203,7 @@ async def _exec(check: ExecCheck, timeout: float) -> Outcome:
         async with asyncio.timeout(timeout):
             code = await child.wait()
     except TimeoutError:
-        child.signal_group(signal.SIGKILL)
+        child.kill()
         await child.wait()
         return Outcome(False, f"timeout after {timeout:g}s")
     finally:

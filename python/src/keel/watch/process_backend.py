@@ -1,9 +1,11 @@
 """The process backend: agents as plain argv commands, for dev mode and hosts without systemd.
 
-Each agent runs in its own session and process group; its exit is seen at once
-through a pidfd (:mod:`keel.watch.children`), and whatever is left of its group
-is killed with it. Stopping sends SIGTERM to the group and SIGKILL after the
-agent's ``stop_timeout``.
+Each agent runs in its own session, and in a scope that holds every process it
+starts (a cgroup of its own when watch can have one, else its process group and
+a marker in the environment: :mod:`keel.watch.scopes`). Its exit is seen at
+once through a pidfd (:mod:`keel.watch.children`), and whatever is left of its
+scope is killed with it. Stopping sends SIGTERM to the scope and SIGKILL after
+the agent's ``stop_timeout``.
 
 The pids of running agents (with their start times, against pid reuse) are
 kept in ``state_file``. A watch that was killed leaves its agents running; the
@@ -24,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from keel.errors import KeelError
 from keel.watch.backend import Events, Found
 from keel.watch.children import (
     Child,
@@ -32,6 +35,7 @@ from keel.watch.children import (
     seconds_since_start,
 )
 from keel.watch.config import AgentConfig
+from keel.watch.scopes import Cgroup, CgroupTree, Marked, ProcessGroup, Scope
 
 log = logging.getLogger("keel.watch.process")
 
@@ -43,18 +47,54 @@ class ProcessBackend:
         *,
         state_file: Path,
         stop_agents_on_close: bool = True,
+        cgroups: bool | None = None,
     ) -> None:
         self.agents = dict(agents)
         self.state_file = state_file
         self.stop_agents_on_close = stop_agents_on_close
+        self.use_cgroups = cgroups  # None: when watch can have them; False: never; True: must
+        self.cgroups: CgroupTree | None = None
         self._events: Events | None = None
         self._children: dict[str, Child] = {}
-        self._stopping: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._previous: dict[str, Any] = {}
 
     async def open(self, events: Events) -> None:
         self._events = events
         self._previous = self._load_state()
+        if self.use_cgroups is False:
+            log.info("agents tracked by process group and environment marker (no cgroups asked)")
+            return
+        self.cgroups, reason = CgroupTree.create()
+        if self.cgroups is not None:
+            log.info("%s", reason)
+        elif self.use_cgroups:
+            raise KeelError(f"cannot run agents in cgroups: {reason}")
+        else:
+            log.info(
+                "no cgroups for agents (%s): tracking each by its process group and a marker "
+                "in its environment; a process that drops both escapes (docs/watch.md)",
+                reason,
+            )
+
+    def _new_scope(self, name: str) -> Scope:
+        if self.cgroups is not None:
+            return self.cgroups.agent(name)
+        return Marked.new(name)
+
+    def _recorded_scope(self, entry: dict[str, Any], pid: int) -> Scope:
+        """The scope a previous watch ran ``pid`` in, as far as it can be found again."""
+        cgroup, marker = entry.get("cgroup"), entry.get("marker")
+        if isinstance(cgroup, str) and self.cgroups is not None:
+            found = self.cgroups.adopt(cgroup, pid)
+            if found is not None:
+                return found
+        if isinstance(marker, str):
+            return Marked(pid, marker)
+        try:
+            return ProcessGroup(os.getpgid(pid))
+        except ProcessLookupError:
+            return ProcessGroup(pid)
 
     # --- adoption ----------------------------------------------------------------------
 
@@ -68,12 +108,14 @@ class ProcessBackend:
         if process_start_ticks(pid) != ticks:
             return None  # gone, or the pid now belongs to someone else
         agent = self.agents[name]
+        scope = self._recorded_scope(entry, pid)
         if argv != list(agent.command):
             log.info("agent %s: command changed since pid %d started; replacing it", name, pid)
-            old = Child.adopt(pid)
+            old = Child.adopt(pid, scope=scope)
             await old.terminate(agent.stop_timeout)
+            self._forget(scope)
             return None
-        child = Child.adopt(pid, on_exit=lambda c, code: self._exited(name, c, code))
+        child = Child.adopt(pid, on_exit=lambda c, code: self._exited(name, c, code), scope=scope)
         if child.exited:
             return None
         self._children[name] = child
@@ -90,7 +132,7 @@ class ProcessBackend:
         if old is not None and not old.exited:
             # Never two copies: the policy only starts what it saw exit.
             log.warning("agent %s: start requested while pid %d runs; killing it", name, old.pid)
-            old.signal_group(9)
+            old.kill()
         env = dict(os.environ)
         env.update(agent.environment)
         env["KEEL_AGENT"] = name
@@ -106,6 +148,7 @@ class ProcessBackend:
                 stdout=output,
                 stderr=output,
                 on_exit=lambda c, code: self._exited(name, c, code),
+                scope=self._new_scope(name),
             )
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
@@ -125,19 +168,36 @@ class ProcessBackend:
         if child is None or child.exited:
             return
         log.info("agent %s: stopping pid %d: %s", name, child.pid, reason)
-        task = asyncio.get_running_loop().create_task(child.terminate(timeout))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._spawn(child.terminate(timeout))
 
     def hold(self, name: str) -> None:
         """Nothing to do: only watch starts these processes."""
 
     def _exited(self, name: str, child: Child, code: int | None) -> None:
+        self._forget(child.scope)
         if self._children.get(name) is not child:
             return
         del self._children[name]
         self._save_state()
         self._require_events().agent_exited(name, describe_status(code))
+
+    def _forget(self, scope: Scope) -> None:
+        """An adopted agent's cgroup, made by an earlier watch, goes when it is empty."""
+        if isinstance(scope, Cgroup) and (
+            self.cgroups is None or scope.path.parent != self.cgroups.path
+        ):
+
+            async def remove() -> None:
+                if await scope.remove():
+                    with contextlib.suppress(OSError):
+                        scope.path.parent.rmdir()  # that watch's tree, if it is empty now
+
+            self._spawn(remove())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         if self.stop_agents_on_close:
@@ -150,7 +210,9 @@ class ProcessBackend:
         else:
             for child in self._children.values():
                 child.close()
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cgroups is not None and self.stop_agents_on_close:
+            await self.cgroups.remove()
         self._save_state()
 
     # --- the state file -------------------------------------------------------------------
@@ -181,6 +243,7 @@ class ProcessBackend:
                 "pid": child.pid,
                 "start_ticks": ticks,
                 "argv": list(self.agents[name].command),
+                **child.scope.record(),
             }
         text = json.dumps({"agents": entries}, sort_keys=True)
         try:

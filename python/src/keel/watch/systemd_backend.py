@@ -7,19 +7,19 @@ signals systemd emits for each unit object, so a crash is seen the moment
 systemd itself notices it, not at the next poll. A ``WatchdogSec`` kill is a
 unit failure with ``Result=watchdog`` and reaches the policy as any other.
 
+This module is the D-Bus shell: it connects, reads and feeds each unit's
+:class:`~keel.watch.unit_state.UnitState` (where every decision about what
+a state change means is made, and tested without D-Bus), and carries out
+what that answers: reports to the daemon, jobs to systemd.
+
 Agent units are best written with ``Restart=no``: watch restarts them. Units
 with ``Restart=always`` also work (keep ``RestartSec=`` of a second or more
 as the safety net for when watch itself is down): watch preempts systemd's
 timer with ``RestartUnit`` when it restarts at once, and cancels it with
-``StopUnit`` when it backs off. Watch resets a unit's failed state (and so
-systemd's own start rate limit) before starting it.
-
-``systemctl stop`` (or ``restart``) is respected: a unit that goes
-"deactivating" while its main process still lives, without a failed result and
-without watch asking, is being stopped on purpose; the agent is marked stopped
-and stays so until it is started again by either side.
-Watch does not own the units: if it dies they keep running, and the next
-watch adopts them as it finds them.
+``StopUnit`` when it backs off. ``systemctl stop`` (or ``restart``) is
+respected: the agent is marked stopped and stays so until it is started
+again by either side. Watch does not own the units: if it dies they keep
+running, and the next watch adopts them as it finds them.
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from jeepney.low_level import Message
@@ -41,12 +38,35 @@ from keel.errors import KeelError
 from keel.watch import dbus
 from keel.watch.backend import Events, Found
 from keel.watch.config import AgentConfig, BusChoice
+from keel.watch.unit_state import (
+    Changed,
+    ConfirmStart,
+    Event,
+    Exited,
+    HoldRequested,
+    IssueJob,
+    JobKind,
+    JobQueued,
+    JobRefused,
+    JobRemoved,
+    Loaded,
+    Output,
+    Refreshed,
+    ReportOutput,
+    ResetFailed,
+    StartConfirmed,
+    Started,
+    StartRequested,
+    StoppedExternally,
+    StopRequested,
+    UnitPhase,
+    UnitState,
+)
 
 log = logging.getLogger("keel.watch.systemd")
 
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
-RUNNING_STATES = ("active", "reloading")
 
 # What watch reads from PropertiesChanged (all emitted on change by systemd).
 WANTED = {
@@ -61,105 +81,26 @@ WANTED = {
     "ExecMainStatus": "i",
 }
 
-CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
+class _Unit:
+    """One agent's unit: its D-Bus object path and watch's view of it."""
 
-@dataclass
-class UnitState:
-    name: str  # the agent
-    unit: str
-    path: str = ""
-    props: dict[str, Any] = field(default_factory=dict)
-    reported_running: bool = False
-    start_pending: bool = False  # we asked for a start...
-    inactive_exit_before: Any = None  # ...when InactiveExitTimestampMonotonic was this
-    activation_seen: bool = False  # ...and have seen the unit activating since
-    holding: bool = False  # keep it down (back-off, quarantine) until our next start
-    our_stop: bool = False
-    external_stop: bool = False
-    our_jobs: dict[str, str] = field(default_factory=dict)  # job path -> "start" / "stop"
-    starts: deque[float] = field(default_factory=deque)  # our recent starts (monotonic)
+    def __init__(self, name: str, unit: str) -> None:
+        self.name = name
+        self.state = UnitState(unit)
+        self.path = ""
 
     @property
-    def active(self) -> str:
-        return str(self.props.get("ActiveState", ""))
-
-    @property
-    def sub(self) -> str:
-        return str(self.props.get("SubState", ""))
-
-    @property
-    def running(self) -> bool:
-        return self.active in RUNNING_STATES
-
-    @property
-    def down(self) -> bool:
-        return self.active in ("inactive", "failed") or (
-            self.active == "activating" and self.sub == "auto-restart"
-        )
-
-    @property
-    def start_seen(self) -> bool:
-        """The unit began activating after our start request.
-
-        Signals coalesce (a quick failed -> activating -> failed may arrive as
-        one "failed"), so the states seen cannot always tell; the time the unit
-        last left the inactive state can. It is 0 on a unit object systemd has
-        just re-created (``ResetFailedUnit`` lets it collect the old one).
-        """
-        if self.activation_seen:
-            return True
-        stamp = self.props.get("InactiveExitTimestampMonotonic")
-        return stamp not in (self.inactive_exit_before, 0, None)
-
-    @property
-    def main_pid(self) -> int | None:
-        pid = self.props.get("MainPID")
-        return int(pid) if isinstance(pid, int) and pid > 0 else None
-
-
-def describe_result(props: Mapping[str, Any]) -> str:
-    """Why a unit went down, from its Service properties, for people."""
-    result = str(props.get("Result", ""))
-    code = props.get("ExecMainCode")
-    status = props.get("ExecMainStatus")
-    if code == CLD_EXITED and isinstance(status, int):
-        how = f"exited with status {status}"
-    elif code in (CLD_KILLED, CLD_DUMPED) and isinstance(status, int):
-        try:
-            name = signal.Signals(status).name
-        except ValueError:
-            name = f"signal {status}"
-        how = f"killed by signal {status} ({name})" + (
-            " (core dumped)" if code == CLD_DUMPED else ""
-        )
-    else:
-        how = ""
-    if result == "watchdog":
-        return "watchdog timeout: no WATCHDOG=1 within WatchdogSec" + (f" ({how})" if how else "")
-    if result == "oom-kill":
-        return "killed by the OOM killer" + (f" ({how})" if how else "")
-    if result == "timeout":
-        return "timed out (start or stop took longer than its Timeout*Sec=)"
-    if result == "start-limit-hit":
-        return "systemd's start rate limit was hit (StartLimitBurst=)"
-    if result == "exit-code" and how:
-        return how
-    if result in ("signal", "core-dump") and how:
-        return how
-    if how:
-        return how
-    if result == "success":
-        return "stopped (the unit went inactive without a failure)"
-    return f"failed ({result or 'no result'})"
+    def unit(self) -> str:
+        return self.state.unit
 
 
 class SystemdBackend:
     def __init__(self, agents: Mapping[str, AgentConfig], *, bus: BusChoice = "auto") -> None:
         self.agents = dict(agents)
         self.bus_choice = bus
-        self.units = {name: UnitState(name, agent.unit) for name, agent in self.agents.items()}
-        self._by_path: dict[str, UnitState] = {}
+        self.units = {name: _Unit(name, agent.unit) for name, agent in self.agents.items()}
+        self._by_path: dict[str, _Unit] = {}
         self._events: Events | None = None
         self._conn: dbus.Connection | None = None
         self._use_bus = True
@@ -167,6 +108,8 @@ class SystemdBackend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
+        # Reports waiting for the event loop (see _report), in the order they were made.
+        self._queued: deque[tuple[str, ReportOutput]] = deque()
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -187,8 +130,8 @@ class SystemdBackend:
                 f"cannot talk to systemd over D-Bus at {self._address}: {exc} "
                 "(is this a systemd host, and is watch running as root?)"
             ) from None
-        for state in self.units.values():
-            await self._refresh(state, initial=True)
+        for unit in self.units.values():
+            self._feed(unit, Loaded(await self._read(unit)))
 
     async def _connect(self) -> None:
         conn = await dbus.Connection.open(
@@ -205,36 +148,35 @@ class SystemdBackend:
             ):
                 await conn.call(dbus.add_match(rule))
         await conn.call(dbus.manager_call("Subscribe"))
-        for state in self.units.values():
+        for unit in self.units.values():
             try:
-                (path,) = await conn.call(dbus.manager_call("LoadUnit", "s", state.unit))
+                (path,) = await conn.call(dbus.manager_call("LoadUnit", "s", unit.unit))
             except dbus.DBusError as exc:
                 raise KeelError(
-                    f"systemd cannot load unit {state.unit} of agent {state.name}: {exc}"
+                    f"systemd cannot load unit {unit.unit} of agent {unit.name}: {exc}"
                 ) from None
-            state.path = str(path)
-            self._by_path[state.path] = state
+            unit.path = str(path)
+            self._by_path[unit.path] = unit
         log.info(
             "following %d units through %s",
             len(self.units),
             "the system bus" if self._use_bus else "systemd's private socket",
         )
 
-    async def _refresh(self, state: UnitState, *, initial: bool = False) -> None:
+    async def _read(self, unit: _Unit) -> dict[str, Any]:
+        """All the unit's properties (Unit and, for services, Service)."""
         conn = self._require_conn()
-        (unit_props,) = await conn.call(dbus.get_all(state.path, UNIT))
+        (unit_props,) = await conn.call(dbus.get_all(unit.path, UNIT))
         service_props: dict[str, Any] = {}
-        if state.unit.endswith(".service"):
-            (service_props,) = await conn.call(dbus.get_all(state.path, SERVICE))
+        if unit.unit.endswith(".service"):
+            (service_props,) = await conn.call(dbus.get_all(unit.path, SERVICE))
         props = dbus.unwrap(service_props) | dbus.unwrap(unit_props)
         if props.get("LoadState") not in ("loaded", None):
             raise KeelError(
-                f"unit {state.unit} of agent {state.name} is {props.get('LoadState')} "
+                f"unit {unit.unit} of agent {unit.name} is {props.get('LoadState')} "
                 f"({props.get('LoadError', ('', ''))[1] or 'check `systemctl status`'})"
             )
-        state.props.update(props)
-        if not initial:
-            self._follow(state)
+        return props
 
     def _lost(self) -> None:
         if self._closing:
@@ -249,8 +191,8 @@ class SystemdBackend:
             await asyncio.sleep(delay)
             try:
                 await self._connect()
-                for state in self.units.values():
-                    await self._refresh(state)
+                for unit in self.units.values():
+                    self._feed(unit, Refreshed(await self._read(unit)))
             except (OSError, TimeoutError, dbus.DBusError, dbus.ConnectionLost, KeelError) as exc:
                 log.warning("reconnecting to systemd failed: %s", exc)
                 delay = min(delay * 2, 5.0)
@@ -271,85 +213,98 @@ class SystemdBackend:
     # --- adoption -------------------------------------------------------------------------
 
     async def find(self, name: str) -> Found | None:
-        state = self.units[name]
-        if not state.running:
+        state = self.units[name].state
+        if not state.adopt():
             return None
-        state.reported_running = True
         since_usec = state.props.get("ActiveEnterTimestampMonotonic")
         since = since_usec / 1e6 if isinstance(since_usec, int) and since_usec > 0 else 0.0
         # systemd's monotonic clock is CLOCK_MONOTONIC, as is time.monotonic().
         return Found(state.main_pid, since)
 
-    # --- start and stop --------------------------------------------------------------------
+    # --- requests from the daemon -------------------------------------------------------------
 
     def start(self, name: str) -> None:
-        state = self.units[name]
-        state.start_pending = True
-        state.holding = False
-        state.our_stop = False
-        state.activation_seen = False
-        state.inactive_exit_before = state.props.get("InactiveExitTimestampMonotonic")
-        state.external_stop = False
-        if state.running:
-            # systemd's own Restart= got there first: what runs is the restart.
-            asyncio.get_running_loop().call_soon(self._follow, state)
-            return
-        if state.active == "activating" and state.sub != "auto-restart":
-            self._job(state, "StartUnit", "start")  # a start is under way: join it
-            return
-        # Back-off is watch's job, not systemd's start rate limit: when this
-        # start could hit StartLimitBurst=, ResetFailedUnit clears the count
-        # first. (Not always: it lets systemd drop and reload the unit, which
-        # costs a restart a few milliseconds.) RestartUnit for a unit with
-        # Restart=: it may be waiting for its own restart timer, which a start
-        # job would wait for and a restart job cancels. StartUnit otherwise (one
-        # job step fewer).
-        if self._near_start_limit(state):
-            self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", state.unit))
-            state.starts.clear()
-        state.starts.append(time.monotonic())
-        restarts_itself = state.sub == "auto-restart" or state.props.get("Restart", "no") != "no"
-        self._job(state, "RestartUnit" if restarts_itself else "StartUnit", "start")
-
-    @staticmethod
-    def _near_start_limit(state: UnitState) -> bool:
-        interval = state.props.get("StartLimitIntervalUSec")
-        burst = state.props.get("StartLimitBurst")
-        if not isinstance(interval, int) or not isinstance(burst, int) or interval <= 0:
-            return False
-        if state.props.get("Result") == "start-limit-hit":
-            return True
-        horizon = time.monotonic() - interval / 1e6
-        while state.starts and state.starts[0] < horizon:
-            state.starts.popleft()
-        # systemd's own Restart= starts count too and are not in this list: keep a margin.
-        return len(state.starts) >= max(1, burst - 2)
-
-    def hold(self, name: str) -> None:
-        state = self.units[name]
-        state.holding = True
-        # A unit with Restart= goes from "failed" to "auto-restart" at once (the
-        # signals for both arrive together): cancel systemd's own restart timer,
-        # watch decides when it comes back.
-        if state.sub == "auto-restart" or state.props.get("Restart", "no") != "no":
-            # Cancel systemd's own Restart= timer: watch decides when it comes back.
-            log.info(
-                "agent %s: holding %s down (cancelling its automatic restart)", name, state.unit
-            )
-            state.our_stop = True
-            self._job(state, "StopUnit", "stop")
+        self._feed(self.units[name], StartRequested(), requested=True)
 
     def stop(self, name: str, reason: str, *, timeout: float) -> None:
-        state = self.units[name]
-        state.start_pending = False
-        state.our_stop = True
-        log.info("agent %s: stopping %s: %s", name, state.unit, reason)
-        self._job(state, "StopUnit", "stop")
+        unit = self.units[name]
+        log.info("agent %s: stopping %s: %s", name, unit.unit, reason)
+        self._feed(unit, StopRequested(), requested=True)
 
-    def _job(self, state: UnitState, method: str, what: str) -> None:
+    def hold(self, name: str) -> None:
+        self._feed(self.units[name], HoldRequested(), requested=True)
+
+    # --- feeding the core and carrying out what it says -----------------------------------
+
+    def _feed(self, unit: _Unit, event: Event, *, requested: bool = False) -> None:
+        state = unit.state
+        before = state.phase
+        outputs = state.handle(event)
+        if state.phase is not before or outputs:
+            log.debug(
+                "unit %s: %s on %s -> %s: %s (%s/%s pid=%s result=%s)",
+                unit.unit,
+                before.value,
+                type(event).__name__,
+                state.phase.value,
+                outputs,
+                state.props.get("ActiveState"),
+                state.props.get("SubState"),
+                state.main_pid,
+                state.props.get("Result"),
+            )
+        for output in outputs:
+            self._carry_out(unit, output, requested=requested)
+
+    def _carry_out(self, unit: _Unit, output: Output, *, requested: bool) -> None:
+        if isinstance(output, Started | Exited | StoppedExternally):
+            self._report(unit.name, output, deferred=requested)
+        elif isinstance(output, IssueJob):
+            if output.method == "StopUnit" and unit.state.phase is UnitPhase.HOLDING:
+                # systemd's own restart timer is pending: watch decides when it comes back.
+                log.info(
+                    "agent %s: holding %s down (cancelling its automatic restart)",
+                    unit.name,
+                    unit.unit,
+                )
+            self._job(unit, output.method, output.kind)
+        elif isinstance(output, ResetFailed):
+            self._call_quietly(dbus.manager_call("ResetFailedUnit", "s", unit.unit))
+        elif isinstance(output, ConfirmStart):
+            self._spawn(self._confirm_start(unit))
+
+    def _report(self, name: str, report: ReportOutput, *, deferred: bool) -> None:
+        """Tell the daemon, in order.
+
+        A report made while the daemon asks for something (start, stop, hold)
+        waits for the event loop: the daemon is in the middle of carrying out
+        its policy's actions and must not be re-entered. Later reports queue
+        behind it, so the daemon hears them in the order they were made.
+        """
+        if deferred or self._queued:
+            if not self._queued:
+                asyncio.get_running_loop().call_soon(self._deliver_queued)
+            self._queued.append((name, report))
+            return
+        self._deliver(name, report)
+
+    def _deliver_queued(self) -> None:
+        while self._queued:
+            self._deliver(*self._queued.popleft())
+
+    def _deliver(self, name: str, report: ReportOutput) -> None:
+        events = self._require_events()
+        if isinstance(report, Started):
+            events.agent_started(name, report.pid)
+        elif isinstance(report, Exited):
+            events.agent_exited(name, report.cause)
+        else:
+            events.agent_stopped_externally(name)
+
+    def _job(self, unit: _Unit, method: str, kind: JobKind) -> None:
         try:
             future = self._require_conn().send(
-                dbus.manager_call(method, "ss", state.unit, "replace")
+                dbus.manager_call(method, "ss", unit.unit, "replace")
             )
         except dbus.ConnectionLost as exc:
             future = asyncio.get_running_loop().create_future()
@@ -360,17 +315,10 @@ class SystemdBackend:
                 return
             exc = f.exception()
             if exc is None:
-                state.our_jobs[str(f.result().body[0])] = what
+                self._feed(unit, JobQueued(str(f.result().body[0]), kind))
                 return
-            log.warning("agent %s: systemd refused to %s %s: %s", state.name, what, state.unit, exc)
-            if what == "start" and state.start_pending:
-                state.start_pending = False
-                self._require_events().agent_exited(
-                    state.name, f"systemd refused to start {state.unit}: {exc}"
-                )
-            elif what == "stop" and state.our_stop and state.down:
-                state.our_stop = False
-                self._require_events().agent_exited(state.name, "stopped")
+            log.warning("agent %s: systemd refused to %s %s: %s", unit.name, kind, unit.unit, exc)
+            self._feed(unit, JobRefused(kind, str(exc)))
 
         future.add_done_callback(done)
 
@@ -379,119 +327,32 @@ class SystemdBackend:
             future = self._require_conn().send(message)
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    async def _confirm_start(self, unit: _Unit) -> None:
+        # Ask (the reply comes after any signal still in flight), then judge.
+        with contextlib.suppress(dbus.DBusError, dbus.ConnectionLost, TimeoutError, KeelError):
+            self._feed(unit, Refreshed(await self._read(unit)))
+        self._feed(unit, StartConfirmed())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- following systemd ----------------------------------------------------------------
 
     def _signal(self, signal: dbus.Signal) -> None:
         member = signal.member
         if member == "PropertiesChanged":
-            state = self._by_path.get(signal.path or "")
-            if state is None:
+            unit = self._by_path.get(signal.path or "")
+            if unit is None:
                 return  # another unit: its body is never parsed
-            interface, changed = dbus.properties_changed(signal, WANTED)
-            state.props.update(changed)
-            if interface == UNIT and ("ActiveState" in changed or "SubState" in changed):
-                self._follow(state)
+            _interface, changed = dbus.properties_changed(signal, WANTED)
+            self._feed(unit, Changed(changed))
         elif member == "JobRemoved":
-            _job_id, job_path, unit, result = signal.body()
-            for state in self.units.values():
-                if state.unit == unit:
-                    self._job_removed(state, str(job_path), str(result))
-
-    def _follow(self, state: UnitState) -> None:
-        """Turn a unit's state change into started / exited / stopped events."""
-        events = self._require_events()
-        log.debug(
-            "unit %s: %s/%s pid=%s result=%s reported_running=%s start_pending=%s "
-            "start_seen=%s our_stop=%s external_stop=%s",
-            state.unit,
-            state.active,
-            state.sub,
-            state.main_pid,
-            state.props.get("Result"),
-            state.reported_running,
-            state.start_pending,
-            state.start_seen,
-            state.our_stop,
-            state.external_stop,
-        )
-        if (
-            state.active == "deactivating"
-            and state.main_pid is not None
-            and state.props.get("Result") == "success"
-            and state.reported_running
-            and not state.our_stop
-        ):
-            # Someone else's stop job: systemd publishes "deactivating" while the
-            # main process still lives (it sent SIGTERM a moment ago). A crash
-            # shows no live main process, and a watchdog kill a failed Result.
-            state.external_stop = True
-        auto_restart = state.active == "activating" and state.sub == "auto-restart"
-        if state.start_pending and not state.activation_seen and auto_restart:
-            # Entering auto-restart counts as leaving "failed" for systemd's
-            # timestamps; it is not the start we asked for.
-            state.inactive_exit_before = state.props.get("InactiveExitTimestampMonotonic")
-        if state.start_pending and (
-            state.active in ("active", "reloading", "deactivating")
-            or (state.active == "activating" and not auto_restart)
-        ):
-            state.activation_seen = True
-        if state.running and state.holding and state.our_stop and not state.reported_running:
-            # systemd's Restart= timer beat our StopUnit; that stop will end it.
-            return
-        if state.running and not state.reported_running:
-            state.reported_running = True
-            state.start_pending = False
-            events.agent_started(state.name, state.main_pid)
-            return
-        if not state.down:
-            return
-        if state.reported_running:
-            state.reported_running = False
-            if state.our_stop:
-                state.our_stop = False
-                events.agent_exited(state.name, describe_result(state.props))
-            elif state.external_stop:
-                state.external_stop = False
-                events.agent_stopped_externally(state.name)
-            else:
-                events.agent_exited(state.name, describe_result(state.props))
-        elif state.start_pending and state.start_seen:
-            # Our start failed before the unit ever ran (exec failed, start timeout...).
-            state.start_pending = False
-            events.agent_exited(state.name, describe_result(state.props))
-        elif state.our_stop and not state.holding:
-            state.our_stop = False
-
-    def _job_removed(self, state: UnitState, job_path: str, result: str) -> None:
-        what = state.our_jobs.pop(job_path, None)
-        if what is None:
-            return
-        if what == "stop" and state.holding:
-            state.our_stop = False  # the hold's stop is done: the unit is down for good
-            return
-        if what != "start" or not state.start_pending or state.start_seen:
-            return  # the unit's own state changes tell the story
-        if result not in ("done", "skipped"):
-            state.start_pending = False
-            self._require_events().agent_exited(
-                state.name, f"start job {result} ({describe_result(state.props)})"
-            )
-            return
-
-        async def confirm() -> None:
-            # "done" yet not seen activating: ask (the reply comes after any
-            # signal still in flight), then judge.
-            with contextlib.suppress(dbus.DBusError, dbus.ConnectionLost, TimeoutError, KeelError):
-                await self._refresh(state)
-            if state.start_pending and not state.start_seen and not state.running:
-                state.start_pending = False
-                self._require_events().agent_exited(
-                    state.name, f"{state.unit} did not start (did a Condition...= check fail?)"
-                )
-
-        task = asyncio.get_running_loop().create_task(confirm())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            _job_id, job_path, unit_name, result = signal.body()
+            for unit in self.units.values():
+                if unit.unit == unit_name:
+                    self._feed(unit, JobRemoved(str(job_path), str(result)))
 
     async def close(self) -> None:
         # The units stay as they are: watch does not own them.

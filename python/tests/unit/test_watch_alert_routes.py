@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from keel.watch import metrics
-from keel.watch.alerting import (
+from keel.watch.alert_routes import (
     Alert,
     Gate,
     RouteLimits,
@@ -22,7 +22,6 @@ from keel.watch.alerting import (
 from keel.watch.children import describe_status
 from keel.watch.cli import status_rows
 from keel.watch.httpwire import Response, parse_url
-from keel.watch.systemd_backend import describe_result
 
 ALERT = Alert("web", "web-1", "open", "web failed: exited with status 1", "box", 1700000000.0)
 
@@ -197,22 +196,6 @@ def test_exit_descriptions() -> None:
     assert describe_status(-9) == "killed by signal 9 (SIGKILL)"
     assert describe_status(-200) == "killed by signal 200 (signal 200)"
     assert "status unknown" in describe_status(None)
-    assert describe_result({"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 3}) == (
-        "exited with status 3"
-    )
-    assert describe_result({"Result": "signal", "ExecMainCode": 2, "ExecMainStatus": 9}) == (
-        "killed by signal 9 (SIGKILL)"
-    )
-    assert describe_result({"Result": "core-dump", "ExecMainCode": 3, "ExecMainStatus": 11}) == (
-        "killed by signal 11 (SIGSEGV) (core dumped)"
-    )
-    assert describe_result({"Result": "watchdog", "ExecMainCode": 2, "ExecMainStatus": 6}) == (
-        "watchdog timeout: no WATCHDOG=1 within WatchdogSec (killed by signal 6 (SIGABRT))"
-    )
-    assert describe_result({"Result": "oom-kill"}) == "killed by the OOM killer"
-    assert describe_result({"Result": "start-limit-hit"}).startswith("systemd's start rate limit")
-    assert describe_result({"Result": "success"}).startswith("stopped")
-    assert describe_result({"Result": "resources"}) == "failed (resources)"
 
 
 def test_status_rows() -> None:

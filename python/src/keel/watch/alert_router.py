@@ -2,7 +2,7 @@
 
 :meth:`AlertRouter.send` never blocks and never raises: supervision hands an
 alert over and goes on. Each route's worker sends in order, retrying as
-:mod:`keel.watch.alerting` decides; a dead route only fills its own queue
+:mod:`keel.watch.alert_routes` decides; a dead route only fills its own queue
 (bounded: when full, new alerts for that route are dropped and recorded).
 Every alert that is sent or dropped becomes a ledger record. The Telegram
 token lives in memory only: it appears in no log line, record or error.
@@ -17,15 +17,16 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
-from keel.watch import httpwire
-from keel.watch.alerting import (
+from keel.watch import http_client, httpwire
+from keel.watch.alert_routes import (
     Alert,
     Gate,
     Route,
+    SendVerdict,
     TelegramRoute,
-    Verdict,
     retry_delay,
     telegram_request,
     telegram_verdict,
@@ -37,7 +38,7 @@ log = logging.getLogger("keel.watch.alerts")
 
 QUEUE_SIZE = 64
 
-Recorder = Callable[[str, str, Mapping[str, Any]], None]
+RecordEntry = Callable[[str, str, Mapping[str, Any]], None]
 """``record(kind, subject, data)``: queue a ledger entry (never blocks)."""
 
 
@@ -47,7 +48,7 @@ class AlertRouter:
         routes: Mapping[str, Route],
         tokens: Mapping[str, str],
         *,
-        record: Recorder,
+        record: RecordEntry,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
@@ -140,14 +141,7 @@ class AlertRouter:
                 lost = gate.take_dropped()
                 if lost:
                     note = f" ({lost} earlier alert{'s' if lost != 1 else ''} not sent: rate limit)"
-                    alert = Alert(
-                        alert.agent,
-                        alert.incident,
-                        alert.kind,
-                        alert.text + note,
-                        alert.host,
-                        alert.time,
-                    )
+                    alert = replace(alert, text=alert.text + note)
                 await self._deliver(name, route, alert)
             except asyncio.CancelledError:
                 raise
@@ -203,11 +197,11 @@ class AlertRouter:
             attempts=limits.attempts,
         )
 
-    async def _attempt(self, name: str, route: Route, alert: Alert) -> Verdict:
+    async def _attempt(self, name: str, route: Route, alert: Alert) -> SendVerdict:
         try:
             if isinstance(route, TelegramRoute):
                 url, body = telegram_request(route, self._tokens[name], alert)
-                response = await httpwire.request(
+                response = await http_client.request(
                     "POST",
                     url,
                     headers={"Content-Type": "application/json"},
@@ -217,7 +211,7 @@ class AlertRouter:
                     ssl_context=self._ssl,
                 )
                 return telegram_verdict(response)
-            response = await httpwire.request(
+            response = await http_client.request(
                 "POST",
                 route.url,
                 headers={"Content-Type": "application/json"},
@@ -228,10 +222,10 @@ class AlertRouter:
             )
             return webhook_verdict(response)
         except TimeoutError:
-            return Verdict("retry", f"no answer within {route.limits.timeout:g}s")
+            return SendVerdict("retry", f"no answer within {route.limits.timeout:g}s")
         except httpwire.HttpError as exc:
-            return Verdict("retry", f"bad HTTP response: {exc}")
+            return SendVerdict("retry", f"bad HTTP response: {exc}")
         except ssl.SSLError as exc:
-            return Verdict("retry", f"TLS error: {exc.reason or type(exc).__name__}")
+            return SendVerdict("retry", f"TLS error: {exc.reason or type(exc).__name__}")
         except OSError as exc:
-            return Verdict("retry", exc.strerror or type(exc).__name__)
+            return SendVerdict("retry", exc.strerror or type(exc).__name__)

@@ -10,7 +10,7 @@ waits exactly what the server asked (Telegram's ``parameters.retry_after``,
 or a ``Retry-After`` header). Other 4xx answers are permanent: retrying a
 wrong token or chat id only hides the problem.
 
-No I/O here; :mod:`keel.watch.alerts` sends.
+No I/O here; :mod:`keel.watch.alert_router` sends.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Alert:
     text: str
     host: str
     time: float  # wall clock (seconds since the epoch), for the webhook payload
+    source: str = "keel-watch"  # who raised it (safeswitch alerts through watch's routes)
 
 
 # --- the gate: duplicates and the rate limit ----------------------------------------
@@ -128,7 +129,7 @@ def retry_delay(
 
 
 @dataclass(frozen=True)
-class Verdict:
+class SendVerdict:
     """How one HTTP attempt went: delivered, worth retrying (maybe after N s), or hopeless."""
 
     outcome: Literal["sent", "retry", "failed"]
@@ -151,7 +152,7 @@ def telegram_request(route: TelegramRoute, token: str, alert: Alert) -> tuple[Ur
     return url, json.dumps(payload, ensure_ascii=False).encode()
 
 
-def telegram_verdict(response: Response) -> Verdict:
+def telegram_verdict(response: Response) -> SendVerdict:
     """Read a Bot API answer: ``{"ok": true, ...}`` or ``{"ok": false, "error_code": ...}``."""
     try:
         answer: Any = json.loads(response.body)
@@ -159,12 +160,14 @@ def telegram_verdict(response: Response) -> Verdict:
         answer = None
     if not isinstance(answer, dict):
         if response.status == 429:
-            return Verdict("retry", "HTTP 429", _seconds_value(response.headers.get("retry-after")))
+            return SendVerdict(
+                "retry", "HTTP 429", _seconds_value(response.headers.get("retry-after"))
+            )
         if response.status >= 500:
-            return Verdict("retry", f"HTTP {response.status}")
-        return Verdict("failed", f"HTTP {response.status}: not a Bot API answer")
+            return SendVerdict("retry", f"HTTP {response.status}")
+        return SendVerdict("failed", f"HTTP {response.status}: not a Bot API answer")
     if answer.get("ok") is True and response.status == 200:
-        return Verdict("sent")
+        return SendVerdict("sent")
     code = answer.get("error_code", response.status)
     description = str(answer.get("description", ""))[:200]
     reason = f"Telegram {code}: {description}" if description else f"Telegram {code}"
@@ -175,10 +178,10 @@ def telegram_verdict(response: Response) -> Verdict:
             retry_after = _seconds_value(parameters.get("retry_after"))
         if retry_after is None:
             retry_after = _seconds_value(response.headers.get("retry-after"))
-        return Verdict("retry", reason, retry_after)
+        return SendVerdict("retry", reason, retry_after)
     if response.status >= 500 or (isinstance(code, int) and code >= 500):
-        return Verdict("retry", reason)
-    return Verdict("failed", reason)
+        return SendVerdict("retry", reason)
+    return SendVerdict("failed", reason)
 
 
 # --- webhooks --------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def telegram_verdict(response: Response) -> Verdict:
 
 def webhook_body(alert: Alert) -> bytes:
     payload = {
-        "source": "keel-watch",
+        "source": alert.source,
         "host": alert.host,
         "agent": alert.agent,
         "incident": alert.incident,
@@ -197,15 +200,15 @@ def webhook_body(alert: Alert) -> bytes:
     return json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()
 
 
-def webhook_verdict(response: Response) -> Verdict:
+def webhook_verdict(response: Response) -> SendVerdict:
     status = response.status
     if 200 <= status < 300:
-        return Verdict("sent")
+        return SendVerdict("sent")
     if status == 429:
-        return Verdict("retry", "HTTP 429", _seconds_value(response.headers.get("retry-after")))
+        return SendVerdict("retry", "HTTP 429", _seconds_value(response.headers.get("retry-after")))
     if status >= 500 or status == 408:
-        return Verdict("retry", f"HTTP {status}")
-    return Verdict("failed", f"HTTP {status}")
+        return SendVerdict("retry", f"HTTP {status}")
+    return SendVerdict("failed", f"HTTP {status}")
 
 
 def render_text(alert: Alert) -> str:
