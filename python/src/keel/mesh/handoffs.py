@@ -218,8 +218,8 @@ class Handoffs:
 
     def hand(self, stream: int, item: Incoming, peer: str) -> int:
         """Hand ``item`` (from memory) to ``stream``; its stream receipt."""
-        hold = Hold(next(self._receipts), stream, Phase.HANDED, len(item.payload), self.clock())
-        hold.item, hold.peer = item, peer
+        receipt = next(self._receipts)
+        hold = Hold(receipt, stream, Phase.HANDED, len(item.payload), self.clock(), item, peer)
         self._handed[item.sender, item.id] = hold
         self._keep(hold)
         return hold.receipt
@@ -286,16 +286,17 @@ class Handoffs:
         """Messages handed from memory and held for ``hold`` seconds: to store, still held."""
         steps = Steps()
         deadline = self.clock() - self.hold
-        for hold in list(self._handed.values()):
-            if hold.since <= deadline:
-                self._apply(hold, Event.HELD_TOO_LONG, steps)
+        for hold in list(self._handed.values()):  # in the order they were handed
+            if hold.since > deadline:
+                break
+            self._apply(hold, Event.HELD_TOO_LONG, steps)
         return steps
 
     def next_deadline(self) -> float | None:
         """When :meth:`due` has something (None: nothing handed from memory)."""
-        if not self._handed:
-            return None
-        return min(hold.since for hold in self._handed.values()) + self.hold
+        for hold in self._handed.values():  # the first is the oldest
+            return hold.since + self.hold
+        return None
 
     def closed(self, stream: int) -> Steps:
         """``stream`` went away: what it held goes back (or is stored)."""
@@ -311,7 +312,7 @@ class Handoffs:
         return steps
 
     def _apply(self, hold: Hold, event: Event, steps: Steps) -> None:
-        after, do = step(hold.phase, event)
+        after, do = TRANSITIONS.get((hold.phase, event)) or step(hold.phase, event)
         if after is None:
             self._forget(hold)
         # else STORE_KEPT: it becomes STORED once the shell stored it (stored()); until

@@ -126,16 +126,18 @@ class _Takers:
 
     def __init__(self, windows: Mapping[str, Sequence[Window]]) -> None:
         self.windows = windows
-        self.taken: dict[int, tuple[int, int]] = {}  # stream -> (messages, bytes) handed now
+        self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
     def take(self, topic: str, size: int) -> int | None:
         """The first subscriber of ``topic`` with room and no backlog, charged ``size``."""
         for window in self.windows.get(topic, ()):
             if window.backlog:
                 continue
-            count, taken = self.taken.get(window.stream, (0, 0))
-            pending, pending_bytes = window.pending + count, window.pending_bytes + taken
-            if has_room(pending, pending_bytes, window.max_unacked, window.max_bytes):
-                self.taken[window.stream] = (count + 1, taken + size)
+            held = self.held.get(window.stream)
+            if held is None:
+                held = self.held[window.stream] = [window.pending, window.pending_bytes]
+            if has_room(held[0], held[1], window.max_unacked, window.max_bytes):
+                held[0] += 1
+                held[1] += size
                 return window.stream
         return None

@@ -250,8 +250,10 @@ class Inbox:
     # -- what handoffs decide (keel.mesh.handoffs.Steps)
 
     def _arm_hold_check(self) -> None:
+        if self._hold_timer is not None:
+            return
         deadline = self.handoffs.next_deadline()
-        if self._hold_timer is None and deadline is not None:
+        if deadline is not None:
             delay = max(MIN_HOLD_CHECK, deadline - self.clock())
             self._hold_timer = asyncio.get_running_loop().call_later(delay, self._hold_check)
 

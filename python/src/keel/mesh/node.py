@@ -23,6 +23,7 @@ daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -86,8 +87,7 @@ class MeshNode(Daemon):
         self.clock = clock
         self.wall = wall
         self._kem = kem
-        self._lock: int | None = None
-        self._listener: Listener[PeerLink] | None = None
+        self._opened = contextlib.ExitStack()  # what start opened, closed in reverse by stop
         self._removed_logged = False
 
     # ------------------------------------------------------------ the daemon's life
@@ -96,7 +96,7 @@ class MeshNode(Daemon):
         self.shell = shell
         directory = self.config.directory
         prepare(directory, 0o750)  # 0750: the keel group may enter; every file inside is 0600
-        self._lock = lock(directory)  # before touching the state another daemon may own
+        self._opened.callback(os.close, lock(directory))  # before touching another's state
         legacy = directory / LEGACY_CONFIG
         if legacy.exists() or legacy.is_symlink():
             log.warning(
@@ -110,9 +110,11 @@ class MeshNode(Daemon):
         self.kem: Kem = self._kem or get_kem()
         sync = "FULL" if self.settings.durability == "full" else "NORMAL"
         self.store = Store(directory / STATE_FILE, synchronous=sync)
+        self._opened.callback(self.store.close)
         record = shell.record
         metadata = record if shell.common.ledger is not None else None
         sock = listening_socket(*self.config.listen)
+        self._opened.callback(sock.close)
         self.addresses = advertised_addresses(self.config.listen[0], sock.getsockname()[1])
         self.members = Members(
             store=self.store,
@@ -150,6 +152,7 @@ class MeshNode(Daemon):
             wall=self.wall,
         )
         epoch = int.from_bytes(os.urandom(4), "big")
+        self._opened.callback(self.outbound.close)
         self.inbox = Inbox(
             store=self.store,
             handoffs=Handoffs(clock=self.clock, epoch=epoch),
@@ -162,6 +165,7 @@ class MeshNode(Daemon):
             clock=self.clock,
             wall=self.wall,
         )
+        self._opened.callback(self.inbox.close)
         self.outbound.load()
         intake = Intake(
             total=self.settings.max_handshakes,
@@ -169,14 +173,16 @@ class MeshNode(Daemon):
             timeout=self.settings.session.handshake_timeout,
             clock=self.clock,
         )
-        self._listener = listener = Listener(
+        listener = Listener(
             sock,
             intake,
             lambda ticket: self.links.inbound(listener, ticket),
             PeerLink.drop,
             reserve=shell.reserve,
         )
-        self._listener.start()
+        self._opened.callback(listener.close)
+        listener.start()
+        self._opened.callback(self.links.close, "shutdown: the node is stopping")
         self.apply_view()
         shell.spawn(self._housekeeping(), name="housekeeping")
         log.info(
@@ -190,19 +196,8 @@ class MeshNode(Daemon):
         )
 
     async def stop(self) -> None:
-        if hasattr(self, "links"):
-            self.links.close("shutdown: the node is stopping")
-        if self._listener is not None:
-            self._listener.close()
-        if hasattr(self, "inbox"):
-            self.inbox.close()
-        if hasattr(self, "outbound"):
-            self.outbound.close()
-        if hasattr(self, "store"):
-            self.store.close()
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        """Close what start opened, the last first: links, listener, parts, store, lock."""
+        self._opened.close()
 
     def summary(self) -> str:
         return f"node {self.me}"
