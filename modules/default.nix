@@ -8,7 +8,9 @@
     ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./fleet.nix
     ./mcp.nix
+    ./chat.nix
     ./appliance.nix
   ];
 }

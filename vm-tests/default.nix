@@ -12,6 +12,7 @@ let
     ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./fleet.nix
     ./appliance.nix
   ];
 

@@ -25,6 +25,8 @@ SERVICE_CLIS: tuple[str, ...] = (
     "keel.mesh.cli",
     "keel.safeswitch.cli",
     "keel.mcp.cli",
+    "keel.fleet.cli",
+    "keel.chat.cli",
     "keel.appliance.cli",
 )
 

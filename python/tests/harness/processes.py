@@ -116,6 +116,7 @@ def kill_trees(roots: Iterable[int]) -> list[str]:
         pid = pending.pop()
         doomed.append(pid)
         pending.extend(_direct_children(pid))
+    own = _direct_children(os.getpid())  # before the kill: zombies are not listed
     named = []
     for pid in doomed:
         try:
@@ -124,6 +125,12 @@ def kill_trees(roots: Iterable[int]) -> list[str]:
         except OSError:
             continue
         named.append(f"{pid} ({command.decode(errors='replace')[:120]})")
+    # Reap the ones that are this process's own children, or they stay zombies
+    # that later tests counting children would find.
+    for pid in doomed:
+        if pid in own:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     return named
 
 

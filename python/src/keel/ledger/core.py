@@ -620,7 +620,7 @@ def sign_note(text: str, signers: Iterable[Signer]) -> str:
     lines = []
     for signer in signers:
         blob = signer.verifier.key_id.to_bytes(4, "big") + signer.sign(message)
-        lines.append(f"{SIGNATURE_PREFIX}{signer.name} {base64.b64encode(blob).decode()}\n")
+        lines.append(NoteSignature(signer.name, blob).line())
     if not lines:
         raise ValueError("a signed note needs at least one signer")
     return text + "\n" + "".join(lines)
@@ -632,24 +632,36 @@ class OpenedNote:
     verified_by: tuple[str, ...]
 
 
-def open_note(note: str, verifiers: Sequence[Verifier]) -> OpenedNote:
-    """Parse a signed note and check its signatures against the trusted ``verifiers``.
+@dataclass(frozen=True)
+class NoteSignature:
+    """One signature line of a signed note: the key name and the decoded blob."""
 
-    Signatures by unknown keys are ignored; a signature by a known key that
-    does not verify is a :class:`ProofError`, and so is a note that no known
-    key signed. Malformed notes raise :class:`MalformedError`.
+    name: str
+    blob: bytes  # 4-byte key id || the signature (its layout depends on the key's type)
+
+    @property
+    def key_id(self) -> int:
+        return int.from_bytes(self.blob[:4], "big")
+
+    def line(self) -> str:
+        return f"{SIGNATURE_PREFIX}{self.name} {base64.b64encode(self.blob).decode()}\n"
+
+
+def split_note(note: str) -> tuple[str, list[NoteSignature]]:
+    """A signed note's text and its signature lines, checked for form only.
+
+    :class:`MalformedError` for anything that is not a signed note; no
+    signature is verified here (:func:`open_note` does that).
     """
     if not note.endswith("\n") or "\n\n" not in note:
         raise MalformedError("a signed note is text, a blank line and signature lines")
     split = note.rindex("\n\n")
     text, block = note[: split + 1], note[split + 2 :]
     _check_note_text(text)
-    message = text.encode("utf-8")
-    known = {(v.name, v.key_id): v for v in verifiers}
-    verified: list[str] = []
     signature_lines = block.splitlines()
     if not signature_lines or len(signature_lines) > MAX_SIGNATURES:
         raise MalformedError(f"a signed note carries 1 to {MAX_SIGNATURES} signatures")
+    signatures = []
     for line in signature_lines:
         if not line.startswith(SIGNATURE_PREFIX) or line.count(" ") != 2:
             raise MalformedError(f"malformed signature line {shown(line)}")
@@ -658,7 +670,24 @@ def open_note(note: str, verifiers: Sequence[Verifier]) -> OpenedNote:
         blob = _b64decode(encoded, f"the signature of {shown(name)}")
         if len(blob) < 5:
             raise MalformedError(f"the signature of {shown(name)} is too short")
-        verifier = known.get((name, int.from_bytes(blob[:4], "big")))
+        signatures.append(NoteSignature(name, blob))
+    return text, signatures
+
+
+def open_note(note: str, verifiers: Sequence[Verifier]) -> OpenedNote:
+    """Parse a signed note and check its signatures against the trusted ``verifiers``.
+
+    Signatures by unknown keys are ignored; a signature by a known key that
+    does not verify is a :class:`ProofError`, and so is a note that no known
+    key signed. Malformed notes raise :class:`MalformedError`.
+    """
+    text, signatures = split_note(note)
+    message = text.encode("utf-8")
+    known = {(v.name, v.key_id): v for v in verifiers}
+    verified: list[str] = []
+    for signature in signatures:
+        name, blob = signature.name, signature.blob
+        verifier = known.get((name, signature.key_id))
         if verifier is None:
             continue
         if not verifier.verify(message, blob[4:]):

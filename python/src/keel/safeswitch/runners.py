@@ -45,6 +45,21 @@ EARLY_START = 2.0  # seconds the rollback timer's keel starts before the deadlin
 _detached: list[subprocess.Popen[bytes]] = []
 
 
+def _reap_detached(kill: int | None = None) -> None:
+    """Collect timers of this process that ended (``kill``: that pid is ended first).
+
+    A switcher is a short-lived command, so its timers' exit statuses would be
+    collected at its exit anyway; a long-lived caller (fleet, the tests) must
+    not gather zombies.
+    """
+    for process in list(_detached):
+        if kill is not None and process.pid == kill and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.poll() is not None:
+            _detached.remove(process)
+
+
 class Activation(Protocol):
     runner: Runner
 
@@ -257,6 +272,7 @@ class ProcessRunners:
         return None
 
     async def arm(self, switch_id: str, delay: float, argv: Sequence[str], log: Path) -> Runner:
+        _reap_detached()
         not_before = time.monotonic() + delay
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -282,8 +298,10 @@ class ProcessRunners:
     async def disarm(self, timer: Runner, *, own: bool) -> None:
         ref = timer.process
         if ref is None or own or ref.pid == os.getpid():
+            _reap_detached()
             return
         ref.signal(signal.SIGKILL)
+        _reap_detached(kill=ref.pid)
 
     async def start(self, name: str, argv: Sequence[str], log: Path) -> ProcessActivation:
         log.parent.mkdir(parents=True, exist_ok=True)

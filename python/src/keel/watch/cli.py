@@ -1,4 +1,4 @@
-"""``keel watch serve|check-config|start|stop`` and ``keel status``."""
+"""``keel watch serve|check-config|start|stop|restart`` and ``keel status``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for verb, text in (
         ("start", "start an agent (also lifts a quarantine)"),
         ("stop", "stop an agent and keep it stopped until `keel watch start`"),
+        ("restart", "stop an agent and start it again once it exited"),
     ):
         parser = commands.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         parser.add_argument("agent", help="the agent's name, as in the watch config")
