@@ -25,7 +25,7 @@ class FleetConfig:
     source: str
     common: Common
     host: str
-    mesh: Path  # the mesh node's directory (its control socket is inside)
+    mesh: Path  # the mesh daemon's control socket
     state: Path  # the fleet's own state: fleet.db and the witness key
     witness_name: str
     witness_every: float  # seconds between two witnessing rounds
@@ -131,7 +131,7 @@ def parse(cfg: Section) -> FleetConfig:
         source=cfg.source,
         common=common,
         host=cfg.string("host", default=socket.gethostname() or "localhost"),
-        mesh=cfg.filepath("mesh", default=str(paths.state_dir() / "mesh")),
+        mesh=cfg.filepath("mesh", default=str(paths.socket_file("mesh"))),
         state=cfg.filepath("state", default=str(paths.state_dir() / "fleet")),
         witness_name=witness_name,
         witness_every=witness_every,

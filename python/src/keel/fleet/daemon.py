@@ -200,7 +200,7 @@ class Fleet(Daemon):
         link = self.link
         if link is None or link.node_id is None:
             reason = "not started" if link is None else link.problem
-            raise Unavailable(f"the mesh daemon in {self.config.mesh} cannot be reached: {reason}")
+            raise Unavailable(f"the mesh daemon at {self.config.mesh} cannot be reached: {reason}")
         return link.node_id
 
     def _parts(self) -> tuple[Link, FleetStore, LocalNode, Cosigner]:

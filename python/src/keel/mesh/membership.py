@@ -37,14 +37,9 @@ from typing import Any, Final
 
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
-from keel.mesh.identity import (
-    SIGNATURE_SIZE,
-    NodeIdentity,
-    NodeRecord,
-    is_node_id,
-    verify_signature,
-)
-from keel.mesh.packets import canonical_json, is_message_id
+from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
+from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
+from keel.mesh.packets import canonical_json
 
 KINDS: Final = ("genesis", "join", "remove", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}
@@ -75,7 +70,7 @@ def room_id_of(owner: str, nonce: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class Record:
+class SignedRecord:
     """One signed record: ``body`` (every field but ``sig``) and the signature."""
 
     body: Mapping[str, Any]
@@ -119,13 +114,13 @@ class Record:
         return tuple(self.body.get("addrs", ()))
 
     @classmethod
-    def make(cls, identity: NodeIdentity, kind: str, at: int, **fields: Any) -> Record:
+    def make(cls, identity: NodeIdentity, kind: str, at: int, **fields: Any) -> SignedRecord:
         body = {"kind": kind, "by": identity.node_id, "at": at, **fields}
         signature = identity.sign(DOMAINS[kind], canonical_json(body))
         return cls.from_json({**body, "sig": b64u_encode(signature)})
 
     @classmethod
-    def from_json(cls, data: object) -> Record:
+    def from_json(cls, data: object) -> SignedRecord:
         """Parse and check a record's shape (not its signature: that needs the view)."""
         if not isinstance(data, Mapping):
             raise _bad("not a JSON object")
@@ -211,7 +206,7 @@ class Room:
     owner: str
     version: int
     members: tuple[str, ...]  # as the owner signed them (may name nodes since removed)
-    record: Record = field(repr=False)
+    record: SignedRecord = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -249,14 +244,14 @@ class Membership:
 
     MAX_RECORDS: Final = 100_000
 
-    def __init__(self, genesis: Record, records: Iterable[Record] = ()) -> None:
+    def __init__(self, genesis: SignedRecord, records: Iterable[SignedRecord] = ()) -> None:
         if genesis.kind != "genesis":
             raise ValueError("a mesh starts from a genesis record")
         founder = genesis.node_record()
         if not genesis.verify_with(founder.signing_key):
             raise _bad("the genesis record's signature does not verify")
         self.genesis = genesis
-        self._records: dict[str, Record] = {genesis.id: genesis}
+        self._records: dict[str, SignedRecord] = {genesis.id: genesis}
         self._verified: dict[tuple[str, bytes], bool] = {}
         self._view: View | None = None
         self._max_at = genesis.at
@@ -266,7 +261,7 @@ class Membership:
     @classmethod
     def found(cls, identity: NodeIdentity, addresses: Sequence[str], now_ms: int) -> Membership:
         """A new mesh of one: ``identity`` is its founder."""
-        genesis = Record.make(
+        genesis = SignedRecord.make(
             identity, "genesis", now_ms, node=identity.record().to_json(), addrs=list(addresses)
         )
         return cls(genesis)
@@ -275,7 +270,7 @@ class Membership:
     def mesh_id(self) -> str:
         return self.genesis.id
 
-    def records(self) -> list[Record]:
+    def records(self) -> list[SignedRecord]:
         return sorted(self._records.values(), key=lambda r: (r.at, r.id))
 
     def __contains__(self, record_id: str) -> bool:
@@ -284,7 +279,7 @@ class Membership:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, record: Record) -> bool:
+    def add(self, record: SignedRecord) -> bool:
         """Store ``record``; True if it is new. Whether it takes effect is up to the view."""
         if record.id in self._records:
             return False
@@ -313,7 +308,7 @@ class Membership:
             self._view = self._walk()
         return self._view
 
-    def _verified_by(self, record: Record, signer: Member | None) -> bool:
+    def _verified_by(self, record: SignedRecord, signer: Member | None) -> bool:
         if signer is None:
             return False
         key = (record.id, signer.node.signing_key)
@@ -388,8 +383,8 @@ class Membership:
 
     # -- making records (the local node signs)
 
-    def make(self, identity: NodeIdentity, kind: str, now_ms: int, **fields: Any) -> Record:
+    def make(self, identity: NodeIdentity, kind: str, now_ms: int, **fields: Any) -> SignedRecord:
         """Sign a new record at ``next_at(now_ms)`` and add it."""
-        record = Record.make(identity, kind, self.next_at(now_ms), **fields)
+        record = SignedRecord.make(identity, kind, self.next_at(now_ms), **fields)
         self.add(record)
         return record

@@ -15,7 +15,6 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.mesh.settings import control_path
 
 from tests.json_values import json_values
 
@@ -52,7 +51,7 @@ def request(path: str, line: bytes) -> dict[str, Any]:
 
 def test_any_request_gets_a_one_line_answer(pair: tuple[Node, Node]) -> None:
     a, b = pair
-    path = str(control_path(a.directory))
+    path = str(a.socket)
     values = JSON | plausible(b)
 
     @settings(

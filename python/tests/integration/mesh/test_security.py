@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from keel.mesh import packets, rooms
-from keel.mesh.framing import Record as FrameRecord
-from keel.mesh.framing import encode_frame, encode_record
+from keel.mesh.framing import RecordType, encode_frame, encode_record
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteToken, new_invite
 from keel.mesh.packets import Ack, Msg
@@ -174,7 +173,7 @@ def test_manipulated_frames_are_refused(mesh_nodes: Callable[..., Node], attack:
         assert session._send is not None
         chunk = b"\x00" * 60000
         for _ in range(20):
-            piece = session._send.encrypt_with_ad(b"", encode_record(FrameRecord.DATA_MORE, chunk))
+            piece = session._send.encrypt_with_ad(b"", encode_record(RecordType.DATA_MORE, chunk))
             sock.sendall(encode_frame(piece))
     closed = peer.closed()
     assert isinstance(closed, Closed)
@@ -246,9 +245,9 @@ def test_a_member_cannot_forge_another_members_room_message(pair: tuple[Node, No
                       for p in forger.received())
     )  # fmt: skip
     # the forger signs a message with its own key but names b as the author
-    from keel.mesh.membership import Membership, Record
+    from keel.mesh.membership import Membership, SignedRecord
 
-    records = [Record.from_json(r) for p in forger.received() if isinstance(p, packets.Records)
+    records = [SignedRecord.from_json(r) for p in forger.received() if isinstance(p, packets.Records)
                for r in p.records]  # fmt: skip
     genesis = next(r for r in records if r.kind == "genesis")
     view = Membership(genesis, [r for r in records if r.kind != "genesis"]).view
@@ -277,11 +276,11 @@ def test_records_from_a_member_are_checked(mesh_nodes: Callable[..., Node]) -> N
     peer = member(a)
     stranger = NodeIdentity.generate()
     # a join signed by the member is fine; one it forged in a's name is not
-    from keel.mesh.membership import Record
+    from keel.mesh.membership import SignedRecord
 
-    genuine = Record.make(peer.identity, "join", int(time.time() * 1000) + 10,
+    genuine = SignedRecord.make(peer.identity, "join", int(time.time() * 1000) + 10,
                           node=stranger.record().to_json(), addrs=[])  # fmt: skip
-    fake = Record.make(peer.identity, "remove", int(time.time() * 1000) + 20, node=a.node_id)
+    fake = SignedRecord.make(peer.identity, "remove", int(time.time() * 1000) + 20, node=a.node_id)
     claim = {**fake.to_json(), "by": a.node_id}
     peer.send_packet(packets.Records((claim, {"kind": "nonsense"})))
     peer.send_packet(packets.Records((genuine.to_json(),)))

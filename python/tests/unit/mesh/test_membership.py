@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from keel.mesh.encoding import b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity
-from keel.mesh.membership import Membership, MembershipError, Record, room_id_of
+from keel.mesh.membership import Membership, MembershipError, SignedRecord, room_id_of
 
 from .conftest import seeded
 
@@ -22,12 +22,14 @@ def ident(name: str) -> NodeIdentity:
 A, B, C, D, E = (ident(n) for n in "abcde")
 
 
-def join(by: NodeIdentity, who: NodeIdentity, at: int, addrs: list[str] | None = None) -> Record:
-    return Record.make(by, "join", at, node=who.record().to_json(), addrs=addrs or [])
+def join(
+    by: NodeIdentity, who: NodeIdentity, at: int, addrs: list[str] | None = None
+) -> SignedRecord:
+    return SignedRecord.make(by, "join", at, node=who.record().to_json(), addrs=addrs or [])
 
 
-def remove(by: NodeIdentity, who: NodeIdentity, at: int) -> Record:
-    return Record.make(by, "remove", at, node=who.node_id)
+def remove(by: NodeIdentity, who: NodeIdentity, at: int) -> SignedRecord:
+    return SignedRecord.make(by, "remove", at, node=who.node_id)
 
 
 def mesh() -> Membership:
@@ -63,12 +65,12 @@ def test_a_join_by_a_stranger_takes_no_effect_until_its_signer_is_in() -> None:
 def test_a_forged_signature_takes_no_effect() -> None:
     m = mesh()
     good = join(A, B, T0 + 1)
-    forged = Record.from_json({**good.to_json(), "sig": b64u_encode(bytes(64))})
+    forged = SignedRecord.from_json({**good.to_json(), "sig": b64u_encode(bytes(64))})
     m.add(forged)
     assert not m.view.is_member(B.node_id)
     # a record claiming to be by A but signed by C
-    fake = Record.make(C, "join", T0 + 2, node=D.record().to_json(), addrs=[])
-    m.add(Record.from_json({**fake.to_json(), "by": A.node_id}))
+    fake = SignedRecord.make(C, "join", T0 + 2, node=D.record().to_json(), addrs=[])
+    m.add(SignedRecord.from_json({**fake.to_json(), "by": A.node_id}))
     assert not m.view.is_member(D.node_id)
 
 
@@ -106,8 +108,8 @@ def test_remove_of_an_unknown_node_is_preemptive() -> None:
 def test_addresses_last_writer_wins_and_only_own() -> None:
     m = mesh()
     m.add(join(A, B, T0 + 1, ["10.0.0.2:1"]))
-    m.add(Record.make(B, "addr", T0 + 5, addrs=["10.0.0.2:2"]))
-    m.add(Record.make(B, "addr", T0 + 3, addrs=["10.0.0.2:3"]))
+    m.add(SignedRecord.make(B, "addr", T0 + 5, addrs=["10.0.0.2:2"]))
+    m.add(SignedRecord.make(B, "addr", T0 + 3, addrs=["10.0.0.2:3"]))
     assert m.view.admitted[B.node_id].addresses == ("10.0.0.2:2",)
 
 
@@ -143,19 +145,19 @@ def test_next_at_is_after_every_record_held() -> None:
 def test_malformed_records_are_refused(change: dict[str, object], problem: str) -> None:
     good = join(A, B, T0).to_json()
     with pytest.raises(RemoteProtocolError, match=problem):
-        Record.from_json({**good, **change})
+        SignedRecord.from_json({**good, **change})
 
 
 def test_a_node_cannot_admit_itself_and_genesis_is_self_signed() -> None:
     with pytest.raises(RemoteProtocolError, match="admit itself"):
-        Record.make(A, "join", T0, node=A.record().to_json(), addrs=[])
+        SignedRecord.make(A, "join", T0, node=A.record().to_json(), addrs=[])
     with pytest.raises(RemoteProtocolError, match="genesis"):
-        Record.make(A, "genesis", T0, node=B.record().to_json(), addrs=[])
+        SignedRecord.make(A, "genesis", T0, node=B.record().to_json(), addrs=[])
 
 
 def test_room_records_must_derive_their_id_from_the_owner() -> None:
     nonce = bytes(16)
-    good = Record.make(
+    good = SignedRecord.make(
         A,
         "room",
         T0,
@@ -167,7 +169,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
     )
     assert good.kind == "room"
     with pytest.raises(RemoteProtocolError, match="derive"):
-        Record.make(
+        SignedRecord.make(
             B,
             "room",
             T0,
@@ -178,7 +180,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
             members=sorted([A.node_id, B.node_id]),
         )
     with pytest.raises(RemoteProtocolError, match="including the owner"):
-        Record.make(
+        SignedRecord.make(
             A,
             "room",
             T0,
@@ -192,7 +194,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
 
 def test_record_json_round_trip_and_id() -> None:
     record = join(A, B, T0)
-    again = Record.from_json(record.to_json())
+    again = SignedRecord.from_json(record.to_json())
     assert again == record
     assert again.id == record.id
     assert len(record.id) == 32
@@ -222,7 +224,7 @@ HISTORY = [
     join(A, B, T0 + 1),
     join(B, C, T0 + 2),
     join(A, D, T0 + 3),
-    Record.make(C, "addr", T0 + 4, addrs=["10.0.0.3:7400"]),
+    SignedRecord.make(C, "addr", T0 + 4, addrs=["10.0.0.3:7400"]),
     remove(D, B, T0 + 5),
     join(B, E, T0 + 6),  # void: B is out by then
     remove(C, D, T0 + 7),
@@ -232,7 +234,9 @@ HISTORY = [
 
 @settings(max_examples=60, deadline=None)
 @given(st.permutations(HISTORY), st.data())
-def test_any_arrival_order_and_any_split_converge(order: list[Record], data: st.DataObject) -> None:
+def test_any_arrival_order_and_any_split_converge(
+    order: list[SignedRecord], data: st.DataObject
+) -> None:
     reference = mesh()
     for record in HISTORY:
         reference.add(record)
