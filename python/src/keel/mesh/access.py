@@ -21,7 +21,9 @@ from typing import Any
 from keel.api import Peer
 from keel.errors import Forbidden
 
-ADMIN_VERBS = frozenset({"invite", "join", "remove", "room_create", "room_add", "room_remove"})
+ADMIN_VERBS = frozenset(
+    {"invite", "join", "remove", "operator", "room_create", "room_add", "room_remove"}
+)
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 

@@ -93,8 +93,22 @@ def register(subparsers: commands.Subcommands) -> None:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     p.add_argument("--json", action="store_true", help="JSON lines: id, from, topic, data")
 
-    p = command("remove", "revoke a node: it is refused from then on", _remove)
+    p = command(
+        "remove",
+        "revoke a node: it is refused from then on (from an operator node of the mesh)",
+        _remove,
+    )
     p.add_argument("node", metavar="NODE_ID")
+
+    p = command(
+        "operator",
+        "grant a member the operator role (it may then remove nodes and grant the role), "
+        "or take it back; from an operator node (the founder is the first)",
+        _operator,
+    )
+    p.add_argument("action", choices=("grant", "revoke"))
+    p.add_argument("node", metavar="NODE_ID")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     room = sub.add_parser("room", help="rooms: owner-managed groups of nodes")
     room_sub = room.add_subparsers(dest="room_command", metavar="COMMAND", required=True)
@@ -278,10 +292,11 @@ def _peers(args: argparse.Namespace) -> int:
             if p["connected"]
             else (human_duration(now - p["last_seen"]) + " ago" if p["last_seen"] else "never"),
             p["queued"],
+            "yes" if p.get("operator") else "no",
         )
         for p in peers
     ]
-    print_table(["id", "addresses", "connected", "last seen", "queued"], rows)
+    print_table(["id", "addresses", "connected", "last seen", "queued", "operator"], rows)
     return 0
 
 
@@ -337,6 +352,17 @@ def _recv(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     _client(args).remove(args.node)
     print(f"removed {args.node}")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    result = _client(args).operator(args.node, grant=args.action == "grant")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{args.node} is {'an' if result['operator'] else 'no longer an'} operator node")
     return 0
 
 

@@ -79,6 +79,7 @@ class Control:
             "stream": _verb(verbs.NoArgs.parse, self.stream),
             "ack": _verb(verbs.Ack.parse, self.ack),
             "remove": _verb(verbs.Remove.parse, self.remove),
+            "operator": _verb(verbs.OperatorChange.parse, self.operator),
             "room_create": _verb(verbs.RoomCreate.parse, self.room_create),
             "room_add": _verb(
                 verbs.RoomMember.parse, functools.partial(self.room_change, add=True)
@@ -130,6 +131,7 @@ class Control:
                     "connected": connected,
                     "last_seen": now if connected else seen.get(node_id),
                     "queued": node.outbound.queued(node_id),
+                    "operator": node_id in node.members.view.operators,
                 }
             )
         return out
@@ -146,9 +148,30 @@ class Control:
             raise KeelError(f"{target} was removed already")
         if target not in view.admitted:
             raise KeelError(f"{target} is not a member of mesh {view.mesh_id}")
+        verbs.require_operator(view, node.me, "remove a node")
         record = node.members.sign("remove", node=target)  # the removed node hears it too
         node.shell.record("member-remove", target, {"node": target, "by": node.me})
         return {"removed": target, "record": record.id}
+
+    async def operator(self, request: verbs.OperatorChange) -> verbs.OperatorChanged:
+        self._member()
+        node, target, grant = self.node, request.node, request.grant
+        view = node.members.view
+        if target == node.me:
+            raise UsageError(
+                "a node cannot grant or take back its own operator role; "
+                "another operator node does it"
+            )
+        if not view.is_member(target):
+            raise KeelError(f"{target} is not a member of mesh {view.mesh_id}")
+        verbs.require_operator(view, node.me, "grant or take back the operator role")
+        if (target in view.operators) == grant:
+            raise KeelError(f"{target} is {'an' if grant else 'not an'} operator already")
+        record = node.members.sign("operator", node=target, grant=grant)
+        node.shell.record(
+            "member-operator", target, {"node": target, "grant": grant, "by": node.me}
+        )
+        return {"node": target, "operator": grant, "record": record.id}
 
     # -- messages
 

@@ -14,14 +14,19 @@ hybrid logical time in milliseconds, and ``sig``):
 - ``join`` (``node``, ``addrs``): ``by`` admits the node whose ``NodeRecord``
   is ``node`` (made when it redeemed one of ``by``'s invites).
 - ``remove`` (``node``): ``by`` revokes node id ``node``, for good.
+- ``operator`` (``node``, ``grant``): ``by`` makes member ``node`` an
+  operator of the mesh (``grant`` true) or takes the role back (false).
 - ``addr`` (``addrs``): ``by``'s own listening addresses (latest wins).
 - ``room``: an owner-signed room state (see :mod:`keel.mesh.rooms`).
 
 The view: walk the records in ``(at, id)`` order starting from the genesis
-member. A ``join`` or ``remove`` takes effect only if its signer is a member
-(admitted, not removed) at that point of the walk and its signature verifies
-with the signer's admitted signing key. Removal wins: a removed node is
-never admitted again, whatever joins follow. ``at`` is a hybrid logical
+member. A ``join`` takes effect only if its signer is a member (admitted,
+not removed) at that point of the walk and its signature verifies with the
+signer's admitted signing key; a ``remove`` or ``operator`` record only if
+its signer is, besides, an *operator* at that point. The founder is the
+first operator; an operator grants the role to another member (never to
+itself: a node cannot promote itself), and a removed node loses it. Removal
+wins: a removed node is never admitted again, whatever joins follow. ``at`` is a hybrid logical
 clock (``next_at``): a node stamps a new record later than every record it
 already holds, so a record always sorts after the records that made its
 signer a member, even between hosts whose clocks disagree.
@@ -41,7 +46,7 @@ from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
 from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
 from keel.mesh.packets import canonical_json
 
-KINDS: Final = ("genesis", "join", "remove", "addr", "room")
+KINDS: Final = ("genesis", "join", "remove", "operator", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}
 MAX_ADDRESSES: Final = 16
 MAX_ROOM_NAME: Final = 64
@@ -55,6 +60,7 @@ _FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "genesis": frozenset({"node", "addrs"}),
     "join": frozenset({"node", "addrs"}),
     "remove": frozenset({"node"}),
+    "operator": frozenset({"node", "grant"}),
     "addr": frozenset({"addrs"}),
     "room": frozenset({"room", "nonce", "name", "version", "members"}),
 }
@@ -154,9 +160,14 @@ class SignedRecord:
                 raise _bad("a genesis record is signed by the node it founds")
             if kind == "join" and node.node_id == body["by"]:
                 raise _bad("a node cannot admit itself")
-        elif kind == "remove":
+        elif kind in ("remove", "operator"):
             if not is_node_id(body["node"]):
                 raise _bad("node is not a node id")
+            if kind == "operator":
+                if not isinstance(body["grant"], bool):
+                    raise _bad("grant must be true or false")
+                if body["node"] == body["by"]:
+                    raise _bad("a node cannot grant or take back its own operator role")
         elif kind == "room":
             _check_room(body)
         return cls(body, signature)
@@ -217,6 +228,7 @@ class View:
     founder: str
     admitted: Mapping[str, Member]  # everyone ever admitted (removed ones too)
     removed: Mapping[str, int]  # node id -> at of the removal that took effect
+    operators: frozenset[str]  # the members that may remove nodes and grant the role
     rooms: Mapping[str, Room]
     effective: frozenset[str]  # ids of the records that took effect
 
@@ -322,6 +334,7 @@ class Membership:
             founder.node_id: Member(founder, self.genesis.addresses, None, self.genesis.at)
         }
         removed: dict[str, int] = {}
+        operators = {founder.node_id}
         addresses: dict[str, tuple[str, ...]] = {}
         rooms: dict[str, Room] = {}
         effective = {self.genesis.id}
@@ -340,9 +353,22 @@ class Membership:
                 admitted[node.node_id] = Member(node, record.addresses, by, record.at)
             elif kind == "remove":
                 target = str(record.body["node"])
-                if target in removed or not self._verified_by(record, in_good_standing):
+                if target in removed or by not in operators:
+                    continue
+                if not self._verified_by(record, in_good_standing):
                     continue
                 removed[target] = record.at
+                operators.discard(target)
+            elif kind == "operator":
+                target = str(record.body["node"])
+                if by not in operators or target not in admitted or target in removed:
+                    continue
+                if not self._verified_by(record, in_good_standing):
+                    continue
+                if record.body["grant"]:
+                    operators.add(target)
+                else:
+                    operators.discard(target)
             elif kind == "addr":
                 if not self._verified_by(record, signer):
                     continue
@@ -377,6 +403,7 @@ class Membership:
             founder=founder.node_id,
             admitted=MappingProxyType(admitted),
             removed=MappingProxyType(removed),
+            operators=frozenset(operators),
             rooms=MappingProxyType(rooms),
             effective=frozenset(effective),
         )

@@ -213,6 +213,7 @@ class MeshNode(Daemon):
             "member": view.is_member(self.me),
             "addresses": self.addresses,
             "members": len(view.members),
+            "operator": self.me in view.operators,
             "connected": sorted(self.links.by_peer),
             "outbox": len(self.outbound),
             "inbox": self.inbox.count,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
-from keel.errors import KeelError, UsageError
+from keel.errors import KeelError, Refused, UsageError
 from keel.mesh import arguments
 from keel.mesh.invite import MAX_USES, InviteToken
 from keel.mesh.membership import View
@@ -134,6 +134,21 @@ class Remove:
 
 
 @dataclass(frozen=True)
+class OperatorChange:
+    """``operator``: grant a member the operator role (``grant``) or take it back."""
+
+    node: str
+    grant: bool
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> OperatorChange:
+        grant = args.get("grant")
+        if not isinstance(grant, bool):
+            raise UsageError("grant must be true or false")
+        return cls(arguments.node_id(args, "node"), grant)
+
+
+@dataclass(frozen=True)
 class RoomCreate:
     name: str
     members: tuple[str, ...]
@@ -209,6 +224,17 @@ def require_member(view: View, me: str) -> None:
         raise KeelError(f"this node was removed from mesh {view.mesh_id}")
 
 
+def require_operator(view: View, me: str, what: str) -> None:
+    """Membership changes are signed by operator nodes only; the others would not count them."""
+    if me not in view.operators:
+        named = ", ".join(sorted(view.operators)) or "none left"
+        raise Refused(
+            f"only an operator node of the mesh may {what}, and this node is not one "
+            f"(operators: {named}); an operator grants the role with "
+            "`keel mesh operator grant NODE_ID`"
+        )
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -218,6 +244,7 @@ class Status(TypedDict):
     member: bool
     addresses: list[str]
     members: int
+    operator: bool
     connected: list[str]
     outbox: int
     inbox: int
@@ -245,6 +272,7 @@ class PeerInfo(TypedDict):
     connected: bool
     last_seen: float | None
     queued: int
+    operator: bool
 
 
 class Sent(TypedDict):
@@ -279,6 +307,12 @@ class Acked(TypedDict):
 
 class Removed(TypedDict):
     removed: str
+    record: str
+
+
+class OperatorChanged(TypedDict):
+    node: str
+    operator: bool
     record: str
 
 

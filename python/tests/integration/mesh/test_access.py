@@ -60,6 +60,7 @@ def as_user(
 ADMIN = [
     ("invite",),
     ("remove", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+    ("operator", "grant", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("room", "create", "ops"),
     ("room", "add", "ops", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("room", "remove", "ops", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),

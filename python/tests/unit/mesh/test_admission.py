@@ -14,7 +14,7 @@ from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.session import HandshakeComplete
 
 from .conftest import seeded
-from .test_membership import T0, A, B, C, D, join, remove
+from .test_membership import T0, A, B, C, D, grant, join, remove
 
 NOW = T0 / 1000
 HASH = b"h" * 32
@@ -79,7 +79,10 @@ def test_a_removed_node_hears_of_its_removal_and_is_refused() -> None:
     decision = decide(mesh, handshake(B))
     assert decision == Refuse(f"removed: {B.node_id} was removed from the mesh", (removal,))
     alone = founded()
-    alone.add(remove(B, A, T0 + 2))  # B removed A: A is no member of its own mesh now
+    alone.add(grant(A, B, T0 + 2))
+    alone.add(
+        remove(B, A, T0 + 3)
+    )  # B, an operator node, removed A: A is no member of its own mesh now
     assert decide(alone, handshake(B)) == Refuse("removed: this node was removed from the mesh")
 
 

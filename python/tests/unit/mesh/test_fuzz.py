@@ -287,8 +287,9 @@ def valid_records() -> list[dict[str, object]]:
     room = mesh.make(
         alice, "room", 1_700_000_000_002, **rooms.create(alice, name="ops", members=[])
     )
-    remove = SignedRecord.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
-    return [r.to_json() for r in (mesh.genesis, join, room, remove)]
+    grant = SignedRecord.make(alice, "operator", 1_700_000_000_003, node=bob.node_id, grant=True)
+    remove = SignedRecord.make(alice, "remove", 1_700_000_000_004, node=bob.node_id)
+    return [r.to_json() for r in (mesh.genesis, join, room, grant, remove)]
 
 
 @FUZZ

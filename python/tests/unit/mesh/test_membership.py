@@ -32,6 +32,10 @@ def remove(by: NodeIdentity, who: NodeIdentity, at: int) -> SignedRecord:
     return SignedRecord.make(by, "remove", at, node=who.node_id)
 
 
+def grant(by: NodeIdentity, who: NodeIdentity, at: int, *, to: bool = True) -> SignedRecord:
+    return SignedRecord.make(by, "operator", at, node=who.node_id, grant=to)
+
+
 def mesh() -> Membership:
     return Membership.found(A, ["10.0.0.1:7400"], T0)
 
@@ -96,6 +100,63 @@ def test_a_removed_node_can_no_longer_admit_or_remove() -> None:
     assert view.is_member(C.node_id)
     assert not view.is_member(D.node_id)
     assert view.is_member(A.node_id)
+
+
+def test_only_operator_nodes_remove_and_the_founder_is_the_first() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 2))
+    assert m.view.operators == {A.node_id}
+    m.add(remove(B, C, T0 + 3))  # B is a member, not an operator: void
+    assert m.view.is_member(C.node_id)
+    m.add(grant(A, B, T0 + 4))
+    m.add(remove(B, C, T0 + 5))  # now it counts
+    assert not m.view.is_member(C.node_id)
+    assert m.view.operators == {A.node_id, B.node_id}
+
+
+def test_a_node_cannot_promote_itself_nor_be_promoted_by_a_member() -> None:
+    with pytest.raises(RemoteProtocolError, match="its own operator role"):
+        grant(B, B, T0 + 2)
+    forged = SignedRecord.make(B, "operator", T0 + 2, node=C.node_id, grant=True)
+    with pytest.raises(RemoteProtocolError, match="its own operator role"):
+        SignedRecord.from_json({**forged.to_json(), "by": C.node_id})
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    m.add(grant(C, B, T0 + 2))  # C is no operator
+    m.add(grant(B, C, T0 + 2))
+    assert m.view.operators == {A.node_id}
+    # a grant claimed in A's name but signed by B takes no effect
+    claim = SignedRecord.from_json({**grant(B, C, T0 + 3).to_json(), "by": A.node_id})
+    m.add(claim)
+    assert m.view.operators == {A.node_id}
+
+
+def test_the_role_is_taken_back_and_a_removed_operator_loses_it() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    m.add(grant(A, B, T0 + 2))
+    m.add(grant(A, C, T0 + 2))
+    m.add(grant(B, C, T0 + 3, to=False))
+    assert m.view.operators == {A.node_id, B.node_id}
+    m.add(remove(B, A, T0 + 4))  # an operator may remove the founder
+    assert m.view.operators == {B.node_id}
+    m.add(grant(A, C, T0 + 5))  # A is out: void
+    m.add(grant(B, D, T0 + 5))  # D is no member: void
+    assert m.view.operators == {B.node_id}
+
+
+def test_an_operator_record_is_well_formed() -> None:
+    good = grant(A, B, T0 + 1).to_json()
+    for bad, problem in (
+        ({**good, "grant": 1}, "grant must be true or false"),
+        ({**good, "node": "x"}, "node is not a node id"),
+        ({k: v for k, v in good.items() if k != "grant"}, "exactly the fields"),
+    ):
+        with pytest.raises(RemoteProtocolError, match=problem):
+            SignedRecord.from_json(bad)
 
 
 def test_remove_of_an_unknown_node_is_preemptive() -> None:
@@ -225,10 +286,13 @@ HISTORY = [
     join(B, C, T0 + 2),
     join(A, D, T0 + 3),
     SignedRecord.make(C, "addr", T0 + 4, addrs=["10.0.0.3:7400"]),
-    remove(D, B, T0 + 5),
-    join(B, E, T0 + 6),  # void: B is out by then
-    remove(C, D, T0 + 7),
-    join(A, E, T0 + 8),
+    grant(A, D, T0 + 4),
+    grant(D, C, T0 + 5),
+    remove(D, B, T0 + 6),
+    join(B, E, T0 + 7),  # void: B is out by then
+    remove(C, D, T0 + 8),
+    join(A, E, T0 + 9),
+    remove(E, A, T0 + 10),  # void: E is no operator
 ]
 
 
@@ -258,4 +322,5 @@ def test_any_arrival_order_and_any_split_converge(
     view = reference.view
     assert set(view.members) == {A.node_id, C.node_id, E.node_id}
     assert set(view.removed) == {B.node_id, D.node_id}
+    assert view.operators == {A.node_id, C.node_id}  # D lost the role with its removal
     assert view.admitted[C.node_id].addresses == ("10.0.0.3:7400",)

@@ -95,7 +95,13 @@ class MeshClient:
         return result
 
     def remove(self, node_id: str) -> None:
+        """Revoke a node for good (this node must be an operator node of the mesh)."""
         self.call("remove", {"node": node_id})
+
+    def operator(self, node_id: str, *, grant: bool) -> dict[str, Any]:
+        """Grant a member the operator role, or take it back (from an operator node)."""
+        result: dict[str, Any] = self.call("operator", {"node": node_id, "grant": grant})
+        return result
 
     def dead_letters(self, *, limit: int = 100) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("dead_letters", {"limit": limit})
