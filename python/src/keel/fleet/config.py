@@ -35,6 +35,7 @@ class FleetConfig:
     watch: Path | None  # watch's control socket; None: this host runs no watch
     services: dict[str, Path | None]  # name -> control socket (None: through the mesh client)
     operators: frozenset[str]  # node ids whose commands this node carries out
+    mesh_operators: bool  # also from the mesh's operator nodes (its signed membership records)
     pinned: dict[str, str]  # node id -> ledger verifier key, instead of trust on first use
     current_system: Path
     profile: Path
@@ -56,6 +57,7 @@ TOP_LEVEL_KEYS = (
     "ledger",
     "mesh",
     "operators",
+    "mesh_operators",
     "pinned",
     "profile",
     "request_timeout",
@@ -141,6 +143,7 @@ def parse(cfg: Section) -> FleetConfig:
         watch=watch,
         services=services,
         operators=frozenset(operators),
+        mesh_operators=cfg.boolean("mesh_operators", default=True),
         pinned=pinned,
         current_system=cfg.filepath("current_system", default="/run/current-system"),
         profile=cfg.filepath("profile", default="/nix/var/nix/profiles/system"),
