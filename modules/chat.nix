@@ -22,9 +22,12 @@ let
   tokenPath = "/run/credentials/${unitName}/${credential}";
 
   # keel chat refuses unknown keys, and a key set to null is one: drop the
-  # nulls of the typed options (ledger = null is meaningful and stays).
+  # nulls of the typed options (ledger = null and fleet_socket = null are
+  # meaningful and stay).
   settingsJson =
-    lib.filterAttrs (name: value: value != null || name == "ledger") cfg.settings
+    lib.filterAttrs (
+      name: value: value != null || name == "ledger" || name == "fleet_socket"
+    ) cfg.settings
     // {
       token_file = tokenPath;
       allowed_users = cfg.allowedUsers;
@@ -75,6 +78,7 @@ in
           "status"
           "agents"
           "log"
+          "fleet"
           "restart"
         ]
       );
@@ -82,9 +86,12 @@ in
         "status"
         "agents"
         "log"
+        "fleet"
       ];
       description = ''
-        The commands the bot takes. Read-only by default; `restart` changes
+        The commands the bot takes. Read-only by default (`fleet` answers
+        that the bot speaks for this host only unless keel fleet is enabled
+        here); `restart` changes
         things: it works only in a private chat, asks the person to confirm
         with a button only they can press, once, within 60 s, and records
         the approval in the ledger before anything is done.
@@ -120,6 +127,12 @@ in
             type = types.str;
             default = "/run/keel/watch.sock";
             description = "keel watch's control socket, which the bot asks about agents.";
+          };
+          fleet_socket = mkOption {
+            type = types.nullOr types.str;
+            default = if config.services.keel.fleet.enable then "/run/keel/fleet.sock" else null;
+            defaultText = lib.literalExpression ''if config.services.keel.fleet.enable then "/run/keel/fleet.sock" else null'';
+            description = "keel fleet's control socket, for `/fleet` and `/restart AGENT@NODE`; null: the bot speaks for this host only.";
           };
           ledger = mkOption {
             type = types.nullOr types.str;

@@ -56,7 +56,15 @@ COMMANDS: Mapping[str, CommandSpec] = {
         CommandSpec(
             "log", False, "/log [N]", f"the last N ledger entries (default 10, at most {100})"
         ),
-        CommandSpec("restart", True, "/restart AGENT", "restart an agent (asks you to confirm)"),
+        CommandSpec(
+            "fleet", False, "/fleet", "every host of the fleet: its state and what is down"
+        ),
+        CommandSpec(
+            "restart",
+            True,
+            "/restart AGENT[@NODE]",
+            "restart an agent, here or on another node",
+        ),
     )
 }
 READ_ONLY: tuple[str, ...] = tuple(name for name, spec in COMMANDS.items() if not spec.mutating)
@@ -447,8 +455,9 @@ class ChatCore:
         nonce = base64.urlsafe_b64encode(self.rng.getrandbits(128).to_bytes(16, "big")).decode()
         nonce = nonce.rstrip("=")
         timeout = self.policy.confirm_timeout
+        where = "" if "@" in target else f" on {self.policy.host}"  # AGENT@NODE names it
         text = (
-            f"{_ACTION_TITLES[action]} {target} on {self.policy.host}?\n"
+            f"{_ACTION_TITLES[action]} {target}{where}?\n"
             f"Now: {shown}\n"
             f"Only you can answer, once, within {timeout:g} s; if {target} changes before "
             "you do, nothing is done."
@@ -723,7 +732,11 @@ def _check_args(spec: CommandSpec, request: Request) -> tuple[str | None, Reques
     if spec.name == "restart":
         if len(args) == 1 and _TARGET.match(args[0]):
             return None, request
-        return f"{usage}: one agent name (letters, digits, '_', '.', '@', '-').", request
+        return (
+            f"{usage}: one agent name, or AGENT@NODE for another node (letters, digits, "
+            "'_', '.', '@', '-').",
+            request,
+        )
     if args:
         return f"{usage} (it takes no arguments).", request
     return None, request
