@@ -212,7 +212,7 @@ def test_installed_specs_are_governed_as_the_nixos_module_governs_them(tmp_path:
         ({"servers": 7}, "servers: expected an object of entries by name or the directory"),
         (
             {"servers": {"Bad": {"uid": 5, "port": 5301}}},
-            "servers.Bad: 'Bad' is not a valid MCP server",
+            'servers.Bad: "Bad" is not a valid MCP server',
         ),
         ({"audit": ["scout"]}, 'audit[0]: "scout" is not an agent or server egress governs'),
         ({"base_port": 65535}, "base_port: must be at most 65534"),
