@@ -46,7 +46,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.common import RUN_ID, HarnessError, dies_with_us, run, stale
+from tests.harness.common import (
+    RUN_ID,
+    HarnessError,
+    dies_with_us,
+    report_output,
+    run,
+    stale,
+)
 from tests.harness.netns import NETNS_DIR, Host
 
 REPO = Path(__file__).resolve().parents[3]
@@ -461,6 +468,11 @@ class Container:
     def stop(self, timeout: float = 20) -> None:
         """Power off (SIGTERM to nspawn), kill if it hangs, remove the overlay."""
         if self.process is not None:
+            if self.process.poll() is None and self.leader is not None:
+                journal = self.run(
+                    "journalctl", "--no-pager", "--quiet", "--boot", check=False, timeout=30
+                )
+                report_output(f"container {self.name}'s journal", journal.stdout)
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
