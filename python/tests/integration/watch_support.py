@@ -29,6 +29,20 @@ from keel.watch.process_backend import ProcessBackend
 AGENT = Path(__file__).resolve().parents[1] / "watch_agent.py"
 
 
+def zombie_children(parent: int | None = None) -> list[int]:
+    """The children of ``parent`` (default: this process) that exited and were never reaped."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_bytes()
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                if fields[0] == b"Z" and int(fields[1]) == parent:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

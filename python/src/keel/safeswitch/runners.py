@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +40,6 @@ from keel.watch.children import Child
 
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this many seconds
 EARLY_START = 2.0  # seconds the rollback timer's keel starts before the deadline, at most
-
-# Detached timer processes: kept referenced so that no Popen is collected (and
-# warned about) while its process still runs.
-_detached: list[subprocess.Popen[bytes]] = []
 
 
 class Activation(Protocol):
@@ -273,7 +270,11 @@ class ProcessRunners:
                 raise KeelError(
                     f"cannot start the rollback timer {argv[0]}: {exc.strerror}"
                 ) from None
-        _detached.append(process)
+        # The timer outlives the switch that armed it. Whoever is its parent when it
+        # exits collects it: init after a `keel switch` that exited, and this thread in
+        # a caller that lives on (a daemon, a test process), which would otherwise keep
+        # a zombie for every switch. The thread also keeps the Popen referenced.
+        threading.Thread(target=process.wait, name=f"timer {process.pid}", daemon=True).start()
         ref = ProcessRef.of(process.pid)
         if ref is None:
             raise KeelError(f"the rollback timer (pid {process.pid}) died at once; see {log}")
