@@ -51,6 +51,10 @@ class Activation(Protocol):
 
     async def stop(self) -> None: ...
 
+    def detach(self) -> None:
+        """Leave it running, watched no longer by this process (the timer deals with it)."""
+        ...
+
 
 class Runners(Protocol):
     kind: str
@@ -133,6 +137,9 @@ class SystemdActivation:
             with contextlib.suppress(OSError), open(self.runner.log or os.devnull, "ab") as log:
                 log.write(b"systemd-run: " + said)
         return code
+
+    def detach(self) -> None:
+        pass  # the unit is systemd's; the systemd-run client is collected by asyncio
 
     async def stop(self) -> None:
         if self.runner.unit:
@@ -245,6 +252,9 @@ class ProcessActivation:
 
     async def stop(self) -> None:
         await self._child.terminate(STOP_TIMEOUT)
+
+    def detach(self) -> None:
+        self._child.detach()
 
 
 class ProcessRunners:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,14 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     # done, must not stay behind as a zombie (a long-lived caller would collect one
     # per switch).
     wait_for(lambda: not zombie_children(), "the switch's processes collected", 60)
+
+
+def pidfds_open() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
 
 
 def run(lab: Lab, system: Path) -> tuple[Result, str]:
@@ -98,8 +107,12 @@ def test_a_bug_in_the_switcher_leaves_the_host_to_the_timer(
         raise RuntimeError("a bug")  # ...and the switcher's loop dies
 
     monkeypatch.setattr(Executor, "drive", broken)
+    pidfds = pidfds_open()
     result, said = run(lab, lab.system("gen-b"))
     assert result.exit_code == 3
+    # The activation left running is no longer watched from here: no pidfd stays open
+    # (and the fixture checks that no zombie stays either).
+    assert pidfds_open() == pidfds
     assert "internal error in keel (a bug; the traceback is in" in said
     assert "the rollback timer rolls the switch back at" in said
     assert result.state is not None
