@@ -408,13 +408,18 @@ class Executor:
         # Cancelled before it ran (a stop, or the switcher's end): the action never starts.
         self._task.add_done_callback(lambda _: coro.close())
 
-    async def _stop_running(self) -> None:
+    async def _cancel_action(self) -> Activation | None:
+        """Cancel the long action in progress; the activation it started, now the caller's."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         activation, self._activation = self._activation, None
+        return activation
+
+    async def _stop_running(self) -> None:
+        activation = await self._cancel_action()
         if activation is not None:
             await activation.stop()
         elif self.state.activation is not None:
@@ -427,12 +432,7 @@ class Executor:
         The action in progress is cancelled (as it would be when the process exits);
         an activation already running keeps running, watched no longer from here.
         """
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        activation, self._activation = self._activation, None
+        activation = await self._cancel_action()
         if activation is not None:
             activation.detach()
 
