@@ -4,8 +4,10 @@ The demo is a sequence of steps, each printing what it does and the commands
 it runs, so that it reads as a walk through the appliance: watch supervising
 two example agents (one of them flaky), the mesh (two nodes on loopback paired
 by invite, example agents talking through them), safe switches between
-generation fixtures (one committed, one rolled back by itself), and the ledger
-that recorded all of it, signed, proved and verified, with a tampered copy caught.
+generation fixtures (one committed, one rolled back by itself), egress (as
+root: an agent in a network namespace reaching only its allowlist), and the
+ledger that recorded all of it, signed, proved and verified, with a tampered
+copy caught.
 
 Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo.py``
 (``make demo`` does exactly that).
@@ -13,6 +15,7 @@ Run it from the repository root with ``KEEL_DEV=1 .venv/bin/python examples/demo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -116,16 +119,16 @@ AGENT = Path(__file__).with_name("agents") / "mesh_agent.py"
 def start_node(name: str) -> subprocess.Popen[bytes]:
     """``keel mesh serve`` in the background, logging to .keel/mesh-demo/NAME.log."""
     directory = MESH / name
-    argv = [
-        "mesh",
-        "serve",
-        "--dir",
-        str(directory),
-        "--listen",
-        "127.0.0.1:0",
-        "--ledger",
-        str(STATE / "ledger.db"),
-    ]
+    config = MESH / f"{name}.json"
+    settings = {
+        "directory": str(directory),
+        "listen": "127.0.0.1:0",
+        "socket": str(MESH / f"{name}.sock"),
+        "ledger": str(STATE / "ledger.db"),
+    }
+    config.write_text(json.dumps(settings, indent=1) + "\n")
+    print(f"$ cat {config}\n{config.read_text()}", end="", flush=True)
+    argv = ["mesh", "serve", "--config", str(config)]
     print(f"$ keel {shlex.join(argv)} &", flush=True)
     with (MESH / f"{name}.log").open("wb") as log:
         process = subprocess.Popen(
@@ -135,7 +138,7 @@ def start_node(name: str) -> subprocess.Popen[bytes]:
             env=dict(os.environ, KEEL_DEV="1"),
         )
     deadline = time.monotonic() + 30
-    while not (directory / "control.sock").exists():
+    while not (MESH / f"{name}.sock").exists():
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"demo: node {name} did not start; see {MESH / f'{name}.log'}")
         time.sleep(0.1)
@@ -156,31 +159,41 @@ def agent(*args: str) -> subprocess.Popen[str]:
 def mesh_steps() -> None:
     shutil.rmtree(MESH, ignore_errors=True)  # a fresh pair of nodes on every run
     MESH.mkdir(parents=True)
-    a_dir, b_dir = str(MESH / "a"), str(MESH / "b")
+    a_sock, b_sock = str(MESH / "a.sock"), str(MESH / "b.sock")
     step("mesh: two nodes on loopback (hybrid X25519 + ML-KEM-768 Noise sessions)")
     nodes = [start_node("a"), start_node("b")]
     try:
-        a_id = keel("mesh", "id", "--dir", a_dir).strip()
-        b_id = keel("mesh", "id", "--dir", b_dir).strip()
+        a_id = keel("mesh", "id", "--config", str(MESH / "a.json")).strip()
+        b_id = keel("mesh", "id", "--config", str(MESH / "b.json")).strip()
 
         step("mesh: node a invites node b (a single-use token); b joins with it")
-        token = keel("mesh", "invite", "--dir", a_dir, "--ttl", "600").strip()
-        keel("mesh", "join", "--dir", b_dir, token)
-        keel("mesh", "peers", "--dir", a_dir)
+        token = keel("mesh", "invite", "--socket", a_sock, "--ttl", "600").strip()
+        keel("mesh", "join", "--socket", b_sock, token)
+        keel("mesh", "peers", "--socket", a_sock)
 
         step("mesh: agent 'notes' on node a answers agent 'scout' on node b")
-        notes = agent("--name", "notes", "--dir", a_dir, "--serve", "--count", "3")
-        scout = agent("--name", "scout", "--dir", b_dir, "--ask", a_id, "--peer", "notes")
+        notes = agent("--name", "notes", "--socket", a_sock, "--serve", "--count", "3")
+        scout = agent("--name", "scout", "--socket", b_sock, "--ask", a_id, "--peer", "notes")
         if scout.wait(timeout=90) != 0 or notes.wait(timeout=90) != 0:
             raise SystemExit("demo: the mesh agents did not finish their exchange")
 
         step("mesh: a room owned by a; b posts to it, a reads it")
-        keel("mesh", "room", "create", "--dir", a_dir, "ops", b_id)
+        keel("mesh", "room", "create", "--socket", a_sock, "ops", b_id)
         deadline = time.monotonic() + 20
         while (
             "ops"
             not in subprocess.run(
-                [sys.executable, "-m", "keel", "mesh", "room", "members", "--dir", b_dir, "ops"],
+                [
+                    sys.executable,
+                    "-m",
+                    "keel",
+                    "mesh",
+                    "room",
+                    "members",
+                    "--socket",
+                    b_sock,
+                    "ops",
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -189,12 +202,12 @@ def mesh_steps() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("demo: the room never reached node b")
             time.sleep(0.2)
-        keel("mesh", "room", "send", "--dir", b_dir, "ops", "--topic", "chat", "deploy done")
+        keel("mesh", "room", "send", "--socket", b_sock, "ops", "--topic", "chat", "deploy done")
         keel(
             "mesh",
             "recv",
-            "--dir",
-            a_dir,
+            "--socket",
+            a_sock,
             "--topic",
             "chat",
             "--count",
@@ -391,6 +404,165 @@ def switch_steps() -> None:
     keel("switch", "history", "--config", str(path))
 
 
+EGRESS = Path(__file__).with_name("egress")
+EGRESS_ZONES = """\
+$ORIGIN allowed.test.
+@    300 IN SOA ns.allowed.test. admin.allowed.test. 1 60 60 600 300
+@    300 IN NS  ns.allowed.test.
+www  300 IN A   192.0.2.10
+$ORIGIN other.test.
+@    300 IN SOA ns.other.test. admin.other.test. 1 60 60 600 300
+@    300 IN NS  ns.other.test.
+www  300 IN A   192.0.2.14
+"""
+EGRESS_AGENT_UID = 64123  # the demo agent's uid (no user needed: egress matches the number)
+
+# What the demo agent does, as uid EGRESS_AGENT_UID inside the keel host: ask
+# any resolver (egress catches port 53 whatever the address), then connect.
+EGRESS_AGENT = """
+import socket, sys
+import dns.message, dns.query, dns.rcode
+
+def resolve(name):
+    reply = dns.query.udp(dns.message.make_query(name, "A"), "203.0.113.53", timeout=3)
+    found = [r.address for rrset in reply.answer for r in rrset]
+    print(f"  resolve {name}: {dns.rcode.to_text(reply.rcode())} {' '.join(found)}")
+    return found
+
+def connect(address):
+    try:
+        with socket.create_connection((address, 80), timeout=1) as s:
+            s.sendall(b"hello\\n")
+            print(f"  connect {address}:80: {s.recv(100).decode().strip()!r}")
+    except OSError as exc:
+        print(f"  connect {address}:80: blocked ({exc.strerror or 'no answer'})")
+
+for address in resolve("www.allowed.test"):
+    connect(address)
+resolve("www.other.test")
+connect("192.0.2.14")
+"""
+
+
+def netns(name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", name, *argv], capture_output=True, text=True, check=check
+    )
+
+
+def egress_steps() -> None:
+    """An agent that reaches exactly its allowlist, in network namespaces (needs root)."""
+    step("egress: a per-agent, deny-by-default firewall opened only for allowlisted names")
+    if os.geteuid() != 0:
+        print("  (skipped: egress drives nftables in network namespaces, which needs root)")
+        return
+    missing = [tool for tool in ("ip", "nft", "setpriv") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"  (skipped: {', '.join(missing)} not found; install iproute2, nftables, util-linux)"
+        )
+        return
+    inet, host = f"keel-demo-{os.getpid()}-inet", f"keel-demo-{os.getpid()}-host"
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        for name in (inet, host):
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            netns(name, "ip", "link", "set", "lo", "up")
+        subprocess.run(
+            ["ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name", "eth0", "netns", inet],
+            check=True,
+        )  # fmt: skip
+        for name, address in ((host, "10.250.0.1/24"), (inet, "10.250.0.2/24")):
+            netns(name, "ip", "addr", "add", address, "dev", "eth0")
+            netns(name, "ip", "link", "set", "eth0", "up")
+        netns(host, "ip", "route", "add", "default", "via", "10.250.0.2")
+        for address in ("192.0.2.10/32", "192.0.2.14/32"):
+            netns(inet, "ip", "addr", "add", address, "dev", "lo")
+        print(f"  (namespaces {inet} and {host}: the host's own network is not touched)")
+        zones = STATE / "egress-zones.txt"
+        zones.write_text(EGRESS_ZONES)
+        internet_log = (STATE / "egress-internet.log").open("wb")
+        subprocess.Popen(
+            ["ip", "netns", "exec", inet, sys.executable, str(EGRESS / "internet.py"),
+             "--zone", str(zones), "--dns", "10.250.0.2"],
+            stdout=internet_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        config = {
+            "upstream": ["10.250.0.2"],
+            "min_ttl": 30,
+            "grace": 5,
+            "agents": {
+                "scout": {"uid": EGRESS_AGENT_UID, "port": 5301, "allow": ["www.allowed.test"]}
+            },
+        }
+        config_file = STATE / "egress.json"
+        config_file.write_text(json.dumps(config, indent=2))
+        print(f"$ cat {config_file}\n  " + json.dumps(config).replace("\n", "\n  "))
+        keel("egress", "check", "--config", str(config_file), "scout", "www.allowed.test")
+        keel("egress", "check", "--config", str(config_file), "scout", "www.other.test", expect=1)
+        print(f"$ ip netns exec {host} keel egress serve --config {config_file} &", flush=True)
+        log = (STATE / "egress.log").open("wb")
+        daemon = subprocess.Popen(
+            ["ip", "netns", "exec", host, sys.executable, "-m", "keel", "egress", "serve", "--config", str(config_file)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, KEEL_DEV="1"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while keel_quiet("egress", "status") != 0:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("demo: keel egress did not start (see .keel/egress.log)")
+            time.sleep(0.1)
+        step(f"egress: the agent (uid {EGRESS_AGENT_UID}) resolves and connects")
+        agent = netns(
+            host, "setpriv", f"--reuid={EGRESS_AGENT_UID}", f"--regid={EGRESS_AGENT_UID}",
+            "--clear-groups", sys.executable, "-c", EGRESS_AGENT, check=False,
+        )  # fmt: skip
+        print(agent.stdout.rstrip() or agent.stderr.rstrip(), flush=True)
+        step("egress: keel's own nftables table (inet keel), in the keel host's namespace")
+        rules = netns(host, "nft", "list", "chain", "inet", "keel", "agent_scout").stdout
+        print("  " + rules.strip().replace("\n", "\n  "))
+        # The drop reaches the daemon over NFLOG a moment after it happened.
+        deadline = time.monotonic() + 10
+        while not egress_saw_a_drop() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        step("egress: what the daemon saw")
+        keel("egress", "status")
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        for name in (host, inet):
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+            )
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def egress_saw_a_drop() -> bool:
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "egress", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    )
+    if result.returncode != 0:
+        return False
+    recent = json.loads(result.stdout)["agents"]["scout"]["recent"]
+    return any(item["what"] == "blocked" for item in recent)
+
+
+def keel_quiet(*args: str) -> int:
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args],
+        capture_output=True,
+        check=False,
+        env=dict(os.environ, KEEL_DEV="1"),
+    ).returncode
+
+
 def main() -> int:
     print("keel demo (dev mode: files under ./.keel)")
     STATE.mkdir(exist_ok=True)
@@ -398,6 +570,7 @@ def main() -> int:
     watch_steps()
     mesh_steps()
     switch_steps()
+    egress_steps()
     ledger_audit(first)
     print("\ndemo: done", flush=True)
     return 0

@@ -37,6 +37,16 @@ in
       openFirewall = true;
     };
 
+    # The outbound firewall of tier-2 agents (docs/egress.md): the resolvers
+    # keel's DNS proxy asks for allowed names. Use your provider's.
+    egress = {
+      enable = true;
+      upstream = [
+        "9.9.9.9"
+        "[2620:fe::fe]:53"
+      ];
+    };
+
     # An example agent: untrusted (tier 2), sandboxed, no outbound network
     # but the allowlist, watched over HTTP. Replace it with your own.
     agents.hello = {

@@ -17,6 +17,8 @@ let
 
   cfg = config.services.keel;
   agents = lib.filterAttrs (_: agent: agent.enable) cfg.agents;
+  # modules/egress.nix enforces allowlists; without it they would be words.
+  egressEnabled = cfg.egress.enable or false;
 
   tiers = lib.importJSON ./tiers.json;
   tierOf = agent: tiers.tiers.${toString agent.tier};
@@ -507,6 +509,14 @@ let
       {
         assertion = agent.egress.allow == [ ] || agent.tier != 0;
         message = "${option}.egress.allow: tier 0 agents have an open network; use tier 1 or 2 for an allowlist";
+      }
+      {
+        assertion = agent.tier != 2 || egressEnabled;
+        message = "${option}: tier 2 agents reach only their egress.allow, which keel egress enforces: set services.keel.egress.enable = true (with services.keel.egress.upstream), or use tier 1";
+      }
+      {
+        assertion = agent.tier != 1 || agent.egress.allow == [ ] || egressEnabled;
+        message = "${option}.egress.allow: an allowlist is enforced by keel egress: set services.keel.egress.enable = true (with services.keel.egress.upstream), or remove the allowlist";
       }
       {
         assertion = !lib.any badPath allPaths;

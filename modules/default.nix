@@ -5,9 +5,12 @@
     ./keel.nix
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./fleet.nix
     ./mcp.nix
+    ./chat.nix
     ./appliance.nix
   ];
 }

@@ -22,7 +22,7 @@ let
   runDir = "/run/keel/mcp";
   listen = "/run/keel-mcp/mcp.sock";
   userPrefix = "keel-mcp-";
-  maxNameLength = 32 - builtins.stringLength userPrefix;
+  maxNameLength = 31 - builtins.stringLength userPrefix; # NixOS refuses user names of 32 characters or more
   serverRole = {
     title = "MCP server";
     stateRoot = "keel-mcp";

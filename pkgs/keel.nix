@@ -10,6 +10,8 @@
   cryptography,
   jeepney,
   mcp,
+  dnspython,
+  idna,
   systemd-python,
   # Optional: a nixpkgs without it still builds keel, whose mesh then takes
   # ML-KEM from cryptography alone (docs/nix.md).
@@ -73,6 +75,9 @@ buildPythonApplication {
     jeepney
     # keel mcp: the official MCP SDK (2.x) for the gateway's sessions.
     mcp
+    # keel egress: the DNS wire format, IDNA 2008 for allowlist entries.
+    dnspython
+    idna
     # sd_notify, watchdog pings and journal logging (keel.sd).
     systemd-python
   ]

@@ -29,6 +29,11 @@ in
   name = "keel-agents";
 
   nodes.machine = {
+    # Tier 2 needs keel egress; there is no resolver in the test network.
+    services.keel.egress = {
+      enable = true;
+      upstream = [ "192.0.2.53" ];
+    };
     services.keel.agents = {
       scout = {
         tier = 2;

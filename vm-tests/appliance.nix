@@ -9,6 +9,11 @@
     {
       services.keel = {
         appliance.enable = true;
+        # Tier 2 needs keel egress; there is no resolver in the test network.
+        egress = {
+          enable = true;
+          upstream = [ "192.0.2.53" ];
+        };
         agents.scout = {
           tier = 2;
           command = [

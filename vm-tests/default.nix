@@ -9,8 +9,10 @@ let
   tests = [
     ./agents.nix
     ./watch.nix
+    ./egress.nix
     ./mesh.nix
     ./safeswitch.nix
+    ./fleet.nix
     ./appliance.nix
   ];
 

@@ -22,6 +22,10 @@
     "@system-service"
     "~@privileged"
   ];
+  # A filtered call fails with EPERM instead of killing the daemon: SQLite,
+  # run as root, fchown()s the ledger's new -wal/-shm files to the
+  # database's owner (@chown is in @privileged) and carries on when refused.
+  SystemCallErrorNumber = "EPERM";
   RestrictAddressFamilies = [
     "AF_UNIX"
     "AF_INET"

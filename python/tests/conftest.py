@@ -9,7 +9,10 @@ that a skipped tier can never pass unnoticed.
 from __future__ import annotations
 
 import collections
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,16 @@ def vectors_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"no test vectors at {path} (set KEEL_VECTORS to their folder)")
     return path
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ktmp-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def tier_of(path: Path) -> str | None:

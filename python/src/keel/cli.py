@@ -13,17 +13,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from keel import __version__
+from keel import __version__, signals
 from keel.errors import KeelError
 
 # Order is the order of `keel --help`.
 SERVICE_CLIS: tuple[str, ...] = (
     "keel.agents.cli",
     "keel.watch.cli",
+    "keel.egress.cli",
     "keel.ledger.cli",
     "keel.mesh.cli",
     "keel.safeswitch.cli",
     "keel.mcp.cli",
+    "keel.fleet.cli",
+    "keel.chat.cli",
     "keel.appliance.cli",
 )
 
@@ -45,16 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeelError as exc:
-        print(f"keel: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # `keel ledger tail | head`: the reader left; that is not an error.
-        sys.stderr.close()
-        return 0
+    """Run one ``keel`` command; returns its exit status.
+
+    SIGINT and SIGTERM are handled as :mod:`keel.signals` says while it runs
+    (even when they were inherited as ignored): the command stops wherever it
+    is, cleans up, and this returns 130 or 143 without printing anything.
+    """
+    with signals.handled():
+        try:
+            args = build_parser().parse_args(argv)
+            code = int(args.func(args))
+            sys.stdout.flush()  # here, so a broken pipe or a signal is handled below
+        except KeelError as exc:
+            print(f"keel: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            return exc.exit_code if isinstance(exc, signals.Interrupted) else 130
+        except BrokenPipeError:
+            # `keel ledger tail | head`: the reader left; that is not an error.
+            _quiet_stdout()
+            return 0
+        return code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -8,6 +8,13 @@
 - ``containers`` (per test): ``containers.boot(label, host=None)`` boots a
   :class:`~tests.harness.nspawn.Container`, on a private network or inside a
   host of the test's ``network``; every container is stopped after the test.
+- ``processes`` (per test): ``processes.popen(argv, ...)`` starts a process
+  that dies with pytest and is stopped, with its process group, when the test
+  ends (:mod:`tests.harness.processes`).
+
+After every test, a child process that the test's body started and left
+running is killed with all its descendants, and the test gets a warning
+naming it: a failing assertion can never leave an orphan behind.
 
 At session start, leftovers of earlier runs that were killed are removed; at
 session end, anything of this run still present (a namespace, a container, a
@@ -16,6 +23,8 @@ mount) is removed and reported as an error, so a leak cannot pass unnoticed.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +34,7 @@ from tests.harness import netns, nspawn
 from tests.harness.common import RUN_ID, HarnessError
 from tests.harness.netns import Host, Network
 from tests.harness.nspawn import Container, Image
+from tests.harness.processes import Processes, children, kill_trees
 
 swept: list[str] = []
 
@@ -113,6 +123,43 @@ def containers(image: Image, network: Network) -> Iterator[Containers]:
         yield boxes
     finally:
         boxes.stop_all()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+_STARTED = pytest.StashKey[set[int]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    before = children()
+    yield
+    item.stash[_STARTED] = children() - before
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield
+    # After the fixtures' own finalizers: what is still running was left behind.
+    leftover = item.stash.get(_STARTED, set()) & children()
+    if leftover:
+        killed = kill_trees(leftover)
+        for pid in leftover:  # our own children: reaped, or each stays a zombie of pytest
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        if killed:
+            item.warn(
+                pytest.PytestWarning(
+                    f"{item.nodeid} left processes running; killed: {'; '.join(killed)}"
+                )
+            )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -173,6 +173,11 @@ def test_status_table_json_metrics_and_verbs(tmp_path: Path, daemons: list[Daemo
     wait_for(lambda: status(sock)["agents"]["idle"]["pid"] is None, "idle stopped")
     started = keel("watch", "start", "idle", "--socket", str(sock), check=True)
     assert started.stdout.strip() == "idle: starting"
+    wait_for(lambda: status(sock)["agents"]["idle"]["pid"] is not None, "idle running")
+    running = status(sock)["agents"]["idle"]["pid"]
+    # restart: one step, the start follows the exit.
+    keel("watch", "restart", "idle", "--socket", str(sock), check=True)
+    wait_for(lambda: status(sock)["agents"]["idle"]["pid"] not in (None, running), "idle restarted")
     missing = keel("watch", "stop", "nope", "--socket", str(sock))
     assert missing.returncode == 1
     assert "no agent named 'nope' (watch supervises: idle, web)" in missing.stderr

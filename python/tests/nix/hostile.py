@@ -136,5 +136,6 @@ def agent_host(tmp_path: Path, strings: list[str], *, name: str = "hostile") -> 
         environment = values.environment;
         tier = 2;
       }};
+      services.keel.egress = {{ enable = true; upstream = [ "192.0.2.53" ]; }};
     }}
     """

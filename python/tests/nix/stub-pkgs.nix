@@ -78,6 +78,8 @@ let
       "cryptography"
       "jeepney"
       "mcp"
+      "dnspython"
+      "idna"
       "systemd-python"
       "liboqs-python"
       "pytestCheckHook"
@@ -253,6 +255,19 @@ let
     "zsh"
     "xonsh"
     "cloud-utils"
-  ] package;
+  ] package
+  // {
+    # keel egress's VM test: the stand-in internet's Python and tools.
+    python3 = package "python3" // {
+      withPackages = select: package "python3-with-packages" // { keelPackages = select python3Packages; };
+    };
+    iproute2 = package "iproute2" // {
+      meta.mainProgram = "ip";
+    };
+    dig = package "dig";
+    nftables = package "nftables" // {
+      meta.mainProgram = "nft";
+    };
+  };
 in
 self

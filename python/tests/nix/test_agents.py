@@ -24,8 +24,12 @@ TIERS_JSON = REPO / "modules" / "tiers.json"
 
 # Three agents shaped like examples/agents/{scout,notes,ops}.json, one per
 # tier, with argv words and values that need systemd quoting.
+# Tier 2 agents (and allowlists) need keel egress (modules/egress.nix).
+EGRESS = 'services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };'
+
 HOST = r"""
 {
+  services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
   services.keel.agents = {
     scout = {
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "scout"
@@ -95,8 +99,10 @@ def sections(text: str, *, skip: set[str]) -> dict[tuple[str, str], list[str]]:
 
 
 def test_each_agent_gets_a_spec_a_unit_and_a_user(host: dict[str, Any]) -> None:
-    assert set(host["etc"]) == {f"keel/agents/{n}.json" for n in ("scout", "notes", "ops")}
-    assert set(host["services"]) == {f"keel-agent-{n}" for n in ("scout", "notes", "ops")}
+    agent_files = {name for name in host["etc"] if name.startswith("keel/agents/")}
+    assert agent_files == {f"keel/agents/{n}.json" for n in ("scout", "notes", "ops")}
+    agent_units = {name for name in host["services"] if name.startswith("keel-agent-")}
+    assert agent_units == {f"keel-agent-{n}" for n in ("scout", "notes", "ops")}
     # Their own user and group for the sandboxed tiers; root stays root.
     assert host["users"] == {
         user: {
@@ -132,7 +138,17 @@ def test_the_unit_is_the_one_keel_renders(host: dict[str, Any], name: str) -> No
     nix_text = host["units"][f"keel-agent-{name}.service"]
     python_text = render_unit(spec, load_tiers(TIERS_JSON))
     values = {"ExecStart", "Environment"}
-    assert sections(nix_text, skip=values) == sections(python_text, skip=values)
+    nix_sections = sections(nix_text, skip=values)
+    if spec.tier == 2 or spec.egress_allow:
+        # modules/egress.nix orders the agent after keel-egress and checks
+        # that its rules are in the kernel before it starts (test_egress.py).
+        assert nix_sections.pop(("Unit", "Wants")) == ["keel-egress.service"]
+        assert nix_sections.pop(("Service", "ExecStartPre"))[0].startswith("+/nix/store/")
+        after = nix_sections[("Unit", "After")]
+        nix_sections[("Unit", "After")] = [
+            " ".join(w for w in after[0].split() if w != "keel-egress.service")
+        ]
+    assert nix_sections == sections(python_text, skip=values)
     nix_argv, nix_env = systemd_syntax.service_values(nix_text)
     python_argv, python_env = systemd_syntax.service_values(python_text)
     assert nix_argv == python_argv == list(spec.command)
@@ -150,6 +166,7 @@ def test_a_host_adds_ordering_to_an_agent_unit(nix_instantiate: str, nixpkgs_tre
         nixpkgs_tree,
         """{
           services.keel.agents.scout = { command = [ "/bin/scout" ]; tier = 2; };
+          services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
           systemd.services.keel-agent-scout = {
             after = [ "postgresql.service" ];
             wants = [ "postgresql.service" ];
@@ -159,12 +176,16 @@ def test_a_host_adds_ordering_to_an_agent_unit(nix_instantiate: str, nixpkgs_tre
     )
     assert result["failedAssertions"] == []
     unit = result["services"]["keel-agent-scout"]
-    assert sorted(unit["after"]) == ["network.target", "postgresql.service"]
-    assert unit["wants"] == ["postgresql.service"]
+    assert sorted(unit["after"]) == ["keel-egress.service", "network.target", "postgresql.service"]
+    assert sorted(unit["wants"]) == ["keel-egress.service", "postgresql.service"]
     text = result["units"]["keel-agent-scout.service"]
     found = {(d.section, d.key): d.value for d in systemd_syntax.directives(text)}
-    assert sorted(found["Unit", "After"].split()) == ["network.target", "postgresql.service"]
-    assert found["Unit", "Wants"] == "postgresql.service"
+    assert sorted(found["Unit", "After"].split()) == [
+        "keel-egress.service",
+        "network.target",
+        "postgresql.service",
+    ]
+    assert sorted(found["Unit", "Wants"].split()) == ["keel-egress.service", "postgresql.service"]
     assert found["Unit", "StartLimitBurst"] == "10"
 
 
@@ -197,7 +218,7 @@ def agent(**fields: str) -> str:
     }
     base.update(fields)
     body = " ".join(f"{key} = {value};" for key, value in base.items())
-    return "{ services.keel.agents.probe = { " + body + " }; }"
+    return "{ services.keel.agents.probe = { " + body + " }; " + EGRESS + " }"
 
 
 BAD = [

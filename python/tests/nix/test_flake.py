@@ -35,6 +35,8 @@ PYPI_TO_NIXPKGS = {
     "cryptography": "cryptography",
     "jeepney": "jeepney",
     "mcp": "mcp",
+    "dnspython": "dnspython",
+    "idna": "idna",
     "systemd-python": "systemd-python",
 }
 
@@ -441,8 +443,17 @@ def test_liboqs_python_is_optional(nix_instantiate: str, nixpkgs_lib: Path) -> N
         }}
         """,
     )
-    assert deps["present"] == ["cryptography", "jeepney", "mcp", "systemd-python", "liboqs-python"]
-    assert deps["absent"] == ["cryptography", "jeepney", "mcp", "systemd-python"]
+    assert deps["present"] == [
+        "cryptography", "jeepney", "mcp", "dnspython", "idna", "systemd-python", "liboqs-python",
+    ]  # fmt: skip
+    assert deps["absent"] == [
+        "cryptography",
+        "jeepney",
+        "mcp",
+        "dnspython",
+        "idna",
+        "systemd-python",
+    ]
 
 
 def test_nix_takes_the_lock_as_it_is() -> None:

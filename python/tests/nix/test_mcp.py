@@ -26,6 +26,7 @@ NODE = "a" * 32
 
 HOST = rf"""
 {{
+  services.keel.egress = {{ enable = true; upstream = [ "192.0.2.53" ]; }};
   services.keel.agents = {{
     scout = {{ command = [ "/bin/scout" ]; tier = 2; }};
     notes = {{ command = [ "/bin/notes" ]; tier = 1; }};
@@ -144,6 +145,8 @@ def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str,
         "-/run/keel",
         "-/var/lib/keel",
         "-/etc/keel",
+        "-/run/nscd",
+        "-/run/systemd/resolve",
     ]
 
 
@@ -186,6 +189,7 @@ def test_bad_declarations_fail_an_assertion(
 ) -> None:
     config = (
         '{ services.keel.agents.scout = { command = [ "/bin/scout" ]; tier = 2; }; '
+        'services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; }; '
         f"services.keel.mcp = {{ enable = true; servers.bad = {server}; }}; }}"
     )
     result = evaluate(nix_instantiate, nixpkgs_tree, config)

@@ -55,9 +55,13 @@ def test_every_environment_value_reaches_systemd_unchanged(
 
 def test_no_value_becomes_a_directive(hostile_unit: tuple[list[str], dict[str, Any]]) -> None:
     # The injections of the corpus would add ExecStartPre= or User= lines.
+    # The one ExecStartPre= is keel egress's check that the agent's rules
+    # are in the kernel (modules/egress.nix: the agent is tier 2).
     found = systemd_syntax.directives(hostile_unit[1]["units"][UNIT])
     keys = [(d.section, d.key) for d in found]
-    assert ("Service", "ExecStartPre") not in keys
+    [pre] = [d.value for d in found if (d.section, d.key) == ("Service", "ExecStartPre")]
+    assert pre.startswith("+/nix/store/")
+    assert pre.endswith("-nftables/bin/nft list chain inet keel agent_hostile")
     assert keys.count(("Service", "User")) == 1
     assert keys.count(("Service", "ExecStart")) == 1
     assert {section for section, _ in keys} == {"Unit", "Service", "Install"}

@@ -10,6 +10,7 @@ import pytest
 from tests.nix.test_modules import evaluate
 
 SCOUT = """
+  services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
   services.keel.agents.scout = {
     command = [ "/bin/scout" ];
     tier = 2;

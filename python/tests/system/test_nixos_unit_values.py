@@ -143,7 +143,15 @@ def loaded(
         box.start()
         box.write_file("/usr/local/bin/agent", AGENT, mode=0o755)
         box.run("useradd", "--system", "--user-group", "keel-agent-hostile")
-        box.write_file(f"/etc/systemd/system/{NIX_UNIT}", result["units"][NIX_UNIT])
+        # The agent is tier 2, so modules/egress.nix made it wait for its
+        # nftables chain (ExecStartPre=+.../nft list chain inet keel ...);
+        # there is no keel egress (nor that store path) in this container.
+        unit_text = "\n".join(
+            line
+            for line in result["units"][NIX_UNIT].split("\n")  # only \n ends a unit line
+            if not (line.startswith("ExecStartPre=") and "nft list chain inet keel" in line)
+        )
+        box.write_file(f"/etc/systemd/system/{NIX_UNIT}", unit_text)
         box.write_file("/root/hostile.json", json.dumps(spec))
         rendered = box.run("keel", "agents", "render-unit", "/root/hostile.json", check=False)
         refused = None

@@ -186,18 +186,24 @@ class AgentSpec:
 # --- checks: each returns an error message or None -------------------------
 
 
-def check_name(name: str) -> str | None:
+def check_unit_name(name: str, *, title: str, prefix: str) -> str | None:
+    """A name that becomes the unit and the user ``<prefix><name>`` (agents, MCP servers)."""
     if not NAME_PATTERN.match(name):
         return (
-            f"{describe(name)} is not a valid agent name: use lowercase letters, digits, '-' "
+            f"{describe(name)} is not a valid {title} name: use lowercase letters, digits, '-' "
             "and '_', starting with a letter (it becomes a unit and a user name)"
         )
-    if len(name) > MAX_NAME_LENGTH:
+    longest = MAX_USER_LENGTH - len(prefix)
+    if len(name) > longest:
         return (
-            f"{describe(name)} is too long: at most {MAX_NAME_LENGTH} characters, so that "
-            f"the user name '{USER_PREFIX}<name>' fits the {MAX_USER_LENGTH}-character limit"
+            f"{describe(name)} is too long: at most {longest} characters, so that "
+            f"the user name '{prefix}<name>' fits the {MAX_USER_LENGTH}-character limit"
         )
     return None
+
+
+def check_name(name: str) -> str | None:
+    return check_unit_name(name, title="agent", prefix=USER_PREFIX)
 
 
 def check_user(user: str) -> str | None:

@@ -27,8 +27,13 @@ FILES_HELP = """\
 files:
   --db defaults to /var/lib/keel/ledger.db (./.keel/ledger.db in dev mode);
   the signing key is the .key file next to it (ledger.db -> ledger.key, mode
-  0600), created on first use by `checkpoint` or `key`.
+  0600), created on first use by `checkpoint` or `key`; ledger.db.head holds
+  the last signed checkpoint, so that `verify` notices a ledger that went back.
+  verify, tail and prove only read: they work on a read-only copy.
 """
+
+MAX_PROOF_BYTES = 1024 * 1024  # a proof of a tree of 2**64 leaves is under 4 KB of JSON
+MAX_NOTE_BYTES = 64 * 1024  # a signed checkpoint is a few hundred bytes
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,7 +83,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Print the last N entries, oldest first; --follow keeps printing new ones.",
     )
     tail.add_argument("-n", type=int, default=10, metavar="N", help="how many (default: 10)")
-    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    tail.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing new entries until interrupted (SIGINT or SIGTERM: exit 130 or 143)",
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=cmd_tail)
 
@@ -176,28 +186,82 @@ def _key_path(args: argparse.Namespace) -> Path:
     return Path(args.key) if args.key is not None else default_key_path(_db_path(args))
 
 
-def _open(args: argparse.Namespace, *, create: bool = False) -> Ledger:
+def _open(args: argparse.Namespace, *, create: bool = False, read_only: bool = False) -> Ledger:
     from keel.ledger.store import Ledger
 
-    return Ledger.open(_db_path(args), create=create)
+    path = _db_path(args)
+    if create and args.db is not None:
+        _parent_must_exist(path, "--db")
+    return Ledger.open(path, create=create, read_only=read_only)
+
+
+def _in_state_directory(path: Path) -> bool:
+    """Is ``path`` in keel's own state directory (installed or dev), made on first use?"""
+    try:
+        parent = path.parent.resolve()
+        return parent in (paths.STATE, paths.DEV_ROOT.resolve())
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def _parent_must_exist(path: Path, option: str) -> None:
+    """A path the user typed must not make directories: a typo would go unnoticed.
+
+    keel's own state directories (/var/lib/keel, ./.keel) are the exception:
+    they are made on first use, named or not.
+    """
+    from keel.ledger.errors import shown
+
+    try:
+        exists = path.parent.is_dir()
+    except (OSError, ValueError):
+        exists = False
+    if not exists and not _in_state_directory(path):
+        # Paths are shown whole (the point of the message), unless absurdly long.
+        text, parent = (
+            (str(path), str(path.parent)) if len(str(path)) < 1024 else (shown(str(path)), "")
+        )
+        raise UsageError(
+            f"{option} {text}: there is no directory {parent or 'for it'}; "
+            "create it first, or fix the path"
+        )
 
 
 def _signer(args: argparse.Namespace, ledger: Ledger | None) -> Signer:
     """The signing key; created on first use unless checkpoints already need the old one."""
-    from keel.ledger.errors import KeyFileError
-    from keel.ledger.keys import create_signer, default_key_name, load_signer
+    from keel.ledger.keys import create_signer, default_key_name, load_signer, signer_for
 
+    if ledger is not None:
+        return signer_for(ledger, args.key)
     path = _key_path(args)
     if path.exists() or path.is_symlink():
         return load_signer(path)
-    existing = ledger.checkpoints() if ledger is not None else []
-    if existing:
-        raise KeyFileError(
-            f"no signing key at {path}, but {ledger.path if ledger else 'the ledger'} holds "
-            f"{len(existing)} checkpoints signed with one: restore the key file "
-            "(or pass --key PATH)"
-        )
+    if _in_state_directory(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return create_signer(path, default_key_name())
+
+
+def _read_input(name: str, what: str, limit: int) -> str:
+    """A file the user named (``-``: stdin) as text, refused beyond ``limit`` bytes."""
+    from keel.ledger.errors import shown
+
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with Path(name).open("rb") as handle:
+                data = handle.read(limit + 1)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read {what} {shown(name)}: {reason}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {shown(name)} is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{what} {shown(name)} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _entry_json(index: int, entry: Entry) -> dict[str, Any]:
@@ -206,7 +270,11 @@ def _entry_json(index: int, entry: Entry) -> dict[str, Any]:
 
 def _entry_line(index: int, entry: Entry) -> str:
     data = json.dumps(entry.data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if not data.isprintable():  # bidi overrides, line separators: escaped, not obeyed
+        data = json.dumps(entry.data, sort_keys=True, separators=(",", ":"))
     subject = entry.subject or "-"
+    if not subject.isprintable():  # a terminal escape in a subject must not reach the terminal
+        subject = json.dumps(subject)
     return f"{index:>7}  {entry.ts}  {entry.source:<10} {entry.kind:<16} {subject:<16} {data}"
 
 
@@ -214,13 +282,11 @@ def _entry_line(index: int, entry: Entry) -> str:
 
 
 def cmd_append(args: argparse.Namespace) -> int:
+    from keel.config import parse_json
     from keel.ledger.core import make_entry
     from keel.ledger.errors import EntryError
 
-    try:
-        data = json.loads(args.data)
-    except ValueError as exc:
-        raise UsageError(f"--data is not valid JSON: {exc}") from None
+    data = parse_json(args.data, source="--data")
     if not isinstance(data, dict):
         raise EntryError(f"--data must be a JSON object, got {type(data).__name__}")
     # Build (and so validate) the entry before the ledger is opened or created.
@@ -245,18 +311,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 print(_entry_line(index, entry))
         sys.stdout.flush()
 
-    with _open(args) as ledger:
-        batch = ledger.tail(args.n)
-        show(batch)
-        if not args.follow:
-            return 0
-        next_index = ledger.size()
-        while True:
+    ledger = _open(args, read_only=True)
+    try:
+        size = ledger.size()
+        show(ledger.entries(max(0, size - args.n), size))
+        # Until SIGINT or SIGTERM (keel.signals): they stop the sleep or the read.
+        while args.follow:
             time.sleep(0.5)
-            batch = ledger.entries(next_index)
-            if batch:
-                show(batch)
-                next_index = batch[-1][0] + 1
+            if ledger.changed():  # read without locks, and a writer came: read afresh
+                ledger.close()
+                ledger = _open(args, read_only=True)
+            batch = ledger.entries(size)
+            show(batch)
+            size += len(batch)
+    finally:
+        ledger.close()
+    return 0
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -292,7 +362,7 @@ def _verifier(args: argparse.Namespace, ledger: Ledger) -> Verifier | None:
     path = _key_path(args)
     if path.exists() or path.is_symlink():
         return load_signer(path).verifier
-    if args.checkpoint or ledger.checkpoints():
+    if args.checkpoint or ledger.checkpoints() or ledger.head_path.exists():
         raise KeyFileError(
             f"no signing key at {path} to check checkpoint signatures with: "
             "pass --verifier-key (from `keel ledger key` on the ledger's host) or --key"
@@ -305,14 +375,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from keel.ledger.errors import TamperError
 
-    external = []
-    for name in args.checkpoint:
-        try:
-            external.append((f"checkpoint file {name}", Path(name).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise UsageError(f"cannot read checkpoint file {name}: {reason}") from None
-    with _open(args) as ledger:
+    external = [
+        (f"checkpoint file {name}", _read_input(name, "checkpoint file", MAX_NOTE_BYTES))
+        for name in args.checkpoint
+    ]
+    with _open(args, read_only=True) as ledger:
         verifier = _verifier(args, ledger)
         try:
             report = ledger.verify(verifier, external)
@@ -321,7 +388,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 raise
             print_json({"ok": False, "firstBadIndex": exc.index, "problem": str(exc)})
             return 1
+        head = ledger.head_path
     root = base64.b64encode(report.root).decode()
+    if report.head is None and report.checkpoints:
+        print(
+            f"keel: warning: there is no {head} beside the database, so verify cannot tell "
+            "whether the ledger went back since its last checkpoint; `keel ledger checkpoint` "
+            "writes it",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(
             {
@@ -330,6 +405,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "root": root,
                 "checkpoints": report.checkpoints,
                 "externalCheckpoints": report.external,
+                "head": None if report.head is None else {"file": str(head), "size": report.head},
                 "verifierKey": str(verifier) if verifier else None,
             }
         )
@@ -341,6 +417,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.external:
         files = _count(report.external, "checkpoint file", "checkpoint files")
         print(f"ok: the ledger extends the {files} given")
+    if report.head is not None:
+        print(f"ok: the ledger extends its last signed checkpoint ({head}, size {report.head})")
     return 0
 
 
@@ -353,32 +431,30 @@ def _print_proof(document: dict[str, Any]) -> None:
 
 
 def cmd_prove_inclusion(args: argparse.Namespace) -> int:
-    with _open(args) as ledger:
+    with _open(args, read_only=True) as ledger:
         proof = ledger.inclusion_proof(args.index, args.size)
     _print_proof(proof.to_json())
     return 0
 
 
 def cmd_prove_consistency(args: argparse.Namespace) -> int:
-    with _open(args) as ledger:
+    with _open(args, read_only=True) as ledger:
         proof = ledger.consistency_proof(args.old, args.new)
     _print_proof(proof.to_json())
     return 0
 
 
 def cmd_verify_proof(args: argparse.Namespace) -> int:
+    from keel.config import parse_json
+    from keel.errors import ConfigError
     from keel.ledger.core import InclusionProof, parse_proof
     from keel.ledger.errors import MalformedError, ProofError
 
+    text = _read_input(args.file, "proof file", MAX_PROOF_BYTES)
     try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read {args.file}: {reason}") from None
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise MalformedError(f"{args.file}: not JSON: {exc}") from None
+        document = parse_json(text, source=args.file)
+    except ConfigError as exc:
+        raise MalformedError(str(exc)) from None
     try:
         proof = parse_proof(document)
     except MalformedError as exc:
@@ -398,7 +474,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     from keel.ledger.store import Ledger
 
     db = _db_path(args)
-    ledger = Ledger.open(db, create=False) if db.exists() else None
+    ledger = Ledger.open(db, read_only=True) if db.exists() else None
     try:
         verifier = _signer(args, ledger).verifier
     finally:

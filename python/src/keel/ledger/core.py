@@ -21,7 +21,8 @@ ts}`` with sorted keys, no insignificant whitespace, UTF-8 (non-ASCII
 characters are written as themselves, not ``\\u`` escapes). ``ts`` is an RFC
 3339 UTC timestamp with exactly six fractional digits and a ``Z`` suffix
 (``2026-11-21T21:29:00.123456Z``), so timestamps sort as strings. ``data`` is
-a JSON object; floats must be finite. The leaf is exactly these bytes.
+a JSON object nested at most 64 levels deep; floats must be finite. The
+leaf is exactly these bytes, at most 64 KiB.
 
 **Checkpoints** follow C2SP ``tlog-checkpoint`` (origin line, decimal tree
 size, base64 root hash, optional extension lines) and are signed as C2SP
@@ -50,7 +51,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keel.ledger.errors import EntryError, MalformedError, ProofError
+from keel.config import MAX_DEPTH, parse_json
+from keel.errors import ConfigError
+from keel.ledger.errors import EntryError, MalformedError, ProofError, shown
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -338,7 +341,7 @@ def verify_consistency(
 ENTRY_FIELDS = ("data", "kind", "source", "subject", "ts")
 MAX_ENTRY_BYTES = 64 * 1024
 _NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
-_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 @functools.lru_cache(maxsize=16)
@@ -366,11 +369,17 @@ def canonical_json(value: Any) -> bytes:
     return _CANONICAL.encode(value).encode("utf-8")
 
 
+def _too_deep() -> EntryError:
+    return EntryError(f"entry data is nested more than {MAX_DEPTH} levels deep")
+
+
 def _encode_entry(value: dict[str, Any]) -> bytes:
     try:
         raw = canonical_json(value)
+    except RecursionError:
+        raise _too_deep() from None
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise EntryError(f"entry data is not plain JSON: {exc}") from None
+        raise EntryError(f"entry data is not plain JSON: {shown(str(exc))}") from None
     if len(raw) > MAX_ENTRY_BYTES:
         raise EntryError(
             f"entry is {len(raw)} bytes, the limit is {MAX_ENTRY_BYTES} "
@@ -410,10 +419,13 @@ def make_entry(
         if type(value) is not str or not _NAME.fullmatch(value):
             raise EntryError(
                 f"entry {name} must be 1-128 characters without spaces or control "
-                f"characters, got {value!r}"
+                f"characters, got {shown(value)}"
             )
     if type(subject) is not str or len(subject) > 1024 or "\x00" in subject:
-        raise EntryError(f"entry subject must be a string of at most 1024 characters: {subject!r}")
+        raise EntryError(
+            f"entry subject must be a string of at most 1024 characters without NUL, "
+            f"got {shown(subject)}"
+        )
     if data is None:
         data = {}
     elif type(data) is not dict:
@@ -422,27 +434,47 @@ def make_entry(
         data = dict(data)
     for key in data:
         if type(key) is not str:
-            raise EntryError(f"entry data keys must be strings, got {key!r}")
+            raise EntryError(f"entry data keys must be strings, got {shown(key)}")
     if not math.isfinite(ts):
         raise EntryError(f"entry time must be finite, got {ts}")
-    return _encode_entry(
+    raw = _encode_entry(
         {"data": data, "kind": kind, "source": source, "subject": subject, "ts": format_ts(ts)}
     )
+    # Only an entry with this many brackets can nest too deep: the check costs
+    # nothing for the small entries daemons append.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH + 1:
+        _parse_entry_json(raw)
+    return raw
+
+
+def _parse_entry_json(raw: bytes) -> Any:
+    """``raw`` as JSON: strictly (see :func:`keel.config.parse_json`), data at most 64 deep."""
+    try:
+        return parse_json(raw.decode("utf-8"), source="entry", max_depth=MAX_DEPTH + 1)
+    except UnicodeDecodeError as exc:
+        raise EntryError(f"entry is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except ConfigError as exc:
+        if "levels deep" in str(exc):
+            raise _too_deep() from None
+        raise EntryError(str(exc)) from None
 
 
 def parse_entry(raw: bytes) -> Entry:
     """Parse stored entry bytes, checking that they are a canonical entry."""
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EntryError(f"not a JSON entry: {exc}") from None
+    if type(raw) is not bytes:
+        raise EntryError(f"an entry is stored as bytes, not {type(raw).__name__}")
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise EntryError(f"entry is {len(raw)} bytes, the limit is {MAX_ENTRY_BYTES}")
+    value = _parse_entry_json(raw)
     if not isinstance(value, dict) or sorted(value) != list(ENTRY_FIELDS):
         raise EntryError(f"an entry is an object with exactly the keys {', '.join(ENTRY_FIELDS)}")
     ts, source, kind, subject, data = (
         value[k] for k in ("ts", "source", "kind", "subject", "data")
     )
-    if not isinstance(ts, str) or not _TS.fullmatch(ts):
-        raise EntryError(f"entry ts must be an RFC 3339 UTC time like {format_ts(0)}, got {ts!r}")
+    if not isinstance(ts, str) or not TIMESTAMP.fullmatch(ts):
+        raise EntryError(
+            f"entry ts must be an RFC 3339 UTC time like {format_ts(0)}, got {shown(ts)}"
+        )
     if not all(isinstance(v, str) for v in (source, kind, subject)) or not isinstance(data, dict):
         raise EntryError("entry source, kind and subject must be strings and data an object")
     entry = Entry(ts, source, kind, subject, data)
@@ -474,7 +506,7 @@ def _b64decode(text: str, what: str) -> bytes:
 def _check_key_name(name: str) -> None:
     if not name or "+" in name or any(c.isspace() for c in name) or not name.isprintable():
         raise MalformedError(
-            f"key name {name!r} must be non-empty, without spaces, '+' or control characters"
+            f"key name {shown(name)} must be non-empty, without spaces, '+' or control characters"
         )
 
 
@@ -508,7 +540,7 @@ class Verifier:
         verifier = cls(name, raw[1:])
         if not re.fullmatch(r"[0-9a-f]{8}", hex_id) or int(hex_id, 16) != verifier.key_id:
             raise MalformedError(
-                f"the verifier key's id {hex_id!r} does not match its name and key"
+                f"the verifier key's id {shown(hex_id)} does not match its name and key"
             )
         return verifier
 
@@ -557,7 +589,9 @@ class Signer:
             raise MalformedError("the signer key is not an Ed25519 key (type 0x01, 32 bytes)")
         signer = cls(name, raw[1:])
         if not re.fullmatch(r"[0-9a-f]{8}", hex_id) or int(hex_id, 16) != signer.verifier.key_id:
-            raise MalformedError(f"the signer key's id {hex_id!r} does not match its name and key")
+            raise MalformedError(
+                f"the signer key's id {shown(hex_id)} does not match its name and key"
+            )
         return signer
 
     def __str__(self) -> str:
@@ -573,6 +607,10 @@ def _check_note_text(text: str) -> None:
         raise MalformedError("note text must end with a newline")
     if any((ord(c) < 0x20 and c != "\n") or c == "\x7f" for c in text):
         raise MalformedError("note text must not contain control characters other than newline")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, from text read with surrogateescape
+        raise MalformedError("note text is not valid Unicode") from None
 
 
 def sign_note(text: str, signers: Iterable[Signer]) -> str:
@@ -582,7 +620,7 @@ def sign_note(text: str, signers: Iterable[Signer]) -> str:
     lines = []
     for signer in signers:
         blob = signer.verifier.key_id.to_bytes(4, "big") + signer.sign(message)
-        lines.append(f"{SIGNATURE_PREFIX}{signer.name} {base64.b64encode(blob).decode()}\n")
+        lines.append(NoteSignature(signer.name, blob).line())
     if not lines:
         raise ValueError("a signed note needs at least one signer")
     return text + "\n" + "".join(lines)
@@ -594,6 +632,48 @@ class OpenedNote:
     verified_by: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class NoteSignature:
+    """One signature line of a signed note: the key name and the decoded blob."""
+
+    name: str
+    blob: bytes  # 4-byte key id || the signature (its layout depends on the key's type)
+
+    @property
+    def key_id(self) -> int:
+        return int.from_bytes(self.blob[:4], "big")
+
+    def line(self) -> str:
+        return f"{SIGNATURE_PREFIX}{self.name} {base64.b64encode(self.blob).decode()}\n"
+
+
+def split_note(note: str) -> tuple[str, list[NoteSignature]]:
+    """A signed note's text and its signature lines, checked for form only.
+
+    :class:`MalformedError` for anything that is not a signed note; no
+    signature is verified here (:func:`open_note` does that).
+    """
+    if not note.endswith("\n") or "\n\n" not in note:
+        raise MalformedError("a signed note is text, a blank line and signature lines")
+    split = note.rindex("\n\n")
+    text, block = note[: split + 1], note[split + 2 :]
+    _check_note_text(text)
+    signature_lines = block.splitlines()
+    if not signature_lines or len(signature_lines) > MAX_SIGNATURES:
+        raise MalformedError(f"a signed note carries 1 to {MAX_SIGNATURES} signatures")
+    signatures = []
+    for line in signature_lines:
+        if not line.startswith(SIGNATURE_PREFIX) or line.count(" ") != 2:
+            raise MalformedError(f"malformed signature line {shown(line)}")
+        name, encoded = line[len(SIGNATURE_PREFIX) :].split(" ")
+        _check_key_name(name)
+        blob = _b64decode(encoded, f"the signature of {shown(name)}")
+        if len(blob) < 5:
+            raise MalformedError(f"the signature of {shown(name)} is too short")
+        signatures.append(NoteSignature(name, blob))
+    return text, signatures
+
+
 def open_note(note: str, verifiers: Sequence[Verifier]) -> OpenedNote:
     """Parse a signed note and check its signatures against the trusted ``verifiers``.
 
@@ -601,26 +681,13 @@ def open_note(note: str, verifiers: Sequence[Verifier]) -> OpenedNote:
     does not verify is a :class:`ProofError`, and so is a note that no known
     key signed. Malformed notes raise :class:`MalformedError`.
     """
-    if not note.endswith("\n") or "\n\n" not in note:
-        raise MalformedError("a signed note is text, a blank line and signature lines")
-    split = note.rindex("\n\n")
-    text, block = note[: split + 1], note[split + 2 :]
-    _check_note_text(text)
+    text, signatures = split_note(note)
     message = text.encode("utf-8")
     known = {(v.name, v.key_id): v for v in verifiers}
     verified: list[str] = []
-    signature_lines = block.splitlines()
-    if not signature_lines or len(signature_lines) > MAX_SIGNATURES:
-        raise MalformedError(f"a signed note carries 1 to {MAX_SIGNATURES} signatures")
-    for line in signature_lines:
-        if not line.startswith(SIGNATURE_PREFIX) or line.count(" ") != 2:
-            raise MalformedError(f"malformed signature line {line[:60]!r}")
-        name, encoded = line[len(SIGNATURE_PREFIX) :].split(" ")
-        _check_key_name(name)
-        blob = _b64decode(encoded, f"the signature of {name}")
-        if len(blob) < 5:
-            raise MalformedError(f"the signature of {name} is too short")
-        verifier = known.get((name, int.from_bytes(blob[:4], "big")))
+    for signature in signatures:
+        name, blob = signature.name, signature.blob
+        verifier = known.get((name, signature.key_id))
         if verifier is None:
             continue
         if not verifier.verify(message, blob[4:]):
@@ -656,7 +723,7 @@ class Checkpoint:
         if not origin:
             raise MalformedError("the checkpoint origin line is empty")
         if not re.fullmatch(r"0|[1-9][0-9]{0,19}", size_text):
-            raise MalformedError(f"the checkpoint size {size_text!r} is not a decimal number")
+            raise MalformedError(f"the checkpoint size {shown(size_text)} is not a decimal number")
         root = _b64decode(root_text, "the checkpoint root hash")
         if len(root) != HASH_SIZE:
             raise MalformedError(f"the checkpoint root hash is {len(root)} bytes, not {HASH_SIZE}")
@@ -674,7 +741,8 @@ def open_checkpoint(note: str, verifier: Verifier) -> Checkpoint:
     checkpoint = Checkpoint.parse(open_note(note, [verifier]).text)
     if checkpoint.origin != verifier.name:
         raise ProofError(
-            f"the checkpoint origin {checkpoint.origin!r} is not the key name {verifier.name!r}"
+            f"the checkpoint origin {shown(checkpoint.origin)} is not the key name "
+            f"{shown(verifier.name)}"
         )
     return checkpoint
 
@@ -691,14 +759,14 @@ def _b64(value: bytes) -> str:
 def _json_int(document: Mapping[str, Any], key: str) -> int:
     value = document.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MalformedError(f"{key!r} must be a non-negative integer, got {value!r}")
+        raise MalformedError(f"{key!r} must be a non-negative integer, got {shown(value)}")
     return value
 
 
 def _json_bytes(document: Mapping[str, Any], key: str) -> bytes:
     value = document.get(key)
     if not isinstance(value, str):
-        raise MalformedError(f"{key!r} must be a base64 string, got {value!r}")
+        raise MalformedError(f"{key!r} must be a base64 string, got {shown(value)}")
     return _b64decode(value, repr(key))
 
 
@@ -718,7 +786,7 @@ def _check_keys(document: Any, required: set[str]) -> Mapping[str, Any]:
     allowed = required | {"desc", "wantErr"}
     unknown = sorted(set(document) - allowed)
     if unknown:
-        raise MalformedError(f"unknown key {unknown[0]!r} in proof")
+        raise MalformedError(f"unknown key {shown(unknown[0])} in proof")
     missing = sorted(required - set(document))
     if missing:
         raise MalformedError(f"the proof lacks {missing[0]!r}")

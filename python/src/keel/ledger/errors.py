@@ -10,7 +10,9 @@
 - :class:`KeyFileError`: the signing key is missing, unreadable or malformed.
 
 All of them are :class:`keel.errors.KeelError`, so the CLI prints them as one
-line and exits with their ``exit_code``.
+line and exits with their ``exit_code``. Values quoted in messages go through
+:func:`shown`, so a 100 KB subject or a hostile proof field is never echoed
+back whole.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ class ProofError(LedgerError):
 
 
 class TamperError(LedgerError):
-    """The stored ledger is inconsistent; ``index`` is the first bad leaf index."""
+    """The stored ledger is inconsistent; ``index`` is the first bad leaf index.
+
+    Its message reads ``<db>: the ledger was tampered with: <what was found>``
+    (or ``<db>: the ledger went back: ...`` when entries it had signed are gone).
+    """
 
     def __init__(self, message: str, index: int) -> None:
         super().__init__(message)
@@ -54,3 +60,10 @@ class StoreError(LedgerError):
 
 class KeyFileError(LedgerError):
     """The signing key file is missing, unreadable or malformed."""
+
+
+def shown(value: object) -> str:
+    """``value`` for an error message: one line, long values cut (keel.config's helper)."""
+    from keel.config import describe
+
+    return describe(value)

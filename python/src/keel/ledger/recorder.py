@@ -21,10 +21,11 @@ bytes is refused and logged as a bug: entries describe events (names, sizes,
 counts, digests), they never carry payloads.
 
 **Signed checkpoints.** Every ``checkpoint_every`` seconds (and when the
-recorder closes) the ledger's head is signed with the host's ledger key (next
-to the database, created on first use): there is always a recent checkpoint
-to hold the log to, so a log that goes back is caught by ``keel ledger
-verify``. A checkpoint of an unchanged head is not stored twice.
+recorder closes) the ledger's head is signed, if it grew, with the host's
+ledger key (next to the database; created on first use, and never silently
+replaced once checkpoints exist: ``keys.signer_for``). The signed head is also
+written outside the database (``ledger.db.head``), so a log that goes back,
+even with its WAL deleted, is caught by ``keel ledger verify``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 from keel.errors import KeelError
 from keel.ledger import core
 from keel.ledger.errors import LedgerError
-from keel.ledger.keys import create_signer, default_key_name, default_key_path, load_signer
+from keel.ledger.keys import default_key_path, signer_for
 from keel.ledger.store import Ledger
 
 log = logging.getLogger("keel.ledger.recorder")
@@ -397,23 +398,17 @@ class Recorder:
         return True
 
     def _checkpoint(self) -> None:
-        """Sign the current head (in the writer thread); problems are logged once."""
+        """Sign the head if it grew (in the writer thread); problems are logged once."""
         assert self._ledger is not None
-        assert self.key_path is not None
         try:
-            try:
-                signer = load_signer(self.key_path)
-            except LedgerError:
-                if self.key_path.exists():
-                    raise
-                signer = create_signer(self.key_path, default_key_name())
-            stored = self._ledger.checkpoint(signer)
+            signer = signer_for(self._ledger, self.key_path)
+            stored = self._ledger.checkpoint_if_grown(signer)
         except (LedgerError, OSError) as exc:
             if self.checkpoint_problem is None:
                 log.error("ledger: cannot sign a checkpoint of %s: %s", self.path, exc)  # noqa: TRY400
             self.checkpoint_problem = str(exc)
             return
         self.checkpoint_problem = None
-        if stored.size != self.stats.last_checkpoint_size:
+        if stored is not None:
             self.stats.checkpoints += 1
             self.stats.last_checkpoint_size = stored.size

@@ -27,14 +27,28 @@ Schema (``PRAGMA application_id`` = ``0x6b65656c`` "keel", ``user_version`` = 1)
 - ``checkpoints(id, size, note, created)``: the signed checkpoint notes;
 - ``meta(key, value)``: ``size``, the number of leaves, updated in every
   append transaction (so deleting trailing rows is detected).
+
+Outside the database, ``<db>.head`` (``ledger.db.head``) holds the last signed
+checkpoint note, replaced atomically and fsynced by every :meth:`Ledger.checkpoint`.
+It is the ledger's memory of how far it had come: a log that went back (a
+deleted or lost ``-wal`` file, a restored backup, removed rows) no longer
+reaches it, :meth:`Ledger.verify` says so, and :meth:`Ledger.checkpoint`
+refuses to sign the shorter tree.
+
+Anything read back from the database is checked for the type and form keel
+writes (``meta.size`` a decimal text, entries and hashes blobs, checkpoint
+notes text...): whatever else an editor of the file put there is reported as
+a :class:`TamperError`, never a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -45,6 +59,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from keel.files import write_durably
 from keel.ledger import core
 from keel.ledger.errors import (
     EntryError,
@@ -53,6 +68,7 @@ from keel.ledger.errors import (
     ProofError,
     StoreError,
     TamperError,
+    shown,
 )
 
 T = TypeVar("T")
@@ -73,6 +89,35 @@ CREATE TABLE checkpoints (
 INSERT INTO meta (key, value) VALUES ('size', '0');
 """
 _TABLES = {"meta", "leaves", "checkpoints"}
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
+MAX_HEAD_BYTES = 64 * 1024  # a signed checkpoint is a few hundred bytes
+
+
+def head_path(db: Path) -> Path:
+    """Where the ledger at ``db`` keeps its last signed checkpoint: ``<db>.head``."""
+    return db.with_name(db.name + ".head")
+
+
+def _sql_type(value: object) -> str:
+    """How SQLite calls the type of a value read back (for messages about tampering)."""
+    names = {type(None): "NULL", int: "an integer", float: "a real", str: "text", bytes: "a blob"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _NotUtf8(ValueError):
+    """A TEXT value that is not UTF-8: keel never writes one."""
+
+
+def _decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotUtf8 from None
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -92,19 +137,34 @@ class VerifyReport:
     checkpoints: int
     signatures_checked: bool
     external: int
+    head: int | None = None  # the size of the head file's checkpoint; None without one
 
 
 class Ledger:
     """An append-only Merkle log in one SQLite file. Use :meth:`open`."""
 
     def __init__(
-        self, connection: sqlite3.Connection, path: Path, clock: Callable[[], float]
+        self,
+        connection: sqlite3.Connection,
+        path: Path,
+        clock: Callable[[], float],
+        *,
+        read_only: bool = False,
+        stamp: tuple[int, int, int] | None = None,
     ) -> None:
         self._db = connection
+        self._db.text_factory = _decode_text
         self._lock = threading.RLock()
         self.path = path
         self.clock = clock
+        self.read_only = read_only
+        # Set when the file is read without locks (immutable): it must not change meanwhile.
+        self._stamp = stamp
         self._closed = False
+
+    @property
+    def head_path(self) -> Path:
+        return head_path(self.path)
 
     # ---- opening --------------------------------------------------------
 
@@ -114,6 +174,7 @@ class Ledger:
         path: str | os.PathLike[str],
         *,
         create: bool = True,
+        read_only: bool = False,
         clock: Callable[[], float] = time.time,
         timeout: float = BUSY_TIMEOUT,
     ) -> Ledger:
@@ -122,25 +183,38 @@ class Ledger:
         A file that is not SQLite, a SQLite database without the ledger
         schema, or one of another schema version is refused with a
         :class:`StoreError` and left untouched.
+
+        ``read_only`` (which implies ``create=False``) never writes: for
+        ``verify``, ``tail``, ``prove`` and an auditor's copy that is read-only
+        (mode 0444 in a 0555 directory, a read-only mount). SQLite reads a
+        WAL database read-only through its ``-shm`` file; where that file can
+        be neither used nor created, the database is read as an immutable
+        file (no locks), which holds all of it when no ``-wal`` file is beside
+        it: if one is, the error says to copy both somewhere writable. A file
+        read without locks that changes meanwhile is a :class:`StoreError`.
         """
         db_path = Path(path)
-        if create:
-            try:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create {db_path.parent}: {exc.strerror}") from None
-        elif not db_path.exists():
-            raise StoreError(f"no ledger at {db_path} (nothing appended yet, or a wrong --db?)")
-        if db_path.is_dir():
-            raise StoreError(f"{db_path} is a directory, not a ledger database")
-        uri = db_path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+        create = create and not read_only
         try:
-            connection = sqlite3.connect(
-                uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {db_path}: {exc}") from None
-        ledger = cls(connection, db_path, clock)
+            if create:
+                try:
+                    db_path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create {db_path.parent}: {exc.strerror}") from None
+            elif not db_path.exists():
+                raise StoreError(f"no ledger at {db_path} (nothing appended yet, or a wrong --db?)")
+            if db_path.is_dir():
+                raise StoreError(f"{db_path} is a directory, not a ledger database")
+            uri = db_path.resolve().as_uri()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL, a loop of links
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StoreError(f"cannot open {shown(str(db_path))}: {reason}") from None
+        stamp = None
+        if read_only:
+            connection, stamp = _connect_read_only(db_path, uri, timeout)
+        else:
+            connection = _connect(db_path, uri + ("?mode=rwc" if create else "?mode=rw"), timeout)
+        ledger = cls(connection, db_path, clock, read_only=read_only, stamp=stamp)
         try:
             ledger._prepare(create, timeout)
         except BaseException:
@@ -190,6 +264,8 @@ class Ledger:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+        if self.read_only:
+            return
         # Set on creation; repeated in case the creator died before it got there.
         if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -230,12 +306,53 @@ class Ledger:
         try:
             yield
         except sqlite3.DatabaseError as exc:
+            self._check_unchanged()
             message = str(exc)
+            if len(message) > 200:  # SQLite's own are short; one quoting a value may not be
+                message = shown(message)
             if "file is not a database" in message:
                 raise StoreError(
                     f"{self.path} is not a SQLite database; point --db at a ledger file"
                 ) from None
+            if "unable to open" in message or "readonly" in message:
+                message += (
+                    f" (can this user write to {self.path.parent}? the ledger's -wal and -shm "
+                    "files live there)"
+                )
             raise StoreError(f"cannot {action} {self.path}: {message}") from None
+        except _NotUtf8:
+            self._check_unchanged()
+            raise self._tampered("it holds a text value that is not UTF-8", 0) from None
+        except TamperError:
+            self._check_unchanged()
+            raise
+        self._check_unchanged()
+
+    def changed(self) -> bool:
+        """True when a file read without locks changed since it was opened: open it afresh.
+
+        Always False for a ledger opened normally: SQLite's locks keep its reads
+        consistent while others write.
+        """
+        if self._stamp is None:
+            return False
+        try:
+            return _stamp(self.path) != self._stamp
+        except OSError:
+            return True
+
+    def _check_unchanged(self) -> None:
+        """For a file read without locks: a change meanwhile may have torn what was read."""
+        if self.changed():
+            raise StoreError(
+                f"{self.path} changed while it was read without locks (its directory is "
+                "read-only, so SQLite could not share it with the writer): run the command "
+                "again, or read a copy"
+            )
+
+    def _tampered(self, detail: str, index: int) -> TamperError:
+        """The one form of every tampering verdict: what was found, and the first bad leaf."""
+        return TamperError(f"{self.path}: the ledger was tampered with: {detail}", index)
 
     @contextlib.contextmanager
     def _write(self, action: str) -> Iterator[None]:
@@ -283,9 +400,9 @@ class Ledger:
             else b""
         )
         if len(value) != core.HASH_SIZE:
-            raise TamperError(
-                f"{self.path}: the stored hash of leaves {index << level}..{row} is missing "
-                "or damaged; run `keel ledger verify`",
+            raise self._tampered(
+                f"the stored hash of leaves {index << level}..{row} is missing or damaged; "
+                "run `keel ledger verify`",
                 index << level,
             )
         return value
@@ -328,18 +445,37 @@ class Ledger:
 
     def _size(self) -> int:
         # One statement, so one snapshot: other processes may be appending.
-        recorded_text, last = self._db.execute(
-            "SELECT (SELECT value FROM meta WHERE key = 'size'), (SELECT max(idx) FROM leaves)"
+        recorded, records, last = self._db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'size'), "
+            "(SELECT count(*) FROM meta WHERE key = 'size'), (SELECT max(idx) FROM leaves)"
         ).fetchone()
-        recorded = int(recorded_text)
-        held = 0 if last is None else last + 1
-        if held != recorded:
-            raise TamperError(
-                f"{self.path} records {recorded} entries but its last entry is "
-                f"{held - 1}: the ledger was altered; run `keel ledger verify`",
-                min(held, recorded),
+        if type(last) is not int and last is not None:
+            raise self._tampered(
+                f"a leaf is stored under the index {shown(last)} ({_sql_type(last)}); "
+                "run `keel ledger verify`",
+                0,
             )
-        return recorded
+        held = 0 if last is None else last + 1
+        size = self._recorded_size(recorded, records, held)
+        if held != size:
+            raise self._tampered(
+                f"it records {size} entries but its last entry is {held - 1}; "
+                "run `keel ledger verify`",
+                min(held, size),
+            )
+        return size
+
+    def _recorded_size(self, recorded: object, records: object, index: int) -> int:
+        """The leaf count kept in ``meta``, as keel writes it: one decimal text."""
+        if records != 1:
+            raise self._tampered(f"it keeps {records} leaf counts instead of one", index)
+        if type(recorded) is not str or not _DECIMAL.fullmatch(recorded):
+            raise self._tampered(
+                f"its leaf count is {shown(recorded)} ({_sql_type(recorded)}), "
+                "not a number written by keel",
+                index,
+            )
+        return int(recorded)
 
     def size(self) -> int:
         with self._lock, self._errors("read"):
@@ -365,7 +501,24 @@ class Ledger:
                 "SELECT idx, entry FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx",
                 (start, end if end is not None else 2**63 - 1),
             ).fetchall()
-        return [(index, _parse_stored(index, raw)) for index, raw in rows]
+            return [
+                (expected, self._parse_stored(expected, index, raw))
+                for expected, (index, raw) in enumerate(rows, start)
+            ]
+
+    def _parse_stored(self, expected: int, index: object, raw: object) -> core.Entry:
+        if type(index) is not int or index != expected:
+            raise self._tampered(
+                f"entry {expected} is missing (the next row has the index {shown(index)}); "
+                "run `keel ledger verify`",
+                expected,
+            )
+        if type(raw) is not bytes:
+            raise self._tampered(f"entry {index} is stored as {_sql_type(raw)}, not a blob", index)
+        try:
+            return core.parse_entry(raw)
+        except EntryError as exc:
+            raise self._tampered(f"entry {index} is damaged: {exc}", index) from None
 
     def tail(self, count: int) -> list[tuple[int, core.Entry]]:
         with self._lock, self._errors("read"):
@@ -458,34 +611,135 @@ class Ledger:
     # ---- checkpoints --------------------------------------------------------
 
     def checkpoint(self, signer: core.Signer) -> StoredCheckpoint:
-        """Sign the current tree head, store the note and return it."""
+        """Sign the current tree head, store the note, write the head file and return it.
+
+        Refused with a :class:`TamperError` when the tree does not extend the
+        head file's checkpoint (the log went back, or was rewritten): signing
+        it would hide that.
+        """
         with self._write("checkpoint"):
             size = self._size()
+            head = self._read_head()
+            if head is not None:
+                self._check_extends_head(head, signer.verifier, size)
             root = self._fetched(lambda lookup: core.tree_root(size, lookup))
             note = core.sign_checkpoint(core.Checkpoint(signer.name, size, root), signer)
             latest = self._latest_checkpoint()
             if latest is not None and latest.note == note:
-                return latest
-            created = core.format_ts(self.clock())
-            cursor = self._db.execute(
-                "INSERT INTO checkpoints (size, note, created) VALUES (?, ?, ?)",
-                (size, note, created),
-            )
-            assert cursor.lastrowid is not None
-            return StoredCheckpoint(cursor.lastrowid, size, note, created)
+                stored = latest
+            else:
+                created = core.format_ts(self.clock())
+                cursor = self._db.execute(
+                    "INSERT INTO checkpoints (size, note, created) VALUES (?, ?, ?)",
+                    (size, note, created),
+                )
+                assert cursor.lastrowid is not None
+                stored = StoredCheckpoint(cursor.lastrowid, size, note, created)
+            # Under the write lock, so concurrent checkpoints replace it in order.
+            if head != note:
+                self._write_head(note)
+            return stored
+
+    def checkpoint_if_grown(self, signer: core.Signer) -> StoredCheckpoint | None:
+        """:meth:`checkpoint` if the ledger grew since the last one, else None.
+
+        What a daemon calls on a timer and at shutdown: when nothing was
+        appended it costs two small reads (the sizes in the database and in
+        the head file) and signs nothing. An empty ledger is not signed.
+        """
+        with self._lock, self._errors("read"):
+            size = self._size()
+            latest = self._db.execute(
+                "SELECT size FROM checkpoints ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        head = self._read_head()
+        if head is None and size == 0:
+            return None
+        head_lines = head.split("\n", 2) if head is not None else []
+        head_size = head_lines[1] if len(head_lines) > 2 else None
+        if latest is not None and latest[0] == size and head_size == str(size):
+            return None
+        return self.checkpoint(signer)
 
     def _latest_checkpoint(self) -> StoredCheckpoint | None:
         row = self._db.execute(
             "SELECT id, size, note, created FROM checkpoints ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        return None if row is None else StoredCheckpoint(*row)
+        return None if row is None else self._stored_checkpoint(row)
+
+    def _stored_checkpoint(self, row: tuple[Any, ...]) -> StoredCheckpoint:
+        """A row of ``checkpoints`` with the types keel writes, or a :class:`TamperError`."""
+        ident, size, note, created = row
+        valid_size = type(size) is int and size >= 0
+        if type(ident) is not int:
+            problem = f"a checkpoint is stored under the id {shown(ident)} ({_sql_type(ident)})"
+        elif not valid_size:
+            problem = f"checkpoint {ident} has the size {shown(size)} ({_sql_type(size)})"
+        elif type(note) is not str:
+            problem = f"checkpoint {ident}'s note is {_sql_type(note)}, not text"
+        elif type(created) is not str or not core.TIMESTAMP.fullmatch(created):
+            problem = f"checkpoint {ident}'s time is {shown(created)} ({_sql_type(created)})"
+        else:
+            return StoredCheckpoint(ident, size, note, created)
+        raise self._tampered(problem, size if valid_size else 0)
 
     def checkpoints(self) -> list[StoredCheckpoint]:
         with self._lock, self._errors("read"):
             rows = self._db.execute(
                 "SELECT id, size, note, created FROM checkpoints ORDER BY id"
             ).fetchall()
-        return [StoredCheckpoint(*row) for row in rows]
+            return [self._stored_checkpoint(row) for row in rows]
+
+    # ---- the head file ------------------------------------------------------
+
+    def _read_head(self) -> str | None:
+        """The head file's note, None if there is none; damage is a :class:`TamperError`."""
+        path = self.head_path
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_HEAD_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_HEAD_BYTES:
+            raise self._tampered(f"{path} is larger than a signed checkpoint can be", 0)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._tampered(f"{path} is not text, so not a signed checkpoint", 0) from None
+
+    def _write_head(self, note: str) -> None:
+        try:
+            write_durably(self.head_path, note.encode("utf-8"), mode=0o644, replace=True)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.head_path}: {exc.strerror or exc}") from None
+
+    def _head_label(self) -> str:
+        return f"its last signed checkpoint ({self.head_path})"
+
+    def _went_back(self, size: int, head_size: int) -> TamperError:
+        return TamperError(
+            f"{self.path}: the ledger went back: it holds {size} entries, but "
+            f"{self._head_label()} commits to {head_size}: entries {size}..{head_size - 1} "
+            "were lost (a deleted or lost -wal file, a restored backup, deleted rows). "
+            f"To go on without them, keep {self.head_path.name} elsewhere as evidence, "
+            "remove it and sign a new checkpoint",
+            size,
+        )
+
+    def _check_extends_head(self, note: str, verifier: core.Verifier, size: int) -> None:
+        """Does the stored tree still extend the head file's checkpoint? (O(log n) reads)."""
+        head = self._open_checkpoint(self._head_label(), note, verifier, None)
+        if head.size > size:
+            raise self._went_back(size, head.size)
+        root = self._fetched(lambda lookup: core.tree_root(head.size, lookup))
+        if root != head.root:
+            raise self._tampered(
+                f"the first {head.size} entries no longer match {self._head_label()}; "
+                "run `keel ledger verify`",
+                0,
+            )
 
     # ---- verification -------------------------------------------------------
 
@@ -500,8 +754,10 @@ class Ledger:
         hash from its leaves, every stored checkpoint's signature (with
         ``verifier``; skipped when it is None) and root, and each ``external``
         ``(label, signed note)`` checkpoint (an older one kept elsewhere) must
-        verify with ``verifier`` and be a prefix of this tree. The first
-        problem raises :class:`TamperError` with the first bad leaf index.
+        verify with ``verifier`` and be a prefix of this tree. So must the
+        head file's checkpoint, when there is one: a tree shorter than it
+        went back. The first problem raises :class:`TamperError` with the
+        first bad leaf index.
 
         It reads one snapshot (a read transaction), so appends by other
         processes meanwhile neither disturb it nor wait for it.
@@ -518,17 +774,20 @@ class Ledger:
         self, verifier: core.Verifier | None, external: Sequence[tuple[str, str]]
     ) -> VerifyReport:
         stored = [
-            StoredCheckpoint(*row)
+            self._stored_checkpoint(row)
             for row in self._db.execute(
                 "SELECT id, size, note, created FROM checkpoints ORDER BY id"
             ).fetchall()
         ]
         targets: dict[int, list[tuple[str, bytes]]] = {}
+        for earlier, later in itertools.pairwise(stored):
+            if earlier.id == later.id:
+                raise self._tampered(f"checkpoint {later.id} is stored twice", later.size)
         for checkpoint in stored:
             label = f"stored checkpoint {checkpoint.id} (size {checkpoint.size})"
             head = self._open_checkpoint(label, checkpoint.note, verifier, checkpoint.size)
             if head.size != checkpoint.size:
-                raise TamperError(
+                raise self._tampered(
                     f"{label}: its note says size {head.size}; the checkpoint row was edited",
                     min(head.size, checkpoint.size),
                 )
@@ -538,6 +797,12 @@ class Ledger:
         for label, note in external:
             head = self._open_checkpoint(label, note, verifier, None)
             targets.setdefault(head.size, []).append((label, head.root))
+        head_note = self._read_head()
+        head_size = None
+        if head_note is not None:
+            head = self._open_checkpoint(self._head_label(), head_note, verifier, None)
+            head_size = head.size
+            targets.setdefault(head.size, []).append((self._head_label(), head.root))
 
         builder = core.TreeBuilder()
         good_prefix = 0  # leaves known to match a signed checkpoint
@@ -546,14 +811,17 @@ class Ledger:
             nonlocal good_prefix
             for label, root in targets.pop(builder.size, []):
                 if root != builder.root():
-                    raise TamperError(
-                        f"{self.path}: the first {builder.size} entries do not match {label}: "
+                    raise self._tampered(
+                        f"the first {builder.size} entries do not match {label}: "
                         f"an entry from {good_prefix} on was changed, deleted or reordered",
                         good_prefix,
                     )
                 good_prefix = builder.size
 
-        recorded = int(self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()[0])
+        recorded, records = self._db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'size'), "
+            "(SELECT count(*) FROM meta WHERE key = 'size')"
+        ).fetchone()
         cursor = self._db.execute("SELECT idx, entry, hashes FROM leaves ORDER BY idx")
         check_targets()
         while True:
@@ -568,17 +836,24 @@ class Ledger:
                 self._verify_rows(builder, part)
                 check_targets()
         size = builder.size
-        if recorded != size:
-            raise TamperError(
-                f"{self.path} records {recorded} entries but holds {size}: "
+        recorded_size = self._recorded_size(recorded, records, size)
+        if recorded_size != size:
+            raise self._tampered(
+                f"it records {recorded_size} entries but holds {size}: "
                 f"entries from {size} on were deleted (truncated)",
                 size,
             )
         if targets:
             larger = min(targets)
-            label = targets[larger][0][0]
-            raise TamperError(
-                f"{self.path} holds {size} entries but {label} commits to {larger}: "
+            only_head = all(
+                label == self._head_label()
+                for labelled in targets.values()
+                for label, _ in labelled
+            )
+            if head_size is not None and only_head:
+                raise self._went_back(size, head_size)
+            raise self._tampered(
+                f"it holds {size} entries but {targets[larger][0][0]} commits to {larger}: "
                 f"entries from {size} on were deleted (truncated)",
                 size,
             )
@@ -588,26 +863,44 @@ class Ledger:
             checkpoints=len(stored),
             signatures_checked=verifier is not None,
             external=len(external),
+            head=head_size,
         )
 
     def _verify_rows(self, builder: core.TreeBuilder, rows: list[tuple[Any, Any, Any]]) -> None:
         """Check consecutive stored rows against the tree ``builder`` recomputes."""
         start = builder.size
-        for offset, (index, entry, hashes) in enumerate(rows):
-            if index != start + offset:
-                raise TamperError(
-                    f"{self.path}: entry {start + offset} is missing (deleted)", start + offset
+        for expected, (index, entry, hashes) in enumerate(rows, start):
+            if type(index) is not int:
+                raise self._tampered(
+                    f"entry {expected} is missing: the next row has the index {shown(index)} "
+                    f"({_sql_type(index)})",
+                    expected,
                 )
-            if type(entry) is not bytes or type(hashes) is not bytes:
-                raise TamperError(
-                    f"{self.path}: entry {index} is stored with the wrong type", index
+            if index != expected:
+                if index == expected - 1:
+                    problem = f"entry {index} is stored twice"
+                elif index > expected:
+                    problem = f"entry {expected} is missing (deleted)"
+                else:
+                    problem = (
+                        f"entry {expected} is missing: the row in its place has the index {index}"
+                    )
+                raise self._tampered(problem, expected)
+            if type(entry) is not bytes:
+                raise self._tampered(
+                    f"entry {index} is stored as {_sql_type(entry)}, not a blob", index
                 )
-        expected = builder.append_entries([entry for _, entry, _ in rows])
+            if type(hashes) is not bytes:
+                raise self._tampered(
+                    f"the hashes of entry {index} are stored as {_sql_type(hashes)}, not a blob",
+                    index,
+                )
+        expected_rows = builder.append_entries([entry for _, entry, _ in rows])
         for offset, (index, _, hashes) in enumerate(rows):
-            if hashes != expected[offset]:
-                want = expected[offset]
+            if hashes != expected_rows[offset]:
+                want = expected_rows[offset]
                 parts = [want[i : i + core.HASH_SIZE] for i in range(0, len(want), core.HASH_SIZE)]
-                raise _hash_mismatch(self.path, index, hashes, parts)
+                raise self._tampered(*_hash_mismatch(index, hashes, parts))
 
     def _open_checkpoint(
         self, label: str, note: str, verifier: core.Verifier | None, stored_size: int | None
@@ -619,32 +912,59 @@ class Ledger:
             return core.open_checkpoint(note, verifier)
         except (ProofError, MalformedError) as exc:
             index = stored_size if stored_size is not None else 0
-            raise TamperError(f"{label}: {exc}", index) from None
+            raise self._tampered(f"{label}: {exc}", index) from None
 
 
-def _parse_stored(index: int, raw: bytes) -> core.Entry:
-    try:
-        return core.parse_entry(raw)
-    except EntryError as exc:
-        raise TamperError(f"entry {index} is damaged: {exc}", index) from None
-
-
-def _hash_mismatch(path: Path, index: int, stored: bytes, expected: list[bytes]) -> TamperError:
+def _hash_mismatch(index: int, stored: bytes, expected: list[bytes]) -> tuple[str, int]:
+    """What a row whose hashes differ from the recomputed ones tells: (detail, first bad leaf)."""
     for slot, want in enumerate(expected):
         got = stored[slot * core.HASH_SIZE : (slot + 1) * core.HASH_SIZE]
         if got == want:
             continue
         if slot == 0:
-            return TamperError(
-                f"{path}: entry {index} does not match its stored leaf hash (edited)", index
-            )
+            return f"entry {index} does not match its stored leaf hash (edited)", index
         first = index - (1 << slot) + 1
-        return TamperError(
-            f"{path}: entries {first}..{index} do not match their stored subtree hash: "
+        return (
+            f"entries {first}..{index} do not match their stored subtree hash: "
             "one of them was edited, replaced or reordered",
             first,
         )
-    return TamperError(f"{path}: entry {index} has extra stored hashes (damaged row)", index)
+    return f"entry {index} has extra stored hashes (damaged row)", index
+
+
+def _connect(db_path: Path, uri: str, timeout: float) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(
+            uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {db_path}: {exc}") from None
+
+
+def _connect_read_only(
+    db_path: Path, uri: str, timeout: float
+) -> tuple[sqlite3.Connection, tuple[int, int, int] | None]:
+    """A read-only connection, and the file's stamp if it had to be opened without locks."""
+    connection = _connect(db_path, uri + "?mode=ro", timeout)
+    try:
+        connection.execute("PRAGMA application_id").fetchone()  # opens the WAL index
+    except sqlite3.DatabaseError as exc:
+        name = getattr(exc, "sqlite_errorname", "")
+        if not (name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN"):
+            return connection, None  # opening goes on, and reports it
+        connection.close()
+    else:
+        return connection, None
+    # SQLite could neither use nor create the -shm file (a read-only directory).
+    wal = db_path.with_name(db_path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(
+            f"cannot read {db_path} read-only: {wal.name} beside it holds changes that SQLite "
+            f"reads only through a {db_path.name}-shm file, which this directory does not let "
+            "it create: copy the database with its -wal file to a writable directory"
+        )
+    stamp = _stamp(db_path)
+    return _connect(db_path, uri + "?immutable=1", timeout), stamp
 
 
 _Queued = tuple[bytes, "asyncio.Future[int]"]
@@ -722,6 +1042,18 @@ class AsyncLedger:
                 for offset, (_, done) in enumerate(batch):
                     if not done.done():
                         done.set_result(first + offset)
+
+    async def checkpoint_if_grown(self, signer: core.Signer) -> StoredCheckpoint | None:
+        """:meth:`Ledger.checkpoint_if_grown` on the writer thread, between two batches.
+
+        On the same thread as the appends, so it neither blocks the event loop
+        nor contends for SQLite's write lock with this daemon's own batches.
+        """
+        if self._closing:
+            raise StoreError(f"the ledger {self.ledger.path} is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.ledger.checkpoint_if_grown, signer
+        )
 
     async def aclose(self) -> None:
         """Write what is queued, then close the ledger."""

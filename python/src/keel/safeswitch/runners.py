@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,25 @@ from keel.watch.children import Child
 
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this many seconds
 EARLY_START = 2.0  # seconds the rollback timer's keel starts before the deadline, at most
+
+# Detached timer processes: kept referenced so that no Popen is collected (and
+# warned about) while its process still runs.
+_detached: list[subprocess.Popen[bytes]] = []
+
+
+def _reap_detached(kill: int | None = None) -> None:
+    """Collect timers of this process that ended (``kill``: that pid is ended first).
+
+    A switcher is a short-lived command, so its timers' exit statuses would be
+    collected at its exit anyway; a long-lived caller (fleet, the tests) must
+    not gather zombies.
+    """
+    for process in list(_detached):
+        if kill is not None and process.pid == kill and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.poll() is not None:
+            _detached.remove(process)
 
 
 class Activation(Protocol):
@@ -264,6 +282,7 @@ class ProcessRunners:
         return None
 
     async def arm(self, switch_id: str, delay: float, argv: Sequence[str], log: Path) -> Runner:
+        _reap_detached()
         not_before = time.monotonic() + delay
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -280,11 +299,7 @@ class ProcessRunners:
                 raise KeelError(
                     f"cannot start the rollback timer {argv[0]}: {exc.strerror}"
                 ) from None
-        # The timer outlives the switch that armed it. Whoever is its parent when it
-        # exits collects it: init after a `keel switch` that exited, and this thread in
-        # a caller that lives on (a daemon, a test process), which would otherwise keep
-        # a zombie for every switch. The thread also keeps the Popen referenced.
-        threading.Thread(target=process.wait, name=f"timer {process.pid}", daemon=True).start()
+        _detached.append(process)
         ref = ProcessRef.of(process.pid)
         if ref is None:
             raise KeelError(f"the rollback timer (pid {process.pid}) died at once; see {log}")
@@ -293,8 +308,10 @@ class ProcessRunners:
     async def disarm(self, timer: Runner, *, own: bool) -> None:
         ref = timer.process
         if ref is None or own or ref.pid == os.getpid():
+            _reap_detached()
             return
         ref.signal(signal.SIGKILL)
+        _reap_detached(kill=ref.pid)
 
     async def start(self, name: str, argv: Sequence[str], log: Path) -> ProcessActivation:
         log.parent.mkdir(parents=True, exist_ok=True)

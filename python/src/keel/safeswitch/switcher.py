@@ -235,9 +235,10 @@ class Alerter:
         router.send(alert, names)
 
     def _open(self) -> tuple[Any, tuple[str, ...]]:
+        from keel.telegram import read_token
         from keel.watch.alert_router import AlertRouter
         from keel.watch.alert_routes import TelegramRoute
-        from keel.watch.config import load_routes, read_token
+        from keel.watch.config import load_routes
 
         assert self.settings is not None
         routes = load_routes(Path(self.settings["watch_config"]))

@@ -23,5 +23,5 @@ Shells around them:
   TCP ones on one thread with one epoll. ``http_client``: one HTTP exchange
   over asyncio (alerts, https probes). ``alert_router``: a queue and a worker
   per route. ``metrics``: the Prometheus endpoint.
-- ``cli``: ``keel watch serve|check-config|start|stop`` and ``keel status``.
+- ``cli``: ``keel watch serve|check-config|start|stop|restart`` and ``keel status``.
 """

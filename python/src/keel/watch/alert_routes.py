@@ -20,12 +20,10 @@ import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from keel import telegram
 from keel.watch.httpwire import Response, Url
-
-TELEGRAM_API = "https://api.telegram.org"
-TELEGRAM_TEXT_LIMIT = 4096  # characters of one sendMessage text
 
 
 @dataclass(frozen=True)
@@ -142,11 +140,10 @@ class SendVerdict:
 
 def telegram_request(route: TelegramRoute, token: str, alert: Alert) -> tuple[Url, bytes]:
     """The ``sendMessage`` call for an alert: the URL (holding the token) and JSON body."""
-    base = route.api.target.rstrip("/")
-    url = Url(route.api.scheme, route.api.host, route.api.port, f"{base}/bot{token}/sendMessage")
+    url = telegram.method_url(route.api, token, "sendMessage")
     payload = {
         "chat_id": route.chat_id,
-        "text": render_text(alert)[:TELEGRAM_TEXT_LIMIT],
+        "text": render_text(alert)[: telegram.TEXT_LIMIT],
         "disable_web_page_preview": True,
     }
     return url, json.dumps(payload, ensure_ascii=False).encode()
@@ -154,34 +151,12 @@ def telegram_request(route: TelegramRoute, token: str, alert: Alert) -> tuple[Ur
 
 def telegram_verdict(response: Response) -> SendVerdict:
     """Read a Bot API answer: ``{"ok": true, ...}`` or ``{"ok": false, "error_code": ...}``."""
-    try:
-        answer: Any = json.loads(response.body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        answer = None
-    if not isinstance(answer, dict):
-        if response.status == 429:
-            return SendVerdict(
-                "retry", "HTTP 429", _seconds_value(response.headers.get("retry-after"))
-            )
-        if response.status >= 500:
-            return SendVerdict("retry", f"HTTP {response.status}")
-        return SendVerdict("failed", f"HTTP {response.status}: not a Bot API answer")
-    if answer.get("ok") is True and response.status == 200:
+    answer = telegram.read_answer(response)
+    if answer.ok:
         return SendVerdict("sent")
-    code = answer.get("error_code", response.status)
-    description = str(answer.get("description", ""))[:200]
-    reason = f"Telegram {code}: {description}" if description else f"Telegram {code}"
-    if code == 429 or response.status == 429:
-        parameters = answer.get("parameters")
-        retry_after = None
-        if isinstance(parameters, dict):
-            retry_after = _seconds_value(parameters.get("retry_after"))
-        if retry_after is None:
-            retry_after = _seconds_value(response.headers.get("retry-after"))
-        return SendVerdict("retry", reason, retry_after)
-    if response.status >= 500 or (isinstance(code, int) and code >= 500):
-        return SendVerdict("retry", reason)
-    return SendVerdict("failed", reason)
+    if answer.retryable:
+        return SendVerdict("retry", answer.reason, answer.retry_after)
+    return SendVerdict("failed", answer.reason)
 
 
 # --- webhooks --------------------------------------------------------------------------
@@ -205,7 +180,9 @@ def webhook_verdict(response: Response) -> SendVerdict:
     if 200 <= status < 300:
         return SendVerdict("sent")
     if status == 429:
-        return SendVerdict("retry", "HTTP 429", _seconds_value(response.headers.get("retry-after")))
+        return SendVerdict(
+            "retry", "HTTP 429", telegram.seconds_value(response.headers.get("retry-after"))
+        )
     if status >= 500 or status == 408:
         return SendVerdict("retry", f"HTTP {status}")
     return SendVerdict("failed", f"HTTP {status}")
@@ -213,14 +190,3 @@ def webhook_verdict(response: Response) -> SendVerdict:
 
 def render_text(alert: Alert) -> str:
     return f"[{alert.host}] {alert.text}"
-
-
-def _seconds_value(value: object) -> float | None:
-    """A non-negative number of seconds from JSON or a header; None if absent or odd."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return float(value.strip())
-    return None

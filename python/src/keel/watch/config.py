@@ -17,9 +17,9 @@ from keel import launch, paths
 from keel.config import Section, describe, type_name
 from keel.errors import ConfigError
 from keel.service import Common, read_common
+from keel.telegram import TELEGRAM_API, read_token
 from keel.watch import httpwire
 from keel.watch.alert_routes import (
-    TELEGRAM_API,
     Route,
     RouteLimits,
     TelegramRoute,
@@ -32,7 +32,6 @@ Backend = Literal["systemd", "process"]
 BusChoice = Literal["auto", "private", "system"]
 
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
-_TOKEN = re.compile(r"^[0-9]+:[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"[A-Za-z0-9:_.@\\-]{1,255}\Z")
 
 
@@ -400,26 +399,3 @@ def _limits(route: Section) -> RouteLimits:
         retry_initial=route.number("retry_initial", 1.0, positive=True),
         retry_max=route.number("retry_max", 60.0, positive=True),
     )
-
-
-def read_token(path: Path, route: Section | None = None) -> str:
-    """The bot token in ``path``; errors never include the token itself."""
-
-    def fail(message: str) -> ConfigError:
-        if route is not None:
-            return route.error("token_file", message)
-        return ConfigError(f"{path}: {message}")
-
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise fail(f"{path} does not exist") from None
-    except PermissionError:
-        raise fail(f"{path} is not readable by this user") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise fail(f"cannot read {path}: {type(exc).__name__}") from None
-    if not _TOKEN.match(token):
-        raise fail(
-            f"{path} does not hold a Telegram bot token (expected one line like 123456:ABC-def...)"
-        )
-    return token

@@ -24,11 +24,12 @@ from typing import Any
 from keel.api import Handler, Peer
 from keel.errors import KeelError
 from keel.service import Daemon, Shell
+from keel.telegram import read_token
 from keel.watch import metrics, probe_engine
 from keel.watch.alert_router import AlertRouter
 from keel.watch.alert_routes import Alert, TelegramRoute
 from keel.watch.backend import Backend
-from keel.watch.config import AgentConfig, WatchConfig, read_token
+from keel.watch.config import AgentConfig, WatchConfig
 from keel.watch.policy import (
     Action,
     AgentPolicy,
@@ -145,7 +146,7 @@ class Watch(Daemon):
         return f"supervising {len(self.agents)} agents"
 
     def verbs(self) -> Mapping[str, Handler]:
-        return {"start": self._start_verb, "stop": self._stop_verb}
+        return {"start": self._start_verb, "stop": self._stop_verb, "restart": self._restart_verb}
 
     def record(self, kind: str, subject: str, data: Mapping[str, Any]) -> None:
         if self.shell is not None:
@@ -391,6 +392,14 @@ class Watch(Daemon):
         runtime = self._agent_arg(args)
         self._feed(runtime.config.name, runtime.policy.request_stop(self.clock()))
         return {"agent": runtime.config.name, "state": runtime.policy.state()}
+
+    async def _restart_verb(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """A stop and a start in one step: the start follows the exit (keel chat's /restart)."""
+        runtime = self._agent_arg(args)
+        name, now = runtime.config.name, self.clock()
+        self._feed(name, runtime.policy.request_stop(now))
+        self._feed(name, runtime.policy.request_start(now))
+        return {"agent": name, "state": runtime.policy.state()}
 
     # --- metrics -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""One HTTP/1.1 exchange over asyncio (alerts, https probes), on :mod:`keel.watch.httpwire`."""
+"""One HTTP/1.1 exchange over asyncio (alerts, https probes, keel chat's Bot API calls),
+on :mod:`keel.watch.httpwire`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ async def request(
     timeout: float,
     max_body: int = 1 << 20,
     ssl_context: ssl.SSLContext | None = None,
+    user_agent: str = "keel-watch",
 ) -> Response:
     """One HTTP exchange within ``timeout`` seconds (raises TimeoutError, OSError, HttpError)."""
     async with asyncio.timeout(timeout):
@@ -29,7 +31,9 @@ async def request(
             url.host, url.port, ssl=context, server_hostname=url.host if context else None
         )
         try:
-            writer.write(build_request(method, url, headers=headers, body=body))
+            writer.write(
+                build_request(method, url, headers=headers, body=body, user_agent=user_agent)
+            )
             parser = ResponseParser(method=method, max_body=max_body)
             while True:
                 data = await reader.read(65536)

@@ -118,13 +118,14 @@ def build_request(
     *,
     headers: Mapping[str, str] | None = None,
     body: bytes | None = None,
+    user_agent: str = "keel-watch",
 ) -> bytes:
     """One request with ``Connection: close``; ``Content-Length`` when there is a body."""
     lines = [
         f"{method} {url.target} HTTP/1.1",
         f"Host: {url.authority}",
         "Connection: close",
-        "User-Agent: keel-watch",
+        f"User-Agent: {user_agent}",
     ]
     for name, value in (headers or {}).items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:

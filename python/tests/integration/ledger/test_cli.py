@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from keel.ledger import core
+from keel.ledger import Ledger, core
+
+from tests.harness.processes import Lines, Processes
 
 from .conftest import Populated, assert_one_line_error, keel, ok
 
@@ -207,9 +209,14 @@ def test_truncated_ledger_with_its_tracks_covered(populated: Populated) -> None:
         ("DELETE FROM checkpoints WHERE size > 15", ()),
         ("UPDATE meta SET value = '15' WHERE key = 'size'", ()),
     )
-    # What is left is a valid tree of 15 entries...
+    # What is left is a valid tree of 15 entries, but the head file beside the
+    # database still holds the checkpoint of size 20...
+    assert_bad(populated, 15, "the ledger went back: it holds 15 entries")
+    # ...and without it (the editor removed it too) the tree verifies...
+    head = populated.db.with_name("ledger.db.head")
+    head.unlink()
     assert verify(populated)[0] == 0
-    # ...but not the tree the auditor's checkpoint of size 20 committed to.
+    # ...but is not the tree the auditor's checkpoint of size 20 committed to.
     checkpoint = populated.checkpoints[20]
     assert_bad(populated, 15, "commits to 20", "--checkpoint", checkpoint)
 
@@ -300,35 +307,23 @@ def test_corrupt_ledger(populated: Populated) -> None:
         assert_one_line_error(result.stderr)
 
 
-def test_tail_follow(populated: Populated) -> None:
-    follower = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "keel",
-            "ledger",
-            "tail",
-            "--follow",
-            "--json",
-            "-n",
-            "1",
-            "--db",
-            str(populated.db),
-        ],
+def test_tail_follow(populated: Populated, processes: Processes) -> None:
+    argv = ["ledger", "tail", "--follow", "--json", "-n", "1", "--db", str(populated.db)]
+    follower = processes.popen(
+        [sys.executable, "-m", "keel", *argv],
         stdout=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.PIPE,
     )
-    try:
-        assert follower.stdout is not None
-        assert json.loads(follower.stdout.readline())["index"] == 19
-        ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "late")
-        ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "later")
-        seen = [json.loads(follower.stdout.readline()) for _ in range(2)]
-        assert [(e["index"], e["kind"]) for e in seen] == [(20, "late"), (21, "later")]
-    finally:
-        follower.send_signal(signal.SIGINT)
-        follower.communicate(timeout=30)
+    lines = Lines(follower.stdout)
+    assert json.loads(lines.next())["index"] == 19
+    ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "late")
+    ok("ledger", "append", "--db", populated.db, "--source", "s", "--kind", "later")
+    seen = [json.loads(lines.next()) for _ in range(2)]
+    assert [(e["index"], e["kind"]) for e in seen] == [(20, "late"), (21, "later")]
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=60)
     assert follower.returncode == 130
+    assert err == b""
 
 
 def test_missing_ledger(tmp_path: Path) -> None:
@@ -388,9 +383,13 @@ def test_replaced_key(populated: Populated) -> None:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        ("{bad", "--data is not valid JSON"),
+        ("{bad", "--data: invalid JSON at line 1 column 2"),
         ("[1, 2]", "--data must be a JSON object"),
-        ('{"x": NaN}', "not plain JSON"),
+        ('{"x": NaN}', "--data: NaN is not a JSON value"),
+        ('{"x": 1, "x": 2}', '--data: key "x" appears twice'),
+        # Deep enough for a RecursionError, short enough for one argument (128 KiB).
+        ('{"x":' + "[" * 60_000 + "]" * 60_000 + "}", "--data: nested more than 64 levels"),
+        ('{"x": ' * 65 + "1" + "}" * 65, "--data: nested more than 64 levels"),
         ('{"x": "' + "y" * 70000 + '"}', "the limit is"),
     ],
 )
@@ -426,4 +425,100 @@ def test_dev_mode_default_path(tmp_path: Path) -> None:
     assert (tmp_path / ".keel" / "ledger.db").is_file()
     result = keel("ledger", "checkpoint", cwd=tmp_path)
     assert result.returncode == 0
+    assert (tmp_path / ".keel" / "ledger.key").is_file()
+
+
+def test_long_values_are_not_echoed_back(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    for option in ("--subject", "--source", "--kind"):
+        args = {"--source": "s", "--kind": "k", option: "x" * 100_000}
+        result = keel("ledger", "append", "--db", db, *[a for pair in args.items() for a in pair])
+        assert result.returncode == 2, option
+        assert_one_line_error(result.stderr, f"entry {option[2:]} must be")
+        assert len(result.stderr) < 300, (option, len(result.stderr))
+    assert not db.exists()
+
+
+def test_mistyped_paths_make_no_directories(tmp_path: Path) -> None:
+    typo = tmp_path / "typo" / "deeper"
+    commands: list[list[str | Path]] = [
+        ["key", "--db", typo / "ledger.db"],
+        ["checkpoint", "--db", tmp_path / "none.db", "--key", typo / "ledger.key"],
+        ["append", "--db", typo / "ledger.db", "--source", "s", "--kind", "k"],
+    ]
+    for command in commands:
+        result = keel("ledger", *command)
+        assert result.returncode in (1, 2), command
+        assert_one_line_error(result.stderr)
+        if command[0] != "checkpoint":  # that one stops at the missing ledger
+            assert f"there is no directory {typo}" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # An existing directory is fine: the key is made there, before any entry.
+    result = keel("ledger", "key", "--db", tmp_path / "ledger.db")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ledger.key").is_file()
+
+
+LONG_FIELD = json.dumps(
+    {"leafIdx": "x" * 100_000, "treeSize": 1, "root": "", "leafHash": "", "proof": []}
+)
+
+
+@pytest.mark.parametrize(
+    ("document", "needle"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels deep"),
+        ('{"leafIdx": 1, "leafIdx": 2}', 'key "leafIdx" appears twice'),
+        ('{"leafIdx": ' + "9" * 5000 + "}", "an integer of 5000 digits is too long"),
+        ('{"size1": NaN}', "NaN is not a JSON value"),
+        (LONG_FIELD, "'leafIdx' must be a non-negative integer"),
+        (" " * (1024 * 1024 + 1), "larger than 1048576 bytes"),
+        (b"\xff\xfe{}", "not UTF-8 text"),
+    ],
+    ids=["deep", "duplicate", "digits", "nan", "long", "large", "binary"],
+)
+def test_verify_proof_refuses_hostile_files(
+    tmp_path: Path, document: str | bytes, needle: str
+) -> None:
+    proof = tmp_path / "proof.json"
+    if isinstance(document, bytes):
+        proof.write_bytes(document)
+    else:
+        proof.write_text(document)
+    for source in (str(proof), "-"):
+        result = subprocess.run(
+            [sys.executable, "-m", "keel", "ledger", "verify-proof", source],
+            stdin=proof.open("rb"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2, (source, result.stderr)
+        assert_one_line_error(result.stderr, needle)
+        assert len(result.stderr) < 400
+
+
+def test_tail_shows_control_characters_escaped(tmp_path: Path) -> None:
+    """An entry's subject or data cannot move the cursor or reorder an auditor's screen."""
+    db = tmp_path / "ledger.db"
+    with Ledger.open(db) as ledger:
+        ledger.append(source="s", kind="k", subject="\x1b[2J\rfake\n", data={"x": "\u202eevil"})
+    out = ok("ledger", "tail", "--db", db)
+    assert out.count("\n") == 1
+    assert out.isascii()
+    assert "\\u001b[2J\\rfake\\n" in out
+    assert "\\u202eevil" in out
+
+
+def test_the_state_directory_is_made_on_first_use(tmp_path: Path) -> None:
+    """./.keel (and /var/lib/keel) are keel's own: named with --db, they are still made."""
+    result = keel("ledger", "append", "--db", ".keel/ledger.db", "--source", "s", "--kind", "k",
+                  cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".keel" / "ledger.db").is_file()
+    (tmp_path / ".keel" / "ledger.db").unlink()
+    (tmp_path / ".keel").rmdir()
+    result = keel("ledger", "key", "--db", ".keel/ledger.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     assert (tmp_path / ".keel" / "ledger.key").is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from keel.ledger import AsyncLedger, EntryError, Ledger, StoreError, TamperError, core
 from keel.ledger.errors import KeyFileError, LedgerError, MalformedError
-from keel.ledger.keys import create_signer, load_signer, load_verifier
+from keel.ledger.keys import create_signer, load_signer, load_verifier, signer_for
 
 
 class FakeClock:
@@ -234,6 +234,11 @@ def test_size_mismatch_blocks_appends(tmp_path: Path) -> None:
 
 def test_key_file_created_private_and_atomic(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "ledger.key"
+    # A directory that does not exist is a typo, not a place to make a key in.
+    with pytest.raises(KeyFileError, match=r"there is no directory .*/keys \(a mistyped"):
+        create_signer(path, "host/keel/ledger")
+    assert not path.parent.exists()
+    path.parent.mkdir()
     old_umask = os.umask(0)
     try:
         signer = create_signer(path, "host/keel/ledger")
@@ -275,3 +280,71 @@ def test_key_loading_errors(tmp_path: Path) -> None:
     vkey.write_text("nonsense\n")
     with pytest.raises(MalformedError, match=r"good\.vkey"):
         load_verifier(str(vkey))
+
+
+def test_checkpoint_if_grown_signs_only_what_is_new(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    with Ledger.open(db, clock=FakeClock()) as ledger:
+        signer = signer_for(ledger)
+        assert ledger.checkpoint_if_grown(signer) is None  # an empty ledger: nothing to hold
+        assert not ledger.head_path.exists()
+        ledger.append(source="s", kind="k")
+        first = ledger.checkpoint_if_grown(signer)
+        assert first is not None
+        assert first.size == 1
+        assert ledger.head_path == tmp_path / "ledger.db.head"
+        assert ledger.head_path.read_text() == first.note
+        assert ledger.checkpoint_if_grown(signer) is None  # nothing appended since
+        ledger.append_many([{"source": "s", "kind": "k"}] * 3)
+        second = ledger.checkpoint_if_grown(signer)
+        assert second is not None
+        assert second.size == 4
+        assert ledger.head_path.read_text() == second.note
+        # A missing head file (a ledger from before it existed) is written, with no new row.
+        ledger.head_path.unlink()
+        assert ledger.checkpoint_if_grown(signer) == second
+        assert ledger.head_path.read_text() == second.note
+        assert [c.size for c in ledger.checkpoints()] == [1, 4]
+        assert ledger.verify(signer.verifier).head == 4
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "ledger.db",
+            "ledger.db-shm",
+            "ledger.db-wal",
+            "ledger.db.head",
+            "ledger.key",
+        ]  # no temporary file left behind
+
+
+def test_async_checkpoint_between_batches(tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        async with await AsyncLedger.open(tmp_path / "ledger.db") as ledger:
+            signer = signer_for(ledger.ledger)
+            appends = [ledger.append(source="s", kind="k", data={"n": n}) for n in range(50)]
+            await asyncio.gather(*appends[:25])
+            signed = await ledger.checkpoint_if_grown(signer)
+            await asyncio.gather(*appends[25:])
+            last = await ledger.checkpoint_if_grown(signer)
+            assert signed is not None
+            assert last is not None
+            assert await ledger.checkpoint_if_grown(signer) is None
+            return [signed.size, last.size]
+
+    sizes = asyncio.run(scenario())
+    assert 25 <= sizes[0] <= 50
+    assert sizes[1] == 50
+    with Ledger.open(tmp_path / "ledger.db", read_only=True) as ledger:
+        assert ledger.verify(load_signer(tmp_path / "ledger.key").verifier).head == 50
+
+
+def test_signer_for_refuses_a_new_key_for_a_signed_ledger(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    with Ledger.open(db) as ledger:
+        ledger.append(source="s", kind="k")
+        signer = signer_for(ledger)
+        assert (tmp_path / "ledger.key").is_file()
+        assert signer_for(ledger) == signer
+        ledger.checkpoint(signer)
+        (tmp_path / "ledger.key").unlink()
+        with pytest.raises(KeyFileError, match="holds 1 checkpoint signed with one: restore"):
+            signer_for(ledger)
+        assert not (tmp_path / "ledger.key").exists()

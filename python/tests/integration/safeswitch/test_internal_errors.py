@@ -124,3 +124,8 @@ def test_a_bug_in_the_switcher_leaves_the_host_to_the_timer(
     )
     assert final["rolled_back_by"] == "timer"
     assert lab.running().endswith("gen-a")
+    timer = result.state.timer
+    assert timer is not None
+    assert timer.process is not None
+    process = timer.process
+    wait_for(lambda: not process.alive(), "the timer process to end", 60)

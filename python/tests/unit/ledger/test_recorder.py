@@ -169,3 +169,24 @@ def test_close_gives_up_after_its_timeout_and_counts_what_was_lost(tmp_path: Pat
         assert recorder.stats.lost_at_close == 1
 
     asyncio.run(scenario())
+
+
+def test_a_lost_key_is_reported_never_silently_replaced(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+
+    async def scenario() -> None:
+        first = Recorder(db, "watch", checkpoint_every=60)
+        await first.start()
+        first.record("start", "host")
+        await first.close()  # signs a checkpoint with a new key
+        key = db.with_name("ledger.key")
+        assert key.exists()
+        key.unlink()
+        second = Recorder(db, "watch", checkpoint_every=60)
+        await second.start()
+        second.record("more", "host")
+        await second.close()
+        assert not key.exists()
+        assert "restore the key file" in str(second.status()["checkpoint_problem"])
+
+    asyncio.run(scenario())
