@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -300,6 +301,11 @@ class ProcessRunners:
                     f"cannot start the rollback timer {argv[0]}: {exc.strerror}"
                 ) from None
         _detached.append(process)
+        # The timer outlives the switch that armed it. Whoever is its parent when it
+        # exits collects it: init after a `keel switch` that exited, and this thread in
+        # a caller that lives on (a daemon, a test process, a switcher that died of a
+        # bug), which would otherwise keep a zombie until its next switch.
+        threading.Thread(target=process.wait, name=f"timer {process.pid}", daemon=True).start()
         ref = ProcessRef.of(process.pid)
         if ref is None:
             raise KeelError(f"the rollback timer (pid {process.pid}) died at once; see {log}")
