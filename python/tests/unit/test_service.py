@@ -105,6 +105,10 @@ def test_a_start_that_fails_is_stopped_again_and_exits_1(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.allow_traceback(
+    "a background task with a bug on purpose: the daemon logs its traceback and stops",
+    match=r'raise RuntimeError\("a bug"\)',
+)
 def test_a_background_task_that_dies_stops_the_daemon(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
