@@ -15,8 +15,11 @@ STAMP := $(VENV)/.keel-installed
 # debootstrap + systemd-container + openssh-client (tier 3, conformance over
 # ssh), nftables + iproute2 + iputils-ping + iptables (tier 2: iptables only
 # for the NFQUEUE delay shaper on kernels without netem), libsystemd-dev +
-# pkg-config + python3-dev (systemd-python), python3-venv.
-APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
+# pkg-config + python3-dev (systemd-python), python3-venv, procps (pgrep in the
+# safeswitch tests; not in a minimal Debian 12). Checked on a debootstrap
+# --variant=minbase bookworm: everything else the tests run on the host
+# (setpriv, nsenter, prlimit, mount, timeout...) is in its required packages.
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev procps \
 	iproute2 iputils-ping iptables nftables debootstrap systemd-container openssh-client nix-bin
 
 .PHONY: help demo test lint typecheck pytest bench system-packages venv clean

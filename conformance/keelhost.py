@@ -18,8 +18,11 @@ from typing import Any
 from keel.agents.spec import AgentSpec, parse_spec
 from keel.agents.units import Directives, Tiers, capability_mask, service_directives
 from keel.errors import ConfigError
+from keel.mcp.spec import ServerSpec, parse_server_spec
 
 SPEC_DIR = "/etc/keel/agents"
+MCP_CONFIG = "/etc/keel/mcp.json"
+MCP_SERVERS_DIR = "/etc/keel/mcp/servers"
 RUNTIME_DIR = "/run/keel"
 DAEMONS = ("watch", "egress", "safeswitch", "mesh")  # each serves /run/keel/<name>.sock
 
@@ -40,22 +43,54 @@ def unit_files(host: Any, pattern: str, state: str | None = None) -> list[str]:
     return sorted(line.split()[0] for line in out.splitlines() if line.strip())
 
 
-def agent_specs(host: Any) -> list[AgentSpec]:
-    """Every spec in /etc/keel/agents, validated; a bad one fails naming the file."""
-    directory = host.file(SPEC_DIR)
-    if not directory.is_directory:
+def _json_files(host: Any, directory: str) -> list[tuple[str, Any]]:
+    """(path, parsed JSON) of every ``*.json`` in a directory of the host, by name."""
+    if not host.file(directory).is_directory:
         return []
-    specs = []
-    for name in sorted(directory.listdir()):
+    found = []
+    for name in sorted(host.file(directory).listdir()):
         if not name.endswith(".json"):
             continue
-        path = f"{SPEC_DIR}/{name}"
+        path = f"{directory}/{name}"
         try:
-            data = json.loads(host.file(path).content_string)
+            found.append((path, json.loads(host.file(path).content_string)))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: invalid JSON: {exc}") from None
-        specs.append(parse_spec(data, source=path))
-    return specs
+    return found
+
+
+def agent_specs(host: Any, directory: str = SPEC_DIR) -> list[AgentSpec]:
+    """Every spec in /etc/keel/agents, validated; a bad one fails naming the file."""
+    return [parse_spec(data, source=path) for path, data in _json_files(host, directory)]
+
+
+def server_specs(host: Any, directory: str | None = None) -> list[ServerSpec]:
+    """The MCP server specs of the host: ``directory``'s, or those /etc/keel/mcp.json
+    holds (inline, as NixOS writes them, or in the directory it names)."""
+    if directory is None:
+        servers: Any = MCP_SERVERS_DIR
+        if host.file(MCP_CONFIG).exists:
+            servers = json.loads(host.file(MCP_CONFIG).content_string).get("servers", servers)
+        if isinstance(servers, dict):
+            return [
+                parse_server_spec(data, source=f"{MCP_CONFIG}: servers.{name}")
+                for name, data in sorted(servers.items())
+            ]
+        directory = str(servers)
+    return [parse_server_spec(data, source=path) for path, data in _json_files(host, directory)]
+
+
+class HostSpecs:
+    """Installed specs read through testinfra (for configs that name a spec directory)."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+
+    def agents(self, directory: str) -> list[AgentSpec]:
+        return agent_specs(self.host, directory)
+
+    def servers(self, directory: str) -> list[ServerSpec]:
+        return server_specs(self.host, directory)
 
 
 # --- comparing what systemd reports with what the unit should say ------------

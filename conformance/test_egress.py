@@ -4,8 +4,8 @@ Checked from the outside, in the kernel's own words (``nft -j list table``):
 every governed agent has its sets, its chain ending in a drop (or an accept
 in audit mode), its DNS redirected to its own proxy port, and its uid
 dispatched to its chain; the proxy listens on that port; every tier-2 agent
-(and every tier-1 agent with an allowlist) is governed and, at tier 2,
-enforced; the daemon holds CAP_NET_ADMIN and nothing else.
+or MCP server (and every tier-1 one with an allowlist) is governed and, at
+tier 2, enforced; the daemon holds CAP_NET_ADMIN and nothing else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import keelhost
 import pytest
 from keel.agents.spec import AgentSpec
 from keel.config import Section, parse_json
-from keel.egress.config import EgressConfig, parse
+from keel.egress.allowlist import Allowlist
+from keel.egress.config import SERVER_PREFIX, EgressConfig, needs_egress, parse
 from keel.egress.ruleset import chain_name, counter_name, set_name
 
 CONFIG = "/etc/keel/egress.json"
@@ -33,7 +34,8 @@ def egress(host: Any) -> EgressConfig:
     if not egress_configured(host):
         pytest.skip(f"egress is not configured here (keel-egress.service not enabled, no {CONFIG})")
     return parse(
-        Section(parse_json(host.file(CONFIG).content_string, source=CONFIG), source=CONFIG)
+        Section(parse_json(host.file(CONFIG).content_string, source=CONFIG), source=CONFIG),
+        specs=keelhost.HostSpecs(host),
     )
 
 
@@ -64,12 +66,14 @@ def uid_of(host: Any, egress: EgressConfig, agent: str) -> int | None:
 
 
 def mapping(expressions: list[dict[str, Any]], key: str) -> dict[int, Any]:
-    """uid -> value of the map (``redirect`` port map, ``vmap``) in a rule, if any."""
+    """uid -> value of the map (``redirect`` port map, ``vmap``, conntrack ``zone``) in a rule."""
     for expression in expressions:
         if key == "redirect" and "redirect" in expression:
             data = expression["redirect"].get("port", {}).get("map", {}).get("data", {})
         elif key == "vmap" and "vmap" in expression:
             data = expression["vmap"].get("data", {})
+        elif key == "zone" and "mangle" in expression:
+            data = expression["mangle"].get("value", {}).get("map", {}).get("data", {})
         else:
             continue
         return {int(k): v for k, v in data.get("set", [])}
@@ -78,7 +82,7 @@ def mapping(expressions: list[dict[str, Any]], key: str) -> dict[int, Any]:
 
 def test_egress_table_present(host: Any, table: list[dict[str, Any]]) -> None:
     chains = {chain["name"] for chain in of_kind(table, "chain")}
-    missing = {"redirect", "output"} - chains
+    missing = {"zones", "redirect", "output"} - chains
     assert not missing, f"keel's table lacks its base chains {sorted(missing)}"
 
 
@@ -106,6 +110,14 @@ def test_every_governed_agent_has_its_rules(
         for rule in rules(table, "output")
         for uid, verdict in mapping(rule, "vmap").items()
     }
+    zones = {
+        uid: zone for rule in rules(table, "zones") for uid, zone in mapping(rule, "zone").items()
+    }
+    shared = {zone for zone in zones.values() if list(zones.values()).count(zone) > 1}
+    if shared:
+        problems.append(
+            f"agents share conntrack zones {sorted(shared)}: one could ride on another's flows"
+        )
     for name, agent in sorted(egress.agents.items()):
         uid = uid_of(host, egress, name)
         if uid is None:
@@ -120,6 +132,11 @@ def test_every_governed_agent_has_its_rules(
         if redirects.get(uid) != agent.port:
             problems.append(
                 f"{name}: DNS of uid {uid} goes to {redirects.get(uid)}, not port {agent.port}"
+            )
+        if not zones.get(uid):
+            problems.append(
+                f"{name}: uid {uid} has no conntrack zone of its own: it could ride on UDP flows "
+                "other users opened"
             )
         if dispatch.get(uid) != {"jump": {"target": chain_name(name)}}:
             problems.append(
@@ -145,28 +162,47 @@ def test_each_proxy_listens(host: Any, egress: EgressConfig) -> None:
     assert not silent, "\n".join(silent)
 
 
+def governance_problems(
+    egress: EgressConfig, name: str, tier: int | None, allow: tuple[str, ...]
+) -> list[str]:
+    """What is wrong with how egress governs one agent or server (none if it need not)."""
+    if not needs_egress(tier, allow):
+        return []
+    governed = egress.agents.get(name)
+    if governed is None:
+        return [f"{name} (tier {tier}) is not in {CONFIG}: its network is open"]
+    problems = []
+    if tier == 2 and not governed.enforced:
+        problems.append(f"{name} (tier 2) is in audit mode: its network is open")
+    # Both in egress's canonical form (case, IDNA, trailing dot).
+    wanted = set(Allowlist.parse(allow).texts())
+    allowed = set(governed.allow.texts())
+    if wanted - allowed:
+        problems.append(
+            f"{name}: its spec allows {sorted(wanted - allowed)}, which {CONFIG} does not"
+        )
+    if allowed - wanted:
+        problems.append(f"{name}: {CONFIG} allows {sorted(allowed - wanted)} beyond its spec")
+    return problems
+
+
 def test_sandboxed_agents_are_governed(host: Any, egress: EgressConfig) -> None:
     specs: list[AgentSpec] = keelhost.agent_specs(host)
-    problems = []
-    for spec in specs:
-        governed = egress.agents.get(spec.name)
-        needs = spec.tier == 2 or (spec.tier == 1 and spec.egress_allow)
-        if needs and governed is None:
-            problems.append(
-                f"{spec.name} (tier {spec.tier}) is not in {CONFIG}: its network is open"
-            )
-        elif needs and governed is not None:
-            if spec.tier == 2 and not governed.enforced:
-                problems.append(f"{spec.name} (tier 2) is in audit mode: its network is open")
-            allowed = set(governed.allow.texts())
-            if set(spec.egress_allow) - allowed:
-                problems.append(
-                    f"{spec.name}: its spec allows {sorted(set(spec.egress_allow) - allowed)}, "
-                    f"which {CONFIG} does not"
-                )
-            if set(allowed) - set(spec.egress_allow):
-                problems.append(
-                    f"{spec.name}: {CONFIG} allows {sorted(allowed - set(spec.egress_allow))} "
-                    "beyond its spec"
-                )
+    problems = [
+        problem
+        for spec in specs
+        for problem in governance_problems(egress, spec.name, spec.tier, spec.egress_allow)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_sandboxed_mcp_servers_are_governed(host: Any, egress: EgressConfig) -> None:
+    problems = [
+        problem
+        for spec in keelhost.server_specs(host)
+        if spec.runs_here
+        for problem in governance_problems(
+            egress, SERVER_PREFIX + spec.name, spec.tier, spec.egress_allow
+        )
+    ]
     assert not problems, "\n".join(problems)

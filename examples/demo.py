@@ -119,16 +119,16 @@ AGENT = Path(__file__).with_name("agents") / "mesh_agent.py"
 def start_node(name: str) -> subprocess.Popen[bytes]:
     """``keel mesh serve`` in the background, logging to .keel/mesh-demo/NAME.log."""
     directory = MESH / name
-    argv = [
-        "mesh",
-        "serve",
-        "--dir",
-        str(directory),
-        "--listen",
-        "127.0.0.1:0",
-        "--ledger",
-        str(STATE / "ledger.db"),
-    ]
+    config = MESH / f"{name}.json"
+    settings = {
+        "directory": str(directory),
+        "listen": "127.0.0.1:0",
+        "socket": str(MESH / f"{name}.sock"),
+        "ledger": str(STATE / "ledger.db"),
+    }
+    config.write_text(json.dumps(settings, indent=1) + "\n")
+    print(f"$ cat {config}\n{config.read_text()}", end="", flush=True)
+    argv = ["mesh", "serve", "--config", str(config)]
     print(f"$ keel {shlex.join(argv)} &", flush=True)
     with (MESH / f"{name}.log").open("wb") as log:
         process = subprocess.Popen(
@@ -138,7 +138,7 @@ def start_node(name: str) -> subprocess.Popen[bytes]:
             env=dict(os.environ, KEEL_DEV="1"),
         )
     deadline = time.monotonic() + 30
-    while not (directory / "control.sock").exists():
+    while not (MESH / f"{name}.sock").exists():
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"demo: node {name} did not start; see {MESH / f'{name}.log'}")
         time.sleep(0.1)
@@ -159,31 +159,41 @@ def agent(*args: str) -> subprocess.Popen[str]:
 def mesh_steps() -> None:
     shutil.rmtree(MESH, ignore_errors=True)  # a fresh pair of nodes on every run
     MESH.mkdir(parents=True)
-    a_dir, b_dir = str(MESH / "a"), str(MESH / "b")
+    a_sock, b_sock = str(MESH / "a.sock"), str(MESH / "b.sock")
     step("mesh: two nodes on loopback (hybrid X25519 + ML-KEM-768 Noise sessions)")
     nodes = [start_node("a"), start_node("b")]
     try:
-        a_id = keel("mesh", "id", "--dir", a_dir).strip()
-        b_id = keel("mesh", "id", "--dir", b_dir).strip()
+        a_id = keel("mesh", "id", "--config", str(MESH / "a.json")).strip()
+        b_id = keel("mesh", "id", "--config", str(MESH / "b.json")).strip()
 
         step("mesh: node a invites node b (a single-use token); b joins with it")
-        token = keel("mesh", "invite", "--dir", a_dir, "--ttl", "600").strip()
-        keel("mesh", "join", "--dir", b_dir, token)
-        keel("mesh", "peers", "--dir", a_dir)
+        token = keel("mesh", "invite", "--socket", a_sock, "--ttl", "600").strip()
+        keel("mesh", "join", "--socket", b_sock, token)
+        keel("mesh", "peers", "--socket", a_sock)
 
         step("mesh: agent 'notes' on node a answers agent 'scout' on node b")
-        notes = agent("--name", "notes", "--dir", a_dir, "--serve", "--count", "3")
-        scout = agent("--name", "scout", "--dir", b_dir, "--ask", a_id, "--peer", "notes")
+        notes = agent("--name", "notes", "--socket", a_sock, "--serve", "--count", "3")
+        scout = agent("--name", "scout", "--socket", b_sock, "--ask", a_id, "--peer", "notes")
         if scout.wait(timeout=90) != 0 or notes.wait(timeout=90) != 0:
             raise SystemExit("demo: the mesh agents did not finish their exchange")
 
         step("mesh: a room owned by a; b posts to it, a reads it")
-        keel("mesh", "room", "create", "--dir", a_dir, "ops", b_id)
+        keel("mesh", "room", "create", "--socket", a_sock, "ops", b_id)
         deadline = time.monotonic() + 20
         while (
             "ops"
             not in subprocess.run(
-                [sys.executable, "-m", "keel", "mesh", "room", "members", "--dir", b_dir, "ops"],
+                [
+                    sys.executable,
+                    "-m",
+                    "keel",
+                    "mesh",
+                    "room",
+                    "members",
+                    "--socket",
+                    b_sock,
+                    "ops",
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -192,12 +202,12 @@ def mesh_steps() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("demo: the room never reached node b")
             time.sleep(0.2)
-        keel("mesh", "room", "send", "--dir", b_dir, "ops", "--topic", "chat", "deploy done")
+        keel("mesh", "room", "send", "--socket", b_sock, "ops", "--topic", "chat", "deploy done")
         keel(
             "mesh",
             "recv",
-            "--dir",
-            a_dir,
+            "--socket",
+            a_sock,
             "--topic",
             "chat",
             "--count",

@@ -429,10 +429,19 @@ let
     || lib.elem ".." (lib.splitString "/" path)
     || builtins.match ".*[[:space:][:cntrl:]\"'\\].*" path != null;
   under = directory: path: path == directory || lib.hasPrefix "${directory}/" path;
-  domainLabel = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
+  # An egress.allow entry as keel egress reads it (keel.egress.allowlist):
+  # case-insensitive, a trailing dot dropped. An entry with characters beyond
+  # ASCII (an internationalised name) needs IDNA, which Nix does not have: it
+  # is left to keel's own check of the spec at build time (system.checks below).
+  domainLabel = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+  internationalised =
+    domain:
+    builtins.match "[ -~]*" domain == null
+    && builtins.match ".*[[:cntrl:][:space:]].*" domain == null;
   goodDomain =
     domain:
-    builtins.stringLength domain <= 256
+    internationalised domain
+    || builtins.stringLength domain <= 256
     && builtins.match "(\\*\\.(${domainLabel}\\.)+${domainLabel}|(${domainLabel}\\.)*${domainLabel})\\.?" domain
       != null
     && builtins.match ".*\\.[0-9]+\\.?" ("." + domain) == null
@@ -524,7 +533,7 @@ let
       }
       {
         assertion = lib.all goodDomain agent.egress.allow;
-        message = "${option}.egress.allow: ${lib.concatStringsSep ", " (lib.filter (d: !goodDomain d) agent.egress.allow)}: expected lowercase domain names, '*.' only as the whole first label (docs/agents.md)";
+        message = "${option}.egress.allow: ${lib.concatStringsSep ", " (lib.filter (d: !goodDomain d) agent.egress.allow)}: expected domain names, '*.' only as the whole first label (docs/agents.md)";
       }
       {
         assertion = badNames == [ ];

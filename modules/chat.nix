@@ -22,12 +22,14 @@ let
   tokenPath = "/run/credentials/${unitName}/${credential}";
 
   # keel chat refuses unknown keys, and a key set to null is one: drop the
-  # nulls of the typed options (ledger = null is meaningful and stays).
-  # keel-chat appends to the ledger but never signs its checkpoints: the key
-  # is root's (docs/ledger.md), so checkpoint_every is null.
+  # nulls of the typed options (ledger = null and fleet_socket = null are
+  # meaningful and stay). keel-chat appends to the ledger but never signs its
+  # checkpoints: the key is root's (docs/ledger.md), so checkpoint_every is null.
   settingsJson =
     { checkpoint_every = null; }
-    // lib.filterAttrs (name: value: value != null || name == "ledger") cfg.settings
+    // lib.filterAttrs (
+      name: value: value != null || name == "ledger" || name == "fleet_socket"
+    ) cfg.settings
     // {
       token_file = tokenPath;
       allowed_users = cfg.allowedUsers;
@@ -79,6 +81,7 @@ in
           "status"
           "agents"
           "log"
+          "fleet"
           "restart"
           "switch"
         ]
@@ -87,15 +90,18 @@ in
         "status"
         "agents"
         "log"
+        "fleet"
       ];
       description = ''
-        The commands the bot takes. Read-only by default; `restart` and
-        `switch` change things: they work only in a private chat, ask the
-        person to confirm with a button only they can press, once, within
-        60 s, and record the approval in the ledger before anything is done.
-        `switch` switches the host to one of services.keel.safeswitch.targets
-        through `keel-switch@.service` (keel-chat may start that unit and
-        nothing else: services.keel.safeswitch.requesters).
+        The commands the bot takes. Read-only by default (`fleet` answers
+        that the bot speaks for this host only unless keel fleet is enabled
+        here); `restart` and `switch` change things: they work only in a
+        private chat, ask the person to confirm with a button only they can
+        press, once, within 60 s, and record the approval in the ledger before
+        anything is done. `switch` switches the host to one of
+        services.keel.safeswitch.targets through `keel-switch@.service`
+        (keel-chat may start that unit and nothing else:
+        services.keel.safeswitch.requesters).
       '';
     };
 
@@ -128,6 +134,12 @@ in
             type = types.str;
             default = "/run/keel/watch.sock";
             description = "keel watch's control socket, which the bot asks about agents.";
+          };
+          fleet_socket = mkOption {
+            type = types.nullOr types.str;
+            default = if config.services.keel.fleet.enable then "/run/keel/fleet.sock" else null;
+            defaultText = lib.literalExpression ''if config.services.keel.fleet.enable then "/run/keel/fleet.sock" else null'';
+            description = "keel fleet's control socket, for `/fleet` and `/restart AGENT@NODE`; null: the bot speaks for this host only.";
           };
           ledger = mkOption {
             type = types.nullOr types.str;

@@ -3,7 +3,9 @@
 # `keel egress serve` reads. Which agents it governs, as which user, and what
 # they may reach come from services.keel.agents and are never repeated here:
 # every tier-2 agent, and every tier-1 agent with an `egress.allow`, gets its
-# own proxy port (basePort + 1, + 2, ... in the order of their names).
+# own proxy port (basePort + 1, + 2, ... in the order of their names). The MCP
+# servers keel runs (services.keel.mcp.servers) are governed by the same rule,
+# as `mcp.<name>`, with the ports after the agents'.
 {
   config,
   lib,
@@ -24,6 +26,19 @@ let
   names = builtins.attrNames governed;
   portOf = name: cfg.basePort + 1 + lib.lists.findFirstIndex (n: n == name) 0 names;
 
+  # The MCP servers keel runs, governed as agents are (attribute names come sorted).
+  needsEgress = tier: allow: tier == 2 || (tier == 1 && allow != [ ]);
+  governedServers = lib.filterAttrs (
+    _: server:
+    server.enable && server.command != null && server.tier != null
+    && needsEgress server.tier server.egress.allow
+  ) (if keel.mcp.enable or false then keel.mcp.servers else { });
+  serverNames = builtins.attrNames governedServers;
+  serverPortOf =
+    name: cfg.basePort + 1 + lib.length names + lib.lists.findFirstIndex (n: n == name) 0 serverNames;
+  egressNameOf = name: "mcp.${name}";
+  allNames = names ++ map egressNameOf serverNames;
+
   agentsJson = lib.mapAttrs (name: spec: {
     inherit (spec) user;
     port = portOf name;
@@ -31,14 +46,22 @@ let
     allow = spec.egress.allow;
   }) governed;
 
-  configFile = settingsFormat.generate "egress.json" {
+  serversJson = lib.mapAttrs (name: server: {
+    inherit (server) user;
+    port = serverPortOf name;
+    mode = if lib.elem (egressNameOf name) cfg.audit then "audit" else "enforce";
+    allow = server.egress.allow;
+  }) governedServers;
+
+  configFile = settingsFormat.generate "egress.json" ({
     socket = "/run/keel/egress.sock";
     ledger = cfg.ledger;
     inherit (cfg) upstream min_ttl grace;
     on_stop = cfg.onStop;
     log_group = cfg.logGroup;
     agents = agentsJson;
-  };
+  }
+  // lib.optionalAttrs (serversJson != { }) { servers = serversJson; });
 
   # IP, IP:PORT or [IPv6]:PORT, as keel.egress.config.parse_upstream reads it.
   goodUpstream =
@@ -47,9 +70,36 @@ let
     || builtins.match "[[][0-9A-Fa-f:.]+[]](:[0-9]+)?" text != null
     || builtins.match "[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*" text != null;
   badUpstreams = lib.filter (u: !goodUpstream u) cfg.upstream;
-  unknownAudited = lib.subtractLists names cfg.audit;
-  auditedTier2 = lib.filter (name: governed.${name}.tier == 2) (lib.intersectLists names cfg.audit);
-  lastPort = cfg.basePort + lib.length names;
+  unknownAudited = lib.subtractLists allNames cfg.audit;
+  auditedTier2 =
+    lib.filter (name: governed.${name}.tier == 2) (lib.intersectLists names cfg.audit)
+    ++ map egressNameOf (
+      lib.filter (name: governedServers.${name}.tier == 2) (
+        lib.intersectLists serverNames (map (lib.removePrefix "mcp.") cfg.audit)
+      )
+    );
+  lastPort = cfg.basePort + lib.length allNames;
+
+  # What egress adds to the unit of an agent or server it governs.
+  governedUnit = egressName: tier: {
+    wants = [ "keel-egress.service" ];
+    after = [ "keel-egress.service" ];
+    serviceConfig = {
+      # Fail closed: it starts only once its rules are in the kernel (as root,
+      # outside its sandbox: "+").
+      ExecStartPre = [
+        "+${lib.getExe' pkgs.nftables "nft"} list chain inet keel agent_${egressName}"
+      ];
+    }
+    // lib.optionalAttrs (tier == 1) {
+      # Its DNS must leave under its own uid: nscd or systemd-resolved would
+      # look names up for it as themselves (tier 2 has this from tiers.json).
+      InaccessiblePaths = [
+        "-/run/nscd"
+        "-/run/systemd/resolve"
+      ];
+    };
+  };
 in
 {
   options.services.keel.egress = {
@@ -161,11 +211,11 @@ in
       }
       {
         assertion = unknownAudited == [ ];
-        message = "services.keel.egress.audit: ${lib.concatStringsSep ", " unknownAudited}: not an agent egress governs (tier 2, or tier 1 with an egress.allow)";
+        message = "services.keel.egress.audit: ${lib.concatStringsSep ", " unknownAudited}: not an agent egress governs (tier 2, or tier 1 with an egress.allow), nor an MCP server as mcp.<name>";
       }
       {
         assertion = lastPort <= 65535;
-        message = "services.keel.egress.basePort: ${toString cfg.basePort} leaves no room for ${toString (lib.length names)} agent ports";
+        message = "services.keel.egress.basePort: ${toString cfg.basePort} leaves no room for ${toString (lib.length names)} agent ports${lib.optionalString (serverNames != [ ]) " and ${toString (lib.length serverNames)} MCP server ports"}";
       }
       {
         assertion = !(cfg.basePort < 53 && lastPort >= 53);
@@ -184,7 +234,9 @@ in
       keel-egress = {
         description = "keel egress: per-agent outbound firewall and DNS proxy";
         wantedBy = [ "multi-user.target" ];
-        before = map (name: "keel-agent-${name}.service") names;
+        before =
+          map (name: "keel-agent-${name}.service") names
+          ++ map (name: "keel-mcp-${name}.service") serverNames;
         after = [ "network.target" ];
         # A switch restarts egress in one step; the rules stay in the kernel
         # meanwhile (onStop = "keep"), so agents lose nothing they resolved.
@@ -218,29 +270,13 @@ in
       };
     }
     // lib.listToAttrs (
-      map (
+      map (name: lib.nameValuePair "keel-agent-${name}" (governedUnit name governed.${name}.tier)) names
+      ++ map (
         name:
-        lib.nameValuePair "keel-agent-${name}" {
-          wants = [ "keel-egress.service" ];
-          after = [ "keel-egress.service" ];
-          serviceConfig = {
-            # Fail closed: the agent starts only once its rules are in the
-            # kernel (as root, outside the agent's sandbox: "+").
-            ExecStartPre = [
-              "+${lib.getExe' pkgs.nftables "nft"} list chain inet keel agent_${name}"
-            ];
-          }
-          // lib.optionalAttrs (governed.${name}.tier == 1) {
-            # Its DNS must leave under its own uid: nscd or systemd-resolved
-            # would look names up for it as themselves (tier 2 has this from
-            # tiers.json).
-            InaccessiblePaths = [
-              "-/run/nscd"
-              "-/run/systemd/resolve"
-            ];
-          };
-        }
-      ) names
+        lib.nameValuePair "keel-mcp-${name}" (
+          governedUnit (egressNameOf name) governedServers.${name}.tier
+        )
+      ) serverNames
     );
   };
 }

@@ -89,8 +89,8 @@ in
           };
           mesh = mkOption {
             type = types.str;
-            default = "/var/lib/keel/mesh";
-            description = "The mesh node's directory (its control socket is inside).";
+            default = "/run/keel/mesh.sock";
+            description = "The mesh daemon's control socket (services.keel.mesh's).";
           };
           state = mkOption {
             type = types.str;

@@ -22,7 +22,7 @@ let
   runDir = "/run/keel/mcp";
   listen = "/run/keel-mcp/mcp.sock";
   userPrefix = "keel-mcp-";
-  maxNameLength = 32 - builtins.stringLength userPrefix;
+  maxNameLength = 31 - builtins.stringLength userPrefix; # NixOS refuses user names of 32 characters or more
   serverRole = {
     title = "MCP server";
     stateRoot = "keel-mcp";
@@ -257,6 +257,8 @@ let
   configFile = settingsFormat.generate "mcp.json" gatewayConfig;
 
   nameOk = name: builtins.match "[a-z][a-z0-9_-]*" name != null && builtins.stringLength name <= maxNameLength;
+  # modules/egress.nix governs the servers keel runs as it governs agents.
+  egressEnabled = keel.egress.enable or false;
   agentNames = builtins.attrNames keel.agentSpecs;
   assertionsFor =
     name: server:
@@ -297,6 +299,18 @@ let
       {
         assertion = server.url == null || builtins.match "https?://[^/[:space:]]+.*" server.url != null;
         message = "${option}.url: expected an http:// or https:// URL";
+      }
+      {
+        assertion = server.command == null || server.tier != 2 || egressEnabled;
+        message = "${option}: tier 2 servers reach only their egress.allow, which keel egress enforces: set services.keel.egress.enable = true (with services.keel.egress.upstream), or use tier 1";
+      }
+      {
+        assertion = server.command == null || server.tier != 1 || server.egress.allow == [ ] || egressEnabled;
+        message = "${option}.egress.allow: an allowlist is enforced by keel egress: set services.keel.egress.enable = true (with services.keel.egress.upstream), or remove the allowlist";
+      }
+      {
+        assertion = server.egress.allow == [ ] || server.tier != 0;
+        message = "${option}.egress.allow: tier 0 servers have an open network; use tier 1 or 2 for an allowlist";
       }
       {
         assertion = !(lib.elem "*" namedAgents);

@@ -1,7 +1,7 @@
 # services.keel.mesh: this host's node of the keel mesh (docs/mesh.md). Its
-# settings become the node's config.json; identity, state and the control
-# socket live in /var/lib/keel/mesh, the directory the `keel mesh` commands
-# use by default.
+# options become /etc/keel/mesh.json, the file `keel mesh serve --config`
+# reads; the node's identity and state live in /var/lib/keel/mesh, its
+# control socket is /run/keel/mesh.sock (where the `keel mesh` commands look).
 {
   config,
   lib,
@@ -15,9 +15,18 @@ let
   keel = config.services.keel;
   cfg = keel.mesh;
   settingsFormat = pkgs.formats.json { };
-  configFile = settingsFormat.generate "keel-mesh-config.json" cfg.settings;
-
   directory = "/var/lib/keel/mesh";
+  # The daemon's whole config: the settings, and where the node lives and
+  # listens (these four are the module's, not settings' to change).
+  configFile = settingsFormat.generate "mesh.json" (
+    cfg.settings
+    // {
+      inherit directory;
+      inherit (cfg) listen ledger;
+      socket = "/run/keel/mesh.sock";
+    }
+  );
+
   # "HOST:PORT" or "[V6]:PORT". The port is read as keel mesh reads it
   # (decimal, leading zeros allowed: "07400" is 7400); anything else fails
   # the assertions below instead of throwing during evaluation.
@@ -75,8 +84,10 @@ in
     settings = mkOption {
       default = { };
       description = ''
-        The node's config.json (docs/mesh.md) as a Nix attribute set: every
-        key can be set; the main ones are typed here with keel's defaults.
+        /etc/keel/mesh.json (docs/mesh.md) as a Nix attribute set: every key
+        can be set (keel refuses unknown ones); the main ones are typed here
+        with keel's defaults. `listen` and `ledger` are options of their own;
+        the node's directory and socket are fixed.
       '';
       type = types.submodule {
         freeformType = settingsFormat.type;
@@ -117,6 +128,11 @@ in
       }
     ];
 
+    environment.etc."keel/mesh.json".source = configFile;
+    # Before keel mesh read --config, this module linked the node's settings
+    # to ${directory}/config.json; nothing reads that link any more.
+    systemd.tmpfiles.rules = [ "r ${directory}/config.json - - - - -" ];
+
     users.users.keel-mesh = {
       description = "keel mesh node";
       isSystemUser = true;
@@ -135,28 +151,16 @@ in
       # switch driven over the mesh does not cut the link it runs on.
       stopIfChanged = false;
 
-      preStart = ''
-        ln -sfn ${configFile} ${directory}/config.json
-      '';
-
       serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";
         NotifyAccess = "main";
-        ExecStart = utils.escapeSystemdExecArgs (
-          [
-            (lib.getExe cfg.package)
-            "mesh"
-            "serve"
-            "--dir"
-            directory
-            "--listen"
-            cfg.listen
-          ]
-          ++ lib.optionals (cfg.ledger != null) [
-            "--ledger"
-            cfg.ledger
-          ]
-        );
+        ExecStart = utils.escapeSystemdExecArgs [
+          (lib.getExe cfg.package)
+          "mesh"
+          "serve"
+          "--config"
+          "${configFile}"
+        ];
         WatchdogSec = "${toString cfg.watchdogSec}s";
         Restart = "always";
         RestartSec = "1s";
@@ -164,11 +168,14 @@ in
         User = "keel-mesh";
         Group = keel.group;
         StateDirectory = "keel/mesh";
-        # The keel group reaches control.sock (mode 0660); identity.key
-        # stays the node's own (0600).
+        # identity.key and state.db stay the node's own (0600); the keel
+        # group reaches /run/keel/mesh.sock (mode 0660).
         StateDirectoryMode = "0750";
         UMask = "0007";
-        ReadWritePaths = [ "/var/lib/keel" ];
+        ReadWritePaths = [
+          "/var/lib/keel"
+          "/run/keel"
+        ];
 
         CapabilityBoundingSet = if validPort && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
         AmbientCapabilities = if validPort && listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

@@ -72,7 +72,9 @@ in
       with subtest("the node runs as its own user and keeps its identity private"):
           assert a.succeed("stat -c %U /var/lib/keel/mesh/identity.key").strip() == "keel-mesh"
           assert a.succeed("stat -c %a /var/lib/keel/mesh/identity.key").strip() == "600"
-          a.succeed("test -L /var/lib/keel/mesh/config.json")
+          a.succeed("test -S /run/keel/mesh.sock")
+          a.succeed("jq -e .listen /etc/keel/mesh.json")
+          a.fail("test -e /var/lib/keel/mesh/config.json")
 
       with subtest("b joins a's mesh with a single-use invite"):
           token = a.succeed("keel mesh invite --ttl 300 --uses 1").strip()

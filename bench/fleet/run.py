@@ -47,9 +47,9 @@ ECHO, REPLY = "bench.echo", "bench.echo.reply"
 GOAL = 2.0
 
 
-def echo(directory: Path, stop: threading.Event) -> None:
+def echo(socket: Path, stop: threading.Event) -> None:
     """Answer every message on ECHO with the same bytes on REPLY (an agent on that node)."""
-    client = MeshClient(directory, timeout=10)
+    client = MeshClient(socket, timeout=10)
     with client.subscribe(ECHO) as inbox:
         while not stop.is_set():
             for message in inbox.recv(wait=0.2):
@@ -125,12 +125,12 @@ def main() -> int:
         first, dead = hosts[0], hosts[-1]
 
         echoes = [
-            threading.Thread(target=echo, args=(h.mesh.directory, stop), daemon=True)
+            threading.Thread(target=echo, args=(h.mesh.socket, stop), daemon=True)
             for h in hosts[1:]
         ]
         for thread in echoes:
             thread.start()
-        client = MeshClient(first.mesh.directory, timeout=10)
+        client = MeshClient(first.mesh.socket, timeout=10)
         with client.subscribe(REPLY) as replies:
             round_trip(client, replies, hosts[1].node_id, -1)  # warm up
             one = [round_trip(client, replies, hosts[1].node_id, n) for n in range(runs)]

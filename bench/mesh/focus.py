@@ -68,7 +68,11 @@ STAGES = (
     ("packets (MSGS, ACK)", ("packets.py",)),
     ("local stream codec (agent side frames)", ("keel/mesh/local.py",)),
     ("outbox bookkeeping (delivery core)", ("delivery.py",)),
-    ("daemon logic (daemon.py)", ("daemon.py",)),
+    ("receiving cores (inbound, handoffs)", ("inbound.py", "handoffs.py")),
+    (
+        "node shells (node, links, outbound, inbox, streams)",
+        ("node.py", "peer_link.py", "links.py", "outbound.py", "inbox.py", "agent_streams.py"),
+    ),
     ("asyncio, sockets, syscalls", ("asyncio/", "selectors.py", "socket.py")),
 )
 

@@ -40,7 +40,7 @@ def stamped(size: int) -> bytes:
 
 
 def receive(args: argparse.Namespace) -> dict[str, Any]:
-    client = MeshClient(args.dir, timeout=60)
+    client = MeshClient(args.socket, timeout=60)
     latencies: list[int] = []
     first = last = 0
     pace = None
@@ -63,7 +63,7 @@ def receive(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def send(args: argparse.Namespace) -> dict[str, Any]:
-    client = MeshClient(args.dir, timeout=60)
+    client = MeshClient(args.socket, timeout=60)
     cpu = time.process_time()
     start = time.monotonic_ns()
     if args.mode == "flood":
@@ -85,7 +85,7 @@ def send(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["send", "recv"])
-    parser.add_argument("--dir", required=True)
+    parser.add_argument("--socket", required=True, help="the node's control socket")
     parser.add_argument("--mode", choices=["flood", "pingpong"], required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--count", type=int, required=True)

@@ -52,7 +52,9 @@ def ask(mesh: MeshClient, name: str, peer: str, node: str, *, count: int, timeou
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="this agent's name (its topic)")
-    parser.add_argument("--dir", required=True, help="the local mesh node's directory")
+    parser.add_argument(
+        "--socket", help="the local mesh node's control socket (default: /run/keel/mesh.sock)"
+    )
     parser.add_argument("--serve", action="store_true", help="answer messages")
     parser.add_argument("--ask", metavar="NODE_ID", help="send reports to this node")
     parser.add_argument("--peer", default="notes", help="the agent to ask (default notes)")
@@ -61,7 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.serve and not args.ask:
         parser.error("give --serve or --ask NODE_ID")
-    with MeshClient(args.dir) as mesh:
+    with MeshClient(args.socket) as mesh:
         if args.serve:
             return serve(mesh, args.name, args.count, args.timeout)
         return ask(mesh, args.name, args.peer, args.ask, count=args.count, timeout=args.timeout)

@@ -14,7 +14,10 @@ Run inside the internet namespace::
   ``query NAME TYPE PROTO`` (the tests count them).
 - On every address of the namespace: TCP 80, 853 and 9000 answer each line
   with ``HOST PORT LINE`` (HOST the address the client reached: which server
-  a name led to); UDP 443 and 9000 echo the same way; TCP and UDP 9 discard.
+  a name led to); UDP 443 and 9000 echo the same way; TCP and UDP 9 discard;
+  UDP 19 answers the first datagram from each client address and port with
+  ``hello`` and discards the rest (a flow the sender's conntrack sees
+  answered, for benchmarks).
 - ``A.B.C.D.addr.test`` written ``A-B-C-D.addr.test`` answers A A.B.C.D (fresh
   names and addresses for benchmarks).
 
@@ -43,6 +46,8 @@ import dns.zone
 TCP_PORTS = (80, 853, 9000)
 UDP_PORTS = (443, 9000)
 DISCARD = 9  # TCP and UDP: everything read and thrown away (throughput benchmarks)
+ANSWER_ONCE = 19  # UDP: the first datagram of each flow answered, the rest thrown away
+MAX_FLOWS = 10_000
 
 
 def load_zones(path: str) -> list[dns.zone.Zone]:
@@ -221,6 +226,23 @@ class Echo(asyncio.DatagramProtocol):
             self.transport.sendto(b"echo " + data, addr)
 
 
+class AnswerOnce(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.seen: set[object] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr in self.seen or self.transport is None:
+            return
+        if len(self.seen) >= MAX_FLOWS:
+            self.seen.clear()
+        self.seen.add(addr)
+        self.transport.sendto(b"hello", addr)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zone", required=True)
@@ -241,12 +263,13 @@ async def main() -> None:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             await asyncio.start_server(line_service, sock=sock)
-    for port in UDP_PORTS:
+    for address in local_addresses():
         # One socket per address, so that replies leave from the address asked.
-        for address in local_addresses():
+        for port in UDP_PORTS:
             await loop.create_datagram_endpoint(
                 functools.partial(Echo, port), local_addr=(address, port)
             )
+        await loop.create_datagram_endpoint(AnswerOnce, local_addr=(address, ANSWER_ONCE))
     for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         if family == socket.AF_INET6:

@@ -25,8 +25,9 @@ settings.register_profile(
 )
 settings.load_profile("keel")
 
-# The network-namespace and container fixtures (tests/harness/README.md).
-pytest_plugins = ["tests.harness.plugin"]
+# The network-namespace and container fixtures (tests/harness/README.md), and the
+# check that no traceback reaches a user (tests/tracebacks.py).
+pytest_plugins = ["tests.harness.plugin", "tests.tracebacks"]
 
 TIERS = {
     "unit": "tier 1 unit",

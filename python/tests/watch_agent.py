@@ -58,6 +58,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that went away mid-answer (a probe that timed out on a loaded
+        # machine closes its socket) is not this agent's failure: no traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -73,8 +83,7 @@ def main() -> int:
     time.sleep(args.start_delay)
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: os._exit(args.code)).start()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", args.port), Handler)
     if args.notify:
         notify("READY=1")
 

@@ -30,7 +30,9 @@ exception is logged and answered with an ``internal`` error, and the daemon
 goes on.
 A handler may instead return :class:`Upgrade`: its ``result`` is the reply, and
 then the connection belongs to ``Upgrade.serve`` (a binary protocol, say)
-until that returns; JSON lines stop there.
+until that returns; JSON lines stop there. ``Upgrade.buffer_size`` (and the
+client's ``Connection.upgrade(buffer_size=...)``) asks for bigger socket
+buffers for such a stream.
 """
 
 from __future__ import annotations
@@ -113,6 +115,16 @@ class Upgrade:
 
     result: Any
     serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    buffer_size: int | None = None  # SO_SNDBUF and SO_RCVBUF for the stream, if given
+
+
+def widen(sock: Any, size: int | None) -> None:
+    """Ask for ``size`` bytes of socket buffers each way (the kernel caps it at its maximum)."""
+    if sock is None or size is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # the default works, only slower
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def peer_of(writer: asyncio.StreamWriter) -> Peer:
@@ -223,6 +235,7 @@ class ControlServer:
                     return
                 response = await self._dispatch(line, peer)
                 if isinstance(response, Upgrade):
+                    widen(writer.get_extra_info("socket"), response.buffer_size)
                     await _send(writer, {"ok": True, "result": response.result})
                     await response.serve(reader, writer)
                     return
@@ -374,13 +387,19 @@ class Connection:
         return _unwrap(self.path, verb, self._exchange(verb, args, timeout))
 
     def upgrade(
-        self, verb: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        verb: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        buffer_size: int | None = None,
     ) -> tuple[Any, socket.socket, bytes]:
         """Send a request the daemon answers with :class:`Upgrade`; hand the socket over.
 
         Returns the reply's result, the socket (now the caller's: this
         connection forgets it) and whatever the daemon sent after the reply
-        line, which belongs to the upgraded protocol.
+        line, which belongs to the upgraded protocol. ``buffer_size``: socket
+        buffers to ask for, as :class:`Upgrade`'s.
         """
         raw = self._exchange(verb, args, timeout)
         try:
@@ -390,6 +409,7 @@ class Connection:
             raise
         sock, rest = self._sock, bytes(self._buffer)
         assert sock is not None
+        widen(sock, buffer_size)
         self._sock = None
         self._buffer.clear()
         return result, sock, rest

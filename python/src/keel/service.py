@@ -25,6 +25,15 @@ same way for every daemon:
 A background task started with :meth:`Shell.spawn` that dies of an exception
 is a keel bug: it is logged with its traceback and the daemon stops with exit
 1 (systemd restarts it), rather than running on with a part missing.
+
+**Out of descriptors.** A daemon that runs out of file descriptors must still
+answer on its control socket, or an operator could not even ask it what is
+wrong. The shell holds a :class:`Reserve` of spare descriptors from the
+start; when an accept fails for lack of descriptors or memory (asyncio's
+servers report it to the loop, a daemon's own listener calls
+:meth:`Reserve.release`), the log gets one line instead of a traceback and
+the spares are handed back, so the control socket's next accept succeeds;
+they are taken again once there is room for them.
 """
 
 from __future__ import annotations
@@ -32,8 +41,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -50,6 +61,11 @@ from keel.ledger.recorder import DEFAULT_CHECKPOINT_EVERY, Recorder
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start, or a background task died (a bug)
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path holds 108, with its NUL)
+RESERVE = 16  # spare descriptors held for the control socket
+RESERVE_HEADROOM = 4  # taken back only when this many more are free
+RESERVE_RETRY = 1.0  # s between attempts to take the spares back
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,13 @@ def read_common(cfg: Section, service: str) -> Common:
     the key: they append, root's daemons sign.
     """
     socket = cfg.filepath("socket", default=str(paths.socket_file(service)))
+    size = len(os.fsencode(socket))
+    if size > MAX_SOCKET_PATH:
+        raise cfg.error(
+            "socket",
+            f"{size} bytes long; a Unix socket's path holds at most {MAX_SOCKET_PATH}: "
+            "choose a shorter one",
+        )
     ledger: Path | None = paths.ledger_db()
     if "ledger" in cfg and cfg.raw("ledger") is None:
         ledger = None
@@ -119,6 +142,50 @@ class HasCommon(Protocol):
 C = TypeVar("C", bound=HasCommon)
 
 
+class Reserve:
+    """Spare descriptors held for the control socket (see the module's docstring)."""
+
+    def __init__(self, count: int = RESERVE, *, headroom: int = RESERVE_HEADROOM) -> None:
+        self.count = count
+        self.headroom = headroom
+        self._spares: list[int] = []
+
+    @property
+    def held(self) -> bool:
+        return len(self._spares) >= self.count
+
+    def hold(self) -> bool:
+        """Hold the spares (True), unless ``headroom`` more are not free too (False, none held)."""
+        if self.held:
+            return True
+        try:
+            while len(self._spares) < self.count + self.headroom:
+                self._spares.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            self.release()
+            return False
+        for fd in self._spares[self.count :]:
+            os.close(fd)
+        del self._spares[self.count :]
+        return True
+
+    def release(self) -> None:
+        """Hand the spares back (for the control socket's next accept)."""
+        for fd in self._spares:
+            os.close(fd)
+        self._spares.clear()
+
+
+def descriptor_use() -> str:
+    """``N descriptors open, limit M``: for log lines about running out."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = str(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        used = "?"
+    return f"{used} descriptors open, limit {soft}"
+
+
 class Shell:
     """What a running daemon can ask of its shell."""
 
@@ -126,11 +193,13 @@ class Shell:
         self.name = name
         self.common = common
         self.recorder = recorder
+        self.reserve = Reserve()
         self.log = logging.getLogger(f"keel.{name}")
         self.stopping = asyncio.Event()
         self.exit_code = EXIT_OK
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reserve_retry: asyncio.TimerHandle | None = None
 
     def record(self, kind: str, subject: str = "", data: Mapping[str, Any] | None = None) -> None:
         """Append a ledger entry in the background (see :class:`Recorder`)."""
@@ -155,6 +224,30 @@ class Shell:
         """A progress line for systemd (``systemctl status`` shows it)."""
         sd.status(text)
 
+    def out_of_descriptors(self, what: str, exc: OSError) -> None:
+        """``what`` failed for lack of descriptors or memory: one line, the spares handed back."""
+        self.log.warning("%s (%s; %s)", what, exc.strerror, descriptor_use())
+        if self._reserve_retry is None and self.reserve.held:
+            self.reserve.release()
+            self._reserve_retry = asyncio.get_running_loop().call_later(
+                RESERVE_RETRY, self._take_back_reserve
+            )
+
+    def _take_back_reserve(self) -> None:
+        if self.reserve.hold() or self.stopping.is_set():
+            self._reserve_retry = None
+            return
+        self._reserve_retry = asyncio.get_running_loop().call_later(
+            RESERVE_RETRY, self._take_back_reserve
+        )
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self.out_of_descriptors(str(context.get("message", "accept failed")), exc)
+            return
+        loop.default_exception_handler(context)
+
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
@@ -169,6 +262,9 @@ class Shell:
             self.request_stop(f"{task.get_name()} failed", EXIT_FAILED)
 
     async def cancel_tasks(self) -> None:
+        if self._reserve_retry is not None:
+            self._reserve_retry.cancel()
+            self._reserve_retry = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -210,6 +306,8 @@ async def serve(
     signals = _Signals(loop, shell)
     control: ControlServer | None = None
     attempted = False
+    loop.set_exception_handler(shell._loop_exception)
+    shell.reserve.hold()
     try:
         signals.install()
         await recorder.start()
@@ -252,6 +350,8 @@ async def serve(
                 shell.log.exception("stopping failed")
         await recorder.close()
         signals.remove()
+        shell.reserve.release()
+        loop.set_exception_handler(None)
 
 
 def _status_verb(shell: Shell, daemon: Daemon) -> Handler:

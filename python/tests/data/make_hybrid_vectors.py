@@ -32,7 +32,7 @@ if str(PYTHON) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(PYTHON))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
-from keel.mesh.framing import FrameReader, Record, decode_record  # noqa: E402
+from keel.mesh.framing import FrameReader, RecordType, decode_record  # noqa: E402
 from keel.mesh.identity import NodeIdentity  # noqa: E402
 from keel.mesh.invite import InviteToken  # noqa: E402
 from keel.mesh.kem import Kem  # noqa: E402
@@ -258,7 +258,7 @@ class Shadow:
     def record(self, frame: bytes) -> str:
         plaintext = self.cipher.decrypt_with_ad(b"", frame)
         kind, _ = decode_record(plaintext)
-        if kind is Record.REKEY:
+        if kind is RecordType.REKEY:
             self.cipher.rekey()
         return plaintext.hex()
 

@@ -17,7 +17,7 @@ import re
 import shlex
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 RUN_ID = f"kh{os.getpid()}"
 _RUN_NAME = re.compile(r"kh(\d+)-")
@@ -25,6 +25,17 @@ _RUN_NAME = re.compile(r"kh(\d+)-")
 
 class HarnessError(Exception):
     """A harness operation failed; the message has the command and its output."""
+
+
+# Who reads what the harness's long-lived processes and containers printed, when
+# they stop: called with a name for the source and its text (the test session's
+# check that no traceback reached a user registers here: tests/tracebacks.py).
+output_readers: list[Callable[[str, str], None]] = []
+
+
+def report_output(source: str, text: str) -> None:
+    for reader in output_readers:
+        reader(source, text)
 
 
 def stale(name: str) -> bool:

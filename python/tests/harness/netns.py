@@ -44,7 +44,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.common import RUN_ID, HarnessError, dies_with_us, run, stale, terminate
+from tests.harness.common import (
+    RUN_ID,
+    HarnessError,
+    describe,
+    dies_with_us,
+    report_output,
+    run,
+    stale,
+    terminate,
+)
 
 SUBNETS = ipaddress.ip_network("10.200.0.0/16").subnets(new_prefix=24)
 NETNS_DIR = Path("/run/netns")
@@ -462,6 +471,10 @@ class Network:
         for host in self.hosts.values():
             for process in host.processes:
                 process.stop(grace=3)
+                with contextlib.suppress(OSError):
+                    report_output(
+                        f"`{describe(process.argv)}` on host {host.label}", process.output()
+                    )
         for host in self.hosts.values():
             remove_namespace(host.netns)
         left = [h.netns for h in self.hosts.values() if (NETNS_DIR / h.netns).exists()]

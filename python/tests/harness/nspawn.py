@@ -14,6 +14,15 @@ Three layers, each made once and shared:
 3. **container** (:class:`Container`): a fresh overlayfs upper directory over
    both, so containers share nothing they write and start in a second or two.
 
+Each ``systemd-nspawn`` runs in a cgroup of its own (:func:`_join_own_cgroup`),
+``keel-harness/<container name>`` under this process's cgroup in the
+hierarchies nspawn nests containers in (the named ``systemd`` one of cgroup v1,
+and cgroup v2). With ``--keep-unit`` and no systemd on the host, nspawn puts its
+container in ``<its own cgroup>/payload``: without a cgroup per container, every
+container of every run on the machine shared ``/payload``, and one container's
+systemd removed the cgroups of another's units (``Failed to attach ... to
+cgroup: No such file or directory``; boots "degraded", units failing mid-test).
+
 A container is never on the host's network: it gets ``--private-network``
 (loopback only) or joins a host of :mod:`tests.harness.netns`
 (``--network-namespace-path``), i.e. it *is* that host and is reachable over
@@ -46,7 +55,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.common import RUN_ID, HarnessError, dies_with_us, run, stale
+from tests.harness.common import (
+    RUN_ID,
+    HarnessError,
+    dies_with_us,
+    report_output,
+    run,
+    stale,
+)
 from tests.harness.netns import NETNS_DIR, Host
 
 REPO = Path(__file__).resolve().parents[3]
@@ -250,17 +266,92 @@ def keel_wheel(wheelhouse: Path) -> Path:
     return wheels[-1]
 
 
+# --- a cgroup per container ----------------------------------------------------------
+
+CGROUP_GROUP = "keel-harness"
+# Run argv with this shell's pid first written to each cgroup.procs file named before "--".
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1"; shift; done; shift; exec "$@"'
+
+
+def _nspawn_cgroup_parents() -> list[Path]:
+    """``keel-harness`` under this process's cgroup in the hierarchies nspawn nests in."""
+    mounts: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, kind = left.split(), right.split()
+            if len(fields) < 5 or len(kind) < 3:
+                continue
+            if kind[0] == "cgroup2":
+                mounts.setdefault("", (fields[3], fields[4]))
+            elif kind[0] == "cgroup" and "name=systemd" in kind[2].split(","):
+                mounts.setdefault("name=systemd", (fields[3], fields[4]))
+    parents = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            ident, controllers, path = line.rstrip("\n").split(":", 2)
+            key = "" if ident == "0" else controllers
+            if key in mounts:
+                root, mountpoint = mounts[key]
+                relative = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+                if not relative.startswith(".."):
+                    parents.append(Path(mountpoint) / relative / CGROUP_GROUP)
+    return parents
+
+
+def _join_own_cgroup(name: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` (an nspawn command) started in cgroup ``keel-harness/<name>`` of its own.
+
+    Where the cgroups cannot be made (a read-only cgroupfs), ``argv`` as it is.
+    """
+    procs = []
+    for parent in _nspawn_cgroup_parents():
+        try:
+            (parent / name).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        procs.append(str(parent / name / "cgroup.procs"))
+    if not procs:
+        return list(argv)
+    return ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *procs, "--", *argv]
+
+
+def _remove_cgroups(name: str) -> list[str]:
+    """Remove container ``name``'s cgroups, deepest first; those that still hold processes."""
+    busy = []
+    for parent in _nspawn_cgroup_parents():
+        top = parent / name
+        if not top.is_dir():
+            continue
+        inner = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for directory in [*inner, top]:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                busy.append(str(directory))
+    return busy
+
+
+def _cgroup_names() -> set[str]:
+    return {
+        p.name for parent in _nspawn_cgroup_parents() if parent.is_dir() for p in parent.iterdir()
+        if p.is_dir()
+    }  # fmt: skip
+
+
 def nspawn_command(
     root: Path, name: str, argv: Sequence[str], binds: Sequence[tuple[Path, str]] = ()
 ) -> list[str]:
     """A one-shot command in ``root`` (no boot, no network), as machine ``name``."""
-    return [
+    return _join_own_cgroup(name, [
         "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--private-network",
         f"--machine={name}", f"--directory={root}",
         *[f"--bind-ro={src}:{dst}" for src, dst in binds],
         f"--setenv=PATH={IN_CONTAINER_PATH}",
         *argv,
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 def _remove_propagation_dir(name: str) -> None:
@@ -297,6 +388,7 @@ def build_keel_layer(rootfs: Path, wheelhouse: Path, dest: Path) -> Path:
     finally:
         _unmount(merged)
         _remove_propagation_dir(name)
+        _remove_cgroups(name)
     shutil.rmtree(work, ignore_errors=True)
     timings["keel layer"] = time.monotonic() - started
     return upper
@@ -411,7 +503,7 @@ class Container:
         ]  # fmt: skip
         with self.console_log.open("wb") as out:
             self.process = subprocess.Popen(
-                dies_with_us(argv, "TERM"), stdin=subprocess.DEVNULL, stdout=out,
+                dies_with_us(_join_own_cgroup(self.name, argv), "TERM"), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self._wait_for_leader(started + timeout)
@@ -461,6 +553,11 @@ class Container:
     def stop(self, timeout: float = 20) -> None:
         """Power off (SIGTERM to nspawn), kill if it hangs, remove the overlay."""
         if self.process is not None:
+            if self.process.poll() is None and self.leader is not None:
+                journal = self.run(
+                    "journalctl", "--no-pager", "--quiet", "--boot", check=False, timeout=30
+                )
+                report_output(f"container {self.name}'s journal", journal.stdout)
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
@@ -476,6 +573,9 @@ class Container:
             self.leader = None
         remove_workdir(self.workdir)
         _remove_propagation_dir(self.name)
+        busy = _remove_cgroups(self.name)
+        if busy:
+            raise HarnessError(f"container {self.name}: processes left in {', '.join(busy)}")
 
     def __enter__(self) -> Container:
         self.start()
@@ -606,6 +706,7 @@ def leftovers(run_id: str = RUN_ID) -> list[str]:
         found += [f"directory {p}" for p in WORK_ROOT.iterdir() if p.name.startswith(f"{run_id}-")]
     if PROPAGATE.is_dir():
         found += [f"directory {p}" for p in PROPAGATE.iterdir() if p.name.startswith(f"{run_id}-")]
+    found += [f"cgroup {name}" for name in sorted(_cgroup_names()) if name.startswith(f"{run_id}-")]
     return found
 
 
@@ -623,6 +724,9 @@ def remove(run_id: str = RUN_ID) -> None:
         for path in PROPAGATE.iterdir():
             if path.name.startswith(f"{run_id}-"):
                 _remove_propagation_dir(path.name)
+    for name in _cgroup_names():
+        if name.startswith(f"{run_id}-"):
+            _remove_cgroups(name)
 
 
 def sweep_stale() -> list[str]:
@@ -631,6 +735,7 @@ def sweep_stale() -> list[str]:
     for directory in (WORK_ROOT, PROPAGATE):
         if directory.is_dir():
             runs |= {p.name.split("-", 1)[0] for p in directory.iterdir() if stale(p.name)}
+    runs |= {name.split("-", 1)[0] for name in _cgroup_names() if stale(name)}
     for run_id in sorted(runs):
         remove(run_id)
     return sorted(runs)

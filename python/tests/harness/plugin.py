@@ -23,6 +23,8 @@ mount) is removed and reported as an error, so a leak cannot pass unnoticed.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -149,6 +151,9 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     leftover = item.stash.get(_STARTED, set()) & children()
     if leftover:
         killed = kill_trees(leftover)
+        for pid in leftover:  # our own children: reaped, or each stays a zombie of pytest
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         if killed:
             item.warn(
                 pytest.PytestWarning(

@@ -207,3 +207,12 @@ def process_count(root_pid: int) -> int:
 
 def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_table(pid: int | str = "self") -> dict[int, str]:
+    """Each open descriptor of ``pid`` and what it is (``socket:[inode]``, a path...)."""
+    table = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            table[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return table

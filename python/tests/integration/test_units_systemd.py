@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from keel.agents.spec import AgentSpec, parse_spec
 from keel.agents.units import load_tiers, render_unit
 
+from tests.fuzz import examples
 from tests.unit_values import CARRIED, INJECTION, carried_text, env_names, program_paths
 
 SYSTEMD = Path("/lib/systemd/systemd")
@@ -213,7 +214,7 @@ def test_every_hostile_value_is_read_back_exactly() -> None:
         check_read_back(loaded, web)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     program=program_paths(),
     args=st.lists(carried_text(60), max_size=40),

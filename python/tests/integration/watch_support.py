@@ -29,6 +29,20 @@ from keel.watch.process_backend import ProcessBackend
 AGENT = Path(__file__).resolve().parents[1] / "watch_agent.py"
 
 
+def zombie_children(parent: int | None = None) -> list[int]:
+    """The children of ``parent`` (default: this process) that exited and were never reaped."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_bytes()
+                fields = stat[stat.rindex(b")") + 2 :].split()
+                if fields[0] == b"Z" and int(fields[1]) == parent:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,6 +130,11 @@ class Recorder(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up and closed (keel's timeout) is not a stand-in failure.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

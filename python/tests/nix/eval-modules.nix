@@ -166,8 +166,6 @@ else
     script = p.keelScript or null;
   }) config.system.checks;
   enabledServices = config.services.keel.enabledServices or [ ];
-  # What modules/mesh.nix generates the node's config.json from.
-  meshConfig = if config.services.keel.mesh.enable or false then config.services.keel.mesh.settings else null;
   # The TCP endpoints ("HOST:PORT") keel's daemons listen on, by unit: what
   # a VM test may wait for (test_vm_tests.py checks it waits at the right
   # address).

@@ -131,7 +131,7 @@ def evaluate_modules(
     ``failedAssertions``, ``warnings``, the keel ``services`` (their options),
     ``units`` (the unit files NixOS generates, by unit name), ``users``,
     ``groups``, ``etc`` (``/etc/keel/...``, JSON files as ``{"json": value}``),
-    ``tmpfiles``, ``systemPackages``, ``checks``, ``meshConfig`` and
+    ``tmpfiles``, ``systemPackages``, ``checks`` and
     ``values``: the value of each option path in ``paths`` (a Nix list of
     lists of attribute names). ``extra_nixos_modules`` adds real NixOS files
     (relative to ``nixos/modules``) for a module that sets options the default

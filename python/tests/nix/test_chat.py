@@ -45,9 +45,10 @@ def test_defaults_make_a_read_only_bot(nix_instantiate: str, nixpkgs_tree: Path)
     assert chat_json(result) == {
         "token_file": TOKEN_PATH,
         "allowed_users": [111, 222],
-        "commands": ["status", "agents", "log"],
+        "commands": ["status", "agents", "log", "fleet"],
         "socket": "/run/keel/chat.sock",
         "watch_socket": "/run/keel/watch.sock",
+        "fleet_socket": None,
         "ledger": "/var/lib/keel/ledger.db",
         "confirm_timeout": 60,
         "max_age": 300,
@@ -189,3 +190,17 @@ def test_the_config_the_module_writes_is_one_keel_chat_accepts(
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_fleet_socket_is_set_when_keel_fleet_runs_here(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    body = (
+        'services.keel.mesh = { enable = true; listen = "0.0.0.0:7400"; }; '
+        "services.keel.fleet.enable = true; "
+        'services.keel.chat.commands = [ "fleet" "restart" ];'
+    )
+    result = chat(nix_instantiate, nixpkgs_tree, body)
+    assert result["failedAssertions"] == []
+    assert chat_json(result)["fleet_socket"] == "/run/keel/fleet.sock"
+    assert chat_json(result)["commands"] == ["fleet", "restart"]

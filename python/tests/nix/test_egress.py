@@ -175,6 +175,53 @@ BAD = [
 ]
 
 
+SERVERS = """
+  services.keel.mcp = {
+    enable = true;
+    servers = {
+      files = { command = [ "/bin/files" ]; tier = 2; };
+      fetch = { command = [ "/bin/fetch" ]; tier = 1; egress.allow = [ "*.wikipedia.org" ]; };
+      time = { command = [ "/bin/time" ]; tier = 1; };
+      shell = { command = [ "/bin/shell" ]; tier = 0; };
+      remote = { url = "https://mcp.example.com/mcp"; };
+      off = { command = [ "/bin/off" ]; tier = 2; enable = false; };
+    };
+  };
+"""
+
+
+BAD += [
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 2; }; }; }',
+        "services.keel.mcp.servers.x: tier 2 servers reach only their egress.allow, which keel "
+        "egress enforces: set services.keel.egress.enable = true",
+        id="tier-2-server-without-egress",
+    ),
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 1; '
+        'egress.allow = [ "a.test" ]; }; }; }',
+        "services.keel.mcp.servers.x.egress.allow: an allowlist is enforced by keel egress",
+        id="tier-1-server-allowlist-without-egress",
+    ),
+    pytest.param(
+        '{ services.keel.mcp = { enable = true; servers.x = { command = [ "/bin/x" ]; tier = 0; '
+        'egress.allow = [ "a.test" ]; }; }; ' + EGRESS + " }",
+        "services.keel.mcp.servers.x.egress.allow: tier 0 servers have an open network",
+        id="tier-0-server-allowlist",
+    ),
+    pytest.param(
+        "{ " + AGENTS + EGRESS + SERVERS + ' services.keel.egress.audit = [ "mcp.time" ]; }',
+        "services.keel.egress.audit: mcp.time: not an agent egress governs",
+        id="audit-ungoverned-server",
+    ),
+    pytest.param(
+        "{ " + AGENTS + EGRESS + SERVERS + " services.keel.egress.basePort = 65532; }",
+        "leaves no room for 3 agent ports and 2 MCP server ports",
+        id="server-ports-overflow",
+    ),
+]
+
+
 @pytest.mark.parametrize(("config", "message"), BAD)
 def test_bad_combinations_say_the_fix(
     nix_instantiate: str, nixpkgs_tree: Path, config: str, message: str
@@ -190,3 +237,46 @@ def test_nothing_without_enable(nix_instantiate: str, nixpkgs_tree: Path) -> Non
     assert result["failedAssertions"] == []
     assert "keel/egress.json" not in result["etc"]
     assert "keel-egress" not in result["services"]
+
+
+def test_mcp_servers_are_governed_as_agents_are(
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
+) -> None:
+    result = egress(
+        nix_instantiate, nixpkgs_tree, SERVERS + 'services.keel.egress.audit = [ "mcp.fetch" ];'
+    )
+    assert result["failedAssertions"] == []
+    written = egress_json(result)
+    # Tier 2 always, tier 1 with an allowlist, as agents; their ports after the agents'.
+    assert written["servers"] == {
+        "fetch": {
+            "user": "keel-mcp-fetch",
+            "port": 5304,
+            "mode": "audit",
+            "allow": ["*.wikipedia.org"],
+        },
+        "files": {"user": "keel-mcp-files", "port": 5305, "mode": "enforce", "allow": []},
+    }
+    path = tmp_path / "egress.json"
+    path.write_text(json.dumps(written))
+    config = load(path)
+    assert sorted(config.agents) == ["jail", "mcp.fetch", "mcp.files", "notes", "scout"]
+    assert config.agents["mcp.fetch"].allow.allows_text("en.wikipedia.org")
+    services = result["services"]
+    files = services["keel-mcp-files"]
+    assert "keel-egress.service" in files["after"]
+    assert "keel-egress.service" in files["wants"]
+    [check] = files["serviceConfig"]["ExecStartPre"]
+    assert check.endswith("-nftables/bin/nft list chain inet keel agent_mcp.files")
+    assert "-/run/nscd" in services["keel-mcp-fetch"]["serviceConfig"]["InaccessiblePaths"]
+    for ungoverned in ("keel-mcp-time", "keel-mcp-shell"):
+        assert "ExecStartPre" not in services[ungoverned]["serviceConfig"]
+    assert {"keel-mcp-files.service", "keel-mcp-fetch.service"} <= set(
+        services["keel-egress"]["before"]
+    )
+    assert not any("mcp.fetch" in w for w in result["warnings"])  # tier 1: no warning
+    audited = egress(
+        nix_instantiate, nixpkgs_tree, SERVERS + 'services.keel.egress.audit = [ "mcp.files" ];'
+    )
+    assert egress_json(audited)["servers"]["files"]["mode"] == "audit"
+    assert any("mcp.files is a tier 2" in w for w in audited["warnings"])

@@ -39,7 +39,7 @@ def test_defaults_make_a_config_keel_fleet_reads(nix_instantiate: str, nixpkgs_t
     assert config == {
         "socket": "/run/keel/fleet.sock",
         "ledger": "/var/lib/keel/ledger.db",
-        "mesh": "/var/lib/keel/mesh",
+        "mesh": "/run/keel/mesh.sock",
         "state": "/var/lib/keel/fleet",
         "watch": "/run/keel/watch.sock",
         "services": ["watch", "mesh"],

@@ -120,6 +120,11 @@ def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str,
         nix_service = {
             k: v for k, v in sections(nix_text, skip=values).items() if k[0] == "Service"
         }
+        if spec.tier == 2 or spec.egress_allow:
+            # modules/egress.nix governs it as an agent: it starts once its rules
+            # are in the kernel (tests/nix/test_egress.py).
+            [check] = nix_service.pop(("Service", "ExecStartPre"))
+            assert check.endswith(f"nft list chain inet keel agent_mcp.{name}")
         python_service = {
             k: v for k, v in sections(python_text, skip=values).items() if k[0] == "Service"
         }
@@ -131,7 +136,7 @@ def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str,
         assert unit["description"] == f"keel MCP server {name} (tier {spec.tier})"
     files = host["services"]["keel-mcp-files"]
     assert files["requires"] == ["keel-mcp-files.socket"]
-    assert files["after"] == ["keel-mcp-files.socket"]
+    assert sorted(files["after"]) == ["keel-egress.service", "keel-mcp-files.socket"]
     files_argv = systemd_syntax.service_values(host["units"]["keel-mcp-files.service"])[0]
     assert files_argv[0].endswith("/bin/keel")
     assert files_argv[1:] == [

@@ -1,4 +1,4 @@
-"""modules/mesh.nix: the node's config.json and keel-mesh.service from the options."""
+"""modules/mesh.nix: /etc/keel/mesh.json and keel-mesh.service from the options."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.mesh.settings import parse_listen
+from keel.mesh.config import parse_listen
 
 from tests import systemd_syntax
 from tests.nix.nixeval import nix_text
@@ -25,12 +25,9 @@ def mesh(nix_instantiate: str, nixpkgs_tree: Path, body: str) -> dict[str, Any]:
 
 
 def node_config(result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON the unit links to /var/lib/keel/mesh/config.json before it starts."""
-    link = result["services"]["keel-mesh"]["preStart"].split()
-    assert link[:2] == ["ln", "-sfn"], link
-    assert link[3] == "/var/lib/keel/mesh/config.json", link
-    assert link[2].endswith("-keel-mesh-config.json"), link
-    config: dict[str, Any] = result["meshConfig"]
+    """/etc/keel/mesh.json, the file the unit runs the daemon on (no link, no preStart)."""
+    assert result["services"]["keel-mesh"]["preStart"] == ""
+    config: dict[str, Any] = result["etc"]["keel/mesh.json"]["json"]
     return config
 
 
@@ -45,21 +42,17 @@ def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> 
     service = unit["serviceConfig"]
     argv, _ = systemd_syntax.service_values(default_node["units"]["keel-mesh.service"])
     assert argv[0].endswith("-keel-0.1.0/bin/keel")
-    assert argv[1:] == [
-        "mesh",
-        "serve",
-        "--dir",
-        "/var/lib/keel/mesh",
-        "--listen",
-        "0.0.0.0:7400",
-        "--ledger",
-        "/var/lib/keel/ledger.db",
-    ]
+    assert argv[1:4] == ["mesh", "serve", "--config"]
+    assert argv[4].endswith("-mesh.json")
+    assert len(argv) == 5
     assert service["Type"] == "notify"
     assert service["Restart"] == "always"
     assert service["User"] == "keel-mesh"
     assert service["Group"] == "keel"
     assert service["StateDirectory"] == "keel/mesh"
+    assert service["ReadWritePaths"] == ["/var/lib/keel", "/run/keel"]
+    # The link the module made before keel mesh read --config goes away.
+    assert "r /var/lib/keel/mesh/config.json - - - - -" in default_node["tmpfiles"]
     assert service["CapabilityBoundingSet"] == ""
     assert service["ProtectSystem"] == "strict"
     assert unit["after"] == ["network-online.target"]
@@ -84,6 +77,10 @@ def test_settings_become_config_json(nix_instantiate: str, nixpkgs_tree: Path) -
         """,
     )
     assert node_config(result) == {
+        "directory": "/var/lib/keel/mesh",
+        "listen": "[::]:7400",
+        "socket": "/run/keel/mesh.sock",
+        "ledger": "/var/lib/keel/ledger.db",
         "handshake_timeout": 10,
         "keepalive_interval": 5,
         "idle_timeout": 20,
@@ -105,17 +102,16 @@ def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Pat
     service = result["services"]["keel-mesh"]["serviceConfig"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
     assert service["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
-    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
-    assert "--ledger" not in argv
-    assert argv[argv.index("--listen") + 1] == "[::]:443"
+    config = node_config(result)
+    assert config["ledger"] is None
+    assert config["listen"] == "[::]:443"
     assert result["values"] == [[443]]
 
 
-def test_the_command_line_reaches_systemd_as_given(
-    nix_instantiate: str, nixpkgs_tree: Path
-) -> None:
+def test_values_reach_the_daemon_as_given(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     # `%` and `$` mean nothing to a shell but are specifiers and variables to
-    # systemd: the command line is quoted as NixOS quotes Exec lines.
+    # systemd: values travel in the config file, and the command line (the
+    # file's path) is quoted as NixOS quotes Exec lines.
     ledger = "/srv/keel %h $HOME ${USER} \"x\" 'y' \\.db"
     result = mesh(
         nix_instantiate,
@@ -123,8 +119,9 @@ def test_the_command_line_reaches_systemd_as_given(
         f'services.keel.mesh = {{ listen = "0.0.0.0:7400"; ledger = {nix_text(ledger)}; }};',
     )
     assert result["failedAssertions"] == []
+    assert node_config(result)["ledger"] == ledger
     argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
-    assert argv[argv.index("--ledger") + 1] == ledger
+    assert argv[1:4] == ["mesh", "serve", "--config"]
 
 
 def test_a_zero_padded_port_is_the_port_keel_mesh_reads(
@@ -138,8 +135,7 @@ def test_a_zero_padded_port_is_the_port_keel_mesh_reads(
     )
     assert result["failedAssertions"] == []
     assert result["values"] == [[7400]]
-    argv, _ = systemd_syntax.service_values(result["units"]["keel-mesh.service"])
-    assert parse_listen(argv[argv.index("--listen") + 1]) == ("0.0.0.0", 7400)
+    assert parse_listen(node_config(result)["listen"]) == ("0.0.0.0", 7400)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +191,7 @@ def test_keel_mesh_accepts_the_config_the_module_writes(
 ) -> None:
     import json
 
-    from keel.mesh.settings import load_settings
+    from keel.mesh import config
 
     result = mesh(
         nix_instantiate,
@@ -208,8 +204,13 @@ def test_keel_mesh_accepts_the_config_the_module_writes(
           };
         """,
     )
-    (tmp_path / "config.json").write_text(json.dumps(node_config(result)))
-    settings = load_settings(tmp_path)
+    (tmp_path / "mesh.json").write_text(json.dumps(node_config(result)))
+    loaded = config.load(tmp_path / "mesh.json")
+    assert loaded.directory == Path("/var/lib/keel/mesh")
+    assert loaded.listen == ("0.0.0.0", 7400)
+    assert loaded.common.socket == Path("/run/keel/mesh.sock")
+    assert loaded.common.ledger == Path("/var/lib/keel/ledger.db")
+    settings = loaded.settings
     assert settings.session.keepalive_interval == 5
     assert settings.session.idle_timeout == 20
     assert settings.session.rekey_interval == 60

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from keel.safeswitch import units
 
 from tests import systemd_syntax

@@ -46,6 +46,7 @@ EGRESS_CHECKS = {
     "test_every_governed_agent_has_its_rules",
     "test_each_proxy_listens",
     "test_sandboxed_agents_are_governed",
+    "test_sandboxed_mcp_servers_are_governed",
 }
 
 

@@ -89,6 +89,20 @@ def test_containers_are_hosts_of_a_topology(network: Network, containers: Contai
     assert "keel_test" in a.run("nft", "list", "tables").stdout
 
 
+def test_each_container_has_cgroups_of_its_own(containers: Containers) -> None:
+    # Containers that shared nspawn's "payload" cgroup (every container of every run on
+    # the machine) had one systemd remove the cgroups of another's units.
+    boxes = [containers.boot("cga"), containers.boot("cgb")]
+    for box in boxes:
+        assert box.leader is not None
+        text = Path(f"/proc/{box.leader}/cgroup").read_text()
+        assert f"/{nspawn.CGROUP_GROUP}/{box.name}/" in text, text
+        box.run("systemd-run", "--unit=same", "sleep", "600")
+    # The same unit in both: stopping it in one leaves the other's running.
+    boxes[0].run("systemctl", "stop", "same")
+    assert boxes[1].run("systemctl", "is-active", "same").stdout.strip() == "active"
+
+
 def test_stop_removes_everything(image: Image) -> None:
     box = Container("gone", image)
     box.start()

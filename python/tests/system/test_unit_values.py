@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from tests.harness.nspawn import Container, Image
 from tests.unit_values import CARRIED, INJECTION, carried_text, env_names
 
@@ -122,7 +123,7 @@ def test_every_hostile_value_reaches_the_agent_exactly(box: Container) -> None:
 
 
 @settings(
-    max_examples=3,
+    max_examples=examples(3),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

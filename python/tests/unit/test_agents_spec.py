@@ -15,6 +15,7 @@ from keel.agents.spec import (
     load_specs,
     parse_spec,
 )
+from keel.egress.allowlist import Allowlist, EntryError, parse_entry
 from keel.errors import ConfigError
 from keel.launch import MAX_EXEC_BYTES
 
@@ -133,7 +134,7 @@ def test_full_spec_round_trips() -> None:
         (minimal(environmentFiles=["env"]), 'environmentFiles[0]: "env" is not an absolute path'),
         (minimal(environment={"1X": "a"}), 'environment.1X: "1X" is not a valid variable name'),
         (minimal(environment={"X": 1}), "environment.X: expected a string"),
-        (minimal(egress={"allow": ["exa mple.com"]}), 'egress.allow[0]: "exa mple.com": label'),
+        (minimal(egress={"allow": ["exa mple.com"]}), "egress.allow[0]: 'exa mple.com': label"),
         (minimal(egress={"allow": "example.com"}), "egress.allow: expected a list of strings"),
         (minimal(egress={"deny": []}), "egress.deny: unknown key"),
         (
@@ -202,6 +203,11 @@ def test_bad_specs_name_the_key(data: object, message: str) -> None:
         "xn--bcher-kva.example",
         "a-b.c0.io",
         "localhost",
+        # As the egress config reads them: case-insensitive, IDNA in either form.
+        "Example.com",
+        "API.Example.COM.",
+        "bücher.example",
+        "*.Bücher.example",
     ],
 )
 def test_good_domains(domain: str) -> None:
@@ -211,15 +217,15 @@ def test_good_domains(domain: str) -> None:
 @pytest.mark.parametrize(
     ("domain", "message"),
     [
-        ("Example.com", "lowercase"),
-        ("bücher.example", "ASCII form"),
+        ("bü cher.example", "not a valid IDNA label"),
+        ("a\u200d.example", "not a valid IDNA label"),
         ("*", "'*' is only allowed as the whole first label"),
         ("*.com", "a wildcard must sit under a registered name"),
         ("a.*.example.com", "'*' is only allowed as the whole first label"),
         ("*example.com", "'*' is only allowed"),
-        ("-a.example.com", 'label "-a"'),
-        ("a..example.com", 'label ""'),
-        ("a_b.example.com", 'label "a_b"'),
+        ("-a.example.com", "label '-a'"),
+        ("a..example.com", "label ''"),
+        ("a_b.example.com", "label 'a_b'"),
         ("10.0.0.1", "not addresses"),
         ("::1", "not addresses"),
         ("example.123", "the last label cannot be all digits"),
@@ -470,3 +476,21 @@ def test_a_duplicate_key_in_a_spec_file_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match='key "A" appears twice'):
         load_spec(path)
+
+
+def test_an_allowlist_a_spec_accepts_is_the_one_egress_enforces() -> None:
+    """One rule (keel.egress.allowlist): what a spec takes, egress reads the same way."""
+    allow = ["Bücher.Example", "*.API.example.com", "xn--caf-dma.example."]
+    spec = parse_spec(minimal(tier=2, egress={"allow": allow}), source="x.json")
+    assert spec.egress_allow == ("Bücher.Example", "*.API.example.com", "xn--caf-dma.example")
+    allowlist = Allowlist.parse(spec.egress_allow)
+    assert allowlist.allows_text("xn--bcher-kva.example")
+    assert allowlist.allows_text("v1.api.EXAMPLE.com")
+    assert allowlist.allows_text("café.example")
+    assert not allowlist.allows_text("api.example.com")
+    for bad in ("*.com", "a_b.example", "bü cher.example"):
+        with pytest.raises(ConfigError) as refused:
+            parse_spec(minimal(tier=2, egress={"allow": [bad]}), source="x.json")
+        with pytest.raises(EntryError) as by_egress:
+            parse_entry(bad)
+        assert str(by_egress.value) in str(refused.value)

@@ -26,6 +26,7 @@ from keel.agents.units import (
 from keel.cli import main
 from keel.errors import ConfigError
 
+from tests.fuzz import examples
 from tests.unit_values import INJECTION, carried_text, env_names
 
 REPO = Path(__file__).resolve().parents[3]
@@ -369,7 +370,7 @@ def expected_directive_lines(web: AgentSpec, tiers: Tiers) -> collections.Counte
     return counts
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     args=st.lists(carried_text(), max_size=6),
     env=st.dictionaries(env_names(), carried_text(), max_size=6),

@@ -36,6 +36,11 @@ async def _upgrade(args: dict[str, Any], peer: api.Peer) -> Any:
 HANDLERS = {"echo": _echo, "refuse": _refuse, "crash": _crash, "upgrade": _upgrade}
 
 
+@pytest.mark.allow_traceback(
+    "a verb handler with a bug: the daemon logs its traceback for the operator, the client "
+    "gets one line (`internal error in 'crash'`)",
+    match=r'raise RuntimeError\("bug"\)',
+)
 def test_round_trip_errors_and_garbage(tmp_path: Path) -> None:
     path = tmp_path / "run" / "test.sock"
 
@@ -125,6 +130,10 @@ async def _bad_args(args: dict[str, Any], peer: api.Peer) -> Any:
     raise UsageError("agent: required")
 
 
+@pytest.mark.allow_traceback(
+    "the 'crash' verb has a bug on purpose: logged for the operator, one line to the client",
+    match=r'raise RuntimeError\("bug"\)',
+)
 def test_clients_tell_refusals_apart_by_type(tmp_path: Path) -> None:
     from keel.errors import BadRequest, Forbidden, Refused, Unavailable
 

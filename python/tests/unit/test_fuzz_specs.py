@@ -25,6 +25,7 @@ from keel.config import Section, parse_json
 from keel.errors import KeelError
 from keel.watch import config as watch_config
 
+from tests.fuzz import examples
 from tests.unit_values import BAD_ENV_NAMES, CARRIED, REFUSED
 
 REPO = Path(__file__).resolve().parents[3]
@@ -212,7 +213,9 @@ def from_bytes(data: bytes, outcome: Any) -> None:
     outcome(document)
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def test_the_fuzzed_documents_start_valid() -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from keel import api, service
 from keel.api import Handler, Peer
 from keel.config import Section
-from keel.errors import ConfigError, KeelError, Refused
+from keel.errors import ConfigError, KeelError, Refused, Unavailable
 
 
 class Sample(service.Daemon):
@@ -104,6 +105,10 @@ def test_a_start_that_fails_is_stopped_again_and_exits_1(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.allow_traceback(
+    "a background task with a bug on purpose: the daemon logs its traceback and stops",
+    match=r'raise RuntimeError\("a bug"\)',
+)
 def test_a_background_task_that_dies_stops_the_daemon(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -183,3 +188,67 @@ def test_signals_stop_quietly_even_when_sigint_was_ignored(tmp_path: Path, signu
 def test_read_common_refuses_paths_no_kernel_can_take(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"x.json: {key}: .*contains a NUL character"):
         service.read_common(Section({key: "/tmp/w\x00.sock"}, source="x.json"), "x")
+
+
+def test_read_common_refuses_a_socket_path_the_kernel_cannot_bind() -> None:
+    long = "/run/" + "s" * 110 + ".sock"
+    with pytest.raises(ConfigError, match=r"x.json: socket: 120 bytes long; .* at most 107"):
+        service.read_common(Section({"socket": long}, source="x.json"), "x")
+
+
+EXHAUST = textwrap.dedent(
+    """
+    import asyncio, os, resource, sys
+    from pathlib import Path
+    from keel import service, sd
+
+    class Greedy(service.Daemon):
+        held = []
+        async def start(self, shell):
+            pass
+        async def stop(self):
+            pass
+        def verbs(self):
+            async def exhaust(args, peer):
+                try:
+                    while True:
+                        self.held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    pass
+                return len(self.held)
+            return {"exhaust": exhaust}
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    sd.setup_logging("greedy")
+    common = service.Common(socket=Path(sys.argv[1]), ledger=None, checkpoint_every=None)
+    sys.exit(asyncio.run(service.serve("greedy", Greedy(), common)))
+    """
+)
+
+
+def test_a_daemon_out_of_descriptors_still_answers_on_its_control_socket(tmp_path: Path) -> None:
+    path = tmp_path / "greedy.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-c", EXHAUST, str(path)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        status: Any = None
+        for _ in range(600):  # the socket appears once the daemon serves (up to a minute)
+            try:
+                status = api.call(path, "status", timeout=30)
+                break
+            except Unavailable:
+                process.poll()
+                assert process.returncode is None, process.stderr.read() if process.stderr else ""
+                time.sleep(0.1)
+        assert status is not None
+        with api.Connection(path, timeout=30) as first:
+            assert first.call("exhaust") > 0  # every descriptor the limit allows is taken now
+            # A new connection: the first accept fails (no descriptor), the shell hands
+            # its spares back, and asyncio's next accept (a second later) takes it.
+            assert api.call(path, "status", timeout=30)["service"]["name"] == "greedy"
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert "socket.accept() out of system resource (Too many open files;" in err
+    assert "Traceback" not in err

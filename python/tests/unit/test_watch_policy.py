@@ -24,6 +24,8 @@ from keel.watch.policy import (
     StopAgent,
 )
 
+from tests.fuzz import examples
+
 
 class Clock:
     def __init__(self) -> None:
@@ -774,7 +776,7 @@ EVENTS = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(events=EVENTS, quarantine=st.sampled_from([None, 2, 5]))
 def test_random_event_sequences_keep_the_invariants(
     events: list[tuple[str, object]], quarantine: int | None

@@ -41,6 +41,8 @@ from keel.watch.unit_state import (
     seen,
 )
 
+from tests.fuzz import examples
+
 P = UnitPhase
 UNIT = "agent-web.service"
 START = IssueJob("StartUnit", "start")
@@ -549,7 +551,7 @@ EVENTS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(EVENTS, max_size=40))
 def test_reports_alternate_started_and_down(events: list[Event]) -> None:
     """The policy hears "started", then one "exited" or "stopped", then "started"...

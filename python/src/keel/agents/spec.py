@@ -15,7 +15,6 @@ about the host (users, paths) is checked here; ``install`` does that.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from keel import launch
 from keel.config import Section, describe, load_json_file
+from keel.egress.allowlist import EntryError, parse_entry
 from keel.errors import ConfigError
 from keel.watch import httpwire
 
@@ -43,7 +43,6 @@ PROBE_TYPES = ("http", "tcp", "exec")
 # min(2, interval), 3 failures, no grace, TCP to 127.0.0.1.
 PROBE_DEFAULTS: dict[str, float] = {"interval": 5.0, "timeout": 2.0, "failures": 3, "grace": 0.0}
 
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _SIZE = re.compile(r"([0-9]{1,20})([KMGT]?)\Z")
 _PERCENT = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?%\Z")
 _CAPABILITY = re.compile(r"CAP_[A-Z_]+\Z")
@@ -186,18 +185,24 @@ class AgentSpec:
 # --- checks: each returns an error message or None -------------------------
 
 
-def check_name(name: str) -> str | None:
+def check_unit_name(name: str, *, title: str, prefix: str) -> str | None:
+    """A name that becomes the unit and the user ``<prefix><name>`` (agents, MCP servers)."""
     if not NAME_PATTERN.match(name):
         return (
-            f"{describe(name)} is not a valid agent name: use lowercase letters, digits, '-' "
+            f"{describe(name)} is not a valid {title} name: use lowercase letters, digits, '-' "
             "and '_', starting with a letter (it becomes a unit and a user name)"
         )
-    if len(name) > MAX_NAME_LENGTH:
+    longest = MAX_USER_LENGTH - len(prefix)
+    if len(name) > longest:
         return (
-            f"{describe(name)} is too long: at most {MAX_NAME_LENGTH} characters, so that "
-            f"the user name '{USER_PREFIX}<name>' fits the {MAX_USER_LENGTH}-character limit"
+            f"{describe(name)} is too long: at most {longest} characters, so that "
+            f"the user name '{prefix}<name>' fits the {MAX_USER_LENGTH}-character limit"
         )
     return None
+
+
+def check_name(name: str) -> str | None:
+    return check_unit_name(name, title="agent", prefix=USER_PREFIX)
 
 
 def check_user(user: str) -> str | None:
@@ -271,37 +276,16 @@ def check_program(path: str) -> str | None:
 
 
 def check_domain(domain: str) -> str | None:
-    """An egress allowlist entry: ``example.com`` or ``*.example.com``, lowercase ASCII."""
-    shown = describe(domain)
-    if domain != domain.lower():
-        return f"{shown}: write domain names in lowercase"
-    if not domain.isascii():
-        return f"{shown}: write internationalised names in their ASCII form (xn--...)"
-    name = domain.removesuffix(".")
-    wildcard = name.startswith("*.")
-    if wildcard:
-        name = name[2:]
-    if "*" in name:
-        return f"{shown}: '*' is only allowed as the whole first label ('*.example.com')"
+    """An egress allowlist entry: ``example.com`` or ``*.example.com``.
+
+    Judged by keel egress's own parser (:func:`keel.egress.allowlist.parse_entry`),
+    which has the last word: what it accepts here the egress config accepts,
+    case-insensitively, internationalised names in either form.
+    """
     try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        return f"{shown}: egress.allow takes domain names, not addresses"
-    if len(name) > 253:
-        return f"{shown}: longer than 253 characters"
-    labels = name.split(".")
-    for label in labels:
-        if not _LABEL.match(label):
-            return (
-                f"{shown}: label {describe(label)} is not a valid host name label "
-                "(letters, digits and inner '-', 1 to 63 characters)"
-            )
-    if labels[-1].isdigit():
-        return f"{shown}: the last label cannot be all digits"
-    if wildcard and len(labels) < 2:
-        return f"{shown}: a wildcard must sit under a registered name ('*.example.com')"
+        parse_entry(domain)
+    except EntryError as exc:
+        return str(exc)
     return None
 
 

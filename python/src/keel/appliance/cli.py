@@ -39,11 +39,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the authorized_keys file the seed's keys are added to (default: %(default)s)",
     )
     p.add_argument(
-        "--mesh-dir",
+        "--mesh-socket",
         type=Path,
         default=None,
-        metavar="DIR",
-        help="the mesh node's directory, whose daemon joins (default: keel mesh's own)",
+        metavar="PATH",
+        help="the control socket of the mesh node that joins (default: /run/keel/mesh.sock)",
     )
     p.add_argument(
         "--only",
@@ -62,7 +62,7 @@ def _seed(args: argparse.Namespace) -> int:
     if args.only in (None, "keys"):
         done["keys"] = apply_keys(args.dir, args.authorized_keys)
     if args.only in (None, "mesh"):
-        done["mesh"] = join_mesh(args.dir, _joiner(args.mesh_dir))
+        done["mesh"] = join_mesh(args.dir, _joiner(args.mesh_socket))
     if args.json:
         print_json(done)
         return 0
@@ -76,12 +76,11 @@ def _seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _joiner(mesh_dir: Path | None) -> Any:
+def _joiner(mesh_socket: Path | None) -> Any:
     def join(token: str) -> dict[str, Any]:
-        from keel.mesh.cli import _default_dir
         from keel.mesh.client import MeshClient
 
-        result: dict[str, Any] = MeshClient(mesh_dir or _default_dir()).join(token)
+        result: dict[str, Any] = MeshClient(mesh_socket).join(token)
         return result
 
     return join

@@ -34,6 +34,7 @@ class ChatConfig:
     api: httpwire.Url
     policy: Policy
     watch_socket: Path
+    fleet_socket: Path | None  # None: this host's chat speaks for this host only
     poll_timeout: int
     switching: SwitchSettings | None  # None unless the switch command is enabled
 
@@ -93,6 +94,7 @@ def parse(cfg: Section) -> ChatConfig:
         api=api,
         policy=policy,
         watch_socket=cfg.filepath("watch_socket", default=str(paths.socket_file("watch"))),
+        fleet_socket=_fleet_socket(cfg),
         poll_timeout=cfg.integer("poll_timeout", 25, minimum=1, maximum=MAX_POLL_TIMEOUT),
         switching=switching,
     )
@@ -126,6 +128,13 @@ def _switching(cfg: Section) -> SwitchSettings:
         runner=cfg.choice("switch_runner", ["systemd", "process"], default="systemd"),
         keel=tuple(keel) or tuple(self_command()),
     )
+
+
+def _fleet_socket(cfg: Section) -> Path | None:
+    """``fleet_socket``: keel fleet's control socket (default), or null for no /fleet."""
+    if cfg.raw("fleet_socket", str(paths.socket_file("fleet"))) is None:
+        return None
+    return cfg.filepath("fleet_socket", default=str(paths.socket_file("fleet")))
 
 
 def _allowed_users(cfg: Section) -> frozenset[int]:

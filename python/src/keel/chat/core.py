@@ -58,13 +58,21 @@ COMMANDS: Mapping[str, CommandSpec] = {
         CommandSpec(
             "log", False, "/log [N]", f"the last N ledger entries (default 10, at most {100})"
         ),
-        CommandSpec("restart", True, "/restart AGENT", "restart an agent (asks you to confirm)"),
+        CommandSpec(
+            "fleet", False, "/fleet", "every host of the fleet: its state and what is down"
+        ),
+        CommandSpec(
+            "restart",
+            True,
+            "/restart AGENT[@NODE]",
+            "restart an agent, here or on another node",
+        ),
         CommandSpec(
             "switch",
             True,
             "/switch [TARGET]",
-            "switch this host to a declared target behind safeswitch's gate (asks you to "
-            "confirm); alone, lists the targets",
+            "switch this host to a declared target behind safeswitch's gate; alone, lists "
+            "the targets",
         ),
     )
 }
@@ -465,8 +473,9 @@ class ChatCore:
         nonce = nonce.rstrip("=")
         timeout = self.policy.confirm_timeout
         changes = f"the running system or {target}" if action == "switch" else target
+        where = "" if "@" in target else f" on {self.policy.host}"  # AGENT@NODE names it
         text = (
-            f"{_ACTION_TITLES[action]} {target} on {self.policy.host}?\n"
+            f"{_ACTION_TITLES[action]} {target}{where}?\n"
             f"Now: {shown}\n"
             f"Only you can answer, once, within {timeout:g} s; if {changes} changes before "
             "you do, nothing is done."
@@ -742,7 +751,11 @@ def _check_args(spec: CommandSpec, request: Request) -> tuple[str | None, Reques
     if spec.name == "restart":
         if len(args) == 1 and _TARGET.match(args[0]):
             return None, request
-        return f"{usage}: one agent name (letters, digits, '_', '.', '@', '-').", request
+        return (
+            f"{usage}: one agent name, or AGENT@NODE for another node (letters, digits, "
+            "'_', '.', '@', '-').",
+            request,
+        )
     if spec.name == "switch":
         if not args or (len(args) == 1 and _SWITCH_TARGET.match(args[0])):
             return None, request

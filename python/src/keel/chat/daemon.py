@@ -42,9 +42,18 @@ from keel.chat.core import (
     Request,
     Say,
 )
+from keel.chat.fleet import FleetVerbs, split_target
 from keel.chat.outbox import Outbox, Outgoing, answer, compose, edit
 from keel.chat.switching import Switching
-from keel.chat.verbs import LocalVerbs, StateChanged, VerbError, Verbs, describe, fingerprint
+from keel.chat.verbs import (
+    AgentView,
+    LocalVerbs,
+    StateChanged,
+    VerbError,
+    Verbs,
+    describe,
+    fingerprint,
+)
 from keel.ledger.recorder import LedgerUnavailable
 from keel.safeswitch import requests
 from keel.service import Daemon, Shell
@@ -102,6 +111,7 @@ class Chat(Daemon):
     ) -> None:
         self.config = config
         self.keel = verbs if verbs is not None else make_verbs(config)
+        self.fleet = FleetVerbs(config.fleet_socket) if config.fleet_socket is not None else None
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.SystemRandom()
@@ -140,6 +150,8 @@ class Chat(Daemon):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
         await self.keel.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         if len(self.outbox):
             log.warning("stopping with %d replies unsent", len(self.outbox))
         if self.shell is not None:
@@ -410,11 +422,28 @@ class Chat(Daemon):
                 text = views.switch_targets(
                     await self.keel.switch_targets(), self.config.policy.host
                 )
+            elif name == "fleet":
+                text = views.fleet(await self._fleet().view(), now)
             else:  # log (the core only lets known read-only commands through)
                 text = views.log(await self.keel.log(int(request.args[0])), self.config.policy.host)
         except VerbError as exc:
             text = f"/{name}: {exc}"
         self._reply(request, text, filename=f"{name}.txt")
+
+    def _fleet(self) -> FleetVerbs:
+        if self.fleet is None:
+            raise VerbError(
+                f"{self.config.policy.host}'s chat speaks for this host only "
+                "(fleet_socket is null in its config)"
+            )
+        return self.fleet
+
+    async def _look(self, target: str) -> AgentView:
+        """The agent ``target`` names: here, or ``AGENT@NODE`` through the fleet."""
+        agent, node = split_target(target)
+        if node is None:
+            return await self.keel.agent(agent)
+        return (await self._fleet().agent(agent, node))[1]
 
     async def _propose(self, proposal: Propose) -> None:
         try:
@@ -422,7 +451,7 @@ class Chat(Daemon):
                 view = await self.keel.switch_target(proposal.target)
                 state, shown = view.fingerprint, view.describe()
             else:
-                agent = await self.keel.agent(proposal.target)
+                agent = await self._look(proposal.target)
                 state, shown = fingerprint(agent), describe(agent)
                 if agent.last_error:
                     shown += f"; last error: {views.clip_error(agent.last_error)}"
@@ -457,14 +486,18 @@ class Chat(Daemon):
         if pending.action == "switch":
             return await self._switch(pending)
         try:
-            agent = await self.keel.restart(target, expect=pending.state)
+            name, node = split_target(target)
+            if node is None:
+                text = views.restarted(await self.keel.restart(name, expect=pending.state))
+            else:
+                text = await self._fleet().restart(name, node, expect=pending.state)
         except StateChanged as exc:
             return Outcome(
                 "refused", f"Not done: {exc}. Send /restart {target} again if you still mean it."
             )
         except VerbError as exc:
             return Outcome("failed", f"Restart of {target} failed: {exc}")
-        return Outcome("done", views.restarted(agent))
+        return Outcome("done", text)
 
     async def _switch(self, pending: Pending) -> Outcome:
         target = pending.target

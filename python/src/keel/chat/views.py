@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from keel.chat.core import Outcome
+from keel.chat.fleet import FleetView
 from keel.chat.switching import Listing
 from keel.chat.verbs import AgentView, HostView, LogLine, describe
 from keel.output import human_duration
@@ -137,3 +138,29 @@ def switched(target: str, host: str, result: Mapping[str, Any]) -> Outcome:
         "`keel switch status` on the host says what runs and what boots."
     )
     return Outcome("failed", text, data)
+
+
+def fleet(view: FleetView, now: float) -> str:
+    """/fleet: one line per node (this one first), what is down under it."""
+    if not view.nodes:
+        return "The fleet has no nodes yet."
+    healthy = sum(1 for row in view.nodes if row.state == "healthy")
+    total = len(view.nodes)
+    lines = [f"Fleet: {healthy} of {total} node{'s' if total != 1 else ''} healthy."]
+    for row in view.nodes:
+        name = row.host or row.node[:12]
+        me = " (this node)" if row.node == view.me else ""
+        down = [a for a in row.agents if a.state not in ("healthy", "stopped")]
+        agents = f", {len(row.agents)} agent{'s' if len(row.agents) != 1 else ''}"
+        if row.state == "unreachable":
+            seen = f", last seen {_ago(row.last_seen, now)}" if row.last_seen else ", never seen"
+            why = f": {row.error}" if row.error else ""
+            lines.append(f"{name}{me}: unreachable{seen}{why}")
+            continue
+        lines.append(f"{name}{me}: {row.state}{agents}, {len(down)} not healthy")
+        for agent in down:
+            lines.append(f"  {agent.name}@{name}: {agent.state}, {agent.restarts} restarts")
+        for problem in row.problems:
+            if not problem.startswith("agent "):  # the agents are listed above
+                lines.append(f"  {problem}")
+    return "\n".join(lines)

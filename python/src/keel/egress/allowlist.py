@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import idna
 
+from keel.config import shorten
+
 Labels = tuple[bytes, ...]
 
 MAX_NAME = 253  # characters of a name in text form, without the trailing dot
@@ -30,6 +32,11 @@ _LDH_NAME = re.compile(
 
 class EntryError(ValueError):
     """An allowlist entry that is not a domain name or wildcard; the message says why."""
+
+
+def _shown(text: object) -> str:
+    """A value in a message: quoted, escaped, a long one cut (it says how long it was)."""
+    return repr(shorten(text)) if isinstance(text, str) else repr(text)
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,11 @@ def _ascii_label(label: str, entry: str) -> bytes:
             raw = idna.encode(label, uts46=True, std3_rules=True)
         except idna.IDNAError as exc:
             raise EntryError(
-                f"{entry!r}: label {label!r} is not a valid IDNA label ({exc})"
+                f"{_shown(entry)}: label {_shown(label)} is not a valid IDNA label ({shorten(str(exc))})"
             ) from None
     if not _LABEL.match(raw):
         raise EntryError(
-            f"{entry!r}: label {label!r} is not a valid host name label "
+            f"{_shown(entry)}: label {_shown(label)} is not a valid host name label "
             "(letters, digits and inner '-', 1 to 63 characters)"
         )
     return raw
@@ -65,17 +72,17 @@ def _ascii_label(label: str, entry: str) -> bytes:
 def parse_entry(text: str) -> Entry:
     """Parse one entry; :class:`EntryError` says what is wrong with it."""
     if not isinstance(text, str) or not text.strip():
-        raise EntryError(f"{text!r}: an entry must be a domain name such as 'example.com'")
+        raise EntryError(f"{_shown(text)}: an entry must be a domain name such as 'example.com'")
     name = text.strip()
     if name != text:
-        raise EntryError(f"{text!r}: remove the surrounding whitespace")
+        raise EntryError(f"{_shown(text)}: remove the surrounding whitespace")
     name = name.removesuffix(".")
     wildcard = name.startswith("*.")
     if wildcard:
         name = name[2:]
     if "*" in name:
         raise EntryError(
-            f"{text!r}: '*' is only allowed as the whole first label ('*.example.com')"
+            f"{_shown(text)}: '*' is only allowed as the whole first label ('*.example.com')"
         )
     if ":" in name or name.replace(".", "").isdigit():
         try:
@@ -83,9 +90,9 @@ def parse_entry(text: str) -> Entry:
         except ValueError:
             pass
         else:
-            raise EntryError(f"{text!r}: the allowlist takes domain names, not addresses")
+            raise EntryError(f"{_shown(text)}: the allowlist takes domain names, not addresses")
     if not name:
-        raise EntryError(f"{text!r}: an entry must be a domain name such as 'example.com'")
+        raise EntryError(f"{_shown(text)}: an entry must be a domain name such as 'example.com'")
     lowered = name.lower() if name.isascii() else ""
     if lowered and _LDH_NAME.match(lowered):
         # The common case in one pass (allowlists run to thousands of names).
@@ -93,12 +100,12 @@ def parse_entry(text: str) -> Entry:
     else:
         labels = tuple(_ascii_label(label, text) for label in name.split("."))
     if len(b".".join(labels)) > MAX_NAME:
-        raise EntryError(f"{text!r}: longer than {MAX_NAME} characters")
+        raise EntryError(f"{_shown(text)}: longer than {MAX_NAME} characters")
     if labels[-1].isdigit():
-        raise EntryError(f"{text!r}: the last label cannot be all digits")
+        raise EntryError(f"{_shown(text)}: the last label cannot be all digits")
     if wildcard and len(labels) < 2:
         raise EntryError(
-            f"{text!r}: a wildcard must sit under a registered name ('*.example.com', not '*.com')"
+            f"{_shown(text)}: a wildcard must sit under a registered name ('*.example.com', not '*.com')"
         )
     return Entry(labels, wildcard)
 
@@ -122,7 +129,7 @@ def text_labels(name: str) -> Labels:
     """
     entry = parse_entry(name)
     if entry.wildcard:
-        raise EntryError(f"{name!r}: give a name to check, not a wildcard")
+        raise EntryError(f"{_shown(name)}: give a name to check, not a wildcard")
     return entry.labels
 
 

@@ -19,6 +19,11 @@ decisions back:
 A chain that starts at an allowed name allows its final addresses; a chain
 that starts elsewhere never gets here, because the question is decided on
 the asked name alone (:func:`keel.egress.allowlist.Allowlist.allows`).
+
+Messages of the common shapes are read by :mod:`keel.egress.dnswire` straight
+from the wire; everything else by dnspython (exact, and ten times slower).
+Both paths give the same decisions; dnspython's objects (``Query.message``,
+``Response.message``) are built only when a reply needs them.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.edns
 import dns.exception
@@ -42,6 +48,7 @@ import dns.rdatatype
 import dns.rdtypes.svcbbase
 import dns.rrset
 
+from keel.egress import dnswire
 from keel.egress.allowlist import Labels, wire_labels
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain is answered SERVFAIL
@@ -53,19 +60,42 @@ HINT_TYPES = (dns.rdatatype.HTTPS, dns.rdatatype.SVCB)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Labels whose text form needs no escaping (dnspython escapes anything else).
+_PLAIN_TEXT = re.compile(rb"[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)*\Z")
+
+
 @dataclass(frozen=True)
 class Query:
     """A client's question, parsed and checked."""
 
-    message: dns.message.Message
-    name: dns.name.Name
-    labels: Labels
+    wire: bytes
+    id: int
+    flags: int
+    labels: Labels  # comparable: lowercased (allowlist.wire_labels)
+    sent_labels: Labels  # as the client wrote them
     rdtype: dns.rdatatype.RdataType
     rdclass: dns.rdataclass.RdataClass
+    question: bytes  # the question section as sent: name, type, class
+    edns: int  # -1: no EDNS
+    ednsflags: int
+    payload: int
+    parsed: dns.message.Message | None = field(default=None, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
+    def message(self) -> dns.message.Message:
+        """dnspython's reading of the question (built when a reply needs it)."""
+        return self.parsed or dns.message.from_wire(self.wire, ignore_trailing=False)
+
+    @functools.cached_property
+    def name(self) -> dns.name.Name:
+        return dns.name.Name((*self.sent_labels, b""))
+
+    @functools.cached_property
     def text(self) -> str:
         """The asked name for people and the ledger (escaped, no trailing dot)."""
+        joined = b".".join(self.labels)
+        if _PLAIN_TEXT.match(joined):
+            return joined.decode("ascii")
         return self.name.to_text(omit_final_dot=True).lower()
 
     @property
@@ -75,17 +105,17 @@ class Query:
     @property
     def max_reply(self) -> int:
         """How large a UDP reply the client accepts."""
-        if self.message.edns >= 0:
-            return max(MIN_CLIENT_PAYLOAD, min(self.message.payload, 65535))
+        if self.edns >= 0:
+            return max(MIN_CLIENT_PAYLOAD, min(self.payload, 65535))
         return MIN_CLIENT_PAYLOAD
 
     @property
     def dnssec_ok(self) -> bool:
-        return bool(self.message.ednsflags & dns.flags.DO)
+        return bool(self.ednsflags & dns.flags.DO)
 
     @property
     def checking_disabled(self) -> bool:
-        return bool(self.message.flags & dns.flags.CD)
+        return bool(self.flags & dns.flags.CD)
 
     def cache_key(self) -> tuple[Labels, int, int, bool, bool]:  # hashable, stable
         return (self.labels, self.rdtype, self.rdclass, self.dnssec_ok, self.checking_disabled)
@@ -113,6 +143,21 @@ def read_query(wire: bytes) -> Query | Refusal | None:
     let a reflection loop run through the proxy), and messages whose header
     cannot even be answered.
     """
+    quick = dnswire.read_query(wire)
+    if quick is not None:
+        return Query(
+            wire=wire,
+            id=quick.id,
+            flags=quick.flags,
+            labels=wire_labels(quick.labels),
+            sent_labels=quick.labels,
+            rdtype=dns.rdatatype.RdataType.make(quick.rdtype),
+            rdclass=dns.rdataclass.IN,
+            question=wire[dnswire.HEADER.size : quick.question_end],
+            edns=quick.edns,
+            ednsflags=quick.ednsflags,
+            payload=quick.payload,
+        )
     try:
         message = dns.message.from_wire(wire, ignore_trailing=False)
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
@@ -128,12 +173,21 @@ def read_query(wire: bytes) -> Query | Refusal | None:
         return Refusal(_reply(message, dns.rcode.REFUSED).to_wire(), "class is not IN")
     if question.rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR, dns.rdatatype.OPT):
         return Refusal(_reply(message, dns.rcode.REFUSED).to_wire(), "zone transfers are refused")
+    name = question.name.to_wire()
+    assert name is not None  # (to_wire without a file returns the bytes)
     return Query(
-        message=message,
-        name=question.name,
+        wire=wire,
+        id=message.id,
+        flags=int(message.flags),
         labels=wire_labels(question.name.labels),
+        sent_labels=question.name.labels[:-1],
         rdtype=dns.rdatatype.RdataType(question.rdtype),
         rdclass=dns.rdataclass.RdataClass(question.rdclass),
+        question=name + struct.pack("!HH", question.rdtype, question.rdclass),
+        edns=message.edns,
+        ednsflags=message.ednsflags,
+        payload=message.payload,
+        parsed=message,
     )
 
 
@@ -156,34 +210,84 @@ def upstream_query(query: Query, query_id: int) -> bytes:
     """
     flags = dns.flags.RD | (dns.flags.CD if query.checking_disabled else 0)
     header = struct.pack("!HHHHHH", query_id, flags, 1, 0, 0, 1)
-    name = query.name.to_wire()
-    assert name is not None  # (to_wire without a file returns the bytes)
-    question = name + struct.pack("!HH", query.rdtype, query.rdclass)
     do_bit = dns.flags.DO if query.dnssec_ok else 0
     opt = b"\0" + struct.pack("!HHIH", dns.rdatatype.OPT, UPSTREAM_PAYLOAD, do_bit, 0)
-    return header + question + opt
+    return header + query.question + opt
 
 
-def matches_question(query: Query, response: dns.message.Message, query_id: int) -> bool:
+@dataclass(frozen=True)
+class Response:
+    """An upstream's message: its bytes and what keel reads of them.
+
+    ``quick`` is :mod:`keel.egress.dnswire`'s reading when the message has the
+    common shape; dnspython's (:attr:`message`) is built only when that is
+    missing or a reply must be encoded anew. A response made from a
+    dnspython message (tests, a cache entry) has no bytes to pass on.
+    """
+
+    wire: bytes | None
+    quick: dnswire.QuickResponse | None = None
+    parsed: dns.message.Message | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def message(self) -> dns.message.Message:
+        if self.parsed is not None:
+            return self.parsed
+        assert self.wire is not None
+        return dns.message.from_wire(self.wire)
+
+    @property
+    def id(self) -> int:
+        return self.quick.id if self.quick is not None else self.message.id
+
+    @property
+    def flags(self) -> int:
+        return self.quick.flags if self.quick is not None else int(self.message.flags)
+
+    @property
+    def rcode(self) -> int:
+        return int(dns.rcode.NOERROR) if self.quick is not None else int(self.message.rcode())
+
+    @classmethod
+    def of(cls, response: Response | dns.message.Message, wire: bytes | None = None) -> Response:
+        if isinstance(response, Response):
+            return response
+        return cls(wire, None, response)
+
+
+def parse_response(wire: bytes) -> Response | None:
+    """An upstream's message, or None when it does not parse."""
+    quick = dnswire.read_response(wire)
+    if quick is not None:
+        return Response(wire, quick)
+    try:
+        message = dns.message.from_wire(wire)
+    except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
+        return None
+    return Response(wire, None, message)
+
+
+def matches_question(query: Query, response: Response | dns.message.Message, query_id: int) -> bool:
     """Whether ``response`` answers what was asked (id, QR and the question echoed)."""
+    response = Response.of(response)
     if response.id != query_id or not response.flags & dns.flags.QR:
         return False
-    if len(response.question) != 1:
+    quick = response.quick
+    if quick is not None:
+        return (quick.question, quick.rdtype, quick.rdclass) == (
+            query.labels,
+            query.rdtype,
+            query.rdclass,
+        )
+    message = response.message
+    if len(message.question) != 1:
         return False
-    echoed = response.question[0]
+    echoed = message.question[0]
     return (
         echoed.name == query.name
         and echoed.rdtype == query.rdtype
         and echoed.rdclass == query.rdclass
     )
-
-
-def parse_response(wire: bytes) -> dns.message.Message | None:
-    """An upstream's message, or None when it does not parse."""
-    try:
-        return dns.message.from_wire(wire)
-    except (dns.exception.DNSException, ValueError, IndexError, UnicodeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -205,24 +309,30 @@ class Answer:
     """
 
     query: Query
-    response: dns.message.Message
-    names: tuple[dns.name.Name, ...]  # the chain followed, the asked name first
-    answer: tuple[dns.rrset.RRset, ...]  # what is kept of the answer section
-    authority: tuple[dns.rrset.RRset, ...]
+    response: Response
+    names: tuple[Labels, ...]  # the chain followed, the asked name first
     rcode: int
     addresses: tuple[Address, ...]
     verbatim: bytes | None = None
+    # What is kept of the answer and authority sections (dnspython's reading);
+    # None: all of the answer section, none of the authority (a quick answer).
+    answer: tuple[dns.rrset.RRset, ...] | None = None
+    authority: tuple[dns.rrset.RRset, ...] = ()
 
     @functools.cached_property
     def chain(self) -> tuple[str, ...]:
-        return tuple(name.to_text(omit_final_dot=True).lower() for name in self.names)
+        return tuple(
+            dns.name.Name((*labels, b"")).to_text(omit_final_dot=True).lower()
+            for labels in self.names
+        )
 
     @functools.cached_property
     def reply(self) -> dns.message.Message:
         reply = dns.message.make_response(self.query.message, our_payload=UPSTREAM_PAYLOAD)
         reply.flags |= self.response.flags & (dns.flags.RA | dns.flags.AD)
         reply.set_rcode(dns.rcode.Rcode(self.rcode))
-        reply.answer = list(self.answer)
+        kept = self.answer if self.answer is not None else self.response.message.answer
+        reply.answer = list(kept)
         reply.authority = list(self.authority)
         return reply
 
@@ -238,16 +348,14 @@ def _hints(rrset: dns.rrset.RRset) -> list[IPAddress]:
     return found
 
 
-def follow_chain(
-    start: dns.name.Name, answer: list[dns.rrset.RRset]
-) -> tuple[list[dns.name.Name], bool]:
-    """The names from ``start`` along the CNAMEs of ``answer``; False when it loops or is too long."""
-    cnames = {rrset.name: rrset for rrset in answer if rrset.rdtype == dns.rdatatype.CNAME}
+def follow_chain(start: Labels, cnames: dict[Labels, Labels]) -> tuple[list[Labels], bool]:
+    """The names from ``start`` along ``cnames`` (owner -> target, comparable labels);
+    False when the chain loops or is too long."""
     chain = [start]
     seen = {start}
     current = start
     while current in cnames:
-        target: dns.name.Name = cnames[current][0].target
+        target = cnames[current]
         if target in seen or len(chain) > MAX_CHAIN:
             return chain, False
         chain.append(target)
@@ -256,23 +364,74 @@ def follow_chain(
     return chain, True
 
 
-def read_answer(query: Query, response: dns.message.Message, wire: bytes | None = None) -> Answer:
-    """Shape the upstream's response for the client and list the addresses it allows.
+def _comparable(name: dns.name.Name) -> Labels:
+    return wire_labels(name.labels)
 
-    Only records of names on the chain that starts at the asked name are
-    kept (a resolver that adds records of other names does not get them
-    into the sets, nor to the client); the authority section keeps SOA and
-    NS (negative caching); additional records are dropped. ``wire`` is the
-    response as received: when nothing is dropped it is what the client gets.
+
+def _verbatim(query: Query, wire: bytes, opt_at: int | None) -> bytes:
+    """The upstream's bytes as the client may get them: without an OPT record
+    when the client sent none (RFC 6891, section 7)."""
+    if opt_at is not None and query.edns < 0:
+        return dnswire.without_opt(wire, opt_at)
+    return wire
+
+
+def _quick_answer(query: Query, quick: dnswire.QuickResponse, wire: bytes) -> Answer | None:
+    """The answer from a quick reading, or None when the slow path must shape it.
+
+    Records are grouped as dnspython groups them into RRsets (by owner and
+    type; an RRset's TTL is its smallest); only answers whose records all lie
+    on a complete chain are taken here (the common case): the others lose
+    records, or are SERVFAIL, and go through :func:`_slow_answer`.
     """
-    chain, complete = follow_chain(query.name, response.answer)
+    groups: dict[tuple[Labels, int], list[dnswire.Record]] = {}
+    for record in quick.records:
+        groups.setdefault((record.owner, record.rdtype), []).append(record)
+    cnames: dict[Labels, Labels] = {}
+    for (owner, rdtype), records in groups.items():
+        if rdtype == dnswire.TYPE_CNAME:
+            if len(records) > 1:
+                return None  # a CNAME RRset of several records: dnspython keeps the last
+            assert records[0].target is not None
+            cnames[owner] = records[0].target
+    chain, complete = follow_chain(query.labels, cnames)
+    on_chain = set(chain)
+    if not complete or any(owner not in on_chain for owner, _ in groups):
+        return None
+    addresses: dict[IPAddress, int] = {}
+    for (_owner, rdtype), records in groups.items():
+        if rdtype == dnswire.TYPE_CNAME:
+            continue
+        ttl = min(record.ttl for record in records)
+        for record in records:
+            assert record.address is not None
+            addresses[record.address] = max(addresses.get(record.address, 0), ttl)
+    asked = query.text
+    return Answer(
+        query=query,
+        response=Response(wire, quick),
+        names=tuple(chain),
+        rcode=int(dns.rcode.NOERROR),
+        addresses=tuple(Address(a, ttl, asked) for a, ttl in addresses.items()),
+        verbatim=_verbatim(query, wire, quick.opt_at),
+    )
+
+
+def _slow_answer(query: Query, response: Response) -> Answer:
+    message = response.message
+    cnames = {
+        _comparable(rrset.name): _comparable(rrset[0].target)
+        for rrset in message.answer
+        if rrset.rdtype == dns.rdatatype.CNAME
+    }
+    chain, complete = follow_chain(query.labels, cnames)
     if not complete:
-        return Answer(query, response, tuple(chain), (), (), dns.rcode.SERVFAIL, ())
+        return Answer(query, response, tuple(chain), dns.rcode.SERVFAIL, (), answer=())
     on_chain = set(chain)
     addresses: dict[IPAddress, int] = {}
     kept: list[dns.rrset.RRset] = []
-    for rrset in response.answer:
-        if rrset.name not in on_chain:
+    for rrset in message.answer:
+        if _comparable(rrset.name) not in on_chain:
             continue
         kept.append(rrset)
         found: list[IPAddress] = []
@@ -284,31 +443,53 @@ def read_answer(query: Query, response: dns.message.Message, wire: bytes | None 
             addresses[address] = max(addresses.get(address, 0), int(rrset.ttl))
     authority = tuple(
         rrset
-        for rrset in response.authority
+        for rrset in message.authority
         if rrset.rdtype in (dns.rdatatype.SOA, dns.rdatatype.NS)
     )
     untouched = (
-        len(kept) == len(response.answer)
-        and len(authority) == len(response.authority)
-        and not response.additional
+        response.wire is not None
+        and len(kept) == len(message.answer)
+        and len(authority) == len(message.authority)
+        and not message.additional
+        and (message.opt is None or query.edns >= 0)
     )
     asked = query.text
     return Answer(
         query=query,
         response=response,
         names=tuple(chain),
+        rcode=int(message.rcode()),
+        addresses=tuple(Address(a, ttl, asked) for a, ttl in addresses.items()),
+        verbatim=response.wire if untouched else None,
         answer=tuple(kept),
         authority=authority,
-        rcode=int(response.rcode()),
-        addresses=tuple(Address(a, ttl, asked) for a, ttl in addresses.items()),
-        verbatim=wire if untouched else None,
     )
+
+
+def read_answer(
+    query: Query, response: Response | dns.message.Message, wire: bytes | None = None
+) -> Answer:
+    """Shape the upstream's response for the client and list the addresses it allows.
+
+    Only records of names on the chain that starts at the asked name are
+    kept (a resolver that adds records of other names does not get them
+    into the sets, nor to the client); the authority section keeps SOA and
+    NS (negative caching); additional records are dropped. ``wire`` is the
+    response as received (given with a dnspython message): when nothing is
+    dropped it is what the client gets.
+    """
+    response = Response.of(response, wire)
+    if response.quick is not None and response.wire is not None:
+        answer = _quick_answer(query, response.quick, response.wire)
+        if answer is not None:
+            return answer
+    return _slow_answer(query, response)
 
 
 def reply_wire(answer: Answer, *, max_size: int) -> bytes:
     """The reply in at most ``max_size`` bytes; too large sets TC (the client retries over TCP)."""
     if answer.verbatim is not None and len(answer.verbatim) <= max_size:
-        return answer.query.message.id.to_bytes(2, "big") + answer.verbatim[2:]
+        return answer.query.id.to_bytes(2, "big") + answer.verbatim[2:]
     try:
         return answer.reply.to_wire(max_size=max_size)
     except dns.exception.TooBig:
@@ -325,14 +506,18 @@ def reply_wire(answer: Answer, *, max_size: int) -> bytes:
 # --- the cache ---------------------------------------------------------------
 
 
-def cache_ttl(response: dns.message.Message) -> int:
+def cache_ttl(response: Response | dns.message.Message) -> int:
     """How long a response may be reused: its smallest TTL; negative answers by their SOA."""
-    rcode = response.rcode()
-    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or response.flags & dns.flags.TC:
+    response = Response.of(response)
+    if response.quick is not None:  # NOERROR with answers, never truncated
+        return min(record.ttl for record in response.quick.records)
+    message = response.message
+    rcode = message.rcode()
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or message.flags & dns.flags.TC:
         return 0
-    if response.answer and rcode == dns.rcode.NOERROR:
-        return min(int(rrset.ttl) for rrset in response.answer)
-    for rrset in response.authority:
+    if message.answer and rcode == dns.rcode.NOERROR:
+        return min(int(rrset.ttl) for rrset in message.answer)
+    for rrset in message.authority:
         if rrset.rdtype == dns.rdatatype.SOA:
             return min(int(rrset.ttl), int(rrset[0].minimum))
     return 0
@@ -341,8 +526,26 @@ def cache_ttl(response: dns.message.Message) -> int:
 @dataclass
 class _Cached:
     wire: bytes
+    quick: dnswire.QuickResponse | None
     stored: float
     expires: float
+
+
+def _aged(wire: bytes, quick: dnswire.QuickResponse, age: int) -> Response | None:
+    """A quick response with every TTL lowered by ``age`` (the RRset's, as dnspython would)."""
+    smallest: dict[tuple[Labels, int], int] = {}
+    for record in quick.records:
+        key = (record.owner, record.rdtype)
+        smallest[key] = min(smallest.get(key, record.ttl), record.ttl)
+    patched = dnswire.with_ttls(
+        wire,
+        [
+            (record.ttl_at, max(0, smallest[record.owner, record.rdtype] - age))
+            for record in quick.records
+        ],
+    )
+    again = dnswire.read_response(patched)
+    return Response(patched, again) if again is not None else None
 
 
 class AnswerCache:
@@ -366,18 +569,23 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, query: Query, response: dns.message.Message, wire: bytes) -> None:
+    def put(
+        self, query: Query, response: Response | dns.message.Message, wire: bytes | None = None
+    ) -> None:
+        response = Response.of(response, wire)
+        if response.wire is None:
+            return
         ttl = min(cache_ttl(response), self.max_ttl)
         if ttl <= 0 or self.max_entries <= 0:
             return
         now = self.clock()
         key = query.cache_key()
-        self._entries[key] = _Cached(wire, now, now + ttl)
+        self._entries[key] = _Cached(response.wire, response.quick, now, now + ttl)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def get(self, query: Query) -> dns.message.Message | None:
+    def get(self, query: Query) -> Response | None:
         key = query.cache_key()
         entry = self._entries.get(key)
         now = self.clock()
@@ -387,14 +595,20 @@ class AnswerCache:
             self.misses += 1
             return None
         self._entries.move_to_end(key)
+        age = int(now - entry.stored)
+        if entry.quick is not None:
+            aged = _aged(entry.wire, entry.quick, age)
+            if aged is not None:
+                self.hits += 1
+                return aged
         message = parse_response(entry.wire)
         if message is None:  # cannot happen: only parsed responses are stored
             del self._entries[key]
             self.misses += 1
             return None
-        age = int(now - entry.stored)
-        for section in (message.answer, message.authority):
+        parsed = message.message
+        for section in (parsed.answer, parsed.authority):
             for rrset in section:
                 rrset.ttl = max(0, int(rrset.ttl) - age)
         self.hits += 1
-        return message
+        return Response(None, None, parsed)

@@ -94,9 +94,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     sets = commands.add_parser(
         "sets",
-        help="the addresses in AGENT's sets, with seconds left and the name they came from",
+        help="the addresses in AGENT's sets, with seconds left and the names they came from",
         description="List what keel put into AGENT's nftables sets (address, seconds left, "
-        "the name the agent asked for).",
+        "every name the agent asked for that led to it, oldest first).",
     )
     sets.add_argument("agent", metavar="AGENT")
     sets.add_argument("--socket", type=Path, metavar="PATH", help=socket_help)
@@ -229,7 +229,10 @@ def _sets(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print_table(
-        ["address", "expires", "name"],
-        [[e["address"], f"{e['expires']}s", e["name"]] for e in result["elements"]],
+        ["address", "expires", "names"],
+        [
+            [e["address"], f"{e['expires']}s", " ".join(e.get("names") or [e["name"]])]
+            for e in result["elements"]
+        ],
     )
     return 0

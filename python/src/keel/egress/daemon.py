@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from keel.api import Handler, Peer
 from keel.egress import nft, ruleset
-from keel.egress.answers import AnswerCache
+from keel.egress.answers import AnswerCache, IPAddress
 from keel.egress.config import AgentEgress, EgressConfig, resolve_uids
 from keel.egress.denials import Aggregator, BlockedFlow, DeniedName, Event, Observations, suggest
 from keel.egress.netlink import SetWriter
 from keel.egress.nflog import NflogListener
 from keel.egress.proxy import AgentListeners, Proxy, UpstreamClient
-from keel.egress.sets import SetBook
+from keel.egress.sets import SetBook, names_of
 from keel.errors import KeelError, UsageError
 from keel.service import Daemon, Shell
 
@@ -54,6 +55,7 @@ class Egress(Daemon):
         self.rules_applied: float | None = None
         self.sets_adopted: float | None = None  # when the kernel's elements were read
         self.rule_count = 0
+        self.removed_on_apply = 0  # addresses no longer allowed, taken out with the rules
 
     # --- lifecycle --------------------------------------------------------
 
@@ -144,7 +146,13 @@ class Egress(Daemon):
 
     def rule_agents(self) -> list[ruleset.AgentRules]:
         return [
-            ruleset.AgentRules(name, self.uids[name], agent.port, agent.enforced)
+            ruleset.AgentRules(
+                name,
+                self.uids[name],
+                agent.port,
+                agent.enforced,
+                ruleset.allowlist_fingerprint(agent.allow.texts()),
+            )
             for name, agent in sorted(self.config.agents.items())
         ]
 
@@ -155,18 +163,34 @@ class Egress(Daemon):
             return False
 
     def apply_rules(self) -> None:
-        """Replace the table's rules, keeping its sets and whatever they hold.
+        """Replace the table's rules, keeping its sets and what they hold that is still allowed.
 
         The listing is terse (no elements), so this takes the same time with
-        a hundred addresses or a hundred thousand; the book learns the
-        elements afterwards (:meth:`_adopt_sets`) and, until then, replaces
-        rather than adds.
+        a hundred addresses or a hundred thousand; only the sets of agents
+        whose allowlist changed since their elements were written are read,
+        and what those no longer allow leaves in the same transaction as the
+        old rules (no moment exists in which the new rules accept it). The
+        book learns the elements afterwards (:meth:`_adopt_sets`) and, until
+        then, replaces rather than adds.
         """
         agents = self.rule_agents()
         last: KeelError | None = None
         for _ in range(APPLY_ATTEMPTS):
             current = nft.list_table(elements=False)
-            document = ruleset.replace(agents, log_group=self.config.log_group, current=current)
+            changed = ruleset.unvouched(current, agents)
+            stale: dict[str, list[IPAddress]] = {}
+            refill: dict[str, list[ruleset.Element]] = {}
+            if changed:
+                listed = nft.list_sets(
+                    [ruleset.set_name(agent.name, family) for agent in changed for family in (4, 6)]
+                )
+                stale = ruleset.stale_elements(listed, changed, self._still_allowed)
+                for name, gone in stale.items():
+                    dropped = set(gone)
+                    refill[name] = [e for e in listed.sets[name] if e.address not in dropped]
+            document = ruleset.replace(
+                agents, log_group=self.config.log_group, current=current, refill=refill
+            )
             try:
                 nft.apply(document)
             except KeelError as exc:
@@ -174,6 +198,9 @@ class Egress(Daemon):
                 continue
             self.rule_count = ruleset.rule_count(document)
             self.rules_applied = time.time()
+            for name, gone in stale.items():
+                self.book.forget(ruleset.agent_of_set(name), gone)
+                self.removed_on_apply += len(gone)
             for name in self.config.agents:
                 self.book.expect(name)
             return
@@ -215,7 +242,7 @@ class Egress(Daemon):
                     set_name = ruleset.set_name(name, family)
                     gone = set(stale.get(set_name, ()))
                     elements += [
-                        (e.address, e.expires, e.comment)
+                        (e.address, e.expires, names_of(e.comment)[0])
                         for e in current.sets.get(set_name, [])
                         if e.address not in gone
                     ]
@@ -224,6 +251,8 @@ class Egress(Daemon):
                 self.book.adopt(name, elements, listed=listed)
                 kept += len(elements)
             self.sets_adopted = time.time()
+            removed += self.removed_on_apply
+            self.removed_on_apply = 0
             self._record(
                 "egress.rules", "adopted", {"kept_addresses": kept, "removed_addresses": removed}
             )
@@ -333,6 +362,9 @@ class Egress(Daemon):
             "min_ttl": self.config.min_ttl,
             "grace": self.config.grace,
             "on_stop": self.config.on_stop,
+            # The daemon's CPU time so far: divided by the queries answered, what
+            # an answer costs whatever the machine's load (bench/egress/run.py).
+            "cpu_seconds": _cpu_seconds(),
             "cache": {
                 "entries": len(self.cache),
                 "hits": self.cache.hits,
@@ -380,12 +412,19 @@ class Egress(Daemon):
         }
 
     async def sets(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        """What keel put into an agent's sets: address, seconds left, name."""
+        """What keel put into an agent's sets: address, seconds left, the names it is open for."""
         agent = self._agent_arg(args)
         return {
             "agent": agent.name,
             "elements": [
-                {"address": str(address), "expires": left, "name": name}
-                for address, left, name in self.book.entries(agent.name)
+                # name: the latest name it was opened for; names: all of them, oldest first.
+                {"address": str(address), "expires": left, "name": names[-1], "names": list(names)}
+                for address, left, names in self.book.entries(agent.name)
+                if names
             ],
         }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)

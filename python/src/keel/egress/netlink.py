@@ -19,10 +19,11 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from keel.egress.answers import IPAddress
 from keel.egress.ruleset import FAMILY, TABLE, set_name
-from keel.egress.sets import Insert
+from keel.egress.sets import MAX_TIMEOUT, Insert, family_of
 from keel.errors import KeelError
 
 NETLINK_NETFILTER = 12
@@ -30,12 +31,14 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
 NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
 NFPROTO_INET = 1
 
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -44,6 +47,7 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_EXPIRATION = 5
 NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
@@ -79,7 +83,7 @@ def element(insert: Insert, *, with_data: bool) -> bytes:
     parts = [_nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, insert.address.packed))]
     if with_data:
         parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", insert.timeout * 1000)))
-        parts.append(_attr(NFTA_SET_ELEM_USERDATA, _comment(insert.name)))
+        parts.append(_attr(NFTA_SET_ELEM_USERDATA, _comment(insert.comment)))
     return _nested(NFTA_LIST_ELEM, *parts)
 
 
@@ -149,6 +153,70 @@ def read_acks(data: bytes) -> dict[int, int]:
     return results
 
 
+def get_request(agent: str, address: IPAddress, seq: int) -> bytes:
+    """``NFT_MSG_GETSETELEM`` for one address of the agent's set (what ``nft get element`` sends)."""
+    key = _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, address.packed))
+    body = _elements_body(set_name(agent, family_of(address)), [_nested(NFTA_LIST_ELEM, key)])
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+    return _message(kind, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+
+
+def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4 or offset + length > len(data):
+            return
+        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _element_found(payload: bytes) -> tuple[float, str]:
+    """(seconds left, comment) of the first element of a ``NFT_MSG_NEWSETELEM`` body."""
+    left, comment = float(2 * MAX_TIMEOUT), ""  # no expiration: an element without timeout
+    for kind, value in _attributes(payload):
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for _, element in _attributes(value):
+            for field, content in _attributes(element):
+                if field == NFTA_SET_ELEM_EXPIRATION and len(content) == 8:
+                    left = struct.unpack(">Q", content)[0] / 1000
+                elif field == NFTA_SET_ELEM_USERDATA:
+                    comment = _read_comment(content)
+            return left, comment
+    return left, comment
+
+
+def _read_comment(userdata: bytes) -> str:
+    offset = 0
+    while offset + 2 <= len(userdata):
+        kind, length = userdata[offset], userdata[offset + 1]
+        value = userdata[offset + 2 : offset + 2 + length]
+        if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
+            return value.rstrip(b"\0").decode("ascii", "replace")
+        offset += 2 + length
+    return ""
+
+
+def read_reply(data: bytes, seq: int) -> tuple[int | None, tuple[float, str] | None]:
+    """From the messages in ``data``: the acknowledgement's errno for ``seq`` (None when it
+    has not come yet) and the element the kernel sent back, if any."""
+    code: int | None = None
+    found: tuple[float, str] | None = None
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _flags, message_seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        if length < 16:
+            break
+        if message_seq == seq:
+            if kind == NLMSG_ERROR and length >= 20:
+                code = -struct.unpack_from("=i", data, offset + 16)[0]
+            elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                found = _element_found(data[offset + 20 : offset + length])
+        offset += (length + 3) & ~3
+    return code, found
+
+
 class SetWriter:
     """One nfnetlink socket that writes agents' set elements (in the current network namespace)."""
 
@@ -164,6 +232,41 @@ class SetWriter:
     def close(self) -> None:
         self._sock.close()
 
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.send(data)
+        except OSError as exc:
+            raise NetlinkError(
+                f"cannot write to nfnetlink: {exc.strerror}", exc.errno or 0
+            ) from None
+
+    def _recv(self) -> bytes:
+        try:
+            return self._sock.recv(65536)
+        except TimeoutError:
+            raise NetlinkError("no answer from nfnetlink", errno.ETIMEDOUT) from None
+        except OSError as exc:
+            raise NetlinkError(f"nfnetlink: {exc.strerror}", exc.errno or 0) from None
+
+    def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None:
+        """(seconds left, comment) of ``address`` in the agent's set, or None when absent."""
+        seq = self._seq
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        self._send(get_request(agent, address, seq))
+        found: tuple[float, str] | None = None
+        while True:
+            code, element = read_reply(self._recv(), seq)
+            found = found or element
+            if code is not None:
+                break
+        if code == errno.ENOENT:
+            return None
+        if code:
+            raise NetlinkError(
+                f"the kernel would not read {address} for {agent}: {os.strerror(code)}", code
+            )
+        return found
+
     def write(self, agent: str, inserts: Sequence[Insert]) -> None:
         """Commit ``inserts`` in one transaction; returns once the kernel holds them.
 
@@ -174,22 +277,11 @@ class SetWriter:
             return
         data, acked, used = batch(agent, inserts, self._seq)
         self._seq = (self._seq + used) & 0x7FFFFFFF or 1
-        try:
-            self._sock.send(data)
-        except OSError as exc:
-            raise NetlinkError(
-                f"cannot write to nfnetlink: {exc.strerror}", exc.errno or 0
-            ) from None
+        self._send(data)
         waiting = set(acked)
         failure = 0
         while waiting:
-            try:
-                reply = self._sock.recv(65536)
-            except TimeoutError:
-                raise NetlinkError("no answer from nfnetlink", errno.ETIMEDOUT) from None
-            except OSError as exc:
-                raise NetlinkError(f"nfnetlink: {exc.strerror}", exc.errno or 0) from None
-            for seq, code in read_acks(reply).items():
+            for seq, code in read_acks(self._recv()).items():
                 if seq in waiting:
                     waiting.discard(seq)
                     failure = failure or code

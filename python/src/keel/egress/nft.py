@@ -73,3 +73,28 @@ def list_table(*, elements: bool = True) -> Table | None:
         return read_table(json.loads(out))
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise NftError(f"nft -j list table {FAMILY} {TABLE}: unreadable output ({exc})") from None
+
+
+MAX_SETS_ONE_BY_ONE = 16  # more sets than this are read with the whole table
+
+
+def list_sets(names: list[str]) -> Table:
+    """Some of keel's sets with their elements (one ``nft list set`` each, or the whole
+    table when there are many); a set that is not there is left out."""
+    if len(names) > MAX_SETS_ONE_BY_ONE:
+        return list_table() or Table()
+    found = Table()
+    for name in names:
+        try:
+            out = _run(["-j", "list", "set", FAMILY, TABLE, name])
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                continue
+            raise
+        try:
+            found.sets.update(read_table(json.loads(out)).sets)
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise NftError(
+                f"nft -j list set {FAMILY} {TABLE} {name}: unreadable output ({exc})"
+            ) from None
+    return found

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import dns.flags
-import dns.message
 import dns.rcode
 
 from keel.egress.answers import (
     AnswerCache,
+    IPAddress,
     Query,
     Refusal,
+    Response,
     denial,
     matches_question,
     parse_response,
@@ -45,7 +46,7 @@ from keel.egress.answers import (
 from keel.egress.config import AgentEgress, Upstream
 from keel.egress.denials import DeniedName
 from keel.egress.netlink import NetlinkError
-from keel.egress.sets import Insert, SetBook
+from keel.egress.sets import Insert, SetBook, names_of
 
 log = logging.getLogger("keel.egress.proxy")
 
@@ -95,10 +96,20 @@ def _percentiles(samples: collections.deque[float]) -> dict[str, float] | None:
 
 
 class SetInserter(Protocol):
-    """What the proxy needs of the kernel: write one agent's elements, atomically
-    (:class:`keel.egress.netlink.SetWriter`), raising NetlinkError when refused."""
+    """What the proxy needs of the kernel (:class:`keel.egress.netlink.SetWriter`): write
+    one agent's elements, atomically; read one element (seconds left, comment; None
+    when absent). Both raise NetlinkError when refused."""
 
     def write(self, agent: str, inserts: Sequence[Insert]) -> None: ...
+
+    def read(self, agent: str, address: IPAddress) -> tuple[float, str] | None: ...
+
+
+@dataclass
+class Waited:
+    """Seconds one exchange spent waiting for resolvers (keel's own time is the rest)."""
+
+    seconds: float = 0.0
 
 
 class UpstreamClient:
@@ -112,37 +123,37 @@ class UpstreamClient:
         self.rng = rng or random.SystemRandom()
         self.preferred = 0
 
-    async def exchange(self, query: Query) -> tuple[dns.message.Message, bytes] | None:
-        """The first usable answer from a resolver, or None when none gave one."""
+    async def exchange(self, query: Query) -> tuple[Response, float] | None:
+        """The first usable answer from a resolver and the seconds spent waiting for
+        resolvers, or None when none gave one."""
         count = len(self.servers)
+        waited = Waited()
         for step in range(count):
             index = (self.preferred + step) % count
             server = self.servers[index]
             try:
-                result = await self._ask(server, query)
+                result = await self._ask(server, query, waited)
             except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
                 log.debug("upstream %s: %s", server, exc)
                 continue
             if result is not None:
                 self.preferred = index
-                return result
+                return result, waited.seconds
         return None
 
-    async def _ask(
-        self, server: Upstream, query: Query
-    ) -> tuple[dns.message.Message, bytes] | None:
+    async def _ask(self, server: Upstream, query: Query, waited: Waited) -> Response | None:
         query_id = self.rng.randrange(65536)
         wire = upstream_query(query, query_id)
-        response = await self._udp(server, query, wire, query_id)
-        if response is not None and response[0].flags & dns.flags.TC:
-            response = await self._tcp(server, query, wire, query_id)
-        if response is not None and response[0].rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
+        response = await self._udp(server, query, wire, query_id, waited)
+        if response is not None and response.flags & dns.flags.TC:
+            response = await self._tcp(server, query, wire, query_id, waited)
+        if response is not None and response.rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED):
             return None
         return response
 
     async def _udp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int
-    ) -> tuple[dns.message.Message, bytes] | None:
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: Waited
+    ) -> Response | None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
@@ -151,29 +162,37 @@ class UpstreamClient:
             await loop.sock_sendall(sock, wire)
             async with asyncio.timeout(self.timeout):
                 while True:
-                    data = await loop.sock_recv(sock, MAX_MESSAGE)
+                    began = time.perf_counter()
+                    try:
+                        data = await loop.sock_recv(sock, MAX_MESSAGE)
+                    finally:
+                        waited.seconds += time.perf_counter() - began
                     response = parse_response(data)
                     if response is not None and matches_question(query, response, query_id):
-                        return response, data
+                        return response
 
     async def _tcp(
-        self, server: Upstream, query: Query, wire: bytes, query_id: int
-    ) -> tuple[dns.message.Message, bytes] | None:
-        async with asyncio.timeout(self.timeout):
-            reader, writer = await asyncio.open_connection(server.host, server.port)
-            try:
-                writer.write(struct.pack("!H", len(wire)) + wire)
-                await writer.drain()
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                data = await reader.readexactly(length)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+        self, server: Upstream, query: Query, wire: bytes, query_id: int, waited: Waited
+    ) -> Response | None:
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                try:
+                    writer.write(struct.pack("!H", len(wire)) + wire)
+                    await writer.drain()
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        finally:
+            waited.seconds += time.perf_counter() - began
         response = parse_response(data)
         if response is None or not matches_question(query, response, query_id):
             return None
-        return response, data
+        return response
 
 
 @dataclass
@@ -213,19 +232,19 @@ class Proxy:
             if agent.enforced:
                 return denial(query)
         response = self.cache.get(query)
-        raw: bytes | None = None  # a cached answer's TTLs were lowered: encode it anew
         if response is None:
             asked = time.perf_counter()
             fetched = await self.upstream.exchange(query)
-            waited = time.perf_counter() - asked
-            counters.upstream.append(waited)
             if fetched is None:
+                counters.upstream.append(time.perf_counter() - asked)
                 counters.upstream_failures += 1
                 return server_failure(query)
-            response, raw = fetched
-            self.cache.put(query, response, raw)
-        answer = read_answer(query, response, raw)
+            response, waited = fetched
+            counters.upstream.append(waited)
+            self.cache.put(query, response)
+        answer = read_answer(query, response)
         if allowed and answer.addresses:
+            self._learn(agent.name, [a.address for a in answer.addresses])
             inserts = self.book.plan(agent.name, answer.addresses)
             if not self._insert(agent.name, inserts):
                 counters.insert_failures += 1
@@ -233,6 +252,19 @@ class Proxy:
         reply = reply_wire(answer, max_size=MAX_MESSAGE if tcp else query.max_reply)
         counters.work.append(time.perf_counter() - began - waited)
         return reply
+
+    def _learn(self, agent: str, addresses: list[IPAddress]) -> None:
+        """Read from the kernel what a restart left of addresses the book does not know yet,
+        so that rewriting them keeps the names they were opened for."""
+        for address in self.book.unknown(agent, addresses):
+            try:
+                found = self.inserter.read(agent, address)
+            except NetlinkError as exc:
+                log.warning("cannot read %s for %s: %s", address, agent, exc)
+                continue
+            self.book.learn(
+                agent, address, None if found is None else (found[0], names_of(found[1])[0])
+            )
 
     def _insert(self, agent: str, inserts: list[Insert]) -> bool:
         if not inserts:

@@ -3,12 +3,21 @@
 Everything egress puts in the kernel lives in one table, ``inet keel``; no
 other table is read or written. Per agent (matched on ``meta skuid``):
 
+- ``zones`` (raw, output, priority -300): its packets other than TCP are
+  tracked in a conntrack zone of its own (original direction), so that it
+  can never ride on a UDP or ICMP flow someone else opened by sending from
+  the same port to the same address (it would pass as "established");
 - ``redirect`` (nat, output, priority -100): its DNS (UDP and TCP port 53, to
   any resolver) goes to its proxy port on loopback;
 - ``output`` (filter, output, priority 0): established and related traffic
-  passes; a verdict map on the uid jumps to the agent's own chain, so a
+  in its original direction passes (a flow the sender opened: its zone makes
+  it the agent's own), and TCP in either direction (conntrack's TCP tracking
+  gives a connection's packets to its own socket only: replies of an agent's
+  servers); a verdict map on the uid jumps to the agent's own chain, so a
   packet costs one hash lookup however many agents there are (other users'
-  packets find no entry and pass untouched);
+  packets find no entry and pass untouched). An agent's UDP sent as the
+  "reply" of a flow it did not open (an unsolicited datagram from outside,
+  answered) goes through its chain like anything new;
 - ``agent_<name>``: addresses in ``<name>_v4`` / ``<name>_v6`` (sets with
   per-element timeouts, filled by the proxy) pass, so does its DNS to its own
   proxy; everything else (other resolvers, DoT on 853, QUIC on UDP 443,
@@ -19,25 +28,34 @@ other table is read or written. Per agent (matched on ``meta skuid``):
 :func:`replace` builds the transaction that turns whatever the table holds
 now (:class:`Table`, read from ``nft -j list table``) into that, atomically:
 it flushes and rewrites the chains but keeps the sets and their elements
-(a restarted daemon keeps what agents already resolved) and deletes the sets
-and chains of agents that are gone. :func:`delete_elements` then takes out,
-in a transaction of its own, what the new allowlists no longer cover
-(:func:`stale_elements`). Pure: no I/O.
+(a restarted daemon keeps what agents already resolved), deletes the sets
+and chains of agents that are gone and, in the same transaction, the
+elements the new allowlists no longer cover (:func:`stale_elements`), so
+that no moment exists in which the new rules accept an address of a name
+that was dropped. Which agents' sets must be read for that is told by a
+counter per agent, ``<name>_allow_<fingerprint>``, that names the allowlist
+its elements were opened under (:func:`unvouched`): a restart with the same
+allowlists serves at once, whatever the sets hold. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from keel.egress.answers import IPAddress
+from keel.egress.sets import names_of
 
 FAMILY = "inet"
 TABLE = "keel"
+ZONES_CHAIN = "zones"
 REDIRECT_CHAIN = "redirect"
 OUTPUT_CHAIN = "output"
+ZONE_BASE = 51000  # agents' conntrack zones: ZONE_BASE + 1, + 2, ... in the order of their names
 LOG_RATE = 10  # log lines per second per agent (the ledger aggregates further)
 LOG_BURST = 20
 LOG_PREFIX = "keel-egress"  # NFLOG prefix: "keel-egress <agent> <mode>"
@@ -53,6 +71,13 @@ class AgentRules:
     uid: int
     port: int
     enforced: bool
+    fingerprint: str = ""  # of the allowlist (allowlist_fingerprint); "" for none
+
+
+def allowlist_fingerprint(entries: Iterable[str]) -> str:
+    """A short, stable digest of an allowlist (its entries in canonical form, any order)."""
+    text = "\n".join(sorted(set(entries)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def chain_name(agent: str) -> str:
@@ -65,6 +90,11 @@ def set_name(agent: str, family: int) -> str:
 
 def counter_name(agent: str) -> str:
     return f"{agent}_blocked"
+
+
+def fingerprint_counter(agent: str, fingerprint: str) -> str:
+    """The counter whose name says which allowlist the agent's elements were opened under."""
+    return f"{agent}_allow_{fingerprint}"
 
 
 def log_prefix(agent: str, enforced: bool) -> str:
@@ -193,12 +223,33 @@ def agent_rules(agent: AgentRules, log_group: int) -> list[Json]:
     ]
 
 
+def conntrack_zones(agents: Sequence[AgentRules]) -> dict[str, int]:
+    """Each agent's conntrack zone: its own, distinct from every other agent's and from
+    the zone 0 everyone else's flows are tracked in."""
+    return {a.name: ZONE_BASE + i for i, a in enumerate(sorted(agents, key=lambda a: a.name), 1)}
+
+
 def wanted_objects(agents: Sequence[AgentRules]) -> tuple[list[str], list[str], list[str]]:
     """(chains, sets, counters) the table must have for ``agents``."""
-    chains = [REDIRECT_CHAIN, OUTPUT_CHAIN] + [chain_name(a.name) for a in agents]
+    chains = [ZONES_CHAIN, REDIRECT_CHAIN, OUTPUT_CHAIN] + [chain_name(a.name) for a in agents]
     sets = [set_name(a.name, family) for a in agents for family in (4, 6)]
     counters = [counter_name(a.name) for a in agents]
+    counters += [fingerprint_counter(a.name, a.fingerprint) for a in agents if a.fingerprint]
     return chains, sets, counters
+
+
+def unvouched(current: Table | None, agents: Sequence[AgentRules]) -> list[AgentRules]:
+    """The agents whose sets exist but whose allowlist may have changed since their elements
+    were written (no counter with their allowlist's fingerprint): their sets must be
+    read, and what they no longer allow deleted, in the transaction that replaces the rules."""
+    if current is None:
+        return []
+    return [
+        agent
+        for agent in agents
+        if (set_name(agent.name, 4) in current.sets or set_name(agent.name, 6) in current.sets)
+        and fingerprint_counter(agent.name, agent.fingerprint) not in current.counters
+    ]
 
 
 def replace(
@@ -206,11 +257,16 @@ def replace(
     *,
     log_group: int,
     current: Table | None = None,
+    refill: Mapping[str, Sequence[Element]] | None = None,
 ) -> Json:
     """The one transaction that makes keel's table enforce ``agents``.
 
     ``current`` is the table as listed just before (None when there is no
-    table; its sets' elements are not needed: they all stay).
+    table; its sets' elements are not needed: they stay). ``refill`` names
+    sets to empty and fill again with the given elements, in the same
+    transaction: what is left out of them (:func:`stale_elements`) is gone
+    when the new rules apply. (Emptied and refilled, never deleted element
+    by element: an element that expires meanwhile would fail the deletion.)
     """
     current = current or Table()
     chains, sets, counters = wanted_objects(agents)
@@ -231,6 +287,19 @@ def replace(
                 {"add": _ref("set", set_name(agent.name, family), type=key, flags=["timeout"])}
             )
         commands.append({"add": _ref("counter", counter_name(agent.name))})
+        if agent.fingerprint:
+            commands.append(
+                {"add": _ref("counter", fingerprint_counter(agent.name, agent.fingerprint))}
+            )
+    for name, elements in sorted((refill or {}).items()):
+        commands += refill_set(name, elements)
+    commands.append(
+        {
+            "add": _ref(
+                "chain", ZONES_CHAIN, type="filter", hook="output", prio=-300, policy="accept"
+            )
+        }
+    )
     commands.append(
         {
             "add": _ref(
@@ -242,15 +311,39 @@ def replace(
         {"add": _ref("chain", OUTPUT_CHAIN, type="filter", hook="output", prio=0, policy="accept")}
     )
     commands += [{"add": _ref("chain", chain_name(a.name))} for a in agents]
+    # TCP first: the bulk of the traffic, passed by one rule.
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
+    commands.append(
+        _rule(OUTPUT_CHAIN, established, _match(_meta("l4proto"), "tcp"), {"accept": None})
+    )
     commands.append(
         _rule(
             OUTPUT_CHAIN,
-            _match({"ct": {"key": "state"}}, ["established", "related"], op="in"),
+            established,
+            _match({"ct": {"key": "direction"}}, "original"),
             {"accept": None},
         )
     )
     if agents:
         by_uid = sorted(agents, key=lambda a: a.uid)
+        zones = conntrack_zones(agents)
+        commands.append(
+            _rule(
+                ZONES_CHAIN,
+                _match(_meta("l4proto"), "tcp", op="!="),
+                {
+                    "mangle": {
+                        "key": {"ct": {"key": "zone", "dir": "original"}},
+                        "value": {
+                            "map": {
+                                "key": _meta("skuid"),
+                                "data": {"set": [[a.uid, zones[a.name]] for a in by_uid]},
+                            }
+                        },
+                    }
+                },
+            )
+        )
         commands.append(
             _rule(
                 REDIRECT_CHAIN,
@@ -289,6 +382,26 @@ def replace(
     return {"nftables": commands}
 
 
+def refill_set(name: str, elements: Sequence[Element]) -> list[Json]:
+    """Commands that empty a set and add ``elements`` back, each with what was left of its
+    timeout and its comment."""
+    commands: list[Json] = [{"flush": _ref("set", name)}]
+    alive = [e for e in elements if e.expires > 0]
+    if alive:
+        items = [
+            {
+                "elem": {
+                    "val": str(e.address),
+                    "timeout": max(1, math.ceil(e.expires)),
+                    "comment": e.comment,
+                }
+            }
+            for e in alive
+        ]
+        commands.append({"add": {"element": {**_ref("set", name)["set"], "elem": items}}})
+    return commands
+
+
 def delete_elements(stale: Mapping[str, Iterable[IPAddress]]) -> Json:
     """The transaction that deletes elements, per set (all or none of them)."""
     commands: list[Json] = []
@@ -316,10 +429,12 @@ def remove() -> Json:
 def stale_elements(
     current: Table, agents: Sequence[AgentRules], still_allowed: Callable[[str, str], bool]
 ) -> dict[str, list[IPAddress]]:
-    """Per set, the elements whose name (their comment) ``agent`` may no longer resolve.
+    """Per set, the elements none of whose names (their comment) ``agent`` may still resolve.
 
     ``still_allowed(agent, name)`` is the new allowlist's verdict. An element
-    without a comment was not put there by keel and goes too.
+    without a comment was not put there by keel and goes too; so does one
+    whose comment could not list every name and none of those it lists is
+    allowed (the others cannot be judged: the agent resolves them again).
     """
     stale: dict[str, list[IPAddress]] = {}
     for agent in agents:
@@ -328,7 +443,7 @@ def stale_elements(
             gone = [
                 e.address
                 for e in current.sets.get(name, [])
-                if not e.comment or not still_allowed(agent.name, e.comment)
+                if not any(still_allowed(agent.name, n) for n in names_of(e.comment)[0])
             ]
             if gone:
                 stale[name] = gone

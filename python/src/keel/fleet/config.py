@@ -25,7 +25,7 @@ class FleetConfig:
     source: str
     common: Common
     host: str
-    mesh: Path  # the mesh node's directory (its control socket is inside)
+    mesh: Path  # the mesh daemon's control socket
     state: Path  # the fleet's own state: fleet.db and the witness key
     witness_name: str
     witness_every: float  # seconds between two witnessing rounds
@@ -35,6 +35,7 @@ class FleetConfig:
     watch: Path | None  # watch's control socket; None: this host runs no watch
     services: dict[str, Path | None]  # name -> control socket (None: through the mesh client)
     operators: frozenset[str]  # node ids whose commands this node carries out
+    mesh_operators: bool  # also from the mesh's operator nodes (its signed membership records)
     pinned: dict[str, str]  # node id -> ledger verifier key, instead of trust on first use
     current_system: Path
     profile: Path
@@ -56,6 +57,7 @@ TOP_LEVEL_KEYS = (
     "ledger",
     "mesh",
     "operators",
+    "mesh_operators",
     "pinned",
     "profile",
     "request_timeout",
@@ -131,7 +133,7 @@ def parse(cfg: Section) -> FleetConfig:
         source=cfg.source,
         common=common,
         host=cfg.string("host", default=socket.gethostname() or "localhost"),
-        mesh=cfg.filepath("mesh", default=str(paths.state_dir() / "mesh")),
+        mesh=cfg.filepath("mesh", default=str(paths.socket_file("mesh"))),
         state=cfg.filepath("state", default=str(paths.state_dir() / "fleet")),
         witness_name=witness_name,
         witness_every=witness_every,
@@ -141,6 +143,7 @@ def parse(cfg: Section) -> FleetConfig:
         watch=watch,
         services=services,
         operators=frozenset(operators),
+        mesh_operators=cfg.boolean("mesh_operators", default=True),
         pinned=pinned,
         current_system=cfg.filepath("current_system", default="/run/current-system"),
         profile=cfg.filepath("profile", default="/nix/var/nix/profiles/system"),

@@ -52,10 +52,26 @@ def parse_command(body: Mapping[str, Any]) -> AgentCommand:
     return AgentCommand(str(verb), agent)
 
 
-def authorize(sender: str, operators: frozenset[str], here: str) -> None:
-    """Refuse (:class:`Forbidden`) a command from ``sender`` unless it is an operator here."""
-    if sender not in operators:
-        raise Forbidden(
-            f"node {sender} is not an operator of node {here} "
-            "(its fleet config's `operators` does not name it)"
-        )
+def authorize(
+    sender: str,
+    operators: frozenset[str],
+    here: str,
+    mesh_operators: frozenset[str] | None = None,
+) -> None:
+    """Refuse (:class:`Forbidden`) a command from ``sender`` unless it is an operator here.
+
+    ``operators``: this node's own declaration. ``mesh_operators``: the mesh's
+    operator nodes as this node's signed membership records have them, or
+    None when this node does not take those (``mesh_operators`` false).
+    """
+    if sender in operators or (mesh_operators is not None and sender in mesh_operators):
+        return
+    why = (
+        "and it is no operator node of the mesh"
+        if mesh_operators is not None
+        else "(this node does not take the mesh's operator nodes: mesh_operators is false)"
+    )
+    raise Forbidden(
+        f"node {sender} is not an operator of node {here}: "
+        f"its fleet config's `operators` does not name it {why}"
+    )

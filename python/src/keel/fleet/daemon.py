@@ -200,7 +200,7 @@ class Fleet(Daemon):
         link = self.link
         if link is None or link.node_id is None:
             reason = "not started" if link is None else link.problem
-            raise Unavailable(f"the mesh daemon in {self.config.mesh} cannot be reached: {reason}")
+            raise Unavailable(f"the mesh daemon at {self.config.mesh} cannot be reached: {reason}")
         return link.node_id
 
     def _parts(self) -> tuple[Link, FleetStore, LocalNode, Cosigner]:
@@ -454,7 +454,7 @@ class Fleet(Daemon):
         me = self._node_id()
         if is_switch_verb(body):
             try:
-                authorize(sender, self.config.operators, me)
+                authorize(sender, self.config.operators, me, await self._mesh_operators())
             except KeelError as exc:
                 subject = str(body.get("verb"))
                 self._record("command_refused", subject, {"by": sender, "reason": str(exc)})
@@ -465,12 +465,23 @@ class Fleet(Daemon):
         subject = f"{command.agent}@{me}"
         data = {**command.to_json(), "by": sender, "role": "acted"}
         try:
-            authorize(sender, self.config.operators, me)
+            authorize(sender, self.config.operators, me, await self._mesh_operators())
         except KeelError as exc:
             self._record("command_refused", subject, {**data, "reason": str(exc)})
             raise
         self._record("command", subject, data)
         return await self._act_recorded(command, subject, data)
+
+    async def _mesh_operators(self) -> frozenset[str] | None:
+        """The mesh's operator nodes as the local mesh node's records have them (None: not
+        taken here). If the mesh cannot say, none: only the config's operators count."""
+        if not self.config.mesh_operators:
+            return None
+        try:
+            _, peers = await self._members()
+        except KeelError:
+            return frozenset()
+        return frozenset(str(p["id"]) for p in peers if p.get("operator") is True)
 
     async def _act_recorded(
         self, command: AgentCommand, subject: str, data: Mapping[str, Any]

@@ -55,12 +55,12 @@ class MeshUnavailable(KeelError):
 
 
 class MeshLink:
-    def __init__(self, directory: Path, topic: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, socket: Path, topic: str, *, timeout: float = 10.0) -> None:
         from keel.mesh.client import MeshClient
 
-        self.directory = directory
+        self.socket = socket
         self.topic = topic
-        self.client = MeshClient(directory, timeout=timeout)
+        self.client = MeshClient(socket, timeout=timeout)
         self.node_id: str | None = None
         self.problem: str | None = "not started"
         self._stop = threading.Event()
@@ -118,8 +118,8 @@ class MeshLink:
     def _failed(self, reason: str) -> None:
         if self.problem != reason:
             log.warning(
-                "fleet: the mesh daemon in %s cannot be reached (%s); retrying every %g s",
-                self.directory,
+                "fleet: the mesh daemon at %s cannot be reached (%s); retrying every %g s",
+                self.socket,
                 reason,
                 RETRY,
             )

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keel.files import write_durably
 from keel.ledger.core import Signer, Verifier
 from keel.ledger.errors import KeyFileError, MalformedError
-from keel.ledger.files import write_durably
 
 if TYPE_CHECKING:
     from keel.ledger.store import Ledger

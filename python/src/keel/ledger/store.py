@@ -59,6 +59,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from keel.files import write_durably
 from keel.ledger import core
 from keel.ledger.errors import (
     EntryError,
@@ -69,7 +70,6 @@ from keel.ledger.errors import (
     TamperError,
     shown,
 )
-from keel.ledger.files import write_durably
 
 T = TypeVar("T")
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from keel import commands as daemon
 from keel import paths
 from keel.errors import ApiError, UsageError
 from keel.output import print_json, print_table
@@ -37,28 +38,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=formatter,
     )
     commands = mcp.add_subparsers(dest="mcp_command", metavar="COMMAND", required=True)
-    config_help = "config file (default: /etc/keel/mcp.json, ./.keel/mcp.json in dev mode)"
     socket_help = "the gateway's control socket (default: /run/keel/mcp.sock, ./.keel/run/mcp.sock)"
 
-    serve = commands.add_parser(
-        "serve",
-        help="run the gateway",
-        description="Run the MCP gateway in the foreground (systemd runs it as keel-mcp.service, "
-        "Type=notify with WatchdogSec).",
-    )
-    serve.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    serve.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
-    serve.set_defaults(func=_serve)
-
-    check = commands.add_parser(
-        "check-config",
+    daemon.add_serve(commands, "mcp", help="run the gateway", what="the MCP gateway", func=_serve)
+    daemon.add_check_config(
+        commands,
+        "mcp",
         help="validate the gateway's config and its server specs, then exit",
-        description="Read the config as `serve` would and report the first problem, naming "
-        "the file and key. Exit 0 when valid, 2 when not.",
+        json_help="print servers and grants as JSON",
+        func=_check_config,
     )
-    check.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    check.add_argument("--json", action="store_true", help="print servers and grants as JSON")
-    check.set_defaults(func=_check_config)
 
     listing = commands.add_parser(
         "list",
@@ -153,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the gateway's config: the unit (systemd backend) or the command (process backend, "
         "dev mode).",
     )
-    watch.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    watch.add_argument("--config", type=Path, metavar="FILE", help=daemon.config_help("mcp"))
     watch.add_argument("--backend", choices=["systemd", "process"], default=None)
     watch.set_defaults(func=_watch_entries)
 
@@ -191,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config) if args.config else paths.config_file("mcp")
+    return daemon.config_path(args, "mcp")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -31,12 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keel.agents.spec import (
-    NAME_PATTERN,
     AgentSpec,
     Resources,
     Role,
     Sandboxed,
     check_name,
+    check_unit_name,
     item_error,
     parse_command,
     parse_sandboxed,
@@ -46,7 +46,6 @@ from keel.errors import ConfigError
 
 USER_PREFIX = "keel-mcp-"
 MCP_SERVER = Role(title="MCP server", unit_prefix=USER_PREFIX, state_root="keel-mcp")
-MAX_NAME_LENGTH = 32 - len(USER_PREFIX)
 
 # Tool names as the MCP specification allows them (SEP-986): letters, digits,
 # '_', '-' and '.', 1 to 128 characters.
@@ -177,17 +176,7 @@ class ServerSpec:
 
 
 def check_server_name(name: str) -> str | None:
-    if not NAME_PATTERN.match(name):
-        return (
-            f"{name!r} is not a valid MCP server name: use lowercase letters, digits, '-' and "
-            "'_', starting with a letter (it becomes a unit and a user name)"
-        )
-    if len(name) > MAX_NAME_LENGTH:
-        return (
-            f"{name!r} is too long: at most {MAX_NAME_LENGTH} characters, so that "
-            f"'{USER_PREFIX}{name}' fits the 32-character user name limit"
-        )
-    return None
+    return check_unit_name(name, title="MCP server", prefix=USER_PREFIX)
 
 
 def check_url(url: str) -> str | None:

@@ -1,13 +1,21 @@
 """keel mesh: encrypted peer-to-peer messaging between keel hosts.
 
-The cryptographic core, pure and sans-I/O (see ``README-api.md`` beside this
-file and ``docs/mesh-protocol.md`` for the wire format):
+Three layers; each imports only from the ones below it
+(``docs/architecture.md`` draws them, ``docs/mesh-protocol.md`` is the wire):
 
-- ``kem``: ML-KEM-768 behind a small interface (``cryptography`` or ``oqs``).
-- ``noise``: the Noise framework with the hfs extension (CipherState,
-  SymmetricState, HandshakeState).
-- ``identity``: the node's X25519 static key, Ed25519 signing key and node id.
-- ``invite``: invite tokens and the proof a joiner gives in the handshake.
-- ``framing`` and ``session``: the secure channel, h11-style: bytes in,
-  events out, bytes to send back; the daemon's shell does the I/O.
+- **Pure cores** (no sockets, files or clocks of their own): names
+  (``ids``, ``encoding``), the secure channel (``kem``, ``noise``,
+  ``identity``, ``framing``, ``session``, ``invite``), the application layer
+  (``packets``, ``membership``, ``rooms``, ``hello``), and the node's
+  decisions: ``admission`` (whom to let in), ``inbound`` (a peer's batch),
+  ``handoffs`` (who holds which received message), ``delivery`` (the
+  outbox), ``dialing``, ``intake``, ``access``, ``arguments`` and ``verbs``
+  (the control requests), ``local`` (the agents' binary stream).
+- **The node** (asyncio, on ``keel.service``): ``node`` composes
+  ``peer_link`` (a connection), ``links``, ``listener``, ``members``,
+  ``outbound``, ``inbox``, ``agent_streams``, ``control``; ``store`` and
+  ``directory`` are its disk; ``config`` reads ``mesh.json``; ``serve`` is
+  ``keel mesh serve``.
+- **Clients**: ``client`` (agents' Python API; no cryptography) and
+  ``cli`` (``keel mesh ...``).
 """

@@ -1,12 +1,13 @@
 """Who may administer the mesh through the control socket. Pure.
 
-Any process that can open ``control.sock`` may send, receive and read the
-node's state. The verbs that change the mesh for everyone (invite new
-members, remove one for good, join another mesh, create or change rooms)
-are kept for the operators: root, the daemon's own user, and the members of
-the operator group the config names (``operator_group``), decided from the
-caller's credentials as the kernel gives them (``SO_PEERCRED`` and the
-peer's groups), never from what the client says. Agents become identities
+Any process that can open the control socket (``/run/keel/mesh.sock``) may
+send, receive and read the node's state. The verbs that change the mesh for
+everyone (invite new members, remove one for good, join another mesh,
+create or change rooms) are kept for the operators: root, the daemon's own
+user, and the members of the operator group the config names
+(``operator_group``), decided from the caller's credentials as the kernel
+gives them (``SO_PEERCRED`` and the peer's groups), never from what the
+client says. Agents become identities
 of their own in a later step; until then this is the line between an agent
 and its operator.
 """
@@ -20,7 +21,9 @@ from typing import Any
 from keel.api import Peer
 from keel.errors import Forbidden
 
-ADMIN_VERBS = frozenset({"invite", "join", "remove", "room_create", "room_add", "room_remove"})
+ADMIN_VERBS = frozenset(
+    {"invite", "join", "remove", "operator", "room_create", "room_add", "room_remove"}
+)
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
@@ -53,7 +56,7 @@ class Operators:
         owner = "root" if self.daemon_uid == 0 else f"root or uid {self.daemon_uid}, the daemon's"
         return (
             f"`{verb}` needs {owner} (you are uid {peer.uid}); an operator group may be "
-            'named with "operator_group" in the node\'s config.json'
+            'named with "operator_group" in the node\'s config file'
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 from keel.config import shorten
 from keel.errors import UsageError
 from keel.mesh import packets
-from keel.mesh.identity import is_node_id
+from keel.mesh.ids import check_topic, is_message_id, is_node_id, new_message_id
 
 MAX_TTL: Final = 10 * 365 * 86400  # s: ten years, for invites and messages
 MAX_RECEIPT: Final = (1 << 64) - 1
@@ -123,14 +123,14 @@ def message_id(args: Mapping[str, Any]) -> str:
     """The client's id for the message (a retried send is the same message), or a new one."""
     value = args.get("id")
     if value is None:
-        return packets.new_message_id()
-    if not packets.is_message_id(value):
+        return new_message_id()
+    if not is_message_id(value):
         raise UsageError("id must be 32 lowercase hex digits")
     return str(value)
 
 
 def topic(args: Mapping[str, Any]) -> str:
     try:
-        return packets.check_topic(args.get("topic"))
+        return check_topic(args.get("topic"))
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -1,7 +1,11 @@
 """``keel mesh ...``: run a node, pair nodes by invite, send and receive, rooms.
 
-Every command but ``serve`` and ``id`` talks to the node's daemon through
-``DIR/control.sock``, so ``keel mesh serve --dir DIR`` must be running.
+``serve`` runs the node's daemon from its config file (``--config``,
+``/etc/keel/mesh.json`` by default, ``./.keel/mesh.json`` in dev mode);
+``check-config`` reads that file as ``serve`` would. ``id`` reads the node's
+identity in its directory. Every other command talks to the daemon through
+its control socket (``--socket``, ``/run/keel/mesh.sock`` by default,
+``./.keel/run/mesh.sock`` in dev mode).
 """
 
 from __future__ import annotations
@@ -12,39 +16,58 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from keel import commands
 from keel.errors import KeelError, UsageError
 
-DEFAULT_DIR_HELP = "the node's directory: identity, state, control socket (default: %(default)s)"
+SOCKET_HELP = "the node's control socket (default: /run/keel/mesh.sock, ./.keel/run/mesh.sock)"
+MOVED = (
+    "keel mesh serve reads its settings from --config FILE (default /etc/keel/mesh.json): "
+    'write {{"directory": "{directory}", "listen": "{listen}"}} there (docs/mesh.md, '
+    "upgrading); the node's identity and state stay where they are"
+)
 
 
-def _default_dir() -> Path:
-    from keel.paths import state_dir
-
-    return state_dir() / "mesh"
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    mesh = commands.add_parser(
+def register(subparsers: commands.Subcommands) -> None:
+    mesh = subparsers.add_parser(
         "mesh",
         help="encrypted peer-to-peer messaging between keel hosts",
         description="The keel mesh: post-quantum hybrid encrypted messaging between nodes, "
-        "paired by invite, with rooms and store-and-forward delivery.",
+        "paired by invite, with rooms and store-and-forward delivery. See docs/mesh.md.",
     )
     sub = mesh.add_subparsers(dest="mesh_command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
-        parser.set_defaults(func=func)
-        return parser
+        return _client_command(sub, name, help_text, func)
 
-    p = command("serve", "run the node's daemon", _serve)
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="TCP address for peers")
-    p.add_argument("--ledger", type=Path, metavar="PATH", help="append message metadata here")
+    p = commands.add_serve(
+        sub, "mesh", help="run the node's daemon", what="the node's daemon", func=_serve
+    )
+    for moved in ("--dir", "--listen", "--ledger"):
+        p.add_argument(moved, help=argparse.SUPPRESS)
+    commands.add_check_config(
+        sub,
+        "mesh",
+        help="validate a mesh config and exit",
+        json_help="print the settings read as JSON",
+        func=_check_config,
+    )
 
-    command("id", "print the node id (makes the identity if there is none)", _id)
+    p = sub.add_parser(
+        "id",
+        help="print the node id (makes the identity if there is none)",
+        description="Print the node id of the node's directory (from --dir, or the config's "
+        "directory), making its identity if there is none yet.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help=commands.config_help("mesh"))
+    p.add_argument(
+        "--dir", type=Path, metavar="DIR", help="the node's directory (overrides the config's)"
+    )
+    p.set_defaults(func=_id)
+
+    p = command("status", "the node: id, mesh, addresses, connections, queues, ledger", _status)
+    p.add_argument("--json", action="store_true", help="print the daemon's whole status as JSON")
 
     p = command("invite", "print a single-use invite token for another node", _invite)
     p.add_argument(
@@ -70,17 +93,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     p.add_argument("--json", action="store_true", help="JSON lines: id, from, topic, data")
 
-    p = command("remove", "revoke a node: it is refused from then on", _remove)
+    p = command(
+        "remove",
+        "revoke a node: it is refused from then on (from an operator node of the mesh)",
+        _remove,
+    )
     p.add_argument("node", metavar="NODE_ID")
+
+    p = command(
+        "operator",
+        "grant a member the operator role (it may then remove nodes and grant the role), "
+        "or take it back; from an operator node (the founder is the first)",
+        _operator,
+    )
+    p.add_argument("action", choices=("grant", "revoke"))
+    p.add_argument("node", metavar="NODE_ID")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     room = sub.add_parser("room", help="rooms: owner-managed groups of nodes")
     room_sub = room.add_subparsers(dest="room_command", metavar="COMMAND", required=True)
 
     def room_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        parser = room_sub.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--dir", type=Path, default=_default_dir(), help=DEFAULT_DIR_HELP)
-        parser.set_defaults(func=func)
-        return parser
+        return _client_command(room_sub, name, help_text, func)
 
     p = room_command("create", "create a room owned by this node; prints its id", _room_create)
     p.add_argument("name", metavar="NAME")
@@ -100,10 +134,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _client_command(
+    sub: commands.Subcommands, name: str, help_text: str, func: Any
+) -> argparse.ArgumentParser:
+    """A command that talks to the daemon (``--socket``)."""
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--socket", type=Path, metavar="PATH", help=SOCKET_HELP)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _client(args: argparse.Namespace) -> Any:
     from keel.mesh.client import MeshClient
 
-    return MeshClient(args.dir)
+    return MeshClient(args.socket)
 
 
 def _payload(data: str) -> bytes:
@@ -120,24 +164,86 @@ def _payload(data: str) -> bytes:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from keel.mesh.daemon import run
+    if args.dir is not None or args.listen is not None or args.ledger is not None:
+        _moved(args)
+    from keel.mesh.serve import main
 
-    return run(args.dir, args.listen, args.ledger)
+    return main(commands.config_path(args, "mesh"), verbose=args.verbose)
+
+
+def _moved(args: argparse.Namespace) -> NoReturn:
+    """``serve --dir/--listen/--ledger``, the flags before the config file: say what to write."""
+    directory = args.dir or "/var/lib/keel/mesh"
+    raise UsageError(MOVED.format(directory=directory, listen=args.listen or "0.0.0.0:7400"))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from keel.mesh import config
+    from keel.mesh.listener import format_address
+    from keel.output import print_json
+
+    loaded = config.load(commands.config_path(args, "mesh"))
+    settings = loaded.settings
+    if args.json:
+        print_json(
+            {
+                "directory": str(loaded.directory),
+                "listen": format_address(*loaded.listen),
+                "socket": str(loaded.common.socket),
+                "ledger": None if loaded.common.ledger is None else str(loaded.common.ledger),
+                "operator_group": settings.operator_group,
+                "durability": settings.durability,
+            }
+        )
+    else:
+        print(
+            f"{loaded.source}: valid (node directory {loaded.directory}, listening on "
+            f"{format_address(*loaded.listen)}, control socket {loaded.common.socket})"
+        )
+    return 0
 
 
 def _id(args: argparse.Namespace) -> int:
-    from keel.mesh.daemon import IDENTITY_FILE
-    from keel.mesh.identity import load_or_create
-    from keel.mesh.settings import prepare_directory
+    from keel.mesh.directory import IDENTITY_FILE, load_or_create_identity, prepare
 
-    key = args.dir / IDENTITY_FILE
+    if args.dir is not None:
+        directory, named = Path(args.dir), "--dir"
+    else:
+        from keel.mesh import config
+
+        directory, named = config.load(commands.config_path(args, "mesh")).directory, "directory"
+    key = directory / IDENTITY_FILE
     made = not os.path.lexists(key)  # (False also when the directory cannot be searched)
     if made:
-        prepare_directory(args.dir, 0o700)
-    print(load_or_create(key).node_id)
+        prepare(directory, 0o700, named=named)
+    print(load_or_create_identity(key).node_id)
     if made:
         # A mistyped --dir must not pass for the node's identity unnoticed.
-        print(f"keel: no identity in {args.dir} yet: made a new one in {key}", file=sys.stderr)
+        print(f"keel: no identity in {directory} yet: made a new one in {key}", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    status = _client(args).status()
+    if args.json:
+        print_json(status)
+        return 0
+    ledger = status.get("service", {}).get("ledger", {})
+    problem = f" ({ledger['problem']})" if ledger.get("problem") else ""
+    lines = [
+        ("node", status["node"]),
+        ("mesh", f"{status['mesh']}{'' if status['member'] else ' (this node was removed)'}"),
+        ("addresses", ", ".join(status["addresses"])),
+        ("members", status["members"]),
+        ("connected", len(status["connected"])),
+        ("outbox", f"{status['outbox']} message(s) waiting"),
+        ("inbox", f"{status['inbox']} message(s) unread"),
+        ("ledger", f"{ledger.get('state', '?')}{problem}"),
+    ]
+    for name, value in lines:
+        print(f"{name + ':':11}{value}")
     return 0
 
 
@@ -186,10 +292,11 @@ def _peers(args: argparse.Namespace) -> int:
             if p["connected"]
             else (human_duration(now - p["last_seen"]) + " ago" if p["last_seen"] else "never"),
             p["queued"],
+            "yes" if p.get("operator") else "no",
         )
         for p in peers
     ]
-    print_table(["id", "addresses", "connected", "last seen", "queued"], rows)
+    print_table(["id", "addresses", "connected", "last seen", "queued", "operator"], rows)
     return 0
 
 
@@ -245,6 +352,17 @@ def _recv(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     _client(args).remove(args.node)
     print(f"removed {args.node}")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    result = _client(args).operator(args.node, grant=args.action == "grant")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{args.node} is {'an' if result['operator'] else 'no longer an'} operator node")
     return 0
 
 

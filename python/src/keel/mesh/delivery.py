@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from keel.errors import KeelError
+from keel.mesh.packets import RoomStamp
 
 DEFAULT_TTL: Final = 24 * 3600.0
 
@@ -62,7 +63,10 @@ class Limits:
             raise ValueError("retry_base, retry_cap and ack_timeout must be positive, base <= cap")
 
 
-class Outgoing(NamedTuple):
+# Tuples, not dataclasses: one of each is made per message on the hot path.
+
+
+class Queued(NamedTuple):
     """One message for one recipient: everything the outbox needs but the payload (a tuple)."""
 
     seq: int
@@ -74,6 +78,44 @@ class Outgoing(NamedTuple):
     size: int
 
 
+class OutboxRow(NamedTuple):
+    id: str
+    peer: str
+    room: str | None
+    topic: str
+    expires: float
+    stamp: RoomStamp | None  # a room message's, the same for every recipient
+    payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+
+
+class Incoming(NamedTuple):
+    sender: str  # the author (dedup key with id)
+    id: str
+    room: str | None
+    topic: str
+    payload: bytes
+    keep_until: float
+
+    def __repr__(self) -> str:  # never the payload
+        return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
+
+
+class InboxMessage(NamedTuple):
+    seq: int
+    id: str
+    sender: str
+    room: str | None
+    topic: str
+    received: float
+    payload: bytes
+
+    def __repr__(self) -> str:  # never the payload
+        return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"
+
+
 class _Phase(enum.Enum):
     READY = "ready"
     INFLIGHT = "inflight"
@@ -82,7 +124,7 @@ class _Phase(enum.Enum):
 
 @dataclass(slots=True)
 class _Entry:
-    item: Outgoing
+    item: Queued
     phase: _Phase = _Phase.READY
     attempts: int = 0
     deadline: float = 0.0  # INFLIGHT: ack deadline; WAITING: retry time
@@ -102,8 +144,8 @@ class _Peer:
 
 @dataclass(frozen=True)
 class Due:
-    sends: list[Outgoing]
-    expired: list[Outgoing]
+    sends: list[Queued]
+    expired: list[Queued]
 
 
 class Outbox:
@@ -163,7 +205,7 @@ class Outbox:
                 "retry later"
             )
 
-    def add(self, item: Outgoing, *, check: bool = True) -> None:
+    def add(self, item: Queued, *, check: bool = True) -> None:
         """Queue ``item`` (already stored durably); ``check=False`` when restoring at start."""
         if check:
             self.check_batch({item.peer: 1}, item.size)
@@ -178,7 +220,7 @@ class Outbox:
         self._total += 1
         self._bytes += item.size
 
-    def _remove(self, state: _Peer, seq: int) -> Outgoing:
+    def _remove(self, state: _Peer, seq: int) -> Queued:
         entry = state.entries.pop(seq)
         del state.by_id[entry.item.id]
         if entry.phase is _Phase.INFLIGHT:
@@ -206,10 +248,6 @@ class Outbox:
                 heapq.heappush(state.ready, seq)
         state.inflight = state.inflight_bytes = 0
 
-    def is_connected(self, peer: str) -> bool:
-        state = self._peers.get(peer)
-        return bool(state and state.connected)
-
     # -- answers
 
     def _find(self, peer: str, ids: Iterable[str]) -> Iterable[tuple[_Peer, int]]:
@@ -221,11 +259,11 @@ class Outbox:
             if seq is not None:
                 yield state, seq
 
-    def acked(self, peer: str, ids: Iterable[str]) -> list[Outgoing]:
+    def acked(self, peer: str, ids: Iterable[str]) -> list[Queued]:
         """Delivered: forget them (the shell deletes them). Unknown ids are ignored."""
         return [self._remove(state, seq) for state, seq in list(self._find(peer, ids))]
 
-    def rejected(self, peer: str, ids: Iterable[str]) -> list[Outgoing]:
+    def rejected(self, peer: str, ids: Iterable[str]) -> list[Queued]:
         """Refused for good by the recipient: dead letters."""
         return self.acked(peer, ids)
 
@@ -241,7 +279,7 @@ class Outbox:
             entry.deadline = now + self.backoff(entry.attempts)
             heapq.heappush(state.timers, (entry.deadline, seq))
 
-    def drop(self, keep: Callable[[Outgoing], bool]) -> list[Outgoing]:
+    def drop(self, keep: Callable[[Queued], bool]) -> list[Queued]:
         """Remove every queued message that ``keep`` refuses (a removed peer or room member)."""
         dropped = []
         for state in self._peers.values():
@@ -266,7 +304,7 @@ class Outbox:
             state = self._peers.get(peer)
             if state is not None and seq in state.entries:
                 expired.append(self._remove(state, seq))
-        sends: list[Outgoing] = []
+        sends: list[Queued] = []
         for state in self._peers.values():
             while state.timers and state.timers[0][0] <= now:
                 deadline, seq = heapq.heappop(state.timers)
@@ -332,7 +370,7 @@ class Outbox:
         state = self._peers.get(peer)
         return len(state.entries) if state else 0
 
-    def items(self) -> list[Outgoing]:
+    def items(self) -> list[Queued]:
         return sorted(
             (e.item for s in self._peers.values() for e in s.entries.values()),
             key=lambda item: item.seq,

@@ -31,7 +31,7 @@ MAX_FRAME_SIZE = 65535
 MAX_CLOSE_REASON = 256
 
 
-class Record(enum.IntEnum):
+class RecordType(enum.IntEnum):
     DATA = 0x00
     DATA_MORE = 0x01
     KEEPALIVE = 0x02
@@ -39,7 +39,7 @@ class Record(enum.IntEnum):
     CLOSE = 0x04
 
 
-_EMPTY_BODY = frozenset({Record.KEEPALIVE, Record.REKEY})
+_EMPTY_BODY = frozenset({RecordType.KEEPALIVE, RecordType.REKEY})
 
 
 def encode_frame(message: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
@@ -104,15 +104,15 @@ class FrameReader:
         return None
 
 
-def encode_record(kind: Record, body: bytes = b"") -> bytes:
+def encode_record(kind: RecordType, body: bytes = b"") -> bytes:
     return bytes([kind]) + body
 
 
-def decode_record(plaintext: bytes) -> tuple[Record, bytes]:
+def decode_record(plaintext: bytes) -> tuple[RecordType, bytes]:
     if not plaintext:
         raise RemoteProtocolError("empty transport record", hint="malformed transport message")
     try:
-        kind = Record(plaintext[0])
+        kind = RecordType(plaintext[0])
     except ValueError:
         raise RemoteProtocolError(
             f"unknown transport record type 0x{plaintext[0]:02x}",
@@ -121,6 +121,6 @@ def decode_record(plaintext: bytes) -> tuple[Record, bytes]:
     body = plaintext[1:]
     if kind in _EMPTY_BODY and body:
         raise RemoteProtocolError(f"{kind.name} record with a body", hint="malformed record")
-    if kind is Record.CLOSE and len(body) > MAX_CLOSE_REASON:
+    if kind is RecordType.CLOSE and len(body) > MAX_CLOSE_REASON:
         raise RemoteProtocolError("CLOSE reason too long", hint="malformed record")
     return kind, body

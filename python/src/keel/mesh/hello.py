@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from keel.mesh.encoding import is_address
-from keel.mesh.packets import APP_REVISION, is_message_id
+from keel.mesh.ids import is_message_id
+from keel.mesh.packets import APP_REVISION
 
 MAX_ADDRESSES: Final = 16
 MAX_ADMISSION_CHAIN: Final = 16

@@ -1,12 +1,9 @@
 """A node's identity: its static X25519 key, its Ed25519 signing key, its node id.
 
 - The **static key** (X25519) is what the Noise handshake authenticates.
-- The **node id** names the node everywhere (CLI, membership, messages)::
-
-      node_id = lowercase(base32(BLAKE2s-256("keel-mesh/1 node-id" || 0x00 || static_public)[:20]))
-
-  32 characters of ``[a-z2-7]``, no padding. Whoever holds the static key
-  owns the id; peers recompute it from the key the handshake proved.
+- The **node id** (:func:`keel.mesh.ids.node_id_of`) names the node
+  everywhere (CLI, membership, messages). Whoever holds the static key owns
+  the id; peers recompute it from the key the handshake proved.
 - The **signing key** (Ed25519) signs membership and room records. It is
   bound to the node by ``binding``, an Ed25519 signature over
   ``"keel-mesh/1 signing-key" || 0x00 || static_public``: the node signs its own
@@ -18,24 +15,19 @@
 - Every signature keel makes is domain-separated:
   ``Ed25519.sign("keel-mesh/1 " || domain || 0x00 || message)``.
 
-The key file (``identity.key``, JSON, mode 0600) holds both private keys and
-is created atomically: written to a temporary file in the same directory,
-fsynced, then hard-linked into place (so two first runs cannot both win).
+The key file's form (JSON: version, node id, both private keys in hex) is
+made by :meth:`NodeIdentity.to_key_file` and read by :func:`parse_key_file`;
+:mod:`keel.mesh.directory` reads and writes the file itself. Pure: no I/O
+(the keys come from ``cryptography``, the randomness is a parameter).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
 import re
 import secrets
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -45,28 +37,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from keel.config import parse_json
 from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
-from keel.mesh.errors import IdentityError, RemoteProtocolError
+from keel.mesh.errors import RemoteProtocolError
+from keel.mesh.ids import KEY_SIZE, SIGNATURE_SIZE, is_node_id, node_id_of
 
-NODE_ID_LABEL = b"keel-mesh/1 node-id\x00"
 BINDING_LABEL = b"keel-mesh/1 signing-key\x00"
 SIGNATURE_PREFIX = b"keel-mesh/1 "
-NODE_ID_BYTES = 20
-NODE_ID_RE = re.compile(r"[a-z2-7]{32}")
 KEY_FILE_VERSION = 1
-KEY_SIZE = 32
-SIGNATURE_SIZE = 64
-
-
-def node_id_of(static_public: bytes) -> str:
-    """The node id of an X25519 static public key (see the module docstring)."""
-    if len(static_public) != KEY_SIZE:
-        raise ValueError(f"an X25519 public key is {KEY_SIZE} bytes, got {len(static_public)}")
-    digest = hashlib.blake2s(NODE_ID_LABEL + static_public).digest()[:NODE_ID_BYTES]
-    return base64.b32encode(digest).decode("ascii").lower()
-
-
-def is_node_id(text: object) -> bool:
-    return isinstance(text, str) and NODE_ID_RE.fullmatch(text) is not None
 
 
 def signed_bytes(domain: str, message: bytes) -> bytes:
@@ -78,25 +54,19 @@ def signed_bytes(domain: str, message: bytes) -> bytes:
 
 def verify_signature(signing_public: bytes, domain: str, message: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is ``signing_public``'s signature of ``message`` in ``domain``."""
-    if len(signing_public) != KEY_SIZE or len(signature) != SIGNATURE_SIZE:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(signing_public).verify(
-            signature, signed_bytes(domain, message)
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return _ed25519_valid(signing_public, signature, signed_bytes(domain, message))
 
 
 def verify_binding(static_public: bytes, signing_public: bytes, binding: bytes) -> bool:
     """Whether ``binding`` ties ``signing_public`` to the node with ``static_public``."""
-    if len(signing_public) != KEY_SIZE or len(binding) != SIGNATURE_SIZE:
+    return _ed25519_valid(signing_public, binding, BINDING_LABEL + static_public)
+
+
+def _ed25519_valid(public: bytes, signature: bytes, signed: bytes) -> bool:
+    if len(public) != KEY_SIZE or len(signature) != SIGNATURE_SIZE:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(signing_public).verify(
-            binding, BINDING_LABEL + static_public
-        )
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, signed)
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -208,39 +178,8 @@ class NodeIdentity:
         )
 
 
-def load(path: Path) -> NodeIdentity:
-    """Read a key file; ``IdentityError`` naming the file and the fix if anything is off."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise IdentityError(
-            f"{path}: no identity key file (keel mesh creates one on first run)"
-        ) from None
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot open the identity key file: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise IdentityError(f"{path}: the identity key file is not a regular file")
-        if mode & 0o077:
-            raise IdentityError(
-                f"{path}: the identity key file is readable by others (mode {mode & 0o777:03o}); "
-                f"run: chmod 600 {path}"
-            )
-        raw = handle.read(64 * 1024)
-    try:
-        identity, claimed_id = _parse_key_file(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IdentityError(f"{path}: malformed identity key file: {exc}") from None
-    if identity.node_id != claimed_id:
-        raise IdentityError(
-            f"{path}: node_id {claimed_id!r} does not match the static key "
-            f"(it derives {identity.node_id}); the file was edited or corrupted"
-        )
-    return identity
-
-
-def _parse_key_file(raw: bytes) -> tuple[NodeIdentity, object]:
+def parse_key_file(raw: bytes) -> NodeIdentity:
+    """The identity in a key file's bytes; ``ValueError`` saying what is malformed."""
     try:
         data: Any = parse_json(raw, source="JSON")
     except ConfigError as exc:
@@ -255,52 +194,15 @@ def _parse_key_file(raw: bytes) -> tuple[NodeIdentity, object]:
         static_private=_hex_key(data["static_private"], "static_private"),
         signing_private=_hex_key(data["signing_private"], "signing_private"),
     )
-    return identity, data["node_id"]
+    if identity.node_id != data["node_id"]:
+        raise ValueError(
+            f"node_id {data['node_id']!r} does not match the static key (it derives "
+            f"{identity.node_id}); the file was edited or corrupted"
+        )
+    return identity
 
 
 def _hex_key(value: object, what: str) -> bytes:
     if not isinstance(value, str) or re.fullmatch(r"[0-9a-f]{64}", value) is None:
         raise ValueError(f"{what} must be 64 lowercase hex digits")
     return bytes.fromhex(value)
-
-
-def create(path: Path, random: Callable[[int], bytes] = secrets.token_bytes) -> NodeIdentity:
-    """Make a new identity and write its key file (0600) atomically; never overwrites."""
-    identity = NodeIdentity.generate(random)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, temp = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise IdentityError(
-            f"{path.parent}: cannot write the identity key file there: {exc.strerror}"
-        ) from None
-    try:
-        with os.fdopen(fd, "w") as handle:  # mkstemp creates the file 0600
-            handle.write(identity.to_key_file())
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            raise IdentityError(f"{path}: an identity key file already exists") from None
-    finally:
-        os.unlink(temp)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return identity
-
-
-def load_or_create(
-    path: Path, random: Callable[[int], bytes] = secrets.token_bytes
-) -> NodeIdentity:
-    """The identity in ``path``, made on first use (if two processes race, both get the winner's)."""
-    if not os.path.lexists(path):
-        try:
-            return create(path, random)
-        except IdentityError:
-            if not os.path.lexists(path):
-                raise
-    return load(path)

@@ -44,7 +44,8 @@ from keel.config import parse_json
 from keel.errors import ConfigError, UsageError
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import InviteError
-from keel.mesh.identity import KEY_SIZE, NodeIdentity, is_node_id, node_id_of
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import KEY_SIZE, is_node_id, node_id_of
 
 TOKEN_PREFIX = "keelinv1."  # noqa: S105 (a format marker, not a secret)
 TOKEN_VERSION = 1

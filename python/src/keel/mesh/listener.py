@@ -9,12 +9,12 @@ logs a traceback per attempt; this listener instead:
   any transport, session or timer exists for it; an admitted one gets its
   protocol from ``make_protocol(ticket)``;
 - closes the handshakes the intake evicts, and those past their deadline;
-- keeps ``RESERVE`` descriptors free for everything else (the control socket
-  above all): it holds that many spare descriptors and, when ``accept`` fails
-  for lack of descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOBUFS``,
-  ``ENOMEM``), stops accepting (no busy loop: the socket leaves the event
-  loop), hands the spares back and starts again once it can take them all
-  back (tried when one of its connections closes, and every ``RETRY`` s);
+- keeps descriptors free for everything else (the control socket above
+  all): when ``accept`` fails for lack of descriptors or memory (``EMFILE``,
+  ``ENFILE``, ``ENOBUFS``, ``ENOMEM``), it stops accepting (no busy loop: the
+  socket leaves the event loop), hands back the shell's spare descriptors
+  (:class:`keel.service.Reserve`) and starts again once they can be held
+  again (tried when one of its connections closes, and every ``RETRY`` s);
 - logs refusals as one line, then a sum every ``LOG_EVERY`` s, never a line
   per connection and never a traceback.
 """
@@ -23,24 +23,28 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import ipaddress
 import logging
 import os
-import resource
 import socket
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from keel.errors import KeelError
 from keel.mesh.intake import Intake, Refused, source_of
+from keel.service import OUT_OF_RESOURCES, Reserve, descriptor_use
 
 log = logging.getLogger("keel.mesh")
 
 ACCEPT_BATCH = 32  # connections accepted per wakeup of the event loop
 BACKLOG = 128
-RESERVE = 16  # descriptors kept free for the control socket, the store, the ledger
 RETRY = 1.0  # s between attempts to start accepting again after running out
 LOG_EVERY = 10.0  # s: refusals in between are summed up in one line
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+MAX_ADVERTISED = 16
+SIOCGIFADDR = 0x8915
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -78,7 +82,7 @@ class Listener(Generic[P]):
         make_protocol: Callable[[int], P],
         drop: Callable[[P, str, bool], None],
         *,
-        reserve: int = RESERVE,
+        reserve: Reserve,
     ) -> None:
         self.sock = sock
         self.intake = intake
@@ -90,7 +94,6 @@ class Listener(Generic[P]):
         self._open: dict[int, P] = {}  # admitted, handshake not over yet
         self._doomed: set[int] = set()  # evicted before their transport was made
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._spares: list[int] = []
         self._deadline: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._summary: asyncio.TimerHandle | None = None
@@ -103,7 +106,7 @@ class Listener(Generic[P]):
         return int(self.sock.getsockname()[1])
 
     def start(self) -> None:
-        if self._take_spares():
+        if self.reserve.hold():
             self._loop.add_reader(self.sock.fileno(), self._accept)
         else:
             self._pause(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
@@ -119,7 +122,6 @@ class Listener(Generic[P]):
                 handle.cancel()
         for task in self._tasks:
             task.cancel()
-        self._give_back_spares()
         self.sock.close()
 
     # -- what admitted connections report
@@ -213,34 +215,19 @@ class Listener(Generic[P]):
 
     # -- running out of descriptors
 
-    def _take_spares(self) -> bool:
-        """Hold ``reserve`` spare descriptors; False (holding none) if they are not there."""
-        while len(self._spares) < self.reserve:
-            try:
-                self._spares.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError:
-                self._give_back_spares()
-                return False
-        return True
-
-    def _give_back_spares(self) -> None:
-        for fd in self._spares:
-            os.close(fd)
-        self._spares.clear()
-
     def _pause(self, exc: OSError) -> None:
         if self.paused:
             return
         self.paused = True
         self._loop.remove_reader(self.sock.fileno())
-        self._give_back_spares()  # for the control socket while we wait
         if exc.errno in OUT_OF_RESOURCES:
             log.warning(
                 "mesh: out of descriptors or memory (%s; %s): not accepting peer connections "
                 "until some close",
                 exc.strerror,
-                _descriptor_use(),
+                descriptor_use(),
             )
+            self.reserve.release()  # for the control socket while we wait
         else:
             log.warning("mesh: accepting a peer connection failed (%s); retrying", exc.strerror)
         self._retry = self._loop.call_later(RETRY, self._resume)
@@ -251,8 +238,8 @@ class Listener(Generic[P]):
             self._retry = None
         if self._closed or not self.paused:
             return
-        use = _descriptor_use()  # before the spares take their share
-        if not self._take_spares():
+        use = descriptor_use()  # before the spares take their share
+        if not self.reserve.hold():
             self._retry = self._loop.call_later(RETRY, self._resume)
             return
         self.paused = False
@@ -284,27 +271,39 @@ class Listener(Generic[P]):
         self._summary = self._loop.call_later(LOG_EVERY, self._log_summary)
 
 
-def _descriptor_use() -> str:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = str(len(os.listdir("/proc/self/fd")))
-    except OSError:
-        used = "?"
-    return f"{used} descriptors open, limit {soft}"
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def quiet_resource_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Log running out of descriptors in asyncio's own servers as one line, not a traceback.
+def advertised_addresses(host: str, port: int) -> list[str]:
+    """The ``host:port`` strings peers should dial: the listen host, or every interface's."""
+    address = ipaddress.ip_address(host)
+    if not address.is_unspecified:
+        return [format_address(host, port)]
+    hosts = interface_addresses(ipv6=address.version == 6)
+    public = [h for h in hosts if not ipaddress.ip_address(h).is_loopback]
+    return [format_address(h, port) for h in (public or hosts)][:MAX_ADVERTISED]
 
-    asyncio's servers (the control socket) then stop accepting for a second
-    by themselves; every other error keeps the default handling.
-    """
 
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
-            log.warning("%s (%s; %s)", context.get("message"), exc.strerror, _descriptor_use())
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
+def interface_addresses(*, ipv6: bool) -> list[str]:
+    """IPv4 addresses of every interface (and global IPv6 ones for a ``[::]`` listener)."""
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)
+            except OSError:
+                continue
+            found.append(socket.inet_ntoa(answer[20:24]))
+    if ipv6:
+        try:
+            lines = Path("/proc/net/if_inet6").read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            raw = line.split()[0]
+            v6 = ipaddress.IPv6Address(bytes.fromhex(raw))
+            if not v6.is_link_local:
+                found.append(str(v6))
+    return found

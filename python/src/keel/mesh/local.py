@@ -1,7 +1,7 @@
 """The binary local stream between agents and their daemon: frames and their bodies. Pure.
 
-An agent opens ``DIR/control.sock``, sends the JSON request
-``{"verb": "stream", "args": {}}``, reads the JSON reply
+An agent opens the node's control socket (``/run/keel/mesh.sock``), sends
+the JSON request ``{"verb": "stream", "args": {}}``, reads the JSON reply
 (``{"ok": true, "result": {"stream": 1, "node": ...}}``) and from then on
 both sides exchange binary frames on that connection::
 
@@ -43,15 +43,13 @@ messages out again, under new receipts).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple
 
 MAX_FRAME: Final = 16 << 20
-SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (the kernel caps it at wmem_max)
+SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (keel.api.widen; the kernel caps it)
 FRAME: Final = struct.Struct(">BI")
 _SEND_HEAD = struct.Struct(">16s32sQB")
 _SIZE = struct.Struct(">I")
@@ -77,7 +75,7 @@ class LocalStreamError(ValueError):
     """A malformed frame or body (the daemon answers ERROR and hangs up)."""
 
 
-class Outgoing(NamedTuple):
+class SendEntry(NamedTuple):
     """A message an agent sends: ``id`` 32 hex digits, ``ttl_ms`` 0 for the default."""
 
     id: str
@@ -87,7 +85,7 @@ class Outgoing(NamedTuple):
     ttl_ms: int = 0
 
     def __repr__(self) -> str:  # never the payload
-        return f"Outgoing(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
+        return f"SendEntry(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
 
 
 class Delivered(NamedTuple):
@@ -100,17 +98,6 @@ class Delivered(NamedTuple):
 
     def __repr__(self) -> str:  # never the payload
         return f"Delivered(receipt={self.receipt}, id={self.id!r}, sender={self.sender!r})"
-
-
-class _Socket(Protocol):
-    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
-
-
-def widen(sock: _Socket) -> None:
-    """Big socket buffers: a 1 MiB frame crosses in one or two wakeups, not a dozen."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):  # the default works, only slower
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
 def frame(kind: Kind, body: bytes) -> bytes:
@@ -137,7 +124,7 @@ def _ascii(raw: bytes, what: str) -> str:
 # ---------------------------------------------------------------- SEND
 
 
-def send_entry_head(message: Outgoing) -> bytes:
+def send_entry_head(message: SendEntry) -> bytes:
     """A SEND entry up to its payload (the entry is this head, then ``message.payload``)."""
     topic = message.topic.encode("ascii")
     to = message.to.encode("ascii")
@@ -152,7 +139,7 @@ def send_entry_head(message: Outgoing) -> bytes:
     )
 
 
-def send_entry(message: Outgoing) -> bytes:
+def send_entry(message: SendEntry) -> bytes:
     return send_entry_head(message) + message.payload
 
 
@@ -164,13 +151,13 @@ def encode_send(request: int, entries: Sequence[bytes]) -> bytes:
     return b"".join((FRAME.pack(Kind.SEND, size), _REQUEST.pack(request), *entries))
 
 
-def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
+def decode_send(body: bytes) -> tuple[int, list[SendEntry]]:
     if len(body) < _REQUEST.size:
         raise LocalStreamError("SEND without a request number")
     (request,) = _REQUEST.unpack_from(body)
     view = memoryview(body)
     at, end = _REQUEST.size, len(body)
-    out: list[Outgoing] = []
+    out: list[SendEntry] = []
     try:
         while at < end:
             raw_id, to, ttl_ms, topic_length = _SEND_HEAD.unpack_from(body, at)
@@ -183,7 +170,7 @@ def decode_send(body: bytes) -> tuple[int, list[Outgoing]]:
                 raise LocalStreamError("SEND entry runs past the frame's end")
             payload = bytes(view[at : at + size])
             at += size
-            out.append(Outgoing(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms))
+            out.append(SendEntry(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms))
     except struct.error:
         raise LocalStreamError("SEND entry runs past the frame's end") from None
     finally:

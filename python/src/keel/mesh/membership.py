@@ -14,14 +14,19 @@ hybrid logical time in milliseconds, and ``sig``):
 - ``join`` (``node``, ``addrs``): ``by`` admits the node whose ``NodeRecord``
   is ``node`` (made when it redeemed one of ``by``'s invites).
 - ``remove`` (``node``): ``by`` revokes node id ``node``, for good.
+- ``operator`` (``node``, ``grant``): ``by`` makes member ``node`` an
+  operator of the mesh (``grant`` true) or takes the role back (false).
 - ``addr`` (``addrs``): ``by``'s own listening addresses (latest wins).
 - ``room``: an owner-signed room state (see :mod:`keel.mesh.rooms`).
 
 The view: walk the records in ``(at, id)`` order starting from the genesis
-member. A ``join`` or ``remove`` takes effect only if its signer is a member
-(admitted, not removed) at that point of the walk and its signature verifies
-with the signer's admitted signing key. Removal wins: a removed node is
-never admitted again, whatever joins follow. ``at`` is a hybrid logical
+member. A ``join`` takes effect only if its signer is a member (admitted,
+not removed) at that point of the walk and its signature verifies with the
+signer's admitted signing key; a ``remove`` or ``operator`` record only if
+its signer is, besides, an *operator* at that point. The founder is the
+first operator; an operator grants the role to another member (never to
+itself: a node cannot promote itself), and a removed node loses it. Removal
+wins: a removed node is never admitted again, whatever joins follow. ``at`` is a hybrid logical
 clock (``next_at``): a node stamps a new record later than every record it
 already holds, so a record always sorts after the records that made its
 signer a member, even between hosts whose clocks disagree.
@@ -37,16 +42,11 @@ from typing import Any, Final
 
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
-from keel.mesh.identity import (
-    SIGNATURE_SIZE,
-    NodeIdentity,
-    NodeRecord,
-    is_node_id,
-    verify_signature,
-)
-from keel.mesh.packets import canonical_json, is_message_id
+from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
+from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
+from keel.mesh.packets import canonical_json
 
-KINDS: Final = ("genesis", "join", "remove", "addr", "room")
+KINDS: Final = ("genesis", "join", "remove", "operator", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}
 MAX_ADDRESSES: Final = 16
 MAX_ROOM_NAME: Final = 64
@@ -60,6 +60,7 @@ _FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "genesis": frozenset({"node", "addrs"}),
     "join": frozenset({"node", "addrs"}),
     "remove": frozenset({"node"}),
+    "operator": frozenset({"node", "grant"}),
     "addr": frozenset({"addrs"}),
     "room": frozenset({"room", "nonce", "name", "version", "members"}),
 }
@@ -75,7 +76,7 @@ def room_id_of(owner: str, nonce: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class Record:
+class SignedRecord:
     """One signed record: ``body`` (every field but ``sig``) and the signature."""
 
     body: Mapping[str, Any]
@@ -119,13 +120,13 @@ class Record:
         return tuple(self.body.get("addrs", ()))
 
     @classmethod
-    def make(cls, identity: NodeIdentity, kind: str, at: int, **fields: Any) -> Record:
+    def make(cls, identity: NodeIdentity, kind: str, at: int, **fields: Any) -> SignedRecord:
         body = {"kind": kind, "by": identity.node_id, "at": at, **fields}
         signature = identity.sign(DOMAINS[kind], canonical_json(body))
         return cls.from_json({**body, "sig": b64u_encode(signature)})
 
     @classmethod
-    def from_json(cls, data: object) -> Record:
+    def from_json(cls, data: object) -> SignedRecord:
         """Parse and check a record's shape (not its signature: that needs the view)."""
         if not isinstance(data, Mapping):
             raise _bad("not a JSON object")
@@ -159,9 +160,14 @@ class Record:
                 raise _bad("a genesis record is signed by the node it founds")
             if kind == "join" and node.node_id == body["by"]:
                 raise _bad("a node cannot admit itself")
-        elif kind == "remove":
+        elif kind in ("remove", "operator"):
             if not is_node_id(body["node"]):
                 raise _bad("node is not a node id")
+            if kind == "operator":
+                if not isinstance(body["grant"], bool):
+                    raise _bad("grant must be true or false")
+                if body["node"] == body["by"]:
+                    raise _bad("a node cannot grant or take back its own operator role")
         elif kind == "room":
             _check_room(body)
         return cls(body, signature)
@@ -211,7 +217,7 @@ class Room:
     owner: str
     version: int
     members: tuple[str, ...]  # as the owner signed them (may name nodes since removed)
-    record: Record = field(repr=False)
+    record: SignedRecord = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,7 @@ class View:
     founder: str
     admitted: Mapping[str, Member]  # everyone ever admitted (removed ones too)
     removed: Mapping[str, int]  # node id -> at of the removal that took effect
+    operators: frozenset[str]  # the members that may remove nodes and grant the role
     rooms: Mapping[str, Room]
     effective: frozenset[str]  # ids of the records that took effect
 
@@ -249,14 +256,14 @@ class Membership:
 
     MAX_RECORDS: Final = 100_000
 
-    def __init__(self, genesis: Record, records: Iterable[Record] = ()) -> None:
+    def __init__(self, genesis: SignedRecord, records: Iterable[SignedRecord] = ()) -> None:
         if genesis.kind != "genesis":
             raise ValueError("a mesh starts from a genesis record")
         founder = genesis.node_record()
         if not genesis.verify_with(founder.signing_key):
             raise _bad("the genesis record's signature does not verify")
         self.genesis = genesis
-        self._records: dict[str, Record] = {genesis.id: genesis}
+        self._records: dict[str, SignedRecord] = {genesis.id: genesis}
         self._verified: dict[tuple[str, bytes], bool] = {}
         self._view: View | None = None
         self._max_at = genesis.at
@@ -266,7 +273,7 @@ class Membership:
     @classmethod
     def found(cls, identity: NodeIdentity, addresses: Sequence[str], now_ms: int) -> Membership:
         """A new mesh of one: ``identity`` is its founder."""
-        genesis = Record.make(
+        genesis = SignedRecord.make(
             identity, "genesis", now_ms, node=identity.record().to_json(), addrs=list(addresses)
         )
         return cls(genesis)
@@ -275,7 +282,7 @@ class Membership:
     def mesh_id(self) -> str:
         return self.genesis.id
 
-    def records(self) -> list[Record]:
+    def records(self) -> list[SignedRecord]:
         return sorted(self._records.values(), key=lambda r: (r.at, r.id))
 
     def __contains__(self, record_id: str) -> bool:
@@ -284,7 +291,7 @@ class Membership:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, record: Record) -> bool:
+    def add(self, record: SignedRecord) -> bool:
         """Store ``record``; True if it is new. Whether it takes effect is up to the view."""
         if record.id in self._records:
             return False
@@ -313,7 +320,7 @@ class Membership:
             self._view = self._walk()
         return self._view
 
-    def _verified_by(self, record: Record, signer: Member | None) -> bool:
+    def _verified_by(self, record: SignedRecord, signer: Member | None) -> bool:
         if signer is None:
             return False
         key = (record.id, signer.node.signing_key)
@@ -327,6 +334,7 @@ class Membership:
             founder.node_id: Member(founder, self.genesis.addresses, None, self.genesis.at)
         }
         removed: dict[str, int] = {}
+        operators = {founder.node_id}
         addresses: dict[str, tuple[str, ...]] = {}
         rooms: dict[str, Room] = {}
         effective = {self.genesis.id}
@@ -345,9 +353,22 @@ class Membership:
                 admitted[node.node_id] = Member(node, record.addresses, by, record.at)
             elif kind == "remove":
                 target = str(record.body["node"])
-                if target in removed or not self._verified_by(record, in_good_standing):
+                if target in removed or by not in operators:
+                    continue
+                if not self._verified_by(record, in_good_standing):
                     continue
                 removed[target] = record.at
+                operators.discard(target)
+            elif kind == "operator":
+                target = str(record.body["node"])
+                if by not in operators or target not in admitted or target in removed:
+                    continue
+                if not self._verified_by(record, in_good_standing):
+                    continue
+                if record.body["grant"]:
+                    operators.add(target)
+                else:
+                    operators.discard(target)
             elif kind == "addr":
                 if not self._verified_by(record, signer):
                     continue
@@ -382,14 +403,15 @@ class Membership:
             founder=founder.node_id,
             admitted=MappingProxyType(admitted),
             removed=MappingProxyType(removed),
+            operators=frozenset(operators),
             rooms=MappingProxyType(rooms),
             effective=frozenset(effective),
         )
 
     # -- making records (the local node signs)
 
-    def make(self, identity: NodeIdentity, kind: str, now_ms: int, **fields: Any) -> Record:
+    def make(self, identity: NodeIdentity, kind: str, now_ms: int, **fields: Any) -> SignedRecord:
         """Sign a new record at ``next_at(now_ms)`` and add it."""
-        record = Record.make(identity, kind, self.next_at(now_ms), **fields)
+        record = SignedRecord.make(identity, kind, self.next_at(now_ms), **fields)
         self.add(record)
         return record

@@ -24,33 +24,26 @@ from __future__ import annotations
 
 import enum
 import json
-import re
-import secrets
 import struct
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from keel.config import parse_json, shorten
+from keel.config import parse_json
 from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
-from keel.mesh.identity import SIGNATURE_SIZE, is_node_id
+from keel.mesh.ids import MESSAGE_ID_BYTES, SIGNATURE_SIZE, check_topic, is_message_id, is_node_id
 
 HEADER_LENGTH_SIZE: Final = 2
 MAX_HEADER: Final = 65535
 MAX_PAYLOAD: Final = 960 * 1024  # a packet stays under the session's 1 MiB message limit
-MAX_TOPIC: Final = 128
 MAX_ACK_IDS: Final = 4096
 MAX_REASON: Final = 200
-MESSAGE_ID_BYTES: Final = 16
 APP_REVISION: Final = 2  # the application-layer revision this node speaks (MSGS is revision 2)
 MAX_BATCH_MESSAGES: Final = 4096  # per MSGS packet: what one ACK list may answer
 MAX_BATCH_BYTES: Final = 1 << 20  # a MSGS packet is one session message
 MAX_EXPIRY: Final = (1 << 64) - 1  # exp and rv are u64 in MSGS
-_ID_RE = re.compile(r"[0-9a-f]{32}")
-_TOPIC_RE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
 
 class PacketType(enum.IntEnum):
@@ -63,36 +56,6 @@ class PacketType(enum.IntEnum):
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, non-ASCII escaped: the bytes every signature covers."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def new_message_id(
-    random: Callable[[int], bytes] = secrets.token_bytes, clock: Callable[[], float] = time.time
-) -> str:
-    """A fresh id: 6 bytes of Unix time in milliseconds (big-endian), then 10 random bytes.
-
-    Receivers take any 16 bytes; time-ordered ids just keep the stores'
-    ``(sender, id)`` indexes growing at their end, so inserting one touches
-    one page instead of a random page of a week-long table.
-    """
-    millis = int(clock() * 1000) & 0xFFFF_FFFF_FFFF
-    return millis.to_bytes(6, "big").hex() + random(MESSAGE_ID_BYTES - 6).hex()
-
-
-def is_message_id(value: object) -> bool:
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
-
-
-def check_topic(topic: object) -> str:
-    """A topic: 1 to 128 characters of ``[A-Za-z0-9._:/@+=-]``; ``ValueError`` otherwise."""
-    if (
-        not isinstance(topic, str)
-        or not 0 < len(topic) <= MAX_TOPIC
-        or _TOPIC_RE.fullmatch(topic) is None
-    ):
-        raise ValueError(
-            f"topic {shorten(repr(topic))} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
-        )
-    return topic
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,18 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from keel.errors import UsageError
 from keel.mesh.encoding import b64u_encode
-from keel.mesh.identity import NodeIdentity, is_node_id, verify_signature
+from keel.mesh.identity import NodeIdentity, verify_signature
+from keel.mesh.ids import is_node_id
 from keel.mesh.membership import (
     MAX_ROOM_MEMBERS,
     MAX_ROOM_NAME,
     ROOM_NONCE_SIZE,
-    Membership,
-    Record,
     Room,
     View,
     room_id_of,
@@ -46,52 +46,36 @@ MESSAGE_DOMAIN = "room-message"
 
 def create(
     identity: NodeIdentity,
-    membership: Membership,
     *,
     name: str,
-    members: Sequence[str],
-    now_ms: int,
+    members: Iterable[str],
     random: Callable[[int], bytes] = secrets.token_bytes,
-) -> Record:
-    """A new room owned by ``identity`` (always a member of it); added to ``membership``."""
+) -> dict[str, Any]:
+    """The fields of a new ``room`` record owned by ``identity`` (always a member of it)."""
     check_name(name)
     nonce = random(ROOM_NONCE_SIZE)
-    return membership.make(
-        identity,
-        "room",
-        now_ms,
-        room=room_id_of(identity.node_id, nonce),
-        nonce=b64u_encode(nonce),
-        name=name,
-        version=1,
-        members=_member_list(identity.node_id, members),
-    )
+    return {
+        "room": room_id_of(identity.node_id, nonce),
+        "nonce": b64u_encode(nonce),
+        "name": name,
+        "version": 1,
+        "members": _member_list(identity.node_id, members),
+    }
 
 
-def update(
-    identity: NodeIdentity,
-    membership: Membership,
-    room: Room,
-    *,
-    members: Sequence[str],
-    now_ms: int,
-) -> Record:
-    """The room's next version with ``members``; only its owner may sign it."""
+def update(identity: NodeIdentity, room: Room, *, members: Iterable[str]) -> dict[str, Any]:
+    """The fields of the room's next version, with ``members``; only its owner may sign it."""
     if room.owner != identity.node_id:
         raise UsageError(
             f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
         )
-    body = room.record.body
-    return membership.make(
-        identity,
-        "room",
-        now_ms,
-        room=room.id,
-        nonce=body["nonce"],
-        name=room.name,
-        version=room.version + 1,
-        members=_member_list(identity.node_id, members),
-    )
+    return {
+        "room": room.id,
+        "nonce": room.record.body["nonce"],
+        "name": room.name,
+        "version": room.version + 1,
+        "members": _member_list(identity.node_id, members),
+    }
 
 
 def check_name(name: str) -> None:
@@ -99,7 +83,8 @@ def check_name(name: str) -> None:
         raise UsageError(f"room name must be 1 to {MAX_ROOM_NAME} printable characters")
 
 
-def _member_list(owner: str, members: Sequence[str]) -> list[str]:
+def _member_list(owner: str, members: Iterable[str]) -> list[str]:
+    members = list(members)
     for member in members:
         if not is_node_id(member):
             raise UsageError(f"{member!r} is not a node id (32 characters of a-z and 2-7)")
@@ -154,7 +139,7 @@ def stamp(
     return RoomStamp(room.id, identity.node_id, room.version, identity.sign(MESSAGE_DOMAIN, signed))
 
 
-class Verdict(enum.Enum):
+class RoomVerdict(enum.Enum):
     ACCEPT = "accept"
     BUSY = "busy"  # not yet: the receiver lacks the room version the author saw
     REJECT = "reject"
@@ -162,7 +147,7 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Check:
-    verdict: Verdict
+    verdict: RoomVerdict
     reason: str = ""
 
 
@@ -172,15 +157,15 @@ def check_message(view: View, local: str, message: Msg) -> Check:
     assert stamp_ is not None
     room = view.rooms.get(stamp_.room)
     if room is None or room.version < stamp_.version:
-        return Check(Verdict.BUSY, f"room {stamp_.room} version {stamp_.version} not known yet")
+        return Check(RoomVerdict.BUSY, f"room {stamp_.room} version {stamp_.version} not known yet")
     author = view.admitted.get(stamp_.author)
     if author is None or not view.is_member(stamp_.author):
-        return Check(Verdict.REJECT, f"author {stamp_.author} is not a mesh member")
+        return Check(RoomVerdict.REJECT, f"author {stamp_.author} is not a mesh member")
     recipients = view.room_recipients(room.id)
     if stamp_.author not in recipients:
-        return Check(Verdict.REJECT, f"author {stamp_.author} is not in room {room.id}")
+        return Check(RoomVerdict.REJECT, f"author {stamp_.author} is not in room {room.id}")
     if local not in recipients:
-        return Check(Verdict.REJECT, f"this node is not in room {room.id}")
+        return Check(RoomVerdict.REJECT, f"this node is not in room {room.id}")
     signed = _signed(
         room.id,
         message.id,
@@ -191,5 +176,5 @@ def check_message(view: View, local: str, message: Msg) -> Check:
         payload=message.payload,
     )
     if not verify_signature(author.node.signing_key, MESSAGE_DOMAIN, signed, stamp_.signature):
-        return Check(Verdict.REJECT, f"signature of {stamp_.author} does not verify")
-    return Check(Verdict.ACCEPT)
+        return Check(RoomVerdict.REJECT, f"signature of {stamp_.author} does not verify")
+    return Check(RoomVerdict.ACCEPT)

@@ -45,26 +45,20 @@ from keel.mesh.framing import (
     MAX_CLOSE_REASON,
     MAX_FRAME_SIZE,
     FrameReader,
-    Record,
+    RecordType,
     decode_record,
     encode_frame,
     encode_record,
 )
-from keel.mesh.identity import (
-    KEY_SIZE,
-    SIGNATURE_SIZE,
-    NodeIdentity,
-    NodeRecord,
-    node_id_of,
-    verify_binding,
-)
+from keel.mesh.identity import NodeIdentity, NodeRecord, verify_binding
+from keel.mesh.ids import KEY_SIZE, SIGNATURE_SIZE, node_id_of
 from keel.mesh.invite import INVITE_ID_SIZE, PROOF_SIZE, InviteClaim, InviteToken, invite_proof
 from keel.mesh.kem import Kem
 from keel.mesh.noise import TAG_LEN, CipherState, HandshakeState
 
 PROTOCOL_NAME: Final = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s"
-_DATA: Final = bytes([Record.DATA])
-_DATA_MORE: Final = bytes([Record.DATA_MORE])
+_DATA: Final = bytes([RecordType.DATA])
+_DATA_MORE: Final = bytes([RecordType.DATA_MORE])
 PROLOGUE: Final = b"keel-mesh/1"
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_SIZE: Final = 1 << 20
@@ -352,7 +346,7 @@ class Session:
 
     def send_keepalive(self) -> bytes:
         self._require_open("send a keepalive")
-        return self._guard(lambda: self._seal(Record.KEEPALIVE))
+        return self._guard(lambda: self._seal(RecordType.KEEPALIVE))
 
     def close(self, reason: str = "") -> bytes:
         """Say goodbye (a CLOSE record, once the channel is open); the session is then CLOSED."""
@@ -361,7 +355,7 @@ class Session:
                 self._state = State.CLOSED
             return b""
         body = reason.encode()[:MAX_CLOSE_REASON]
-        out = self._guard(lambda: self._seal(Record.CLOSE, body))
+        out = self._guard(lambda: self._seal(RecordType.CLOSE, body))
         self._state = State.CLOSED
         return out
 
@@ -403,7 +397,7 @@ class Session:
             )
         out = self._rekey_if_due(now)
         if now >= self._last_sent + config.keepalive_interval:
-            out += self._seal(Record.KEEPALIVE)
+            out += self._seal(RecordType.KEEPALIVE)
         return out
 
     # -- internals
@@ -595,14 +589,14 @@ class Session:
                 self._partial_size = 0
             return
         record, body = decode_record(plaintext)
-        if record is Record.DATA:  # the usual case: a message in one record
+        if record is RecordType.DATA:  # the usual case: a message in one record
             self._check_size(len(body))
             self._events.append(Message(body))
-        elif record is Record.KEEPALIVE:
+        elif record is RecordType.KEEPALIVE:
             self._events.append(Keepalive())
-        elif record is Record.REKEY:
+        elif record is RecordType.REKEY:
             self._recv.rekey()
-        elif record is Record.CLOSE:
+        elif record is RecordType.CLOSE:
             self._partial.clear()
             self._partial_size = 0
             reason = body.decode("utf-8", errors="replace")
@@ -622,17 +616,17 @@ class Session:
             and now < self._send_key_since + self.config.rekey_interval
         ):
             return b""
-        out = self._seal_raw(Record.REKEY, b"", now)
+        out = self._seal_raw(RecordType.REKEY, b"", now)
         self._send.rekey()
         self._sent_since_rekey = 0
         self._send_key_since = now
         return out
 
-    def _seal(self, kind: Record, body: bytes = b"") -> bytes:
+    def _seal(self, kind: RecordType, body: bytes = b"") -> bytes:
         now = self.clock()
         return self._rekey_if_due(now) + self._seal_raw(kind, body, now)
 
-    def _seal_raw(self, kind: Record, body: bytes, now: float) -> bytes:
+    def _seal_raw(self, kind: RecordType, body: bytes, now: float) -> bytes:
         assert self._send is not None
         frame = self._frame(self._send.encrypt_with_ad(b"", encode_record(kind, body)))
         self._sent_since_rekey += 1

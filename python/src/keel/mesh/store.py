@@ -20,21 +20,24 @@ pages of large ones go to the free list as they are).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ParamSpec, TypeVar
 
 from keel.errors import KeelError
-from keel.mesh.delivery import Outgoing
+from keel.mesh.delivery import InboxMessage, Incoming, OutboxRow, Queued
 from keel.mesh.invite import InviteRecord
-from keel.mesh.membership import Record
+from keel.mesh.membership import SignedRecord
+from keel.mesh.packets import RoomStamp
 
 log = logging.getLogger("keel.mesh")
 
@@ -68,8 +71,13 @@ CREATE TABLE IF NOT EXISTS peers (node TEXT PRIMARY KEY, last_seen REAL NOT NULL
 """
 
 
-class StoreError(KeelError):
-    """The state database cannot be opened or written."""
+class StateError(KeelError):
+    """The state database cannot be opened, read or written (a full disk, an I/O error)."""
+
+
+def state_failed(what: str, exc: StateError) -> None:
+    """One log line for a failure of the state database the node rides out."""
+    log.error("mesh: %s: %s", what, exc)
 
 
 class _Duplicates(Exception):
@@ -89,48 +97,70 @@ def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None
         raise _Duplicates
 
 
-# Tuples, not dataclasses: one of each is made per message on the hot path.
+def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[tuple[Any, ...]]:
+    """Rows for ``items`` with seqs after ``last``; a room stamp is encoded once per message."""
+    texts: dict[
+        int, str
+    ] = {}  # id(stamp): its stored form (the recipients of one message share it)
+    rows = []
+    for seq, item in enumerate(items, last + 1):
+        stamp = item.stamp
+        text = None
+        if stamp is not None:
+            text = texts.get(id(stamp))
+            if text is None:
+                text = texts[id(stamp)] = _stamp_text(stamp)
+        rows.append(
+            (
+                seq,
+                item.id,
+                item.peer,
+                item.room,
+                item.topic,
+                item.expires,
+                created,
+                text,
+                item.payload,
+            )
+        )
+    return rows
 
 
-class NewOutgoing(NamedTuple):
-    id: str
-    peer: str
-    room: str | None
-    topic: str
-    expires: float
-    stamp: str | None  # JSON of the room stamp, the same for every recipient
-    payload: bytes
-
-    def __repr__(self) -> str:  # never the payload
-        return f"NewOutgoing(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+def _stamp_text(stamp: RoomStamp) -> str:
+    """A room stamp as the ``stamp`` column holds it (JSON, as since the first schema)."""
+    signature = base64.b64encode(stamp.signature).decode()
+    return json.dumps(
+        {"room": stamp.room, "from": stamp.author, "rv": stamp.version, "sig": signature}
+    )
 
 
-class Incoming(NamedTuple):
-    sender: str  # the author (dedup key with id)
-    id: str
-    room: str | None
-    topic: str
-    payload: bytes
-    keep_until: float
-
-    def __repr__(self) -> str:  # never the payload
-        return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
+def _stamp_from_text(text: str) -> RoomStamp:
+    data = json.loads(text)
+    return RoomStamp(data["room"], data["from"], data["rv"], base64.b64decode(data["sig"]))
 
 
-class InboxMessage(NamedTuple):
-    seq: int
-    id: str
-    sender: str
-    room: str | None
-    topic: str
-    received: float
-    payload: bytes
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def __repr__(self) -> str:  # never the payload
-        return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"
+
+def _state_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Any SQLite failure of ``method`` (a full disk, an I/O error) as a :class:`StateError`."""
+
+    @functools.wraps(method)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            assert isinstance(store, Store)
+            raise StateError(f"{store.path}: {exc}") from exc
+
+    return wrapped
 
 
 class Store:
+    """The database; every failure it can meet is a :class:`StateError` naming the file."""
+
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
         try:
@@ -139,7 +169,7 @@ class Store:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
         except OSError as exc:
-            raise StoreError(
+            raise StateError(
                 f"{path}: cannot create the mesh state database: {exc.strerror}"
             ) from None
         try:
@@ -153,7 +183,7 @@ class Store:
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread's job
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
+            raise StateError(
                 f"{path}: cannot open the mesh state database: {exc} "
                 "(a damaged file? move it away to start afresh, losing queued messages)"
             ) from None
@@ -168,7 +198,7 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
         elif row[0] != str(SCHEMA_VERSION):
-            raise StoreError(
+            raise StateError(
                 f"{self.path}: state schema version {row[0]}, this keel reads {SCHEMA_VERSION}"
             )
 
@@ -181,44 +211,45 @@ class Store:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
+            raise StateError(f"{self.path}: cannot start a transaction: {exc}") from None
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                self._db.execute("ROLLBACK")
             raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: commit failed: {exc}") from None
+            raise StateError(f"{self.path}: commit failed: {exc}") from None
         self._checkpointer.poke()
 
     # -- meta
 
+    @_state_errors
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
     # -- records
 
+    @_state_errors
     def load_records(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT body FROM records ORDER BY at, id").fetchall()
         return [json.loads(body) for (body,) in rows]
 
-    def add_records(self, records: Iterable[Record]) -> None:
+    @_state_errors
+    def add_records(self, records: Iterable[SignedRecord]) -> None:
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO records (id, at, body) VALUES (?, ?, ?)",
                 [(r.id, r.at, json.dumps(r.to_json(), sort_keys=True)) for r in records],
             )
 
-    def replace_records(self, records: Iterable[Record], mesh_id: str) -> None:
+    @_state_errors
+    def replace_records(self, records: Iterable[SignedRecord], mesh_id: str) -> None:
         """Adopt another mesh's records (a fresh node joining); one transaction."""
         with self.transaction() as db:
             db.execute("DELETE FROM records")
@@ -230,6 +261,7 @@ class Store:
 
     # -- invites
 
+    @_state_errors
     def add_invite(self, record: InviteRecord, created: float) -> None:
         with self.transaction() as db:
             db.execute(
@@ -237,13 +269,15 @@ class Store:
                 (record.invite_id.hex(), json.dumps(record.to_json()), created),
             )
 
+    @_state_errors
     def get_invite(self, invite_id: bytes) -> InviteRecord | None:
         row = self._db.execute(
             "SELECT body FROM invites WHERE invite_id = ?", (invite_id.hex(),)
         ).fetchone()
         return None if row is None else InviteRecord.from_json(json.loads(row[0]))
 
-    def redeem_invite(self, record: InviteRecord, join: Record) -> None:
+    @_state_errors
+    def redeem_invite(self, record: InviteRecord, join: SignedRecord) -> None:
         """Count a use down and store the join record it produced, together."""
         with self.transaction() as db:
             db.execute(
@@ -255,6 +289,7 @@ class Store:
                 (join.id, join.at, json.dumps(join.to_json(), sort_keys=True)),
             )
 
+    @_state_errors
     def prune_invites(self, wall: float) -> int:
         with self.transaction() as db:
             rows = db.execute("SELECT invite_id, body FROM invites").fetchall()
@@ -264,7 +299,8 @@ class Store:
 
     # -- outbox
 
-    def enqueue(self, items: Sequence[NewOutgoing], created: float) -> list[Outgoing | None]:
+    @_state_errors
+    def enqueue(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id).
 
         One transaction. The common case (nothing queued twice) is one
@@ -274,27 +310,21 @@ class Store:
         try:
             with self.transaction() as db:
                 last = self._outbox_seq(db)
-                rows = [
-                    self._outbox_row(last + n, item, created) for n, item in enumerate(items, 1)
-                ]
+                rows = _outbox_rows(last, items, created)
                 _insert_new(db, rows)
         except _Duplicates:
             return self._enqueue_checked(items, created)
         self._last_seq = last + len(rows)
         return [
-            Outgoing(
-                seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload)
-            )
+            Queued(seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload))
             for seq, item in enumerate(items, last + 1)
         ]
 
-    def _enqueue_checked(
-        self, items: Sequence[NewOutgoing], created: float
-    ) -> list[Outgoing | None]:
+    def _enqueue_checked(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         keys = [(item.peer, item.id) for item in items]
         queued = self._existing("outbox", "peer", keys)
-        out: list[Outgoing | None] = []
-        rows = []
+        out: list[Queued | None] = []
+        new: list[OutboxRow] = []
         with self.transaction() as db:
             last = self._outbox_seq(db)
             for item, key in zip(items, keys, strict=True):
@@ -302,11 +332,10 @@ class Store:
                     out.append(None)
                     continue
                 queued.add(key)
-                last += 1
-                rows.append(self._outbox_row(last, item, created))
+                new.append(item)
                 out.append(
-                    Outgoing(
-                        last,
+                    Queued(
+                        last + len(new),
                         item.id,
                         item.peer,
                         item.topic,
@@ -315,23 +344,9 @@ class Store:
                         len(item.payload),
                     )
                 )
-            db.executemany(_INSERT_OUTBOX, rows)
-        self._last_seq = last
+            db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created))
+        self._last_seq = last + len(new)
         return out
-
-    @staticmethod
-    def _outbox_row(seq: int, item: NewOutgoing, created: float) -> tuple[Any, ...]:
-        return (
-            seq,
-            item.id,
-            item.peer,
-            item.room,
-            item.topic,
-            item.expires,
-            created,
-            item.stamp,
-            item.payload,
-        )
 
     def _outbox_seq(self, db: sqlite3.Connection) -> int:
         """The last outbox seq ever used (one query per Store; this Store is the only writer)."""
@@ -367,22 +382,29 @@ class Store:
                 found.update((first, str(row[0])) for row in rows)
         return found
 
-    def load_outbox(self) -> list[Outgoing]:
+    @_state_errors
+    def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
             "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
         ).fetchall()
-        return [Outgoing(*row) for row in rows]
+        return [Queued(*row) for row in rows]
 
-    def outbox_payload(self, seq: int) -> tuple[bytes, str | None] | None:
+    @_state_errors
+    def outbox_payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
+        """A queued message's payload and room stamp (None once it is gone)."""
         row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else (bytes(row[0]), row[1])
+        if row is None:
+            return None
+        return bytes(row[0]), None if row[1] is None else _stamp_from_text(row[1])
 
-    def delivered(self, items: Sequence[Outgoing]) -> None:
+    @_state_errors
+    def delivered(self, items: Sequence[Queued]) -> None:
         """Acknowledged: drop the rows."""
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
 
-    def dead_letter(self, items: Sequence[Outgoing], reason: str, wall: float) -> None:
+    @_state_errors
+    def dead_letter(self, items: Sequence[Queued], reason: str, wall: float) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
             db.executemany(
@@ -391,6 +413,7 @@ class Store:
                 [(i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall) for i in items],
             )
 
+    @_state_errors
     def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT id, peer, room, topic, size, reason, at FROM dead_letters "
@@ -402,13 +425,12 @@ class Store:
 
     # -- inbox
 
-    def is_seen(self, sender: str, message_id: str) -> bool:
-        return bool(self._existing("seen", "sender", [(sender, message_id)]))
-
+    @_state_errors
     def seen_among(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """The ``(author, id)`` pairs of ``keys`` received before (one query per 400)."""
         return self._existing("seen", "sender", keys)
 
+    @_state_errors
     def receive(self, items: Sequence[Incoming], wall: float) -> list[int]:
         """Store new messages with their dedup keys, atomically; returns their inbox seqs."""
         with self.transaction() as db:
@@ -424,6 +446,7 @@ class Store:
             (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()
         return list(range(last - len(items) + 1, last + 1))
 
+    @_state_errors
     def mark_seen(self, keys: Sequence[tuple[str, str, float]]) -> None:
         """Store dedup keys (sender, id, keep_until) of messages an agent took straight away."""
         with self.transaction() as db:
@@ -431,12 +454,14 @@ class Store:
                 "INSERT OR IGNORE INTO seen (sender, id, keep_until) VALUES (?, ?, ?)", keys
             )
 
+    @_state_errors
     def inbox_totals(self) -> tuple[int, int]:
         count, size = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox"
         ).fetchone()
         return int(count), int(size)
 
+    @_state_errors
     def take(self, topic: str, limit: int, exclude: Container[int]) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` whose seq is not in ``exclude``.
 
@@ -466,6 +491,7 @@ class Store:
             ]
         return out
 
+    @_state_errors
     def consume(self, seqs: Iterable[int]) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there."""
         unique = list(dict.fromkeys(seqs))
@@ -480,12 +506,14 @@ class Store:
                 ).fetchall()
         return [(int(a), int(b)) for a, b in gone]
 
+    @_state_errors
     def prune_seen(self, wall: float) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM seen WHERE keep_until < ?", (wall,)).rowcount
 
     # -- peers
 
+    @_state_errors
     def touch_peers(self, peers: Iterable[str], wall: float) -> None:
         with self.transaction() as db:
             db.executemany(
@@ -493,6 +521,7 @@ class Store:
                 [(p, wall) for p in peers],
             )
 
+    @_state_errors
     def last_seen(self) -> dict[str, float]:
         return dict(self._db.execute("SELECT node, last_seen FROM peers"))
 

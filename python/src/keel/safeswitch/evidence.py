@@ -29,7 +29,7 @@ from typing import Any
 
 from keel.config import parse_json
 from keel.errors import ConfigError
-from keel.ledger.files import write_durably
+from keel.files import write_durably
 from keel.ledger.recorder import LedgerUnavailable, Recorder
 from keel.safeswitch.generations import GcRoots
 from keel.safeswitch.report import Output

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,10 @@ class Activation(Protocol):
         ...
 
     async def stop(self) -> None: ...
+
+    def detach(self) -> None:
+        """Leave it running, watched no longer by this process (the timer deals with it)."""
+        ...
 
 
 class Runners(Protocol):
@@ -151,6 +156,9 @@ class SystemdActivation:
             with contextlib.suppress(OSError), open(self.runner.log or os.devnull, "ab") as log:
                 log.write(b"systemd-run: " + said)
         return code
+
+    def detach(self) -> None:
+        pass  # the unit is systemd's; the systemd-run client is collected by asyncio
 
     async def stop(self) -> None:
         if self.runner.unit:
@@ -264,6 +272,9 @@ class ProcessActivation:
     async def stop(self) -> None:
         await self._child.terminate(STOP_TIMEOUT)
 
+    def detach(self) -> None:
+        self._child.detach()
+
 
 class ProcessRunners:
     kind = "process"
@@ -290,6 +301,11 @@ class ProcessRunners:
                     f"cannot start the rollback timer {argv[0]}: {exc.strerror}"
                 ) from None
         _detached.append(process)
+        # The timer outlives the switch that armed it. Whoever is its parent when it
+        # exits collects it: init after a `keel switch` that exited, and this thread in
+        # a caller that lives on (a daemon, a test process, a switcher that died of a
+        # bug), which would otherwise keep a zombie until its next switch.
+        threading.Thread(target=process.wait, name=f"timer {process.pid}", daemon=True).start()
         ref = ProcessRef.of(process.pid)
         if ref is None:
             raise KeelError(f"the rollback timer (pid {process.pid}) died at once; see {log}")

@@ -443,19 +443,36 @@ class Executor:
                 self.post(failed(f"internal error in keel: {type(exc).__name__}: {exc}"))
 
         self._task = asyncio.create_task(guarded())
+        # Cancelled before it ran (a stop, or the switcher's end): the action never starts.
+        self._task.add_done_callback(lambda _: coro.close())
 
-    async def _stop_running(self) -> None:
+    async def _cancel_action(self) -> Activation | None:
+        """Cancel the long action in progress; the activation it started, now the caller's."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         activation, self._activation = self._activation, None
+        return activation
+
+    async def _stop_running(self) -> None:
+        activation = await self._cancel_action()
         if activation is not None:
             await activation.stop()
         elif self.state.activation is not None:
             # Taking over from a dead switcher: its activation may still run.
             await self.runner.stop(self.state.activation)
+
+    async def abandon(self) -> None:
+        """A bug ends this switcher: it starts nothing more, and leaves what runs to the timer.
+
+        The action in progress is cancelled (as it would be when the process exits);
+        an activation already running keeps running, watched no longer from here.
+        """
+        activation = await self._cancel_action()
+        if activation is not None:
+            activation.detach()
 
     async def close_gate(self) -> None:
         tasks, self._checks = self._checks, []
@@ -669,7 +686,10 @@ async def switch(
         actions = await _arm(executor, config, clock)
         await executor.drive(actions)
     except Exception:  # a bug in keel: leave the host to the timer, say so plainly
-        return _internal_error(executor)
+        trace = traceback.format_exc()
+        with contextlib.suppress(Exception):  # the first bug is the one to report
+            await executor.abandon()
+        return _internal_error(executor, trace)
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -680,12 +700,12 @@ async def switch(
     return _result(executor)
 
 
-def _internal_error(executor: Executor) -> Result:
+def _internal_error(executor: Executor, text: str) -> Result:
     state = executor.state
     trace = Path(executor.files.run_dir) / f"{state.id}-error.log"
     with contextlib.suppress(OSError):
         trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(traceback.format_exc())
+        trace.write_text(text)
     if state.timer is not None and not executor.machine.finished:
         fate = (
             f"the rollback timer rolls the switch back at "

@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -199,6 +200,17 @@ class Child:
         if not self.exited:
             self.scope.kill()
         return await self.wait()
+
+    def detach(self) -> None:
+        """Stop watching and leave the process running; a thread collects our child when it exits.
+
+        For a caller that leaves a process behind and lives on: no pidfd and no
+        zombie stay with it (the process is not ours to wait for if we did not start it).
+        """
+        self.close()
+        popen = self._popen
+        if popen is not None and not self.exited:
+            threading.Thread(target=popen.wait, name=f"reap {self.pid}", daemon=True).start()
 
     def close(self) -> None:
         """Stop watching (the process itself is left alone)."""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from keel import commands as daemon
 from keel import paths
 from keel.errors import ApiError
 from keel.output import human_duration, print_json, print_table
@@ -29,26 +30,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     commands = watch.add_subparsers(dest="watch_command", metavar="COMMAND", required=True)
 
-    config_help = "config file (default: /etc/keel/watch.json, ./.keel/watch.json in dev mode)"
-    serve = commands.add_parser(
-        "serve",
-        help="run the watch daemon",
-        description="Run the watch daemon in the foreground (systemd runs it as "
-        "keel-watch.service, Type=notify with WatchdogSec).",
+    daemon.add_serve(
+        commands, "watch", help="run the watch daemon", what="the watch daemon", func=_serve
     )
-    serve.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    serve.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
-    serve.set_defaults(func=_serve)
-
-    check = commands.add_parser(
-        "check-config",
+    daemon.add_check_config(
+        commands,
+        "watch",
         help="validate a watch config and exit",
-        description="Read the config as `serve` would and report the first problem, naming "
-        "the key. Exit 0 when it is valid, 2 when it is not.",
+        json_help="print the agents found as JSON",
+        func=_check_config,
     )
-    check.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    check.add_argument("--json", action="store_true", help="print the agents found as JSON")
-    check.set_defaults(func=_check_config)
 
     socket_help = "watch's control socket (default: /run/keel/watch.sock, ./.keel/run/watch.sock)"
     for verb, text in (
@@ -74,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config) if args.config else paths.config_file("watch")
+    return daemon.config_path(args, "watch")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -10,8 +10,13 @@ One JSON command per line in, one JSON result per line out::
     {"op": "talk", "id": "c1"}                                one line over it
     {"op": "load_start", "good": [[addr, port], ...], "bad": [[addr, port], ...]}
     {"op": "load_count"} -> {"good_ok": n, "good_failed": n, "bad_ok": n, "bad_failed": n}
-    {"op": "load_stop"} -> the same, and the loop ends
+    {"op": "load_stop"} -> the same, and the loop ends, with "bad_ok_at": when (time.monotonic())
+                             each connect to a bad destination that succeeded began
     {"op": "run", "argv": [...]} -> {"rc": n, "stdout": ..., "stderr": ...}
+    {"op": "datagram", "source_port": 40000, "address": ..., "port": 443}
+    -> {"ok": true, "reply": "..."}  one UDP datagram from a chosen port (and its answer)
+    {"op": "serve", "port": 8080} -> {"ok": true}  a TCP server answering "agent PORT LINE"
+("resolve" takes a "source_port" too.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import dns.exception
@@ -37,10 +43,12 @@ def resolve(command: dict[str, Any]) -> dict[str, Any]:
     query = dns.message.make_query(command["name"], command.get("type", "A"))
     server = command["server"]
     try:
+        timeout = command.get("timeout", TIMEOUT)
         if command.get("tcp"):
-            response = dns.query.tcp(query, server, timeout=command.get("timeout", TIMEOUT))
+            response = dns.query.tcp(query, server, timeout=timeout)
         else:
-            response = dns.query.udp(query, server, timeout=command.get("timeout", TIMEOUT))
+            source_port = command.get("source_port", 0)
+            response = dns.query.udp(query, server, timeout=timeout, source_port=source_port)
     except dns.exception.Timeout:
         return {"error": "timeout"}
     except OSError as exc:
@@ -80,6 +88,38 @@ def connect(
     return {"ok": True, "reply": reply}
 
 
+def datagram(source_port: int, address: str, port: int, timeout: float = 1.0) -> dict[str, Any]:
+    try:
+        with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::" if ":" in address else "0.0.0.0", source_port))
+            sock.settimeout(timeout)
+            sock.sendto(b"hello\n", (address, port))
+            reply = sock.recv(200).decode(errors="replace").strip()
+    except TimeoutError:
+        return {"ok": False, "error": "timeout"}
+    except OSError as exc:
+        return {"ok": False, "error": errno.errorcode.get(exc.errno or 0, str(exc))}
+    return {"ok": True, "reply": reply}
+
+
+def serve(port: int) -> None:
+    """A TCP server in a thread: each connection gets "agent PORT LINE" for each line."""
+    listener = socket.create_server(("0.0.0.0", port), reuse_port=False)
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                conn.sendall(f"agent {port} {line.decode(errors='replace').strip()}\n".encode())
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 class Load:
     """Connects in a loop to good and bad destinations until stopped, counting outcomes."""
 
@@ -87,6 +127,7 @@ class Load:
         self.good, self.bad = good, bad
         self.counts = {"good_ok": 0, "good_failed": 0, "bad_ok": 0, "bad_failed": 0}
         self.failures: list[str] = []
+        self.bad_ok_at: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -96,7 +137,10 @@ class Load:
             for kind, targets in (("good", self.good), ("bad", self.bad)):
                 for address, port in targets:
                     # A blocked SYN never completes; 0.3 s is ages for a veth.
+                    began = time.monotonic()
                     result = connect(address, port, timeout=2.0 if kind == "good" else 0.3)
+                    if kind == "bad" and result["ok"]:
+                        self.bad_ok_at.append(began)
                     outcome = "ok" if result["ok"] else "failed"
                     self.counts[f"{kind}_{outcome}"] += 1
                     if (kind == "good") != result["ok"] and len(self.failures) < 20:
@@ -105,7 +149,7 @@ class Load:
     def finish(self) -> dict[str, Any]:
         self.stop.set()
         self.thread.join()
-        return {**self.counts, "failures": self.failures}
+        return {**self.counts, "failures": self.failures, "bad_ok_at": self.bad_ok_at}
 
 
 def main() -> None:
@@ -149,6 +193,11 @@ def main() -> None:
         elif op == "load_stop":
             assert load is not None
             result = load.finish()
+        elif op == "datagram":
+            result = datagram(command["source_port"], command["address"], command["port"])
+        elif op == "serve":
+            serve(command["port"])
+            result = {"ok": True}
         elif op == "run":
             proc = subprocess.run(command["argv"], capture_output=True, text=True, check=False)
             result = {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}

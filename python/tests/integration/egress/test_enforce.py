@@ -10,6 +10,7 @@ timeout), and the kernel's counter and the NFLOG record show the drop.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from .world import AGENT_UID, FAR_RESOLVER, OTHER_UID, Agent, World, wait_until
@@ -192,3 +193,46 @@ def test_the_agent_cannot_change_the_rules(world: World) -> None:
         assert "Operation not permitted" in result["stderr"], result
     assert world.ruleset_text() == before
     assert_blocked(agent, "192.0.2.14", 80)
+
+
+def test_the_agent_cannot_ride_on_a_udp_flow_someone_else_opened(world: World) -> None:
+    # Another user's flows are tracked by conntrack, which knows ports, not
+    # users: an agent sending from the same port to the same address must not
+    # pass as that flow's "established" packets.
+    start(world)
+    other, agent = world.agent(OTHER_UID), world.agent()
+    mine = other.resolve("www.other.test", server=world.dns_v4, source_port=40002)
+    assert mine["addresses"] == ["192.0.2.14"]
+    hijack = agent.resolve("www.other.test", server=world.dns_v4, source_port=40002)
+    assert hijack["rcode"] == "NXDOMAIN"  # keel's answer: its DNS still went to keel
+    assert world.queries("www.other.test") == 1
+    assert other.do("datagram", source_port=40003, address="192.0.2.14", port=443)["ok"] is True
+    riding = agent.do("datagram", source_port=40003, address="192.0.2.14", port=443)
+    assert riding["ok"] is False
+    assert riding["error"] == "EPERM"
+
+
+def test_an_unsolicited_datagram_opens_no_way_back(world: World) -> None:
+    # A datagram from outside to a free port leaves a conntrack entry whose
+    # "reply" an agent could send from that port: it is judged as new.
+    start(world)
+    knock = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.bind(('192.0.2.14', 7777)); s.sendto(b'knock', (sys.argv[1], 45000))"
+    )
+    world.inet.run(sys.executable, "-c", knock, world.host.address)
+    agent = world.agent()
+    answer = agent.do("datagram", source_port=45000, address="192.0.2.14", port=7777)
+    assert answer == {"ok": False, "error": "EPERM"}
+
+
+def test_the_agents_own_tcp_server_answers_whoever_connects(world: World) -> None:
+    start(world)
+    agent = world.agent()
+    assert agent.do("serve", port=8080)["ok"] is True
+    ask = (
+        "import socket, sys; c = socket.create_connection((sys.argv[1], 8080), timeout=3); "
+        "c.sendall(b'ping\\n'); print(c.recv(100).decode().strip())"
+    )
+    answer = world.inet.run(sys.executable, "-c", ask, world.host.address).stdout.strip()
+    assert answer == "agent 8080 ping"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
+
+from keel.errors import ApiError
 
 from .test_enforce import assert_blocked
 from .world import AGENT_UID, World, wait_until
@@ -188,3 +191,108 @@ def test_other_tables_are_never_touched(world: World) -> None:
     start(world, on_stop="remove")
     world.stop_daemon()
     assert world.host.run("nft", "list", "table", "inet", "mine").stdout == before
+
+
+def sets_of(world: World) -> list[tuple[str, list[str]]]:
+    listed = json.loads(
+        world.keel("egress", "sets", "scout", "--socket", str(world.socket), "--json").stdout
+    )
+    return [(e["address"], e["names"]) for e in listed["elements"]]
+
+
+def test_an_address_two_names_share_stays_while_either_name_is_allowed(world: World) -> None:
+    # www.allowed.test and twin.allowed.test are both 192.0.2.10.
+    start(world, allow=["www.allowed.test", "twin.allowed.test"])
+    agent = world.agent()
+    assert agent.resolve("www.allowed.test", server=world.dns_v4)["addresses"] == ["192.0.2.10"]
+    assert agent.resolve("twin.allowed.test", server=world.dns_v4)["addresses"] == ["192.0.2.10"]
+    assert sets_of(world) == [("192.0.2.10", ["www.allowed.test", "twin.allowed.test"])]
+    # Each name in turn leaves the allowlist; the other keeps the address open.
+    for allow in (["twin.allowed.test"], ["www.allowed.test"]):
+        assert world.stop_daemon() == 0
+        world.configure({"scout": {"uid": AGENT_UID, "port": 5301, "allow": allow}})
+        world.start_daemon()
+        wait_until(lambda: world.status()["sets_adopted"], timeout=30, what="the sets to be read")
+        assert set(world.elements("scout_v4")) == {"192.0.2.10"}
+        assert agent.connect("192.0.2.10", 80)["ok"] is True
+    # Neither allowed: it goes.
+    assert world.stop_daemon() == 0
+    world.configure({"scout": {"uid": AGENT_UID, "port": 5301, "allow": ["dual.allowed.test"]}})
+    world.start_daemon()
+    assert world.elements("scout_v4") == {}
+    assert_blocked(agent, "192.0.2.10", 80)
+
+
+FILL = """
+import ipaddress, sys
+from keel.egress.netlink import SetWriter
+from keel.egress.sets import Insert
+writer = SetWriter()
+base = ipaddress.ip_address("10.123.0.0")
+inserts = [Insert(base + n, 600, ("dual.allowed.test",), False) for n in range(int(sys.argv[1]))]
+for at in range(0, len(inserts), 250):
+    writer.write("scout", inserts[at : at + 250])
+"""
+
+
+def test_a_restart_opens_nothing_the_new_allowlist_drops_not_even_for_a_moment(
+    world: World,
+) -> None:
+    start(world)
+    agent = world.agent()
+    assert agent.resolve("www.allowed.test", server=world.dns_v4)["rcode"] == "NOERROR"
+    assert agent.resolve("dual.allowed.test", server=world.dns_v4)["rcode"] == "NOERROR"
+    assert world.stop_daemon() == 0
+    # Thousands more addresses of the name about to be dropped: a cleanup made
+    # after the new rules, rather than with them, would leave a window to see.
+    world.host.run(sys.executable, "-c", FILL, "5000", timeout=120)
+
+    def rule_handles(listing: list[dict[str, Any]]) -> list[int]:
+        return [
+            item["rule"]["handle"]
+            for item in listing
+            if "rule" in item and item["rule"]["chain"] == "agent_scout"
+        ]
+
+    old_rules = max(rule_handles(world.nft_json("table", "inet", "keel")))
+    world.configure({"scout": {"uid": AGENT_UID, "port": 5301, "allow": ["www.allowed.test"]}})
+    # The agent keeps connecting to dual.allowed.test's address all along.
+    agent.do("load_start", good=[["192.0.2.10", 80]], bad=[["192.0.2.11", 80]])
+    wait_until(
+        lambda: agent.do("load_count")["bad_ok"] > 0, timeout=30, what="the agent to connect"
+    )
+    world.start_daemon(wait=False)
+    new_rules_seen: float | None = None
+    snapshots = 0
+
+    def adopted() -> bool:
+        try:
+            return bool(world.status()["sets_adopted"])
+        except ApiError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = world.nft_json("table", "inet", "keel")  # one generation of the ruleset
+        seen = time.monotonic()
+        snapshots += 1
+        new_rules = any(handle > old_rules for handle in rule_handles(listing))
+        dropped_there = any(
+            element == "192.0.2.11"
+            or (isinstance(element, dict) and element["elem"]["val"] == "192.0.2.11")
+            for item in listing
+            if item.get("set", {}).get("name") == "scout_v4"
+            for element in item["set"].get("elem", [])
+        )
+        assert not (new_rules and dropped_there), "the new rules accepted a dropped name's address"
+        if new_rules and new_rules_seen is None:
+            new_rules_seen = seen
+        if new_rules_seen is not None and adopted():
+            break
+    assert new_rules_seen is not None, f"no new rules in {snapshots} snapshots:\n{world.log()}"
+    counts = agent.do("load_stop")
+    assert counts["bad_ok"] > 0  # the agent did reach it under the old allowlist
+    assert [at for at in counts["bad_ok_at"] if at > new_rules_seen] == []
+    assert counts["good_failed"] == 0, counts["failures"]
+    assert_blocked(agent, "192.0.2.11", 80)
+    assert len(world.elements("scout_v4")) == 1

@@ -47,6 +47,7 @@ $ORIGIN allowed.test.
 ns       {ttl} IN A   10.0.0.1
 www      {ttl} IN A   192.0.2.10
 www      {ttl} IN AAAA 2001:db8::10
+twin     {ttl} IN A   192.0.2.10
 dual     {ttl} IN A   192.0.2.11
 dual     {ttl} IN AAAA 2001:db8::11
 short    {short} IN A 192.0.2.12
@@ -122,9 +123,17 @@ class Agent:
         return result
 
     def resolve(
-        self, name: str, rdtype: str = "A", *, server: str, tcp: bool = False
+        self,
+        name: str,
+        rdtype: str = "A",
+        *,
+        server: str,
+        tcp: bool = False,
+        source_port: int = 0,
     ) -> dict[str, Any]:
-        return self.do("resolve", name=name, type=rdtype, server=server, tcp=tcp)
+        return self.do(
+            "resolve", name=name, type=rdtype, server=server, tcp=tcp, source_port=source_port
+        )
 
     def connect(
         self, address: str, port: int = 80, proto: str = "tcp", timeout: float = 3.0

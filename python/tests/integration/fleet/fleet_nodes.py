@@ -100,7 +100,7 @@ class FleetHost:
         self.settings: dict[str, Any] = {
             "socket": str(self.socket),
             "ledger": str(self.ledger),
-            "mesh": str(self.mesh.directory),
+            "mesh": str(self.mesh.socket),
             "state": str(directory / "fleet"),
             "host": host.label,
             "witness_every": witness_every,

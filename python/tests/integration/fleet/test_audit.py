@@ -124,8 +124,13 @@ def test_a_truncated_ledger_went_back(fleet_hosts: FleetFactory) -> None:
     assert code == 1
     node = next(n for n in result["nodes"] if n["node"] == c.node_id)  # type: ignore[attr-defined]
     assert node["current"]["size"] < 100
-    assert {f["kind"] for f in node["findings"]} == {"went-back"}, node
-    assert node["verdict"] == "went-back"
+    kinds = {f["kind"] for f in node["findings"]}
+    # Smaller than what the witnesses hold: went back. If a witness also holds an old
+    # checkpoint of exactly the regrown size (signed before the 100 entries), the two
+    # roots differ and the fork is provable too, and named first (the worse verdict).
+    assert "went-back" in kinds, node
+    assert kinds <= {"went-back", "forked"}, node
+    assert node["verdict"] == ("forked" if "forked" in kinds else "went-back")
 
 
 def test_a_partition_heals_without_false_alarms(

@@ -151,3 +151,43 @@ def test_operators_commands_are_carried_out_and_recorded_on_both_nodes(
     bad = a.cli("stop", "b", "bad name!")
     assert bad.returncode == 2
     assert "is not an agent name" in bad.stderr
+
+
+def test_the_meshs_operator_nodes_may_command_unless_a_node_declines(
+    fleet_hosts: FleetFactory,
+) -> None:
+    hosts = fleet_hosts("abc", per_host={"b": {"watch_agents": ["web"]}})
+    a, b, c = hosts
+    for host in hosts:
+        host.mesh.start()
+    mesh_of(hosts)  # a founded the mesh: its first operator node; b's config names nobody
+    for host in hosts:
+        host.start()
+    wait_until(
+        lambda: b.call("fleet_status")["nodes"][0]["report"]["agents"]["web"]["state"] == "healthy",
+        timeout=60,
+        what="web healthy on b",
+    )
+    done = a.cli("restart", "b", "web", "--json")
+    assert done.returncode == 0, done.stderr
+    refused = c.cli("restart", "b", "web")
+    assert refused.returncode == 1
+    assert "it is no operator node of the mesh" in refused.stderr
+    # the founder grants c the role in the signed records: b takes c's commands from then on
+    granted = a.mesh.cli("operator", "grant", c.node_id)
+    assert granted.returncode == 0, granted.stderr
+    wait_until(
+        lambda: {p["id"]: p["operator"] for p in b.mesh.client.peers()}[c.node_id],
+        timeout=15,
+        what="b to learn that c is an operator node",
+    )
+    again = c.cli("restart", "b", "web")
+    assert again.returncode == 0, again.stderr
+    # a node that declines the mesh's operators takes its own config's only
+    b.fleet.kill()
+    b.settings["mesh_operators"] = False
+    b.write_config()
+    b.start()
+    declined = a.cli("restart", "b", "web")
+    assert declined.returncode == 1
+    assert "mesh_operators is false" in declined.stderr

@@ -40,6 +40,7 @@ def mesh_nodes(short_tmp: Path) -> Iterator[Callable[..., Node]]:
     yield make
     for node in made:
         node.kill()
+        node.client.close()  # its control connection: closed now, not by the garbage collector
     # Nothing a test does (hostile peers, bad requests, floods) may print a traceback.
     for node in made:
         log = node.log()

@@ -1,8 +1,11 @@
 """Real ``keel mesh serve`` processes for the integration tests, and a raw peer.
 
-:class:`Node` runs the daemon as a subprocess (optionally inside a network
-namespace of the harness), waits for its control socket, and is killed at
-the end of the test whatever happens. :class:`RawPeer` speaks the wire
+:class:`Node` writes a node's config file (``NAME.json`` beside its
+directory: the directory, the listen address, its control socket
+``DIR/mesh.sock``, its ledger or none, and the settings), runs the daemon
+on it as a subprocess (optionally inside a network namespace of the
+harness), waits for its control socket, and is killed at the end of the
+test whatever happens. :class:`RawPeer` speaks the wire
 protocol with the pure :class:`~keel.mesh.session.Session` over a plain
 socket, so a test can be a well-behaved member and then misbehave: replay,
 reorder, truncate, tamper, forge.
@@ -29,7 +32,6 @@ from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteToken
 from keel.mesh.kem import Kem, get_kem
 from keel.mesh.session import Closed, Event, HandshakeComplete, Message, NeedData, Session
-from keel.mesh.settings import control_path
 
 FAST = {
     "handshake_timeout": 2,
@@ -75,20 +77,31 @@ class Node:
         self.name = name
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = directory.parent / f"{directory.name}.log"
+        self.config_path = directory.parent / f"{directory.name}.json"
+        self.socket = directory / "mesh.sock"
+        self.settings = dict(config if config is not None else FAST)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(config if config is not None else FAST))
-        self.client = MeshClient(directory, timeout=20)
+        self.client = MeshClient(self.socket, timeout=20)
         self._id: str | None = None
 
+    def write_config(self) -> None:
+        """The config ``serve`` reads: written again at each start (the port it got)."""
+        config = {
+            **self.settings,
+            "directory": str(self.directory),
+            "listen": self.listen,
+            "socket": str(self.socket),
+            "ledger": None if self.ledger is None else str(self.ledger),
+        }
+        self.config_path.write_text(json.dumps(config))
+
     def argv(self) -> list[str]:
-        argv = [*self.prefix, sys.executable, "-m", "keel", "mesh", "serve",
-                "--dir", str(self.directory), "--listen", self.listen]  # fmt: skip
-        if self.ledger is not None:
-            argv += ["--ledger", str(self.ledger)]
-        return argv
+        return [*self.prefix, sys.executable, "-m", "keel", "mesh", "serve",
+                "--config", str(self.config_path)]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> Node:
         assert self.process is None or self.process.poll() is not None
+        self.write_config()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -100,7 +113,7 @@ class Node:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited at start:\n{self.log()[-3000:]}")
             try:
-                call(control_path(self.directory), "status", timeout=2)
+                call(self.socket, "status", timeout=2)
             except ApiError:
                 return False
             return True
@@ -153,16 +166,10 @@ class Node:
     def cli(
         self, *args: str, input: bytes | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        argv = [
-            *self.prefix,
-            sys.executable,
-            "-m",
-            "keel",
-            "mesh",
-            *args,
-            "--dir",
-            str(self.directory),
-        ]
+        """``keel mesh ARGS`` against this node (its socket, or its config file)."""
+        where = ["--config", str(self.config_path)] if args[0] in ("id", "check-config") else []
+        where = where or ["--socket", str(self.socket)]
+        argv = [*self.prefix, sys.executable, "-m", "keel", "mesh", *args, *where]
         done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
         return subprocess.CompletedProcess(
             argv, done.returncode, done.stdout.decode(errors="replace"),

@@ -10,6 +10,7 @@ or as its primary group). The socket is opened up for the test so that
 from __future__ import annotations
 
 import grp
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from keel.mesh.settings import control_path
 
 from .nodes import FAST, Node
 
@@ -37,7 +37,7 @@ def open_up(node: Node) -> None:
     """Let any uid reach the socket (the directories, then the socket itself)."""
     for path in (node.directory.parent, node.directory):
         path.chmod(0o755)
-    control_path(node.directory).chmod(0o666)
+    node.socket.chmod(0o666)
 
 
 def as_user(
@@ -45,7 +45,7 @@ def as_user(
 ) -> subprocess.CompletedProcess[str]:
     setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={gid}"]
     setpriv += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
-    argv = [*setpriv, sys.executable, "-m", "keel", "mesh", *args, "--dir", str(node.directory)]
+    argv = [*setpriv, sys.executable, "-m", "keel", "mesh", *args, "--socket", str(node.socket)]
     return subprocess.run(
         argv,
         capture_output=True,
@@ -60,6 +60,7 @@ def as_user(
 ADMIN = [
     ("invite",),
     ("remove", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+    ("operator", "grant", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("room", "create", "ops"),
     ("room", "add", "ops", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("room", "remove", "ops", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
@@ -128,7 +129,7 @@ def test_without_an_operator_group_only_root_and_the_daemons_user(
     assert done.returncode != 0
     assert done.stderr.strip() == (
         f"keel: error: `invite` needs root (you are uid {NOBODY}); an operator group may be "
-        'named with "operator_group" in the node\'s config.json'
+        'named with "operator_group" in the node\'s config file'
     )
     assert a.invite().startswith("keelinv1.")  # root may
 
@@ -137,7 +138,7 @@ def test_an_unknown_operator_group_stops_the_start(mesh_nodes: Callable[..., Nod
     a = mesh_nodes("a", config={**FAST, "operator_group": "no-such-group-here"})
     with pytest.raises(AssertionError, match="exited at start"):
         a.start()
-    assert "operator_group: no group 'no-such-group-here' on this host" in a.log()
+    assert 'operator_group: no group "no-such-group-here" on this host' in a.log()
     assert "Traceback" not in a.log()
 
 
@@ -163,14 +164,6 @@ def test_a_directory_this_user_cannot_write_is_one_clear_line(short_tmp: Path) -
         (("id", "--dir", str(locked / "node")), f"--dir {locked / 'node'}: cannot create"),
         (("id", "--dir", str(locked)), f"--dir {locked}: not writable by this user (uid {NOBODY})"),
         (("id", "--dir", str(theirs)), f"{key}: cannot open the identity key file"),
-        (
-            ("serve", "--dir", str(locked / "node"), "--listen", "127.0.0.1:0"),
-            f"--dir {locked / 'node'}: cannot create the node's directory: Permission denied",
-        ),
-        (
-            ("serve", "--dir", str(locked), "--listen", "127.0.0.1:0"),
-            f"--dir {locked}: not writable by this user",
-        ),
     ]
     for args, text in cases:
         done = run_as_nobody(*args)
@@ -179,3 +172,22 @@ def test_a_directory_this_user_cannot_write_is_one_clear_line(short_tmp: Path) -
         assert text in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
+    daemons = [
+        (
+            locked / "node",
+            f"directory {locked / 'node'}: cannot create the node's directory: Permission denied",
+        ),
+        (locked, f"directory {locked}: not writable by this user"),
+    ]
+    for directory, text in daemons:
+        config = short_tmp / "nobody.json"
+        config.write_text(
+            json.dumps(
+                {"directory": str(directory), "listen": "127.0.0.1:0", "ledger": None,
+                 "socket": str(short_tmp / "nobody.sock")}
+            )
+        )  # fmt: skip
+        done = run_as_nobody("serve", "--config", str(config))
+        assert done.returncode == 1, (directory, done)
+        assert f"cannot start: {text}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

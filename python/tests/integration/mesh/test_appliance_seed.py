@@ -14,7 +14,7 @@ from .nodes import Node
 def seed_command(seed: Path, node: Node, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "keel", "appliance", "seed", "--dir", str(seed),
-         "--mesh-dir", str(node.directory), "--only", "mesh", *extra],
+         "--mesh-socket", str(node.socket), "--only", "mesh", *extra],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

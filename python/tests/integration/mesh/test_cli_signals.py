@@ -42,7 +42,7 @@ def first_line(process: subprocess.Popen[bytes], timeout: float = 60) -> bytes:
 def test_recv_ends_on_signal(pair: tuple[Node, Node], inherited: str, signum: int) -> None:
     a, b = pair
     receiver = subprocess.Popen(
-        [sys.executable, "-m", "keel", "mesh", "recv", "--topic", "sig", "--dir", str(b.directory)],
+        [sys.executable, "-m", "keel", "mesh", "recv", "--topic", "sig", "--socket", str(b.socket)],
         preexec_fn=ignore_stop_signals if inherited == "ignored" else None,  # noqa: PLW1509
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

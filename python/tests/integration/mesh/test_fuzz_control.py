@@ -15,20 +15,19 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.mesh.settings import control_path
 
 from tests.json_values import json_values
 
 from .nodes import Node
 
 VERBS = [
-    "status", "invite", "join", "peers", "send", "send_many", "recv", "ack", "remove",
+    "status", "invite", "join", "peers", "send", "send_many", "recv", "ack", "remove", "operator",
     "room_create", "room_add", "room_remove", "room_send", "room_members", "rooms",
     "dead_letters", "nope",
 ]  # fmt: skip
 KEYS = [
     "token", "to", "topic", "data", "ttl", "id", "max", "lease", "ack", "receipts", "node",
-    "room", "name", "members", "messages", "limit", "uses", "timeout",
+    "room", "name", "members", "messages", "limit", "uses", "timeout", "grant",
 ]  # fmt: skip
 
 JSON = json_values(st.sampled_from(KEYS), max_leaves=12, max_size=4)
@@ -52,7 +51,7 @@ def request(path: str, line: bytes) -> dict[str, Any]:
 
 def test_any_request_gets_a_one_line_answer(pair: tuple[Node, Node]) -> None:
     a, b = pair
-    path = str(control_path(a.directory))
+    path = str(a.socket)
     values = JSON | plausible(b)
 
     @settings(

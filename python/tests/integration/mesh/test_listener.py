@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from keel.mesh.intake import Intake
 from keel.mesh.listener import Listener, listening_socket
+from keel.service import Reserve
 
 
 class Conn(asyncio.Protocol):
@@ -108,7 +109,7 @@ def run(
             made.append(conn)
             return conn
 
-        listener = Listener(sock, intake, make, Conn.drop)
+        listener = Listener(sock, intake, make, Conn.drop, reserve=Reserve())
         holder.append(listener)
         listener.start()
         try:
@@ -167,6 +168,10 @@ def test_a_handshake_past_its_deadline_is_dropped() -> None:
     run(scenario, timeout=0.2)
 
 
+def holding(reserve: Reserve) -> bool:
+    return reserve.held
+
+
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
 def test_out_of_descriptors_it_pauses_hands_back_the_reserve_and_resumes(
     code: int, caplog: pytest.LogCaptureFixture
@@ -174,14 +179,14 @@ def test_out_of_descriptors_it_pauses_hands_back_the_reserve_and_resumes(
     async def scenario(listener: Listener[Conn], made: list[Conn]) -> None:
         flaky = listener.sock
         assert isinstance(flaky, FlakySocket)
-        assert len(listener._spares) == listener.reserve
+        assert holding(listener.reserve)
         flaky.failing = code
         waiting = connect(listener.port, "127.0.0.2")
         await until(lambda: listener.paused, "the pause")
-        assert listener._spares == []  # handed back for the control socket
+        assert not holding(listener.reserve)  # handed back for the control socket
         flaky.failing = 0
         await until(lambda: not listener.paused, "accepting again", timeout=10)
-        assert len(listener._spares) == listener.reserve
+        assert holding(listener.reserve)
         await until(lambda: len(made) == 1, "the waiting connection taken")
         waiting.close()
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from keel.mesh.listener import RESERVE
+from keel.service import RESERVE
 
 from .nodes import FAST, Node, wait_until
 

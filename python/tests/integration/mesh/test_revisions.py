@@ -8,6 +8,7 @@ from typing import Any
 
 from keel.mesh import packets
 from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import new_message_id
 from keel.mesh.invite import InviteToken
 from keel.mesh.packets import Ack, Msg, Msgs
 
@@ -59,7 +60,7 @@ def test_a_revision_2_peer_gets_msgs_and_may_send_them(mesh_nodes: Callable[...,
     assert got == sorted(ids)
     # and the daemon takes MSGS: three messages, one of them twice, one packet, one ACK
     expires = int(time.time()) + 600
-    first, second = (Msg(packets.new_message_id(), "in", expires, b) for b in (b"x", b"y"))
+    first, second = (Msg(new_message_id(), "in", expires, b) for b in (b"x", b"y"))
     new.events.clear()
     new.send_packet(Msgs((first, second, first)))
     new.read_until(lambda e: any(isinstance(p, Ack) for p in new.received()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -9,8 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from keel.mesh import packets, rooms
-from keel.mesh.framing import Record as FrameRecord
-from keel.mesh.framing import encode_frame, encode_record
+from keel.mesh.framing import RecordType, encode_frame, encode_record
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteToken, new_invite
 from keel.mesh.packets import Ack, Msg
@@ -174,7 +174,7 @@ def test_manipulated_frames_are_refused(mesh_nodes: Callable[..., Node], attack:
         assert session._send is not None
         chunk = b"\x00" * 60000
         for _ in range(20):
-            piece = session._send.encrypt_with_ad(b"", encode_record(FrameRecord.DATA_MORE, chunk))
+            piece = session._send.encrypt_with_ad(b"", encode_record(RecordType.DATA_MORE, chunk))
             sock.sendall(encode_frame(piece))
     closed = peer.closed()
     assert isinstance(closed, Closed)
@@ -246,9 +246,9 @@ def test_a_member_cannot_forge_another_members_room_message(pair: tuple[Node, No
                       for p in forger.received())
     )  # fmt: skip
     # the forger signs a message with its own key but names b as the author
-    from keel.mesh.membership import Membership, Record
+    from keel.mesh.membership import Membership, SignedRecord
 
-    records = [Record.from_json(r) for p in forger.received() if isinstance(p, packets.Records)
+    records = [SignedRecord.from_json(r) for p in forger.received() if isinstance(p, packets.Records)
                for r in p.records]  # fmt: skip
     genesis = next(r for r in records if r.kind == "genesis")
     view = Membership(genesis, [r for r in records if r.kind != "genesis"]).view
@@ -277,11 +277,11 @@ def test_records_from_a_member_are_checked(mesh_nodes: Callable[..., Node]) -> N
     peer = member(a)
     stranger = NodeIdentity.generate()
     # a join signed by the member is fine; one it forged in a's name is not
-    from keel.mesh.membership import Record
+    from keel.mesh.membership import SignedRecord
 
-    genuine = Record.make(peer.identity, "join", int(time.time() * 1000) + 10,
+    genuine = SignedRecord.make(peer.identity, "join", int(time.time() * 1000) + 10,
                           node=stranger.record().to_json(), addrs=[])  # fmt: skip
-    fake = Record.make(peer.identity, "remove", int(time.time() * 1000) + 20, node=a.node_id)
+    fake = SignedRecord.make(peer.identity, "remove", int(time.time() * 1000) + 20, node=a.node_id)
     claim = {**fake.to_json(), "by": a.node_id}
     peer.send_packet(packets.Records((claim, {"kind": "nonsense"})))
     peer.send_packet(packets.Records((genuine.to_json(),)))
@@ -289,4 +289,41 @@ def test_records_from_a_member_are_checked(mesh_nodes: Callable[..., Node]) -> N
                what="the genuine join to take effect")  # fmt: skip
     a.wait_log("ignoring a record")
     assert a.status()["member"] is True  # the forged removal of a did nothing
+    still_serving(a)
+
+
+def test_only_operator_nodes_remove_members_and_the_role_is_granted(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    b = mesh_nodes("b").start()
+    c = mesh_nodes("c").start()
+    b.join(a)
+    c.join(a)
+    for node in (a, b, c):
+        node.wait_connected(*[n for n in (a, b, c) if n is not node])
+    assert a.status()["operator"] is True  # the founder is the first operator node
+    assert b.status()["operator"] is False
+    refused = b.cli("remove", c.node_id)
+    assert refused.returncode == 1
+    assert "only an operator node of the mesh may remove a node" in refused.stderr
+    assert c.status()["member"] is True
+    # a node cannot promote itself, and a member cannot promote another
+    assert b.cli("operator", "grant", b.node_id).returncode == 2
+    assert "only an operator node" in b.cli("operator", "grant", c.node_id).stderr
+    granted = a.cli("operator", "grant", b.node_id, "--json")
+    assert granted.returncode == 0, granted.stderr
+    assert json.loads(granted.stdout)["operator"] is True
+    wait_until(lambda: b.status()["operator"], timeout=10, what="b to learn it is an operator")
+    wait_until(lambda: {p["id"]: p["operator"] for p in c.client.peers()}[b.node_id],
+               timeout=10, what="c to see b as an operator node")  # fmt: skip
+    removed = b.cli("remove", c.node_id)
+    assert removed.returncode == 0, removed.stderr
+    wait_until(lambda: c.node_id not in [p["id"] for p in a.client.peers()], timeout=10,
+               what="a to count c's removal by b")  # fmt: skip
+    c.wait_log("this node was removed from mesh")
+    # taken back: b may no longer remove anyone
+    assert a.cli("operator", "revoke", b.node_id).returncode == 0
+    wait_until(lambda: not b.status()["operator"], timeout=10, what="b to lose the role")
+    assert "only an operator node" in b.cli("remove", a.node_id).stderr
     still_serving(a)

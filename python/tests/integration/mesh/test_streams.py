@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 from keel.errors import ApiError
-from keel.mesh import packets
 from keel.mesh.client import MeshClient, SendRefused, Subscription
 from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import new_message_id
 from keel.mesh.invite import InviteToken
 from keel.mesh.packets import Ack, Msg, Msgs
 
@@ -55,14 +55,14 @@ def test_what_a_subscriber_did_not_acknowledge_is_handed_out_again(
 ) -> None:
     a, b = pair
     a.client.send_many([(b.node_id, "again", f"{i}".encode()) for i in range(20)])
-    crashed = MeshClient(b.directory).subscribe("again")
+    crashed = MeshClient(b.socket).subscribe("again")
     first = drain(crashed, 20)
     assert sum(first.values()) == 20
     assert crashed._stream is not None
     crashed._stream.close()  # the agent dies without acknowledging anything
     # a poll recv on another client sees them again, and a second subscriber too
     wait_until(lambda: b.client.recv("again", max=5, wait=0.5), timeout=10, what="redelivery")
-    with MeshClient(b.directory).subscribe("again") as inbox:
+    with MeshClient(b.socket).subscribe("again") as inbox:
         rest = drain(inbox, 15, timeout=40)  # the other 5 are leased to that recv
     assert sum(rest.values()) == 15
     b.client.ack()
@@ -71,8 +71,8 @@ def test_what_a_subscriber_did_not_acknowledge_is_handed_out_again(
 
 def test_subscribers_on_one_topic_share_its_messages(pair: tuple[Node, Node]) -> None:
     a, b = pair
-    one = MeshClient(b.directory).subscribe("shared", max_unacked=10)
-    two = MeshClient(b.directory).subscribe("shared", max_unacked=10)
+    one = MeshClient(b.socket).subscribe("shared", max_unacked=10)
+    two = MeshClient(b.socket).subscribe("shared", max_unacked=10)
     one.recv()
     two.recv()
     a.client.send_many([(b.node_id, "shared", f"{i}".encode()) for i in range(100)])
@@ -107,7 +107,7 @@ def test_refused_sends_say_why_and_queue_nothing(pair: tuple[Node, Node]) -> Non
 def test_exactly_once_over_streams_when_either_daemon_is_killed(pair: tuple[Node, Node]) -> None:
     a, b = pair
     payloads = [f"message {i}".encode() for i in range(600)]
-    receiver = MeshClient(b.directory, timeout=5)
+    receiver = MeshClient(b.socket, timeout=5)
     result: dict[str, Counter[bytes]] = {}
     subscription = receiver.subscribe("killed", max_unacked=50)
 
@@ -124,7 +124,7 @@ def test_exactly_once_over_streams_when_either_daemon_is_killed(pair: tuple[Node
 
     thread = threading.Thread(target=receive)
     thread.start()
-    sender = MeshClient(a.directory, timeout=5)
+    sender = MeshClient(a.socket, timeout=5)
     try:
         for start in range(0, len(payloads), 50):
             if start == 200:
@@ -169,7 +169,7 @@ def test_a_message_handed_to_a_subscriber_is_acknowledged_once_the_agent_took_it
     a = mesh_nodes("a").start()
     peer = member_sending_to(a)
     expires = int(time.time()) + 600
-    first = Msg(packets.new_message_id(), "hand", expires, b"one")
+    first = Msg(new_message_id(), "hand", expires, b"one")
     with a.client.subscribe("hand") as inbox:
         inbox.recv()
         peer.send_packet(Msgs((first,)))
@@ -187,7 +187,7 @@ def test_a_message_handed_to_a_subscriber_is_acknowledged_once_the_agent_took_it
     peer.events.clear()
     peer.send_packet(Msgs((first,)))  # resent later: a known duplicate, answered ok
     peer.read_until(lambda e: first.id in acked(peer), timeout=10)
-    assert MeshClient(a.directory).recv("hand", max=10, wait=0.3) == []
+    assert MeshClient(a.socket).recv("hand", max=10, wait=0.3) == []
 
 
 def test_a_held_message_is_stored_when_the_agent_is_slow_or_goes_away(
@@ -196,7 +196,7 @@ def test_a_held_message_is_stored_when_the_agent_is_slow_or_goes_away(
     a = mesh_nodes("a").start()
     peer = member_sending_to(a)
     expires = int(time.time()) + 600
-    slow, gone = (Msg(packets.new_message_id(), "hold", expires, b) for b in (b"slow", b"gone"))
+    slow, gone = (Msg(new_message_id(), "hold", expires, b) for b in (b"slow", b"gone"))
     sleepy = a.client.subscribe("hold")
     sleepy.recv()
     peer.send_packet(Msgs((slow,)))
@@ -215,7 +215,7 @@ def test_a_held_message_is_stored_when_the_agent_is_slow_or_goes_away(
     assert sleepy._stream is not None
     sleepy._stream.close()  # the agent dies holding it: stored, answered, handed out again
     peer.read_until(lambda e: gone.id in acked(peer), timeout=10)
-    other = MeshClient(a.directory)  # another agent (a.client remembers what sleepy returned)
+    other = MeshClient(a.socket)  # another agent (a.client remembers what sleepy returned)
     again = wait_until(lambda: other.recv("hold", max=10, wait=0.5), timeout=10, what="it")
     assert [m.data for m in again] == [b"gone"]
 

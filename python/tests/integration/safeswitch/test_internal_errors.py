@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from keel.safeswitch.switcher import Executor, Request, Result, switch
 from keel.watch.children import pidfd_supported
 
 from tests.integration.safeswitch.lab import Lab, wait_for
+from tests.integration.watch_support import zombie_children
 
 pytestmark = pytest.mark.skipif(not pidfd_supported(), reason="needs Linux 5.3+ (pidfd_open)")
 
@@ -34,6 +36,18 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     hangup = signal.getsignal(signal.SIGHUP)
     yield lab
     signal.signal(signal.SIGHUP, hangup)  # the switch ignores hangups from now on
+    # The switch ran in this process: the rollback timer it started, once it is
+    # done, must not stay behind as a zombie (a long-lived caller would collect one
+    # per switch).
+    wait_for(lambda: not zombie_children(), "the switch's processes collected", 60)
+
+
+def pidfds_open() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
 
 
 def run(lab: Lab, system: Path) -> tuple[Result, str]:
@@ -43,6 +57,10 @@ def run(lab: Lab, system: Path) -> tuple[Result, str]:
     return result, out.getvalue()
 
 
+@pytest.mark.allow_traceback(
+    "a check that raises (a keel bug): logged with its traceback, the gate fails",
+    match=r'raise RuntimeError\("boom"\)',
+)
 def test_a_check_that_cannot_run_fails_the_gate(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = 0
     real = Prober.run
@@ -62,6 +80,10 @@ def test_a_check_that_cannot_run_fails_the_gate(lab: Lab, monkeypatch: pytest.Mo
     assert lab.running().endswith("gen-a")
 
 
+@pytest.mark.allow_traceback(
+    "a commit that raises (a keel bug): logged with its traceback, the switch rolls back",
+    match=r'raise RuntimeError\("disk on fire"\)',
+)
 def test_a_bug_in_the_commit_rolls_back(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(self: Profile, system: str, *, nix_env: str | None) -> str:
         raise RuntimeError("disk on fire")
@@ -85,8 +107,12 @@ def test_a_bug_in_the_switcher_leaves_the_host_to_the_timer(
         raise RuntimeError("a bug")  # ...and the switcher's loop dies
 
     monkeypatch.setattr(Executor, "drive", broken)
+    pidfds = pidfds_open()
     result, said = run(lab, lab.system("gen-b"))
     assert result.exit_code == 3
+    # The activation left running is no longer watched from here: no pidfd stays open
+    # (and the fixture checks that no zombie stays either).
+    assert pidfds_open() == pidfds
     assert "internal error in keel (a bug; the traceback is in" in said
     assert "the rollback timer rolls the switch back at" in said
     assert result.state is not None

@@ -38,7 +38,7 @@ def test_a_minimal_config_is_read_only(tmp_path: Path, token: Path) -> None:
     config = load(tmp_path, {"token_file": str(token), "allowed_users": [111]})
     assert config.token == TOKEN
     assert config.policy.allowed_users == frozenset({111})
-    assert config.policy.commands == frozenset({"status", "agents", "log"})
+    assert config.policy.commands == frozenset({"status", "agents", "log", "fleet"})
     assert config.policy.confirm_timeout == 60
     assert config.api.host == "api.telegram.org"
     assert config.poll_timeout == 25
@@ -88,7 +88,7 @@ def test_a_full_config(tmp_path: Path, token: Path) -> None:
         ({"allowed_users": ["111"]}, "allowed_users: [0]: expected a user id"),
         (
             {"commands": ["shell"]},
-            'commands: [0]: no command "shell" (known: status, agents, log, restart, switch)',
+            'commands: [0]: no command "shell" (known: status, agents, log, fleet, restart, switch)',
         ),
         (
             {"commands": ["restart"], "ledger": None},

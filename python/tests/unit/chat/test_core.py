@@ -214,7 +214,7 @@ def test_unknown_and_disabled_commands_are_refused_with_the_list() -> None:
     bot = Bot(commands=frozenset(READ_ONLY))
     unknown = one(bot.send("/rm -rf /"), Say).text
     assert unknown.startswith("There is no /rm.")
-    assert "/status /agents /log /help" in unknown
+    assert "/status /agents /log /fleet /help" in unknown
     disabled = one(bot.send("/restart web"), Say).text
     assert disabled.startswith("/restart is not enabled on box")
     assert of(bot.send("/restart web"), Propose) == []
@@ -223,7 +223,10 @@ def test_unknown_and_disabled_commands_are_refused_with_the_list() -> None:
 def test_help_lists_what_is_enabled_and_says_where_changes_work() -> None:
     bot = Bot()
     private = one(bot.send("/help"), Say).text
-    assert "/restart AGENT: restart an agent (asks you to confirm) (private chat only" in private
+    assert (
+        "/restart AGENT[@NODE]: restart an agent, here or on another node (private chat only"
+        in private
+    )
     group = one(bot.send("/start", chat=GROUP, kind="group"), Say)
     assert group.group is True
     assert "only in a private chat" in group.text
@@ -530,7 +533,7 @@ def test_the_policy_refuses_what_the_core_cannot_honour() -> None:
         Policy(frozenset({1}), frozenset({"shell"}), "box")
     with pytest.raises(ValueError, match="confirm_timeout"):
         Policy(frozenset({1}), frozenset(), "box", confirm_timeout=61)
-    assert set(READ_ONLY) == {"status", "agents", "log"}
+    assert set(READ_ONLY) == {"status", "agents", "log", "fleet"}
     assert [n for n, c in COMMANDS.items() if c.mutating] == ["restart", "switch"]
 
 

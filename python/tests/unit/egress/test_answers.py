@@ -215,7 +215,7 @@ def test_the_cache_ages_answers_and_forgets_them() -> None:
     clock.advance(4)
     hit = cache.get(query())
     assert hit is not None
-    assert hit.answer[0].ttl == 6
+    assert hit.message.answer[0].ttl == 6
     clock.advance(6)
     assert cache.get(q) is None
     assert (cache.hits, cache.misses) == (1, 1)

@@ -127,3 +127,111 @@ def test_users_are_resolved_at_start(tmp_path: Path) -> None:
         resolve_uids(config, none.__getitem__)
     with pytest.raises(ConfigError, match="uid 77 is also 'a'"):
         resolve_uids(config, {"ua": 77}.__getitem__)
+
+
+def test_mcp_servers_are_governed_under_their_own_names(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            {
+                **BASE,
+                "agents": {"fetch": {"user": "keel-agent-fetch", "port": 5301}},
+                "servers": {
+                    "fetch": {"user": "keel-mcp-fetch", "port": 5302, "allow": ["*.Wiki.org"]}
+                },
+            },
+        )
+    )
+    assert sorted(config.agents) == ["fetch", "mcp.fetch"]  # an agent and a server, apart
+    server = config.agents["mcp.fetch"]
+    assert (server.user, server.port, server.allow.texts()) == (
+        "keel-mcp-fetch",
+        5302,
+        ["*.wiki.org"],
+    )
+    with pytest.raises(ConfigError, match=re.escape("servers.fetch.user: no such user")):
+        resolve_uids(config, {"keel-agent-fetch": 1001}.__getitem__)
+
+
+def agent_spec(name: str, tier: int, allow: list[str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "command": ["/bin/true"], "tier": tier}
+    if allow is not None:
+        spec["egress"] = {"allow": allow}
+    return spec
+
+
+def install(directory: Path, specs: list[dict[str, Any]]) -> str:
+    directory.mkdir(parents=True)
+    for spec in specs:
+        (directory / f"{spec['name']}.json").write_text(json.dumps(spec))
+    return str(directory)
+
+
+def test_installed_specs_are_governed_as_the_nixos_module_governs_them(tmp_path: Path) -> None:
+    agents = install(
+        tmp_path / "agents",
+        [
+            agent_spec("scout", 2, ["api.example.com"]),
+            agent_spec("notes", 1),  # tier 1 without an allowlist: its network is open
+            agent_spec("crawler", 1, ["Bücher.example"]),
+            agent_spec("ops", 0),
+        ],
+    )
+    servers = install(
+        tmp_path / "servers",
+        [
+            {**agent_spec("files", 2), "share": []},
+            {**agent_spec("fetch", 1, ["*.wikipedia.org"]), "share": []},
+            {**agent_spec("time", 1), "share": []},
+            {"name": "remote", "url": "https://mcp.example.com/mcp", "share": []},
+        ],
+    )
+    config = load(
+        write(
+            tmp_path,
+            {**BASE, "agents": agents, "servers": servers, "audit": ["mcp.fetch"]},
+        )
+    )
+    # Agents in name order, then servers: base_port + 1, + 2, ...
+    assert [(name, a.port, a.user, a.mode) for name, a in config.agents.items()] == [
+        ("crawler", 5301, "keel-agent-crawler", "enforce"),
+        ("scout", 5302, "keel-agent-scout", "enforce"),
+        ("mcp.fetch", 5303, "keel-mcp-fetch", "audit"),
+        ("mcp.files", 5304, "keel-mcp-files", "enforce"),
+    ]
+    assert config.agents["crawler"].allow.allows_text("xn--bcher-kva.example")
+    assert not config.agents["mcp.files"].allow  # tier 2 without an allowlist: nothing
+    with pytest.raises(ConfigError, match=re.escape("agents/scout.json: user: no such user")):
+        resolve_uids(config, {"keel-agent-crawler": 1001}.__getitem__)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"agents": "relative/dir"}, 'agents: "relative/dir": give the directory as an absolute'),
+        ({"servers": 7}, "servers: expected an object of entries by name or the directory"),
+        (
+            {"servers": {"Bad": {"uid": 5, "port": 5301}}},
+            'servers.Bad: "Bad" is not a valid MCP server',
+        ),
+        ({"audit": ["scout"]}, 'audit[0]: "scout" is not an agent or server egress governs'),
+        ({"base_port": 65535}, "base_port: must be at most 65534"),
+    ],
+)
+def test_server_and_directory_errors_name_the_key(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, {**BASE, **change}))
+    assert message in str(caught.value)
+
+
+def test_derived_ports_never_take_53_nor_another_entrys_port(tmp_path: Path) -> None:
+    agents = install(tmp_path / "agents", [agent_spec("a", 2), agent_spec("b", 2)])
+    with pytest.raises(ConfigError, match="base_port: 51 gives b port 53"):
+        load(write(tmp_path, {**BASE, "agents": agents, "base_port": 51}))
+    servers = {"s": {"uid": 1234, "port": 5302}}
+    with pytest.raises(
+        ConfigError, match=re.escape("base_port: b's port: 5302 is already the port of 'mcp.s'")
+    ):
+        load(write(tmp_path, {**BASE, "agents": agents, "servers": servers}))

@@ -10,7 +10,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 from keel.egress.allowlist import Allowlist
-from keel.egress.answers import AnswerCache, Query
+from keel.egress.answers import AnswerCache, Query, Response, parse_response
 from keel.egress.config import AgentEgress
 from keel.egress.denials import DeniedName
 from keel.egress.netlink import NetlinkError
@@ -23,11 +23,13 @@ class Upstream:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    async def exchange(self, query: Query) -> tuple[dns.message.Message, bytes] | None:
+    async def exchange(self, query: Query) -> tuple[Response, float] | None:
         self.asked.append(query.text)
         response = dns.message.make_response(query.message)
         response.answer.append(dns.rrset.from_text(query.name, 60, "IN", "A", "192.0.2.1"))
-        return response, response.to_wire()
+        parsed = parse_response(response.to_wire())
+        assert parsed is not None
+        return parsed, 0.0
 
 
 class Kernel:
@@ -35,19 +37,29 @@ class Kernel:
 
     def __init__(self) -> None:
         self.elements: dict[str, int] = {}
+        self.comments: dict[str, str] = {}
         self.batches = 0
 
     def write(self, agent: str, inserts: Sequence[Insert]) -> None:
         staged = dict(self.elements)
+        comments = dict(self.comments)
         for insert in inserts:
             key = str(insert.address)
             if insert.replace:
                 if key not in staged:
                     raise NetlinkError("absent", errno.ENOENT)
                 del staged[key]
-            staged.setdefault(key, insert.timeout)  # adding an existing element changes nothing
-        self.elements = staged
+            if key not in staged:  # adding an existing element changes nothing
+                staged[key] = insert.timeout
+                comments[key] = insert.comment
+        self.elements, self.comments = staged, comments
         self.batches += 1
+
+    def read(self, agent: str, address: object) -> tuple[float, str] | None:
+        key = str(address)
+        if key not in self.elements:
+            return None
+        return float(self.elements[key]), self.comments.get(key, "")
 
 
 def make(

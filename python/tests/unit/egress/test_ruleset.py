@@ -62,9 +62,34 @@ def test_dns_of_agents_goes_to_their_own_port() -> None:
 
 
 def test_output_accepts_established_then_dispatches_on_the_uid() -> None:
-    established, dispatch = rules(replace([SCOUT], log_group=17), "output")
-    assert established[0]["match"]["right"] == ["established", "related"]
+    tcp, opened, dispatch = rules(replace([SCOUT], log_group=17), "output")
+    # Established in the direction the sender opened it (an agent's own flows:
+    # its zone), and TCP either way (replies of an agent's servers).
+    assert opened[0]["match"]["right"] == ["established", "related"]
+    assert opened[1]["match"] == {
+        "op": "==",
+        "left": {"ct": {"key": "direction"}},
+        "right": "original",
+    }
+    assert tcp[0]["match"]["right"] == ["established", "related"]
+    assert tcp[1]["match"] == {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}
     assert dispatch[0]["vmap"]["data"]["set"] == [[1001, {"jump": {"target": "agent_scout"}}]]
+
+
+def test_each_agent_tracks_its_own_udp_and_icmp_in_a_zone_of_its_own() -> None:
+    document = replace([SCOUT, AUDITED], log_group=17)
+    base = {
+        c["name"]: (c.get("type"), c.get("hook"), c.get("prio"))
+        for c in commands(document, "add", "chain")
+    }
+    assert base["zones"] == ("filter", "output", -300)  # before conntrack (-200)
+    [zones] = rules(document, "zones")
+    assert zones[0] == {"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    mangle = zones[1]["mangle"]
+    assert mangle["key"] == {"ct": {"key": "zone", "dir": "original"}}
+    assert mangle["value"]["map"]["key"] == {"meta": {"key": "skuid"}}
+    assert mangle["value"]["map"]["data"]["set"] == [[1001, 51001], [1002, 51002]]
+    assert ruleset.conntrack_zones([AUDITED, SCOUT]) == {"scout": 51001, "web-2": 51002}
 
 
 def test_an_enforced_agent_drops_what_is_not_in_its_sets() -> None:
@@ -100,7 +125,8 @@ def test_an_audited_agent_logs_and_accepts() -> None:
 def test_no_agents_still_makes_a_harmless_table() -> None:
     document = replace([], log_group=17)
     assert rules(document, "redirect") == []
-    assert len(rules(document, "output")) == 1
+    assert rules(document, "zones") == []
+    assert len(rules(document, "output")) == 2
 
 
 def test_replacing_keeps_sets_and_removes_what_is_gone() -> None:
@@ -115,6 +141,7 @@ def test_replacing_keeps_sets_and_removes_what_is_gone() -> None:
     ]
     flushed = [c["name"] for c in commands(document, "flush", "chain")]
     assert sorted(flushed) == ["agent_old", "agent_scout", "output", "redirect"]
+    assert "zones" in {c["name"] for c in commands(document, "add", "chain")}
     assert [c["name"] for c in commands(document, "delete", "chain")] == ["agent_old"]
     assert [c["name"] for c in commands(document, "delete", "set")] == ["old_v4", "old_v6"]
     assert [c["name"] for c in commands(document, "delete", "counter")] == ["old_blocked"]
@@ -229,3 +256,57 @@ def test_log_prefixes_round_trip() -> None:
     assert ruleset.parse_log_prefix("keel-egress scout enforce\0") == ("scout", True)
     assert ruleset.parse_log_prefix("somebody else") is None
     assert ruleset.parse_log_prefix("keel-egress scout maybe") is None
+
+
+def test_an_address_stays_while_any_of_its_names_is_allowed() -> None:
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    c = ipaddress.ip_address("192.0.2.3")
+    current = Table(
+        sets={
+            "scout_v4": [
+                ruleset.Element(a, 30, "twin.test www.test"),  # newest first
+                ruleset.Element(b, 30, "gone.test other.test"),
+                ruleset.Element(c, 30, "gone.test ..."),  # the rest did not fit
+            ]
+        }
+    )
+    allowed = {"www.test", "other.test", "old.test"}
+    stale = stale_elements(current, [SCOUT], lambda agent, name: name in allowed)
+    assert stale == {"scout_v4": [c]}  # c's other names cannot be judged: resolved again
+
+
+def test_the_allowlist_fingerprint_vouches_for_the_sets() -> None:
+    fingerprint = ruleset.allowlist_fingerprint(["b.test", "*.a.test"])
+    assert fingerprint == ruleset.allowlist_fingerprint(["*.a.test", "b.test", "b.test"])
+    assert fingerprint != ruleset.allowlist_fingerprint(["*.a.test"])
+    scout = AgentRules("scout", 1001, 5301, enforced=True, fingerprint=fingerprint)
+    document = replace([scout], log_group=17)
+    counters = {c["name"] for c in commands(document, "add", "counter")}
+    assert counters == {"scout_blocked", f"scout_allow_{fingerprint}"}
+    old = Table(sets={"scout_v4": [], "scout_v6": []}, counters={"scout_allow_0123": (0, 0)})
+    assert ruleset.unvouched(old, [scout]) == [scout]  # its allowlist changed: read its sets
+    same = Table(sets={"scout_v4": []}, counters={f"scout_allow_{fingerprint}": (0, 0)})
+    assert ruleset.unvouched(same, [scout]) == []
+    assert ruleset.unvouched(Table(), [scout]) == []  # no sets yet: nothing to judge
+    assert ruleset.unvouched(None, [scout]) == []
+    # The old fingerprint goes with the transaction that adds the new one.
+    replaced = replace([scout], log_group=17, current=old)
+    assert [c["name"] for c in commands(replaced, "delete", "counter")] == ["scout_allow_0123"]
+
+
+def test_stale_elements_leave_in_the_transaction_that_replaces_the_rules() -> None:
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    kept = ruleset.Element(a, 29.4, "www.test")
+    document = replace(
+        [SCOUT],
+        log_group=17,
+        current=Table(chains={"output"}, sets={"scout_v4": [kept, ruleset.Element(b, 30, "x")]}),
+        refill={"scout_v4": [kept], "scout_v6": []},
+    )
+    order = [next(iter(c)) + " " + next(iter(next(iter(c.values())))) for c in document["nftables"]]
+    assert [c["name"] for c in commands(document, "flush", "set")] == ["scout_v4", "scout_v6"]
+    [added] = commands(document, "add", "element")
+    assert added["name"] == "scout_v4"
+    assert added["elem"] == [{"elem": {"val": "192.0.2.1", "timeout": 30, "comment": "www.test"}}]
+    # The sets are refilled before the first rule is added: one transaction, no gap.
+    assert order.index("add element") < order.index("add rule")

@@ -31,9 +31,9 @@ def messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
 
 def test_a_batch_refreshes_then_adds_per_family() -> None:
     inserts = [
-        Insert(ipaddress.ip_address("192.0.2.1"), 65, "a.test", replace=True),
-        Insert(ipaddress.ip_address("192.0.2.2"), 65, "a.test", replace=False),
-        Insert(ipaddress.ip_address("2001:db8::1"), 35, "a.test", replace=False),
+        Insert(ipaddress.ip_address("192.0.2.1"), 65, ("a.test",), replace=True),
+        Insert(ipaddress.ip_address("192.0.2.2"), 65, ("a.test",), replace=False),
+        Insert(ipaddress.ip_address("2001:db8::1"), 35, ("a.test",), replace=False),
     ]
     data, acked, used = netlink.batch("scout", inserts, 100)
     found = messages(data)
@@ -68,6 +68,36 @@ def test_a_batch_refreshes_then_adds_per_family() -> None:
     assert set(dict(attributes(element[1]))) == {netlink.NFTA_SET_ELEM_KEY | netlink.NLA_F_NESTED}
     # The batch begins and ends in the nftables subsystem.
     assert found[0][3][2:4] == struct.pack("!H", netlink.NFNL_SUBSYS_NFTABLES)
+
+
+def test_one_element_is_read_back_with_its_expiry_and_names() -> None:
+    address = ipaddress.ip_address("2001:db8::1")
+    [(kind, flags, seq, body)] = messages(netlink.get_request("scout", address, 7))
+    assert kind == (netlink.NFNL_SUBSYS_NFTABLES << 8) | netlink.NFT_MSG_GETSETELEM
+    assert (flags, seq) == (netlink.NLM_F_REQUEST | netlink.NLM_F_ACK, 7)
+    attrs = dict(attributes(body[4:]))
+    assert attrs[netlink.NFTA_SET_ELEM_LIST_SET] == b"scout_v6\0"
+    # The kernel's answer: the element (key, timeout, expiration, comment), then the ack.
+    element = netlink.element(
+        Insert(address, 65, ("a.test", "b.test"), replace=False), with_data=True
+    )
+    expiration = netlink._attr(netlink.NFTA_SET_ELEM_EXPIRATION, struct.pack(">Q", 41_500))
+    nested = netlink._nested(
+        netlink.NFTA_SET_ELEM_LIST_ELEMENTS,
+        netlink._nested(netlink.NFTA_LIST_ELEM, element[4:] + expiration),
+    )
+    payload = struct.pack("=BBH", netlink.NFPROTO_INET, 0, 0) + nested
+    kernel = netlink._message(
+        (netlink.NFNL_SUBSYS_NFTABLES << 8) | netlink.NFT_MSG_NEWSETELEM, 0, 7, payload[4:]
+    )
+    ack = (
+        struct.pack("=IHHII", 36, netlink.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", 0) + b"\0" * 16
+    )
+    assert netlink.read_reply(kernel, 7) == (None, (41.5, "b.test a.test"))
+    assert netlink.read_reply(kernel + ack, 7) == (0, (41.5, "b.test a.test"))
+    assert netlink.read_reply(kernel + ack, 8) == (None, None)  # another request's
+    absent = struct.pack("=IHHII", 36, netlink.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -2)
+    assert netlink.read_reply(absent + b"\0" * 16, 7) == (2, None)
 
 
 def test_acks_are_read_by_sequence() -> None:

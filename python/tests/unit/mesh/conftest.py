@@ -12,21 +12,9 @@ from keel.mesh import kem as kem_module
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.kem import Kem, get_kem
 from keel.mesh.session import Closed, Event, HandshakeComplete, NeedData, Session
+from keel.testing import FakeClock
 
 from tests.kyberpy_kem import KyberPyKem
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def seeded(label: str) -> Callable[[int], bytes]:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import grp
-from pathlib import Path
 from typing import Any
 
 import pytest
 from keel.api import Peer
-from keel.errors import ConfigError, Forbidden
+from keel.errors import Forbidden
 from keel.mesh.access import ADMIN_VERBS, Operators, guard
-from keel.mesh.settings import load_settings
 
 OPERATORS = Operators(daemon_uid=990, group="ops", gid=1234)
 
@@ -75,16 +72,3 @@ def test_the_guard_wraps_only_the_administrative_verbs() -> None:
 
     asyncio.run(scenario())
     assert called == ["send", "invite"]
-
-
-def test_the_settings_file_names_the_group(tmp_path: Path) -> None:
-    name = grp.getgrgid(0).gr_name
-    (tmp_path / "config.json").write_text(f'{{"operator_group": "{name}"}}')
-    operators = load_settings(tmp_path).operators()
-    assert (operators.group, operators.gid) == (name, 0)
-    (tmp_path / "config.json").write_text('{"operator_group": "no-such-group-here"}')
-    with pytest.raises(ConfigError, match="operator_group: no group 'no-such-group-here'"):
-        load_settings(tmp_path)
-    (tmp_path / "config.json").write_text('{"operator_group": 5}')
-    with pytest.raises(ConfigError, match="operator_group: expected a string"):
-        load_settings(tmp_path)

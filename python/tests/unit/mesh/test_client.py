@@ -1,9 +1,11 @@
-"""The client against a daemon that has no binary stream (an older keel): JSON all the way."""
+"""The agents' client without a mesh: what it imports, and its errors told apart by type."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,32 +13,76 @@ from typing import Any
 
 import pytest
 from keel import api
-from keel.mesh.client import MeshClient
-from keel.mesh.settings import control_path
+from keel.errors import BadRequest, Refused, Unavailable, UsageError
+from keel.mesh import local
+from keel.mesh.client import MeshClient, SendRefused
 
 NODE = "b" * 32
 
 
+def test_importing_the_client_loads_no_cryptography() -> None:
+    probe = (
+        "import json, sys; import keel.mesh.client; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('keel', 'cryptography')))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = json.loads(done.stdout)
+    assert not [m for m in loaded if m.startswith("cryptography")], loaded
+    for heavy in ("keel.mesh.identity", "keel.mesh.noise", "keel.mesh.session", "keel.mesh.kem"):
+        assert heavy not in loaded
+
+
+def test_a_directory_is_not_a_socket(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="is a directory: MeshClient takes the node's control"):
+        MeshClient(tmp_path)
+
+
+def test_no_daemon_is_unavailable_and_keeps_its_cause(tmp_path: Path) -> None:
+    client = MeshClient(tmp_path / "absent.sock", timeout=2)
+    with pytest.raises(Unavailable) as caught:
+        client.status()
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+    with pytest.raises(Unavailable):
+        client.send(NODE, "t", b"x")
+    sender = client.sender()
+    sender.send(NODE, "t", b"x")  # batched, not sent yet
+    with pytest.raises(SendRefused, match="cannot reach the mesh daemon") as unconfirmed:
+        sender.flush()  # the connection cannot be made: the ids are named, unconfirmed
+    assert len(unconfirmed.value.ids) == 1
+
+
 @pytest.fixture
-def json_only_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[tuple[str, dict[str, Any]]]]]:
-    """A control socket with the JSON verbs ``send``/``send_many`` only; records every call."""
-    calls: list[tuple[str, dict[str, Any]]] = []
+def refusing_daemon(tmp_path: Path) -> Iterator[Path]:
+    """A control socket whose stream refuses every SEND, as a daemon would a bad recipient."""
 
-    async def send(args: dict[str, Any], peer: api.Peer) -> Any:
-        calls.append(("send", args))
-        return {"id": args["id"]}
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readexactly(local.FRAME.size)
+            except asyncio.IncompleteReadError:
+                return
+            kind, length = local.read_frame_head(head)
+            body = await reader.readexactly(length)
+            if kind == local.Kind.SEND:
+                request, _ = local.decode_send(body)
+                writer.write(local.encode_sent(request, local.Status.REFUSED, "not a member"))
+            else:
+                writer.write(local.frame(local.Kind.ERROR, b"malformed frame: not here"))
+                await writer.drain()
+                return
+            await writer.drain()
 
-    async def send_many(args: dict[str, Any], peer: api.Peer) -> Any:
-        calls.append(("send_many", args))
-        return {"ids": [m["id"] for m in args["messages"]]}
+    async def stream(args: dict[str, Any], peer: api.Peer) -> api.Upgrade:
+        return api.Upgrade({"stream": 1, "node": NODE}, serve)
 
+    path = tmp_path / "mesh.sock"
     loop = asyncio.new_event_loop()
-    server = api.ControlServer(control_path(tmp_path), {"send": send, "send_many": send_many})
+    server = api.ControlServer(path, {"stream": stream})
     loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield tmp_path, calls
+        yield path
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
@@ -44,21 +90,23 @@ def json_only_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[tuple[str, dic
         loop.close()
 
 
-def test_sends_fall_back_to_json_when_the_daemon_has_no_stream(
-    json_only_daemon: tuple[Path, list[tuple[str, dict[str, Any]]]],
-) -> None:
-    directory, calls = json_only_daemon
-    client = MeshClient(directory, timeout=5)
-    first = client.send(NODE, "t", b"\x00one", ttl=60)
-    ids = client.send_many([(NODE, "t", b"two"), (NODE, "u", b"three")])
-    assert [verb for verb, _ in calls] == ["send", "send_many"]
-    assert calls[0][1] == {
-        "id": first,
-        "to": NODE,
-        "topic": "t",
-        "data": base64.b64encode(b"\x00one").decode(),
-        "ttl": 60,
-    }
-    assert [m["id"] for m in calls[1][1]["messages"]] == ids
-    assert [base64.b64decode(m["data"]) for m in calls[1][1]["messages"]] == [b"two", b"three"]
+def test_refusals_and_bad_requests_are_told_apart_by_type(refusing_daemon: Path) -> None:
+    client = MeshClient(refusing_daemon, timeout=5)
+    with pytest.raises(Refused, match="not a member"):
+        client.send(NODE, "t", b"x")
+    with pytest.raises(SendRefused, match="not a member") as refused, client.sender() as out:
+        first = out.send(NODE, "t", b"one")
+        second = out.send(NODE, "t", b"two")
+    assert refused.value.ids == [first, second]
+    assert not refused.value.busy
+    with pytest.raises(BadRequest, match="not here"):
+        client.subscribe("t").recv(wait=1)
+    with pytest.raises(BadRequest, match="at most 983,040 bytes"):
+        client.send(NODE, "t", b"x" * (960 * 1024 + 1))
+    with pytest.raises(BadRequest, match="to 'short' is not a node id"):
+        client.send("short", "t", b"x")
+    with pytest.raises(BadRequest, match="topic 'bad topic' must be 1 to 128"):
+        client.send_many([(NODE, "bad topic", b"x")])
+    with pytest.raises(BadRequest, match="unknown verb"):
+        client.status()  # this daemon has no status verb: its answer says so, by kind
     client.close()

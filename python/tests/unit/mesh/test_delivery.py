@@ -15,13 +15,12 @@ from keel.mesh.delivery import (
     InboxLimits,
     Limits,
     Outbox,
-    Outgoing,
+    Queued,
     Receipt,
     keep_seen_until,
     receipt,
 )
-
-from .conftest import FakeClock
+from keel.testing import FakeClock
 
 WALL0 = 1_700_000_000.0
 
@@ -42,8 +41,8 @@ def outbox(clocks: Clocks, **limits: int | float) -> Outbox:
 
 def item(
     seq: int, peer: str = "p", size: int = 10, ttl: float = 3600.0, room: str | None = None
-) -> Outgoing:
-    return Outgoing(seq, f"{seq:032x}", peer, "t", room, WALL0 + ttl, size)
+) -> Queued:
+    return Queued(seq, f"{seq:032x}", peer, "t", room, WALL0 + ttl, size)
 
 
 def test_nothing_is_sent_until_the_peer_is_connected() -> None:
@@ -256,7 +255,7 @@ class World:
     clocks: Clocks
     box: Outbox
     rng: random.Random
-    durable: dict[str, Outgoing] = field(default_factory=dict)  # the sender's SQLite outbox
+    durable: dict[str, Queued] = field(default_factory=dict)  # the sender's SQLite outbox
     seen: set[str] = field(default_factory=set)  # the receiver's dedup table
     inbox: list[str] = field(default_factory=list)
     app: Counter[str] = field(default_factory=Counter)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
-from keel.mesh.framing import FrameReader, Record, decode_record, encode_frame, encode_record
+from keel.mesh.framing import FrameReader, RecordType, decode_record, encode_frame, encode_record
 
 
 def test_frames_in_any_chunking() -> None:
@@ -62,9 +62,9 @@ def test_eof_inside_a_frame_or_its_length() -> None:
 
 
 def test_records() -> None:
-    assert decode_record(encode_record(Record.DATA, b"abc")) == (Record.DATA, b"abc")
-    assert decode_record(encode_record(Record.KEEPALIVE)) == (Record.KEEPALIVE, b"")
-    assert encode_record(Record.CLOSE, b"bye") == b"\x04bye"
+    assert decode_record(encode_record(RecordType.DATA, b"abc")) == (RecordType.DATA, b"abc")
+    assert decode_record(encode_record(RecordType.KEEPALIVE)) == (RecordType.KEEPALIVE, b"")
+    assert encode_record(RecordType.CLOSE, b"bye") == b"\x04bye"
     with pytest.raises(RemoteProtocolError, match="empty"):
         decode_record(b"")
     with pytest.raises(RemoteProtocolError, match="unknown transport record type 0x09"):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from keel.api import ControlServer, Peer
 from keel.config import parse_json
 from keel.errors import UsageError
-from keel.mesh import arguments, packets, rooms
+from keel.mesh import arguments, ids, packets, rooms
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import InviteError, RemoteProtocolError
 from keel.mesh.framing import FrameReader
@@ -34,14 +34,15 @@ from keel.mesh.hello import make_hello, parse_hello
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import TOKEN_PREFIX, InviteToken, new_invite
 from keel.mesh.kem import Kem
-from keel.mesh.membership import Membership, Record
+from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.packets import Ack, Msg, Msgs, Records
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session
+from keel.testing import FakeClock
 
 from tests.json_values import json_values
 from tests.kyberpy_kem import KyberPyKem
 
-from .conftest import FakeClock, production_kem, seeded
+from .conftest import production_kem, seeded
 from .test_session import hand_made_initiator
 
 ARGUMENT_KEYS = ["token", "to", "wait", "timeout", "ttl", "max", "ack", "data", "id", "topic"]
@@ -280,10 +281,15 @@ def test_invite_tokens_mutated(data: st.DataObject) -> None:
 def valid_records() -> list[dict[str, object]]:
     alice, bob = NodeIdentity.generate(seeded("a")), NodeIdentity.generate(seeded("b"))
     mesh = Membership.found(alice, ["10.0.0.1:7400"], 1_700_000_000_000)
-    join = Record.make(alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[])
-    room = rooms.create(alice, mesh, name="ops", members=[], now_ms=1_700_000_000_002)
-    remove = Record.make(alice, "remove", 1_700_000_000_003, node=bob.node_id)
-    return [r.to_json() for r in (mesh.genesis, join, room, remove)]
+    join = SignedRecord.make(
+        alice, "join", 1_700_000_000_001, node=bob.record().to_json(), addrs=[]
+    )
+    room = mesh.make(
+        alice, "room", 1_700_000_000_002, **rooms.create(alice, name="ops", members=[])
+    )
+    grant = SignedRecord.make(alice, "operator", 1_700_000_000_003, node=bob.node_id, grant=True)
+    remove = SignedRecord.make(alice, "remove", 1_700_000_000_004, node=bob.node_id)
+    return [r.to_json() for r in (mesh.genesis, join, room, grant, remove)]
 
 
 @FUZZ
@@ -292,11 +298,11 @@ def test_membership_records(data: st.DataObject) -> None:
     base = data.draw(st.sampled_from(valid_records()))
     for candidate in (mutated_json(base, data), data.draw(JSON)):
         try:
-            record = Record.from_json(candidate)
+            record = SignedRecord.from_json(candidate)
         except RemoteProtocolError as exc:
             one_line(exc)
             continue
-        assert Record.from_json(record.to_json()) == record
+        assert SignedRecord.from_json(record.to_json()) == record
         packets.canonical_json(record.to_json())  # it can be sent on
 
 
@@ -308,7 +314,7 @@ def test_handshake_extra(data: st.DataObject) -> None:
         hello = parse_hello(extra)  # never raises
         assert len(hello.addresses) <= 16
         assert all(is_address(a) for a in hello.addresses)
-        assert hello.mesh is None or packets.is_message_id(hello.mesh)
+        assert hello.mesh is None or ids.is_message_id(hello.mesh)
         assert all(isinstance(r, dict) for r in hello.admission)
         assert type(hello.app) is int
         assert hello.app >= 1

@@ -1,19 +1,16 @@
-"""Node identity: the id derivation, the key file, signatures and node records."""
+"""Node identity: the id derivation, the key file's form, signatures and node records."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import os
-import stat
-import threading
-from pathlib import Path
 
 import pytest
 from keel.mesh import identity
-from keel.mesh.errors import IdentityError, RemoteProtocolError
-from keel.mesh.identity import NodeIdentity, NodeRecord, is_node_id, node_id_of, verify_signature
+from keel.mesh.errors import RemoteProtocolError
+from keel.mesh.identity import NodeIdentity, NodeRecord, parse_key_file, verify_signature
+from keel.mesh.ids import is_node_id, node_id_of
 
 from .conftest import seeded
 
@@ -71,83 +68,11 @@ def test_node_record_round_trip_and_forgeries() -> None:
         NodeRecord.from_json(dict(record.to_json(), static_key="!!"))
 
 
-def test_key_file_is_created_0600_and_loads_back(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "identity.key"
-    made = identity.load_or_create(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = identity.load_or_create(path)
-    assert again.node_id == made.node_id
-    assert again.signing_public == made.signing_public
-    assert [p.name for p in path.parent.iterdir()] == ["identity.key"]  # no temp file left
-
-
-def test_create_never_overwrites(tmp_path: Path) -> None:
-    path = tmp_path / "identity.key"
-    identity.create(path)
-    with pytest.raises(IdentityError, match="already exists"):
-        identity.create(path)
-
-
-def test_racing_first_runs_agree(tmp_path: Path) -> None:
-    path = tmp_path / "identity.key"
-    results: list[str] = []
-
-    def run() -> None:
-        results.append(identity.load_or_create(path).node_id)
-
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(set(results)) == 1
-    assert identity.load(path).node_id == results[0]
-
-
-def test_a_readable_key_file_is_refused_with_the_fix(tmp_path: Path) -> None:
-    path = tmp_path / "identity.key"
-    identity.create(path)
-    path.chmod(0o644)
-    with pytest.raises(
-        IdentityError, match=f"readable by others \\(mode 644\\); run: chmod 600 {path}"
-    ):
-        identity.load(path)
-
-
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        ("not json", "malformed identity key file"),
-        ("[]", "not a JSON object"),
-        ('{"version": 2}', "version must be 1"),
-        ('{"version": 1, "node_id": "x", "static_private": "00"}', "expected exactly"),
-    ],
-)
-def test_malformed_key_files_name_the_file(tmp_path: Path, content: str, problem: str) -> None:
-    path = tmp_path / "identity.key"
-    path.write_text(content)
-    path.chmod(0o600)
-    with pytest.raises(IdentityError, match=problem) as caught:
-        identity.load(path)
-    assert str(path) in str(caught.value)
-
-
-def test_an_edited_node_id_is_noticed(tmp_path: Path) -> None:
-    path = tmp_path / "identity.key"
-    identity.create(path)
-    data = json.loads(path.read_text())
-    data["node_id"] = NodeIdentity.generate().node_id
-    path.write_text(json.dumps(data))
-    with pytest.raises(IdentityError, match="does not match the static key"):
-        identity.load(path)
-
-
-def test_missing_and_symlinked_key_files(tmp_path: Path) -> None:
-    with pytest.raises(IdentityError, match="no identity key file"):
-        identity.load(tmp_path / "absent.key")
-    real = tmp_path / "real.key"
-    identity.create(real)
-    link = tmp_path / "link.key"
-    os.symlink(real, link)
-    with pytest.raises(IdentityError, match="cannot open"):
-        identity.load(link)
+def test_key_file_form_round_trips_and_refuses_an_edited_node_id() -> None:
+    made = NodeIdentity.generate(seeded("key file"))
+    again = parse_key_file(made.to_key_file().encode())
+    assert (again.node_id, again.signing_public) == (made.node_id, made.signing_public)
+    data = json.loads(made.to_key_file())
+    data["node_id"] = NodeIdentity.generate(seeded("another")).node_id
+    with pytest.raises(ValueError, match="does not match the static key"):
+        parse_key_file(json.dumps(data).encode())

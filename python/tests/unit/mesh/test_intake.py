@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keel.mesh.intake import Admitted, Intake, Refused, TokenBucket, source_of
-
-from .conftest import FakeClock
+from keel.testing import FakeClock
 
 
 def intake(

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from keel.mesh.identity import NodeIdentity
-from keel.mesh.membership import Record, room_id_of
+from keel.mesh.membership import SignedRecord, room_id_of
 from keel.mesh.packets import Msg, Msgs, RoomStamp, decode, encode
 
 DOC = Path(__file__).resolve().parents[4] / "docs" / "mesh-protocol.md"
@@ -17,7 +17,7 @@ def test_the_documented_known_answers() -> None:
     identity = NodeIdentity(bytes(range(32)), bytes(range(32, 64)))
     assert f"(node id `{identity.node_id}`)" in text
     assert f"nonce = 16 zero bytes: `{room_id_of(identity.node_id, bytes(16))}`" in text
-    genesis = Record.make(
+    genesis = SignedRecord.make(
         identity,
         "genesis",
         1_700_000_000_000,

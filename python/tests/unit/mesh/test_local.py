@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keel.mesh import local
-from keel.mesh.local import Delivered, Kind, LocalStreamError, Outgoing
+from keel.mesh.local import Delivered, Kind, LocalStreamError, SendEntry
 
 ID = "0123456789abcdef0123456789abcdef"
 NODE = "a" * 32
@@ -22,7 +22,7 @@ def body_of(data: bytes, kind: Kind) -> bytes:
 
 
 def test_send_round_trip_and_layout() -> None:
-    messages = [Outgoing(ID, NODE, "jobs", b"\x00payload", 1500), Outgoing(ID, NODE, "t", b"")]
+    messages = [SendEntry(ID, NODE, "jobs", b"\x00payload", 1500), SendEntry(ID, NODE, "t", b"")]
     data = local.encode_send(7, [local.send_entry(m) for m in messages])
     body = body_of(data, Kind.SEND)
     assert body[:4] == (7).to_bytes(4, "big")
@@ -88,8 +88,8 @@ def test_deliver_round_trip() -> None:
         (lambda: local.decode_sent(b"\x00\x00\x00\x01\x03"), "status"),
         (lambda: list(local.decode_deliver(bytes(30))), "runs past"),
         (lambda: local.read_frame_head(b"\x01\xff\xff\xff\xff"), "is over"),
-        (lambda: local.send_entry(Outgoing(ID, "short", "t", b"")), "node id"),
-        (lambda: local.send_entry(Outgoing(ID, NODE, "", b"")), "topic"),
+        (lambda: local.send_entry(SendEntry(ID, "short", "t", b"")), "node id"),
+        (lambda: local.send_entry(SendEntry(ID, NODE, "", b"")), "topic"),
     ],
 )
 def test_malformed_frames_are_refused(call: object, problem: str) -> None:

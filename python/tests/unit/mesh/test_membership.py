@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from keel.mesh.encoding import b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity
-from keel.mesh.membership import Membership, MembershipError, Record, room_id_of
+from keel.mesh.membership import Membership, MembershipError, SignedRecord, room_id_of
 
 from .conftest import seeded
 
@@ -22,12 +22,18 @@ def ident(name: str) -> NodeIdentity:
 A, B, C, D, E = (ident(n) for n in "abcde")
 
 
-def join(by: NodeIdentity, who: NodeIdentity, at: int, addrs: list[str] | None = None) -> Record:
-    return Record.make(by, "join", at, node=who.record().to_json(), addrs=addrs or [])
+def join(
+    by: NodeIdentity, who: NodeIdentity, at: int, addrs: list[str] | None = None
+) -> SignedRecord:
+    return SignedRecord.make(by, "join", at, node=who.record().to_json(), addrs=addrs or [])
 
 
-def remove(by: NodeIdentity, who: NodeIdentity, at: int) -> Record:
-    return Record.make(by, "remove", at, node=who.node_id)
+def remove(by: NodeIdentity, who: NodeIdentity, at: int) -> SignedRecord:
+    return SignedRecord.make(by, "remove", at, node=who.node_id)
+
+
+def grant(by: NodeIdentity, who: NodeIdentity, at: int, *, to: bool = True) -> SignedRecord:
+    return SignedRecord.make(by, "operator", at, node=who.node_id, grant=to)
 
 
 def mesh() -> Membership:
@@ -63,12 +69,12 @@ def test_a_join_by_a_stranger_takes_no_effect_until_its_signer_is_in() -> None:
 def test_a_forged_signature_takes_no_effect() -> None:
     m = mesh()
     good = join(A, B, T0 + 1)
-    forged = Record.from_json({**good.to_json(), "sig": b64u_encode(bytes(64))})
+    forged = SignedRecord.from_json({**good.to_json(), "sig": b64u_encode(bytes(64))})
     m.add(forged)
     assert not m.view.is_member(B.node_id)
     # a record claiming to be by A but signed by C
-    fake = Record.make(C, "join", T0 + 2, node=D.record().to_json(), addrs=[])
-    m.add(Record.from_json({**fake.to_json(), "by": A.node_id}))
+    fake = SignedRecord.make(C, "join", T0 + 2, node=D.record().to_json(), addrs=[])
+    m.add(SignedRecord.from_json({**fake.to_json(), "by": A.node_id}))
     assert not m.view.is_member(D.node_id)
 
 
@@ -96,6 +102,63 @@ def test_a_removed_node_can_no_longer_admit_or_remove() -> None:
     assert view.is_member(A.node_id)
 
 
+def test_only_operator_nodes_remove_and_the_founder_is_the_first() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 2))
+    assert m.view.operators == {A.node_id}
+    m.add(remove(B, C, T0 + 3))  # B is a member, not an operator: void
+    assert m.view.is_member(C.node_id)
+    m.add(grant(A, B, T0 + 4))
+    m.add(remove(B, C, T0 + 5))  # now it counts
+    assert not m.view.is_member(C.node_id)
+    assert m.view.operators == {A.node_id, B.node_id}
+
+
+def test_a_node_cannot_promote_itself_nor_be_promoted_by_a_member() -> None:
+    with pytest.raises(RemoteProtocolError, match="its own operator role"):
+        grant(B, B, T0 + 2)
+    forged = SignedRecord.make(B, "operator", T0 + 2, node=C.node_id, grant=True)
+    with pytest.raises(RemoteProtocolError, match="its own operator role"):
+        SignedRecord.from_json({**forged.to_json(), "by": C.node_id})
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    m.add(grant(C, B, T0 + 2))  # C is no operator
+    m.add(grant(B, C, T0 + 2))
+    assert m.view.operators == {A.node_id}
+    # a grant claimed in A's name but signed by B takes no effect
+    claim = SignedRecord.from_json({**grant(B, C, T0 + 3).to_json(), "by": A.node_id})
+    m.add(claim)
+    assert m.view.operators == {A.node_id}
+
+
+def test_the_role_is_taken_back_and_a_removed_operator_loses_it() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    m.add(grant(A, B, T0 + 2))
+    m.add(grant(A, C, T0 + 2))
+    m.add(grant(B, C, T0 + 3, to=False))
+    assert m.view.operators == {A.node_id, B.node_id}
+    m.add(remove(B, A, T0 + 4))  # an operator may remove the founder
+    assert m.view.operators == {B.node_id}
+    m.add(grant(A, C, T0 + 5))  # A is out: void
+    m.add(grant(B, D, T0 + 5))  # D is no member: void
+    assert m.view.operators == {B.node_id}
+
+
+def test_an_operator_record_is_well_formed() -> None:
+    good = grant(A, B, T0 + 1).to_json()
+    for bad, problem in (
+        ({**good, "grant": 1}, "grant must be true or false"),
+        ({**good, "node": "x"}, "node is not a node id"),
+        ({k: v for k, v in good.items() if k != "grant"}, "exactly the fields"),
+    ):
+        with pytest.raises(RemoteProtocolError, match=problem):
+            SignedRecord.from_json(bad)
+
+
 def test_remove_of_an_unknown_node_is_preemptive() -> None:
     m = mesh()
     m.add(remove(A, E, T0 + 1))
@@ -106,8 +169,8 @@ def test_remove_of_an_unknown_node_is_preemptive() -> None:
 def test_addresses_last_writer_wins_and_only_own() -> None:
     m = mesh()
     m.add(join(A, B, T0 + 1, ["10.0.0.2:1"]))
-    m.add(Record.make(B, "addr", T0 + 5, addrs=["10.0.0.2:2"]))
-    m.add(Record.make(B, "addr", T0 + 3, addrs=["10.0.0.2:3"]))
+    m.add(SignedRecord.make(B, "addr", T0 + 5, addrs=["10.0.0.2:2"]))
+    m.add(SignedRecord.make(B, "addr", T0 + 3, addrs=["10.0.0.2:3"]))
     assert m.view.admitted[B.node_id].addresses == ("10.0.0.2:2",)
 
 
@@ -143,19 +206,19 @@ def test_next_at_is_after_every_record_held() -> None:
 def test_malformed_records_are_refused(change: dict[str, object], problem: str) -> None:
     good = join(A, B, T0).to_json()
     with pytest.raises(RemoteProtocolError, match=problem):
-        Record.from_json({**good, **change})
+        SignedRecord.from_json({**good, **change})
 
 
 def test_a_node_cannot_admit_itself_and_genesis_is_self_signed() -> None:
     with pytest.raises(RemoteProtocolError, match="admit itself"):
-        Record.make(A, "join", T0, node=A.record().to_json(), addrs=[])
+        SignedRecord.make(A, "join", T0, node=A.record().to_json(), addrs=[])
     with pytest.raises(RemoteProtocolError, match="genesis"):
-        Record.make(A, "genesis", T0, node=B.record().to_json(), addrs=[])
+        SignedRecord.make(A, "genesis", T0, node=B.record().to_json(), addrs=[])
 
 
 def test_room_records_must_derive_their_id_from_the_owner() -> None:
     nonce = bytes(16)
-    good = Record.make(
+    good = SignedRecord.make(
         A,
         "room",
         T0,
@@ -167,7 +230,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
     )
     assert good.kind == "room"
     with pytest.raises(RemoteProtocolError, match="derive"):
-        Record.make(
+        SignedRecord.make(
             B,
             "room",
             T0,
@@ -178,7 +241,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
             members=sorted([A.node_id, B.node_id]),
         )
     with pytest.raises(RemoteProtocolError, match="including the owner"):
-        Record.make(
+        SignedRecord.make(
             A,
             "room",
             T0,
@@ -192,7 +255,7 @@ def test_room_records_must_derive_their_id_from_the_owner() -> None:
 
 def test_record_json_round_trip_and_id() -> None:
     record = join(A, B, T0)
-    again = Record.from_json(record.to_json())
+    again = SignedRecord.from_json(record.to_json())
     assert again == record
     assert again.id == record.id
     assert len(record.id) == 32
@@ -222,17 +285,22 @@ HISTORY = [
     join(A, B, T0 + 1),
     join(B, C, T0 + 2),
     join(A, D, T0 + 3),
-    Record.make(C, "addr", T0 + 4, addrs=["10.0.0.3:7400"]),
-    remove(D, B, T0 + 5),
-    join(B, E, T0 + 6),  # void: B is out by then
-    remove(C, D, T0 + 7),
-    join(A, E, T0 + 8),
+    SignedRecord.make(C, "addr", T0 + 4, addrs=["10.0.0.3:7400"]),
+    grant(A, D, T0 + 4),
+    grant(D, C, T0 + 5),
+    remove(D, B, T0 + 6),
+    join(B, E, T0 + 7),  # void: B is out by then
+    remove(C, D, T0 + 8),
+    join(A, E, T0 + 9),
+    remove(E, A, T0 + 10),  # void: E is no operator
 ]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.permutations(HISTORY), st.data())
-def test_any_arrival_order_and_any_split_converge(order: list[Record], data: st.DataObject) -> None:
+def test_any_arrival_order_and_any_split_converge(
+    order: list[SignedRecord], data: st.DataObject
+) -> None:
     reference = mesh()
     for record in HISTORY:
         reference.add(record)
@@ -254,4 +322,5 @@ def test_any_arrival_order_and_any_split_converge(order: list[Record], data: st.
     view = reference.view
     assert set(view.members) == {A.node_id, C.node_id, E.node_id}
     assert set(view.removed) == {B.node_id, D.node_id}
+    assert view.operators == {A.node_id, C.node_id}  # D lost the role with its removal
     assert view.admitted[C.node_id].addresses == ("10.0.0.3:7400",)

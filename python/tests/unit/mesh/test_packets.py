@@ -8,7 +8,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keel.mesh import packets
+from keel.mesh import ids, packets
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
 from keel.mesh.packets import Ack, Msg, Msgs, Records, RoomStamp
 
@@ -104,10 +104,10 @@ def test_split_records_keeps_every_record_and_the_limit() -> None:
 
 
 def test_topics() -> None:
-    assert packets.check_topic("a.b-c_d:e/f@g+h=i") == "a.b-c_d:e/f@g+h=i"
+    assert ids.check_topic("a.b-c_d:e/f@g+h=i") == "a.b-c_d:e/f@g+h=i"
     for bad in ("", "x" * 129, "sp ace", "é", None, 3):
         with pytest.raises(ValueError, match="topic"):
-            packets.check_topic(bad)
+            ids.check_topic(bad)
 
 
 @settings(max_examples=400, deadline=None)
@@ -178,18 +178,18 @@ def test_msg_headers_are_canonical_json(
 
 
 def test_new_message_ids_are_time_ordered_and_random_after_the_time() -> None:
-    ids = [
-        packets.new_message_id(
+    made = [
+        ids.new_message_id(
             random=lambda n, i=i: bytes([i]) * n,  # type: ignore[misc]
             clock=lambda i=i: 1700000000.123 + i,  # type: ignore[misc]
         )
         for i in range(3)
     ]
-    assert all(packets.is_message_id(i) for i in ids)
-    assert ids == sorted(ids)
-    assert ids[0] == f"{1700000000123:012x}" + "00" * 10
-    assert ids[1][12:] == "01" * 10
-    assert packets.new_message_id() != packets.new_message_id()
+    assert all(ids.is_message_id(i) for i in made)
+    assert made == sorted(made)
+    assert made[0] == f"{1700000000123:012x}" + "00" * 10
+    assert made[1][12:] == "01" * 10
+    assert ids.new_message_id() != ids.new_message_id()
 
 
 def test_msgs_round_trip_and_layout() -> None:

@@ -13,7 +13,8 @@ from keel.mesh.errors import (
     RemoteProtocolError,
 )
 from keel.mesh.framing import FrameReader
-from keel.mesh.identity import NodeIdentity, node_id_of
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import node_id_of
 from keel.mesh.invite import new_invite
 from keel.mesh.kem import Kem
 from keel.mesh.noise import MAX_NONCE, HandshakeState
@@ -29,10 +30,11 @@ from keel.mesh.session import (
     SessionConfig,
     State,
 )
+from keel.testing import FakeClock
 
 from tests.kyberpy_kem import KyberPyKem
 
-from .conftest import FakeClock, Pair, drain, make_pair, open_pair, seeded
+from .conftest import Pair, drain, make_pair, open_pair, seeded
 
 
 def frames(data: bytes) -> list[bytes]:

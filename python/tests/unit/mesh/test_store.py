@@ -1,28 +1,29 @@
-"""The daemon's SQLite state, and its settings file."""
+"""The daemon's SQLite state."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from keel.errors import ConfigError, UsageError
 from keel.mesh import store as store_module
+from keel.mesh.delivery import Incoming, OutboxRow
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
-from keel.mesh.membership import Membership, Record
-from keel.mesh.settings import load_settings, parse_listen
-from keel.mesh.store import Incoming, NewOutgoing, Store, StoreError
+from keel.mesh.membership import Membership, SignedRecord
+from keel.mesh.packets import RoomStamp
+from keel.mesh.store import StateError, Store
 
 from .conftest import seeded
 
 P, Q = "p" * 32, "q" * 32
 
 
-def out(message_id: str, peer: str = P, payload: bytes = b"data") -> NewOutgoing:
-    return NewOutgoing(message_id, peer, None, "t", 2e9, None, payload)
+def out(message_id: str, peer: str = P, payload: bytes = b"data") -> OutboxRow:
+    return OutboxRow(message_id, peer, None, "t", 2e9, None, payload)
 
 
 def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> None:
@@ -54,6 +55,31 @@ def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path
     assert store.last_seen() == {P: 5.0}
 
 
+def test_a_room_stamp_is_stored_once_per_message_in_the_form_older_keels_wrote(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    stamp = RoomStamp("r" * 32, P, 3, bytes(range(64)))
+    rows = [OutboxRow("1" * 32, peer, "r" * 32, "t", 2e9, stamp, b"x") for peer in (P, Q)]
+    queued = store.enqueue(rows, created=1.0)
+    assert [store.outbox_payload(item.seq) for item in queued if item] == [(b"x", stamp)] * 2
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        texts = [json.loads(text) for (text,) in db.execute("SELECT stamp FROM outbox")]
+    assert (
+        texts
+        == [
+            {
+                "room": "r" * 32,
+                "from": P,
+                "rv": 3,
+                "sig": base64.b64encode(bytes(range(64))).decode(),
+            }
+        ]
+        * 2
+    )
+
+
 def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     seqs = store.receive(
@@ -63,9 +89,8 @@ def test_inbox_dedup_take_and_consume(tmp_path: Path) -> None:
         ],
         wall=1.0,
     )
-    assert store.is_seen(P, f"{1:032x}")
-    assert not store.is_seen(Q, f"{1:032x}")
-    with pytest.raises(sqlite3.IntegrityError):
+    assert store.seen_among([(P, f"{1:032x}"), (Q, f"{1:032x}")]) == {(P, f"{1:032x}")}
+    with pytest.raises(StateError, match="UNIQUE constraint failed"):
         store.receive([Incoming(P, f"{1:032x}", None, "t", b"", 100.0)], wall=1.0)
     assert store.inbox_totals() == (5, 15)
     taken = store.take("t", 10, exclude=[seqs[0]])
@@ -109,12 +134,15 @@ def test_records_and_invites(tmp_path: Path) -> None:
     record = store.get_invite(token.invite_id)
     assert record is not None
     assert record.uses_left == 2
-    join = Record.make(alice, "join", 1001, node=bob.record().to_json(), addrs=[])
+    join = SignedRecord.make(alice, "join", 1001, node=bob.record().to_json(), addrs=[])
     store.redeem_invite(record.redeem(time.time()), join)
     again = store.get_invite(token.invite_id)
     assert again is not None
     assert again.uses_left == 1
-    assert [Record.from_json(r).id for r in store.load_records()] == [mesh.genesis.id, join.id]
+    assert [SignedRecord.from_json(r).id for r in store.load_records()] == [
+        mesh.genesis.id,
+        join.id,
+    ]
     assert store.prune_invites(wall=time.time() + 3600) == 1
     assert store.get_invite(token.invite_id) is None
 
@@ -122,7 +150,7 @@ def test_records_and_invites(tmp_path: Path) -> None:
 def test_a_damaged_or_foreign_database_is_refused_clearly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="cannot open the mesh state database"):
+    with pytest.raises(StateError, match="cannot open the mesh state database"):
         Store(bad)
     newer = tmp_path / "newer.db"
     Store(newer).close()
@@ -130,33 +158,8 @@ def test_a_damaged_or_foreign_database_is_refused_clearly(tmp_path: Path) -> Non
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StateError, match="schema version 99"):
         Store(newer)
-
-
-def test_settings_defaults_overrides_and_errors(tmp_path: Path) -> None:
-    assert load_settings(tmp_path).session.handshake_timeout == 10.0
-    assert load_settings(tmp_path).durability == "normal"
-    (tmp_path / "config.json").write_text(json.dumps({"handshake_timeout": 2, "max_inbox": 5}))
-    settings = load_settings(tmp_path)
-    assert settings.session.handshake_timeout == 2
-    assert settings.inbox.max_messages == 5
-    for bad, key in (
-        ({"nope": 1}, "nope"),
-        ({"idle_timeout": 1, "keepalive_interval": 2}, "idle_timeout"),
-        ({"durability": "maybe"}, "durability"),
-    ):
-        (tmp_path / "config.json").write_text(json.dumps(bad))
-        with pytest.raises(ConfigError, match=key):
-            load_settings(tmp_path)
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:7400") == ("0.0.0.0", 7400)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("7400", "host:7400", "1.2.3.4:x", "1.2.3.4:70000", ":1"):
-        with pytest.raises(UsageError, match="--listen"):
-            parse_listen(bad)
 
 
 def test_invite_record_json_round_trip() -> None:
@@ -212,3 +215,15 @@ def test_outbox_seqs_only_grow_and_a_batch_may_repeat_itself(tmp_path: Path) -> 
     assert later is not None
     assert later.seq > max(seqs)
     reopened.close()
+
+
+def test_every_failure_of_the_database_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.close()
+    for call in (
+        lambda: store.enqueue([out("1" * 32)], created=1.0),
+        lambda: store.take("t", 10, ()),
+        lambda: store.seen_among([(P, "1" * 32)]),
+    ):
+        with pytest.raises(StateError, match=str(tmp_path / "s.db")):
+            call()

@@ -11,6 +11,8 @@ from keel.safeswitch import machine as m
 from keel.safeswitch.machine import Phase
 from keel.testing import FakeClock
 
+from tests.fuzz import examples
+
 LIMITS = m.Limits(gate=10, deadline=60, commit_timeout=20, rollback_timeout=30)
 PLAN = m.Plan("s1", "/nix/store/old", "/nix/store/new", ("watch", "health"))
 
@@ -471,7 +473,7 @@ EVENTS = st.sampled_from(
 STEPS = st.lists(st.tuples(EVENTS, st.floats(min_value=0, max_value=40)), max_size=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(STEPS)
 def test_any_run_keeps_the_promises(steps: list[tuple[m.Event, float]]) -> None:
     clock = FakeClock()

@@ -1,4 +1,10 @@
-"""Small files next to the ledger, written so that no reader ever sees half of one."""
+"""Small files written so that no reader ever sees half of one (keys, heads).
+
+The ledger's signing key and the mesh node's identity key are written the
+same way, here: a private temporary file in the same directory, fsynced,
+then linked (or renamed) into place, and the directory fsynced so the name
+survives a crash.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ def write_durably(path: Path, data: bytes, *, mode: int, replace: bool) -> bool:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             os.fchmod(fd, mode)  # whatever the umask said
-            os.write(fd, data)
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keel.mesh.connections import Dial, Dialer, Link, preferred
-
-from .conftest import FakeClock
+from keel.mesh.dialing import Dial, Dialer, Link, preferred
+from keel.testing import FakeClock
 
 LOW, HIGH = "a" * 32, "b" * 32
 

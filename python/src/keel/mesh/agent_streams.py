@@ -1,0 +1,130 @@
+"""Agents' binary streams (``keel.mesh.local``) on the control socket: the asyncio side.
+
+The ``stream`` control verb upgrades an agent's connection
+(:class:`keel.api.Upgrade`); :func:`serve` then reads its frames until it
+hangs up. A SEND goes to ``submit`` (queued, refused, or busy after waiting
+for room: while it waits, this stream's later frames wait in the socket, so
+a pipelining agent slows to the mesh's pace); SUBSCRIBE and ACK go to the
+node's :class:`Subscriptions` (:class:`keel.mesh.inbox.Inbox`), which hands
+messages back through :meth:`LocalStream.deliver`. A malformed frame gets
+an ERROR frame and the connection ends; what the stream held goes back to
+the inbox either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from keel.mesh import local
+from keel.mesh.ids import check_topic
+from keel.mesh.local import Kind, LocalStreamError, SendEntry, Status
+
+DELIVER_FRAME = 1 << 20  # a stream's DELIVER frames are about this big at most
+
+Submit = Callable[[Sequence[SendEntry]], Awaitable[tuple[Status, str]]]
+
+
+class LocalStream:
+    """One agent's stream: what is written to it, DELIVER entries batched into frames."""
+
+    _numbers = itertools.count(1)
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.number = next(self._numbers)
+        self.writer = writer
+        self.closed = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+
+    def deliver(self, head: bytes, payload: bytes) -> None:
+        """Queue one DELIVER entry (its head, then its payload) for the next frame."""
+        self._out += (head, payload)
+        self._out_bytes += len(head) + len(payload)
+        if self._out_bytes >= DELIVER_FRAME:
+            self.flush()
+
+    def flush(self, *, always: bool = False) -> None:
+        """Write the DELIVER frame queued so far (an empty one too with ``always``)."""
+        if self._out or always:
+            if not self.closed and not self.writer.is_closing():
+                head = local.FRAME.pack(Kind.DELIVER, self._out_bytes)
+                self.writer.writelines([head, *self._out])  # one join, then the socket
+            self._out = []
+            self._out_bytes = 0
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(data)
+
+
+class Subscriptions(Protocol):
+    """What a stream asks of the node's inbox."""
+
+    def stream_opened(self, stream: LocalStream) -> None: ...
+
+    def subscribe(
+        self, stream: LocalStream, topic: str, max_unacked: int, max_bytes: int
+    ) -> None: ...
+
+    def stream_acked(self, stream: LocalStream, receipts: Sequence[int]) -> None: ...
+
+    def stream_closed(self, stream: LocalStream) -> None: ...
+
+
+async def serve(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    inbox: Subscriptions,
+    submit: Submit,
+) -> None:
+    """Frames from one agent until it hangs up (``keel.mesh.local`` has their form)."""
+    stream = LocalStream(writer)
+    inbox.stream_opened(stream)
+    subscribed = False
+    try:
+        while True:
+            kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
+            body = await reader.readexactly(length) if length else b""
+            if kind == Kind.SEND:
+                request, messages = local.decode_send(body)
+                status, error = await submit(messages)
+                stream.write(local.encode_sent(request, status, error))
+            elif kind == Kind.ACK:
+                inbox.stream_acked(stream, local.decode_ack(body))
+            elif kind == Kind.SUBSCRIBE and not subscribed:
+                topic, max_unacked, max_bytes = _subscription(body)
+                subscribed = True
+                inbox.subscribe(stream, topic, max_unacked, max_bytes)
+            else:
+                stream.write(_error(kind, subscribed))
+                return
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # the agent hung up
+    except LocalStreamError as exc:
+        stream.write(local.frame(Kind.ERROR, f"malformed frame: {exc}".encode()))
+    finally:
+        stream.closed = True
+        inbox.stream_closed(stream)
+
+
+def _subscription(body: bytes) -> tuple[str, int, int]:
+    topic, max_unacked, max_bytes = local.decode_subscribe(body)
+    try:
+        check_topic(topic)
+    except ValueError as exc:
+        raise LocalStreamError(str(exc)) from None
+    return topic, max_unacked, max_bytes
+
+
+def _error(kind: int, subscribed: bool) -> bytes:
+    """The ERROR frame for a frame the daemon does not take here."""
+    if kind == Kind.SUBSCRIBE and subscribed:
+        problem = "a stream subscribes once"
+    else:
+        problem = f"unknown frame type 0x{kind:02x}"
+    return local.frame(Kind.ERROR, f"malformed frame: {problem}".encode())

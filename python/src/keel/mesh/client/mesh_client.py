@@ -1,0 +1,262 @@
+"""A client of one node's daemon: its control verbs, and sends over its binary stream."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from keel import paths
+from keel.api import Connection
+from keel.errors import BadRequest, Refused, Unavailable, UsageError
+from keel.mesh import local
+from keel.mesh.client.messages import Received, Returned, check_message, check_size, ttl_ms
+from keel.mesh.client.sender import SEND_BATCH, SEND_WINDOW, Sender
+from keel.mesh.client.subscription import Subscription
+from keel.mesh.client.transport import Retrying, Stream
+from keel.mesh.ids import new_message_id
+
+DEFAULT_TIMEOUT: Final = 30.0
+
+
+class MeshClient:
+    """A client of the node's daemon at ``socket`` (default: ``/run/keel/mesh.sock``).
+
+    One control connection and one stream per thread. ``recv``'s bookkeeping
+    (what to acknowledge) belongs to the client: receive on one thread at a
+    time; what was returned is remembered across all of them.
+    """
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.path = Path(socket) if socket is not None else paths.socket_file("mesh")
+        if self.path.is_dir():
+            raise UsageError(
+                f"{self.path} is a directory: MeshClient takes the node's control socket "
+                f"(default {paths.socket_file('mesh')}), which is no longer in the node's "
+                "directory (docs/mesh.md, upgrading)"
+            )
+        self.timeout = timeout
+        self.returned = Returned()
+        self._local = threading.local()  # .connection, .stream: this thread's
+        self._unacked: list[int] = []
+
+    def call(
+        self, verb: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """One control request; :class:`~keel.errors.ApiError` (typed) if it fails."""
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = Connection(
+                self.path, service="mesh", timeout=self.timeout
+            )
+        return connection.call(verb, args, timeout=timeout)
+
+    def close(self) -> None:
+        """Close this thread's connections (the next call opens new ones)."""
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+        stream: Stream | None = getattr(self._local, "stream", None)
+        if stream is not None:
+            stream.close()
+            self._local.stream = None
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the node and its mesh
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def node_id(self) -> str:
+        return str(self.status()["node"])
+
+    def invite(self, *, ttl: float = 3600, uses: int = 1) -> str:
+        return str(self.call("invite", {"ttl": ttl, "uses": uses})["token"])
+
+    def join(self, token: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(
+            "join", {"token": token, "timeout": timeout}, timeout=timeout + 5
+        )
+        return result
+
+    def peers(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("peers")
+        return result
+
+    def remove(self, node_id: str) -> None:
+        """Revoke a node for good (this node must be an operator node of the mesh)."""
+        self.call("remove", {"node": node_id})
+
+    def operator(self, node_id: str, *, grant: bool) -> dict[str, Any]:
+        """Grant a member the operator role, or take it back (from an operator node)."""
+        result: dict[str, Any] = self.call("operator", {"node": node_id, "grant": grant})
+        return result
+
+    def dead_letters(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("dead_letters", {"limit": limit})
+        return result
+
+    # -- sending
+
+    def send(
+        self, to: str, topic: str, data: bytes, *, ttl: float | None = None, retry: float = 0.0
+    ) -> str:
+        """Queue ``data`` for node ``to`` durably; returns the message id.
+
+        The id is chosen here, so a send that failed halfway (the daemon died
+        before it answered) can be repeated as the same message: with
+        ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
+        """
+        check_message(to, topic, data)
+        message_id = new_message_id()
+        entry = local.SendEntry(message_id, to, topic, data, ttl_ms(ttl))
+        retrying = Retrying(retry)
+        while True:
+            try:
+                self._queue([entry])
+            except Unavailable:
+                if not retrying.again():
+                    raise
+                continue
+            return message_id
+
+    def send_many(
+        self, messages: Iterable[tuple[str, str, bytes]], *, ttl: float | None = None
+    ) -> list[str]:
+        """Queue several ``(to, topic, data)`` messages in one transaction (all or none)."""
+        entries = []
+        for to, topic, data in messages:
+            check_message(to, topic, data)
+            entries.append(local.SendEntry(new_message_id(), to, topic, data, ttl_ms(ttl)))
+        self._queue(entries)
+        return [entry.id for entry in entries]
+
+    def _queue(self, entries: Sequence[local.SendEntry]) -> None:
+        """One SEND frame on this thread's stream, and its SENT."""
+        try:
+            frames = [local.send_entry(entry) for entry in entries]
+        except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
+            raise BadRequest(f"cannot send: {exc}") from None
+        stream: Stream | None = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = Stream(self.path, self.timeout)
+        stream.request += 1
+        try:
+            stream.write(local.encode_send(stream.request, frames), "send")
+            request, status, error = stream.sent("send")
+        except local.LocalStreamError as exc:  # the frame would be too big
+            raise BadRequest(f"cannot send {len(entries)} message(s) at once: {exc}") from None
+        except (Unavailable, BadRequest):
+            self._local.stream = None
+            raise
+        if request != stream.request:
+            stream.close()
+            self._local.stream = None
+            raise Unavailable(f"{self.path}: the daemon confirmed {request}, not {stream.request}")
+        if status is not local.Status.QUEUED:
+            raise Refused(error)
+
+    def sender(
+        self,
+        *,
+        ttl: float | None = None,
+        retry: float = 0.0,
+        window: int = SEND_WINDOW,
+        batch: int = SEND_BATCH,
+    ) -> Sender:
+        """A pipelined :class:`Sender` (its own connection); use it in a ``with`` block."""
+        return Sender(
+            self.path, timeout=self.timeout, ttl=ttl, retry=retry, window=window, batch=batch
+        )
+
+    # -- receiving
+
+    def subscribe(
+        self, topic: str, *, max_unacked: int = 1000, max_bytes: int = 16 << 20
+    ) -> Subscription:
+        """Messages on ``topic`` pushed as they arrive (its own connection): a :class:`Subscription`."""
+        return Subscription(
+            self.path,
+            topic,
+            timeout=self.timeout,
+            returned=self.returned,
+            max_unacked=max_unacked,
+            max_bytes=max_bytes,
+        )
+
+    def recv(self, topic: str, *, max: int = 100, wait: float = 0.0) -> list[Received]:
+        """Up to ``max`` new messages on ``topic``, waiting up to ``wait`` seconds for one."""
+        args = {"topic": topic, "max": max, "wait": wait, "ack": self._unacked}
+        result = self.call("recv", args, timeout=wait + self.timeout)
+        self._unacked = []
+        out = []
+        for item in result["messages"]:
+            self._unacked.append(int(item["receipt"]))
+            if not self.returned.first_time(item["from"], item["id"]):
+                continue
+            out.append(
+                Received(
+                    id=item["id"],
+                    sender=item["from"],
+                    topic=item["topic"],
+                    room=item.get("room"),
+                    data=base64.b64decode(item["data"]),
+                    received=float(item["received"]),
+                )
+            )
+        return out
+
+    def ack(self) -> None:
+        """Acknowledge what ``recv`` returned so far (``recv`` does it on its next call)."""
+        if self._unacked:
+            self.call("ack", {"receipts": self._unacked})
+            self._unacked = []
+
+    def messages(self, topic: str, *, wait: float = 30.0) -> Iterator[Received]:
+        """Every message on ``topic`` as it arrives, forever."""
+        while True:
+            yield from self.recv(topic, wait=wait)
+
+    # -- rooms
+
+    def room_create(self, name: str, members: Sequence[str] = ()) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_create", {"name": name, "members": list(members)})
+        return result
+
+    def room_add(self, room: str, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_add", {"room": room, "node": node_id})
+        return result
+
+    def room_remove(self, room: str, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_remove", {"room": room, "node": node_id})
+        return result
+
+    def room_members(self, room: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("room_members", {"room": room})
+        return result
+
+    def room_send(self, room: str, topic: str, data: bytes, *, ttl: float | None = None) -> str:
+        check_size(data)
+        args: dict[str, Any] = {
+            "room": room,
+            "topic": topic,
+            "data": base64.b64encode(data).decode(),
+        }
+        if ttl is not None:
+            args["ttl"] = ttl
+        return str(self.call("room_send", args)["id"])
+
+    def rooms(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("rooms")
+        return result

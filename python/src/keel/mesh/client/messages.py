@@ -1,0 +1,81 @@
+"""What the client hands an agent, and what it remembers to hand each message once."""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Final
+
+from keel.config import shorten
+from keel.errors import BadRequest
+from keel.mesh.arguments import MAX_TTL, too_big
+from keel.mesh.ids import check_topic, is_node_id
+from keel.mesh.packets import MAX_PAYLOAD
+
+REMEMBERED_IDS: Final = 1 << 17
+
+
+@dataclass(frozen=True)
+class Received:
+    id: str
+    sender: str
+    topic: str
+    room: str | None
+    data: bytes = field(repr=False)
+    received: float
+
+
+class Returned:
+    """The (sender, id) of messages handed to the agent, the latest ``REMEMBERED_IDS``.
+
+    Shared by every way a client receives (``recv`` and its subscriptions),
+    from any thread: a message the daemon hands out again (a lease ran out,
+    the daemon restarted before an acknowledgement reached it) is
+    acknowledged and not returned twice.
+    """
+
+    def __init__(self, remember: int = REMEMBERED_IDS) -> None:
+        self.remember = remember
+        self._keys: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_time(self, sender: str, message_id: str) -> bool:
+        """True the first time this message is seen (and remembers it)."""
+        key = (sender, message_id)
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys[key] = None
+            if len(self._keys) > self.remember:
+                self._keys.popitem(last=False)
+            return True
+
+
+def check_message(to: str, topic: str, data: bytes) -> None:
+    """Refuse what the daemon would refuse of any message, before sending any of it."""
+    if not is_node_id(to):
+        raise BadRequest(f"to {shorten(repr(to))} is not a node id")
+    try:
+        check_topic(topic)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    check_size(data)
+
+
+def check_size(data: bytes) -> None:
+    """Refuse a payload the daemon would refuse, before sending any of it."""
+    if len(data) > MAX_PAYLOAD:
+        raise BadRequest(too_big(len(data)))
+
+
+def ttl_ms(ttl: float | None) -> int:
+    """The binary stream's TTL: milliseconds, 0 for the daemon's default."""
+    if ttl is None:
+        return 0
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL):
+        raise BadRequest(
+            f"ttl must be a positive number of seconds, at most {MAX_TTL}, got {ttl!r}"
+        )
+    return max(1, round(ttl * 1000))

@@ -1,0 +1,362 @@
+"""The mesh's control verbs: each a typed request (:mod:`keel.mesh.verbs`) carried out by the node.
+
+Every handler parses its request first (a one-line ``bad_request`` for bad
+arguments), then asks the node's parts; the administrative verbs
+(:data:`keel.mesh.access.ADMIN_VERBS`) are for operators only. ``status`` is
+the shell's (:meth:`keel.mesh.node.MeshNode.status`).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeVar
+
+from keel.api import Handler, Peer, Upgrade
+from keel.errors import KeelError, UsageError
+from keel.mesh import agent_streams, arguments, local, rooms, verbs
+from keel.mesh.access import guard
+from keel.mesh.config import Settings
+from keel.mesh.delivery import Backpressure
+from keel.mesh.identity import NodeIdentity
+from keel.mesh.ids import check_topic, is_node_id
+from keel.mesh.inbox import Inbox
+from keel.mesh.invite import InviteRecord, InviteToken, new_invite
+from keel.mesh.links import Links
+from keel.mesh.local import SendEntry, Status
+from keel.mesh.members import Members
+from keel.mesh.membership import Room
+from keel.mesh.outbound import NewMessage, Outbound
+from keel.mesh.store import Store
+from keel.service import Shell
+
+STREAM_SEND_WAIT: Final = 5.0  # s a stream's SEND waits for room in a full outbox before "busy"
+
+R = TypeVar("R")
+
+
+def _verb(parse: Callable[[Mapping[str, Any]], R], run: Callable[[R], Awaitable[Any]]) -> Handler:
+    async def handle(args: dict[str, Any], peer: Peer) -> Any:
+        return await run(parse(args))
+
+    return handle
+
+
+class Node(Protocol):
+    """What the verbs use of the node (:class:`keel.mesh.node.MeshNode`)."""
+
+    me: str
+    identity: NodeIdentity
+    addresses: list[str]
+    settings: Settings
+    shell: Shell
+    store: Store
+    members: Members
+    links: Links
+    outbound: Outbound
+    inbox: Inbox
+
+    def wall(self) -> float: ...
+
+    async def join(self, token: InviteToken, timeout: float) -> verbs.Joined: ...
+
+
+class Control:
+    """The verbs of one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def handlers(self) -> dict[str, Handler]:
+        table: dict[str, Handler] = {
+            "invite": _verb(verbs.Invite.parse, self.invite),
+            "join": _verb(verbs.Join.parse, self.join),
+            "peers": _verb(verbs.NoArgs.parse, self.peers),
+            "send": _verb(verbs.Direct.parse, self.send),
+            "send_many": _verb(verbs.SendMany.parse, self.send_many),
+            "recv": _verb(verbs.Recv.parse, self.recv),
+            "stream": _verb(verbs.NoArgs.parse, self.stream),
+            "ack": _verb(verbs.Ack.parse, self.ack),
+            "remove": _verb(verbs.Remove.parse, self.remove),
+            "operator": _verb(verbs.OperatorChange.parse, self.operator),
+            "room_create": _verb(verbs.RoomCreate.parse, self.room_create),
+            "room_add": _verb(
+                verbs.RoomMember.parse, functools.partial(self.room_change, add=True)
+            ),
+            "room_remove": _verb(
+                verbs.RoomMember.parse, functools.partial(self.room_change, add=False)
+            ),
+            "room_send": _verb(verbs.RoomSend.parse, self.room_send),
+            "room_members": _verb(verbs.RoomRef.parse, self.room_members),
+            "rooms": _verb(verbs.NoArgs.parse, self.rooms),
+            "dead_letters": _verb(verbs.DeadLetters.parse, self.dead_letters),
+        }
+        return guard(table, self.node.settings.operators())
+
+    def _member(self) -> None:
+        verbs.require_member(self.node.members.view, self.node.me)
+
+    # -- the node and its mesh
+
+    async def invite(self, request: verbs.Invite) -> verbs.Invited:
+        self._member()
+        node = self.node
+        wall = node.wall()
+        token = new_invite(
+            node.identity, node.addresses, now=wall, ttl=request.ttl, uses=request.uses
+        )
+        node.store.add_invite(InviteRecord.from_token(token), wall)
+        node.shell.record(
+            "invite", token.invite_id.hex(), {"expires": token.expires, "uses": token.uses}
+        )
+        return {"token": token.encode(), "expires": token.expires, "uses": token.uses}
+
+    async def join(self, request: verbs.Join) -> verbs.Joined:
+        return await self.node.join(request.token, request.timeout)
+
+    async def peers(self, request: verbs.NoArgs) -> list[verbs.PeerInfo]:
+        node = self.node
+        seen = node.store.last_seen()
+        now = node.wall()
+        out: list[verbs.PeerInfo] = []
+        for node_id, member in sorted(node.members.view.members.items()):
+            if node_id == node.me:
+                continue
+            connected = node_id in node.links.by_peer
+            out.append(
+                {
+                    "id": node_id,
+                    "addresses": list(member.addresses),
+                    "connected": connected,
+                    "last_seen": now if connected else seen.get(node_id),
+                    "queued": node.outbound.queued(node_id),
+                    "operator": node_id in node.members.view.operators,
+                }
+            )
+        return out
+
+    async def remove(self, request: verbs.Remove) -> verbs.Removed:
+        self._member()
+        node, target = self.node, request.node
+        view = node.members.view
+        if target == node.me:
+            raise UsageError(
+                "a node cannot remove itself; run `keel mesh remove` on another member"
+            )
+        if target in view.removed:
+            raise KeelError(f"{target} was removed already")
+        if target not in view.admitted:
+            raise KeelError(f"{target} is not a member of mesh {view.mesh_id}")
+        verbs.require_operator(view, node.me, "remove a node")
+        record = node.members.sign("remove", node=target)  # the removed node hears it too
+        node.shell.record("member-remove", target, {"node": target, "by": node.me})
+        return {"removed": target, "record": record.id}
+
+    async def operator(self, request: verbs.OperatorChange) -> verbs.OperatorChanged:
+        self._member()
+        node, target, grant = self.node, request.node, request.grant
+        view = node.members.view
+        if target == node.me:
+            raise UsageError(
+                "a node cannot grant or take back its own operator role; "
+                "another operator node does it"
+            )
+        if not view.is_member(target):
+            raise KeelError(f"{target} is not a member of mesh {view.mesh_id}")
+        verbs.require_operator(view, node.me, "grant or take back the operator role")
+        if (target in view.operators) == grant:
+            raise KeelError(f"{target} is {'an' if grant else 'not an'} operator already")
+        record = node.members.sign("operator", node=target, grant=grant)
+        node.shell.record(
+            "member-operator", target, {"node": target, "grant": grant, "by": node.me}
+        )
+        return {"node": target, "operator": grant, "record": record.id}
+
+    # -- messages
+
+    def _message(
+        self, message_id: str, to: str, topic: str, payload: bytes, ttl: float | None
+    ) -> NewMessage:
+        node = self.node
+        verbs.recipient(node.members.view, node.me, to)
+        expires = node.wall() + (ttl if ttl is not None else node.settings.default_ttl)
+        return NewMessage(message_id, (to,), topic, payload, expires)
+
+    async def send(self, request: verbs.Direct) -> verbs.Sent:
+        self._member()
+        r = request
+        self.node.outbound.submit([self._message(r.id, r.to, r.topic, r.payload, r.ttl)])
+        return {"id": r.id}
+
+    async def send_many(self, request: verbs.SendMany) -> verbs.SentMany:
+        self._member()
+        messages = [self._message(r.id, r.to, r.topic, r.payload, r.ttl) for r in request.messages]
+        self.node.outbound.submit(messages)
+        return {"ids": [m.id for m in messages]}
+
+    async def recv(self, request: verbs.Recv) -> verbs.Received:
+        inbox = self.node.inbox
+        if request.ack:
+            inbox.consume(request.ack)
+        found = await inbox.recv(request.topic, request.max, wait=request.wait, lease=request.lease)
+        return {
+            "messages": [
+                {
+                    "receipt": m.seq,
+                    "id": m.id,
+                    "from": m.sender,
+                    "topic": m.topic,
+                    "room": m.room,
+                    "received": m.received,
+                    "data": base64.b64encode(m.payload).decode(),
+                }
+                for m in found
+            ]
+        }
+
+    async def ack(self, request: verbs.Ack) -> verbs.Acked:
+        return {"acked": self.node.inbox.consume(request.receipts)}
+
+    async def dead_letters(self, request: verbs.DeadLetters) -> list[dict[str, Any]]:
+        return self.node.store.dead_letters(request.limit)
+
+    # -- the binary stream
+
+    async def stream(self, request: verbs.NoArgs) -> Upgrade:
+        serve = functools.partial(agent_streams.serve, inbox=self.node.inbox, submit=self._submit)
+        return Upgrade({"stream": 1, "node": self.node.me}, serve, buffer_size=local.SOCKET_BUFFER)
+
+    async def _submit(self, entries: Sequence[SendEntry]) -> tuple[Status, str]:
+        """A stream's SEND: queued, refused, or (the outbox full for a while) busy."""
+        try:
+            messages = self._entries(entries)
+            await self.node.outbound.submit_waiting(messages, STREAM_SEND_WAIT)
+        except Backpressure as exc:
+            return Status.BUSY, str(exc)
+        except KeelError as exc:
+            return Status.REFUSED, str(exc)
+        return Status.QUEUED, ""
+
+    def _entries(self, entries: Iterable[SendEntry]) -> list[NewMessage]:
+        """A SEND's messages, after the same checks as ``send_many``'s."""
+        self._member()
+        checked: set[str] = set()
+        topics: set[str] = set()
+        default = self.node.settings.default_ttl
+        wall = self.node.wall()
+        messages = []
+        for entry in entries:
+            if entry.to not in checked:
+                if not is_node_id(entry.to):
+                    raise UsageError(f"{entry.to!r} is not a node id")
+                verbs.recipient(self.node.members.view, self.node.me, entry.to)
+                checked.add(entry.to)
+            if entry.topic not in topics:
+                try:
+                    topics.add(check_topic(entry.topic))
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
+            arguments.check_size(len(entry.payload))
+            ttl = entry.ttl_ms / 1000 if entry.ttl_ms else default
+            if ttl > arguments.MAX_TTL:
+                raise UsageError(f"ttl must be at most {arguments.MAX_TTL} s (ten years)")
+            messages.append(
+                NewMessage(entry.id, (entry.to,), entry.topic, entry.payload, wall + ttl)
+            )
+        return messages
+
+    # -- rooms
+
+    def _room(self, ref: str) -> Room:
+        view = self.node.members.view
+        if ref in view.rooms:
+            return view.rooms[ref]
+        named = [r for r in view.rooms.values() if r.name == ref]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise UsageError(f"{len(named)} rooms are named {ref!r}; use the room id")
+        raise KeelError(f"no room {ref!r} is known to this node")
+
+    def _room_info(self, room: Room) -> verbs.RoomInfo:
+        node = self.node
+        view = node.members.view
+        return {
+            "room": room.id,
+            "name": room.name,
+            "owner": room.owner,
+            "version": room.version,
+            "members": [
+                {
+                    "id": m,
+                    "connected": m in node.links.by_peer or m == node.me,
+                    "member": view.is_member(m),
+                }
+                for m in room.members
+            ],
+        }
+
+    async def room_create(self, request: verbs.RoomCreate) -> verbs.RoomInfo:
+        self._member()
+        node = self.node
+        for member in request.members:
+            if not node.members.view.is_member(member):
+                raise KeelError(f"{member} is not a member of the mesh")
+        fields = rooms.create(node.identity, name=request.name, members=request.members)
+        node.members.sign("room", **fields)
+        return self._room_info(node.members.view.rooms[fields["room"]])
+
+    async def room_change(self, request: verbs.RoomMember, *, add: bool) -> verbs.RoomInfo:
+        self._member()
+        node = self.node
+        room = self._room(request.room)
+        if room.owner != node.me:
+            raise KeelError(
+                f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
+            )
+        members = set(room.members)
+        if add:
+            if not node.members.view.is_member(request.node):
+                raise KeelError(f"{request.node} is not a member of the mesh")
+            members.add(request.node)
+        else:
+            if request.node == room.owner:
+                raise UsageError("the owner cannot leave its own room")
+            if request.node not in members:
+                raise KeelError(f"{request.node} is not in room {room.name}")
+            members.discard(request.node)
+        node.members.sign("room", **rooms.update(node.identity, room, members=members))
+        kind = "room-add" if add else "room-remove"
+        node.shell.record(kind, room.id, {"room": room.id, "node": request.node})
+        return self._room_info(node.members.view.rooms[room.id])
+
+    async def room_send(self, request: verbs.RoomSend) -> verbs.RoomSent:
+        self._member()
+        node = self.node
+        room = self._room(request.room)
+        recipients = node.members.view.room_recipients(room.id)
+        if node.me not in recipients:
+            raise KeelError(f"this node is not a member of room {room.name}")
+        ttl = request.ttl if request.ttl is not None else node.settings.default_ttl
+        expires = int(node.wall() + ttl)
+        stamp = rooms.stamp(
+            node.identity,
+            room,
+            request.id,
+            topic=request.topic,
+            expires=expires,
+            payload=request.payload,
+        )
+        others = [m for m in recipients if m != node.me]
+        if others:
+            message = NewMessage(request.id, others, request.topic, request.payload, expires, stamp)
+            node.outbound.submit([message])
+        return {"id": request.id, "recipients": others}
+
+    async def room_members(self, request: verbs.RoomRef) -> verbs.RoomInfo:
+        return self._room_info(self._room(request.room))
+
+    async def rooms(self, request: verbs.NoArgs) -> list[verbs.RoomInfo]:
+        view = self.node.members.view
+        return [self._room_info(r) for r in sorted(view.rooms.values(), key=lambda r: r.name)]

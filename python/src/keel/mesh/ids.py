@@ -1,0 +1,76 @@
+"""Names on the mesh: node ids, message ids, topics, and the sizes of keys. Pure.
+
+Nothing here needs a cryptographic library (a node id is a BLAKE2s digest,
+which :mod:`hashlib` has), so the agents' client (:mod:`keel.mesh.client`)
+and the wire codecs check names without loading one::
+
+    node_id = lowercase(base32(BLAKE2s-256("keel-mesh/1 node-id" || 0x00 || static_public)[:20]))
+
+32 characters of ``[a-z2-7]``, no padding (``docs/mesh-protocol.md``, section 2).
+A message id is 16 bytes, 32 lowercase hex digits; a topic is 1 to 128
+characters of ``[A-Za-z0-9._:/@+=-]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Final
+
+from keel.config import shorten
+
+KEY_SIZE: Final = 32  # X25519 and Ed25519 keys
+SIGNATURE_SIZE: Final = 64  # Ed25519
+NODE_ID_LABEL: Final = b"keel-mesh/1 node-id\x00"
+NODE_ID_BYTES: Final = 20
+NODE_ID_RE: Final = re.compile(r"[a-z2-7]{32}")
+MESSAGE_ID_BYTES: Final = 16
+MAX_TOPIC: Final = 128
+_MESSAGE_ID_RE = re.compile(r"[0-9a-f]{32}")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
+
+
+def node_id_of(static_public: bytes) -> str:
+    """The node id of an X25519 static public key."""
+    if len(static_public) != KEY_SIZE:
+        raise ValueError(f"an X25519 public key is {KEY_SIZE} bytes, got {len(static_public)}")
+    digest = hashlib.blake2s(NODE_ID_LABEL + static_public).digest()[:NODE_ID_BYTES]
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_node_id(text: object) -> bool:
+    return isinstance(text, str) and NODE_ID_RE.fullmatch(text) is not None
+
+
+def new_message_id(
+    random: Callable[[int], bytes] = secrets.token_bytes, clock: Callable[[], float] = time.time
+) -> str:
+    """A fresh id: 6 bytes of Unix time in milliseconds (big-endian), then 10 random bytes.
+
+    Receivers take any 16 bytes; time-ordered ids just keep the stores'
+    ``(sender, id)`` indexes growing at their end, so inserting one touches
+    one page instead of a random page of a week-long table.
+    """
+    millis = int(clock() * 1000) & 0xFFFF_FFFF_FFFF
+    return millis.to_bytes(6, "big").hex() + random(MESSAGE_ID_BYTES - 6).hex()
+
+
+def is_message_id(value: object) -> bool:
+    return isinstance(value, str) and _MESSAGE_ID_RE.fullmatch(value) is not None
+
+
+def check_topic(topic: object) -> str:
+    """A topic: 1 to 128 characters of ``[A-Za-z0-9._:/@+=-]``; ``ValueError`` otherwise."""
+    if (
+        not isinstance(topic, str)
+        or not 0 < len(topic) <= MAX_TOPIC
+        or _TOPIC_RE.fullmatch(topic) is None
+    ):
+        raise ValueError(
+            f"topic {shorten(repr(topic))} must be 1 to {MAX_TOPIC} characters of letters, digits and ._:/@+=-"
+        )
+    return topic

@@ -1,0 +1,143 @@
+"""What to do with a batch of messages a peer sent. Pure.
+
+Messages that arrive together (in one read of a connection) are decided
+together, so the shell stores them in one transaction and answers them in
+one ACK. For each message, in order:
+
+- a room message is checked (:func:`keel.mesh.rooms.check_message`): refused
+  for good (``rejected``, with the reason), or not yet (``busy``: this node
+  lacks the room version its author saw);
+- its dedup key is the author (the room message's author, else the peer) and
+  the id; a copy of a message a local agent holds from memory is left
+  unanswered (it is answered with the one held);
+- seen before (stored earlier, or earlier in this batch): ``ok``, nothing
+  stored again; the inbox full: ``busy`` (the sender backs off);
+- new: handed straight to a subscriber of its topic that has room and no
+  backlog (answered once the agent took it: :mod:`keel.mesh.handoffs`), or
+  else stored (``store``) and answered ``ok``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from keel.mesh import rooms
+from keel.mesh.delivery import InboxLimits, Incoming, Receipt, keep_seen_until, receipt
+from keel.mesh.handoffs import Window, has_room
+from keel.mesh.membership import View
+from keel.mesh.packets import Msg
+
+Key = tuple[str, str]  # (author, message id)
+
+
+@dataclass
+class Plan:
+    ok: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    store: list[Incoming] = field(default_factory=list)  # new: store, then ``ok`` (listed)
+    hand: list[tuple[int, Incoming]] = field(default_factory=list)  # (stream, message)
+    backlogged: set[str] = field(default_factory=set)  # topics whose subscribers have more waiting
+    inbox_messages: int = 0  # the inbox once ``store`` is stored
+    inbox_bytes: int = 0
+
+
+def keys(messages: Sequence[Msg], peer: str) -> list[Key]:
+    """The dedup keys of ``messages`` from ``peer`` (for the store's ``seen_among``)."""
+    return [(msg.room.author if msg.room else peer, msg.id) for msg in messages]
+
+
+def plan(
+    messages: Sequence[Msg],
+    *,
+    peer: str,
+    me: str,
+    view: View,
+    seen: Container[Key],
+    handed: Container[Key],
+    inbox: tuple[int, int],
+    limits: InboxLimits,
+    windows: Mapping[str, Sequence[Window]],
+    wall: float,
+) -> Plan:
+    """Decide on ``messages`` from ``peer`` (see the module's docstring).
+
+    ``seen``: the keys among them stored before; ``handed``: the keys of
+    messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
+    ``windows``: the subscribers of the batch's topics.
+    """
+    out = Plan()
+    count, size = inbox
+    this_batch: set[Key] = set()
+    takers = _Takers(windows)
+    for msg in messages:
+        author = peer
+        if msg.room is not None:
+            check = rooms.check_message(view, me, msg)
+            if check.verdict is rooms.RoomVerdict.REJECT:
+                out.rejected.append((msg.id, check.reason))
+                continue
+            if check.verdict is rooms.RoomVerdict.BUSY:
+                out.busy.append(msg.id)
+                continue
+            author = msg.room.author
+        key = (author, msg.id)
+        if key in handed:
+            continue
+        answer = receipt(
+            seen=key in this_batch or key in seen,
+            inbox_messages=count,
+            inbox_bytes=size,
+            size=len(msg.payload),
+            limits=limits,
+        )
+        if answer is Receipt.BUSY:
+            out.busy.append(msg.id)
+            continue
+        if answer is Receipt.DUPLICATE:
+            out.ok.append(msg.id)
+            continue
+        this_batch.add(key)
+        item = Incoming(
+            author,
+            msg.id,
+            msg.room.room if msg.room else None,
+            msg.topic,
+            msg.payload,
+            keep_seen_until(msg.expires, wall, limits),
+        )
+        stream = takers.take(msg.topic, len(msg.payload)) if windows else None
+        if stream is not None:
+            out.hand.append((stream, item))
+            continue
+        out.ok.append(msg.id)
+        out.store.append(item)
+        count += 1
+        size += len(msg.payload)
+        if msg.topic in windows:
+            out.backlogged.add(msg.topic)
+    out.inbox_messages, out.inbox_bytes = count, size
+    return out
+
+
+class _Takers:
+    """The subscribers of each topic, filled as the plan hands them messages."""
+
+    def __init__(self, windows: Mapping[str, Sequence[Window]]) -> None:
+        self.windows = windows
+        self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
+
+    def take(self, topic: str, size: int) -> int | None:
+        """The first subscriber of ``topic`` with room and no backlog, charged ``size``."""
+        for window in self.windows.get(topic, ()):
+            if window.backlog:
+                continue
+            held = self.held.get(window.stream)
+            if held is None:
+                held = self.held[window.stream] = [window.pending, window.pending_bytes]
+            if has_room(held[0], held[1], window.max_unacked, window.max_bytes):
+                held[0] += 1
+                held[1] += size
+                return window.stream
+        return None

@@ -1,0 +1,270 @@
+"""The sending side of a node: the outbox pump, around the pure :class:`~keel.mesh.delivery.Outbox`.
+
+A message is queued durably first (one outbox row per recipient, one
+transaction for a whole batch, before the sender hears ``queued``), then the
+pump sends what the outbox says is due on each peer's link: MSGS packets to
+peers that take them, single MSG packets otherwise. Payloads (and room
+stamps, as objects) stay in a bounded memory cache from the enqueue to the
+acknowledgement, so the pump reads the store only after a restart or when
+the cache is full. Acknowledged rows are deleted; expired and refused ones
+become dead letters. Ledger entries (``sent``, ``delivered``,
+``dead-letter``) hold metadata only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from keel.mesh import packets
+from keel.mesh.delivery import Backpressure, Outbox, OutboxRow, Queued
+from keel.mesh.packets import Msg, RoomStamp
+from keel.mesh.peer_link import Batch, PeerLink
+from keel.mesh.store import StateError, Store, state_failed
+
+log = logging.getLogger("keel.mesh")
+
+PAYLOAD_CACHE_BYTES = 64 << 20
+RETRY_FAILED_PUMP = 1.0  # s: the state database failed; try again then
+
+Record = Callable[[str, str, Mapping[str, Any]], None]
+
+
+class NewMessage(NamedTuple):
+    """A message to queue: one id, one or more recipients (a room's members)."""
+
+    id: str
+    recipients: Sequence[str]
+    topic: str
+    payload: bytes
+    expires: float  # Unix seconds
+    stamp: RoomStamp | None = None
+
+    def __repr__(self) -> str:  # never the payload
+        return (
+            f"NewMessage(id={self.id!r}, recipients={len(self.recipients)}, topic={self.topic!r})"
+        )
+
+
+class Outbound:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        outbox: Outbox,
+        links: Mapping[str, PeerLink],
+        me: str,
+        record: Record | None,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.links = links
+        self.me = me
+        self.record = record  # None: no ledger (and no metadata built for it)
+        self.clock = clock
+        self.wall = wall
+        self.room = asyncio.Event()  # set whenever messages leave the outbox
+        self._payloads: dict[int, tuple[bytes, RoomStamp | None]] = {}
+        self._payload_bytes = 0
+        self._pump_handle: asyncio.Handle | None = None
+        self._pump_timer: asyncio.TimerHandle | None = None
+
+    def load(self) -> None:
+        """What the store still holds, after a restart."""
+        for item in self.store.load_outbox():
+            self.outbox.add(item, check=False)
+
+    def close(self) -> None:
+        for handle in (self._pump_handle, self._pump_timer):
+            if handle is not None:
+                handle.cancel()
+
+    def __len__(self) -> int:
+        return len(self.outbox)
+
+    def queued(self, peer: str) -> int:
+        return self.outbox.queued(peer)
+
+    # -- queueing
+
+    def submit(self, messages: Sequence[NewMessage]) -> None:
+        """Queue ``messages`` durably, all or none, then send what is due at once.
+
+        :class:`~keel.mesh.delivery.Backpressure` if the outbox is full (try
+        later), another :class:`~keel.errors.KeelError` if it never could be.
+        """
+        counts: dict[str, int] = {}
+        size = 0
+        for message in messages:
+            for peer in message.recipients:
+                counts[peer] = counts.get(peer, 0) + 1
+            size += len(message.payload) * len(message.recipients)
+        self.outbox.check_batch(counts, size)
+        rows = [
+            OutboxRow(
+                m.id,
+                peer,
+                m.stamp.room if m.stamp else None,
+                m.topic,
+                m.expires,
+                m.stamp,
+                m.payload,
+            )
+            for m in messages
+            for peer in m.recipients
+        ]
+        items = self.store.enqueue(rows, self.wall())
+        for row, item in zip(rows, items, strict=True):
+            if item is None:
+                continue  # the same id for the same peer is queued already: a retried send
+            self.outbox.add(item, check=False)
+            self._remember(item.seq, row.payload, row.stamp)
+            if self.record is not None:
+                self.record("sent", item.id, metadata(self.me, item))
+        self.pump()  # now, not on the next turn of the loop: the frames leave before the reply
+
+    async def submit_waiting(self, messages: Sequence[NewMessage], wait: float) -> None:
+        """:meth:`submit`, waiting up to ``wait`` s for room in a full outbox."""
+        deadline = self.clock() + wait
+        while True:
+            try:
+                self.submit(messages)
+            except Backpressure:
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise
+            else:
+                return
+            self.room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.room.wait()
+
+    # -- the pump
+
+    def kick(self) -> None:
+        """Run the pump soon (coalesced)."""
+        if self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self.pump)
+
+    def pump(self) -> None:
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        if self._pump_timer is not None:
+            self._pump_timer.cancel()
+            self._pump_timer = None
+        try:
+            self._send_due()
+        except StateError as exc:
+            state_failed(f"the outbox pump failed (trying again in {RETRY_FAILED_PUMP:g} s)", exc)
+            self._pump_timer = asyncio.get_running_loop().call_later(RETRY_FAILED_PUMP, self.kick)
+            return
+        deadline = self.outbox.next_deadline()
+        if deadline is not None:
+            delay = max(deadline - self.clock(), 0.001)
+            self._pump_timer = asyncio.get_running_loop().call_later(delay, self.kick)
+
+    def _send_due(self) -> None:
+        due = self.outbox.poll()
+        if due.expired:
+            self.dead_letter(due.expired, "expired")
+        batches: dict[str, Batch] = {}
+        for item in due.sends:
+            link = self.links.get(item.peer)
+            stored = self._payload(item.seq)
+            if link is None or stored is None:
+                continue
+            payload, stamp = stored
+            message = Msg(item.id, item.topic, int(item.expires), payload, stamp)
+            if link.batching and packets.batchable(message):
+                batch = batches.get(item.peer)
+                if batch is None:
+                    batch = batches[item.peer] = Batch(link)
+                batch.add(message)
+            else:
+                link.send_packet(packets.encode(message))
+        for batch in batches.values():
+            batch.flush()
+        for peer in {item.peer for item in due.sends}:
+            link = self.links.get(peer)
+            if link is not None:
+                link.flush()  # now: before the local reply (SENT) that follows a send
+
+    # -- what peers answer
+
+    def answered(self, peer: str, ack: packets.Ack) -> None:
+        delivered = self.outbox.acked(peer, ack.ok)
+        if delivered:
+            self.room.set()
+            self.store.delivered(delivered)
+            for item in delivered:
+                self._forget(item.seq)
+                if self.record is not None:
+                    self.record("delivered", item.id, metadata(self.me, item))
+        if ack.busy:
+            self.outbox.busy(peer, ack.busy)
+        for message_id, reason in ack.rejected:
+            refused = self.outbox.rejected(peer, [message_id])
+            if refused:
+                log.warning("mesh: %s rejected message %s: %s", peer, message_id, reason)
+                self.dead_letter(refused, f"rejected: {reason}")
+        self.kick()
+
+    def connected(self, peer: str) -> None:
+        self.outbox.connected(peer)
+        self.kick()
+
+    def disconnected(self, peer: str) -> None:
+        self.outbox.disconnected(peer)
+        self.kick()
+
+    def drop(self, keep: Callable[[Queued], bool], reason: str) -> None:
+        """Dead-letter every queued message ``keep`` refuses (a recipient left)."""
+        dropped = self.outbox.drop(keep)
+        if dropped:
+            self.dead_letter(dropped, reason)
+
+    def dead_letter(self, items: Sequence[Queued], reason: str) -> None:
+        self.room.set()
+        self.store.dead_letter(items, reason, self.wall())
+        for item in items:
+            self._forget(item.seq)
+            log.warning("mesh: message %s to %s is a dead letter: %s", item.id, item.peer, reason)
+            if self.record is not None:
+                self.record("dead-letter", item.id, {**metadata(self.me, item), "reason": reason})
+
+    # -- the payload cache
+
+    def _payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
+        cached = self._payloads.get(seq)
+        if cached is not None:
+            return cached
+        return self.store.outbox_payload(seq)
+
+    def _remember(self, seq: int, payload: bytes, stamp: RoomStamp | None) -> None:
+        if self._payload_bytes + len(payload) <= PAYLOAD_CACHE_BYTES:
+            self._payloads[seq] = (payload, stamp)
+            self._payload_bytes += len(payload)
+
+    def _forget(self, seq: int) -> None:
+        cached = self._payloads.pop(seq, None)
+        if cached is not None:
+            self._payload_bytes -= len(cached[0])
+
+
+def metadata(me: str, item: Queued) -> dict[str, Any]:
+    """What the ledger may know of a message: never its payload."""
+    return {
+        "id": item.id,
+        "from": me,
+        "to": item.peer,
+        "room": item.room,
+        "topic": item.topic,
+        "size": item.size,
+    }

@@ -1,0 +1,320 @@
+"""One TCP connection to a peer and its secure session: the asyncio side.
+
+A :class:`PeerLink` feeds bytes from TCP into its
+:class:`~keel.mesh.session.Session` (``asyncio.Protocol``: no task per
+read), turns session events into packets (:mod:`keel.mesh.packets`) and
+reports them to its :class:`LinkEvents` (the node); the node writes through
+:meth:`PeerLink.send_packet` and hangs up with :meth:`PeerLink.close`. It
+knows nothing of membership or delivery: it only tells, and does what it is
+told. Messages that arrive in one read are reported together (one batch:
+one transaction, one ACK). A peer that breaks the protocol
+(:class:`~keel.mesh.errors.ProtocolError`) loses its connection and the node
+hears why; nothing a peer sends stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from keel.mesh import packets
+from keel.mesh.dialing import Dial, Link
+from keel.mesh.errors import ProtocolError
+from keel.mesh.membership import SignedRecord
+from keel.mesh.packets import Ack, Msg, Msgs, Records
+from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session, State
+
+# A MSGS packet may reach 1 MiB; smaller ones let the receiver store and
+# acknowledge one while the next is still on its way.
+BATCH_TARGET = 256 << 10
+MAX_CLOSE_REASON = 200
+
+
+class LinkEvents(Protocol):
+    """What a link reports to the node that owns it."""
+
+    def link_made(self, link: PeerLink) -> None: ...
+
+    def handshake_done(self, link: PeerLink, event: HandshakeComplete) -> None: ...
+
+    def messages_arrived(self, link: PeerLink, messages: list[Msg]) -> None: ...
+
+    def packet_arrived(self, link: PeerLink, packet: Ack | Records) -> None: ...
+
+    def closed_by_peer(self, link: PeerLink, event: Closed) -> None: ...
+
+    def refused(self, link: PeerLink, reason: str, hint: str = "") -> None: ...
+
+    def link_lost(self, link: PeerLink) -> None: ...
+
+
+class Intake(Protocol):
+    """The listener that admitted an inbound link (:class:`keel.mesh.listener.Listener`)."""
+
+    def handshake_over(self, ticket: int) -> None: ...
+
+    def closed(self, ticket: int) -> None: ...
+
+
+class PeerLink(asyncio.Protocol):
+    """One connection; what it is for (a dial, a join, an inbound peer) the node says."""
+
+    _serials = itertools.count(1)
+
+    def __init__(
+        self,
+        events: LinkEvents,
+        session: Session,
+        *,
+        local_id: str,
+        clock: Callable[[], float],
+        dial: Dial | None = None,
+        joining: asyncio.Future[dict[str, Any]] | None = None,
+        admitted: tuple[Intake, int] | None = None,
+    ) -> None:
+        self.events = events
+        self.session = session
+        self.local_id = local_id
+        self.clock = clock
+        self.dial = dial  # an outbound connection to a member
+        self.joining = joining  # an outbound connection that joins a mesh by invite
+        self.admitted = admitted  # an inbound connection: its listener and intake ticket
+        self.serial = next(self._serials)
+        self.transport: asyncio.Transport | None = None
+        self.address = "?"
+        self.peer: str | None = None  # set once the node accepts the peer
+        self.registered = False
+        self.closing = False
+        self.batching = False  # the peer takes MSGS packets (application revision >= 2)
+        self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
+        self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.closing:  # dropped before its transport was made
+            transport.abort()
+            return
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self.address = f"{peername[0]}:{peername[1]}"
+        self.events.link_made(self)
+        if self.session.role.value == "initiator":
+            self._guarded(lambda: self._write(self.session.start()))
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._guarded(lambda: self._feed(data))
+
+    def eof_received(self) -> bool:
+        self._guarded(lambda: self._feed(b""))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.closing = True
+        self.events.link_lost(self)
+        if self.admitted is not None:
+            listener, ticket = self.admitted
+            listener.closed(ticket)
+
+    # -- who is on the other end
+
+    @property
+    def initiator_id(self) -> str:
+        if self.session.role.value == "initiator":
+            return self.local_id
+        assert self.peer is not None
+        return self.peer
+
+    @property
+    def link(self) -> Link:
+        assert self.peer is not None
+        return Link(self.peer, self.initiator_id, self.serial)
+
+    def describe(self) -> str:
+        who = self.peer or (self.session.remote_node_id if self.session.remote else None)
+        return f"{who or 'unauthenticated peer'} at {self.address}"
+
+    # -- reading
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        """Run ``action``; a protocol error ends this connection (a bug is asyncio's to log)."""
+        if self.closing:
+            return
+        try:
+            action()
+        except ProtocolError as exc:
+            self.events.refused(self, str(exc), exc.hint)
+            self.abort()
+
+    def _feed(self, data: bytes) -> None:
+        self.session.receive_data(data)
+        incoming: list[Msg] = []  # stored and acknowledged together, one transaction
+        try:
+            self._events(incoming)
+        finally:  # what arrived intact before a fault counts
+            if incoming and not self.closing:
+                self.events.messages_arrived(self, incoming)
+        if not data:
+            self.abort()
+
+    def _events(self, incoming: list[Msg]) -> None:
+        while not self.closing:
+            event = self.session.next_event()
+            self._write(self.session.data_to_send())
+            if isinstance(event, NeedData):
+                return
+            if isinstance(event, HandshakeComplete):
+                if self.admitted is not None:
+                    listener, ticket = self.admitted
+                    listener.handshake_over(ticket)
+                self.events.handshake_done(self, event)
+                self._arm_timer()  # keepalives and rekeys run on their own deadlines now
+            elif isinstance(event, Message):
+                packet = packets.decode(event.data)
+                if isinstance(packet, Msgs):
+                    incoming.extend(packet.messages)
+                elif isinstance(packet, Msg):
+                    incoming.append(packet)
+                else:
+                    if incoming:
+                        self.events.messages_arrived(self, incoming[:])
+                        incoming.clear()
+                    self.events.packet_arrived(self, packet)
+            elif isinstance(event, Closed):
+                if incoming:
+                    self.events.messages_arrived(self, incoming[:])
+                    incoming.clear()
+                self.events.closed_by_peer(self, event)
+                self.abort()
+                return
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.closing:
+            return
+        deadline = self.session.next_deadline()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._guarded(lambda: self._write(self.session.tick()))
+        self._arm_timer()
+
+    # -- writing
+
+    def _write(self, data: bytes) -> None:
+        """Queue bytes; everything written in one turn of the loop leaves in one syscall."""
+        if data:
+            self._write_parts([data])
+
+    def _write_parts(self, parts: list[bytes]) -> None:
+        """``_write`` for pieces: they are joined once, with the rest, when flushed."""
+        self._out += parts
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def send_packet(self, data: bytes) -> None:
+        """An encoded packet, once the session is open (dropped otherwise: the node resends)."""
+        if self.closing or self.session.state is not State.OPEN:
+            return
+        self._guarded(lambda: self._write_parts(self.session.send_message_parts(data)))
+
+    def send_records(self, records: list[dict[str, Any]]) -> None:
+        for batch in packets.split_records(records):
+            self.send_packet(packets.encode(batch))
+
+    def answer(
+        self,
+        ok: Sequence[str],
+        busy: Sequence[str] = (),
+        rejected: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """ACK packets, at most 4096 ids per list each (reasons cut to 200 characters)."""
+        step = packets.MAX_ACK_IDS
+        for at in range(0, max(len(ok), len(busy), len(rejected)), step):
+            reply = Ack(
+                tuple(ok[at : at + step]),
+                tuple(busy[at : at + step]),
+                tuple((i, reason[: packets.MAX_REASON]) for i, reason in rejected[at : at + step]),
+            )
+            self.send_packet(packets.encode(reply))
+
+    # -- hanging up
+
+    def close(self, reason: str) -> None:
+        """Say why (a CLOSE record) and hang up."""
+        if self.closing:
+            return
+        with contextlib.suppress(ProtocolError):
+            self._write(self.session.close(reason[:MAX_CLOSE_REASON]))
+        self.abort()
+
+    def drop(self, reason: str, quietly: bool) -> None:
+        """The listener gives up on this handshake (past its deadline, or evicted)."""
+        if self.closing:
+            return
+        if not quietly:
+            self.events.refused(self, reason, "slow or stalled peer")
+        self.abort()
+
+    def abort(self) -> None:
+        if self.closing:
+            return
+        self.flush()  # a CLOSE record (or a last ACK) still goes out first
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Batch:
+    """Messages for one link, sent as MSGS packets of at most the batch limits."""
+
+    __slots__ = ("count", "link", "parts", "size")
+
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+        self.parts: list[bytes] = [packets.MSGS_HEADER]  # entry heads and payloads, in order
+        self.count = 0
+        self.size = len(packets.MSGS_HEADER)
+
+    def add(self, message: Msg) -> None:
+        head = packets.msgs_entry_head(message)
+        size = len(head) + len(message.payload)
+        if self.count and (
+            self.size + size > BATCH_TARGET or self.count == packets.MAX_BATCH_MESSAGES
+        ):
+            self.flush()
+        self.parts += (head, message.payload)
+        self.count += 1
+        self.size += size
+
+    def flush(self) -> None:
+        if self.count:
+            self.link.send_packet(b"".join(self.parts))  # the payloads' one copy on this side
+        self.parts = [packets.MSGS_HEADER]
+        self.count = 0
+        self.size = len(packets.MSGS_HEADER)

@@ -1,0 +1,133 @@
+"""Planning a batch from a peer: dedup, a full inbox, handoffs, room checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from keel.mesh import inbound, rooms
+from keel.mesh.delivery import InboxLimits
+from keel.mesh.handoffs import Window
+from keel.mesh.inbound import Plan
+from keel.mesh.membership import Membership
+from keel.mesh.packets import Msg, RoomStamp
+
+from .test_membership import T0, A, B, C, D, join
+
+PEER = B.node_id
+ME = A.node_id
+WALL = T0 / 1000
+LIMITS = InboxLimits(max_messages=5, max_bytes=1000, dedup_grace=100.0)
+
+
+def mesh() -> Membership:
+    made = Membership.found(A, [], T0)
+    for who, at in ((B, 1), (C, 2)):
+        made.add(join(A, who, T0 + at))
+    return made
+
+
+def msg(n: int, topic: str = "jobs", size: int = 10) -> Msg:
+    return Msg(f"{n:032x}", topic, int(WALL) + 60, b"x" * size)
+
+
+def decide(
+    messages: Sequence[Msg],
+    *,
+    seen: set[tuple[str, str]] | None = None,
+    handed: set[tuple[str, str]] | None = None,
+    inbox: tuple[int, int] = (0, 0),
+    windows: Mapping[str, Sequence[Window]] | None = None,
+    membership: Membership | None = None,
+) -> Plan:
+    held = handed or set()
+    return inbound.plan(
+        messages,
+        peer=PEER,
+        me=ME,
+        view=(membership or mesh()).view,
+        seen=seen or set(),
+        handed=held,
+        inbox=inbox,
+        limits=LIMITS,
+        windows=windows or {},
+        wall=WALL,
+    )
+
+
+def test_new_messages_are_stored_and_acknowledged_in_order() -> None:
+    plan = decide([msg(1), msg(2, size=30)], inbox=(1, 5))
+    assert plan.ok == [f"{1:032x}", f"{2:032x}"]
+    assert [i.id for i in plan.store] == plan.ok
+    assert [i.sender for i in plan.store] == [PEER, PEER]
+    assert plan.store[0].keep_until == WALL + 60 + 100.0  # past any retry of it
+    assert (plan.inbox_messages, plan.inbox_bytes) == (3, 45)
+    assert (plan.busy, plan.rejected, plan.hand, plan.backlogged) == ([], [], [], set())
+
+
+def test_duplicates_are_acknowledged_and_stored_once() -> None:
+    plan = decide([msg(1), msg(1), msg(2)], seen={(PEER, f"{2:032x}")})
+    assert plan.ok == [f"{1:032x}"] * 2 + [f"{2:032x}"]
+    assert [i.id for i in plan.store] == [f"{1:032x}"]
+
+
+def test_a_full_inbox_answers_busy() -> None:
+    plan = decide([msg(1), msg(2)], inbox=(4, 0))
+    assert (plan.ok, plan.busy) == ([f"{1:032x}"], [f"{2:032x}"])  # 5 messages at most
+    plan = decide([msg(1, size=600), msg(2)], inbox=(0, 500))
+    assert (plan.ok, plan.busy) == ([f"{2:032x}"], [f"{1:032x}"])  # 1000 bytes at most
+
+
+def test_a_copy_of_a_message_an_agent_holds_is_left_unanswered() -> None:
+    plan = decide([msg(1), msg(2)], handed={(PEER, f"{1:032x}")})
+    assert plan.ok == [f"{2:032x}"]
+    assert plan.busy == []
+
+
+def test_subscribers_with_room_take_messages_in_order_the_rest_is_stored() -> None:
+    windows = {
+        "jobs": [
+            Window(1, 0, 0, 10, 1000, True),  # a backlog: it takes from the inbox first
+            Window(2, 1, 10, 3, 1000, False),  # room for two more
+            Window(3, 0, 0, 1, 1000, False),  # room for one
+        ]
+    }
+    plan = decide([msg(n) for n in range(5)] + [msg(9, topic="other")], windows=windows)
+    assert [(stream, item.id[-1]) for stream, item in plan.hand] == [(2, "0"), (2, "1"), (3, "2")]
+    assert [i.id[-1] for i in plan.store] == ["3", "4", "9"]
+    assert plan.ok == [i.id for i in plan.store]  # handed ones are answered later
+    assert plan.backlogged == {"jobs"}  # stored while it has subscribers
+
+
+def test_a_windows_bytes_are_counted_across_the_batch() -> None:
+    windows = {"jobs": [Window(1, 0, 0, 10, 15, False)]}
+    plan = decide([msg(1, size=10), msg(2, size=10), msg(3, size=10)], windows=windows)
+    assert [item.id[-1] for _, item in plan.hand] == ["1", "2"]  # the second fits: 10 < 15
+    assert [i.id[-1] for i in plan.store] == ["3"]
+
+
+def test_room_messages_are_checked_and_keyed_by_their_author() -> None:
+    membership = mesh()
+    membership.add(join(A, D, T0 + 3))
+    fields = rooms.create(A, name="ops", members=[B.node_id, C.node_id])
+    record = membership.make(A, "room", T0 + 9, **fields)
+    room = membership.view.rooms[record.body["room"]]
+
+    def stamped(n: int, author=C, version: int | None = None) -> Msg:
+        message = msg(n, topic="chat")
+        stamp = rooms.stamp(
+            author, room, message.id, topic="chat", expires=message.expires, payload=message.payload
+        )
+        if version is not None:
+            stamp = RoomStamp(stamp.room, stamp.author, version, stamp.signature)
+        return message._replace(room=stamp)
+
+    good, outsider, future = stamped(1), stamped(2, author=D), stamped(3, version=9)
+    plan = decide([good, outsider, future], membership=membership)
+    assert plan.ok == [good.id]
+    assert [i.sender for i in plan.store] == [C.node_id]  # relayed by B, written by C
+    assert plan.store[0].room == room.id
+    assert [(i, reason.split(":")[0]) for i, reason in plan.rejected] == [
+        (outsider.id, f"author {D.node_id} is not in room {room.id}")
+    ]
+    assert plan.busy == [future.id]  # this node lacks the version its author saw
+    assert inbound.keys([good, msg(4)], PEER) == [(C.node_id, good.id), (PEER, msg(4).id)]
