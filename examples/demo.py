@@ -378,6 +378,7 @@ def switch_steps() -> None:
         "profile": str(lab / "profiles" / "system"),
         "current": str(lab / "current"),
         "run_dir": str(lab / "run"),
+        "state_dir": str(lab / "state"),
         "gcroots": str(lab / "gcroots"),
         "ledger": str((STATE / "ledger.db").resolve()),
         "timer": "process",

@@ -23,9 +23,11 @@ let
 
   # keel chat refuses unknown keys, and a key set to null is one: drop the
   # nulls of the typed options (ledger = null and fleet_socket = null are
-  # meaningful and stay).
+  # meaningful and stay). keel-chat appends to the ledger but never signs its
+  # checkpoints: the key is root's (docs/ledger.md), so checkpoint_every is null.
   settingsJson =
-    lib.filterAttrs (
+    { checkpoint_every = null; }
+    // lib.filterAttrs (
       name: value: value != null || name == "ledger" || name == "fleet_socket"
     ) cfg.settings
     // {
@@ -35,7 +37,8 @@ let
     };
   configFile = settingsFormat.generate "chat.json" settingsJson;
 
-  mutating = lib.intersectLists [ "restart" ] cfg.commands;
+  mutating = lib.intersectLists [ "restart" "switch" ] cfg.commands;
+  switching = lib.elem "switch" cfg.commands;
   inStore = lib.hasPrefix builtins.storeDir cfg.tokenFile;
 in
 {
@@ -80,6 +83,7 @@ in
           "log"
           "fleet"
           "restart"
+          "switch"
         ]
       );
       default = [
@@ -91,10 +95,13 @@ in
       description = ''
         The commands the bot takes. Read-only by default (`fleet` answers
         that the bot speaks for this host only unless keel fleet is enabled
-        here); `restart` changes
-        things: it works only in a private chat, asks the person to confirm
-        with a button only they can press, once, within 60 s, and records
-        the approval in the ledger before anything is done.
+        here); `restart` and `switch` change things: they work only in a
+        private chat, ask the person to confirm with a button only they can
+        press, once, within 60 s, and record the approval in the ledger before
+        anything is done. `switch` switches the host to one of
+        services.keel.safeswitch.targets through `keel-switch@.service`
+        (keel-chat may start that unit and nothing else:
+        services.keel.safeswitch.requesters).
       '';
     };
 
@@ -172,12 +179,23 @@ in
         message = "services.keel.chat.settings: set the token through services.keel.chat.tokenFile (passed as a systemd credential), not in settings";
       }
       {
+        assertion = (cfg.settings.checkpoint_every or null) == null;
+        message = "services.keel.chat.settings.checkpoint_every: keel-chat cannot sign the ledger's checkpoints (the key is root's; root's daemons, watch, egress and fleet, sign them): leave it unset";
+      }
+      {
+        assertion = switching -> (keel.safeswitch.enable && keel.safeswitch.targets != { });
+        message = "services.keel.chat.commands: switch needs services.keel.safeswitch.enable and at least one services.keel.safeswitch.targets entry (the systems the chat may switch to)";
+      }
+      {
         assertion = mutating == [ ] || cfg.settings.ledger != null;
         message = "services.keel.chat.commands: ${lib.concatStringsSep ", " mutating} need a ledger (every approval is recorded before it is carried out), but services.keel.chat.settings.ledger is null";
       }
     ];
 
     warnings = lib.optional (!(keel.watch.enable or false)) "services.keel.chat is enabled without services.keel.watch: /status, /agents and /restart will answer that watch is not running";
+
+    # /switch: keel-chat may start keel-switch@INSTANCE.service (polkit) and nothing else.
+    services.keel.safeswitch.requesters = lib.mkIf switching [ "keel-chat" ];
 
     users.users.keel-chat = {
       description = "keel chat (Telegram bot)";
@@ -195,6 +213,10 @@ in
         "network-online.target"
         "keel-watch.service"
       ];
+      # /switch reads the targets from safeswitch.json at start.
+      restartTriggers = lib.optional (
+        switching && keel.safeswitch.enable
+      ) config.environment.etc."keel/safeswitch.json".source;
 
       serviceConfig = import ./lib/hardening.nix // {
         Type = "notify";

@@ -245,8 +245,11 @@ let
     lib.filterAttrs (_: spec: spec.user != "root") keel.agentSpecs
   );
 
+  # The gateway (user keel-mcp) appends to the ledger but never signs its
+  # checkpoints: the key is root's (docs/ledger.md).
   gatewayConfig =
-    cfg.settings
+    { checkpoint_every = null; }
+    // cfg.settings
     // {
       servers = lib.mapAttrs specOf servers;
       agents = gatewayAgents;
@@ -403,7 +406,12 @@ in
   config = lib.mkIf cfg.enable {
     services.keel.enabledServices = [ "mcp" ];
 
-    assertions = lib.concatLists (lib.mapAttrsToList assertionsFor servers);
+    assertions = lib.concatLists (lib.mapAttrsToList assertionsFor servers) ++ [
+      {
+        assertion = (cfg.settings.checkpoint_every or null) == null;
+        message = "services.keel.mcp.settings.checkpoint_every: the gateway runs as ${user} and cannot sign the ledger's checkpoints (the key is root's; root's daemons, watch, egress and fleet, sign them): leave it unset";
+      }
+    ];
     warnings = unknownAgentWarnings;
 
     environment.etc."keel/mcp.json".source = configFile;

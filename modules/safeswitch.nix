@@ -99,7 +99,17 @@ let
       command = mkOption {
         type = types.str;
         example = "curl -fsS http://127.0.0.1:8080/ready";
-        description = "A shell command (`/bin/sh -c`) that must exit 0; it runs as root.";
+        description = "A shell command (`/bin/sh -c`) that must exit 0; it runs as root unless `user` says otherwise.";
+      };
+      user = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "nobody";
+        description = ''
+          The user the command runs as (its uid, gid and groups, with no new
+          privileges: no `sudo` back to root). null: root, as the switcher.
+          A check that only reads a health endpoint needs no root.
+        '';
       };
       name = checkName;
       timeout = checkTimeout 30;
@@ -140,12 +150,46 @@ let
         type = "command";
         inherit (check) command timeout;
       }
+      // lib.optionalAttrs (check.user != null) { inherit (check) user; }
       // withName check
     ) cfg.checks.commands;
+
+  checkUsers = lib.unique (lib.filter (user: user != null) (map (check: check.user) cfg.checks.commands));
+  unknownCheckUsers = lib.filter (user: !(config.users.users ? ${user})) checkUsers;
 
   watchRoutes = if watch.enable then builtins.attrNames watch.settings.alerts else [ ];
   alertRoutes = if cfg.alerts.routes == null then watchRoutes else cfg.alerts.routes;
   unknownRoutes = lib.subtractLists watchRoutes alertRoutes;
+
+  targetsJson = lib.mapAttrs (
+    name: target:
+    if target.specialisation != null then
+      { inherit (target) specialisation; }
+    else
+      { inherit (target) system; }
+  ) cfg.targets;
+  badTargets = lib.filterAttrs (
+    name: target:
+    builtins.match "[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}" name == null
+    || (target.specialisation == null) == (target.system == null)
+  ) cfg.targets;
+  unknownRequesters = lib.filter (user: !(config.users.users ? ${user})) cfg.requesters;
+
+  # The same rule `keel switch install-units --allow` writes (keel.safeswitch.units):
+  # the requesters may *start* keel-switch@INSTANCE.service, nothing else.
+  polkitRule = ''
+    // keel: the users below may *start* keel-switch@INSTANCE.service (a switch to a
+    // target declared in safeswitch.json, checked again by root) and nothing else.
+    // docs/safeswitch.md, 'Switching from elsewhere'.
+    polkit.addRule(function (action, subject) {
+      if (action.id === "org.freedesktop.systemd1.manage-units" &&
+          ${builtins.toJSON (lib.sort lib.lessThan (lib.unique cfg.requesters))}.indexOf(subject.user) >= 0 &&
+          action.lookup("verb") === "start" &&
+          /^keel-switch@[A-Za-z0-9_.:\\]+\.service$/.test(action.lookup("unit"))) {
+        return polkit.Result.YES;
+      }
+    });
+  '';
 
   settings = {
     inherit (cfg) gate deadline timer;
@@ -160,7 +204,8 @@ let
           watch_config = "/etc/keel/watch.json";
           routes = alertRoutes;
         };
-  };
+  }
+  // lib.optionalAttrs (cfg.targets != { }) { targets = targetsJson; };
   configFile = settingsFormat.generate "safeswitch.json" settings;
 
   # What the boot check needs beyond the checks' own time: systemd-boot gives
@@ -247,6 +292,53 @@ in
       };
     };
 
+    targets = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            specialisation = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "next";
+              description = "A specialisation of the running system (/run/current-system/specialisation/NAME).";
+            };
+            system = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/run/booted-system";
+              description = "A path to a system, resolved when the switch is asked for (/run/booted-system: what the host booted).";
+            };
+          };
+        }
+      );
+      default = { };
+      example = lib.literalExpression ''
+        {
+          next = { specialisation = "next"; };
+          booted = { system = "/run/booted-system"; };
+        }
+      '';
+      description = ''
+        Systems others may switch this host to, by name (1 to 32 letters,
+        digits, `_`, `.`, `-`): `keel-switch@.service` switches only to
+        these, and only when the running system and the target are still the
+        store paths the asker confirmed (keel chat's `/switch NAME`). Each is
+        exactly one of `specialisation` or `system`. Never a path the asker
+        types, never a flake to build.
+      '';
+    };
+
+    requesters = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "keel-chat" ];
+      description = ''
+        Users that may start `keel-switch@INSTANCE.service` (a switch to one of
+        `targets`) through polkit, and nothing else. keel chat adds its user
+        when its `switch` command is enabled.
+      '';
+    };
+
     alerts.routes = mkOption {
       type = types.nullOr (types.listOf types.str);
       default = null;
@@ -305,6 +397,22 @@ in
         message = "services.keel.safeswitch.alerts.routes: ${lib.concatStringsSep ", " unknownRoutes}: no such route in services.keel.watch.settings.alerts";
       }
       {
+        assertion = badTargets == { };
+        message = "services.keel.safeswitch.targets: ${lib.concatStringsSep ", " (builtins.attrNames badTargets)}: a target's name is 1 to 32 letters, digits, '_', '.' or '-' (not first), and it sets exactly one of specialisation or system";
+      }
+      {
+        assertion = cfg.requesters != [ ] -> cfg.targets != { };
+        message = "services.keel.safeswitch.requesters is set but no targets are declared: the requesters could switch to nothing";
+      }
+      {
+        assertion = unknownRequesters == [ ];
+        message = "services.keel.safeswitch.requesters: ${lib.concatStringsSep ", " unknownRequesters}: no such user in users.users";
+      }
+      {
+        assertion = unknownCheckUsers == [ ];
+        message = "services.keel.safeswitch.checks.commands: user ${lib.concatStringsSep ", " unknownCheckUsers}: no such user in users.users";
+      }
+      {
         assertion = cfg.bootCounting.enable -> systemdBootCounting;
         message = "services.keel.safeswitch.bootCounting.enable needs boot.loader.systemd-boot.bootCounting.enable";
       }
@@ -317,7 +425,68 @@ in
     systemd.tmpfiles.rules = [
       "d /nix/var/nix/gcroots/keel-safeswitch 0755 root root - -"
       "d /run/keel/safeswitch 2750 root ${keel.group} - -"
+      "d /var/lib/keel/safeswitch 0750 root root - -"
     ];
+
+    # A switch asked for by someone who is not root (keel chat's /switch): root runs
+    # `keel switch request INSTANCE`, which switches only to a declared target and
+    # only from and to the store paths the instance names (docs/safeswitch.md).
+    # A switch of the configuration never stops or restarts it (as
+    # nixos-upgrade.service); safeswitch's deadline and rollback timer bound it.
+    systemd.services."keel-switch@" = lib.mkIf (cfg.targets != { }) {
+      description = "keel safeswitch: a switch to a declared target (request %i)";
+      after = [ "keel-ledger-key.service" ];
+      restartIfChanged = false;
+      unitConfig."X-StopOnRemoval" = false;
+      # nix-env adds the generation; setpriv runs checks with a `user`.
+      path = [
+        config.nix.package
+        pkgs.util-linux
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        # Unconfined root, as `keel switch` by hand: it runs switch-to-configuration.
+        ExecStart = "${lib.getExe cfg.package} switch request --config ${configFile} %i";
+        TimeoutStartSec = "infinity";
+      };
+    };
+
+    security.polkit = lib.mkIf (cfg.requesters != [ ]) {
+      enable = true;
+      extraConfig = polkitRule;
+    };
+
+    # A switch cut short by a reboot leaves its trace in /var/lib/keel/safeswitch
+    # (the state file in /run is gone): recorded as `interrupted` in the ledger at
+    # the next boot, with the system that booted; its GC roots are dropped.
+    systemd.services.keel-safeswitch-reconcile = {
+      description = "keel safeswitch: record the switches a reboot interrupted";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "keel-ledger-key.service" ];
+      unitConfig.RequiresMountsFor = [ "/var/lib/keel" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = "${lib.getExe cfg.package} switch reconcile --config ${configFile}";
+        # root: the traces, the GC roots and the ledger; nothing else is written.
+        Group = keel.group;
+        UMask = "0007";
+        CapabilityBoundingSet = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = lib.unique [
+          "/var/lib/keel/safeswitch"
+          (dirOf keel.ledger)
+          "/nix/var/nix/gcroots/keel-safeswitch"
+        ];
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateNetwork = true;
+        RestrictAddressFamilies = [ "AF_UNIX" ];
+        SystemCallArchitectures = "native";
+      };
+    };
 
     systemd.services.keel-safeswitch-boot-check = lib.mkIf cfg.bootCounting.enable {
       description = "keel safeswitch: bless this boot only once keel's health gate holds";
@@ -340,8 +509,12 @@ in
         ExecStart = "${lib.getExe cfg.package} switch check --config ${configFile} --deadline ${toString bootCheckDeadline}${lib.optionalString cfg.checks.system.enable " --skip-check system"}";
         TimeoutStartSec = "${toString (bootCheckDeadline + 60)}s";
         Group = keel.group;
-        CapabilityBoundingSet = "";
+        # Command checks with a `user` drop to it (setpriv): that takes setuid and setgid.
+        CapabilityBoundingSet = if checkUsers == [ ] then "" else [ "CAP_SETUID" "CAP_SETGID" ];
         AmbientCapabilities = "";
+      }
+      // lib.optionalAttrs (checkUsers != [ ]) {
+        SystemCallFilter = (import ./lib/hardening.nix).SystemCallFilter ++ [ "@setuid" ];
       };
     };
   };

@@ -88,6 +88,7 @@ class Target:
             "current": f"{lab}/current",
             "gcroots": f"{lab}/gcroots",
             "run_dir": self.run_dir,
+            "state_dir": f"{lab}/state",
             "ledger": f"{lab}/ledger.db",
             "timer": self.timer,
             "keel": shlex.split(self.keel),

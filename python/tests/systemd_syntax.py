@@ -173,8 +173,12 @@ def variables(word: str) -> str:
     return _undouble(word, "$", "variable")
 
 
-def exec_argv(value: str) -> list[str]:
-    """The argv systemd runs for an ``ExecStart=`` value (no prefixes, no ``;``)."""
+def exec_argv(value: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """The argv systemd runs for an ``ExecStart=`` value (no prefixes, no ``;``).
+
+    ``keep``: whole words left as written (a template's ``%i``, expanded by systemd
+    to the instance name, which the caller checks as written).
+    """
     split = _split(value)
     if not split:
         raise Unreadable("an empty command line")
@@ -186,7 +190,7 @@ def exec_argv(value: str) -> list[str]:
     if any(ord(c) < 0x20 or c in "\"'\\\x7f" for c in argv[0]):
         # string_is_safe(): systemd refuses such an executable name.
         raise Unreadable(f"systemd refuses the executable name {argv[0]!r}")
-    return [variables(specifiers(word)) for word in argv]
+    return [word if word in keep else variables(specifiers(word)) for word in argv]
 
 
 def environment(values: list[str]) -> dict[str, str]:
@@ -201,10 +205,11 @@ def environment(values: list[str]) -> dict[str, str]:
     return env
 
 
-def service_values(text: str) -> tuple[list[str], dict[str, str]]:
+def service_values(text: str, keep: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """(argv of the one ``ExecStart=``, environment) of a unit's ``[Service]``."""
     service = [d for d in directives(text) if d.section == "Service"]
     starts = [d.value for d in service if d.key == "ExecStart"]
     if len(starts) != 1:
         raise Unreadable(f"expected one ExecStart=, found {len(starts)}")
-    return exec_argv(starts[0]), environment([d.value for d in service if d.key == "Environment"])
+    env = environment([d.value for d in service if d.key == "Environment"])
+    return exec_argv(starts[0], keep), env

@@ -56,6 +56,7 @@ from keel import __version__, paths, sd
 from keel.api import ControlServer, Handler, Peer
 from keel.config import Section
 from keel.errors import KeelError
+from keel.ledger.keys import default_key_path, signs_here
 from keel.ledger.recorder import DEFAULT_CHECKPOINT_EVERY, Recorder
 
 EXIT_OK = 0
@@ -82,7 +83,10 @@ def read_common(cfg: Section, service: str) -> Common:
     ``socket`` defaults to ``/run/keel/<service>.sock`` (``./.keel/run`` in dev
     mode); ``ledger`` to the host's ledger, ``null`` turns recording off;
     ``checkpoint_every`` is how often (seconds) the ledger's head is signed,
-    ``null`` for never.
+    ``null`` for never. Left out, it is 300 s for a daemon that runs as the
+    owner of the ledger's key (root, on an installed host: see
+    :mod:`keel.ledger.keys`) and never for the others, which could not read
+    the key: they append, root's daemons sign.
     """
     socket = cfg.filepath("socket", default=str(paths.socket_file(service)))
     size = len(os.fsencode(socket))
@@ -98,7 +102,10 @@ def read_common(cfg: Section, service: str) -> Common:
     else:
         ledger = cfg.filepath("ledger", default=str(paths.ledger_db()))
     checkpoint_every: float | None = None
-    if "checkpoint_every" not in cfg or cfg.raw("checkpoint_every") is not None:
+    if "checkpoint_every" not in cfg:
+        if ledger is not None and signs_here(default_key_path(ledger)):
+            checkpoint_every = DEFAULT_CHECKPOINT_EVERY
+    elif cfg.raw("checkpoint_every") is not None:
         checkpoint_every = cfg.number("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, positive=True)
     return Common(socket=socket, ledger=ledger, checkpoint_every=checkpoint_every)
 

@@ -54,4 +54,6 @@
   "misc/documentation.nix"
   "config/fonts/fontconfig.nix"
   "programs/command-not-found/command-not-found.nix"
+  # security.polkit.extraConfig: the rule that lets keel chat start keel-switch@
+  "security/polkit.nix"
 ]

@@ -161,7 +161,14 @@ let
       security.apparmor = sink;
     };
     "security/pam.nix" = {
-      security.pam = sink;
+      # security/polkit.nix reads these two (its agent helper's sandbox)
+      security.pam.u2f.enable = standIn types.bool false;
+      security.pam.zfs.enable = standIn types.bool false;
+      security.pam.services = sink;
+    };
+    # what security/polkit.nix sets besides its own options
+    "security/wrappers/default.nix" = {
+      security.wrappers = sink;
     };
     "services/system/dbus.nix" = {
       services.dbus = sink;

@@ -255,6 +255,9 @@ let
     "zsh"
     "xonsh"
     "cloud-utils"
+    # keel-switch@.service's PATH (setpriv, for checks run as a user); polkit.nix's default
+    "util-linux"
+    "polkit"
   ] package
   // {
     # keel egress's VM test: the stand-in internet's Python and tools.

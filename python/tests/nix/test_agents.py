@@ -116,7 +116,9 @@ def test_each_agent_gets_a_spec_a_unit_and_a_user(host: dict[str, Any]) -> None:
         for user in ("keel-agent-scout", "keel-agent-notes")
     }
     assert {"keel-agent-scout", "keel-agent-notes"} <= set(host["groups"])
-    for unit in host["services"].values():
+    for name, unit in host["services"].items():
+        if not name.startswith("keel-agent-"):
+            continue  # keel-ledger-key (modules/keel.nix) is no agent
         assert unit["wantedBy"] == ["multi-user.target"]
         assert unit["serviceConfig"]["Restart"] == "always"
 

@@ -113,7 +113,8 @@ def test_the_seed_follows_its_options(nix_instantiate: str, nixpkgs_tree: Path) 
     moved = appliance(
         nix_instantiate, nixpkgs_tree, 'services.keel.appliance.seed.directory = "/mnt/seed";'
     )
-    assert set(moved["units"]) == {"keel-seed-keys.service"}  # no mesh, no mesh seed
+    # no mesh, no mesh seed; the ledger's key is provisioned on every keel host
+    assert set(moved["units"]) == {"keel-seed-keys.service", "keel-ledger-key.service"}
     argv, _ = systemd_syntax.service_values(moved["units"]["keel-seed-keys.service"])
     assert argv[argv.index("--dir") + 1] == "/mnt/seed"
     off = appliance(nix_instantiate, nixpkgs_tree, "services.keel.appliance.seed.enable = false;")

@@ -52,6 +52,8 @@ def test_defaults_make_a_read_only_bot(nix_instantiate: str, nixpkgs_tree: Path)
         "ledger": "/var/lib/keel/ledger.db",
         "confirm_timeout": 60,
         "max_age": 300,
+        # keel-chat appends to the ledger; only root's daemons sign it (the key is root's).
+        "checkpoint_every": None,
     }
     assert "chat" in result["enabledServices"]
     assert result["users"]["keel-chat"]["group"] == "keel"
@@ -148,6 +150,11 @@ def test_without_watch_the_module_warns(nix_instantiate: str, nixpkgs_tree: Path
             },
             "services.keel.chat.commands: restart need a ledger",
             id="restart-without-ledger",
+        ),
+        pytest.param(
+            {"body": "services.keel.chat.settings.checkpoint_every = 60;"},
+            "services.keel.chat.settings.checkpoint_every: keel-chat cannot sign",
+            id="chat-signing",
         ),
     ],
 )

@@ -88,6 +88,8 @@ def test_the_gateway_reads_the_config_the_module_writes(host: dict[str, Any]) ->
     }
     assert written["listen"] == "/run/keel-mcp/mcp.sock"
     assert written["http"] == "/run/keel-mcp/http.sock"
+    # keel-mcp appends to the ledger; only root's daemons sign it (the key is root's).
+    assert written["checkpoint_every"] is None
     for name, data in written["servers"].items():
         spec = parse_server_spec(data, source=f"servers.{name}")
         assert spec.to_json() == data
@@ -174,6 +176,15 @@ def test_the_gateway_unit_is_hardened_and_watch_supervises_the_servers(
     assert {"keel-mcp", "keel-mcp-files", "keel-mcp-shell"} <= set(host["users"])
     names = [check["name"] for check in host["checks"]]
     assert "keel-mcp-valid" in names
+
+
+def test_the_gateway_may_not_be_told_to_sign(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    config = "{ services.keel.mcp = { enable = true; settings.checkpoint_every = 60; }; }"
+    result = evaluate(nix_instantiate, nixpkgs_tree, config)
+    assert any(
+        "services.keel.mcp.settings.checkpoint_every: the gateway runs as keel-mcp" in failure
+        for failure in result["failedAssertions"]
+    ), result["failedAssertions"]
 
 
 @pytest.mark.parametrize(

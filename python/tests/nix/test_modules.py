@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests import systemd_syntax
 from tests.conftest import REPO
 from tests.nix.nixeval import evaluate_modules, nix_eval_expr
 
@@ -70,3 +71,28 @@ def test_an_overlay_keel_is_preferred(nix_instantiate: str, nixpkgs_tree: Path) 
         overlay='final: prev: { keel = prev.writeText "keel-from-overlay" ""; }',
     )
     assert result["systemPackages"] == ["keel-from-overlay"]
+
+
+def test_the_ledger_key_is_roots_and_made_before_the_daemons(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    # watch and fleet run as root and sign; the mesh and chat run as their own users
+    # and only append: the key unit orders itself before all of them.
+    result = evaluate(
+        nix_instantiate,
+        nixpkgs_tree,
+        '{ services.keel.enabledServices = [ "watch" "mesh" "chat" "safeswitch" ]; }',
+    )
+    assert result["failedAssertions"] == []
+    unit = result["services"]["keel-ledger-key"]
+    daemons = ["keel-watch.service", "keel-mesh.service", "keel-chat.service"]
+    assert unit["before"] == daemons  # safeswitch has no daemon
+    assert unit["wantedBy"] == ["multi-user.target", *daemons]
+    assert unit["requires"] == []  # a daemon starts (and appends) even if this failed
+    service = unit["serviceConfig"]
+    assert service["Type"] == "oneshot"
+    assert "User" not in service  # root: the owner of /var/lib/keel, so of the key
+    assert service["CapabilityBoundingSet"] == ["CAP_CHOWN"]
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-ledger-key.service"])
+    assert argv[0].endswith("-keel-0.1.0/bin/keel")
+    assert argv[1:] == ["ledger", "key", "--provision", "--db", "/var/lib/keel/ledger.db"]

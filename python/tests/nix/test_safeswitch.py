@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.safeswitch import units
 
+from tests import systemd_syntax
 from tests.nix.test_modules import evaluate
 
 
@@ -41,9 +44,99 @@ def test_defaults(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     assert "safeswitch" in result["enabledServices"]
     assert "d /run/keel/safeswitch 2750 root keel - -" in result["tmpfiles"]
     assert "d /nix/var/nix/gcroots/keel-safeswitch 0755 root root - -" in result["tmpfiles"]
-    # No daemon, and no boot check without boot counting.
-    assert result["services"] == {}
+    assert "d /var/lib/keel/safeswitch 0750 root root - -" in result["tmpfiles"]
+    # No daemon, no boot check without boot counting, no keel-switch@ without targets:
+    # the ledger's key, and the oneshot that records switches a reboot interrupted.
+    assert sorted(result["services"]) == ["keel-ledger-key", "keel-safeswitch-reconcile"]
     assert result["systemPackages"] == ["keel-0.1.0"]
+
+
+def test_a_switch_a_reboot_interrupted_is_recorded_at_boot(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    result = safeswitch(nix_instantiate, nixpkgs_tree)
+    unit = result["services"]["keel-safeswitch-reconcile"]
+    assert unit["wantedBy"] == ["multi-user.target"]
+    assert unit["after"] == ["keel-ledger-key.service"]
+    service = unit["serviceConfig"]
+    assert service["Type"] == "oneshot"
+    argv, _ = systemd_syntax.service_values(result["units"]["keel-safeswitch-reconcile.service"])
+    assert argv[1:4] == ["switch", "reconcile", "--config"]
+    assert argv[4].endswith("-safeswitch.json")
+    assert service["CapabilityBoundingSet"] == ""
+    assert service["ReadWritePaths"] == [
+        "/var/lib/keel/safeswitch",
+        "/var/lib/keel",
+        "/nix/var/nix/gcroots/keel-safeswitch",
+    ]
+
+
+TARGETS = """
+  services.keel.safeswitch.targets = {
+    next = { specialisation = "next"; };
+    booted = { system = "/run/booted-system"; };
+  };
+"""
+
+
+def test_targets_make_the_template_and_requesters_the_polkit_rule(
+    nix_instantiate: str, nixpkgs_tree: Path, tmp_path: Path
+) -> None:
+    from keel.safeswitch import config as ss_config
+
+    body = (
+        TARGETS
+        + 'services.keel.safeswitch.requesters = [ "keel-chat" "ops" ]; '
+        + 'users.users.ops = { isSystemUser = true; group = "keel"; }; '
+        + 'users.users.keel-chat = { isSystemUser = true; group = "keel"; };'
+    )
+    result = evaluate(
+        nix_instantiate,
+        nixpkgs_tree,
+        "{ services.keel.safeswitch.enable = true; " + body + " }",
+        paths='[ [ "security" "polkit" "extraConfig" ] [ "security" "polkit" "enable" ] ]',
+    )
+    assert result["failedAssertions"] == []
+    config = config_of(result)
+    assert config["targets"] == {
+        "next": {"specialisation": "next"},
+        "booted": {"system": "/run/booted-system"},
+    }
+    path = tmp_path / "safeswitch.json"
+    path.write_text(json.dumps(config))
+    assert sorted(ss_config.load(path).targets) == ["booted", "next"]
+    # The rule is the one `keel switch install-units --allow` writes.
+    rule, enabled = result["values"]
+    assert enabled is True
+    assert rule == units.polkit_rule(["ops", "keel-chat"])
+    # The template: keel switch request, never restarted or stopped by a switch.
+    unit = result["services"]["keel-switch@"]
+    assert unit["restartIfChanged"] is False
+    assert unit["unitConfig"]["X-StopOnRemoval"] is False
+    assert unit["wantedBy"] == []  # started on request only
+    text = result["units"]["keel-switch@.service"]
+    argv, _ = systemd_syntax.service_values(text, keep=("%i",))
+    assert argv[0].endswith("-keel-0.1.0/bin/keel")
+    assert argv[1:4] == ["switch", "request", "--config"]
+    assert argv[4].endswith("-safeswitch.json")
+    assert argv[5] == "%i"
+    assert [p.split("-", 1)[1] for p in unit["path"]][:2] == ["nix", "util-linux"]
+    # Every directive keel's own rendering has, NixOS writes too (it adds PATH, TZDIR).
+    mine = units.template_unit(argv[0], argv[4])
+    for line in mine.splitlines():
+        if "=" in line and not line.startswith("#"):
+            assert line in text.splitlines(), line
+
+
+def test_without_requesters_no_polkit_rule(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = evaluate(
+        nix_instantiate,
+        nixpkgs_tree,
+        "{ services.keel.safeswitch.enable = true; " + TARGETS + " }",
+        paths='[ [ "security" "polkit" "extraConfig" ] [ "security" "polkit" "enable" ] ]',
+    )
+    assert result["values"] == ["", False]
+    assert "keel-switch@" in result["services"]
 
 
 def test_typed_checks_and_watch_alerts(nix_instantiate: str, nixpkgs_tree: Path) -> None:
@@ -139,6 +232,36 @@ def test_keel_reads_the_file_the_module_writes(
             id="unknown-route",
         ),
         pytest.param(
+            "services.keel.safeswitch.targets.x = { };",
+            "services.keel.safeswitch.targets: x: a target's name is 1 to 32",
+            id="target-of-nothing",
+        ),
+        pytest.param(
+            'services.keel.safeswitch.targets.x = { specialisation = "a"; system = "/b"; };',
+            "it sets exactly one of specialisation or system",
+            id="target-of-two-things",
+        ),
+        pytest.param(
+            'services.keel.safeswitch.targets."-x".specialisation = "a";',
+            "services.keel.safeswitch.targets: -x: a target's name",
+            id="target-name",
+        ),
+        pytest.param(
+            'services.keel.safeswitch.requesters = [ "keel-chat" ];',
+            "services.keel.safeswitch.requesters is set but no targets are declared",
+            id="requesters-without-targets",
+        ),
+        pytest.param(
+            TARGETS + 'services.keel.safeswitch.requesters = [ "nobody-here" ];',
+            "services.keel.safeswitch.requesters: nobody-here: no such user",
+            id="unknown-requester",
+        ),
+        pytest.param(
+            'services.keel.safeswitch.checks.commands = [ { command = "true"; user = "ghost"; } ];',
+            "services.keel.safeswitch.checks.commands: user ghost: no such user",
+            id="unknown-check-user",
+        ),
+        pytest.param(
             "services.keel.safeswitch.bootCounting.enable = true;",
             "services.keel.safeswitch.bootCounting.enable needs boot.loader.systemd-boot.bootCounting.enable",
             id="boot-check-without-boot-counting",
@@ -202,4 +325,4 @@ def test_boot_counting_follows_systemd_boot_and_can_be_declined(
         "services.keel.safeswitch.bootCounting.enable = false;",
         boot_counting=True,
     )
-    assert off["services"] == {}
+    assert set(off["services"]) == {"keel-ledger-key", "keel-safeswitch-reconcile"}  # no boot check

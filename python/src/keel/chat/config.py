@@ -13,7 +13,9 @@ from pathlib import Path
 
 from keel import paths
 from keel.chat.core import COMMANDS, MAX_CONFIRM_TIMEOUT, READ_ONLY, Policy
-from keel.config import Section, describe, type_name
+from keel.config import Section, describe, path_problem, type_name
+from keel.errors import ConfigError
+from keel.safeswitch.config import SafeswitchConfig
 from keel.service import Common, read_common
 from keel.telegram import TELEGRAM_API, read_token
 from keel.watch import httpwire
@@ -34,6 +36,17 @@ class ChatConfig:
     watch_socket: Path
     fleet_socket: Path | None  # None: this host's chat speaks for this host only
     poll_timeout: int
+    switching: SwitchSettings | None  # None unless the switch command is enabled
+
+
+@dataclass(frozen=True)
+class SwitchSettings:
+    """How ``/switch`` reaches root (docs/chat.md, "Switching the host")."""
+
+    safeswitch: SafeswitchConfig  # its targets, run directory and limits
+    safeswitch_path: Path  # the file it came from
+    runner: str  # "systemd": keel-switch@ over D-Bus; "process": a child (tests, dev)
+    keel: tuple[str, ...]  # the keel the process runner runs
 
 
 def load(path: Path) -> ChatConfig:
@@ -70,6 +83,9 @@ def parse(cfg: Section) -> ChatConfig:
         ),
         max_age=cfg.number("max_age", 300.0, positive=True),
     )
+    switching = _switching(cfg) if "switch" in commands else None
+    for key in ("safeswitch_config", "switch_runner", "keel"):
+        cfg.raw(key, None)  # read (known keys) even when switch is off
     return ChatConfig(
         source=cfg.source,
         common=common,
@@ -80,6 +96,37 @@ def parse(cfg: Section) -> ChatConfig:
         watch_socket=cfg.filepath("watch_socket", default=str(paths.socket_file("watch"))),
         fleet_socket=_fleet_socket(cfg),
         poll_timeout=cfg.integer("poll_timeout", 25, minimum=1, maximum=MAX_POLL_TIMEOUT),
+        switching=switching,
+    )
+
+
+def _switching(cfg: Section) -> SwitchSettings:
+    """The switch command's settings: safeswitch's config (with targets) and the runner."""
+    from keel.safeswitch import config as ss_config
+    from keel.safeswitch.switcher import self_command
+
+    default = paths.config_file("safeswitch")
+    given = cfg.raw("safeswitch_config", None)
+    path = cfg.filepath("safeswitch_config") if given is not None else default
+    try:
+        safeswitch = ss_config.load(path) if path.exists() or given is not None else None
+    except ConfigError as exc:
+        raise cfg.error("safeswitch_config", str(exc)) from None
+    if safeswitch is None or not safeswitch.targets:
+        raise cfg.error(
+            "commands",
+            f"switch is enabled, but {path} declares no targets: declare the systems the chat "
+            "may switch to (targets in safeswitch.json, services.keel.safeswitch.targets)",
+        )
+    keel = cfg.strings("keel", [], nonempty=False)
+    for index, part in enumerate(keel):
+        if (problem := path_problem(part)) is not None:
+            raise cfg.error("keel", f"[{index}]: {problem}")
+    return SwitchSettings(
+        safeswitch=safeswitch,
+        safeswitch_path=path,
+        runner=cfg.choice("switch_runner", ["systemd", "process"], default="systemd"),
+        keel=tuple(keel) or tuple(self_command()),
     )
 
 

@@ -8,8 +8,9 @@ the clocks given, randomness from the random source given. The rules:
   it came from grants nothing. Anyone else gets no answer at all (their
   attempt is logged and recorded, at most once per person per 10 minutes).
 - **Typed commands only.** ``/status``, ``/agents``, ``/log [N]``, ``/restart
-  AGENT``; anything else is refused with the list of what exists. Which
-  commands a host takes is config (read-only ones by default).
+  AGENT``, ``/switch TARGET`` (a target root declared, by name); anything else
+  is refused with the list of what exists. Which commands a host takes is
+  config (read-only ones by default).
 - **Changes need a private chat and a confirmation.** A mutating command in
   a group is refused. In a private chat it is answered with a confirmation
   (two buttons) bound to the person, the chat, the action, the target and the
@@ -33,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from keel.safeswitch.targets import NAME as _SWITCH_TARGET
 from keel.telegram import CallbackQuery, Message, Update
 
 # --- commands -----------------------------------------------------------------------
@@ -65,6 +67,13 @@ COMMANDS: Mapping[str, CommandSpec] = {
             "/restart AGENT[@NODE]",
             "restart an agent, here or on another node",
         ),
+        CommandSpec(
+            "switch",
+            True,
+            "/switch [TARGET]",
+            "switch this host to a declared target behind safeswitch's gate; alone, lists "
+            "the targets",
+        ),
     )
 }
 READ_ONLY: tuple[str, ...] = tuple(name for name, spec in COMMANDS.items() if not spec.mutating)
@@ -80,6 +89,7 @@ MAX_PENDING_PER_USER = 4
 REMEMBER = 1024  # used and expired confirmations remembered, to answer a replay precisely
 
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
+
 _COMMAND = re.compile(r"/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?\Z")
 _CALLBACK = re.compile(r"(ok|no):([A-Za-z0-9_-]{22})\Z")
 
@@ -226,6 +236,7 @@ class Outcome:
 
     result: Literal["done", "refused", "failed"]
     text: str
+    data: Mapping[str, Any] = field(default_factory=dict)  # more for the record (a switch's ids)
 
 
 class _Bucket:
@@ -419,12 +430,18 @@ class ChatCore:
         if problem is not None:
             return say(problem)
         record = _record(request, "chat_command")
-        if not spec.mutating:
+        if not spec.mutating or not request.args:  # /switch alone lists the targets
             return [record, Query(request)]
         target = request.args[0]
-        if (name, target) in self._in_flight:
+        if self._busy(name, target):
             return say(f"A {name} of {target} is already under way; wait for its result.")
         return [record, Propose(request, name, target)]
+
+    def _busy(self, action: str, target: str) -> bool:
+        """Is an approved action on ``target`` under way (any switch: a host switches once)?"""
+        if action == "switch":
+            return any(a == "switch" for a, _ in self._in_flight)
+        return (action, target) in self._in_flight
 
     # --- confirmations ------------------------------------------------------------------
 
@@ -455,11 +472,12 @@ class ChatCore:
         nonce = base64.urlsafe_b64encode(self.rng.getrandbits(128).to_bytes(16, "big")).decode()
         nonce = nonce.rstrip("=")
         timeout = self.policy.confirm_timeout
+        changes = f"the running system or {target}" if action == "switch" else target
         where = "" if "@" in target else f" on {self.policy.host}"  # AGENT@NODE names it
         text = (
             f"{_ACTION_TITLES[action]} {target}{where}?\n"
             f"Now: {shown}\n"
-            f"Only you can answer, once, within {timeout:g} s; if {target} changes before "
+            f"Only you can answer, once, within {timeout:g} s; if {changes} changes before "
             "you do, nothing is done."
         )
         pending = Pending(
@@ -579,7 +597,7 @@ class ChatCore:
                 AnswerButton(query.id, "Cancelled."),
                 *self._close(pending, "used", "Cancelled: nothing was done.", "chat_cancel"),
             ]
-        if (pending.action, pending.target) in self._in_flight:
+        if self._busy(pending.action, pending.target):
             # Another approved one is under way: this one's state is about to change anyway.
             self.stats.refused_presses += 1
             busy = f"A {pending.action} of {pending.target} is already under way; nothing more was done."
@@ -629,6 +647,7 @@ class ChatCore:
                     "target": pending.target,
                     "result": outcome.result,
                     "detail": outcome.text[:300],
+                    **outcome.data,
                 },
             ),
         ]
@@ -694,7 +713,7 @@ class ChatCore:
         return "\n".join(lines)
 
 
-_ACTION_TITLES = {"restart": "Restart"}
+_ACTION_TITLES = {"restart": "Restart", "switch": "Switch to"}
 
 
 def _record(request: Request, kind: str, **extra: Any) -> Record:
@@ -735,6 +754,14 @@ def _check_args(spec: CommandSpec, request: Request) -> tuple[str | None, Reques
         return (
             f"{usage}: one agent name, or AGENT@NODE for another node (letters, digits, "
             "'_', '.', '@', '-').",
+            request,
+        )
+    if spec.name == "switch":
+        if not args or (len(args) == 1 and _SWITCH_TARGET.match(args[0])):
+            return None, request
+        return (
+            f"{usage}: one target's name (up to 32 letters, digits, '_', '.', '-'); "
+            "/switch alone lists them.",
             request,
         )
     if args:

@@ -35,6 +35,7 @@ from keel.chat.core import (
     Execute,
     Note,
     Outcome,
+    Pending,
     Propose,
     Query,
     Record,
@@ -43,6 +44,7 @@ from keel.chat.core import (
 )
 from keel.chat.fleet import FleetVerbs, split_target
 from keel.chat.outbox import Outbox, Outgoing, answer, compose, edit
+from keel.chat.switching import Switching
 from keel.chat.verbs import (
     AgentView,
     LocalVerbs,
@@ -53,6 +55,7 @@ from keel.chat.verbs import (
     fingerprint,
 )
 from keel.ledger.recorder import LedgerUnavailable
+from keel.safeswitch import requests
 from keel.service import Daemon, Shell
 from keel.watch import http_client, httpwire
 from keel.watch.alert_routes import RouteLimits, retry_delay
@@ -75,7 +78,23 @@ class TransportError(Exception):
 
 def make_verbs(config: ChatConfig) -> Verbs:
     """The verbs this host's chat acts through (the fleet's will plug in here)."""
-    return LocalVerbs(config.watch_socket, config.common.ledger)
+    return LocalVerbs(config.watch_socket, config.common.ledger, switching=make_switching(config))
+
+
+def make_switching(config: ChatConfig) -> Switching | None:
+    """``/switch``'s way to root: keel-switch@ over D-Bus, or a child process (tests, dev)."""
+    settings = config.switching
+    if settings is None:
+        return None
+    starter: requests.Starter
+    if settings.runner == "systemd":
+        starter = requests.SystemdStarter()
+    else:
+        run_dir = settings.safeswitch.run_dir
+        starter = requests.ProcessStarter(
+            settings.keel, settings.safeswitch_path, run_dir / "requests"
+        )
+    return Switching(settings.safeswitch, starter)
 
 
 class Chat(Daemon):
@@ -399,6 +418,10 @@ class Chat(Daemon):
                 text = views.status(await self.keel.host(), now)
             elif name == "agents":
                 text = views.agents(await self.keel.host(), now)
+            elif name == "switch":  # alone: the targets
+                text = views.switch_targets(
+                    await self.keel.switch_targets(), self.config.policy.host
+                )
             elif name == "fleet":
                 text = views.fleet(await self._fleet().view(), now)
             else:  # log (the core only lets known read-only commands through)
@@ -424,17 +447,20 @@ class Chat(Daemon):
 
     async def _propose(self, proposal: Propose) -> None:
         try:
-            agent = await self._look(proposal.target)
+            if proposal.action == "switch":
+                view = await self.keel.switch_target(proposal.target)
+                state, shown = view.fingerprint, view.describe()
+            else:
+                agent = await self._look(proposal.target)
+                state, shown = fingerprint(agent), describe(agent)
+                if agent.last_error:
+                    shown += f"; last error: {views.clip_error(agent.last_error)}"
         except VerbError as exc:
-            self._reply(proposal.request, f"Cannot {proposal.action} {proposal.target}: {exc}")
+            verb = "switch to" if proposal.action == "switch" else proposal.action
+            self._reply(proposal.request, f"Cannot {verb} {proposal.target}: {exc}")
             return
-        shown = describe(agent)
-        if agent.last_error:
-            shown += f"; last error: {views.clip_error(agent.last_error)}"
         self._apply(
-            self.core.offer(
-                proposal.request, proposal.action, proposal.target, fingerprint(agent), shown
-            )
+            self.core.offer(proposal.request, proposal.action, proposal.target, state, shown)
         )
 
     async def _execute(self, execute: Execute) -> None:
@@ -457,6 +483,8 @@ class Chat(Daemon):
         except LedgerUnavailable as exc:
             return Outcome("refused", f"Not done: the ledger cannot record your approval ({exc}).")
         target = pending.target
+        if pending.action == "switch":
+            return await self._switch(pending)
         try:
             name, node = split_target(target)
             if node is None:
@@ -470,6 +498,21 @@ class Chat(Daemon):
         except VerbError as exc:
             return Outcome("failed", f"Restart of {target} failed: {exc}")
         return Outcome("done", text)
+
+    async def _switch(self, pending: Pending) -> Outcome:
+        target = pending.target
+        request = requests.new_request_id(self.rng.getrandbits(64))
+        try:
+            result = await self.keel.switch(target, expect=pending.state, request=request)
+        except StateChanged as exc:
+            return Outcome(
+                "refused",
+                f"Not done: {exc}. Send /switch {target} again if you still mean it.",
+                {"request": request},
+            )
+        except VerbError as exc:
+            return Outcome("failed", f"Switch to {target} failed: {exc}", {"request": request})
+        return views.switched(target, self.config.policy.host, result)
 
     # --- sending ----------------------------------------------------------------------------
 

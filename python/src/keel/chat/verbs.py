@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keel.api import AsyncConnection
 from keel.errors import ApiError, KeelError, Refused
+
+if TYPE_CHECKING:
+    from keel.chat.switching import Listing, Switching, SwitchView
 
 RESTART_TIMEOUT = 60.0  # seconds an agent may take to stop and come back
 
@@ -89,6 +92,18 @@ class Verbs(Protocol):
         """Restart ``name`` if it is still in state ``expect`` (a :func:`fingerprint`)."""
         ...
 
+    async def switch_targets(self) -> Listing:
+        """The targets this host may be switched to from the chat (:mod:`keel.chat.switching`)."""
+        ...
+
+    async def switch_target(self, name: str) -> SwitchView:
+        """What switching to ``name`` would do now (:class:`VerbError` if it cannot)."""
+        ...
+
+    async def switch(self, name: str, *, expect: str, request: str) -> dict[str, Any]:
+        """Switch to ``name`` if it is still what ``expect`` fingerprints; the outcome."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -134,6 +149,7 @@ class LocalVerbs:
         watch_socket: Path,
         ledger: Path | None,
         *,
+        switching: Switching | None = None,
         timeout: float = 10.0,
         restart_timeout: float = RESTART_TIMEOUT,
         poll: float = 0.2,
@@ -141,6 +157,7 @@ class LocalVerbs:
     ) -> None:
         self.watch = AsyncConnection(watch_socket, service="watch", timeout=timeout)
         self.ledger = ledger
+        self.switching = switching
         self.restart_timeout = restart_timeout
         self.poll = poll
         self.clock = clock
@@ -203,6 +220,20 @@ class LocalVerbs:
                     f"{self.restart_timeout:g} s (now {describe(agent)}); /status shows more"
                 )
             await asyncio.sleep(self.poll)
+
+    def _switching(self) -> Switching:
+        if self.switching is None:
+            raise VerbError("switching is not set up on this host (switch is not in commands)")
+        return self.switching
+
+    async def switch_targets(self) -> Listing:
+        return await asyncio.to_thread(self._switching().listing)
+
+    async def switch_target(self, name: str) -> SwitchView:
+        return await asyncio.to_thread(self._switching().view, name)
+
+    async def switch(self, name: str, *, expect: str, request: str) -> dict[str, Any]:
+        return await self._switching().switch(name, expect=expect, request=request)
 
     async def log(self, count: int) -> list[LogLine]:
         if self.ledger is None:

@@ -8,8 +8,12 @@ what could hide or reorder text before anything is sent.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
+from keel.chat.core import Outcome
 from keel.chat.fleet import FleetView
+from keel.chat.switching import Listing
 from keel.chat.verbs import AgentView, HostView, LogLine, describe
 from keel.output import human_duration
 
@@ -92,6 +96,48 @@ def log(lines: list[LogLine], host: str) -> str:
 
 def restarted(agent: AgentView) -> str:
     return f"Restarted {agent.name}: now {describe(agent)}."
+
+
+def switch_targets(listing: Listing, host: str) -> str:
+    """/switch alone: what this host may be switched to, and what runs now."""
+    lines = [f"{host} runs {listing.running or 'an unknown system'}."]
+    if listing.in_progress:
+        lines.append(f"A switch is under way: {listing.in_progress}.")
+    lines.append("Targets (/switch NAME):")
+    for target, path, problem in listing.targets:
+        where = path if path is not None else f"not available: {problem}"
+        lines.append(f"{target.name}: {target.describe()} -> {where}")
+    return "\n".join(lines)
+
+
+def switched(target: str, host: str, result: Mapping[str, Any]) -> Outcome:
+    """The outcome of a switch from the chat, from its request's result (keel switch --json)."""
+    outcome = str(result.get("outcome", ""))
+    switch = result.get("id")
+    ids = f" (switch {switch})" if switch else ""
+    reason = str(result.get("reason") or result.get("message") or "no reason given")
+    data = {"request": result.get("request"), "switch": switch, "outcome": outcome}
+    if outcome == "committed":
+        generation = result.get("generation")
+        gen = f", generation {generation}" if generation else ""
+        text = (
+            f"Switched {host} to {target}: committed{ids}. {result.get('new')} runs and is "
+            f"the boot default{gen}."
+        )
+        return Outcome("done", text, data)
+    if outcome == "rolled-back":
+        text = (
+            f"Switch of {host} to {target} ROLLED BACK{ids}: {reason}. {result.get('old')} "
+            "runs again."
+        )
+        return Outcome("failed", text, data)
+    if outcome == "refused":
+        return Outcome("refused", f"Not switched, nothing changed: {reason}.", data)
+    text = (
+        f"Switch of {host} to {target} NEEDS AN OPERATOR{ids}: {reason}. "
+        "`keel switch status` on the host says what runs and what boots."
+    )
+    return Outcome("failed", text, data)
 
 
 def fleet(view: FleetView, now: float) -> str:

@@ -167,9 +167,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parents=[common, keyed],
         help="print the verifier key (creating the signing key on first use)",
         description="Print the verifier key (name+keyid+base64 public key) that checks this "
-        "ledger's checkpoints offline; creates the signing key if there is none yet.",
+        "ledger's checkpoints offline; creates the signing key if there is none yet. The key "
+        "belongs to the owner of its directory (root, for /var/lib/keel): only that user "
+        "creates it, and only daemons running as that user sign checkpoints.",
     )
     key.add_argument("--json", action="store_true", help="print name, key id and key as JSON")
+    key.add_argument(
+        "--provision",
+        action="store_true",
+        help="make sure the key exists and belongs to this user (the owner of its directory; "
+        "a key another user made first is taken back): what keel-ledger-key.service runs "
+        "as root before keel's daemons start",
+    )
     key.set_defaults(func=cmd_key)
 
 
@@ -471,15 +480,20 @@ def cmd_verify_proof(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    from keel.ledger.keys import provision
     from keel.ledger.store import Ledger
 
     db = _db_path(args)
-    ledger = Ledger.open(db, read_only=True) if db.exists() else None
-    try:
-        verifier = _signer(args, ledger).verifier
-    finally:
-        if ledger is not None:
-            ledger.close()
+    path = _key_path(args)
+    if args.provision and (path.exists() or path.is_symlink()):
+        verifier = provision(path).verifier
+    else:  # made here if missing (by its directory's owner only)
+        ledger = Ledger.open(db, read_only=True) if db.exists() else None
+        try:
+            verifier = _signer(args, ledger).verifier
+        finally:
+            if ledger is not None:
+                ledger.close()
     if args.json:
         print_json(
             {

@@ -7,14 +7,26 @@ with mode 0600 (written to a private temporary file, then linked into place,
 so no other process ever sees a partial or world-readable key), and is refused
 when group or others can read it. Its public half, the verifier key, is what
 an auditor needs to check checkpoints offline.
+
+**Whose key it is.** Many daemons append to one ledger, as different users
+(on NixOS: watch, egress and fleet as root, the mesh, chat and mcp as their
+own users). The key belongs to the owner of the directory it lives in (root,
+for ``/var/lib/keel``; the developer, for ``./.keel``): only a process running
+as that user creates it (:func:`create_signer`), takes it back from another
+owner (:func:`provision`), or signs by default (:func:`signs_here`; the
+service shell turns a daemon's periodic checkpoints off otherwise). Whoever
+starts first no longer decides who can sign.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import secrets
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +48,38 @@ def default_key_name() -> str:
     return f"{host}/keel/ledger"
 
 
+def user_name(uid: int) -> str:
+    """``root``, ``keel-mesh (uid 997)``: a uid as people read it."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+    return "root" if uid == 0 else f"{name} (uid {uid})"
+
+
+def directory_owner(directory: Path) -> int | None:
+    """The owner of ``directory``, or of its nearest existing ancestor (None: none can be read).
+
+    A directory not made yet would be made by this process inside that ancestor.
+    """
+    for candidate in (directory, *directory.parents):
+        try:
+            return candidate.stat().st_uid
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def signs_here(key_path: Path) -> bool:
+    """Does this process sign with the key at ``key_path``: does it run as the key's owner?
+
+    The key belongs to the owner of its directory; see the module's text.
+    """
+    return directory_owner(key_path.parent) == os.geteuid()
+
+
 def load_signer(path: Path) -> Signer:
     """Read a signer key file; :class:`KeyFileError` says what is wrong and the fix."""
     try:
@@ -51,7 +95,7 @@ def load_signer(path: Path) -> Signer:
             f"signing key {path} has mode {stat.S_IMODE(info.st_mode):04o}, "
             f"readable by others: chmod 600 {path}"
         )
-    text = _read_small(path, "signing key")
+    text = _read_small(path, "signing key", denied=lambda: _not_ours(path, info.st_uid))
     try:
         return Signer.parse(text)
     except MalformedError as exc:
@@ -71,6 +115,14 @@ def create_signer(path: Path, name: str, seed: bytes | None = None) -> Signer:
         raise KeyFileError(
             f"cannot create signing key {path}: there is no directory {path.parent} "
             "(a mistyped --db or --key?)"
+        )
+    owner = directory_owner(path.parent)
+    if owner != os.geteuid():
+        who = "nobody keel can name" if owner is None else user_name(owner)
+        raise KeyFileError(
+            f"cannot create signing key {path}: it is made by the owner of {path.parent} "
+            f"({who}), and this process runs as {user_name(os.geteuid())}: run "
+            f"`keel ledger key --provision` as {who}"
         )
     try:
         made = write_durably(path, (str(signer) + "\n").encode("ascii"), mode=0o600, replace=False)
@@ -100,6 +152,54 @@ def signer_for(ledger: Ledger, key_path: Path | None = None) -> Signer:
     return create_signer(path, default_key_name())
 
 
+def provision(path: Path, name: str | None = None) -> Signer:
+    """Make sure the key at ``path`` exists and is this process's (``keel ledger key --provision``).
+
+    Made if missing (only by the owner of its directory, as always); a key
+    another user made (the first daemon to start, before keel provisioned it)
+    is taken back, as root, by ``chown``, its contents and mode unchanged. A
+    key group or others can read is still refused: it may have leaked.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return create_signer(path, name or default_key_name())
+    euid = os.geteuid()
+    owner = directory_owner(path.parent)
+    if owner != euid:
+        who = "nobody keel can name" if owner is None else user_name(owner)
+        raise KeyFileError(
+            f"signing key {path} belongs to the owner of {path.parent} ({who}), and this "
+            f"process runs as {user_name(euid)}: run `keel ledger key --provision` as {who}"
+        )
+    info = path.lstat()
+    if stat.S_ISREG(info.st_mode) and info.st_uid != euid:
+        try:
+            os.chown(path, euid, -1, follow_symlinks=False)
+        except OSError as exc:
+            raise KeyFileError(
+                f"signing key {path} belongs to {user_name(info.st_uid)}; cannot take it "
+                f"back for {user_name(euid)}: {exc.strerror or exc}"
+            ) from None
+    return load_signer(path)
+
+
+def _not_ours(path: Path, uid: int) -> str:
+    owner = directory_owner(path.parent)
+    if owner is not None and uid != owner:
+        fix = (
+            f"it should belong to {user_name(owner)}, the owner of {path.parent}: run "
+            f"`keel ledger key --provision` as {user_name(owner)}"
+        )
+    else:
+        fix = (
+            f"only {user_name(uid)} signs this ledger's checkpoints (a daemon running as "
+            "another user should have checkpoint_every null)"
+        )
+    return (
+        f"cannot read signing key {path}: it belongs to {user_name(uid)} and this process "
+        f"runs as {user_name(os.geteuid())}; {fix}"
+    )
+
+
 def load_verifier(spec: str) -> Verifier:
     """A verifier key given as the key string itself or as a file holding it."""
     candidate = Path(spec)
@@ -119,13 +219,17 @@ def load_verifier(spec: str) -> Verifier:
 MAX_KEY_FILE = 4096  # a key is about 100 bytes
 
 
-def _read_small(path: Path, what: str) -> str:
+def _read_small(path: Path, what: str, denied: Callable[[], str] | None = None) -> str:
     """The text of a key file, refusing what cannot be one (too large, not ASCII)."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_KEY_FILE + 1)
     except FileNotFoundError:
         raise KeyFileError(f"no {what} at {path}") from None
+    except PermissionError as exc:
+        if denied is None:
+            raise KeyFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise KeyFileError(denied()) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_KEY_FILE:

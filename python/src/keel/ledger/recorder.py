@@ -22,8 +22,10 @@ counts, digests), they never carry payloads.
 
 **Signed checkpoints.** Every ``checkpoint_every`` seconds (and when the
 recorder closes) the ledger's head is signed, if it grew, with the host's
-ledger key (next to the database; created on first use, and never silently
-replaced once checkpoints exist: ``keys.signer_for``). The signed head is also
+ledger key (next to the database; created on first use by its owner, and
+never silently replaced once checkpoints exist: ``keys.signer_for``). Only
+daemons running as the key's owner sign (root on an installed host); the
+others have ``checkpoint_every`` None and only append (``keel.service``). The signed head is also
 written outside the database (``ledger.db.head``), so a log that goes back,
 even with its WAL deleted, is caught by ``keel ledger verify``.
 """
@@ -249,6 +251,7 @@ class Recorder:
             "appended": self.stats.appended,
             "dropped": self.stats.dropped,
             "refused": self.stats.refused,
+            "checkpoint_every": self.checkpoint_every,
             "checkpoints": self.stats.checkpoints,
             "checkpoint_problem": self.checkpoint_problem,
             "last_checkpoint_size": self.stats.last_checkpoint_size,

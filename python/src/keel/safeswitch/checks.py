@@ -56,10 +56,21 @@ class HttpCheck:
 
 
 @dataclass(frozen=True)
+class RunAs:
+    """The user a command check runs as (root when none is given), resolved at load."""
+
+    user: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True)
 class CommandCheck:
     command: str
     name: str = ""
     timeout: float = 30.0
+    run_as: RunAs | None = None  # None: root, as the switcher
 
 
 CheckSpec = WatchCheck | SystemCheck | TcpCheck | HttpCheck | CommandCheck

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ by itself when anything goes wrong.
   keel switch status [--json]      is a switch in progress, which timer, time left
   keel switch history [--json]     past switches, from the ledger
   keel switch check [--gate S]     hold the health gate now, without switching
+  keel switch reconcile            record switches a reboot interrupted (run at boot)
+  keel switch install-units        keel-switch@.service and the boot's reconcile unit
+                                   on a plain systemd host (--allow USER: polkit rule)
 
 A switch: arm a rollback timer outside this process (a transient systemd
 timer, or a detached process with --timer process), activate TOPLEVEL with
@@ -41,7 +45,8 @@ see docs/safeswitch.md.
 
 {EXIT_CODES_TEXT}"""
 
-VERBS = ("rollback", "status", "history", "check")
+BOOTED_SYSTEM = "/run/booted-system"  # the system this boot started (NixOS)
+VERBS = ("rollback", "status", "history", "check", "reconcile", "request", "install-units")
 
 
 def _switch_options(parser: argparse.ArgumentParser, *, gate_only: bool = False) -> None:
@@ -98,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="switch to a built NixOS system behind a health gate; roll back by itself",
         description=DESCRIPTION,
         formatter_class=formatter,
-        usage="keel switch [options] TOPLEVEL | rollback | status | history | check",
+        usage="keel switch [options] TOPLEVEL | rollback | status | history | check | reconcile "
+        "| install-units",
     )
     _switch_options(parser)
     parser.add_argument(
@@ -167,6 +173,46 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--switch-id", help=argparse.SUPPRESS)
         parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
         parser.add_argument("--not-before", type=float, help=argparse.SUPPRESS)
+    elif verb == "reconcile":
+        parser.description = (
+            "Record in the ledger every switch (or rollback) a reboot interrupted: those whose "
+            "trace in the state directory (/var/lib/keel/safeswitch/unfinished) is from an "
+            "earlier boot. Each gets an `interrupted` entry naming the phase it was in and the "
+            "system that booted; its GC roots are dropped. keel-safeswitch-reconcile.service "
+            "runs this at boot. Exit 0, or 1 when a trace could not be read (moved aside) or "
+            "recorded (kept for the next run)."
+        )
+        parser.add_argument("--booted", type=Path, help=argparse.SUPPRESS)
+    elif verb == "request":
+        parser.description = (
+            "What keel-switch@INSTANCE.service runs as root: a switch to a target declared in "
+            "safeswitch.json (targets), asked for by someone who is not root (keel chat). "
+            "INSTANCE is NAME:OLD:NEW:REQUEST as systemd-escape writes it; the running system "
+            "and the target must still be the ones OLD and NEW name, else nothing is done "
+            "(exit 2). The result goes to RUN_DIR/requests/REQUEST.json and the ledger. Exit "
+            "codes as keel switch."
+        )
+        parser.add_argument("instance", metavar="INSTANCE", help="the unit's instance (%%i)")
+    elif verb == "install-units":
+        from keel.safeswitch.units import POLKIT_RULE
+
+        parser.description = (
+            "On a plain systemd host (NixOS: services.keel.safeswitch does this): write "
+            "keel-switch@.service (switches to declared targets for users that are not root), "
+            "keel-safeswitch-reconcile.service (enabled: records switches a reboot "
+            f"interrupted) and, with --allow, the polkit rule {POLKIT_RULE} that lets "
+            "those users start keel-switch@ instances and nothing else; then daemon-reload. "
+            "Running it twice changes nothing the second time."
+        )
+        parser.add_argument(
+            "--allow",
+            action="append",
+            default=[],
+            metavar="USER",
+            help="a user that may start keel-switch@ instances (keel chat's: keel-chat); "
+            "repeatable",
+        )
+        parser.add_argument("--dry-run", action="store_true", help="print the steps, do nothing")
     elif verb == "status":
         parser.description = (
             "Is a switch in progress: its phase, both systems, the rollback timer and the time "
@@ -186,7 +232,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.parser.error("the following arguments are required: TOPLEVEL (or a verb)")
     if args.toplevel in VERBS:
         verb_args = _verb_parser(args.toplevel).parse_args(args.rest)
-        handler = {"rollback": _rollback, "status": _status, "history": _history, "check": _check}
+        handler = {
+            "rollback": _rollback,
+            "status": _status,
+            "history": _history,
+            "check": _check,
+            "reconcile": _reconcile,
+            "request": _request,
+            "install-units": _install_units,
+        }
         return handler[args.toplevel](verb_args)
     if args.rest:
         # Options after TOPLEVEL: parse them as the switch's own.
@@ -281,8 +335,31 @@ def _rollback(args: argparse.Namespace) -> int:
 
         return _finish(asyncio.run(timer()), args)
     config = _config(args)
+    # A hangup (the SSH session dropped) must not stop a rollback half way, as for a switch.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     result = asyncio.run(rollback.by_operator(config, to=args.to, out=out))
     return _finish(result, args)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from keel.safeswitch import evidence
+    from keel.safeswitch.report import Output
+
+    config = _config(args)
+    out = Output(json_mode=args.json)
+    done = asyncio.run(
+        evidence.reconcile(
+            evidence.Evidence(config.state_dir),
+            current=config.current,
+            booted=args.booted or Path(BOOTED_SYSTEM),
+            out=out,
+        )
+    )
+    if args.json:
+        print_json(done)
+    elif not done:
+        print("no interrupted switch")
+    return 0 if all(item["outcome"] == "interrupted" for item in done) else 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -362,3 +439,31 @@ def _check(args: argparse.Namespace) -> int:
         else:
             print(f"gate did not hold within {deadline:g} s")
     return 0 if held else 1
+
+
+def _request(args: argparse.Namespace) -> int:
+    from keel.safeswitch import requests
+    from keel.safeswitch.report import Output
+
+    instance = requests.parse_instance(args.instance)
+    config = _config(args)
+    result = asyncio.run(requests.serve(instance, config, Output(json_mode=args.json)))
+    if args.json:
+        print_json(result)
+    return int(result["exit_code"])
+
+
+def _install_units(args: argparse.Namespace) -> int:
+    from keel.safeswitch import install
+
+    plan = install.plan(allow=args.allow)
+    if args.dry_run or args.json:
+        steps = plan.describe() or ["nothing to do"]
+        if args.json:
+            print_json({"steps": steps, "dry_run": args.dry_run})
+        else:
+            print("\n".join(steps))
+        if args.dry_run:
+            return 0
+    install.apply(plan)
+    return 0

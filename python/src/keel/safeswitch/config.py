@@ -8,7 +8,9 @@ the file and the key.
 
 from __future__ import annotations
 
+import pwd
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -16,15 +18,18 @@ from typing import Literal
 from keel import paths
 from keel.config import Section, describe, path_problem
 from keel.errors import ConfigError
+from keel.safeswitch import targets
 from keel.safeswitch.checks import (
     CheckSpec,
     CommandCheck,
     HttpCheck,
+    RunAs,
     SystemCheck,
     TcpCheck,
     WatchCheck,
 )
 from keel.safeswitch.machine import Limits
+from keel.safeswitch.targets import Target
 from keel.watch import httpwire
 from keel.watch.config import _expect_status as expect_status
 
@@ -49,6 +54,8 @@ TOP_LEVEL_KEYS = (
     "profile",
     "rollback_timeout",
     "run_dir",
+    "state_dir",
+    "targets",
     "timer",
 )
 
@@ -72,12 +79,18 @@ class SafeswitchConfig:
     ledger: Path | None
     gcroots: Path
     run_dir: Path
+    state_dir: Path  # what must survive a reboot: the switches not decided yet (evidence.py)
+    targets: Mapping[str, Target]  # declared systems others may switch to by name (targets.py)
     keel: tuple[str, ...] | None  # the command the rollback timer runs; None: this keel
     host: str
 
 
 def default_run_dir() -> Path:
     return paths.runtime_dir() / "safeswitch"
+
+
+def default_state_dir() -> Path:
+    return paths.state_dir() / "safeswitch"
 
 
 def default_gcroots() -> Path:
@@ -97,6 +110,8 @@ def defaults(source: str = "built-in defaults") -> SafeswitchConfig:
         ledger=paths.ledger_db(),
         gcroots=default_gcroots(),
         run_dir=default_run_dir(),
+        state_dir=default_state_dir(),
+        targets={},
         keel=None,
         host=socket.gethostname() or "localhost",
     )
@@ -165,9 +180,39 @@ def parse(cfg: Section) -> SafeswitchConfig:
         ledger=ledger,
         gcroots=cfg.filepath("gcroots", str(base.gcroots)),
         run_dir=cfg.filepath("run_dir", str(base.run_dir)),
+        state_dir=cfg.filepath("state_dir", str(base.state_dir)),
+        targets=_targets(cfg),
         keel=tuple(keel_command) or None,
         host=cfg.string("host", base.host),
     )
+
+
+def _targets(cfg: Section) -> dict[str, Target]:
+    """``targets``: name -> ``{specialisation: NAME}`` or ``{system: PATH}``."""
+    if cfg.raw("targets", None) is None:
+        return {}
+    out: dict[str, Target] = {}
+    with cfg.section("targets") as section:
+        for name in list(section.keys()):
+            if not targets.NAME.match(name):
+                raise section.error(
+                    name,
+                    "a target's name is 1 to 32 letters, digits, '_', '.' or '-' (not first)",
+                )
+            with section.section(name) as item:
+                kinds = [kind for kind in targets.KINDS if kind in item]
+                if len(kinds) != 1:
+                    raise section.error(
+                        name, "expected exactly one of specialisation (a name) or system (a path)"
+                    )
+                (kind,) = kinds
+                value = item.string(kind)
+                if kind == "specialisation" and not targets.SPECIALISATION.match(value):
+                    raise item.error(kind, f"{describe(value)} is not a specialisation name")
+                if kind == "system" and (not value.startswith("/") or path_problem(value)):
+                    raise item.error(kind, f"expected an absolute path, got {describe(value)}")
+                out[name] = Target(name, kind, value)
+    return out
 
 
 def _check(item: Section) -> CheckSpec:
@@ -208,7 +253,20 @@ def _check(item: Section) -> CheckSpec:
             )
         if (problem := path_problem(command)) is not None:
             raise item.error("command", problem)
-        return CommandCheck(command, name=name, timeout=timeout)
+        run_as = None
+        if item.raw("user", None) is not None:
+            run_as = _run_as(item)
+        return CommandCheck(command, name=name, timeout=timeout, run_as=run_as)
+
+
+def _run_as(item: Section) -> RunAs:
+    """The ``user`` of a command check: an existing user, looked up now (not at the gate)."""
+    user = item.string("user")
+    try:
+        entry = pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise item.error("user", f"no such user {describe(user)} on this host") from None
+    return RunAs(user=user, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir or "/")
 
 
 def command_check(text: str) -> CommandCheck:

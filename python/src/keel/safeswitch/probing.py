@@ -14,7 +14,7 @@ from pathlib import Path
 from keel.api import acall
 from keel.errors import ApiError, Unavailable
 from keel.safeswitch import checks
-from keel.safeswitch.checks import CheckSpec, WatchBaseline
+from keel.safeswitch.checks import CheckSpec, RunAs, WatchBaseline
 from keel.safeswitch.machine import Verdict
 from keel.safeswitch.runners import capture
 from keel.watch import probes
@@ -39,13 +39,31 @@ async def failed_units(timeout: float = 10.0) -> frozenset[str]:
     return checks.parse_failed_units(out)
 
 
-def command_argv(command: str, timeout: float) -> tuple[str, ...]:
+class CannotRunAs(Exception):
+    """A check with ``user`` cannot drop to that user here (no ``setpriv``)."""
+
+
+def command_argv(command: str, timeout: float, run_as: RunAs | None = None) -> tuple[str, ...]:
     """``sh -c COMMAND``, bounded by coreutils' ``timeout`` too where it exists.
 
     The switcher stops a check that overruns; ``timeout`` also stops one whose
     switcher was killed, which would otherwise run on, orphaned, in its session.
+    With ``run_as`` the shell runs as that user (``setpriv``: its uid, gid and
+    groups, no new privileges, so no ``sudo`` back to root) with its ``HOME``,
+    ``USER`` and ``LOGNAME``; the rest of the environment is the switcher's.
     """
-    shell = ("/bin/sh", "-c", command)
+    shell: tuple[str, ...] = ("/bin/sh", "-c", command)
+    if run_as is not None:
+        setpriv, env = shutil.which("setpriv"), shutil.which("env")
+        if setpriv is None or env is None:
+            raise CannotRunAs(
+                f"cannot run the check as {run_as.user}: setpriv (util-linux) or env not found"
+            )
+        shell = (
+            setpriv, f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--init-groups",
+            "--no-new-privs", "--", env, f"HOME={run_as.home}", f"USER={run_as.user}",
+            f"LOGNAME={run_as.user}", *shell,
+        )  # fmt: skip
     bound = shutil.which("timeout")
     if bound is None:
         return shell
@@ -72,11 +90,12 @@ class Prober:
                     probes.HttpCheck(spec.url, spec.expect_status), spec.timeout
                 )
             else:
-                outcome = await probes.run_check(
-                    probes.ExecCheck(command_argv(spec.command, spec.timeout)), spec.timeout
-                )
+                argv = command_argv(spec.command, spec.timeout, spec.run_as)
+                outcome = await probes.run_check(probes.ExecCheck(argv), spec.timeout)
         except TimeoutError:
             return "fail", f"no answer within {spec.timeout:g} s"
+        except CannotRunAs as exc:
+            return "fail", str(exc)
         return ("pass" if outcome.ok else "fail"), outcome.detail
 
     async def _watch(self, name: str, spec: checks.WatchCheck) -> tuple[Verdict, str]:

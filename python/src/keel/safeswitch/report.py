@@ -142,6 +142,7 @@ OUTCOMES = {
     "committed": "committed",
     "rolled-back": "rolled back",
     "rollback-failed": "rollback FAILED",
+    "interrupted": "interrupted by a reboot",
 }
 
 
@@ -152,7 +153,9 @@ def history(
 
     A ``started`` entry with no outcome is ``in progress`` when it is the
     switch in progress now, and ``interrupted`` otherwise (the host rebooted
-    mid-switch: the old boot default started again).
+    mid-switch before ``keel switch reconcile`` recorded it, or the ledger
+    predates that). An ``interrupted`` entry (written at the next boot) says
+    so for sure, with the system that booted.
     """
     switches: dict[str, dict[str, Any]] = {}
     order: list[str] = []
@@ -173,6 +176,8 @@ def history(
             row["ended"] = entry.get("ts")
             row["reason"] = data.get("reason")
             row["by"] = data.get("by")
+            if kind == "interrupted":
+                row["booted"] = data.get("booted")
             if data.get("failed_checks"):
                 row["failed_checks"] = data["failed_checks"]
         for key in ("old", "new"):
@@ -190,7 +195,7 @@ def history_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
     for row in rows:
         outcome = row["outcome"]
         label = OUTCOMES.get(outcome, outcome.replace("-", " "))
-        if outcome == "interrupted":
+        if outcome == "interrupted" and row.get("ended") is None:
             label = "interrupted (no outcome recorded: reboot?)"
         table.append(
             [

@@ -29,13 +29,12 @@ from keel.errors import KeelError, UsageError
 from keel.ledger.recorder import LedgerUnavailable, Recorder
 from keel.safeswitch import machine as m
 from keel.safeswitch.config import SafeswitchConfig
+from keel.safeswitch.evidence import RECORD_TIMEOUT, SOURCE, Evidence, Unfinished
 from keel.safeswitch.generations import Generation, Profile, nix_env_for, resolve_system
 from keel.safeswitch.report import HostFacts, Output, host_state
 from keel.safeswitch.runners import STOP_TIMEOUT, Runners, runners
 from keel.safeswitch.state import Lock, StateFile, SwitchState
 from keel.safeswitch.switcher import (
-    RECORD_TIMEOUT,
-    SOURCE,
     Alerter,
     Result,
     _alert_settings,
@@ -183,6 +182,20 @@ async def _to_generation(
     )
     await recorder.start()
     data = {"old": current, "new": target, "by": "operator", "reason": "keel switch rollback"}
+    evidence = Evidence(config.state_dir)
+    unfinished = Unfinished(
+        id=rollback_id,
+        kind="rollback",
+        phase="rolling-back",
+        old=current,
+        new=target,
+        started_at=time.time(),
+        ledger=str(config.ledger) if config.ledger else None,
+    )
+    try:
+        evidence.write(unfinished)
+    except OSError as exc:
+        out.line(f"  note: cannot keep the rollback's trace in {evidence.dir} ({exc.strerror})")
     try:
         problem = await _activate_and_boot(
             runner,
@@ -192,6 +205,7 @@ async def _to_generation(
             profile=profile,
             generation=generation,
         )
+        evidence.remove(rollback_id)  # decided, either way (a killed rollback leaves it)
         if problem is None:
             await _record(recorder, "rolled-back", rollback_id, data, out)
             message = f"rolled back: {target} is running and is the boot default"

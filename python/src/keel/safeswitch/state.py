@@ -161,6 +161,7 @@ class SwitchState:
     alerts: dict[str, Any] | None = None
     host: str = ""
     run_dir: str = ""
+    state_dir: str | None = None  # where its evidence lives (evidence.py); None: none kept
     boot_id: str = field(default_factory=boot_id)
     updated_at: float = 0.0
 
@@ -248,6 +249,7 @@ class SwitchState:
             alerts=value.get("alerts") if isinstance(value.get("alerts"), dict) else None,
             host=_string(value, "host", optional=True) or "",
             run_dir=_string(value, "run_dir", optional=True) or "",
+            state_dir=_string(value, "state_dir", optional=True),
             boot_id=_string(value, "boot_id", optional=True) or "",
             updated_at=_number(value, "updated_at", optional=True) or 0.0,
         )

@@ -37,6 +37,7 @@ from keel.ledger.recorder import LedgerUnavailable, Recorder
 from keel.safeswitch import machine as m
 from keel.safeswitch.checks import CheckSpec, SystemCheck, WatchCheck, named
 from keel.safeswitch.config import AlertSettings, SafeswitchConfig
+from keel.safeswitch.evidence import RECORD_TIMEOUT, SOURCE, Evidence, Unfinished
 from keel.safeswitch.generations import (
     SWITCH,
     GcRoots,
@@ -54,9 +55,7 @@ from keel.watch.children import describe_status
 
 log = logging.getLogger("keel.safeswitch")
 
-SOURCE = "safeswitch"
 LOG_TAIL = 5  # lines of an activation's log shown when it fails
-RECORD_TIMEOUT = 10.0  # seconds a committed/rolled-back entry may take to reach the disk
 ALERT_DRAIN = 30.0  # seconds the switch waits for its alerts to be delivered
 
 
@@ -308,6 +307,8 @@ class Executor:
         self._activation: Activation | None = None
         self._task: asyncio.Task[None] | None = None  # activation, commit or rollback
         self._checks: list[asyncio.Task[None]] = []
+        self._evidence: tuple[str, tuple[str, ...]] | None = None  # (phase, roots) last kept
+        self._evidence_failed = False
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -351,8 +352,44 @@ class Executor:
         if sw.gate.opened_at is not None or not s.checks:
             s.checks = sw.gate.summary()
         self.files.write(s)
+        self.keep_evidence()
         if phase_changed:
             self.announce(sw.phase)
+
+    def keep_evidence(self) -> None:
+        """The durable trace a reboot leaves of this switch (evidence.py), kept in step."""
+        s = self.state
+        if s.state_dir is None:
+            return
+        evidence = Evidence(Path(s.state_dir))
+        try:
+            if s.phase in m.FINISHED:
+                if self._evidence != ("", ()):
+                    evidence.remove(s.id)
+                    self._evidence = ("", ())
+                return
+            key = (s.phase.value, tuple(s.gcroots))
+            if key != self._evidence:
+                unfinished = Unfinished(
+                    id=s.id,
+                    kind="switch",
+                    phase=s.phase.value,
+                    old=s.old,
+                    new=s.new,
+                    started_at=s.started_at,
+                    ledger=s.ledger,
+                    gcroots=tuple(s.gcroots),
+                    boot_id=s.boot_id,
+                )
+                evidence.write(unfinished)
+                self._evidence = key
+        except OSError as exc:
+            if not self._evidence_failed:
+                self._evidence_failed = True
+                self.out.line(
+                    f"  note: cannot keep the switch's trace in {evidence.dir} ({exc.strerror}); "
+                    "a reboot now would leave it undecided in the ledger"
+                )
 
     def announce(self, phase: m.Phase) -> None:
         sw, say = self.machine, self.out.line
@@ -616,6 +653,7 @@ async def switch(
         alerts=_alert_settings(config.alerts),
         host=config.host,
         run_dir=str(config.run_dir),
+        state_dir=str(config.state_dir),
     )
     recorder = Recorder(config.ledger, SOURCE)
     alerter = Alerter(state.alerts, host=config.host, record=recorder.record, out=out)
@@ -744,7 +782,7 @@ async def _arm(
             roots.add(f"{state.id}-old", state.old),
             roots.add(f"{state.id}-new", state.new),
         ]
-        executor.files.write(state)
+        executor.persist()
         command = [
             *(config.keel or self_command()),
             "switch",

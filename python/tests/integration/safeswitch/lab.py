@@ -101,6 +101,7 @@ class Lab:
         self.current = root / "current"
         self.profile = root / "profiles" / "system"
         self.run_dir = root / "run"
+        self.state_dir = root / "state"  # what survives a reboot (safeswitch's evidence)
         self.gcroots = root / "gcroots"
         self.ledger = root / "ledger.db"
         self.health_check = f"grep -qx ok {root}/health"
@@ -147,6 +148,7 @@ class Lab:
             "profile": str(self.profile),
             "current": str(self.current),
             "run_dir": str(self.run_dir),
+            "state_dir": str(self.state_dir),
             "gcroots": str(self.gcroots),
             "ledger": str(self.ledger),
             "timer": "process",

@@ -88,7 +88,7 @@ def test_a_full_config(tmp_path: Path, token: Path) -> None:
         ({"allowed_users": ["111"]}, "allowed_users: [0]: expected a user id"),
         (
             {"commands": ["shell"]},
-            'commands: [0]: no command "shell" (known: status, agents, log, fleet, restart)',
+            'commands: [0]: no command "shell" (known: status, agents, log, fleet, restart, switch)',
         ),
         (
             {"commands": ["restart"], "ledger": None},

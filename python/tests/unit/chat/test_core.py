@@ -534,7 +534,7 @@ def test_the_policy_refuses_what_the_core_cannot_honour() -> None:
     with pytest.raises(ValueError, match="confirm_timeout"):
         Policy(frozenset({1}), frozenset(), "box", confirm_timeout=61)
     assert set(READ_ONLY) == {"status", "agents", "log", "fleet"}
-    assert [n for n, c in COMMANDS.items() if c.mutating] == ["restart"]
+    assert [n for n, c in COMMANDS.items() if c.mutating] == ["restart", "switch"]
 
 
 # --- a property: whatever happens, only the owner's first timely approval acts -------------
