@@ -75,6 +75,13 @@ def test_a_rewritten_ledger_is_named_by_the_audit_and_raises_alarms(
     assert code == 0, result
     assert set(verdicts(result).values()) == {"consistent"}
 
+    # c's ledger grows and both witnesses cosign it beyond the entries the rewrite keeps
+    # (a witness that held only c's first entries could prove nothing)
+    with Ledger.open(c.ledger, create=False) as ledger:
+        for i in range(10):
+            ledger.append(source="watch", kind="restart", subject=f"agent-{i}", data={})
+    for witness in (a, b):
+        wait_witnessed(witness, [c], above={c.node_id: 10})
     # c's ledger is rewritten under its daemons (the witnessed entries are changed)
     witnessed = b.witnessed()[c.node_id]["size"]
     c.kill()
