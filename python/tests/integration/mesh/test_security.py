@@ -359,6 +359,8 @@ def test_an_operator_node_revokes_another_nodes_invite_and_the_rest_still_work(
     wait_until(lambda: {i["id"]: i["state"] for i in b.client.invites()}[revoked["id"]]
                == "revoked", timeout=10, what="b to count a's revocation")  # fmt: skip
     b.wait_log(f"invite {revoked['id']} revoked (by {a.node_id})")
+    table = b.cli("invites").stdout
+    assert f"{revoked['id']}  revoked" in table, table
     # the revoked invite is refused by its issuer, with its own reason
     joining = c.cli("join", revoked["token"])
     assert joining.returncode == 1
