@@ -2,8 +2,9 @@
 
 Any process that can open the control socket (``/run/keel/mesh.sock``) may
 send, receive and read the node's state. The verbs that change the mesh for
-everyone (invite new members, remove one for good, join another mesh,
-create or change rooms) are kept for the operators: root, the daemon's own
+everyone (invite new members or revoke an invite, remove one for good, grant
+the operator role, join another mesh, create or change rooms) are kept for
+the operators: root, the daemon's own
 user, and the members of the operator group the config names
 (``operator_group``), decided from the caller's credentials as the kernel
 gives them (``SO_PEERCRED`` and the peer's groups), never from what the
@@ -22,7 +23,16 @@ from keel.api import Peer
 from keel.errors import Forbidden
 
 ADMIN_VERBS = frozenset(
-    {"invite", "join", "remove", "operator", "room_create", "room_add", "room_remove"}
+    {
+        "invite",
+        "revoke_invite",
+        "join",
+        "remove",
+        "operator",
+        "room_create",
+        "room_add",
+        "room_remove",
+    }
 )
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]

@@ -71,6 +71,8 @@ class Control:
     def handlers(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
             "invite": _verb(verbs.Invite.parse, self.invite),
+            "invites": _verb(verbs.NoArgs.parse, self.invites),
+            "revoke_invite": _verb(verbs.RevokeInvite.parse, self.revoke_invite),
             "join": _verb(verbs.Join.parse, self.join),
             "peers": _verb(verbs.NoArgs.parse, self.peers),
             "send": _verb(verbs.Direct.parse, self.send),
@@ -110,7 +112,52 @@ class Control:
         node.shell.record(
             "invite", token.invite_id.hex(), {"expires": token.expires, "uses": token.uses}
         )
-        return {"token": token.encode(), "expires": token.expires, "uses": token.uses}
+        return {
+            "token": token.encode(),
+            "id": token.invite_id.hex(),
+            "expires": token.expires,
+            "uses": token.uses,
+        }
+
+    async def invites(self, request: verbs.NoArgs) -> list[verbs.InviteInfo]:
+        """The invites this node issued and still holds (expired ones go within a minute)."""
+        node = self.node
+        revoked = node.members.view.revoked_invites
+        wall = node.wall()
+        out: list[verbs.InviteInfo] = []
+        for invite, created in node.store.list_invites():
+            invite_id = invite.invite_id.hex()
+            if invite_id in revoked:
+                state = "revoked"
+            elif wall >= invite.expires:
+                state = "expired"
+            elif invite.uses_left <= 0:
+                state = "used-up"
+            else:
+                state = "open"
+            out.append(
+                {
+                    "id": invite_id,
+                    "created": created,
+                    "expires": invite.expires,
+                    "uses_left": invite.uses_left,
+                    "state": state,
+                }
+            )
+        return out
+
+    async def revoke_invite(self, request: verbs.RevokeInvite) -> verbs.InviteRevoked:
+        """Sign a ``revoke-invite`` record: the invite's issuer refuses it once the record arrives."""
+        self._member()
+        node, invite = self.node, request.invite
+        view = node.members.view
+        verbs.require_operator(view, node.me, "revoke an invite")
+        if invite in view.revoked_invites:
+            raise KeelError(f"invite {invite} was revoked already")
+        record = node.members.sign("revoke-invite", invite=invite)
+        node.shell.record("invite-revoke", invite, {"invite": invite, "by": node.me})
+        issued_here = node.store.get_invite(bytes.fromhex(invite)) is not None
+        return {"invite": invite, "record": record.id, "issued_here": issued_here}
 
     async def join(self, request: verbs.Join) -> verbs.Joined:
         return await self.node.join(request.token, request.timeout)

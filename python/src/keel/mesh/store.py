@@ -277,6 +277,12 @@ class Store:
         return None if row is None else InviteRecord.from_json(json.loads(row[0]))
 
     @_state_errors
+    def list_invites(self) -> list[tuple[InviteRecord, float]]:
+        """The invites this node issued and still holds (not pruned), oldest first."""
+        rows = self._db.execute("SELECT body, created FROM invites ORDER BY created").fetchall()
+        return [(InviteRecord.from_json(json.loads(body)), created) for body, created in rows]
+
+    @_state_errors
     def redeem_invite(self, record: InviteRecord, join: SignedRecord) -> None:
         """Count a use down and store the join record it produced, together."""
         with self.transaction() as db:

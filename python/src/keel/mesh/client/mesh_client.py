@@ -84,6 +84,16 @@ class MeshClient:
     def invite(self, *, ttl: float = 3600, uses: int = 1) -> str:
         return str(self.call("invite", {"ttl": ttl, "uses": uses})["token"])
 
+    def invites(self) -> list[dict[str, Any]]:
+        """The invites this node issued and still holds: ``id``, ``state``, ``uses_left``..."""
+        result: list[dict[str, Any]] = self.call("invites")
+        return result
+
+    def revoke_invite(self, invite_id: str) -> dict[str, Any]:
+        """Revoke an invite by its id (this node must be an operator node of the mesh)."""
+        result: dict[str, Any] = self.call("revoke_invite", {"invite": invite_id})
+        return result
+
     def join(self, token: str, *, timeout: float = 30.0) -> dict[str, Any]:
         result: dict[str, Any] = self.call(
             "join", {"token": token, "timeout": timeout}, timeout=timeout + 5
