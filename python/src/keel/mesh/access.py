@@ -86,6 +86,28 @@ def guard(handlers: Mapping[str, Handler], operators: Operators) -> dict[str, Ha
     }
 
 
+def agents_only(handlers: Mapping[str, Handler], agents: Agents) -> dict[str, Handler]:
+    """``handlers`` for the agents' socket: agents (and root) only, no administration.
+
+    The agents' socket is reachable by every local user (tier-2 sandboxes
+    hide ``/run/keel``), so a caller there that is no agent is refused rather
+    than taken for the node, as it is on the control socket.
+    """
+
+    def only(verb: str, handler: Handler) -> Handler:
+        async def check(args: dict[str, Any], peer: Peer) -> Any:
+            if peer.uid != 0 and agents.caller(peer).agent is None:
+                raise NotPermitted(
+                    f"this socket is for the node's agents, and uid {peer.uid} runs none: "
+                    "use the node's control socket (docs/mesh.md, Agents)"
+                )
+            return await handler(args, peer)
+
+        return check
+
+    return {verb: only(verb, h) for verb, h in handlers.items() if verb not in ADMIN_VERBS}
+
+
 class Agents:
     """The agents a node tells apart, and what each may do on the mesh."""
 

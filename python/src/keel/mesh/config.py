@@ -74,6 +74,7 @@ class MeshConfig:
     directory: Path  # the node's identity.key and state.db
     listen: tuple[str, int]
     settings: Settings
+    agent_socket: Path | None = None  # the agents' own socket (outside /run/keel), if any
 
 
 def load(path: Path) -> MeshConfig:
@@ -90,7 +91,10 @@ def parse(cfg: Section) -> MeshConfig:
         listen = parse_listen(text)
     except UsageError as exc:
         raise cfg.error("listen", str(exc)) from None
-    return MeshConfig(cfg.source, common, directory, listen, _settings(cfg))
+    agent_socket = cfg.filepath("agent_socket") if cfg.raw("agent_socket", None) else None
+    if agent_socket is not None and agent_socket == common.socket:
+        raise cfg.error("agent_socket", "must differ from socket")
+    return MeshConfig(cfg.source, common, directory, listen, _settings(cfg), agent_socket)
 
 
 def _settings(cfg: Section) -> Settings:

@@ -216,3 +216,37 @@ def test_refusals_reach_the_ledger_and_survive_a_restart(
         assert entry["subject"] == "scout"
         assert entry["data"]["verb"] == "send"
         assert entry["data"]["reason"] == first
+
+
+def test_the_agents_socket_serves_agents_only(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # Tier-2 sandboxes hide /run/keel: their agents connect on a socket of their own,
+    # open to every local user, where a caller that is no agent is refused.
+    b = mesh_nodes("b").start()
+    sock = short_tmp / "agents.sock"
+    config = {**FAST, "agents": agents(b.node_id), "agent_socket": str(sock)}
+    a = mesh_nodes("a", config=config).start()
+    b.join(a)
+    a.wait_connected(b)
+    short_tmp.chmod(0o755)
+    assert sock.stat().st_mode & 0o777 == 0o666
+
+    def over(uid: int, verb: str, args: dict[str, Any] | None = None) -> Any:
+        return json.loads(as_uid(uid, CALL, str(sock), verb, json.dumps(args or {})))
+
+    assert over(SCOUT, "whoami")["ok"]["agent"] == "scout"
+    assert "ok" in over(SCOUT, "send", {"to": b.node_id, "topic": "jobs", "data": payload("j")})
+    assert refused(over(STRANGER, "whoami")) == (
+        f"this socket is for the node's agents, and uid {STRANGER} runs none: "
+        "use the node's control socket (docs/mesh.md, Agents)"
+    )
+    assert "may not use topic" in refused(over(SCOUT, "recv", {"topic": "other"}))
+    # no administration there, whoever asks
+    kind, text = over(OPS, "invite")["error"]
+    assert kind == "BadRequest"
+    assert "invite" in text
+    assert [m.data for m in b.client.recv("jobs", wait=20)] == [b"j"]
+    b.client.ack()
+    a.stop()
+    assert not sock.exists()
