@@ -99,6 +99,17 @@ def register(subparsers: commands.Subcommands) -> None:
     p = command("peers", "list the mesh's members", _peers)
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = command(
+        "whoami",
+        "who the node takes you for: an agent (named by your uid) and its mesh grant, "
+        "or the node itself",
+        _whoami,
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("agents", "list the agents this node tells apart, with their mesh grants", _agents)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = command("send", "send DATA to a node; prints the message id", _send)
     p.add_argument("node", metavar="NODE_ID")
     p.add_argument("--topic", required=True, metavar="T")
@@ -358,6 +369,41 @@ def _peers(args: argparse.Namespace) -> int:
         for p in peers
     ]
     print_table(["id", "addresses", "connected", "last seen", "queued", "operator"], rows)
+    return 0
+
+
+def _grant_text(mesh: dict[str, Any] | None) -> tuple[str, str]:
+    """(send to, topics) of a grant for a table; None is the node: everything."""
+    if mesh is None:
+        return "* (the node)", "* (the node)"
+    return ",".join(mesh["sendTo"]) or "nobody", ",".join(mesh["topics"]) or "none"
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    me = _client(args).whoami()
+    if args.json:
+        print_json(me)
+        return 0
+    send_to, topics = _grant_text(me["mesh"])
+    print(f"node:      {me['node']}")
+    print(f"you are:   {me['caller']}" + (f", tier {me['tier']}" if me["tier"] is not None else ""))
+    print(f"send to:   {send_to}")
+    print(f"topics:    {topics}")
+    print(f"operator:  {'yes' if me['operator'] else 'no'}")
+    return 0
+
+
+def _agents(args: argparse.Namespace) -> int:
+    from keel.output import print_json, print_table
+
+    agents = _client(args).agents()
+    if args.json:
+        print_json(agents)
+        return 0
+    rows = [(a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"]) for a in agents]
+    print_table(["agent", "tier", "uid", "send to", "topics", "node"], rows)
     return 0
 
 

@@ -364,3 +364,25 @@ class RoomInfo(TypedDict):
 class RoomSent(TypedDict):
     id: str
     recipients: list[str]
+
+
+class WhoAmI(TypedDict):
+    """Who the node takes the caller for (``whoami``), from the kernel's credentials."""
+
+    node: str
+    caller: str  # "agent scout (uid 1001)", "root (pid 42)", "uid 1000 (not an agent)"
+    uid: int
+    agent: str | None  # None: no agent, the node itself
+    tier: int | None
+    mesh: dict[str, Any] | None  # the agent's grant {"sendTo", "topics"}; None: everything
+    operator: bool  # may use the administrative verbs
+
+
+class AgentInfo(TypedDict):
+    """An agent this node tells apart (``agents``)."""
+
+    agent: str
+    node: str
+    uid: int
+    tier: int
+    mesh: dict[str, Any]

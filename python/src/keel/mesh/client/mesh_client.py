@@ -104,6 +104,16 @@ class MeshClient:
         result: list[dict[str, Any]] = self.call("peers")
         return result
 
+    def whoami(self) -> dict[str, Any]:
+        """Who the node takes this process for: an agent (and its mesh grant), or the node."""
+        result: dict[str, Any] = self.call("whoami")
+        return result
+
+    def agents(self) -> list[dict[str, Any]]:
+        """The agents this node tells apart, with their mesh grants."""
+        result: list[dict[str, Any]] = self.call("agents")
+        return result
+
     def remove(self, node_id: str) -> None:
         """Revoke a node for good (this node must be an operator node of the mesh)."""
         self.call("remove", {"node": node_id})
