@@ -124,6 +124,7 @@ class Chat(Daemon):
         self.bot: str | None = None
         self.sent = 0
         self.failed = 0
+        self.sending = 0  # replies taken from the outbox whose Bot API call has not returned
         self.last_update: float | None = None  # wall clock
         self._ssl = ssl.create_default_context() if config.api.scheme == "https" else None
         self._jobs: set[asyncio.Task[None]] = set()
@@ -198,6 +199,7 @@ class Chat(Daemon):
             },
             "outbox": {
                 "queued": len(self.outbox),
+                "sending": self.sending,
                 "sent": self.sent,
                 "failed": self.failed,
                 "dropped": self.outbox.stats.dropped,
@@ -531,6 +533,13 @@ class Chat(Daemon):
             await self._deliver(item)
 
     async def _deliver(self, item: Outgoing) -> None:
+        self.sending += 1
+        try:
+            await self._deliver_now(item)
+        finally:
+            self.sending -= 1
+
+    async def _deliver_now(self, item: Outgoing) -> None:
         try:
             result = await self._call(item.method, item.params(), item=item)
         except TransportError as exc:

@@ -72,6 +72,7 @@ class Host:
                 self.api.pending_updates() == 0
                 and not self.chat._jobs
                 and len(self.chat.outbox) == 0
+                and self.chat.sending == 0  # taken from the outbox, its call not returned yet
             ),
             what="the bot to settle",
         )
