@@ -173,6 +173,15 @@ class Agents:
                 )
         return None
 
+    def refuse_delivery(self, agent: str, topic: str) -> str | None:
+        """Why a message from another node for ``agent`` on ``topic`` is refused here, or None."""
+        entry = self.entries.get(agent)
+        if entry is None:
+            return f"no agent {agent} on this node"
+        if not entry.mesh.covers(topic):
+            return f"agent {agent} does not take topic {topic!r} (its mesh.topics)"
+        return None
+
     def reads(self, caller: Caller) -> Callable[[str], bool] | None:
         """Which topics the caller may read (None: every topic, the node itself)."""
         grant = self.grant(caller)

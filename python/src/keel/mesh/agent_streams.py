@@ -35,10 +35,13 @@ class LocalStream:
 
     _numbers = itertools.count(1)
 
-    def __init__(self, writer: asyncio.StreamWriter, reads: Reads | None = None) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, reads: Reads | None = None, reader: str | None = None
+    ) -> None:
         self.number = next(self._numbers)
         self.writer = writer
         self.reads = reads  # the topics whose messages this stream may acknowledge (None: all)
+        self.reader = reader  # the agent on this stream (None: the node itself)
         self.closed = False
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -86,17 +89,18 @@ async def serve(
     submit: Submit,
     may_read: Callable[[str], str | None] | None = None,
     reads: Reads | None = None,
+    agent: str | None = None,
 ) -> None:
     """Frames from one agent until it hangs up (``keel.mesh.local`` has their form)."""
-    stream = LocalStream(writer, reads)
+    stream = LocalStream(writer, reads, agent)
     inbox.stream_opened(stream)
     subscribed = False
     try:
         while True:
             kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
             body = await reader.readexactly(length) if length else b""
-            if kind == Kind.SEND:
-                request, messages = local.decode_send(body)
+            if kind in (Kind.SEND, Kind.SEND_TO):
+                request, messages = local.decode_send(body, to_agents=kind == Kind.SEND_TO)
                 status, error = await submit(messages)
                 stream.write(local.encode_sent(request, status, error))
             elif kind == Kind.ACK:

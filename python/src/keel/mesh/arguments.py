@@ -18,7 +18,7 @@ from typing import Any, Final
 from keel.config import shorten
 from keel.errors import UsageError
 from keel.mesh import packets
-from keel.mesh.ids import check_topic, is_message_id, is_node_id, new_message_id
+from keel.mesh.ids import check_topic, is_message_id, is_node_id, new_message_id, parse_address
 
 MAX_TTL: Final = 10 * 365 * 86400  # s: ten years, for invites and messages
 MAX_RECEIPT: Final = (1 << 64) - 1
@@ -37,6 +37,14 @@ def node_id(args: Mapping[str, Any], key: str) -> str:
     if not is_node_id(value):
         raise UsageError(f"{key} {shorten(repr(value))} is not a node id")
     return value
+
+
+def address(args: Mapping[str, Any], key: str) -> tuple[str | None, str]:
+    """``NODE_ID`` or ``AGENT@NODE_ID`` -> (agent or None, node id)."""
+    try:
+        return parse_address(string(args, key))
+    except ValueError as exc:
+        raise UsageError(f"{key} {exc}") from None
 
 
 def number(

@@ -110,8 +110,10 @@ def register(subparsers: commands.Subcommands) -> None:
     p = command("agents", "list the agents this node tells apart, with their mesh grants", _agents)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("send", "send DATA to a node; prints the message id", _send)
-    p.add_argument("node", metavar="NODE_ID")
+    p = command("send", "send DATA to a node, or to an agent there; prints the message id", _send)
+    p.add_argument(
+        "node", metavar="NODE_ID|AGENT@NODE_ID", help="the node, or an agent on it (AGENT@NODE_ID)"
+    )
     p.add_argument("--topic", required=True, metavar="T")
     p.add_argument("data", metavar="DATA", help="the message; - reads it from stdin")
 
@@ -437,6 +439,8 @@ def _recv(args: argparse.Namespace) -> int:
                 }
                 if message.room:
                     line["room"] = message.room
+                if message.agent:
+                    line["agent"] = message.agent
                 try:
                     line["data"] = message.data.decode("utf-8")
                 except UnicodeDecodeError:

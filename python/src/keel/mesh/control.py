@@ -24,7 +24,7 @@ from keel.mesh.access import NotPermitted, guard
 from keel.mesh.config import Settings
 from keel.mesh.delivery import Backpressure
 from keel.mesh.identity import NodeIdentity
-from keel.mesh.ids import check_topic, is_node_id
+from keel.mesh.ids import check_topic, is_agent_name, is_node_id
 from keel.mesh.inbox import Inbox
 from keel.mesh.invite import InviteRecord, InviteToken, new_invite
 from keel.mesh.links import Links
@@ -294,20 +294,21 @@ class Control:
 
     # -- messages
 
-    def _message(
-        self, message_id: str, to: str, topic: str, payload: bytes, ttl: float | None
-    ) -> NewMessage:
+    def _message(self, r: verbs.Direct, caller: Caller) -> NewMessage:
+        """``r`` as a message from ``caller`` (its agent stamped, if it is one)."""
         node = self.node
-        verbs.recipient(node.members.view, node.me, to)
-        expires = node.wall() + (ttl if ttl is not None else node.settings.default_ttl)
-        return NewMessage(message_id, (to,), topic, payload, expires)
+        verbs.recipient(node.members.view, node.me, r.to)
+        expires = node.wall() + (r.ttl if r.ttl is not None else node.settings.default_ttl)
+        return NewMessage(
+            r.id, (r.to,), r.topic, r.payload, expires, agent=caller.agent, to=r.to_agent
+        )
 
     async def send(self, request: verbs.Direct, peer: Peer) -> verbs.Sent:
         self._member()
         r = request
         caller = self.agents.caller(peer)
         self._refuse(caller, "send", self.agents.refuse_send(caller, (r.to,), r.topic))
-        self.node.outbound.submit([self._message(r.id, r.to, r.topic, r.payload, r.ttl)])
+        self.node.outbound.submit([self._message(r, caller)])
         return {"id": r.id}
 
     async def send_many(self, request: verbs.SendMany, peer: Peer) -> verbs.SentMany:
@@ -315,7 +316,7 @@ class Control:
         caller = self.agents.caller(peer)
         for r in request.messages:
             self._refuse(caller, "send_many", self.agents.refuse_send(caller, (r.to,), r.topic))
-        messages = [self._message(r.id, r.to, r.topic, r.payload, r.ttl) for r in request.messages]
+        messages = [self._message(r, caller) for r in request.messages]
         self.node.outbound.submit(messages)
         return {"ids": [m.id for m in messages]}
 
@@ -325,13 +326,21 @@ class Control:
         self._refuse(caller, "recv", self.agents.refuse_topic(caller, request.topic))
         if request.ack:
             inbox.consume(request.ack, self.agents.reads(caller))
-        found = await inbox.recv(request.topic, request.max, wait=request.wait, lease=request.lease)
+        found = await inbox.recv(
+            request.topic,
+            request.max,
+            wait=request.wait,
+            lease=request.lease,
+            reader=caller.agent,
+        )
         return {
             "messages": [
                 {
                     "receipt": m.seq,
                     "id": m.id,
                     "from": m.sender,
+                    "agent": m.agent,
+                    "to": m.to,
                     "topic": m.topic,
                     "room": m.room,
                     "received": m.received,
@@ -371,6 +380,7 @@ class Control:
             submit=functools.partial(self._submit, caller),
             may_read=subscribing,
             reads=self.agents.reads(caller),
+            agent=caller.agent,
         )
         return Upgrade({"stream": 1, "node": self.node.me}, serve, buffer_size=local.SOCKET_BUFFER)
 
@@ -401,6 +411,8 @@ class Control:
                 verbs.recipient(self.node.members.view, self.node.me, entry.to)
                 self._refuse(caller, "send", agents.refuse_nodes(caller, (entry.to,)))
                 checked.add(entry.to)
+            if entry.to_agent is not None and not is_agent_name(entry.to_agent):
+                raise UsageError(f"{entry.to_agent!r} is not an agent's name")
             if entry.topic not in topics:
                 try:
                     topics.add(check_topic(entry.topic))
@@ -412,7 +424,15 @@ class Control:
             if ttl > arguments.MAX_TTL:
                 raise UsageError(f"ttl must be at most {arguments.MAX_TTL} s (ten years)")
             messages.append(
-                NewMessage(entry.id, (entry.to,), entry.topic, entry.payload, wall + ttl)
+                NewMessage(
+                    entry.id,
+                    (entry.to,),
+                    entry.topic,
+                    entry.payload,
+                    wall + ttl,
+                    agent=caller.agent,
+                    to=entry.to_agent,
+                )
             )
         return messages
 

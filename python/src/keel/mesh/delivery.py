@@ -86,9 +86,23 @@ class OutboxRow(NamedTuple):
     expires: float
     stamp: RoomStamp | None  # a room message's, the same for every recipient
     payload: bytes
+    agent: str | None = None  # the sending agent (None: the node itself)
+    to: str | None = None  # the agent it is for on the recipient (None: the node's topic)
 
     def __repr__(self) -> str:  # never the payload
         return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
+
+
+class Envelope(NamedTuple):
+    """What the pump needs of a queued message besides its :class:`Queued` (cached or stored)."""
+
+    payload: bytes
+    stamp: RoomStamp | None
+    agent: str | None = None
+    to: str | None = None
+
+    def __repr__(self) -> str:  # never the payload
+        return f"Envelope(agent={self.agent!r}, to={self.to!r})"
 
 
 class Incoming(NamedTuple):
@@ -98,6 +112,8 @@ class Incoming(NamedTuple):
     topic: str
     payload: bytes
     keep_until: float
+    agent: str | None = None  # the sending agent, as its node stamped it
+    to: str | None = None  # the agent of this node it is for (None: the topic's readers)
 
     def __repr__(self) -> str:  # never the payload
         return f"Incoming(sender={self.sender!r}, id={self.id!r}, topic={self.topic!r})"
@@ -111,6 +127,8 @@ class InboxMessage(NamedTuple):
     topic: str
     received: float
     payload: bytes
+    agent: str | None = None
+    to: str | None = None
 
     def __repr__(self) -> str:  # never the payload
         return f"InboxMessage(seq={self.seq}, id={self.id!r}, sender={self.sender!r})"

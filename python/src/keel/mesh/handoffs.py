@@ -105,6 +105,7 @@ class Window(NamedTuple):
     max_unacked: int
     max_bytes: int
     backlog: bool
+    reader: str | None = None  # the subscribing agent (None: the node itself)
 
 
 def has_room(pending: int, pending_bytes: int, max_unacked: int, max_bytes: int) -> bool:
@@ -115,6 +116,7 @@ def has_room(pending: int, pending_bytes: int, max_unacked: int, max_bytes: int)
 @dataclass(slots=True, eq=False)
 class _Stream:
     topic: str | None = None
+    reader: str | None = None  # the agent that subscribed (None: the node itself)
     max_unacked: int = 0
     max_bytes: int = 0
     backlog: bool = False  # the inbox may hold messages for it that it was not handed
@@ -166,12 +168,22 @@ class Handoffs:
         """A new stream (it subscribes later, or never: a sender)."""
         self._streams[stream] = _Stream()
 
-    def subscribe(self, stream: int, topic: str, *, max_unacked: int, max_bytes: int) -> None:
-        """``stream`` takes ``topic``'s messages from now on (once per stream)."""
+    def subscribe(
+        self,
+        stream: int,
+        topic: str,
+        *,
+        max_unacked: int,
+        max_bytes: int,
+        reader: str | None = None,
+    ) -> None:
+        """``stream`` takes ``topic``'s messages from now on (once per stream): those for no
+        agent and, if ``reader`` is an agent, those for it."""
         state = self._streams[stream]
         if state.topic is not None:
             raise LocalProtocolError("a stream subscribes once")
         state.topic = topic
+        state.reader = reader
         state.max_unacked = max(1, min(max_unacked, MAX_UNACKED))
         state.max_bytes = max(1, max_bytes)
         state.backlog = True
@@ -211,8 +223,18 @@ class Handoffs:
     def _window(self, stream: int) -> Window:
         state = self._streams[stream]
         return Window(
-            stream, len(state.held), state.bytes, state.max_unacked, state.max_bytes, state.backlog
+            stream,
+            len(state.held),
+            state.bytes,
+            state.max_unacked,
+            state.max_bytes,
+            state.backlog,
+            state.reader,
         )
+
+    def reader(self, stream: int) -> str | None:
+        """The agent that subscribed ``stream`` (None: the node itself)."""
+        return self._streams[stream].reader
 
     # -- handing out
 

@@ -30,6 +30,8 @@ NODE_ID_BYTES: Final = 20
 NODE_ID_RE: Final = re.compile(r"[a-z2-7]{32}")
 MESSAGE_ID_BYTES: Final = 16
 MAX_TOPIC: Final = 128
+MAX_AGENT: Final = 20  # an agent's name: keel-agent-<name> stays a 31-character user name
+_AGENT_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,19}")
 _MESSAGE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._:/@+=-]+")
 
@@ -44,6 +46,26 @@ def node_id_of(static_public: bytes) -> str:
 
 def is_node_id(text: object) -> bool:
     return isinstance(text, str) and NODE_ID_RE.fullmatch(text) is not None
+
+
+def is_agent_name(text: object) -> bool:
+    """An agent's name as the mesh carries it: 1 to 20 of ``[a-z0-9_-]``, a letter first."""
+    return isinstance(text, str) and _AGENT_RE.fullmatch(text) is not None
+
+
+def parse_address(text: str) -> tuple[str | None, str]:
+    """``NODE_ID`` or ``AGENT@NODE_ID`` -> (agent or None, node id); ``ValueError`` if neither."""
+    agent, sep, node = text.rpartition("@")
+    if not sep:
+        agent, node = "", text
+    elif not is_agent_name(agent):
+        raise ValueError(
+            f"{shorten(repr(text))}: the agent in AGENT@NODE_ID is 1 to {MAX_AGENT} of a-z, 0-9, "
+            "'_' and '-', starting with a letter"
+        )
+    if not is_node_id(node):
+        raise ValueError(f"{shorten(repr(text))} is not a node id (or AGENT@NODE_ID)")
+    return agent or None, node
 
 
 def new_message_id(

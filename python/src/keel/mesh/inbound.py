@@ -7,19 +7,22 @@ one ACK. For each message, in order:
 - a room message is checked (:func:`keel.mesh.rooms.check_message`): refused
   for good (``rejected``, with the reason), or not yet (``busy``: this node
   lacks the room version its author saw);
+- a message for an agent (``to``) is refused for good (``rejected``) if this
+  node has no such agent or the agent may not read its topic (``addressable``);
 - its dedup key is the author (the room message's author, else the peer) and
   the id; a copy of a message a local agent holds from memory is left
   unanswered (it is answered with the one held);
 - seen before (stored earlier, or earlier in this batch): ``ok``, nothing
   stored again; the inbox full: ``busy`` (the sender backs off);
-- new: handed straight to a subscriber of its topic that has room and no
-  backlog (answered once the agent took it: :mod:`keel.mesh.handoffs`), or
-  else stored (``store``) and answered ``ok``.
+- new: handed straight to a subscriber of its topic (the agent it is for,
+  if it names one) that has room and no backlog (answered once the agent
+  took it: :mod:`keel.mesh.handoffs`), or else stored (``store``) and
+  answered ``ok``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keel.mesh import rooms
@@ -29,6 +32,7 @@ from keel.mesh.membership import View
 from keel.mesh.packets import Msg
 
 Key = tuple[str, str]  # (author, message id)
+Addressable = Callable[[str, str], "str | None"]  # (agent, topic) -> why it cannot take it
 
 
 @dataclass
@@ -60,12 +64,15 @@ def plan(
     limits: InboxLimits,
     windows: Mapping[str, Sequence[Window]],
     wall: float,
+    addressable: Addressable | None = None,
 ) -> Plan:
     """Decide on ``messages`` from ``peer`` (see the module's docstring).
 
     ``seen``: the keys among them stored before; ``handed``: the keys of
     messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
-    ``windows``: the subscribers of the batch's topics.
+    ``windows``: the subscribers of the batch's topics; ``addressable``:
+    why a message for an agent cannot be taken (None: it can), None: no
+    agent here takes any.
     """
     out = Plan()
     count, size = inbox
@@ -82,6 +89,13 @@ def plan(
                 out.busy.append(msg.id)
                 continue
             author = msg.room.author
+        if msg.to is not None:
+            refusal = (
+                f"no agent {msg.to} here" if addressable is None else addressable(msg.to, msg.topic)
+            )
+            if refusal is not None:
+                out.rejected.append((msg.id, refusal))
+                continue
         key = (author, msg.id)
         if key in handed:
             continue
@@ -106,8 +120,10 @@ def plan(
             msg.topic,
             msg.payload,
             keep_seen_until(msg.expires, wall, limits),
+            msg.agent,
+            msg.to,
         )
-        stream = takers.take(msg.topic, len(msg.payload)) if windows else None
+        stream = takers.take(msg.topic, len(msg.payload), msg.to) if windows else None
         if stream is not None:
             out.hand.append((stream, item))
             continue
@@ -128,10 +144,11 @@ class _Takers:
         self.windows = windows
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
-    def take(self, topic: str, size: int) -> int | None:
-        """The first subscriber of ``topic`` with room and no backlog, charged ``size``."""
+    def take(self, topic: str, size: int, to: str | None = None) -> int | None:
+        """The first subscriber of ``topic`` (the agent ``to``, if not None) with room and no
+        backlog, charged ``size``."""
         for window in self.windows.get(topic, ()):
-            if window.backlog:
+            if window.backlog or (to is not None and window.reader != to):
                 continue
             held = self.held.get(window.stream)
             if held is None:

@@ -51,8 +51,10 @@ class Inbox:
         record: Record | None,
         clock: Callable[[], float],
         wall: Callable[[], float],
+        addressable: inbound.Addressable | None = None,
     ) -> None:
         self.store = store
+        self.addressable = addressable  # why a message for an agent cannot be taken here
         self.handoffs = handoffs
         self.limits = limits
         self.lease = lease
@@ -95,10 +97,11 @@ class Inbox:
             limits=self.limits,
             windows=self.handoffs.windows({m.topic for m in messages}),
             wall=wall,
+            addressable=self.addressable,
         )
         for message_id, reason in plan.rejected:
             log.warning(
-                "mesh: refusing room message %s from %s: %s", message_id, link.describe(), reason
+                "mesh: refusing message %s from %s: %s", message_id, link.describe(), reason
             )
         ok = plan.ok
         if plan.store:
@@ -147,12 +150,19 @@ class Inbox:
     # -- recv and ack (the JSON verbs)
 
     async def recv(
-        self, topic: str, limit: int, *, wait: float, lease: float | None
+        self,
+        topic: str,
+        limit: int,
+        *,
+        wait: float,
+        lease: float | None,
+        reader: str | None = None,
     ) -> list[InboxMessage]:
-        """Up to ``limit`` messages on ``topic``, waiting up to ``wait`` s for one; leased."""
+        """Up to ``limit`` messages on ``topic`` for ``reader`` (an agent; None: the node),
+        waiting up to ``wait`` s for one; leased."""
         deadline = self.clock() + wait
         while True:
-            found = self.store.take(topic, limit, self.handoffs.holding())
+            found = self.store.take(topic, limit, self.handoffs.holding(), reader)
             remaining = deadline - self.clock()
             if found or remaining <= 0:
                 break
@@ -187,7 +197,13 @@ class Inbox:
         self.handoffs.open(stream.number)
 
     def subscribe(self, stream: LocalStream, topic: str, max_unacked: int, max_bytes: int) -> None:
-        self.handoffs.subscribe(stream.number, topic, max_unacked=max_unacked, max_bytes=max_bytes)
+        self.handoffs.subscribe(
+            stream.number,
+            topic,
+            max_unacked=max_unacked,
+            max_bytes=max_bytes,
+            reader=stream.reader,
+        )
         self._fill(stream)
         stream.flush(always=True)  # the answer: subscribed (with whatever waited)
 
@@ -227,7 +243,7 @@ class Inbox:
         ):
             room = handoffs.room(number)
             try:
-                found = self.store.take(topic, room, handoffs.holding())
+                found = self.store.take(topic, room, handoffs.holding(), handoffs.reader(number))
             except StateError as exc:
                 state_failed(f"cannot read the inbox for a subscriber of {topic}", exc)
                 return
@@ -242,6 +258,7 @@ class Inbox:
                     received=message.received,
                     room=message.room,
                     size=len(message.payload),
+                    agent=message.agent,
                 )
                 stream.deliver(head, message.payload)
             if not found:
@@ -346,4 +363,5 @@ def _head(receipt_number: int, item: Incoming, received: float) -> bytes:
         received=received,
         room=item.room,
         size=len(item.payload),
+        agent=item.agent,
     )

@@ -12,6 +12,10 @@ Agent to daemon:
     0x01 SEND       request: u32 || entries, each
                     id (16) || to (32, ASCII node id) || ttl_ms: u64 (0: the daemon's default)
                     || topic_length: u8 || topic || size: u32 || payload
+    0x04 SEND_TO    as SEND, each entry with the agent it is for after ttl_ms:
+                    ... || ttl_ms: u64 || agent_length: u8 (0: none) || agent || topic_length ...
+                    (to send to AGENT@NODE; the sending agent is never in a frame: the
+                    daemon knows it from the socket's credentials)
     0x02 SUBSCRIBE  max_unacked: u32 || max_bytes: u32 || topic_length: u8 || topic   (once;
                     answered with a DELIVER frame, empty if nothing waits)
     0x03 ACK        receipts, u64 each: handled, delete them
@@ -25,7 +29,9 @@ Daemon to agent:
                     more from that stream, so a pipelining agent slows to the mesh's pace.
     0x82 DELIVER    entries, each
                     receipt: u64 || id (16) || from (32) || received: f64 (Unix seconds)
-                    || flags: u8 (bit 0: room) || room (16, if flags bit 0) || size: u32 || payload
+                    || flags: u8 (bit 0: room; bit 1: agent) || room (16, if flags bit 0)
+                    || agent_length: u8 || agent (the sending agent, if flags bit 1)
+                    || size: u32 || payload
     0x83 ERROR      UTF-8 text; the daemon then closes the connection. Text that
                     starts "refused: " says the agent may not do what it asked (a
                     SUBSCRIBE to a topic beyond its mesh grant); other text, that a
@@ -62,6 +68,7 @@ _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
 _RECEIPT = struct.Struct(">Q")
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
+FLAG_AGENT: Final = 0x02
 REFUSED: Final = "refused: "  # an ERROR text with this prefix: not permitted, not malformed
 STREAM_RECEIPTS: Final = 1 << 63  # receipts from here on are valid on their stream only
 
@@ -70,6 +77,7 @@ class Kind(enum.IntEnum):
     SEND = 0x01
     SUBSCRIBE = 0x02
     ACK = 0x03
+    SEND_TO = 0x04
     SENT = 0x81
     DELIVER = 0x82
     ERROR = 0x83
@@ -87,6 +95,7 @@ class SendEntry(NamedTuple):
     topic: str
     payload: bytes
     ttl_ms: int = 0
+    to_agent: str | None = None  # the agent on node ``to`` it is for (a SEND_TO frame)
 
     def __repr__(self) -> str:  # never the payload
         return f"SendEntry(id={self.id!r}, to={self.to!r}, topic={self.topic!r})"
@@ -99,6 +108,7 @@ class Delivered(NamedTuple):
     received: float
     room: str | None
     payload: bytes
+    agent: str | None = None  # the sending agent, as its node stamped it
 
     def __repr__(self) -> str:  # never the payload
         return f"Delivered(receipt={self.receipt}, id={self.id!r}, sender={self.sender!r})"
@@ -128,34 +138,42 @@ def _ascii(raw: bytes, what: str) -> str:
 # ---------------------------------------------------------------- SEND
 
 
-def send_entry_head(message: SendEntry) -> bytes:
-    """A SEND entry up to its payload (the entry is this head, then ``message.payload``)."""
+def send_entry_head(message: SendEntry, *, to_agents: bool = False) -> bytes:
+    """A SEND entry up to its payload (the entry is this head, then ``message.payload``);
+    ``to_agents``: in the form of a SEND_TO frame."""
     topic = message.topic.encode("ascii")
     to = message.to.encode("ascii")
     if len(to) != 32 or not 0 < len(topic) < 256 or len(message.id) != 32:
         raise LocalStreamError("to must be a node id, topic 1 to 255 ASCII characters")
-    return b"".join(
-        (
-            _SEND_HEAD.pack(bytes.fromhex(message.id), to, message.ttl_ms, len(topic)),
-            topic,
-            _SIZE.pack(len(message.payload)),
-        )
-    )
+    raw_id = bytes.fromhex(message.id)
+    if not to_agents:
+        if message.to_agent is not None:
+            raise LocalStreamError("a message for an agent goes in a SEND_TO frame")
+        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(topic))
+    else:  # the agent's length and name, then the topic's length
+        agent = (message.to_agent or "").encode("ascii")
+        if len(agent) > 255:
+            raise LocalStreamError("an agent's name is at most 255 ASCII characters")
+        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(agent)) + agent
+        head += bytes([len(topic)])
+    return b"".join((head, topic, _SIZE.pack(len(message.payload))))
 
 
-def send_entry(message: SendEntry) -> bytes:
-    return send_entry_head(message) + message.payload
+def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
+    return send_entry_head(message, to_agents=to_agents) + message.payload
 
 
-def encode_send(request: int, entries: Sequence[bytes]) -> bytes:
-    """A SEND frame from ``send_entry`` results (or their pieces, in order: joined once)."""
+def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = False) -> bytes:
+    """A SEND (``to_agents``: SEND_TO) frame from ``send_entry`` results (or their pieces,
+    in order: joined once)."""
     size = _REQUEST.size + sum(len(e) for e in entries)
     if size > MAX_FRAME:
         raise LocalStreamError(f"a frame body carries at most {MAX_FRAME} bytes")
-    return b"".join((FRAME.pack(Kind.SEND, size), _REQUEST.pack(request), *entries))
+    kind = Kind.SEND_TO if to_agents else Kind.SEND
+    return b"".join((FRAME.pack(kind, size), _REQUEST.pack(request), *entries))
 
 
-def decode_send(body: bytes) -> tuple[int, list[SendEntry]]:
+def decode_send(body: bytes, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
     if len(body) < _REQUEST.size:
         raise LocalStreamError("SEND without a request number")
     (request,) = _REQUEST.unpack_from(body)
@@ -166,6 +184,15 @@ def decode_send(body: bytes) -> tuple[int, list[SendEntry]]:
         while at < end:
             raw_id, to, ttl_ms, topic_length = _SEND_HEAD.unpack_from(body, at)
             at += _SEND_HEAD.size
+            to_agent = None
+            if to_agents:  # what was read as the topic's length is the agent's
+                if topic_length:
+                    to_agent = _ascii(body[at : at + topic_length], "agent")
+                    if len(to_agent) != topic_length:
+                        raise LocalStreamError("SEND_TO entry runs past the frame's end")
+                at += topic_length
+                topic_length = body[at]
+                at += 1
             topic = _ascii(body[at : at + topic_length], "topic")
             at += topic_length
             (size,) = _SIZE.unpack_from(body, at)
@@ -174,8 +201,8 @@ def decode_send(body: bytes) -> tuple[int, list[SendEntry]]:
                 raise LocalStreamError("SEND entry runs past the frame's end")
             payload = bytes(view[at : at + size])
             at += size
-            out.append(SendEntry(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms))
-    except struct.error:
+            out.append(SendEntry(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms, to_agent))
+    except (struct.error, IndexError):
         raise LocalStreamError("SEND entry runs past the frame's end") from None
     finally:
         view.release()
@@ -239,23 +266,46 @@ def decode_ack(body: bytes) -> tuple[int, ...]:
 
 
 def deliver_entry_head(
-    receipt: int, message_id: str, *, sender: str, received: float, room: str | None, size: int
+    receipt: int,
+    message_id: str,
+    *,
+    sender: str,
+    received: float,
+    room: str | None,
+    size: int,
+    agent: str | None = None,
 ) -> bytes:
     """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
-    flags = FLAG_ROOM if room is not None else 0
+    flags = (FLAG_ROOM if room is not None else 0) | (FLAG_AGENT if agent is not None else 0)
     head = _DELIVER_HEAD.pack(
         receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
     )
     if room is not None:
         head += bytes.fromhex(room)
+    if agent is not None:
+        name = agent.encode("ascii")
+        head += bytes([len(name)]) + name
     return head + _SIZE.pack(size)
 
 
 def deliver_entry(
-    receipt: int, message_id: str, *, sender: str, received: float, room: str | None, payload: bytes
+    receipt: int,
+    message_id: str,
+    *,
+    sender: str,
+    received: float,
+    room: str | None,
+    payload: bytes,
+    agent: str | None = None,
 ) -> bytes:
     head = deliver_entry_head(
-        receipt, message_id, sender=sender, received=received, room=room, size=len(payload)
+        receipt,
+        message_id,
+        sender=sender,
+        received=received,
+        room=room,
+        size=len(payload),
+        agent=agent,
     )
     return head + payload
 
@@ -267,17 +317,23 @@ def decode_deliver(body: bytes) -> Iterator[Delivered]:
         while at < end:
             receipt, raw_id, sender, received, flags = _DELIVER_HEAD.unpack_from(body, at)
             at += _DELIVER_HEAD.size
-            room = None
+            room = agent = None
             if flags & FLAG_ROOM:
                 room = body[at : at + 16].hex()
                 at += 16
+            if flags & FLAG_AGENT:
+                length = body[at]
+                agent = _ascii(body[at + 1 : at + 1 + length], "agent")
+                at += 1 + length
             (size,) = _SIZE.unpack_from(body, at)
             at += _SIZE.size
             if at + size > end:
                 raise LocalStreamError("DELIVER entry runs past the frame's end")
             payload = bytes(view[at : at + size])
             at += size
-            yield Delivered(receipt, raw_id.hex(), _ascii(sender, "from"), received, room, payload)
+            yield Delivered(
+                receipt, raw_id.hex(), _ascii(sender, "from"), received, room, payload, agent
+            )
     except struct.error:
         raise LocalStreamError("DELIVER entry runs past the frame's end") from None
     finally:

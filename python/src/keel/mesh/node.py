@@ -167,6 +167,7 @@ class MeshNode(Daemon):
             record=metadata,
             clock=self.clock,
             wall=self.wall,
+            addressable=self.settings.agents.refuse_delivery,
         )
         self._opened.callback(self.inbox.close)
         self.outbound.load()
@@ -353,7 +354,9 @@ class MeshNode(Daemon):
         if not kept:
             return
         remote = link.session.remote
-        link.batching = remote is not None and parse_hello(remote.extra).app >= 2
+        app = parse_hello(remote.extra).app if remote is not None else 1
+        link.batching = app >= 2
+        link.agents = app >= packets.AGENTS_REVISION
         for address in addresses:
             self.dialer.learn(peer, address)
         self._touch(peer)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from keel.mesh import packets
-from keel.mesh.delivery import Backpressure, Outbox, OutboxRow, Queued
+from keel.mesh.delivery import Backpressure, Envelope, Outbox, OutboxRow, Queued
 from keel.mesh.packets import Msg, RoomStamp
 from keel.mesh.peer_link import Batch, PeerLink
 from keel.mesh.store import StateError, Store, state_failed
@@ -42,6 +42,8 @@ class NewMessage(NamedTuple):
     payload: bytes
     expires: float  # Unix seconds
     stamp: RoomStamp | None = None
+    agent: str | None = None  # the sending agent (None: the node itself)
+    to: str | None = None  # the agent it is for on each recipient (None: the topic's readers)
 
     def __repr__(self) -> str:  # never the payload
         return (
@@ -69,7 +71,7 @@ class Outbound:
         self.clock = clock
         self.wall = wall
         self.room = asyncio.Event()  # set whenever messages leave the outbox
-        self._payloads: dict[int, tuple[bytes, RoomStamp | None]] = {}
+        self._payloads: dict[int, Envelope] = {}
         self._payload_bytes = 0
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
@@ -114,6 +116,8 @@ class Outbound:
                 m.expires,
                 m.stamp,
                 m.payload,
+                m.agent,
+                m.to,
             )
             for m in messages
             for peer in m.recipients
@@ -123,7 +127,7 @@ class Outbound:
             if item is None:
                 continue  # the same id for the same peer is queued already: a retried send
             self.outbox.add(item, check=False)
-            self._remember(item.seq, row.payload, row.stamp)
+            self._remember(item.seq, Envelope(row.payload, row.stamp, row.agent, row.to))
             if self.record is not None:
                 self.record("sent", item.id, metadata(self.me, item))
         self.pump()  # now, not on the next turn of the loop: the frames leave before the reply
@@ -175,13 +179,19 @@ class Outbound:
         if due.expired:
             self.dead_letter(due.expired, "expired")
         batches: dict[str, Batch] = {}
+        too_old: list[Queued] = []
         for item in due.sends:
             link = self.links.get(item.peer)
             stored = self._payload(item.seq)
             if link is None or stored is None:
                 continue
-            payload, stamp = stored
-            message = Msg(item.id, item.topic, int(item.expires), payload, stamp)
+            payload, stamp, agent, to = stored
+            if not link.agents:  # a peer from before revision 3 reads no agent fields
+                if to is not None:
+                    too_old.append(item)
+                    continue
+                agent = None  # it sees the message as the node's, as it always did
+            message = Msg(item.id, item.topic, int(item.expires), payload, stamp, agent, to)
             if link.batching and packets.batchable(message):
                 batch = batches.get(item.peer)
                 if batch is None:
@@ -189,6 +199,13 @@ class Outbound:
                 batch.add(message)
             else:
                 link.send_packet(packets.encode(message))
+        if too_old:
+            seqs = {item.seq for item in too_old}
+            self.drop(
+                lambda queued: queued.seq not in seqs,
+                "the recipient's keel is too old for messages to an agent (application "
+                f"revision {packets.AGENTS_REVISION}): upgrade it, or send to its topic",
+            )
         for batch in batches.values():
             batch.flush()
         for peer in {item.peer for item in due.sends}:
@@ -241,16 +258,16 @@ class Outbound:
 
     # -- the payload cache
 
-    def _payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
+    def _payload(self, seq: int) -> Envelope | None:
         cached = self._payloads.get(seq)
         if cached is not None:
             return cached
         return self.store.outbox_payload(seq)
 
-    def _remember(self, seq: int, payload: bytes, stamp: RoomStamp | None) -> None:
-        if self._payload_bytes + len(payload) <= PAYLOAD_CACHE_BYTES:
-            self._payloads[seq] = (payload, stamp)
-            self._payload_bytes += len(payload)
+    def _remember(self, seq: int, envelope: Envelope) -> None:
+        if self._payload_bytes + len(envelope.payload) <= PAYLOAD_CACHE_BYTES:
+            self._payloads[seq] = envelope
+            self._payload_bytes += len(envelope.payload)
 
     def _forget(self, seq: int) -> None:
         cached = self._payloads.pop(seq, None)

@@ -9,7 +9,9 @@ Every ``Message`` a ``Session`` delivers holds exactly one packet::
 
     0x10 MSG      an application message; header {"id","topic","exp"} for a
                   direct message, plus {"room","from","rv","sig"} for a room
-                  message; body = the payload
+                  message, plus "agent" (the sending agent) and/or "to" (the
+                  receiving agent) when agents are named (revision 3);
+                  body = the payload
     0x11 ACK      {"ok": [ids], "busy": [ids], "rejected": [{"id","reason"}]}
     0x12 RECORDS  {"records": [record, ...]} (membership and room records)
     0x13 MSGS     several MSGs in binary, no header (application revision 2,
@@ -33,14 +35,23 @@ from keel.config import parse_json
 from keel.errors import ConfigError
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import LocalProtocolError, RemoteProtocolError
-from keel.mesh.ids import MESSAGE_ID_BYTES, SIGNATURE_SIZE, check_topic, is_message_id, is_node_id
+from keel.mesh.ids import (
+    MAX_AGENT,
+    MESSAGE_ID_BYTES,
+    SIGNATURE_SIZE,
+    check_topic,
+    is_agent_name,
+    is_message_id,
+    is_node_id,
+)
 
 HEADER_LENGTH_SIZE: Final = 2
 MAX_HEADER: Final = 65535
 MAX_PAYLOAD: Final = 960 * 1024  # a packet stays under the session's 1 MiB message limit
 MAX_ACK_IDS: Final = 4096
 MAX_REASON: Final = 200
-APP_REVISION: Final = 2  # the application-layer revision this node speaks (MSGS is revision 2)
+APP_REVISION: Final = 3  # the application-layer revision this node speaks (MSGS: 2, agents: 3)
+AGENTS_REVISION: Final = 3  # the revision from which MSG and MSGS may name agents
 MAX_BATCH_MESSAGES: Final = 4096  # per MSGS packet: what one ACK list may answer
 MAX_BATCH_BYTES: Final = 1 << 20  # a MSGS packet is one session message
 MAX_EXPIRY: Final = (1 << 64) - 1  # exp and rv are u64 in MSGS
@@ -76,10 +87,13 @@ class Msg(NamedTuple):
     expires: int  # Unix seconds, sender's clock
     payload: bytes
     room: RoomStamp | None = None
+    agent: str | None = None  # the sending agent, stamped by the sending node
+    to: str | None = None  # the agent it is for on the receiving node (None: the node's topic)
 
     def __repr__(self) -> str:  # never the payload
         return (
-            f"Msg(id={self.id!r}, topic={self.topic!r}, expires={self.expires}, room={self.room!r})"
+            f"Msg(id={self.id!r}, topic={self.topic!r}, expires={self.expires}, room={self.room!r}"
+            f", agent={self.agent!r}, to={self.to!r})"
         )
 
 
@@ -124,6 +138,8 @@ def encode(packet: Packet) -> bytes:
         # Every field is a number or a string of [A-Za-z0-9._:/@+=-], so this
         # formatting is the canonical JSON (sorted keys, no whitespace) itself.
         room = packet.room
+        if packet.agent is not None or packet.to is not None:
+            return _pack(PacketType.MSG, _msg_header(packet), packet.payload)
         if room is None:
             text = f'{{"exp":{packet.expires},"id":"{packet.id}","topic":"{packet.topic}"}}'
         else:
@@ -148,11 +164,31 @@ def encode(packet: Packet) -> bytes:
     return _pack(PacketType.RECORDS, {"records": list(packet.records)})
 
 
-# MSGS entries: flags, id, exp; room, from, rv, sig (room messages only); topic; payload.
+def _msg_header(message: Msg) -> dict[str, Any]:
+    header: dict[str, Any] = {"id": message.id, "topic": message.topic, "exp": message.expires}
+    room = message.room
+    if room is not None:
+        header.update(
+            room=room.room,
+            rv=room.version,
+            sig=b64u_encode(room.signature),
+            **{"from": room.author},
+        )
+    if message.agent is not None:
+        header["agent"] = message.agent
+    if message.to is not None:
+        header["to"] = message.to
+    return header
+
+
+# MSGS entries: flags, id, exp; room, from, rv, sig (room messages only); the agents
+# (flag 0x02: sending agent and receiving agent, each a u8 length and ASCII, 0: none);
+# topic; payload.
 _ENTRY = struct.Struct(">B16sQ")
 _ROOM = struct.Struct(">16s32sQ64s")
 _LENGTH = struct.Struct(">I")
 _FLAG_ROOM = 0x01
+_FLAG_AGENTS = 0x02
 MSGS_HEADER: Final = bytes([PacketType.MSGS, 0, 0])  # type, then an empty header
 
 
@@ -170,12 +206,17 @@ def msgs_entry_head(message: Msg) -> bytes:
     """A MSGS entry up to its payload (the entry is this head, then ``message.payload``)."""
     topic = message.topic.encode("ascii")
     room = message.room
-    if room is None:
-        head = _ENTRY.pack(0, bytes.fromhex(message.id), message.expires)
-    else:
-        head = _ENTRY.pack(_FLAG_ROOM, bytes.fromhex(message.id), message.expires) + _ROOM.pack(
+    agents = message.agent is not None or message.to is not None
+    flags = (_FLAG_ROOM if room is not None else 0) | (_FLAG_AGENTS if agents else 0)
+    head = _ENTRY.pack(flags, bytes.fromhex(message.id), message.expires)
+    if room is not None:
+        head += _ROOM.pack(
             bytes.fromhex(room.room), room.author.encode("ascii"), room.version, room.signature
         )
+    if agents:
+        sender = (message.agent or "").encode("ascii")
+        to = (message.to or "").encode("ascii")
+        head += b"".join((bytes([len(sender)]), sender, bytes([len(to)]), to))
     return b"".join((head, bytes([len(topic)]), topic, _LENGTH.pack(len(message.payload))))
 
 
@@ -268,9 +309,15 @@ def _int(value: object, what: str, minimum: int = 0) -> int:
     return value
 
 
+def _agent(value: object, what: str) -> str:
+    if not is_agent_name(value):
+        raise _bad(f"{what} must be an agent name (1 to {MAX_AGENT} of a-z, 0-9, '_', '-')")
+    return str(value)
+
+
 def _decode_msg(header: Mapping[str, Any], body: bytes) -> Msg:
     room_keys = {"room", "from", "rv", "sig"}
-    _keys(header, "MSG", {"id", "topic", "exp"}, room_keys)
+    _keys(header, "MSG", {"id", "topic", "exp"}, room_keys | {"agent", "to"})
     if not is_message_id(header["id"]):
         raise _bad("MSG id must be 32 lowercase hex digits")
     try:
@@ -293,7 +340,9 @@ def _decode_msg(header: Mapping[str, Any], body: bytes) -> Msg:
         except ValueError as exc:
             raise _bad(str(exc)) from None
         stamp = RoomStamp(header["room"], header["from"], _int(header["rv"], "rv", 1), signature)
-    return Msg(header["id"], topic, _int(header["exp"], "exp"), bytes(body), stamp)
+    agent = _agent(header["agent"], "MSG agent") if "agent" in header else None
+    to = _agent(header["to"], "MSG to") if "to" in header else None
+    return Msg(header["id"], topic, _int(header["exp"], "exp"), bytes(body), stamp, agent, to)
 
 
 _valid_topics: dict[bytes, str] = {}
@@ -327,7 +376,11 @@ def _decode_msgs(data: bytes) -> Msgs:
             flags, raw_id, expires = _ENTRY.unpack_from(data, at)
             at += _ENTRY.size
             stamp = None
-            if flags == _FLAG_ROOM:
+            if flags & ~(_FLAG_ROOM | _FLAG_AGENTS):
+                raise _bad(
+                    f"MSGS entry flags 0x{flags:02x} (only bits 0, room, and 1, agents, are defined)"
+                )
+            if flags & _FLAG_ROOM:
                 room, author, version, signature = _ROOM.unpack_from(data, at)
                 at += _ROOM.size
                 author_id = author.decode("ascii", errors="replace")
@@ -336,8 +389,12 @@ def _decode_msgs(data: bytes) -> Msgs:
                 if version < 1:
                     raise _bad("MSGS entry rv must be an integer >= 1")
                 stamp = RoomStamp(room.hex(), author_id, version, signature)
-            elif flags:
-                raise _bad(f"MSGS entry flags 0x{flags:02x} (only bit 0, room, is defined)")
+            agent = to = None
+            if flags & _FLAG_AGENTS:
+                agent, at = _entry_agent(data, at, "agent")
+                to, at = _entry_agent(data, at, "to")
+                if agent is None and to is None:
+                    raise _bad("MSGS entry with the agents flag names no agent")
             topic_length = data[at]
             topic = _topic(data[at + 1 : at + 1 + topic_length])
             at += 1 + topic_length
@@ -349,7 +406,7 @@ def _decode_msgs(data: bytes) -> Msgs:
                 raise _bad("MSGS entry runs past the packet's end")
             payload = bytes(view[at : at + size])
             at += size
-            messages.append(Msg(raw_id.hex(), topic, expires, payload, stamp))
+            messages.append(Msg(raw_id.hex(), topic, expires, payload, stamp, agent, to))
     except (struct.error, IndexError):
         raise _bad("MSGS entry runs past the packet's end") from None
     finally:
@@ -357,6 +414,19 @@ def _decode_msgs(data: bytes) -> Msgs:
     if not messages:
         raise _bad("MSGS holds no message")
     return Msgs(tuple(messages))
+
+
+def _entry_agent(data: bytes, at: int, what: str) -> tuple[str | None, int]:
+    """An agent field of a MSGS entry (u8 length, ASCII; 0: none) and where the next begins."""
+    length = data[at]
+    if not length:
+        return None, at + 1
+    name = data[at + 1 : at + 1 + length].decode("ascii", errors="replace")
+    if len(name) != length or not is_agent_name(name):
+        raise _bad(
+            f"MSGS entry {what} must be an agent name (1 to {MAX_AGENT} of a-z, 0-9, '_', '-')"
+        )
+    return name, at + 1 + length
 
 
 def _ids(value: object, what: str) -> tuple[str, ...]:

@@ -89,6 +89,7 @@ class PeerLink(asyncio.Protocol):
         self.registered = False
         self.closing = False
         self.batching = False  # the peer takes MSGS packets (application revision >= 2)
+        self.agents = False  # the peer reads agent fields (application revision >= 3)
         self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from keel.errors import KeelError
-from keel.mesh.delivery import InboxMessage, Incoming, OutboxRow, Queued
+from keel.mesh.delivery import Envelope, InboxMessage, Incoming, OutboxRow, Queued
 from keel.mesh.invite import InviteRecord
 from keel.mesh.membership import SignedRecord
 from keel.mesh.packets import RoomStamp
 
 log = logging.getLogger("keel.mesh")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: agent and to_agent in outbox and inbox (1 is migrated)
 PAGE_SIZE = 8192  # new databases only; an existing file keeps its own
 CHECKPOINT_BYTES = 8 << 20  # the checkpoint thread copies the log once it is this big
 CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
@@ -55,10 +55,11 @@ CREATE TABLE IF NOT EXISTS invites (
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, peer TEXT NOT NULL,
     room TEXT, topic TEXT NOT NULL, expires REAL NOT NULL, created REAL NOT NULL,
-    stamp TEXT, payload BLOB NOT NULL, UNIQUE (peer, id));
+    stamp TEXT, payload BLOB NOT NULL, agent TEXT, to_agent TEXT, UNIQUE (peer, id));
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, sender TEXT NOT NULL,
-    room TEXT, topic TEXT NOT NULL, received REAL NOT NULL, payload BLOB NOT NULL);
+    room TEXT, topic TEXT NOT NULL, received REAL NOT NULL, payload BLOB NOT NULL,
+    agent TEXT, to_agent TEXT);
 CREATE INDEX IF NOT EXISTS inbox_by_topic ON inbox (topic, seq);
 CREATE TABLE IF NOT EXISTS seen (
     sender TEXT NOT NULL, id TEXT NOT NULL, keep_until REAL NOT NULL,
@@ -85,8 +86,9 @@ class _Duplicates(Exception):
 
 
 _INSERT_OUTBOX = (
-    "INSERT INTO outbox (seq, id, peer, room, topic, expires, created, stamp, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox "
+    "(seq, id, peer, room, topic, expires, created, stamp, payload, agent, to_agent) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -121,6 +123,8 @@ def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[
                 created,
                 text,
                 item.payload,
+                item.agent,
+                item.to,
             )
         )
     return rows
@@ -191,6 +195,15 @@ class Store:
         self._checkpointer = _Checkpointer(path)
 
     def _migrate(self) -> None:
+        old = None
+        if self._has_meta():
+            old = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if old is not None and old[0] == "1":
+            with self._db:  # one transaction: both tables gain the agents' columns
+                for table in ("outbox", "inbox"):
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN agent TEXT")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN to_agent TEXT")
+                self._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
         self._db.executescript(SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
@@ -201,6 +214,12 @@ class Store:
             raise StateError(
                 f"{self.path}: state schema version {row[0]}, this keel reads {SCHEMA_VERSION}"
             )
+
+    def _has_meta(self) -> bool:
+        found = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        return found is not None
 
     def close(self) -> None:
         self._checkpointer.stop()
@@ -396,12 +415,15 @@ class Store:
         return [Queued(*row) for row in rows]
 
     @_state_errors
-    def outbox_payload(self, seq: int) -> tuple[bytes, RoomStamp | None] | None:
-        """A queued message's payload and room stamp (None once it is gone)."""
-        row = self._db.execute("SELECT payload, stamp FROM outbox WHERE seq = ?", (seq,)).fetchone()
+    def outbox_payload(self, seq: int) -> Envelope | None:
+        """A queued message's payload, room stamp and agents (None once it is gone)."""
+        row = self._db.execute(
+            "SELECT payload, stamp, agent, to_agent FROM outbox WHERE seq = ?", (seq,)
+        ).fetchone()
         if row is None:
             return None
-        return bytes(row[0]), None if row[1] is None else _stamp_from_text(row[1])
+        stamp = None if row[1] is None else _stamp_from_text(row[1])
+        return Envelope(bytes(row[0]), stamp, row[2], row[3])
 
     @_state_errors
     def delivered(self, items: Sequence[Queued]) -> None:
@@ -445,9 +467,9 @@ class Store:
                 [(i.sender, i.id, i.keep_until) for i in items],
             )
             db.executemany(
-                "INSERT INTO inbox (id, sender, room, topic, received, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(i.id, i.sender, i.room, i.topic, wall, i.payload) for i in items],
+                "INSERT INTO inbox (id, sender, room, topic, received, payload, agent, to_agent) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i.id, i.sender, i.room, i.topic, wall, i.payload, i.agent, i.to) for i in items],
             )
             (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()
         return list(range(last - len(items) + 1, last + 1))
@@ -468,18 +490,22 @@ class Store:
         return int(count), int(size)
 
     @_state_errors
-    def take(self, topic: str, limit: int, exclude: Container[int]) -> list[InboxMessage]:
-        """The oldest ``limit`` messages on ``topic`` whose seq is not in ``exclude``.
+    def take(
+        self, topic: str, limit: int, exclude: Container[int], reader: str | None = None
+    ) -> list[InboxMessage]:
+        """The oldest ``limit`` messages on ``topic`` for ``reader`` whose seq is not in ``exclude``.
 
-        Seqs come from the ``(topic, seq)`` index first; only the chosen rows'
-        payloads are read.
+        ``reader``: an agent gets the messages for no agent and those for it;
+        None (the node itself) those for no agent. Seqs come from the
+        ``(topic, seq)`` index first; only the chosen rows' payloads are read.
         """
         chosen: list[int] = []
         after = 0
         while len(chosen) < limit:
             seqs = self._db.execute(
-                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (topic, after, max(limit, 256)),
+                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? "
+                "AND (to_agent IS NULL OR to_agent = ?) ORDER BY seq LIMIT ?",
+                (topic, after, reader, max(limit, 256)),
             ).fetchall()
             if not seqs:
                 break
@@ -489,10 +515,15 @@ class Store:
         for start in range(0, len(chosen), 500):
             chunk = chosen[start : start + 500]
             marks = ", ".join("?" * len(chunk))
-            query = "SELECT seq, id, sender, room, topic, received, payload FROM inbox WHERE seq IN"
+            query = (
+                "SELECT seq, id, sender, room, topic, received, payload, agent, to_agent "
+                "FROM inbox WHERE seq IN"
+            )
             rows = self._db.execute(f"{query} ({marks}) ORDER BY seq", chunk).fetchall()
             out += [
-                InboxMessage(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]))
+                InboxMessage(
+                    row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), row[7], row[8]
+                )
                 for row in rows
             ]
         return out

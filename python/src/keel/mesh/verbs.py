@@ -85,19 +85,22 @@ def _message(args: Mapping[str, Any]) -> tuple[str, str, bytes, float | None]:
 
 @dataclass(frozen=True)
 class Direct:
-    """One message to one node (``send``, an entry of ``send_many``)."""
+    """One message to one node, or to an agent there (``send``, an entry of ``send_many``).
+
+    ``to`` is ``NODE_ID`` or ``AGENT@NODE_ID``."""
 
     id: str
-    to: str
+    to: str  # the node
     topic: str
     payload: bytes
     ttl: float | None  # None: the node's default
+    to_agent: str | None = None  # the agent on that node it is for
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> Direct:
-        to = arguments.node_id(args, "to")
+        agent, to = arguments.address(args, "to")
         message_id, topic, payload, ttl = _message(args)
-        return cls(message_id, to, topic, payload, ttl)
+        return cls(message_id, to, topic, payload, ttl, agent)
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,8 @@ ReceivedJson = TypedDict(
         "receipt": int,
         "id": str,
         "from": str,
+        "agent": "str | None",  # the sending agent, as its node stamped it
+        "to": "str | None",  # the agent of this node it was for
         "topic": str,
         "room": "str | None",
         "received": float,

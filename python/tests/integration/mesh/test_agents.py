@@ -22,8 +22,12 @@ from typing import Any
 
 import pytest
 from keel.ledger import Ledger
+from keel.mesh import packets
+from keel.mesh.ids import new_message_id
+from keel.mesh.packets import Ack, Msg
 
-from .nodes import FAST, Node
+from .nodes import FAST, Node, wait_until
+from .test_security import member
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run agents as other uids")
 
@@ -250,3 +254,127 @@ def test_the_agents_socket_serves_agents_only(
     b.client.ack()
     a.stop()
     assert not sock.exists()
+
+
+# Sends as the given uid with the client library; prints the message id or the refusal.
+SEND = """
+import sys
+from keel.errors import ApiError
+from keel.mesh.client import MeshClient
+try:
+    print(MeshClient(sys.argv[1]).send(sys.argv[2], sys.argv[3], sys.argv[4].encode()))
+except ApiError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+# Receives as the given uid: recv (JSON) or a subscription (the binary stream).
+RECEIVE = """
+import json, sys
+from keel.mesh.client import MeshClient
+mesh = MeshClient(sys.argv[1])
+if sys.argv[3] == "recv":
+    got = mesh.recv(sys.argv[2], wait=float(sys.argv[4]))
+    mesh.ack()
+else:
+    with mesh.subscribe(sys.argv[2]) as sub:
+        got = sub.recv(wait=float(sys.argv[4]))
+        sub.ack()
+print(json.dumps([[m.data.decode(), m.agent, m.sender] for m in got]))
+"""
+
+
+def two_nodes_with_agents(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[Node, Node]:
+    """a and b, each knowing the same agents (ops everywhere, scout and notes on jobs)."""
+    roster = {
+        "ops": {"uid": OPS, "tier": 0},
+        "scout": {"uid": SCOUT, "tier": 2, "mesh": {"sendTo": ["*"], "topics": ["jobs"]}},
+        "notes": {"uid": READER, "tier": 1, "mesh": {"topics": ["jobs"]}},
+    }
+    b = mesh_nodes("b", config={**FAST, "agents": roster}).start()
+    a = mesh_nodes("a", config={**FAST, "agents": roster}).start()
+    b.join(a)
+    a.wait_connected(b)
+    open_up(a)
+    open_up(b)
+    return a, b
+
+
+def received(node: Node, uid: int, how: str, wait: float) -> list[list[Any]]:
+    return list(json.loads(as_uid(uid, RECEIVE, str(node.socket), "jobs", how, str(wait))))
+
+
+@pytest.mark.parametrize("how", ["recv", "subscribe"])
+def test_a_message_carries_its_sending_agent_and_reaches_only_its_addressee(
+    mesh_nodes: Callable[..., Node], short_tmp: Path, how: str
+) -> None:
+    a, b = two_nodes_with_agents(mesh_nodes, short_tmp)
+    sent = as_uid(SCOUT, SEND, str(a.socket), f"notes@{b.node_id}", "jobs", "for notes")
+    assert len(sent) == 32, sent
+    as_uid(SCOUT, SEND, str(a.socket), b.node_id, "jobs", "for the topic")
+    # ops (tier 0, every topic) reads jobs on b, but not what is for notes
+    got = received(b, OPS, how, 20)
+    assert got == [["for the topic", "scout", a.node_id]]
+    # notes gets its own, with the agent that sent it as a's node stamped it
+    assert received(b, READER, how, 20) == [["for notes", "scout", a.node_id]]
+    # the node itself (root) reads what is for no agent only: nothing is left
+    assert b.client.recv("jobs") == []
+
+
+def test_messages_for_agents_a_node_lacks_are_dead_letters_with_the_reason(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    a, b = two_nodes_with_agents(mesh_nodes, short_tmp)
+    a.client.send(f"ghost@{b.node_id}", "jobs", b"to nobody")
+    a.client.send(f"notes@{b.node_id}", "other", b"off its topics")
+
+    def letters() -> dict[str, str]:
+        return {d["topic"]: d["reason"] for d in a.client.dead_letters()}
+
+    found = wait_until(lambda: len(letters()) == 2 and letters(), timeout=20, what="2 dead letters")
+    assert found == {
+        "jobs": "rejected: no agent ghost on this node",
+        "other": "rejected: agent notes does not take topic 'other' (its mesh.topics)",
+    }
+
+
+def test_a_node_speaks_only_for_its_own_agents(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # A member that speaks the wire itself names its message's agent "ops": a takes the
+    # agent from the message but the node from the Noise session, so its readers see
+    # ops of the forger's node, never ops of b.
+    a, b = two_nodes_with_agents(mesh_nodes, short_tmp)
+    forger = member(a)
+    message_id = new_message_id()
+    forger.send_packet(Msg(message_id, "jobs", 2**31, b"ops says: wire the money", None, "ops"))
+    forger.read_until(lambda e: any(isinstance(p, Ack) for p in forger.received()))
+    got = received(a, OPS, "recv", 20)
+    assert got == [["ops says: wire the money", "ops", forger.identity.node_id]]
+    assert forger.identity.node_id != b.node_id
+    # and a name that is no agent's is a protocol error: the connection ends
+    bad = packets.encode(Msg(new_message_id(), "jobs", 2**31, b"", None, "ops"))
+    forger.sock.sendall(
+        forger.session.send_message(bad.replace(b'"agent":"ops"', b'"agent":"OPS"'))
+    )
+    forger.closed()
+    a.wait_log("MSG agent must be an agent name")
+
+
+def test_a_peer_from_before_agents_gets_no_agent_fields_and_no_message_for_an_agent(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # The raw peer announces no application revision (1): it would refuse a MSG with
+    # agent fields as malformed, so a sends it none, and dead-letters what is for an agent.
+    a, _ = two_nodes_with_agents(mesh_nodes, short_tmp)
+    old = member(a)
+    peer = old.identity.node_id
+    sent = as_uid(SCOUT, SEND, str(a.socket), peer, "jobs", "from scout")
+    assert len(sent) == 32, sent
+    old.read_until(lambda e: any(isinstance(p, Msg) for p in old.received()))
+    (message,) = [p for p in old.received() if isinstance(p, Msg)]
+    assert (message.payload, message.agent, message.to) == (b"from scout", None, None)
+    a.client.send(f"notes@{peer}", "jobs", b"for an agent there")
+    letter = wait_until(a.client.dead_letters, timeout=20, what="the dead letter")
+    assert letter[0]["reason"].startswith(
+        "the recipient's keel is too old for messages to an agent (application revision 3)"
+    )

@@ -263,7 +263,7 @@ def test_a_member_cannot_forge_another_members_room_message(pair: tuple[Node, No
     assert answer.ok == ()
     assert answer.rejected[0][0] == MSG_ID
     assert "signature" in answer.rejected[0][1]
-    a.wait_log("refusing room message")
+    a.wait_log("refusing message")
     assert a.client.recv("chat", max=10) == []
     # the honest version from the forger itself goes through
     honest = rooms.stamp(forger.identity, view.rooms[room["room"]], "9" * 32, topic="chat",

@@ -38,6 +38,7 @@ def decide(
     inbox: tuple[int, int] = (0, 0),
     windows: Mapping[str, Sequence[Window]] | None = None,
     membership: Membership | None = None,
+    addressable: inbound.Addressable | None = None,
 ) -> Plan:
     held = handed or set()
     return inbound.plan(
@@ -51,6 +52,7 @@ def decide(
         limits=LIMITS,
         windows=windows or {},
         wall=WALL,
+        addressable=addressable,
     )
 
 
@@ -131,3 +133,37 @@ def test_room_messages_are_checked_and_keyed_by_their_author() -> None:
     ]
     assert plan.busy == [future.id]  # this node lacks the version its author saw
     assert inbound.keys([good, msg(4)], PEER) == [(C.node_id, good.id), (PEER, msg(4).id)]
+
+
+def test_a_message_for_an_agent_goes_to_that_agent_only_or_is_refused() -> None:
+    def addressable(agent: str, topic: str) -> str | None:
+        if agent not in ("notes", "ops"):
+            return f"no agent {agent} on this node"
+        return None if topic == "jobs" else f"agent {agent} does not take topic {topic!r}"
+
+    windows = {
+        "jobs": [
+            Window(1, 0, 0, 10, 1000, False, "ops"),
+            Window(2, 0, 0, 10, 1000, False, "notes"),
+            Window(3, 0, 0, 10, 1000, False, None),  # the node itself
+        ]
+    }
+    for_notes = msg(1)._replace(agent="scout", to="notes")
+    for_nobody = msg(2)._replace(to="ghost")
+    elsewhere = msg(3, topic="other")._replace(to="notes")
+    for_the_topic = msg(4)._replace(agent="scout")
+    plan = decide(
+        [for_notes, for_nobody, elsewhere, for_the_topic],
+        windows=windows,
+        addressable=addressable,
+    )
+    assert [(stream, item.id[-1], item.agent, item.to) for stream, item in plan.hand] == [
+        (2, "1", "scout", "notes"),  # to notes, not to the first subscriber
+        (1, "4", "scout", None),  # for the topic: whoever has room
+    ]
+    assert plan.rejected == [
+        (for_nobody.id, "no agent ghost on this node"),
+        (elsewhere.id, "agent notes does not take topic 'other'"),
+    ]
+    # with no agents known here, every message for one is refused
+    assert decide([for_notes]).rejected == [(for_notes.id, "no agent notes here")]

@@ -50,3 +50,14 @@ def test_the_documented_known_answers() -> None:
     assert batch is not None
     assert batch.group(1) == encode(Msgs((direct, room))).hex()
     assert decode(bytes.fromhex(batch.group(1))) == Msgs((direct, room))
+    addressed = direct._replace(agent="scout", to="notes")
+    shown_agents = re.search(
+        r"sent by agent `scout` for agent `notes` is, as a\s+`MSG` \(the header's keys sorted: "
+        r"`agent`, `exp`, `id`, `to`, `topic`\),\s+`([0-9a-f]+)`,\s+and alone in a `MSGS` packet "
+        r"\(flags `02`, then `05` `scout` `05` `notes`\)\s+`([0-9a-f]+)`",
+        text,
+    )
+    assert shown_agents is not None
+    assert shown_agents.group(1) == encode(addressed).hex()
+    assert shown_agents.group(2) == encode(Msgs((addressed,))).hex()
+    assert decode(bytes.fromhex(shown_agents.group(2))) == Msgs((addressed,))

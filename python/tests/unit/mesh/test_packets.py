@@ -177,6 +177,43 @@ def test_msg_headers_are_canonical_json(
     assert packets.decode(data) == Msg(message_id, topic, expires, b"body", stamp)
 
 
+AGENT_NAMES = st.one_of(st.none(), st.from_regex(r"[a-z][a-z0-9_-]{0,19}", fullmatch=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(AGENT_NAMES, AGENT_NAMES, st.booleans())
+def test_agents_round_trip_in_msg_and_msgs(
+    agent: str | None, to: str | None, in_room: bool
+) -> None:
+    stamp = RoomStamp(ID[::-1], NODE, 2, bytes(64)) if in_room else None
+    message = Msg(ID, "jobs", 7, b"body", stamp, agent, to)
+    data = packets.encode(message)
+    length = int.from_bytes(data[1:3], "big")
+    header = json.loads(data[3 : 3 + length])
+    assert data[3 : 3 + length] == packets.canonical_json(header)
+    assert ("agent" in header, "to" in header) == (agent is not None, to is not None)
+    assert packets.decode(data) == message
+    plain = Msg(ID[::-1], "t", 1, b"")
+    assert packets.decode(packets.encode_msgs([message, plain])) == Msgs((message, plain))
+
+
+@pytest.mark.parametrize("bad", ["", "Scout", "1st", "a" * 21, "a b", "a@b"])
+def test_agent_fields_that_are_no_agent_names_are_refused(bad: str) -> None:
+    for key in ("agent", "to"):
+        header = packets.canonical_json({"id": ID, "topic": "t", "exp": 1, key: bad})
+        data = b"\x10" + len(header).to_bytes(2, "big") + header
+        with pytest.raises(RemoteProtocolError, match=f"MSG {key} must be an agent name"):
+            packets.decode(data)
+
+
+def test_addresses() -> None:
+    assert ids.parse_address(NODE) == (None, NODE)
+    assert ids.parse_address(f"scout@{NODE}") == ("scout", NODE)
+    for bad in (f"Scout@{NODE}", f"@{NODE}", "scout@nobody", f"a@b@{NODE}", ""):
+        with pytest.raises(ValueError):
+            ids.parse_address(bad)
+
+
 def test_new_message_ids_are_time_ordered_and_random_after_the_time() -> None:
     made = [
         ids.new_message_id(
@@ -253,7 +290,16 @@ ROOM_FIELDS = bytes(16) + NODE.encode() + (1).to_bytes(8, "big") + bytes(64)
         (b"\x13\x00\x00" + entry()[:-1], "runs past"),
         (b"\x13\x00\x00" + entry()[:20], "runs past"),
         (b"\x13\x00\x00" + entry() + b"\x00", "runs past"),
-        (b"\x13\x00\x00" + entry(flags=2), "flags"),
+        (b"\x13\x00\x00" + entry(flags=4), "flags"),
+        # the agents flag, then no agent at all, or a name that is none
+        (
+            b"\x13\x00\x00" + entry(flags=2)[:25] + b"\x00\x00\x01t" + bytes([0, 0, 0, 1]) + b"x",
+            "names no agent",
+        ),
+        (
+            b"\x13\x00\x00" + entry(flags=2)[:25] + b"\x02A!\x00\x01t" + bytes([0, 0, 0, 1]) + b"x",
+            "agent must be an agent name",
+        ),
         (b"\x13\x00\x00" + entry(topic=b""), "topic"),
         (b"\x13\x00\x00" + entry(topic=b"a b"), "topic"),
         (b"\x13\x00\x00" + entry(topic=b"\xff"), "topic"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from keel.mesh import store as store_module
-from keel.mesh.delivery import Incoming, OutboxRow
+from keel.mesh.delivery import Envelope, Incoming, OutboxRow
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import InviteRecord, new_invite
 from keel.mesh.membership import Membership, SignedRecord
@@ -36,7 +36,7 @@ def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path
     store = Store(tmp_path / "s.db")
     loaded = store.load_outbox()
     assert [(i.id[0], i.peer) for i in loaded] == [("1", P), ("2", P), ("1", Q)]
-    assert store.outbox_payload(loaded[0].seq) == (b"data", None)
+    assert store.outbox_payload(loaded[0].seq) == Envelope(b"data", None)
     store.delivered(loaded[:1])
     store.touch_peers([P], wall=5.0)
     store.dead_letter(loaded[1:2], "expired", wall=6.0)
@@ -62,7 +62,9 @@ def test_a_room_stamp_is_stored_once_per_message_in_the_form_older_keels_wrote(
     stamp = RoomStamp("r" * 32, P, 3, bytes(range(64)))
     rows = [OutboxRow("1" * 32, peer, "r" * 32, "t", 2e9, stamp, b"x") for peer in (P, Q)]
     queued = store.enqueue(rows, created=1.0)
-    assert [store.outbox_payload(item.seq) for item in queued if item] == [(b"x", stamp)] * 2
+    assert [store.outbox_payload(item.seq) for item in queued if item] == [
+        Envelope(b"x", stamp)
+    ] * 2
     store.close()
     with sqlite3.connect(tmp_path / "s.db") as db:
         texts = [json.loads(text) for (text,) in db.execute("SELECT stamp FROM outbox")]
@@ -227,3 +229,63 @@ def test_every_failure_of_the_database_is_a_state_error_naming_it(tmp_path: Path
     ):
         with pytest.raises(StateError, match=str(tmp_path / "s.db")):
             call()
+
+
+def test_agents_travel_with_a_message_and_each_reader_takes_its_own(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    row = OutboxRow("1" * 32, P, None, "t", 2e9, None, b"x", "scout", "notes")
+    (queued,) = store.enqueue([row], created=1.0)
+    assert queued is not None
+    assert store.outbox_payload(queued.seq) == Envelope(b"x", None, "scout", "notes")
+    store.receive(
+        [
+            Incoming(P, "a" * 32, None, "t", b"to notes", 2e9, "scout", "notes"),
+            Incoming(P, "b" * 32, None, "t", b"to ops", 2e9, None, "ops"),
+            Incoming(P, "c" * 32, None, "t", b"to the topic", 2e9, "scout", None),
+        ],
+        wall=3.0,
+    )
+
+    def taken(reader: str | None) -> list[tuple[bytes, str | None]]:
+        return [(m.payload, m.agent) for m in store.take("t", 10, (), reader)]
+
+    assert taken("notes") == [(b"to notes", "scout"), (b"to the topic", "scout")]
+    assert taken("ops") == [(b"to ops", None), (b"to the topic", "scout")]
+    assert taken(None) == [(b"to the topic", "scout")]  # the node: what is for no agent
+
+
+def test_a_schema_1_database_gains_the_agents_columns_and_keeps_its_messages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as db:  # what keel wrote before agents were named
+        db.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema', '1');
+            CREATE TABLE outbox (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, peer TEXT NOT NULL,
+                room TEXT, topic TEXT NOT NULL, expires REAL NOT NULL, created REAL NOT NULL,
+                stamp TEXT, payload BLOB NOT NULL, UNIQUE (peer, id));
+            CREATE TABLE inbox (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, sender TEXT NOT NULL,
+                room TEXT, topic TEXT NOT NULL, received REAL NOT NULL, payload BLOB NOT NULL);
+            """
+        )
+        db.execute(
+            "INSERT INTO outbox (id, peer, topic, expires, created, payload) "
+            "VALUES (?, ?, 't', 2e9, 1, x'6f6c64')",
+            ("1" * 32, P),
+        )
+        db.execute(
+            "INSERT INTO inbox (id, sender, topic, received, payload) "
+            "VALUES (?, ?, 't', 1, x'6f6c64')",
+            ("2" * 32, P),
+        )
+    store = Store(path)
+    (queued,) = store.load_outbox()
+    assert store.outbox_payload(queued.seq) == Envelope(b"old", None)
+    assert [(m.payload, m.agent, m.to) for m in store.take("t", 10, ())] == [(b"old", None, None)]
+    assert store.get_meta("schema") == "2"
+    store.close()
+    Store(path).close()  # and opens again as schema 2

@@ -138,9 +138,9 @@ class MeshClient:
         before it answered) can be repeated as the same message: with
         ``retry`` > 0 the client does that itself for up to ``retry`` seconds.
         """
-        check_message(to, topic, data)
+        agent, node = check_message(to, topic, data)
         message_id = new_message_id()
-        entry = local.SendEntry(message_id, to, topic, data, ttl_ms(ttl))
+        entry = local.SendEntry(message_id, node, topic, data, ttl_ms(ttl), agent)
         retrying = Retrying(retry)
         while True:
             try:
@@ -157,15 +157,16 @@ class MeshClient:
         """Queue several ``(to, topic, data)`` messages in one transaction (all or none)."""
         entries = []
         for to, topic, data in messages:
-            check_message(to, topic, data)
-            entries.append(local.SendEntry(new_message_id(), to, topic, data, ttl_ms(ttl)))
+            agent, node = check_message(to, topic, data)
+            entries.append(local.SendEntry(new_message_id(), node, topic, data, ttl_ms(ttl), agent))
         self._queue(entries)
         return [entry.id for entry in entries]
 
     def _queue(self, entries: Sequence[local.SendEntry]) -> None:
         """One SEND frame on this thread's stream, and its SENT."""
+        to_agents = any(entry.to_agent is not None for entry in entries)
         try:
-            frames = [local.send_entry(entry) for entry in entries]
+            frames = [local.send_entry(entry, to_agents=to_agents) for entry in entries]
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
             raise BadRequest(f"cannot send: {exc}") from None
         stream: Stream | None = getattr(self._local, "stream", None)
@@ -173,7 +174,7 @@ class MeshClient:
             stream = self._local.stream = Stream(self.path, self.timeout)
         stream.request += 1
         try:
-            stream.write(local.encode_send(stream.request, frames), "send")
+            stream.write(local.encode_send(stream.request, frames, to_agents=to_agents), "send")
             request, status, error = stream.sent("send")
         except local.LocalStreamError as exc:  # the frame would be too big
             raise BadRequest(f"cannot send {len(entries)} message(s) at once: {exc}") from None
@@ -233,6 +234,7 @@ class MeshClient:
                     room=item.get("room"),
                     data=base64.b64decode(item["data"]),
                     received=float(item["received"]),
+                    agent=item.get("agent"),
                 )
             )
         return out

@@ -8,10 +8,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Final
 
-from keel.config import shorten
 from keel.errors import BadRequest
 from keel.mesh.arguments import MAX_TTL, too_big
-from keel.mesh.ids import check_topic, is_node_id
+from keel.mesh.ids import check_topic, parse_address
 from keel.mesh.packets import MAX_PAYLOAD
 
 REMEMBERED_IDS: Final = 1 << 17
@@ -20,11 +19,12 @@ REMEMBERED_IDS: Final = 1 << 17
 @dataclass(frozen=True)
 class Received:
     id: str
-    sender: str
+    sender: str  # the node it came from
     topic: str
     room: str | None
     data: bytes = field(repr=False)
     received: float
+    agent: str | None = None  # the agent that sent it, as its node stamped it (None: the node)
 
 
 class Returned:
@@ -53,15 +53,19 @@ class Returned:
             return True
 
 
-def check_message(to: str, topic: str, data: bytes) -> None:
-    """Refuse what the daemon would refuse of any message, before sending any of it."""
-    if not is_node_id(to):
-        raise BadRequest(f"to {shorten(repr(to))} is not a node id")
+def check_message(to: str, topic: str, data: bytes) -> tuple[str | None, str]:
+    """Refuse what the daemon would refuse of any message, before sending any of it;
+    ``to`` (``NODE_ID`` or ``AGENT@NODE_ID``) as (agent or None, node id)."""
+    try:
+        address = parse_address(to)
+    except ValueError as exc:
+        raise BadRequest(f"to {exc}") from None
     try:
         check_topic(topic)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     check_size(data)
+    return address
 
 
 def check_size(data: bytes) -> None:

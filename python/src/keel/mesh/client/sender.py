@@ -40,6 +40,7 @@ class _Batch:
     entries: list[bytes] = field(default_factory=list)  # SEND entries' heads and payloads
     size: int = 0
     request: int = 0
+    to_agents: bool = False  # a SEND_TO frame (some entry is for an agent)
 
 
 class Sender:
@@ -74,21 +75,29 @@ class Sender:
         self.batch = max(1, batch)
         self.batch_bytes = batch_bytes
         self._stream: Stream | None = None
-        self._checked: set[tuple[str, str]] = set()
+        self._checked: dict[tuple[str, str], tuple[str | None, str]] = {}  # -> (agent, node)
         self._next = _Batch()
         self._in_flight: collections.deque[_Batch] = collections.deque()
 
     def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
-        if (to, topic) not in self._checked:  # the same few pairs, again and again
-            check_message(to, topic, b"")
+        address = self._checked.get((to, topic))  # the same few pairs, again and again
+        if address is None:
+            address = check_message(to, topic, b"")
             if len(self._checked) >= CHECKED_PAIRS:
                 self._checked.clear()
-            self._checked.add((to, topic))
+            self._checked[to, topic] = address
         check_size(data)
+        agent, node = address
+        if agent is not None and not self._next.to_agents:
+            self._write_batch()  # what is batched goes as SEND; this and the rest as SEND_TO
+            self._next.to_agents = True
         message_id = id or new_message_id()
-        entry = local.SendEntry(message_id, to, topic, data, self.ttl_ms)
+        entry = local.SendEntry(message_id, node, topic, data, self.ttl_ms, agent)
         try:
-            self._next.entries += (local.send_entry_head(entry), data)
+            self._next.entries += (
+                local.send_entry_head(entry, to_agents=self._next.to_agents),
+                data,
+            )
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
             raise BadRequest(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
         self._next.ids.append(message_id)
@@ -113,7 +122,10 @@ class Sender:
                 self._stream = Stream(self.path, self.timeout)
             self._stream.request += 1
             batch.request = self._stream.request
-            self._stream.write(local.encode_send(batch.request, batch.entries), "send")
+            self._stream.write(
+                local.encode_send(batch.request, batch.entries, to_agents=batch.to_agents),
+                "send",
+            )
         except Unavailable as exc:
             self._broken(exc)
 

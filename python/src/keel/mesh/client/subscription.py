@@ -120,6 +120,7 @@ class Subscription:
                 room=item.room,
                 data=item.payload,
                 received=item.received,
+                agent=item.agent,
             )
             self._ready.append(_Ready(item.receipt, message))
 
