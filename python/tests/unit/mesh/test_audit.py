@@ -258,14 +258,22 @@ def test_the_audit_log_records_on_time_and_on_close() -> None:
         full = AuditLog(MessageBatches(ME, clock=mono, wall=wall, max_messages=2), record)
         full.add("received", [(mid(2), P2, "t", None, 1)])
         full.add("received", [(mid(3), P2, "t", None, 1)])
-        assert recorded[-1][0] == "received-batch"  # full: recorded at once
-        assert recorded[-1][2]["count"] == 2
+        assert len(recorded) == 1  # full, but recorded on the next tick with the others
         full.add("delivered", [(mid(4), P2, "t", None, 1)])
-        full.close()  # the window of an hour is not waited for
-        assert recorded[-1][0] == "delivered-batch"
-        assert len(recorded) == 3
+        full.close()  # the window is not waited for
+        assert [(k, d["count"]) for k, _, d in recorded[1:]] == [
+            ("received-batch", 2),
+            ("delivered-batch", 1),
+        ]
         full.close()
         assert len(recorded) == 3
+        arrived.clear()
+        ticks = AuditLog(MessageBatches(ME, clock=mono, wall=wall, window=0.0, max_messages=1),
+                         record)  # fmt: skip
+        ticks.add("sent", [(mid(5), P1, "t", None, 1), (mid(6), P1, "t", None, 1)])
+        assert len(recorded) == 3
+        await arrived.wait()  # both full batches, on one tick
+        assert [d["groups"][0]["ids"] for _, _, d in recorded[3:]] == [[mid(5)], [mid(6)]]
 
     asyncio.run(scenario())
 
