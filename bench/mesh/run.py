@@ -533,8 +533,8 @@ def main() -> int:
             lb.client.join(la.client.invite())
             time.sleep(1)
             for size, count, pings in (
-                (256, int(20000 * scale), int(500 * scale)),
-                (65536, int(1000 * scale), int(200 * scale)),
+                (256, int(50000 * scale), int(500 * scale)),
+                (65536, int(3000 * scale), int(200 * scale)),
             ):
                 label = "256 B" if size == 256 else "64 KiB"
                 mesh_flood = mesh_run(da, db, a, b, "flood", size=size, count=count)
