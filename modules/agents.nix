@@ -203,6 +203,34 @@ let
           '';
         };
 
+        mesh = {
+          sendTo = mkOption {
+            type = types.nullOr (types.listOf types.str);
+            default = null;
+            example = [ "*" ];
+            description = ''
+              The mesh nodes the agent may send to, as node ids (`keel mesh id`),
+              or `"*"` for every member. null (the default) is the tier's
+              default: every node for tiers 0 and 1, none for tier 2.
+            '';
+          };
+          topics = mkOption {
+            type = types.nullOr (types.listOf types.str);
+            default = null;
+            example = [
+              "jobs"
+              "reports.*"
+            ];
+            description = ''
+              The mesh topics the agent may send on and read: a topic, a prefix
+              ending in `*`, or `"*"` for all. null (the default) is the tier's
+              default: every topic for tiers 0 and 1; a tier-2 agent has no
+              mesh unless this is set. The mesh node tells the agent apart by
+              its uid (docs/mesh.md, "Agents").
+            '';
+          };
+        };
+
         health = {
           probes = mkOption {
             type = types.listOf (types.submodule probeModule);
@@ -292,6 +320,9 @@ let
   }
   // lib.optionalAttrs (agent.workingDirectory != null) {
     inherit (agent) workingDirectory;
+  }
+  // lib.optionalAttrs (agent.mesh.sendTo != null || agent.mesh.topics != null) {
+    mesh = lib.filterAttrs (_: value: value != null) agent.mesh;
   };
 
   specFile = name: agent: settingsFormat.generate "keel-agent-${name}.json" (specOf name agent);
@@ -438,6 +469,14 @@ let
     domain:
     builtins.match "[ -~]*" domain == null
     && builtins.match ".*[[:cntrl:][:space:]].*" domain == null;
+  # A mesh grant's entries as keel.agents.meshgrant reads them.
+  goodNode = node: node == "*" || builtins.match "[a-z2-7]{32}" node != null;
+  goodTopic =
+    topic:
+    topic == "*"
+    || builtins.stringLength topic <= 129
+    && builtins.match "[A-Za-z0-9._:/@+=-]+[*]?" topic != null
+    && builtins.stringLength (lib.removeSuffix "*" topic) <= 128;
   goodDomain =
     domain:
     internationalised domain
@@ -530,6 +569,18 @@ let
       {
         assertion = !lib.any badPath allPaths;
         message = "${option}: ${lib.concatStringsSep ", " (lib.filter badPath allPaths)}: paths must be absolute, shorter than 4096 bytes, without '..', whitespace, control characters, quotes or backslashes, and not '/'";
+      }
+      {
+        assertion = lib.all goodNode (if agent.mesh.sendTo == null then [ ] else agent.mesh.sendTo);
+        message = "${option}.mesh.sendTo: ${
+          lib.concatStringsSep ", " (lib.filter (n: !goodNode n) agent.mesh.sendTo)
+        }: expected node ids (as `keel mesh id` prints them) or \"*\"";
+      }
+      {
+        assertion = lib.all goodTopic (if agent.mesh.topics == null then [ ] else agent.mesh.topics);
+        message = "${option}.mesh.topics: ${
+          lib.concatStringsSep ", " (lib.filter (t: !goodTopic t) agent.mesh.topics)
+        }: expected topics (1 to 128 of [A-Za-z0-9._:/@+=-]), a prefix ending in '*', or \"*\"";
       }
       {
         assertion = lib.all goodDomain agent.egress.allow;

@@ -18,12 +18,21 @@ let
   directory = "/var/lib/keel/mesh";
   # The daemon's whole config: the settings, and where the node lives and
   # listens (these four are the module's, not settings' to change).
+  # The agents the node tells apart by uid on its control socket, with their
+  # mesh grants (docs/mesh.md, "Agents"); an agent running as root is no
+  # agent to it (it cannot be told apart from root).
+  meshAgents = lib.mapAttrs (
+    _: spec: { inherit (spec) user tier; } // lib.optionalAttrs (spec ? mesh) { inherit (spec) mesh; }
+  ) (lib.filterAttrs (_: spec: spec.user != "root") keel.agentSpecs);
   configFile = settingsFormat.generate "mesh.json" (
     cfg.settings
     // {
       inherit directory;
       inherit (cfg) listen ledger;
       socket = "/run/keel/mesh.sock";
+      # Tier-2 sandboxes hide /run/keel; agents connect here (docs/mesh.md, Agents).
+      agent_socket = "/run/keel-mesh/agents.sock";
+      agents = meshAgents;
     }
   );
 
@@ -172,6 +181,9 @@ in
         # group reaches /run/keel/mesh.sock (mode 0660).
         StateDirectoryMode = "0750";
         UMask = "0007";
+        # The agents' socket (mode 0666: the node judges each caller by its uid).
+        RuntimeDirectory = "keel-mesh";
+        RuntimeDirectoryMode = "0755";
         ReadWritePaths = [
           "/var/lib/keel"
           "/run/keel"

@@ -46,6 +46,7 @@ HOST = r"""
       ];
       health.watchdogSec = 10;
       resources = { memoryMax = "256M"; cpuQuota = "50%"; tasksMax = 64; };
+      mesh = { sendTo = [ "*" ]; topics = [ "jobs" "reports.*" ]; };
     };
     notes = {
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "notes" ];
@@ -280,6 +281,16 @@ BAD = [
         agent(**{"resources.cpuQuota": '"0%"'}),
         "services.keel.agents.probe.resources.cpuQuota: expected a percentage",
         id="cpu-quota",
+    ),
+    pytest.param(
+        agent(**{"mesh.sendTo": '[ "bob" ]'}),
+        "services.keel.agents.probe.mesh.sendTo: bob: expected node ids",
+        id="mesh-send-to",
+    ),
+    pytest.param(
+        agent(**{"mesh.topics": '[ "jobs" "no spaces" "*jobs" ]'}),
+        "services.keel.agents.probe.mesh.topics: no spaces, *jobs: expected topics",
+        id="mesh-topics",
     ),
     pytest.param(
         agent(environment='{ "1ST" = "x"; }'),

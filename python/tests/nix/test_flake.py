@@ -299,6 +299,12 @@ def test_the_vm_app_shares_the_seed_it_writes(flake_systems: dict[str, Any], sys
 NIX_SOURCES = ["flake.nix", "modules", "hosts", "vm-tests", "templates", "pkgs"]
 # What every pkgs has (lib, the package-set machinery), not packages.
 PKGS_MACHINERY = {"lib", "callPackage", "python3Packages", "path", "stdenv", "system"}
+# Names keel's Nix writes as pkgs.NAME that are no nixpkgs attributes, by design.
+NOT_NIXPKGS = {
+    "keel",  # `pkgs.keel or (callPackage ../pkgs/keel.nix)`: the flake's overlay adds it
+    "my-agent",  # placeholders in options' examples (modules/agents.nix)
+    "my-scout",
+}
 
 
 def used_package_attributes(nix_instantiate: str) -> dict[str, set[str]]:
@@ -321,41 +327,55 @@ def used_package_attributes(nix_instantiate: str) -> dict[str, set[str]]:
     python: set[str] = set()
     for name in ("keel.nix", "kyber-py.nix"):
         args = nix_eval_expr(nix_instantiate, f"builtins.functionArgs (import ./pkgs/{name})")
-        python |= set(args) - {"lib", "callPackage"}
+        # an argument with a default (`liboqs-python ? null`) is optional: used if there
+        python |= {a for a, optional in args.items() if not optional} - {"lib", "callPackage"}
     args = nix_eval_expr(nix_instantiate, "builtins.functionArgs (import ./pkgs/keel-vm.nix)")
     top |= set(args) - {"lib", "vm"}
     # pkgs.python3Packages.X in modules count as python packages.
     python |= {p.split(".", 1)[1] for p in top if p.startswith("python3Packages.")}
-    top = {p for p in top if p.split(".")[0] not in PKGS_MACHINERY}
+    python -= PKGS_MACHINERY
+    top = {p for p in top if p.split(".")[0] not in PKGS_MACHINERY | NOT_NIXPKGS}
     return {"pkgs": top, "python3Packages": python}
+
+
+def _defines(path: Path, attribute: str) -> bool:
+    """Whether the Nix file at ``path`` binds ``attribute`` (at any indentation: nixfmt's or not)."""
+    return path.is_file() and (
+        re.search(rf"^\s+{re.escape(attribute)} =", path.read_text(), re.M) is not None
+    )
 
 
 def tree_has(tree: Path, scope: str, attribute: str) -> bool | None:
     """Whether the nixpkgs tree has ``attribute``; None when this tree cannot tell.
 
     Looks where nixpkgs defines it: pkgs/by-name, pkgs/top-level, the
-    python-modules directory, the testers and trivial builders. A trimmed
-    tree (nixpkgs-slim lacks pkgs/top-level and most of pkgs/development)
+    python-modules directory, the testers and trivial builders, at any
+    indentation (nixfmt's or the older style). A trimmed tree (some
+    nixpkgs-slim snapshots lack pkgs/top-level and most of pkgs/development)
     answers for what it holds only.
     """
     pkgs = tree / "pkgs"
     if scope == "python3Packages":
         if (pkgs / "development/python-modules" / attribute).is_dir():
             return True
-        listing = pkgs / "top-level/python-packages.nix"
-        if listing.is_file():
-            return re.search(rf"^  {re.escape(attribute)} =", listing.read_text(), re.M) is not None
-        return None
+        listings = [
+            pkgs / "top-level/python-packages.nix",
+            pkgs / "development/interpreters/python/python-packages-base.nix",
+        ]
+        if not listings[0].is_file():
+            return None
+        if any(_defines(path, attribute) for path in listings):
+            return True
+        # the python scope's callPackage sees pkgs too (fetchPypi, for one)
+        return tree_has(tree, "pkgs", attribute)
     head, _, sub = attribute.partition(".")
     if head == "testers":
         testers = (pkgs / "build-support/testers/default.nix").read_text()
         return re.search(rf"^  {re.escape(sub)} =", testers, re.M) is not None
     if (pkgs / "by-name" / head[:2] / head / "package.nix").is_file():
         return True
-    for name in ("top-level/all-packages.nix", "top-level/aliases.nix"):
-        if (pkgs / name).is_file() and re.search(
-            rf"^  {re.escape(head)} =", (pkgs / name).read_text(), re.M
-        ):
+    for name in ("top-level/all-packages.nix", "top-level/aliases.nix", "pkgs-lib/default.nix"):
+        if _defines(pkgs / name, head):
             return True
     trivial = pkgs / "build-support/trivial-builders/default.nix"
     if trivial.is_file() and re.search(rf"^  {re.escape(head)} =", trivial.read_text(), re.M):
@@ -369,9 +389,9 @@ def test_the_attributes_keel_uses_are_found(nix_instantiate: str) -> None:
     used = used_package_attributes(nix_instantiate)
     # What keel's Nix is known to use: the collection itself must see them.
     assert {"testers.runNixOSTest", "python3", "jq", "writeShellApplication"} <= used["pkgs"]
-    assert {"cryptography", "jeepney", "systemd-python", "liboqs-python", "hatchling"} <= used[
-        "python3Packages"
-    ]
+    assert {"cryptography", "jeepney", "systemd-python", "hatchling"} <= used["python3Packages"]
+    # liboqs-python, the fallback KEM backend, is optional (`liboqs-python ? null`)
+    assert "liboqs-python" not in used["python3Packages"]
 
 
 def test_package_attributes_exist_in_the_nixpkgs_tree(

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.mesh.config import parse_listen
+from keel.agents.meshgrant import MeshGrant
+from keel.config import Section
+from keel.mesh.config import parse, parse_listen
 
 from tests import systemd_syntax
 from tests.nix.nixeval import nix_text
@@ -51,6 +53,7 @@ def test_the_node_is_a_hardened_notify_service(default_node: dict[str, Any]) -> 
     assert service["Group"] == "keel"
     assert service["StateDirectory"] == "keel/mesh"
     assert service["ReadWritePaths"] == ["/var/lib/keel", "/run/keel"]
+    assert (service["RuntimeDirectory"], service["RuntimeDirectoryMode"]) == ("keel-mesh", "0755")
     # The link the module made before keel mesh read --config goes away.
     assert "r /var/lib/keel/mesh/config.json - - - - -" in default_node["tmpfiles"]
     assert service["CapabilityBoundingSet"] == ""
@@ -80,6 +83,7 @@ def test_settings_become_config_json(nix_instantiate: str, nixpkgs_tree: Path) -
         "directory": "/var/lib/keel/mesh",
         "listen": "[::]:7400",
         "socket": "/run/keel/mesh.sock",
+        "agent_socket": "/run/keel-mesh/agents.sock",
         "ledger": "/var/lib/keel/ledger.db",
         "handshake_timeout": 10,
         "keepalive_interval": 5,
@@ -88,7 +92,45 @@ def test_settings_become_config_json(nix_instantiate: str, nixpkgs_tree: Path) -
         "default_ttl": 86400,
         "durability": "normal",
         "window_messages": 64,
+        "agents": {},
     }
+
+
+def test_the_node_tells_the_hosts_agents_apart(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    result = mesh(
+        nix_instantiate,
+        nixpkgs_tree,
+        """
+          services.keel.mesh.listen = "0.0.0.0:7400";
+          services.keel.egress = { enable = true; upstream = [ "192.0.2.53" ]; };
+          services.keel.agents = {
+            scout = { command = [ "/bin/scout" ]; tier = 2; mesh.topics = [ "jobs" ]; };
+            idle = { command = [ "/bin/idle" ]; tier = 2; };
+            notes = { command = [ "/bin/notes" ]; tier = 1; mesh.sendTo = [ ]; };
+            ops = { command = [ "/bin/ops" ]; tier = 0; user = "root"; };
+          };
+        """,
+    )
+    assert result["failedAssertions"] == []
+    agents = node_config(result)["agents"]
+    # root cannot be told apart from root: ops is no agent to the node
+    assert agents == {
+        "scout": {"user": "keel-agent-scout", "tier": 2, "mesh": {"topics": ["jobs"]}},
+        "idle": {"user": "keel-agent-idle", "tier": 2},
+        "notes": {"user": "keel-agent-notes", "tier": 1, "mesh": {"sendTo": []}},
+    }
+    # the node reads them as its Python config reader does (uids stand in for the users)
+    with Section(
+        {"listen": "0.0.0.0:7400", "agents": {
+            name: {"uid": 1000 + i, **{k: v for k, v in entry.items() if k != "user"}}
+            for i, (name, entry) in enumerate(sorted(agents.items()))
+        }},
+        source="mesh.json",
+    ) as cfg:  # fmt: skip
+        grants = {name: e.mesh for name, e in parse(cfg).settings.agents.entries.items()}
+    assert grants["scout"] == MeshGrant((), ("jobs",))
+    assert grants["idle"].empty
+    assert grants["notes"] == MeshGrant((), ("*",))
 
 
 def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Path) -> None:

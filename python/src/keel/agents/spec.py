@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from keel import launch
+from keel.agents.meshgrant import DeclaredGrant, MeshGrant, read_grant
 from keel.config import Section, describe, load_json_file
 from keel.egress.allowlist import EntryError, parse_entry
 from keel.errors import ConfigError
@@ -148,6 +149,7 @@ class AgentSpec:
     probes: tuple[Probe, ...] = ()
     watchdog_sec: float | None = None
     resources: Resources = Resources()
+    mesh: DeclaredGrant = field(default_factory=DeclaredGrant)
     # Where the spec came from, for error messages about it (not part of it).
     source: str = field(default="", compare=False)
     role: Role = AGENT
@@ -160,6 +162,11 @@ class AgentSpec:
     def state_directory(self) -> str:
         """The agent's own writable directory, made by systemd (StateDirectory=)."""
         return f"/var/lib/{self.role.state_root}/{self.name}"
+
+    @property
+    def mesh_grant(self) -> MeshGrant:
+        """What the agent may do on the mesh, its tier's defaults filled in."""
+        return self.mesh.resolve(self.tier)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -179,6 +186,8 @@ class AgentSpec:
             out["workingDirectory"] = self.working_directory
         if self.watchdog_sec is not None:
             out["health"]["watchdogSec"] = self.watchdog_sec
+        if mesh := self.mesh.to_json():
+            out["mesh"] = mesh
         return out
 
 
@@ -491,6 +500,7 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
             watchdog_sec = health.number(
                 "watchdogSec", None, minimum=WATCHDOG_RANGE[0], maximum=WATCHDOG_RANGE[1]
             )
+        mesh = read_grant(spec)
 
     return AgentSpec(
         name=name,
@@ -506,6 +516,7 @@ def parse_spec(data: object, *, source: str) -> AgentSpec:
         probes=probes,
         watchdog_sec=watchdog_sec,
         resources=run.resources,
+        mesh=mesh,
         source=source,
     )
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from keel import paths
 from keel.agents.identity import AgentDirectory
-from keel.agents.spec import load_specs
-from keel.config import Section, describe, type_name
-from keel.errors import ConfigError
+from keel.agents.roster import AgentEntry, directory_of, read_agents
+from keel.config import Section, type_name
 from keel.mcp.policy import Policy
 from keel.mcp.spec import ServerSpec, load_server_specs, parse_server_spec
 from keel.mcp.wire import DEFAULT_MAX_MESSAGE, DEFAULT_WRITE_TIMEOUT
@@ -58,17 +57,6 @@ def default_servers_dir() -> Path:
     return (paths.DEV_ROOT if paths.dev_mode() else paths.ETC) / "mcp" / "servers"
 
 
-def default_agents_dir() -> Path:
-    return (paths.DEV_ROOT if paths.dev_mode() else paths.ETC) / "agents"
-
-
-@dataclass(frozen=True)
-class AgentEntry:
-    name: str
-    uid: int
-    tier: int
-
-
 @dataclass(frozen=True)
 class McpConfig:
     """mcp.json, checked."""
@@ -89,7 +77,7 @@ class McpConfig:
 
     @property
     def directory(self) -> AgentDirectory:
-        return AgentDirectory({name: entry.uid for name, entry in self.agents.items()})
+        return directory_of(self.agents)
 
     def socket_of(self, server: str) -> Path:
         return self.sockets / f"{server}.sock"
@@ -114,12 +102,8 @@ def parse(cfg: Section) -> McpConfig:
     write_timeout = cfg.number("write_timeout", DEFAULT_WRITE_TIMEOUT, positive=True)
     unavailable_wait = cfg.number("unavailable_wait", 0.5, minimum=0, maximum=1.0)
     servers = _servers(cfg)
-    agents = _agents(cfg)
+    agents = read_agents(cfg)
     policy = Policy(servers, {name: entry.tier for name, entry in agents.items()})
-    try:
-        AgentDirectory({name: entry.uid for name, entry in agents.items()})
-    except ConfigError as exc:
-        raise cfg.error("agents", str(exc)) from None
     return McpConfig(
         source=cfg.source,
         common=common,
@@ -160,37 +144,3 @@ def _servers(cfg: Section) -> dict[str, ServerSpec]:
             )
         servers[name] = spec
     return servers
-
-
-def _agents(cfg: Section) -> dict[str, AgentEntry]:
-    """``agents``: an object ``name -> {"user" or "uid", "tier"}``, or a directory of agent specs."""
-    raw = cfg.raw("agents", str(default_agents_dir()))
-    if isinstance(raw, str):
-        directory = Path(raw)
-        files = sorted(directory.glob("*.json")) if directory.is_dir() else []
-        # An agent running as root cannot be told apart from root: it is no agent here.
-        specs = [spec for spec in load_specs(files) if spec.user != "root"]
-        users = AgentDirectory.from_users({spec.name: spec.user for spec in specs})
-        return {
-            spec.name: AgentEntry(spec.name, users.uid_of(spec.name) or 0, spec.tier)
-            for spec in specs
-        }
-    if not isinstance(raw, dict):
-        raise cfg.error(
-            "agents",
-            f"expected a directory of agent specs or an object by agent name, got {describe(raw)}",
-        )
-    entries: dict[str, AgentEntry] = {}
-    with cfg.section("agents") as agents:
-        for name, agent in agents.sections():
-            with agent:
-                tier = agent.integer("tier", minimum=0, maximum=2)
-                if "uid" in agent:
-                    uid = agent.integer("uid", minimum=1)
-                else:
-                    user = agent.string("user", f"keel-agent-{name}")
-                    uid_of = AgentDirectory.from_users({name: user}).uid_of(name)
-                    assert uid_of is not None
-                    uid = uid_of
-                entries[name] = AgentEntry(name, uid, tier)
-    return entries

@@ -1,28 +1,46 @@
-"""Who may administer the mesh through the control socket. Pure.
+"""Who may do what through the control socket. Pure.
 
-Any process that can open the control socket (``/run/keel/mesh.sock``) may
-send, receive and read the node's state. The verbs that change the mesh for
-everyone (invite new members, remove one for good, join another mesh,
-create or change rooms) are kept for the operators: root, the daemon's own
-user, and the members of the operator group the config names
-(``operator_group``), decided from the caller's credentials as the kernel
-gives them (``SO_PEERCRED`` and the peer's groups), never from what the
-client says. Agents become identities
-of their own in a later step; until then this is the line between an agent
-and its operator.
+Callers are told apart by their credentials as the kernel gives them
+(``SO_PEERCRED`` and the peer's groups), never by what the client says:
+
+- **agents** (a uid the node's ``agents`` config names, :mod:`keel.agents.roster`)
+  may use the mesh only within their grant (:mod:`keel.agents.meshgrant`):
+  send to the nodes of ``sendTo`` on their ``topics``, read and acknowledge
+  only messages on their ``topics``; a tier-2 agent has no mesh unless its
+  spec declares one. :class:`Agents` decides.
+- **every other caller** (root, keel's own daemons, the operator's shell) is
+  the node itself: it may send and read everything, as before agents were
+  told apart.
+- the verbs that change the mesh for everyone (invite new members or revoke
+  an invite, remove one for good, grant the operator role, join another
+  mesh, create or change rooms) are kept for the operators: root, the
+  daemon's own user, and the members of the operator group the config names
+  (``operator_group``). :class:`Operators` decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keel.agents.identity import Caller
+from keel.agents.meshgrant import MeshGrant
+from keel.agents.roster import AgentEntry, directory_of
 from keel.api import Peer
 from keel.errors import Forbidden
 
 ADMIN_VERBS = frozenset(
-    {"invite", "join", "remove", "operator", "room_create", "room_add", "room_remove"}
+    {
+        "invite",
+        "revoke_invite",
+        "join",
+        "remove",
+        "operator",
+        "room_create",
+        "room_add",
+        "room_remove",
+    }
 )
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
@@ -76,3 +94,90 @@ def guard(handlers: Mapping[str, Handler], operators: Operators) -> dict[str, Ha
         verb: guarded(verb, handler) if verb in ADMIN_VERBS else handler
         for verb, handler in handlers.items()
     }
+
+
+def agents_only(handlers: Mapping[str, Handler], agents: Agents) -> dict[str, Handler]:
+    """``handlers`` for the agents' socket: agents (and root) only, no administration.
+
+    The agents' socket is reachable by every local user (tier-2 sandboxes
+    hide ``/run/keel``), so a caller there that is no agent is refused rather
+    than taken for the node, as it is on the control socket.
+    """
+
+    def only(verb: str, handler: Handler) -> Handler:
+        async def check(args: dict[str, Any], peer: Peer) -> Any:
+            if peer.uid != 0 and agents.caller(peer).agent is None:
+                raise NotPermitted(
+                    f"this socket is for the node's agents, and uid {peer.uid} runs none: "
+                    "use the node's control socket (docs/mesh.md, Agents)"
+                )
+            return await handler(args, peer)
+
+        return check
+
+    return {verb: only(verb, h) for verb, h in handlers.items() if verb not in ADMIN_VERBS}
+
+
+class Agents:
+    """The agents a node tells apart, and what each may do on the mesh."""
+
+    def __init__(self, agents: Mapping[str, AgentEntry]) -> None:
+        self.entries = dict(agents)
+        self.directory = directory_of(agents)
+
+    def caller(self, peer: Peer) -> Caller:
+        return self.directory.caller(peer)
+
+    def grant(self, caller: Caller) -> MeshGrant | None:
+        """The caller's grant; None for a caller that is no agent (the node itself)."""
+        return None if caller.agent is None else self.entries[caller.agent].mesh
+
+    def _agent(self, caller: Caller) -> str:
+        entry = self.entries[caller.agent or ""]
+        return f"agent {entry.name} (tier {entry.tier}, uid {entry.uid})"
+
+    def refuse_use(self, caller: Caller) -> str | None:
+        """Why the caller may not use the mesh at all, or None."""
+        grant = self.grant(caller)
+        if grant is None or not grant.empty:
+            return None
+        return (
+            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo) in its "
+            "spec to grant it (docs/mesh.md, Agents)"
+        )
+
+    def refuse_topic(self, caller: Caller, topic: str) -> str | None:
+        """Why the caller may not send on or read ``topic``, or None."""
+        grant = self.grant(caller)
+        if grant is None or grant.covers(topic):
+            return None
+        return self.refuse_use(caller) or (
+            f"{self._agent(caller)} may not use topic {topic!r}: its mesh.topics are "
+            f"{_listed(grant.topics)}"
+        )
+
+    def refuse_send(self, caller: Caller, to: Sequence[str], topic: str) -> str | None:
+        """Why the caller may not send on ``topic`` to each node of ``to``, or None."""
+        return self.refuse_topic(caller, topic) or self.refuse_nodes(caller, to)
+
+    def refuse_nodes(self, caller: Caller, to: Sequence[str]) -> str | None:
+        """Why the caller may not send to each node of ``to``, or None."""
+        grant = self.grant(caller)
+        if grant is None:
+            return None
+        for node in to:
+            if not grant.may_send_to(node):
+                return (
+                    f"{self._agent(caller)} may not send to {node}: its mesh.sendTo is "
+                    f"{_listed(grant.send_to)}"
+                )
+        return None
+
+    def reads(self, caller: Caller) -> Callable[[str], bool] | None:
+        """Which topics the caller may read (None: every topic, the node itself)."""
+        grant = self.grant(caller)
+        return None if grant is None else grant.covers
+
+
+def _listed(values: Sequence[str]) -> str:
+    return ", ".join(repr(v) for v in values) if values else "empty"

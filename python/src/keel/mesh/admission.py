@@ -111,6 +111,8 @@ def _redeem(
         return Refuse("invite-unknown: this node issued no such invite (or it was pruned)")
     if not claim.verify(invite.secret):
         return Refuse("invite-forged: the invite proof does not verify")
+    if claim.invite_id.hex() in membership.view.revoked_invites:
+        return Refuse("invite-revoked: an operator node revoked this invite; ask for a new token")
     try:
         redeemed = invite.redeem(now)
     except InviteError as exc:

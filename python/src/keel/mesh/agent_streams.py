@@ -6,9 +6,11 @@ hangs up. A SEND goes to ``submit`` (queued, refused, or busy after waiting
 for room: while it waits, this stream's later frames wait in the socket, so
 a pipelining agent slows to the mesh's pace); SUBSCRIBE and ACK go to the
 node's :class:`Subscriptions` (:class:`keel.mesh.inbox.Inbox`), which hands
-messages back through :meth:`LocalStream.deliver`. A malformed frame gets
-an ERROR frame and the connection ends; what the stream held goes back to
-the inbox either way.
+messages back through :meth:`LocalStream.deliver`. A malformed frame, or a
+SUBSCRIBE to a topic the agent may not read (``may_read``), gets an ERROR
+frame and the connection ends; what the stream held goes back to the inbox
+either way. ``reads`` (None: every topic) bounds what the stream's ACKs may
+delete: an agent acknowledges only messages on topics it may read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from keel.mesh.local import Kind, LocalStreamError, SendEntry, Status
 DELIVER_FRAME = 1 << 20  # a stream's DELIVER frames are about this big at most
 
 Submit = Callable[[Sequence[SendEntry]], Awaitable[tuple[Status, str]]]
+Reads = Callable[[str], bool]
 
 
 class LocalStream:
@@ -32,9 +35,10 @@ class LocalStream:
 
     _numbers = itertools.count(1)
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, reads: Reads | None = None) -> None:
         self.number = next(self._numbers)
         self.writer = writer
+        self.reads = reads  # the topics whose messages this stream may acknowledge (None: all)
         self.closed = False
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -80,9 +84,11 @@ async def serve(
     *,
     inbox: Subscriptions,
     submit: Submit,
+    may_read: Callable[[str], str | None] | None = None,
+    reads: Reads | None = None,
 ) -> None:
     """Frames from one agent until it hangs up (``keel.mesh.local`` has their form)."""
-    stream = LocalStream(writer)
+    stream = LocalStream(writer, reads)
     inbox.stream_opened(stream)
     subscribed = False
     try:
@@ -97,6 +103,10 @@ async def serve(
                 inbox.stream_acked(stream, local.decode_ack(body))
             elif kind == Kind.SUBSCRIBE and not subscribed:
                 topic, max_unacked, max_bytes = _subscription(body)
+                refusal = None if may_read is None else may_read(topic)
+                if refusal is not None:
+                    stream.write(local.frame(Kind.ERROR, (local.REFUSED + refusal).encode()))
+                    return
                 subscribed = True
                 inbox.subscribe(stream, topic, max_unacked, max_bytes)
             else:

@@ -74,12 +74,40 @@ def register(subparsers: commands.Subcommands) -> None:
         "--ttl", type=float, default=3600.0, metavar="SECONDS", help="valid for (default 3600)"
     )
     p.add_argument("--uses", type=int, default=1, metavar="N", help="joins allowed (default 1)")
+    p.add_argument(
+        "--json", action="store_true", help="print token, id (to revoke it), expires and uses"
+    )
+
+    p = command("invites", "list the invites this node issued, with their ids", _invites)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "revoke-invite",
+        "revoke an invite: the node that issued it refuses it from then on "
+        "(from an operator node of the mesh)",
+        _revoke_invite,
+    )
+    p.add_argument(
+        "invite", metavar="INVITE", help="the invite's id (`keel mesh invites`) or the token"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = command("join", "join the mesh of the node that made TOKEN", _join)
     p.add_argument("token", metavar="TOKEN")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = command("peers", "list the mesh's members", _peers)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "whoami",
+        "who the node takes you for: an agent (named by your uid) and its mesh grant, "
+        "or the node itself",
+        _whoami,
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("agents", "list the agents this node tells apart, with their mesh grants", _agents)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("send", "send DATA to a node; prints the message id", _send)
@@ -255,7 +283,51 @@ def _invite(args: argparse.Namespace) -> int:
         raise UsageError(f"--ttl must be a number of seconds above 0, at most {MAX_TTL}")
     if not 1 <= args.uses <= MAX_USES:
         raise UsageError(f"--uses must be 1 to {MAX_USES}, got {args.uses}")
-    print(_client(args).invite(ttl=args.ttl, uses=args.uses))
+    client = _client(args)
+    if args.json:
+        from keel.output import print_json
+
+        print_json(client.call("invite", {"ttl": args.ttl, "uses": args.uses}))
+    else:
+        print(client.invite(ttl=args.ttl, uses=args.uses))
+    return 0
+
+
+def _invites(args: argparse.Namespace) -> int:
+    from keel.output import print_json, print_table
+
+    invites = _client(args).invites()
+    if args.json:
+        print_json(invites)
+        return 0
+    rows = [
+        (
+            i["id"],
+            i["state"],
+            i["uses_left"],
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(i["expires"])),
+        )
+        for i in invites
+    ]
+    print_table(["id", "state", "uses left", "expires"], rows)
+    return 0
+
+
+def _revoke_invite(args: argparse.Namespace) -> int:
+    from keel.mesh.invite import TOKEN_PREFIX, InviteToken
+    from keel.output import print_json
+
+    invite = args.invite.strip()
+    if invite.startswith(TOKEN_PREFIX):  # a leaked token: its id, never its secret, is sent
+        invite = InviteToken.decode(invite).invite_id.hex()
+    result = _client(args).revoke_invite(invite)
+    if args.json:
+        print_json(result)
+    else:
+        where = (
+            "" if result["issued_here"] else " (its issuer refuses it once the record reaches it)"
+        )
+        print(f"revoked invite {result['invite']}{where}")
     return 0
 
 
@@ -297,6 +369,41 @@ def _peers(args: argparse.Namespace) -> int:
         for p in peers
     ]
     print_table(["id", "addresses", "connected", "last seen", "queued", "operator"], rows)
+    return 0
+
+
+def _grant_text(mesh: dict[str, Any] | None) -> tuple[str, str]:
+    """(send to, topics) of a grant for a table; None is the node: everything."""
+    if mesh is None:
+        return "* (the node)", "* (the node)"
+    return ",".join(mesh["sendTo"]) or "nobody", ",".join(mesh["topics"]) or "none"
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    from keel.output import print_json
+
+    me = _client(args).whoami()
+    if args.json:
+        print_json(me)
+        return 0
+    send_to, topics = _grant_text(me["mesh"])
+    print(f"node:      {me['node']}")
+    print(f"you are:   {me['caller']}" + (f", tier {me['tier']}" if me["tier"] is not None else ""))
+    print(f"send to:   {send_to}")
+    print(f"topics:    {topics}")
+    print(f"operator:  {'yes' if me['operator'] else 'no'}")
+    return 0
+
+
+def _agents(args: argparse.Namespace) -> int:
+    from keel.output import print_json, print_table
+
+    agents = _client(args).agents()
+    if args.json:
+        print_json(agents)
+        return 0
+    rows = [(a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"]) for a in agents]
+    print_table(["agent", "tier", "uid", "send to", "topics", "node"], rows)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Reading ``mesh.json``, the config ``keel mesh serve --config FILE`` runs on.
 
-Every key but ``listen`` has a default (``docs/mesh.md`` lists them all)::
+Every key but ``listen`` has a default (``docs/mesh.md`` lists them all;
+``agents``, the agents told apart on the control socket, defaults to the
+installed agent specs: :mod:`keel.agents.roster`)::
 
     {"listen": "0.0.0.0:7400", "directory": "/var/lib/keel/mesh",
      "socket": "/run/keel/mesh.sock", "ledger": "/var/lib/keel/ledger.db",
@@ -24,13 +26,14 @@ from __future__ import annotations
 import grp
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel import paths
+from keel.agents.roster import read_agents
 from keel.config import Section, describe
 from keel.errors import UsageError
-from keel.mesh.access import Operators
+from keel.mesh.access import Agents, Operators
 from keel.mesh.delivery import DEFAULT_TTL, InboxLimits, Limits
 from keel.mesh.session import SessionConfig
 from keel.service import Common, read_common
@@ -55,6 +58,7 @@ class Settings:
     durability: str = "normal"
     operator_group: str | None = None
     operator_gid: int | None = None
+    agents: Agents = field(default_factory=lambda: Agents({}))
 
     def operators(self) -> Operators:
         """Who may administer the mesh through the control socket."""
@@ -70,6 +74,7 @@ class MeshConfig:
     directory: Path  # the node's identity.key and state.db
     listen: tuple[str, int]
     settings: Settings
+    agent_socket: Path | None = None  # the agents' own socket (outside /run/keel), if any
 
 
 def load(path: Path) -> MeshConfig:
@@ -86,7 +91,10 @@ def parse(cfg: Section) -> MeshConfig:
         listen = parse_listen(text)
     except UsageError as exc:
         raise cfg.error("listen", str(exc)) from None
-    return MeshConfig(cfg.source, common, directory, listen, _settings(cfg))
+    agent_socket = cfg.filepath("agent_socket") if cfg.raw("agent_socket", None) else None
+    if agent_socket is not None and agent_socket == common.socket:
+        raise cfg.error("agent_socket", "must differ from socket")
+    return MeshConfig(cfg.source, common, directory, listen, _settings(cfg), agent_socket)
 
 
 def _settings(cfg: Section) -> Settings:
@@ -139,6 +147,7 @@ def _settings(cfg: Section) -> Settings:
         durability=cfg.choice("durability", ["full", "normal"], "normal"),
         operator_group=group,
         operator_gid=gid,
+        agents=Agents(read_agents(cfg)),
     )
     if settings.dial_base > settings.dial_cap:
         raise cfg.error("dial_base", "must not exceed dial_cap")

@@ -2,8 +2,11 @@
 
 Every handler parses its request first (a one-line ``bad_request`` for bad
 arguments), then asks the node's parts; the administrative verbs
-(:data:`keel.mesh.access.ADMIN_VERBS`) are for operators only. ``status`` is
-the shell's (:meth:`keel.mesh.node.MeshNode.status`).
+(:data:`keel.mesh.access.ADMIN_VERBS`) are for operators only, and an agent
+(:class:`keel.mesh.access.Agents`, known by its uid) sends and reads only
+within its mesh grant: a refusal is a ``forbidden`` answer naming the grant,
+and a ``mesh-refused`` ledger entry. ``status`` is the shell's
+(:meth:`keel.mesh.node.MeshNode.status`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
+from keel.agents.identity import Caller
 from keel.api import Handler, Peer, Upgrade
 from keel.errors import KeelError, UsageError
 from keel.mesh import agent_streams, arguments, local, rooms, verbs
-from keel.mesh.access import guard
+from keel.mesh.access import NotPermitted, guard
 from keel.mesh.config import Settings
 from keel.mesh.delivery import Backpressure
 from keel.mesh.identity import NodeIdentity
@@ -32,6 +36,7 @@ from keel.mesh.store import Store
 from keel.service import Shell
 
 STREAM_SEND_WAIT: Final = 5.0  # s a stream's SEND waits for room in a full outbox before "busy"
+REFUSAL_QUIET: Final = 60.0  # s: the same refusal of the same agent is recorded once per this
 
 R = TypeVar("R")
 
@@ -39,6 +44,17 @@ R = TypeVar("R")
 def _verb(parse: Callable[[Mapping[str, Any]], R], run: Callable[[R], Awaitable[Any]]) -> Handler:
     async def handle(args: dict[str, Any], peer: Peer) -> Any:
         return await run(parse(args))
+
+    return handle
+
+
+def _as_caller(
+    parse: Callable[[Mapping[str, Any]], R], run: Callable[[R, Peer], Awaitable[Any]]
+) -> Handler:
+    """A verb whose answer depends on who asks (an agent, or the node itself)."""
+
+    async def handle(args: dict[str, Any], peer: Peer) -> Any:
+        return await run(parse(args), peer)
 
     return handle
 
@@ -67,17 +83,23 @@ class Control:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.agents = node.settings.agents
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # -> (recorded at, since)
 
     def handlers(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
             "invite": _verb(verbs.Invite.parse, self.invite),
+            "invites": _verb(verbs.NoArgs.parse, self.invites),
+            "revoke_invite": _verb(verbs.RevokeInvite.parse, self.revoke_invite),
             "join": _verb(verbs.Join.parse, self.join),
             "peers": _verb(verbs.NoArgs.parse, self.peers),
-            "send": _verb(verbs.Direct.parse, self.send),
-            "send_many": _verb(verbs.SendMany.parse, self.send_many),
-            "recv": _verb(verbs.Recv.parse, self.recv),
-            "stream": _verb(verbs.NoArgs.parse, self.stream),
-            "ack": _verb(verbs.Ack.parse, self.ack),
+            "whoami": _as_caller(verbs.NoArgs.parse, self.whoami),
+            "agents": _verb(verbs.NoArgs.parse, self.agents_known),
+            "send": _as_caller(verbs.Direct.parse, self.send),
+            "send_many": _as_caller(verbs.SendMany.parse, self.send_many),
+            "recv": _as_caller(verbs.Recv.parse, self.recv),
+            "stream": _as_caller(verbs.NoArgs.parse, self.stream),
+            "ack": _as_caller(verbs.Ack.parse, self.ack),
             "remove": _verb(verbs.Remove.parse, self.remove),
             "operator": _verb(verbs.OperatorChange.parse, self.operator),
             "room_create": _verb(verbs.RoomCreate.parse, self.room_create),
@@ -87,15 +109,67 @@ class Control:
             "room_remove": _verb(
                 verbs.RoomMember.parse, functools.partial(self.room_change, add=False)
             ),
-            "room_send": _verb(verbs.RoomSend.parse, self.room_send),
+            "room_send": _as_caller(verbs.RoomSend.parse, self.room_send),
             "room_members": _verb(verbs.RoomRef.parse, self.room_members),
             "rooms": _verb(verbs.NoArgs.parse, self.rooms),
-            "dead_letters": _verb(verbs.DeadLetters.parse, self.dead_letters),
+            "dead_letters": _as_caller(verbs.DeadLetters.parse, self.dead_letters),
         }
         return guard(table, self.node.settings.operators())
 
     def _member(self) -> None:
         verbs.require_member(self.node.members.view, self.node.me)
+
+    # -- who is asking
+
+    def _refuse(self, caller: Caller, verb: str, refusal: str | None) -> None:
+        """Raise ``NotPermitted(refusal)`` (recorded in the ledger) unless it is None."""
+        if refusal is None:
+            return
+        self._record_refusal(caller, verb, refusal)
+        raise NotPermitted(refusal)
+
+    def _record_refusal(self, caller: Caller, verb: str, refusal: str) -> None:
+        """A ``mesh-refused`` ledger entry; the same one at most once a minute (with a count)."""
+        agent = caller.agent or f"uid {caller.uid}"
+        key = (agent, refusal)
+        now = self.node.wall()
+        last = self._refusals.get(key)
+        if last is not None and now - last[0] < REFUSAL_QUIET:
+            self._refusals[key] = (last[0], last[1] + 1)
+            return
+        if len(self._refusals) >= 4096:
+            self._refusals.clear()
+        self._refusals[key] = (now, 0)
+        data: dict[str, Any] = {"agent": agent, "uid": caller.uid, "verb": verb, "reason": refusal}
+        if last is not None and last[1]:
+            data["repeats"] = last[1]  # refused this often since the last entry
+        self.node.shell.record("mesh-refused", agent, data)
+
+    async def whoami(self, request: verbs.NoArgs, peer: Peer) -> verbs.WhoAmI:
+        caller = self.agents.caller(peer)
+        grant = self.agents.grant(caller)
+        tier = None if caller.agent is None else self.agents.entries[caller.agent].tier
+        return {
+            "node": self.node.me,
+            "caller": caller.describe(),
+            "uid": caller.uid,
+            "agent": caller.agent,
+            "tier": tier,
+            "mesh": None if grant is None else grant.to_json(),
+            "operator": self.node.settings.operators().permits(peer),
+        }
+
+    async def agents_known(self, request: verbs.NoArgs) -> list[verbs.AgentInfo]:
+        return [
+            {
+                "agent": entry.name,
+                "node": self.node.me,
+                "uid": entry.uid,
+                "tier": entry.tier,
+                "mesh": entry.mesh.to_json(),
+            }
+            for entry in sorted(self.agents.entries.values(), key=lambda e: e.name)
+        ]
 
     # -- the node and its mesh
 
@@ -110,7 +184,52 @@ class Control:
         node.shell.record(
             "invite", token.invite_id.hex(), {"expires": token.expires, "uses": token.uses}
         )
-        return {"token": token.encode(), "expires": token.expires, "uses": token.uses}
+        return {
+            "token": token.encode(),
+            "id": token.invite_id.hex(),
+            "expires": token.expires,
+            "uses": token.uses,
+        }
+
+    async def invites(self, request: verbs.NoArgs) -> list[verbs.InviteInfo]:
+        """The invites this node issued and still holds (expired ones go within a minute)."""
+        node = self.node
+        revoked = node.members.view.revoked_invites
+        wall = node.wall()
+        out: list[verbs.InviteInfo] = []
+        for invite, created in node.store.list_invites():
+            invite_id = invite.invite_id.hex()
+            if invite_id in revoked:
+                state = "revoked"
+            elif wall >= invite.expires:
+                state = "expired"
+            elif invite.uses_left <= 0:
+                state = "used-up"
+            else:
+                state = "open"
+            out.append(
+                {
+                    "id": invite_id,
+                    "created": created,
+                    "expires": invite.expires,
+                    "uses_left": invite.uses_left,
+                    "state": state,
+                }
+            )
+        return out
+
+    async def revoke_invite(self, request: verbs.RevokeInvite) -> verbs.InviteRevoked:
+        """Sign a ``revoke-invite`` record: the invite's issuer refuses it once the record arrives."""
+        self._member()
+        node, invite = self.node, request.invite
+        view = node.members.view
+        verbs.require_operator(view, node.me, "revoke an invite")
+        if invite in view.revoked_invites:
+            raise KeelError(f"invite {invite} was revoked already")
+        record = node.members.sign("revoke-invite", invite=invite)
+        node.shell.record("invite-revoke", invite, {"invite": invite, "by": node.me})
+        issued_here = node.store.get_invite(bytes.fromhex(invite)) is not None
+        return {"invite": invite, "record": record.id, "issued_here": issued_here}
 
     async def join(self, request: verbs.Join) -> verbs.Joined:
         return await self.node.join(request.token, request.timeout)
@@ -183,22 +302,29 @@ class Control:
         expires = node.wall() + (ttl if ttl is not None else node.settings.default_ttl)
         return NewMessage(message_id, (to,), topic, payload, expires)
 
-    async def send(self, request: verbs.Direct) -> verbs.Sent:
+    async def send(self, request: verbs.Direct, peer: Peer) -> verbs.Sent:
         self._member()
         r = request
+        caller = self.agents.caller(peer)
+        self._refuse(caller, "send", self.agents.refuse_send(caller, (r.to,), r.topic))
         self.node.outbound.submit([self._message(r.id, r.to, r.topic, r.payload, r.ttl)])
         return {"id": r.id}
 
-    async def send_many(self, request: verbs.SendMany) -> verbs.SentMany:
+    async def send_many(self, request: verbs.SendMany, peer: Peer) -> verbs.SentMany:
         self._member()
+        caller = self.agents.caller(peer)
+        for r in request.messages:
+            self._refuse(caller, "send_many", self.agents.refuse_send(caller, (r.to,), r.topic))
         messages = [self._message(r.id, r.to, r.topic, r.payload, r.ttl) for r in request.messages]
         self.node.outbound.submit(messages)
         return {"ids": [m.id for m in messages]}
 
-    async def recv(self, request: verbs.Recv) -> verbs.Received:
+    async def recv(self, request: verbs.Recv, peer: Peer) -> verbs.Received:
         inbox = self.node.inbox
+        caller = self.agents.caller(peer)
+        self._refuse(caller, "recv", self.agents.refuse_topic(caller, request.topic))
         if request.ack:
-            inbox.consume(request.ack)
+            inbox.consume(request.ack, self.agents.reads(caller))
         found = await inbox.recv(request.topic, request.max, wait=request.wait, lease=request.lease)
         return {
             "messages": [
@@ -215,22 +341,43 @@ class Control:
             ]
         }
 
-    async def ack(self, request: verbs.Ack) -> verbs.Acked:
-        return {"acked": self.node.inbox.consume(request.receipts)}
+    async def ack(self, request: verbs.Ack, peer: Peer) -> verbs.Acked:
+        caller = self.agents.caller(peer)
+        self._refuse(caller, "ack", self.agents.refuse_use(caller))
+        return {"acked": self.node.inbox.consume(request.receipts, self.agents.reads(caller))}
 
-    async def dead_letters(self, request: verbs.DeadLetters) -> list[dict[str, Any]]:
-        return self.node.store.dead_letters(request.limit)
+    async def dead_letters(self, request: verbs.DeadLetters, peer: Peer) -> list[dict[str, Any]]:
+        caller = self.agents.caller(peer)
+        self._refuse(caller, "dead_letters", self.agents.refuse_use(caller))
+        letters = self.node.store.dead_letters(request.limit)
+        reads = self.agents.reads(caller)
+        return letters if reads is None else [d for d in letters if reads(d["topic"])]
 
     # -- the binary stream
 
-    async def stream(self, request: verbs.NoArgs) -> Upgrade:
-        serve = functools.partial(agent_streams.serve, inbox=self.node.inbox, submit=self._submit)
+    async def stream(self, request: verbs.NoArgs, peer: Peer) -> Upgrade:
+        caller = self.agents.caller(peer)
+        self._refuse(caller, "stream", self.agents.refuse_use(caller))
+
+        def subscribing(topic: str) -> str | None:
+            refusal = self.agents.refuse_topic(caller, topic)
+            if refusal is not None:
+                self._record_refusal(caller, "subscribe", refusal)
+            return refusal
+
+        serve = functools.partial(
+            agent_streams.serve,
+            inbox=self.node.inbox,
+            submit=functools.partial(self._submit, caller),
+            may_read=subscribing,
+            reads=self.agents.reads(caller),
+        )
         return Upgrade({"stream": 1, "node": self.node.me}, serve, buffer_size=local.SOCKET_BUFFER)
 
-    async def _submit(self, entries: Sequence[SendEntry]) -> tuple[Status, str]:
+    async def _submit(self, caller: Caller, entries: Sequence[SendEntry]) -> tuple[Status, str]:
         """A stream's SEND: queued, refused, or (the outbox full for a while) busy."""
         try:
-            messages = self._entries(entries)
+            messages = self._entries(entries, caller)
             await self.node.outbound.submit_waiting(messages, STREAM_SEND_WAIT)
         except Backpressure as exc:
             return Status.BUSY, str(exc)
@@ -238,11 +385,12 @@ class Control:
             return Status.REFUSED, str(exc)
         return Status.QUEUED, ""
 
-    def _entries(self, entries: Iterable[SendEntry]) -> list[NewMessage]:
+    def _entries(self, entries: Iterable[SendEntry], caller: Caller) -> list[NewMessage]:
         """A SEND's messages, after the same checks as ``send_many``'s."""
         self._member()
         checked: set[str] = set()
         topics: set[str] = set()
+        agents = self.agents
         default = self.node.settings.default_ttl
         wall = self.node.wall()
         messages = []
@@ -251,12 +399,14 @@ class Control:
                 if not is_node_id(entry.to):
                     raise UsageError(f"{entry.to!r} is not a node id")
                 verbs.recipient(self.node.members.view, self.node.me, entry.to)
+                self._refuse(caller, "send", agents.refuse_nodes(caller, (entry.to,)))
                 checked.add(entry.to)
             if entry.topic not in topics:
                 try:
                     topics.add(check_topic(entry.topic))
                 except ValueError as exc:
                     raise UsageError(str(exc)) from None
+                self._refuse(caller, "send", agents.refuse_topic(caller, entry.topic))
             arguments.check_size(len(entry.payload))
             ttl = entry.ttl_ms / 1000 if entry.ttl_ms else default
             if ttl > arguments.MAX_TTL:
@@ -331,13 +481,16 @@ class Control:
         node.shell.record(kind, room.id, {"room": room.id, "node": request.node})
         return self._room_info(node.members.view.rooms[room.id])
 
-    async def room_send(self, request: verbs.RoomSend) -> verbs.RoomSent:
+    async def room_send(self, request: verbs.RoomSend, peer: Peer) -> verbs.RoomSent:
         self._member()
         node = self.node
         room = self._room(request.room)
         recipients = node.members.view.room_recipients(room.id)
         if node.me not in recipients:
             raise KeelError(f"this node is not a member of room {room.name}")
+        caller = self.agents.caller(peer)
+        others = [m for m in recipients if m != node.me]
+        self._refuse(caller, "room_send", self.agents.refuse_send(caller, others, request.topic))
         ttl = request.ttl if request.ttl is not None else node.settings.default_ttl
         expires = int(node.wall() + ttl)
         stamp = rooms.stamp(
@@ -348,7 +501,6 @@ class Control:
             expires=expires,
             payload=request.payload,
         )
-        others = [m for m in recipients if m != node.me]
         if others:
             message = NewMessage(request.id, others, request.topic, request.payload, expires, stamp)
             node.outbound.submit([message])

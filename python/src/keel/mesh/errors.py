@@ -59,7 +59,7 @@ class InviteError(MeshError):
     """An invite token was refused; ``reason`` is one of ``REASONS``."""
 
     REASONS: ClassVar[frozenset[str]] = frozenset(
-        {"malformed", "expired", "used-up", "forged", "unknown"}
+        {"malformed", "expired", "used-up", "forged", "unknown", "revoked"}
     )
 
     def __init__(self, message: str, reason: str) -> None:

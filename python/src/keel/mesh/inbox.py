@@ -154,9 +154,9 @@ class Inbox:
         self.handoffs.lease([m.seq for m in found], self.clock() + (lease or self.lease))
         return found
 
-    def consume(self, receipts: Iterable[int]) -> int:
-        """Delete acknowledged messages; how many there were."""
-        gone = self.store.consume(receipts)
+    def consume(self, receipts: Iterable[int], reads: Callable[[str], bool] | None = None) -> int:
+        """Delete acknowledged messages (on the topics ``reads`` allows); how many there were."""
+        gone = self.store.consume(receipts, reads)
         self.handoffs.consumed(seq for seq, _ in gone)
         for _, size in gone:
             self.count -= 1
@@ -183,7 +183,7 @@ class Inbox:
         stream.flush(always=True)  # the answer: subscribed (with whatever waited)
 
     def stream_acked(self, stream: LocalStream, receipts: Sequence[int]) -> None:
-        self._carry_out(self.handoffs.acked(stream.number, receipts))
+        self._carry_out(self.handoffs.acked(stream.number, receipts), stream.reads)
         self._fill(stream)
         stream.flush()
 
@@ -254,7 +254,8 @@ class Inbox:
         self._carry_out(self.handoffs.due())
         self._arm_hold_check()
 
-    def _carry_out(self, steps: Steps) -> None:
+    def _carry_out(self, steps: Steps, reads: Callable[[str], bool] | None = None) -> None:
+        """Do what ``steps`` say; ``reads`` bounds the topics an agent's ACK may delete."""
         if steps.take:
             self._take(steps.take)
         if steps.store_kept:
@@ -263,7 +264,7 @@ class Inbox:
             self._store(steps.store_freed, keep=False)
         if steps.consume:
             try:
-                self.consume(steps.consume)
+                self.consume(steps.consume, reads)
             except StateError as exc:
                 state_failed(f"cannot delete {len(steps.consume)} acknowledged message(s)", exc)
 

@@ -26,7 +26,10 @@ Daemon to agent:
     0x82 DELIVER    entries, each
                     receipt: u64 || id (16) || from (32) || received: f64 (Unix seconds)
                     || flags: u8 (bit 0: room) || room (16, if flags bit 0) || size: u32 || payload
-    0x83 ERROR      UTF-8 text; the daemon then closes the connection
+    0x83 ERROR      UTF-8 text; the daemon then closes the connection. Text that
+                    starts "refused: " says the agent may not do what it asked (a
+                    SUBSCRIBE to a topic beyond its mesh grant); other text, that a
+                    frame was malformed
 
 A SEND is all or nothing, like the JSON ``send_many`` (one transaction); its
 SENT comes once every message of it is in the outbox. Several SENDs may be in
@@ -59,6 +62,7 @@ _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
 _RECEIPT = struct.Struct(">Q")
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
+REFUSED: Final = "refused: "  # an ERROR text with this prefix: not permitted, not malformed
 STREAM_RECEIPTS: Final = 1 << 63  # receipts from here on are valid on their stream only
 
 

@@ -3,7 +3,7 @@
 :class:`~keel.mesh.membership.Membership` (pure) says what a record set
 means; this keeps the node's set in the store, merges what peers send (and
 passes new records on to every other peer), signs the node's own records
-(remove, rooms, a changed address) and adopts another mesh's records when
+(remove, operator, revoke-invite, rooms, a changed address) and adopts another mesh's records when
 the node joins one. After every change it calls ``changed`` so the node
 brings its connections, dials and queues in line with the new view.
 """
@@ -118,6 +118,10 @@ class Members:
                 target = target["node_id"] if isinstance(target, dict) else target
                 log.info("mesh: %s %s (by %s)", record.kind, target, record.by)
                 self.record(f"member-{record.kind}", target, {"node": target, "by": record.by})
+            elif record.id in view.effective and record.kind == "revoke-invite":
+                invite = str(record.body["invite"])
+                log.info("mesh: invite %s revoked (by %s)", invite, record.by)
+                self.record("invite-revoke", invite, {"invite": invite, "by": record.by})
         self.changed()
         return new
 

@@ -16,15 +16,18 @@ hybrid logical time in milliseconds, and ``sig``):
 - ``remove`` (``node``): ``by`` revokes node id ``node``, for good.
 - ``operator`` (``node``, ``grant``): ``by`` makes member ``node`` an
   operator of the mesh (``grant`` true) or takes the role back (false).
+- ``revoke-invite`` (``invite``): ``by`` revokes the invite whose id
+  (:func:`keel.mesh.invite.invite_id_of`, 32 hex digits; never its secret)
+  is ``invite``: the node that issued it refuses it from then on.
 - ``addr`` (``addrs``): ``by``'s own listening addresses (latest wins).
 - ``room``: an owner-signed room state (see :mod:`keel.mesh.rooms`).
 
 The view: walk the records in ``(at, id)`` order starting from the genesis
 member. A ``join`` takes effect only if its signer is a member (admitted,
 not removed) at that point of the walk and its signature verifies with the
-signer's admitted signing key; a ``remove`` or ``operator`` record only if
-its signer is, besides, an *operator* at that point. The founder is the
-first operator; an operator grants the role to another member (never to
+signer's admitted signing key; a ``remove``, ``operator`` or
+``revoke-invite`` record only if its signer is, besides, an *operator* at
+that point. The founder is the first operator; an operator grants the role to another member (never to
 itself: a node cannot promote itself), and a removed node loses it. Removal
 wins: a removed node is never admitted again, whatever joins follow. ``at`` is a hybrid logical
 clock (``next_at``): a node stamps a new record later than every record it
@@ -46,7 +49,7 @@ from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
 from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
 from keel.mesh.packets import canonical_json
 
-KINDS: Final = ("genesis", "join", "remove", "operator", "addr", "room")
+KINDS: Final = ("genesis", "join", "remove", "operator", "revoke-invite", "addr", "room")
 DOMAINS: Final = {kind: "room" if kind == "room" else "membership" for kind in KINDS}
 MAX_ADDRESSES: Final = 16
 MAX_ROOM_NAME: Final = 64
@@ -61,6 +64,7 @@ _FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "join": frozenset({"node", "addrs"}),
     "remove": frozenset({"node"}),
     "operator": frozenset({"node", "grant"}),
+    "revoke-invite": frozenset({"invite"}),
     "addr": frozenset({"addrs"}),
     "room": frozenset({"room", "nonce", "name", "version", "members"}),
 }
@@ -168,6 +172,9 @@ class SignedRecord:
                     raise _bad("grant must be true or false")
                 if body["node"] == body["by"]:
                     raise _bad("a node cannot grant or take back its own operator role")
+        elif kind == "revoke-invite":
+            if not is_message_id(body["invite"]):
+                raise _bad("invite is not an invite id (32 lowercase hex digits)")
         elif kind == "room":
             _check_room(body)
         return cls(body, signature)
@@ -229,6 +236,7 @@ class View:
     admitted: Mapping[str, Member]  # everyone ever admitted (removed ones too)
     removed: Mapping[str, int]  # node id -> at of the removal that took effect
     operators: frozenset[str]  # the members that may remove nodes and grant the role
+    revoked_invites: Mapping[str, int]  # invite id -> at of the revocation that took effect
     rooms: Mapping[str, Room]
     effective: frozenset[str]  # ids of the records that took effect
 
@@ -335,6 +343,7 @@ class Membership:
         }
         removed: dict[str, int] = {}
         operators = {founder.node_id}
+        revoked_invites: dict[str, int] = {}
         addresses: dict[str, tuple[str, ...]] = {}
         rooms: dict[str, Room] = {}
         effective = {self.genesis.id}
@@ -369,6 +378,13 @@ class Membership:
                     operators.add(target)
                 else:
                     operators.discard(target)
+            elif kind == "revoke-invite":
+                invite = str(record.body["invite"])
+                if invite in revoked_invites or by not in operators:
+                    continue
+                if not self._verified_by(record, in_good_standing):
+                    continue
+                revoked_invites[invite] = record.at
             elif kind == "addr":
                 if not self._verified_by(record, signer):
                     continue
@@ -404,6 +420,7 @@ class Membership:
             admitted=MappingProxyType(admitted),
             removed=MappingProxyType(removed),
             operators=frozenset(operators),
+            revoked_invites=MappingProxyType(revoked_invites),
             rooms=MappingProxyType(rooms),
             effective=frozenset(effective),
         )

@@ -28,11 +28,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from keel.api import Handler
+from keel.api import ControlServer, Handler
 from keel.errors import KeelError, UsageError
 from keel.mesh import admission, packets
+from keel.mesh.access import agents_only
 from keel.mesh.admission import Merge, Redeem, Refuse
 from keel.mesh.audit import MessageBatches
 from keel.mesh.audit_log import AuditLog
@@ -90,6 +92,7 @@ class MeshNode(Daemon):
         self.wall = wall
         self._kem = kem
         self._opened = contextlib.ExitStack()  # what start opened, closed in reverse by stop
+        self._agents_server: ControlServer | None = None
         self._removed_logged = False
 
     # ------------------------------------------------------------ the daemon's life
@@ -189,6 +192,9 @@ class MeshNode(Daemon):
         listener.start()
         self._opened.callback(self.links.close, "shutdown: the node is stopping")
         self.apply_view()
+        self._control = Control(self)
+        if self.config.agent_socket is not None:
+            await self._serve_agents(self.config.agent_socket)
         shell.spawn(self._housekeeping(), name="housekeeping")
         log.info(
             "mesh: node %s listening on %s (mesh %s, %d members, KEM %s/%s)",
@@ -201,14 +207,30 @@ class MeshNode(Daemon):
         )
 
     async def stop(self) -> None:
-        """Close what start opened, the last first: links, listener, parts, store, lock."""
+        """Close what start opened, the last first: agents' socket, links, listener, parts,
+        store, lock."""
+        if self._agents_server is not None:
+            await self._agents_server.close()
+            self._agents_server = None
         self._opened.close()
+
+    async def _serve_agents(self, path: Path) -> None:
+        """The agents' socket: the verbs for agents, open to every local user (mode 0666),
+        each caller judged by its uid (:func:`keel.mesh.access.agents_only`)."""
+        handlers = agents_only(self._control.handlers(), self.settings.agents)
+        server = ControlServer(path, handlers, name="mesh", mode=0o666)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise KeelError(f"cannot serve the agents' socket {path}: {exc.strerror}") from None
+        self._agents_server = server
+        log.info("mesh: agents connect on %s", path)
 
     def summary(self) -> str:
         return f"node {self.me}"
 
     def verbs(self) -> Mapping[str, Handler]:
-        return Control(self).handlers()
+        return self._control.handlers()
 
     def status(self) -> dict[str, Any]:
         view = self.members.view

@@ -86,6 +86,8 @@ class SessionConfig:
     rekey_interval: float = 120.0
     rekey_messages: int = 65536
     max_message_size: int = MAX_MESSAGE_SIZE
+    # The protocol has every receiver accept 65535-byte frames (docs/mesh-protocol.md,
+    # section 4): a lower value is for tests between sessions that both use it.
     max_frame_size: int = MAX_FRAME_SIZE
 
     def __post_init__(self) -> None:

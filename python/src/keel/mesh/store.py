@@ -277,6 +277,12 @@ class Store:
         return None if row is None else InviteRecord.from_json(json.loads(row[0]))
 
     @_state_errors
+    def list_invites(self) -> list[tuple[InviteRecord, float]]:
+        """The invites this node issued and still holds (not pruned), oldest first."""
+        rows = self._db.execute("SELECT body, created FROM invites ORDER BY created").fetchall()
+        return [(InviteRecord.from_json(json.loads(body)), created) for body, created in rows]
+
+    @_state_errors
     def redeem_invite(self, record: InviteRecord, join: SignedRecord) -> None:
         """Count a use down and store the join record it produced, together."""
         with self.transaction() as db:
@@ -492,11 +498,19 @@ class Store:
         return out
 
     @_state_errors
-    def consume(self, seqs: Iterable[int]) -> list[tuple[int, int]]:
-        """Delete consumed messages; returns (seq, size) of those that were there."""
+    def consume(
+        self, seqs: Iterable[int], reads: Callable[[str], bool] | None = None
+    ) -> list[tuple[int, int]]:
+        """Delete consumed messages; returns (seq, size) of those that were there.
+
+        ``reads``: only messages on topics it allows are deleted (an agent's
+        acknowledgement of another agent's message is no acknowledgement).
+        """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
+            if reads is not None:
+                unique = self._readable(db, unique, reads)
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -505,6 +519,22 @@ class Store:
                     chunk,
                 ).fetchall()
         return [(int(a), int(b)) for a, b in gone]
+
+    @staticmethod
+    def _readable(
+        db: sqlite3.Connection, seqs: Sequence[int], reads: Callable[[str], bool]
+    ) -> list[int]:
+        """Those of ``seqs`` whose message's topic ``reads`` allows."""
+        allowed: list[int] = []
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            rows = db.execute(
+                f"SELECT seq, topic FROM inbox WHERE seq IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchall()
+            allowed += [int(seq) for seq, topic in rows if reads(topic)]
+        return allowed
 
     @_state_errors
     def prune_seen(self, wall: float) -> int:

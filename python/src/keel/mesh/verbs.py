@@ -17,6 +17,7 @@ from typing import Any, Final, TypedDict
 
 from keel.errors import KeelError, Refused, UsageError
 from keel.mesh import arguments
+from keel.mesh.ids import is_message_id
 from keel.mesh.invite import MAX_USES, InviteToken
 from keel.mesh.membership import View
 
@@ -45,6 +46,21 @@ class Invite:
             arguments.ttl(args, 3600.0),
             arguments.integer(args, "uses", 1, minimum=1, maximum=MAX_USES),
         )
+
+
+@dataclass(frozen=True)
+class RevokeInvite:
+    invite: str  # the invite id: 32 lowercase hex digits
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> RevokeInvite:
+        invite = arguments.string(args, "invite")
+        if not is_message_id(invite):
+            raise UsageError(
+                "invite must be an invite id (32 lowercase hex digits, "
+                "as `keel mesh invites` lists them)"
+            )
+        return cls(invite)
 
 
 @dataclass(frozen=True)
@@ -254,8 +270,23 @@ class Status(TypedDict):
 
 class Invited(TypedDict):
     token: str
+    id: str
     expires: int
     uses: int
+
+
+class InviteInfo(TypedDict):
+    id: str
+    created: float
+    expires: int
+    uses_left: int
+    state: str  # open, used-up, expired, revoked
+
+
+class InviteRevoked(TypedDict):
+    invite: str
+    record: str
+    issued_here: bool
 
 
 class Joined(TypedDict, total=False):
@@ -333,3 +364,25 @@ class RoomInfo(TypedDict):
 class RoomSent(TypedDict):
     id: str
     recipients: list[str]
+
+
+class WhoAmI(TypedDict):
+    """Who the node takes the caller for (``whoami``), from the kernel's credentials."""
+
+    node: str
+    caller: str  # "agent scout (uid 1001)", "root (pid 42)", "uid 1000 (not an agent)"
+    uid: int
+    agent: str | None  # None: no agent, the node itself
+    tier: int | None
+    mesh: dict[str, Any] | None  # the agent's grant {"sendTo", "topics"}; None: everything
+    operator: bool  # may use the administrative verbs
+
+
+class AgentInfo(TypedDict):
+    """An agent this node tells apart (``agents``)."""
+
+    agent: str
+    node: str
+    uid: int
+    tier: int
+    mesh: dict[str, Any]

@@ -105,11 +105,21 @@ def test_a_rewritten_ledger_is_named_by_the_audit_and_raises_alarms(
     for witness in (a, b):
         alarms = wait_until(witness.alarms, timeout=30, what=f"{witness.label}'s alarm")
         assert [(x["node"], x["kind"]) for x in alarms] == [(c.node_id, "forked")]
-        entries = witness.ledger_entries("witness_alarm")
-        assert entries
+        # the alarm is answered before the recorder writes its entry: wait for that
+        entries = wait_until(
+            lambda w=witness: w.ledger_entries("witness_alarm"),  # type: ignore[misc]
+            timeout=30,
+            what=f"{witness.label}'s witness_alarm entry",
+        )
         assert entries[0]["subject"] == c.node_id
-    # the audit is in the auditor's ledger
-    assert a.ledger_entries("audit")[-1]["data"]["problems"] == {c.node_id: "forked"}
+    # both audits are in the auditor's ledger (its recorder writes them in the background:
+    # the CLI's answer comes first)
+    audits = wait_until(
+        lambda: (found := a.ledger_entries("audit"))[1:] and found,
+        timeout=30,
+        what="a's second audit entry",
+    )
+    assert [x["data"]["problems"] for x in audits] == [{}, {c.node_id: "forked"}]
     # a human reads it too
     plain = a.cli("audit", "--timeout", "5")
     assert plain.returncode == 1

@@ -59,6 +59,7 @@ def as_user(
 
 ADMIN = [
     ("invite",),
+    ("revoke-invite", "0123456789abcdef0123456789abcdef"),
     ("remove", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("operator", "grant", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
     ("room", "create", "ops"),
@@ -79,7 +80,7 @@ def test_administrative_verbs_are_refused_to_others(guarded: Node) -> None:
     for args in ADMIN:
         done = as_user(guarded, *args)
         assert done.returncode != 0, (args, done.stdout)
-        verb = args[0] if args[0] != "room" else f"room_{args[1]}"
+        verb = args[0].replace("-", "_") if args[0] != "room" else f"room_{args[1]}"
         assert done.stderr.strip() == (
             f"keel: error: `{verb}` needs root or membership of group users (you are uid {NOBODY})"
         )

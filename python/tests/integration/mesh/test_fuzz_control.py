@@ -21,13 +21,14 @@ from tests.json_values import json_values
 from .nodes import Node
 
 VERBS = [
-    "status", "invite", "join", "peers", "send", "send_many", "recv", "ack", "remove", "operator",
+    "status", "invite", "invites", "revoke_invite", "join", "peers", "send", "send_many", "recv",
+    "ack", "remove", "operator",
     "room_create", "room_add", "room_remove", "room_send", "room_members", "rooms",
     "dead_letters", "nope",
 ]  # fmt: skip
 KEYS = [
     "token", "to", "topic", "data", "ttl", "id", "max", "lease", "ack", "receipts", "node",
-    "room", "name", "members", "messages", "limit", "uses", "timeout", "grant",
+    "room", "name", "members", "messages", "limit", "uses", "timeout", "grant", "invite",
 ]  # fmt: skip
 
 JSON = json_values(st.sampled_from(KEYS), max_leaves=12, max_size=4)

@@ -327,3 +327,51 @@ def test_only_operator_nodes_remove_members_and_the_role_is_granted(
     wait_until(lambda: not b.status()["operator"], timeout=10, what="b to lose the role")
     assert "only an operator node" in b.cli("remove", a.node_id).stderr
     still_serving(a)
+
+
+def test_an_operator_node_revokes_another_nodes_invite_and_the_rest_still_work(
+    mesh_nodes: Callable[..., Node],
+) -> None:
+    a = mesh_nodes("a").start()
+    b = mesh_nodes("b").start()
+    c = mesh_nodes("c").start()
+    b.join(a)
+    a.wait_connected(b)
+    made = b.cli("invite", "--json")  # any member may invite; b is no operator
+    assert made.returncode == 0, made.stderr
+    revoked = json.loads(made.stdout)
+    kept = b.invite()
+    assert InviteToken.decode(revoked["token"]).invite_id.hex() == revoked["id"]
+    listed = {i["id"]: i for i in json.loads(b.cli("invites", "--json").stdout)}
+    assert listed[revoked["id"]]["state"] == "open"
+    assert listed[InviteToken.decode(kept).invite_id.hex()]["state"] == "open"
+    # b, the issuer but no operator, may not revoke
+    refused = b.cli("revoke-invite", revoked["id"])
+    assert refused.returncode == 1
+    assert "only an operator node of the mesh may revoke an invite" in refused.stderr
+    assert all(i["state"] == "open" for i in json.loads(b.cli("invites", "--json").stdout))
+    # a, an operator node, revokes it from the token (only its id travels)
+    done = a.cli("revoke-invite", revoked["token"], "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["invite"], answer["issued_here"]) == (revoked["id"], False)
+    assert "was revoked already" in a.cli("revoke-invite", revoked["id"]).stderr
+    wait_until(lambda: {i["id"]: i["state"] for i in b.client.invites()}[revoked["id"]]
+               == "revoked", timeout=10, what="b to count a's revocation")  # fmt: skip
+    b.wait_log(f"invite {revoked['id']} revoked (by {a.node_id})")
+    table = b.cli("invites").stdout
+    assert f"{revoked['id']}  revoked" in table, table
+    # the revoked invite is refused by its issuer, with its own reason
+    joining = c.cli("join", revoked["token"])
+    assert joining.returncode == 1
+    assert "the inviter refused the invite: an operator node revoked this invite" in (
+        joining.stderr
+    )
+    b.wait_log("invite-revoked")
+    assert c.status()["members"] == 1  # still alone
+    # the invite nobody revoked still works
+    c.client.join(kept)
+    c.wait_connected(a, b)
+    states = {i["id"]: i["state"] for i in b.client.invites()}
+    assert states == {revoked["id"]: "revoked", InviteToken.decode(kept).invite_id.hex(): "used-up"}
+    still_serving(b)

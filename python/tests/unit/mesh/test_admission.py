@@ -14,7 +14,7 @@ from keel.mesh.membership import Membership, SignedRecord
 from keel.mesh.session import HandshakeComplete
 
 from .conftest import seeded
-from .test_membership import T0, A, B, C, D, grant, join, remove
+from .test_membership import T0, A, B, C, D, grant, join, remove, revoke_invite
 
 NOW = T0 / 1000
 HASH = b"h" * 32
@@ -123,6 +123,27 @@ def test_bad_invites_are_refused_with_their_code(case: str, reason: str) -> None
     else:
         now = NOW + 61
     assert decide(mesh, handshake(C, claim=claim), invite=stored, now=now) == Refuse(reason)
+
+
+def test_a_revoked_invite_is_refused_and_only_an_operators_revocation_counts() -> None:
+    mesh = founded()
+    stored, claim = invite_for(C)
+    invite_id = claim.invite_id.hex()
+    shake = handshake(C, claim=claim)
+    mesh.add(revoke_invite(B, T0 + 2, invite_id))  # B is a member, not an operator: void
+    assert isinstance(decide(mesh, shake, invite=stored), Redeem)
+    mesh.add(revoke_invite(A, T0 + 3, "0" * 32))  # another invite's revocation
+    assert isinstance(decide(mesh, shake, invite=stored), Redeem)
+    mesh.add(revoke_invite(A, T0 + 4, invite_id))
+    revoked = Refuse("invite-revoked: an operator node revoked this invite; ask for a new token")
+    assert decide(mesh, shake, invite=stored) == revoked
+    # a bad proof is still reported as forged: only the secret's holder learns of the revocation
+    forged = InviteClaim(claim.invite_id, b"x" * len(claim.proof), HASH, C.static_public)
+    assert decide(mesh, handshake(C, claim=forged), invite=stored) == Refuse(
+        "invite-forged: the invite proof does not verify"
+    )
+    # revoked and expired: revoked is said first
+    assert decide(mesh, shake, invite=stored, now=NOW + 61) == revoked
 
 
 def test_a_member_admitted_elsewhere_shows_its_chain_and_is_merged_once() -> None:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from keel.mesh.identity import NodeIdentity
+from keel.mesh.invite import invite_id_of
 from keel.mesh.membership import SignedRecord, room_id_of
 from keel.mesh.packets import Msg, Msgs, RoomStamp, decode, encode
 
@@ -27,6 +28,12 @@ def test_the_documented_known_answers() -> None:
     assert f"`{genesis.signed_bytes().decode()}`" in text
     assert f"`{genesis.to_json()['sig']}`" in text
     assert f"mesh id) `{genesis.id}`" in text
+    revocation = SignedRecord.make(
+        identity, "revoke-invite", 1_700_000_000_001, invite=invite_id_of(bytes(32)).hex()
+    )
+    assert f"`{revocation.signed_bytes().decode()}`" in text
+    assert f"`{revocation.to_json()['sig']}`" in text
+    assert f"its record id `{revocation.id}`" in text
     packet = encode(Msg("0" * 32, "jobs", 1_700_000_000, b"hi"))
     shown = re.search(r"is the packet \(hex\)\s+`([0-9a-f]+)`", text)
     assert shown is not None

@@ -36,6 +36,13 @@ def grant(by: NodeIdentity, who: NodeIdentity, at: int, *, to: bool = True) -> S
     return SignedRecord.make(by, "operator", at, node=who.node_id, grant=to)
 
 
+INVITE = "0123456789abcdef" * 2  # an invite id (never the invite's secret)
+
+
+def revoke_invite(by: NodeIdentity, at: int, invite: str = INVITE) -> SignedRecord:
+    return SignedRecord.make(by, "revoke-invite", at, invite=invite)
+
+
 def mesh() -> Membership:
     return Membership.found(A, ["10.0.0.1:7400"], T0)
 
@@ -157,6 +164,69 @@ def test_an_operator_record_is_well_formed() -> None:
     ):
         with pytest.raises(RemoteProtocolError, match=problem):
             SignedRecord.from_json(bad)
+
+
+def test_a_revoke_invite_record_is_well_formed() -> None:
+    good = revoke_invite(A, T0 + 1).to_json()
+    assert good["invite"] == INVITE
+    for bad, problem in (
+        ({**good, "invite": INVITE.upper()}, "invite is not an invite id"),
+        ({**good, "invite": INVITE[:-2]}, "invite is not an invite id"),
+        ({**good, "invite": 7}, "invite is not an invite id"),
+        ({k: v for k, v in good.items() if k != "invite"}, "exactly the fields"),
+        ({**good, "node": B.node_id}, "exactly the fields"),
+    ):
+        with pytest.raises(RemoteProtocolError, match=problem):
+            SignedRecord.from_json(bad)
+    assert SignedRecord.from_json(good) == revoke_invite(A, T0 + 1)
+
+
+def test_only_an_operator_node_revokes_an_invite() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    by_member = revoke_invite(B, T0 + 2)  # B is a member, not an operator: void
+    m.add(by_member)
+    by_stranger = revoke_invite(D, T0 + 2)  # D is no member at all: void
+    m.add(by_stranger)
+    # claimed in A's name but signed by C: void
+    forged = SignedRecord.from_json({**revoke_invite(C, T0 + 2).to_json(), "by": A.node_id})
+    m.add(forged)
+    view = m.view
+    assert dict(view.revoked_invites) == {}
+    assert not {by_member.id, by_stranger.id, forged.id} & view.effective
+    m.add(grant(A, B, T0 + 3))
+    m.add(revoke_invite(B, T0 + 4))  # an operator now: it counts
+    assert dict(m.view.revoked_invites) == {INVITE: T0 + 4}
+    # B's earlier record stays void (B was no operator at its point of the walk)
+    assert by_member.id not in m.view.effective
+
+
+def test_the_founder_revokes_and_the_first_revocation_counts() -> None:
+    m = mesh()
+    first = revoke_invite(A, T0 + 2)
+    again = revoke_invite(A, T0 + 5)
+    other = revoke_invite(A, T0 + 3, "f" * 32)
+    for record in (again, other, first):
+        m.add(record)
+    view = m.view
+    assert dict(view.revoked_invites) == {INVITE: T0 + 2, "f" * 32: T0 + 3}
+    assert first.id in view.effective
+    assert again.id not in view.effective
+    assert set(view.members) == {A.node_id}  # no membership change
+
+
+def test_a_removed_or_demoted_operator_no_longer_revokes() -> None:
+    m = mesh()
+    m.add(join(A, B, T0 + 1))
+    m.add(join(A, C, T0 + 1))
+    m.add(grant(A, B, T0 + 2))
+    m.add(grant(A, C, T0 + 2))
+    m.add(grant(A, B, T0 + 3, to=False))
+    m.add(remove(A, C, T0 + 3))
+    m.add(revoke_invite(B, T0 + 4))
+    m.add(revoke_invite(C, T0 + 4, "e" * 32))
+    assert dict(m.view.revoked_invites) == {}
 
 
 def test_remove_of_an_unknown_node_is_preemptive() -> None:
@@ -293,6 +363,9 @@ HISTORY = [
     remove(C, D, T0 + 8),
     join(A, E, T0 + 9),
     remove(E, A, T0 + 10),  # void: E is no operator
+    revoke_invite(C, T0 + 11),  # C is an operator by then
+    revoke_invite(E, T0 + 12, "e" * 32),  # void: E is no operator
+    revoke_invite(D, T0 + 12, "d" * 32),  # void: D is out by then
 ]
 
 
@@ -324,3 +397,4 @@ def test_any_arrival_order_and_any_split_converge(
     assert set(view.removed) == {B.node_id, D.node_id}
     assert view.operators == {A.node_id, C.node_id}  # D lost the role with its removal
     assert view.admitted[C.node_id].addresses == ("10.0.0.3:7400",)
+    assert dict(view.revoked_invites) == {INVITE: T0 + 11}

@@ -84,6 +84,16 @@ class MeshClient:
     def invite(self, *, ttl: float = 3600, uses: int = 1) -> str:
         return str(self.call("invite", {"ttl": ttl, "uses": uses})["token"])
 
+    def invites(self) -> list[dict[str, Any]]:
+        """The invites this node issued and still holds: ``id``, ``state``, ``uses_left``..."""
+        result: list[dict[str, Any]] = self.call("invites")
+        return result
+
+    def revoke_invite(self, invite_id: str) -> dict[str, Any]:
+        """Revoke an invite by its id (this node must be an operator node of the mesh)."""
+        result: dict[str, Any] = self.call("revoke_invite", {"invite": invite_id})
+        return result
+
     def join(self, token: str, *, timeout: float = 30.0) -> dict[str, Any]:
         result: dict[str, Any] = self.call(
             "join", {"token": token, "timeout": timeout}, timeout=timeout + 5
@@ -92,6 +102,16 @@ class MeshClient:
 
     def peers(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("peers")
+        return result
+
+    def whoami(self) -> dict[str, Any]:
+        """Who the node takes this process for: an agent (and its mesh grant), or the node."""
+        result: dict[str, Any] = self.call("whoami")
+        return result
+
+    def agents(self) -> list[dict[str, Any]]:
+        """The agents this node tells apart, with their mesh grants."""
+        result: list[dict[str, Any]] = self.call("agents")
         return result
 
     def remove(self, node_id: str) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from keel.api import Connection
-from keel.errors import BadRequest, Unavailable
+from keel.errors import BadRequest, Forbidden, Unavailable
 from keel.mesh import local
 from keel.mesh.local import Kind, LocalStreamError, Status
 
@@ -68,7 +68,10 @@ class Stream:
                     del self.buffer[: head + length]
                     if kind == Kind.ERROR:
                         self.close()
-                        raise BadRequest(f"{self.path}: {body.decode(errors='replace')}")
+                        text = body.decode(errors="replace")
+                        if text.startswith(local.REFUSED):  # what the caller may not do
+                            raise Forbidden(text.removeprefix(local.REFUSED))
+                        raise BadRequest(f"{self.path}: {text}")
                     return kind, body
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
