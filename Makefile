@@ -74,6 +74,9 @@ test: system-packages venv
 	@$(MAKE) --no-print-directory typecheck
 	@$(MAKE) --no-print-directory pytest
 
+# bench/mesh compares with NATS JetStream when it finds `nats-server` (Debian:
+# apt-get install nats-server) and nats-py (.venv/bin/pip install nats-py);
+# without them it skips those rows and says so. The bench installs nothing.
 bench: venv
 	@for b in bench/*/run.py; do echo "== $$b"; $(BIN)/python "$$b"; done
 

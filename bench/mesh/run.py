@@ -10,17 +10,28 @@ Measured in one run, on this machine:
    keel mesh (agent -> daemon -> durable outbox -> encrypted session ->
    daemon -> agent, with acknowledgements; each agent its own process next
    to its node, ``meshpeer.py``, using ``MeshClient.sender`` and
-   ``MeshClient.subscribe``), pyzmq with CURVE security (PUSH/PULL, the
-   baseline), raw TCP (length-prefixed, no security) and keel's secure
-   channel alone (``keel.mesh.session`` over TCP, no daemon), each side of
-   each its own process (``peer.py``). One message at a time: the mesh's
-   sender waits for a byte on a FIFO from the receiving agent, the others
-   for a one-byte reply on their own connection. Goals: throughput >= pyzmq
-   CURVE; 256 B p50 <= 1 ms. The mesh rows also give the CPU each of the
-   four processes spends per message (the daemons run without a ledger: ``"ledger": null``).
+   ``MeshClient.subscribe``), once without a ledger (``"ledger": null``) and
+   once with one (each daemon its own ledger file, as on a NixOS host where
+   every daemon records); NATS JetStream, the durable baseline
+   (``jetstream.py``: ``nats-server -js`` with file storage on the receiving
+   host, acknowledged publishes, a durable pull consumer acknowledging each
+   message); pyzmq with CURVE security (PUSH/PULL, not durable), raw TCP
+   (length-prefixed, no security) and keel's secure channel alone
+   (``keel.mesh.session`` over TCP, no daemon), each side of each its own
+   process (``peer.py``). One message at a time: the mesh's sender waits for
+   a byte on a FIFO from the receiving agent, the others for a one-byte
+   reply on their own connection. The mesh's flood with a ledger counts until
+   both daemons' ledger queues are written (a ledger that falls behind does
+   not look fast). Goals: keel with its ledger >= 0.8x keel without it and
+   >= 1x JetStream, at 256 B and at 64 KiB; 256 B p50 <= 1 ms. The mesh
+   rows also give the CPU each of the four processes spends per message.
 3. Memory per connected peer: a daemon's RSS growth per open session.
 
-Run: ``.venv/bin/python bench/mesh/run.py [--quick]`` (as root for veth).
+Run: ``.venv/bin/python bench/mesh/run.py [--quick] [--durable-only]`` (as
+root for veth). ``--durable-only`` measures only the floods of keel with and
+without its ledger and of JetStream. The bench installs nothing itself; the
+JetStream rows need ``apt-get install nats-server`` and
+``.venv/bin/pip install nats-py`` (without them they are skipped, saying so).
 """
 
 from __future__ import annotations
@@ -58,7 +69,8 @@ from keel.mesh.session import Closed, NeedData, Session  # noqa: E402
 STAMP = struct.Struct(">Q")
 PEER = Path(__file__).with_name("peer.py")
 AGENT = Path(__file__).with_name("meshpeer.py")
-MESH_PORT, BASE_PORT = 7400, 7600
+JETSTREAM = Path(__file__).with_name("jetstream.py")
+MESH_PORT, BASE_PORT, NATS_PORT = 7400, 7600, 7700
 
 
 @dataclass
@@ -102,7 +114,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, name: str, side: Side, port: int) -> None:
+    def __init__(
+        self, workdir: Path, name: str, side: Side, port: int, *, ledger: Path | None = None
+    ) -> None:
+        self.ledger = ledger
         self.directory = workdir / name
         self.directory.mkdir(parents=True)
         self.socket = self.directory / "mesh.sock"
@@ -114,7 +129,7 @@ class Daemon:
                     "directory": str(self.directory),
                     "listen": f"{side.address}:{port}",
                     "socket": str(self.socket),
-                    "ledger": None,  # the figures are the mesh's own (issue 13 adds the ledger's)
+                    "ledger": str(ledger) if ledger else None,
                 }
             )
         )
@@ -167,6 +182,11 @@ class Daemon:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1])
         raise RuntimeError("daemon process not found")
+
+    def ledger_status(self) -> dict[str, Any]:
+        status = call(self.socket, "status", timeout=10)
+        ledger: dict[str, Any] = status["service"]["ledger"]
+        return ledger
 
     def stop(self) -> None:
         self.process.terminate()
@@ -221,11 +241,24 @@ def mesh_run(
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
     out, _ = receiver.communicate(timeout=600)
-    daemons = [cpu_seconds(pid) - t for pid, t in zip(pids, before, strict=True)]
     got = json.loads(out.strip().splitlines()[-1])
     sent = json.loads(sender.stdout.strip().splitlines()[-1])
+    end = got["last_ns"]
+    dropped = 0
+    if da.ledger is not None or db.ledger is not None:
+        # Done when both ledgers hold what was recorded: poll their queues.
+        while True:
+            ledgers = [d.ledger_status() for d in (da, db) if d.ledger is not None]
+            if all(s["pending"] == 0 for s in ledgers):
+                end = max(end, time.monotonic_ns())
+                dropped = sum(s["dropped"] + s["refused"] for s in ledgers)
+                break
+            time.sleep(0.005)
+    daemons = [cpu_seconds(pid) - t for pid, t in zip(pids, before, strict=True)]
     return {
-        "rate": count / ((got["last_ns"] - sent["start_ns"]) / 1e9),
+        "rate": count / ((end - sent["start_ns"]) / 1e9),
+        "ledger_lag_ms": (end - got["last_ns"]) / 1e6,
+        "ledger_dropped": dropped,
         "latencies": [ns / 1e6 for ns in got["latencies_ns"]],
         "cpu_us": {
             "sending agent": 1e6 * sent["cpu_s"] / count,
@@ -271,6 +304,68 @@ def baseline(
         timeout=300,
     )
     out, _ = receiver.communicate(timeout=300)
+    got = json.loads(out.strip().splitlines()[-1])
+    start = json.loads(sender.stdout.strip().splitlines()[-1])["start_ns"]
+    return {
+        "rate": count / ((got["last_ns"] - start) / 1e9),
+        "latencies": [ns / 1e6 for ns in got["latencies_ns"]],
+    }
+
+
+def jetstream_missing() -> str | None:
+    """Why JetStream cannot be measured here, or None."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return "nats-py is not installed (.venv/bin/pip install nats-py)"
+    if shutil.which("nats-server") is None:
+        return "nats-server is not installed (apt-get install nats-server)"
+    return None
+
+
+@contextlib.contextmanager
+def nats_server(workdir: Path, side: Side) -> Iterator[str]:
+    """``nats-server -js`` with file storage in ``workdir`` on ``side``; yields its address."""
+    store = workdir / "jetstream"
+    store.mkdir(exist_ok=True)
+    log = workdir / "nats-server.log"
+    server = subprocess.Popen(
+        [*side.prefix, shutil.which("nats-server") or "nats-server", "-js", "-sd", str(store),
+         "-a", side.address, "-p", str(NATS_PORT), "-l", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "Server is ready" in log.read_text()):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start; see {log}")
+            time.sleep(0.05)
+        yield f"{side.address}:{NATS_PORT}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def jetstream(address: str, a: Side, b: Side, *, size: int, count: int) -> dict[str, Any]:
+    """A JetStream flood: publisher on ``a``, pull consumer on ``b`` (``jetstream.py``)."""
+    common = ["--address", address, "--topic", f"t{size}", "--count", str(count),
+              "--size", str(size)]  # fmt: skip
+    receiver = subprocess.Popen(
+        [*b.prefix, sys.executable, str(JETSTREAM), "recv", *common],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert receiver.stdout is not None
+    if receiver.stdout.readline().strip() != "ready":
+        raise RuntimeError("JetStream consumer did not start")
+    sender = subprocess.run(
+        [*a.prefix, sys.executable, str(JETSTREAM), "send", *common],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    out, _ = receiver.communicate(timeout=600)
     got = json.loads(out.strip().splitlines()[-1])
     start = json.loads(sender.stdout.strip().splitlines()[-1])["start_ns"]
     return {
@@ -356,104 +451,175 @@ def memory_per_peer(workdir: Path, peers: int) -> tuple[int, int, float]:
 # ---------------------------------------------------------------- main
 
 
+def goal(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def durable_lines(size: int, plain: float, ledgered: float, js: float | None) -> None:
+    """keel with its ledger against keel without, and both against JetStream."""
+    print(
+        f"   keel with ledger / without: {ledgered / plain:.2f}x "
+        f"(goal >= 0.8: {goal(ledgered >= 0.8 * plain)})"
+    )
+    if js is None:
+        return
+    print(
+        f"   vs JetStream: keel with ledger {ledgered / js:.2f}x "
+        f"(goal >= 1: {goal(ledgered >= js)}), without {plain / js:.2f}x"
+    )
+
+
+def ledger_note(flood: dict[str, Any]) -> None:
+    print(
+        f"   (with ledger: both ledgers written {flood['ledger_lag_ms']:.0f} ms after the last "
+        f"message arrived, counted in the rate; entries dropped or refused: "
+        f"{flood['ledger_dropped']})"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
     parser.add_argument("--no-netns", action="store_true", help="measure on loopback")
+    parser.add_argument(
+        "--durable-only",
+        action="store_true",
+        help="only the floods of keel without and with its ledger and of JetStream",
+    )
     args = parser.parse_args()
     scale = 0.2 if args.quick else 1.0
+    full = not args.durable_only
 
     print("keel mesh benchmark (figures from this run; the machine may be shared and noisy)")
-    print("\n1. handshake (both sides in one process)")
-    figures = handshake.measure(int(300 * scale) or 20)
-    classical, hybrid, session = (figures[k] for k in ("classical", "hybrid", "session"))
-    assert isinstance(classical, dict)
-    assert isinstance(hybrid, dict)
-    assert isinstance(session, dict)
-    print(f"   baseline classical XX      p50 {classical['p50_ms']:.3f} ms")
-    print(
-        f"   keel hybrid XXhfs          p50 {hybrid['p50_ms']:.3f} ms   "
-        f"ratio {hybrid['p50_ms'] / classical['p50_ms']:.2f}x   "
-        f"goal <= 3 ms: {'met' if hybrid['p50_ms'] <= 3 else 'MISSED'}"
-    )
-    print(
-        f"   keel full session handshake p50 {session['p50_ms']:.3f} ms "
-        "(hybrid + identity payloads + framing)"
-    )
+    if full:
+        print("\n1. handshake (both sides in one process)")
+        figures = handshake.measure(int(300 * scale) or 20)
+        classical, hybrid, session = (figures[k] for k in ("classical", "hybrid", "session"))
+        assert isinstance(classical, dict)
+        assert isinstance(hybrid, dict)
+        assert isinstance(session, dict)
+        print(f"   baseline classical XX      p50 {classical['p50_ms']:.3f} ms")
+        print(
+            f"   keel hybrid XXhfs          p50 {hybrid['p50_ms']:.3f} ms   "
+            f"ratio {hybrid['p50_ms'] / classical['p50_ms']:.2f}x   "
+            f"goal <= 3 ms: {goal(hybrid['p50_ms'] <= 3)}"
+        )
+        print(
+            f"   keel full session handshake p50 {session['p50_ms']:.3f} ms "
+            "(hybrid + identity payloads + framing)"
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="kmb-"))
     keys = transport_keys()
+    missing = jetstream_missing()
     try:
-        with two_hosts(not args.no_netns) as (a, b, medium):
+        with contextlib.ExitStack() as stack:
+            a, b, medium = stack.enter_context(two_hosts(not args.no_netns))
             print(f"\n2. messages between two hosts over {medium}")
+            if missing:
+                print(f"   JetStream skipped: {missing}")
+                nats_address = None
+            else:
+                nats_address = stack.enter_context(nats_server(workdir, b))
             da = Daemon(workdir, "a", a, MESH_PORT)
+            stack.callback(da.stop)
             db = Daemon(workdir, "b", b, MESH_PORT)
-            try:
-                db.client.join(da.client.invite())
-                time.sleep(1)
-                for size, count, pings in (
-                    (256, int(20000 * scale), int(500 * scale)),
-                    (65536, int(1000 * scale), int(200 * scale)),
-                ):
-                    mesh_flood = mesh_run(da, db, a, b, "flood", size=size, count=count)
-                    mesh_ping = mesh_run(da, db, a, b, "pingpong", size=size, count=pings)
-                    mesh_rate, mesh_lat = mesh_flood["rate"], mesh_ping["latencies"]
-                    zmq_flood = baseline("zmq", "flood", a, b, size=size, count=count, keys=keys)
-                    zmq_ping = baseline("zmq", "pingpong", a, b, size=size, count=pings, keys=keys)
-                    tcp_flood = baseline("tcp", "flood", a, b, size=size, count=count, keys=keys)
-                    tcp_ping = baseline("tcp", "pingpong", a, b, size=size, count=pings, keys=keys)
-                    chan_flood = baseline("keel", "flood", a, b, size=size, count=count, keys=keys)
-                    chan_ping = baseline(
-                        "keel", "pingpong", a, b, size=size, count=pings, keys=keys
-                    )
-                    label = "256 B" if size == 256 else "64 KiB"
-                    print(f"\n   {label}: {count} messages flooded, {pings} one at a time")
-                    print(
-                        f"   {'':<36}{'msg/s':>9}{'MB/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
-                        f"{'vs pyzmq':>10}{'vs TCP':>8}"
-                    )
-                    rows = (
-                        ("raw TCP (no security)", tcp_flood, tcp_ping["latencies"]),
-                        ("pyzmq CURVE (the baseline)", zmq_flood, zmq_ping["latencies"]),
-                        ("keel channel (session only)", chan_flood, chan_ping["latencies"]),
-                        ("keel mesh (agent to agent, durable)", mesh_flood, mesh_lat),
-                    )
-                    zmq_rate, tcp_rate = zmq_flood["rate"], tcp_flood["rate"]
-                    for name, flood, lat in rows:
+            stack.callback(db.stop)
+            la = Daemon(workdir, "la", a, MESH_PORT + 1, ledger=workdir / "la-ledger.db")
+            stack.callback(la.stop)
+            lb = Daemon(workdir, "lb", b, MESH_PORT + 1, ledger=workdir / "lb-ledger.db")
+            stack.callback(lb.stop)
+            db.client.join(da.client.invite())
+            lb.client.join(la.client.invite())
+            time.sleep(1)
+            for size, count, pings in (
+                (256, int(50000 * scale), int(500 * scale)),
+                (65536, int(3000 * scale), int(200 * scale)),
+            ):
+                label = "256 B" if size == 256 else "64 KiB"
+                mesh_flood = mesh_run(da, db, a, b, "flood", size=size, count=count)
+                ledger_flood = mesh_run(la, lb, a, b, "flood", size=size, count=count)
+                js_flood = (
+                    jetstream(nats_address, a, b, size=size, count=count) if nats_address else None
+                )
+                js_rate = js_flood["rate"] if js_flood else None
+                if not full:
+                    print(f"\n   {label}: {count} messages flooded")
+                    print(f"   {'':<40}{'msg/s':>9}{'MB/s':>8}{'vs JetStream':>14}")
+                    rows = [
+                        ("keel mesh, no ledger", mesh_flood),
+                        ("keel mesh, ledger", ledger_flood),
+                    ]
+                    if js_flood:
+                        rows.append(("NATS JetStream (file, acked)", js_flood))
+                    for name, flood in rows:
                         rate = flood["rate"]
-                        print(
-                            f"   {name:<36}{rate:>9.0f}{rate * size / 1e6:>8.1f}"
-                            f"{statistics.median(lat):>8.3f}{percentile(lat, 0.99):>8.3f}"
-                            f"{rate / zmq_rate:>9.2f}x{rate / tcp_rate:>7.2f}x"
-                        )
-                    zmq_p50 = statistics.median(zmq_ping["latencies"])
-                    mesh_p50 = statistics.median(mesh_lat)
+                        versus = f"{rate / js_rate:>13.2f}x" if js_rate else f"{'-':>14}"
+                        print(f"   {name:<40}{rate:>9.0f}{rate * size / 1e6:>8.1f}{versus}")
+                    ledger_note(ledger_flood)
+                    durable_lines(size, mesh_flood["rate"], ledger_flood["rate"], js_rate)
+                    continue
+                mesh_ping = mesh_run(da, db, a, b, "pingpong", size=size, count=pings)
+                ledger_ping = mesh_run(la, lb, a, b, "pingpong", size=size, count=pings)
+                mesh_rate, mesh_lat = mesh_flood["rate"], mesh_ping["latencies"]
+                zmq_flood = baseline("zmq", "flood", a, b, size=size, count=count, keys=keys)
+                zmq_ping = baseline("zmq", "pingpong", a, b, size=size, count=pings, keys=keys)
+                tcp_flood = baseline("tcp", "flood", a, b, size=size, count=count, keys=keys)
+                tcp_ping = baseline("tcp", "pingpong", a, b, size=size, count=pings, keys=keys)
+                chan_flood = baseline("keel", "flood", a, b, size=size, count=count, keys=keys)
+                chan_ping = baseline("keel", "pingpong", a, b, size=size, count=pings, keys=keys)
+                print(f"\n   {label}: {count} messages flooded, {pings} one at a time")
+                print(
+                    f"   {'':<40}{'msg/s':>9}{'MB/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
+                    f"{'vs JetStream':>14}{'vs pyzmq':>10}{'vs TCP':>8}"
+                )
+                rows2: list[tuple[str, dict[str, Any], list[float] | None]] = [
+                    ("raw TCP (no security)", tcp_flood, tcp_ping["latencies"]),
+                    ("pyzmq CURVE (not durable)", zmq_flood, zmq_ping["latencies"]),
+                    ("keel channel (session only)", chan_flood, chan_ping["latencies"]),
+                ]
+                if js_flood:
+                    rows2.append(("NATS JetStream (durable, under load)", js_flood, None))
+                rows2 += [
+                    ("keel mesh, no ledger (durable)", mesh_flood, mesh_lat),
+                    ("keel mesh, ledger (durable)", ledger_flood, ledger_ping["latencies"]),
+                ]
+                zmq_rate, tcp_rate = zmq_flood["rate"], tcp_flood["rate"]
+                for name, flood, lat in rows2:
+                    rate = flood["rate"]
+                    latencies = lat if lat is not None else flood["latencies"]
+                    versus = f"{rate / js_rate:>13.2f}x" if js_rate else f"{'-':>14}"
                     print(
-                        f"   keel mesh vs pyzmq CURVE: throughput {mesh_rate / zmq_rate:.2f}x "
-                        f"(goal >= 1: {'met' if mesh_rate >= zmq_rate else 'MISSED'}), "
-                        f"p50 {mesh_p50 / zmq_p50:.2f}x"
+                        f"   {name:<40}{rate:>9.0f}{rate * size / 1e6:>8.1f}"
+                        f"{statistics.median(latencies):>8.3f}{percentile(latencies, 0.99):>8.3f}"
+                        f"{versus}{rate / zmq_rate:>9.2f}x{rate / tcp_rate:>7.2f}x"
                     )
-                    if size == 256:
-                        print(
-                            f"   keel mesh 256 B p50 {mesh_p50:.3f} ms "
-                            f"(goal <= 1 ms: {'met' if mesh_p50 <= 1 else 'MISSED'})"
-                        )
-                    cpu = mesh_flood["cpu_us"]
+                ledger_note(ledger_flood)
+                durable_lines(size, mesh_rate, ledger_flood["rate"], js_rate)
+                zmq_p50 = statistics.median(zmq_ping["latencies"])
+                mesh_p50 = statistics.median(mesh_lat)
+                print(
+                    f"   keel mesh vs pyzmq CURVE (not durable): throughput "
+                    f"{mesh_rate / zmq_rate:.2f}x, p50 {mesh_p50 / zmq_p50:.2f}x"
+                )
+                if size == 256:
+                    print(f"   keel mesh 256 B p50 {mesh_p50:.3f} ms (goal <= 1 ms: "
+                          f"{goal(mesh_p50 <= 1)})")  # fmt: skip
+                for name, flood in (("no ledger", mesh_flood), ("ledger", ledger_flood)):
+                    cpu = flood["cpu_us"]
                     print(
-                        "   keel mesh CPU per message in the flood (us): "
-                        + ", ".join(f"{name} {value:.1f}" for name, value in cpu.items())
+                        f"   keel mesh ({name}) CPU per message in the flood (us): "
+                        + ", ".join(f"{n} {value:.1f}" for n, value in cpu.items())
                         + f"; total {sum(cpu.values()):.1f} on {os.cpu_count()} cores"
                     )
-            finally:
-                da.stop()
-                db.stop()
-        peers = int(100 * scale) or 10
-        print(f"\n3. memory: one daemon, {peers} connected peers (loopback)")
-        before, after, per_peer = memory_per_peer(workdir, peers)
-        print(
-            f"   RSS idle {before / 1024:.1f} MiB, with {peers} sessions {after / 1024:.1f} MiB: "
-            f"{per_peer:.0f} KiB per connected peer"
-        )
+        if full:
+            peers = int(100 * scale) or 10
+            print(f"\n3. memory: one daemon, {peers} connected peers (loopback)")
+            before, after, per_peer = memory_per_peer(workdir, peers)
+            print(
+                f"   RSS idle {before / 1024:.1f} MiB, with {peers} sessions "
+                f"{after / 1024:.1f} MiB: {per_peer:.0f} KiB per connected peer"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

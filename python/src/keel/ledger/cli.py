@@ -29,7 +29,7 @@ files:
   the signing key is the .key file next to it (ledger.db -> ledger.key, mode
   0600), created on first use by `checkpoint` or `key`; ledger.db.head holds
   the last signed checkpoint, so that `verify` notices a ledger that went back.
-  verify, tail and prove only read: they work on a read-only copy.
+  verify, tail, search and prove only read: they work on a read-only copy.
 """
 
 MAX_PROOF_BYTES = 1024 * 1024  # a proof of a tree of 2**64 leaves is under 4 KB of JSON
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     ledger = subparsers.add_parser(
         "ledger",
-        help="the tamper-evident log: append, tail, checkpoint, verify, prove",
+        help="the tamper-evident log: append, tail, search, checkpoint, verify, prove",
         description=DESCRIPTION,
         epilog=FILES_HELP,
         formatter_class=formatter,
@@ -91,6 +91,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=cmd_tail)
+
+    search = commands.add_parser(
+        "search",
+        parents=[common],
+        help="print the entries that contain a text (a message id, a peer, a unit)",
+        description="Print the entries whose canonical JSON contains TEXT, oldest first "
+        "(a scan of the whole ledger). A mesh message id finds the batch entries that name "
+        "it (sent, delivered, received, dead letter: docs/mesh.md); `prove inclusion INDEX` "
+        "then proves each is in the log. --json adds each entry's leafHash, the one its "
+        "inclusion proof leads from.",
+    )
+    search.add_argument("text", metavar="TEXT", help="what to look for (case-sensitive)")
+    search.add_argument("--source", help="only entries of this source (mesh, watch, ...)")
+    search.add_argument("--kind", help="only entries of this kind (sent-batch, restart, ...)")
+    search.add_argument(
+        "-n", type=int, default=None, metavar="N", help="at most N entries (default: all)"
+    )
+    search.add_argument("--json", action="store_true", help="one JSON object per line")
+    search.set_defaults(func=cmd_search)
 
     checkpoint = commands.add_parser(
         "checkpoint",
@@ -335,6 +354,26 @@ def cmd_tail(args: argparse.Namespace) -> int:
             size += len(batch)
     finally:
         ledger.close()
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import base64
+
+    from keel.ledger.core import leaf_hash
+
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"-n must be 1 or more, got {args.n}")
+    if not args.text:
+        raise UsageError("TEXT must not be empty")
+    with _open(args, read_only=True) as ledger:
+        found = ledger.search(args.text, source=args.source, kind=args.kind, limit=args.n)
+    for index, entry in found:
+        if args.json:
+            leaf = base64.b64encode(leaf_hash(entry.canonical())).decode()
+            print_json_line({**_entry_json(index, entry), "leafHash": leaf})
+        else:
+            print(_entry_line(index, entry))
     return 0
 
 

@@ -520,6 +520,39 @@ class Ledger:
         except EntryError as exc:
             raise self._tampered(f"entry {index} is damaged: {exc}", index) from None
 
+    def search(
+        self,
+        text: str,
+        *,
+        source: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[int, core.Entry]]:
+        """Entries whose canonical JSON contains ``text`` (and of ``source``/``kind``), oldest first.
+
+        A scan of every entry (``instr`` on the stored bytes): for an audit,
+        not for a daemon. ``limit``: at most that many, the first found.
+        """
+        if not text:
+            raise LedgerError("search for a text of one character or more")
+        found: list[tuple[int, core.Entry]] = []
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                "SELECT idx, entry FROM leaves WHERE instr(entry, ?) > 0 ORDER BY idx",
+                (text.encode("utf-8"),),
+            )
+            for index, raw in rows:
+                if type(index) is not int:
+                    raise self._tampered(f"an entry has the index {shown(index)}", 0)
+                entry = self._parse_stored(index, index, raw)
+                if (source is None or entry.source == source) and (
+                    kind is None or entry.kind == kind
+                ):
+                    found.append((index, entry))
+                    if limit is not None and len(found) >= limit:
+                        break
+        return found
+
     def tail(self, count: int) -> list[tuple[int, core.Entry]]:
         with self._lock, self._errors("read"):
             size = self._size()

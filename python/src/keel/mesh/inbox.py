@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 from keel.mesh import inbound, local
 from keel.mesh.agent_streams import LocalStream
+from keel.mesh.audit_log import AuditLog
 from keel.mesh.delivery import InboxLimits, InboxMessage, Incoming, Receipt, receipt
 from keel.mesh.handoffs import Handoffs, Hold, Steps
 from keel.mesh.membership import View
@@ -33,7 +33,6 @@ log = logging.getLogger("keel.mesh")
 
 MIN_HOLD_CHECK = 0.05  # s between two looks at what agents hold, at the least
 
-Record = Callable[[str, str, Mapping[str, Any]], None]
 Answer = Callable[[str, Sequence[str]], None]  # ok for these ids to a peer, if it is connected
 
 
@@ -48,7 +47,7 @@ class Inbox:
         me: str,
         view: Callable[[], View],
         answer: Answer,
-        record: Record | None,
+        audit: AuditLog | None,
         clock: Callable[[], float],
         wall: Callable[[], float],
         addressable: inbound.Addressable | None = None,
@@ -61,7 +60,7 @@ class Inbox:
         self.me = me
         self.view = view
         self.answer = answer
-        self.record = record  # None: no ledger (and no metadata built for it)
+        self.audit = audit  # None: no ledger (and no metadata gathered for it)
         self.clock = clock
         self.wall = wall
         self.count, self.bytes = store.inbox_totals()
@@ -112,8 +111,7 @@ class Inbox:
                 ok = []
             else:
                 self.count, self.bytes = plan.inbox_messages, plan.inbox_bytes
-                for item in plan.store:
-                    self._received(item)
+                self._received(plan.store)
         for topic in plan.backlogged:
             self.handoffs.set_backlog(self.handoffs.subscribers(topic))
         handed: dict[int, LocalStream] = {}
@@ -128,23 +126,16 @@ class Inbox:
         self.answered_busy += len(plan.busy)
         link.answer(ok, plan.busy, plan.rejected)
 
-    def _received(self, item: Incoming) -> None:
-        """A message is this node's now (stored, or taken by an agent): wake readers, record it."""
-        waiter = self._waiters.pop(item.topic, None)
-        if waiter is not None:
-            waiter.set()
-        if self.record is not None:
-            self.record(
-                "received",
-                item.id,
-                {
-                    "id": item.id,
-                    "from": item.sender,
-                    "to": self.me,
-                    "room": item.room,
-                    "topic": item.topic,
-                    "size": len(item.payload),
-                },
+    def _received(self, items: Sequence[Incoming]) -> None:
+        """Messages are this node's now (stored, or taken by an agent): wake readers, record them."""
+        if self._waiters:
+            for item in items:
+                waiter = self._waiters.pop(item.topic, None)
+                if waiter is not None:
+                    waiter.set()
+        if self.audit is not None:
+            self.audit.add(
+                "received", ((i.id, i.sender, i.topic, i.room, len(i.payload)) for i in items)
             )
 
     # -- recv and ack (the JSON verbs)
@@ -303,8 +294,7 @@ class Inbox:
             state_failed(f"cannot record {len(items)} message(s) as taken", exc)
             return  # unanswered: the sender sends them again (the agent may see them twice)
         self._answer(holds)
-        for item in items:
-            self._received(item)
+        self._received(items)
 
     def _store(self, holds: Sequence[Hold], *, keep: bool) -> None:
         """Store handed messages in the inbox and answer ``ok`` for them.
@@ -343,8 +333,7 @@ class Inbox:
         if keep:
             for hold, seq in zip(fits, seqs, strict=True):
                 self.handoffs.stored(hold, seq)
-        for item in items:
-            self._received(item)
+        self._received(items)
 
     def _answer(self, holds: Sequence[Hold]) -> None:
         by_peer: dict[str, list[str]] = {}

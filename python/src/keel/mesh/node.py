@@ -36,6 +36,8 @@ from keel.errors import KeelError, UsageError
 from keel.mesh import admission, packets
 from keel.mesh.access import agents_only
 from keel.mesh.admission import Merge, Redeem, Refuse
+from keel.mesh.audit import MessageBatches
+from keel.mesh.audit_log import AuditLog
 from keel.mesh.config import MeshConfig
 from keel.mesh.control import Control
 from keel.mesh.delivery import Outbox
@@ -115,7 +117,10 @@ class MeshNode(Daemon):
         self.store = Store(directory / STATE_FILE, synchronous=sync)
         self._opened.callback(self.store.close)
         record = shell.record
-        metadata = record if shell.common.ledger is not None else None
+        audit = None  # message metadata, many messages to a ledger entry (keel.mesh.audit)
+        if shell.common.ledger is not None:
+            audit = AuditLog(MessageBatches(self.me, clock=self.clock, wall=self.wall), record)
+            self._opened.callback(audit.close)  # after the parts that feed it, before the recorder
         sock = listening_socket(*self.config.listen)
         self._opened.callback(sock.close)
         self.addresses = advertised_addresses(self.config.listen[0], sock.getsockname()[1])
@@ -150,7 +155,7 @@ class MeshNode(Daemon):
             outbox=outbox,
             links=self.links.by_peer,
             me=self.me,
-            record=metadata,
+            audit=audit,
             clock=self.clock,
             wall=self.wall,
         )
@@ -164,7 +169,7 @@ class MeshNode(Daemon):
             me=self.me,
             view=lambda: self.members.view,
             answer=self._answer,
-            record=metadata,
+            audit=audit,
             clock=self.clock,
             wall=self.wall,
             addressable=self.settings.agents.refuse_delivery,

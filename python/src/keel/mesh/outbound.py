@@ -7,8 +7,9 @@ peers that take them, single MSG packets otherwise. Payloads (and room
 stamps, as objects) stay in a bounded memory cache from the enqueue to the
 acknowledgement, so the pump reads the store only after a restart or when
 the cache is full. Acknowledged rows are deleted; expired and refused ones
-become dead letters. Ledger entries (``sent``, ``delivered``,
-``dead-letter``) hold metadata only.
+become dead letters. Each message's ``sent``, ``delivered`` and
+``dead-letter`` stage goes to the :class:`~keel.mesh.audit_log.AuditLog`
+(metadata only, many messages to a ledger entry).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from keel.mesh import packets
+from keel.mesh.audit import Message
+from keel.mesh.audit_log import AuditLog
 from keel.mesh.delivery import Backpressure, Envelope, Outbox, OutboxRow, Queued
 from keel.mesh.packets import Msg, RoomStamp
 from keel.mesh.peer_link import Batch, PeerLink
@@ -29,8 +32,6 @@ log = logging.getLogger("keel.mesh")
 
 PAYLOAD_CACHE_BYTES = 64 << 20
 RETRY_FAILED_PUMP = 1.0  # s: the state database failed; try again then
-
-Record = Callable[[str, str, Mapping[str, Any]], None]
 
 
 class NewMessage(NamedTuple):
@@ -59,7 +60,7 @@ class Outbound:
         outbox: Outbox,
         links: Mapping[str, PeerLink],
         me: str,
-        record: Record | None,
+        audit: AuditLog | None,
         clock: Callable[[], float],
         wall: Callable[[], float],
     ) -> None:
@@ -67,7 +68,7 @@ class Outbound:
         self.outbox = outbox
         self.links = links
         self.me = me
-        self.record = record  # None: no ledger (and no metadata built for it)
+        self.audit = audit  # None: no ledger (and no metadata gathered for it)
         self.clock = clock
         self.wall = wall
         self.room = asyncio.Event()  # set whenever messages leave the outbox
@@ -128,8 +129,8 @@ class Outbound:
                 continue  # the same id for the same peer is queued already: a retried send
             self.outbox.add(item, check=False)
             self._remember(item.seq, Envelope(row.payload, row.stamp, row.agent, row.to))
-            if self.record is not None:
-                self.record("sent", item.id, metadata(self.me, item))
+        if self.audit is not None:
+            self.audit.add("sent", _audited(i for i in items if i is not None))
         self.pump()  # now, not on the next turn of the loop: the frames leave before the reply
 
     async def submit_waiting(self, messages: Sequence[NewMessage], wait: float) -> None:
@@ -222,8 +223,8 @@ class Outbound:
             self.store.delivered(delivered)
             for item in delivered:
                 self._forget(item.seq)
-                if self.record is not None:
-                    self.record("delivered", item.id, metadata(self.me, item))
+            if self.audit is not None:
+                self.audit.add("delivered", _audited(delivered))
         if ack.busy:
             self.outbox.busy(peer, ack.busy)
         for message_id, reason in ack.rejected:
@@ -253,8 +254,8 @@ class Outbound:
         for item in items:
             self._forget(item.seq)
             log.warning("mesh: message %s to %s is a dead letter: %s", item.id, item.peer, reason)
-            if self.record is not None:
-                self.record("dead-letter", item.id, {**metadata(self.me, item), "reason": reason})
+        if self.audit is not None:
+            self.audit.add("dead-letter", _audited(items), reason)
 
     # -- the payload cache
 
@@ -275,13 +276,6 @@ class Outbound:
             self._payload_bytes -= len(cached[0])
 
 
-def metadata(me: str, item: Queued) -> dict[str, Any]:
-    """What the ledger may know of a message: never its payload."""
-    return {
-        "id": item.id,
-        "from": me,
-        "to": item.peer,
-        "room": item.room,
-        "topic": item.topic,
-        "size": item.size,
-    }
+def _audited(items: Iterable[Queued]) -> Iterator[Message]:
+    """What the ledger may know of queued messages (keel.mesh.audit): never their payload."""
+    return ((i.id, i.peer, i.topic, i.room, i.size) for i in items)

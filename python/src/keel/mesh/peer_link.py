@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, Protocol
 
 from keel.mesh import packets
 from keel.mesh.dialing import Dial, Link
 from keel.mesh.errors import ProtocolError
 from keel.mesh.membership import SignedRecord
-from keel.mesh.packets import Ack, Msg, Msgs, Records
+from keel.mesh.packets import Ack, Msg, Msgs, Records, canonical_json
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session, State
 
 # A MSGS packet may reach 1 MiB; smaller ones let the receiver store and
@@ -252,14 +252,8 @@ class PeerLink(asyncio.Protocol):
         busy: Sequence[str] = (),
         rejected: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """ACK packets, at most 4096 ids per list each (reasons cut to 200 characters)."""
-        step = packets.MAX_ACK_IDS
-        for at in range(0, max(len(ok), len(busy), len(rejected)), step):
-            reply = Ack(
-                tuple(ok[at : at + step]),
-                tuple(busy[at : at + step]),
-                tuple((i, reason[: packets.MAX_REASON]) for i, reason in rejected[at : at + step]),
-            )
+        """ACK packets, each under the header limit (reasons cut to 200 characters)."""
+        for reply in acks(ok, busy, rejected):
             self.send_packet(packets.encode(reply))
 
     # -- hanging up
@@ -319,3 +313,34 @@ class Batch:
         self.parts = [packets.MSGS_HEADER]
         self.count = 0
         self.size = len(packets.MSGS_HEADER)
+
+
+ACK_HEADER_BUDGET: Final = 60_000  # bytes of ids and reasons in one ACK (the header's limit: 65535)
+
+
+def acks(
+    ok: Sequence[str], busy: Sequence[str] = (), rejected: Sequence[tuple[str, str]] = ()
+) -> Iterator[Ack]:
+    """The ACK packets that answer these ids: as few as fit the header limit.
+
+    At most :data:`~keel.mesh.packets.MAX_ACK_IDS` per list and
+    :data:`ACK_HEADER_BUDGET` bytes of JSON in all (4096 message ids alone
+    take 143 KB: an ACK must be split by size, not only by count).
+    """
+    lists: tuple[list[str], list[str], list[tuple[str, str]]] = ([], [], [])
+    used = 0
+    cut = [(i, reason[: packets.MAX_REASON]) for i, reason in rejected]
+    for number, items in enumerate((ok, busy, cut)):
+        for item in items:
+            if isinstance(item, str) and item.isascii() and item.isalnum():
+                cost = len(item) + 3
+            else:
+                cost = len(canonical_json(item)) + 1
+            if used + cost > ACK_HEADER_BUDGET or len(lists[number]) >= packets.MAX_ACK_IDS:
+                yield Ack(tuple(lists[0]), tuple(lists[1]), tuple(lists[2]))
+                lists = ([], [], [])
+                used = 0
+            lists[number].append(item)  # type: ignore[arg-type]
+            used += cost
+    if any(lists):
+        yield Ack(tuple(lists[0]), tuple(lists[1]), tuple(lists[2]))

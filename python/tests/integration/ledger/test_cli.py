@@ -522,3 +522,37 @@ def test_the_state_directory_is_made_on_first_use(tmp_path: Path) -> None:
     result = keel("ledger", "key", "--db", ".keel/ledger.db", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / ".keel" / "ledger.key").is_file()
+
+
+def test_search_finds_entries_by_their_text_and_they_prove(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    wanted = "0123456789abcdef0123456789abcdef"
+    with Ledger.open(db) as ledger:
+        ledger.append(source="watch", kind="restart", subject="web", data={"n": 1})
+        ledger.append(source="mesh", kind="sent-batch", subject="p", data={"ids": [wanted]})
+        ledger.append(source="mesh", kind="received-batch", subject="p", data={"ids": ["x"]})
+        ledger.append(source="mesh", kind="delivered-batch", subject="p", data={"ids": [wanted]})
+        ledger.append(source="other", kind="note", subject=wanted)
+    lines = ok("ledger", "search", wanted, "--db", db, "--json").splitlines()
+    found = [json.loads(line) for line in lines]
+    assert [e["index"] for e in found] == [1, 3, 4]
+    assert [e["index"] for e in map(json.loads, ok(
+        "ledger", "search", wanted, "--db", db, "--json", "--source", "mesh", "-n", "1"
+    ).splitlines())] == [1]  # fmt: skip
+    assert ok("ledger", "search", wanted, "--db", db, "--kind", "delivered-batch").startswith(
+        "      3  "
+    )
+    assert ok("ledger", "search", "not there", "--db", db) == ""
+    proof = json.loads(ok("ledger", "prove", "inclusion", "3", "--db", db))
+    assert proof["leafHash"] == found[1]["leafHash"]
+    entry = {k: v for k, v in found[1].items() if k not in ("index", "leafHash")}
+    leaf = core.leaf_hash(core.canonical_json(entry))
+    assert core.InclusionProof.from_json(proof).leaf_hash == leaf
+    (tmp_path / "proof.json").write_text(json.dumps(proof))
+    assert keel("ledger", "verify-proof", tmp_path / "proof.json").returncode == 0
+    bad = keel("ledger", "search", "", "--db", db)
+    assert bad.returncode == 2
+    assert_one_line_error(bad.stderr, "TEXT must not be empty")
+    bad = keel("ledger", "search", wanted, "--db", db, "-n", "0")
+    assert bad.returncode == 2
+    assert_one_line_error(bad.stderr, "-n must be 1 or more")
