@@ -125,6 +125,10 @@ class Agents:
         self.entries = dict(agents)
         self.directory = directory_of(agents)
 
+    def announced(self) -> list[str]:
+        """The agents this node names to its peers: those that may use the mesh."""
+        return sorted(name for name, entry in self.entries.items() if not entry.mesh.empty)
+
     def caller(self, peer: Peer) -> Caller:
         return self.directory.caller(peer)
 

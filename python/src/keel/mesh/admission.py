@@ -160,6 +160,8 @@ def admission_chain(membership: Membership, me: str) -> list[dict[str, Any]]:
     return chain
 
 
-def hello(membership: Membership, me: str, addresses: Sequence[str]) -> dict[str, Any]:
+def hello(
+    membership: Membership, me: str, addresses: Sequence[str], agents: Sequence[str] = ()
+) -> dict[str, Any]:
     """This node's handshake ``extra``: its addresses, its mesh, how it was admitted."""
-    return make_hello(addresses, membership.mesh_id, admission_chain(membership, me))
+    return make_hello(addresses, membership.mesh_id, admission_chain(membership, me), agents)

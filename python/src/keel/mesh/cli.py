@@ -107,7 +107,12 @@ def register(subparsers: commands.Subcommands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("agents", "list the agents this node tells apart, with their mesh grants", _agents)
+    p = command(
+        "agents",
+        "list the agents this node tells apart, with their mesh grants, and those its "
+        "connected peers announced",
+        _agents,
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("send", "send DATA to a node, or to an agent there; prints the message id", _send)
@@ -404,7 +409,12 @@ def _agents(args: argparse.Namespace) -> int:
     if args.json:
         print_json(agents)
         return 0
-    rows = [(a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"]) for a in agents]
+    rows = [
+        (a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"])
+        if a["uid"] is not None
+        else (a["agent"], "-", "-", "(its node's)", "(its node's)", a["node"])
+        for a in agents
+    ]
     print_table(["agent", "tier", "uid", "send to", "topics", "node"], rows)
     return 0
 

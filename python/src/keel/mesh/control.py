@@ -160,7 +160,8 @@ class Control:
         }
 
     async def agents_known(self, request: verbs.NoArgs) -> list[verbs.AgentInfo]:
-        return [
+        """This node's agents (with their grants), then those its connected peers announced."""
+        here: list[verbs.AgentInfo] = [
             {
                 "agent": entry.name,
                 "node": self.node.me,
@@ -170,6 +171,12 @@ class Control:
             }
             for entry in sorted(self.agents.entries.values(), key=lambda e: e.name)
         ]
+        there: list[verbs.AgentInfo] = [
+            {"agent": name, "node": peer, "uid": None, "tier": None, "mesh": None}
+            for peer, link in sorted(self.node.links.by_peer.items())
+            for name in link.announced
+        ]
+        return here + there
 
     # -- the node and its mesh
 

@@ -38,8 +38,10 @@ class Members:
         record: Record,
         gossip: Gossip,
         changed: Callable[[], None],
+        agents: Sequence[str] = (),
     ) -> None:
         self.store = store
+        self.agents = list(agents)  # named to peers in the handshake
         self.identity = identity
         self.me = identity.node_id
         self.addresses = list(addresses)
@@ -55,7 +57,7 @@ class Members:
 
     def hello(self) -> dict[str, Any]:
         """What this node says about itself in its handshakes."""
-        return admission.hello(self.membership, self.me, self.addresses)
+        return admission.hello(self.membership, self.me, self.addresses, self.agents)
 
     def _now_ms(self) -> int:
         return int(self.wall() * 1000)

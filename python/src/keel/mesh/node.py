@@ -52,7 +52,7 @@ from keel.mesh.directory import (
 )
 from keel.mesh.errors import InviteError, MeshError, RemoteProtocolError
 from keel.mesh.handoffs import Handoffs
-from keel.mesh.hello import parse_hello
+from keel.mesh.hello import Hello, parse_hello
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.inbox import Inbox
 from keel.mesh.intake import Intake
@@ -132,6 +132,7 @@ class MeshNode(Daemon):
             record=record,
             gossip=self._gossip,
             changed=self.apply_view,
+            agents=self.settings.agents.announced(),
         )
         self.dialer = Dialer(
             self.me, clock=self.clock, base=self.settings.dial_base, cap=self.settings.dial_cap
@@ -359,9 +360,7 @@ class MeshNode(Daemon):
         if not kept:
             return
         remote = link.session.remote
-        app = parse_hello(remote.extra).app if remote is not None else 1
-        link.batching = app >= 2
-        link.agents = app >= packets.AGENTS_REVISION
+        link.hello(parse_hello(remote.extra) if remote is not None else Hello())
         for address in addresses:
             self.dialer.learn(peer, address)
         self._touch(peer)

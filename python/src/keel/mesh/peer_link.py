@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 from keel.mesh import packets
 from keel.mesh.dialing import Dial, Link
 from keel.mesh.errors import ProtocolError
+from keel.mesh.hello import Hello
 from keel.mesh.membership import SignedRecord
 from keel.mesh.packets import Ack, Msg, Msgs, Records, canonical_json
 from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Session, State
@@ -90,10 +91,18 @@ class PeerLink(asyncio.Protocol):
         self.closing = False
         self.batching = False  # the peer takes MSGS packets (application revision >= 2)
         self.agents = False  # the peer reads agent fields (application revision >= 3)
+        self.announced: tuple[str, ...] = ()  # the peer's agents that may use the mesh
+
         self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
+
+    def hello(self, hello: Hello) -> None:
+        """What the peer said of itself: which packets it reads, which agents it has."""
+        self.batching = hello.app >= 2
+        self.agents = hello.app >= packets.AGENTS_REVISION
+        self.announced = hello.agents
 
     # -- asyncio.Protocol
 

@@ -388,6 +388,6 @@ class AgentInfo(TypedDict):
 
     agent: str
     node: str
-    uid: int
-    tier: int
-    mesh: dict[str, Any]
+    uid: int | None  # None: an agent another node announced (its uid, tier, grant are its own)
+    tier: int | None
+    mesh: dict[str, Any] | None

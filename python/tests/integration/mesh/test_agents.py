@@ -378,3 +378,18 @@ def test_a_peer_from_before_agents_gets_no_agent_fields_and_no_message_for_an_ag
     assert letter[0]["reason"].startswith(
         "the recipient's keel is too old for messages to an agent (application revision 3)"
     )
+
+
+def test_each_node_lists_the_agents_its_peers_announced(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    a, b = two_nodes_with_agents(mesh_nodes, short_tmp)
+    c = mesh_nodes("c", config={**FAST, "agents": {"idle": {"uid": IDLE, "tier": 2}}}).start()
+    c.join(a)
+    c.wait_connected(a, b)
+    listed = {(x["agent"], x["node"]) for x in a.client.agents() if x["uid"] is None}
+    # b's agents, each with a grant; c's only agent has no mesh, so c names none
+    assert listed == {("ops", b.node_id), ("scout", b.node_id), ("notes", b.node_id)}
+    shown = a.cli("agents")
+    assert shown.returncode == 0, shown.stderr
+    assert f"(its node's)  {b.node_id}" in shown.stdout
