@@ -452,6 +452,7 @@ def _slow_answer(query: Query, response: Response) -> Answer:
         and len(authority) == len(message.authority)
         and not message.additional
         and (message.opt is None or query.edns >= 0)
+        and _same_under(query.id, response.wire, message)
     )
     asked = query.text
     return Answer(
@@ -463,6 +464,29 @@ def _slow_answer(query: Query, response: Response) -> Answer:
         verbatim=response.wire if untouched else None,
         answer=tuple(kept),
         authority=authority,
+    )
+
+
+def _same_under(query_id: int, wire: bytes | None, message: dns.message.Message) -> bool:
+    """Whether ``wire`` says the same under the client's id (the reply's first two bytes).
+
+    A name may point into the header (dnspython follows such a pointer), and
+    there the id is part of the name: rewriting it would change, or break,
+    what the answer says. Then the reply is encoded afresh instead.
+    """
+    if wire is None:
+        return False
+    rewritten = query_id.to_bytes(2, "big") + wire[2:]
+    if rewritten == wire:
+        return True
+    try:
+        again = dns.message.from_wire(rewritten)
+    except (dns.exception.DNSException, ValueError):
+        return False
+    return (again.question, again.answer, again.authority) == (
+        message.question,
+        message.answer,
+        message.authority,
     )
 
 

@@ -30,6 +30,7 @@ Labels = tuple[bytes, ...]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HEADER = struct.Struct("!HHHHHH")
+HEADER_SIZE = HEADER.size  # 12: no name may point into it
 QUESTION_TAIL = struct.Struct("!HH")
 RR_TAIL = struct.Struct("!HHIH")
 
@@ -126,7 +127,10 @@ def read_name(wire: bytes, pos: int, end: int) -> tuple[Labels, int] | None:
                 return None
             target = ((count & 0x3F) << 8) | wire[pos]
             pos += 1
-            if target >= biggest:
+            # A pointer into the header names bytes the proxy rewrites (the id) when it
+            # forwards an answer as it came: its meaning would change. dnspython's path,
+            # which encodes the reply afresh, takes such a message.
+            if target < HEADER_SIZE or target >= biggest:
                 return None
             hops += 1
             if hops > MAX_POINTERS:
