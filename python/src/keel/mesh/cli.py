@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -301,23 +302,17 @@ def _invite(args: argparse.Namespace) -> int:
 
 
 def _invites(args: argparse.Namespace) -> int:
-    from keel.output import print_json, print_table
-
-    invites = _client(args).invites()
-    if args.json:
-        print_json(invites)
-        return 0
-    rows = [
-        (
+    return _listing(
+        args,
+        _client(args).invites(),
+        ["id", "state", "uses left", "expires"],
+        lambda i: (
             i["id"],
             i["state"],
             i["uses_left"],
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(i["expires"])),
-        )
-        for i in invites
-    ]
-    print_table(["id", "state", "uses left", "expires"], rows)
-    return 0
+        ),
+    )
 
 
 def _revoke_invite(args: argparse.Namespace) -> int:
@@ -354,16 +349,31 @@ def _join(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peers(args: argparse.Namespace) -> int:
-    from keel.output import human_duration, print_json, print_table
+def _listing(
+    args: argparse.Namespace,
+    items: list[dict[str, Any]],
+    headers: list[str],
+    row: Callable[[dict[str, Any]], tuple[Any, ...]],
+) -> int:
+    """``items`` as JSON (``--json``) or as a table of ``row(item)``."""
+    from keel.output import print_json, print_table
 
-    peers = _client(args).peers()
     if args.json:
-        print_json(peers)
-        return 0
+        print_json(items)
+    else:
+        print_table(headers, [row(item) for item in items])
+    return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from keel.output import human_duration
+
     now = time.time()
-    rows = [
-        (
+    return _listing(
+        args,
+        _client(args).peers(),
+        ["id", "addresses", "connected", "last seen", "queued", "operator"],
+        lambda p: (
             p["id"],
             ",".join(p["addresses"]) or "-",
             "yes" if p["connected"] else "no",
@@ -372,11 +382,8 @@ def _peers(args: argparse.Namespace) -> int:
             else (human_duration(now - p["last_seen"]) + " ago" if p["last_seen"] else "never"),
             p["queued"],
             "yes" if p.get("operator") else "no",
-        )
-        for p in peers
-    ]
-    print_table(["id", "addresses", "connected", "last seen", "queued", "operator"], rows)
-    return 0
+        ),
+    )
 
 
 def _grant_text(mesh: dict[str, Any] | None) -> tuple[str, str]:
@@ -403,20 +410,16 @@ def _whoami(args: argparse.Namespace) -> int:
 
 
 def _agents(args: argparse.Namespace) -> int:
-    from keel.output import print_json, print_table
-
-    agents = _client(args).agents()
-    if args.json:
-        print_json(agents)
-        return 0
-    rows = [
-        (a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"])
-        if a["uid"] is not None
-        else (a["agent"], "-", "-", "(its node's)", "(its node's)", a["node"])
-        for a in agents
-    ]
-    print_table(["agent", "tier", "uid", "send to", "topics", "node"], rows)
-    return 0
+    return _listing(
+        args,
+        _client(args).agents(),
+        ["agent", "tier", "uid", "send to", "topics", "node"],
+        lambda a: (
+            (a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"])
+            if a["uid"] is not None
+            else (a["agent"], "-", "-", "(its node's)", "(its node's)", a["node"])
+        ),
+    )
 
 
 def _send(args: argparse.Namespace) -> int:
