@@ -158,7 +158,7 @@ def test_pins_satisfy_every_requirement_on_them() -> None:
     assert set(by_name) <= required, f"pinned but required by nothing: {set(by_name) - required}"
 
 
-def test_pins_name_pypi_sdists_by_their_sha256() -> None:
+def test_pins_fetch_pypi_sdists_by_sha256() -> None:
     for stem, pin in pins().items():
         algorithm, _, digest = pin["hash"].partition("-")
         assert algorithm == "sha256", stem
