@@ -8,14 +8,16 @@ one ACK. For each message, in order:
   for good (``rejected``, with the reason), or not yet (``busy``: this node
   lacks the room version its author saw);
 - a message for an agent (``to``) is refused for good (``rejected``) if this
-  node has no such agent or the agent may not read its topic (``addressable``);
+  node has no such agent, or the agent may not read its topic or receive
+  from its sender (``addressable``);
 - its dedup key is the author (the room message's author, else the peer) and
   the id; a copy of a message a local agent holds from memory is left
   unanswered (it is answered with the one held);
 - seen before (stored earlier, or earlier in this batch): ``ok``, nothing
   stored again; the inbox full: ``busy`` (the sender backs off);
 - new: handed straight to a subscriber of its topic (the agent it is for,
-  if it names one) that has room and no backlog (answered once the agent
+  if it names one) that has room and no backlog and may receive from its
+  sender (the subscribing agent's ``receiveFrom``; answered once the agent
   took it: :mod:`keel.mesh.handoffs`), or else stored (``store``) and
   answered ``ok``.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from keel.agents.meshgrant import matches
 from keel.mesh import rooms
 from keel.mesh.delivery import InboxLimits, Incoming, Receipt, keep_seen_until, receipt
 from keel.mesh.handoffs import Window, has_room
@@ -32,7 +35,8 @@ from keel.mesh.membership import View
 from keel.mesh.packets import Msg
 
 Key = tuple[str, str]  # (author, message id)
-Addressable = Callable[[str, str], "str | None"]  # (agent, topic) -> why it cannot take it
+Sender = tuple[str, "str | None"]  # (node, agent or None: the node itself)
+Addressable = Callable[[str, str, Sender], "str | None"]  # (agent, topic, sender) -> why not
 
 
 @dataclass
@@ -91,7 +95,9 @@ def plan(
             author = msg.room.author
         if msg.to is not None:
             refusal = (
-                f"no agent {msg.to} here" if addressable is None else addressable(msg.to, msg.topic)
+                f"no agent {msg.to} here"
+                if addressable is None
+                else addressable(msg.to, msg.topic, (author, msg.agent))
             )
             if refusal is not None:
                 out.rejected.append((msg.id, refusal))
@@ -123,7 +129,11 @@ def plan(
             msg.agent,
             msg.to,
         )
-        stream = takers.take(msg.topic, len(msg.payload), msg.to) if windows else None
+        stream = (
+            takers.take(msg.topic, len(msg.payload), msg.to, (author, msg.agent))
+            if windows
+            else None
+        )
         if stream is not None:
             out.hand.append((stream, item))
             continue
@@ -144,11 +154,19 @@ class _Takers:
         self.windows = windows
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
-    def take(self, topic: str, size: int, to: str | None = None) -> int | None:
+    def take(
+        self, topic: str, size: int, to: str | None = None, sender: Sender | None = None
+    ) -> int | None:
         """The first subscriber of ``topic`` (the agent ``to``, if not None) with room and no
-        backlog, charged ``size``."""
+        backlog that may receive from ``sender``, charged ``size``."""
         for window in self.windows.get(topic, ()):
             if window.backlog or (to is not None and window.reader != to):
+                continue
+            if (
+                window.senders is not None
+                and sender is not None
+                and not matches(window.senders, *sender)
+            ):
                 continue
             held = self.held.get(window.stream)
             if held is None:

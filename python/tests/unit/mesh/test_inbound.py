@@ -136,7 +136,7 @@ def test_room_messages_are_checked_and_keyed_by_their_author() -> None:
 
 
 def test_a_message_for_an_agent_goes_to_that_agent_only_or_is_refused() -> None:
-    def addressable(agent: str, topic: str) -> str | None:
+    def addressable(agent: str, topic: str, sender: inbound.Sender) -> str | None:
         if agent not in ("notes", "ops"):
             return f"no agent {agent} on this node"
         return None if topic == "jobs" else f"agent {agent} does not take topic {topic!r}"
@@ -167,3 +167,34 @@ def test_a_message_for_an_agent_goes_to_that_agent_only_or_is_refused() -> None:
     ]
     # with no agents known here, every message for one is refused
     assert decide([for_notes]).rejected == [(for_notes.id, "no agent notes here")]
+
+
+def test_a_subscriber_is_handed_only_what_its_receive_from_allows() -> None:
+    """A stream whose agent may not receive from the sender is passed over; with no other
+    taker the message is stored (for the node's other readers), never dropped."""
+    windows = {
+        "jobs": [
+            Window(1, 0, 0, 10, 1000, False, "picky", (f"ops@{PEER}",)),
+            Window(2, 0, 0, 10, 1000, False, "open", None),
+        ]
+    }
+    from_ops = msg(1)._replace(agent="ops")
+    from_scout = msg(2)._replace(agent="scout")
+    plan = decide([from_ops, from_scout], windows=windows)
+    assert [(stream, item.agent) for stream, item in plan.hand] == [(1, "ops"), (2, "scout")]
+    only_picky = {"jobs": windows["jobs"][:1]}
+    plan = decide([from_scout, from_ops], windows=only_picky)
+    assert [(stream, item.agent) for stream, item in plan.hand] == [(1, "ops")]
+    assert [item.agent for item in plan.store] == ["scout"]
+    assert plan.ok == [from_scout.id]
+
+
+def test_a_message_for_an_agent_from_a_sender_it_does_not_receive_from_is_refused() -> None:
+    def addressable(agent: str, topic: str, sender: inbound.Sender) -> str | None:
+        return None if sender == (PEER, "ops") else f"agent {agent} does not receive from it"
+
+    from_ops = msg(1)._replace(agent="ops", to="notes")
+    from_node = msg(2)._replace(to="notes")
+    plan = decide([from_ops, from_node], addressable=addressable)
+    assert [item.id for item in plan.store] == [from_ops.id]
+    assert plan.rejected == [(from_node.id, "agent notes does not receive from it")]
