@@ -144,7 +144,8 @@ class Inbox:
                     waiter.set()
         if self.audit is not None:
             self.audit.add(
-                "received", ((i.id, i.sender, i.topic, i.room, len(i.payload)) for i in items)
+                "received",
+                ((i.id, i.sender, i.topic, i.room, len(i.payload), i.agent, i.to) for i in items),
             )
 
     # -- recv and ack (the JSON verbs)

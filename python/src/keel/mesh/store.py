@@ -367,7 +367,17 @@ class Store:
             return self._enqueue_checked(items, created)
         self._last_seq = last + len(rows)
         return [
-            Queued(seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload))
+            Queued(
+                seq,
+                item.id,
+                item.peer,
+                item.topic,
+                item.room,
+                item.expires,
+                len(item.payload),
+                item.agent,
+                item.to,
+            )
             for seq, item in enumerate(items, last + 1)
         ]
 
@@ -393,6 +403,8 @@ class Store:
                         item.room,
                         item.expires,
                         len(item.payload),
+                        item.agent,
+                        item.to,
                     )
                 )
             db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created))
@@ -436,7 +448,8 @@ class Store:
     @_state_errors
     def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
-            "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
+            "SELECT seq, id, peer, topic, room, expires, length(payload), agent, to_agent "
+            "FROM outbox ORDER BY seq"
         ).fetchall()
         return [Queued(*row) for row in rows]
 

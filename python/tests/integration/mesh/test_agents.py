@@ -416,7 +416,8 @@ def grants_both_ways(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[
             "mesh": {"sendTo": [f"notes@{b.node_id}"], "topics": ["jobs"]},
         },
     }
-    a = mesh_nodes("a", config={**FAST, "agents": a_roster}).start()
+    a = mesh_nodes("a", ledger=short_tmp / "a-ledger.db", config={**FAST, "agents": a_roster})
+    a.start()
     b.stop()  # b learns a's id, then names it in picky's receiveFrom
     b.settings["agents"] = {
         "picky": {
@@ -434,10 +435,10 @@ def grants_both_ways(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[
     return a, b
 
 
-def refusals(ledger: Path) -> list[dict[str, Any]]:
+def refusals(ledger: Path, kind: str = "mesh-refused") -> list[dict[str, Any]]:
     opened = Ledger.open(ledger)
     try:
-        return [e.as_dict() for _, e in opened.entries() if e.kind == "mesh-refused"]
+        return [e.as_dict() for _, e in opened.entries() if e.kind == kind]
     finally:
         opened.close()
 
@@ -505,3 +506,11 @@ def test_send_to_an_agent_allows_that_agent_only(
     assert listed.returncode == 0, listed.stderr
     assert f"notes@{b.node_id}" in listed.stdout
     assert "READ FROM" in listed.stdout
+    # both ledgers say which agent sent it, and to which agent
+    a.stop()
+    b.stop()
+    for ledger, kind in (("a-ledger.db", "sent-batch"), ("b-ledger.db", "received-batch")):
+        (entry,) = refusals(short_tmp / ledger, kind)
+        assert entry["data"]["agents"] == ["narrow"]
+        (group,) = entry["data"]["groups"]
+        assert (group["agent"], group["to_agent"], group["ids"]) == ("narrow", "notes", [sent])
