@@ -46,7 +46,7 @@ class Plan:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
     store: list[Incoming] = field(default_factory=list)  # new: store, then ``ok`` (listed)
     hand: list[tuple[int, Incoming]] = field(default_factory=list)  # (stream, message)
-    backlogged: set[str] = field(default_factory=set)  # topics whose subscribers have more waiting
+    backlogged: set[int] = field(default_factory=set)  # streams that have more waiting, stored
     inbox_messages: int = 0  # the inbox once ``store`` is stored
     inbox_bytes: int = 0
 
@@ -142,7 +142,7 @@ def plan(
         count += 1
         size += len(msg.payload)
         if msg.topic in windows:
-            out.backlogged.add(msg.topic)
+            out.backlogged.update(takers.could_take(msg.topic, msg.to, (author, msg.agent)))
     out.inbox_messages, out.inbox_bytes = count, size
     return out
 
@@ -160,13 +160,7 @@ class _Takers:
         """The first subscriber of ``topic`` (the agent ``to``, if not None) with room and no
         backlog that may receive from ``sender``, charged ``size``."""
         for window in self.windows.get(topic, ()):
-            if window.backlog or (to is not None and window.reader != to):
-                continue
-            if (
-                window.senders is not None
-                and sender is not None
-                and not matches(window.senders, *sender)
-            ):
+            if window.backlog or not _may_take(window, to, sender):
                 continue
             held = self.held.get(window.stream)
             if held is None:
@@ -176,3 +170,17 @@ class _Takers:
                 held[1] += size
                 return window.stream
         return None
+
+    def could_take(self, topic: str, to: str | None, sender: Sender) -> list[int]:
+        """The subscribers of ``topic`` that may read a message for ``to`` from ``sender``:
+        those to fill from the inbox once they have room (a message one of them may not
+        read leaves it as it was, or it would wait on a backlog it cannot take)."""
+        return [w.stream for w in self.windows.get(topic, ()) if _may_take(w, to, sender)]
+
+
+def _may_take(window: Window, to: str | None, sender: Sender | None) -> bool:
+    """Whether ``window``'s reader may read a message for ``to`` (None: the topic's
+    readers) from ``sender`` (its receiveFrom)."""
+    if to is not None and window.reader != to:
+        return False
+    return window.senders is None or sender is None or matches(window.senders, *sender)

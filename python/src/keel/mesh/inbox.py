@@ -121,8 +121,7 @@ class Inbox:
             else:
                 self.count, self.bytes = plan.inbox_messages, plan.inbox_bytes
                 self._received(plan.store)
-        for topic in plan.backlogged:
-            self.handoffs.set_backlog(self.handoffs.subscribers(topic))
+        self.handoffs.set_backlog(plan.backlogged)
         handed: dict[int, LocalStream] = {}
         for number, item in plan.hand:
             stream = handed[number] = self._streams[number]

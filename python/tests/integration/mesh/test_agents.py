@@ -514,3 +514,43 @@ def test_send_to_an_agent_allows_that_agent_only(
         assert entry["data"]["agents"] == ["narrow"]
         (group,) = entry["data"]["groups"]
         assert (group["agent"], group["to_agent"], group["ids"]) == ("narrow", "notes", [sent])
+
+
+# Subscribes as the given uid, says so, then prints what the first DELIVER brought.
+LIVE = """
+import json, sys
+from keel.mesh.client import MeshClient
+with MeshClient(sys.argv[1]).subscribe("jobs") as sub:
+    print("subscribed", flush=True)
+    got = sub.recv(wait=20)
+    sub.ack()
+print(json.dumps([[m.data.decode(), m.agent, m.sender] for m in got]), flush=True)
+"""
+
+
+def test_a_subscriber_is_not_handed_what_its_receive_from_refuses(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # picky subscribes before the messages arrive, so they are handed from the peer's
+    # batch (not read from the inbox): ops' message, sent first, is passed over and stored.
+    a, b = grants_both_ways(mesh_nodes, short_tmp)
+    listener = subprocess.Popen(
+        ["setpriv", f"--reuid={READER}", f"--regid={READER}", "--clear-groups",
+         sys.executable, "-c", LIVE, str(b.socket)],
+        stdout=subprocess.PIPE, text=True, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "subscribed"
+        as_uid(OPS, SEND, str(a.socket), b.node_id, "jobs", "from ops")
+        as_uid(SCOUT, SEND, str(a.socket), b.node_id, "jobs", "from scout")
+        got = json.loads(listener.stdout.readline())
+        assert listener.wait(timeout=30) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert got == [["from scout", "scout", a.node_id]]
+    wait_until(lambda: b.status()["inbox"] == 1, timeout=20, what="ops' message kept at b")
+    assert received(b, OPS, "recv", 20) == [["from ops", "ops", a.node_id]]

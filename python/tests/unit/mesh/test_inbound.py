@@ -97,7 +97,7 @@ def test_subscribers_with_room_take_messages_in_order_the_rest_is_stored() -> No
     assert [(stream, item.id[-1]) for stream, item in plan.hand] == [(2, "0"), (2, "1"), (3, "2")]
     assert [i.id[-1] for i in plan.store] == ["3", "4", "9"]
     assert plan.ok == [i.id for i in plan.store]  # handed ones are answered later
-    assert plan.backlogged == {"jobs"}  # stored while it has subscribers
+    assert plan.backlogged == {1, 2, 3}  # stored while they could take it: fill them later
 
 
 def test_a_windows_bytes_are_counted_across_the_batch() -> None:
@@ -187,6 +187,12 @@ def test_a_subscriber_is_handed_only_what_its_receive_from_allows() -> None:
     assert [(stream, item.agent) for stream, item in plan.hand] == [(1, "ops")]
     assert [item.agent for item in plan.store] == ["scout"]
     assert plan.ok == [from_scout.id]
+    # picky is not left waiting on a backlog it may not read: ops' next message is its own
+    assert plan.backlogged == set()
+    for_open = decide([from_scout], windows={"jobs": [windows["jobs"][0]._replace(pending=10)]})
+    assert for_open.backlogged == set()
+    full = windows["jobs"][0]._replace(pending=10)
+    assert decide([from_ops], windows={"jobs": [full]}).backlogged == {1}
 
 
 def test_a_message_for_an_agent_from_a_sender_it_does_not_receive_from_is_refused() -> None:
