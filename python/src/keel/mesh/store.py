@@ -114,6 +114,10 @@ def senders_clause(senders: Sequence[str] | None) -> tuple[str, list[str]]:
     return ("(" + " OR ".join(terms) + ")" if terms else "0"), params
 
 
+def _sender_order(sender: tuple[str, str | None]) -> tuple[str, str]:
+    return sender[0], sender[1] or ""  # the node itself first
+
+
 def _every_topic(topic: str) -> bool:
     return True
 
@@ -587,7 +591,7 @@ class Store:
             f"AND (to_agent IS NULL OR to_agent = ?) AND NOT {clause} LIMIT ?",
             (topic, reader, *params, limit),
         ).fetchall()
-        return sorted((str(node), agent) for node, agent in rows)
+        return sorted(((str(node), agent) for node, agent in rows), key=_sender_order)
 
     @_state_errors
     def consume(
