@@ -147,8 +147,8 @@ class Agents:
         if grant is None or not grant.empty:
             return None
         return (
-            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo) in its "
-            "spec to grant it (docs/mesh.md, Agents)"
+            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo, "
+            "mesh.receiveFrom) in its spec to grant it (docs/mesh.md, Agents)"
         )
 
     def refuse_topic(self, caller: Caller, topic: str) -> str | None:
