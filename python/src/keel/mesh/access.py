@@ -5,9 +5,10 @@ Callers are told apart by their credentials as the kernel gives them
 
 - **agents** (a uid the node's ``agents`` config names, :mod:`keel.agents.roster`)
   may use the mesh only within their grant (:mod:`keel.agents.meshgrant`):
-  send to the nodes of ``sendTo`` on their ``topics``, read and acknowledge
-  only messages on their ``topics``; a tier-2 agent has no mesh unless its
-  spec declares one. :class:`Agents` decides.
+  send to the nodes and agents of ``sendTo`` on their ``topics``, read and
+  acknowledge only messages on their ``topics`` from the nodes and agents of
+  ``receiveFrom``; a tier-2 agent has no mesh unless its spec declares one.
+  :class:`Agents` decides.
 - **every other caller** (root, keel's own daemons, the operator's shell) is
   the node itself: it may send and read everything, as before agents were
   told apart.
@@ -146,8 +147,8 @@ class Agents:
         if grant is None or not grant.empty:
             return None
         return (
-            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo) in its "
-            "spec to grant it (docs/mesh.md, Agents)"
+            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo, "
+            "mesh.receiveFrom) in its spec to grant it (docs/mesh.md, Agents)"
         )
 
     def refuse_topic(self, caller: Caller, topic: str) -> str | None:
@@ -160,36 +161,77 @@ class Agents:
             f"{_listed(grant.topics)}"
         )
 
-    def refuse_send(self, caller: Caller, to: Sequence[str], topic: str) -> str | None:
-        """Why the caller may not send on ``topic`` to each node of ``to``, or None."""
-        return self.refuse_topic(caller, topic) or self.refuse_nodes(caller, to)
+    def refuse_send(
+        self, caller: Caller, to: Sequence[str], topic: str, *, to_agent: str | None = None
+    ) -> str | None:
+        """Why the caller may not send on ``topic`` to each node of ``to`` (to the agent
+        ``to_agent`` on it, if not None), or None."""
+        return self.refuse_topic(caller, topic) or self.refuse_nodes(caller, to, to_agent=to_agent)
 
-    def refuse_nodes(self, caller: Caller, to: Sequence[str]) -> str | None:
-        """Why the caller may not send to each node of ``to``, or None."""
+    def refuse_nodes(
+        self, caller: Caller, to: Sequence[str], *, to_agent: str | None = None
+    ) -> str | None:
+        """Why the caller may not send to each node of ``to`` (``to_agent`` on it), or None."""
         grant = self.grant(caller)
         if grant is None:
             return None
         for node in to:
-            if not grant.may_send_to(node):
+            if not grant.may_send_to(node, to_agent):
+                whom = node if to_agent is None else f"{to_agent}@{node}"
                 return (
-                    f"{self._agent(caller)} may not send to {node}: its mesh.sendTo is "
+                    f"{self._agent(caller)} may not send to {whom}: its mesh.sendTo is "
                     f"{_listed(grant.send_to)}"
                 )
         return None
 
-    def refuse_delivery(self, agent: str, topic: str) -> str | None:
-        """Why a message from another node for ``agent`` on ``topic`` is refused here, or None."""
+    def refuse_delivery(
+        self, agent: str, topic: str, sender: tuple[str, str | None] | None = None
+    ) -> str | None:
+        """Why a message from another node for ``agent`` on ``topic`` is refused here, or None.
+
+        ``sender``: (node, agent or None) that sent it, checked against the
+        agent's ``receiveFrom``.
+        """
         entry = self.entries.get(agent)
         if entry is None:
             return f"no agent {agent} on this node"
         if not entry.mesh.covers(topic):
             return f"agent {agent} does not take topic {topic!r} (its mesh.topics)"
+        if sender is not None and not entry.mesh.receives(*sender):
+            return (
+                f"agent {agent} does not receive from {_sender(*sender)} "
+                f"(its mesh.receiveFrom is {_listed(entry.mesh.receive_from)})"
+            )
         return None
+
+    def senders(self, agent: str | None) -> tuple[str, ...] | None:
+        """The ``receiveFrom`` of ``agent`` (None: it receives from everyone, or is no agent)."""
+        entry = None if agent is None else self.entries.get(agent)
+        if entry is None or entry.mesh.receives_all:
+            return None
+        return entry.mesh.receive_from
+
+    def refuse_senders(
+        self, agent: str, topic: str, refused: Sequence[tuple[str, str | None]]
+    ) -> str:
+        """The ledger's reason for messages on ``topic`` ``agent`` was not given: their
+        senders ``refused`` (node, agent or None) are not in its ``receiveFrom``."""
+        entry = self.entries[agent]
+        named = ", ".join(_sender(node, by) for node, by in refused)
+        return (
+            f"agent {agent} (tier {entry.tier}, uid {entry.uid}) is not given messages on "
+            f"{topic!r} from {named}: its mesh.receiveFrom is {_listed(entry.mesh.receive_from)} "
+            "(they stay for the node's other readers)"
+        )
 
     def reads(self, caller: Caller) -> Callable[[str], bool] | None:
         """Which topics the caller may read (None: every topic, the node itself)."""
         grant = self.grant(caller)
         return None if grant is None else grant.covers
+
+
+def _sender(node: str, agent: str | None) -> str:
+    return node if agent is None else f"{agent}@{node}"
 
 
 def _listed(values: Sequence[str]) -> str:

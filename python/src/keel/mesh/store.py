@@ -92,6 +92,36 @@ _INSERT_OUTBOX = (
 )
 
 
+def senders_clause(senders: Sequence[str] | None) -> tuple[str, list[str]]:
+    """SQL on the inbox's ``sender`` and ``agent``, true for a message whose sender one of
+    ``senders`` names (``receiveFrom`` entries, :func:`keel.agents.meshgrant.matches`;
+    None: everyone), and its parameters."""
+    if senders is None or "*" in senders:
+        return "1", []
+    terms: list[str] = []
+    params: list[str] = []
+    for pattern in senders:
+        agent, at, node = pattern.rpartition("@")
+        if not at:
+            terms.append("sender = ?")
+            params.append(pattern)
+        elif agent == "*":
+            terms.append("(sender = ? AND agent IS NOT NULL)")
+            params.append(node)
+        else:
+            terms.append("(sender = ? AND agent = ?)")
+            params += [node, agent]
+    return ("(" + " OR ".join(terms) + ")" if terms else "0"), params
+
+
+def _sender_order(sender: tuple[str, str | None]) -> tuple[str, str]:
+    return sender[0], sender[1] or ""  # the node itself first
+
+
+def _every_topic(topic: str) -> bool:
+    return True
+
+
 def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert outbox rows; ``_Duplicates`` (the caller rolls back) if any was there already."""
     inserted = db.executemany(_INSERT_OUTBOX + " ON CONFLICT (peer, id) DO NOTHING", rows)
@@ -341,7 +371,17 @@ class Store:
             return self._enqueue_checked(items, created)
         self._last_seq = last + len(rows)
         return [
-            Queued(seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload))
+            Queued(
+                seq,
+                item.id,
+                item.peer,
+                item.topic,
+                item.room,
+                item.expires,
+                len(item.payload),
+                item.agent,
+                item.to,
+            )
             for seq, item in enumerate(items, last + 1)
         ]
 
@@ -367,6 +407,8 @@ class Store:
                         item.room,
                         item.expires,
                         len(item.payload),
+                        item.agent,
+                        item.to,
                     )
                 )
             db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created))
@@ -410,7 +452,8 @@ class Store:
     @_state_errors
     def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
-            "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
+            "SELECT seq, id, peer, topic, room, expires, length(payload), agent, to_agent "
+            "FROM outbox ORDER BY seq"
         ).fetchall()
         return [Queued(*row) for row in rows]
 
@@ -491,21 +534,29 @@ class Store:
 
     @_state_errors
     def take(
-        self, topic: str, limit: int, exclude: Container[int], reader: str | None = None
+        self,
+        topic: str,
+        limit: int,
+        exclude: Container[int],
+        reader: str | None = None,
+        senders: Sequence[str] | None = None,
     ) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` for ``reader`` whose seq is not in ``exclude``.
 
         ``reader``: an agent gets the messages for no agent and those for it;
-        None (the node itself) those for no agent. Seqs come from the
-        ``(topic, seq)`` index first; only the chosen rows' payloads are read.
+        None (the node itself) those for no agent. ``senders``: the reader's
+        ``receiveFrom`` (None: everyone); the messages of others stay. Seqs
+        come from the ``(topic, seq)`` index first; only the chosen rows'
+        payloads are read.
         """
         chosen: list[int] = []
         after = 0
+        clause, params = senders_clause(senders)
         while len(chosen) < limit:
             seqs = self._db.execute(
-                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? "
-                "AND (to_agent IS NULL OR to_agent = ?) ORDER BY seq LIMIT ?",
-                (topic, after, reader, max(limit, 256)),
+                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? "  # noqa: S608
+                f"AND (to_agent IS NULL OR to_agent = ?) AND {clause} ORDER BY seq LIMIT ?",
+                (topic, after, reader, *params, max(limit, 256)),
             ).fetchall()
             if not seqs:
                 break
@@ -529,19 +580,37 @@ class Store:
         return out
 
     @_state_errors
+    def refused_senders(
+        self, topic: str, reader: str, senders: Sequence[str], limit: int = 8
+    ) -> list[tuple[str, str | None]]:
+        """Up to ``limit`` (node, agent) that sent messages on ``topic`` ``reader`` may not
+        read: not in its ``receiveFrom`` (``senders``)."""
+        clause, params = senders_clause(senders)
+        rows = self._db.execute(
+            "SELECT DISTINCT sender, agent FROM inbox WHERE topic = ? "  # noqa: S608
+            f"AND (to_agent IS NULL OR to_agent = ?) AND NOT {clause} LIMIT ?",
+            (topic, reader, *params, limit),
+        ).fetchall()
+        return sorted(((str(node), agent) for node, agent in rows), key=_sender_order)
+
+    @_state_errors
     def consume(
-        self, seqs: Iterable[int], reads: Callable[[str], bool] | None = None
+        self,
+        seqs: Iterable[int],
+        reads: Callable[[str], bool] | None = None,
+        senders: Sequence[str] | None = None,
     ) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there.
 
-        ``reads``: only messages on topics it allows are deleted (an agent's
-        acknowledgement of another agent's message is no acknowledgement).
+        ``reads``: only messages on topics it allows are deleted, ``senders``:
+        only those from the nodes and agents it names (an agent's
+        acknowledgement of a message it may not read is no acknowledgement).
         """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            if reads is not None:
-                unique = self._readable(db, unique, reads)
+            if reads is not None or senders is not None:
+                unique = self._readable(db, unique, reads or _every_topic, senders)
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -553,16 +622,20 @@ class Store:
 
     @staticmethod
     def _readable(
-        db: sqlite3.Connection, seqs: Sequence[int], reads: Callable[[str], bool]
+        db: sqlite3.Connection,
+        seqs: Sequence[int],
+        reads: Callable[[str], bool],
+        senders: Sequence[str] | None = None,
     ) -> list[int]:
-        """Those of ``seqs`` whose message's topic ``reads`` allows."""
+        """Those of ``seqs`` whose message's topic ``reads`` allows, from ``senders``."""
         allowed: list[int] = []
+        clause, params = senders_clause(senders)
         for start in range(0, len(seqs), 500):
             chunk = seqs[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             rows = db.execute(
-                f"SELECT seq, topic FROM inbox WHERE seq IN ({marks})",  # noqa: S608
-                chunk,
+                f"SELECT seq, topic FROM inbox WHERE seq IN ({marks}) AND {clause}",  # noqa: S608
+                [*chunk, *params],
             ).fetchall()
             allowed += [int(seq) for seq, topic in rows if reads(topic)]
         return allowed

@@ -379,7 +379,7 @@ class WhoAmI(TypedDict):
     uid: int
     agent: str | None  # None: no agent, the node itself
     tier: int | None
-    mesh: dict[str, Any] | None  # the agent's grant {"sendTo", "topics"}; None: everything
+    mesh: dict[str, Any] | None  # its grant {"sendTo", "receiveFrom", "topics"}; None: all
     operator: bool  # may use the administrative verbs
 
 

@@ -254,6 +254,46 @@ def test_agents_travel_with_a_message_and_each_reader_takes_its_own(tmp_path: Pa
     assert taken(None) == [(b"to the topic", "scout")]  # the node: what is for no agent
 
 
+def test_a_readers_receive_from_bounds_take_consume_and_names_who_was_kept_back(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    row = OutboxRow("1" * 32, P, None, "t", 2e9, None, b"x", "scout", "notes")
+    (queued,) = store.enqueue([row], created=1.0)
+    assert queued is not None
+    assert (queued.agent, queued.to) == ("scout", "notes")  # for the ledger's batches
+    assert [(q.agent, q.to) for q in store.load_outbox()] == [("scout", "notes")]
+    seqs = store.receive(
+        [
+            Incoming(P, "a" * 32, None, "t", b"scout of p", 2e9, "scout", None),
+            Incoming(P, "b" * 32, None, "t", b"p itself", 2e9, None, None),
+            Incoming(Q, "c" * 32, None, "t", b"scout of q", 2e9, "scout", None),
+            Incoming(Q, "d" * 32, None, "t", b"ops of q", 2e9, "ops", None),
+        ],
+        wall=3.0,
+    )
+
+    def taken(senders: list[str] | None) -> list[bytes]:
+        return [m.payload for m in store.take("t", 10, (), "picky", senders)]
+
+    everything = [b"scout of p", b"p itself", b"scout of q", b"ops of q"]
+    assert taken(None) == taken(["*"]) == everything
+    assert taken([]) == []
+    assert taken([P]) == [b"scout of p", b"p itself"]
+    assert taken([f"*@{P}", f"ops@{Q}"]) == [b"scout of p", b"ops of q"]
+    assert taken([f"scout@{Q}"]) == [b"scout of q"]
+    assert store.refused_senders("t", "picky", [f"scout@{Q}"]) == [
+        (P, None),
+        (P, "scout"),
+        (Q, "ops"),
+    ]
+    assert store.refused_senders("t", "picky", ["*"]) == []
+    # an acknowledgement deletes only what the reader may read
+    gone = store.consume(seqs, None, [f"scout@{Q}"])
+    assert [seq for seq, _ in gone] == [seqs[2]]
+    assert len(store.consume(seqs)) == 3
+
+
 def test_a_schema_1_database_gains_the_agents_columns_and_keeps_its_messages(
     tmp_path: Path,
 ) -> None:
