@@ -1,0 +1,195 @@
+"""keel mcp across the mesh: an agent on node A calls a tool hosted on node B, through both gateways.
+
+Everything is real: two ``keel mesh serve`` processes joined into one mesh
+(Noise sessions on loopback), two gateways (each with watch running its MCP
+servers), and agents under their own uids (setpriv) on A. B's share grants
+are applied to the node and agent the mesh authenticated; A's mesh applies
+the agent's own ``sendTo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel.mcp.gateway import FORBIDDEN
+from keel.mcp.upstream import TIMEOUT
+from keel.mcp.wire import digest
+from keel.mesh.kem import available_backends
+from keel.watch.children import pidfd_supported
+
+from tests.integration.mcp_support import (
+    UIDS,
+    agent,
+    needs_root,
+    running_world,
+    text_of,
+    toolbox,
+    world_directory,
+)
+from tests.integration.mesh.nodes import FAST, Node
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not pidfd_supported(),
+    reason="watch's process backend needs Linux 5.3+ (pidfd_open)",
+)
+
+world_dir = pytest.fixture(world_directory, name="world_dir")
+
+DEADLINE = 4.0
+
+
+@pytest.fixture
+def mesh_pair() -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b, joined and connected; a knows agents scout (may reach b) and idle (no mesh)."""
+    needs_root()
+    if all(reason is not None for reason in available_backends().values()):
+        pytest.skip(f"no ML-KEM-768 backend: {available_backends()}")
+    tmp = Path(tempfile.mkdtemp(prefix="kmm-"))
+    made: list[Node] = []
+    try:
+        b = Node(tmp / "b", name="b")
+        made.append(b)
+        b.start()
+        roster = {
+            "scout": {"uid": UIDS["scout"], "tier": 2, "mesh": {"sendTo": [b.node_id]}},
+            "notes": {"uid": UIDS["notes"], "tier": 1},  # the tier's default: every node
+            "idle": {"uid": UIDS["idle"], "tier": 2},  # tier 2 without a grant: no mesh
+        }
+        a = Node(tmp / "a", name="a", config={**FAST, "agents": roster})
+        made.append(a)
+        a.start()
+        b.join(a)
+        a.wait_connected(b)
+        b.wait_connected(a)
+        yield a, b
+    finally:
+        for node in made:
+            node.kill()
+            node.client.close()
+        for node in made:
+            assert "Traceback" not in node.log(), node.log()[-4000:]
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hosted(a: str) -> list[dict[str, Any]]:
+    """B's servers: toolbox shared with a's scout (echo, add) and a's every agent (echo)."""
+    return [
+        toolbox(
+            share=[
+                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add"]},
+                {"nodes": [a], "agents": "*", "tools": ["echo"]},
+            ]
+        ),
+        toolbox("vault", share=[{"agents": ["notes"], "tools": ["pid"]}]),  # b's own agents only
+    ]
+
+
+def test_an_agent_calls_a_tool_on_another_node_within_the_hosts_grants(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with (
+            running_world(
+                world_dir / "b",
+                hosted(a.node_id),
+                agents={"notes": 1},
+                node=b.node_id,
+                mesh={"socket": str(b.socket), "deadline": DEADLINE},
+            ) as host,
+            running_world(
+                world_dir / "a",
+                [toolbox("local", share=[{"agents": ["scout"], "tools": ["echo"]}])],
+                agents={"scout": 2, "notes": 1, "idle": 2},
+                node=a.node_id,
+                mesh={"socket": str(a.socket), "deadline": DEADLINE, "list_ttl": 30},
+                remote={"b": {"node": b.node_id, "servers": "*"}},
+            ) as caller,
+        ):
+            scout = await agent(
+                caller,
+                "scout",
+                "list",
+                'call:b.toolbox.add:{"a": 2, "b": 40}',
+                'call:b.toolbox.echo:{"text": "across"}',
+                "call:b.vault.pid:{}",
+                "call:b.toolbox.pid:{}",
+                "call:b.nothing:{}",
+            )
+            # its own node's tools, then b's as the host shares them with scout@a
+            assert scout[0]["tools"] == ["local.echo", "b.toolbox.echo", "b.toolbox.add"]
+            assert text_of(scout[1]) == "42"
+            assert text_of(scout[2]) == "across"
+            # vault shares nothing with a; toolbox.pid is not scout@a's: refused by b
+            for refused, tool in ((scout[3], "vault.pid"), (scout[4], "toolbox.pid")):
+                assert refused["error"]["code"] == FORBIDDEN, refused
+                assert (
+                    f"{tool} is not shared with agent scout@{a.node_id}"
+                    in (refused["error"]["message"])
+                )
+            assert scout[5]["error"]["code"] == -32602  # not LABEL.SERVER.TOOL
+
+            notes = await agent(caller, "notes", "list", "call:b.toolbox.add:{}")
+            assert notes[0]["tools"] == ["b.toolbox.echo"]  # the host's "*" grant only
+            assert notes[1]["error"]["code"] == FORBIDDEN
+
+            # a tier-2 agent without a mesh grant: a's mesh will not carry its call
+            idle = await agent(caller, "idle", "list", 'call:b.toolbox.echo:{"text": "x"}')
+            assert idle[0]["tools"] == []
+            assert idle[1]["error"]["code"] == FORBIDDEN
+            message = idle[1]["error"]["message"]
+            assert "the mesh refused to carry the call" in message
+            assert f"agent idle (tier 2, uid {UIDS['idle']}) may not send to {b.node_id}" in message
+
+            # the hosting ledger names the calling agent as the mesh authenticated it
+            calls = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+            add = next(
+                e for e in calls if e["data"]["tool"] == "add" and e["data"]["outcome"] == "ok"
+            )
+            assert add["subject"] == "toolbox.add"
+            assert add["data"]["caller"] == {"node": a.node_id, "agent": "scout", "uid": None}
+            assert add["data"]["arguments_sha256"] == digest({"a": 2, "b": 40})
+            refusals = {
+                (e["data"]["caller"]["agent"], e["subject"])
+                for e in calls
+                if e["data"]["outcome"] == "refused"
+            }
+            assert refusals == {
+                ("scout", "vault.pid"),
+                ("scout", "toolbox.pid"),
+                ("notes", "toolbox.add"),
+            }
+            assert not any(e["data"]["caller"]["agent"] == "idle" for e in calls)
+            # the calling side records its remote calls too, with the target node
+            mine = [e for e in caller.ledger() if e["kind"] == "mcp_call"]
+            remote_add = next(e for e in mine if e["subject"] == "b.toolbox.add")
+            assert remote_add["data"]["remote"] == {"label": "b", "node": b.node_id}
+            assert remote_add["data"]["caller"]["agent"] == "scout"
+            assert remote_add["data"]["outcome"] == "ok"
+            assert remote_add["data"]["result_sha256"] == add["data"]["result_sha256"]
+            idle_entry = next(e for e in mine if e["data"]["caller"]["agent"] == "idle")
+            assert idle_entry["data"]["outcome"] == "refused"
+
+            # b goes down: a call gets an error naming the node, within the deadline
+            b.kill()
+            down = await agent(caller, "scout", 'call:b.toolbox.echo:{"text": "anyone?"}')
+            assert down[0]["error"]["code"] == TIMEOUT, down
+            assert (
+                f"node {b.node_id} (b) did not answer within {DEADLINE:g} s"
+                in (down[0]["error"]["message"])
+            )
+            # the list it had is still cached (list_ttl), so tools/list does not wait on b
+            listed = await agent(caller, "scout", "list")
+            assert listed[0]["tools"] == ["local.echo", "b.toolbox.echo", "b.toolbox.add"]
+
+    asyncio.run(scenario())
