@@ -10,13 +10,14 @@ that would let an agent out of its tier). Each error names the file and key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from keel import paths
 from keel.agents.identity import AgentDirectory
 from keel.agents.roster import AgentEntry, directory_of, read_agents
-from keel.config import Section, type_name
+from keel.config import Section, describe, type_name
 from keel.mcp.policy import Policy
 from keel.mcp.spec import (
     ServerSpec,
@@ -66,6 +67,7 @@ def default_servers_dir() -> Path:
     return (paths.DEV_ROOT if paths.dev_mode() else paths.ETC) / "mcp" / "servers"
 
 
+LABEL = re.compile(r"[a-z][a-z0-9_-]{0,22}\Z")  # a remote node's label, like a server's name
 DEFAULT_DEADLINE = 10.0  # s a call to another node's tool may take, there and back
 DEFAULT_LIST_TTL = 30.0  # s a remote node's tools/list answer is kept
 MAX_DEADLINE = 3600.0
@@ -191,8 +193,12 @@ def _remote(cfg: Section, servers: dict[str, ServerSpec]) -> dict[str, Remote]:
     remote: dict[str, Remote] = {}
     with cfg.section("remote") as section:
         for label, entry in section.sections():
-            if (problem := check_server_name(label)) is not None:
-                raise section.error(label, problem.replace("MCP server name", "label"))
+            if not LABEL.match(label):
+                raise section.error(
+                    label,
+                    f"{describe(label)} is not a valid label: 1 to 23 lowercase letters, digits, "
+                    "'-' and '_', starting with a letter (agents see LABEL.SERVER.TOOL)",
+                )
             if label in servers:
                 raise section.error(
                     label,
