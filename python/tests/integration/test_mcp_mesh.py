@@ -10,7 +10,9 @@ the agent's own ``sendTo``.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from keel.mesh.kem import available_backends
 from keel.watch.children import pidfd_supported
 
 from tests.integration.mcp_support import (
+    KEEL,
     UIDS,
     agent,
     needs_root,
@@ -179,6 +182,31 @@ def test_an_agent_calls_a_tool_on_another_node_within_the_hosts_grants(
             assert remote_add["data"]["result_sha256"] == add["data"]["result_sha256"]
             idle_entry = next(e for e in mine if e["data"]["caller"]["agent"] == "idle")
             assert idle_entry["data"]["outcome"] == "refused"
+
+            # the operator's commands show them too
+            def keel(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [KEEL, "mcp", *args, "--socket", str(caller.config.common.socket)],
+                    check=False, capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+
+            tools = await asyncio.to_thread(keel, "tools", "scout", "--json")
+            assert tools.returncode == 0, tools.stderr
+            assert [t["name"] for t in json.loads(tools.stdout)["tools"]] == scout[0]["tools"]
+            listing = await asyncio.to_thread(keel, "list")
+            assert listing.returncode == 0, listing.stderr
+            assert "b.*" in listing.stdout
+            assert f"node {b.node_id}" in listing.stdout
+            status = json.loads((await asyncio.to_thread(keel, "list", "--json")).stdout)
+            assert status["mesh"]["remote"] == {"b": {"node": b.node_id, "servers": "*"}}
+            called = await asyncio.to_thread(
+                keel, "call", "b.toolbox.add", "--json-args", '{"a": 1, "b": 2}', "--as", "scout"
+            )
+            assert called.returncode == 0, called.stderr
+            assert "3" in called.stdout
+            unnamed = await asyncio.to_thread(keel, "call", "b.toolbox.echo", "--arg", "text=x")
+            assert unnamed.returncode != 0
+            assert "use `keel mcp call --as AGENT`" in unnamed.stderr
 
             # b goes down: a call gets an error naming the node, within the deadline
             b.kill()

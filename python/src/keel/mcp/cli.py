@@ -206,12 +206,25 @@ def _check_config(args: argparse.Namespace) -> int:
                     for name, entry in config.agents.items()
                 },
                 "listen": str(config.listen),
+                "mesh": {
+                    "socket": str(config.mesh.socket),
+                    "deadline": config.mesh.deadline,
+                    "list_ttl": config.mesh.list_ttl,
+                },
+                "remote": {
+                    label: {
+                        "node": entry.node,
+                        "servers": "*" if entry.servers is None else sorted(entry.servers),
+                    }
+                    for label, entry in sorted(config.remote.items())
+                },
             }
         )
     else:
+        remote = f"; tools of {len(config.remote)} other nodes" if config.remote else ""
         print(
             f"{config.source}: valid ({len(config.servers)} MCP servers, "
-            f"{len(config.agents)} agents; agents connect to {config.listen})"
+            f"{len(config.agents)} agents; agents connect to {config.listen}{remote})"
         )
     return 0
 
