@@ -132,7 +132,10 @@ class MeshLink:
         }
         if as_agent is not None:
             args["as_agent"] = as_agent
-        await self._send.call("send", args)
+        # Shielded: a caller that goes away mid-request must not leave the shared
+        # connection with an answer nobody read (the next request would get it).
+        # The connection's own timeout (the deadline) bounds the wait.
+        await asyncio.shield(self._send.call("send", args))
 
     # --- calling: this node's agents use other nodes' tools -----------------------------------
 
@@ -187,10 +190,7 @@ class MeshLink:
         started = self.clock()
         try:
             try:
-                await asyncio.wait_for(
-                    self._mesh_send(node, remote.CALL_TOPIC, payload, self.deadline, agent),
-                    self.deadline,
-                )
+                await self._mesh_send(node, remote.CALL_TOPIC, payload, self.deadline, agent)
             except Forbidden as exc:
                 raise MCPError(
                     FORBIDDEN,
@@ -259,6 +259,12 @@ class MeshLink:
         task.add_done_callback(self._tasks.discard)
 
     async def _host(self, message: dict[str, Any]) -> None:
+        try:
+            await self._host_one(message)
+        except Exception:  # one request's failure is never the gateway's
+            log.exception("a request from %s failed", message.get("from"))
+
+    async def _host_one(self, message: dict[str, Any]) -> None:
         node = message["from"]
         agent = message.get("agent")
         data = base64.b64decode(message["data"])
