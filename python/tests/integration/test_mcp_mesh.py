@@ -42,6 +42,7 @@ from tests.integration.mcp_support import (
     world_directory,
 )
 from tests.integration.mesh.nodes import FAST, Node
+from tests.integration.watch_support import until
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not pidfd_supported(),
@@ -91,7 +92,7 @@ def hosted(a: str) -> list[dict[str, Any]]:
     return [
         toolbox(
             share=[
-                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add"]},
+                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep"]},
                 {"nodes": [a], "agents": "*", "tools": ["echo"]},
             ]
         ),
@@ -176,7 +177,12 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "call:b.nothing:{}",
         )
         # its own node's tools, then b's as the host shares them with scout@a
-        assert scout[0]["tools"] == ["local.echo", "b.toolbox.echo", "b.toolbox.add"]
+        assert scout[0]["tools"] == [
+            "local.echo",
+            "b.toolbox.echo",
+            "b.toolbox.add",
+            "b.toolbox.sleep",
+        ]
         assert text_of(scout[1]) == "42"
         assert text_of(scout[2]) == "across"
         # vault shares nothing with a; toolbox.pid is not scout@a's: refused by b
@@ -253,6 +259,13 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
         assert unnamed.returncode != 0
         assert "use `keel mcp call --as AGENT`" in unnamed.stderr
 
+        # at most once: b's gateway acknowledged the request before it runs the tool
+        before = host.gateway.calls
+        slow = asyncio.create_task(agent(caller, "scout", 'call:b.toolbox.sleep:{"seconds": 1}'))
+        await until(lambda: host.gateway.calls > before, what="b running the call")
+        assert (await asyncio.to_thread(b.status))["inbox"] == 0
+        assert text_of((await slow)[0]) == "slept"
+
         # b goes down: a call gets an error naming the node, within the deadline
         b.kill()
         down = await agent(caller, "scout", 'call:b.toolbox.echo:{"text": "anyone?"}')
@@ -263,4 +276,9 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
         )
         # the list it had is still cached (list_ttl), so tools/list does not wait on b
         listed = await agent(caller, "scout", "list")
-        assert listed[0]["tools"] == ["local.echo", "b.toolbox.echo", "b.toolbox.add"]
+        assert listed[0]["tools"] == [
+            "local.echo",
+            "b.toolbox.echo",
+            "b.toolbox.add",
+            "b.toolbox.sleep",
+        ]
