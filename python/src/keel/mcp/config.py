@@ -21,10 +21,10 @@ from keel.config import Section, describe, type_name
 from keel.mcp.policy import Policy
 from keel.mcp.spec import (
     ServerSpec,
-    _names,
     check_node,
     check_server_name,
     load_server_specs,
+    names_or_any,
     parse_server_spec,
 )
 from keel.mcp.wire import DEFAULT_MAX_MESSAGE, DEFAULT_WRITE_TIMEOUT
@@ -207,7 +207,7 @@ def _remote(cfg: Section, servers: dict[str, ServerSpec]) -> dict[str, Remote]:
                 )
             with entry:
                 node = entry.string("node", check=check_node)
-                offered = _names(entry, "servers", check_server_name)
+                offered = names_or_any(entry, "servers", check_server_name)
             remote[label] = Remote(label, node, offered)
     return remote
 
