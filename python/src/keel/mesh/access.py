@@ -17,12 +17,18 @@ Callers are told apart by their credentials as the kernel gives them
   mesh, create or change rooms) are kept for the operators: root, the
   daemon's own user, and the members of the operator group the config names
   (``operator_group``). :class:`Operators` decides.
+
+Topics beginning ``keel.`` (:data:`RESERVED`) are keel's own daemons': no
+agent grant covers them, not even ``"*"``, so an agent can neither send on
+them nor read, acknowledge or subscribe to them. A node-level caller may
+send on behalf of one of the node's agents (``send``'s ``as_agent``): the
+agent's ``sendTo`` still decides where it may go (:meth:`Agents.refuse_on_behalf`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from keel.agents.identity import Caller
@@ -43,6 +49,8 @@ ADMIN_VERBS = frozenset(
         "room_remove",
     }
 )
+
+RESERVED = "keel."  # topics for keel's own daemons (the MCP gateway's keel.mcp.*)
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
@@ -154,7 +162,14 @@ class Agents:
     def refuse_topic(self, caller: Caller, topic: str) -> str | None:
         """Why the caller may not send on or read ``topic``, or None."""
         grant = self.grant(caller)
-        if grant is None or grant.covers(topic):
+        if grant is None:
+            return None
+        if reserved(topic):
+            return (
+                f"{self._agent(caller)} may not use topic {topic!r}: topics beginning "
+                f"{RESERVED!r} are for keel's own daemons, and no agent grant covers them"
+            )
+        if grant.covers(topic):
             return None
         return self.refuse_use(caller) or (
             f"{self._agent(caller)} may not use topic {topic!r}: its mesh.topics are "
@@ -184,6 +199,35 @@ class Agents:
                 )
         return None
 
+    def refuse_on_behalf(
+        self,
+        caller: Caller,
+        agent: str,
+        to: Sequence[str],
+        topic: str,
+        *,
+        to_agent: str | None = None,
+    ) -> tuple[Caller, str | None]:
+        """``caller`` sending as the node's ``agent``: that agent as a caller, and why not (or None).
+
+        Only a caller that is the node itself may; the agent's ``sendTo``
+        applies, and its ``topics`` too unless the topic is reserved (the
+        node's daemons carrying something for the agent, as the MCP gateway
+        carries its tool calls).
+        """
+        if caller.agent is not None:
+            return caller, (
+                f"{self._agent(caller)} may not send as another agent: as_agent is for the "
+                "node's own processes (root, keel's daemons)"
+            )
+        entry = self.entries.get(agent)
+        if entry is None:
+            return caller, f"no agent {agent!r} on this node to send as"
+        behalf = replace(caller, uid=entry.uid, agent=agent)
+        if reserved(topic):
+            return behalf, self.refuse_nodes(behalf, to, to_agent=to_agent)
+        return behalf, self.refuse_send(behalf, to, topic, to_agent=to_agent)
+
     def refuse_delivery(
         self, agent: str, topic: str, sender: tuple[str, str | None] | None = None
     ) -> str | None:
@@ -195,7 +239,7 @@ class Agents:
         entry = self.entries.get(agent)
         if entry is None:
             return f"no agent {agent} on this node"
-        if not entry.mesh.covers(topic):
+        if reserved(topic) or not entry.mesh.covers(topic):
             return f"agent {agent} does not take topic {topic!r} (its mesh.topics)"
         if sender is not None and not entry.mesh.receives(*sender):
             return (
@@ -227,7 +271,15 @@ class Agents:
     def reads(self, caller: Caller) -> Callable[[str], bool] | None:
         """Which topics the caller may read (None: every topic, the node itself)."""
         grant = self.grant(caller)
-        return None if grant is None else grant.covers
+        if grant is None:
+            return None
+        covers = grant.covers
+        return lambda topic: not reserved(topic) and covers(topic)
+
+
+def reserved(topic: str) -> bool:
+    """Whether ``topic`` is keel's own (no agent grant covers it)."""
+    return topic.startswith(RESERVED)
 
 
 def _sender(node: str, agent: str | None) -> str:

@@ -322,22 +322,30 @@ class Control:
             r.id, (r.to,), r.topic, r.payload, expires, agent=caller.agent, to=r.to_agent
         )
 
+    def _sender(self, caller: Caller, r: verbs.Direct, verb: str) -> Caller:
+        """Who sends ``r``: the caller, or the agent it sends for (``as_agent``); refused if not theirs."""
+        if r.as_agent is None:
+            refusal = self.agents.refuse_send(caller, (r.to,), r.topic, to_agent=r.to_agent)
+            self._refuse(caller, verb, refusal)
+            return caller
+        behalf, refusal = self.agents.refuse_on_behalf(
+            caller, r.as_agent, (r.to,), r.topic, to_agent=r.to_agent
+        )
+        self._refuse(behalf, verb, refusal)
+        return behalf
+
     async def send(self, request: verbs.Direct, peer: Peer) -> verbs.Sent:
         self._member()
         r = request
-        caller = self.agents.caller(peer)
-        refusal = self.agents.refuse_send(caller, (r.to,), r.topic, to_agent=r.to_agent)
-        self._refuse(caller, "send", refusal)
-        self.node.outbound.submit([self._message(r, caller)])
+        sender = self._sender(self.agents.caller(peer), r, "send")
+        self.node.outbound.submit([self._message(r, sender)])
         return {"id": r.id}
 
     async def send_many(self, request: verbs.SendMany, peer: Peer) -> verbs.SentMany:
         self._member()
         caller = self.agents.caller(peer)
-        for r in request.messages:
-            refusal = self.agents.refuse_send(caller, (r.to,), r.topic, to_agent=r.to_agent)
-            self._refuse(caller, "send_many", refusal)
-        messages = [self._message(r, caller) for r in request.messages]
+        senders = [self._sender(caller, r, "send_many") for r in request.messages]
+        messages = [self._message(r, s) for r, s in zip(request.messages, senders, strict=True)]
         self.node.outbound.submit(messages)
         return {"ids": [m.id for m in messages]}
 
