@@ -218,7 +218,7 @@ def test_a_gateway_without_remote_tools_or_node_grants_leaves_the_mesh_alone(
         (f'remote.files = {{ node = "{REMOTE}"; }};', "a local server is named 'files' too"),
         (f'remote."B.x" = {{ node = "{REMOTE}"; }};', "is not a valid label"),
         ('remote.b = { node = "node-b"; };', "'node-b' is not a mesh node id"),
-        (f'remote.b = {{ node = "{REMOTE}"; servers = [ "No Such" ]; }};', "expected \"*\" or MCP"),
+        (f'remote.b = {{ node = "{REMOTE}"; servers = [ "No Such" ]; }};', 'expected "*" or MCP'),
     ],
 )
 def test_bad_remote_declarations_fail_naming_the_option(
