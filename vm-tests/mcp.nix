@@ -86,8 +86,12 @@ let
       environment.systemPackages = [ pkgs.jq ];
     };
 
+  # keel's own Python (pkgs/python: the MCP SDK 2.x), with keel importable.
   python =
-    config: pkgs.python3.withPackages (ps: [ (ps.toPythonModule config.services.keel.package) ]);
+    config:
+    (pkgs.callPackage ../pkgs/python { }).withPackages (ps: [
+      (ps.toPythonModule config.services.keel.package)
+    ]);
 in
 {
   name = "keel-mcp";
