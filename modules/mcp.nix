@@ -362,8 +362,8 @@ let
       in
       [
         {
-          assertion = builtins.match "[a-z][a-z0-9_-]*" label != null;
-          message = "${option}: '${label}' is not a valid label: lowercase letters, digits, '-' and '_', starting with a letter (agents see LABEL.SERVER.TOOL)";
+          assertion = builtins.match "[a-z][a-z0-9_-]{0,22}" label != null;
+          message = "${option}: '${label}' is not a valid label: 1 to 23 lowercase letters, digits, '-' and '_', starting with a letter (agents see LABEL.SERVER.TOOL)";
         }
         {
           assertion = !(builtins.hasAttr label servers);
@@ -503,6 +503,14 @@ in
     services.keel.enabledServices = [ "mcp" ];
 
     assertions = lib.concatLists (lib.mapAttrsToList assertionsFor servers) ++ remoteAssertions ++ [
+      {
+        assertion = cfg.mesh.deadline > 0 && cfg.mesh.deadline <= 3600;
+        message = "services.keel.mcp.mesh.deadline: expected more than 0 and at most 3600 seconds";
+      }
+      {
+        assertion = cfg.mesh.list_ttl >= 0 && cfg.mesh.list_ttl <= 86400;
+        message = "services.keel.mcp.mesh.list_ttl: expected 0 to 86400 seconds";
+      }
       {
         assertion = !usesMesh || (keel.mesh.enable or false);
         message = "services.keel.mcp: ${

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from keel.agents.units import load_tiers
+from keel.config import Section
+from keel.mcp import config as mcp_config
 from keel.mcp.spec import parse_server_spec
 from keel.mcp.units import launcher, render_units
 
@@ -104,6 +106,12 @@ def test_the_gateway_reads_the_config_the_module_writes(host: dict[str, Any]) ->
         "c": {"node": NODE, "servers": "*"},
     }
     assert written["mesh"] == {"socket": "/run/keel/mesh.sock", "deadline": 5, "list_ttl": 30}
+    # keel's own reader takes those two sections as the module wrote them
+    parsed = mcp_config.parse(
+        Section({"remote": written["remote"], "mesh": written["mesh"], "servers": {}}, source="x")
+    )
+    assert {label: r.node for label, r in parsed.remote.items()} == {"b": REMOTE, "c": NODE}
+    assert parsed.remote["b"].offers("notes") and not parsed.remote["b"].offers("files")
 
 
 def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str, Any]) -> None:
@@ -217,6 +225,7 @@ def test_a_gateway_without_remote_tools_or_node_grants_leaves_the_mesh_alone(
     [
         (f'remote.files = {{ node = "{REMOTE}"; }};', "a local server is named 'files' too"),
         (f'remote."B.x" = {{ node = "{REMOTE}"; }};', "is not a valid label"),
+        (f'remote.{"l" * 24} = {{ node = "{REMOTE}"; }};', "1 to 23 lowercase letters"),
         ('remote.b = { node = "node-b"; };', "'node-b' is not a mesh node id"),
         (f'remote.b = {{ node = "{REMOTE}"; servers = [ "No Such" ]; }};', 'expected "*" or MCP'),
     ],
