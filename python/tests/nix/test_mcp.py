@@ -111,7 +111,8 @@ def test_the_gateway_reads_the_config_the_module_writes(host: dict[str, Any]) ->
         Section({"remote": written["remote"], "mesh": written["mesh"], "servers": {}}, source="x")
     )
     assert {label: r.node for label, r in parsed.remote.items()} == {"b": REMOTE, "c": NODE}
-    assert parsed.remote["b"].offers("notes") and not parsed.remote["b"].offers("files")
+    assert parsed.remote["b"].offers("notes")
+    assert not parsed.remote["b"].offers("files")
 
 
 def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str, Any]) -> None:
