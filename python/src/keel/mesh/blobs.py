@@ -28,6 +28,7 @@ nothing is dropped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -41,6 +42,7 @@ SYNCED: Final = "synced"  # the file naming what is on disk
 _IOV_MAX: Final = 512  # pieces per pwritev (Linux allows 1024)
 
 
+@functools.cache
 def boot_id() -> str:
     """This boot of the host (``/proc/sys/kernel/random/boot_id``; empty if unreadable)."""
     try:
