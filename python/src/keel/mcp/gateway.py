@@ -319,26 +319,15 @@ class McpGateway(Daemon):
         parts = split(name)
         server, tool = parts if parts is not None else ("", name)
 
-        def record(outcome: str, result: Any = None, code: int | None = None) -> None:
-            data: dict[str, Any] = {
-                "caller": {
-                    "node": who.node or self.config.node,
-                    "agent": who.agent,
-                    "uid": who.uid,
-                },
-                "server": server,
-                "tool": tool,
-                "arguments_sha256": digest(arguments or {}),
-                "duration_ms": round((self.clock() - started) * 1000, 3),
-                "outcome": outcome,
-            }
-            if result is not None:
-                data["result_sha256"] = digest(result)
-            if code is not None:
-                data["error_code"] = code
-            if operator is not None:
-                data["operator_uid"] = operator.uid
-            self.record("mcp_call", qualified(server, tool) if server else tool, data)
+        record = self._call_recorder(
+            who,
+            server,
+            tool,
+            arguments,
+            operator=operator,
+            subject=qualified(server, tool) if server else tool,
+            started=started,
+        )
 
         if parts is None or server not in self.upstreams:
             record("unknown_tool", code=types.INVALID_PARAMS)
@@ -375,6 +364,49 @@ class McpGateway(Daemon):
 
     # --- calls to other nodes ----------------------------------------------------------------
 
+    def _call_recorder(
+        self,
+        who: Principal,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        *,
+        operator: Peer | None,
+        subject: str,
+        started: float,
+        remote: dict[str, str] | None = None,
+    ) -> Callable[..., None]:
+        """``record(outcome, result=None, code=None)``: the call's ``mcp_call`` ledger entry.
+
+        Hashes of the arguments and the result, never their content; ``remote``
+        (label and node) for a call this gateway sent to another node.
+        """
+
+        def record(outcome: str, result: Any = None, code: int | None = None) -> None:
+            data: dict[str, Any] = {
+                "caller": {
+                    "node": who.node or self.config.node,
+                    "agent": who.agent,
+                    "uid": who.uid,
+                },
+                "server": server,
+                "tool": tool,
+            }
+            if remote is not None:
+                data["remote"] = remote
+            data["arguments_sha256"] = digest(arguments or {})
+            data["duration_ms"] = round((self.clock() - started) * 1000, 3)
+            data["outcome"] = outcome
+            if result is not None:
+                data["result_sha256"] = digest(result)
+            if code is not None:
+                data["error_code"] = code
+            if operator is not None:
+                data["operator_uid"] = operator.uid
+            self.record("mcp_call", subject, data)
+
+        return record
+
     async def _call_remote(
         self,
         who: Principal,
@@ -390,23 +422,16 @@ class McpGateway(Daemon):
         name = remote.remote_name(label, server, tool)
         started = self.clock()
 
-        def record(outcome: str, result: Any = None, code: int | None = None) -> None:
-            data: dict[str, Any] = {
-                "caller": {"node": self.config.node, "agent": who.agent, "uid": who.uid},
-                "server": server,
-                "tool": tool,
-                "remote": {"label": label, "node": entry.node},
-                "arguments_sha256": digest(arguments or {}),
-                "duration_ms": round((self.clock() - started) * 1000, 3),
-                "outcome": outcome,
-            }
-            if result is not None:
-                data["result_sha256"] = digest(result)
-            if code is not None:
-                data["error_code"] = code
-            if operator is not None:
-                data["operator_uid"] = operator.uid
-            self.record("mcp_call", name, data)
+        record = self._call_recorder(
+            who,
+            server,
+            tool,
+            arguments,
+            operator=operator,
+            subject=name,
+            started=started,
+            remote={"label": label, "node": entry.node},
+        )
 
         if who.agent is None:
             self.refused += 1
