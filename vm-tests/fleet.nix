@@ -7,7 +7,7 @@
 let
   # a's mesh identity, fixed so that b and c can declare a their operator at
   # build time (a test key: its private half is in the Nix store).
-  # python/tests/nix/test_fleet.py checks that the id is this key's.
+  # python/tests/nix/test_vm_tests.py checks that the id is this key's.
   operatorId = "tpmh5ttrtzw73hlbbzk7bzvcuibqzwj6";
   operatorKey = pkgs.writeText "fleet-test-a-identity.key" ''
     {
@@ -78,18 +78,10 @@ in
 
   nodes = {
     a = {
-      imports = [ node ];
-      # The fixed identity, in place before the mesh node first starts.
-      systemd.services.keel-fleet-test-identity = {
-        wantedBy = [ "keel-mesh.service" ];
-        before = [ "keel-mesh.service" ];
-        serviceConfig.Type = "oneshot";
-        script = ''
-          if [ ! -e /var/lib/keel/mesh/identity.key ]; then
-            install -D -m 0600 -o keel-mesh -g keel ${operatorKey} /var/lib/keel/mesh/identity.key
-          fi
-        '';
-      };
+      imports = [
+        node
+        (import ./lib/fixed-identity.nix operatorKey)
+      ];
     };
     b = node;
     c = node;

@@ -6,7 +6,7 @@
 { pkgs, lib, ... }:
 let
   # b's mesh identity, fixed so that a can name b's node at build time (a test
-  # key: its private half is in the Nix store). python/tests/nix/test_mcp.py
+  # key: its private half is in the Nix store). python/tests/nix/test_vm_tests.py
   # checks that the id is this key's.
   hostId = "czvbwutn4pvzuks5p3g4dajsdwwoqvdv";
   hostKey = pkgs.writeText "mcp-test-b-identity.key" ''
@@ -130,18 +130,10 @@ in
     b =
       { config, ... }:
       {
-        imports = [ node ];
-        # The fixed identity, in place before the mesh node first starts.
-        systemd.services.keel-mcp-test-identity = {
-          wantedBy = [ "keel-mesh.service" ];
-          before = [ "keel-mesh.service" ];
-          serviceConfig.Type = "oneshot";
-          script = ''
-            if [ ! -e /var/lib/keel/mesh/identity.key ]; then
-              install -D -m 0600 -o keel-mesh -g keel ${hostKey} /var/lib/keel/mesh/identity.key
-            fi
-          '';
-        };
+        imports = [
+          node
+          (import ./lib/fixed-identity.nix hostKey)
+        ];
         services.keel.mcp.servers.notes = {
           command = [
             "${python config}/bin/python3"

@@ -141,27 +141,6 @@ def test_the_fleet_needs_the_mesh_and_a_short_status_timeout(
     assert any("status_timeout: keep it under 2 s" in m for m in messages), messages
 
 
-def test_the_vm_tests_operator_id_is_that_of_its_fixed_key() -> None:
-    import json
-    import re
-
-    from keel.mesh.identity import NodeIdentity
-
-    from tests.conftest import REPO
-
-    text = (REPO / "vm-tests" / "fleet.nix").read_text()
-    declared = re.search(r'operatorId = "([a-z2-7]{32})";', text)
-    key = re.search(r"writeText \"fleet-test-a-identity.key\" ''\n(.*?)\n\s*'';", text, re.S)
-    assert declared is not None
-    assert key is not None
-    data = json.loads(key.group(1))
-    identity = NodeIdentity(
-        static_private=bytes.fromhex(data["static_private"]),
-        signing_private=bytes.fromhex(data["signing_private"]),
-    )
-    assert identity.node_id == data["node_id"] == declared.group(1)
-
-
 def test_operators_without_safeswitch_are_warned_of(
     nix_instantiate: str, nixpkgs_tree: Path
 ) -> None:

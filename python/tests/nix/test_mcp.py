@@ -286,24 +286,3 @@ def test_bad_declarations_fail_an_assertion(
     assert any(message in failure for failure in result["failedAssertions"]), result[
         "failedAssertions"
     ]
-
-
-def test_the_vm_tests_host_id_is_that_of_its_fixed_key() -> None:
-    import json
-    import re
-
-    from keel.mesh.identity import NodeIdentity
-
-    from tests.conftest import REPO
-
-    text = (REPO / "vm-tests" / "mcp.nix").read_text()
-    declared = re.search(r'hostId = "([a-z2-7]{32})";', text)
-    key = re.search(r"writeText \"mcp-test-b-identity.key\" ''\n(.*?)\n\s*'';", text, re.S)
-    assert declared is not None
-    assert key is not None
-    data = json.loads(key.group(1))
-    identity = NodeIdentity(
-        static_private=bytes.fromhex(data["static_private"]),
-        signing_private=bytes.fromhex(data["signing_private"]),
-    )
-    assert identity.node_id == data["node_id"] == declared.group(1)

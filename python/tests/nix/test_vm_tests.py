@@ -12,6 +12,8 @@ under `nix flake check` (test_flake.py) where Nix can build.
 from __future__ import annotations
 
 import ast
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,30 @@ def test_vm_test_evaluates_and_its_script_is_sound(
         )
     ]
     assert len(subtests) >= 2, "one subtest per behaviour"
+
+
+FIXED_KEY = re.compile(r"writeText \"([a-z0-9-]+-identity\.key)\" ''\n(.*?)\n\s*'';", re.S)
+DECLARED_ID = re.compile(r'(\w+Id) = "([a-z2-7]{32})";')
+
+
+def test_the_fixed_mesh_identities_of_vm_tests_are_their_keys() -> None:
+    """A VM test that names a node at build time gives it a fixed key: the id must be that key's."""
+    from keel.mesh.identity import NodeIdentity
+
+    seen = 0
+    for path in VM_TESTS:
+        text = path.read_text()
+        declared = dict(DECLARED_ID.findall(text))
+        for name, body in FIXED_KEY.findall(text):
+            data = json.loads(body)
+            identity = NodeIdentity(
+                static_private=bytes.fromhex(data["static_private"]),
+                signing_private=bytes.fromhex(data["signing_private"]),
+            )
+            assert identity.node_id == data["node_id"], (path.name, name)
+            assert identity.node_id in declared.values(), (path.name, name, declared)
+            seen += 1
+    assert seen >= 2  # fleet.nix's operator, mcp.nix's host
 
 
 def test_the_driver_is_read_from_the_tree(driver: DriverApi) -> None:
