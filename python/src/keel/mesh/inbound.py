@@ -15,7 +15,7 @@ one ACK. For each message, in order:
 - seen before (stored earlier, or earlier in this batch): ``ok``, nothing
   stored again; the inbox full: ``busy`` (the sender backs off);
 - new: handed straight to a subscriber of its topic (the agent it is for,
-  if it names one) that has room and no backlog (answered once the agent
+  if it names one; for a room message, an agent in the room) that has room and no backlog (answered once the agent
   took it: :mod:`keel.mesh.handoffs`), or else stored (``store``) and
   answered ``ok``.
 """
@@ -65,6 +65,7 @@ def plan(
     windows: Mapping[str, Sequence[Window]],
     wall: float,
     addressable: Addressable | None = None,
+    room_reads: Callable[[str, str], bool] | None = None,
 ) -> Plan:
     """Decide on ``messages`` from ``peer`` (see the module's docstring).
 
@@ -72,12 +73,13 @@ def plan(
     messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
     ``windows``: the subscribers of the batch's topics; ``addressable``:
     why a message for an agent cannot be taken (None: it can), None: no
-    agent here takes any.
+    agent here takes any; ``room_reads(room, agent)``: whether a subscribed agent may
+    read the room's messages (None: every agent may).
     """
     out = Plan()
     count, size = inbox
     this_batch: set[Key] = set()
-    takers = _Takers(windows)
+    takers = _Takers(windows, room_reads)
     for msg in messages:
         author = peer
         if msg.room is not None:
@@ -123,7 +125,7 @@ def plan(
             msg.agent,
             msg.to,
         )
-        stream = takers.take(msg.topic, len(msg.payload), msg.to) if windows else None
+        stream = takers.take(msg.topic, len(msg.payload), msg.to, item.room) if windows else None
         if stream is not None:
             out.hand.append((stream, item))
             continue
@@ -140,15 +142,29 @@ def plan(
 class _Takers:
     """The subscribers of each topic, filled as the plan hands them messages."""
 
-    def __init__(self, windows: Mapping[str, Sequence[Window]]) -> None:
+    def __init__(
+        self,
+        windows: Mapping[str, Sequence[Window]],
+        room_reads: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.windows = windows
+        self.room_reads = room_reads
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
-    def take(self, topic: str, size: int, to: str | None = None) -> int | None:
-        """The first subscriber of ``topic`` (the agent ``to``, if not None) with room and no
-        backlog, charged ``size``."""
+    def take(
+        self, topic: str, size: int, to: str | None = None, room: str | None = None
+    ) -> int | None:
+        """The first subscriber of ``topic`` (the agent ``to``, if not None; one that may read
+        ``room``, if not None) with room and no backlog, charged ``size``."""
         for window in self.windows.get(topic, ()):
             if window.backlog or (to is not None and window.reader != to):
+                continue
+            if (
+                room is not None
+                and window.reader is not None
+                and self.room_reads is not None
+                and not self.room_reads(room, window.reader)
+            ):
                 continue
             held = self.held.get(window.stream)
             if held is None:

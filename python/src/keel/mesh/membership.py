@@ -37,6 +37,7 @@ signer a member, even between hosts whose clocks disagree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import Any, Final
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
-from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
+from keel.mesh.ids import SIGNATURE_SIZE, is_agent_name, is_message_id, is_node_id
 from keel.mesh.packets import canonical_json
 
 KINDS: Final = ("genesis", "join", "remove", "operator", "revoke-invite", "addr", "room")
@@ -197,11 +198,33 @@ def _check_room(body: Mapping[str, Any]) -> None:
     if (
         not isinstance(members, list)
         or len(members) > MAX_ROOM_MEMBERS
-        or not all(is_node_id(m) for m in members)
+        or not all(is_room_member(m) for m in members)
         or members != sorted(set(members))
-        or body["by"] not in members
     ):
-        raise _bad("room members must be sorted unique node ids including the owner")
+        raise _bad(
+            "room members must be sorted unique node ids or AGENT@NODE_ID entries, "
+            f"at most {MAX_ROOM_MEMBERS}"
+        )
+    bare = {m for m in members if "@" not in m}
+    scoped = {split_member(m)[1] for m in members if "@" in m}
+    if bare & scoped:
+        raise _bad("a room lists a node either as a whole or by its agents, not both")
+    if body["by"] not in bare | scoped:
+        raise _bad("a room's owner is one of its members (as a node or by its agents)")
+
+
+def is_room_member(entry: object) -> bool:
+    """A room record's member entry: a node id, or ``AGENT@NODE_ID``."""
+    if not isinstance(entry, str):
+        return False
+    agent, sep, node = entry.partition("@")
+    return is_node_id(entry) if not sep else is_agent_name(agent) and is_node_id(node)
+
+
+def split_member(entry: str) -> tuple[str | None, str]:
+    """A member entry as (agent or None for the whole node, node id)."""
+    agent, sep, node = entry.partition("@")
+    return (agent, node) if sep else (None, entry)
 
 
 @dataclass(frozen=True)
@@ -225,6 +248,29 @@ class Room:
     version: int
     members: tuple[str, ...]  # as the owner signed them (may name nodes since removed)
     record: SignedRecord = field(repr=False)
+
+    @functools.cached_property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes in the room: those listed as a whole and those of listed agents, sorted."""
+        return tuple(sorted({split_member(m)[1] for m in self.members}))
+
+    def agents_of(self, node: str) -> tuple[str, ...] | None:
+        """The agents of ``node`` in the room: None if it is in as a whole node (all its
+        agents), () if it is not in at all."""
+        if node in self.members:
+            return None
+        return tuple(a for a, n in map(split_member, self.members) if n == node and a)
+
+    def admits(self, node: str, agent: str | None) -> bool:
+        """Whether ``agent`` of ``node`` (None: the node itself) is in the room.
+
+        A node listed as a whole is in with every agent of its; a node listed
+        by agents is in (its node-level callers too) with those agents only.
+        """
+        agents = self.agents_of(node)
+        if agents is None:
+            return True
+        return bool(agents) and (agent is None or agent in agents)
 
 
 @dataclass(frozen=True)
@@ -252,7 +298,7 @@ class View:
         room = self.rooms.get(room_id)
         if room is None:
             return ()
-        return tuple(m for m in room.members if self.is_member(m))
+        return tuple(m for m in room.nodes if self.is_member(m))
 
 
 class MembershipError(RemoteProtocolError):

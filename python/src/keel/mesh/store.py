@@ -491,26 +491,36 @@ class Store:
 
     @_state_errors
     def take(
-        self, topic: str, limit: int, exclude: Container[int], reader: str | None = None
+        self,
+        topic: str,
+        limit: int,
+        exclude: Container[int],
+        reader: str | None = None,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` for ``reader`` whose seq is not in ``exclude``.
 
         ``reader``: an agent gets the messages for no agent and those for it;
-        None (the node itself) those for no agent. Seqs come from the
+        None (the node itself) those for no agent. ``rooms``: the rooms whose
+        messages the reader may read (None: all). Seqs come from the
         ``(topic, seq)`` index first; only the chosen rows' payloads are read.
         """
         chosen: list[int] = []
         after = 0
         while len(chosen) < limit:
             seqs = self._db.execute(
-                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? "
+                "SELECT seq, room FROM inbox WHERE topic = ? AND seq > ? "
                 "AND (to_agent IS NULL OR to_agent = ?) ORDER BY seq LIMIT ?",
                 (topic, after, reader, max(limit, 256)),
             ).fetchall()
             if not seqs:
                 break
             after = seqs[-1][0]
-            chosen += [seq for (seq,) in seqs if seq not in exclude][: limit - len(chosen)]
+            chosen += [
+                seq
+                for (seq, room) in seqs
+                if seq not in exclude and (room is None or rooms is None or rooms(room))
+            ][: limit - len(chosen)]
         out: list[InboxMessage] = []
         for start in range(0, len(chosen), 500):
             chunk = chosen[start : start + 500]
@@ -530,18 +540,22 @@ class Store:
 
     @_state_errors
     def consume(
-        self, seqs: Iterable[int], reads: Callable[[str], bool] | None = None
+        self,
+        seqs: Iterable[int],
+        reads: Callable[[str], bool] | None = None,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there.
 
         ``reads``: only messages on topics it allows are deleted (an agent's
-        acknowledgement of another agent's message is no acknowledgement).
+        acknowledgement of another agent's message is no acknowledgement);
+        ``rooms``: only room messages of the rooms it allows.
         """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            if reads is not None:
-                unique = self._readable(db, unique, reads)
+            if reads is not None or rooms is not None:
+                unique = self._readable(db, unique, reads, rooms)
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -553,18 +567,26 @@ class Store:
 
     @staticmethod
     def _readable(
-        db: sqlite3.Connection, seqs: Sequence[int], reads: Callable[[str], bool]
+        db: sqlite3.Connection,
+        seqs: Sequence[int],
+        reads: Callable[[str], bool] | None,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[int]:
-        """Those of ``seqs`` whose message's topic ``reads`` allows."""
+        """Those of ``seqs`` whose message's topic ``reads`` allows, and room ``rooms``."""
         allowed: list[int] = []
         for start in range(0, len(seqs), 500):
             chunk = seqs[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             rows = db.execute(
-                f"SELECT seq, topic FROM inbox WHERE seq IN ({marks})",  # noqa: S608
+                f"SELECT seq, topic, room FROM inbox WHERE seq IN ({marks})",  # noqa: S608
                 chunk,
             ).fetchall()
-            allowed += [int(seq) for seq, topic in rows if reads(topic)]
+            allowed += [
+                int(seq)
+                for seq, topic, room in rows
+                if (reads is None or reads(topic))
+                and (room is None or rooms is None or rooms(room))
+            ]
         return allowed
 
     @_state_errors
