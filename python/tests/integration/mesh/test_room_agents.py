@@ -60,7 +60,7 @@ def test_only_member_agents_read_a_room_and_a_removed_agent_leaves_it(
     assert [(m["id"], m["agent"]) for m in room["members"]] == sorted(
         [(a.node_id, None), (f"notes@{b.node_id}", "notes"), (f"scout@{b.node_id}", "scout")]
     )
-    wait_until(lambda: b.client.rooms(), timeout=15, what="b to learn the room")
+    wait_until(b.client.rooms, timeout=15, what="b to learn the room")
     listed = b.cli("room", "list")
     assert listed.returncode == 0, listed.stderr
     assert f"notes@{b.node_id}" in listed.stdout
@@ -146,3 +146,28 @@ def test_a_room_message_whose_agent_its_signature_does_not_cover_is_rejected(
         (honest, b"hello from scout", "scout", me)
     ]
     a.client.ack()
+
+
+def test_a_room_message_from_an_agent_is_not_sent_to_a_peer_before_revision_4(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # The raw peer announces no application revision: it would check the signature
+    # without the agent and reject the message, so a dead-letters it, saying why; a
+    # room message from the node itself still reaches it as before.
+    a, _ = agents_on_both(mesh_nodes, short_tmp)
+    old = member(a)
+    a.client.room_create("crew", [old.identity.node_id])
+    by_agent = request(a, OPS, "room_send", {"room": "crew", "topic": "jobs", "data": payload("x")})
+    assert by_agent["ok"]["recipients"] == [old.identity.node_id]
+    letter = wait_until(a.client.dead_letters, timeout=20, what="the dead letter")
+    assert [(d["id"], d["reason"]) for d in letter] == [
+        (
+            by_agent["ok"]["id"],
+            "the recipient's keel is too old for room messages from an agent "
+            "(application revision 4): upgrade it",
+        )
+    ]
+    by_node = a.client.room_send("crew", "jobs", b"from the node")
+    old.read_until(lambda e: any(isinstance(p, Msg) for p in old.received()))
+    (message,) = [p for p in old.received() if isinstance(p, Msg)]
+    assert (message.id, message.payload, message.agent) == (by_node, b"from the node", None)

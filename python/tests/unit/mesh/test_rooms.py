@@ -145,13 +145,13 @@ def test_room_records_gossip_like_any_record(m: Membership) -> None:
 # -- agents as members (issue 13)
 
 
-def agent_msg(m: Membership, author: NodeIdentity, agent: str | None, **fields: object) -> Msg:
+def agent_msg(m: Membership, author: NodeIdentity, agent: str | None, to: str | None = None) -> Msg:
     """A room message of ``agent`` of ``author`` (None: the node), stamped as its node would."""
     room = m.view.rooms[next(iter(m.view.rooms))]
     stamp = rooms.stamp(
         author, room, MSG_ID, topic="chat", expires=T0 // 1000 + 60, payload=b"hi", agent=agent
     )
-    return Msg(MSG_ID, "chat", T0 // 1000 + 60, b"hi", stamp, agent)._replace(**fields)
+    return Msg(MSG_ID, "chat", T0 // 1000 + 60, b"hi", stamp, agent, to)
 
 
 def test_agent_members_are_listed_by_node_and_checked_by_shape(m: Membership) -> None:
@@ -170,9 +170,11 @@ def test_agent_members_are_listed_by_node_and_checked_by_shape(m: Membership) ->
     assert room.agents_of(B.node_id) == ("notes", "scout")
     assert room.agents_of(C.node_id) is None  # a whole node: every agent of its
     assert room.agents_of(D.node_id) == ()
-    assert room.admits(B.node_id, "scout") and room.admits(B.node_id, None)
+    assert room.admits(B.node_id, "scout")
+    assert room.admits(B.node_id, None)
     assert not room.admits(B.node_id, "intruder")
-    assert room.admits(C.node_id, "anyone") and not room.admits(D.node_id, None)
+    assert room.admits(C.node_id, "anyone")
+    assert not room.admits(D.node_id, None)
     with pytest.raises(UsageError, match="both as a whole node and by its agents"):
         create(A, m, name="x", members=[B.node_id, f"scout@{B.node_id}"], now_ms=T0 + 11)
     with pytest.raises(UsageError, match="not a node id or AGENT@NODE_ID"):
@@ -181,7 +183,7 @@ def test_agent_members_are_listed_by_node_and_checked_by_shape(m: Membership) ->
     own = create(A, m, name="mine", members=[f"ops@{A.node_id}"], now_ms=T0 + 12)
     assert own.body["members"] == [f"ops@{A.node_id}"]
     # a record a peer sends is checked the same way
-    body = {k: v for k, v in record.to_json().items()}
+    body = dict(record.to_json().items())
     for bad, why in (
         ([A.node_id, B.node_id, f"scout@{B.node_id}"], "either as a whole"),
         ([B.node_id], "owner is one of its members"),
@@ -241,13 +243,15 @@ def test_removing_an_agent_takes_effect_for_its_next_message(m: Membership) -> N
     room = m.view.rooms[room_id]
     assert rooms.refuse_send(m.view, B.node_id, room, "scout") is None
     refusal = rooms.refuse_send(m.view, B.node_id, room, "intruder")
-    assert refusal is not None and "agent intruder is not a member of room ops" in refusal
+    assert refusal is not None
+    assert "agent intruder is not a member of room ops" in refusal
     assert "notes, scout" in refusal
     assert (
         rooms.refuse_send(m.view, D.node_id, room, None) == "this node is not a member of room ops"
     )
     reads = rooms.reads(m.view, B.node_id, "scout")
-    assert reads is not None and reads(room_id)
+    assert reads is not None
+    assert reads(room_id)
     assert rooms.reads(m.view, B.node_id, None) is None  # the node reads every room
     stale = agent_msg(m, B, "scout")  # sent at version 1
     update(A, m, room, members=rooms.removed(room, f"scout@{B.node_id}"), now_ms=T0 + 20)
@@ -255,9 +259,11 @@ def test_removing_an_agent_takes_effect_for_its_next_message(m: Membership) -> N
     assert room2.members == (A.node_id, f"notes@{B.node_id}")
     assert rooms.refuse_send(m.view, B.node_id, room2, "scout") is not None
     reads = rooms.reads(m.view, B.node_id, "scout")
-    assert reads is not None and not reads(room_id)
+    assert reads is not None
+    assert not reads(room_id)
     other = rooms.reads(m.view, B.node_id, "notes")
-    assert other is not None and other(room_id)
+    assert other is not None
+    assert other(room_id)
     # what scout sent before its removal and arrives after it is refused too
     check = rooms.check_message(m.view, A.node_id, stale)
     assert check.verdict is RoomVerdict.REJECT
