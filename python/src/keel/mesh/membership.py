@@ -250,16 +250,27 @@ class Room:
     record: SignedRecord = field(repr=False)
 
     @functools.cached_property
+    def _by_node(self) -> dict[str, tuple[str, ...] | None]:
+        """Each node in the room: None if listed as a whole, else its listed agents."""
+        out: dict[str, tuple[str, ...] | None] = {}
+        for entry in self.members:
+            agent, node = split_member(entry)
+            if agent is None:
+                out[node] = None
+            else:
+                listed = out.get(node) or ()
+                out[node] = (*listed, agent)
+        return out
+
+    @property
     def nodes(self) -> tuple[str, ...]:
         """The nodes in the room: those listed as a whole and those of listed agents, sorted."""
-        return tuple(sorted({split_member(m)[1] for m in self.members}))
+        return tuple(sorted(self._by_node))
 
     def agents_of(self, node: str) -> tuple[str, ...] | None:
         """The agents of ``node`` in the room: None if it is in as a whole node (all its
         agents), () if it is not in at all."""
-        if node in self.members:
-            return None
-        return tuple(a for a, n in map(split_member, self.members) if n == node and a)
+        return self._by_node.get(node, ())
 
     def admits(self, node: str, agent: str | None) -> bool:
         """Whether ``agent`` of ``node`` (None: the node itself) is in the room.

@@ -146,15 +146,15 @@ def _member_list(owner: str, members: Iterable[str]) -> list[str]:
                 f"{shorten(repr(member))} is not a node id or AGENT@NODE_ID (an agent's name is "
                 "1 to 20 of a-z, 0-9, '_' and '-', starting with a letter)"
             )
-    nodes = {split_member(m)[1] for m in entries}
-    if owner not in nodes:
+    scoped = {split_member(m)[1] for m in entries if "@" in m}
+    if owner not in scoped:
         entries.add(owner)
-    for node in sorted(nodes):
-        if node in entries and any(split_member(m)[1] == node and "@" in m for m in entries):
-            raise UsageError(
-                f"{node} is listed both as a whole node and by its agents: a node is in a "
-                "room either with every agent of its (NODE_ID) or with those listed (AGENT@NODE_ID)"
-            )
+    both = sorted(scoped & entries)
+    if both:
+        raise UsageError(
+            f"{both[0]} is listed both as a whole node and by its agents: a node is in a "
+            "room either with every agent of its (NODE_ID) or with those listed (AGENT@NODE_ID)"
+        )
     result = sorted(entries)
     if len(result) > MAX_ROOM_MEMBERS:
         raise UsageError(f"a room has at most {MAX_ROOM_MEMBERS} members")
