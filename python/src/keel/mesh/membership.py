@@ -296,6 +296,7 @@ class View:
     revoked_invites: Mapping[str, int]  # invite id -> at of the revocation that took effect
     rooms: Mapping[str, Room]
     effective: frozenset[str]  # ids of the records that took effect
+    room_versions: Mapping[tuple[str, int], Room]  # every effective version of every room
 
     def is_member(self, node_id: str) -> bool:
         return node_id in self.admitted and node_id not in self.removed
@@ -403,6 +404,7 @@ class Membership:
         revoked_invites: dict[str, int] = {}
         addresses: dict[str, tuple[str, ...]] = {}
         rooms: dict[str, Room] = {}
+        room_versions: dict[tuple[str, int], Room] = {}
         effective = {self.genesis.id}
         for record in self.records():
             kind, by = record.kind, record.by
@@ -461,6 +463,7 @@ class Membership:
                 # The walk is in (at, id) order, so on equal versions the later record wins.
                 if current is None or room.version >= current.version:
                     rooms[room.id] = room
+                room_versions[room.id, room.version] = room  # equal versions: the later
             effective.add(record.id)
         for node_id, addrs in addresses.items():
             member = admitted[node_id]
@@ -479,6 +482,7 @@ class Membership:
             operators=frozenset(operators),
             revoked_invites=MappingProxyType(revoked_invites),
             rooms=MappingProxyType(rooms),
+            room_versions=MappingProxyType(room_versions),
             effective=frozenset(effective),
         )
 

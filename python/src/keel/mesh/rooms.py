@@ -268,6 +268,13 @@ def check_message(view: View, local: str, message: Msg) -> Check:
     if not room.admits(stamp_.author, message.agent):
         sender = describe(stamp_.author, message.agent)
         return Check(RoomVerdict.REJECT, f"author {sender} is not in room {room.id}")
+    claimed = view.room_versions.get((room.id, stamp_.version), room)
+    if not claimed.admits(stamp_.author, message.agent):
+        sender = describe(stamp_.author, message.agent)
+        return Check(
+            RoomVerdict.REJECT,
+            f"author {sender} was not in room {room.id} at version {stamp_.version}, as it claims",
+        )
     if local not in view.room_recipients(room.id):
         return Check(RoomVerdict.REJECT, f"this node is not in room {room.id}")
     if message.to is not None:

@@ -293,3 +293,18 @@ def test_adding_and_removing_members(m: Membership) -> None:
     own = create(A, m, name="mine", members=[f"ops@{A.node_id}"], now_ms=T0 + 12)
     with pytest.raises(UsageError, match="owner cannot leave"):
         rooms.removed(m.view.rooms[own.body["room"]], f"ops@{A.node_id}")
+
+
+def test_an_agent_must_have_been_in_the_version_its_message_claims(m: Membership) -> None:
+    record = create(A, m, name="ops", members=[f"notes@{B.node_id}"], now_ms=T0 + 10)
+    room = m.view.rooms[record.body["room"]]
+    early = agent_msg(m, B, "scout")  # claims version 1, where scout was not in the room
+    update(A, m, room, members=rooms.added(room, f"scout@{B.node_id}"), now_ms=T0 + 20)
+    check = rooms.check_message(m.view, A.node_id, early)
+    assert check.verdict is RoomVerdict.REJECT
+    assert check.reason == (
+        f"author scout@{B.node_id} was not in room {room.id} at version 1, as it claims"
+    )
+    assert rooms.check_message(m.view, A.node_id, agent_msg(m, B, "scout")).verdict is (
+        RoomVerdict.ACCEPT
+    )
