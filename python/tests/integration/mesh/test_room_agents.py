@@ -12,6 +12,7 @@ agent on a room message its signature does not cover.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,11 @@ def test_only_member_agents_read_a_room_and_a_removed_agent_leaves_it(
     listed = b.cli("room", "list")
     assert listed.returncode == 0, listed.stderr
     assert f"notes@{b.node_id}" in listed.stdout
+    as_json = json.loads(b.cli("room", "list", "--json").stdout)
+    assert [(r["name"], r["version"], len(r["members"])) for r in as_json] == [("crew", 1, 3)]
+    table = [line.split() for line in b.cli("room", "members", "crew").stdout.splitlines()]
+    assert [a.node_id, a.node_id, "*", "(every", "agent)", "yes"] in table
+    assert [f"scout@{b.node_id}", b.node_id, "scout", "yes"] in table
 
     # ops of a (a is in as a whole node) writes to the room; b stores it
     assert "ok" in request(a, OPS, "room_send", {"room": "crew", "topic": "jobs", "data": payload("before")})  # fmt: skip
