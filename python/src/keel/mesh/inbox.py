@@ -120,10 +120,18 @@ class Inbox:
             stream = handed[number] = self._streams[number]
             receipt_number = self.handoffs.hand(number, item, peer)
             stream.deliver(_head(receipt_number, item, wall), item.payload)
-        for stream in handed.values():
-            stream.flush()
         if handed:
             self._arm_hold_check()
+        for topic in plan.backlogged:
+            # A subscriber with room was passed over (the message is for another agent, or
+            # of a room it is not in): it may still take what else is stored for it, and
+            # no acknowledgement of its own would come to fill it.
+            for number in self.handoffs.subscribers(topic):
+                if self.handoffs.has_room(number):
+                    stream = handed[number] = self._streams[number]
+                    self._fill(stream)
+        for stream in handed.values():
+            stream.flush()
         self.answered_busy += len(plan.busy)
         link.answer(ok, plan.busy, plan.rejected)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,40 @@ from .test_security import member
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run agents as other uids")
 
 NOTES = READER  # the uid of agent notes in two_nodes_with_agents
+
+# Subscribes to jobs as the given uid, says so (on stderr: stdout is read only once it
+# ends), then takes (and acknowledges) what it is handed until a message reads argv[2];
+# prints the payloads it got.
+WATCH = """
+import json, sys
+from keel.mesh.client import MeshClient
+with MeshClient(sys.argv[1]).subscribe("jobs") as sub:
+    got = sub.recv(wait=0)
+    print("subscribed", file=sys.stderr, flush=True)
+    while not any(m.data.decode() == sys.argv[2] for m in got):
+        got += sub.recv(wait=30)
+    sub.ack()
+print(json.dumps([[m.data.decode(), m.room] for m in got]), flush=True)
+"""
+
+
+def watching(node: Node, uid: int, until: str) -> subprocess.Popen[str]:
+    """An agent subscribed to jobs on ``node`` (returns once the daemon answered it)."""
+    watcher = subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         sys.executable, "-c", WATCH, str(node.socket), until],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert watcher.stderr is not None
+    assert watcher.stderr.readline() == "subscribed\n", watcher.communicate(timeout=30)
+    return watcher
+
+
+def watched(watcher: subprocess.Popen[str]) -> list[list[Any]]:
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    return list(json.loads(out))
 
 
 def payload(text: str) -> str:
@@ -177,3 +213,25 @@ def test_a_room_message_from_an_agent_is_not_sent_to_a_peer_before_revision_4(
     old.read_until(lambda e: any(isinstance(p, Msg) for p in old.received()))
     (message,) = [p for p in old.received() if isinstance(p, Msg)]
     assert (message.id, message.payload, message.agent) == (by_node, b"from the node", None)
+
+
+def test_a_room_message_is_handed_only_to_a_subscribed_member_agent(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # ops of b subscribes first: a message of a room it is not in is not handed to it
+    # from memory, but stored (for the room's agents and the node)...
+    a, b = agents_on_both(mesh_nodes, short_tmp)
+    room = a.client.room_create("crew", [f"notes@{b.node_id}"])["room"]
+    wait_until(b.client.rooms, timeout=15, what="b to learn the room")
+    ops = watching(b, OPS, "marker")
+    a.client.room_send("crew", "jobs", b"for the crew")
+    wait_until(lambda: b.status()["inbox"] == 1, timeout=20, what="the room message stored at b")
+    a.client.send(f"ops@{b.node_id}", "jobs", b"marker")
+    assert watched(ops) == [["marker", None]]
+    # ... where notes, subscribing, finds it; and a member subscribed before the next
+    # message arrives is handed that one straight away
+    assert watched(watching(b, NOTES, "for the crew")) == [["for the crew", room]]
+    notes = watching(b, NOTES, "again")
+    a.client.room_send("crew", "jobs", b"again")
+    assert watched(notes) == [["again", room]]
+    wait_until(lambda: b.status()["inbox"] == 0, timeout=20, what="b's inbox to empty")
