@@ -26,7 +26,11 @@
           }) systems
         );
       pkgsFor = system: nixpkgs.legacyPackages.${system};
-      keelFor = system: (pkgsFor system).python3Packages.callPackage ./pkgs/keel.nix { };
+      # keel is built with nixpkgs' python3 whose package set takes the MCP
+      # SDK 2.x and what it needs from pkgs/python (nixpkgs' mcp is 1.x);
+      # the rest of nixpkgs keeps its own (docs/nix.md).
+      keelWith = pkgs: (pkgs.callPackage ./pkgs/python { }).pkgs.callPackage ./pkgs/keel.nix { };
+      keelFor = system: keelWith (pkgsFor system);
 
       # The appliance of hosts/appliance.nix, per architecture.
       applianceNames = {
@@ -80,7 +84,7 @@
 
       # For hosts that want `pkgs.keel` (the modules pick it up when present).
       overlays.default = final: prev: {
-        keel = final.python3Packages.callPackage ./pkgs/keel.nix { };
+        keel = keelWith final;
       };
 
       nixosModules.default = ./modules;

@@ -209,9 +209,25 @@ let
             default = null;
             example = [ "*" ];
             description = ''
-              The mesh nodes the agent may send to, as node ids (`keel mesh id`),
-              or `"*"` for every member. null (the default) is the tier's
-              default: every node for tiers 0 and 1, none for tier 2.
+              Whom the agent may send to on the mesh: `"*"` (every member and
+              every agent), a node id (`keel mesh id`; the whole node, its
+              agents too), `"*@NODE_ID"` (every agent on that node, not the
+              node itself) or `"AGENT@NODE_ID"` (that agent only). null (the
+              default) is the tier's default: everyone for tiers 0 and 1,
+              nobody for tier 2.
+            '';
+          };
+          receiveFrom = mkOption {
+            type = types.nullOr (types.listOf types.str);
+            default = null;
+            example = [ "ops@abcdefghijklmnopqrstuvwxyz234567" ];
+            description = ''
+              Whose messages the agent may read, in the forms of `sendTo` (the
+              agent being the one the sending node stamped; none: the node
+              itself). A message from anyone else is not given to this agent:
+              it stays for the node's other readers, and the refusal is a
+              `mesh-refused` ledger entry. null (the default) is the tier's
+              default: everyone for tiers 0 and 1, nobody for tier 2.
             '';
           };
           topics = mkOption {
@@ -321,7 +337,7 @@ let
   // lib.optionalAttrs (agent.workingDirectory != null) {
     inherit (agent) workingDirectory;
   }
-  // lib.optionalAttrs (agent.mesh.sendTo != null || agent.mesh.topics != null) {
+  // lib.optionalAttrs (lib.any (value: value != null) (builtins.attrValues agent.mesh)) {
     mesh = lib.filterAttrs (_: value: value != null) agent.mesh;
   };
 
@@ -470,7 +486,8 @@ let
     builtins.match "[ -~]*" domain == null
     && builtins.match ".*[[:cntrl:][:space:]].*" domain == null;
   # A mesh grant's entries as keel.agents.meshgrant reads them.
-  goodNode = node: node == "*" || builtins.match "[a-z2-7]{32}" node != null;
+  # sendTo and receiveFrom: "*", NODE_ID, "*@NODE_ID" or "AGENT@NODE_ID".
+  goodNode = node: node == "*" || builtins.match "(([*]|[a-z][a-z0-9_-]{0,19})@)?[a-z2-7]{32}" node != null;
   goodTopic =
     topic:
     topic == "*"
@@ -574,7 +591,13 @@ let
         assertion = lib.all goodNode (if agent.mesh.sendTo == null then [ ] else agent.mesh.sendTo);
         message = "${option}.mesh.sendTo: ${
           lib.concatStringsSep ", " (lib.filter (n: !goodNode n) agent.mesh.sendTo)
-        }: expected node ids (as `keel mesh id` prints them) or \"*\"";
+        }: expected \"*\", node ids (as `keel mesh id` prints them), \"*@NODE_ID\" or \"AGENT@NODE_ID\"";
+      }
+      {
+        assertion = lib.all goodNode (if agent.mesh.receiveFrom == null then [ ] else agent.mesh.receiveFrom);
+        message = "${option}.mesh.receiveFrom: ${
+          lib.concatStringsSep ", " (lib.filter (n: !goodNode n) agent.mesh.receiveFrom)
+        }: expected \"*\", node ids (as `keel mesh id` prints them), \"*@NODE_ID\" or \"AGENT@NODE_ID\"";
       }
       {
         assertion = lib.all goodTopic (if agent.mesh.topics == null then [ ] else agent.mesh.topics);

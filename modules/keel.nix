@@ -31,9 +31,11 @@ let
 
   # keel is not in nixpkgs: `pkgs.keel` when an overlay (the flake's
   # overlays.default) provides it, else built here from this repository with
-  # the host's own python3Packages.
+  # the host's own python3, its package set given the MCP SDK 2.x of
+  # pkgs/python (docs/nix.md).
   pkgsWithKeel = pkgs // {
-    keel = pkgs.keel or (pkgs.python3Packages.callPackage ../pkgs/keel.nix { });
+    keel =
+      pkgs.keel or ((pkgs.callPackage ../pkgs/python { }).pkgs.callPackage ../pkgs/keel.nix { });
   };
 in
 {

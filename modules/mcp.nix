@@ -59,6 +59,21 @@ let
     };
   };
 
+  # Tools another node of the mesh hosts, offered to this host's agents as
+  # LABEL.SERVER.TOOL; the hosting node's own `share` grants decide who may use them.
+  remoteModule = {
+    options = {
+      node = mkOption {
+        type = types.str;
+        example = "czvbwutn4pvzuks5p3g4dajsdwwoqvdv";
+        description = "The hosting node's mesh id, as `keel mesh id` prints it there.";
+      };
+      servers = anyOrList types.str "`\"*\"` for every server the node shares with this host's agents, or the servers' names." // {
+        default = "*";
+      };
+    };
+  };
+
   serverModule =
     { name, ... }:
     {
@@ -253,8 +268,26 @@ let
     // {
       servers = lib.mapAttrs specOf servers;
       agents = gatewayAgents;
+      remote = lib.mapAttrs remoteSpec cfg.remote;
+    }
+    // lib.optionalAttrs usesMesh {
+      mesh = {
+        socket = "/run/keel/mesh.sock"; # fixed by modules/mesh.nix
+      }
+      // cfg.mesh;
     };
   configFile = settingsFormat.generate "mcp.json" gatewayConfig;
+
+  # The gateway reaches the mesh to call other nodes' tools (remote) and to
+  # answer their calls (a grant with `nodes`).
+  hostsForNodes = lib.any (server: lib.any (g: g.nodes != null) server.share) (
+    builtins.attrValues servers
+  );
+  usesMesh = cfg.remote != { } || hostsForNodes;
+  remoteSpec = _: remote: {
+    inherit (remote) node;
+    servers = names remote.servers;
+  };
 
   nameOk = name: builtins.match "[a-z][a-z0-9_-]*" name != null && builtins.stringLength name <= maxNameLength;
   # modules/egress.nix governs the servers keel runs as it governs agents.
@@ -321,6 +354,32 @@ let
         message = "${option}.share: agents of a stricter tier than the server's (${toString server.tier}) are granted it; through it they would act outside their sandbox: run the server at their tier or set allowLowerTier";
       }
     ];
+  remoteAssertions = lib.concatLists (
+    lib.mapAttrsToList (
+      label: remote:
+      let
+        option = "services.keel.mcp.remote.${label}";
+      in
+      [
+        {
+          assertion = builtins.match "[a-z][a-z0-9_-]{0,22}" label != null;
+          message = "${option}: '${label}' is not a valid label: 1 to 23 lowercase letters, digits, '-' and '_', starting with a letter (agents see LABEL.SERVER.TOOL)";
+        }
+        {
+          assertion = !(builtins.hasAttr label servers);
+          message = "${option}: a local server is named '${label}' too; agents could not tell LABEL.SERVER.TOOL from SERVER.TOOL: choose another label";
+        }
+        {
+          assertion = builtins.match "[a-z2-7]{32}" remote.node != null;
+          message = "${option}.node: '${remote.node}' is not a mesh node id (32 characters a-z and 2-7; `keel mesh id` prints it on that node)";
+        }
+        {
+          assertion = remote.servers == "*" || lib.all nameOk remote.servers;
+          message = "${option}.servers: expected \"*\" or MCP server names";
+        }
+      ]
+    ) cfg.remote
+  );
   unknownAgentWarnings = lib.concatLists (
     lib.mapAttrsToList (
       name: server:
@@ -357,6 +416,43 @@ in
         }
       '';
       description = "MCP servers by name; each with `command` runs as keel-mcp-<name>.service.";
+    };
+
+    remote = mkOption {
+      type = types.attrsOf (types.submodule remoteModule);
+      default = { };
+      example = lib.literalExpression ''
+        {
+          b = { node = "czvbwutn4pvzuks5p3g4dajsdwwoqvdv"; servers = [ "notes" ]; };
+        }
+      '';
+      description = ''
+        Tools hosted by other nodes of the mesh, offered to this host's agents
+        as `LABEL.SERVER.TOOL`. Calls travel as mesh messages between the two
+        gateways, carrying the calling agent as the mesh authenticates it; the
+        hosting node's `share` grants with `nodes` decide, and an agent's own
+        `mesh.sendTo` must reach the node. Needs services.keel.mesh.
+      '';
+    };
+
+    mesh = mkOption {
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          deadline = mkOption {
+            type = types.number;
+            default = 10;
+            description = "Seconds a call to another node may take before the agent gets an error.";
+          };
+          list_ttl = mkOption {
+            type = types.number;
+            default = 30;
+            description = "Seconds another node's tool list is kept before it is asked again.";
+          };
+        };
+      };
+      default = { };
+      description = "How the gateway uses the mesh (written to mcp.json's `mesh` when it does).";
     };
 
     watchdogSec = mkOption {
@@ -406,7 +502,21 @@ in
   config = lib.mkIf cfg.enable {
     services.keel.enabledServices = [ "mcp" ];
 
-    assertions = lib.concatLists (lib.mapAttrsToList assertionsFor servers) ++ [
+    assertions = lib.concatLists (lib.mapAttrsToList assertionsFor servers) ++ remoteAssertions ++ [
+      {
+        assertion = cfg.mesh.deadline > 0 && cfg.mesh.deadline <= 3600;
+        message = "services.keel.mcp.mesh.deadline: expected more than 0 and at most 3600 seconds";
+      }
+      {
+        assertion = cfg.mesh.list_ttl >= 0 && cfg.mesh.list_ttl <= 86400;
+        message = "services.keel.mcp.mesh.list_ttl: expected 0 to 86400 seconds";
+      }
+      {
+        assertion = !usesMesh || (keel.mesh.enable or false);
+        message = "services.keel.mcp: ${
+          if cfg.remote != { } then "remote tools" else "grants with `nodes`"
+        } travel over the mesh: enable services.keel.mesh too";
+      }
       {
         assertion = (cfg.settings.checkpoint_every or null) == null;
         message = "services.keel.mcp.settings.checkpoint_every: the gateway runs as ${user} and cannot sign the ledger's checkpoints (the key is root's; root's daemons, watch, egress and fleet, sign them): leave it unset";
@@ -461,8 +571,12 @@ in
         keel-mcp = {
           description = "keel mcp: the gateway between agents and MCP tool servers";
           wantedBy = [ "multi-user.target" ];
-          after = map (name: "keel-mcp-${name}.socket") (builtins.attrNames stdioHere);
-          wants = map (name: "keel-mcp-${name}.socket") (builtins.attrNames stdioHere);
+          after =
+            map (name: "keel-mcp-${name}.socket") (builtins.attrNames stdioHere)
+            ++ lib.optional usesMesh "keel-mesh.service";
+          wants =
+            map (name: "keel-mcp-${name}.socket") (builtins.attrNames stdioHere)
+            ++ lib.optional usesMesh "keel-mesh.service";
           serviceConfig = import ./lib/hardening.nix // {
             Type = "notify";
             NotifyAccess = "main";

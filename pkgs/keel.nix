@@ -1,5 +1,6 @@
-# The keel Python application, built from ./python with the host's own
-# python3Packages. Its check phase runs the unit tier (python/tests/unit);
+# The keel Python application, built from ./python with the package set of
+# pkgs/python (the host's python3Packages, with the MCP SDK 2.x and what it
+# needs: `(callPackage ./pkgs/python { }).pkgs.callPackage ./pkgs/keel.nix { }`). Its check phase runs the unit tier (python/tests/unit);
 # the other tiers need root, namespaces or a booted systemd and run outside
 # the Nix sandbox (`make test`) or as NixOS VM tests (vm-tests/).
 {
@@ -73,7 +74,8 @@ buildPythonApplication {
     cryptography
     # D-Bus to systemd for keel watch's systemd backend.
     jeepney
-    # keel mcp: the official MCP SDK (2.x) for the gateway's sessions.
+    # keel mcp: the official MCP SDK (2.x) for the gateway's sessions
+    # (pkgs/python/mcp.nix; nixpkgs' own is 1.x).
     mcp
     # keel egress: the DNS wire format, IDNA 2008 for allowlist entries.
     dnspython

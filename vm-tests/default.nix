@@ -13,6 +13,7 @@ let
     ./mesh.nix
     ./safeswitch.nix
     ./fleet.nix
+    ./mcp.nix
     ./appliance.nix
   ];
 

@@ -51,14 +51,16 @@ async def measure(
     }
 
 
-async def run(mode: str, target: str, calls: int, seconds: float | None) -> dict[str, Any]:
+async def run(
+    mode: str, target: str, calls: int, seconds: float | None, tool: str
+) -> dict[str, Any]:
     if mode == "direct":
         params = StdioServerParameters(command=sys.executable, args=[target])
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             return await measure(session, "echo", calls, seconds)
     async with open_session(Path(target)) as session:
-        return await measure(session, "toolbox.echo", calls, seconds)
+        return await measure(session, tool, calls, seconds)
 
 
 def main() -> None:
@@ -67,8 +69,10 @@ def main() -> None:
     parser.add_argument("target")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--tool", default="toolbox.echo", help="gateway mode: the tool to call")
     args = parser.parse_args()
-    print(json.dumps(anyio.run(run, args.mode, args.target, args.calls, args.seconds)), flush=True)
+    result = anyio.run(run, args.mode, args.target, args.calls, args.seconds, args.tool)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ mode):
 3. memory (PSS) of ``--servers`` servers run once and shared (plus the
    gateway), against agents x servers private copies.
 
-Across the mesh is not measured: the transport between gateways waits for the
-mesh's agent identities (issue 13; docs/mcp.md says what remains).
+4. across the mesh: ``tools/call`` round trip of one agent on node A calling
+   a tool hosted on node B (two ``keel mesh serve`` processes joined on
+   loopback, a gateway on each, the call and its answer as mesh messages),
+   against the same call to a server of its own node's gateway (item 1).
 """
 
 from __future__ import annotations
@@ -161,6 +163,115 @@ class Gateway:
                 proc.wait()
 
 
+class Mesh:
+    """Two mesh nodes on loopback (A knows agent 0, which may reach B) and a gateway on each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def node(self, name: str, agents: dict[str, Any]) -> Path:
+        directory = self.root / name
+        directory.mkdir()
+        config = self.root / f"{name}-mesh.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "directory": str(directory),
+                    "listen": "127.0.0.1:0",
+                    "socket": str(directory / "mesh.sock"),
+                    "ledger": None,
+                    "agents": agents,
+                }
+            )
+        )
+        self.processes.append(
+            subprocess.Popen(
+                [KEEL, "mesh", "serve", "--config", str(config)],
+                stderr=(self.root / f"{name}-mesh.log").open("wb"),
+            )
+        )
+        return directory / "mesh.sock"
+
+    async def gateway(self, name: str, config: dict[str, Any]) -> Path:
+        directory = self.root / f"{name}-mcp"
+        directory.mkdir(mode=0o755)
+        sockets = directory / "servers"
+        config = {
+            "socket": str(directory / "mcp.sock"),
+            "ledger": None,
+            "listen": str(directory / "agents.sock"),
+            "sockets": str(sockets),
+            "agents": {"agent0": {"uid": agent_uid(0), "tier": 2}},
+            **config,
+        }
+        (directory / "mcp.json").write_text(json.dumps(config))
+        for server in config["servers"]:
+            self.processes.append(
+                subprocess.Popen(
+                    [KEEL, "mcp", "exec", "--listen", str(sockets / f"{server}.sock"), "--",
+                     sys.executable, str(SERVER)],
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+            await wait_for(sockets / f"{server}.sock", f"server {server}")
+        self.processes.append(
+            subprocess.Popen(
+                [KEEL, "mcp", "serve", "--config", str(directory / "mcp.json")],
+                stderr=(directory / "gateway.log").open("wb"),
+            )
+        )
+        await wait_for(directory / "agents.sock", f"gateway {name}")
+        return directory / "agents.sock"
+
+    async def __aenter__(self) -> Path:
+        """Start everything; the agents' socket of A's gateway."""
+        from keel.mesh.client import MeshClient
+
+        sock_b = self.node("b", {})
+        await wait_for(sock_b, "node b's control socket")
+        b = MeshClient(sock_b)
+        node_b = await asyncio.to_thread(b.node_id)
+        sock_a = self.node(
+            "a", {"agent0": {"uid": agent_uid(0), "tier": 2, "mesh": {"sendTo": [node_b]}}}
+        )
+        await wait_for(sock_a, "node a's control socket")
+        a = MeshClient(sock_a)
+        node_a = await asyncio.to_thread(a.node_id)
+        await asyncio.to_thread(b.join, await asyncio.to_thread(a.invite))
+        deadline = time.monotonic() + 60
+        while node_b not in (await asyncio.to_thread(a.status))["connected"]:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the two mesh nodes did not connect")
+            await asyncio.sleep(0.05)
+        a.close()
+        b.close()
+        share = [{"nodes": [node_a], "agents": "*", "tools": "*"}]
+        server = {"name": "toolbox", "command": [sys.executable, str(SERVER)], "tier": 2}
+        await self.gateway(
+            "b",
+            {"servers": {"toolbox": {**server, "share": share}}, "mesh": {"socket": str(sock_b)}},
+        )
+        return await self.gateway(
+            "a",
+            {
+                "servers": {},
+                "mesh": {"socket": str(sock_a)},
+                "remote": {"b": {"node": node_b, "servers": "*"}},
+            },
+        )
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in reversed(self.processes):
+            proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 async def client(index: int, mode: str, target: str, **options: Any) -> dict[str, Any]:
     # Through the gateway each client is an agent under its own uid; directly,
     # who runs the client does not matter (and the server it starts needs the
@@ -273,7 +384,27 @@ async def bench(args: argparse.Namespace) -> None:
         line(f"{args.servers} shared servers + the gateway", f"{shared_kib / 1024:8.1f} MiB")
         line("ratio shared / private", f"{shared_kib / private_kib:8.3f} x")
         line("one idle server", f"{one_server / 1024:8.1f} MiB")
-        print("4. across the mesh: not measured (the gateways' mesh transport waits for issue 13)")
+        print("4. across the mesh: tools/call from an agent on node A to a tool on node B")
+        mesh_root = root / "mesh"
+        mesh_root.mkdir(mode=0o755)
+        async with Mesh(mesh_root) as listen_a:
+            calls = max(args.calls // 4, 100)
+            remote_runs = [
+                await client(0, "gateway", str(listen_a), calls=calls, tool="b.toolbox.echo")
+            ]
+            across = summary(remote_runs)
+        line(
+            "same-node gateway (item 1, baseline) p50 / p99",
+            f"{through['p50_us']:8.0f} / {through['p99_us']:8.0f} µs",
+        )
+        line(
+            "A's gateway -> mesh -> B's gateway p50 / p99",
+            f"{across['p50_us']:8.0f} / {across['p99_us']:8.0f} µs",
+        )
+        line(
+            "ratio across / same node p50 / p99",
+            f"{across['p50_us'] / through['p50_us']:8.2f} / {across['p99_us'] / through['p99_us']:8.2f} x",
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

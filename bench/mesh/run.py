@@ -27,9 +27,12 @@ Measured in one run, on this machine:
    rows also give the CPU each of the four processes spends per message.
 3. Memory per connected peer: a daemon's RSS growth per open session.
 
-Run: ``.venv/bin/python bench/mesh/run.py [--quick] [--durable-only]`` (as
-root for veth). ``--durable-only`` measures only the floods of keel with and
-without its ledger and of JetStream. The bench installs nothing itself; the
+Run: ``.venv/bin/python bench/mesh/run.py [--quick] [--durable-only]
+[--bulk N]`` (as root for veth). ``--durable-only`` measures only the
+floods of keel with and without its ledger and of JetStream. ``--bulk N``
+only the 64 KiB floods of raw TCP, keel's channel and keel mesh without a
+ledger, N times in turn (the ratio to raw TCP of the same round, and the
+mesh's CPU per message: on a shared machine the rates swing, the CPU less). The bench installs nothing itself; the
 JetStream rows need ``apt-get install nats-server`` and
 ``.venv/bin/pip install nats-py`` (without them they are skipped, saying so).
 """
@@ -477,6 +480,41 @@ def ledger_note(flood: dict[str, Any]) -> None:
     )
 
 
+def bulk(rounds: int, count: int, use_netns: bool) -> int:
+    """64 KiB floods: raw TCP, keel's channel, keel mesh (no ledger), ``rounds`` times."""
+    size = 65536
+    workdir = Path(tempfile.mkdtemp(prefix="kmb-"))
+    keys = transport_keys()
+    try:
+        with contextlib.ExitStack() as stack:
+            a, b, medium = stack.enter_context(two_hosts(use_netns))
+            print(f"64 KiB floods over {medium}, {count} messages, MB/s (CPU per mesh message, us)")
+            da = Daemon(workdir, "a", a, MESH_PORT)
+            stack.callback(da.stop)
+            db = Daemon(workdir, "b", b, MESH_PORT)
+            stack.callback(db.stop)
+            db.client.join(da.client.invite())
+            time.sleep(1)
+            mesh_run(da, db, a, b, "flood", size=size, count=min(count, 300))  # warm
+            for n in range(rounds):
+                tcp = baseline("tcp", "flood", a, b, size=size, count=count, keys=keys)["rate"]
+                chan = baseline("keel", "flood", a, b, size=size, count=count, keys=keys)["rate"]
+                mesh = mesh_run(da, db, a, b, "flood", size=size, count=count)
+                cpu = mesh["cpu_us"]
+                print(
+                    f"   round {n + 1}: raw TCP {tcp * size / 1e6:.1f}, keel channel "
+                    f"{chan * size / 1e6:.1f}, keel mesh {mesh['rate'] * size / 1e6:.1f} "
+                    f"({mesh['rate'] / tcp:.2f}x TCP; goal >= 0.5: "
+                    f"{goal(mesh['rate'] >= 0.5 * tcp)}); CPU "
+                    + ", ".join(f"{name} {value:.0f}" for name, value in cpu.items())
+                    + f", total {sum(cpu.values()):.0f}",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
@@ -486,8 +524,16 @@ def main() -> int:
         action="store_true",
         help="only the floods of keel without and with its ledger and of JetStream",
     )
+    parser.add_argument(
+        "--bulk",
+        type=int,
+        metavar="N",
+        help="only 64 KiB floods of raw TCP, keel's channel and keel mesh, N rounds",
+    )
     args = parser.parse_args()
     scale = 0.2 if args.quick else 1.0
+    if args.bulk:
+        return bulk(args.bulk, int(3000 * scale), not args.no_netns)
     full = not args.durable_only
 
     print("keel mesh benchmark (figures from this run; the machine may be shared and noisy)")

@@ -41,7 +41,7 @@ KEEL = str(Path(sys.executable).parent / "keel")
 
 # Numeric uids with no passwd entry, apart per test process.
 BASE_UID = 61000 + (os.getpid() % 400) * 8
-UIDS = {"scout": BASE_UID, "notes": BASE_UID + 1, "stranger": BASE_UID + 2}
+UIDS = {"scout": BASE_UID, "notes": BASE_UID + 1, "stranger": BASE_UID + 2, "idle": BASE_UID + 3}
 
 
 def needs_root() -> None:

@@ -71,7 +71,12 @@ let
       meta = attrs.meta or { };
     };
 
-  python3Packages =
+  # nixpkgs' python3Packages: markers for what keel's Nix takes from it, as a
+  # fixed point like nixpkgs' package set, so that `python3.override {
+  # packageOverrides = ...; }` (pkgs/python/default.nix) replaces an
+  # attribute for every package of the set that takes it.
+  pythonPackagesBase =
+    self:
     lib.genAttrs [
       "setuptools"
       "hatchling"
@@ -84,13 +89,59 @@ let
       "liboqs-python"
       "pytestCheckHook"
       "hypothesis"
+      # pkgs/python: the build systems and dependencies of the MCP SDK 2.x
+      "flit-core"
+      "hatch-fancy-pypi-readme"
+      "uv-dynamic-versioning"
+      "anyio"
+      "h11"
+      "h2"
+      "httpcore2"
+      "httpx2"
+      "jsonschema"
+      "opentelemetry-api"
+      "pydantic"
+      "python-multipart"
+      "socksio"
+      "sse-starlette"
+      "starlette"
+      "trio"
+      "truststore"
+      "typing-extensions"
+      "typing-inspection"
+      "uvicorn"
     ] package
     // {
+      pyjwt = package "pyjwt" // {
+        optional-dependencies.crypto = [ self.cryptography ];
+      };
       buildPythonApplication = buildPython;
       buildPythonPackage = buildPython;
       fetchPypi = args: package "${args.pname}-${args.version}.tar.gz" // { inherit (args) hash; };
-      callPackage = callPackageWith (python3Packages // { inherit lib; });
+      # nixpkgs' python3 is 3.13 (python313) on 26.05 and later.
+      pythonOlder = version: builtins.compareVersions "3.13" version < 0;
+      callPackage = callPackageWith (self // { inherit lib; });
     };
+
+  # A python3 whose package set has its `packageOverrides` applied, as
+  # nixpkgs' interpreters do (passthrufun.nix): `.pkgs`, and `.override`
+  # with makeOverridable's semantics (new arguments, or a function of the
+  # ones given so far; nixpkgs' own python3 was given no packageOverrides).
+  mkPython =
+    args:
+    let
+      pkgs = lib.fix (lib.extends (args.packageOverrides or (_: _: { })) pythonPackagesBase);
+    in
+    package "python3"
+    // {
+      inherit pkgs;
+      override = f: mkPython (args // (if builtins.isFunction f then f args else f));
+      withPackages =
+        select: package "python3-with-packages" // { keelPackages = select pkgs; };
+    };
+
+  python3 = mkPython { };
+  python3Packages = python3.pkgs;
 
   # systemd's build flags that nixos/modules/system/boot/systemd.nix reads
   # (`cfg.package.withImportd`...), as nixpkgs' default systemd has them.
@@ -261,9 +312,7 @@ let
   ] package
   // {
     # keel egress's VM test: the stand-in internet's Python and tools.
-    python3 = package "python3" // {
-      withPackages = select: package "python3-with-packages" // { keelPackages = select python3Packages; };
-    };
+    inherit python3;
     iproute2 = package "iproute2" // {
       meta.mainProgram = "ip";
     };

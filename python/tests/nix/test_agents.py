@@ -46,7 +46,7 @@ HOST = r"""
       ];
       health.watchdogSec = 10;
       resources = { memoryMax = "256M"; cpuQuota = "50%"; tasksMax = 64; };
-      mesh = { sendTo = [ "*" ]; topics = [ "jobs" "reports.*" ]; };
+      mesh = { sendTo = [ "*" ]; receiveFrom = [ "ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" "*@cccccccccccccccccccccccccccccccc" ]; topics = [ "jobs" "reports.*" ]; };
     };
     notes = {
       command = [ "/run/current-system/sw/bin/python3" "/srv/agent.py" "--name" "notes" ];
@@ -122,6 +122,22 @@ def test_each_agent_gets_a_spec_a_unit_and_a_user(host: dict[str, Any]) -> None:
             continue  # keel-ledger-key (modules/keel.nix) is no agent
         assert unit["wantedBy"] == ["multi-user.target"]
         assert unit["serviceConfig"]["Restart"] == "always"
+
+
+def test_the_spec_carries_the_mesh_grant_as_declared(host: dict[str, Any]) -> None:
+    written = host["etc"]["keel/agents/scout.json"]["json"]
+    assert written["mesh"] == {
+        "sendTo": ["*"],
+        "receiveFrom": [
+            "ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+            "*@cccccccccccccccccccccccccccccccc",
+        ],
+        "topics": ["jobs", "reports.*"],
+    }
+    grant = parse_spec(written, source="scout.json").mesh_grant
+    assert grant.receives("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "ops")
+    assert not grant.receives("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "scout")
+    assert "mesh" not in host["etc"]["keel/agents/notes.json"]["json"]
 
 
 @pytest.mark.parametrize("name", ["scout", "notes", "ops"])
@@ -284,8 +300,18 @@ BAD = [
     ),
     pytest.param(
         agent(**{"mesh.sendTo": '[ "bob" ]'}),
-        "services.keel.agents.probe.mesh.sendTo: bob: expected node ids",
+        'services.keel.agents.probe.mesh.sendTo: bob: expected "*", node ids',
         id="mesh-send-to",
+    ),
+    pytest.param(
+        agent(
+            **{
+                "mesh.receiveFrom": '[ "*" "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" "Ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" "ops@short" "*@*" ]'
+            }
+        ),
+        "services.keel.agents.probe.mesh.receiveFrom: Ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb, ops@short, *@*: "
+        'expected "*", node ids (as `keel mesh id` prints them), "*@NODE_ID" or "AGENT@NODE_ID"',
+        id="mesh-receive-from",
     ),
     pytest.param(
         agent(**{"mesh.topics": '[ "jobs" "no spaces" "*jobs" ]'}),

@@ -325,12 +325,26 @@ def used_package_attributes(nix_instantiate: str) -> dict[str, set[str]]:
         ):
             top.add(match.group(1))
     python: set[str] = set()
-    for name in ("keel.nix", "kyber-py.nix"):
-        args = nix_eval_expr(nix_instantiate, f"builtins.functionArgs (import ./pkgs/{name})")
+    python_files = ["pkgs/keel.nix", "pkgs/kyber-py.nix"]
+    # keel's Python package set (pkgs/python): each package's arguments come
+    # from that set, so the packages it defines itself need not be in nixpkgs.
+    python_files += [
+        str(p.relative_to(REPO))
+        for p in sorted((REPO / "pkgs" / "python").glob("*.nix"))
+        if p.name not in {"default.nix", "overrides.nix"}
+    ]
+    for name in python_files:
+        args = nix_eval_expr(nix_instantiate, f"builtins.functionArgs (import ./{name})")
         # an argument with a default (`liboqs-python ? null`) is optional: used if there
         python |= {a for a, optional in args.items() if not optional} - {"lib", "callPackage"}
-    args = nix_eval_expr(nix_instantiate, "builtins.functionArgs (import ./pkgs/keel-vm.nix)")
-    top |= set(args) - {"lib", "vm"}
+    python -= set(
+        nix_eval_expr(
+            nix_instantiate, "builtins.attrNames (import ./pkgs/python/overrides.nix { } { })"
+        )
+    )
+    for name in ("keel-vm.nix", "python/default.nix"):
+        args = nix_eval_expr(nix_instantiate, f"builtins.functionArgs (import ./pkgs/{name})")
+        top |= set(args) - {"lib", "vm"}
     # pkgs.python3Packages.X in modules count as python packages.
     python |= {p.split(".", 1)[1] for p in top if p.startswith("python3Packages.")}
     python -= PKGS_MACHINERY
@@ -342,6 +356,16 @@ def _defines(path: Path, attribute: str) -> bool:
     """Whether the Nix file at ``path`` binds ``attribute`` (at any indentation: nixfmt's or not)."""
     return path.is_file() and (
         re.search(rf"^\s+{re.escape(attribute)} =", path.read_text(), re.M) is not None
+    )
+
+
+def _inherits(path: Path, attribute: str) -> bool:
+    """Whether the Nix file at ``path`` has ``attribute`` in an ``inherit`` (nixfmt splits them)."""
+    if not path.is_file():
+        return False
+    return any(
+        attribute in match.group(1).split()
+        for match in re.finditer(r"\binherit\b(?:\s*\([^)]*\))?([^;]*);", path.read_text())
     )
 
 
@@ -365,6 +389,9 @@ def tree_has(tree: Path, scope: str, attribute: str) -> bool | None:
         if not listings[0].is_file():
             return None
         if any(_defines(path, attribute) for path in listings):
+            return True
+        # what the interpreter passes on (pythonOlder...)
+        if _inherits(listings[1], attribute):
             return True
         # the python scope's callPackage sees pkgs too (fetchPypi, for one)
         return tree_has(tree, "pkgs", attribute)
@@ -390,6 +417,10 @@ def test_the_attributes_keel_uses_are_found(nix_instantiate: str) -> None:
     # What keel's Nix is known to use: the collection itself must see them.
     assert {"testers.runNixOSTest", "python3", "jq", "writeShellApplication"} <= used["pkgs"]
     assert {"cryptography", "jeepney", "systemd-python", "hatchling"} <= used["python3Packages"]
+    # pkgs/python's packages' own dependencies and build systems
+    assert {"pydantic", "uv-dynamic-versioning", "flit-core", "h11"} <= used["python3Packages"]
+    # what pkgs/python defines is not looked for in nixpkgs (mcp-types is not there)
+    assert "mcp-types" not in used["python3Packages"]
     # liboqs-python, the fallback KEM backend, is optional (`liboqs-python ? null`)
     assert "liboqs-python" not in used["python3Packages"]
 

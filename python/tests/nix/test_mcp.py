@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from keel.agents.units import load_tiers
+from keel.config import Section
+from keel.mcp import config as mcp_config
 from keel.mcp.spec import parse_server_spec
 from keel.mcp.units import launcher, render_units
 
@@ -23,6 +25,7 @@ from tests.nix.test_modules import evaluate
 
 TIERS_JSON = REPO / "modules" / "tiers.json"
 NODE = "a" * 32
+REMOTE = "b" * 32
 
 HOST = rf"""
 {{
@@ -33,8 +36,12 @@ HOST = rf"""
     ops = {{ command = [ "/bin/ops" ]; tier = 0; user = "root"; }};
   }};
   services.keel.watch.enable = true;
+  services.keel.mesh = {{ enable = true; listen = "0.0.0.0:7400"; }};
   services.keel.mcp = {{
     enable = true;
+    remote.b = {{ node = "{REMOTE}"; servers = [ "notes" ]; }};
+    remote.c = {{ node = "{NODE}"; }};
+    mesh.deadline = 5;
     settings.http = "/run/keel-mcp/http.sock";
     servers = {{
       files = {{
@@ -93,6 +100,19 @@ def test_the_gateway_reads_the_config_the_module_writes(host: dict[str, Any]) ->
     for name, data in written["servers"].items():
         spec = parse_server_spec(data, source=f"servers.{name}")
         assert spec.to_json() == data
+    # Other nodes' tools, and how the gateway reaches the mesh (it hosts for nodes too).
+    assert written["remote"] == {
+        "b": {"node": REMOTE, "servers": ["notes"]},
+        "c": {"node": NODE, "servers": "*"},
+    }
+    assert written["mesh"] == {"socket": "/run/keel/mesh.sock", "deadline": 5, "list_ttl": 30}
+    # keel's own reader takes those two sections as the module wrote them
+    parsed = mcp_config.parse(
+        Section({"remote": written["remote"], "mesh": written["mesh"], "servers": {}}, source="x")
+    )
+    assert {label: r.node for label, r in parsed.remote.items()} == {"b": REMOTE, "c": NODE}
+    assert parsed.remote["b"].offers("notes")
+    assert not parsed.remote["b"].offers("files")
 
 
 def test_each_stdio_server_is_a_socket_and_the_unit_keel_renders(host: dict[str, Any]) -> None:
@@ -178,6 +198,60 @@ def test_the_gateway_unit_is_hardened_and_watch_supervises_the_servers(
     assert "keel-mcp-valid" in names
 
 
+def test_the_gateway_waits_for_the_mesh_it_uses(host: dict[str, Any]) -> None:
+    gateway = host["services"]["keel-mcp"]
+    assert "keel-mesh.service" in gateway["after"]
+    assert "keel-mesh.service" in gateway["wants"]
+
+
+def test_a_gateway_without_remote_tools_or_node_grants_leaves_the_mesh_alone(
+    nix_instantiate: str, nixpkgs_tree: Path
+) -> None:
+    config = """{
+      services.keel.mcp = {
+        enable = true;
+        servers.time = { url = "http://127.0.0.1:9/mcp"; share = [ { agents = "*"; tools = "*"; } ]; };
+      };
+    }"""
+    result = evaluate(nix_instantiate, nixpkgs_tree, config)
+    assert result["failedAssertions"] == []
+    written = result["etc"]["keel/mcp.json"]["json"]
+    assert written["remote"] == {}
+    assert "mesh" not in written
+    assert "keel-mesh.service" not in result["services"]["keel-mcp"]["after"]
+
+
+@pytest.mark.parametrize(
+    ("remote", "message"),
+    [
+        (f'remote.files = {{ node = "{REMOTE}"; }};', "a local server is named 'files' too"),
+        (f'remote."B.x" = {{ node = "{REMOTE}"; }};', "is not a valid label"),
+        (f'remote.{"l" * 24} = {{ node = "{REMOTE}"; }};', "1 to 23 lowercase letters"),
+        ('remote.b = { node = "node-b"; };', "'node-b' is not a mesh node id"),
+        (f'remote.b = {{ node = "{REMOTE}"; servers = [ "No Such" ]; }};', 'expected "*" or MCP'),
+    ],
+)
+def test_bad_remote_declarations_fail_naming_the_option(
+    nix_instantiate: str, nixpkgs_tree: Path, remote: str, message: str
+) -> None:
+    config = f"""{{
+      services.keel.mesh = {{ enable = true; listen = "0.0.0.0:7400"; }};
+      services.keel.mcp = {{
+        enable = true;
+        servers.files = {{ url = "http://127.0.0.1:9/mcp"; }};
+        {remote}
+      }};
+    }}"""
+    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
+    assert any("services.keel.mcp.remote." in f and message in f for f in failed), failed
+
+
+def test_remote_tools_need_the_mesh(nix_instantiate: str, nixpkgs_tree: Path) -> None:
+    config = f'{{ services.keel.mcp = {{ enable = true; remote.b.node = "{REMOTE}"; }}; }}'
+    failed = evaluate(nix_instantiate, nixpkgs_tree, config)["failedAssertions"]
+    assert any("remote tools travel over the mesh: enable services.keel.mesh" in f for f in failed)
+
+
 def test_the_gateway_may_not_be_told_to_sign(nix_instantiate: str, nixpkgs_tree: Path) -> None:
     config = "{ services.keel.mcp = { enable = true; settings.checkpoint_every = 60; }; }"
     result = evaluate(nix_instantiate, nixpkgs_tree, config)
@@ -212,3 +286,24 @@ def test_bad_declarations_fail_an_assertion(
     assert any(message in failure for failure in result["failedAssertions"]), result[
         "failedAssertions"
     ]
+
+
+def test_the_vm_tests_host_id_is_that_of_its_fixed_key() -> None:
+    import json
+    import re
+
+    from keel.mesh.identity import NodeIdentity
+
+    from tests.conftest import REPO
+
+    text = (REPO / "vm-tests" / "mcp.nix").read_text()
+    declared = re.search(r'hostId = "([a-z2-7]{32})";', text)
+    key = re.search(r"writeText \"mcp-test-b-identity.key\" ''\n(.*?)\n\s*'';", text, re.S)
+    assert declared is not None
+    assert key is not None
+    data = json.loads(key.group(1))
+    identity = NodeIdentity(
+        static_private=bytes.fromhex(data["static_private"]),
+        signing_private=bytes.fromhex(data["signing_private"]),
+    )
+    assert identity.node_id == data["node_id"] == declared.group(1)

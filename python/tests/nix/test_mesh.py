@@ -107,6 +107,7 @@ def test_the_node_tells_the_hosts_agents_apart(nix_instantiate: str, nixpkgs_tre
             scout = { command = [ "/bin/scout" ]; tier = 2; mesh.topics = [ "jobs" ]; };
             idle = { command = [ "/bin/idle" ]; tier = 2; };
             notes = { command = [ "/bin/notes" ]; tier = 1; mesh.sendTo = [ ]; };
+            picky = { command = [ "/bin/picky" ]; tier = 1; mesh.receiveFrom = [ "ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" ]; };
             ops = { command = [ "/bin/ops" ]; tier = 0; user = "root"; };
           };
         """,
@@ -118,6 +119,11 @@ def test_the_node_tells_the_hosts_agents_apart(nix_instantiate: str, nixpkgs_tre
         "scout": {"user": "keel-agent-scout", "tier": 2, "mesh": {"topics": ["jobs"]}},
         "idle": {"user": "keel-agent-idle", "tier": 2},
         "notes": {"user": "keel-agent-notes", "tier": 1, "mesh": {"sendTo": []}},
+        "picky": {
+            "user": "keel-agent-picky",
+            "tier": 1,
+            "mesh": {"receiveFrom": ["ops@bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"]},
+        },
     }
     # the node reads them as its Python config reader does (uids stand in for the users)
     with Section(
@@ -130,7 +136,8 @@ def test_the_node_tells_the_hosts_agents_apart(nix_instantiate: str, nixpkgs_tre
         grants = {name: e.mesh for name, e in parse(cfg).settings.agents.entries.items()}
     assert grants["scout"] == MeshGrant((), ("jobs",))
     assert grants["idle"].empty
-    assert grants["notes"] == MeshGrant((), ("*",))
+    assert grants["notes"] == MeshGrant((), ("*",), ("*",))
+    assert grants["picky"] == MeshGrant(("*",), ("*",), (f"ops@{'b' * 32}",))
 
 
 def test_low_port_firewall_and_no_ledger(nix_instantiate: str, nixpkgs_tree: Path) -> None:

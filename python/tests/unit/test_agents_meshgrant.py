@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keel.agents.meshgrant import MeshGrant, check_topic_pattern
+from keel.agents.meshgrant import MeshGrant, check_peer_pattern, check_topic_pattern, matches
 from keel.agents.roster import AgentEntry
 from keel.agents.spec import parse_spec
 from keel.api import Peer
@@ -17,6 +18,7 @@ from keel.config import Section
 from keel.errors import ConfigError
 from keel.mesh.access import Agents
 from keel.mesh.config import parse
+from keel.mesh.store import senders_clause
 
 NODE_B = "b" * 32
 NODE_C = "c" * 32
@@ -32,15 +34,25 @@ def test_a_spec_without_a_mesh_section_takes_its_tiers_default(tier: int, everyt
     assert grant.empty is not everything
     assert grant.covers("jobs") is everything
     assert grant.may_send_to(NODE_B) is everything
+    assert grant.may_send_to(NODE_B, "ops") is everything
+    assert grant.receives(NODE_B, None) is everything
+    assert grant.receives(NODE_B, "ops") is everything
     assert "mesh" not in parse_spec(spec(tier), source="s").to_json()
 
 
 def test_declared_keys_replace_the_default_one_by_one() -> None:
     only_topics = parse_spec(spec(1, mesh={"topics": ["jobs"]}), source="s")
-    assert only_topics.mesh_grant == MeshGrant(send_to=("*",), topics=("jobs",))
+    assert only_topics.mesh_grant == MeshGrant(("*",), ("jobs",), ("*",))
     tier2 = parse_spec(spec(2, mesh={"sendTo": [NODE_B], "topics": ["jobs", "jobs"]}), source="s")
     assert tier2.mesh_grant == MeshGrant(send_to=(NODE_B,), topics=("jobs",))
+    assert tier2.mesh_grant.receive_from == ()  # tier 2: nothing it did not declare
     assert tier2.to_json()["mesh"] == {"sendTo": [NODE_B], "topics": ["jobs"]}
+    both = parse_spec(
+        spec(2, mesh={"topics": ["jobs"], "receiveFrom": [f"ops@{NODE_B}", NODE_C]}), source="s"
+    )
+    assert both.mesh_grant == MeshGrant((), ("jobs",), (f"ops@{NODE_B}", NODE_C))
+    assert both.to_json()["mesh"] == {"receiveFrom": [f"ops@{NODE_B}", NODE_C], "topics": ["jobs"]}
+    assert parse_spec(both.to_json(), source="s").mesh == both.mesh
     nothing = parse_spec(spec(0, mesh={"sendTo": [], "topics": []}), source="s").mesh_grant
     assert nothing.empty
     assert not nothing.may_send_to(NODE_B)
@@ -52,8 +64,14 @@ def test_declared_keys_replace_the_default_one_by_one() -> None:
 @pytest.mark.parametrize(
     ("mesh", "message"),
     [
-        ({"sendTo": ["bob"]}, 'mesh.sendTo[0]: "bob": expected a node id'),
+        ({"sendTo": ["bob"]}, 'mesh.sendTo[0]: "bob": expected .*a node id'),
         ({"sendTo": "*"}, "mesh.sendTo"),
+        ({"sendTo": [f"Ops@{NODE_B}"]}, 'mesh.sendTo[0]: "Ops@' + NODE_B + '": "Ops" before \'@\''),
+        ({"sendTo": ["ops@nowhere"]}, 'mesh.sendTo[0]: "ops@nowhere": "nowhere" after \'@\''),
+        ({"receiveFrom": [NODE_B, "bob"]}, 'mesh.receiveFrom[1]: "bob": expected'),
+        ({"receiveFrom": [f"**@{NODE_B}"]}, "mesh.receiveFrom[0]"),
+        ({"receiveFrom": [f"ops@{NODE_B}@{NODE_C}"]}, "mesh.receiveFrom[0]"),
+        ({"receiveFrom": "*"}, "mesh.receiveFrom"),
         ({"topics": ["a b"]}, "mesh.topics[0]: topic 'a b' must be"),
         ({"topics": ["*jobs"]}, "mesh.topics[0]"),
         ({"topics": [7]}, "mesh.topics"),
@@ -63,6 +81,51 @@ def test_declared_keys_replace_the_default_one_by_one() -> None:
 def test_bad_grants_are_refused_naming_the_key(mesh: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_spec(spec(2, mesh=mesh), source="s")
+
+
+def test_send_and_receive_patterns() -> None:
+    """``*``, ``NODE_ID`` (the whole node, its agents too), ``*@NODE_ID`` (its agents, not
+    the node itself) and ``AGENT@NODE_ID``; the same forms for sendTo and receiveFrom."""
+    cases: list[tuple[str, str, str | None, bool]] = [
+        ("*", NODE_B, None, True),
+        ("*", NODE_B, "ops", True),
+        (NODE_B, NODE_B, None, True),
+        (NODE_B, NODE_B, "ops", True),
+        (NODE_B, NODE_C, None, False),
+        (NODE_B, NODE_C, "ops", False),
+        (f"*@{NODE_B}", NODE_B, "ops", True),
+        (f"*@{NODE_B}", NODE_B, None, False),
+        (f"*@{NODE_B}", NODE_C, "ops", False),
+        (f"ops@{NODE_B}", NODE_B, "ops", True),
+        (f"ops@{NODE_B}", NODE_B, "scout", False),
+        (f"ops@{NODE_B}", NODE_B, None, False),
+        (f"ops@{NODE_B}", NODE_C, "ops", False),
+    ]
+    for pattern, node, agent, covered in cases:
+        assert check_peer_pattern(pattern) is None
+        assert matches((pattern,), node, agent) is covered, (pattern, node, agent)
+        grant = MeshGrant((pattern,), ("*",), (pattern,))
+        assert grant.may_send_to(node, agent) is covered
+        assert grant.receives(node, agent) is covered
+    assert not matches((), NODE_B, None)
+    assert matches((f"ops@{NODE_B}", NODE_C), NODE_C, "scout")
+
+
+@given(
+    st.sampled_from(["*", NODE_B, NODE_C, f"*@{NODE_B}", f"ops@{NODE_B}", f"scout@{NODE_C}"]),
+    st.sampled_from([NODE_B, NODE_C]),
+    st.sampled_from([None, "ops", "scout"]),
+)
+def test_the_sql_of_receive_from_agrees_with_matches(
+    pattern: str, node: str, agent: str | None
+) -> None:
+    """The inbox filters in SQL (keel.mesh.store.senders_clause): the same answer."""
+    clause, params = senders_clause([pattern])
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE inbox (sender TEXT, agent TEXT)")
+    db.execute("INSERT INTO inbox VALUES (?, ?)", (node, agent))
+    found = db.execute(f"SELECT count(*) FROM inbox WHERE {clause}", params).fetchone()[0]
+    assert bool(found) is matches((pattern,), node, agent)
 
 
 def test_topic_patterns() -> None:
@@ -92,7 +155,12 @@ def agents() -> Agents:
     return Agents(
         {
             "ops": AgentEntry("ops", 1001, 0, MeshGrant.default(0)),
-            "scout": AgentEntry("scout", 1002, 2, MeshGrant((NODE_B,), ("jobs",))),
+            "scout": AgentEntry(
+                "scout",
+                1002,
+                2,
+                MeshGrant((NODE_B, f"ops@{NODE_C}"), ("jobs",), (f"ops@{NODE_C}",)),
+            ),
             "idle": AgentEntry("idle", 1003, 2, MeshGrant.default(2)),
         }
     )
@@ -111,8 +179,29 @@ def test_the_node_decides_from_the_uid() -> None:
     assert policy.reads(root) is None
     assert policy.reads(stranger) is None
     assert policy.refuse_send(scout, (NODE_B,), "jobs") is None
+    assert policy.refuse_send(scout, (NODE_C,), "jobs", to_agent="ops") is None
+    assert policy.refuse_send(scout, (NODE_B,), "jobs", to_agent="anyone") is None
+    listed = f"'{NODE_B}', 'ops@{NODE_C}'"
     assert policy.refuse_send(scout, (NODE_C,), "jobs") == (
-        f"agent scout (tier 2, uid 1002) may not send to {NODE_C}: its mesh.sendTo is '{NODE_B}'"
+        f"agent scout (tier 2, uid 1002) may not send to {NODE_C}: its mesh.sendTo is {listed}"
+    )
+    assert policy.refuse_send(scout, (NODE_C,), "jobs", to_agent="scout") == (
+        f"agent scout (tier 2, uid 1002) may not send to scout@{NODE_C}: its mesh.sendTo is "
+        f"{listed}"
+    )
+    # receiveFrom: whose messages are kept from it, and why (the ledger's reason)
+    assert policy.senders(None) is None
+    assert policy.senders("ops") is None  # tier 0: everyone
+    assert policy.senders("scout") == (f"ops@{NODE_C}",)
+    assert policy.senders("idle") == ()
+    assert policy.refuse_delivery("scout", "jobs", (NODE_C, "ops")) is None
+    assert policy.refuse_delivery("scout", "jobs", (NODE_C, None)) == (
+        f"agent scout does not receive from {NODE_C} (its mesh.receiveFrom is 'ops@{NODE_C}')"
+    )
+    assert policy.refuse_senders("scout", "jobs", [(NODE_B, None), (NODE_C, "spy")]) == (
+        f"agent scout (tier 2, uid 1002) is not given messages on 'jobs' from {NODE_B}, "
+        f"spy@{NODE_C}: its mesh.receiveFrom is 'ops@{NODE_C}' (they stay for the node's "
+        "other readers)"
     )
     assert policy.refuse_send(scout, (NODE_B,), "other") == (
         "agent scout (tier 2, uid 1002) may not use topic 'other': its mesh.topics are 'jobs'"
@@ -139,7 +228,7 @@ def test_the_mesh_config_reads_agents_inline(tmp_path: Path) -> None:
     with Section(raw, source="mesh.json") as cfg:
         config = parse(cfg)
     entries = config.settings.agents.entries
-    assert entries["scout"].mesh == MeshGrant(("*",), ("jobs",))
+    assert entries["scout"].mesh == MeshGrant(("*",), ("jobs",))  # tier 2: receives nothing
     assert entries["ops"].mesh == MeshGrant.default(0)
     same_uid = {**raw, "agents": {"a": {"uid": 7, "tier": 1}, "b": {"uid": 7, "tier": 1}}}
     with (

@@ -5,7 +5,8 @@ A daemon's ``agents`` key is either the directory of installed agent specs
 object by agent name::
 
     "agents": {"scout": {"user": "keel-agent-scout", "tier": 2,
-                         "mesh": {"sendTo": ["*"], "topics": ["jobs"]}}}
+                         "mesh": {"sendTo": ["*"], "receiveFrom": ["*"],
+                                  "topics": ["jobs"]}}}
 
 where ``uid`` may stand for ``user`` (the default user is
 ``keel-agent-<name>``) and ``mesh`` is the agent's mesh grant

@@ -206,12 +206,25 @@ def _check_config(args: argparse.Namespace) -> int:
                     for name, entry in config.agents.items()
                 },
                 "listen": str(config.listen),
+                "mesh": {
+                    "socket": str(config.mesh.socket),
+                    "deadline": config.mesh.deadline,
+                    "list_ttl": config.mesh.list_ttl,
+                },
+                "remote": {
+                    label: {
+                        "node": entry.node,
+                        "servers": "*" if entry.servers is None else sorted(entry.servers),
+                    }
+                    for label, entry in sorted(config.remote.items())
+                },
             }
         )
     else:
+        remote = f"; tools of {len(config.remote)} other nodes" if config.remote else ""
         print(
             f"{config.source}: valid ({len(config.servers)} MCP servers, "
-            f"{len(config.agents)} agents; agents connect to {config.listen})"
+            f"{len(config.agents)} agents; agents connect to {config.listen}{remote})"
         )
     return 0
 
@@ -265,6 +278,21 @@ def _list(args: argparse.Namespace) -> int:
                 _share_cell(server.get("share") or []),
             ]
         )
+    mesh = result.get("mesh") or {}
+    for label, entry in sorted((mesh.get("remote") or {}).items()):
+        servers = entry.get("servers")
+        shown = f"{label}.*" if servers == "*" else ", ".join(f"{label}.{s}" for s in servers)
+        rows.append(
+            [
+                shown,
+                "mesh",
+                None,
+                f"node {entry.get('node')}",
+                f"as the host shares them: keel mcp tools AGENT lists them as {label}.SERVER.TOOL",
+                None,
+                None,
+            ]
+        )
     print_table(["server", "transport", "tier", "state", "tools", "agents", "shared with"], rows)
     return 0
 
@@ -286,7 +314,8 @@ def _share_cell(grants: list[dict[str, Any]]) -> str | None:
 def _tools(args: argparse.Namespace) -> int:
     from keel.api import call
 
-    result = call(_socket(args), "tools", {"agent": args.agent}, service="mcp")
+    # Other nodes' tools are asked for (each within the gateway's mesh deadline).
+    result = call(_socket(args), "tools", {"agent": args.agent}, service="mcp", timeout=3600)
     if args.json:
         print_json(result)
         return 0

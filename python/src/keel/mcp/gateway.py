@@ -19,8 +19,10 @@ socket and the ledger):
   duration, outcome;
 - control verbs for operators (``keel mcp list|tools|call``).
 
-Calls from other nodes of the mesh arrive through :meth:`McpGateway.call_from_node`,
-the seam the mesh transport plugs into (``docs/mcp.md``, "Across the mesh").
+Across the mesh (:mod:`keel.mcp.meshlink`): agents call other nodes' tools as
+``LABEL.SERVER.TOOL`` (mcp.json's ``remote``), and calls from other nodes'
+agents arrive through :meth:`McpGateway.call_from_node`, with the node and
+agent the mesh authenticated (``docs/mcp.md``, "Across the mesh").
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ from mcp.server.runner import serve_dual_era_loop
 from keel import __version__
 from keel.api import Handler, Peer, peer_of, remove_stale_socket
 from keel.errors import BadRequest, Forbidden, KeelError
+from keel.mcp import remote
 from keel.mcp.config import McpConfig
+from keel.mcp.meshlink import MeshLink
 from keel.mcp.policy import Principal, qualified, split
 from keel.mcp.spec import check_tool
-from keel.mcp.upstream import CallFailed, Upstream
+from keel.mcp.upstream import TIMEOUT, UNAVAILABLE, CallFailed, Upstream
 from keel.mcp.wire import digest, error_line, message_streams
 from keel.service import Daemon, Shell
 
@@ -112,6 +116,11 @@ class McpGateway(Daemon):
         self.refused = 0
         self._listener: asyncio.AbstractServer | None = None
         self._http: Any = None
+        self.link = (
+            MeshLink(self, config, clock=clock, wall=wall)
+            if config.remote or config.hosts_for_mesh
+            else None
+        )
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -121,6 +130,15 @@ class McpGateway(Daemon):
         logging.getLogger("mcp").setLevel(max(logging.WARNING, logging.getLogger().level))
         for name, upstream in self.upstreams.items():
             shell.spawn(upstream.run(), name=f"upstream:{name}")
+        if self.link is not None:
+            if self.config.remote:
+                shell.spawn(
+                    self.link.read(remote.ANSWER_TOPIC, self.link.on_answer), name="mesh:answers"
+                )
+            if self.config.hosts_for_mesh:
+                shell.spawn(
+                    self.link.read(remote.CALL_TOPIC, self.link.on_request), name="mesh:calls"
+                )
         listen = self.config.listen
         try:
             listen.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +181,8 @@ class McpGateway(Daemon):
                 self.config.listen.unlink()
         if self._http is not None:
             await self._http.stop()
+        if self.link is not None:
+            await self.link.close()
         self.record("mcp_stop", self.config.node or "", {"calls": self.calls})
 
     def summary(self) -> str:
@@ -245,7 +265,16 @@ class McpGateway(Daemon):
     async def _list_tools(
         self, ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=self.tools_for(self._connection(ctx).principal))
+        return types.ListToolsResult(
+            tools=await self.all_tools_for(self._connection(ctx).principal)
+        )
+
+    async def all_tools_for(self, who: Principal) -> list[types.Tool]:
+        """This node's tools ``who`` sees, then the other nodes' (``LABEL.SERVER.TOOL``)."""
+        tools = self.tools_for(who)
+        if self.link is not None and self.config.remote and who.agent and who.node is None:
+            tools += await self.link.tools(who.agent)
+        return tools
 
     def tools_for(self, who: Principal) -> list[types.Tool]:
         """The tools ``who`` sees, as ``SERVER.TOOL``, in server and listing order."""
@@ -283,6 +312,10 @@ class McpGateway(Daemon):
         """
         started = self.clock()
         self.calls += 1
+        if who.node is None and self.config.remote:
+            found = remote.split_remote(name, self.config.remote)
+            if found is not None:
+                return await self._call_remote(who, found, arguments, operator=operator)
         parts = split(name)
         server, tool = parts if parts is not None else ("", name)
 
@@ -340,21 +373,121 @@ class McpGateway(Daemon):
         )
         return result
 
+    # --- calls to other nodes ----------------------------------------------------------------
+
+    async def _call_remote(
+        self,
+        who: Principal,
+        target: tuple[str, str, str],
+        arguments: dict[str, Any] | None,
+        *,
+        operator: Peer | None,
+    ) -> types.CallToolResult:
+        """``LABEL.SERVER.TOOL``: sent to the label's node as the calling agent, and recorded."""
+        assert self.link is not None
+        label, server, tool = target
+        entry = self.config.remote[label]
+        name = remote.remote_name(label, server, tool)
+        started = self.clock()
+
+        def record(outcome: str, result: Any = None, code: int | None = None) -> None:
+            data: dict[str, Any] = {
+                "caller": {"node": self.config.node, "agent": who.agent, "uid": who.uid},
+                "server": server,
+                "tool": tool,
+                "remote": {"label": label, "node": entry.node},
+                "arguments_sha256": digest(arguments or {}),
+                "duration_ms": round((self.clock() - started) * 1000, 3),
+                "outcome": outcome,
+            }
+            if result is not None:
+                data["result_sha256"] = digest(result)
+            if code is not None:
+                data["error_code"] = code
+            if operator is not None:
+                data["operator_uid"] = operator.uid
+            self.record("mcp_call", name, data)
+
+        if who.agent is None:
+            self.refused += 1
+            record("refused", code=FORBIDDEN)
+            raise MCPError(
+                FORBIDDEN,
+                f"{who.describe()} may use no tool of another node: the hosting node's share "
+                "grants name agents (operators use `keel mcp call --as AGENT`)",
+                data={"keel": "forbidden", "tool": name},
+            )
+        if not entry.offers(server):
+            record("unknown_tool", code=types.INVALID_PARAMS)
+            raise MCPError(
+                types.INVALID_PARAMS,
+                f"unknown tool {name!r}: this gateway offers no server {server!r} of {label} "
+                "(mcp.json's remote)",
+            )
+        try:
+            answer = await self.link.ask(
+                entry, who.agent, "call", server=server, tool=tool, arguments=arguments
+            )
+        except MCPError as exc:
+            record(_outcome(exc.code), code=exc.code)
+            if exc.code == FORBIDDEN:
+                self.refused += 1
+            raise
+        if answer.result is None:
+            record(_outcome(answer.code), code=answer.code)
+            if answer.code == FORBIDDEN:
+                self.refused += 1
+            raise MCPError(answer.code, f"{label}: {answer.message}", data={"node": entry.node})
+        try:
+            result = types.CallToolResult.model_validate(answer.result)
+        except ValueError:
+            record("error", code=types.INTERNAL_ERROR)
+            raise MCPError(
+                types.INTERNAL_ERROR, f"node {entry.node} ({label}) sent a result keel cannot read"
+            ) from None
+        record("tool_error" if result.is_error else "ok", answer.result)
+        return result
+
     # --- calls from other nodes (the mesh's seam) ---------------------------------------------
 
     async def call_from_node(
-        self, node: str, agent: str, name: str, arguments: dict[str, Any] | None
+        self,
+        node: str,
+        agent: str | None,
+        name: str,
+        arguments: dict[str, Any] | None,
+        *,
+        timeout: float | None = None,
     ) -> types.CallToolResult:
         """A call relayed by the mesh from ``agent`` on ``node``, both as the mesh authenticated them.
 
-        This node's ``share`` grants with ``nodes`` decide; the answer (or the
-        :class:`MCPError`) goes back to the calling gateway as it is.
+        This node's ``share`` grants with ``nodes`` decide (``agent`` None, a
+        process of that node that is no agent, is granted nothing); the answer
+        (or the :class:`MCPError`) goes back to the calling gateway as it is.
         """
-        return await self.call(Principal(agent, node=node), name, arguments)
+        return await self.call(Principal(agent, node=node), name, arguments, timeout=timeout)
 
     def tools_for_node(self, node: str, agent: str) -> list[types.Tool]:
         """What ``agent`` on ``node`` may see of this node's tools."""
         return self.tools_for(Principal(agent, node=node))
+
+    def record_expired(self, node: str, agent: str | None, request: remote.Request) -> None:
+        """A request from ``node`` that arrived after its deadline: recorded, not run."""
+        self.calls += 1
+        name = qualified(request.server, request.tool) if request.kind == "call" else "tools/list"
+        self.record(
+            "mcp_call",
+            name,
+            {
+                "caller": {"node": node, "agent": agent, "uid": None},
+                "server": request.server,
+                "tool": request.tool,
+                "arguments_sha256": digest(request.arguments),
+                "duration_ms": 0.0,
+                "outcome": "expired",
+                "error_code": types.REQUEST_TIMEOUT,
+            },
+        )
 
     # --- control verbs ---------------------------------------------------------------------------
 
@@ -382,6 +515,7 @@ class McpGateway(Daemon):
             "rejected": self.rejected,
             "calls": self.calls,
             "refused": self.refused,
+            "mesh": None if self.link is None else self.link.status(),
         }
 
     async def _tools_verb(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -389,7 +523,7 @@ class McpGateway(Daemon):
         if not isinstance(agent, str) or agent not in self.config.agents:
             known = ", ".join(sorted(self.config.agents)) or "none"
             raise BadRequest(f"no agent named {agent!r} (the gateway knows: {known})")
-        tools = self.tools_for(Principal(agent))
+        tools = await self.all_tools_for(Principal(agent))
         return {
             "agent": agent,
             "tools": [{"name": tool.name, "description": tool.description or ""} for tool in tools],
@@ -420,3 +554,13 @@ class McpGateway(Daemon):
                 raise Forbidden(exc.message) from None
             raise KeelError(f"{exc.message} (JSON-RPC error {exc.code})") from None
         return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _outcome(code: int) -> str:
+    """The ledger's outcome for a JSON-RPC error code."""
+    return {
+        FORBIDDEN: "refused",
+        types.INVALID_PARAMS: "unknown_tool",
+        UNAVAILABLE: "unavailable",
+        TIMEOUT: "timeout",
+    }.get(code, "error")

@@ -45,6 +45,8 @@ class Principal:
 
     def describe(self) -> str:
         if self.agent is None:
+            if self.node is not None:
+                return f"a process of node {self.node} that is no agent"
             where = f"uid {self.uid}" if self.uid is not None else "an unknown caller"
             return f"{where} (not a keel agent)"
         if self.node is None:

@@ -206,7 +206,9 @@ def check_node(node: str) -> str | None:
 # --- parsing ---------------------------------------------------------------------
 
 
-def _names(section: Section, key: str, check: Callable[[str], str | None]) -> frozenset[str] | None:
+def names_or_any(
+    section: Section, key: str, check: Callable[[str], str | None]
+) -> frozenset[str] | None:
     """A required ``"*"`` (None) or list of names, each checked."""
     if key not in section:
         raise section.error(key, 'required key is missing: "*" or a list of names')
@@ -229,9 +231,9 @@ def _names(section: Section, key: str, check: Callable[[str], str | None]) -> fr
 def _grant(section: Section) -> Grant:
     with section:
         remote = "nodes" in section
-        nodes = _names(section, "nodes", check_node) if remote else frozenset()
-        agents = _names(section, "agents", check_name)
-        tools = _names(section, "tools", check_tool)
+        nodes = names_or_any(section, "nodes", check_node) if remote else frozenset()
+        agents = names_or_any(section, "agents", check_name)
+        tools = names_or_any(section, "tools", check_tool)
         allow_lower_tier = section.boolean("allowLowerTier", False)
         if allow_lower_tier and remote:
             raise section.error(

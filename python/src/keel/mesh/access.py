@@ -5,9 +5,10 @@ Callers are told apart by their credentials as the kernel gives them
 
 - **agents** (a uid the node's ``agents`` config names, :mod:`keel.agents.roster`)
   may use the mesh only within their grant (:mod:`keel.agents.meshgrant`):
-  send to the nodes of ``sendTo`` on their ``topics``, read and acknowledge
-  only messages on their ``topics``; a tier-2 agent has no mesh unless its
-  spec declares one. :class:`Agents` decides.
+  send to the nodes and agents of ``sendTo`` on their ``topics``, read and
+  acknowledge only messages on their ``topics`` from the nodes and agents of
+  ``receiveFrom``; a tier-2 agent has no mesh unless its spec declares one.
+  :class:`Agents` decides.
 - **every other caller** (root, keel's own daemons, the operator's shell) is
   the node itself: it may send and read everything, as before agents were
   told apart.
@@ -16,12 +17,18 @@ Callers are told apart by their credentials as the kernel gives them
   mesh, create or change rooms) are kept for the operators: root, the
   daemon's own user, and the members of the operator group the config names
   (``operator_group``). :class:`Operators` decides.
+
+Topics beginning ``keel.`` (:data:`RESERVED`) are keel's own daemons': no
+agent grant covers them, not even ``"*"``, so an agent can neither send on
+them nor read, acknowledge or subscribe to them. A node-level caller may
+send on behalf of one of the node's agents (``send``'s ``as_agent``): the
+agent's ``sendTo`` still decides where it may go (:meth:`Agents.refuse_on_behalf`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from keel.agents.identity import Caller
@@ -42,6 +49,8 @@ ADMIN_VERBS = frozenset(
         "room_remove",
     }
 )
+
+RESERVED = "keel."  # topics for keel's own daemons (the MCP gateway's keel.mcp.*)
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
@@ -146,50 +155,135 @@ class Agents:
         if grant is None or not grant.empty:
             return None
         return (
-            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo) in its "
-            "spec to grant it (docs/mesh.md, Agents)"
+            f"{self._agent(caller)} has no mesh: declare mesh.topics (and mesh.sendTo, "
+            "mesh.receiveFrom) in its spec to grant it (docs/mesh.md, Agents)"
         )
 
     def refuse_topic(self, caller: Caller, topic: str) -> str | None:
         """Why the caller may not send on or read ``topic``, or None."""
         grant = self.grant(caller)
-        if grant is None or grant.covers(topic):
+        if grant is None:
+            return None
+        if reserved(topic):
+            return (
+                f"{self._agent(caller)} may not use topic {topic!r}: topics beginning "
+                f"{RESERVED!r} are for keel's own daemons, and no agent grant covers them"
+            )
+        if grant.covers(topic):
             return None
         return self.refuse_use(caller) or (
             f"{self._agent(caller)} may not use topic {topic!r}: its mesh.topics are "
             f"{_listed(grant.topics)}"
         )
 
-    def refuse_send(self, caller: Caller, to: Sequence[str], topic: str) -> str | None:
-        """Why the caller may not send on ``topic`` to each node of ``to``, or None."""
-        return self.refuse_topic(caller, topic) or self.refuse_nodes(caller, to)
+    def refuse_send(
+        self, caller: Caller, to: Sequence[str], topic: str, *, to_agent: str | None = None
+    ) -> str | None:
+        """Why the caller may not send on ``topic`` to each node of ``to`` (to the agent
+        ``to_agent`` on it, if not None), or None."""
+        return self.refuse_topic(caller, topic) or self.refuse_nodes(caller, to, to_agent=to_agent)
 
-    def refuse_nodes(self, caller: Caller, to: Sequence[str]) -> str | None:
-        """Why the caller may not send to each node of ``to``, or None."""
+    def refuse_nodes(
+        self, caller: Caller, to: Sequence[str], *, to_agent: str | None = None
+    ) -> str | None:
+        """Why the caller may not send to each node of ``to`` (``to_agent`` on it), or None."""
         grant = self.grant(caller)
         if grant is None:
             return None
         for node in to:
-            if not grant.may_send_to(node):
+            if not grant.may_send_to(node, to_agent):
+                whom = node if to_agent is None else f"{to_agent}@{node}"
                 return (
-                    f"{self._agent(caller)} may not send to {node}: its mesh.sendTo is "
+                    f"{self._agent(caller)} may not send to {whom}: its mesh.sendTo is "
                     f"{_listed(grant.send_to)}"
                 )
         return None
 
-    def refuse_delivery(self, agent: str, topic: str) -> str | None:
-        """Why a message from another node for ``agent`` on ``topic`` is refused here, or None."""
+    def refuse_on_behalf(
+        self,
+        caller: Caller,
+        agent: str,
+        to: Sequence[str],
+        topic: str,
+        *,
+        to_agent: str | None = None,
+    ) -> tuple[Caller, str | None]:
+        """``caller`` sending as the node's ``agent``: that agent as a caller, and why not (or None).
+
+        Only a caller that is the node itself may; the agent's ``sendTo``
+        applies, and its ``topics`` too unless the topic is reserved (the
+        node's daemons carrying something for the agent, as the MCP gateway
+        carries its tool calls).
+        """
+        if caller.agent is not None:
+            return caller, (
+                f"{self._agent(caller)} may not send as another agent: as_agent is for the "
+                "node's own processes (root, keel's daemons)"
+            )
+        entry = self.entries.get(agent)
+        if entry is None:
+            return caller, f"no agent {agent!r} on this node to send as"
+        behalf = replace(caller, uid=entry.uid, agent=agent)
+        if reserved(topic):
+            return behalf, self.refuse_nodes(behalf, to, to_agent=to_agent)
+        return behalf, self.refuse_send(behalf, to, topic, to_agent=to_agent)
+
+    def refuse_delivery(
+        self, agent: str, topic: str, sender: tuple[str, str | None] | None = None
+    ) -> str | None:
+        """Why a message from another node for ``agent`` on ``topic`` is refused here, or None.
+
+        ``sender``: (node, agent or None) that sent it, checked against the
+        agent's ``receiveFrom``.
+        """
         entry = self.entries.get(agent)
         if entry is None:
             return f"no agent {agent} on this node"
-        if not entry.mesh.covers(topic):
+        if reserved(topic) or not entry.mesh.covers(topic):
             return f"agent {agent} does not take topic {topic!r} (its mesh.topics)"
+        if sender is not None and not entry.mesh.receives(*sender):
+            return (
+                f"agent {agent} does not receive from {_sender(*sender)} "
+                f"(its mesh.receiveFrom is {_listed(entry.mesh.receive_from)})"
+            )
         return None
+
+    def senders(self, agent: str | None) -> tuple[str, ...] | None:
+        """The ``receiveFrom`` of ``agent`` (None: it receives from everyone, or is no agent)."""
+        entry = None if agent is None else self.entries.get(agent)
+        if entry is None or entry.mesh.receives_all:
+            return None
+        return entry.mesh.receive_from
+
+    def refuse_senders(
+        self, agent: str, topic: str, refused: Sequence[tuple[str, str | None]]
+    ) -> str:
+        """The ledger's reason for messages on ``topic`` ``agent`` was not given: their
+        senders ``refused`` (node, agent or None) are not in its ``receiveFrom``."""
+        entry = self.entries[agent]
+        named = ", ".join(_sender(node, by) for node, by in refused)
+        return (
+            f"agent {agent} (tier {entry.tier}, uid {entry.uid}) is not given messages on "
+            f"{topic!r} from {named}: its mesh.receiveFrom is {_listed(entry.mesh.receive_from)} "
+            "(they stay for the node's other readers)"
+        )
 
     def reads(self, caller: Caller) -> Callable[[str], bool] | None:
         """Which topics the caller may read (None: every topic, the node itself)."""
         grant = self.grant(caller)
-        return None if grant is None else grant.covers
+        if grant is None:
+            return None
+        covers = grant.covers
+        return lambda topic: not reserved(topic) and covers(topic)
+
+
+def reserved(topic: str) -> bool:
+    """Whether ``topic`` is keel's own (no agent grant covers it)."""
+    return topic.startswith(RESERVED)
+
+
+def _sender(node: str, agent: str | None) -> str:
+    return node if agent is None else f"{agent}@{node}"
 
 
 def _listed(values: Sequence[str]) -> str:

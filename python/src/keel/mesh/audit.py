@@ -14,13 +14,19 @@ when its first and last event happened)::
     kind     sent-batch | delivered-batch | dead-letter-batch | received-batch
     subject  the peer's node id (the recipient; for received-batch, the sender)
     data     {"from": NODE, "to": NODE, "count": 3, "bytes": 768,
-              "first": TS, "last": TS,
+              "first": TS, "last": TS, ["agents": [AGENT, ...],]
               "groups": [{"topic": T, "room": R or null, ["reason": WHY,]
+                          ["agent": AGENT,] ["to_agent": AGENT,]
                           "ids": [ID, ...], "sizes": [BYTES, ...]}, ...]}
 
 ``ids[k]`` and ``sizes[k]`` are one message; ``count`` and ``bytes`` are the
-sums over the groups. So whoever holds an entry's inclusion proof holds the
-proof of every message it names (:func:`messages` lists them back).
+sums over the groups. A group's ``agent`` is the agent that sent its
+messages as the sending node stamped them (left out: the node itself sent
+them), ``to_agent`` the agent they are for on the receiving node (left out:
+the topic's readers); ``agents`` lists the sending agents of the whole
+entry, sorted (left out when there are none). So whoever holds an entry's
+inclusion proof holds the proof of every message it names and of which agent
+sent it (:func:`messages` lists them back).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ MAX_REASON: Final = 200  # characters of a dead letter's reason kept
 _BATCH_OVERHEAD: Final = 192  # the keys, counts and times around the groups, node ids aside
 
 
-Message = tuple[str, str, str, str | None, int]  # id, peer, topic, room, size
+# id, peer, topic, room, size, sending agent, agent it is for (None: the node, the topic)
+Message = tuple[str, str, str, str | None, int, str | None, str | None]
+_GroupKey = tuple[str, str | None, str | None, str | None, str | None]  # topic room reason agent to
 
 
 class Entry(NamedTuple):
@@ -66,7 +74,7 @@ class _Batch:
     def __init__(self, deadline: float, wall: float, cost: int) -> None:
         self.deadline = deadline
         self.first = self.last = wall
-        self.groups: dict[tuple[str, str | None, str | None], _Group] = {}
+        self.groups: dict[_GroupKey, _Group] = {}
         self.total = 0
         self.bytes = 0
         self.cost = cost  # bytes of the entry's data so far, at most
@@ -118,14 +126,17 @@ class MessageBatches:
         room: str | None,
         size: int,
         reason: str | None = None,
+        agent: str | None = None,
+        to: str | None = None,
     ) -> list[Entry]:
         """One message at one stage; the entries complete now (usually none)."""
-        return self.add_many(stage, [(message_id, peer, topic, room, size)], reason)
+        return self.add_many(stage, [(message_id, peer, topic, room, size, agent, to)], reason)
 
     def add_many(
         self, stage: str, items: Iterable[Message], reason: str | None = None
     ) -> list[Entry]:
-        """Messages ``(id, peer, topic, room, size)`` at one stage; the entries complete now."""
+        """Messages ``(id, peer, topic, room, size, agent, to)`` at one stage; the entries
+        complete now."""
         kind = KINDS.get(stage)
         if kind is None:
             raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
@@ -135,13 +146,14 @@ class MessageBatches:
         wall = self.wall()
         opened = self._open
         max_messages, max_bytes = self.max_messages, self.max_bytes
-        for message_id, peer, topic, room, size in items:
+        for message_id, peer, topic, room, size, agent, to in items:
             key = (stage, peer)
             batch = opened.get(key)
             if batch is None:
                 overhead = _BATCH_OVERHEAD + len(canonical_json([self.me, peer]))
                 batch = opened[key] = _Batch(self.clock() + self.window, wall, overhead)
-            group = batch.groups.get((topic, room, reason))
+            group_key = (topic, room, reason, agent, to)
+            group = batch.groups.get(group_key)
             if message_id.isascii():
                 cost = len(message_id) + 4 + len(str(size))
             else:
@@ -150,18 +162,25 @@ class MessageBatches:
                 header: dict[str, Any] = {"topic": topic, "room": room}
                 if reason is not None:
                     header["reason"] = reason
+                if agent is not None:
+                    header["agent"] = agent
+                    cost += len(agent) + 14  # its place in "agents":[...], at most
+                if to is not None:
+                    header["to_agent"] = to
                 cost += len(canonical_json(header)) + 24  # "ids":[],"sizes":[] and the braces
                 if batch.total and batch.cost + cost > max_bytes:
                     done.append(self._entry(key, opened.pop(key)))
                     overhead = _BATCH_OVERHEAD + len(canonical_json([self.me, peer]))
                     batch = opened[key] = _Batch(self.clock() + self.window, wall, overhead)
-                group = batch.groups[topic, room, reason] = _Group(header)
+                group = batch.groups[group_key] = _Group(header)
             elif batch.cost + cost > max_bytes:
                 done.append(self._entry(key, opened.pop(key)))
                 overhead = _BATCH_OVERHEAD + len(canonical_json([self.me, peer]))
                 batch = opened[key] = _Batch(self.clock() + self.window, wall, overhead)
-                group = batch.groups[topic, room, reason] = _Group(group.header)
+                group = batch.groups[group_key] = _Group(group.header)
                 cost += len(canonical_json(group.header)) + 24
+                if agent is not None:
+                    cost += len(agent) + 14
             group.ids.append(message_id)
             group.sizes.append(size)
             batch.total += 1
@@ -193,29 +212,29 @@ class MessageBatches:
     def _entry(self, key: tuple[str, str], batch: _Batch) -> Entry:
         stage, peer = key
         sender, recipient = (peer, self.me) if stage == "received" else (self.me, peer)
-        return Entry(
-            KINDS[stage],
-            peer,
-            {
-                "from": sender,
-                "to": recipient,
-                "count": batch.total,
-                "bytes": batch.bytes,
-                "first": format_ts(batch.first),
-                "last": format_ts(batch.last),
-                "groups": [
-                    {**group.header, "ids": group.ids, "sizes": group.sizes}
-                    for group in batch.groups.values()
-                ],
-            },
-        )
+        data: dict[str, Any] = {
+            "from": sender,
+            "to": recipient,
+            "count": batch.total,
+            "bytes": batch.bytes,
+            "first": format_ts(batch.first),
+            "last": format_ts(batch.last),
+        }
+        agents = sorted({key[3] for key in batch.groups if key[3] is not None})
+        if agents:
+            data["agents"] = agents
+        data["groups"] = [
+            {**group.header, "ids": group.ids, "sizes": group.sizes}
+            for group in batch.groups.values()
+        ]
+        return Entry(KINDS[stage], peer, data)
 
 
 def messages(kind: str, data: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """The messages a batch entry names, one dict each (as the per-message entries were).
 
-    ``{"stage", "id", "from", "to", "topic", "room", "size"}`` and ``reason``
-    for dead letters. :class:`ValueError` if the entry is not a batch entry
+    ``{"stage", "id", "from", "to", "topic", "room", "size"}``, ``reason``
+    for dead letters, ``agent`` and ``to_agent`` where the group names them. :class:`ValueError` if the entry is not a batch entry
     of this module's form.
     """
     stage = STAGE_OF_KIND.get(kind)
@@ -237,8 +256,9 @@ def messages(kind: str, data: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
                     "room": group["room"],
                     "size": size,
                 }
-                if "reason" in group:
-                    found["reason"] = group["reason"]
+                for key in ("reason", "agent", "to_agent"):
+                    if key in group:
+                        found[key] = group[key]
                 yield found
     except (KeyError, TypeError) as exc:
         raise ValueError(f"a malformed {kind} entry: {exc!r}") from None

@@ -31,7 +31,7 @@ class AuditLog:
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, stage: str, items: Iterable[Message], reason: str | None = None) -> None:
-        """Messages ``(id, peer, topic, room, size)`` reached ``stage``.
+        """Messages ``(id, peer, topic, room, size, agent, to)`` reached ``stage``.
 
         ``sent``, ``delivered``, ``dead-letter`` (with its ``reason``) or ``received``.
         """

@@ -394,11 +394,15 @@ def _peers(args: argparse.Namespace) -> int:
     )
 
 
-def _grant_text(mesh: dict[str, Any] | None) -> tuple[str, str]:
-    """(send to, topics) of a grant for a table; None is the node: everything."""
+def _grant_text(mesh: dict[str, Any] | None) -> tuple[str, str, str]:
+    """(send to, receive from, topics) of a grant for a table; None is the node: everything."""
     if mesh is None:
-        return "* (the node)", "* (the node)"
-    return ",".join(mesh["sendTo"]) or "nobody", ",".join(mesh["topics"]) or "none"
+        return "* (the node)", "* (the node)", "* (the node)"
+    return (
+        ",".join(mesh["sendTo"]) or "nobody",
+        ",".join(mesh.get("receiveFrom", ())) or "nobody",
+        ",".join(mesh["topics"]) or "none",
+    )
 
 
 def _whoami(args: argparse.Namespace) -> int:
@@ -408,10 +412,11 @@ def _whoami(args: argparse.Namespace) -> int:
     if args.json:
         print_json(me)
         return 0
-    send_to, topics = _grant_text(me["mesh"])
+    send_to, receive_from, topics = _grant_text(me["mesh"])
     print(f"node:      {me['node']}")
     print(f"you are:   {me['caller']}" + (f", tier {me['tier']}" if me["tier"] is not None else ""))
     print(f"send to:   {send_to}")
+    print(f"read from: {receive_from}")
     print(f"topics:    {topics}")
     print(f"operator:  {'yes' if me['operator'] else 'no'}")
     return 0
@@ -421,11 +426,11 @@ def _agents(args: argparse.Namespace) -> int:
     return _listing(
         args,
         _client(args).agents(),
-        ["agent", "tier", "uid", "send to", "topics", "node"],
+        ["agent", "tier", "uid", "send to", "read from", "topics", "node"],
         lambda a: (
             (a["agent"], a["tier"], a["uid"], *_grant_text(a["mesh"]), a["node"])
             if a["uid"] is not None
-            else (a["agent"], "-", "-", "(its node's)", "(its node's)", a["node"])
+            else (a["agent"], "-", "-", *["(its node's)"] * 3, a["node"])
         ),
     )
 

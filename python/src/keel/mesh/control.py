@@ -130,7 +130,9 @@ class Control:
 
     def _record_refusal(self, caller: Caller, verb: str, refusal: str) -> None:
         """A ``mesh-refused`` ledger entry; the same one at most once a minute (with a count)."""
-        agent = caller.agent or f"uid {caller.uid}"
+        self._record_refused(caller.agent or f"uid {caller.uid}", caller.uid, verb, refusal)
+
+    def _record_refused(self, agent: str, uid: int, verb: str, refusal: str) -> None:
         key = (agent, refusal)
         now = self.node.wall()
         last = self._refusals.get(key)
@@ -140,10 +142,20 @@ class Control:
         if len(self._refusals) >= 4096:
             self._refusals.clear()
         self._refusals[key] = (now, 0)
-        data: dict[str, Any] = {"agent": agent, "uid": caller.uid, "verb": verb, "reason": refusal}
+        data: dict[str, Any] = {"agent": agent, "uid": uid, "verb": verb, "reason": refusal}
         if last is not None and last[1]:
             data["repeats"] = last[1]  # refused this often since the last entry
         self.node.shell.record("mesh-refused", agent, data)
+
+    def refused_read(
+        self, agent: str, topic: str, senders: Sequence[tuple[str, str | None]]
+    ) -> None:
+        """Messages on ``topic`` from ``senders`` were kept from ``agent`` (its
+        ``receiveFrom``): a ``mesh-refused`` entry (:meth:`keel.mesh.inbox.Inbox` asks)."""
+        entry = self.agents.entries.get(agent)
+        if entry is not None:
+            refusal = self.agents.refuse_senders(agent, topic, senders)
+            self._record_refused(agent, entry.uid, "read", refusal)
 
     async def whoami(self, request: verbs.NoArgs, peer: Peer) -> verbs.WhoAmI:
         caller = self.agents.caller(peer)
@@ -310,20 +322,30 @@ class Control:
             r.id, (r.to,), r.topic, r.payload, expires, agent=caller.agent, to=r.to_agent
         )
 
+    def _sender(self, caller: Caller, r: verbs.Direct, verb: str) -> Caller:
+        """Who sends ``r``: the caller, or the agent it sends for (``as_agent``); refused if not theirs."""
+        if r.as_agent is None:
+            refusal = self.agents.refuse_send(caller, (r.to,), r.topic, to_agent=r.to_agent)
+            self._refuse(caller, verb, refusal)
+            return caller
+        behalf, refusal = self.agents.refuse_on_behalf(
+            caller, r.as_agent, (r.to,), r.topic, to_agent=r.to_agent
+        )
+        self._refuse(behalf, verb, refusal)
+        return behalf
+
     async def send(self, request: verbs.Direct, peer: Peer) -> verbs.Sent:
         self._member()
         r = request
-        caller = self.agents.caller(peer)
-        self._refuse(caller, "send", self.agents.refuse_send(caller, (r.to,), r.topic))
-        self.node.outbound.submit([self._message(r, caller)])
+        sender = self._sender(self.agents.caller(peer), r, "send")
+        self.node.outbound.submit([self._message(r, sender)])
         return {"id": r.id}
 
     async def send_many(self, request: verbs.SendMany, peer: Peer) -> verbs.SentMany:
         self._member()
         caller = self.agents.caller(peer)
-        for r in request.messages:
-            self._refuse(caller, "send_many", self.agents.refuse_send(caller, (r.to,), r.topic))
-        messages = [self._message(r, caller) for r in request.messages]
+        senders = [self._sender(caller, r, "send_many") for r in request.messages]
+        messages = [self._message(r, s) for r, s in zip(request.messages, senders, strict=True)]
         self.node.outbound.submit(messages)
         return {"ids": [m.id for m in messages]}
 
@@ -332,7 +354,7 @@ class Control:
         caller = self.agents.caller(peer)
         self._refuse(caller, "recv", self.agents.refuse_topic(caller, request.topic))
         if request.ack:
-            inbox.consume(request.ack, self.agents.reads(caller), caller.agent)
+            inbox.consume(request.ack, self.agents.reads(caller), reader=caller.agent)
         found = await inbox.recv(
             request.topic,
             request.max,
@@ -360,7 +382,9 @@ class Control:
     async def ack(self, request: verbs.Ack, peer: Peer) -> verbs.Acked:
         caller = self.agents.caller(peer)
         self._refuse(caller, "ack", self.agents.refuse_use(caller))
-        acked = self.node.inbox.consume(request.receipts, self.agents.reads(caller), caller.agent)
+        acked = self.node.inbox.consume(
+            request.receipts, self.agents.reads(caller), reader=caller.agent
+        )
         return {"acked": acked}
 
     async def dead_letters(self, request: verbs.DeadLetters, peer: Peer) -> list[dict[str, Any]]:
@@ -406,21 +430,22 @@ class Control:
     def _entries(self, entries: Iterable[SendEntry], caller: Caller) -> list[NewMessage]:
         """A SEND's messages, after the same checks as ``send_many``'s."""
         self._member()
-        checked: set[str] = set()
+        checked: set[tuple[str, str | None]] = set()
         topics: set[str] = set()
         agents = self.agents
         default = self.node.settings.default_ttl
         wall = self.node.wall()
         messages = []
         for entry in entries:
-            if entry.to not in checked:
+            if (entry.to, entry.to_agent) not in checked:
                 if not is_node_id(entry.to):
                     raise UsageError(f"{entry.to!r} is not a node id")
                 verbs.recipient(self.node.members.view, self.node.me, entry.to)
-                self._refuse(caller, "send", agents.refuse_nodes(caller, (entry.to,)))
-                checked.add(entry.to)
-            if entry.to_agent is not None and not is_agent_name(entry.to_agent):
-                raise UsageError(f"{entry.to_agent!r} is not an agent's name")
+                if entry.to_agent is not None and not is_agent_name(entry.to_agent):
+                    raise UsageError(f"{entry.to_agent!r} is not an agent's name")
+                refusal = agents.refuse_nodes(caller, (entry.to,), to_agent=entry.to_agent)
+                self._refuse(caller, "send", refusal)
+                checked.add((entry.to, entry.to_agent))
             if entry.topic not in topics:
                 try:
                     topics.add(check_topic(entry.topic))

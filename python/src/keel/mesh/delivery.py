@@ -76,6 +76,8 @@ class Queued(NamedTuple):
     room: str | None
     expires: float
     size: int
+    agent: str | None = None  # the sending agent (None: the node itself), for the ledger
+    to: str | None = None  # the agent it is for on the recipient (None: the topic's readers)
 
 
 class OutboxRow(NamedTuple):

@@ -106,6 +106,7 @@ class Window(NamedTuple):
     max_bytes: int
     backlog: bool
     reader: str | None = None  # the subscribing agent (None: the node itself)
+    senders: Sequence[str] | None = None  # the agent's receiveFrom (None: everyone)
 
 
 def has_room(pending: int, pending_bytes: int, max_unacked: int, max_bytes: int) -> bool:
@@ -117,6 +118,7 @@ def has_room(pending: int, pending_bytes: int, max_unacked: int, max_bytes: int)
 class _Stream:
     topic: str | None = None
     reader: str | None = None  # the agent that subscribed (None: the node itself)
+    senders: Sequence[str] | None = None  # whose messages it may read (None: everyone's)
     max_unacked: int = 0
     max_bytes: int = 0
     backlog: bool = False  # the inbox may hold messages for it that it was not handed
@@ -176,14 +178,17 @@ class Handoffs:
         max_unacked: int,
         max_bytes: int,
         reader: str | None = None,
+        senders: Sequence[str] | None = None,
     ) -> None:
         """``stream`` takes ``topic``'s messages from now on (once per stream): those for no
-        agent and, if ``reader`` is an agent, those for it."""
+        agent and, if ``reader`` is an agent, those for it; from ``senders`` only (the
+        agent's receiveFrom, None: everyone)."""
         state = self._streams[stream]
         if state.topic is not None:
             raise LocalProtocolError("a stream subscribes once")
         state.topic = topic
         state.reader = reader
+        state.senders = senders
         state.max_unacked = max(1, min(max_unacked, MAX_UNACKED))
         state.max_bytes = max(1, max_bytes)
         state.backlog = True
@@ -230,6 +235,7 @@ class Handoffs:
             state.max_bytes,
             state.backlog,
             state.reader,
+            state.senders,
         )
 
     def reader(self, stream: int) -> str | None:

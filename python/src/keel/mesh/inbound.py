@@ -8,14 +8,17 @@ one ACK. For each message, in order:
   for good (``rejected``, with the reason), or not yet (``busy``: this node
   lacks the room version its author saw);
 - a message for an agent (``to``) is refused for good (``rejected``) if this
-  node has no such agent or the agent may not read its topic (``addressable``);
+  node has no such agent, or the agent may not read its topic or receive
+  from its sender (``addressable``);
 - its dedup key is the author (the room message's author, else the peer) and
   the id; a copy of a message a local agent holds from memory is left
   unanswered (it is answered with the one held);
 - seen before (stored earlier, or earlier in this batch): ``ok``, nothing
   stored again; the inbox full: ``busy`` (the sender backs off);
 - new: handed straight to a subscriber of its topic (the agent it is for,
-  if it names one; for a room message, an agent in the room) that has room and no backlog (answered once the agent
+  if it names one; for a room message, an agent in the room) that has room
+  and no backlog and may receive from its sender (the subscribing agent's
+  ``receiveFrom``; answered once the agent
   took it: :mod:`keel.mesh.handoffs`), or else stored (``store``) and
   answered ``ok``.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from keel.agents.meshgrant import matches
 from keel.mesh import rooms
 from keel.mesh.delivery import InboxLimits, Incoming, Receipt, keep_seen_until, receipt
 from keel.mesh.handoffs import Window, has_room
@@ -32,7 +36,8 @@ from keel.mesh.membership import View
 from keel.mesh.packets import Msg
 
 Key = tuple[str, str]  # (author, message id)
-Addressable = Callable[[str, str], "str | None"]  # (agent, topic) -> why it cannot take it
+Sender = tuple[str, "str | None"]  # (node, agent or None: the node itself)
+Addressable = Callable[[str, str, Sender], "str | None"]  # (agent, topic, sender) -> why not
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Plan:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
     store: list[Incoming] = field(default_factory=list)  # new: store, then ``ok`` (listed)
     hand: list[tuple[int, Incoming]] = field(default_factory=list)  # (stream, message)
-    backlogged: set[str] = field(default_factory=set)  # topics whose subscribers have more waiting
+    backlogged: set[int] = field(default_factory=set)  # streams that have more waiting, stored
     inbox_messages: int = 0  # the inbox once ``store`` is stored
     inbox_bytes: int = 0
 
@@ -93,7 +98,9 @@ def plan(
             author = msg.room.author
         if msg.to is not None:
             refusal = (
-                f"no agent {msg.to} here" if addressable is None else addressable(msg.to, msg.topic)
+                f"no agent {msg.to} here"
+                if addressable is None
+                else addressable(msg.to, msg.topic, (author, msg.agent))
             )
             if refusal is not None:
                 out.rejected.append((msg.id, refusal))
@@ -125,7 +132,11 @@ def plan(
             msg.agent,
             msg.to,
         )
-        stream = takers.take(msg.topic, len(msg.payload), msg.to, item.room) if windows else None
+        stream = (
+            takers.take(msg.topic, len(msg.payload), msg.to, (author, msg.agent), item.room)
+            if windows
+            else None
+        )
         if stream is not None:
             out.hand.append((stream, item))
             continue
@@ -134,7 +145,9 @@ def plan(
         count += 1
         size += len(msg.payload)
         if msg.topic in windows:
-            out.backlogged.add(msg.topic)
+            out.backlogged.update(
+                takers.could_take(msg.topic, msg.to, (author, msg.agent), item.room)
+            )
     out.inbox_messages, out.inbox_bytes = count, size
     return out
 
@@ -148,23 +161,22 @@ class _Takers:
         room_reads: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.windows = windows
-        self.room_reads = room_reads
+        self.room_reads = room_reads  # (room, agent) -> whether the agent reads the room
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
     def take(
-        self, topic: str, size: int, to: str | None = None, room: str | None = None
+        self,
+        topic: str,
+        size: int,
+        to: str | None = None,
+        sender: Sender | None = None,
+        room: str | None = None,
     ) -> int | None:
-        """The first subscriber of ``topic`` (the agent ``to``, if not None; one that may read
-        ``room``, if not None) with room and no backlog, charged ``size``."""
+        """The first subscriber of ``topic`` (the agent ``to``, if not None; an agent in
+        ``room``, if not None) with room and no backlog that may receive from ``sender``,
+        charged ``size``."""
         for window in self.windows.get(topic, ()):
-            if window.backlog or (to is not None and window.reader != to):
-                continue
-            if (
-                room is not None
-                and window.reader is not None
-                and self.room_reads is not None
-                and not self.room_reads(room, window.reader)
-            ):
+            if window.backlog or not self._may_take(window, to, sender, room):
                 continue
             held = self.held.get(window.stream)
             if held is None:
@@ -174,3 +186,34 @@ class _Takers:
                 held[1] += size
                 return window.stream
         return None
+
+    def could_take(
+        self, topic: str, to: str | None, sender: Sender, room: str | None = None
+    ) -> list[int]:
+        """The subscribers of ``topic`` that may read a message for ``to`` from ``sender``
+        (of ``room``): those to fill from the inbox once they have room (a message one of
+        them may not read leaves it as it was, or it would wait on a backlog it cannot take)."""
+        return [
+            w.stream for w in self.windows.get(topic, ()) if self._may_take(w, to, sender, room)
+        ]
+
+    def _may_take(
+        self, window: Window, to: str | None, sender: Sender | None, room: str | None
+    ) -> bool:
+        """``_may_take``, and for a room message: the window's agent is in the room."""
+        if not _may_take(window, to, sender):
+            return False
+        return (
+            room is None
+            or window.reader is None
+            or self.room_reads is None
+            or self.room_reads(room, window.reader)
+        )
+
+
+def _may_take(window: Window, to: str | None, sender: Sender | None) -> bool:
+    """Whether ``window``'s reader may read a message for ``to`` (None: the topic's
+    readers) from ``sender`` (its receiveFrom)."""
+    if to is not None and window.reader != to:
+        return False
+    return window.senders is None or sender is None or matches(window.senders, *sender)

@@ -32,6 +32,10 @@ from keel.mesh.store import StateError, Store, state_failed
 log = logging.getLogger("keel.mesh")
 
 MIN_HOLD_CHECK = 0.05  # s between two looks at what agents hold, at the least
+REFUSED_CHECK = 60.0  # s: how often a reader's kept-back senders on a topic are looked up
+
+Senders = Callable[[str | None], "Sequence[str] | None"]  # a reader's receiveFrom (None: all)
+Refused = Callable[[str, str, Sequence[tuple[str, str | None]]], None]  # agent, topic, senders
 
 Answer = Callable[[str, Sequence[str]], None]  # ok for these ids to a peer, if it is connected
 
@@ -51,9 +55,14 @@ class Inbox:
         clock: Callable[[], float],
         wall: Callable[[], float],
         addressable: inbound.Addressable | None = None,
+        senders: Senders | None = None,
+        refused: Refused | None = None,
     ) -> None:
         self.store = store
         self.addressable = addressable  # why a message for an agent cannot be taken here
+        self.senders: Senders = senders or _everyone  # whose messages an agent may read
+        self.refused = refused  # told of messages kept from an agent (its receiveFrom)
+        self._refused_checked: dict[tuple[str, str], float] = {}  # (agent, topic) -> when
         self.handoffs = handoffs
         self.limits = limits
         self.lease = lease
@@ -113,8 +122,7 @@ class Inbox:
             else:
                 self.count, self.bytes = plan.inbox_messages, plan.inbox_bytes
                 self._received(plan.store)
-        for topic in plan.backlogged:
-            self.handoffs.set_backlog(self.handoffs.subscribers(topic))
+        self.handoffs.set_backlog(plan.backlogged)
         handed: dict[int, LocalStream] = {}
         for number, item in plan.hand:
             stream = handed[number] = self._streams[number]
@@ -122,14 +130,6 @@ class Inbox:
             stream.deliver(_head(receipt_number, item, wall), item.payload)
         if handed:
             self._arm_hold_check()
-        for topic in plan.backlogged:
-            # A subscriber with room was passed over (the message is for another agent, or
-            # of a room it is not in): it may still take what else is stored for it, and
-            # no acknowledgement of its own would come to fill it.
-            for number in self.handoffs.subscribers(topic):
-                if self.handoffs.has_room(number):
-                    stream = handed[number] = self._streams[number]
-                    self._fill(stream)
         for stream in handed.values():
             stream.flush()
         self.answered_busy += len(plan.busy)
@@ -148,7 +148,8 @@ class Inbox:
                     waiter.set()
         if self.audit is not None:
             self.audit.add(
-                "received", ((i.id, i.sender, i.topic, i.room, len(i.payload)) for i in items)
+                "received",
+                ((i.id, i.sender, i.topic, i.room, len(i.payload), i.agent, i.to) for i in items),
             )
 
     # -- recv and ack (the JSON verbs)
@@ -167,8 +168,14 @@ class Inbox:
         deadline = self.clock() + wait
         while True:
             found = self.store.take(
-                topic, limit, self.handoffs.holding(), reader, self.room_reads(reader)
+                topic,
+                limit,
+                self.handoffs.holding(),
+                reader,
+                self.senders(reader),
+                rooms=self.room_reads(reader),
             )
+            self._check_refused(reader, topic)
             remaining = deadline - self.clock()
             if found or remaining <= 0:
                 break
@@ -187,11 +194,14 @@ class Inbox:
         self,
         receipts: Iterable[int],
         reads: Callable[[str], bool] | None = None,
+        *,
         reader: str | None = None,
     ) -> int:
-        """Delete acknowledged messages (on the topics ``reads`` allows, and of the rooms
-        ``reader`` is in); how many there were."""
-        gone = self.store.consume(receipts, reads, self.room_reads(reader))
+        """Delete acknowledged messages (on the topics ``reads`` allows, from the senders
+        ``reader`` may read, of the rooms it is in); how many there were."""
+        gone = self.store.consume(
+            receipts, reads, self.senders(reader), rooms=self.room_reads(reader)
+        )
         self.handoffs.consumed(seq for seq, _ in gone)
         for _, size in gone:
             self.count -= 1
@@ -219,6 +229,7 @@ class Inbox:
             max_unacked=max_unacked,
             max_bytes=max_bytes,
             reader=stream.reader,
+            senders=self.senders(stream.reader),
         )
         self._fill(stream)
         stream.flush(always=True)  # the answer: subscribed (with whatever waited)
@@ -258,14 +269,20 @@ class Inbox:
             and handoffs.has_room(number)
         ):
             room = handoffs.room(number)
+            reader = handoffs.reader(number)
             try:
-                reader = handoffs.reader(number)
                 found = self.store.take(
-                    topic, room, handoffs.holding(), reader, self.room_reads(reader)
+                    topic,
+                    room,
+                    handoffs.holding(),
+                    reader,
+                    self.senders(reader),
+                    rooms=self.room_reads(reader),
                 )
             except StateError as exc:
                 state_failed(f"cannot read the inbox for a subscriber of {topic}", exc)
                 return
+            self._check_refused(reader, topic)
             if len(found) < room:
                 handoffs.set_backlog([number], False)
             for message in found:
@@ -282,6 +299,30 @@ class Inbox:
                 stream.deliver(head, message.payload)
             if not found:
                 return
+
+    def _check_refused(self, reader: str | None, topic: str) -> None:
+        """Tell ``refused`` whose messages on ``topic`` wait that ``reader`` may not read
+        (its receiveFrom): once per :data:`REFUSED_CHECK` per agent and topic."""
+        if reader is None or self.refused is None:
+            return
+        senders = self.senders(reader)
+        if senders is None:
+            return
+        key = (reader, topic)
+        now = self.clock()
+        last = self._refused_checked.get(key)
+        if last is not None and now - last < REFUSED_CHECK:
+            return
+        if len(self._refused_checked) >= 4096:
+            self._refused_checked.clear()
+        self._refused_checked[key] = now
+        try:
+            kept = self.store.refused_senders(topic, reader, senders)
+        except StateError as exc:
+            state_failed(f"cannot look up the senders kept from agent {reader}", exc)
+            return
+        if kept:
+            self.refused(reader, topic, kept)
 
     # -- what handoffs decide (keel.mesh.handoffs.Steps)
 
@@ -303,7 +344,7 @@ class Inbox:
         self, steps: Steps, reads: Callable[[str], bool] | None = None, reader: str | None = None
     ) -> None:
         """Do what ``steps`` say; ``reads`` bounds the topics an agent's ACK may delete,
-        ``reader`` (the agent) the rooms."""
+        ``reader`` (the agent) the senders and rooms."""
         if steps.take:
             self._take(steps.take)
         if steps.store_kept:
@@ -312,7 +353,7 @@ class Inbox:
             self._store(steps.store_freed, keep=False)
         if steps.consume:
             try:
-                self.consume(steps.consume, reads, reader)
+                self.consume(steps.consume, reads, reader=reader)
             except StateError as exc:
                 state_failed(f"cannot delete {len(steps.consume)} acknowledged message(s)", exc)
 
@@ -373,6 +414,10 @@ class Inbox:
                 by_peer.setdefault(hold.peer, []).append(hold.item.id)
         for peer, ids in by_peer.items():
             self.answer(peer, ids)
+
+
+def _everyone(reader: str | None) -> None:
+    return None
 
 
 def _head(receipt_number: int, item: Incoming, received: float) -> bytes:

@@ -174,6 +174,7 @@ class MeshNode(Daemon):
             clock=self.clock,
             wall=self.wall,
             addressable=self.settings.agents.refuse_delivery,
+            senders=self.settings.agents.senders,
         )
         self._opened.callback(self.inbox.close)
         self.outbound.load()
@@ -195,6 +196,7 @@ class MeshNode(Daemon):
         self._opened.callback(self.links.close, "shutdown: the node is stopping")
         self.apply_view()
         self._control = Control(self)
+        self.inbox.refused = self._control.refused_read  # mesh-refused: kept from an agent
         if self.config.agent_socket is not None:
             await self._serve_agents(self.config.agent_socket)
         shell.spawn(self._housekeeping(), name="housekeeping")

@@ -289,4 +289,4 @@ class Outbound:
 
 def _audited(items: Iterable[Queued]) -> Iterator[Message]:
     """What the ledger may know of queued messages (keel.mesh.audit): never their payload."""
-    return ((i.id, i.peer, i.topic, i.room, i.size) for i in items)
+    return ((i.id, i.peer, i.topic, i.room, i.size, i.agent, i.to) for i in items)

@@ -16,6 +16,15 @@ never waits for that. New databases use 8 KiB pages (a 64 KiB payload is
 eight pages, not sixteen; a small commit still writes little), and deleted rows are zeroed where that costs no
 extra I/O (``secure_delete=FAST``: small payloads are wiped in place, the
 pages of large ones go to the free list as they are).
+
+Large payloads cost pages, not rows: the page cache is big enough
+(``CACHE_BYTES``) to still hold the pages of the messages in flight when
+their acknowledgement deletes them (deleting a row walks its overflow
+pages, which would otherwise be read back from the file), and the log is
+copied only once it holds ``CHECKPOINT_BYTES``: pages freed by
+acknowledged messages are reused meanwhile, so one checkpoint copies each
+page once however many payloads passed through it (with 8 MiB, each
+64 KiB payload was copied about once; with 64 MiB about half as often).
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from keel.errors import KeelError
+from keel.mesh.blobs import BLOB_MIN, BlobFiles
 from keel.mesh.delivery import Envelope, InboxMessage, Incoming, OutboxRow, Queued
 from keel.mesh.invite import InviteRecord
 from keel.mesh.membership import SignedRecord
@@ -41,11 +51,12 @@ from keel.mesh.packets import RoomStamp
 
 log = logging.getLogger("keel.mesh")
 
-SCHEMA_VERSION = 2  # 2: agent and to_agent in outbox and inbox (1 is migrated)
+SCHEMA_VERSION = 3  # 2: agent and to_agent in outbox and inbox; 3: blob columns (both migrated)
 PAGE_SIZE = 8192  # new databases only; an existing file keeps its own
-CHECKPOINT_BYTES = 8 << 20  # the checkpoint thread copies the log once it is this big
+CHECKPOINT_BYTES = 64 << 20  # the checkpoint thread copies the log once it is this big
 CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
-WAL_SIZE_LIMIT = 64 << 20  # a log reset after a burst is truncated to this
+WAL_SIZE_LIMIT = 128 << 20  # a log reset after a burst is truncated to this
+CACHE_BYTES = 32 << 20  # SQLite's page cache, at most (it grows only as pages are used)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -55,7 +66,8 @@ CREATE TABLE IF NOT EXISTS invites (
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, peer TEXT NOT NULL,
     room TEXT, topic TEXT NOT NULL, expires REAL NOT NULL, created REAL NOT NULL,
-    stamp TEXT, payload BLOB NOT NULL, agent TEXT, to_agent TEXT, UNIQUE (peer, id));
+    stamp TEXT, payload BLOB NOT NULL, agent TEXT, to_agent TEXT,
+    blob INTEGER, blob_at INTEGER, blob_size INTEGER, UNIQUE (peer, id));
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, sender TEXT NOT NULL,
     room TEXT, topic TEXT NOT NULL, received REAL NOT NULL, payload BLOB NOT NULL,
@@ -86,10 +98,40 @@ class _Duplicates(Exception):
 
 
 _INSERT_OUTBOX = (
-    "INSERT INTO outbox "
-    "(seq, id, peer, room, topic, expires, created, stamp, payload, agent, to_agent) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (seq, id, peer, room, topic, expires, created, stamp, payload, agent, "
+    "to_agent, blob, blob_at, blob_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+Location = tuple[int, int]  # a payload in the blob files: (segment, offset)
+
+
+def senders_clause(senders: Sequence[str] | None) -> tuple[str, list[str]]:
+    """SQL on the inbox's ``sender`` and ``agent``, true for a message whose sender one of
+    ``senders`` names (``receiveFrom`` entries, :func:`keel.agents.meshgrant.matches`;
+    None: everyone), and its parameters."""
+    if senders is None or "*" in senders:
+        return "1", []
+    terms: list[str] = []
+    params: list[str] = []
+    for pattern in senders:
+        agent, at, node = pattern.rpartition("@")
+        if not at:
+            terms.append("sender = ?")
+            params.append(pattern)
+        elif agent == "*":
+            terms.append("(sender = ? AND agent IS NOT NULL)")
+            params.append(node)
+        else:
+            terms.append("(sender = ? AND agent = ?)")
+            params += [node, agent]
+    return ("(" + " OR ".join(terms) + ")" if terms else "0"), params
+
+
+def _sender_order(sender: tuple[str, str | None]) -> tuple[str, str]:
+    return sender[0], sender[1] or ""  # the node itself first
+
+
+def _every_topic(topic: str) -> bool:
+    return True
 
 
 def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -99,8 +141,14 @@ def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None
         raise _Duplicates
 
 
-def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[tuple[Any, ...]]:
-    """Rows for ``items`` with seqs after ``last``; a room stamp is encoded once per message."""
+def _outbox_rows(
+    last: int, items: Sequence[OutboxRow], created: float, blobs: Mapping[int, Location]
+) -> list[tuple[Any, ...]]:
+    """Rows for ``items`` with seqs after ``last``; a room stamp is encoded once per message.
+
+    ``blobs``: where the payloads written to blob files are, by ``id(payload)``
+    (their rows hold an empty payload).
+    """
     texts: dict[
         int, str
     ] = {}  # id(stamp): its stored form (the recipients of one message share it)
@@ -112,6 +160,7 @@ def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[
             text = texts.get(id(stamp))
             if text is None:
                 text = texts[id(stamp)] = _stamp_text(stamp)
+        where = blobs.get(id(item.payload))
         rows.append(
             (
                 seq,
@@ -122,9 +171,12 @@ def _outbox_rows(last: int, items: Sequence[OutboxRow], created: float) -> list[
                 item.expires,
                 created,
                 text,
-                item.payload,
+                item.payload if where is None else b"",
                 item.agent,
                 item.to,
+                None if where is None else where[0],
+                None if where is None else where[1],
+                None if where is None else len(item.payload),
             )
         )
     return rows
@@ -183,6 +235,7 @@ class Store:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA secure_delete=FAST")
+            self._db.execute(f"PRAGMA cache_size=-{CACHE_BYTES >> 10}")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread's job
             self._migrate()
@@ -192,7 +245,46 @@ class Store:
                 "(a damaged file? move it away to start afresh, losing queued messages)"
             ) from None
         self._last_seq: int | None = None  # the last outbox seq used (cached)
-        self._checkpointer = _Checkpointer(path)
+        self._after_commit: Callable[[], None] = lambda: None  # the checkpointer's poke, soon
+        try:
+            self._blobs = BlobFiles(
+                path.with_name(path.name + "-blobs"), full=synchronous.upper() == "FULL"
+            )
+            self._open_blobs()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            raise StateError(f"{path}: cannot open the outbox's blob files: {exc}") from None
+        self._checkpointer = _Checkpointer(path, self._blobs)
+        self._after_commit = self._checkpointer.poke
+
+    def _open_blobs(self) -> None:
+        """Rows whose payload may be lost (a host crash, a missing file) become dead letters."""
+        blobs = self._blobs
+        after = blobs.suspect_after()
+        rows = self._db.execute(
+            "SELECT seq, id, peer, topic, room, expires, blob_size, agent, to_agent, blob "
+            "FROM outbox WHERE blob IS NOT NULL"
+        ).fetchall()
+        present = {int(p.name) for p in blobs.directory.iterdir() if p.name.isdigit()}
+        lost = [
+            Queued(*row[:9])
+            for row in rows
+            if (after is not None and row[0] > after) or row[9] not in present
+        ]
+        if lost:
+            log.warning(
+                "mesh: %d queued message(s) lost their payload in a crash of the host "
+                "before it was on disk (durability: normal); they are dead letters",
+                len(lost),
+            )
+            with self.transaction() as db:  # no segment released: ``opened`` counts afresh
+                self._dead_letter_rows(
+                    db, lost, "lost in a host crash (durability: normal)", time.time()
+                )
+        live = self._db.execute(
+            "SELECT blob, count(*) FROM outbox WHERE blob IS NOT NULL GROUP BY blob"
+        ).fetchall()
+        blobs.opened(live, self._outbox_seq(self._db))
 
     def _migrate(self) -> None:
         old = None
@@ -204,6 +296,12 @@ class Store:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN agent TEXT")
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN to_agent TEXT")
                 self._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+            old = ("2",)
+        if old is not None and old[0] == "2":
+            with self._db:  # one transaction: where a payload in the blob files is
+                for column in ("blob", "blob_at", "blob_size"):
+                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} INTEGER")
+                self._db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
         self._db.executescript(SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
@@ -223,6 +321,10 @@ class Store:
 
     def close(self) -> None:
         self._checkpointer.stop()
+        try:
+            self._blobs.close()
+        except OSError as exc:
+            state_failed("closing the outbox's blob files", StateError(f"{self.path}: {exc}"))
         self._db.close()  # the last connection to close checkpoints what is left
 
     @contextlib.contextmanager
@@ -243,7 +345,7 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise StateError(f"{self.path}: commit failed: {exc}") from None
-        self._checkpointer.poke()
+        self._after_commit()
 
     # -- meta
 
@@ -328,24 +430,67 @@ class Store:
     def enqueue(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id).
 
-        One transaction. The common case (nothing queued twice) is one
-        INSERT that skips conflicts; if it skipped any, the transaction is
-        undone and done again with a lookup of what is queued already.
+        One transaction. Payloads of ``BLOB_MIN`` bytes or more are first
+        appended to the blob files (once per message, whatever its number of
+        recipients; ``keel.mesh.blobs``). The common case (nothing queued
+        twice) is one INSERT that skips conflicts; if it skipped any, the
+        transaction is undone and done again with a lookup of what is queued
+        already.
         """
+        blobs = self._write_blobs(items)
         try:
             with self.transaction() as db:
                 last = self._outbox_seq(db)
-                rows = _outbox_rows(last, items, created)
+                rows = _outbox_rows(last, items, created, blobs)
                 _insert_new(db, rows)
         except _Duplicates:
-            return self._enqueue_checked(items, created)
+            return self._enqueue_checked(items, created, blobs)
         self._last_seq = last + len(rows)
+        self._blobs_committed(items, blobs)
         return [
-            Queued(seq, item.id, item.peer, item.topic, item.room, item.expires, len(item.payload))
+            Queued(
+                seq,
+                item.id,
+                item.peer,
+                item.topic,
+                item.room,
+                item.expires,
+                len(item.payload),
+                item.agent,
+                item.to,
+            )
             for seq, item in enumerate(items, last + 1)
         ]
 
-    def _enqueue_checked(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
+    def _write_blobs(self, items: Sequence[OutboxRow]) -> dict[int, tuple[int, int]]:
+        """The large payloads of ``items`` appended to the blob files: where each is, by id()."""
+        large = {id(i.payload): i.payload for i in items if len(i.payload) >= BLOB_MIN}
+        if not large:
+            return {}
+        try:
+            places = self._blobs.write(list(large.values()))
+        except OSError as exc:
+            raise StateError(
+                f"{self.path}: cannot write to the outbox's blob files: {exc}"
+            ) from None
+        return dict(zip(large, places, strict=True))
+
+    def _blobs_committed(
+        self, items: Iterable[OutboxRow | None], blobs: Mapping[int, tuple[int, int]]
+    ) -> None:
+        if blobs:
+            self._blobs.committed(
+                (
+                    blobs[id(i.payload)][0]
+                    for i in items
+                    if i is not None and id(i.payload) in blobs
+                ),
+                self._outbox_seq(self._db),
+            )
+
+    def _enqueue_checked(
+        self, items: Sequence[OutboxRow], created: float, blobs: Mapping[int, tuple[int, int]]
+    ) -> list[Queued | None]:
         keys = [(item.peer, item.id) for item in items]
         queued = self._existing("outbox", "peer", keys)
         out: list[Queued | None] = []
@@ -367,10 +512,13 @@ class Store:
                         item.room,
                         item.expires,
                         len(item.payload),
+                        item.agent,
+                        item.to,
                     )
                 )
-            db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created))
+            db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created, blobs))
         self._last_seq = last + len(new)
+        self._blobs_committed(new, blobs)
         return out
 
     def _outbox_seq(self, db: sqlite3.Connection) -> int:
@@ -410,7 +558,9 @@ class Store:
     @_state_errors
     def load_outbox(self) -> list[Queued]:
         rows = self._db.execute(
-            "SELECT seq, id, peer, topic, room, expires, length(payload) FROM outbox ORDER BY seq"
+            "SELECT seq, id, peer, topic, room, expires, coalesce(blob_size, length(payload)), "
+            "agent, to_agent "
+            "FROM outbox ORDER BY seq"
         ).fetchall()
         return [Queued(*row) for row in rows]
 
@@ -418,28 +568,61 @@ class Store:
     def outbox_payload(self, seq: int) -> Envelope | None:
         """A queued message's payload, room stamp and agents (None once it is gone)."""
         row = self._db.execute(
-            "SELECT payload, stamp, agent, to_agent FROM outbox WHERE seq = ?", (seq,)
+            "SELECT payload, stamp, agent, to_agent, blob, blob_at, blob_size FROM outbox "
+            "WHERE seq = ?",
+            (seq,),
         ).fetchone()
         if row is None:
             return None
         stamp = None if row[1] is None else _stamp_from_text(row[1])
-        return Envelope(bytes(row[0]), stamp, row[2], row[3])
+        payload = bytes(row[0])
+        if row[4] is not None:
+            try:
+                payload = self._blobs.read(row[4], row[5], row[6])
+            except OSError as exc:
+                raise StateError(f"{self.path}: cannot read a queued payload: {exc}") from None
+        return Envelope(payload, stamp, row[2], row[3])
 
     @_state_errors
     def delivered(self, items: Sequence[Queued]) -> None:
         """Acknowledged: drop the rows."""
         with self.transaction() as db:
-            db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
+            segments = self._delete_outbox(db, items)
+        self._blobs.released(segments)
 
     @_state_errors
     def dead_letter(self, items: Sequence[Queued], reason: str, wall: float) -> None:
         with self.transaction() as db:
-            db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
-            db.executemany(
-                "INSERT OR REPLACE INTO dead_letters "
-                "(seq, id, peer, room, topic, size, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall) for i in items],
-            )
+            segments = self._dead_letter_rows(db, items, reason, wall)
+        self._blobs.released(segments)
+
+    def _dead_letter_rows(
+        self, db: sqlite3.Connection, items: Sequence[Queued], reason: str, wall: float
+    ) -> list[int]:
+        segments = self._delete_outbox(db, items)
+        db.executemany(
+            "INSERT OR REPLACE INTO dead_letters "
+            "(seq, id, peer, room, topic, size, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall) for i in items],
+        )
+        return segments
+
+    @staticmethod
+    def _delete_outbox(db: sqlite3.Connection, items: Sequence[Queued]) -> list[int]:
+        """Delete the rows of ``items``; the blob segment of each that named one."""
+        segments: list[int] = []
+        for start in range(0, len(items), 500):
+            chunk = [i.seq for i in items[start : start + 500]]
+            marks = ", ".join("?" * len(chunk))
+            segments += [
+                int(segment)
+                for (segment,) in db.execute(
+                    f"DELETE FROM outbox WHERE seq IN ({marks}) RETURNING blob",  # noqa: S608
+                    chunk,
+                )
+                if segment is not None
+            ]
+        return segments
 
     @_state_errors
     def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -496,22 +679,27 @@ class Store:
         limit: int,
         exclude: Container[int],
         reader: str | None = None,
+        senders: Sequence[str] | None = None,
+        *,
         rooms: Callable[[str], bool] | None = None,
     ) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` for ``reader`` whose seq is not in ``exclude``.
 
         ``reader``: an agent gets the messages for no agent and those for it;
-        None (the node itself) those for no agent. ``rooms``: the rooms whose
-        messages the reader may read (None: all). Seqs come from the
-        ``(topic, seq)`` index first; only the chosen rows' payloads are read.
+        None (the node itself) those for no agent. ``senders``: the reader's
+        ``receiveFrom`` (None: everyone); the messages of others stay.
+        ``rooms``: the rooms whose messages the reader may read (None: all).
+        Seqs come from the ``(topic, seq)`` index first; only the chosen rows'
+        payloads are read.
         """
         chosen: list[int] = []
         after = 0
+        clause, params = senders_clause(senders)
         while len(chosen) < limit:
             seqs = self._db.execute(
-                "SELECT seq, room FROM inbox WHERE topic = ? AND seq > ? "
-                "AND (to_agent IS NULL OR to_agent = ?) ORDER BY seq LIMIT ?",
-                (topic, after, reader, max(limit, 256)),
+                "SELECT seq, room FROM inbox WHERE topic = ? AND seq > ? "  # noqa: S608
+                f"AND (to_agent IS NULL OR to_agent = ?) AND {clause} ORDER BY seq LIMIT ?",
+                (topic, after, reader, *params, max(limit, 256)),
             ).fetchall()
             if not seqs:
                 break
@@ -539,23 +727,40 @@ class Store:
         return out
 
     @_state_errors
+    def refused_senders(
+        self, topic: str, reader: str, senders: Sequence[str], limit: int = 8
+    ) -> list[tuple[str, str | None]]:
+        """Up to ``limit`` (node, agent) that sent messages on ``topic`` ``reader`` may not
+        read: not in its ``receiveFrom`` (``senders``)."""
+        clause, params = senders_clause(senders)
+        rows = self._db.execute(
+            "SELECT DISTINCT sender, agent FROM inbox WHERE topic = ? "  # noqa: S608
+            f"AND (to_agent IS NULL OR to_agent = ?) AND NOT {clause} LIMIT ?",
+            (topic, reader, *params, limit),
+        ).fetchall()
+        return sorted(((str(node), agent) for node, agent in rows), key=_sender_order)
+
+    @_state_errors
     def consume(
         self,
         seqs: Iterable[int],
         reads: Callable[[str], bool] | None = None,
+        senders: Sequence[str] | None = None,
+        *,
         rooms: Callable[[str], bool] | None = None,
     ) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there.
 
-        ``reads``: only messages on topics it allows are deleted (an agent's
-        acknowledgement of another agent's message is no acknowledgement);
-        ``rooms``: only room messages of the rooms it allows.
+        ``reads``: only messages on topics it allows are deleted, ``senders``:
+        only those from the nodes and agents it names, ``rooms``: only room
+        messages of the rooms it allows (an agent's acknowledgement of a
+        message it may not read is no acknowledgement).
         """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            if reads is not None or rooms is not None:
-                unique = self._readable(db, unique, reads, rooms)
+            if reads is not None or senders is not None or rooms is not None:
+                unique = self._readable(db, unique, reads or _every_topic, senders, rooms=rooms)
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -569,23 +774,26 @@ class Store:
     def _readable(
         db: sqlite3.Connection,
         seqs: Sequence[int],
-        reads: Callable[[str], bool] | None,
+        reads: Callable[[str], bool],
+        senders: Sequence[str] | None = None,
+        *,
         rooms: Callable[[str], bool] | None = None,
     ) -> list[int]:
-        """Those of ``seqs`` whose message's topic ``reads`` allows, and room ``rooms``."""
+        """Those of ``seqs`` whose message's topic ``reads`` allows, from ``senders``, of a
+        room ``rooms`` allows (or of none)."""
         allowed: list[int] = []
+        clause, params = senders_clause(senders)
         for start in range(0, len(seqs), 500):
             chunk = seqs[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             rows = db.execute(
-                f"SELECT seq, topic, room FROM inbox WHERE seq IN ({marks})",  # noqa: S608
-                chunk,
+                f"SELECT seq, topic, room FROM inbox WHERE seq IN ({marks}) AND {clause}",  # noqa: S608
+                [*chunk, *params],
             ).fetchall()
             allowed += [
                 int(seq)
                 for seq, topic, room in rows
-                if (reads is None or reads(topic))
-                and (room is None or rooms is None or rooms(room))
+                if reads(topic) and (room is None or rooms is None or rooms(room))
             ]
         return allowed
 
@@ -620,8 +828,9 @@ class _Checkpointer:
     poke: the log only grows meanwhile, nothing is lost.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, blobs: BlobFiles) -> None:
         self.path = path
+        self.blobs = blobs
         self.wal = path.with_name(path.name + "-wal")
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -638,6 +847,7 @@ class _Checkpointer:
             big = self.wal.stat().st_size >= CHECKPOINT_BYTES
         except OSError:
             return
+        big = big or self.blobs.unsynced_bytes >= CHECKPOINT_BYTES
         if big:
             self._wake.set()
 
@@ -655,6 +865,11 @@ class _Checkpointer:
                 self._wake.clear()
                 if self._stopping.is_set():
                     return
+                try:
+                    self.blobs.sync()  # the payloads on disk before the rows that name them
+                except OSError as exc:
+                    log.warning("mesh: fsync of %s's blob files failed (will retry): %s",
+                                self.path, exc)  # fmt: skip
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:

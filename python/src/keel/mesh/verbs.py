@@ -17,7 +17,7 @@ from typing import Any, Final, TypedDict
 
 from keel.errors import KeelError, Refused, UsageError
 from keel.mesh import arguments
-from keel.mesh.ids import is_message_id
+from keel.mesh.ids import is_agent_name, is_message_id
 from keel.mesh.invite import MAX_USES, InviteToken
 from keel.mesh.membership import View
 
@@ -95,12 +95,19 @@ class Direct:
     payload: bytes
     ttl: float | None  # None: the node's default
     to_agent: str | None = None  # the agent on that node it is for
+    as_agent: str | None = None  # the node's agent a node-level caller sends for
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> Direct:
         agent, to = arguments.address(args, "to")
         message_id, topic, payload, ttl = _message(args)
-        return cls(message_id, to, topic, payload, ttl, agent)
+        as_agent = args.get("as_agent")
+        if as_agent is not None and not is_agent_name(as_agent):
+            raise UsageError(
+                "as_agent must be an agent's name (1 to 20 of a-z, 0-9, '_' and '-', "
+                "starting with a letter)"
+            )
+        return cls(message_id, to, topic, payload, ttl, agent, as_agent)
 
 
 @dataclass(frozen=True)
@@ -385,7 +392,7 @@ class WhoAmI(TypedDict):
     uid: int
     agent: str | None  # None: no agent, the node itself
     tier: int | None
-    mesh: dict[str, Any] | None  # the agent's grant {"sendTo", "topics"}; None: everything
+    mesh: dict[str, Any] | None  # its grant {"sendTo", "receiveFrom", "topics"}; None: all
     operator: bool  # may use the administrative verbs
 
 

@@ -117,7 +117,7 @@ def test_whoami_names_the_caller_from_the_kernel(nodes: tuple[Node, Node]) -> No
     assert scout["agent"] == "scout"
     assert scout["tier"] == 2
     assert scout["uid"] == SCOUT
-    assert scout["mesh"] == {"sendTo": [b.node_id], "topics": ["jobs"]}
+    assert scout["mesh"] == {"sendTo": [b.node_id], "receiveFrom": [], "topics": ["jobs"]}
     assert scout["caller"] == f"agent scout (uid {SCOUT})"
     assert not scout["operator"]
     stranger = request(a, STRANGER, "whoami")["ok"]
@@ -130,12 +130,13 @@ def test_whoami_names_the_caller_from_the_kernel(nodes: tuple[Node, Node]) -> No
     assert root["caller"].startswith("root")
     listed = {entry["agent"]: entry for entry in a.client.agents()}
     assert set(listed) == {"ops", "scout", "idle", "reader"}
-    assert listed["idle"]["mesh"] == {"sendTo": [], "topics": []}
-    assert listed["ops"]["mesh"] == {"sendTo": ["*"], "topics": ["*"]}
+    assert listed["idle"]["mesh"] == {"sendTo": [], "receiveFrom": [], "topics": []}
+    assert listed["ops"]["mesh"] == {"sendTo": ["*"], "receiveFrom": ["*"], "topics": ["*"]}
     shown = a.cli("whoami")
     assert shown.returncode == 0, shown.stderr
     assert "you are:   root" in shown.stdout
     assert "* (the node)" in shown.stdout
+    assert "read from: * (the node)" in shown.stdout
 
 
 def test_an_agent_sends_only_within_its_grant(nodes: tuple[Node, Node]) -> None:
@@ -204,7 +205,11 @@ def test_refusals_reach_the_ledger_and_survive_a_restart(
     a.start()
     open_up(a)
     assert refused(request(a, SCOUT, "send", send)) == first
-    assert request(a, SCOUT, "whoami")["ok"]["mesh"] == {"sendTo": [b.node_id], "topics": ["jobs"]}
+    assert request(a, SCOUT, "whoami")["ok"]["mesh"] == {
+        "sendTo": [b.node_id],
+        "receiveFrom": [],
+        "topics": ["jobs"],
+    }
     a.stop()  # the ledger's last entries are written by an orderly stop
 
     def entries() -> list[dict[str, Any]]:
@@ -393,3 +398,159 @@ def test_each_node_lists_the_agents_its_peers_announced(
     shown = a.cli("agents")
     assert shown.returncode == 0, shown.stderr
     assert f"(its node's)  {b.node_id}" in shown.stdout
+
+
+# -- sendTo and receiveFrom naming agents (issue 13: policy per agent)
+
+
+def grants_both_ways(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[Node, Node]:
+    """a sends (ops: everything; scout; narrow: to notes@b only), b reads (picky: from
+    scout@a only; notes: the tier's default, everyone). b keeps a ledger."""
+    b = mesh_nodes("b", ledger=short_tmp / "b-ledger.db").start()
+    a_roster = {
+        "ops": {"uid": OPS, "tier": 0},
+        "scout": {"uid": SCOUT, "tier": 2, "mesh": {"sendTo": ["*"], "topics": ["jobs"]}},
+        "narrow": {
+            "uid": IDLE,
+            "tier": 2,
+            "mesh": {"sendTo": [f"notes@{b.node_id}"], "topics": ["jobs"]},
+        },
+    }
+    a = mesh_nodes("a", ledger=short_tmp / "a-ledger.db", config={**FAST, "agents": a_roster})
+    a.start()
+    b.stop()  # b learns a's id, then names it in picky's receiveFrom
+    b.settings["agents"] = {
+        "picky": {
+            "uid": READER,
+            "tier": 1,
+            "mesh": {"topics": ["jobs"], "receiveFrom": [f"scout@{a.node_id}"]},
+        },
+        "notes": {"uid": OPS, "tier": 1},
+    }
+    b.start()
+    b.join(a)
+    a.wait_connected(b)
+    open_up(a)
+    open_up(b)
+    return a, b
+
+
+def refusals(ledger: Path, kind: str = "mesh-refused") -> list[dict[str, Any]]:
+    opened = Ledger.open(ledger)
+    try:
+        return [e.as_dict() for _, e in opened.entries() if e.kind == kind]
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize("how", ["recv", "subscribe"])
+def test_an_agent_reads_only_what_its_receive_from_names(
+    mesh_nodes: Callable[..., Node], short_tmp: Path, how: str
+) -> None:
+    a, b = grants_both_ways(mesh_nodes, short_tmp)
+    for uid, text in ((OPS, "from ops"), (SCOUT, "from scout")):
+        sent = as_uid(uid, SEND, str(a.socket), b.node_id, "jobs", text)
+        assert len(sent) == 32, sent
+    wait_until(lambda: b.status()["inbox"] == 2, timeout=20, what="both messages at b")
+    # picky takes scout's message only; ops' stays for the node's other readers
+    assert received(b, READER, how, 20) == [["from scout", "scout", a.node_id]]
+    assert b.status()["inbox"] == 1
+    assert received(b, OPS, how, 20) == [["from ops", "ops", a.node_id]]
+    grant = request(b, READER, "whoami")["ok"]["mesh"]
+    assert grant == {"sendTo": ["*"], "receiveFrom": [f"scout@{a.node_id}"], "topics": ["jobs"]}
+    # a message addressed to picky by a sender it does not receive from is refused
+    # for good: the sender's dead letter says why
+    a.client.send(f"picky@{b.node_id}", "jobs", b"from a itself")
+    (letter,) = wait_until(a.client.dead_letters, timeout=20, what="the dead letter")
+    assert letter["reason"] == (
+        f"rejected: agent picky does not receive from {a.node_id} "
+        f"(its mesh.receiveFrom is 'scout@{a.node_id}')"
+    )
+    # the same policy after a restart (the grant is the config's, nothing else)
+    b.stop()
+    b.start()
+    a.wait_connected(b)
+    open_up(b)
+    assert request(b, READER, "whoami")["ok"]["mesh"] == grant
+    as_uid(OPS, SEND, str(a.socket), b.node_id, "jobs", "again from ops")
+    wait_until(lambda: b.status()["inbox"] == 1, timeout=20, what="ops' second message at b")
+    assert received(b, READER, how, 0.2) == []
+    assert b.status()["inbox"] == 1
+    b.stop()  # the ledger's last entries are written by an orderly stop
+    recorded = refusals(short_tmp / "b-ledger.db")
+    assert len(recorded) == 2, recorded  # one per daemon run: rate-limited, not per message
+    for entry in recorded:
+        assert entry["subject"] == "picky"
+        assert entry["data"]["verb"] == "read"
+        assert entry["data"]["reason"] == (
+            f"agent picky (tier 1, uid {READER}) is not given messages on 'jobs' from "
+            f"ops@{a.node_id}: its mesh.receiveFrom is 'scout@{a.node_id}' "
+            "(they stay for the node's other readers)"
+        )
+
+
+def test_send_to_an_agent_allows_that_agent_only(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    a, b = grants_both_ways(mesh_nodes, short_tmp)
+    sent = as_uid(IDLE, SEND, str(a.socket), f"notes@{b.node_id}", "jobs", "for notes")
+    assert len(sent) == 32, sent
+    for to in (f"picky@{b.node_id}", b.node_id):
+        text = as_uid(IDLE, SEND, str(a.socket), to, "jobs", "not for them")
+        assert text == (
+            f"Refused agent narrow (tier 2, uid {IDLE}) may not send to {to}: "
+            f"its mesh.sendTo is 'notes@{b.node_id}'"
+        )
+    assert received(b, OPS, "recv", 20) == [["for notes", "narrow", a.node_id]]
+    listed = a.cli("agents")
+    assert listed.returncode == 0, listed.stderr
+    assert f"notes@{b.node_id}" in listed.stdout
+    assert "READ FROM" in listed.stdout
+    # both ledgers say which agent sent it, and to which agent
+    a.stop()
+    b.stop()
+    for ledger, kind in (("a-ledger.db", "sent-batch"), ("b-ledger.db", "received-batch")):
+        (entry,) = refusals(short_tmp / ledger, kind)
+        assert entry["data"]["agents"] == ["narrow"]
+        (group,) = entry["data"]["groups"]
+        assert (group["agent"], group["to_agent"], group["ids"]) == ("narrow", "notes", [sent])
+
+
+# Subscribes as the given uid, says so, then prints what the first DELIVER brought.
+LIVE = """
+import json, sys
+from keel.mesh.client import MeshClient
+with MeshClient(sys.argv[1]).subscribe("jobs") as sub:
+    print("subscribed", flush=True)
+    got = sub.recv(wait=20)
+    sub.ack()
+print(json.dumps([[m.data.decode(), m.agent, m.sender] for m in got]), flush=True)
+"""
+
+
+def test_a_subscriber_is_not_handed_what_its_receive_from_refuses(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # picky subscribes before the messages arrive, so they are handed from the peer's
+    # batch (not read from the inbox): ops' message, sent first, is passed over and stored.
+    a, b = grants_both_ways(mesh_nodes, short_tmp)
+    listener = subprocess.Popen(
+        ["setpriv", f"--reuid={READER}", f"--regid={READER}", "--clear-groups",
+         sys.executable, "-c", LIVE, str(b.socket)],
+        stdout=subprocess.PIPE, text=True, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "subscribed"
+        as_uid(OPS, SEND, str(a.socket), b.node_id, "jobs", "from ops")
+        as_uid(SCOUT, SEND, str(a.socket), b.node_id, "jobs", "from scout")
+        got = json.loads(listener.stdout.readline())
+        assert listener.wait(timeout=30) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert got == [["from scout", "scout", a.node_id]]
+    wait_until(lambda: b.status()["inbox"] == 1, timeout=20, what="ops' message kept at b")
+    assert received(b, OPS, "recv", 20) == [["from ops", "ops", a.node_id]]

@@ -128,9 +128,12 @@ def test_peers_and_ids(pair: tuple[Node, Node]) -> None:
     assert (service["name"], service["ledger"]["state"]) == ("mesh", "off")
 
 
-def test_exactly_once_when_either_daemon_is_killed_mid_stream(pair: tuple[Node, Node]) -> None:
+@pytest.mark.parametrize("size", [0, 40 << 10], ids=["small", "blob-files"])
+def test_exactly_once_when_either_daemon_is_killed_mid_stream(
+    pair: tuple[Node, Node], size: int
+) -> None:
     a, b = pair
-    payloads = [f"message {i}".encode() for i in range(300)]
+    payloads = [f"message {i}".encode().ljust(size, b".") for i in range(300)]
     receiver = MeshClient(b.socket, timeout=5)
     sender = MeshClient(a.socket, timeout=5)
     result: dict[str, Counter[bytes]] = {}
@@ -158,16 +161,17 @@ def test_exactly_once_when_either_daemon_is_killed_mid_stream(pair: tuple[Node, 
     assert b.status()["inbox"] == 0
 
 
-def test_queued_messages_survive_restarts_of_the_sender(pair: tuple[Node, Node]) -> None:
+@pytest.mark.parametrize("size", [0, 40 << 10], ids=["small", "blob-files"])
+def test_queued_messages_survive_restarts_of_the_sender(pair: tuple[Node, Node], size: int) -> None:
     a, b = pair
     b.stop()
-    ids = [a.client.send(b.node_id, "later", f"{i}".encode()) for i in range(20)]
+    ids = [a.client.send(b.node_id, "later", f"{i}".encode().ljust(size)) for i in range(20)]
     assert a.status()["outbox"] == 20
     a.kill()
     a.start()
     assert a.status()["outbox"] == 20
     b.start()
-    got = collect(b.client, "later", {f"{i}".encode() for i in range(20)})
+    got = collect(b.client, "later", {f"{i}".encode().ljust(size) for i in range(20)})
     assert sum(got.values()) == 20
     assert len(set(ids)) == 20
 

@@ -168,6 +168,22 @@ def test_a_handshake_past_its_deadline_is_dropped() -> None:
     run(scenario, timeout=0.2)
 
 
+def test_accepted_connections_do_not_wait_for_delayed_acks() -> None:
+    """TCP_NODELAY on what is accepted (asyncio sets it only where proto is IPPROTO_TCP):
+    with Nagle on, a request answered at once by a reply waited 40 ms for a delayed ACK."""
+
+    async def scenario(listener: Listener[Conn], made: list[Conn]) -> None:
+        client = connect(listener.port, "127.0.0.2")
+        await until(lambda: made and made[0].transport is not None, "the connection")
+        transport = made[0].transport
+        assert transport is not None
+        accepted = transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        client.close()
+
+    run(scenario)
+
+
 def holding(reserve: Reserve) -> bool:
     return reserve.held
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keel.ledger import core
 from keel.ledger.recorder import MAX_ENTRY
-from keel.mesh.audit import KINDS, MAX_REASON, WINDOW, Entry, MessageBatches, messages
+from keel.mesh.audit import KINDS, MAX_REASON, WINDOW, Entry, Message, MessageBatches, messages
 from keel.mesh.audit_log import AuditLog
 from keel.testing import FakeClock
 
@@ -251,15 +251,15 @@ def test_the_audit_log_records_on_time_and_on_close() -> None:
     async def scenario() -> None:
         mono, wall = FakeClock(100.0), FakeClock(WALL0)
         log = AuditLog(MessageBatches(ME, clock=mono, wall=wall, window=0.0), record)
-        log.add("sent", [(mid(1), P1, "t", None, 1)])
+        log.add("sent", [(mid(1), P1, "t", None, 1, None, None)])
         assert recorded == []  # not before its window is over (on the loop's next turn)
         await arrived.wait()
         assert [(k, s) for k, s, _ in recorded] == [("sent-batch", P1)]
         full = AuditLog(MessageBatches(ME, clock=mono, wall=wall, max_messages=2), record)
-        full.add("received", [(mid(2), P2, "t", None, 1)])
-        full.add("received", [(mid(3), P2, "t", None, 1)])
+        full.add("received", [(mid(2), P2, "t", None, 1, None, None)])
+        full.add("received", [(mid(3), P2, "t", None, 1, None, None)])
         assert len(recorded) == 1  # full, but recorded on the next tick with the others
-        full.add("delivered", [(mid(4), P2, "t", None, 1)])
+        full.add("delivered", [(mid(4), P2, "t", None, 1, None, None)])
         full.close()  # the window is not waited for
         assert [(k, d["count"]) for k, _, d in recorded[1:]] == [
             ("received-batch", 2),
@@ -270,7 +270,9 @@ def test_the_audit_log_records_on_time_and_on_close() -> None:
         arrived.clear()
         ticks = AuditLog(MessageBatches(ME, clock=mono, wall=wall, window=0.0, max_messages=1),
                          record)  # fmt: skip
-        ticks.add("sent", [(mid(5), P1, "t", None, 1), (mid(6), P1, "t", None, 1)])
+        ticks.add(
+            "sent", [(mid(5), P1, "t", None, 1, None, None), (mid(6), P1, "t", None, 1, None, None)]
+        )
         assert len(recorded) == 3
         await arrived.wait()  # both full batches, on one tick
         assert [d["groups"][0]["ids"] for _, _, d in recorded[3:]] == [[mid(5)], [mid(6)]]
@@ -281,11 +283,67 @@ def test_the_audit_log_records_on_time_and_on_close() -> None:
 def test_add_many_is_add_one_by_one() -> None:
     one, _, _ = batches(max_messages=5, max_bytes=2048)
     many, _, _ = batches(max_messages=5, max_bytes=2048)
-    items = [(mid(n), [P1, P2][n % 2], f"t{n % 3}" * 20, None, n) for n in range(40)]
+    agents = [None, "scout", "ops-agent-with-a-long-name"]
+    items: list[Message] = [
+        (mid(n), [P1, P2][n % 2], f"t{n % 3}" * 20, None, n, agents[n % 3], agents[n % 2])
+        for n in range(40)
+    ]
     singly: list[Entry] = []
-    for message_id, peer, topic, room, size in items:
+    for message_id, peer, topic, room, size, agent, to in items:
         singly += one.add(
-            "sent", message_id=message_id, peer=peer, topic=topic, room=room, size=size
+            "sent",
+            message_id=message_id,
+            peer=peer,
+            topic=topic,
+            room=room,
+            size=size,
+            agent=agent,
+            to=to,
         )
     assert many.add_many("sent", items) == singly
     assert many.flush() == one.flush()
+
+
+def test_an_entry_names_the_agents_that_sent_its_messages() -> None:
+    """Which agent sent what: per group (the agent stamped, the agent it is for), and the
+    set of sending agents of the entry; messages() lists them back per message."""
+    b, _, _ = batches()
+    add(b, "sent", 1, agent="scout")
+    add(b, "sent", 2, agent="scout", to="notes")
+    add(b, "sent", 3)  # the node itself
+    add(b, "sent", 4, agent="ops")
+    add(b, "sent", 5, agent="scout")
+    (entry,) = b.flush()
+    assert entry.data["agents"] == ["ops", "scout"]
+    assert [(g.get("agent"), g.get("to_agent"), g["ids"]) for g in entry.data["groups"]] == [
+        ("scout", None, [mid(1), mid(5)]),
+        ("scout", "notes", [mid(2)]),
+        (None, None, [mid(3)]),
+        ("ops", None, [mid(4)]),
+    ]
+    listed = {
+        m["id"]: (m.get("agent"), m.get("to_agent")) for m in messages(entry.kind, entry.data)
+    }
+    assert listed == {
+        mid(1): ("scout", None),
+        mid(2): ("scout", "notes"),
+        mid(3): (None, None),
+        mid(4): ("ops", None),
+        mid(5): ("scout", None),
+    }
+    # an entry without agents has no "agents" key (as before agents were told apart)
+    add(b, "received", 6)
+    (plain,) = b.flush()
+    assert "agents" not in plain.data
+    assert "agent" not in plain.data["groups"][0]
+
+
+def test_agent_names_keep_an_entry_within_its_size() -> None:
+    b, _, _ = batches(max_messages=10_000, max_bytes=1024)
+    entries: list[Entry] = []
+    for n in range(400):
+        entries += add(b, "sent", n, agent=f"agent-{n % 50:02d}-name", to=f"to-{n % 7}")
+    entries += b.flush()
+    assert sum(e.data["count"] for e in entries) == 400
+    for entry in entries:
+        assert len(core.canonical_json(entry.data)) <= 1024

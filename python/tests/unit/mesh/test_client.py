@@ -110,3 +110,52 @@ def test_refusals_and_bad_requests_are_told_apart_by_type(refusing_daemon: Path)
     with pytest.raises(BadRequest, match="unknown verb"):
         client.status()  # this daemon has no status verb: its answer says so, by kind
     client.close()
+
+
+@pytest.fixture
+def hanging_up_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
+    """A control socket whose first stream hangs up on its first frame; later ones queue all.
+
+    Yields the socket and the kinds of the frames the streams read, in order.
+    """
+    kinds: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
+                body = await reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                return
+            kinds.append(kind)
+            if len(kinds) == 1:
+                return  # as a daemon that dies with the batch unconfirmed
+            request, _ = local.decode_send(body, to_agents=kind == local.Kind.SEND_TO)
+            writer.write(local.encode_sent(request))
+            await writer.drain()
+
+    async def stream(args: dict[str, Any], peer: api.Peer) -> api.Upgrade:
+        return api.Upgrade({"stream": 1, "node": NODE}, serve)
+
+    path = tmp_path / "mesh.sock"
+    loop = asyncio.new_event_loop()
+    server = api.ControlServer(path, {"stream": stream})
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield path, kinds
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_a_batch_for_an_agent_is_sent_again_as_it_was_after_a_reconnect(
+    hanging_up_daemon: tuple[Path, list[int]],
+) -> None:
+    path, kinds = hanging_up_daemon
+    with MeshClient(path, timeout=5).sender(retry=10) as out:
+        out.send(f"scout@{NODE}", "t", b"for an agent")
+    assert kinds == [local.Kind.SEND_TO, local.Kind.SEND_TO]

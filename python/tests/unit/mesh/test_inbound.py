@@ -97,7 +97,7 @@ def test_subscribers_with_room_take_messages_in_order_the_rest_is_stored() -> No
     assert [(stream, item.id[-1]) for stream, item in plan.hand] == [(2, "0"), (2, "1"), (3, "2")]
     assert [i.id[-1] for i in plan.store] == ["3", "4", "9"]
     assert plan.ok == [i.id for i in plan.store]  # handed ones are answered later
-    assert plan.backlogged == {"jobs"}  # stored while it has subscribers
+    assert plan.backlogged == {1, 2, 3}  # stored while they could take it: fill them later
 
 
 def test_a_windows_bytes_are_counted_across_the_batch() -> None:
@@ -136,7 +136,7 @@ def test_room_messages_are_checked_and_keyed_by_their_author() -> None:
 
 
 def test_a_message_for_an_agent_goes_to_that_agent_only_or_is_refused() -> None:
-    def addressable(agent: str, topic: str) -> str | None:
+    def addressable(agent: str, topic: str, sender: inbound.Sender) -> str | None:
         if agent not in ("notes", "ops"):
             return f"no agent {agent} on this node"
         return None if topic == "jobs" else f"agent {agent} does not take topic {topic!r}"
@@ -218,3 +218,40 @@ def test_a_room_message_goes_only_to_an_agent_in_the_room() -> None:
     )
     assert plan.hand == []
     assert [i.id for i in plan.store] == [message.id]  # stored for a reader that may read it
+
+
+def test_a_subscriber_is_handed_only_what_its_receive_from_allows() -> None:
+    """A stream whose agent may not receive from the sender is passed over; with no other
+    taker the message is stored (for the node's other readers), never dropped."""
+    windows = {
+        "jobs": [
+            Window(1, 0, 0, 10, 1000, False, "picky", (f"ops@{PEER}",)),
+            Window(2, 0, 0, 10, 1000, False, "open", None),
+        ]
+    }
+    from_ops = msg(1)._replace(agent="ops")
+    from_scout = msg(2)._replace(agent="scout")
+    plan = decide([from_ops, from_scout], windows=windows)
+    assert [(stream, item.agent) for stream, item in plan.hand] == [(1, "ops"), (2, "scout")]
+    only_picky = {"jobs": windows["jobs"][:1]}
+    plan = decide([from_scout, from_ops], windows=only_picky)
+    assert [(stream, item.agent) for stream, item in plan.hand] == [(1, "ops")]
+    assert [item.agent for item in plan.store] == ["scout"]
+    assert plan.ok == [from_scout.id]
+    # picky is not left waiting on a backlog it may not read: ops' next message is its own
+    assert plan.backlogged == set()
+    for_open = decide([from_scout], windows={"jobs": [windows["jobs"][0]._replace(pending=10)]})
+    assert for_open.backlogged == set()
+    full = windows["jobs"][0]._replace(pending=10)
+    assert decide([from_ops], windows={"jobs": [full]}).backlogged == {1}
+
+
+def test_a_message_for_an_agent_from_a_sender_it_does_not_receive_from_is_refused() -> None:
+    def addressable(agent: str, topic: str, sender: inbound.Sender) -> str | None:
+        return None if sender == (PEER, "ops") else f"agent {agent} does not receive from it"
+
+    from_ops = msg(1)._replace(agent="ops", to="notes")
+    from_node = msg(2)._replace(to="notes")
+    plan = decide([from_ops, from_node], addressable=addressable)
+    assert [item.id for item in plan.store] == [from_ops.id]
+    assert plan.rejected == [(from_node.id, "agent notes does not receive from it")]

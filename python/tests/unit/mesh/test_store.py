@@ -254,6 +254,46 @@ def test_agents_travel_with_a_message_and_each_reader_takes_its_own(tmp_path: Pa
     assert taken(None) == [(b"to the topic", "scout")]  # the node: what is for no agent
 
 
+def test_a_readers_receive_from_bounds_take_consume_and_names_who_was_kept_back(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    row = OutboxRow("1" * 32, P, None, "t", 2e9, None, b"x", "scout", "notes")
+    (queued,) = store.enqueue([row], created=1.0)
+    assert queued is not None
+    assert (queued.agent, queued.to) == ("scout", "notes")  # for the ledger's batches
+    assert [(q.agent, q.to) for q in store.load_outbox()] == [("scout", "notes")]
+    seqs = store.receive(
+        [
+            Incoming(P, "a" * 32, None, "t", b"scout of p", 2e9, "scout", None),
+            Incoming(P, "b" * 32, None, "t", b"p itself", 2e9, None, None),
+            Incoming(Q, "c" * 32, None, "t", b"scout of q", 2e9, "scout", None),
+            Incoming(Q, "d" * 32, None, "t", b"ops of q", 2e9, "ops", None),
+        ],
+        wall=3.0,
+    )
+
+    def taken(senders: list[str] | None) -> list[bytes]:
+        return [m.payload for m in store.take("t", 10, (), "picky", senders)]
+
+    everything = [b"scout of p", b"p itself", b"scout of q", b"ops of q"]
+    assert taken(None) == taken(["*"]) == everything
+    assert taken([]) == []
+    assert taken([P]) == [b"scout of p", b"p itself"]
+    assert taken([f"*@{P}", f"ops@{Q}"]) == [b"scout of p", b"ops of q"]
+    assert taken([f"scout@{Q}"]) == [b"scout of q"]
+    assert store.refused_senders("t", "picky", [f"scout@{Q}"]) == [
+        (P, None),
+        (P, "scout"),
+        (Q, "ops"),
+    ]
+    assert store.refused_senders("t", "picky", ["*"]) == []
+    # an acknowledgement deletes only what the reader may read
+    gone = store.consume(seqs, None, [f"scout@{Q}"])
+    assert [seq for seq, _ in gone] == [seqs[2]]
+    assert len(store.consume(seqs)) == 3
+
+
 def test_a_schema_1_database_gains_the_agents_columns_and_keeps_its_messages(
     tmp_path: Path,
 ) -> None:
@@ -286,7 +326,149 @@ def test_a_schema_1_database_gains_the_agents_columns_and_keeps_its_messages(
     (queued,) = store.load_outbox()
     assert store.outbox_payload(queued.seq) == Envelope(b"old", None)
     assert [(m.payload, m.agent, m.to) for m in store.take("t", 10, ())] == [(b"old", None, None)]
-    assert store.get_meta("schema") == "2"
+    assert store.get_meta("schema") == "3"
+    store.close()
+    Store(path).close()  # and opens again as schema 3
+
+
+# ---------------------------------------------------------------- large payloads (keel.mesh.blobs)
+
+BIG = bytes(range(256)) * 256  # 64 KiB
+
+
+def blob_dir(path: Path) -> Path:
+    return path.with_name(path.name + "-blobs")
+
+
+def segments(path: Path) -> list[str]:
+    return sorted(p.name for p in blob_dir(path).iterdir() if p.name.isdigit())
+
+
+def test_a_large_payload_is_written_once_to_a_blob_file_and_read_back_after_reopening(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    room = OutboxRow("1" * 32, P, None, "t", 2e9, None, BIG)  # one message, two recipients
+    first, second = store.enqueue([room, room._replace(peer=Q), out("2" * 32)], created=1.0)[:2]
+    assert first is not None
+    assert second is not None
+    assert first.size == len(BIG)
+    assert [(blob_dir(path) / name).stat().st_size for name in segments(path)] == [len(BIG)]
+    with sqlite3.connect(path) as db:  # the rows name the file; the small one holds its payload
+        rows = db.execute("SELECT length(payload), blob_size FROM outbox ORDER BY seq").fetchall()
+    assert rows == [(0, len(BIG)), (0, len(BIG)), (4, None)]
+    store.close()
+    store = Store(path)
+    loaded = store.load_outbox()
+    assert [i.size for i in loaded] == [len(BIG), len(BIG), 4]
+    assert store.outbox_payload(loaded[1].seq) == Envelope(BIG, None)
+    store.delivered(loaded[:1])
+    assert segments(path) != []  # the other recipient's row still names it
+    store.close()
+
+
+def test_blob_segments_go_once_no_row_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keel.mesh.blobs.SEGMENT_BYTES", len(BIG))  # a segment per batch
+    path = tmp_path / "s.db"
+    store = Store(path)
+    queued = [store.enqueue([out(f"{n:032x}", payload=BIG)], created=1.0)[0] for n in range(3)]
+    assert queued[0] is not None
+    assert queued[1] is not None
+    assert len(segments(path)) == 3
+    store.delivered([queued[0]])  # (older segment, no row left: deleted)
+    store.dead_letter([queued[1]], "expired", wall=2.0)
+    assert len(segments(path)) == 1
+    store.close()
+    (blob_dir(path) / "99").write_bytes(b"left by a crash between a commit and an unlink")
+    store = Store(path)
+    assert len(segments(path)) == 1
+    (last,) = store.load_outbox()
+    assert store.outbox_payload(last.seq) == Envelope(BIG, None)
+    store.delivered([last])
+    store.enqueue([out("a" * 32, payload=BIG)], created=3.0)  # a new segment...
+    assert len(segments(path)) == 1  # ...and the old one, empty, is gone
+    store.close()
+
+
+def crashed(path: Path, seq: int, *, boot: str, full: bool = False) -> None:
+    """As if the daemon had stopped without closing the store, ``seq``'s payloads synced."""
+    record = {"boot": boot, "seq": seq, "clean": False, "full": full}
+    (blob_dir(path) / "synced").write_text(json.dumps(record))
+
+
+def test_after_a_host_crash_payloads_not_yet_on_disk_become_dead_letters(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    kept, lost = store.enqueue(
+        [out("1" * 32, payload=BIG), out("2" * 32, payload=BIG + b"!")], created=1.0
+    )
+    small = store.enqueue([out("3" * 32)], created=1.0)[0]
+    assert kept is not None
+    assert lost is not None
+    assert small is not None
+    store.close()
+    crashed(path, kept.seq, boot="another boot")
+    store = Store(path)
+    assert [i.id[0] for i in store.load_outbox()] == ["1", "3"]  # small payloads are in SQLite
+    assert store.outbox_payload(kept.seq) == Envelope(BIG, None)
+    [dead] = store.dead_letters()
+    assert (dead["id"], dead["size"]) == ("2" * 32, len(BIG) + 1)
+    assert "host crash" in dead["reason"]
+    store.close()
+
+
+@pytest.mark.parametrize("same_boot", [True, False])
+def test_a_daemon_crash_or_full_durability_loses_no_payload(
+    tmp_path: Path, same_boot: bool
+) -> None:
+    from keel.mesh.blobs import boot_id
+
+    path = tmp_path / "s.db"
+    store = Store(path, synchronous="NORMAL" if same_boot else "FULL")
+    store.enqueue([out("1" * 32, payload=BIG)], created=1.0)
+    store.close()
+    crashed(path, 0, boot=boot_id() if same_boot else "another boot", full=not same_boot)
+    store = Store(path)
+    (queued,) = store.load_outbox()
+    assert store.outbox_payload(queued.seq) == Envelope(BIG, None)
+    assert store.dead_letters() == []
+    store.close()
+
+
+def test_a_row_whose_blob_file_is_gone_is_a_dead_letter(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.enqueue([out("1" * 32, payload=BIG)], created=1.0)
+    store.close()
+    for name in segments(path):
+        (blob_dir(path) / name).unlink()
+    store = Store(path)
+    assert store.load_outbox() == []
+    assert [d["id"] for d in store.dead_letters()] == ["1" * 32]
+    store.close()
+
+
+def test_a_schema_2_database_gains_the_blob_columns_and_keeps_its_messages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.enqueue([out("1" * 32)], created=1.0)
+    store.close()
+    with sqlite3.connect(path) as db:  # back to what schema 2 was
+        for column in ("blob", "blob_at", "blob_size"):
+            db.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    store = Store(path)
+    (queued,) = store.load_outbox()
+    assert store.outbox_payload(queued.seq) == Envelope(b"data", None)
+    assert store.get_meta("schema") == "3"
+    store.enqueue([out("2" * 32, payload=BIG)], created=2.0)
     store.close()
     Store(path).close()  # and opens again as schema 2
 
@@ -305,9 +487,12 @@ def test_a_reader_takes_and_acknowledges_only_the_rooms_it_is_in(tmp_path: Path)
     def in_r(room: str) -> bool:
         return room == "r" * 32
 
-    assert [m.payload for m in store.take("t", 10, (), "notes", in_r)] == [b"in room r", b"direct"]
-    assert len(store.take("t", 10, (), None, None)) == 3  # the node reads every room
+    assert [m.payload for m in store.take("t", 10, (), "notes", rooms=in_r)] == [
+        b"in room r",
+        b"direct",
+    ]
+    assert len(store.take("t", 10, (), None)) == 3  # the node reads every room
     # an acknowledgement of a room message of another room deletes nothing
-    assert store.consume([seqs[1]], lambda topic: True, in_r) == []
-    assert store.consume(seqs, lambda topic: True, in_r) == [(seqs[0], 9), (seqs[2], 6)]
+    assert store.consume([seqs[1]], lambda topic: True, rooms=in_r) == []
+    assert store.consume(seqs, lambda topic: True, rooms=in_r) == [(seqs[0], 9), (seqs[2], 6)]
     assert store.consume([seqs[1]]) == [(seqs[1], 9)]

@@ -170,7 +170,10 @@ class Sender:
                 for batch in self._in_flight:
                     stream.request += 1
                     batch.request = stream.request
-                    stream.write(local.encode_send(batch.request, batch.entries), "send")
+                    frame = local.encode_send(
+                        batch.request, batch.entries, to_agents=batch.to_agents
+                    )
+                    stream.write(frame, "send")
             except ApiError as exc:
                 failure = exc
                 continue

@@ -1,0 +1,357 @@
+"""The gateway's side of the mesh: calling tools on other nodes, and hosting calls from them.
+
+The asyncio shell around :mod:`keel.mcp.remote`, speaking to the node's mesh
+daemon on its control socket as the node itself (the gateway is keel's
+daemon, no agent):
+
+- **calling** (``remote`` in mcp.json): a call to ``LABEL.SERVER.TOOL`` is a
+  mesh message to the label's node on ``keel.mcp.call``, sent *as the calling
+  agent* (the mesh's ``as_agent``, so the agent's ``sendTo`` decides whether
+  it may reach that node at all), expiring at the deadline; the gateway waits
+  for the answer on ``keel.mcp.answer`` until the deadline, and an
+  unreachable or silent node is an error naming it, never a hang.
+  ``tools/list`` of a remote node is cached per (node, agent) for
+  ``list_ttl``.
+- **hosting** (a server shares tools with ``nodes``): the gateway reads
+  ``keel.mcp.call``, takes the caller's node and agent from the mesh message
+  (never from the payload), acknowledges the request *before* running it
+  (at most once: a request handed out again after a crash is not run twice),
+  refuses one whose deadline passed, and answers with the result or the
+  error of :meth:`~keel.mcp.gateway.McpGateway.call_from_node`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import mcp_types as types
+from mcp import MCPError
+
+from keel.api import AsyncConnection
+from keel.errors import ApiError, Forbidden
+from keel.mcp import remote
+from keel.mcp.config import McpConfig, Remote
+from keel.mcp.remote import Answer, BadPayload, Request
+from keel.mcp.spec import check_tool
+from keel.mcp.upstream import TIMEOUT, UNAVAILABLE
+from keel.mesh.ids import new_message_id
+
+if TYPE_CHECKING:
+    from keel.mcp.gateway import McpGateway
+
+log = logging.getLogger("keel.mcp")
+
+FORBIDDEN = -32050  # as keel.mcp.gateway.FORBIDDEN
+RECV_WAIT: Final = 30.0  # s one recv waits for a message
+RECV_BATCH: Final = 32
+RETRY_AFTER: Final = 1.0  # s before reading again after the mesh daemon failed
+MAX_HOSTED: Final = 64  # remote calls run at once on the hosting side
+ANSWER_GRACE: Final = 5.0  # s an answer may outlive the caller's deadline in the outbox
+
+
+class MeshLink:
+    """One gateway's mesh: its pending remote calls, its hosted ones, its list cache."""
+
+    def __init__(
+        self,
+        gateway: McpGateway,
+        config: McpConfig,
+        *,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+    ) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.remote = config.remote
+        self.socket = config.mesh.socket
+        self.deadline = config.mesh.deadline
+        self.list_ttl = config.mesh.list_ttl
+        self.clock = clock
+        self.wall = wall
+        self._send = AsyncConnection(self.socket, service="mesh", timeout=self.deadline)
+        self._pending: dict[str, tuple[str, asyncio.Future[Answer]]] = {}  # id -> (node, answer)
+        self._lists: dict[tuple[str, str], tuple[float, list[types.Tool]]] = {}
+        self._hosted = asyncio.Semaphore(MAX_HOSTED)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0
+        self.answered = 0
+        self.hosted = 0
+
+    # --- reading the mesh -----------------------------------------------------------------
+
+    async def read(self, topic: str, handle: Callable[[dict[str, Any]], None]) -> None:
+        """Forever: receive on ``topic``, acknowledge at once, then hand each message over."""
+        connection = AsyncConnection(self.socket, service="mesh", timeout=RECV_WAIT + 10)
+        failing = False
+        try:
+            while True:
+                try:
+                    found = await connection.call(
+                        "recv", {"topic": topic, "max": RECV_BATCH, "wait": RECV_WAIT}
+                    )
+                    messages = found["messages"]
+                    if messages:
+                        receipts = [m["receipt"] for m in messages]
+                        await connection.call("ack", {"receipts": receipts})
+                except ApiError as exc:
+                    if not failing:
+                        log.warning("reading %s from the mesh at %s: %s", topic, self.socket, exc)
+                    failing = True
+                    await asyncio.sleep(RETRY_AFTER)
+                    continue
+                if failing:
+                    log.info("reading %s from the mesh again", topic)
+                failing = False
+                for message in messages:
+                    if message.get("room") is None:
+                        handle(message)
+        finally:
+            await connection.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, future in self._pending.values():
+            future.cancel()
+        await self._send.close()
+
+    async def _mesh_send(
+        self, node: str, topic: str, payload: bytes, ttl: float, as_agent: str | None
+    ) -> None:
+        args: dict[str, Any] = {
+            "id": new_message_id(),
+            "to": node,
+            "topic": topic,
+            "data": base64.b64encode(payload).decode(),
+            "ttl": max(ttl, 1.0),
+        }
+        if as_agent is not None:
+            args["as_agent"] = as_agent
+        # Shielded: a caller that goes away mid-request must not leave the shared
+        # connection with an answer nobody read (the next request would get it).
+        # The connection's own timeout (the deadline) bounds the wait.
+        await asyncio.shield(self._send.call("send", args))
+
+    # --- calling: this node's agents use other nodes' tools -----------------------------------
+
+    def on_answer(self, message: dict[str, Any]) -> None:
+        try:
+            answer = remote.decode_answer(base64.b64decode(message["data"]))
+        except (BadPayload, ValueError) as exc:
+            log.warning("an answer from %s that keel cannot read: %s", message.get("from"), exc)
+            return
+        pending = self._pending.get(answer.id)
+        if pending is None:
+            log.debug("answer %s came after its caller stopped waiting", answer.id)
+            return
+        node, future = pending
+        if message.get("from") != node:
+            log.warning(
+                "answer %s came from %s, not from %s, which was asked: dropped",
+                answer.id,
+                message.get("from"),
+                node,
+            )
+            return
+        if not future.done():
+            future.set_result(answer)
+
+    async def ask(
+        self,
+        target: Remote,
+        agent: str,
+        kind: remote.Kind,
+        *,
+        server: str = "",
+        tool: str = "",
+        arguments: dict[str, Any] | None = None,
+    ) -> Answer:
+        """Send one request to ``target`` as ``agent`` and wait for its answer until the deadline.
+
+        :class:`MCPError` when there is no answer: the mesh refused the send
+        (the agent's grant), the mesh daemon is down, or the node is silent.
+        """
+        node = target.node
+        where = f"node {node} ({target.label})"
+        request = Request(
+            new_message_id(), kind, self.wall() + self.deadline, server, tool, arguments or {}
+        )
+        try:
+            payload = remote.encode(request)
+        except BadPayload as exc:
+            raise MCPError(types.INVALID_PARAMS, f"cannot call {where}: {exc}") from None
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = (node, future)
+        started = self.clock()
+        try:
+            try:
+                await self._mesh_send(node, remote.CALL_TOPIC, payload, self.deadline, agent)
+            except Forbidden as exc:
+                raise MCPError(
+                    FORBIDDEN,
+                    f"the mesh refused to carry the call to {where}: {exc}",
+                    data={"keel": "forbidden", "node": node},
+                ) from None
+            except (ApiError, TimeoutError) as exc:
+                raise MCPError(
+                    UNAVAILABLE,
+                    f"cannot send the call to {where} through the mesh ({self.socket}): {exc}",
+                    data={"keel": "unavailable", "node": node},
+                ) from None
+            self.sent += 1
+            left = self.deadline - (self.clock() - started)
+            try:
+                return await asyncio.wait_for(future, max(left, 0.0))
+            except TimeoutError:
+                raise MCPError(
+                    TIMEOUT,
+                    f"{where} did not answer within {self.deadline:g} s "
+                    "(it is down, unreachable, or its gateway is not running)",
+                    data={"keel": "timeout", "node": node},
+                ) from None
+        finally:
+            self._pending.pop(request.id, None)
+
+    async def tools(self, agent: str) -> list[types.Tool]:
+        """The remote tools ``agent`` sees, as ``LABEL.SERVER.TOOL``, label by label."""
+        labels = sorted(self.remote)
+        found = await asyncio.gather(
+            *(self._tools_of(self.remote[label], agent) for label in labels)
+        )
+        return [tool for tools in found for tool in tools]
+
+    async def _tools_of(self, target: Remote, agent: str) -> list[types.Tool]:
+        key = (target.node, agent)
+        cached = self._lists.get(key)
+        now = self.clock()
+        if cached is not None and now < cached[0]:
+            listed = cached[1]
+        else:
+            try:
+                answer = await self.ask(target, agent, "list")
+                listed = _tools(answer)
+            except MCPError as exc:
+                log.info("no tools from %s for agent %s: %s", target.label, agent, exc.message)
+                listed = []  # kept for list_ttl too: a down node does not slow every list
+            if len(self._lists) >= 4096:
+                self._lists.clear()
+            self._lists[key] = (self.clock() + self.list_ttl, listed)
+        out = []
+        for tool in listed:
+            parts = tool.name.split(".", 1)
+            if len(parts) != 2 or not target.offers(parts[0]):
+                continue
+            shown = remote.remote_name(target.label, parts[0], parts[1])
+            if check_tool(shown) is None:
+                out.append(tool.model_copy(update={"name": shown}))
+        return out
+
+    # --- hosting: other nodes' agents use this node's tools -----------------------------------
+
+    def on_request(self, message: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._host(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _host(self, message: dict[str, Any]) -> None:
+        try:
+            await self._host_one(message)
+        except Exception:  # one request's failure is never the gateway's
+            log.exception("a request from %s failed", message.get("from"))
+
+    async def _host_one(self, message: dict[str, Any]) -> None:
+        node = message["from"]
+        agent = message.get("agent")
+        data = base64.b64decode(message["data"])
+        try:
+            request = remote.decode_request(data)
+        except BadPayload as exc:
+            request_id = remote.request_id_of(data)
+            log.warning("a request from %s that keel cannot read: %s", node, exc)
+            if request_id is not None:
+                await self._answer(
+                    node, Answer(request_id, None, types.INVALID_REQUEST, str(exc)), ANSWER_GRACE
+                )
+            return
+        async with self._hosted:
+            self.hosted += 1
+            left = request.deadline - self.wall()
+            if left <= 0:
+                self.gateway.record_expired(node, agent, request)
+                await self._answer(
+                    node,
+                    Answer(
+                        request.id,
+                        None,
+                        TIMEOUT,
+                        f"the request reached node {self.gateway.config.node or 'the host'} "
+                        "after its deadline; not run",
+                    ),
+                    ANSWER_GRACE,
+                )
+                return
+            answer = await self._run(node, agent, request, left)
+        await self._answer(node, answer, left + ANSWER_GRACE)
+
+    async def _run(self, node: str, agent: str | None, request: Request, left: float) -> Answer:
+        if request.kind == "list":
+            tools = [] if agent is None else self.gateway.tools_for_node(node, agent)
+            dumped = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools]
+            return Answer(request.id, {"tools": dumped})
+        name = f"{request.server}.{request.tool}"
+        try:
+            result = await self.gateway.call_from_node(
+                node, agent, name, request.arguments, timeout=left
+            )
+        except MCPError as exc:
+            return Answer(request.id, None, exc.code, exc.message)
+        return Answer(request.id, result.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+    async def _answer(self, node: str, answer: Answer, ttl: float) -> None:
+        try:
+            payload = remote.encode(answer)
+        except BadPayload as exc:
+            payload = remote.encode(Answer(answer.id, None, types.INTERNAL_ERROR, str(exc)))
+        try:
+            await self._mesh_send(node, remote.ANSWER_TOPIC, payload, ttl, None)
+        except ApiError as exc:
+            log.warning("cannot send the answer to %s's request %s: %s", node, answer.id, exc)
+            return
+        self.answered += 1
+
+    def status(self) -> Mapping[str, Any]:
+        return {
+            "socket": str(self.socket),
+            "deadline": self.deadline,
+            "remote": {
+                label: {
+                    "node": r.node,
+                    "servers": "*" if r.servers is None else sorted(r.servers),
+                }
+                for label, r in sorted(self.remote.items())
+            },
+            "pending": len(self._pending),
+            "sent": self.sent,
+            "hosted": self.hosted,
+            "answered": self.answered,
+        }
+
+
+def _tools(answer: Answer) -> list[types.Tool]:
+    if answer.result is None:
+        raise MCPError(answer.code, answer.message)
+    raw = answer.result.get("tools")
+    if not isinstance(raw, list):
+        raise MCPError(types.INTERNAL_ERROR, "a tools answer without a list of tools")
+    tools = []
+    for item in raw:
+        try:
+            tools.append(types.Tool.model_validate(item))
+        except ValueError:
+            continue  # a tool keel cannot read is not offered
+    return tools

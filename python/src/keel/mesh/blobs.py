@@ -1,0 +1,236 @@
+"""Large outbox payloads, written once: appended to segment files beside the state database.
+
+A payload of ``BLOB_MIN`` bytes or more is not stored in its outbox row
+(SQLite would write it to the log as nine 8 KiB pages, two system calls
+each, then copy it into the database at the next checkpoint, and read it
+back to free its pages when the row goes): it is appended to the current
+segment file (``<state.db>-blobs/<n>``, 0600) with the other payloads of
+its batch in one ``pwritev``, and the row names the segment, the offset and
+the size. The row commits after the write, so a row never names bytes that
+were not written. Each segment counts the rows that name it; once none do
+and a newer segment is being written, the file is deleted. A segment is
+never appended to after the daemon restarts (a new one starts).
+
+Durability is the database's. With ``durability: full`` the segment is
+fsynced before the commit of the rows naming it. With ``normal`` (SQLite's
+``synchronous=NORMAL``: a crash of the daemon loses nothing, a crash of the
+host may lose the last transactions) the checkpoint thread fsyncs the
+segments before each checkpoint and then records, in ``<dir>/synced``, the
+last outbox seq whose payload is on disk and the host's boot id. On
+opening, if the previous daemon did not close the store and the host has
+booted since, the rows after that seq name payloads that may not have
+reached the disk: they become dead letters ("lost in a host crash"),
+among the last transactions ``normal`` may lose. After a crash of the
+daemon alone (same boot), the kernel still holds every byte written and
+nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+BLOB_MIN: Final = 16 << 10  # payloads this big or bigger go to the blob files
+SEGMENT_BYTES: Final = 64 << 20  # a new segment once the current one holds this much
+SYNCED: Final = "synced"  # the file naming what is on disk
+_IOV_MAX: Final = 512  # pieces per pwritev (Linux allows 1024)
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot of the host (``/proc/sys/kernel/random/boot_id``; empty if unreadable)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class BlobFiles:
+    """The segment files of one store. Every method but :meth:`sync` runs on the store's thread.
+
+    ``OSError`` from any method: the caller (the store) reports it as a state error.
+    """
+
+    def __init__(self, directory: Path, *, full: bool) -> None:
+        self.directory = directory
+        self.full = full  # fsync each write before the rows naming it commit
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.previous = self._read_synced()  # what the last daemon left (None: nothing)
+        found = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+        self._lock = threading.Lock()  # segments and their fds, against the sync thread
+        self._fds: dict[int, int] = {}
+        self._live: dict[int, int] = {}  # segment: rows naming it
+        self._unsynced: set[int] = set(found)  # segments written since their last fsync
+        self._unsynced_bytes = 0
+        self.current = max(found, default=0) + 1
+        self._offset = 0
+        self._committed_seq = 0  # the last outbox seq whose rows committed (set by the store)
+
+    # -- opening and closing
+
+    def _read_synced(self) -> dict[str, object] | None:
+        try:
+            data = json.loads((self.directory / SYNCED).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: trust nothing past seq 0
+        return data if isinstance(data, dict) else {}
+
+    def suspect_after(self) -> int | None:
+        """The seq after which rows' payloads may be lost (None: none may be).
+
+        The last daemon did not close the store, wrote payloads it had not
+        fsynced, and the host has booted since.
+        """
+        previous = self.previous
+        if previous is None:
+            return None
+        if previous.get("clean") or previous.get("full"):
+            return None
+        if previous.get("boot") == boot_id() and boot_id():
+            return None  # the daemon crashed, the host did not: the kernel has every byte
+        seq = previous.get("seq")
+        return seq if isinstance(seq, int) else 0
+
+    def opened(self, live: Iterable[tuple[int, int]], last_seq: int) -> None:
+        """The rows found naming each segment; removes the files nothing names, then fsyncs
+        what is left and records that every payload up to ``last_seq`` is on disk."""
+        self._live = {segment: count for segment, count in live if count}
+        for path in self.directory.iterdir():
+            if path.name.isdigit() and int(path.name) not in self._live:
+                path.unlink()
+        with self._lock:
+            for segment in self._live:
+                self._fd(segment, create=False)
+            self._unsynced = set(self._live)
+        self._committed_seq = last_seq
+        self.sync()
+
+    def close(self) -> None:
+        """Fsync everything and record a clean close."""
+        self.sync(clean=True)
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    # -- writing and reading
+
+    def write(self, payloads: Sequence[bytes]) -> list[tuple[int, int]]:
+        """Append ``payloads``; their (segment, offset) in order. Fsynced first if ``full``."""
+        with self._lock:
+            if self._offset >= SEGMENT_BYTES:
+                self._rotate()
+            segment, fd = self.current, self._fd(self.current)
+            at = self._offset
+            places = []
+            for payload in payloads:
+                places.append((segment, at))
+                at += len(payload)
+            for start in range(0, len(payloads), _IOV_MAX):
+                chunk = payloads[start : start + _IOV_MAX]
+                offset = places[start][1]
+                size = sum(len(p) for p in chunk)
+                written = os.pwritev(fd, chunk, offset)
+                while written < size:  # short writes: the rest, from where it stopped
+                    rest = b"".join(chunk)[written:]
+                    written += os.pwrite(fd, rest, offset + written)
+            self._offset = at
+            if self.full:
+                os.fdatasync(fd)
+            else:
+                self._unsynced.add(segment)
+                self._unsynced_bytes += at - places[0][1] if places else 0
+            return places
+
+    def read(self, segment: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            fd = self._fd(segment, create=False)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"blob segment {segment} ends before {offset + size}")
+        return data
+
+    def committed(self, segments: Iterable[int], last_seq: int) -> None:
+        """Rows naming ``segments`` (one entry per row) committed, up to outbox seq ``last_seq``."""
+        for segment in segments:
+            self._live[segment] = self._live.get(segment, 0) + 1
+        self._committed_seq = last_seq
+
+    def released(self, segments: Iterable[int]) -> None:
+        """Rows naming ``segments`` (one entry per row) were deleted, and that committed."""
+        for segment in segments:
+            left = self._live.get(segment, 0) - 1
+            if left > 0:
+                self._live[segment] = left
+                continue
+            self._live.pop(segment, None)
+            if segment != self.current:
+                self._remove(segment)
+
+    @property
+    def unsynced_bytes(self) -> int:
+        return self._unsynced_bytes
+
+    # -- the sync thread's
+
+    def sync(self, *, clean: bool = False) -> None:
+        """Fsync the segments written since the last sync, then record the seq they cover."""
+        with self._lock:  # copies of the fds: the store's thread may close its own meanwhile
+            seq = self._committed_seq
+            fds = [os.dup(self._fds[s]) for s in self._unsynced if s in self._fds]
+            self._unsynced.clear()
+            self._unsynced_bytes = 0
+        try:
+            for fd in fds:
+                os.fdatasync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        record = {"boot": boot_id(), "seq": seq, "clean": clean, "full": self.full}
+        temporary = self.directory / f".{SYNCED}.tmp"
+        with open(temporary, "w") as out:
+            out.write(json.dumps(record))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.directory / SYNCED)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    # -- internals (under the lock)
+
+    def _fd(self, segment: int, *, create: bool = True) -> int:
+        fd = self._fds.get(segment)
+        if fd is None:
+            flags = os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC
+            fd = self._fds[segment] = os.open(self.directory / str(segment), flags, 0o600)
+        return fd
+
+    def _rotate(self) -> None:
+        old = self.current
+        self.current += 1
+        self._offset = 0
+        if old not in self._live:
+            self._close_and_unlink(old)
+
+    def _remove(self, segment: int) -> None:
+        with self._lock:
+            self._close_and_unlink(segment)
+
+    def _close_and_unlink(self, segment: int) -> None:
+        fd = self._fds.pop(segment, None)
+        if fd is not None:
+            os.close(fd)
+        self._unsynced.discard(segment)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / str(segment))

@@ -1,0 +1,284 @@
+"""keel mcp across the mesh: an agent on node A calls a tool hosted on node B, through both gateways.
+
+Everything is real: two ``keel mesh serve`` processes joined into one mesh
+(Noise sessions on loopback), two gateways (each with watch running its MCP
+servers), and agents under their own uids (setpriv) on A. B's share grants
+are applied to the node and agent the mesh authenticated; A's mesh applies
+the agent's own ``sendTo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from keel.mcp import remote
+from keel.mcp.gateway import FORBIDDEN
+from keel.mcp.remote import Answer, Request
+from keel.mcp.upstream import TIMEOUT
+from keel.mcp.wire import digest
+from keel.mesh.ids import new_message_id
+from keel.mesh.kem import available_backends
+from keel.watch.children import pidfd_supported
+
+from tests.integration.mcp_support import (
+    KEEL,
+    UIDS,
+    World,
+    agent,
+    needs_root,
+    running_world,
+    text_of,
+    toolbox,
+    world_directory,
+)
+from tests.integration.mesh.nodes import FAST, Node
+from tests.integration.watch_support import until
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not pidfd_supported(),
+    reason="watch's process backend needs Linux 5.3+ (pidfd_open)",
+)
+
+world_dir = pytest.fixture(world_directory, name="world_dir")
+
+DEADLINE = 4.0
+
+
+@pytest.fixture
+def mesh_pair() -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b, joined and connected; a knows agents scout (may reach b) and idle (no mesh)."""
+    needs_root()
+    if all(reason is not None for reason in available_backends().values()):
+        pytest.skip(f"no ML-KEM-768 backend: {available_backends()}")
+    tmp = Path(tempfile.mkdtemp(prefix="kmm-"))
+    made: list[Node] = []
+    try:
+        b = Node(tmp / "b", name="b")
+        made.append(b)
+        b.start()
+        roster = {
+            "scout": {"uid": UIDS["scout"], "tier": 2, "mesh": {"sendTo": [b.node_id]}},
+            "notes": {"uid": UIDS["notes"], "tier": 1},  # the tier's default: every node
+            "idle": {"uid": UIDS["idle"], "tier": 2},  # tier 2 without a grant: no mesh
+        }
+        a = Node(tmp / "a", name="a", config={**FAST, "agents": roster})
+        made.append(a)
+        a.start()
+        b.join(a)
+        a.wait_connected(b)
+        b.wait_connected(a)
+        yield a, b
+    finally:
+        for node in made:
+            node.kill()
+            node.client.close()
+        for node in made:
+            assert "Traceback" not in node.log(), node.log()[-4000:]
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hosted(a: str) -> list[dict[str, Any]]:
+    """B's servers: toolbox shared with a's scout (echo, add) and a's every agent (echo)."""
+    return [
+        toolbox(
+            share=[
+                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep"]},
+                {"nodes": [a], "agents": "*", "tools": ["echo"]},
+            ]
+        ),
+        toolbox("vault", share=[{"agents": ["notes"], "tools": ["pid"]}]),  # b's own agents only
+    ]
+
+
+def test_an_agent_calls_a_tool_on_another_node_within_the_hosts_grants(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with running_world(
+            world_dir / "b",
+            hosted(a.node_id),
+            agents={"notes": 1},
+            node=b.node_id,
+            mesh={"socket": str(b.socket), "deadline": DEADLINE},
+        ) as host:
+            await raw_requests(a, b, host)
+            await calls_from_a(a, b, host, world_dir)
+
+    asyncio.run(scenario())
+
+
+def ask_raw(a: Node, b: Node, request: Request, as_agent: str | None) -> Answer:
+    """``request`` sent to b by a's node itself (root), as ``as_agent``; b's answer."""
+    a.client.send(b.node_id, remote.CALL_TOPIC, remote.encode(request), as_agent=as_agent)
+    while True:
+        for message in a.client.recv(remote.ANSWER_TOPIC, wait=20):
+            assert message.sender == b.node_id
+            answer = remote.decode_answer(message.data)
+            if answer.id == request.id:
+                a.client.ack()
+                return answer
+
+
+async def raw_requests(a: Node, b: Node, host: World) -> None:
+    """What b's gateway does with requests no gateway of a would send (before a's gateway runs)."""
+    late = Request(new_message_id(), "call", time.time() - 1, "toolbox", "echo", {"text": "late"})
+    answer = await asyncio.to_thread(ask_raw, a, b, late, "scout")
+    assert (answer.result, answer.code) == (None, TIMEOUT)
+    assert "after its deadline; not run" in answer.message
+    # a process of a that is no agent (here root, without as_agent) gets nothing
+    call = Request(new_message_id(), "call", time.time() + 30, "toolbox", "echo", {"text": "x"})
+    answer = await asyncio.to_thread(ask_raw, a, b, call, None)
+    assert answer.code == FORBIDDEN
+    assert f"a process of node {a.node_id} that is no agent may use no tool" in answer.message
+    listed = await asyncio.to_thread(
+        ask_raw, a, b, Request(new_message_id(), "list", time.time() + 30), None
+    )
+    assert listed.result == {"tools": []}
+    entries = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+    assert [(e["data"]["caller"]["agent"], e["data"]["outcome"]) for e in entries] == [
+        ("scout", "expired"),
+        (None, "refused"),
+    ]
+    assert entries[0]["data"]["caller"]["node"] == a.node_id
+
+
+async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
+    """An agent on a lists and calls b's tools through a's gateway."""
+    async with running_world(
+        world_dir / "a",
+        [toolbox("local", share=[{"agents": ["scout"], "tools": ["echo"]}])],
+        agents={"scout": 2, "notes": 1, "idle": 2},
+        node=a.node_id,
+        mesh={"socket": str(a.socket), "deadline": DEADLINE, "list_ttl": 30},
+        remote={"b": {"node": b.node_id, "servers": "*"}},
+    ) as caller:
+        scout = await agent(
+            caller,
+            "scout",
+            "list",
+            'call:b.toolbox.add:{"a": 2, "b": 40}',
+            'call:b.toolbox.echo:{"text": "across"}',
+            "call:b.vault.pid:{}",
+            "call:b.toolbox.pid:{}",
+            "call:b.nothing:{}",
+        )
+        # its own node's tools, then b's as the host shares them with scout@a
+        assert scout[0]["tools"] == [
+            "local.echo",
+            "b.toolbox.echo",
+            "b.toolbox.add",
+            "b.toolbox.sleep",
+        ]
+        assert text_of(scout[1]) == "42"
+        assert text_of(scout[2]) == "across"
+        # vault shares nothing with a; toolbox.pid is not scout@a's: refused by b
+        for refused, tool in ((scout[3], "vault.pid"), (scout[4], "toolbox.pid")):
+            assert refused["error"]["code"] == FORBIDDEN, refused
+            assert (
+                f"{tool} is not shared with agent scout@{a.node_id}"
+                in (refused["error"]["message"])
+            )
+        assert scout[5]["error"]["code"] == -32602  # not LABEL.SERVER.TOOL
+
+        notes = await agent(caller, "notes", "list", "call:b.toolbox.add:{}")
+        assert notes[0]["tools"] == ["b.toolbox.echo"]  # the host's "*" grant only
+        assert notes[1]["error"]["code"] == FORBIDDEN
+
+        # a tier-2 agent without a mesh grant: a's mesh will not carry its call
+        idle = await agent(caller, "idle", "list", 'call:b.toolbox.echo:{"text": "x"}')
+        assert idle[0]["tools"] == []
+        assert idle[1]["error"]["code"] == FORBIDDEN
+        message = idle[1]["error"]["message"]
+        assert "the mesh refused to carry the call" in message
+        assert f"agent idle (tier 2, uid {UIDS['idle']}) may not send to {b.node_id}" in message
+
+        # the hosting ledger names the calling agent as the mesh authenticated it
+        calls = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+        add = next(e for e in calls if e["data"]["tool"] == "add" and e["data"]["outcome"] == "ok")
+        assert add["subject"] == "toolbox.add"
+        assert add["data"]["caller"] == {"node": a.node_id, "agent": "scout", "uid": None}
+        assert add["data"]["arguments_sha256"] == digest({"a": 2, "b": 40})
+        refusals = {
+            (e["data"]["caller"]["agent"], e["subject"])
+            for e in calls
+            if e["data"]["outcome"] == "refused"
+        }
+        assert refusals == {
+            (None, "toolbox.echo"),  # raw_requests' call from a's root
+            ("scout", "vault.pid"),
+            ("scout", "toolbox.pid"),
+            ("notes", "toolbox.add"),
+        }
+        assert not any(e["data"]["caller"]["agent"] == "idle" for e in calls)
+        # the calling side records its remote calls too, with the target node
+        mine = [e for e in caller.ledger() if e["kind"] == "mcp_call"]
+        remote_add = next(e for e in mine if e["subject"] == "b.toolbox.add")
+        assert remote_add["data"]["remote"] == {"label": "b", "node": b.node_id}
+        assert remote_add["data"]["caller"]["agent"] == "scout"
+        assert remote_add["data"]["outcome"] == "ok"
+        assert remote_add["data"]["result_sha256"] == add["data"]["result_sha256"]
+        idle_entry = next(e for e in mine if e["data"]["caller"]["agent"] == "idle")
+        assert idle_entry["data"]["outcome"] == "refused"
+
+        # the operator's commands show them too
+        def keel(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [KEEL, "mcp", *args, "--socket", str(caller.config.common.socket)],
+                check=False, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        tools = await asyncio.to_thread(keel, "tools", "scout", "--json")
+        assert tools.returncode == 0, tools.stderr
+        assert [t["name"] for t in json.loads(tools.stdout)["tools"]] == scout[0]["tools"]
+        listing = await asyncio.to_thread(keel, "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "b.*" in listing.stdout
+        assert f"node {b.node_id}" in listing.stdout
+        status = json.loads((await asyncio.to_thread(keel, "list", "--json")).stdout)
+        assert status["mesh"]["remote"] == {"b": {"node": b.node_id, "servers": "*"}}
+        called = await asyncio.to_thread(
+            keel, "call", "b.toolbox.add", "--json-args", '{"a": 1, "b": 2}', "--as", "scout"
+        )
+        assert called.returncode == 0, called.stderr
+        assert "3" in called.stdout
+        unnamed = await asyncio.to_thread(keel, "call", "b.toolbox.echo", "--arg", "text=x")
+        assert unnamed.returncode != 0
+        assert "use `keel mcp call --as AGENT`" in unnamed.stderr
+
+        # at most once: b's gateway acknowledged the request before it runs the tool
+        before = host.gateway.calls
+        slow = asyncio.create_task(agent(caller, "scout", 'call:b.toolbox.sleep:{"seconds": 1}'))
+        await until(lambda: host.gateway.calls > before, what="b running the call")
+        assert (await asyncio.to_thread(b.status))["inbox"] == 0
+        assert text_of((await slow)[0]) == "slept"
+
+        # b goes down: a call gets an error naming the node, within the deadline
+        b.kill()
+        down = await agent(caller, "scout", 'call:b.toolbox.echo:{"text": "anyone?"}')
+        assert down[0]["error"]["code"] == TIMEOUT, down
+        assert (
+            f"node {b.node_id} (b) did not answer within {DEADLINE:g} s"
+            in (down[0]["error"]["message"])
+        )
+        # the list it had is still cached (list_ttl), so tools/list does not wait on b
+        listed = await agent(caller, "scout", "list")
+        assert listed[0]["tools"] == [
+            "local.echo",
+            "b.toolbox.echo",
+            "b.toolbox.add",
+            "b.toolbox.sleep",
+        ]

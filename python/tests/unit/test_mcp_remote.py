@@ -1,0 +1,292 @@
+"""keel mcp across the mesh, the pure parts: mcp.json's mesh and remote, the payloads, the names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from keel import paths
+from keel.config import Section
+from keel.errors import ConfigError
+from keel.mcp import config as mcp_config
+from keel.mcp import remote
+from keel.mcp.config import DEFAULT_DEADLINE, DEFAULT_LIST_TTL, McpConfig
+from keel.mcp.gateway import McpGateway
+from keel.mcp.remote import Answer, BadPayload, Request
+from keel.mesh.packets import MAX_PAYLOAD
+
+NODE_A = "a" * 32
+NODE_B = "b" * 32
+ID = "0123456789abcdef" * 2
+
+
+def server(name: str = "files", share: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"name": name, "command": [sys.executable], "tier": 2, "share": share or []}
+
+
+def parse(tmp_path: Path, **keys: Any) -> McpConfig:
+    data = {
+        "socket": str(tmp_path / "mcp.sock"),
+        "ledger": None,
+        "servers": {"files": server()},
+        "agents": {"scout": {"uid": 4242, "tier": 2}},
+        **keys,
+    }
+    with Section(json.loads(json.dumps(data)), source="mcp.json") as cfg:
+        return mcp_config.parse(cfg)
+
+
+def refused(tmp_path: Path, **keys: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse(tmp_path, **keys)
+    return str(caught.value)
+
+
+# --- mcp.json ----------------------------------------------------------------------------
+
+
+def test_without_remote_there_are_no_remote_tools_and_the_mesh_defaults(tmp_path: Path) -> None:
+    config = parse(tmp_path)
+    assert config.remote == {}
+    assert config.mesh.socket == paths.socket_file("mesh")
+    assert (config.mesh.deadline, config.mesh.list_ttl) == (DEFAULT_DEADLINE, DEFAULT_LIST_TTL)
+    assert not config.hosts_for_mesh
+    assert McpGateway(config).link is None  # no mesh use at all
+
+
+def test_remote_and_mesh_are_read(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        mesh={"socket": "/run/x/mesh.sock", "deadline": 2.5, "list_ttl": 0},
+        remote={
+            "lab": {"node": NODE_B, "servers": ["db", "web"]},
+            "all": {"node": NODE_A, "servers": "*"},
+        },
+    )
+    assert config.mesh.socket == Path("/run/x/mesh.sock")
+    assert (config.mesh.deadline, config.mesh.list_ttl) == (2.5, 0.0)
+    lab = config.remote["lab"]
+    assert (lab.label, lab.node, lab.servers) == ("lab", NODE_B, frozenset({"db", "web"}))
+    assert lab.offers("db")
+    assert not lab.offers("files")
+    assert config.remote["all"].servers is None
+    assert config.remote["all"].offers("anything")
+    assert McpGateway(config).link is not None
+
+
+def test_a_server_shared_with_nodes_makes_the_gateway_host(tmp_path: Path) -> None:
+    shared = server(share=[{"nodes": [NODE_A], "agents": "*", "tools": ["read"]}])
+    config = parse(tmp_path, servers={"files": shared})
+    assert config.hosts_for_mesh
+    assert config.remote == {}
+    assert McpGateway(config).link is not None
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"remote": []}, "mcp.json: remote: expected an object of remote nodes by label"),
+        ({"remote": {"files": {"node": NODE_B, "servers": "*"}}}, "mcp.json: remote.files: the label 'files' is also a local MCP server's name"),
+        ({"remote": {"Lab": {"node": NODE_B, "servers": "*"}}}, 'mcp.json: remote.Lab: "Lab" is not a valid label: 1 to 23'),
+        ({"remote": {"a.b": {"node": NODE_B, "servers": "*"}}}, "mcp.json: remote.a.b"),
+        ({"remote": {"lab": {"servers": "*"}}}, "mcp.json: remote.lab.node: required key is missing"),
+        ({"remote": {"lab": {"node": "bob", "servers": "*"}}}, "mcp.json: remote.lab.node: 'bob' is not a mesh node id"),
+        ({"remote": {"lab": {"node": NODE_B}}}, "mcp.json: remote.lab.servers: required key is missing"),
+        ({"remote": {"lab": {"node": NODE_B, "servers": "db"}}}, 'mcp.json: remote.lab.servers: expected "*" or a list of names'),
+        ({"remote": {"lab": {"node": NODE_B, "servers": ["Db"]}}}, "mcp.json: remote.lab.servers[0]"),
+        ({"remote": {"lab": {"node": NODE_B, "servers": "*", "tools": "*"}}}, "mcp.json: remote.lab.tools: unknown key"),
+        ({"remote": {"lab": "node"}}, "mcp.json: remote.lab: expected an object"),
+        ({"mesh": {"deadline": 0}}, "mcp.json: mesh.deadline: expected a number > 0"),
+        ({"mesh": {"deadline": 7200}}, "mcp.json: mesh.deadline: must be at most 3600"),
+        ({"mesh": {"list_ttl": -1}}, "mcp.json: mesh.list_ttl: must be at least 0"),
+        ({"mesh": {"socket": ""}}, "mcp.json: mesh.socket: must not be empty"),
+        ({"mesh": {"sockets": "/x"}}, "mcp.json: mesh.sockets: unknown key"),
+        ({"mesh": 3}, "mcp.json: mesh: expected an object"),
+    ],
+)  # fmt: skip
+def test_bad_mesh_and_remote_keys_are_refused_naming_the_key(
+    tmp_path: Path, keys: dict[str, Any], message: str
+) -> None:
+    assert message in refused(tmp_path, **keys)
+
+
+# --- the payloads ---------------------------------------------------------------------------
+
+
+def test_known_answers() -> None:
+    """The exact bytes of each payload kind (docs/mcp.md shows the same)."""
+    assert remote.encode(Request(ID, "list", 1700000000.5)) == (
+        b'{"deadline":1700000000.5,"id":"0123456789abcdef0123456789abcdef","kind":"list","v":1}'
+    )
+    call = Request(ID, "call", 1700000000, "files", "read", {"path": "/a", "n": 1})
+    assert remote.encode(call) == (
+        b'{"arguments":{"n":1,"path":"/a"},"deadline":1700000000,'
+        b'"id":"0123456789abcdef0123456789abcdef","kind":"call","server":"files","tool":"read","v":1}'
+    )
+    assert remote.encode(Answer(ID, {"content": []})) == (
+        b'{"id":"0123456789abcdef0123456789abcdef","result":{"content":[]},"v":1}'
+    )
+    assert remote.encode(Answer(ID, None, -32050, "no")) == (
+        b'{"error":{"code":-32050,"message":"no"},"id":"0123456789abcdef0123456789abcdef","v":1}'
+    )
+    assert remote.encode(Answer(ID, None, -1, "é")).endswith(
+        b'"message":"\\u00e9"},' + b'"id":"' + ID.encode() + b'","v":1}'
+    )
+
+
+# Text without lone surrogates: the reading side refuses those (keel.config.parse_json).
+text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=30)
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | text,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(text, children, max_size=5),
+    max_leaves=20,
+)
+
+
+def json_objects() -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(text, values, max_size=5)
+
+
+names = st.from_regex(r"[a-z][a-z0-9_-]{0,20}", fullmatch=True)
+tools = st.from_regex(r"[A-Za-z0-9._-]{1,60}", fullmatch=True)
+ids = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
+deadlines = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@given(ids, names, tools, json_objects(), deadlines)
+def test_requests_read_back_as_they_were_written(
+    request_id: str, name: str, tool: str, arguments: dict[str, Any], deadline: float
+) -> None:
+    call = Request(request_id, "call", deadline, name, tool, arguments)
+    try:
+        data = remote.encode(call)
+    except BadPayload:
+        return  # larger than one mesh message: refused before sending
+    assert remote.decode_request(data) == call
+    assert (
+        remote.decode_request(remote.encode(Request(request_id, "list", deadline))).kind == "list"
+    )
+
+
+@given(ids, json_objects(), st.integers(-(2**31), 2**31), text)
+def test_answers_read_back_as_they_were_written(
+    answer_id: str, result: dict[str, Any], code: int, message: str
+) -> None:
+    assert remote.decode_answer(remote.encode(Answer(answer_id, result))) == Answer(
+        answer_id, result
+    )
+    assert remote.decode_answer(remote.encode(Answer(answer_id, None, code, message))) == Answer(
+        answer_id, None, code, message
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"not json", "request"),
+        (b"[]", "request is not a JSON object"),
+        (b'{"v":2,"id":"' + ID.encode() + b'","kind":"list","deadline":1}', "not version 1"),
+        (b'{"v":1,"id":"XYZ","kind":"list","deadline":1}', "id must be 32 lowercase hex"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list"}', "deadline must be a number"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":true}', "deadline must be a number"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":NaN}', "request"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"run","deadline":1}', 'kind must be "list" or "call"'),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":1,"agent":"ops"}', "unknown key 'agent'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"t","arguments":{},"node":"x"}', "unknown key 'node'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"F","tool":"t","arguments":{}}', "server is not"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"a b","arguments":{}}', "tool is not"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"t","arguments":[]}', "arguments must be a JSON object"),
+        (b'{"v":1,"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":1}', "request"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_refused_with_the_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(BadPayload, match=message):
+        remote.decode_request(payload)
+
+
+def test_the_caller_is_never_read_from_the_payload() -> None:
+    """A request naming an agent or a node is no request: the mesh message says who calls."""
+    for key in ("agent", "node", "caller", "uid"):
+        data = json.dumps({"v": 1, "id": ID, "kind": "list", "deadline": 1, key: "ops"}).encode()
+        with pytest.raises(BadPayload):
+            remote.decode_request(data)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"v":1,"id":"' + ID.encode() + b'"}', "exactly one of result and error"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","result":{},"error":{"code":1,"message":""}}', "exactly one"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","result":[]}', "result must be a JSON object"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","error":{"code":"1","message":"m"}}', "integer code"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","error":{"code":1,"message":"m","data":1}}', "unknown key 'data'"),
+    ],
+)  # fmt: skip
+def test_bad_answers_are_refused_with_the_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(BadPayload, match=message):
+        remote.decode_answer(payload)
+
+
+def test_a_payload_over_one_mesh_message_is_refused_both_ways() -> None:
+    big = Request(ID, "call", 1, "files", "write", {"text": "x" * MAX_PAYLOAD})
+    with pytest.raises(BadPayload, match="more than one mesh message carries"):
+        remote.encode(big)
+    with pytest.raises(BadPayload, match="over the limit"):
+        remote.decode_request(b" " * (MAX_PAYLOAD + 1))
+
+
+def test_the_id_of_a_malformed_request_is_found_to_answer_it() -> None:
+    assert remote.request_id_of(b'{"id":"' + ID.encode() + b'","kind":"?"}') == ID
+    assert remote.request_id_of(b'{"id":"nope"}') is None
+    assert remote.request_id_of(b"[") is None
+    assert remote.request_id_of(b"[1]") is None
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+def test_remote_names_are_label_server_tool() -> None:
+    labels = {"lab": object()}
+    assert remote.remote_name("lab", "files", "read") == "lab.files.read"
+    assert remote.split_remote("lab.files.read", labels) == ("lab", "files", "read")
+    assert remote.split_remote("lab.files.read.v2", labels) == ("lab", "files", "read.v2")
+    assert remote.split_remote("files.read", labels) is None  # a local name
+    assert remote.split_remote("lab.files", labels) is None
+    assert remote.split_remote("lab", labels) is None
+    assert remote.split_remote("other.files.read", labels) is None
+
+
+# --- the calling side's bookkeeping (no I/O) ----------------------------------------------------
+
+
+def test_an_answer_counts_only_from_the_node_that_was_asked(tmp_path: Path) -> None:
+    config = parse(tmp_path, remote={"lab": {"node": NODE_B, "servers": "*"}})
+    link = McpGateway(config).link
+    assert link is not None
+
+    async def scenario() -> None:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        link._pending[ID] = (NODE_B, future)
+        data = remote.encode(Answer(ID, {"content": []}))
+        import base64
+
+        message = {"from": NODE_A, "agent": None, "data": base64.b64encode(data).decode()}
+        link.on_answer(message)  # another node answering b's request: dropped
+        assert not future.done()
+        link.on_answer({**message, "data": base64.b64encode(b"junk").decode(), "from": NODE_B})
+        assert not future.done()
+        link.on_answer({**message, "from": NODE_B})
+        assert future.result() == Answer(ID, {"content": []})
+        link.on_answer({**message, "from": NODE_B})  # a second copy: nothing waits, nothing breaks
+
+    asyncio.run(scenario())
