@@ -1,7 +1,7 @@
 """Rooms with agents as members (issue 13): real agent processes under uids of their own.
 
 Two daemons (root) each know the agents ops (tier 0, every topic), scout
-and notes (topic ``jobs``), each a uid run with setpriv. a owns a room of
+and notes (topic ``jobs``, from everyone), each a uid run with setpriv. a owns a room of
 itself and of the agents notes and scout of b: ops of b, no member, reads
 and acknowledges none of the room's messages although its grant covers the
 topic; once a removes notes, notes can send to the room no more and reads
@@ -25,9 +25,8 @@ from keel.mesh import rooms
 from keel.mesh.ids import new_message_id
 from keel.mesh.packets import Ack, Msg, RoomStamp
 
-from .nodes import Node, wait_until
-from .test_agents import OPS, READER, SCOUT, SUBSCRIBE, as_uid, refused, request
-from .test_agents import two_nodes_with_agents as agents_on_both
+from .nodes import FAST, Node, wait_until
+from .test_agents import OPS, READER, SCOUT, SUBSCRIBE, as_uid, open_up, refused, request
 from .test_security import member
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run agents as other uids")
@@ -67,6 +66,27 @@ def watched(watcher: subprocess.Popen[str]) -> list[list[Any]]:
     out, err = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, err
     return list(json.loads(out))
+
+
+def agents_on_both(mesh_nodes: Callable[..., Node], short_tmp: Path) -> tuple[Node, Node]:
+    """a and b, each knowing ops (tier 0: every topic, from everyone), and scout and
+    notes (topic jobs, from everyone)."""
+    roster = {
+        "ops": {"uid": OPS, "tier": 0},
+        "scout": {
+            "uid": SCOUT,
+            "tier": 2,
+            "mesh": {"sendTo": ["*"], "receiveFrom": ["*"], "topics": ["jobs"]},
+        },
+        "notes": {"uid": NOTES, "tier": 1, "mesh": {"topics": ["jobs"]}},
+    }
+    b = mesh_nodes("b", config={**FAST, "agents": roster}).start()
+    a = mesh_nodes("a", config={**FAST, "agents": roster}).start()
+    b.join(a)
+    a.wait_connected(b)
+    open_up(a)
+    open_up(b)
+    return a, b
 
 
 def payload(text: str) -> str:
