@@ -146,7 +146,7 @@ def register(subparsers: commands.Subcommands) -> None:
     p.add_argument("node", metavar="NODE_ID")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    room = sub.add_parser("room", help="rooms: owner-managed groups of nodes")
+    room = sub.add_parser("room", help="rooms: owner-managed groups of nodes and agents")
     room_sub = room.add_subparsers(dest="room_command", metavar="COMMAND", required=True)
 
     def room_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
@@ -154,12 +154,18 @@ def register(subparsers: commands.Subcommands) -> None:
 
     p = room_command("create", "create a room owned by this node; prints its id", _room_create)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("members", metavar="NODE_ID", nargs="*", help="initial members")
+    p.add_argument(
+        "members",
+        metavar="MEMBER",
+        nargs="*",
+        help="initial members: NODE_ID (the node and every agent of its) or AGENT@NODE_ID "
+        "(that agent only; the node is in by its agents)",
+    )
     p.add_argument("--json", action="store_true", help="print the room as JSON")
     for name, verb in (("add", "add a member to"), ("remove", "remove a member from")):
         p = room_command(name, f"{verb} a room this node owns", _room_change)
         p.add_argument("room", metavar="ROOM", help="room id or name")
-        p.add_argument("node", metavar="NODE_ID")
+        p.add_argument("node", metavar="MEMBER", help="NODE_ID or AGENT@NODE_ID")
         p.add_argument("--json", action="store_true", help="print the room as JSON")
     p = room_command("send", "send DATA to every member of a room", _room_send)
     p.add_argument("room", metavar="ROOM", help="room id or name")
@@ -167,6 +173,8 @@ def register(subparsers: commands.Subcommands) -> None:
     p.add_argument("data", metavar="DATA", help="the message; - reads it from stdin")
     p = room_command("members", "list a room's members", _room_members)
     p.add_argument("room", metavar="ROOM", help="room id or name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = room_command("list", "list the rooms this node knows", _room_list)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -503,8 +511,16 @@ def _print_room(room: dict[str, Any], as_json: bool) -> None:
         return
     print(f"room {room['name']} ({room['room']}), owner {room['owner']}, version {room['version']}")
     print_table(
-        ["member", "connected"],
-        [(m["id"], "yes" if m["connected"] else "no") for m in room["members"]],
+        ["member", "node", "agent", "connected"],
+        [
+            (
+                m["id"],
+                m.get("node", m["id"]),
+                m.get("agent") or "* (every agent)",
+                "yes" if m["connected"] else "no",
+            )
+            for m in room["members"]
+        ],
     )
 
 
@@ -532,3 +548,18 @@ def _room_send(args: argparse.Namespace) -> int:
 def _room_members(args: argparse.Namespace) -> int:
     _print_room(_client(args).room_members(args.room), args.json)
     return 0
+
+
+def _room_list(args: argparse.Namespace) -> int:
+    return _listing(
+        args,
+        _client(args).rooms(),
+        ["room", "name", "owner", "version", "members"],
+        lambda r: (
+            r["room"],
+            r["name"],
+            r["owner"],
+            r["version"],
+            " ".join(m["id"] for m in r["members"]),
+        ),
+    )

@@ -30,7 +30,7 @@ from keel.mesh.invite import InviteRecord, InviteToken, new_invite
 from keel.mesh.links import Links
 from keel.mesh.local import SendEntry, Status
 from keel.mesh.members import Members
-from keel.mesh.membership import Room
+from keel.mesh.membership import Room, split_member
 from keel.mesh.outbound import NewMessage, Outbound
 from keel.mesh.store import Store
 from keel.service import Shell
@@ -485,27 +485,39 @@ class Control:
     def _room_info(self, room: Room) -> verbs.RoomInfo:
         node = self.node
         view = node.members.view
+        members: list[verbs.RoomMemberInfo] = []
+        for entry in room.members:
+            agent, member = split_member(entry)
+            members.append(
+                {
+                    "id": entry,
+                    "node": member,
+                    "agent": agent,
+                    "connected": member in node.links.by_peer or member == node.me,
+                    "member": view.is_member(member),
+                }
+            )
         return {
             "room": room.id,
             "name": room.name,
             "owner": room.owner,
             "version": room.version,
-            "members": [
-                {
-                    "id": m,
-                    "connected": m in node.links.by_peer or m == node.me,
-                    "member": view.is_member(m),
-                }
-                for m in room.members
-            ],
+            "members": members,
         }
+
+    def _mesh_members(self, entries: Iterable[str]) -> None:
+        """``KeelError`` unless the node of every entry (``NODE_ID``, ``AGENT@NODE_ID``) is a
+        mesh member."""
+        view = self.node.members.view
+        for entry in entries:
+            member = split_member(entry)[1]
+            if not view.is_member(member):
+                raise KeelError(f"{member} is not a member of the mesh")
 
     async def room_create(self, request: verbs.RoomCreate) -> verbs.RoomInfo:
         self._member()
         node = self.node
-        for member in request.members:
-            if not node.members.view.is_member(member):
-                raise KeelError(f"{member} is not a member of the mesh")
+        self._mesh_members(request.members)
         fields = rooms.create(node.identity, name=request.name, members=request.members)
         node.members.sign("room", **fields)
         return self._room_info(node.members.view.rooms[fields["room"]])
@@ -518,17 +530,11 @@ class Control:
             raise KeelError(
                 f"room {room.name} ({room.id}) belongs to {room.owner}; only its owner changes it"
             )
-        members = set(room.members)
         if add:
-            if not node.members.view.is_member(request.node):
-                raise KeelError(f"{request.node} is not a member of the mesh")
-            members.add(request.node)
+            self._mesh_members([request.node])
+            members = rooms.added(room, request.node)
         else:
-            if request.node == room.owner:
-                raise UsageError("the owner cannot leave its own room")
-            if request.node not in members:
-                raise KeelError(f"{request.node} is not in room {room.name}")
-            members.discard(request.node)
+            members = rooms.removed(room, request.node)
         node.members.sign("room", **rooms.update(node.identity, room, members=members))
         kind = "room-add" if add else "room-remove"
         node.shell.record(kind, room.id, {"room": room.id, "node": request.node})
@@ -538,10 +544,12 @@ class Control:
         self._member()
         node = self.node
         room = self._room(request.room)
-        recipients = node.members.view.room_recipients(room.id)
-        if node.me not in recipients:
-            raise KeelError(f"this node is not a member of room {room.name}")
         caller = self.agents.caller(peer)
+        refusal = rooms.refuse_send(node.members.view, node.me, room, caller.agent)
+        if refusal is not None and caller.agent is None:
+            raise KeelError(refusal)
+        self._refuse(caller, "room_send", refusal)
+        recipients = node.members.view.room_recipients(room.id)
         others = [m for m in recipients if m != node.me]
         self._refuse(caller, "room_send", self.agents.refuse_send(caller, others, request.topic))
         ttl = request.ttl if request.ttl is not None else node.settings.default_ttl
@@ -553,9 +561,18 @@ class Control:
             topic=request.topic,
             expires=expires,
             payload=request.payload,
+            agent=caller.agent,
         )
         if others:
-            message = NewMessage(request.id, others, request.topic, request.payload, expires, stamp)
+            message = NewMessage(
+                request.id,
+                others,
+                request.topic,
+                request.payload,
+                expires,
+                stamp,
+                agent=caller.agent,
+            )
             node.outbound.submit([message])
         return {"id": request.id, "recipients": others}
 

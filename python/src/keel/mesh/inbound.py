@@ -16,8 +16,9 @@ one ACK. For each message, in order:
 - seen before (stored earlier, or earlier in this batch): ``ok``, nothing
   stored again; the inbox full: ``busy`` (the sender backs off);
 - new: handed straight to a subscriber of its topic (the agent it is for,
-  if it names one) that has room and no backlog and may receive from its
-  sender (the subscribing agent's ``receiveFrom``; answered once the agent
+  if it names one; for a room message, an agent in the room) that has room
+  and no backlog and may receive from its sender (the subscribing agent's
+  ``receiveFrom``; answered once the agent
   took it: :mod:`keel.mesh.handoffs`), or else stored (``store``) and
   answered ``ok``.
 """
@@ -69,6 +70,7 @@ def plan(
     windows: Mapping[str, Sequence[Window]],
     wall: float,
     addressable: Addressable | None = None,
+    room_reads: Callable[[str, str], bool] | None = None,
 ) -> Plan:
     """Decide on ``messages`` from ``peer`` (see the module's docstring).
 
@@ -76,12 +78,13 @@ def plan(
     messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
     ``windows``: the subscribers of the batch's topics; ``addressable``:
     why a message for an agent cannot be taken (None: it can), None: no
-    agent here takes any.
+    agent here takes any; ``room_reads(room, agent)``: whether a subscribed agent may
+    read the room's messages (None: every agent may).
     """
     out = Plan()
     count, size = inbox
     this_batch: set[Key] = set()
-    takers = _Takers(windows)
+    takers = _Takers(windows, room_reads)
     for msg in messages:
         author = peer
         if msg.room is not None:
@@ -130,7 +133,7 @@ def plan(
             msg.to,
         )
         stream = (
-            takers.take(msg.topic, len(msg.payload), msg.to, (author, msg.agent))
+            takers.take(msg.topic, len(msg.payload), msg.to, (author, msg.agent), item.room)
             if windows
             else None
         )
@@ -142,7 +145,9 @@ def plan(
         count += 1
         size += len(msg.payload)
         if msg.topic in windows:
-            out.backlogged.update(takers.could_take(msg.topic, msg.to, (author, msg.agent)))
+            out.backlogged.update(
+                takers.could_take(msg.topic, msg.to, (author, msg.agent), item.room)
+            )
     out.inbox_messages, out.inbox_bytes = count, size
     return out
 
@@ -150,17 +155,28 @@ def plan(
 class _Takers:
     """The subscribers of each topic, filled as the plan hands them messages."""
 
-    def __init__(self, windows: Mapping[str, Sequence[Window]]) -> None:
+    def __init__(
+        self,
+        windows: Mapping[str, Sequence[Window]],
+        room_reads: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.windows = windows
+        self.room_reads = room_reads  # (room, agent) -> whether the agent reads the room
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
 
     def take(
-        self, topic: str, size: int, to: str | None = None, sender: Sender | None = None
+        self,
+        topic: str,
+        size: int,
+        to: str | None = None,
+        sender: Sender | None = None,
+        room: str | None = None,
     ) -> int | None:
-        """The first subscriber of ``topic`` (the agent ``to``, if not None) with room and no
-        backlog that may receive from ``sender``, charged ``size``."""
+        """The first subscriber of ``topic`` (the agent ``to``, if not None; an agent in
+        ``room``, if not None) with room and no backlog that may receive from ``sender``,
+        charged ``size``."""
         for window in self.windows.get(topic, ()):
-            if window.backlog or not _may_take(window, to, sender):
+            if window.backlog or not self._may_take(window, to, sender, room):
                 continue
             held = self.held.get(window.stream)
             if held is None:
@@ -171,11 +187,28 @@ class _Takers:
                 return window.stream
         return None
 
-    def could_take(self, topic: str, to: str | None, sender: Sender) -> list[int]:
-        """The subscribers of ``topic`` that may read a message for ``to`` from ``sender``:
-        those to fill from the inbox once they have room (a message one of them may not
-        read leaves it as it was, or it would wait on a backlog it cannot take)."""
-        return [w.stream for w in self.windows.get(topic, ()) if _may_take(w, to, sender)]
+    def could_take(
+        self, topic: str, to: str | None, sender: Sender, room: str | None = None
+    ) -> list[int]:
+        """The subscribers of ``topic`` that may read a message for ``to`` from ``sender``
+        (of ``room``): those to fill from the inbox once they have room (a message one of
+        them may not read leaves it as it was, or it would wait on a backlog it cannot take)."""
+        return [
+            w.stream for w in self.windows.get(topic, ()) if self._may_take(w, to, sender, room)
+        ]
+
+    def _may_take(
+        self, window: Window, to: str | None, sender: Sender | None, room: str | None
+    ) -> bool:
+        """``_may_take``, and for a room message: the window's agent is in the room."""
+        if not _may_take(window, to, sender):
+            return False
+        return (
+            room is None
+            or window.reader is None
+            or self.room_reads is None
+            or self.room_reads(room, window.reader)
+        )
 
 
 def _may_take(window: Window, to: str | None, sender: Sender | None) -> bool:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
-from keel.mesh import inbound, local
+from keel.mesh import inbound, local, rooms
 from keel.mesh.agent_streams import LocalStream
 from keel.mesh.audit_log import AuditLog
 from keel.mesh.delivery import InboxLimits, InboxMessage, Incoming, Receipt, receipt
@@ -106,6 +106,7 @@ class Inbox:
             windows=self.handoffs.windows({m.topic for m in messages}),
             wall=wall,
             addressable=self.addressable,
+            room_reads=self._agent_reads_room,
         )
         for message_id, reason in plan.rejected:
             log.warning(
@@ -127,12 +128,16 @@ class Inbox:
             stream = handed[number] = self._streams[number]
             receipt_number = self.handoffs.hand(number, item, peer)
             stream.deliver(_head(receipt_number, item, wall), item.payload)
-        for stream in handed.values():
-            stream.flush()
         if handed:
             self._arm_hold_check()
+        for stream in handed.values():
+            stream.flush()
         self.answered_busy += len(plan.busy)
         link.answer(ok, plan.busy, plan.rejected)
+
+    def _agent_reads_room(self, room: str, agent: str) -> bool:
+        readable = rooms.reads(self.view(), self.me, agent)
+        return readable is None or readable(room)
 
     def _received(self, items: Sequence[Incoming]) -> None:
         """Messages are this node's now (stored, or taken by an agent): wake readers, record them."""
@@ -163,7 +168,12 @@ class Inbox:
         deadline = self.clock() + wait
         while True:
             found = self.store.take(
-                topic, limit, self.handoffs.holding(), reader, self.senders(reader)
+                topic,
+                limit,
+                self.handoffs.holding(),
+                reader,
+                self.senders(reader),
+                rooms=self.room_reads(reader),
             )
             self._check_refused(reader, topic)
             remaining = deadline - self.clock()
@@ -176,6 +186,10 @@ class Inbox:
         self.handoffs.lease([m.seq for m in found], self.clock() + (lease or self.lease))
         return found
 
+    def room_reads(self, reader: str | None) -> Callable[[str], bool] | None:
+        """The rooms whose messages ``reader`` (an agent; None: the node) may read, now."""
+        return rooms.reads(self.view(), self.me, reader)
+
     def consume(
         self,
         receipts: Iterable[int],
@@ -184,8 +198,10 @@ class Inbox:
         reader: str | None = None,
     ) -> int:
         """Delete acknowledged messages (on the topics ``reads`` allows, from the senders
-        ``reader`` may read); how many there were."""
-        gone = self.store.consume(receipts, reads, self.senders(reader))
+        ``reader`` may read, of the rooms it is in); how many there were."""
+        gone = self.store.consume(
+            receipts, reads, self.senders(reader), rooms=self.room_reads(reader)
+        )
         self.handoffs.consumed(seq for seq, _ in gone)
         for _, size in gone:
             self.count -= 1
@@ -219,7 +235,7 @@ class Inbox:
         stream.flush(always=True)  # the answer: subscribed (with whatever waited)
 
     def stream_acked(self, stream: LocalStream, receipts: Sequence[int]) -> None:
-        self._carry_out(self.handoffs.acked(stream.number, receipts), stream.reads)
+        self._carry_out(self.handoffs.acked(stream.number, receipts), stream.reads, stream.reader)
         self._fill(stream)
         stream.flush()
 
@@ -256,7 +272,12 @@ class Inbox:
             reader = handoffs.reader(number)
             try:
                 found = self.store.take(
-                    topic, room, handoffs.holding(), reader, self.senders(reader)
+                    topic,
+                    room,
+                    handoffs.holding(),
+                    reader,
+                    self.senders(reader),
+                    rooms=self.room_reads(reader),
                 )
             except StateError as exc:
                 state_failed(f"cannot read the inbox for a subscriber of {topic}", exc)
@@ -319,8 +340,11 @@ class Inbox:
         self._carry_out(self.handoffs.due())
         self._arm_hold_check()
 
-    def _carry_out(self, steps: Steps, reads: Callable[[str], bool] | None = None) -> None:
-        """Do what ``steps`` say; ``reads`` bounds the topics an agent's ACK may delete."""
+    def _carry_out(
+        self, steps: Steps, reads: Callable[[str], bool] | None = None, reader: str | None = None
+    ) -> None:
+        """Do what ``steps`` say; ``reads`` bounds the topics an agent's ACK may delete,
+        ``reader`` (the agent) the senders and rooms."""
         if steps.take:
             self._take(steps.take)
         if steps.store_kept:
@@ -329,7 +353,7 @@ class Inbox:
             self._store(steps.store_freed, keep=False)
         if steps.consume:
             try:
-                self.consume(steps.consume, reads)
+                self.consume(steps.consume, reads, reader=reader)
             except StateError as exc:
                 state_failed(f"cannot delete {len(steps.consume)} acknowledged message(s)", exc)
 

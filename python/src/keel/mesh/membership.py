@@ -37,6 +37,7 @@ signer a member, even between hosts whose clocks disagree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import Any, Final
 from keel.mesh.encoding import b64u_decode, b64u_encode, is_address
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity, NodeRecord, verify_signature
-from keel.mesh.ids import SIGNATURE_SIZE, is_message_id, is_node_id
+from keel.mesh.ids import SIGNATURE_SIZE, is_agent_name, is_message_id, is_node_id
 from keel.mesh.packets import canonical_json
 
 KINDS: Final = ("genesis", "join", "remove", "operator", "revoke-invite", "addr", "room")
@@ -197,11 +198,33 @@ def _check_room(body: Mapping[str, Any]) -> None:
     if (
         not isinstance(members, list)
         or len(members) > MAX_ROOM_MEMBERS
-        or not all(is_node_id(m) for m in members)
+        or not all(is_room_member(m) for m in members)
         or members != sorted(set(members))
-        or body["by"] not in members
     ):
-        raise _bad("room members must be sorted unique node ids including the owner")
+        raise _bad(
+            "room members must be sorted unique node ids or AGENT@NODE_ID entries, "
+            f"at most {MAX_ROOM_MEMBERS}"
+        )
+    bare = {m for m in members if "@" not in m}
+    scoped = {split_member(m)[1] for m in members if "@" in m}
+    if bare & scoped:
+        raise _bad("a room lists a node either as a whole or by its agents, not both")
+    if body["by"] not in bare | scoped:
+        raise _bad("a room's owner is one of its members (as a node or by its agents)")
+
+
+def is_room_member(entry: object) -> bool:
+    """A room record's member entry: a node id, or ``AGENT@NODE_ID``."""
+    if not isinstance(entry, str):
+        return False
+    agent, sep, node = entry.partition("@")
+    return is_node_id(entry) if not sep else is_agent_name(agent) and is_node_id(node)
+
+
+def split_member(entry: str) -> tuple[str | None, str]:
+    """A member entry as (agent or None for the whole node, node id)."""
+    agent, sep, node = entry.partition("@")
+    return (agent, node) if sep else (None, entry)
 
 
 @dataclass(frozen=True)
@@ -226,6 +249,40 @@ class Room:
     members: tuple[str, ...]  # as the owner signed them (may name nodes since removed)
     record: SignedRecord = field(repr=False)
 
+    @functools.cached_property
+    def _by_node(self) -> dict[str, tuple[str, ...] | None]:
+        """Each node in the room: None if listed as a whole, else its listed agents."""
+        out: dict[str, tuple[str, ...] | None] = {}
+        for entry in self.members:
+            agent, node = split_member(entry)
+            if agent is None:
+                out[node] = None
+            else:
+                listed = out.get(node) or ()
+                out[node] = (*listed, agent)
+        return out
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes in the room: those listed as a whole and those of listed agents, sorted."""
+        return tuple(sorted(self._by_node))
+
+    def agents_of(self, node: str) -> tuple[str, ...] | None:
+        """The agents of ``node`` in the room: None if it is in as a whole node (all its
+        agents), () if it is not in at all."""
+        return self._by_node.get(node, ())
+
+    def admits(self, node: str, agent: str | None) -> bool:
+        """Whether ``agent`` of ``node`` (None: the node itself) is in the room.
+
+        A node listed as a whole is in with every agent of its; a node listed
+        by agents is in (its node-level callers too) with those agents only.
+        """
+        agents = self.agents_of(node)
+        if agents is None:
+            return True
+        return bool(agents) and (agent is None or agent in agents)
+
 
 @dataclass(frozen=True)
 class View:
@@ -239,6 +296,7 @@ class View:
     revoked_invites: Mapping[str, int]  # invite id -> at of the revocation that took effect
     rooms: Mapping[str, Room]
     effective: frozenset[str]  # ids of the records that took effect
+    room_versions: Mapping[tuple[str, int], Room]  # every effective version of every room
 
     def is_member(self, node_id: str) -> bool:
         return node_id in self.admitted and node_id not in self.removed
@@ -252,7 +310,7 @@ class View:
         room = self.rooms.get(room_id)
         if room is None:
             return ()
-        return tuple(m for m in room.members if self.is_member(m))
+        return tuple(m for m in room.nodes if self.is_member(m))
 
 
 class MembershipError(RemoteProtocolError):
@@ -346,6 +404,7 @@ class Membership:
         revoked_invites: dict[str, int] = {}
         addresses: dict[str, tuple[str, ...]] = {}
         rooms: dict[str, Room] = {}
+        room_versions: dict[tuple[str, int], Room] = {}
         effective = {self.genesis.id}
         for record in self.records():
             kind, by = record.kind, record.by
@@ -404,6 +463,7 @@ class Membership:
                 # The walk is in (at, id) order, so on equal versions the later record wins.
                 if current is None or room.version >= current.version:
                     rooms[room.id] = room
+                room_versions[room.id, room.version] = room  # equal versions: the later
             effective.add(record.id)
         for node_id, addrs in addresses.items():
             member = admitted[node_id]
@@ -422,6 +482,7 @@ class Membership:
             operators=frozenset(operators),
             revoked_invites=MappingProxyType(revoked_invites),
             rooms=MappingProxyType(rooms),
+            room_versions=MappingProxyType(room_versions),
             effective=frozenset(effective),
         )
 

@@ -181,12 +181,16 @@ class Outbound:
             self.dead_letter(due.expired, "expired")
         batches: dict[str, Batch] = {}
         too_old: list[Queued] = []
+        too_old_rooms: list[Queued] = []
         for item in due.sends:
             link = self.links.get(item.peer)
             stored = self._payload(item.seq)
             if link is None or stored is None:
                 continue
             payload, stamp, agent, to = stored
+            if stamp is not None and agent is not None and not link.room_agents:
+                too_old_rooms.append(item)  # its signature covers the agent: it cannot go without
+                continue
             if not link.agents:  # a peer from before revision 3 reads no agent fields
                 if to is not None:
                     too_old.append(item)
@@ -206,6 +210,13 @@ class Outbound:
                 lambda queued: queued.seq not in seqs,
                 "the recipient's keel is too old for messages to an agent (application "
                 f"revision {packets.AGENTS_REVISION}): upgrade it, or send to its topic",
+            )
+        if too_old_rooms:
+            seqs = {item.seq for item in too_old_rooms}
+            self.drop(
+                lambda queued: queued.seq not in seqs,
+                "the recipient's keel is too old for room messages from an agent (application "
+                f"revision {packets.ROOM_AGENTS_REVISION}): upgrade it",
             )
         for batch in batches.values():
             batch.flush()

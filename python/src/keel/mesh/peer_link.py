@@ -91,6 +91,7 @@ class PeerLink(asyncio.Protocol):
         self.closing = False
         self.batching = False  # the peer takes MSGS packets (application revision >= 2)
         self.agents = False  # the peer reads agent fields (application revision >= 3)
+        self.room_agents = False  # it verifies a room message's signed agent (revision >= 4)
         self.announced: tuple[str, ...] = ()  # the peer's agents that may use the mesh
 
         self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
@@ -102,6 +103,7 @@ class PeerLink(asyncio.Protocol):
         """What the peer said of itself: which packets it reads, which agents it has."""
         self.batching = hello.app >= 2
         self.agents = hello.app >= packets.AGENTS_REVISION
+        self.room_agents = hello.app >= packets.ROOM_AGENTS_REVISION
         self.announced = hello.agents
 
     # -- asyncio.Protocol

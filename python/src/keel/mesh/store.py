@@ -680,13 +680,16 @@ class Store:
         exclude: Container[int],
         reader: str | None = None,
         senders: Sequence[str] | None = None,
+        *,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[InboxMessage]:
         """The oldest ``limit`` messages on ``topic`` for ``reader`` whose seq is not in ``exclude``.
 
         ``reader``: an agent gets the messages for no agent and those for it;
         None (the node itself) those for no agent. ``senders``: the reader's
-        ``receiveFrom`` (None: everyone); the messages of others stay. Seqs
-        come from the ``(topic, seq)`` index first; only the chosen rows'
+        ``receiveFrom`` (None: everyone); the messages of others stay.
+        ``rooms``: the rooms whose messages the reader may read (None: all).
+        Seqs come from the ``(topic, seq)`` index first; only the chosen rows'
         payloads are read.
         """
         chosen: list[int] = []
@@ -694,14 +697,18 @@ class Store:
         clause, params = senders_clause(senders)
         while len(chosen) < limit:
             seqs = self._db.execute(
-                "SELECT seq FROM inbox WHERE topic = ? AND seq > ? "  # noqa: S608
+                "SELECT seq, room FROM inbox WHERE topic = ? AND seq > ? "  # noqa: S608
                 f"AND (to_agent IS NULL OR to_agent = ?) AND {clause} ORDER BY seq LIMIT ?",
                 (topic, after, reader, *params, max(limit, 256)),
             ).fetchall()
             if not seqs:
                 break
             after = seqs[-1][0]
-            chosen += [seq for (seq,) in seqs if seq not in exclude][: limit - len(chosen)]
+            chosen += [
+                seq
+                for (seq, room) in seqs
+                if seq not in exclude and (room is None or rooms is None or rooms(room))
+            ][: limit - len(chosen)]
         out: list[InboxMessage] = []
         for start in range(0, len(chosen), 500):
             chunk = chosen[start : start + 500]
@@ -739,18 +746,21 @@ class Store:
         seqs: Iterable[int],
         reads: Callable[[str], bool] | None = None,
         senders: Sequence[str] | None = None,
+        *,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there.
 
         ``reads``: only messages on topics it allows are deleted, ``senders``:
-        only those from the nodes and agents it names (an agent's
-        acknowledgement of a message it may not read is no acknowledgement).
+        only those from the nodes and agents it names, ``rooms``: only room
+        messages of the rooms it allows (an agent's acknowledgement of a
+        message it may not read is no acknowledgement).
         """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            if reads is not None or senders is not None:
-                unique = self._readable(db, unique, reads or _every_topic, senders)
+            if reads is not None or senders is not None or rooms is not None:
+                unique = self._readable(db, unique, reads or _every_topic, senders, rooms=rooms)
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -766,18 +776,25 @@ class Store:
         seqs: Sequence[int],
         reads: Callable[[str], bool],
         senders: Sequence[str] | None = None,
+        *,
+        rooms: Callable[[str], bool] | None = None,
     ) -> list[int]:
-        """Those of ``seqs`` whose message's topic ``reads`` allows, from ``senders``."""
+        """Those of ``seqs`` whose message's topic ``reads`` allows, from ``senders``, of a
+        room ``rooms`` allows (or of none)."""
         allowed: list[int] = []
         clause, params = senders_clause(senders)
         for start in range(0, len(seqs), 500):
             chunk = seqs[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             rows = db.execute(
-                f"SELECT seq, topic FROM inbox WHERE seq IN ({marks}) AND {clause}",  # noqa: S608
+                f"SELECT seq, topic, room FROM inbox WHERE seq IN ({marks}) AND {clause}",  # noqa: S608
                 [*chunk, *params],
             ).fetchall()
-            allowed += [int(seq) for seq, topic in rows if reads(topic)]
+            allowed += [
+                int(seq)
+                for seq, topic, room in rows
+                if reads(topic) and (room is None or rooms is None or rooms(room))
+            ]
         return allowed
 
     @_state_errors

@@ -184,7 +184,9 @@ class RoomCreate:
         name = arguments.string(args, "name")
         members = args.get("members", [])
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise UsageError("members must be a list of node ids")
+            raise UsageError("members must be a list of node ids (or AGENT@NODE_ID)")
+        for member in members:
+            arguments.address({"member": member}, "member")
         return cls(name, tuple(members))
 
 
@@ -201,14 +203,16 @@ class RoomRef:
 
 @dataclass(frozen=True)
 class RoomMember:
-    """``room_add`` and ``room_remove``."""
+    """``room_add`` and ``room_remove``: ``node`` is a node id, or ``AGENT@NODE_ID``."""
 
     room: str
     node: str
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> RoomMember:
-        return cls(arguments.string(args, "room"), arguments.node_id(args, "node"))
+        room = arguments.string(args, "room")
+        agent, node = arguments.address(args, "node")
+        return cls(room, node if agent is None else f"{agent}@{node}")
 
 
 @dataclass(frozen=True)
@@ -360,7 +364,9 @@ class OperatorChanged(TypedDict):
 
 
 class RoomMemberInfo(TypedDict):
-    id: str
+    id: str  # as the room lists it: a node id, or AGENT@NODE_ID
+    node: str
+    agent: str | None  # None: the node as a whole (every agent of its)
     connected: bool
     member: bool
 

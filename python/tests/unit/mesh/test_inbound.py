@@ -169,6 +169,57 @@ def test_a_message_for_an_agent_goes_to_that_agent_only_or_is_refused() -> None:
     assert decide([for_notes]).rejected == [(for_notes.id, "no agent notes here")]
 
 
+def test_a_room_message_goes_only_to_an_agent_in_the_room() -> None:
+    membership = mesh()
+    fields = rooms.create(A, name="ops", members=[B.node_id, f"notes@{A.node_id}"])
+    record = membership.make(A, "room", T0 + 9, **fields)
+    room = membership.view.rooms[record.body["room"]]
+    message = msg(1, topic="chat")
+    stamp = rooms.stamp(
+        B, room, message.id, topic="chat", expires=message.expires, payload=message.payload
+    )
+    windows = {
+        "chat": [
+            Window(1, 0, 0, 10, 1000, False, "scout"),  # no member: skipped
+            Window(2, 0, 0, 10, 1000, False, "notes"),
+        ]
+    }
+
+    def room_reads(room_id: str, agent: str) -> bool:
+        return membership.view.rooms[room_id].admits(ME, agent)
+
+    plan = inbound.plan(
+        [message._replace(room=stamp)],
+        peer=PEER,
+        me=ME,
+        view=membership.view,
+        seen=set(),
+        handed=set(),
+        inbox=(0, 0),
+        limits=LIMITS,
+        windows=windows,
+        wall=WALL,
+        room_reads=room_reads,
+    )
+    assert [stream for stream, _ in plan.hand] == [2]
+    only_scout = {"chat": windows["chat"][:1]}
+    plan = inbound.plan(
+        [message._replace(room=stamp)],
+        peer=PEER,
+        me=ME,
+        view=membership.view,
+        seen=set(),
+        handed=set(),
+        inbox=(0, 0),
+        limits=LIMITS,
+        windows=only_scout,
+        wall=WALL,
+        room_reads=room_reads,
+    )
+    assert plan.hand == []
+    assert [i.id for i in plan.store] == [message.id]  # stored for a reader that may read it
+
+
 def test_a_subscriber_is_handed_only_what_its_receive_from_allows() -> None:
     """A stream whose agent may not receive from the sender is passed over; with no other
     taker the message is stored (for the node's other readers), never dropped."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from keel.mesh import rooms
+from keel.mesh.encoding import b64u_encode
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.invite import invite_id_of
 from keel.mesh.membership import SignedRecord, room_id_of
@@ -61,3 +63,33 @@ def test_the_documented_known_answers() -> None:
     assert shown_agents.group(1) == encode(addressed).hex()
     assert shown_agents.group(2) == encode(Msgs((addressed,))).hex()
     assert decode(bytes.fromhex(shown_agents.group(2))) == Msgs((addressed,))
+    agent_room = SignedRecord.make(
+        identity,
+        "room",
+        1_700_000_000_002,
+        room=room_id_of(identity.node_id, bytes(16)),
+        nonce=b64u_encode(bytes(16)),
+        name="ops",
+        version=1,
+        members=[identity.node_id, "scout@l2x7zovq3nifrbiq6yoaoa74ebkpauy3"],
+    )
+    assert SignedRecord.from_json(agent_room.to_json()) == agent_room
+    assert f"`{agent_room.signed_bytes().decode()}`" in text
+    assert f"`{agent_room.to_json()['sig']}`" in text
+    assert f"its record id `{agent_room.id}`" in text
+    for agent in (None, "scout"):
+        signed = rooms.signed_bytes(
+            room_id_of(identity.node_id, bytes(16)),
+            "01" * 16,
+            identity.node_id,
+            topic="chat",
+            expires=1_700_000_000,
+            version=1,
+            payload=b"",
+            agent=agent,
+        )
+        shown_signed = f"`{signed.decode()}`"
+        assert shown_signed in text
+        after = text.split(shown_signed, 1)[1]
+        sig = b64u_encode(identity.sign(rooms.MESSAGE_DOMAIN, signed))
+        assert re.match(r"[,\s]+(its `sig` being|`sig`)\s+`" + re.escape(sig) + "`", after)

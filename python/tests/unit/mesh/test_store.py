@@ -470,3 +470,29 @@ def test_a_schema_2_database_gains_the_blob_columns_and_keeps_its_messages(
     assert store.get_meta("schema") == "3"
     store.enqueue([out("2" * 32, payload=BIG)], created=2.0)
     store.close()
+    Store(path).close()  # and opens again as schema 2
+
+
+def test_a_reader_takes_and_acknowledges_only_the_rooms_it_is_in(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    seqs = store.receive(
+        [
+            Incoming(P, "a" * 32, "r" * 32, "t", b"in room r", 2e9, "scout", None),
+            Incoming(P, "b" * 32, "s" * 32, "t", b"in room s", 2e9, None, None),
+            Incoming(P, "c" * 32, None, "t", b"direct", 2e9, None, None),
+        ],
+        wall=3.0,
+    )
+
+    def in_r(room: str) -> bool:
+        return room == "r" * 32
+
+    assert [m.payload for m in store.take("t", 10, (), "notes", rooms=in_r)] == [
+        b"in room r",
+        b"direct",
+    ]
+    assert len(store.take("t", 10, (), None)) == 3  # the node reads every room
+    # an acknowledgement of a room message of another room deletes nothing
+    assert store.consume([seqs[1]], lambda topic: True, rooms=in_r) == []
+    assert store.consume(seqs, lambda topic: True, rooms=in_r) == [(seqs[0], 9), (seqs[2], 6)]
+    assert store.consume([seqs[1]]) == [(seqs[1], 9)]

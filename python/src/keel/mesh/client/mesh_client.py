@@ -279,10 +279,12 @@ class MeshClient:
     # -- rooms
 
     def room_create(self, name: str, members: Sequence[str] = ()) -> dict[str, Any]:
+        """A room owned by the node: ``members`` are node ids or ``AGENT@NODE_ID``."""
         result: dict[str, Any] = self.call("room_create", {"name": name, "members": list(members)})
         return result
 
     def room_add(self, room: str, node_id: str) -> dict[str, Any]:
+        """Add ``node_id`` (a node id, or ``AGENT@NODE_ID``) to a room the node owns."""
         result: dict[str, Any] = self.call("room_add", {"room": room, "node": node_id})
         return result
 
