@@ -89,6 +89,17 @@ class World:
 
         return [entry.as_dict() for entry in ledger_entries(self.root / "ledger.db")]
 
+    async def settled_ledger(self) -> list[dict[str, Any]]:
+        """The ledger once the gateway's recorder has written all it was given so far.
+
+        The gateway records a call before it answers, and the recorder writes
+        in the background: an answer the test holds has its entry queued, not
+        yet on disk.
+        """
+        assert self.gateway.shell is not None
+        assert await self.gateway.shell.recorder.flush(), "the gateway's ledger writes are stuck"
+        return self.ledger()
+
     def server_pid(self, name: str = "toolbox") -> int | None:
         pid = self.watch.status()["agents"][f"keel-mcp-{name}"]["pid"]
         return int(pid) if pid else None

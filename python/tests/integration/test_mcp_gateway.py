@@ -105,7 +105,7 @@ def test_each_agent_sees_and_may_call_only_its_tools(world_dir: Path) -> None:
             unknown = await agent(world, "scout", "call:nothing:{}", "call:toolbox.nothing:{}")
             assert [answer["error"]["code"] for answer in unknown] == [-32602, FORBIDDEN]
 
-            calls = [e for e in world.ledger() if e["kind"] == "mcp_call"]
+            calls = [e for e in await world.settled_ledger() if e["kind"] == "mcp_call"]
         first = next(
             e for e in calls if e["data"]["tool"] == "add" and e["data"]["outcome"] == "ok"
         )
@@ -175,7 +175,11 @@ def test_a_server_that_dies_mid_call_fails_the_call_and_comes_back(world_dir: Pa
             await world.ready()
             back = await agent(world, "scout", 'call:toolbox.echo:{"text": "back"}')
             assert text_of(back[0]) == "back"
-            outcomes = [e["data"]["outcome"] for e in world.ledger() if e["kind"] == "mcp_call"]
+            outcomes = [
+                e["data"]["outcome"]
+                for e in await world.settled_ledger()
+                if e["kind"] == "mcp_call"
+            ]
             assert outcomes.count("unavailable") == 2
 
     asyncio.run(scenario())
@@ -366,7 +370,7 @@ def test_operators_list_and_call_through_the_control_socket(world_dir: Path) -> 
             unknown = await asyncio.to_thread(keel, "tools", "ghost")
             assert unknown.returncode == 2
             assert "no agent named 'ghost'" in unknown.stderr
-            entries = [e for e in world.ledger() if e["kind"] == "mcp_call"]
+            entries = [e for e in await world.settled_ledger() if e["kind"] == "mcp_call"]
             assert any(
                 e["data"].get("operator_uid") == 0 and e["data"]["outcome"] == "ok" for e in entries
             )
@@ -399,7 +403,7 @@ def test_calls_from_other_nodes_meet_the_hosting_node_s_grants(world_dir: Path) 
             # A local agent named like the remote one has only its own grants.
             local = await agent(world, "scout", 'call:toolbox.add:{"a": 1, "b": 1}')
             assert local[0]["error"]["code"] == FORBIDDEN
-            entries = [e for e in world.ledger() if e["kind"] == "mcp_call"]
+            entries = [e for e in await world.settled_ledger() if e["kind"] == "mcp_call"]
         remote = [e["data"] for e in entries if e["data"]["caller"]["node"] == node_a]
         assert [(e["tool"], e["outcome"]) for e in remote] == [("add", "ok"), ("echo", "refused")]
 

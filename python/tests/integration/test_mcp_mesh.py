@@ -148,7 +148,7 @@ async def raw_requests(a: Node, b: Node, host: World) -> None:
         ask_raw, a, b, Request(new_message_id(), "list", time.time() + 30), None
     )
     assert listed.result == {"tools": []}
-    entries = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+    entries = [e for e in await host.settled_ledger() if e["kind"] == "mcp_call"]
     assert [(e["data"]["caller"]["agent"], e["data"]["outcome"]) for e in entries] == [
         ("scout", "expired"),
         (None, "refused"),
@@ -207,7 +207,7 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
         assert f"agent idle (tier 2, uid {UIDS['idle']}) may not send to {b.node_id}" in message
 
         # the hosting ledger names the calling agent as the mesh authenticated it
-        calls = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+        calls = [e for e in await host.settled_ledger() if e["kind"] == "mcp_call"]
         add = next(e for e in calls if e["data"]["tool"] == "add" and e["data"]["outcome"] == "ok")
         assert add["subject"] == "toolbox.add"
         assert add["data"]["caller"] == {"node": a.node_id, "agent": "scout", "uid": None}
@@ -225,7 +225,7 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
         }
         assert not any(e["data"]["caller"]["agent"] == "idle" for e in calls)
         # the calling side records its remote calls too, with the target node
-        mine = [e for e in caller.ledger() if e["kind"] == "mcp_call"]
+        mine = [e for e in await caller.settled_ledger() if e["kind"] == "mcp_call"]
         remote_add = next(e for e in mine if e["subject"] == "b.toolbox.add")
         assert remote_add["data"]["remote"] == {"label": "b", "node": b.node_id}
         assert remote_add["data"]["caller"]["agent"] == "scout"
