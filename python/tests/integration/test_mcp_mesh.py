@@ -21,16 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.api import Peer
 from keel.mcp import remote
 from keel.mcp.gateway import FORBIDDEN
+from keel.mcp.policy import Principal
 from keel.mcp.remote import Answer, Request
 from keel.mcp.upstream import TIMEOUT
 from keel.mcp.wire import digest
 from keel.mesh.ids import new_message_id
 from keel.mesh.kem import available_backends
 from keel.watch.children import pidfd_supported
+from mcp_types import TextContent
 
 from tests.integration.mcp_support import (
+    AGENT,
     KEEL,
     UIDS,
     World,
@@ -282,3 +286,152 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "b.toolbox.add",
             "b.toolbox.sleep",
         ]
+
+
+# --- a caller that gives up stops the call on the host ---------------------------------------
+
+OPERATOR = Peer(pid=0, uid=0, gid=0)
+FOREVER = '{"seconds": 3600}'
+
+
+async def sleeping(host: World) -> int:
+    """How many ``sleep`` calls b's toolbox server is running (asked by b's operator)."""
+    result = await host.gateway.call(Principal(None), "toolbox.sleeping", {}, operator=OPERATOR)
+    block = result.content[0]
+    assert isinstance(block, TextContent), result
+    return int(block.text)
+
+
+async def until_sleeping(host: World, count: int) -> None:
+    for _ in range(1500):  # 30 s: an event polled, as watch_support.until does
+        if await sleeping(host) == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"b's server did not get to {count} sleep calls running")
+
+
+def outcomes(world: World, tool: str) -> list[str]:
+    return [
+        e["data"]["outcome"]
+        for e in world.ledger()
+        if e["kind"] == "mcp_call" and e["data"]["tool"] == tool
+    ]
+
+
+async def start_giving_up(caller: World, op: str) -> asyncio.subprocess.Process:
+    """Agent scout starts a call on b that it cancels (or drops its connection for) on cue."""
+    argv = [
+        "setpriv", f"--reuid={UIDS['scout']}", f"--regid={UIDS['scout']}", "--clear-groups",
+        sys.executable, str(AGENT), str(caller.listen), op,
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert json.loads(first) == {"calling": "b.toolbox.sleep"}, first
+    return proc
+
+
+async def release(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    await proc.stdin.drain()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+def test_a_call_its_caller_gives_up_on_is_cancelled_on_the_host(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with running_world(
+            world_dir / "b",
+            hosted(a.node_id),
+            agents={"notes": 1},
+            node=b.node_id,
+            mesh={"socket": str(b.socket), "deadline": DEADLINE},
+        ) as host:
+            await cancels_only_from_the_caller(a, b, host)
+            async with running_world(
+                world_dir / "a",
+                [toolbox("local")],
+                agents={"scout": 2, "notes": 1, "idle": 2},
+                node=a.node_id,
+                mesh={"socket": str(a.socket), "deadline": DEADLINE},
+                remote={"b": {"node": b.node_id, "servers": "*"}},
+            ) as caller:
+                await callers_giving_up(caller, host)
+
+    asyncio.run(scenario())
+
+
+async def cancels_only_from_the_caller(a: Node, b: Node, host: World) -> None:
+    """A cancel counts only from the node and agent that sent the request; others are ignored."""
+    link = host.gateway.link
+    assert link is not None
+    call = Request(
+        new_message_id(), "call", time.time() + 60, "toolbox", "sleep", {"seconds": 3600}
+    )
+    cancel = remote.encode(Request(call.id, "cancel", call.deadline))
+    await asyncio.to_thread(
+        a.client.send, b.node_id, remote.CALL_TOPIC, remote.encode(call), as_agent="scout"
+    )
+    await until_sleeping(host, 1)
+    # the same id from another agent of a, and from a process of a that is no agent: ignored
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent="notes")
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent=None)
+    # a cancel of a request b never got: ignored
+    other = remote.encode(Request(new_message_id(), "cancel", call.deadline))
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, other, as_agent="scout")
+    await until(lambda: link.cancels_ignored == 3, what="b ignoring three cancels")
+    assert link.status()["running"] == 1
+    assert await sleeping(host) == 1
+    assert outcomes(host, "sleep") == []
+    # the caller's own cancel stops it, on b and in the server
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent="scout")
+    await until(lambda: outcomes(host, "sleep") == ["cancelled"], what="b recording the cancel")
+    await until_sleeping(host, 0)
+    assert link.status()["running"] == 0
+    entry = next(
+        e for e in host.ledger() if e["kind"] == "mcp_call" and e["subject"] == "toolbox.sleep"
+    )
+    assert entry["data"]["caller"] == {"node": a.node_id, "agent": "scout", "uid": None}
+
+
+async def callers_giving_up(caller: World, host: World) -> None:
+    """The agent cancels, the agent goes away, a's deadline passes: each stops the call on b."""
+    for n, verb in enumerate(("cancel", "drop"), start=2):
+        proc = await start_giving_up(caller, f"{verb}:b.toolbox.sleep:{FOREVER}")
+        await until_sleeping(host, 1)
+        said = await release(proc)
+        if verb == "cancel":
+            assert said[-1] == {"cancelled": "b.toolbox.sleep"}
+        on_b, on_a = ["cancelled"] * n, ["cancelled"] * (n - 1)
+
+        def cancelled_on_b(expected: list[str] = on_b) -> bool:
+            return outcomes(host, "sleep") == expected
+
+        def cancelled_on_a(expected: list[str] = on_a) -> bool:
+            return outcomes(caller, "sleep") == expected
+
+        await until(cancelled_on_b, what=f"{verb}: b recording the call cancelled")
+        await until_sleeping(host, 0)  # the server's call is gone, not only b's gateway's wait
+        await until(cancelled_on_a, what=f"{verb}: a recording the call cancelled")
+    # a's deadline passes: the agent gets a's timeout, and b stops the call
+    late = await agent(caller, "scout", f"call:b.toolbox.sleep:{FOREVER}")
+    assert late[0]["error"]["code"] == TIMEOUT, late
+    await until(lambda: outcomes(host, "sleep") == ["cancelled"] * 4, what="the deadline's cancel")
+    await until_sleeping(host, 0)
+    assert outcomes(caller, "sleep") == ["cancelled", "cancelled", "timeout"]
+    # the server is free: the next call runs at once
+    done = await agent(caller, "scout", 'call:b.toolbox.sleep:{"seconds": 0}')
+    assert text_of(done[0]) == "slept"

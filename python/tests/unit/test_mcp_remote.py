@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def test_known_answers() -> None:
         b'{"arguments":{"n":1,"path":"/a"},"deadline":1700000000,'
         b'"id":"0123456789abcdef0123456789abcdef","kind":"call","server":"files","tool":"read","v":1}'
     )
+    assert remote.encode(Request(ID, "cancel", 1700000000.5)) == (
+        b'{"deadline":1700000000.5,"id":"0123456789abcdef0123456789abcdef","kind":"cancel","v":1}'
+    )
     assert remote.encode(Answer(ID, {"content": []})) == (
         b'{"id":"0123456789abcdef0123456789abcdef","result":{"content":[]},"v":1}'
     )
@@ -200,8 +204,10 @@ def test_answers_read_back_as_they_were_written(
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list"}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":true}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":NaN}', "request"),
-        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"run","deadline":1}', 'kind must be "list" or "call"'),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"run","deadline":1}', 'kind must be "list", "call" or "cancel"'),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":1,"agent":"ops"}', "unknown key 'agent'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"cancel","deadline":1,"agent":"ops"}', "a cancel request has an unknown key 'agent'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"cancel"}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"t","arguments":{},"node":"x"}', "unknown key 'node'"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"F","tool":"t","arguments":{}}', "server is not"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"a b","arguments":{}}', "tool is not"),
@@ -278,8 +284,6 @@ def test_an_answer_counts_only_from_the_node_that_was_asked(tmp_path: Path) -> N
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         link._pending[ID] = (NODE_B, future)
         data = remote.encode(Answer(ID, {"content": []}))
-        import base64
-
         message = {"from": NODE_A, "agent": None, "data": base64.b64encode(data).decode()}
         link.on_answer(message)  # another node answering b's request: dropped
         assert not future.done()
@@ -288,5 +292,102 @@ def test_an_answer_counts_only_from_the_node_that_was_asked(tmp_path: Path) -> N
         link.on_answer({**message, "from": NODE_B})
         assert future.result() == Answer(ID, {"content": []})
         link.on_answer({**message, "from": NODE_B})  # a second copy: nothing waits, nothing breaks
+
+    asyncio.run(scenario())
+
+
+# --- the hosting side's bookkeeping: who may cancel what ------------------------------------
+
+
+def message(node: str, agent: str | None, request: Request) -> dict[str, Any]:
+    data = base64.b64encode(remote.encode(request)).decode()
+    return {"from": node, "agent": agent, "data": data, "room": None}
+
+
+def hosting(tmp_path: Path) -> tuple[McpGateway, Any]:
+    shared = server(share=[{"nodes": [NODE_A, NODE_B], "agents": "*", "tools": ["read"]}])
+    gateway = McpGateway(parse(tmp_path, servers={"files": shared}))
+    link = gateway.link
+    assert link is not None
+    return gateway, link
+
+
+def test_a_cancel_counts_only_from_the_node_and_agent_that_sent_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, link = hosting(tmp_path)
+    running: dict[str, asyncio.Event] = {}
+    stopped: list[str] = []
+    sent: list[tuple[str, bytes]] = []
+
+    async def call_from_node(node: str, agent: str | None, *args: Any, **kw: Any) -> Any:
+        running[node].set()
+        try:
+            await asyncio.Event().wait()  # a call that never ends by itself
+        except asyncio.CancelledError:
+            stopped.append(node)
+            raise
+
+    async def mesh_send(node: str, topic: str, payload: bytes, *args: Any) -> None:
+        sent.append((node, payload))
+
+    monkeypatch.setattr(gateway, "call_from_node", call_from_node)
+    monkeypatch.setattr(link, "_mesh_send", mesh_send)
+
+    async def scenario() -> None:
+        deadline = 1e12
+        call = Request(ID, "call", deadline, "files", "read", {})
+        cancel = Request(ID, "cancel", deadline)
+        running[NODE_A], running[NODE_B] = asyncio.Event(), asyncio.Event()
+        link.on_request(message(NODE_A, "scout", call))
+        link.on_request(message(NODE_B, "scout", call))  # the same id from another node: its own
+        await running[NODE_A].wait()
+        await running[NODE_B].wait()
+        link.on_request(message(NODE_A, "ops", cancel))  # another agent of the same node
+        link.on_request(message(NODE_A, None, cancel))  # a process of the node that is no agent
+        link.on_request(message(NODE_A, "scout", Request("f" * 32, "cancel", deadline)))
+        assert (link.cancels_ignored, link.cancelled, stopped) == (3, 0, [])
+        assert link.status()["running"] == 2
+        link.on_request(message(NODE_B, "scout", cancel))  # b's own cancel stops b's call only
+        while link.status()["running"] != 1:
+            await asyncio.sleep(0)
+        assert (link.cancelled, stopped) == (1, [NODE_B])
+        link.on_request(message(NODE_B, "scout", cancel))  # again: nothing runs, ignored
+        assert link.cancels_ignored == 4
+        link.on_request(message(NODE_A, "scout", cancel))
+        while link.status()["running"] != 0:
+            await asyncio.sleep(0)
+        assert stopped == [NODE_B, NODE_A]
+        assert sent == []  # a cancelled call is not answered
+        await link.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_cancelled_before_it_runs_is_recorded_as_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, link = hosting(tmp_path)
+    recorded: list[tuple[str, str | None, str, str]] = []
+
+    def record_not_run(node: str, agent: str | None, request: Request, outcome: str) -> None:
+        recorded.append((node, agent, request.id, outcome))
+
+    async def call_from_node(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a cancelled call must not run")
+
+    monkeypatch.setattr(gateway, "record_not_run", record_not_run)
+    monkeypatch.setattr(gateway, "call_from_node", call_from_node)
+
+    async def scenario() -> None:
+        call = Request(ID, "call", 1e12, "files", "read", {})
+        # request and cancel in the same batch from the mesh: the call never starts
+        link.on_request(message(NODE_A, "scout", call))
+        link.on_request(message(NODE_A, "scout", Request(ID, "cancel", 1e12)))
+        while link.status()["running"] != 0:
+            await asyncio.sleep(0)
+        assert recorded == [(NODE_A, "scout", ID, "cancelled")]
+        assert link.hosted == 0
+        await link.close()
 
     asyncio.run(scenario())

@@ -11,7 +11,10 @@ message, as the mesh authenticated them (docs/mcp.md, "Across the mesh").
 Request: ``{"v": 1, "id": ID, "kind": "list", "deadline": T}`` or
 ``{"v": 1, "id": ID, "kind": "call", "server": S, "tool": T, "arguments": {...},
 "deadline": T}``; ``deadline`` is Unix seconds on the caller's clock (the mesh's
-message expiry is on the sender's clock too). Answer: ``{"v": 1, "id": ID,
+message expiry is on the sender's clock too). A caller that gives up sends
+``{"v": 1, "id": ID, "kind": "cancel", "deadline": T}`` on the same topic, as
+the same agent, with the id and deadline of the request it cancels; it gets
+no answer. Answer: ``{"v": 1, "id": ID,
 "result": {...}}`` (a ``tools/call`` result, or ``{"tools": [...]}``) or
 ``{"v": 1, "id": ID, "error": {"code": N, "message": M}}``.
 """
@@ -37,7 +40,7 @@ MAX_MESSAGE_CHARS: Final = 4096  # an error message is cut to this
 
 _ID = re.compile(r"[0-9a-f]{32}\Z")
 
-Kind = Literal["list", "call"]
+Kind = Literal["list", "call", "cancel"]
 
 
 class BadPayload(ValueError):
@@ -143,11 +146,11 @@ def decode_request(data: bytes) -> Request:
         or not math.isfinite(deadline)
     ):
         raise BadPayload("request's deadline must be a number (Unix seconds)")
-    if kind == "list":
-        _keys(value, {"v", "id", "kind", "deadline"}, "a list request")
-        return Request(request_id, "list", float(deadline))
+    if kind in ("list", "cancel"):
+        _keys(value, {"v", "id", "kind", "deadline"}, f"a {kind} request")
+        return Request(request_id, "list" if kind == "list" else "cancel", float(deadline))
     if kind != "call":
-        raise BadPayload('request\'s kind must be "list" or "call"')
+        raise BadPayload('request\'s kind must be "list", "call" or "cancel"')
     _keys(value, {"v", "id", "kind", "deadline", "server", "tool", "arguments"}, "a call request")
     server, tool, arguments = value.get("server"), value.get("tool"), value.get("arguments")
     if not isinstance(server, str) or check_server_name(server) is not None:
