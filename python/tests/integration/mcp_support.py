@@ -98,15 +98,14 @@ class World:
         await until(lambda: upstream.state == "ready", what=f"MCP server {name} ready")
 
 
-@contextlib.asynccontextmanager
-async def running_world(
+def write_world(
     root: Path,
     servers: list[dict[str, Any]],
     *,
     agents: dict[str, int] | None = None,
     **gateway: Any,
-) -> AsyncIterator[World]:
-    """watch running the servers, the gateway serving them; agents by tier (uids from UIDS)."""
+) -> tuple[Path, Path, list[Any]]:
+    """watch.json (running the servers) and mcp.json under ``root``; the servers' specs."""
     sockets = root / "servers"
     specs = [parse_server_spec(server, source=server["name"]) for server in servers]
     entries = watch_entries(specs, backend="process", sockets=sockets, program=KEEL)
@@ -143,6 +142,19 @@ async def running_world(
             }
         )
     )
+    return watch_file, mcp_file, specs
+
+
+@contextlib.asynccontextmanager
+async def running_world(
+    root: Path,
+    servers: list[dict[str, Any]],
+    *,
+    agents: dict[str, int] | None = None,
+    **gateway: Any,
+) -> AsyncIterator[World]:
+    """watch running the servers, the gateway serving them; agents by tier (uids from UIDS)."""
+    watch_file, mcp_file, specs = write_world(root, servers, agents=agents, **gateway)
     wconfig = watch_config.load(watch_file)
     watch = Watch(wconfig, ProcessBackend(wconfig.agents, state_file=wconfig.state_file))
     config = mcp_config.load(mcp_file)

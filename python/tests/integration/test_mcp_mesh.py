@@ -10,18 +10,23 @@ the agent's own ``sendTo``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from keel import api, service
 from keel.api import Peer
+from keel.errors import ApiError
 from keel.mcp import remote
 from keel.mcp.gateway import FORBIDDEN
 from keel.mcp.policy import Principal
@@ -30,7 +35,10 @@ from keel.mcp.upstream import TIMEOUT
 from keel.mcp.wire import digest
 from keel.mesh.ids import new_message_id
 from keel.mesh.kem import available_backends
+from keel.watch import config as watch_config
 from keel.watch.children import pidfd_supported
+from keel.watch.daemon import Watch
+from keel.watch.process_backend import ProcessBackend
 from mcp_types import TextContent
 
 from tests.integration.mcp_support import (
@@ -44,6 +52,7 @@ from tests.integration.mcp_support import (
     text_of,
     toolbox,
     world_directory,
+    write_world,
 )
 from tests.integration.mesh.nodes import FAST, Node
 from tests.integration.watch_support import until
@@ -435,3 +444,135 @@ async def callers_giving_up(caller: World, host: World) -> None:
     # the server is free: the next call runs at once
     done = await agent(caller, "scout", 'call:b.toolbox.sleep:{"seconds": 0}')
     assert text_of(done[0]) == "slept"
+
+
+# --- the hosting gateway dies mid-call ------------------------------------------------------
+
+
+class GatewayProcess:
+    """b's gateway as its own process (``keel mcp serve``), to be killed and started again."""
+
+    def __init__(self, mcp_file: Path, root: Path) -> None:
+        self.mcp_file = mcp_file
+        self.socket = root / "mcp.sock"
+        self.log = root / "gateway.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def status(self) -> dict[str, Any]:
+        result = api.call(self.socket, "status", service="mcp", timeout=10)
+        assert isinstance(result, dict)
+        return result
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.status()["servers"]["toolbox"]["state"] == "ready")
+        except ApiError:
+            return False
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [KEEL, "mcp", "serve", "--config", str(self.mcp_file)],
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        for _ in range(1500):
+            if await asyncio.to_thread(self.ready):
+                return
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            await asyncio.sleep(0.02)
+        raise AssertionError("b's gateway did not get ready")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+    def call(self, tool: str) -> str:
+        result = api.call(
+            self.socket, "call", {"tool": tool, "arguments": {}}, service="mcp", timeout=30
+        )
+        return str(result["content"][0]["text"])
+
+
+@contextlib.asynccontextmanager
+async def hosted_by_process(root: Path, a: Node, b: Node) -> AsyncIterator[GatewayProcess]:
+    """b's servers under watch (in this process) and b's gateway as a process of its own."""
+    watch_file, mcp_file, _ = write_world(
+        root,
+        hosted(a.node_id),
+        agents={"notes": 1},
+        node=b.node_id,
+        mesh={"socket": str(b.socket), "deadline": DEADLINE},
+    )
+    wconfig = watch_config.load(watch_file)
+    watch = Watch(wconfig, ProcessBackend(wconfig.agents, state_file=wconfig.state_file))
+    gateway = GatewayProcess(mcp_file, root)
+    async with service.running("watch", watch, wconfig.common):
+        try:
+            await gateway.start()
+            yield gateway
+        finally:
+            gateway.kill()
+
+
+def test_the_hosting_gateway_dying_mid_call_fails_the_call_by_its_deadline(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with (
+            hosted_by_process(world_dir / "b", a, b) as host,
+            running_world(
+                world_dir / "a",
+                [toolbox("local", share=[{"agents": ["scout"], "tools": ["echo"]}])],
+                agents={"scout": 2, "notes": 1, "idle": 2},
+                node=a.node_id,
+                mesh={"socket": str(a.socket), "deadline": DEADLINE},
+                remote={"b": {"node": b.node_id, "servers": "*"}},
+            ) as caller,
+        ):
+            call = asyncio.create_task(agent(caller, "scout", f"call:b.toolbox.sleep:{FOREVER}"))
+            for _ in range(1500):
+                if await asyncio.to_thread(host.call, "toolbox.sleeping") == "1":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("b's server never ran the call")
+            assert (await asyncio.to_thread(b.status))["inbox"] == 0  # acked before it ran
+            host.kill()  # SIGKILL: no answer, no ledger entry, nothing said to a
+            failed = await call
+            assert failed[0]["error"]["code"] == TIMEOUT, failed
+            assert (
+                f"node {b.node_id} (b) did not answer within {DEADLINE:g} s"
+                in failed[0]["error"]["message"]
+            )
+            # a's gateway is unharmed: its own tools work, nothing is left pending
+            local = await agent(caller, "scout", 'call:local.echo:{"text": "still here"}')
+            assert text_of(local[0]) == "still here"
+            link = caller.gateway.link
+            assert link is not None
+            assert link.status()["pending"] == 0
+            assert [
+                e["data"]["outcome"] for e in caller.ledger() if e["subject"] == "b.toolbox.sleep"
+            ] == ["timeout"]
+            # b's gateway comes back; a does nothing, and the next call works
+            await host.start()
+            again = await agent(caller, "scout", 'call:b.toolbox.echo:{"text": "back"}')
+            assert text_of(again[0]) == "back"
+            # at most once: the acknowledged request was not handed out again (it would
+            # be running now, for an hour, having come before the echo on the same topic)
+            assert (await asyncio.to_thread(host.status))["mesh"]["running"] == 0
+            assert await asyncio.to_thread(host.call, "toolbox.sleeping") == "0"
+            assert not [e for e in _ledger(world_dir / "b") if e["subject"] == "toolbox.sleep"]
+
+    asyncio.run(scenario())
+
+
+def _ledger(root: Path) -> list[dict[str, Any]]:
+    from tests.integration.watch_support import ledger_entries
+
+    entries = [entry.as_dict() for entry in ledger_entries(root / "ledger.db")]
+    return [e for e in entries if e["kind"] == "mcp_call"]
