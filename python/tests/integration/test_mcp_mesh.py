@@ -65,6 +65,7 @@ pytestmark = pytest.mark.skipif(
 world_dir = pytest.fixture(world_directory, name="world_dir")
 
 DEADLINE = 4.0
+BLOB = 1_100_000
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def hosted(a: str) -> list[dict[str, Any]]:
     return [
         toolbox(
             share=[
-                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep"]},
+                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep", "blob"]},
                 {"nodes": [a], "agents": "*", "tools": ["echo"]},
             ]
         ),
@@ -161,7 +162,14 @@ async def raw_requests(a: Node, b: Node, host: World) -> None:
         ask_raw, a, b, Request(new_message_id(), "list", time.time() + 30), None
     )
     assert listed.result == {"tools": []}
-    entries = [e for e in host.ledger() if e["kind"] == "mcp_call"]
+
+    def calls() -> list[dict[str, Any]]:
+        return [e for e in host.ledger() if e["kind"] == "mcp_call"]
+
+    await until(
+        lambda: len(calls()) == 2, what="b's ledger recording both calls"
+    )  # in the background
+    entries = calls()
     assert [(e["data"]["caller"]["agent"], e["data"]["outcome"]) for e in entries] == [
         ("scout", "expired"),
         (None, "refused"),
@@ -195,6 +203,7 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "b.toolbox.echo",
             "b.toolbox.add",
             "b.toolbox.sleep",
+            "b.toolbox.blob",
         ]
         assert text_of(scout[1]) == "42"
         assert text_of(scout[2]) == "across"
@@ -206,6 +215,17 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
                 in (refused["error"]["message"])
             )
         assert scout[5]["error"]["code"] == -32602  # not LABEL.SERVER.TOOL
+
+        # a result larger than one mesh message (960 KiB) comes back in parts: 2.2 MB of
+        # JSON (the SDK's server sends the text twice, as content and structuredContent)
+        big = await agent(caller, "scout", f'call:b.toolbox.blob:{{"size": {BLOB}}}')
+        assert text_of(big[0]) == "x" * BLOB
+        assert len(json.dumps(big[0]["result"])) > 2 * 1024 * 1024
+        blob_entries = [
+            e["data"] for w in (host, caller) for e in w.ledger() if e["data"].get("tool") == "blob"
+        ]
+        assert [e["outcome"] for e in blob_entries] == ["ok", "ok"]
+        assert blob_entries[0]["result_sha256"] == blob_entries[1]["result_sha256"]
 
         notes = await agent(caller, "notes", "list", "call:b.toolbox.add:{}")
         assert notes[0]["tools"] == ["b.toolbox.echo"]  # the host's "*" grant only
@@ -294,6 +314,7 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "b.toolbox.echo",
             "b.toolbox.add",
             "b.toolbox.sleep",
+            "b.toolbox.blob",
         ]
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from keel.mcp import config as mcp_config
 from keel.mcp import remote
 from keel.mcp.config import DEFAULT_DEADLINE, DEFAULT_LIST_TTL, McpConfig
 from keel.mcp.gateway import McpGateway
-from keel.mcp.remote import Answer, BadPayload, Request
+from keel.mcp.remote import PART_BYTES, Answer, BadPayload, Part, Parts, Request
+from keel.mcp.upstream import TIMEOUT
 from keel.mesh.packets import MAX_PAYLOAD
+from mcp import MCPError
+from mcp_types import INTERNAL_ERROR
 
 NODE_A = "a" * 32
 NODE_B = "b" * 32
@@ -391,3 +395,198 @@ def test_a_call_cancelled_before_it_runs_is_recorded_as_cancelled(
         await link.close()
 
     asyncio.run(scenario())
+
+
+# --- answers larger than one mesh message travel in parts ----------------------------------------
+
+MIB = 1024 * 1024
+
+
+def big_answer(size: int = 2 * MIB, answer_id: str = ID) -> Answer:
+    return Answer(answer_id, {"content": [{"type": "text", "text": "x" * size}]})
+
+
+def in_parts(size: int = 2 * MIB, *, keep: Callable[[list[bytes]], list[bytes]] = list) -> Any:
+    return lambda request_id: keep(
+        remote.encode_answer(big_answer(size, request_id), limit=8 * MIB)
+    )
+
+
+def test_an_answer_over_one_message_is_cut_into_parts_that_join_back() -> None:
+    answer = big_answer()
+    payloads = remote.encode_answer(answer, limit=4 * MIB)
+    assert len(payloads) == 4
+    assert all(len(p) <= remote.MAX_BYTES for p in payloads)
+    first = json.loads(payloads[0])
+    assert sorted(first) == ["count", "data", "id", "part", "v"]
+    assert (first["v"], first["id"], first["part"], first["count"]) == (1, ID, 0, 4)
+    parts = Parts(ID, 4 * MIB)
+    decoded = [remote.decode_answer_or_part(p) for p in payloads]
+    assert all(isinstance(p, Part) for p in decoded)
+    # in any order; a copy of a part already in changes nothing
+    assert parts.add(decoded[3]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[0]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[0]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[2]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[1]) == answer  # type: ignore[arg-type]
+    # one message's worth is one plain answer, as before
+    small = Answer(ID, {"content": []})
+    assert remote.encode_answer(small, limit=4 * MIB) == [remote.encode(small)]
+    assert remote.decode_answer_or_part(remote.encode(small)) == small
+
+
+def test_an_answer_over_the_gateways_limit_is_refused_before_sending() -> None:
+    with pytest.raises(BadPayload, match="more than this gateway sends"):
+        remote.encode_answer(big_answer(), limit=MIB)
+
+
+def part(index: int, count: int, data: bytes = b"x", answer_id: str = ID) -> Part:
+    return Part(answer_id, index, count, data)
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ([part(0, 2), part(1, 3)], "disagree on their count \\(2 and 3\\)"),
+        ([part(0, 2, b"a"), part(0, 2, b"b")], "part 0 came twice, with different bytes"),
+        ([part(0, 7)], "7 parts are more than an answer of at most"),
+        ([part(0, 2, b"x" * PART_BYTES), part(1, 2, b"x" * PART_BYTES)], "more than"),
+        ([part(0, 2, b"not"), part(1, 2, b" json")], "answer"),
+        ([part(0, 2, b'{"v":1,"id":"' + b"f" * 32), part(1, 2, b'","result":{}}')], "the answer to ffff"),
+        ([part(0, 2, b'{"v":1,"id":"' + ID.encode()), part(1, 2, b'","part":0,"result":{}}')], "unknown key 'part'"),
+        ([part(0, 2, answer_id="f" * 32)], "given to answer"),
+    ],
+)  # fmt: skip
+def test_parts_that_make_no_answer_are_refused_with_the_reason(
+    parts: list[Part], message: str
+) -> None:
+    joining = Parts(ID, 2 * PART_BYTES - 1)
+    with pytest.raises(BadPayload, match=message):
+        for each in parts:
+            joining.add(each)
+
+
+def test_a_missing_part_leaves_the_answer_incomplete() -> None:
+    joining = Parts(ID, 4 * MIB)
+    assert joining.add(part(0, 3)) is None
+    assert joining.add(part(2, 3)) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"part": 0, "count": 1, "data": "eA=="}, "count must be an integer >= 2"),
+        ({"part": 2, "count": 2, "data": "eA=="}, "index must be an integer from 0 to 1"),
+        ({"part": -1, "count": 2, "data": "eA=="}, "index must be"),
+        ({"part": True, "count": 2, "data": "eA=="}, "index must be"),
+        ({"part": 0, "count": 2, "data": "!!"}, "not base64"),
+        ({"part": 0, "count": 2, "data": ""}, "must be base64 text"),
+        ({"part": 0, "count": 2, "data": "eA==", "result": {}}, "unknown key 'result'"),
+    ],
+)
+def test_bad_parts_are_refused_with_the_reason(fields: dict[str, Any], message: str) -> None:
+    data = json.dumps({"v": 1, "id": ID, **fields}).encode()
+    with pytest.raises(BadPayload, match=message):
+        remote.decode_answer_or_part(data)
+
+
+def calling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: Callable[[str], list[bytes]]
+) -> Any:
+    """A calling link whose mesh answers each request with ``answer(its id)`` from node b."""
+    config = parse(
+        tmp_path, remote={"lab": {"node": NODE_B, "servers": "*"}}, mesh={"deadline": 0.5}
+    )
+    link = McpGateway(config).link
+    assert link is not None
+
+    async def mesh_send(node: str, topic: str, payload: bytes, *args: Any) -> None:
+        for data in answer(remote.decode_request(payload).id):
+            link.on_answer({"from": NODE_B, "data": base64.b64encode(data).decode()})
+
+    monkeypatch.setattr(link, "_mesh_send", mesh_send)
+    return link
+
+
+def test_an_answer_in_parts_reaches_the_caller_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = big_answer()
+    link = calling(tmp_path, monkeypatch, in_parts())
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert got.result == answer.result
+        assert link.status()["assembling"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_parts_that_never_complete_end_at_the_deadline_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = calling(tmp_path, monkeypatch, in_parts(keep=lambda p: [p[0], p[2]]))  # no part 1
+
+    async def scenario() -> None:
+        with pytest.raises(MCPError) as caught:
+            await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert caught.value.code == TIMEOUT
+        assert (link.status()["pending"], link.status()["assembling"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_parts_that_cannot_make_an_answer_are_an_error_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def miscounted(payloads: list[bytes]) -> list[bytes]:
+        wrong = json.loads(payloads[1])
+        wrong["count"] = 2  # disagrees with the first part's 4
+        return [payloads[0], json.dumps(wrong).encode()]
+
+    link = calling(tmp_path, monkeypatch, in_parts(keep=miscounted))
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert (got.result, got.code) == (None, INTERNAL_ERROR)
+        assert f"node {NODE_B} sent an answer in parts keel cannot use" in got.message
+        assert "disagree on their count (4 and 2)" in got.message
+        assert (link.status()["pending"], link.status()["assembling"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_parts_over_the_callers_limit_are_an_error_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = calling(tmp_path, monkeypatch, in_parts(3 * MIB))  # 6 parts
+    link.max_message = 2 * MIB  # this gateway takes at most 2 MiB
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert (got.result, got.code) == (None, INTERNAL_ERROR)
+        assert "6 parts are more than an answer of at most 2,097,152 bytes has" in got.message
+        assert link.status()["assembling"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_largest_payload_fits_one_send_to_the_mesh_daemon() -> None:
+    """A payload goes base64 in the JSON of the mesh's send verb: one control-socket line."""
+    from keel.api import MAX_REQUEST
+
+    assert remote.MAX_BYTES == 783_360  # 765 KiB, under the mesh's own 960 KiB
+    send = {
+        "verb": "send",
+        "args": {
+            "id": ID,
+            "to": NODE_B,
+            "topic": remote.ANSWER_TOPIC,
+            "data": base64.b64encode(b"x" * remote.MAX_BYTES).decode(),
+            "ttl": 3605.0,
+            "as_agent": "a" * 64,
+        },
+    }
+    assert len(json.dumps(send)) + 1 <= MAX_REQUEST
+    with pytest.raises(BadPayload, match="more than one mesh message carries"):
+        remote.encode(Answer(ID, {"text": "x" * remote.MAX_BYTES}))

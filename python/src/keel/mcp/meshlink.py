@@ -84,6 +84,8 @@ class MeshLink:
         self.wall = wall
         self._send = AsyncConnection(self.socket, service="mesh", timeout=self.deadline)
         self._pending: dict[str, tuple[str, asyncio.Future[Answer]]] = {}  # id -> (node, answer)
+        self._parts: dict[str, remote.Parts] = {}  # id -> the parts of its answer so far
+        self.max_message = config.max_message
         self._lists: dict[tuple[str, str], tuple[float, list[types.Tool]]] = {}
         self._hosted = asyncio.Semaphore(MAX_HOSTED)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,25 +158,46 @@ class MeshLink:
 
     def on_answer(self, message: dict[str, Any]) -> None:
         try:
-            answer = remote.decode_answer(base64.b64decode(message["data"]))
+            found = remote.decode_answer_or_part(base64.b64decode(message["data"]))
         except (BadPayload, ValueError) as exc:
             log.warning("an answer from %s that keel cannot read: %s", message.get("from"), exc)
             return
-        pending = self._pending.get(answer.id)
+        pending = self._pending.get(found.id)
         if pending is None:
-            log.debug("answer %s came after its caller stopped waiting", answer.id)
+            log.debug("answer %s came after its caller stopped waiting", found.id)
             return
         node, future = pending
         if message.get("from") != node:
             log.warning(
                 "answer %s came from %s, not from %s, which was asked: dropped",
-                answer.id,
+                found.id,
                 message.get("from"),
                 node,
             )
             return
-        if not future.done():
-            future.set_result(answer)
+        if future.done():
+            return
+        if isinstance(found, remote.Part):
+            parts = self._parts.setdefault(found.id, remote.Parts(found.id, self.max_message))
+            try:
+                joined = parts.add(found)
+            except BadPayload as exc:
+                log.warning("answer %s from %s in parts: %s", found.id, node, exc)
+                self._parts.pop(found.id, None)
+                future.set_result(
+                    Answer(
+                        found.id,
+                        None,
+                        types.INTERNAL_ERROR,
+                        f"node {node} sent an answer in parts keel cannot use: {exc}",
+                    )
+                )
+                return
+            if joined is None:
+                return  # more parts to come (or the deadline)
+            self._parts.pop(found.id, None)
+            found = joined
+        future.set_result(found)
 
     async def ask(
         self,
@@ -240,6 +263,7 @@ class MeshLink:
             raise
         finally:
             self._pending.pop(request.id, None)
+            self._parts.pop(request.id, None)  # an answer whose parts did not all come
 
     def _cancel(self, node: str, agent: str, request: Request) -> None:
         """Tell ``node`` to stop ``request``, as ``agent`` (in the background: nobody waits)."""
@@ -412,11 +436,12 @@ class MeshLink:
 
     async def _answer(self, node: str, answer: Answer, ttl: float) -> None:
         try:
-            payload = remote.encode(answer)
+            payloads = remote.encode_answer(answer, limit=self.max_message)
         except BadPayload as exc:
-            payload = remote.encode(Answer(answer.id, None, types.INTERNAL_ERROR, str(exc)))
+            payloads = [remote.encode(Answer(answer.id, None, types.INTERNAL_ERROR, str(exc)))]
         try:
-            await self._mesh_send(node, remote.ANSWER_TOPIC, payload, ttl, None)
+            for payload in payloads:
+                await self._mesh_send(node, remote.ANSWER_TOPIC, payload, ttl, None)
         except ApiError as exc:
             log.warning("cannot send the answer to %s's request %s: %s", node, answer.id, exc)
             return
@@ -434,6 +459,7 @@ class MeshLink:
                 for label, r in sorted(self.remote.items())
             },
             "pending": len(self._pending),
+            "assembling": len(self._parts),
             "sent": self.sent,
             "cancels_sent": self.cancels_sent,
             "hosted": self.hosted,
