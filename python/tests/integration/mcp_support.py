@@ -24,13 +24,16 @@ from typing import Any
 
 import pytest
 from keel import service
+from keel.api import Peer
 from keel.mcp import config as mcp_config
 from keel.mcp.gateway import McpGateway
+from keel.mcp.policy import Principal
 from keel.mcp.spec import parse_server_spec
 from keel.mcp.units import watch_entries
 from keel.watch import config as watch_config
 from keel.watch.daemon import Watch
 from keel.watch.process_backend import ProcessBackend
+from mcp_types import TextContent
 
 from tests.integration.watch_support import until
 
@@ -228,3 +231,60 @@ def fd_table(pid: int | str = "self") -> dict[int, str]:
         with contextlib.suppress(OSError):
             table[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
     return table
+
+
+# --- callers that give up ---------------------------------------------------------------
+
+OPERATOR = Peer(pid=0, uid=0, gid=0)
+FOREVER = '{"seconds": 3600}'
+
+
+async def sleeping(host: World) -> int:
+    """How many ``sleep`` calls the world's toolbox server is running (asked as its operator)."""
+    result = await host.gateway.call(Principal(None), "toolbox.sleeping", {}, operator=OPERATOR)
+    block = result.content[0]
+    assert isinstance(block, TextContent), result
+    return int(block.text)
+
+
+async def until_sleeping(host: World, count: int) -> None:
+    for _ in range(1500):  # 30 s: an event polled, as watch_support.until does
+        if await sleeping(host) == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the server did not get to {count} sleep calls running")
+
+
+def outcomes(world: World, tool: str) -> list[str]:
+    return [
+        e["data"]["outcome"]
+        for e in world.ledger()
+        if e["kind"] == "mcp_call" and e["data"]["tool"] == tool
+    ]
+
+
+async def start_giving_up(caller: World, op: str, name: str) -> asyncio.subprocess.Process:
+    """Agent scout starts the call ``op`` (cancel:... or drop:...), to give it up on cue."""
+    argv = [
+        "setpriv", f"--reuid={UIDS['scout']}", f"--regid={UIDS['scout']}", "--clear-groups",
+        sys.executable, str(AGENT), str(caller.listen), op,
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert json.loads(first) == {"calling": name}, first
+    return proc
+
+
+async def release(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    await proc.stdin.drain()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]

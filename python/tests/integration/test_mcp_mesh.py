@@ -25,11 +25,9 @@ from typing import Any
 
 import pytest
 from keel import api, service
-from keel.api import Peer
 from keel.errors import ApiError
 from keel.mcp import remote
 from keel.mcp.gateway import FORBIDDEN
-from keel.mcp.policy import Principal
 from keel.mcp.remote import Answer, Request
 from keel.mcp.upstream import TIMEOUT
 from keel.mcp.wire import digest
@@ -39,18 +37,22 @@ from keel.watch import config as watch_config
 from keel.watch.children import pidfd_supported
 from keel.watch.daemon import Watch
 from keel.watch.process_backend import ProcessBackend
-from mcp_types import TextContent
 
 from tests.integration.mcp_support import (
-    AGENT,
+    FOREVER,
     KEEL,
     UIDS,
     World,
     agent,
     needs_root,
+    outcomes,
+    release,
     running_world,
+    sleeping,
+    start_giving_up,
     text_of,
     toolbox,
+    until_sleeping,
     world_directory,
     write_world,
 )
@@ -320,60 +322,6 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
 
 # --- a caller that gives up stops the call on the host ---------------------------------------
 
-OPERATOR = Peer(pid=0, uid=0, gid=0)
-FOREVER = '{"seconds": 3600}'
-
-
-async def sleeping(host: World) -> int:
-    """How many ``sleep`` calls b's toolbox server is running (asked by b's operator)."""
-    result = await host.gateway.call(Principal(None), "toolbox.sleeping", {}, operator=OPERATOR)
-    block = result.content[0]
-    assert isinstance(block, TextContent), result
-    return int(block.text)
-
-
-async def until_sleeping(host: World, count: int) -> None:
-    for _ in range(1500):  # 30 s: an event polled, as watch_support.until does
-        if await sleeping(host) == count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"b's server did not get to {count} sleep calls running")
-
-
-def outcomes(world: World, tool: str) -> list[str]:
-    return [
-        e["data"]["outcome"]
-        for e in world.ledger()
-        if e["kind"] == "mcp_call" and e["data"]["tool"] == tool
-    ]
-
-
-async def start_giving_up(caller: World, op: str) -> asyncio.subprocess.Process:
-    """Agent scout starts a call on b that it cancels (or drops its connection for) on cue."""
-    argv = [
-        "setpriv", f"--reuid={UIDS['scout']}", f"--regid={UIDS['scout']}", "--clear-groups",
-        sys.executable, str(AGENT), str(caller.listen), op,
-    ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    first = await asyncio.wait_for(proc.stdout.readline(), 60)
-    assert json.loads(first) == {"calling": "b.toolbox.sleep"}, first
-    return proc
-
-
-async def release(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
-    assert proc.stdin is not None
-    proc.stdin.write(b"go\n")
-    await proc.stdin.drain()
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-
 
 def test_a_call_its_caller_gives_up_on_is_cancelled_on_the_host(
     mesh_pair: tuple[Node, Node], world_dir: Path
@@ -440,7 +388,7 @@ async def cancels_only_from_the_caller(a: Node, b: Node, host: World) -> None:
 async def callers_giving_up(caller: World, host: World) -> None:
     """The agent cancels, the agent goes away, a's deadline passes: each stops the call on b."""
     for n, verb in enumerate(("cancel", "drop"), start=2):
-        proc = await start_giving_up(caller, f"{verb}:b.toolbox.sleep:{FOREVER}")
+        proc = await start_giving_up(caller, f"{verb}:b.toolbox.sleep:{FOREVER}", "b.toolbox.sleep")
         await until_sleeping(host, 1)
         said = await release(proc)
         if verb == "cancel":
