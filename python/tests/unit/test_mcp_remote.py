@@ -590,3 +590,17 @@ def test_the_largest_payload_fits_one_send_to_the_mesh_daemon() -> None:
     assert len(json.dumps(send)) + 1 <= MAX_REQUEST
     with pytest.raises(BadPayload, match="more than one mesh message carries"):
         remote.encode(Answer(ID, {"text": "x" * remote.MAX_BYTES}))
+
+
+def test_a_mesh_message_keel_cannot_read_is_dropped_without_stopping_the_reader(
+    tmp_path: Path,
+) -> None:
+    _, link = hosting(tmp_path)
+
+    async def scenario() -> None:
+        link.on_request({"from": NODE_A, "agent": "scout", "data": "not base64!"})
+        link.on_request({"agent": "scout", "data": ""})  # no sender
+        assert link.status()["running"] == 0
+        await link.close()
+
+    asyncio.run(scenario())

@@ -89,7 +89,7 @@ class MeshLink:
         self._lists: dict[tuple[str, str], tuple[float, list[types.Tool]]] = {}
         self._hosted = asyncio.Semaphore(MAX_HOSTED)
         self._tasks: set[asyncio.Task[None]] = set()
-        # (calling node, request id) -> (calling agent, the task hosting it)
+        # (calling node, request id) -> the call from that node running here
         self._running: dict[tuple[str, str], _Hosted] = {}
         self.sent = 0
         self.answered = 0
@@ -322,9 +322,12 @@ class MeshLink:
     # --- hosting: other nodes' agents use this node's tools -----------------------------------
 
     def on_request(self, message: dict[str, Any]) -> None:
-        node = message["from"]
-        agent = message.get("agent")
-        data = base64.b64decode(message["data"])
+        try:
+            node, agent = message["from"], message.get("agent")
+            data = base64.b64decode(message["data"])
+        except (KeyError, ValueError) as exc:  # not from keel's mesh daemon: never fatal here
+            log.warning("a mesh message keel cannot read on %s: %r", remote.CALL_TOPIC, exc)
+            return
         try:
             request = remote.decode_request(data)
         except BadPayload as exc:
