@@ -3,7 +3,11 @@
 ``python mcp_agent.py SOCKET [--http] [--mode MODE] OP...`` where each OP is
 ``list`` or ``call:NAME:JSON-ARGUMENTS``. One JSON line per OP on stdout:
 ``{"tools": [...]}``, ``{"result": {...}}`` or ``{"error": {"code": N,
-"message": "..."}}``. Run under another uid (``setpriv --reuid``) it is the
+"message": "..."}}``. ``cancel:NAME:JSON-ARGUMENTS`` starts the call, prints
+``{"calling": NAME}``, waits for a line on stdin, then cancels the call (the
+client sends ``notifications/cancelled``) and prints ``{"cancelled": NAME}``;
+``drop:NAME:JSON-ARGUMENTS`` does the same but exits at once instead of
+cancelling (the connection just ends). Run under another uid (``setpriv --reuid``) it is the
 agent the gateway must tell apart by its credentials.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,9 @@ async def run(path: Path, http: bool, mode: str, ops: list[str]) -> None:
         for op in ops:
             out: dict[str, Any]
             try:
-                if op == "list":
+                if op.startswith(("cancel:", "drop:")):
+                    out = await abandon(client, op)
+                elif op == "list":
                     listing = await client.list_tools()
                     out = {"tools": [tool.name for tool in listing.tools]}
                 else:
@@ -46,6 +53,18 @@ async def run(path: Path, http: bool, mode: str, ops: list[str]) -> None:
             except MCPError as exc:
                 out = {"error": {"code": exc.code, "message": exc.message}}
             print(json.dumps(out), flush=True)
+
+
+async def abandon(client: Client, op: str) -> dict[str, Any]:
+    verb, name, arguments = op.split(":", 2)
+    async with anyio.create_task_group() as group:
+        group.start_soon(client.call_tool, name, json.loads(arguments))
+        print(json.dumps({"calling": name}), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        if verb == "drop":
+            os._exit(0)
+        group.cancel_scope.cancel()
+    return {"cancelled": name}
 
 
 def main() -> None:

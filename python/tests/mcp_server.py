@@ -3,7 +3,7 @@
 ``python mcp_server.py [--name NAME] [--http PORT]``: stdio by default (the
 way keel runs servers), Streamable HTTP with ``--http``. Its tools:
 ``echo``, ``add``, ``pid`` (which process answered), ``sleep`` (a slow
-call), ``crash`` (the process dies in the middle of the call), ``blob`` (a
+call), ``sleeping`` (how many ``sleep`` calls are running), ``crash`` (the process dies in the middle of the call), ``blob`` (a
 large result) and ``fail`` (a tool-level error).
 """
 
@@ -18,6 +18,7 @@ from mcp.server.mcpserver import MCPServer
 
 def build(name: str) -> MCPServer:
     server = MCPServer(name)
+    running = {"sleep": 0}
 
     @server.tool()
     def echo(text: str) -> str:
@@ -37,8 +38,17 @@ def build(name: str) -> MCPServer:
     @server.tool()
     async def sleep(seconds: float) -> str:
         """Answer after some seconds."""
-        await asyncio.sleep(seconds)
+        running["sleep"] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            running["sleep"] -= 1
         return "slept"
+
+    @server.tool()
+    def sleeping() -> int:
+        """How many calls of sleep are running (a cancelled one is not)."""
+        return running["sleep"]
 
     @server.tool()
     def crash() -> str:

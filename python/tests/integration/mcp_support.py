@@ -24,13 +24,16 @@ from typing import Any
 
 import pytest
 from keel import service
+from keel.api import Peer
 from keel.mcp import config as mcp_config
 from keel.mcp.gateway import McpGateway
+from keel.mcp.policy import Principal
 from keel.mcp.spec import parse_server_spec
 from keel.mcp.units import watch_entries
 from keel.watch import config as watch_config
 from keel.watch.daemon import Watch
 from keel.watch.process_backend import ProcessBackend
+from mcp_types import TextContent
 
 from tests.integration.watch_support import until
 
@@ -109,15 +112,14 @@ class World:
         await until(lambda: upstream.state == "ready", what=f"MCP server {name} ready")
 
 
-@contextlib.asynccontextmanager
-async def running_world(
+def write_world(
     root: Path,
     servers: list[dict[str, Any]],
     *,
     agents: dict[str, int] | None = None,
     **gateway: Any,
-) -> AsyncIterator[World]:
-    """watch running the servers, the gateway serving them; agents by tier (uids from UIDS)."""
+) -> tuple[Path, Path, list[Any]]:
+    """watch.json (running the servers) and mcp.json under ``root``; the servers' specs."""
     sockets = root / "servers"
     specs = [parse_server_spec(server, source=server["name"]) for server in servers]
     entries = watch_entries(specs, backend="process", sockets=sockets, program=KEEL)
@@ -154,6 +156,19 @@ async def running_world(
             }
         )
     )
+    return watch_file, mcp_file, specs
+
+
+@contextlib.asynccontextmanager
+async def running_world(
+    root: Path,
+    servers: list[dict[str, Any]],
+    *,
+    agents: dict[str, int] | None = None,
+    **gateway: Any,
+) -> AsyncIterator[World]:
+    """watch running the servers, the gateway serving them; agents by tier (uids from UIDS)."""
+    watch_file, mcp_file, specs = write_world(root, servers, agents=agents, **gateway)
     wconfig = watch_config.load(watch_file)
     watch = Watch(wconfig, ProcessBackend(wconfig.agents, state_file=wconfig.state_file))
     config = mcp_config.load(mcp_file)
@@ -227,3 +242,60 @@ def fd_table(pid: int | str = "self") -> dict[int, str]:
         with contextlib.suppress(OSError):
             table[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
     return table
+
+
+# --- callers that give up ---------------------------------------------------------------
+
+OPERATOR = Peer(pid=0, uid=0, gid=0)
+FOREVER = '{"seconds": 3600}'
+
+
+async def sleeping(host: World) -> int:
+    """How many ``sleep`` calls the world's toolbox server is running (asked as its operator)."""
+    result = await host.gateway.call(Principal(None), "toolbox.sleeping", {}, operator=OPERATOR)
+    block = result.content[0]
+    assert isinstance(block, TextContent), result
+    return int(block.text)
+
+
+async def until_sleeping(host: World, count: int) -> None:
+    for _ in range(1500):  # 30 s: an event polled, as watch_support.until does
+        if await sleeping(host) == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the server did not get to {count} sleep calls running")
+
+
+def outcomes(world: World, tool: str) -> list[str]:
+    return [
+        e["data"]["outcome"]
+        for e in world.ledger()
+        if e["kind"] == "mcp_call" and e["data"]["tool"] == tool
+    ]
+
+
+async def start_giving_up(caller: World, op: str, name: str) -> asyncio.subprocess.Process:
+    """Agent scout starts the call ``op`` (cancel:... or drop:...), to give it up on cue."""
+    argv = [
+        "setpriv", f"--reuid={UIDS['scout']}", f"--regid={UIDS['scout']}", "--clear-groups",
+        sys.executable, str(AGENT), str(caller.listen), op,
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert json.loads(first) == {"calling": name}, first
+    return proc
+
+
+async def release(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    await proc.stdin.drain()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]

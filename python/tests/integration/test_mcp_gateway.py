@@ -21,6 +21,7 @@ from keel.watch.children import pidfd_supported
 from mcp import MCPError
 
 from tests.integration.mcp_support import (
+    FOREVER,
     KEEL,
     TESTS,
     UIDS,
@@ -28,10 +29,14 @@ from tests.integration.mcp_support import (
     fd_table,
     needs_root,
     open_fds,
+    outcomes,
     process_count,
+    release,
     running_world,
+    start_giving_up,
     text_of,
     toolbox,
+    until_sleeping,
     world_directory,
 )
 from tests.integration.watch_support import until, zombie_children
@@ -181,6 +186,32 @@ def test_a_server_that_dies_mid_call_fails_the_call_and_comes_back(world_dir: Pa
                 if e["kind"] == "mcp_call"
             ]
             assert outcomes.count("unavailable") == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_agent_that_gives_up_stops_the_call_in_the_server(world_dir: Path) -> None:
+    """notifications/cancelled, or the agent's connection ending, stops the server's tool."""
+    needs_root()
+
+    async def scenario() -> None:
+        async with running_world(world_dir, [toolbox(share=SHARE)]) as world:
+            for n, verb in enumerate(("cancel", "drop"), start=1):
+                proc = await start_giving_up(
+                    world, f"{verb}:toolbox.sleep:{FOREVER}", "toolbox.sleep"
+                )
+                await until_sleeping(world, 1)
+                await release(proc)
+                expected = ["cancelled"] * n
+
+                def recorded(expected: list[str] = expected) -> bool:
+                    return outcomes(world, "sleep") == expected
+
+                await until(recorded, what=f"{verb}: the call recorded cancelled")
+                await until_sleeping(world, 0)
+            assert world.server_pid() is not None  # the same server, still serving
+            done = await agent(world, "scout", 'call:toolbox.sleep:{"seconds": 0}')
+            assert text_of(done[0]) == "slept"
 
     asyncio.run(scenario())
 

@@ -10,17 +10,22 @@ the agent's own ``sendTo``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from keel import api, service
+from keel.errors import ApiError
 from keel.mcp import remote
 from keel.mcp.gateway import FORBIDDEN
 from keel.mcp.remote import Answer, Request
@@ -28,18 +33,28 @@ from keel.mcp.upstream import TIMEOUT
 from keel.mcp.wire import digest
 from keel.mesh.ids import new_message_id
 from keel.mesh.kem import available_backends
+from keel.watch import config as watch_config
 from keel.watch.children import pidfd_supported
+from keel.watch.daemon import Watch
+from keel.watch.process_backend import ProcessBackend
 
 from tests.integration.mcp_support import (
+    FOREVER,
     KEEL,
     UIDS,
     World,
     agent,
     needs_root,
+    outcomes,
+    release,
     running_world,
+    sleeping,
+    start_giving_up,
     text_of,
     toolbox,
+    until_sleeping,
     world_directory,
+    write_world,
 )
 from tests.integration.mesh.nodes import FAST, Node
 from tests.integration.watch_support import until
@@ -52,6 +67,7 @@ pytestmark = pytest.mark.skipif(
 world_dir = pytest.fixture(world_directory, name="world_dir")
 
 DEADLINE = 4.0
+BLOB = 1_100_000
 
 
 @pytest.fixture
@@ -92,7 +108,7 @@ def hosted(a: str) -> list[dict[str, Any]]:
     return [
         toolbox(
             share=[
-                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep"]},
+                {"nodes": [a], "agents": ["scout"], "tools": ["echo", "add", "sleep", "blob"]},
                 {"nodes": [a], "agents": "*", "tools": ["echo"]},
             ]
         ),
@@ -182,6 +198,7 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "b.toolbox.echo",
             "b.toolbox.add",
             "b.toolbox.sleep",
+            "b.toolbox.blob",
         ]
         assert text_of(scout[1]) == "42"
         assert text_of(scout[2]) == "across"
@@ -193,6 +210,20 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
                 in (refused["error"]["message"])
             )
         assert scout[5]["error"]["code"] == -32602  # not LABEL.SERVER.TOOL
+
+        # a result larger than one mesh message (960 KiB) comes back in parts: 2.2 MB of
+        # JSON (the SDK's server sends the text twice, as content and structuredContent)
+        big = await agent(caller, "scout", f'call:b.toolbox.blob:{{"size": {BLOB}}}')
+        assert text_of(big[0]) == "x" * BLOB
+        assert len(json.dumps(big[0]["result"])) > 2 * 1024 * 1024
+        blob_entries = [
+            e["data"]
+            for w in (host, caller)
+            for e in await w.settled_ledger()
+            if e["data"].get("tool") == "blob"
+        ]
+        assert [e["outcome"] for e in blob_entries] == ["ok", "ok"]
+        assert blob_entries[0]["result_sha256"] == blob_entries[1]["result_sha256"]
 
         notes = await agent(caller, "notes", "list", "call:b.toolbox.add:{}")
         assert notes[0]["tools"] == ["b.toolbox.echo"]  # the host's "*" grant only
@@ -281,4 +312,234 @@ async def calls_from_a(a: Node, b: Node, host: World, world_dir: Path) -> None:
             "b.toolbox.echo",
             "b.toolbox.add",
             "b.toolbox.sleep",
+            "b.toolbox.blob",
         ]
+
+
+# --- a caller that gives up stops the call on the host ---------------------------------------
+
+
+def test_a_call_its_caller_gives_up_on_is_cancelled_on_the_host(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with running_world(
+            world_dir / "b",
+            hosted(a.node_id),
+            agents={"notes": 1},
+            node=b.node_id,
+            mesh={"socket": str(b.socket), "deadline": DEADLINE},
+        ) as host:
+            await cancels_only_from_the_caller(a, b, host)
+            async with running_world(
+                world_dir / "a",
+                [toolbox("local")],
+                agents={"scout": 2, "notes": 1, "idle": 2},
+                node=a.node_id,
+                mesh={"socket": str(a.socket), "deadline": DEADLINE},
+                remote={"b": {"node": b.node_id, "servers": "*"}},
+            ) as caller:
+                await callers_giving_up(caller, host)
+
+    asyncio.run(scenario())
+
+
+async def cancels_only_from_the_caller(a: Node, b: Node, host: World) -> None:
+    """A cancel counts only from the node and agent that sent the request; others are ignored."""
+    link = host.gateway.link
+    assert link is not None
+    call = Request(
+        new_message_id(), "call", time.time() + 60, "toolbox", "sleep", {"seconds": 3600}
+    )
+    cancel = remote.encode(Request(call.id, "cancel", call.deadline))
+    await asyncio.to_thread(
+        a.client.send, b.node_id, remote.CALL_TOPIC, remote.encode(call), as_agent="scout"
+    )
+    await until_sleeping(host, 1)
+    # the same id from another agent of a, and from a process of a that is no agent: ignored
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent="notes")
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent=None)
+    # a cancel of a request b never got: ignored
+    other = remote.encode(Request(new_message_id(), "cancel", call.deadline))
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, other, as_agent="scout")
+    await until(lambda: link.cancels_ignored == 3, what="b ignoring three cancels")
+    assert link.status()["running"] == 1
+    assert await sleeping(host) == 1
+    assert outcomes(host, "sleep") == []
+    # the caller's own cancel stops it, on b and in the server
+    await asyncio.to_thread(a.client.send, b.node_id, remote.CALL_TOPIC, cancel, as_agent="scout")
+    await until(lambda: outcomes(host, "sleep") == ["cancelled"], what="b recording the cancel")
+    await until_sleeping(host, 0)
+    assert link.status()["running"] == 0
+    entry = next(
+        e for e in host.ledger() if e["kind"] == "mcp_call" and e["subject"] == "toolbox.sleep"
+    )
+    assert entry["data"]["caller"] == {"node": a.node_id, "agent": "scout", "uid": None}
+
+
+async def callers_giving_up(caller: World, host: World) -> None:
+    """The agent cancels, the agent goes away, a's deadline passes: each stops the call on b."""
+    for n, verb in enumerate(("cancel", "drop"), start=2):
+        proc = await start_giving_up(caller, f"{verb}:b.toolbox.sleep:{FOREVER}", "b.toolbox.sleep")
+        await until_sleeping(host, 1)
+        said = await release(proc)
+        if verb == "cancel":
+            assert said[-1] == {"cancelled": "b.toolbox.sleep"}
+        on_b, on_a = ["cancelled"] * n, ["cancelled"] * (n - 1)
+
+        def cancelled_on_b(expected: list[str] = on_b) -> bool:
+            return outcomes(host, "sleep") == expected
+
+        def cancelled_on_a(expected: list[str] = on_a) -> bool:
+            return outcomes(caller, "sleep") == expected
+
+        await until(cancelled_on_b, what=f"{verb}: b recording the call cancelled")
+        await until_sleeping(host, 0)  # the server's call is gone, not only b's gateway's wait
+        await until(cancelled_on_a, what=f"{verb}: a recording the call cancelled")
+    # a's deadline passes: the agent gets a's timeout, and b stops the call
+    late = await agent(caller, "scout", f"call:b.toolbox.sleep:{FOREVER}")
+    assert late[0]["error"]["code"] == TIMEOUT, late
+    await until(lambda: outcomes(host, "sleep") == ["cancelled"] * 4, what="the deadline's cancel")
+    await until_sleeping(host, 0)
+    assert outcomes(caller, "sleep") == ["cancelled", "cancelled", "timeout"]
+    # the server is free: the next call runs at once
+    done = await agent(caller, "scout", 'call:b.toolbox.sleep:{"seconds": 0}')
+    assert text_of(done[0]) == "slept"
+
+
+# --- the hosting gateway dies mid-call ------------------------------------------------------
+
+
+class GatewayProcess:
+    """b's gateway as its own process (``keel mcp serve``), to be killed and started again."""
+
+    def __init__(self, mcp_file: Path, root: Path) -> None:
+        self.mcp_file = mcp_file
+        self.socket = root / "mcp.sock"
+        self.log = root / "gateway.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def status(self) -> dict[str, Any]:
+        result = api.call(self.socket, "status", service="mcp", timeout=10)
+        assert isinstance(result, dict)
+        return result
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.status()["servers"]["toolbox"]["state"] == "ready")
+        except ApiError:
+            return False
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [KEEL, "mcp", "serve", "--config", str(self.mcp_file)],
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        for _ in range(1500):
+            if await asyncio.to_thread(self.ready):
+                return
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            await asyncio.sleep(0.02)
+        raise AssertionError("b's gateway did not get ready")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+    def call(self, tool: str) -> str:
+        result = api.call(
+            self.socket, "call", {"tool": tool, "arguments": {}}, service="mcp", timeout=30
+        )
+        return str(result["content"][0]["text"])
+
+
+@contextlib.asynccontextmanager
+async def hosted_by_process(root: Path, a: Node, b: Node) -> AsyncIterator[GatewayProcess]:
+    """b's servers under watch (in this process) and b's gateway as a process of its own."""
+    watch_file, mcp_file, _ = write_world(
+        root,
+        hosted(a.node_id),
+        agents={"notes": 1},
+        node=b.node_id,
+        mesh={"socket": str(b.socket), "deadline": DEADLINE},
+    )
+    wconfig = watch_config.load(watch_file)
+    watch = Watch(wconfig, ProcessBackend(wconfig.agents, state_file=wconfig.state_file))
+    gateway = GatewayProcess(mcp_file, root)
+    async with service.running("watch", watch, wconfig.common):
+        try:
+            await gateway.start()
+            yield gateway
+        finally:
+            gateway.kill()
+
+
+def test_the_hosting_gateway_dying_mid_call_fails_the_call_by_its_deadline(
+    mesh_pair: tuple[Node, Node], world_dir: Path
+) -> None:
+    a, b = mesh_pair
+    (world_dir / "a").mkdir(mode=0o755)
+    (world_dir / "b").mkdir(mode=0o755)
+
+    async def scenario() -> None:
+        async with (
+            hosted_by_process(world_dir / "b", a, b) as host,
+            running_world(
+                world_dir / "a",
+                [toolbox("local", share=[{"agents": ["scout"], "tools": ["echo"]}])],
+                agents={"scout": 2, "notes": 1, "idle": 2},
+                node=a.node_id,
+                mesh={"socket": str(a.socket), "deadline": DEADLINE},
+                remote={"b": {"node": b.node_id, "servers": "*"}},
+            ) as caller,
+        ):
+            call = asyncio.create_task(agent(caller, "scout", f"call:b.toolbox.sleep:{FOREVER}"))
+            for _ in range(1500):
+                if await asyncio.to_thread(host.call, "toolbox.sleeping") == "1":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("b's server never ran the call")
+            assert (await asyncio.to_thread(b.status))["inbox"] == 0  # acked before it ran
+            host.kill()  # SIGKILL: no answer, no ledger entry, nothing said to a
+            failed = await call
+            assert failed[0]["error"]["code"] == TIMEOUT, failed
+            assert (
+                f"node {b.node_id} (b) did not answer within {DEADLINE:g} s"
+                in failed[0]["error"]["message"]
+            )
+            # a's gateway is unharmed: its own tools work, nothing is left pending
+            local = await agent(caller, "scout", 'call:local.echo:{"text": "still here"}')
+            assert text_of(local[0]) == "still here"
+            link = caller.gateway.link
+            assert link is not None
+            assert link.status()["pending"] == 0
+            assert [
+                e["data"]["outcome"]
+                for e in await caller.settled_ledger()
+                if e["subject"] == "b.toolbox.sleep"
+            ] == ["timeout"]
+            # b's gateway comes back; a does nothing, and the next call works
+            await host.start()
+            again = await agent(caller, "scout", 'call:b.toolbox.echo:{"text": "back"}')
+            assert text_of(again[0]) == "back"
+            # at most once: the acknowledged request was not handed out again (it would
+            # be running now, for an hour, having come before the echo on the same topic)
+            assert (await asyncio.to_thread(host.status))["mesh"]["running"] == 0
+            assert await asyncio.to_thread(host.call, "toolbox.sleeping") == "0"
+            assert not [e for e in _ledger(world_dir / "b") if e["subject"] == "toolbox.sleep"]
+
+    asyncio.run(scenario())
+
+
+def _ledger(root: Path) -> list[dict[str, Any]]:
+    from tests.integration.watch_support import ledger_entries
+
+    entries = [entry.as_dict() for entry in ledger_entries(root / "ledger.db")]
+    return [e for e in entries if e["kind"] == "mcp_call"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,11 @@ from keel.mcp import config as mcp_config
 from keel.mcp import remote
 from keel.mcp.config import DEFAULT_DEADLINE, DEFAULT_LIST_TTL, McpConfig
 from keel.mcp.gateway import McpGateway
-from keel.mcp.remote import Answer, BadPayload, Request
+from keel.mcp.remote import PART_BYTES, Answer, BadPayload, Part, Parts, Request
+from keel.mcp.upstream import TIMEOUT
 from keel.mesh.packets import MAX_PAYLOAD
+from mcp import MCPError
+from mcp_types import INTERNAL_ERROR
 
 NODE_A = "a" * 32
 NODE_B = "b" * 32
@@ -129,6 +134,9 @@ def test_known_answers() -> None:
         b'{"arguments":{"n":1,"path":"/a"},"deadline":1700000000,'
         b'"id":"0123456789abcdef0123456789abcdef","kind":"call","server":"files","tool":"read","v":1}'
     )
+    assert remote.encode(Request(ID, "cancel", 1700000000.5)) == (
+        b'{"deadline":1700000000.5,"id":"0123456789abcdef0123456789abcdef","kind":"cancel","v":1}'
+    )
     assert remote.encode(Answer(ID, {"content": []})) == (
         b'{"id":"0123456789abcdef0123456789abcdef","result":{"content":[]},"v":1}'
     )
@@ -200,8 +208,10 @@ def test_answers_read_back_as_they_were_written(
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list"}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":true}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":NaN}', "request"),
-        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"run","deadline":1}', 'kind must be "list" or "call"'),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"run","deadline":1}', 'kind must be "list", "call" or "cancel"'),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"list","deadline":1,"agent":"ops"}', "unknown key 'agent'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"cancel","deadline":1,"agent":"ops"}', "a cancel request has an unknown key 'agent'"),
+        (b'{"v":1,"id":"' + ID.encode() + b'","kind":"cancel"}', "deadline must be a number"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"t","arguments":{},"node":"x"}', "unknown key 'node'"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"F","tool":"t","arguments":{}}', "server is not"),
         (b'{"v":1,"id":"' + ID.encode() + b'","kind":"call","deadline":1,"server":"f","tool":"a b","arguments":{}}', "tool is not"),
@@ -278,8 +288,6 @@ def test_an_answer_counts_only_from_the_node_that_was_asked(tmp_path: Path) -> N
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         link._pending[ID] = (NODE_B, future)
         data = remote.encode(Answer(ID, {"content": []}))
-        import base64
-
         message = {"from": NODE_A, "agent": None, "data": base64.b64encode(data).decode()}
         link.on_answer(message)  # another node answering b's request: dropped
         assert not future.done()
@@ -288,5 +296,311 @@ def test_an_answer_counts_only_from_the_node_that_was_asked(tmp_path: Path) -> N
         link.on_answer({**message, "from": NODE_B})
         assert future.result() == Answer(ID, {"content": []})
         link.on_answer({**message, "from": NODE_B})  # a second copy: nothing waits, nothing breaks
+
+    asyncio.run(scenario())
+
+
+# --- the hosting side's bookkeeping: who may cancel what ------------------------------------
+
+
+def message(node: str, agent: str | None, request: Request) -> dict[str, Any]:
+    data = base64.b64encode(remote.encode(request)).decode()
+    return {"from": node, "agent": agent, "data": data, "room": None}
+
+
+def hosting(tmp_path: Path) -> tuple[McpGateway, Any]:
+    shared = server(share=[{"nodes": [NODE_A, NODE_B], "agents": "*", "tools": ["read"]}])
+    gateway = McpGateway(parse(tmp_path, servers={"files": shared}))
+    link = gateway.link
+    assert link is not None
+    return gateway, link
+
+
+def test_a_cancel_counts_only_from_the_node_and_agent_that_sent_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, link = hosting(tmp_path)
+    running: dict[str, asyncio.Event] = {}
+    stopped: list[str] = []
+    sent: list[tuple[str, bytes]] = []
+
+    async def call_from_node(node: str, agent: str | None, *args: Any, **kw: Any) -> Any:
+        running[node].set()
+        try:
+            await asyncio.Event().wait()  # a call that never ends by itself
+        except asyncio.CancelledError:
+            stopped.append(node)
+            raise
+
+    async def mesh_send(node: str, topic: str, payload: bytes, *args: Any) -> None:
+        sent.append((node, payload))
+
+    monkeypatch.setattr(gateway, "call_from_node", call_from_node)
+    monkeypatch.setattr(link, "_mesh_send", mesh_send)
+
+    async def scenario() -> None:
+        deadline = 1e12
+        call = Request(ID, "call", deadline, "files", "read", {})
+        cancel = Request(ID, "cancel", deadline)
+        running[NODE_A], running[NODE_B] = asyncio.Event(), asyncio.Event()
+        link.on_request(message(NODE_A, "scout", call))
+        link.on_request(message(NODE_B, "scout", call))  # the same id from another node: its own
+        await running[NODE_A].wait()
+        await running[NODE_B].wait()
+        link.on_request(message(NODE_A, "ops", cancel))  # another agent of the same node
+        link.on_request(message(NODE_A, None, cancel))  # a process of the node that is no agent
+        link.on_request(message(NODE_A, "scout", Request("f" * 32, "cancel", deadline)))
+        assert (link.cancels_ignored, link.cancelled, stopped) == (3, 0, [])
+        assert link.status()["running"] == 2
+        link.on_request(message(NODE_B, "scout", cancel))  # b's own cancel stops b's call only
+        while link.status()["running"] != 1:
+            await asyncio.sleep(0)
+        assert (link.cancelled, stopped) == (1, [NODE_B])
+        link.on_request(message(NODE_B, "scout", cancel))  # again: nothing runs, ignored
+        assert link.cancels_ignored == 4
+        link.on_request(message(NODE_A, "scout", cancel))
+        while link.status()["running"] != 0:
+            await asyncio.sleep(0)
+        assert stopped == [NODE_B, NODE_A]
+        assert sent == []  # a cancelled call is not answered
+        await link.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_cancelled_before_it_runs_is_recorded_as_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway, link = hosting(tmp_path)
+    recorded: list[tuple[str, str | None, str, str]] = []
+
+    def record_not_run(node: str, agent: str | None, request: Request, outcome: str) -> None:
+        recorded.append((node, agent, request.id, outcome))
+
+    async def call_from_node(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a cancelled call must not run")
+
+    monkeypatch.setattr(gateway, "record_not_run", record_not_run)
+    monkeypatch.setattr(gateway, "call_from_node", call_from_node)
+
+    async def scenario() -> None:
+        call = Request(ID, "call", 1e12, "files", "read", {})
+        # request and cancel in the same batch from the mesh: the call never starts
+        link.on_request(message(NODE_A, "scout", call))
+        link.on_request(message(NODE_A, "scout", Request(ID, "cancel", 1e12)))
+        while link.status()["running"] != 0:
+            await asyncio.sleep(0)
+        assert recorded == [(NODE_A, "scout", ID, "cancelled")]
+        assert link.hosted == 0
+        await link.close()
+
+    asyncio.run(scenario())
+
+
+# --- answers larger than one mesh message travel in parts ----------------------------------------
+
+MIB = 1024 * 1024
+
+
+def big_answer(size: int = 2 * MIB, answer_id: str = ID) -> Answer:
+    return Answer(answer_id, {"content": [{"type": "text", "text": "x" * size}]})
+
+
+def in_parts(size: int = 2 * MIB, *, keep: Callable[[list[bytes]], list[bytes]] = list) -> Any:
+    return lambda request_id: keep(
+        remote.encode_answer(big_answer(size, request_id), limit=8 * MIB)
+    )
+
+
+def test_an_answer_over_one_message_is_cut_into_parts_that_join_back() -> None:
+    answer = big_answer()
+    payloads = remote.encode_answer(answer, limit=4 * MIB)
+    assert len(payloads) == 4
+    assert all(len(p) <= remote.MAX_BYTES for p in payloads)
+    first = json.loads(payloads[0])
+    assert sorted(first) == ["count", "data", "id", "part", "v"]
+    assert (first["v"], first["id"], first["part"], first["count"]) == (1, ID, 0, 4)
+    parts = Parts(ID, 4 * MIB)
+    decoded = [remote.decode_answer_or_part(p) for p in payloads]
+    assert all(isinstance(p, Part) for p in decoded)
+    # in any order; a copy of a part already in changes nothing
+    assert parts.add(decoded[3]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[0]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[0]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[2]) is None  # type: ignore[arg-type]
+    assert parts.add(decoded[1]) == answer  # type: ignore[arg-type]
+    # one message's worth is one plain answer, as before
+    small = Answer(ID, {"content": []})
+    assert remote.encode_answer(small, limit=4 * MIB) == [remote.encode(small)]
+    assert remote.decode_answer_or_part(remote.encode(small)) == small
+
+
+def test_an_answer_over_the_gateways_limit_is_refused_before_sending() -> None:
+    with pytest.raises(BadPayload, match="more than this gateway sends"):
+        remote.encode_answer(big_answer(), limit=MIB)
+
+
+def part(index: int, count: int, data: bytes = b"x", answer_id: str = ID) -> Part:
+    return Part(answer_id, index, count, data)
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ([part(0, 2), part(1, 3)], "disagree on their count \\(2 and 3\\)"),
+        ([part(0, 2, b"a"), part(0, 2, b"b")], "part 0 came twice, with different bytes"),
+        ([part(0, 7)], "7 parts are more than an answer of at most"),
+        ([part(0, 2, b"x" * PART_BYTES), part(1, 2, b"x" * PART_BYTES)], "more than"),
+        ([part(0, 2, b"not"), part(1, 2, b" json")], "answer"),
+        ([part(0, 2, b'{"v":1,"id":"' + b"f" * 32), part(1, 2, b'","result":{}}')], "the answer to ffff"),
+        ([part(0, 2, b'{"v":1,"id":"' + ID.encode()), part(1, 2, b'","part":0,"result":{}}')], "unknown key 'part'"),
+        ([part(0, 2, answer_id="f" * 32)], "given to answer"),
+    ],
+)  # fmt: skip
+def test_parts_that_make_no_answer_are_refused_with_the_reason(
+    parts: list[Part], message: str
+) -> None:
+    joining = Parts(ID, 2 * PART_BYTES - 1)
+    with pytest.raises(BadPayload, match=message):
+        for each in parts:
+            joining.add(each)
+
+
+def test_a_missing_part_leaves_the_answer_incomplete() -> None:
+    joining = Parts(ID, 4 * MIB)
+    assert joining.add(part(0, 3)) is None
+    assert joining.add(part(2, 3)) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"part": 0, "count": 1, "data": "eA=="}, "count must be an integer >= 2"),
+        ({"part": 2, "count": 2, "data": "eA=="}, "index must be an integer from 0 to 1"),
+        ({"part": -1, "count": 2, "data": "eA=="}, "index must be"),
+        ({"part": True, "count": 2, "data": "eA=="}, "index must be"),
+        ({"part": 0, "count": 2, "data": "!!"}, "not base64"),
+        ({"part": 0, "count": 2, "data": ""}, "must be base64 text"),
+        ({"part": 0, "count": 2, "data": "eA==", "result": {}}, "unknown key 'result'"),
+    ],
+)
+def test_bad_parts_are_refused_with_the_reason(fields: dict[str, Any], message: str) -> None:
+    data = json.dumps({"v": 1, "id": ID, **fields}).encode()
+    with pytest.raises(BadPayload, match=message):
+        remote.decode_answer_or_part(data)
+
+
+def calling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: Callable[[str], list[bytes]]
+) -> Any:
+    """A calling link whose mesh answers each request with ``answer(its id)`` from node b."""
+    config = parse(
+        tmp_path, remote={"lab": {"node": NODE_B, "servers": "*"}}, mesh={"deadline": 0.5}
+    )
+    link = McpGateway(config).link
+    assert link is not None
+
+    async def mesh_send(node: str, topic: str, payload: bytes, *args: Any) -> None:
+        for data in answer(remote.decode_request(payload).id):
+            link.on_answer({"from": NODE_B, "data": base64.b64encode(data).decode()})
+
+    monkeypatch.setattr(link, "_mesh_send", mesh_send)
+    return link
+
+
+def test_an_answer_in_parts_reaches_the_caller_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = big_answer()
+    link = calling(tmp_path, monkeypatch, in_parts())
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert got.result == answer.result
+        assert link.status()["assembling"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_parts_that_never_complete_end_at_the_deadline_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = calling(tmp_path, monkeypatch, in_parts(keep=lambda p: [p[0], p[2]]))  # no part 1
+
+    async def scenario() -> None:
+        with pytest.raises(MCPError) as caught:
+            await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert caught.value.code == TIMEOUT
+        assert (link.status()["pending"], link.status()["assembling"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_parts_that_cannot_make_an_answer_are_an_error_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def miscounted(payloads: list[bytes]) -> list[bytes]:
+        wrong = json.loads(payloads[1])
+        wrong["count"] = 2  # disagrees with the first part's 4
+        return [payloads[0], json.dumps(wrong).encode()]
+
+    link = calling(tmp_path, monkeypatch, in_parts(keep=miscounted))
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert (got.result, got.code) == (None, INTERNAL_ERROR)
+        assert f"node {NODE_B} sent an answer in parts keel cannot use" in got.message
+        assert "disagree on their count (4 and 2)" in got.message
+        assert (link.status()["pending"], link.status()["assembling"]) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_parts_over_the_callers_limit_are_an_error_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = calling(tmp_path, monkeypatch, in_parts(3 * MIB))  # 6 parts
+    link.max_message = 2 * MIB  # this gateway takes at most 2 MiB
+
+    async def scenario() -> None:
+        got = await link.ask(link.remote["lab"], "scout", "call", server="s", tool="t")
+        assert (got.result, got.code) == (None, INTERNAL_ERROR)
+        assert "6 parts are more than an answer of at most 2,097,152 bytes has" in got.message
+        assert link.status()["assembling"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_largest_payload_fits_one_send_to_the_mesh_daemon() -> None:
+    """A payload goes base64 in the JSON of the mesh's send verb: one control-socket line."""
+    from keel.api import MAX_REQUEST
+
+    assert remote.MAX_BYTES == 783_360  # 765 KiB, under the mesh's own 960 KiB
+    send = {
+        "verb": "send",
+        "args": {
+            "id": ID,
+            "to": NODE_B,
+            "topic": remote.ANSWER_TOPIC,
+            "data": base64.b64encode(b"x" * remote.MAX_BYTES).decode(),
+            "ttl": 3605.0,
+            "as_agent": "a" * 64,
+        },
+    }
+    assert len(json.dumps(send)) + 1 <= MAX_REQUEST
+    with pytest.raises(BadPayload, match="more than one mesh message carries"):
+        remote.encode(Answer(ID, {"text": "x" * remote.MAX_BYTES}))
+
+
+def test_a_mesh_message_keel_cannot_read_is_dropped_without_stopping_the_reader(
+    tmp_path: Path,
+) -> None:
+    _, link = hosting(tmp_path)
+
+    async def scenario() -> None:
+        link.on_request({"from": NODE_A, "agent": "scout", "data": "not base64!"})
+        link.on_request({"agent": "scout", "data": ""})  # no sender
+        assert link.status()["running"] == 0
+        await link.close()
 
     asyncio.run(scenario())

@@ -351,6 +351,11 @@ class McpGateway(Daemon):
             )
         try:
             result = await upstream.call(tool, arguments, timeout=timeout)
+        except asyncio.CancelledError:
+            # The caller gave up: the SDK's session has told the server (its
+            # courtesy notifications/cancelled) as it abandoned the request.
+            record("cancelled")
+            raise
         except CallFailed as failure:
             record(failure.kind, code=failure.code)
             raise MCPError(
@@ -453,6 +458,9 @@ class McpGateway(Daemon):
             answer = await self.link.ask(
                 entry, who.agent, "call", server=server, tool=tool, arguments=arguments
             )
+        except asyncio.CancelledError:
+            record("cancelled")  # and the link has sent the host a cancel
+            raise
         except MCPError as exc:
             record(_outcome(exc.code), code=exc.code)
             if exc.code == FORBIDDEN:
@@ -496,8 +504,11 @@ class McpGateway(Daemon):
         """What ``agent`` on ``node`` may see of this node's tools."""
         return self.tools_for(Principal(agent, node=node))
 
-    def record_expired(self, node: str, agent: str | None, request: remote.Request) -> None:
-        """A request from ``node`` that arrived after its deadline: recorded, not run."""
+    def record_not_run(
+        self, node: str, agent: str | None, request: remote.Request, outcome: str
+    ) -> None:
+        """A request from ``node`` not run: it arrived after its deadline (``expired``), or
+        its caller cancelled it while it waited for its turn (``cancelled``)."""
         self.calls += 1
         name = qualified(request.server, request.tool) if request.kind == "call" else "tools/list"
         self.record(
@@ -509,8 +520,8 @@ class McpGateway(Daemon):
                 "tool": request.tool,
                 "arguments_sha256": digest(request.arguments),
                 "duration_ms": 0.0,
-                "outcome": "expired",
-                "error_code": types.REQUEST_TIMEOUT,
+                "outcome": outcome,
+                **({"error_code": types.REQUEST_TIMEOUT} if outcome == "expired" else {}),
             },
         )
 

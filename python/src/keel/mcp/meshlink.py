@@ -9,7 +9,9 @@ daemon, no agent):
   agent* (the mesh's ``as_agent``, so the agent's ``sendTo`` decides whether
   it may reach that node at all), expiring at the deadline; the gateway waits
   for the answer on ``keel.mcp.answer`` until the deadline, and an
-  unreachable or silent node is an error naming it, never a hang.
+  unreachable or silent node is an error naming it, never a hang. A caller
+  that gives up (the agent cancels or disconnects, or the deadline passes)
+  makes the gateway send a ``cancel`` for the request, as the same agent.
   ``tools/list`` of a remote node is cached per (node, agent) for
   ``list_ttl``.
 - **hosting** (a server shares tools with ``nodes``): the gateway reads
@@ -17,7 +19,14 @@ daemon, no agent):
   (never from the payload), acknowledges the request *before* running it
   (at most once: a request handed out again after a crash is not run twice),
   refuses one whose deadline passed, and answers with the result or the
-  error of :meth:`~keel.mcp.gateway.McpGateway.call_from_node`.
+  error of :meth:`~keel.mcp.gateway.McpGateway.call_from_node`. A ``cancel``
+  stops a call still running, if it comes from the node and agent that
+  sent the request (running calls are keyed by the sending node and the
+  request's id, so no other node can even name them); any other cancel is
+  ignored. The host gives a call until the deadline plus
+  :data:`ANSWER_GRACE`: a live caller cancels at its deadline, and the
+  host's own timeout is the backstop for a caller that cannot (its gateway
+  died, the mesh between them is cut).
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import mcp_types as types
@@ -74,12 +84,19 @@ class MeshLink:
         self.wall = wall
         self._send = AsyncConnection(self.socket, service="mesh", timeout=self.deadline)
         self._pending: dict[str, tuple[str, asyncio.Future[Answer]]] = {}  # id -> (node, answer)
+        self._parts: dict[str, remote.Parts] = {}  # id -> the parts of its answer so far
+        self.max_message = config.max_message
         self._lists: dict[tuple[str, str], tuple[float, list[types.Tool]]] = {}
         self._hosted = asyncio.Semaphore(MAX_HOSTED)
         self._tasks: set[asyncio.Task[None]] = set()
+        # (calling node, request id) -> the call from that node running here
+        self._running: dict[tuple[str, str], _Hosted] = {}
         self.sent = 0
         self.answered = 0
         self.hosted = 0
+        self.cancels_sent = 0
+        self.cancelled = 0
+        self.cancels_ignored = 0
 
     # --- reading the mesh -----------------------------------------------------------------
 
@@ -141,25 +158,46 @@ class MeshLink:
 
     def on_answer(self, message: dict[str, Any]) -> None:
         try:
-            answer = remote.decode_answer(base64.b64decode(message["data"]))
+            found = remote.decode_answer_or_part(base64.b64decode(message["data"]))
         except (BadPayload, ValueError) as exc:
             log.warning("an answer from %s that keel cannot read: %s", message.get("from"), exc)
             return
-        pending = self._pending.get(answer.id)
+        pending = self._pending.get(found.id)
         if pending is None:
-            log.debug("answer %s came after its caller stopped waiting", answer.id)
+            log.debug("answer %s came after its caller stopped waiting", found.id)
             return
         node, future = pending
         if message.get("from") != node:
             log.warning(
                 "answer %s came from %s, not from %s, which was asked: dropped",
-                answer.id,
+                found.id,
                 message.get("from"),
                 node,
             )
             return
-        if not future.done():
-            future.set_result(answer)
+        if future.done():
+            return
+        if isinstance(found, remote.Part):
+            parts = self._parts.setdefault(found.id, remote.Parts(found.id, self.max_message))
+            try:
+                joined = parts.add(found)
+            except BadPayload as exc:
+                log.warning("answer %s from %s in parts: %s", found.id, node, exc)
+                self._parts.pop(found.id, None)
+                future.set_result(
+                    Answer(
+                        found.id,
+                        None,
+                        types.INTERNAL_ERROR,
+                        f"node {node} sent an answer in parts keel cannot use: {exc}",
+                    )
+                )
+                return
+            if joined is None:
+                return  # more parts to come (or the deadline)
+            self._parts.pop(found.id, None)
+            found = joined
+        future.set_result(found)
 
     async def ask(
         self,
@@ -188,6 +226,7 @@ class MeshLink:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[request.id] = (node, future)
         started = self.clock()
+        cancels = kind == "call"  # a list runs at once on the host: nothing to cancel
         try:
             try:
                 await self._mesh_send(node, remote.CALL_TOPIC, payload, self.deadline, agent)
@@ -208,14 +247,43 @@ class MeshLink:
             try:
                 return await asyncio.wait_for(future, max(left, 0.0))
             except TimeoutError:
+                if cancels:
+                    self._cancel(node, agent, request)
                 raise MCPError(
                     TIMEOUT,
                     f"{where} did not answer within {self.deadline:g} s "
                     "(it is down, unreachable, or its gateway is not running)",
                     data={"keel": "timeout", "node": node},
                 ) from None
+        except asyncio.CancelledError:
+            # The agent cancelled its request or went away (even during the
+            # send, which is shielded and may have reached the host).
+            if cancels:
+                self._cancel(node, agent, request)
+            raise
         finally:
             self._pending.pop(request.id, None)
+            self._parts.pop(request.id, None)  # an answer whose parts did not all come
+
+    def _cancel(self, node: str, agent: str, request: Request) -> None:
+        """Tell ``node`` to stop ``request``, as ``agent`` (in the background: nobody waits)."""
+        cancel = Request(request.id, "cancel", request.deadline)
+        ttl = request.deadline - self.wall() + ANSWER_GRACE
+
+        async def send() -> None:
+            try:
+                await self._mesh_send(node, remote.CALL_TOPIC, remote.encode(cancel), ttl, agent)
+            except (ApiError, TimeoutError) as exc:
+                log.info("cannot send the cancel of %s to %s: %s", request.id, node, exc)
+                return
+            self.cancels_sent += 1
+
+        self._spawn(send())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def tools(self, agent: str) -> list[types.Tool]:
         """The remote tools ``agent`` sees, as ``LABEL.SERVER.TOOL``, label by label."""
@@ -254,35 +322,91 @@ class MeshLink:
     # --- hosting: other nodes' agents use this node's tools -----------------------------------
 
     def on_request(self, message: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._host(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _host(self, message: dict[str, Any]) -> None:
         try:
-            await self._host_one(message)
-        except Exception:  # one request's failure is never the gateway's
-            log.exception("a request from %s failed", message.get("from"))
-
-    async def _host_one(self, message: dict[str, Any]) -> None:
-        node = message["from"]
-        agent = message.get("agent")
-        data = base64.b64decode(message["data"])
+            node, agent = message["from"], message.get("agent")
+            data = base64.b64decode(message["data"])
+        except (KeyError, ValueError) as exc:  # not from keel's mesh daemon: never fatal here
+            log.warning("a mesh message keel cannot read on %s: %r", remote.CALL_TOPIC, exc)
+            return
         try:
             request = remote.decode_request(data)
         except BadPayload as exc:
-            request_id = remote.request_id_of(data)
             log.warning("a request from %s that keel cannot read: %s", node, exc)
+            request_id = remote.request_id_of(data)
             if request_id is not None:
-                await self._answer(
-                    node, Answer(request_id, None, types.INVALID_REQUEST, str(exc)), ANSWER_GRACE
-                )
+                bad = Answer(request_id, None, types.INVALID_REQUEST, str(exc))
+                self._spawn(self._guarded(node, self._answer(node, bad, ANSWER_GRACE)))
             return
+        key = (node, request.id)
+        if request.kind == "cancel":
+            self._cancel_hosted(key, agent)
+            return
+        if key in self._running:
+            log.warning("request %s from %s is running already: the copy is dropped", *key[::-1])
+            return
+        hosted = _Hosted(agent)
+        task = asyncio.get_running_loop().create_task(self._host(node, agent, request, hosted))
+        hosted.task = task
+        self._tasks.add(task)
+        self._running[key] = hosted
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._forget(key, task)
+            if task.cancelled() and not hosted.recorded and request.kind == "call":
+                # cancelled before the gateway took the call (queued, or not yet started)
+                self.gateway.record_not_run(node, agent, request, "cancelled")
+
+        task.add_done_callback(done)
+
+    def _forget(self, key: tuple[str, str], task: asyncio.Task[Any] | None) -> None:
+        found = self._running.get(key)
+        if found is not None and found.task is task:
+            del self._running[key]
+
+    def _cancel_hosted(self, key: tuple[str, str], agent: str | None) -> None:
+        node, request_id = key
+        found = self._running.get(key)
+        if found is None or found.task is None:
+            self.cancels_ignored += 1
+            log.debug(
+                "cancel of %s from %s: no such call running (finished or unknown)", *key[::-1]
+            )
+            return
+        if found.agent != agent:
+            self.cancels_ignored += 1
+            log.warning(
+                "cancel of %s from %s as agent %s, not as %s, which sent it: ignored",
+                request_id,
+                node,
+                agent,
+                found.agent,
+            )
+            return
+        self.cancelled += 1
+        found.task.cancel()
+
+    async def _guarded(self, node: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:  # one request's failure is never the gateway's
+            log.exception("a request from %s failed", node)
+
+    async def _host(self, node: str, agent: str | None, request: Request, hosted: _Hosted) -> None:
+        try:
+            await self._host_one(node, agent, request, hosted)
+        except Exception:  # one request's failure is never the gateway's
+            log.exception("a request from %s failed", node)
+
+    async def _host_one(
+        self, node: str, agent: str | None, request: Request, hosted: _Hosted
+    ) -> None:
         async with self._hosted:
             self.hosted += 1
             left = request.deadline - self.wall()
+            hosted.recorded = True  # from here the gateway writes the call's ledger entry
             if left <= 0:
-                self.gateway.record_expired(node, agent, request)
+                self.gateway.record_not_run(node, agent, request, "expired")
                 await self._answer(
                     node,
                     Answer(
@@ -295,7 +419,8 @@ class MeshLink:
                     ANSWER_GRACE,
                 )
                 return
-            answer = await self._run(node, agent, request, left)
+            answer = await self._run(node, agent, request, left + ANSWER_GRACE)
+        self._forget((node, request.id), asyncio.current_task())  # finished: a cancel is too late
         await self._answer(node, answer, left + ANSWER_GRACE)
 
     async def _run(self, node: str, agent: str | None, request: Request, left: float) -> Answer:
@@ -314,11 +439,12 @@ class MeshLink:
 
     async def _answer(self, node: str, answer: Answer, ttl: float) -> None:
         try:
-            payload = remote.encode(answer)
+            payloads = remote.encode_answer(answer, limit=self.max_message)
         except BadPayload as exc:
-            payload = remote.encode(Answer(answer.id, None, types.INTERNAL_ERROR, str(exc)))
+            payloads = [remote.encode(Answer(answer.id, None, types.INTERNAL_ERROR, str(exc)))]
         try:
-            await self._mesh_send(node, remote.ANSWER_TOPIC, payload, ttl, None)
+            for payload in payloads:
+                await self._mesh_send(node, remote.ANSWER_TOPIC, payload, ttl, None)
         except ApiError as exc:
             log.warning("cannot send the answer to %s's request %s: %s", node, answer.id, exc)
             return
@@ -336,10 +462,24 @@ class MeshLink:
                 for label, r in sorted(self.remote.items())
             },
             "pending": len(self._pending),
+            "assembling": len(self._parts),
             "sent": self.sent,
+            "cancels_sent": self.cancels_sent,
             "hosted": self.hosted,
+            "running": len(self._running),
+            "cancelled": self.cancelled,
+            "cancels_ignored": self.cancels_ignored,
             "answered": self.answered,
         }
+
+
+@dataclass
+class _Hosted:
+    """A call from another node this gateway runs: who sent it, its task, whether it is recorded."""
+
+    agent: str | None
+    task: asyncio.Task[None] | None = None
+    recorded: bool = False
 
 
 def _tools(answer: Answer) -> list[types.Tool]:

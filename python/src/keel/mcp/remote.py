@@ -3,27 +3,38 @@
 A calling gateway sends a :class:`Request` to the hosting node on
 :data:`CALL_TOPIC`, as the calling agent (the mesh's ``as_agent``); the
 hosting gateway answers with an :class:`Answer` on :data:`ANSWER_TOPIC`.
-Both are canonical JSON (sorted keys, compact, ASCII), at most one mesh
-message (``keel.mesh.packets.MAX_PAYLOAD``). Who is calling is never in the
+Both are canonical JSON (sorted keys, compact, ASCII), at most
+:data:`MAX_BYTES` (what one ``send`` to the mesh daemon carries). Who is calling is never in the
 payload: the hosting gateway takes the node and the agent from the mesh
 message, as the mesh authenticated them (docs/mcp.md, "Across the mesh").
 
 Request: ``{"v": 1, "id": ID, "kind": "list", "deadline": T}`` or
 ``{"v": 1, "id": ID, "kind": "call", "server": S, "tool": T, "arguments": {...},
 "deadline": T}``; ``deadline`` is Unix seconds on the caller's clock (the mesh's
-message expiry is on the sender's clock too). Answer: ``{"v": 1, "id": ID,
+message expiry is on the sender's clock too). A caller that gives up sends
+``{"v": 1, "id": ID, "kind": "cancel", "deadline": T}`` on the same topic, as
+the same agent, with the id and deadline of the request it cancels; it gets
+no answer.
+
+An answer larger than one mesh message travels in parts: its canonical JSON
+cut into ``count`` pieces, each ``{"v": 1, "id": ID, "part": I, "count": N,
+"data": BASE64}`` (``0 <= I < N``, ``N >= 2``); the caller joins them in
+:class:`Parts`, bounded (a gateway's ``max_message``), and reads the whole
+as an answer. Answer: ``{"v": 1, "id": ID,
 "result": {...}}`` (a ``tools/call`` result, or ``{"tools": [...]}``) or
 ``{"v": 1, "id": ID, "error": {"code": N, "message": M}}``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from keel.api import MAX_REQUEST
 from keel.config import parse_json
 from keel.errors import ConfigError
 from keel.mcp.policy import SEPARATOR, split
@@ -34,10 +45,14 @@ CALL_TOPIC: Final = "keel.mcp.call"
 ANSWER_TOPIC: Final = "keel.mcp.answer"
 VERSION: Final = 1
 MAX_MESSAGE_CHARS: Final = 4096  # an error message is cut to this
+# The most a payload of this protocol is: it goes to the mesh daemon base64 in the
+# JSON of its ``send`` verb, one control-socket line of at most MAX_REQUEST bytes
+# (765 KiB; the mesh itself would carry MAX_PAYLOAD, 960 KiB).
+MAX_BYTES: Final = min(MAX_PAYLOAD, (MAX_REQUEST - 4096) // 4 * 3)
 
 _ID = re.compile(r"[0-9a-f]{32}\Z")
 
-Kind = Literal["list", "call"]
+Kind = Literal["list", "call", "cancel"]
 
 
 class BadPayload(ValueError):
@@ -81,22 +96,25 @@ class Answer:
         return out
 
 
-def encode(value: Request | Answer) -> bytes:
-    """The payload's bytes; :class:`BadPayload` if it does not fit one mesh message."""
-    data = json.dumps(
+def _canonical(value: Request | Answer) -> bytes:
+    return json.dumps(
         value.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode()
-    if len(data) > MAX_PAYLOAD:
+
+
+def encode(value: Request | Answer) -> bytes:
+    """The payload's bytes; :class:`BadPayload` if it does not fit one mesh message."""
+    data = _canonical(value)
+    if len(data) > MAX_BYTES:
         what = "request" if isinstance(value, Request) else "answer"
         raise BadPayload(
-            f"the {what} is {len(data):,} bytes, more than one mesh message carries "
-            f"({MAX_PAYLOAD:,})"
+            f"the {what} is {len(data):,} bytes, more than one mesh message carries ({MAX_BYTES:,})"
         )
     return data
 
 
-def _object(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > MAX_PAYLOAD:
+def _object(data: bytes, what: str, *, limit: int = MAX_PAYLOAD) -> dict[str, Any]:
+    if len(data) > limit:
         raise BadPayload(f"{what} of {len(data):,} bytes is over the limit")
     try:
         value = parse_json(data, source=what)
@@ -143,11 +161,11 @@ def decode_request(data: bytes) -> Request:
         or not math.isfinite(deadline)
     ):
         raise BadPayload("request's deadline must be a number (Unix seconds)")
-    if kind == "list":
-        _keys(value, {"v", "id", "kind", "deadline"}, "a list request")
-        return Request(request_id, "list", float(deadline))
+    if kind in ("list", "cancel"):
+        _keys(value, {"v", "id", "kind", "deadline"}, f"a {kind} request")
+        return Request(request_id, "list" if kind == "list" else "cancel", float(deadline))
     if kind != "call":
-        raise BadPayload('request\'s kind must be "list" or "call"')
+        raise BadPayload('request\'s kind must be "list", "call" or "cancel"')
     _keys(value, {"v", "id", "kind", "deadline", "server", "tool", "arguments"}, "a call request")
     server, tool, arguments = value.get("server"), value.get("tool"), value.get("arguments")
     if not isinstance(server, str) or check_server_name(server) is not None:
@@ -159,8 +177,8 @@ def decode_request(data: bytes) -> Request:
     return Request(request_id, "call", float(deadline), server, tool, arguments)
 
 
-def decode_answer(data: bytes) -> Answer:
-    value = _object(data, "answer")
+def decode_answer(data: bytes, *, limit: int = MAX_PAYLOAD) -> Answer:
+    value = _object(data, "answer", limit=limit)
     answer_id = _id(value, "answer")
     _keys(value, {"v", "id", "result", "error"}, "an answer")
     if ("result" in value) == ("error" in value):
@@ -178,6 +196,116 @@ def decode_answer(data: bytes) -> Answer:
     if isinstance(code, bool) or not isinstance(code, int) or not isinstance(message, str):
         raise BadPayload("an answer's error needs an integer code and a message")
     return Answer(answer_id, None, code, message[:MAX_MESSAGE_CHARS])
+
+
+# --- answers in parts -----------------------------------------------------------------------
+
+# Bytes of answer per part: its base64 and the part's keys fit one message.
+PART_BYTES: Final = (MAX_BYTES - 256) // 4 * 3
+
+
+@dataclass(frozen=True)
+class Part:
+    id: str
+    index: int
+    count: int
+    data: bytes
+
+
+def encode_answer(answer: Answer, *, limit: int) -> list[bytes]:
+    """The payloads that carry ``answer``: one, or parts when it is larger than one message.
+
+    :class:`BadPayload` when the answer is larger than ``limit`` bytes.
+    """
+    data = _canonical(answer)
+    if len(data) <= MAX_BYTES:
+        return [data]
+    if len(data) > limit:
+        raise BadPayload(
+            f"the answer is {len(data):,} bytes, more than this gateway sends ({limit:,}, "
+            "mcp.json's max_message)"
+        )
+    pieces = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    return [
+        json.dumps(
+            {
+                "v": VERSION,
+                "id": answer.id,
+                "part": index,
+                "count": len(pieces),
+                "data": base64.b64encode(piece).decode(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        for index, piece in enumerate(pieces)
+    ]
+
+
+def decode_answer_or_part(data: bytes) -> Answer | Part:
+    """An answer, or one part of an answer too large for one message."""
+    value = _object(data, "answer")
+    if "part" not in value:
+        return decode_answer(data)
+    answer_id = _id(value, "answer part")
+    _keys(value, {"v", "id", "part", "count", "data"}, "an answer part")
+    index, count, encoded = value.get("part"), value.get("count"), value.get("data")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise BadPayload("an answer part's count must be an integer >= 2")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise BadPayload(f"an answer part's index must be an integer from 0 to {count - 1}")
+    if not isinstance(encoded, str) or not encoded:
+        raise BadPayload("an answer part's data must be base64 text")
+    try:
+        piece = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise BadPayload("an answer part's data is not base64") from None
+    return Part(answer_id, index, count, piece)
+
+
+class Parts:
+    """The parts of one answer as they arrive, at most ``limit`` bytes in all. Pure.
+
+    :meth:`add` returns the answer once every part is in; :class:`BadPayload`
+    for a set of parts that cannot make one (counts that disagree, a part
+    twice with other bytes, more than ``limit`` bytes, parts that do not read
+    as an answer with the same id).
+    """
+
+    def __init__(self, answer_id: str, limit: int) -> None:
+        self.id = answer_id
+        self.limit = limit
+        self.count = 0
+        self.size = 0
+        self.pieces: dict[int, bytes] = {}
+
+    def add(self, part: Part) -> Answer | None:
+        if part.id != self.id:
+            raise BadPayload(f"a part of answer {part.id} given to answer {self.id}")
+        if self.count and part.count != self.count:
+            raise BadPayload(f"its parts disagree on their count ({self.count} and {part.count})")
+        if part.count > -(-self.limit // PART_BYTES):
+            raise BadPayload(
+                f"{part.count} parts are more than an answer of at most {self.limit:,} bytes has"
+            )
+        self.count = part.count
+        known = self.pieces.get(part.index)
+        if known is not None:
+            if known != part.data:
+                raise BadPayload(f"part {part.index} came twice, with different bytes")
+            return None
+        self.size += len(part.data)
+        if self.size > self.limit:
+            raise BadPayload(f"its parts are more than {self.limit:,} bytes")
+        self.pieces[part.index] = part.data
+        if len(self.pieces) < self.count:
+            return None
+        whole = b"".join(self.pieces[i] for i in range(self.count))
+        self.pieces.clear()
+        answer = decode_answer(whole, limit=self.limit)  # a part inside is an unknown key
+        if answer.id != self.id:
+            raise BadPayload(f"its parts joined make the answer to {answer.id}")
+        return answer
 
 
 # --- names ----------------------------------------------------------------------------
