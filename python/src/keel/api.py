@@ -65,7 +65,9 @@ from keel.errors import (
 
 log = logging.getLogger("keel.api")
 
-MAX_REQUEST = 1 << 20  # bytes per line; a request larger than this closes the connection
+# Bytes per line; a request larger than this gets an error and the connection closes.
+# The mesh's `send` verb carries a payload of up to 960 KiB as base64 (1.25 MiB).
+MAX_REQUEST = 2 << 20
 MAX_RESPONSE = 64 << 20  # bytes per line a client accepts
 
 # The ``kind`` of a refusal on the wire, and the error a client raises for it.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -287,3 +288,27 @@ def test_handlers_see_the_callers_groups(tmp_path: Path) -> None:
     assert (seen[0].uid, seen[0].gid) == (os.getuid(), os.getgid())
     assert seen[0].groups == frozenset(os.getgroups())
     assert api._proc_groups(os.getpid()) == frozenset(os.getgroups())
+
+
+def test_a_request_line_up_to_the_limit_is_served_and_a_longer_one_refused(
+    tmp_path: Path,
+) -> None:
+    """The mesh's `send` carries 960 KiB as base64 (1.25 MiB of JSON): one line must hold it."""
+    path = tmp_path / "run" / "test.sock"
+    payload = "x" * (983_040 * 4 // 3)
+
+    async def scenario() -> None:
+        async with api.ControlServer(path, HANDLERS, mode=0o600):
+            result = await api.acall(path, "echo", {"data": payload})
+            assert result["args"]["data"] == payload
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 16)
+            writer.write(b'{"verb": "echo", "args": {"data": "' + b"x" * api.MAX_REQUEST + b'"}}\n')
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            answer = json.loads(await reader.readline())
+            assert answer["ok"] is False
+            assert f"request too large (at most {api.MAX_REQUEST} bytes a line)" in str(answer)
+            assert await reader.read() == b""  # and the connection is closed
+            writer.close()
+
+    asyncio.run(scenario())

@@ -402,11 +402,14 @@ def test_a_call_cancelled_before_it_runs_is_recorded_as_cancelled(
 MIB = 1024 * 1024
 
 
-def big_answer(size: int = 2 * MIB, answer_id: str = ID) -> Answer:
+BIG = 3 * PART_BYTES + 1000  # the text of an answer in 4 parts (its JSON is a little longer)
+
+
+def big_answer(size: int = BIG, answer_id: str = ID) -> Answer:
     return Answer(answer_id, {"content": [{"type": "text", "text": "x" * size}]})
 
 
-def in_parts(size: int = 2 * MIB, *, keep: Callable[[list[bytes]], list[bytes]] = list) -> Any:
+def in_parts(size: int = BIG, *, keep: Callable[[list[bytes]], list[bytes]] = list) -> Any:
     return lambda request_id: keep(
         remote.encode_answer(big_answer(size, request_id), limit=8 * MIB)
     )
@@ -559,7 +562,7 @@ def test_parts_that_cannot_make_an_answer_are_an_error_at_once(
 def test_parts_over_the_callers_limit_are_an_error_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    link = calling(tmp_path, monkeypatch, in_parts(3 * MIB))  # 6 parts
+    link = calling(tmp_path, monkeypatch, in_parts(5 * PART_BYTES + 1000))  # 6 parts
     link.max_message = 2 * MIB  # this gateway takes at most 2 MiB
 
     async def scenario() -> None:
@@ -575,7 +578,7 @@ def test_the_largest_payload_fits_one_send_to_the_mesh_daemon() -> None:
     """A payload goes base64 in the JSON of the mesh's send verb: one control-socket line."""
     from keel.api import MAX_REQUEST
 
-    assert remote.MAX_BYTES == 783_360  # 765 KiB, under the mesh's own 960 KiB
+    assert remote.MAX_BYTES == MAX_PAYLOAD  # 960 KiB, the mesh's own bound
     send = {
         "verb": "send",
         "args": {

@@ -45,9 +45,9 @@ CALL_TOPIC: Final = "keel.mcp.call"
 ANSWER_TOPIC: Final = "keel.mcp.answer"
 VERSION: Final = 1
 MAX_MESSAGE_CHARS: Final = 4096  # an error message is cut to this
-# The most a payload of this protocol is: it goes to the mesh daemon base64 in the
-# JSON of its ``send`` verb, one control-socket line of at most MAX_REQUEST bytes
-# (765 KiB; the mesh itself would carry MAX_PAYLOAD, 960 KiB).
+# The most a payload of this protocol is: one mesh message (MAX_PAYLOAD, 960 KiB),
+# which goes to the mesh daemon base64 in the JSON of its ``send`` verb, one
+# control-socket line of at most MAX_REQUEST bytes (2 MiB: it fits).
 MAX_BYTES: Final = min(MAX_PAYLOAD, (MAX_REQUEST - 4096) // 4 * 3)
 
 _ID = re.compile(r"[0-9a-f]{32}\Z")
