@@ -117,7 +117,8 @@ class FrameReader:
         if left:  # the start of a frame: kept until the rest arrives
             self._buffer += data[pos:]
             self._pos = len(data)
-        return self._wanting()
+        self._check_truncated()
+        return None
 
     def _from_buffer(self) -> bytes | None:
         """Complete the frame begun in the buffer from the chunk fed last."""
@@ -127,25 +128,26 @@ class FrameReader:
             buffer += data[self._pos : self._pos + take]
             self._pos += take
             if len(buffer) < LENGTH_SIZE:
-                return self._wanting()
+                self._check_truncated()
+                return None
         total = LENGTH_SIZE + self._length(buffer)
         take = min(max(0, total - len(buffer)), len(data) - self._pos)
         buffer += data[self._pos : self._pos + take]
         self._pos += take
         if len(buffer) < total:
-            return self._wanting()
+            self._check_truncated()
+            return None
         with memoryview(buffer) as view:  # one copy, not two
             frame = bytes(view[LENGTH_SIZE:total])
         del buffer[:total]
         return frame
 
-    def _wanting(self) -> None:
+    def _check_truncated(self) -> None:
         if self._eof and self.buffered:
             raise RemoteProtocolError(
                 f"connection closed in the middle of a frame ({self.buffered} bytes left)",
                 hint="truncated stream",
             )
-        return None
 
 
 def encode_record(kind: RecordType, body: bytes = b"") -> bytes:
