@@ -220,7 +220,7 @@ def split_frames(data: bytes) -> list[bytes]:
     reader.feed(data)
     frames = []
     while (frame := reader.next_frame()) is not None:
-        frames.append(frame)
+        frames.append(bytes(frame))
     return frames
 
 

@@ -52,13 +52,21 @@ def encode_frame(message: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
 
 
 class FrameReader:
-    """Buffer stream bytes; hand out whole frames."""
+    """Buffer stream bytes; hand out whole frames.
+
+    A frame that lies whole inside one fed chunk is handed out as a
+    ``memoryview`` of that chunk (no copy: a chunk is immutable ``bytes``);
+    only a frame cut across chunks is gathered in a buffer (and handed out
+    as ``bytes``).
+    """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         if not 0 < max_frame_size <= MAX_FRAME_SIZE:
             raise LocalProtocolError(f"max_frame_size must be in 1..{MAX_FRAME_SIZE}")
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # the start of a frame cut across chunks
+        self._data = memoryview(b"")  # the chunk fed last, read from ``_pos`` on
+        self._pos = 0
         self._eof = False
 
     def feed(self, data: bytes) -> None:
@@ -69,39 +77,77 @@ class FrameReader:
             return
         if not data:
             self._eof = True
-        self._buffer += data
+            return
+        if self._pos < len(self._data):  # fed again before every frame was taken
+            self._buffer += self._data[self._pos :]
+        self._data = memoryview(bytes(data))  # no copy of ``bytes``
+        self._pos = 0
 
     @property
     def eof(self) -> bool:
         """True once EOF was fed and every whole frame has been taken."""
-        return self._eof and not self._buffer
+        return self._eof and not self.buffered
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + len(self._data) - self._pos
 
-    def next_frame(self) -> bytes | None:
-        """The next whole frame, or ``None`` if more bytes are needed (or at a clean EOF)."""
-        if len(self._buffer) >= LENGTH_SIZE:
-            length = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
-            if length == 0:
-                raise RemoteProtocolError("zero-length frame", hint="garbage on the connection")
-            if length > self.max_frame_size:
-                raise RemoteProtocolError(
-                    f"frame of {length} bytes exceeds the maximum of {self.max_frame_size}",
-                    hint="oversized frame or garbage on the connection",
-                )
-            if len(self._buffer) >= LENGTH_SIZE + length:
-                with memoryview(self._buffer) as view:  # one copy, not two
-                    frame = bytes(view[LENGTH_SIZE : LENGTH_SIZE + length])
-                del self._buffer[: LENGTH_SIZE + length]
-                return frame
-        if self._eof and self._buffer:
+    def _length(self, head: bytes | bytearray | memoryview) -> int:
+        length = int.from_bytes(head[:LENGTH_SIZE], "big")
+        if length == 0:
+            raise RemoteProtocolError("zero-length frame", hint="garbage on the connection")
+        if length > self.max_frame_size:
             raise RemoteProtocolError(
-                f"connection closed in the middle of a frame ({len(self._buffer)} bytes left)",
+                f"frame of {length} bytes exceeds the maximum of {self.max_frame_size}",
+                hint="oversized frame or garbage on the connection",
+            )
+        return length
+
+    def next_frame(self) -> bytes | memoryview | None:
+        """The next whole frame, or ``None`` if more bytes are needed (or at a clean EOF)."""
+        data, pos = self._data, self._pos
+        if self._buffer:
+            return self._from_buffer()
+        left = len(data) - pos
+        if left >= LENGTH_SIZE:
+            end = pos + LENGTH_SIZE + self._length(data[pos : pos + LENGTH_SIZE])
+            if end <= len(data):
+                self._pos = end
+                return data[pos + LENGTH_SIZE : end]
+        if left:  # the start of a frame: kept until the rest arrives
+            self._buffer += data[pos:]
+            self._pos = len(data)
+        self._check_truncated()
+        return None
+
+    def _from_buffer(self) -> bytes | None:
+        """Complete the frame begun in the buffer from the chunk fed last."""
+        buffer, data = self._buffer, self._data
+        if len(buffer) < LENGTH_SIZE:
+            take = min(LENGTH_SIZE - len(buffer), len(data) - self._pos)
+            buffer += data[self._pos : self._pos + take]
+            self._pos += take
+            if len(buffer) < LENGTH_SIZE:
+                self._check_truncated()
+                return None
+        total = LENGTH_SIZE + self._length(buffer)
+        take = min(max(0, total - len(buffer)), len(data) - self._pos)
+        buffer += data[self._pos : self._pos + take]
+        self._pos += take
+        if len(buffer) < total:
+            self._check_truncated()
+            return None
+        with memoryview(buffer) as view:  # one copy, not two
+            frame = bytes(view[LENGTH_SIZE:total])
+        del buffer[:total]
+        return frame
+
+    def _check_truncated(self) -> None:
+        if self._eof and self.buffered:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a frame ({self.buffered} bytes left)",
                 hint="truncated stream",
             )
-        return None
 
 
 def encode_record(kind: RecordType, body: bytes = b"") -> bytes:

@@ -440,7 +440,7 @@ class Session:
                     continue
                 return NEED_DATA
             if self._state is State.HANDSHAKE:
-                self._on_handshake_frame(frame)
+                self._on_handshake_frame(bytes(frame))
             elif self._state is State.OPEN:
                 self._on_transport_frame(frame)
             # CLOSED (we closed): whatever still arrives is dropped.
@@ -572,7 +572,7 @@ class Session:
 
     # transport
 
-    def _on_transport_frame(self, frame: bytes) -> None:
+    def _on_transport_frame(self, frame: bytes | memoryview) -> None:
         assert self._recv is not None
         if len(frame) <= TAG_LEN:
             raise RemoteProtocolError("transport frame shorter than its tag", hint="garbage")

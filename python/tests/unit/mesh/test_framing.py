@@ -23,6 +23,43 @@ def test_frames_in_any_chunking() -> None:
         assert reader.next_frame() is None
 
 
+def test_frames_fed_before_any_is_taken() -> None:
+    """Chunks fed one after another, frames cut across them, then taken all at once."""
+    stream = encode_frame(b"a" * 300) + encode_frame(b"b") + encode_frame(b"c" * 70)
+    for size in (1, 5, 299, 301, 303):
+        reader = FrameReader()
+        for i in range(0, len(stream), size):
+            reader.feed(stream[i : i + size])
+        assert reader.buffered == len(stream)
+        got = []
+        while (frame := reader.next_frame()) is not None:
+            got.append(bytes(frame))
+        assert got == [b"a" * 300, b"b", b"c" * 70]
+        assert reader.buffered == 0
+
+
+def test_a_frame_whole_in_one_chunk_is_a_view_of_it() -> None:
+    reader = FrameReader()
+    reader.feed(encode_frame(b"whole") + encode_frame(b"cut")[:3])
+    whole = reader.next_frame()
+    assert isinstance(whole, memoryview)
+    assert bytes(whole) == b"whole"
+    assert reader.next_frame() is None
+    reader.feed(b"ut" + encode_frame(b"next"))
+    assert reader.next_frame() == b"cut"
+    assert reader.next_frame() == b"next"
+    assert reader.next_frame() is None
+
+
+def test_a_bad_length_cut_across_chunks_is_refused_once_whole() -> None:
+    reader = FrameReader(max_frame_size=100)
+    reader.feed(b"\x00")
+    assert reader.next_frame() is None
+    reader.feed(b"\x65" + b"x" * 10)
+    with pytest.raises(RemoteProtocolError, match="101 bytes exceeds the maximum of 100"):
+        reader.next_frame()
+
+
 def test_encode_frame_bounds() -> None:
     assert encode_frame(b"x" * 65535)[:2] == b"\xff\xff"
     with pytest.raises(LocalProtocolError, match=r"outside 1\.\.65535"):
