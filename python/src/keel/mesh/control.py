@@ -390,9 +390,10 @@ class Control:
     async def dead_letters(self, request: verbs.DeadLetters, peer: Peer) -> list[dict[str, Any]]:
         caller = self.agents.caller(peer)
         self._refuse(caller, "dead_letters", self.agents.refuse_use(caller))
-        letters = self.node.store.dead_letters(request.limit)
-        reads = self.agents.reads(caller)
-        return letters if reads is None else [d for d in letters if reads(d["topic"])]
+        # an agent: only those it sent (or the node sent as it), on its topics; the node: all
+        return self.node.store.dead_letters(
+            request.limit, agent=caller.agent, reads=self.agents.reads(caller)
+        )
 
     # -- the binary stream
 
