@@ -552,7 +552,11 @@ class Control:
         self._refuse(caller, "room_send", refusal)
         recipients = node.members.view.room_recipients(room.id)
         others = [m for m in recipients if m != node.me]
-        self._refuse(caller, "room_send", self.agents.refuse_send(caller, others, request.topic))
+        self._refuse(caller, "room_send", self.agents.refuse_topic(caller, request.topic))
+        refusal = self.agents.refuse_room(
+            caller, f"{room.name} ({room.id})", rooms.recipients(room, others)
+        )
+        self._refuse(caller, "room_send", refusal)
         ttl = request.ttl if request.ttl is not None else node.settings.default_ttl
         expires = int(node.wall() + ttl)
         stamp = rooms.stamp(
