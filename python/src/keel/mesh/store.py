@@ -5,7 +5,7 @@ inviter's side of each token), ``outbox`` (one row per message and
 recipient, until acknowledged), ``inbox`` (received, not yet consumed by the
 application), ``seen`` (dedup keys: author and message id, kept past the
 message's TTL), ``dead_letters`` (metadata of messages that expired or were
-refused), ``peers`` (last time each peer was seen). Every change the
+refused, with the agent that sent each and the one it was for), ``peers`` (last time each peer was seen). Every change the
 protocol depends on is one transaction, committed before the daemon
 answers: the outbox row before ``send`` returns the id, the inbox and dedup
 rows before the ACK leaves.
