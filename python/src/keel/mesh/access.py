@@ -27,7 +27,7 @@ agent's ``sendTo`` still decides where it may go (:meth:`Agents.refuse_on_behalf
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -195,6 +195,30 @@ class Agents:
                 whom = node if to_agent is None else f"{to_agent}@{node}"
                 return (
                     f"{self._agent(caller)} may not send to {whom}: its mesh.sendTo is "
+                    f"{_listed(grant.send_to)}"
+                )
+        return None
+
+    def refuse_room(
+        self, caller: Caller, room: str, members: Iterable[tuple[str, str | None]]
+    ) -> str | None:
+        """Why the caller may not send to the room ``room`` (its name and id, for the
+        message) whose recipients are ``members``, or None.
+
+        ``members``: (node, agent) of each member on another node, the agent
+        None for a node in as a whole. A whole node needs ``"*"`` or
+        ``NODE_ID`` in the caller's ``sendTo``, a listed agent any entry that
+        covers it: an agent reaches through a room no one it may not send to
+        directly. The refusal names the first member not covered.
+        """
+        grant = self.grant(caller)
+        if grant is None:
+            return None
+        for node, agent in members:
+            if not grant.may_send_to(node, agent):
+                return (
+                    f"{self._agent(caller)} may not send to room {room}: its member "
+                    f"{_sender(node, agent)} is not covered by its mesh.sendTo, "
                     f"{_listed(grant.send_to)}"
                 )
         return None

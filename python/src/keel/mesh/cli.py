@@ -130,6 +130,20 @@ def register(subparsers: commands.Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines: id, from, topic, data")
 
     p = command(
+        "dead-letters",
+        "list this node's sends that could not be delivered, newest first, and why "
+        "(an agent sees only its own)",
+        _dead_letters,
+    )
+    p.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="at most N (default 100, up to 10000)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: id, to, agent, to_agent, room, topic, "
+        "size, reason, at"
+    )  # fmt: skip
+
+    p = command(
         "remove",
         "revoke a node: it is refused from then on (from an operator node of the mesh)",
         _remove,
@@ -484,6 +498,23 @@ def _recv(args: argparse.Namespace) -> int:
             f"timed out after {args.timeout:g} s with {got} of {args.count} messages on {args.topic}"
         )
     return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    return _listing(
+        args,
+        _client(args).dead_letters(limit=args.limit),
+        ["at", "id", "from", "to", "topic", "room", "reason"],
+        lambda d: (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["at"])),
+            d["id"],
+            d["agent"] or "(the node)",
+            d["to"] if d["to_agent"] is None else f"{d['to_agent']}@{d['to']}",
+            d["topic"],
+            d["room"] or "-",
+            d["reason"],
+        ),
+    )
 
 
 def _remove(args: argparse.Namespace) -> int:

@@ -390,9 +390,10 @@ class Control:
     async def dead_letters(self, request: verbs.DeadLetters, peer: Peer) -> list[dict[str, Any]]:
         caller = self.agents.caller(peer)
         self._refuse(caller, "dead_letters", self.agents.refuse_use(caller))
-        letters = self.node.store.dead_letters(request.limit)
-        reads = self.agents.reads(caller)
-        return letters if reads is None else [d for d in letters if reads(d["topic"])]
+        # an agent: only those it sent (or the node sent as it), on its topics; the node: all
+        return self.node.store.dead_letters(
+            request.limit, agent=caller.agent, reads=self.agents.reads(caller)
+        )
 
     # -- the binary stream
 
@@ -551,7 +552,11 @@ class Control:
         self._refuse(caller, "room_send", refusal)
         recipients = node.members.view.room_recipients(room.id)
         others = [m for m in recipients if m != node.me]
-        self._refuse(caller, "room_send", self.agents.refuse_send(caller, others, request.topic))
+        self._refuse(caller, "room_send", self.agents.refuse_topic(caller, request.topic))
+        refusal = self.agents.refuse_room(
+            caller, f"{room.name} ({room.id})", rooms.recipients(room, others)
+        )
+        self._refuse(caller, "room_send", refusal)
         ttl = request.ttl if request.ttl is not None else node.settings.default_ttl
         expires = int(node.wall() + ttl)
         stamp = rooms.stamp(

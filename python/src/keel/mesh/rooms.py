@@ -229,6 +229,16 @@ def refuse_send(view: View, me: str, room: Room, agent: str | None) -> str | Non
     )
 
 
+def recipients(room: Room, nodes: Iterable[str]) -> list[tuple[str, str | None]]:
+    """The members of ``room`` on ``nodes``: (node, None) for a node in as a whole,
+    (node, agent) for each agent listed of a node in by its agents."""
+    out: list[tuple[str, str | None]] = []
+    for node in nodes:
+        agents = room.agents_of(node)
+        out += [(node, None)] if agents is None else [(node, agent) for agent in agents]
+    return out
+
+
 def reads(view: View, me: str, agent: str | None) -> Callable[[str], bool] | None:
     """Which rooms' messages ``agent`` of this node may read and acknowledge (None: the node
     itself, every room), by the rooms' current versions."""

@@ -5,7 +5,7 @@ inviter's side of each token), ``outbox`` (one row per message and
 recipient, until acknowledged), ``inbox`` (received, not yet consumed by the
 application), ``seen`` (dedup keys: author and message id, kept past the
 message's TTL), ``dead_letters`` (metadata of messages that expired or were
-refused), ``peers`` (last time each peer was seen). Every change the
+refused, with the agent that sent each and the one it was for), ``peers`` (last time each peer was seen). Every change the
 protocol depends on is one transaction, committed before the daemon
 answers: the outbox row before ``send`` returns the id, the inbox and dedup
 rows before the ACK leaves.
@@ -51,7 +51,8 @@ from keel.mesh.packets import RoomStamp
 
 log = logging.getLogger("keel.mesh")
 
-SCHEMA_VERSION = 3  # 2: agent and to_agent in outbox and inbox; 3: blob columns (both migrated)
+SCHEMA_VERSION = 4  # 2: agent and to_agent in outbox and inbox; 3: blob columns; 4: agent and
+# to_agent in dead_letters (each migrated from the one before)
 PAGE_SIZE = 8192  # new databases only; an existing file keeps its own
 CHECKPOINT_BYTES = 64 << 20  # the checkpoint thread copies the log once it is this big
 CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
@@ -79,7 +80,9 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_by_age ON seen (keep_until);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL, peer TEXT NOT NULL, room TEXT,
-    topic TEXT NOT NULL, size INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+    topic TEXT NOT NULL, size INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL,
+    agent TEXT, to_agent TEXT);
+CREATE INDEX IF NOT EXISTS dead_letters_by_agent ON dead_letters (agent, seq);
 CREATE TABLE IF NOT EXISTS peers (node TEXT PRIMARY KEY, last_seen REAL NOT NULL);
 """
 
@@ -302,6 +305,14 @@ class Store:
                 for column in ("blob", "blob_at", "blob_size"):
                     self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} INTEGER")
                 self._db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+            old = ("3",)
+        if old is not None and old[0] == "3":
+            with self._db:  # one transaction: who sent each dead letter, to which agent
+                have = {row[1] for row in self._db.execute("PRAGMA table_info(dead_letters)")}
+                for column in ("agent", "to_agent"):
+                    if have and column not in have:  # (no table: SCHEMA makes it whole)
+                        self._db.execute(f"ALTER TABLE dead_letters ADD COLUMN {column} TEXT")
+                self._db.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
         self._db.executescript(SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
@@ -602,8 +613,12 @@ class Store:
         segments = self._delete_outbox(db, items)
         db.executemany(
             "INSERT OR REPLACE INTO dead_letters "
-            "(seq, id, peer, room, topic, size, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall) for i in items],
+            "(seq, id, peer, room, topic, size, reason, at, agent, to_agent) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (i.seq, i.id, i.peer, i.room, i.topic, i.size, reason, wall, i.agent, i.to)
+                for i in items
+            ],
         )
         return segments
 
@@ -625,14 +640,41 @@ class Store:
         return segments
 
     @_state_errors
-    def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT id, peer, room, topic, size, reason, at FROM dead_letters "
-            "ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        keys = ("id", "to", "room", "topic", "size", "reason", "at")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+    def dead_letters(
+        self,
+        limit: int = 1000,
+        *,
+        agent: str | None = None,
+        reads: Callable[[str], bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The latest ``limit`` dead letters, newest first.
+
+        ``agent``: only those that agent of this node sent (None: all, the
+        node's and every agent's); ``reads``: only those on the topics it
+        allows (None: every topic).
+        """
+        where, params = ("WHERE agent = ? ", [agent]) if agent is not None else ("", [])
+        keys = ("id", "to", "agent", "to_agent", "room", "topic", "size", "reason", "at")
+        out: list[dict[str, Any]] = []
+        after: int | None = None
+        while len(out) < limit:
+            clause = where
+            if after is not None:
+                clause += ("AND " if where else "WHERE ") + "seq < ? "
+            rows = self._db.execute(
+                "SELECT seq, id, peer, agent, to_agent, room, topic, size, reason, at "  # noqa: S608
+                f"FROM dead_letters {clause}ORDER BY seq DESC LIMIT ?",
+                [*params, *([] if after is None else [after]), max(limit - len(out), 256)],
+            ).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            out += [
+                dict(zip(keys, row[1:], strict=True))
+                for row in rows
+                if reads is None or reads(row[6])
+            ][: limit - len(out)]
+        return out
 
     # -- inbox
 

@@ -229,6 +229,10 @@ def test_a_room_message_from_an_agent_is_not_sent_to_a_peer_before_revision_4(
             "(application revision 4): upgrade it",
         )
     ]
+    # it is ops' dead letter: ops sees it, scout (jobs is its topic too) does not
+    assert letter[0]["agent"] == "ops"
+    assert [d["id"] for d in request(a, OPS, "dead_letters")["ok"]] == [by_agent["ok"]["id"]]
+    assert request(a, SCOUT, "dead_letters")["ok"] == []
     by_node = a.client.room_send("crew", "jobs", b"from the node")
     old.read_until(lambda e: any(isinstance(p, Msg) for p in old.received()))
     (message,) = [p for p in old.received() if isinstance(p, Msg)]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from keel.agents.meshgrant import MeshGrant
+from keel.agents.roster import AgentEntry
+from keel.api import Peer
 from keel.errors import KeelError, UsageError
 from keel.mesh import rooms
+from keel.mesh.access import Agents
 from keel.mesh.errors import RemoteProtocolError
 from keel.mesh.identity import NodeIdentity
 from keel.mesh.membership import Membership, Room, SignedRecord
@@ -308,3 +312,50 @@ def test_an_agent_must_have_been_in_the_version_its_message_claims(m: Membership
     assert rooms.check_message(m.view, A.node_id, agent_msg(m, B, "scout")).verdict is (
         RoomVerdict.ACCEPT
     )
+
+
+def test_an_agent_reaches_through_a_room_only_members_its_send_to_covers(m: Membership) -> None:
+    # A's room: B as a whole node, notes and scout of C, and A itself (the sender's node)
+    b, c = B.node_id, C.node_id
+    record = create(A, m, name="crew", members=[b, f"notes@{c}", f"scout@{c}"], now_ms=T0 + 10)
+    room = m.view.rooms[record.body["room"]]
+    others = [n for n in m.view.room_recipients(room.id) if n != A.node_id]
+    members = rooms.recipients(room, others)
+    assert sorted(members, key=str) == sorted([(b, None), (c, "notes"), (c, "scout")], key=str)
+    grants = {
+        "everyone": ("*",),
+        "nodes": (b, c),  # whole nodes cover their agents
+        "precise": (b, f"notes@{c}", f"scout@{c}"),
+        "agents_of_c": (b, f"*@{c}"),
+        "one_short": (b, f"notes@{c}"),  # not scout of C
+        "agents_only": (f"*@{b}", f"*@{c}"),  # B is in as a whole: its node needs B or *
+        "none": (),
+    }
+    policy = Agents(
+        {
+            name: AgentEntry(name, 2000 + i, 1, MeshGrant(send_to, ("chat",)))
+            for i, (name, send_to) in enumerate(grants.items())
+        }
+    )
+    desc = f"crew ({room.id})"
+
+    def refusal(name: str) -> str | None:
+        caller = policy.caller(Peer(1, policy.entries[name].uid, 1))
+        return policy.refuse_room(caller, desc, members)
+
+    for name in ("everyone", "nodes", "precise", "agents_of_c"):
+        assert refusal(name) is None, name
+    assert refusal("one_short") == (
+        f"agent one_short (tier 1, uid 2004) may not send to room {desc}: its member "
+        f"scout@{c} is not covered by its mesh.sendTo, '{b}', 'notes@{c}'"
+    )
+    text = refusal("agents_only")
+    assert text is not None
+    assert text.endswith(f"its member {b} is not covered by its mesh.sendTo, '*@{b}', '*@{c}'")
+    text = refusal("none")
+    assert text is not None
+    assert text.endswith("is not covered by its mesh.sendTo, empty")
+    # the node itself (root) is no agent: no grant to check
+    assert policy.refuse_room(policy.caller(Peer(1, 0, 0)), desc, members) is None
+    # the room's own node is no recipient: a room of this node alone reaches no one
+    assert rooms.recipients(room, []) == []

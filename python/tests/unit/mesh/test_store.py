@@ -45,6 +45,8 @@ def test_outbox_rows_survive_reopening_and_duplicates_are_ignored(tmp_path: Path
         {
             "id": "2" * 32,
             "to": P,
+            "agent": None,
+            "to_agent": None,
             "room": None,
             "topic": "t",
             "size": 4,
@@ -326,9 +328,9 @@ def test_a_schema_1_database_gains_the_agents_columns_and_keeps_its_messages(
     (queued,) = store.load_outbox()
     assert store.outbox_payload(queued.seq) == Envelope(b"old", None)
     assert [(m.payload, m.agent, m.to) for m in store.take("t", 10, ())] == [(b"old", None, None)]
-    assert store.get_meta("schema") == "3"
+    assert store.get_meta("schema") == "4"
     store.close()
-    Store(path).close()  # and opens again as schema 3
+    Store(path).close()  # and opens again as schema 4
 
 
 # ---------------------------------------------------------------- large payloads (keel.mesh.blobs)
@@ -405,7 +407,8 @@ def test_after_a_host_crash_payloads_not_yet_on_disk_become_dead_letters(
     path = tmp_path / "s.db"
     store = Store(path)
     kept, lost = store.enqueue(
-        [out("1" * 32, payload=BIG), out("2" * 32, payload=BIG + b"!")], created=1.0
+        [out("1" * 32, payload=BIG), out("2" * 32, payload=BIG + b"!")._replace(agent="scout")],
+        created=1.0,
     )
     small = store.enqueue([out("3" * 32)], created=1.0)[0]
     assert kept is not None
@@ -417,8 +420,9 @@ def test_after_a_host_crash_payloads_not_yet_on_disk_become_dead_letters(
     assert [i.id[0] for i in store.load_outbox()] == ["1", "3"]  # small payloads are in SQLite
     assert store.outbox_payload(kept.seq) == Envelope(BIG, None)
     [dead] = store.dead_letters()
-    assert (dead["id"], dead["size"]) == ("2" * 32, len(BIG) + 1)
+    assert (dead["id"], dead["size"], dead["agent"]) == ("2" * 32, len(BIG) + 1, "scout")
     assert "host crash" in dead["reason"]
+    assert store.dead_letters(agent="ops") == []
     store.close()
 
 
@@ -463,14 +467,17 @@ def test_a_schema_2_database_gains_the_blob_columns_and_keeps_its_messages(
     with sqlite3.connect(path) as db:  # back to what schema 2 was
         for column in ("blob", "blob_at", "blob_size"):
             db.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
+        db.execute("DROP INDEX dead_letters_by_agent")
+        for column in ("agent", "to_agent"):
+            db.execute(f"ALTER TABLE dead_letters DROP COLUMN {column}")
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
     store = Store(path)
     (queued,) = store.load_outbox()
     assert store.outbox_payload(queued.seq) == Envelope(b"data", None)
-    assert store.get_meta("schema") == "3"
+    assert store.get_meta("schema") == "4"
     store.enqueue([out("2" * 32, payload=BIG)], created=2.0)
     store.close()
-    Store(path).close()  # and opens again as schema 2
+    Store(path).close()  # and opens again as schema 4
 
 
 def test_a_reader_takes_and_acknowledges_only_the_rooms_it_is_in(tmp_path: Path) -> None:
@@ -496,3 +503,57 @@ def test_a_reader_takes_and_acknowledges_only_the_rooms_it_is_in(tmp_path: Path)
     assert store.consume([seqs[1]], lambda topic: True, rooms=in_r) == []
     assert store.consume(seqs, lambda topic: True, rooms=in_r) == [(seqs[0], 9), (seqs[2], 6)]
     assert store.consume([seqs[1]]) == [(seqs[1], 9)]
+
+
+def test_a_schema_3_database_gains_the_dead_letters_agents_and_keeps_its_dead_letters(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    (queued,) = store.enqueue([out("1" * 32)], created=1.0)
+    assert queued is not None
+    store.dead_letter([queued], "expired", wall=2.0)
+    store.close()
+    with sqlite3.connect(path) as db:  # back to what schema 3 was
+        db.execute("DROP INDEX dead_letters_by_agent")
+        for column in ("agent", "to_agent"):
+            db.execute(f"ALTER TABLE dead_letters DROP COLUMN {column}")
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    store = Store(path)
+    assert store.get_meta("schema") == "4"
+    (old,) = store.dead_letters()
+    assert (old["id"], old["agent"], old["to_agent"], old["reason"]) == (
+        "1" * 32, None, None, "expired",
+    )  # fmt: skip
+    assert store.dead_letters(agent="scout") == []
+    (new,) = store.enqueue([out("2" * 32)._replace(agent="scout", to="notes")], created=3.0)
+    assert new is not None
+    store.dead_letter([new], "rejected: no agent notes on this node", wall=4.0)
+    assert [(d["id"][0], d["agent"], d["to_agent"]) for d in store.dead_letters()] == [
+        ("2", "scout", "notes"),
+        ("1", None, None),
+    ]
+    store.close()
+    Store(path).close()  # and opens again as schema 4
+
+
+def test_an_agent_gets_only_the_dead_letters_it_sent_on_its_topics(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    rows = [
+        out(f"{n:032x}")._replace(agent=agent, topic=topic)
+        for n, (agent, topic) in enumerate(
+            [("scout", "jobs"), (None, "jobs"), ("ops", "jobs"), ("scout", "other")] * 200
+        )
+    ]
+    queued = [q for q in store.enqueue(rows, created=1.0) if q is not None]
+    store.dead_letter(queued, "expired", wall=2.0)
+    everything = store.dead_letters(10_000)
+    assert len(everything) == 800  # the node's own callers: all, newest first
+    assert everything[0]["id"] == f"{799:032x}"
+    mine = store.dead_letters(300, agent="scout", reads=lambda topic: topic == "jobs")
+    assert len(mine) == 200  # past the others' and its off-topic ones, up to the limit
+    assert {(d["agent"], d["topic"]) for d in mine} == {("scout", "jobs")}
+    assert [d["id"] for d in mine] == [f"{n:032x}" for n in range(796, -1, -4)]
+    assert len(store.dead_letters(5, agent="scout", reads=lambda t: t == "jobs")) == 5
+    assert store.dead_letters(agent="nobody") == []
+    store.close()
