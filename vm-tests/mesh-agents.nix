@@ -126,59 +126,64 @@ in
             command = [
               (lib.getExe (
                 pkgs.writeShellScriptBin "mesh-from-the-sandbox" ''
-                keel=${lib.getExe config.services.keel.package}
-                if [ -e /run/keel/mesh.sock ]; then echo visible; else echo hidden; fi > control-socket
-                $keel mesh whoami --socket /run/keel-mesh/agents.sock --json > whoami.json
-                $keel mesh send --socket /run/keel-mesh/agents.sock ${bId} --topic reports.daily 'from the sandbox' > send.out 2>&1
-                echo $? > send.rc
-                touch done
-                exec sleep infinity
-              ''
+                  keel=${lib.getExe config.services.keel.package}
+                  if [ -e /run/keel/mesh.sock ]; then echo visible; else echo hidden; fi > control-socket
+                  # The node may still be starting (nothing orders it before the
+                  # agents): its agents' socket answers once it is up.
+                  tries=0
+                  until $keel mesh whoami --socket /run/keel-mesh/agents.sock --json > whoami.json; do
+                    tries=$((tries + 1))
+                    if [ "$tries" -ge 120 ]; then break; fi
+                    sleep 1
+                  done
+                  $keel mesh send --socket /run/keel-mesh/agents.sock ${bId} --topic reports.daily 'from the sandbox' > send.out 2>&1
+                  echo $? > send.rc
+                  touch done
+                  exec sleep infinity
+                ''
               ))
             ];
           };
         };
       };
 
-    b =
-      { ... }:
-      {
-        imports = [
-          node
-          (import ./lib/fixed-identity.nix bKey)
-        ];
-        services.keel.agents = {
-          # Reads reports from worker on a, and from nobody else.
-          reporter = {
-            tier = 1;
-            command = idle;
-            mesh = {
-              receiveFrom = [ "worker@${aId}" ];
-              topics = [ "reports.*" ];
-            };
+    b = {
+      imports = [
+        node
+        (import ./lib/fixed-identity.nix bKey)
+      ];
+      services.keel.agents = {
+        # Reads reports from worker on a, and from nobody else.
+        reporter = {
+          tier = 1;
+          command = idle;
+          mesh = {
+            receiveFrom = [ "worker@${aId}" ];
+            topics = [ "reports.*" ];
           };
-          # Two agents with the tiers' default grant (everything): what one
-          # may not take from the other is the agents' own.
-          reader = {
-            tier = 1;
-            command = idle;
-          };
-          clerk = {
-            tier = 1;
-            command = idle;
-          };
-          # Untrusted, granted one topic with ops on a.
-          intake = {
-            tier = 2;
-            command = idle;
-            mesh = {
-              sendTo = [ "ops@${aId}" ];
-              receiveFrom = [ "ops@${aId}" ];
-              topics = [ "intake" ];
-            };
+        };
+        # Two agents with the tiers' default grant (everything): what one
+        # may not take from the other is the agents' own.
+        reader = {
+          tier = 1;
+          command = idle;
+        };
+        clerk = {
+          tier = 1;
+          command = idle;
+        };
+        # Untrusted, granted one topic with ops on a.
+        intake = {
+          tier = 2;
+          command = idle;
+          mesh = {
+            sendTo = [ "ops@${aId}" ];
+            receiveFrom = [ "ops@${aId}" ];
+            topics = [ "intake" ];
           };
         };
       };
+    };
   };
 
   testScript =
@@ -353,8 +358,8 @@ in
           assert message["from"] == a_id and message["agent"] == "worker", message
 
       with subtest("sendTo AGENT@NODE allows that agent only"):
-          for to in (f"reader@{b_id}", b_id, f"*@{b_id}"):
-              refused(a, "worker", "send", f"'{to}' --topic reports.daily 'x'", "may not send to")
+          for to in (f"reader@{b_id}", b_id):
+              refused(a, "worker", "send", f"{to} --topic reports.daily 'x'", f"may not send to {to}:")
           refused(a, "worker", "send", f"reporter@{b_id} --topic other 'x'", "may not use topic 'other'")
           recorded_refusal(a, "worker", "send", f"may not send to reader@{b_id}: its mesh.sendTo is 'reporter@{b_id}'")
           # The tier-2 agent with a grant: ops on a, on its topic, and nothing else.
