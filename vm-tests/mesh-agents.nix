@@ -127,7 +127,9 @@ in
               (lib.getExe (
                 pkgs.writeShellScriptBin "mesh-from-the-sandbox" ''
                   keel=${lib.getExe config.services.keel.package}
-                  if [ -e /run/keel/mesh.sock ]; then echo visible; else echo hidden; fi > control-socket
+                  # Tier 2 hides keel's own sockets: /run/keel is an empty directory
+                  # of mode 000 here (InaccessiblePaths).
+                  stat -c %a /run/keel > run-keel-mode
                   # The node may still be starting (nothing orders it before the
                   # agents): its agents' socket answers once it is up.
                   tries=0
@@ -335,10 +337,12 @@ in
           refused(a, "sandbox", "send", f"{b_id} --topic reports.daily 'hello'", "agent sandbox (tier 2")
           refused(a, "sandbox", "send", f"{b_id} --topic reports.daily 'hello'", "has no mesh")
           refused(a, "sandbox", "recv", "--topic reports.daily --timeout 1", "has no mesh")
-          # Its own unit, in the tier-2 sandbox: the node's socket is hidden,
-          # the agents' socket answers, and the node refuses it the mesh.
-          a.wait_until_succeeds("test -e /var/lib/keel-agents/sandbox/done", timeout=60)
-          assert a.succeed("cat /var/lib/keel-agents/sandbox/control-socket").strip() == "hidden"
+          # Its own unit, in the tier-2 sandbox: /run/keel (the node's socket)
+          # is hidden, the agents' socket answers, and the node refuses it the mesh.
+          a.wait_until_succeeds("test -e /var/lib/keel-agents/sandbox/done", timeout=180)
+          assert a.succeed("stat -c %a /run/keel").strip() == "2770"
+          mode = a.succeed("cat /var/lib/keel-agents/sandbox/run-keel-mode").strip()
+          assert mode == "0", f"/run/keel in the tier-2 sandbox has mode {mode}"
           me = json.loads(a.succeed("cat /var/lib/keel-agents/sandbox/whoami.json"))
           assert me["agent"] == "sandbox" and me["tier"] == 2, me
           assert me["mesh"] == grants["sandbox"][1], me
