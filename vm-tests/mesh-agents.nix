@@ -194,7 +194,7 @@ in
       import json
       import shlex
 
-      machines = {"a": a, "b": b}
+      hosts = {"a": a, "b": b}
       # Each node listens on its own address only (services.keel.mesh.listen).
       addresses = {
           "a": "${nodes.a.networking.primaryIPAddress}",
@@ -205,10 +205,10 @@ in
       agents = {"a": ["ops", "worker", "sandbox"], "b": ["reporter", "reader", "clerk", "intake"]}
       AGENTS_SOCKET = "/run/keel-mesh/agents.sock"
       KEEL = "/run/current-system/sw/bin/keel"
-      EVERYTHING = {"sendTo": ["*"], "receiveFrom": ["*"], "topics": ["*"]}
+      EVERYTHING: dict[str, list[str]] = {"sendTo": ["*"], "receiveFrom": ["*"], "topics": ["*"]}
       # Each agent's tier and grant as the module declares them, the tiers'
       # defaults filled in key by key (docs/mesh.md, Agents).
-      grants = {
+      grants: dict[str, tuple[int, dict[str, list[str]]]] = {
           "ops": (0, EVERYTHING),
           "worker": (1, {"sendTo": [f"reporter@{b_id}"], "receiveFrom": ["*"], "topics": ["reports.*", "chat"]}),
           "sandbox": (2, {"sendTo": [], "receiveFrom": [], "topics": []}),
@@ -283,14 +283,14 @@ in
 
 
       def up() -> None:
-          for name, machine in machines.items():
+          for name, machine in hosts.items():
               machine.wait_for_unit("keel-mesh.service")
               machine.wait_for_open_port(7400, addresses[name])
               machine.wait_until_succeeds(f"test -S {AGENTS_SOCKET}", timeout=30)
 
 
       def whoami_checks() -> None:
-          for name, machine in machines.items():
+          for name, machine in hosts.items():
               for agent in agents[name]:
                   me = json.loads(machine.succeed(mesh(agent, "whoami", "--json")))
                   tier, grant = grants[agent]
@@ -301,10 +301,10 @@ in
 
       start_all()
       up()
-      for name, machine in machines.items():
+      for name, machine in hosts.items():
           for agent in agents[name]:
               machine.wait_for_unit(f"keel-agent-{agent}.service")
-      for name, machine in machines.items():
+      for name, machine in hosts.items():
           assert machine.succeed("keel mesh id").strip() == ids[name]
 
       with subtest("b joins a's mesh"):
@@ -428,7 +428,7 @@ in
           recorded_refusal(b, "reader", "room_send", "agent reader is not a member of room crew")
 
       with subtest("the policy holds after the daemons restart"):
-          for machine in machines.values():
+          for machine in hosts.values():
               machine.succeed("systemctl restart keel-mesh.service")
           up()
           connected(a, "b")
@@ -447,7 +447,7 @@ in
           assert message["id"] == message_id and message["agent"] == "worker", message
 
       with subtest("the ledgers verify and hold no payload"):
-          for machine in machines.values():
+          for machine in hosts.values():
               machine.succeed("keel ledger verify")
               entries = machine.succeed("keel ledger tail -n 1000 --json")
               assert "for reader only" not in entries and "standup" not in entries, "a payload reached the ledger"
