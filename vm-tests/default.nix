@@ -11,6 +11,7 @@ let
     ./watch.nix
     ./egress.nix
     ./mesh.nix
+    ./mesh-agents.nix
     ./safeswitch.nix
     ./fleet.nix
     ./mcp.nix

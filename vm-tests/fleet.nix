@@ -92,7 +92,7 @@ in
     ''
       import json
 
-      machines = {"a": a, "b": b, "c": c}
+      hosts = {"a": a, "b": b, "c": c}
       addresses = {
           "a": "${nodes.a.networking.primaryIPAddress}",
           "b": "${nodes.b.networking.primaryIPAddress}",
@@ -100,13 +100,13 @@ in
       }
 
       start_all()
-      for name, machine in machines.items():
+      for name, machine in hosts.items():
           machine.wait_for_unit("keel-mesh.service")
           machine.wait_for_open_port(7400, addresses[name])
           machine.wait_for_unit("keel-fleet.service")
           machine.wait_for_unit("keel-agent-web.service")
 
-      ids = {name: m.succeed("keel mesh id").strip() for name, m in machines.items()}
+      ids = {name: m.succeed("keel mesh id").strip() for name, m in hosts.items()}
       assert ids["a"] == "${operatorId}", ids
 
 
@@ -123,8 +123,8 @@ in
       with subtest("the nodes form one mesh"):
           for joiner in ("b", "c"):
               token = a.succeed("keel mesh invite --ttl 300").strip()
-              machines[joiner].succeed(f"keel mesh join {token}")
-          for name, machine in machines.items():
+              hosts[joiner].succeed(f"keel mesh join {token}")
+          for name, machine in hosts.items():
               for other, node_id in ids.items():
                   if other != name:
                       machine.wait_until_succeeds(
@@ -174,7 +174,7 @@ in
               assert ("command_result", role) in kinds, kinds
 
       with subtest("a rollout of a bad configuration stops at the canary, back on its old generation"):
-          before = {n: machines[n].succeed("readlink -f /run/current-system").strip() for n in ("b", "c")}
+          before = {n: hosts[n].succeed("readlink -f /run/current-system").strip() for n in ("b", "c")}
           status, out = a.execute(
               "keel fleet switch --json --specialisation bad --nodes b,c", timeout=900
           )
@@ -184,7 +184,7 @@ in
           assert report["nodes"][ids["b"]]["switch"] == "rolled-back", report
           assert report["switched"] == [] and report["not_started"] == [ids["c"]], report
           for name in ("b", "c"):
-              machine = machines[name]
+              machine = hosts[name]
               assert machine.succeed("readlink -f /run/current-system").strip() == before[name]
               assert machine.succeed("readlink /nix/var/nix/profiles/system").strip() == "system-1-link"
               assert machine.succeed("cat /etc/keel-release").strip() == "good"
@@ -196,7 +196,7 @@ in
           assert shown["halted_by"] == ids["b"], shown
 
       with subtest("every node witnessed the others, and the audit finds them consistent"):
-          for machine in machines.values():
+          for machine in hosts.values():
               machine.wait_until_succeeds(
                   "keel fleet witness --json | jq -e '.witnessed | length == 2'", timeout=60
               )

@@ -158,21 +158,21 @@ in
       import json
       import shlex
 
-      machines = {"a": a, "b": b}
+      hosts = {"a": a, "b": b}
       addresses = {
           "a": "${nodes.a.networking.primaryIPAddress}",
           "b": "${nodes.b.networking.primaryIPAddress}",
       }
 
       start_all()
-      for name, machine in machines.items():
+      for name, machine in hosts.items():
           machine.wait_for_unit("keel-mesh.service")
           machine.wait_for_open_port(7400, addresses[name])
           machine.wait_for_unit("keel-mcp.service")
       a.wait_for_unit("keel-agent-scout.service")
       b.wait_for_unit("keel-mcp-notes.socket")
 
-      ids = {name: m.succeed("keel mesh id").strip() for name, m in machines.items()}
+      ids = {name: m.succeed("keel mesh id").strip() for name, m in hosts.items()}
       assert ids["b"] == "${hostId}", ids
 
 
@@ -201,7 +201,7 @@ in
               )
 
       with subtest("scout on a sees and calls the tool b shares with it"):
-          retry(lambda _: "b.notes.lookup" in listed("scout"), timeout=60)
+          retry(lambda _: "b.notes.lookup" in listed("scout"), timeout_seconds=60)
           assert listed("scout") == ["b.notes.lookup"], listed("scout")
           (answer,) = as_agent("scout", 'b.notes.lookup:{"key": "motd"}')
           assert answer["result"]["content"][0]["text"] == "hello from b", answer

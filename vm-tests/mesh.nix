@@ -33,7 +33,7 @@ in
     ''
       import json
 
-      machines = {"a": a, "b": b, "c": c}
+      hosts = {"a": a, "b": b, "c": c}
       # Each node listens on its own address only (services.keel.mesh.listen),
       # so the port is awaited there: wait_for_open_port() alone probes
       # localhost, where nothing listens, until it times out.
@@ -44,11 +44,11 @@ in
       }
 
       start_all()
-      for name, machine in machines.items():
+      for name, machine in hosts.items():
           machine.wait_for_unit("keel-mesh.service")
           machine.wait_for_open_port(7400, addresses[name])
 
-      ids = {name: m.succeed("keel mesh id").strip() for name, m in machines.items()}
+      ids = {name: m.succeed("keel mesh id").strip() for name, m in hosts.items()}
 
 
       def connected(machine, peer: str) -> None:
@@ -59,11 +59,11 @@ in
 
 
       def send(sender: str, receiver: str, topic: str, data: str) -> None:
-          machines[sender].succeed(f"keel mesh send {ids[receiver]} --topic {topic} '{data}'")
+          hosts[sender].succeed(f"keel mesh send {ids[receiver]} --topic {topic} '{data}'")
 
 
       def received(receiver: str, topic: str, count: int) -> list:
-          lines = machines[receiver].succeed(
+          lines = hosts[receiver].succeed(
               f"keel mesh recv --topic {topic} --count {count} --timeout 60 --json"
           ).splitlines()
           return [json.loads(line) for line in lines]
@@ -89,13 +89,13 @@ in
           connected(a, "c")
 
       with subtest("messages go every way, each delivered once"):
-          for sender in machines:
-              for receiver in machines:
+          for sender in hosts:
+              for receiver in hosts:
                   if sender != receiver:
                       send(sender, receiver, "hello", f"from {sender} to {receiver}")
-          for receiver in machines:
+          for receiver in hosts:
               got = sorted(m["data"] for m in received(receiver, "hello", 2))
-              senders = sorted(s for s in machines if s != receiver)
+              senders = sorted(s for s in hosts if s != receiver)
               assert got == [f"from {s} to {receiver}" for s in senders], got
 
       with subtest("messages queued while the receiver's daemon is dead arrive once it is back"):

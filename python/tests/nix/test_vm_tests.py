@@ -106,6 +106,10 @@ def test_the_driver_is_read_from_the_tree(driver: DriverApi) -> None:
     assert {"start_all", "subtest", "retry", "polling_condition"} <= driver.symbols
     assert str(driver.methods["wait_for_open_port"]) == "(port, addr=0, timeout=0)"
     assert {"succeed", "fail", "wait_for_unit", "wait_until_succeeds"} <= set(driver.methods)
+    # the type hints driver.nix type-checks a script with
+    assert str(driver.functions["retry"]) == "(fn, timeout_seconds=0)"
+    assert {"start_all", "subtest", "polling_condition"} <= set(driver.functions)
+    assert {"machines", "log", "driver"} & driver.typed == {"machines", "log"}
 
 
 MESH_LISTENERS = {
@@ -146,6 +150,18 @@ MESH_LISTENERS = {
             id="missing-argument",
         ),
         pytest.param(
+            # mcp.nix had it: the driver's retry() takes timeout_seconds
+            "start_all()\nretry(lambda _: True, timeout=60)\n",
+            "line 2: retry(...): got an unexpected keyword argument 'timeout'",
+            id="driver-function-keyword",
+        ),
+        pytest.param(
+            # mesh.nix, fleet.nix and mcp.nix had it: their type check would fail
+            "machines = {'a': a, 'b': b}\nstart_all()\nfor m in machines.values():\n    m.succeed('true')\n",
+            "line 1: 'machines' is a global of the test driver's type hints",
+            id="typed-global-rebound",
+        ),
+        pytest.param(
             "start_all()\nwith subtest('x'):\n    a.succeed('true')\n    mahcine.fail('false')\n",
             "undefined name 'mahcine'",
             id="undefined-name",
@@ -167,6 +183,9 @@ def test_the_script_check_passes_a_sound_script(driver: DriverApi) -> None:
         "a.wait_for_open_port(22)\n"
         "b.succeed('true', 'true', timeout=10)\n"
         "a.wait_for_open_port(7400, addr='192.168.1.1', timeout=30)\n"
+        "retry(lambda _: True, timeout_seconds=5)\n"
+        "def each(machines: dict) -> list:\n"  # a local name of its own: no global rebound
+        "    return [m for m in machines.values()]\n"
     )
     assert check_script(script, MESH_LISTENERS, driver) == []
     local = {"machine": {"keel-watch": ["127.0.0.1:9101"]}}

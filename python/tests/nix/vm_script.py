@@ -3,12 +3,20 @@
 The driver (``nixos/lib/test-driver`` of the nixpkgs tree) is read, not run:
 the names it puts in a script's globals (``Driver.test_symbols``) and the
 methods of its machines (``BaseMachine`` and ``QemuMachine``) with their
-parameters. A script is then checked for what would only fail after the VMs
-booted, or time out after 900 s:
+parameters; and the type hints ``nixos/lib/testing/driver.nix`` puts before
+a script to type-check it (``nixos/lib/test-script-prepend.py``): the
+driver's functions with their parameters, and its typed globals. A script is
+then checked for what would fail the test's build (the type check) or only
+fail after the VMs booted, or time out after 900 s:
 
 - a name that is neither the driver's, a node's, nor bound by the script;
 - a method called on a node that machines do not have, or with arguments
   its signature does not take;
+- a function of the driver (``retry``, ``polling_condition``...) called with
+  arguments its signature does not take;
+- a global of the driver's type hints (``machines``, ``log``...) bound
+  again at the script's top level, which the type check refuses (a dict
+  of nodes named ``machines`` is not the driver's list of machines);
 - ``wait_for_open_port(PORT)`` without an address, which probes
   ``localhost``, on a node whose keel daemon listens on PORT at another
   address only (the listeners come from the node's evaluated configuration).
@@ -30,13 +38,18 @@ MACHINE_CLASSES = ("BaseMachine", "QemuMachine")
 class DriverApi:
     symbols: frozenset[str]
     methods: dict[str, inspect.Signature]
+    functions: dict[str, inspect.Signature]  # the driver's functions, as its type hints give them
+    typed: frozenset[str]  # the globals its type hints declare a type for
 
     @classmethod
     def read(cls, nixpkgs: Path) -> DriverApi:
         source = nixpkgs / "nixos/lib/test-driver/src/test_driver"
+        functions, typed = _type_hints((nixpkgs / "nixos/lib/test-script-prepend.py").read_text())
         return cls(
             _test_symbols((source / "driver.py").read_text()),
             _machine_methods((source / "machine/__init__.py").read_text()),
+            functions,
+            typed,
         )
 
 
@@ -101,6 +114,42 @@ def _machine_methods(machine: str) -> dict[str, inspect.Signature]:
     return methods
 
 
+def _type_hints(prepend: str) -> tuple[dict[str, inspect.Signature], frozenset[str]]:
+    """The module-level functions (but ``create_fake_*``, its own helpers) and annotated
+    globals of the driver's type hints."""
+    functions: dict[str, inspect.Signature] = {}
+    typed: set[str] = set()
+    for node in ast.parse(prepend).body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("create_fake_"):
+            functions[node.name] = _signature(node)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            typed.add(node.target.id)
+    if "retry" not in functions or "machines" not in typed:
+        raise ValueError("the driver's type hints have no retry() or no typed `machines`")
+    return functions, frozenset(typed)
+
+
+def top_level_bindings(tree: ast.Module) -> list[ast.Name]:
+    """The names the script binds in its global scope (not in functions, lambdas,
+    classes or comprehensions, which have scopes of their own)."""
+    found: list[ast.Name] = []
+    scopes = (
+        ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+        ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp,
+    )  # fmt: skip
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, scopes):
+                continue
+            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                found.append(child)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
 def bound_names(tree: ast.AST) -> set[str]:
     """Every name the script binds anywhere (scopes are not told apart)."""
     names: set[str] = set()
@@ -143,7 +192,23 @@ def check_script(
     nodes = set(listeners)
     problems = [f"undefined name {name!r}" for name in sorted(undefined_names(script, nodes, api))]
     machine_names = nodes | ({"machine"} if len(nodes) == 1 else set())
-    for call in ast.walk(ast.parse(script)):
+    tree = ast.parse(script)
+    own = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    for bound in top_level_bindings(tree):
+        if bound.id in api.typed:
+            problems.append(
+                f"line {bound.lineno}: {bound.id!r} is a global of the test driver's type hints "
+                "(nixos/lib/test-script-prepend.py): binding it again fails the type check; "
+                "use another name"
+            )
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+            function = call.func.id
+            if function in api.functions and function not in own:
+                problems += _binding_problems(
+                    api.functions[function], call, f"line {call.lineno}: {function}"
+                )
+            continue
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
             continue
         receiver, method = call.func.value, call.func.attr
@@ -155,20 +220,26 @@ def check_script(
             continue
         if not isinstance(receiver, ast.Name):
             continue
-        starred = any(isinstance(a, ast.Starred) for a in call.args) or any(
-            k.arg is None for k in call.keywords
-        )
-        if not starred:
-            try:
-                api.methods[method].bind(
-                    *call.args, **{k.arg: k.value for k in call.keywords if k.arg}
-                )
-            except TypeError as exc:
-                problems.append(f"{where}(...): {exc}")
-                continue
+        binding = _binding_problems(api.methods[method], call, where)
+        if binding:
+            problems += binding
+            continue
         if method == "wait_for_open_port":
             problems += _port_problems(call, receiver.id, listeners, where, api)
     return problems
+
+
+def _binding_problems(signature: inspect.Signature, call: ast.Call, where: str) -> list[str]:
+    """Whether ``call``'s arguments fit ``signature`` (not told when it passes ``*`` or ``**``)."""
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(
+        k.arg is None for k in call.keywords
+    ):
+        return []
+    try:
+        signature.bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})
+    except TypeError as exc:
+        return [f"{where}(...): {exc}"]
+    return []
 
 
 def _port_problems(

@@ -197,10 +197,11 @@ class Inbox:
         *,
         reader: str | None = None,
     ) -> int:
-        """Delete acknowledged messages (on the topics ``reads`` allows, from the senders
-        ``reader`` may read, of the rooms it is in); how many there were."""
+        """Delete acknowledged messages (on the topics ``reads`` allows; for the agent
+        ``reader``: those for no agent or for it, from the senders it may read, of the
+        rooms it is in); how many there were."""
         gone = self.store.consume(
-            receipts, reads, self.senders(reader), rooms=self.room_reads(reader)
+            receipts, reads, self.senders(reader), rooms=self.room_reads(reader), reader=reader
         )
         self.handoffs.consumed(seq for seq, _ in gone)
         for _, size in gone:

@@ -790,19 +790,23 @@ class Store:
         senders: Sequence[str] | None = None,
         *,
         rooms: Callable[[str], bool] | None = None,
+        reader: str | None = None,
     ) -> list[tuple[int, int]]:
         """Delete consumed messages; returns (seq, size) of those that were there.
 
         ``reads``: only messages on topics it allows are deleted, ``senders``:
         only those from the nodes and agents it names, ``rooms``: only room
-        messages of the rooms it allows (an agent's acknowledgement of a
-        message it may not read is no acknowledgement).
+        messages of the rooms it allows, ``reader`` (an agent): only messages
+        for no agent or for that one (an agent's acknowledgement of a message
+        it may not read is no acknowledgement).
         """
         unique = list(dict.fromkeys(seqs))
         gone: list[tuple[int, int]] = []
         with self.transaction() as db:
-            if reads is not None or senders is not None or rooms is not None:
-                unique = self._readable(db, unique, reads or _every_topic, senders, rooms=rooms)
+            if reads is not None or senders is not None or rooms is not None or reader is not None:
+                unique = self._readable(
+                    db, unique, reads or _every_topic, senders, rooms=rooms, reader=reader
+                )
             for start in range(0, len(unique), 500):
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" for _ in chunk)
@@ -820,11 +824,15 @@ class Store:
         senders: Sequence[str] | None = None,
         *,
         rooms: Callable[[str], bool] | None = None,
+        reader: str | None = None,
     ) -> list[int]:
         """Those of ``seqs`` whose message's topic ``reads`` allows, from ``senders``, of a
-        room ``rooms`` allows (or of none)."""
+        room ``rooms`` allows (or of none), for no agent or for ``reader`` (if not None)."""
         allowed: list[int] = []
         clause, params = senders_clause(senders)
+        if reader is not None:
+            clause = f"(to_agent IS NULL OR to_agent = ?) AND {clause}"
+            params = [reader, *params]
         for start in range(0, len(seqs), 500):
             chunk = seqs[start : start + 500]
             marks = ", ".join("?" for _ in chunk)

@@ -554,3 +554,20 @@ def test_a_subscriber_is_not_handed_what_its_receive_from_refuses(
     assert got == [["from scout", "scout", a.node_id]]
     wait_until(lambda: b.status()["inbox"] == 1, timeout=20, what="ops' message kept at b")
     assert received(b, OPS, "recv", 20) == [["from ops", "ops", a.node_id]]
+
+
+def test_an_agent_cannot_acknowledge_a_message_addressed_to_another(
+    mesh_nodes: Callable[..., Node], short_tmp: Path
+) -> None:
+    # ops (tier 0) may read every topic, but a message for notes@b is notes' alone:
+    # ops acknowledging its receipt deletes nothing (receipts are guessable numbers).
+    a, b = two_nodes_with_agents(mesh_nodes, short_tmp)
+    sent = as_uid(SCOUT, SEND, str(a.socket), f"notes@{b.node_id}", "jobs", "for notes")
+    assert len(sent) == 32, sent
+    got = request(b, READER, "recv", {"topic": "jobs", "wait": 20, "lease": 60})["ok"]["messages"]
+    assert [m["id"] for m in got] == [sent]
+    receipt = got[0]["receipt"]
+    assert request(b, OPS, "ack", {"receipts": [receipt]})["ok"] == {"acked": 0}
+    assert request(b, OPS, "recv", {"topic": "jobs", "ack": [receipt]})["ok"]["messages"] == []
+    assert b.status()["inbox"] == 1
+    assert request(b, READER, "ack", {"receipts": [receipt]})["ok"] == {"acked": 1}

@@ -256,6 +256,23 @@ def test_agents_travel_with_a_message_and_each_reader_takes_its_own(tmp_path: Pa
     assert taken(None) == [(b"to the topic", "scout")]  # the node: what is for no agent
 
 
+def test_an_agent_acknowledges_only_what_is_for_no_agent_or_for_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    seqs = store.receive(
+        [
+            Incoming(P, "a" * 32, None, "t", b"to notes", 2e9, "scout", "notes"),
+            Incoming(P, "b" * 32, None, "t", b"to ops", 2e9, None, "ops"),
+            Incoming(P, "c" * 32, None, "t", b"to the topic", 2e9, "scout", None),
+        ],
+        wall=3.0,
+    )
+    every = lambda topic: True  # noqa: E731
+    # ops, whose grant covers the topic, may not delete notes' message by its receipt
+    assert store.consume(seqs, every, reader="ops") == [(seqs[1], 6), (seqs[2], 12)]
+    assert store.consume(seqs, every, reader="ops") == []
+    assert store.consume(seqs, every, reader="notes") == [(seqs[0], 8)]
+
+
 def test_a_readers_receive_from_bounds_take_consume_and_names_who_was_kept_back(
     tmp_path: Path,
 ) -> None:
