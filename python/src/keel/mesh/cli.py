@@ -22,7 +22,10 @@ from typing import Any, NoReturn
 from keel import commands
 from keel.errors import KeelError, UsageError
 
-SOCKET_HELP = "the node's control socket (default: /run/keel/mesh.sock, ./.keel/run/mesh.sock)"
+SOCKET_HELP = (
+    "the node's control socket (default: /run/keel/mesh.sock, or for a process that cannot "
+    "open it the agents' socket /run/keel-mesh/agents.sock; ./.keel/run/mesh.sock in dev mode)"
+)
 MOVED = (
     "keel mesh serve reads its settings from --config FILE (default /etc/keel/mesh.json): "
     'write {{"directory": "{directory}", "listen": "{listen}"}} there (docs/mesh.md, '

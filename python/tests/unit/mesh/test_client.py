@@ -159,3 +159,31 @@ def test_a_batch_for_an_agent_is_sent_again_as_it_was_after_a_reconnect(
     with MeshClient(path, timeout=5).sender(retry=10) as out:
         out.send(f"scout@{NODE}", "t", b"for an agent")
     assert kinds == [local.Kind.SEND_TO, local.Kind.SEND_TO]
+
+
+def test_the_default_socket_is_the_agents_one_for_a_process_that_cannot_open_the_control_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keel import paths
+    from keel.mesh.client import mesh_client
+
+    control = tmp_path / "run" / "keel" / "mesh.sock"
+    agents = tmp_path / "run" / "keel-mesh" / "agents.sock"
+    monkeypatch.setattr(paths, "dev_mode", lambda: False)
+    monkeypatch.setattr(paths, "socket_file", lambda service: control)
+    monkeypatch.setattr(mesh_client, "AGENTS_SOCKET", agents)
+    # neither there: the control socket (whose error names the daemon to start)
+    assert mesh_client.default_socket() == control
+    # /run/keel hidden from the process (a tier-2 sandbox), the agents' socket there
+    agents.parent.mkdir(parents=True)
+    agents.touch()
+    assert mesh_client.default_socket() == agents
+    assert MeshClient().path == agents
+    # the control socket within reach: that one
+    control.parent.mkdir(parents=True)
+    control.touch()
+    assert mesh_client.default_socket() == control
+    # dev mode: always ./.keel/run/mesh.sock
+    control.unlink()
+    monkeypatch.setattr(paths, "dev_mode", lambda: True)
+    assert mesh_client.default_socket() == control

@@ -20,10 +20,26 @@ from keel.mesh.client.transport import Retrying, Stream
 from keel.mesh.ids import new_message_id
 
 DEFAULT_TIMEOUT: Final = 30.0
+AGENTS_SOCKET: Final = Path("/run/keel-mesh/agents.sock")  # NixOS's agent_socket (docs/mesh.md)
+
+
+def default_socket() -> Path:
+    """The node's control socket, or the agents' socket for a process that cannot reach it.
+
+    A tier-2 agent's sandbox hides ``/run/keel``, and only keel's group may
+    open the control socket; agents connect on the agents' socket instead
+    (``agent_socket``; NixOS: ``/run/keel-mesh/agents.sock``). So a process
+    that may not open the control socket, where the agents' socket exists,
+    gets that one. Dev mode always uses ``./.keel/run/mesh.sock``.
+    """
+    control = paths.socket_file("mesh")
+    if paths.dev_mode() or os.access(control, os.W_OK) or not os.path.exists(AGENTS_SOCKET):
+        return control
+    return AGENTS_SOCKET
 
 
 class MeshClient:
-    """A client of the node's daemon at ``socket`` (default: ``/run/keel/mesh.sock``).
+    """A client of the node's daemon at ``socket`` (default: :func:`default_socket`).
 
     One control connection and one stream per thread. ``recv``'s bookkeeping
     (what to acknowledge) belongs to the client: receive on one thread at a
@@ -33,7 +49,7 @@ class MeshClient:
     def __init__(
         self, socket: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.path = Path(socket) if socket is not None else paths.socket_file("mesh")
+        self.path = Path(socket) if socket is not None else default_socket()
         if self.path.is_dir():
             raise UsageError(
                 f"{self.path} is a directory: MeshClient takes the node's control socket "
