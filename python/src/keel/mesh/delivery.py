@@ -94,6 +94,20 @@ class OutboxRow(NamedTuple):
     def __repr__(self) -> str:  # never the payload
         return f"OutboxRow(id={self.id!r}, peer={self.peer!r}, topic={self.topic!r})"
 
+    def queued(self, seq: int) -> Queued:
+        """What the outbox keeps of this row once it is stored as ``seq``."""
+        return Queued(
+            seq,
+            self.id,
+            self.peer,
+            self.topic,
+            self.room,
+            self.expires,
+            len(self.payload),
+            self.agent,
+            self.to,
+        )
+
 
 class Envelope(NamedTuple):
     """What the pump needs of a queued message besides its :class:`Queued` (cached or stored)."""

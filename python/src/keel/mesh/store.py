@@ -458,20 +458,7 @@ class Store:
             return self._enqueue_checked(items, created, blobs)
         self._last_seq = last + len(rows)
         self._blobs_committed(items, blobs)
-        return [
-            Queued(
-                seq,
-                item.id,
-                item.peer,
-                item.topic,
-                item.room,
-                item.expires,
-                len(item.payload),
-                item.agent,
-                item.to,
-            )
-            for seq, item in enumerate(items, last + 1)
-        ]
+        return [item.queued(seq) for seq, item in enumerate(items, last + 1)]
 
     def _write_blobs(self, items: Sequence[OutboxRow]) -> dict[int, tuple[int, int]]:
         """The large payloads of ``items`` appended to the blob files: where each is, by id()."""
@@ -514,19 +501,7 @@ class Store:
                     continue
                 queued.add(key)
                 new.append(item)
-                out.append(
-                    Queued(
-                        last + len(new),
-                        item.id,
-                        item.peer,
-                        item.topic,
-                        item.room,
-                        item.expires,
-                        len(item.payload),
-                        item.agent,
-                        item.to,
-                    )
-                )
+                out.append(item.queued(last + len(new)))
             db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created, blobs))
         self._last_seq = last + len(new)
         self._blobs_committed(new, blobs)
