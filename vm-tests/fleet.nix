@@ -42,16 +42,10 @@ let
         ];
       };
       services.keel.watch.enable = true;
-      services.keel.mesh = {
-        enable = true;
-        listen = "${config.networking.primaryIPAddress}:7400";
-        openFirewall = true;
-        settings = {
-          dial_base = 0.2;
-          dial_cap = 2;
-          keepalive_interval = 1;
-          idle_timeout = 4;
-        };
+      imports = [ ./lib/mesh-node.nix ];
+      services.keel.mesh.settings = {
+        keepalive_interval = 1;
+        idle_timeout = 4;
       };
       services.keel.fleet = {
         enable = true;

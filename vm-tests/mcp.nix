@@ -70,21 +70,11 @@ let
     anyio.run(run, sys.argv[1:])
   '';
 
-  node =
-    { config, ... }:
-    {
-      services.keel.mesh = {
-        enable = true;
-        listen = "${config.networking.primaryIPAddress}:7400";
-        openFirewall = true;
-        settings = {
-          dial_base = 0.2;
-          dial_cap = 2;
-        };
-      };
-      services.keel.mcp.enable = true;
-      environment.systemPackages = [ pkgs.jq ];
-    };
+  node = {
+    imports = [ ./lib/mesh-node.nix ];
+    services.keel.mcp.enable = true;
+    environment.systemPackages = [ pkgs.jq ];
+  };
 
   # keel's own Python (pkgs/python: the MCP SDK 2.x), with keel importable.
   python =

@@ -66,29 +66,19 @@ let
     exec ${lib.getExe pkgs.python3} ${meshCallScript} "$@"
   '';
 
-  node =
-    { config, ... }:
-    {
-      services.keel.mesh = {
-        enable = true;
-        listen = "${config.networking.primaryIPAddress}:7400";
-        openFirewall = true;
-        settings = {
-          dial_base = 0.2;
-          dial_cap = 2;
-        };
-      };
-      # Tier 2 needs keel egress; there is no resolver in the test network
-      # (the agents here reach no name: the mesh is the point).
-      services.keel.egress = {
-        enable = true;
-        upstream = [ "192.0.2.53" ];
-      };
-      environment.systemPackages = [
-        pkgs.jq
-        meshCall
-      ];
+  node = {
+    imports = [ ./lib/mesh-node.nix ];
+    # Tier 2 needs keel egress; there is no resolver in the test network
+    # (the agents here reach no name: the mesh is the point).
+    services.keel.egress = {
+      enable = true;
+      upstream = [ "192.0.2.53" ];
     };
+    environment.systemPackages = [
+      pkgs.jq
+      meshCall
+    ];
+  };
 in
 {
   name = "keel-mesh-agents";

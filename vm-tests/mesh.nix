@@ -3,21 +3,11 @@
 # killed daemon, a room, and a removed node refused.
 { pkgs, lib, ... }:
 let
-  node =
-    { config, ... }:
-    {
-      services.keel.mesh = {
-        enable = true;
-        listen = "${config.networking.primaryIPAddress}:7400";
-        openFirewall = true;
-        settings = {
-          # Quick reconnects, for a test that kills daemons.
-          dial_base = 0.2;
-          dial_cap = 2;
-        };
-      };
-      environment.systemPackages = [ pkgs.jq ];
-    };
+  node = {
+    # Quick reconnects, for a test that kills daemons (lib/mesh-node.nix).
+    imports = [ ./lib/mesh-node.nix ];
+    environment.systemPackages = [ pkgs.jq ];
+  };
 in
 {
   name = "keel-mesh";
