@@ -37,7 +37,8 @@ def build(name: str) -> MCPServer:
 
     @server.tool()
     async def sleep(seconds: float) -> str:
-        """Answer after some seconds."""
+        """Answer after some seconds (the slow call the tests cancel or time out: the
+        sleep is the tool's work, not a wait in a test)."""
         running["sleep"] += 1
         try:
             await asyncio.sleep(seconds)

@@ -259,11 +259,10 @@ async def sleeping(host: World) -> int:
 
 
 async def until_sleeping(host: World, count: int) -> None:
-    for _ in range(1500):  # 30 s: an event polled, as watch_support.until does
-        if await sleeping(host) == count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the server did not get to {count} sleep calls running")
+    async def reached() -> bool:
+        return await sleeping(host) == count
+
+    await until(reached, what=f"the server running {count} sleep calls")
 
 
 def outcomes(world: World, tool: str) -> list[str]:

@@ -440,12 +440,13 @@ class GatewayProcess:
                 [KEEL, "mcp", "serve", "--config", str(self.mcp_file)],
                 stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
-        for _ in range(1500):
-            if await asyncio.to_thread(self.ready):
-                return
-            assert self.process.poll() is None, self.log.read_text()[-4000:]
-            await asyncio.sleep(0.02)
-        raise AssertionError("b's gateway did not get ready")
+        process = self.process
+
+        async def ready() -> bool:
+            assert process.poll() is None, self.log.read_text()[-4000:]
+            return await asyncio.to_thread(self.ready)
+
+        await until(ready, what="b's gateway ready")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -500,12 +501,11 @@ def test_the_hosting_gateway_dying_mid_call_fails_the_call_by_its_deadline(
             ) as caller,
         ):
             call = asyncio.create_task(agent(caller, "scout", f"call:b.toolbox.sleep:{FOREVER}"))
-            for _ in range(1500):
-                if await asyncio.to_thread(host.call, "toolbox.sleeping") == "1":
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError("b's server never ran the call")
+
+            async def running() -> bool:
+                return await asyncio.to_thread(host.call, "toolbox.sleeping") == "1"
+
+            await until(running, what="b's server running the call")
             assert (await asyncio.to_thread(b.status))["inbox"] == 0  # acked before it ran
             host.kill()  # SIGKILL: no answer, no ledger entry, nothing said to a
             failed = await call

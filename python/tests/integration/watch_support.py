@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,24 @@ async def running_watch(config_path: Path, **backend_options: Any) -> AsyncItera
 
 
 async def until(
-    condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition"
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 30.0,
+    what: str = "condition",
 ) -> None:
-    """Poll ``condition`` every 20 ms; fail naming ``what`` after ``timeout`` seconds."""
+    """Poll ``condition`` every 20 ms; fail naming ``what`` after ``timeout`` seconds.
+
+    For states another process reaches (a daemon's status, a server's count,
+    a file written): nothing notifies the test of them, so the state polled
+    is the event. ``condition`` may be a coroutine function (a status asked
+    over a socket).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
+        reached = condition()
+        if not isinstance(reached, bool):
+            reached = await reached
+        if reached:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{what} did not happen within {timeout:g} s")

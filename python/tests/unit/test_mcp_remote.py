@@ -353,13 +353,15 @@ def test_a_cancel_counts_only_from_the_node_and_agent_that_sent_the_request(
         assert (link.cancels_ignored, link.cancelled, stopped) == (3, 0, [])
         assert link.status()["running"] == 2
         link.on_request(message(NODE_B, "scout", cancel))  # b's own cancel stops b's call only
+        # The cancelled task ends within a few turns of the loop (no I/O here):
+        # yielding to it until it has is waiting on that end.
         while link.status()["running"] != 1:
             await asyncio.sleep(0)
         assert (link.cancelled, stopped) == (1, [NODE_B])
         link.on_request(message(NODE_B, "scout", cancel))  # again: nothing runs, ignored
         assert link.cancels_ignored == 4
         link.on_request(message(NODE_A, "scout", cancel))
-        while link.status()["running"] != 0:
+        while link.status()["running"] != 0:  # as above: the loop's turns, no I/O
             await asyncio.sleep(0)
         assert stopped == [NODE_B, NODE_A]
         assert sent == []  # a cancelled call is not answered
@@ -388,7 +390,7 @@ def test_a_call_cancelled_before_it_runs_is_recorded_as_cancelled(
         # request and cancel in the same batch from the mesh: the call never starts
         link.on_request(message(NODE_A, "scout", call))
         link.on_request(message(NODE_A, "scout", Request(ID, "cancel", 1e12)))
-        while link.status()["running"] != 0:
+        while link.status()["running"] != 0:  # the task's end, a few turns of the loop away
             await asyncio.sleep(0)
         assert recorded == [(NODE_A, "scout", ID, "cancelled")]
         assert link.hosted == 0
