@@ -393,6 +393,8 @@ class MeshLink:
             log.exception("a request from %s failed", node)
 
     async def _host(self, node: str, agent: str | None, request: Request, hosted: _Hosted) -> None:
+        # Not _guarded(node, self._host_one(...)): a task cancelled before it
+        # starts would leave that inner coroutine never awaited.
         try:
             await self._host_one(node, agent, request, hosted)
         except Exception:  # one request's failure is never the gateway's
