@@ -8,8 +8,16 @@ segment file (``<state.db>-blobs/<n>``, 0600) with the other payloads of
 its batch in one ``pwritev``, and the row names the segment, the offset and
 the size. The row commits after the write, so a row never names bytes that
 were not written. Each segment counts the rows that name it; once none do
-and a newer segment is being written, the file is deleted. A segment is
-never appended to after the daemon restarts (a new one starts).
+and a newer segment is being written, the file is kept as a spare (up to
+``SPARE_SEGMENTS`` of them) or deleted. The next new segment is a spare
+renamed, written over from its start: the file's blocks and cached pages
+are reused, where a fresh file costs the filesystem a block reservation per
+page and a deletion per segment (measured on ext4 here: 20 to 26 us per
+64 KiB written to a fresh file and deleted, 8.5 to 10.5 us written over a
+kept one). Rows name only live segments, so a renamed spare's old bytes are
+never read. Spares are deleted when the store closes, and files no row
+names when it opens. A segment is never appended to after the daemon
+restarts (a new one starts).
 
 Durability is the database's. With ``durability: full`` the segment is
 fsynced before the commit of the rows naming it. With ``normal`` (SQLite's
@@ -38,6 +46,7 @@ from typing import Final
 
 BLOB_MIN: Final = 16 << 10  # payloads this big or bigger go to the blob files
 SEGMENT_BYTES: Final = 64 << 20  # a new segment once the current one holds this much
+SPARE_SEGMENTS: Final = 2  # emptied segments kept to be written over (at most this many)
 SYNCED: Final = "synced"  # the file naming what is on disk
 _IOV_MAX: Final = 512  # pieces per pwritev (Linux allows 1024)
 
@@ -66,6 +75,7 @@ class BlobFiles:
         self._lock = threading.Lock()  # segments and their fds, against the sync thread
         self._fds: dict[int, int] = {}
         self._live: dict[int, int] = {}  # segment: rows naming it
+        self._spares: list[int] = []  # emptied segments, still open, to be written over
         self._unsynced: set[int] = set(found)  # segments written since their last fsync
         self._unsynced_bytes = 0
         self.current = max(found, default=0) + 1
@@ -114,9 +124,12 @@ class BlobFiles:
         self.sync()
 
     def close(self) -> None:
-        """Fsync everything and record a clean close."""
+        """Fsync everything, record a clean close, delete the spare segments."""
         self.sync(clean=True)
         with self._lock:
+            for segment in self._spares:
+                self._close_and_unlink(segment)
+            self._spares.clear()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -211,20 +224,44 @@ class BlobFiles:
 
     def _fd(self, segment: int, *, create: bool = True) -> int:
         fd = self._fds.get(segment)
+        if fd is None and create and self._spares:  # a spare, renamed: written over
+            spare = self._spares.pop()
+            os.rename(self.directory / str(spare), self.directory / str(segment))
+            fd = self._fds[segment] = self._fds.pop(spare)
+            self._new_name()
         if fd is None:
             flags = os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC
             fd = self._fds[segment] = os.open(self.directory / str(segment), flags, 0o600)
+            if create:
+                self._new_name()
         return fd
+
+    def _new_name(self) -> None:
+        """With ``full``, a new segment's name is on disk before any row names it."""
+        if self.full:
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def _rotate(self) -> None:
         old = self.current
         self.current += 1
         self._offset = 0
         if old not in self._live:
-            self._close_and_unlink(old)
+            self._retire(old)
 
     def _remove(self, segment: int) -> None:
         with self._lock:
+            self._retire(segment)
+
+    def _retire(self, segment: int) -> None:
+        """A segment no row names: kept as a spare while there is room, else deleted."""
+        if segment in self._fds and len(self._spares) < SPARE_SEGMENTS:
+            self._spares.append(segment)
+            self._unsynced.discard(segment)  # what it holds is no longer needed on disk
+        else:
             self._close_and_unlink(segment)
 
     def _close_and_unlink(self, segment: int) -> None:

@@ -391,6 +391,7 @@ def test_blob_segments_go_once_no_row_names_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("keel.mesh.blobs.SEGMENT_BYTES", len(BIG))  # a segment per batch
+    monkeypatch.setattr("keel.mesh.blobs.SPARE_SEGMENTS", 0)  # none kept to be written over
     path = tmp_path / "s.db"
     store = Store(path)
     queued = [store.enqueue([out(f"{n:032x}", payload=BIG)], created=1.0)[0] for n in range(3)]
@@ -409,6 +410,42 @@ def test_blob_segments_go_once_no_row_names_them(
     store.delivered([last])
     store.enqueue([out("a" * 32, payload=BIG)], created=3.0)  # a new segment...
     assert len(segments(path)) == 1  # ...and the old one, empty, is gone
+    store.close()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_emptied_segments_are_written_over_not_deleted_and_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full: bool
+) -> None:
+    monkeypatch.setattr("keel.mesh.blobs.SEGMENT_BYTES", len(BIG))  # a segment per batch
+    path = tmp_path / "s.db"
+    store = Store(path, synchronous="FULL" if full else "NORMAL")
+    queued = [store.enqueue([out(f"{n:032x}", payload=BIG)], created=1.0)[0] for n in range(4)]
+    assert all(q is not None for q in queued)
+    inodes = {name: (blob_dir(path) / name).stat().st_ino for name in segments(path)}
+    assert list(inodes) == ["1", "2", "3", "4"]
+    store.delivered([q for q in queued[:3] if q is not None])  # 1, 2 kept as spares, 3 deleted
+    assert segments(path) == ["1", "2", "4"]
+    other = bytes(reversed(BIG))
+    again = [store.enqueue([out(f"{n:032x}", payload=other)], created=2.0)[0] for n in (5, 6)]
+    # segments 5 and 6 are the spares renamed (their inodes), written over from the start
+    assert segments(path) == ["4", "5", "6"]
+    assert {(blob_dir(path) / n).stat().st_ino for n in ("5", "6")} == {inodes["1"], inodes["2"]}
+    for item in again:
+        assert item is not None
+        assert store.outbox_payload(item.seq) == Envelope(other, None)
+    store.enqueue([out("7" * 32, payload=BIG)], created=3.0)  # no spare left: a new file
+    live = {(blob_dir(path) / n).stat().st_ino for n in ("4", "5", "6")}
+    assert (blob_dir(path) / "7").stat().st_ino not in live
+    store.delivered([q for q in again if q is not None])  # 5 and 6 are spares again
+    assert segments(path) == ["4", "5", "6", "7"]
+    store.close()  # the spares go with a clean close
+    assert segments(path) == ["4", "7"]
+    store = Store(path)
+    assert [store.outbox_payload(i.seq) for i in store.load_outbox()] == [
+        Envelope(BIG, None),
+        Envelope(BIG, None),
+    ]
     store.close()
 
 
