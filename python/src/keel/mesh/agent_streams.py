@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
-from keel import api
 from keel.mesh import local
+from keel.mesh.agent_frames import AgentFrames
 from keel.mesh.ids import check_topic
 from keel.mesh.local import Kind, LocalStreamError, SendEntry, Status
 
@@ -82,105 +82,6 @@ class Subscriptions(Protocol):
     def stream_closed(self, stream: LocalStream) -> None: ...
 
 
-class _Frames(asyncio.BufferedProtocol):
-    """The reading side of an agent's connection, once it is a stream: frames, read in place.
-
-    Takes the transport over from the control server's ``StreamReader``
-    (what that reader holds unread comes first); the connection's writing
-    side stays the ``StreamWriter``'s: its flow control and close go on to
-    the stream protocol it replaces. While ``QUEUE`` bytes or more of frames
-    wait to be taken the connection is not read: later frames wait in the
-    socket.
-    """
-
-    QUEUE: Final = 4 << 20
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport, inner = writer.transport, writer.transport.get_protocol()
-        if not isinstance(transport, asyncio.Transport) or not isinstance(inner, asyncio.Protocol):
-            raise TypeError("an agent's stream needs a socket transport of asyncio's streams")
-        self.inner = inner  # the writer's: drain, close
-        self.transport = transport
-        self.frames = local.FrameReader()
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._ended = transport.is_closing()
-        transport.set_protocol(self)  # nothing more reaches ``reader``
-        self._feed(api.take_unread(reader))
-        self._ended = self._ended or reader.at_eof()
-        if not self._ended:
-            self._flow()
-
-    async def next(self) -> tuple[int, local.Body] | None:
-        """The next frame (its body valid until the next call); None: the agent hung up.
-
-        ``LocalStreamError`` for a frame head past the limit (after the frames before it).
-        """
-        while True:
-            frame = self.frames.pop()
-            if frame is not None:
-                if self._paused:
-                    self._flow()
-                return frame
-            if self._ended:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def _feed(self, data: bytes) -> None:
-        view, at = memoryview(data), 0
-        while at < len(data):
-            into = self.frames.buffer()
-            count = min(len(into), len(data) - at)
-            into[:count] = view[at : at + count]
-            self.frames.filled(count)
-            at += count
-
-    def _flow(self) -> None:
-        """Read while few enough frames wait (and no bad head ended the stream)."""
-        full = self.frames.queued >= self.QUEUE or self.frames.failed
-        if full and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-        elif not full and self._paused:
-            self._paused = False
-            self.transport.resume_reading()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- asyncio's calls
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.frames.buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.frames.filled(nbytes)
-        if self.frames.queued or self.frames.failed:
-            self._wake()
-            self._flow()
-
-    def eof_received(self) -> bool | None:
-        self._ended = True
-        self._wake()
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._ended = True
-        self._wake()
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 async def serve(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -196,7 +97,7 @@ async def serve(
     inbox.stream_opened(stream)
     subscribed = False
     try:
-        frames = _Frames(reader, writer)
+        frames = AgentFrames(reader, writer)
         while (frame := await frames.next()) is not None:
             kind, body = frame
             if kind in (Kind.SEND, Kind.SEND_TO):
@@ -206,7 +107,7 @@ async def serve(
             elif kind == Kind.ACK:
                 inbox.stream_acked(stream, local.decode_ack(body))
             elif kind == Kind.SUBSCRIBE and not subscribed:
-                topic, max_unacked, max_bytes = _subscription(body)
+                topic, max_unacked, max_bytes = _subscription(bytes(body))
                 refusal = None if may_read is None else may_read(topic)
                 if refusal is not None:
                     stream.write(local.frame(Kind.ERROR, (local.REFUSED + refusal).encode()))
@@ -226,7 +127,7 @@ async def serve(
         inbox.stream_closed(stream)
 
 
-def _subscription(body: local.Body) -> tuple[str, int, int]:
+def _subscription(body: bytes) -> tuple[str, int, int]:
     topic, max_unacked, max_bytes = local.decode_subscribe(body)
     try:
         check_topic(topic)

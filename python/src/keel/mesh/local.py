@@ -129,6 +129,240 @@ def read_frame_head(head: bytes) -> tuple[int, int]:
     return kind, length
 
 
+def _ascii(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise LocalStreamError(f"{what} is not ASCII") from None
+
+
+# ---------------------------------------------------------------- SEND
+
+
+def send_entry_head(message: SendEntry, *, to_agents: bool = False) -> bytes:
+    """A SEND entry up to its payload (the entry is this head, then ``message.payload``);
+    ``to_agents``: in the form of a SEND_TO frame."""
+    topic = message.topic.encode("ascii")
+    to = message.to.encode("ascii")
+    if len(to) != 32 or not 0 < len(topic) < 256 or len(message.id) != 32:
+        raise LocalStreamError("to must be a node id, topic 1 to 255 ASCII characters")
+    raw_id = bytes.fromhex(message.id)
+    if not to_agents:
+        if message.to_agent is not None:
+            raise LocalStreamError("a message for an agent goes in a SEND_TO frame")
+        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(topic))
+    else:  # the agent's length and name, then the topic's length
+        agent = (message.to_agent or "").encode("ascii")
+        if len(agent) > 255:
+            raise LocalStreamError("an agent's name is at most 255 ASCII characters")
+        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(agent)) + agent
+        head += bytes([len(topic)])
+    return b"".join((head, topic, _SIZE.pack(len(message.payload))))
+
+
+def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
+    return send_entry_head(message, to_agents=to_agents) + message.payload
+
+
+def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = False) -> bytes:
+    """A SEND (``to_agents``: SEND_TO) frame from ``send_entry`` results (or their pieces,
+    in order: joined once)."""
+    size = _REQUEST.size + sum(len(e) for e in entries)
+    if size > MAX_FRAME:
+        raise LocalStreamError(f"a frame body carries at most {MAX_FRAME} bytes")
+    kind = Kind.SEND_TO if to_agents else Kind.SEND
+    return b"".join((FRAME.pack(kind, size), _REQUEST.pack(request), *entries))
+
+
+def decode_send(body: Body, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
+    """A SEND (``to_agents``: SEND_TO) frame's request number and messages; each payload is
+    copied out of ``body`` once (``body`` may be a buffer read into again later)."""
+    if len(body) < _REQUEST.size:
+        raise LocalStreamError("SEND without a request number")
+    (request,) = _REQUEST.unpack_from(body)
+    view = memoryview(body)
+    at, end = _REQUEST.size, len(body)
+    out: list[SendEntry] = []
+    head, unpack_head = _SEND_HEAD.size, _SEND_HEAD.unpack_from
+    size_length, unpack_size = _SIZE.size, _SIZE.unpack_from
+    names: dict[bytes, str] = {}  # recipients, as sent: the same few in a frame
+    try:
+        while at < end:
+            raw_id, to, ttl_ms, topic_length = unpack_head(view, at)
+            at += head
+            to_agent = None
+            if to_agents:  # what was read as the topic's length is the agent's
+                if topic_length:
+                    to_agent = _ascii_view(view[at : at + topic_length], "agent")
+                    if len(to_agent) != topic_length:
+                        raise LocalStreamError("SEND_TO entry runs past the frame's end")
+                at += topic_length
+                topic_length = view[at]
+                at += 1
+            topic = _ascii_view(view[at : at + topic_length], "topic")
+            at += topic_length
+            (size,) = unpack_size(view, at)
+            at += size_length
+            if at + size > end:
+                raise LocalStreamError("SEND entry runs past the frame's end")
+            recipient = names.get(to)
+            if recipient is None:
+                recipient = names[to] = _ascii(to, "to")
+            out.append(
+                SendEntry(
+                    raw_id.hex(), recipient, topic, bytes(view[at : at + size]), ttl_ms, to_agent
+                )
+            )
+            at += size
+    except (struct.error, IndexError):
+        raise LocalStreamError("SEND entry runs past the frame's end") from None
+    finally:
+        view.release()
+    if not out:
+        raise LocalStreamError("SEND without a message")
+    return request, out
+
+
+def _ascii_view(raw: memoryview, what: str) -> str:
+    """``_ascii`` of a slice of a frame's body, without copying it out first."""
+    try:
+        return str(raw, "ascii")
+    except UnicodeDecodeError:
+        raise LocalStreamError(f"{what} is not ASCII") from None
+
+
+class Status(enum.IntEnum):
+    QUEUED = 0
+    REFUSED = 1
+    BUSY = 2
+
+
+def encode_sent(request: int, status: Status = Status.QUEUED, error: str = "") -> bytes:
+    return frame(Kind.SENT, _SENT.pack(request, status) + error.encode())
+
+
+def decode_sent(body: bytes) -> tuple[int, Status, str]:
+    """(request, status, error text: empty when queued)."""
+    if len(body) < _SENT.size:
+        raise LocalStreamError("SENT too short")
+    request, status = _SENT.unpack_from(body)
+    try:
+        status = Status(status)
+    except ValueError:
+        raise LocalStreamError(f"SENT status {status} is not 0, 1 or 2") from None
+    text = body[_SENT.size :].decode("utf-8", errors="replace")
+    return request, status, text or ("" if status is Status.QUEUED else "refused")
+
+
+# ---------------------------------------------------------------- SUBSCRIBE / ACK
+
+
+def encode_subscribe(topic: str, max_unacked: int, max_bytes: int) -> bytes:
+    raw = topic.encode("ascii")
+    return frame(Kind.SUBSCRIBE, _SUBSCRIBE.pack(max_unacked, max_bytes, len(raw)) + raw)
+
+
+def decode_subscribe(body: bytes) -> tuple[str, int, int]:
+    if len(body) < _SUBSCRIBE.size:
+        raise LocalStreamError("SUBSCRIBE too short")
+    max_unacked, max_bytes, length = _SUBSCRIBE.unpack_from(body)
+    if len(body) != _SUBSCRIBE.size + length:
+        raise LocalStreamError("SUBSCRIBE topic length does not match the frame")
+    return _ascii(body[_SUBSCRIBE.size :], "topic"), max_unacked, max_bytes
+
+
+def encode_ack(receipts: Iterable[int]) -> bytes:
+    listed = list(receipts)
+    return frame(Kind.ACK, struct.pack(f">{len(listed)}Q", *listed))
+
+
+def decode_ack(body: Body) -> tuple[int, ...]:
+    if len(body) % _RECEIPT.size:
+        raise LocalStreamError("ACK length is not a multiple of 8")
+    return struct.unpack(f">{len(body) // _RECEIPT.size}Q", body)
+
+
+# ---------------------------------------------------------------- DELIVER
+
+
+def deliver_entry_head(
+    receipt: int,
+    message_id: str,
+    *,
+    sender: str,
+    received: float,
+    room: str | None,
+    size: int,
+    agent: str | None = None,
+) -> bytes:
+    """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
+    flags = (FLAG_ROOM if room is not None else 0) | (FLAG_AGENT if agent is not None else 0)
+    head = _DELIVER_HEAD.pack(
+        receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
+    )
+    if room is not None:
+        head += bytes.fromhex(room)
+    if agent is not None:
+        name = agent.encode("ascii")
+        head += bytes([len(name)]) + name
+    return head + _SIZE.pack(size)
+
+
+def deliver_entry(
+    receipt: int,
+    message_id: str,
+    *,
+    sender: str,
+    received: float,
+    room: str | None,
+    payload: bytes,
+    agent: str | None = None,
+) -> bytes:
+    head = deliver_entry_head(
+        receipt,
+        message_id,
+        sender=sender,
+        received=received,
+        room=room,
+        size=len(payload),
+        agent=agent,
+    )
+    return head + payload
+
+
+def decode_deliver(body: bytes) -> Iterator[Delivered]:
+    view = memoryview(body)
+    at, end = 0, len(body)
+    try:
+        while at < end:
+            receipt, raw_id, sender, received, flags = _DELIVER_HEAD.unpack_from(body, at)
+            at += _DELIVER_HEAD.size
+            room = agent = None
+            if flags & FLAG_ROOM:
+                room = body[at : at + 16].hex()
+                at += 16
+            if flags & FLAG_AGENT:
+                length = body[at]
+                agent = _ascii(body[at + 1 : at + 1 + length], "agent")
+                at += 1 + length
+            (size,) = _SIZE.unpack_from(body, at)
+            at += _SIZE.size
+            if at + size > end:
+                raise LocalStreamError("DELIVER entry runs past the frame's end")
+            payload = bytes(view[at : at + size])
+            at += size
+            yield Delivered(
+                receipt, raw_id.hex(), _ascii(sender, "from"), received, room, payload, agent
+            )
+    except struct.error:
+        raise LocalStreamError("DELIVER entry runs past the frame's end") from None
+    finally:
+        view.release()
+
+
+# ---------------------------------------------------------------- reading frames
+
+
 Body = bytes | memoryview  # a frame's body: bytes, or a view of the buffer it was read into
 
 
@@ -262,226 +496,3 @@ class FrameReader:
         got = len(begun)
         body[:got] = begun
         self._kind, self._length, self._got, self._body = kind, length, got, body
-
-
-def _ascii(raw: Body, what: str) -> str:
-    try:
-        return str(raw, "ascii")
-    except UnicodeDecodeError:
-        raise LocalStreamError(f"{what} is not ASCII") from None
-
-
-# ---------------------------------------------------------------- SEND
-
-
-def send_entry_head(message: SendEntry, *, to_agents: bool = False) -> bytes:
-    """A SEND entry up to its payload (the entry is this head, then ``message.payload``);
-    ``to_agents``: in the form of a SEND_TO frame."""
-    topic = message.topic.encode("ascii")
-    to = message.to.encode("ascii")
-    if len(to) != 32 or not 0 < len(topic) < 256 or len(message.id) != 32:
-        raise LocalStreamError("to must be a node id, topic 1 to 255 ASCII characters")
-    raw_id = bytes.fromhex(message.id)
-    if not to_agents:
-        if message.to_agent is not None:
-            raise LocalStreamError("a message for an agent goes in a SEND_TO frame")
-        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(topic))
-    else:  # the agent's length and name, then the topic's length
-        agent = (message.to_agent or "").encode("ascii")
-        if len(agent) > 255:
-            raise LocalStreamError("an agent's name is at most 255 ASCII characters")
-        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(agent)) + agent
-        head += bytes([len(topic)])
-    return b"".join((head, topic, _SIZE.pack(len(message.payload))))
-
-
-def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
-    return send_entry_head(message, to_agents=to_agents) + message.payload
-
-
-def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = False) -> bytes:
-    """A SEND (``to_agents``: SEND_TO) frame from ``send_entry`` results (or their pieces,
-    in order: joined once)."""
-    size = _REQUEST.size + sum(len(e) for e in entries)
-    if size > MAX_FRAME:
-        raise LocalStreamError(f"a frame body carries at most {MAX_FRAME} bytes")
-    kind = Kind.SEND_TO if to_agents else Kind.SEND
-    return b"".join((FRAME.pack(kind, size), _REQUEST.pack(request), *entries))
-
-
-def decode_send(body: Body, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
-    """A SEND (``to_agents``: SEND_TO) frame's request number and messages; each payload is
-    copied out of ``body`` once (``body`` may be a buffer read into again later)."""
-    if len(body) < _REQUEST.size:
-        raise LocalStreamError("SEND without a request number")
-    (request,) = _REQUEST.unpack_from(body)
-    view = memoryview(body)
-    at, end = _REQUEST.size, len(body)
-    out: list[SendEntry] = []
-    head, unpack_head = _SEND_HEAD.size, _SEND_HEAD.unpack_from
-    size_length, unpack_size = _SIZE.size, _SIZE.unpack_from
-    names: dict[bytes, str] = {}  # recipients, as sent: the same few in a frame
-    try:
-        while at < end:
-            raw_id, to, ttl_ms, topic_length = unpack_head(view, at)
-            at += head
-            to_agent = None
-            if to_agents:  # what was read as the topic's length is the agent's
-                if topic_length:
-                    to_agent = _ascii(view[at : at + topic_length], "agent")
-                    if len(to_agent) != topic_length:
-                        raise LocalStreamError("SEND_TO entry runs past the frame's end")
-                at += topic_length
-                topic_length = view[at]
-                at += 1
-            topic = _ascii(view[at : at + topic_length], "topic")
-            at += topic_length
-            (size,) = unpack_size(view, at)
-            at += size_length
-            if at + size > end:
-                raise LocalStreamError("SEND entry runs past the frame's end")
-            recipient = names.get(to)
-            if recipient is None:
-                recipient = names[to] = _ascii(to, "to")
-            out.append(
-                SendEntry(
-                    raw_id.hex(), recipient, topic, bytes(view[at : at + size]), ttl_ms, to_agent
-                )
-            )
-            at += size
-    except (struct.error, IndexError):
-        raise LocalStreamError("SEND entry runs past the frame's end") from None
-    finally:
-        view.release()
-    if not out:
-        raise LocalStreamError("SEND without a message")
-    return request, out
-
-
-class Status(enum.IntEnum):
-    QUEUED = 0
-    REFUSED = 1
-    BUSY = 2
-
-
-def encode_sent(request: int, status: Status = Status.QUEUED, error: str = "") -> bytes:
-    return frame(Kind.SENT, _SENT.pack(request, status) + error.encode())
-
-
-def decode_sent(body: bytes) -> tuple[int, Status, str]:
-    """(request, status, error text: empty when queued)."""
-    if len(body) < _SENT.size:
-        raise LocalStreamError("SENT too short")
-    request, status = _SENT.unpack_from(body)
-    try:
-        status = Status(status)
-    except ValueError:
-        raise LocalStreamError(f"SENT status {status} is not 0, 1 or 2") from None
-    text = body[_SENT.size :].decode("utf-8", errors="replace")
-    return request, status, text or ("" if status is Status.QUEUED else "refused")
-
-
-# ---------------------------------------------------------------- SUBSCRIBE / ACK
-
-
-def encode_subscribe(topic: str, max_unacked: int, max_bytes: int) -> bytes:
-    raw = topic.encode("ascii")
-    return frame(Kind.SUBSCRIBE, _SUBSCRIBE.pack(max_unacked, max_bytes, len(raw)) + raw)
-
-
-def decode_subscribe(body: Body) -> tuple[str, int, int]:
-    if len(body) < _SUBSCRIBE.size:
-        raise LocalStreamError("SUBSCRIBE too short")
-    max_unacked, max_bytes, length = _SUBSCRIBE.unpack_from(body)
-    if len(body) != _SUBSCRIBE.size + length:
-        raise LocalStreamError("SUBSCRIBE topic length does not match the frame")
-    return _ascii(body[_SUBSCRIBE.size :], "topic"), max_unacked, max_bytes
-
-
-def encode_ack(receipts: Iterable[int]) -> bytes:
-    listed = list(receipts)
-    return frame(Kind.ACK, struct.pack(f">{len(listed)}Q", *listed))
-
-
-def decode_ack(body: Body) -> tuple[int, ...]:
-    if len(body) % _RECEIPT.size:
-        raise LocalStreamError("ACK length is not a multiple of 8")
-    return struct.unpack(f">{len(body) // _RECEIPT.size}Q", body)
-
-
-# ---------------------------------------------------------------- DELIVER
-
-
-def deliver_entry_head(
-    receipt: int,
-    message_id: str,
-    *,
-    sender: str,
-    received: float,
-    room: str | None,
-    size: int,
-    agent: str | None = None,
-) -> bytes:
-    """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
-    flags = (FLAG_ROOM if room is not None else 0) | (FLAG_AGENT if agent is not None else 0)
-    head = _DELIVER_HEAD.pack(
-        receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
-    )
-    if room is not None:
-        head += bytes.fromhex(room)
-    if agent is not None:
-        name = agent.encode("ascii")
-        head += bytes([len(name)]) + name
-    return head + _SIZE.pack(size)
-
-
-def deliver_entry(
-    receipt: int,
-    message_id: str,
-    *,
-    sender: str,
-    received: float,
-    room: str | None,
-    payload: bytes,
-    agent: str | None = None,
-) -> bytes:
-    head = deliver_entry_head(
-        receipt,
-        message_id,
-        sender=sender,
-        received=received,
-        room=room,
-        size=len(payload),
-        agent=agent,
-    )
-    return head + payload
-
-
-def decode_deliver(body: bytes) -> Iterator[Delivered]:
-    view = memoryview(body)
-    at, end = 0, len(body)
-    try:
-        while at < end:
-            receipt, raw_id, sender, received, flags = _DELIVER_HEAD.unpack_from(body, at)
-            at += _DELIVER_HEAD.size
-            room = agent = None
-            if flags & FLAG_ROOM:
-                room = body[at : at + 16].hex()
-                at += 16
-            if flags & FLAG_AGENT:
-                length = body[at]
-                agent = _ascii(body[at + 1 : at + 1 + length], "agent")
-                at += 1 + length
-            (size,) = _SIZE.unpack_from(body, at)
-            at += _SIZE.size
-            if at + size > end:
-                raise LocalStreamError("DELIVER entry runs past the frame's end")
-            payload = bytes(view[at : at + size])
-            at += size
-            yield Delivered(
-                receipt, raw_id.hex(), _ascii(sender, "from"), received, room, payload, agent
-            )
-    except struct.error:
-        raise LocalStreamError("DELIVER entry runs past the frame's end") from None
-    finally:
-        view.release()

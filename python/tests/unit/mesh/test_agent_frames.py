@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -158,7 +157,12 @@ class Inbox:
 
 
 async def talk(
-    tmp_path: Path, pieces: Sequence[bytes], answers: int, *, hang_up: bool = False
+    tmp_path: Path,
+    pieces: Sequence[bytes],
+    answers: int,
+    *,
+    hang_up: bool = False,
+    paused: bool = False,
 ) -> tuple[list[SendEntry], list[tuple[int, bytes]], Inbox]:
     """``pieces`` written to a stream (right behind the request line, not waiting for its
     answer); what was submitted, and the first ``answers`` frames the daemon wrote. After
@@ -170,12 +174,17 @@ async def talk(
         submitted.extend(entries)
         return Status.QUEUED, ""
 
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if paused:  # as the control server's StreamReader does once it holds 4 MiB unread
+            assert isinstance(writer.transport, asyncio.Transport)
+            writer.transport.pause_reading()
+        await agent_streams.serve(reader, writer, inbox=inbox, submit=submit)
+
     async def stream(args: dict[str, Any], peer: api.Peer) -> api.Upgrade:
-        serve = functools.partial(agent_streams.serve, inbox=inbox, submit=submit)
         return api.Upgrade({"stream": 1}, serve, buffer_size=local.SOCKET_BUFFER)
 
     path = tmp_path / "mesh.sock"
-    async with api.ControlServer(path, {"stream": stream}):
+    async with asyncio.timeout(60), api.ControlServer(path, {"stream": stream}):  # not forever
         reader, writer = await asyncio.open_unix_connection(str(path))
         writer.write(b'{"verb": "stream", "args": {}}\n')
         for piece in pieces:
@@ -196,7 +205,7 @@ async def talk(
     return submitted, frames, inbox
 
 
-def test_sends_right_behind_the_request_and_in_small_pieces_are_queued_intact(
+def test_sends_right_behind_the_request_in_small_pieces_or_paused_are_queued_intact(
     tmp_path: Path,
 ) -> None:
     large = [os.urandom(65536) for _ in range(20)]
@@ -204,7 +213,8 @@ def test_sends_right_behind_the_request_and_in_small_pieces_are_queued_intact(
     data = b"".join(frames)
     whole = asyncio.run(talk(tmp_path, [data], 3))
     pieces = asyncio.run(talk(tmp_path, [data[i : i + 1000] for i in range(0, len(data), 1000)], 3))
-    for submitted, answers, _ in (whole, pieces):
+    paused = asyncio.run(talk(tmp_path, [data], 3, paused=True))
+    for submitted, answers, _ in (whole, pieces, paused):
         assert [m.payload for m in submitted] == [*large[:16], b"small", *large[16:]]
         assert answers == [(Kind.SENT, local.encode_sent(n)[5:]) for n in (1, 2, 3)]
 
