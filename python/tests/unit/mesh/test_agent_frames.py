@@ -166,7 +166,7 @@ async def talk(
 ) -> tuple[list[SendEntry], list[tuple[int, bytes]], Inbox]:
     """``pieces`` written to a stream (right behind the request line, not waiting for its
     answer); what was submitted, and the first ``answers`` frames the daemon wrote. After
-    an ERROR frame, or with ``hang_up`` (the agent stops sending), the daemon must close."""
+    an ERROR frame, or with ``hang_up`` (the agent stops sending), the stream must end."""
     submitted: list[SendEntry] = []
     inbox = Inbox()
 
@@ -198,8 +198,7 @@ async def talk(
             kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
             frames.append((kind, await reader.readexactly(length)))
         if hang_up or (frames and frames[-1][0] == Kind.ERROR):
-            assert await reader.read() == b""  # the daemon closed the connection
-            await inbox.closed.wait()
+            await inbox.closed.wait()  # the stream is over (the control server closes it)
         writer.close()
         await writer.wait_closed()
     return submitted, frames, inbox
