@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import mmap
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
@@ -377,7 +378,9 @@ class FrameReader:
     is read first after such a frame, so none of the body lands in the
     scratch buffer) and handed out as a ``memoryview`` of it, valid until
     the next :meth:`pop`: then that buffer is reused for a later large frame
-    (one is kept, up to ``KEEP`` bytes). A frame head announcing more than
+    (one is kept, up to ``KEEP`` bytes). A body over ``KEEP`` bytes gets an
+    anonymous mapping, whose memory is taken only as the bytes arrive: a
+    head alone costs no 16 MiB. A frame head announcing more than
     ``MAX_FRAME`` bytes ends the stream: :meth:`pop` raises its
     ``LocalStreamError`` after the frames before it.
     """
@@ -432,8 +435,8 @@ class FrameReader:
         self._got += count
         if self._got == self._length:
             buffer = self._body.obj
-            assert isinstance(buffer, bytearray)
-            self._queue(self._kind, self._body[: self._length], buffer)
+            reuse = buffer if isinstance(buffer, bytearray) else None  # not a mapping
+            self._queue(self._kind, self._body[: self._length], reuse)
             self._body = None
             self._head_only = True
 
@@ -488,8 +491,11 @@ class FrameReader:
     def _large(self, kind: int, length: int, begun: memoryview) -> None:
         """Read a large frame's body into a buffer of its own (``begun``: what came already)."""
         spare = self._spare
+        buffer: bytearray | mmap.mmap
         if spare is not None and len(spare) >= length:
             buffer, self._spare = spare, None
+        elif length > self.KEEP:
+            buffer = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
         else:
             buffer = bytearray(-(-length // self._ROUND) * self._ROUND)
         body = memoryview(buffer)

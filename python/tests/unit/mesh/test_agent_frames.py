@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,21 @@ def test_a_large_body_is_read_in_place_and_its_buffer_used_again() -> None:
     assert read(reader, data, [len(data)]) == [(Kind.SEND, local.decode_send(data[5:]))]
     assert reader._spare is own or reader._lent is own  # the first frame's buffer, written over
     assert [m.payload for m in messages] == first  # the payloads of the first: copies, intact
+
+
+def test_a_body_over_what_is_kept_is_read_into_a_mapping_taken_as_it_fills() -> None:
+    reader = FrameReader()
+    payloads = [os.urandom(65536) for _ in range(FrameReader.KEEP // 65536 + 16)]
+    data = send_frame(1, payloads)
+    into = reader.buffer()
+    into[: local.FRAME.size] = data[: local.FRAME.size]
+    reader.filled(local.FRAME.size)  # the head alone
+    rest = reader.buffer()
+    assert isinstance(rest.obj, mmap.mmap)  # anonymous: memory only where bytes land
+    assert len(rest) == len(data) - local.FRAME.size
+    del into, rest
+    got = read(reader, data[local.FRAME.size :], [1 << 20])
+    assert got == [(Kind.SEND, local.decode_send(data[local.FRAME.size :]))]
 
 
 def test_a_frame_past_the_limit_ends_the_stream_after_the_frames_before_it() -> None:
