@@ -97,7 +97,7 @@ class AgentFrames(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.frames.filled(nbytes)
-        if self.frames.queued or self.frames.failed:
+        if self.frames.ready or self.frames.failed:
             self._wake()
             self._flow()
 

@@ -407,6 +407,11 @@ class FrameReader:
         self.queued = 0  # bytes of the complete frames not yet popped
 
     @property
+    def ready(self) -> bool:
+        """A complete frame waits to be popped (empty ones too)."""
+        return bool(self._frames)
+
+    @property
     def failed(self) -> bool:
         """A bad frame head ended the stream (nothing more need be read)."""
         return self._error is not None

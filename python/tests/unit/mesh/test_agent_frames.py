@@ -179,9 +179,11 @@ async def talk(
     *,
     hang_up: bool = False,
     paused: bool = False,
+    later: bytes = b"",
 ) -> tuple[list[SendEntry], list[tuple[int, bytes]], Inbox]:
     """``pieces`` written to a stream (right behind the request line, not waiting for its
-    answer); what was submitted, and the first ``answers`` frames the daemon wrote. After
+    answer; ``later`` once it came); what was submitted, and the first ``answers`` frames the
+    daemon wrote. After
     an ERROR frame, or with ``hang_up`` (the agent stops sending), the stream must end."""
     submitted: list[SendEntry] = []
     inbox = Inbox()
@@ -209,6 +211,8 @@ async def talk(
         if hang_up:
             writer.write_eof()
         assert json.loads(await reader.readline()) == {"ok": True, "result": {"stream": 1}}
+        if later:
+            writer.write(later)  # after the answer: read by the stream's own reader
         frames = []
         for _ in range(answers):
             kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
@@ -256,6 +260,11 @@ def test_a_malformed_frame_gets_an_error_and_the_end(
         (Kind.SENT, local.encode_sent(1)[5:]),
         (Kind.ERROR, f"malformed frame: {error}".encode()),
     ]
+
+
+def test_an_empty_frame_read_alone_is_answered_at_once(tmp_path: Path) -> None:
+    _, answers, _ = asyncio.run(talk(tmp_path, [], 1, later=local.FRAME.pack(0x07, 0)))
+    assert answers == [(Kind.ERROR, b"malformed frame: unknown frame type 0x07")]
 
 
 def test_an_agent_that_hangs_up_in_a_frame_queues_nothing_of_it(tmp_path: Path) -> None:
