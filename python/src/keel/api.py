@@ -120,6 +120,23 @@ class Upgrade:
     buffer_size: int | None = None  # SO_SNDBUF and SO_RCVBUF for the stream, if given
 
 
+def take_unread(reader: asyncio.StreamReader) -> bytes:
+    """What ``reader`` holds that nobody read yet, taken out of it.
+
+    For an :class:`Upgrade`'s ``serve`` that reads the connection through a
+    protocol of its own (``writer.transport.set_protocol``, done first, so
+    nothing more reaches ``reader``): what the client sent right behind its
+    request line may be in the reader's buffer already. ``reader.at_eof()``
+    then says whether the client had finished sending.
+    """
+    held = getattr(reader, "_buffer", None)  # asyncio's (3.8 to 3.13): no public way to take it
+    if not isinstance(held, bytearray):
+        raise TypeError("this asyncio's StreamReader keeps its buffer elsewhere")
+    data = bytes(held)
+    held.clear()
+    return data
+
+
 def widen(sock: Any, size: int | None) -> None:
     """Ask for ``size`` bytes of socket buffers each way (the kernel caps it at its maximum)."""
     if sock is None or size is None:

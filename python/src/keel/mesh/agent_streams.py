@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from keel.mesh import local
+from keel.mesh.agent_frames import AgentFrames
 from keel.mesh.ids import check_topic
 from keel.mesh.local import Kind, LocalStreamError, SendEntry, Status
 
@@ -96,9 +97,9 @@ async def serve(
     inbox.stream_opened(stream)
     subscribed = False
     try:
-        while True:
-            kind, length = local.read_frame_head(await reader.readexactly(local.FRAME.size))
-            body = await reader.readexactly(length) if length else b""
+        frames = AgentFrames(reader, writer)
+        while (frame := await frames.next()) is not None:
+            kind, body = frame
             if kind in (Kind.SEND, Kind.SEND_TO):
                 request, messages = local.decode_send(body, to_agents=kind == Kind.SEND_TO)
                 status, error = await submit(messages)
@@ -106,7 +107,7 @@ async def serve(
             elif kind == Kind.ACK:
                 inbox.stream_acked(stream, local.decode_ack(body))
             elif kind == Kind.SUBSCRIBE and not subscribed:
-                topic, max_unacked, max_bytes = _subscription(body)
+                topic, max_unacked, max_bytes = _subscription(bytes(body))
                 refusal = None if may_read is None else may_read(topic)
                 if refusal is not None:
                     stream.write(local.frame(Kind.ERROR, (local.REFUSED + refusal).encode()))
@@ -117,7 +118,7 @@ async def serve(
                 stream.write(_error(kind, subscribed))
                 return
             await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except ConnectionError:
         pass  # the agent hung up
     except LocalStreamError as exc:
         stream.write(local.frame(Kind.ERROR, f"malformed frame: {exc}".encode()))

@@ -254,6 +254,34 @@ class Outbox:
         self._total += 1
         self._bytes += item.size
 
+    def add_many(self, items: Iterable[Queued | None]) -> None:
+        """``add`` without the limits' check for items stored durably just now (None: skipped,
+        one that was queued already): one pass, the per-peer state looked up once per run."""
+        expiry, push = self._expiry, heapq.heappush
+        peer = None
+        state = _Peer()
+        count = size = 0
+        for item in items:
+            if item is None:
+                continue
+            if item.peer != peer:
+                peer = item.peer
+                state = self._peer(peer)
+            seq = item.seq
+            if seq in state.entries or item.id in state.by_id:
+                self._total += count
+                self._bytes += size
+                raise ValueError(f"message {item.id} for {item.peer} is queued already")
+            state.entries[seq] = _Entry(item)
+            state.by_id[item.id] = seq
+            state.bytes += item.size
+            push(state.ready, seq)
+            push(expiry, (item.expires, peer, seq))
+            count += 1
+            size += item.size
+        self._total += count
+        self._bytes += size
+
     def _remove(self, state: _Peer, seq: int) -> Queued:
         entry = state.entries.pop(seq)
         del state.by_id[entry.item.id]

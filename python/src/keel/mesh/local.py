@@ -52,7 +52,9 @@ messages out again, under new receipts).
 
 from __future__ import annotations
 
+import collections
 import enum
+import mmap
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
@@ -173,35 +175,46 @@ def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = Fal
     return b"".join((FRAME.pack(kind, size), _REQUEST.pack(request), *entries))
 
 
-def decode_send(body: bytes, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
+def decode_send(body: Body, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
+    """A SEND (``to_agents``: SEND_TO) frame's request number and messages; each payload is
+    copied out of ``body`` once (``body`` may be a buffer read into again later)."""
     if len(body) < _REQUEST.size:
         raise LocalStreamError("SEND without a request number")
     (request,) = _REQUEST.unpack_from(body)
     view = memoryview(body)
     at, end = _REQUEST.size, len(body)
     out: list[SendEntry] = []
+    head, unpack_head = _SEND_HEAD.size, _SEND_HEAD.unpack_from
+    size_length, unpack_size = _SIZE.size, _SIZE.unpack_from
+    names: dict[bytes, str] = {}  # recipients, as sent: the same few in a frame
     try:
         while at < end:
-            raw_id, to, ttl_ms, topic_length = _SEND_HEAD.unpack_from(body, at)
-            at += _SEND_HEAD.size
+            raw_id, to, ttl_ms, topic_length = unpack_head(view, at)
+            at += head
             to_agent = None
             if to_agents:  # what was read as the topic's length is the agent's
                 if topic_length:
-                    to_agent = _ascii(body[at : at + topic_length], "agent")
+                    to_agent = _ascii_view(view[at : at + topic_length], "agent")
                     if len(to_agent) != topic_length:
                         raise LocalStreamError("SEND_TO entry runs past the frame's end")
                 at += topic_length
-                topic_length = body[at]
+                topic_length = view[at]
                 at += 1
-            topic = _ascii(body[at : at + topic_length], "topic")
+            topic = _ascii_view(view[at : at + topic_length], "topic")
             at += topic_length
-            (size,) = _SIZE.unpack_from(body, at)
-            at += _SIZE.size
+            (size,) = unpack_size(view, at)
+            at += size_length
             if at + size > end:
                 raise LocalStreamError("SEND entry runs past the frame's end")
-            payload = bytes(view[at : at + size])
+            recipient = names.get(to)
+            if recipient is None:
+                recipient = names[to] = _ascii(to, "to")
+            out.append(
+                SendEntry(
+                    raw_id.hex(), recipient, topic, bytes(view[at : at + size]), ttl_ms, to_agent
+                )
+            )
             at += size
-            out.append(SendEntry(raw_id.hex(), _ascii(to, "to"), topic, payload, ttl_ms, to_agent))
     except (struct.error, IndexError):
         raise LocalStreamError("SEND entry runs past the frame's end") from None
     finally:
@@ -209,6 +222,14 @@ def decode_send(body: bytes, *, to_agents: bool = False) -> tuple[int, list[Send
     if not out:
         raise LocalStreamError("SEND without a message")
     return request, out
+
+
+def _ascii_view(raw: memoryview, what: str) -> str:
+    """``_ascii`` of a slice of a frame's body, without copying it out first."""
+    try:
+        return str(raw, "ascii")
+    except UnicodeDecodeError:
+        raise LocalStreamError(f"{what} is not ASCII") from None
 
 
 class Status(enum.IntEnum):
@@ -256,7 +277,7 @@ def encode_ack(receipts: Iterable[int]) -> bytes:
     return frame(Kind.ACK, struct.pack(f">{len(listed)}Q", *listed))
 
 
-def decode_ack(body: bytes) -> tuple[int, ...]:
+def decode_ack(body: Body) -> tuple[int, ...]:
     if len(body) % _RECEIPT.size:
         raise LocalStreamError("ACK length is not a multiple of 8")
     return struct.unpack(f">{len(body) // _RECEIPT.size}Q", body)
@@ -338,3 +359,151 @@ def decode_deliver(body: bytes) -> Iterator[Delivered]:
         raise LocalStreamError("DELIVER entry runs past the frame's end") from None
     finally:
         view.release()
+
+
+# ---------------------------------------------------------------- reading frames
+
+
+Body = bytes | memoryview  # a frame's body: bytes, or a view of the buffer it was read into
+
+
+class FrameReader:
+    """Frames out of a byte stream, each byte read where it is used. Pure: the caller reads.
+
+    The caller reads into :meth:`buffer` and says how much came with
+    :meth:`filled`; :meth:`pop` gives the complete frames in order (type,
+    body). A frame of up to ``SCRATCH`` bytes is read into a scratch buffer,
+    several in one read, and its body copied out (``bytes``). A larger
+    frame's body is read straight into a buffer of its own (the head alone
+    is read first after such a frame, so none of the body lands in the
+    scratch buffer) and handed out as a ``memoryview`` of it, valid until
+    the next :meth:`pop`: then that buffer is reused for a later large frame
+    (one is kept, up to ``KEEP`` bytes). A body over ``KEEP`` bytes gets an
+    anonymous mapping, whose memory is taken only as the bytes arrive: a
+    head alone costs no 16 MiB. A frame head announcing more than
+    ``MAX_FRAME`` bytes ends the stream: :meth:`pop` raises its
+    ``LocalStreamError`` after the frames before it.
+    """
+
+    SCRATCH: Final = 64 << 10
+    KEEP: Final = 4 << 20
+    _ROUND: Final = 64 << 10  # large bodies' buffers are allocated in these steps (to reuse)
+
+    def __init__(self) -> None:
+        self._scratch = bytearray(self.SCRATCH)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # the scratch buffer holds unparsed bytes in [_start, _end)
+        self._end = 0
+        self._head_only = False  # the next read takes a frame head only (after a large frame)
+        self._body: memoryview | None = None  # the large frame being read: its whole buffer
+        self._kind = 0
+        self._length = 0
+        self._got = 0
+        self._frames: collections.deque[tuple[int, Body]] = collections.deque()
+        self._buffers: collections.deque[bytearray | None] = collections.deque()  # per frame
+        self._lent: bytearray | None = None  # the large body handed out by the last pop
+        self._spare: bytearray | None = None
+        self._error: LocalStreamError | None = None
+        self.queued = 0  # bytes of the complete frames not yet popped
+
+    @property
+    def ready(self) -> bool:
+        """A complete frame waits to be popped (empty ones too)."""
+        return bool(self._frames)
+
+    @property
+    def failed(self) -> bool:
+        """A bad frame head ended the stream (nothing more need be read)."""
+        return self._error is not None
+
+    def buffer(self) -> memoryview:
+        """Where the next read goes (never empty)."""
+        if self._body is not None:
+            return self._body[self._got : self._length]
+        start, end = self._start, self._end
+        if start:  # a partial frame is left: to the front (a few bytes, or a small frame)
+            self._view[: end - start] = self._view[start:end]
+            end -= start
+            self._start, self._end = 0, end
+        if self._head_only and end < FRAME.size:
+            return self._view[end : FRAME.size]
+        return self._view[end:]
+
+    def filled(self, count: int) -> None:
+        """``count`` bytes were read into the last :meth:`buffer`."""
+        if self._error is not None:
+            return  # the stream is over: what follows a bad head means nothing
+        if self._body is None:
+            self._end += count
+            self._parse()
+            return
+        self._got += count
+        if self._got == self._length:
+            buffer = self._body.obj
+            reuse = buffer if isinstance(buffer, bytearray) else None  # not a mapping
+            self._queue(self._kind, self._body[: self._length], reuse)
+            self._body = None
+            self._head_only = True
+
+    def pop(self) -> tuple[int, Body] | None:
+        """The next complete frame, or None; the previous large body's buffer is reused now."""
+        lent, self._lent = self._lent, None
+        spare = self._spare
+        if (
+            lent is not None
+            and len(lent) <= self.KEEP
+            and (spare is None or len(lent) > len(spare))
+        ):
+            self._spare = lent
+        if self._frames:
+            kind, body = self._frames.popleft()
+            self._lent = self._buffers.popleft()
+            self.queued -= len(body)
+            return kind, body
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def _queue(self, kind: int, body: Body, buffer: bytearray | None) -> None:
+        self._frames.append((kind, body))
+        self._buffers.append(buffer)
+        self.queued += len(body)
+
+    def _parse(self) -> None:
+        view, at, end = self._view, self._start, self._end
+        head = FRAME.size
+        while end - at >= head:
+            kind, length = FRAME.unpack_from(view, at)
+            if length > MAX_FRAME:
+                self._error = LocalStreamError(f"frame of {length} bytes is over {MAX_FRAME}")
+                self._start = self._end = 0
+                return
+            stop = at + head + length
+            if head + length > self.SCRATCH:  # large: its body gets a buffer of its own
+                self._large(kind, length, view[at + head : end])
+                self._start = self._end = 0
+                return
+            if stop > end:
+                break
+            self._queue(kind, bytes(view[at + head : stop]), None)
+            self._head_only = False
+            at = stop
+        if at == end:
+            self._start = self._end = 0
+        else:
+            self._start = at
+
+    def _large(self, kind: int, length: int, begun: memoryview) -> None:
+        """Read a large frame's body into a buffer of its own (``begun``: what came already)."""
+        spare = self._spare
+        buffer: bytearray | mmap.mmap
+        if spare is not None and len(spare) >= length:
+            buffer, self._spare = spare, None
+        elif length > self.KEEP:
+            buffer = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+        else:
+            buffer = bytearray(-(-length // self._ROUND) * self._ROUND)
+        body = memoryview(buffer)
+        got = len(begun)
+        body[:got] = begun
+        self._kind, self._length, self._got, self._body = kind, length, got, body

@@ -103,32 +103,28 @@ class Outbound:
         """
         counts: dict[str, int] = {}
         size = 0
-        for message in messages:
-            for peer in message.recipients:
+        rows: list[OutboxRow] = []
+        envelopes: list[Envelope] = []  # each row's: one per message, shared by its recipients
+        for m in messages:
+            stamp, payload = m.stamp, m.payload
+            room = stamp.room if stamp is not None else None
+            envelope = Envelope(payload, stamp, m.agent, m.to)
+            for peer in m.recipients:
                 counts[peer] = counts.get(peer, 0) + 1
-            size += len(message.payload) * len(message.recipients)
+                rows.append(
+                    OutboxRow(m.id, peer, room, m.topic, m.expires, stamp, payload, m.agent, m.to)
+                )
+                envelopes.append(envelope)
+            size += len(payload) * len(m.recipients)
         self.outbox.check_batch(counts, size)
-        rows = [
-            OutboxRow(
-                m.id,
-                peer,
-                m.stamp.room if m.stamp else None,
-                m.topic,
-                m.expires,
-                m.stamp,
-                m.payload,
-                m.agent,
-                m.to,
-            )
-            for m in messages
-            for peer in m.recipients
-        ]
         items = self.store.enqueue(rows, self.wall())
-        for row, item in zip(rows, items, strict=True):
-            if item is None:
-                continue  # the same id for the same peer is queued already: a retried send
-            self.outbox.add(item, check=False)
-            self._remember(item.seq, Envelope(row.payload, row.stamp, row.agent, row.to))
+        self.outbox.add_many(items)  # None: the same id for the same peer was queued already
+        cached, cached_bytes = self._payloads, self._payload_bytes
+        for item, envelope in zip(items, envelopes, strict=True):
+            if item is not None and cached_bytes + item.size <= PAYLOAD_CACHE_BYTES:
+                cached[item.seq] = envelope
+                cached_bytes += item.size
+        self._payload_bytes = cached_bytes
         if self.audit is not None:
             self.audit.add("sent", _audited(i for i in items if i is not None))
         self.pump()  # now, not on the next turn of the loop: the frames leave before the reply
@@ -275,11 +271,6 @@ class Outbound:
         if cached is not None:
             return cached
         return self.store.outbox_payload(seq)
-
-    def _remember(self, seq: int, envelope: Envelope) -> None:
-        if self._payload_bytes + len(envelope.payload) <= PAYLOAD_CACHE_BYTES:
-            self._payloads[seq] = envelope
-            self._payload_bytes += len(envelope.payload)
 
     def _forget(self, seq: int) -> None:
         cached = self._payloads.pop(seq, None)

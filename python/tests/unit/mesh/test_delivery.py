@@ -393,3 +393,30 @@ def test_every_message_reaches_the_application_exactly_once(actions: list[str], 
     assert not world.durable, "some messages were never acknowledged"
     assert set(world.app) == set(world.sent_ids)
     assert all(count == 1 for count in world.app.values())
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("pqr"), st.integers(0, 100), st.booleans()), max_size=30))
+def test_adding_many_at_once_is_adding_each(rows: list[tuple[str, int, bool]]) -> None:
+    items = [item(seq, peer, size) for seq, (peer, size, _) in enumerate(rows, 1)]
+    batch = [None if skipped else i for i, (_, _, skipped) in zip(items, rows, strict=True)]
+    one_by_one, at_once = outbox(Clocks()), outbox(Clocks())
+    for queued in batch:
+        if queued is not None:
+            one_by_one.add(queued, check=False)
+    at_once.add_many(batch)
+    for box in (one_by_one, at_once):
+        box.connected("p")
+        box.connected("q")
+    assert (len(at_once), at_once.bytes) == (len(one_by_one), one_by_one.bytes)
+    assert at_once.items() == one_by_one.items()
+    assert [at_once.queued(p) for p in "pqr"] == [one_by_one.queued(p) for p in "pqr"]
+    assert at_once.poll() == one_by_one.poll()
+
+
+def test_adding_many_refuses_one_queued_already_and_counts_what_it_added() -> None:
+    box = outbox(Clocks())
+    box.add(item(2))
+    with pytest.raises(ValueError, match="queued already"):
+        box.add_many([item(1), item(2), item(3)])
+    assert (len(box), box.bytes, box.queued("p")) == (2, 20, 2)
