@@ -33,6 +33,10 @@ from keel.mesh.session import Closed, HandshakeComplete, Message, NeedData, Sess
 # bookkeeping, which 64 KiB messages four to a packet paid four times as
 # often (about 10 % of their CPU in all).
 BATCH_TARGET = packets.MAX_BATCH_BYTES
+# Frames queued in one turn of the loop are joined into one write when they
+# come to at most this much; above it each large buffer is written as it is
+# (a sealed MSGS packet is up to 1 MiB: joining would copy it once more).
+JOIN_LIMIT = 64 * 1024
 MAX_CLOSE_REASON = 200
 
 
@@ -98,7 +102,7 @@ class PeerLink(asyncio.Protocol):
 
         self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
         self._timer: asyncio.TimerHandle | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []  # frames to write, in order
         self._flush_scheduled = False
 
     def hello(self, hello: Hello) -> None:
@@ -231,29 +235,46 @@ class PeerLink(asyncio.Protocol):
 
     # -- writing
 
-    def _write(self, data: bytes) -> None:
-        """Queue bytes; everything written in one turn of the loop leaves in one syscall."""
+    def _write(self, data: bytes | bytearray) -> None:
+        """Queue bytes; everything written in one turn of the loop leaves in this order, together."""
         if data:
-            self._write_parts([data])
-
-    def _write_parts(self, parts: list[bytes]) -> None:
-        """``_write`` for pieces: they are joined once, with the rest, when flushed."""
-        self._out += parts
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._out.append(data)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        """Write what is queued: small pieces joined, each large one as it is (no copy)."""
         self._flush_scheduled = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
+        out = self._out
+        if out and self.transport is not None and not self.transport.is_closing():
+            if len(out) == 1:
+                self.transport.write(memoryview(out[0]))  # a view: a partial send copies no rest
+            elif sum(len(piece) for piece in out) <= JOIN_LIMIT:
+                self.transport.write(b"".join(out))
+            else:
+                small: list[bytes | bytearray] = []
+                for piece in out:
+                    if len(piece) < JOIN_LIMIT:
+                        small.append(piece)
+                        continue
+                    if small:
+                        self.transport.write(b"".join(small))
+                        small.clear()
+                    self.transport.write(memoryview(piece))
+                if small:
+                    self.transport.write(b"".join(small))
+        out.clear()
 
     def send_packet(self, data: bytes) -> None:
         """An encoded packet, once the session is open (dropped otherwise: the node resends)."""
+        self.send_pieces((data,))
+
+    def send_pieces(self, pieces: Sequence[bytes]) -> None:
+        """``send_packet`` for a packet given as pieces: sealed from them, never joined."""
         if self.closing or self.session.state is not State.OPEN:
             return
-        self._guarded(lambda: self._write_parts(self.session.send_message_parts(data)))
+        self._guarded(lambda: self._write(self.session.seal_message(pieces)))
 
     def send_records(self, records: list[dict[str, Any]]) -> None:
         for batch in packets.split_records(records):
@@ -322,7 +343,7 @@ class Batch:
 
     def flush(self) -> None:
         if self.count:
-            self.link.send_packet(b"".join(self.parts))  # the payloads' one copy on this side
+            self.link.send_pieces(self.parts)  # sealed from the pieces: no joined packet
         self.parts = [packets.MSGS_HEADER]
         self.count = 0
         self.size = len(packets.MSGS_HEADER)
