@@ -84,6 +84,7 @@ class PeerLink(asyncio.Protocol):
     ) -> None:
         self.events = events
         self.session = session
+        session.lend_messages = True  # each message is decoded (its payloads copied) at once
         self.local_id = local_id
         self.clock = clock
         self.dial = dial  # an outbound connection to a member

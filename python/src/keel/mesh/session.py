@@ -134,7 +134,12 @@ class HandshakeComplete:
 
 @dataclass(frozen=True)
 class Message:
-    """An application message; ``data`` may be a read-only view (of a buffer never reused)."""
+    """An application message.
+
+    ``data`` is ``bytes``, or, when the session lends messages
+    (``Session.lend_messages``), a read-only view valid until the next call
+    of ``next_event``.
+    """
 
     data: bytes | memoryview
 
@@ -161,18 +166,6 @@ class NeedData:
 
 
 NEED_DATA: Final = NeedData()
-
-
-def _view(buffer: Buffer, start: int, end: int) -> memoryview:
-    """A read-only view of ``buffer[start:end]`` (a message's bytes, never written again)."""
-    return memoryview(buffer)[start:end].toreadonly()
-
-
-def _assembly(first: Buffer, config: SessionConfig) -> bytearray:
-    """A buffer for a message arriving in records, holding its first (type byte and body)."""
-    packet = bytearray(config.max_message_size + 1 + MAX_FRAME_SIZE)
-    packet[: len(first)] = first
-    return packet
 
 
 # ---------------------------------------------------------------- session
@@ -227,8 +220,11 @@ class Session:
         self._h2 = b""
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
-        self._packet: bytearray | None = None  # a message arriving in records, assembled in place
-        self._packet_end = 0  # how much of ``_packet`` is filled (its first byte: a type byte)
+        self._assembly: bytearray | None = None  # where a message arriving in records is put
+        self._packet_end = 0  # how much of it is filled (its first byte: a type byte); 0: none
+        # Whether a Message's data may be a view of the assembly buffer, valid only
+        # until the next call of next_event (the peer link decodes it at once).
+        self.lend_messages = False
         self._scratch: bytearray | None = None  # one record's plaintext while it is sealed
         now = clock()
         self._created = now
@@ -633,47 +629,66 @@ class Session:
         size = len(frame) - TAG_LEN  # the record's: its type byte and body
         if size <= 0:
             raise RemoteProtocolError("transport frame shorter than its tag", hint="garbage")
-        packet = self._packet
-        if packet is not None:
-            self._on_more(recv, frame, packet, size)
+        if self._packet_end:
+            self._on_more(recv, frame, size)
             return
         if size + TAG_LEN >= self.config.max_frame_size:  # a full record: a long message begins?
-            packet = bytearray(self.config.max_message_size + 1 + MAX_FRAME_SIZE)
+            packet = self._assembly_for(size)
             with memoryview(packet) as view:
                 recv.decrypt_into(b"", frame, view[:size])
             self._last_received = self.clock()
             if packet[0] == RecordType.DATA_MORE:
-                self._packet, self._packet_end = packet, size
                 self._check_size(size - 1)
+                self._packet_end = size
                 return
-            del packet[size:]
             plaintext: Buffer = packet
         else:
             plaintext = recv.decrypt_with_ad(b"", frame)
             self._last_received = self.clock()
-        if plaintext[0] == RecordType.DATA:  # the usual case: a message in one record
+        kind = plaintext[0]
+        if kind == RecordType.DATA:  # the usual case: a message in one record
             self._check_size(size - 1)
-            self._events.append(Message(_view(plaintext, 1, size)))
-        elif plaintext[0] == RecordType.DATA_MORE:  # a long message in records short of the most
-            self._packet, self._packet_end = _assembly(plaintext, self.config), size
+            self._deliver(plaintext, size)
+        elif kind == RecordType.DATA_MORE:  # a long message in records short of the most
             self._check_size(size - 1)
+            self._assembly_for(size)[:size] = plaintext[:size]
+            self._packet_end = size
         else:
-            self._on_record(*decode_record(bytes(plaintext)))
+            self._on_record(*decode_record(bytes(plaintext[:size])))
 
-    def _on_more(self, recv: CipherState, frame: Buffer, packet: bytearray, size: int) -> None:
-        """The next record while a message arrives in pieces: decrypted in place behind them.
+    def _assembly_for(self, size: int) -> bytearray:
+        """The buffer a message in records is assembled in, with room for ``size`` bytes.
 
-        ``packet`` holds the first record's type byte, then the message so far
-        (to ``_packet_end``). The record's type byte lands on the last byte so
-        far, kept aside and put back: the body follows the message without a copy.
+        One per session, kept: a larger one replaces it (a lent view of the
+        old stays valid), at most a maximal message, a type byte and a record.
+        """
+        packet = self._assembly
+        if packet is None or len(packet) < size:
+            most = self.config.max_message_size + 1 + MAX_FRAME_SIZE
+            grown = bytearray(min(most, max(size, 2 * len(packet or b""), 4 * MAX_FRAME_SIZE)))
+            if packet is not None:
+                grown[: self._packet_end] = packet[: self._packet_end]
+            self._assembly = packet = grown
+        return packet
+
+    def _deliver(self, plaintext: Buffer, end: int) -> None:
+        """A whole message: ``plaintext[1:end]``, lent as a view or copied."""
+        with memoryview(plaintext) as whole:
+            view = whole[1:end]
+            data = view.toreadonly() if self.lend_messages else view.tobytes()
+        self._events.append(Message(data))
+
+    def _on_more(self, recv: CipherState, frame: Buffer, size: int) -> None:
+        """The next record while a message arrives in records: decrypted in place behind them.
+
+        The assembly buffer holds the first record's type byte, then the
+        message so far (to ``_packet_end``). The record's type byte lands on
+        the last byte so far, kept aside and put back: its body follows the
+        message's without a copy.
         """
         end = self._packet_end
         at = end - 1
-        if at + size > len(packet):
-            raise RemoteProtocolError(
-                f"incoming message exceeds the maximum of {self.config.max_message_size} bytes",
-                hint="oversized message",
-            )
+        packet = self._assembly_for(at + size)
         kept = packet[at]
         with memoryview(packet) as view:
             recv.decrypt_into(b"", frame, view[at : at + size])
@@ -681,12 +696,13 @@ class Session:
         kind = packet[at]
         packet[at] = kept
         if kind in _PIECES:
-            self._packet_end = end = at + size
+            end = at + size
             self._check_size(end - 1)
             if kind == RecordType.DATA:
-                self._packet = None
-                del packet[end:]
-                self._events.append(Message(_view(packet, 1, end)))
+                self._packet_end = 0
+                self._deliver(packet, end)
+            else:
+                self._packet_end = end
             return
         record = bytes([kind]) + bytes(packet[at + 1 : at + size])
         self._on_record(*decode_record(record))
@@ -701,7 +717,7 @@ class Session:
         elif record is RecordType.REKEY:
             self._recv.rekey()
         elif record is RecordType.CLOSE:
-            self._packet = None
+            self._packet_end = 0
             reason = body.decode("utf-8", errors="replace")
             self._finish(Closed(reason or "closed by the peer", clean=True))
 
