@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,6 +281,13 @@ def decode(data: bytes | memoryview) -> Packet:
     except ValueError:
         raise _bad(f"unknown packet type 0x{data[0]:02x}") from None
     length = int.from_bytes(data[1:3], "big")
+    if kind is PacketType.ACK and len(data) == 3 + length:
+        fast = _PLAIN_ACK.fullmatch(data, 3)
+        if fast is not None:  # the usual ACK: only ok ids, in canonical form
+            ids = fast.group(1)
+            ok = tuple(ids[1:-1].decode("ascii").split('","')) if ids else ()
+            if len(ok) <= MAX_ACK_IDS:
+                return Ack(ok)
     if kind is PacketType.MSGS:
         if length:
             raise _bad("MSGS has no header (its header length must be 0)")
@@ -300,6 +308,13 @@ def decode(data: bytes | memoryview) -> Packet:
     if kind is PacketType.ACK:
         return _decode_ack(header)
     return _decode_records(header)
+
+
+# An ACK whose only ids are "ok", exactly as ``encode`` writes it (canonical JSON):
+# read without the JSON parser. Whatever else an ACK holds takes the general path.
+_PLAIN_ACK: Final = re.compile(
+    rb'\{"busy":\[\],"ok":\[((?:"[0-9a-f]{32}",)*"[0-9a-f]{32}")?\],"rejected":\[\]\}'
+)
 
 
 def _keys(header: Mapping[str, Any], what: str, required: set[str], optional: set[str]) -> None:

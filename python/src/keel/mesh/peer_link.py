@@ -178,15 +178,25 @@ class PeerLink(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         self.session.receive_data(data)
         incoming: list[Msg] = []  # stored and acknowledged together, one transaction
+        answers: list[Ack] = []  # what the peer acknowledged: taken together, one transaction
         try:
-            self._events(incoming)
+            self._events(incoming, answers)
         finally:  # what arrived intact before a fault counts
-            if incoming and not self.closing:
-                self.events.messages_arrived(self, incoming)
+            if not self.closing:
+                self._report(incoming, answers)
         if not data:
             self.abort()
 
-    def _events(self, incoming: list[Msg]) -> None:
+    def _report(self, incoming: list[Msg], answers: list[Ack]) -> None:
+        """Tell the node what came in so far, and empty the lists."""
+        if incoming:
+            self.events.messages_arrived(self, incoming[:])
+            incoming.clear()
+        if answers:
+            self.events.packet_arrived(self, merge_acks(answers))
+            answers.clear()
+
+    def _events(self, incoming: list[Msg], answers: list[Ack]) -> None:
         while not self.closing:
             event = self.session.next_event()
             self._write(self.session.data_to_send())
@@ -199,20 +209,18 @@ class PeerLink(asyncio.Protocol):
                 self.events.handshake_done(self, event)
                 self._arm_timer()  # keepalives and rekeys run on their own deadlines now
             elif isinstance(event, Message):
-                packet = packets.decode(event.data)
+                packet = packets.decode(event.data)  # copies what it keeps: the data is lent
                 if isinstance(packet, Msgs):
                     incoming.extend(packet.messages)
                 elif isinstance(packet, Msg):
                     incoming.append(packet)
+                elif isinstance(packet, Ack):
+                    answers.append(packet)
                 else:
-                    if incoming:
-                        self.events.messages_arrived(self, incoming[:])
-                        incoming.clear()
+                    self._report(incoming, answers)
                     self.events.packet_arrived(self, packet)
             elif isinstance(event, Closed):
-                if incoming:
-                    self.events.messages_arrived(self, incoming[:])
-                    incoming.clear()
+                self._report(incoming, answers)
                 self.events.closed_by_peer(self, event)
                 self.abort()
                 return
@@ -348,6 +356,23 @@ class Batch:
         self.parts = [packets.MSGS_HEADER]
         self.count = 0
         self.size = len(packets.MSGS_HEADER)
+
+
+def merge_acks(answers: Sequence[Ack]) -> Ack:
+    """The ACKs of one read as one: its lists are theirs end to end, in order.
+
+    The node then deletes what they acknowledge in one transaction, not one
+    per ACK (about 30 us each on the sending daemon). It treats a merged ACK
+    as one ACK carrying all three lists: ``ok`` first, then ``busy``, then
+    ``rejected``, whichever ACK said what.
+    """
+    if len(answers) == 1:
+        return answers[0]
+    return Ack(
+        tuple(i for a in answers for i in a.ok),
+        tuple(i for a in answers for i in a.busy),
+        tuple(r for a in answers for r in a.rejected),
+    )
 
 
 ACK_HEADER_BUDGET: Final = 60_000  # bytes of ids and reasons in one ACK (the header's limit: 65535)

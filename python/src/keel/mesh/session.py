@@ -61,6 +61,8 @@ from keel.mesh.noise import TAG_LEN, Buffer, CipherState, HandshakeState
 PROTOCOL_NAME: Final = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s"
 _DATA: Final = bytes([RecordType.DATA])
 _DATA_MORE: Final = bytes([RecordType.DATA_MORE])
+_DATA_TYPE: Final = int(RecordType.DATA)
+_DATA_MORE_TYPE: Final = int(RecordType.DATA_MORE)
 _LENGTH: Final = struct.Struct(">H")  # a frame's length prefix
 _RECORD_OVERHEAD: Final = LENGTH_SIZE + 1 + TAG_LEN  # a frame's length, record type and tag
 _REKEY_FRAME: Final = _RECORD_OVERHEAD  # a REKEY record has no body
@@ -362,7 +364,7 @@ class Session:
                     target[pos : pos + len(rekey)] = rekey
                     pos += len(rekey)
                 length = min(chunk, size - record * chunk)
-                scratch[0] = RecordType.DATA if record == records - 1 else RecordType.DATA_MORE
+                scratch[0] = _DATA_TYPE if record == records - 1 else _DATA_MORE_TYPE
                 filled = 0
                 while filled < length:
                     view = views[index]
