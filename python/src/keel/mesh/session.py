@@ -303,7 +303,7 @@ class Session:
         payload = json.dumps({"v": PROTOCOL_VERSION}).encode()
         return self._guard(lambda: self._frame(self._handshake.write_message(payload)))
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Feed bytes read from the socket; ``b""`` when the peer closed its side."""
         self._check_alive()
         self._guard(lambda: self._reader.feed(bytes(data)))
@@ -321,9 +321,9 @@ class Session:
 
     # -- output
 
-    def send_message(self, data: Buffer) -> bytearray:
+    def send_message(self, data: Buffer) -> bytes:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
-        return self.seal_message((data,))
+        return bytes(self.seal_message((data,)))
 
     def seal_message(self, pieces: Sequence[Buffer]) -> bytearray:
         """The frames of one message whose bytes are ``pieces`` joined, in one new buffer.
