@@ -93,7 +93,7 @@ HASHES = {
 
 
 class _Aead(Protocol):
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def encrypt(self, nonce: bytes, data: Buffer, associated_data: bytes | None) -> bytes: ...
 
     def decrypt(self, nonce: bytes, data: Buffer, associated_data: bytes | None) -> bytes: ...
 
@@ -244,7 +244,7 @@ class CipherState:
         if self._encrypt_into is not None:
             self._encrypt_into(nonce, plaintext, ad, out)
         else:  # cryptography before 47.0.0
-            out[:] = self._aead.encrypt(nonce, bytes(plaintext), ad)
+            out[:] = self._aead.encrypt(nonce, plaintext, ad)
         self.nonce += 1
 
     def decrypt_into(self, ad: bytes, ciphertext: Buffer, out: memoryview) -> None:
