@@ -710,11 +710,9 @@ class Session:
         self._on_record(*decode_record(record))
 
     def _on_record(self, record: RecordType, body: bytes) -> None:
-        """A record that is no piece of a message in pieces."""
+        """A record that is no piece of a message (those never come here)."""
         assert self._recv is not None
-        if record is RecordType.DATA:  # only from decode_record: a message in one record
-            self._events.append(Message(body))
-        elif record is RecordType.KEEPALIVE:
+        if record is RecordType.KEEPALIVE:
             self._events.append(Keepalive())
         elif record is RecordType.REKEY:
             self._recv.rekey()
