@@ -66,6 +66,7 @@ _DATA_MORE_TYPE: Final = int(RecordType.DATA_MORE)
 _LENGTH: Final = struct.Struct(">H")  # a frame's length prefix
 _RECORD_OVERHEAD: Final = LENGTH_SIZE + 1 + TAG_LEN  # a frame's length, record type and tag
 _REKEY_FRAME: Final = _RECORD_OVERHEAD  # a REKEY record has no body
+_SMALL: Final = 8192  # bytes: a message up to this long is sealed as one record in a few steps
 _PIECES: Final = frozenset({RecordType.DATA, RecordType.DATA_MORE})  # the records of a message
 PROLOGUE: Final = b"keel-mesh/1"
 PROTOCOL_VERSION: Final = 1
@@ -325,7 +326,7 @@ class Session:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
         return bytes(self.seal_message((data,)))
 
-    def seal_message(self, pieces: Sequence[Buffer]) -> bytearray:
+    def seal_message(self, pieces: Sequence[Buffer]) -> bytes | bytearray:
         """The frames of one message whose bytes are ``pieces`` joined, in one new buffer.
 
         The pieces are not joined: each record's plaintext (its type byte and
@@ -336,7 +337,7 @@ class Session:
         ``encode_record(kind, chunk)`` chunk by chunk (docs/mesh-protocol.md).
         """
         self._require_open("send a message")
-        size = sum(len(piece) for piece in pieces)
+        size = sum(map(len, pieces))
         if size > self.config.max_message_size:
             raise LocalProtocolError(
                 f"message of {size} bytes exceeds the maximum of {self.config.max_message_size}",
@@ -344,17 +345,24 @@ class Session:
             )
         return self._guard(lambda: self._seal_pieces(pieces, size))
 
-    def _seal_pieces(self, pieces: Sequence[Buffer], size: int) -> bytearray:
+    def _seal_pieces(self, pieces: Sequence[Buffer], size: int) -> bytes | bytearray:
         send = self._send
         assert send is not None
         chunk = self.config.max_frame_size - TAG_LEN - 1
+        if size <= min(_SMALL, chunk):  # an ACK, a small message: the copies cost less than steps
+            now = self.clock()
+            rekey = self._rekey_if_due(now)
+            sealed = send.encrypt_with_ad(b"", b"".join((_DATA, *pieces)))
+            self._sent_since_rekey += 1
+            self._last_sent = now
+            return b"".join((rekey, _LENGTH.pack(len(sealed)), sealed))
         records = max(1, -(-size // chunk))
         now = self.clock()
         rekeys = self._rekeys_due(records, now)
         out = bytearray(size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME)
         if self._scratch is None:
             self._scratch = bytearray(chunk + 1)
-        views = [memoryview(piece).cast("B") for piece in pieces]
+        views = [memoryview(piece) for piece in pieces]  # of bytes: len() counts bytes
         index = at = 0  # where the next record's body begins: views[index][at:]
         pos = 0
         with memoryview(out) as target, memoryview(self._scratch) as scratch:
@@ -375,10 +383,10 @@ class Session:
                     if at == len(view):
                         index += 1
                         at = 0
-                sealed = 1 + length + TAG_LEN
-                _LENGTH.pack_into(target, pos, sealed)
-                send.encrypt_into(b"", scratch[: 1 + length], target[pos + 2 : pos + 2 + sealed])
-                pos += 2 + sealed
+                end = pos + 2 + 1 + length + TAG_LEN
+                _LENGTH.pack_into(target, pos, end - pos - 2)
+                send.encrypt_into(b"", scratch[: 1 + length], target[pos + 2 : end])
+                pos = end
                 self._sent_since_rekey += 1
                 self._last_sent = now
         for view in views:

@@ -38,7 +38,7 @@ class _OnlyEncryptDecrypt:
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(key)
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+    def encrypt(self, nonce: bytes, data: Any, associated_data: bytes | None) -> bytes:
         return self._aead.encrypt(nonce, data, associated_data)
 
     def decrypt(self, nonce: bytes, data: Any, associated_data: bytes | None) -> bytes:
