@@ -229,6 +229,7 @@ class Session:
         # until the next call of next_event (the peer link decodes it at once).
         self.lend_messages = False
         self._scratch: bytearray | None = None  # one record's plaintext while it is sealed
+        self._sealing: bytearray | None = None  # send_message's frames before they are copied out
         now = clock()
         self._created = now
         self._last_received = now
@@ -324,7 +325,7 @@ class Session:
 
     def send_message(self, data: Buffer) -> bytes:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
-        return bytes(self.seal_message((data,)))
+        return bytes(self._seal_frames((data,), keep=False))
 
     def seal_message(self, pieces: Sequence[Buffer]) -> bytes | bytearray:
         """The frames of one message whose bytes are ``pieces`` joined, in one new buffer.
@@ -336,6 +337,14 @@ class Session:
         record it precedes on the wire. The bytes are those of sealing
         ``encode_record(kind, chunk)`` chunk by chunk (docs/mesh-protocol.md).
         """
+        frames = self._seal_frames(pieces, keep=True)
+        assert not isinstance(frames, memoryview)  # kept: a buffer of its own
+        return frames
+
+    def _seal_frames(
+        self, pieces: Sequence[Buffer], *, keep: bool
+    ) -> bytes | bytearray | memoryview:
+        """``seal_message``; ``keep=False``: large results are a view of a buffer the session reuses."""
         self._require_open("send a message")
         size = sum(map(len, pieces))
         if size > self.config.max_message_size:
@@ -343,9 +352,11 @@ class Session:
                 f"message of {size} bytes exceeds the maximum of {self.config.max_message_size}",
                 hint="split it at the application level",
             )
-        return self._guard(lambda: self._seal_pieces(pieces, size))
+        return self._guard(lambda: self._seal_pieces(pieces, size, keep))
 
-    def _seal_pieces(self, pieces: Sequence[Buffer], size: int) -> bytes | bytearray:
+    def _seal_pieces(
+        self, pieces: Sequence[Buffer], size: int, keep: bool
+    ) -> bytes | bytearray | memoryview:
         send = self._send
         assert send is not None
         chunk = self.config.max_frame_size - TAG_LEN - 1
@@ -359,7 +370,13 @@ class Session:
         records = max(1, -(-size // chunk))
         now = self.clock()
         rekeys = self._rekeys_due(records, now)
-        out = bytearray(size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME)
+        total = size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME
+        if keep:
+            out = bytearray(total)
+        else:  # copied out by the caller: sealed in a buffer kept for the next (no allocation)
+            if self._sealing is None or len(self._sealing) < total:
+                self._sealing = bytearray(total)
+            out = self._sealing
         if self._scratch is None:
             self._scratch = bytearray(chunk + 1)
         views = [memoryview(piece) for piece in pieces]  # of bytes: len() counts bytes
@@ -391,8 +408,8 @@ class Session:
                 self._last_sent = now
         for view in views:
             view.release()
-        assert pos == len(out)
-        return out
+        assert pos == total
+        return out if keep else memoryview(out)[:total]
 
     def _rekeys_due(self, records: int, now: float) -> int:
         """How many REKEY records ``_rekey_if_due`` will put before the next ``records``."""
