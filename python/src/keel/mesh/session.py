@@ -369,7 +369,12 @@ class Session:
             return b"".join((rekey, _LENGTH.pack(len(sealed)), sealed))
         records = max(1, -(-size // chunk))
         now = self.clock()
-        rekeys = self._rekeys_due(records, now)
+        config = self.config
+        due = (
+            self._sent_since_rekey + records > config.rekey_messages
+            or now >= self._send_key_since + config.rekey_interval
+        )
+        rekeys = self._rekeys_due(records, now) if due else 0
         total = size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME
         if keep:
             out = bytearray(total)
@@ -384,8 +389,7 @@ class Session:
         pos = 0
         with memoryview(out) as target, memoryview(self._scratch) as scratch:
             for record in range(records):
-                rekey = self._rekey_if_due(now)
-                if rekey:
+                if due and (rekey := self._rekey_if_due(now)):
                     target[pos : pos + len(rekey)] = rekey
                     pos += len(rekey)
                 length = min(chunk, size - record * chunk)
