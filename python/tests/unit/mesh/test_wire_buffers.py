@@ -79,11 +79,12 @@ class Reference:
         self.nonce += 1
         return _frame(sealed)
 
-    def message(self, data: bytes, chunk: int) -> bytes:
+    def message(self, data: bytes, chunk: int, *, timed: bool = False) -> bytes:
+        """``timed``: the key is older than the rekey interval (a REKEY goes first)."""
         chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
         out = b""
         for number, body in enumerate(chunks):
-            if self.sent >= self.rekey_every:
+            if self.sent >= self.rekey_every or (timed and number == 0):
                 out += self._seal(b"\x03")
                 self.key = ChaCha20Poly1305(self.key).encrypt(_nonce(MAX_NONCE), bytes(32), b"")
                 self.key = self.key[:32]
@@ -155,6 +156,20 @@ def test_a_rekey_inside_a_packet_is_in_its_place_and_read_through(cipher: str) -
     assert read_all(pair.responder, [bytes(pair.initiator.send_message(b"after"))]) == [
         Message(b"after")
     ]
+
+
+@pytest.mark.parametrize("size", [100, 3 * CHUNK + 7])
+def test_a_rekey_when_the_key_is_old_goes_first(cipher: str, size: int) -> None:
+    pair = small_pair(rekey_messages=100)
+    pair.initiator.send_message(b"before")  # the responder never reads it: only keys matter
+    pair.clock.advance(pair.initiator.config.rekey_interval)
+    reference = Reference(pair.initiator)
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    sealed = bytes(pair.initiator.send_message(data))
+    assert sealed == reference.message(data, CHUNK, timed=True)
+    assert sealed[:2] == (1 + 16).to_bytes(2, "big")  # the REKEY record's frame first
+    # and only once: the next message goes under the new key without another
+    assert bytes(pair.initiator.send_message(b"next")) == reference.message(b"next", CHUNK)
 
 
 def test_a_batch_of_messages_sealed_from_its_pieces_is_its_msgs_packet(cipher: str) -> None:
