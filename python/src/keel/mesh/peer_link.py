@@ -7,7 +7,11 @@ reports them to its :class:`LinkEvents` (the node); the node writes through
 :meth:`PeerLink.send_packet` and hangs up with :meth:`PeerLink.close`. It
 knows nothing of membership or delivery: it only tells, and does what it is
 told. Messages that arrive in one read are reported together (one batch:
-one transaction, one ACK). A peer that breaks the protocol
+one transaction, one ACK), and so are the ACKs of one read (one ACK: one
+transaction deleting what they acknowledge). Outgoing packets are sealed
+from their pieces into one buffer each and written without joining them;
+incoming messages are borrowed from the session (``Session.lend_messages``)
+and decoded at once. A peer that breaks the protocol
 (:class:`~keel.mesh.errors.ProtocolError`) loses its connection and the node
 hears why; nothing a peer sends stops the daemon.
 """
