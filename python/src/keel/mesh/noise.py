@@ -52,6 +52,7 @@ MAX_NONCE = 2**64 - 1  # reserved by the spec: no message is ever sent with it
 KEY_LEN = 32
 
 RandomSource = Callable[[int], bytes]
+Buffer = bytes | bytearray | memoryview
 
 
 # --------------------------------------------------------------------- hashes
@@ -92,11 +93,9 @@ HASHES = {
 
 
 class _Aead(Protocol):
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def encrypt(self, nonce: bytes, data: Buffer, associated_data: bytes | None) -> bytes: ...
 
-    def decrypt(
-        self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None
-    ) -> bytes: ...
+    def decrypt(self, nonce: bytes, data: Buffer, associated_data: bytes | None) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -162,21 +161,32 @@ DHS = {
 
 
 class CipherState:
-    """A key ``k`` (or none) and a nonce ``n``; section 5.1."""
+    """A key ``k`` (or none) and a nonce ``n``; section 5.1.
 
-    __slots__ = ("_aead", "cipher", "key", "nonce")
+    ``encrypt_into``/``decrypt_into`` are ``encrypt_with_ad``/``decrypt_with_ad``
+    writing into a buffer the caller owns (no new object per message). They use
+    the AEAD's own ``encrypt_into``/``decrypt_into`` (cryptography 47.0.0 and
+    newer) and fall back to ``encrypt``/``decrypt`` and a copy where those are
+    absent; the bytes are the same either way.
+    """
+
+    __slots__ = ("_aead", "_decrypt_into", "_encrypt_into", "cipher", "key", "nonce")
 
     def __init__(self, cipher: CipherFunction, key: bytes | None = None) -> None:
         self.cipher = cipher
         self.key: bytes | None = None
         self.nonce = 0
         self._aead: _Aead | None = None
+        self._encrypt_into: Callable[[bytes, Buffer, bytes, memoryview], Any] | None = None
+        self._decrypt_into: Callable[[bytes, Buffer, bytes, memoryview], Any] | None = None
         self.initialize_key(key)
 
     def initialize_key(self, key: bytes | None) -> None:
         self.key = key
         self.nonce = 0
         self._aead = None if key is None else self.cipher.aead(key)
+        self._encrypt_into = getattr(self._aead, "encrypt_into", None)
+        self._decrypt_into = getattr(self._aead, "decrypt_into", None)
 
     def has_key(self) -> bool:
         return self.key is not None
@@ -198,7 +208,7 @@ class CipherState:
         self.nonce += 1
         return ciphertext
 
-    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt_with_ad(self, ad: bytes, ciphertext: Buffer) -> bytes:
         if self._aead is None:
             return bytes(ciphertext)
         if self.nonce >= MAX_NONCE:
@@ -215,6 +225,54 @@ class CipherState:
             ) from None
         self.nonce += 1
         return plaintext
+
+    def encrypt_into(self, ad: bytes, plaintext: Buffer, out: memoryview) -> None:
+        """``encrypt_with_ad`` into ``out``: exactly ``len(plaintext) + TAG_LEN`` bytes (with a key).
+
+        ``out`` must not overlap ``plaintext``. Without a key the plaintext is
+        copied (``out`` then as long as it).
+        """
+        if self._aead is None:
+            out[:] = plaintext
+            return
+        if self.nonce >= MAX_NONCE:
+            raise NonceExhausted(
+                "sending nonce exhausted (2^64 - 1 is reserved)",
+                hint="start a new handshake",
+            )
+        nonce = self.cipher.nonce(self.nonce)
+        if self._encrypt_into is not None:
+            self._encrypt_into(nonce, plaintext, ad, out)
+        else:  # cryptography before 47.0.0
+            out[:] = self._aead.encrypt(nonce, plaintext, ad)
+        self.nonce += 1
+
+    def decrypt_into(self, ad: bytes, ciphertext: Buffer, out: memoryview) -> None:
+        """``decrypt_with_ad`` into ``out``: exactly ``len(ciphertext) - TAG_LEN`` bytes (with a key).
+
+        When the tag does not verify, ``out`` may hold unauthenticated bytes:
+        the caller must drop them (the session does: it is dead then).
+        """
+        if self._aead is None:
+            out[:] = ciphertext
+            return
+        if self.nonce >= MAX_NONCE:
+            raise NonceExhausted(
+                "receiving nonce exhausted (2^64 - 1 is reserved)",
+                hint="start a new handshake",
+            )
+        nonce = self.cipher.nonce(self.nonce)
+        try:
+            if self._decrypt_into is not None:
+                self._decrypt_into(nonce, ciphertext, ad, out)
+            else:  # cryptography before 47.0.0
+                out[:] = self._aead.decrypt(nonce, ciphertext, ad)
+        except InvalidTag:
+            raise RemoteProtocolError(
+                "decryption failed (bad authentication tag)",
+                hint="tampered, replayed, reordered or truncated data, or a wrong key",
+            ) from None
+        self.nonce += 1
 
     def rekey(self) -> None:
         """``k = REKEY(k)``: the first 32 bytes of ENCRYPT(k, 2^64-1, "", zeros); n unchanged."""

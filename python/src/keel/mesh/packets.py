@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -267,8 +268,12 @@ def _bad(problem: str) -> RemoteProtocolError:
     return RemoteProtocolError(f"malformed packet: {problem}", hint="peer bug or garbage")
 
 
-def decode(data: bytes) -> Packet:
-    """Parse one packet; ``RemoteProtocolError`` for anything off."""
+def decode(data: bytes | memoryview) -> Packet:
+    """Parse one packet; ``RemoteProtocolError`` for anything off.
+
+    ``data`` may be a view (a session's message, see ``keel.mesh.session.Message``):
+    what the packet holds is copied out of it (payloads as ``bytes``).
+    """
     if len(data) < 1 + HEADER_LENGTH_SIZE:
         raise _bad(f"{len(data)} bytes is shorter than a packet's fixed part")
     try:
@@ -276,6 +281,13 @@ def decode(data: bytes) -> Packet:
     except ValueError:
         raise _bad(f"unknown packet type 0x{data[0]:02x}") from None
     length = int.from_bytes(data[1:3], "big")
+    if kind is PacketType.ACK and len(data) == 3 + length:
+        fast = _PLAIN_ACK.fullmatch(data, 3)
+        if fast is not None:  # the usual ACK: only ok ids, in canonical form
+            ids = fast.group(1)
+            ok = tuple(ids[1:-1].decode("ascii").split('","')) if ids else ()
+            if len(ok) <= MAX_ACK_IDS:
+                return Ack(ok)
     if kind is PacketType.MSGS:
         if length:
             raise _bad("MSGS has no header (its header length must be 0)")
@@ -283,7 +295,7 @@ def decode(data: bytes) -> Packet:
     if len(data) < 3 + length:
         raise _bad(f"header length {length} runs past the packet's end")
     try:
-        header = parse_json(data[3 : 3 + length], source=f"{kind.name} header")
+        header = parse_json(bytes(data[3 : 3 + length]), source=f"{kind.name} header")
     except ConfigError as exc:
         raise _bad(str(exc)) from None
     if not isinstance(header, dict):
@@ -296,6 +308,13 @@ def decode(data: bytes) -> Packet:
     if kind is PacketType.ACK:
         return _decode_ack(header)
     return _decode_records(header)
+
+
+# An ACK whose only ids are "ok", exactly as ``encode`` writes it (canonical JSON):
+# read without the JSON parser. Whatever else an ACK holds takes the general path.
+_PLAIN_ACK: Final = re.compile(
+    rb'\{"busy":\[\],"ok":\[((?:"[0-9a-f]{32}",)*"[0-9a-f]{32}")?\],"rejected":\[\]\}'
+)
 
 
 def _keys(header: Mapping[str, Any], what: str, required: set[str], optional: set[str]) -> None:
@@ -316,7 +335,7 @@ def _agent(value: object, what: str) -> str:
     return str(value)
 
 
-def _decode_msg(header: Mapping[str, Any], body: bytes) -> Msg:
+def _decode_msg(header: Mapping[str, Any], body: bytes | memoryview) -> Msg:
     room_keys = {"room", "from", "rv", "sig"}
     _keys(header, "MSG", {"id", "topic", "exp"}, room_keys | {"agent", "to"})
     if not is_message_id(header["id"]):
@@ -365,7 +384,7 @@ def _topic(raw: bytes) -> str:
     return topic
 
 
-def _decode_msgs(data: bytes) -> Msgs:
+def _decode_msgs(data: bytes | memoryview) -> Msgs:
     view = memoryview(data)
     end = len(data)
     at = 3
@@ -397,7 +416,7 @@ def _decode_msgs(data: bytes) -> Msgs:
                 if agent is None and to is None:
                     raise _bad("MSGS entry with the agents flag names no agent")
             topic_length = data[at]
-            topic = _topic(data[at + 1 : at + 1 + topic_length])
+            topic = _topic(bytes(data[at + 1 : at + 1 + topic_length]))
             at += 1 + topic_length
             (size,) = _LENGTH.unpack_from(data, at)
             at += 4
@@ -417,12 +436,12 @@ def _decode_msgs(data: bytes) -> Msgs:
     return Msgs(tuple(messages))
 
 
-def _entry_agent(data: bytes, at: int, what: str) -> tuple[str | None, int]:
+def _entry_agent(data: bytes | memoryview, at: int, what: str) -> tuple[str | None, int]:
     """An agent field of a MSGS entry (u8 length, ASCII; 0: none) and where the next begins."""
     length = data[at]
     if not length:
         return None, at + 1
-    name = data[at + 1 : at + 1 + length].decode("ascii", errors="replace")
+    name = bytes(data[at + 1 : at + 1 + length]).decode("ascii", errors="replace")
     if len(name) != length or not is_agent_name(name):
         raise _bad(
             f"MSGS entry {what} must be an agent name (1 to {MAX_AGENT} of a-z, 0-9, '_', '-')"

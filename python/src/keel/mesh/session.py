@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import json
 import secrets
+import struct
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -42,6 +43,7 @@ from keel.mesh.errors import (
     RemoteProtocolError,
 )
 from keel.mesh.framing import (
+    LENGTH_SIZE,
     MAX_CLOSE_REASON,
     MAX_FRAME_SIZE,
     FrameReader,
@@ -54,11 +56,18 @@ from keel.mesh.identity import NodeIdentity, NodeRecord, verify_binding
 from keel.mesh.ids import KEY_SIZE, SIGNATURE_SIZE, node_id_of
 from keel.mesh.invite import INVITE_ID_SIZE, PROOF_SIZE, InviteClaim, InviteToken, invite_proof
 from keel.mesh.kem import Kem
-from keel.mesh.noise import TAG_LEN, CipherState, HandshakeState
+from keel.mesh.noise import TAG_LEN, Buffer, CipherState, HandshakeState
 
 PROTOCOL_NAME: Final = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2s"
 _DATA: Final = bytes([RecordType.DATA])
 _DATA_MORE: Final = bytes([RecordType.DATA_MORE])
+_DATA_TYPE: Final = int(RecordType.DATA)
+_DATA_MORE_TYPE: Final = int(RecordType.DATA_MORE)
+_LENGTH: Final = struct.Struct(">H")  # a frame's length prefix
+_RECORD_OVERHEAD: Final = LENGTH_SIZE + 1 + TAG_LEN  # a frame's length, record type and tag
+_REKEY_FRAME: Final = _RECORD_OVERHEAD  # a REKEY record has no body
+_SMALL: Final = 8192  # bytes: a message up to this long is sealed as one record in a few steps
+_PIECES: Final = frozenset({RecordType.DATA, RecordType.DATA_MORE})  # the records of a message
 PROLOGUE: Final = b"keel-mesh/1"
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_SIZE: Final = 1 << 20
@@ -128,7 +137,14 @@ class HandshakeComplete:
 
 @dataclass(frozen=True)
 class Message:
-    data: bytes
+    """An application message.
+
+    ``data`` is ``bytes``, or, when the session lends messages
+    (``Session.lend_messages``), a read-only view valid until the next call
+    of ``next_event``.
+    """
+
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -207,9 +223,13 @@ class Session:
         self._h2 = b""
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
-        self._partial: list[memoryview] = []  # the pieces of a message arriving in records
-        self._partial_size = 0
-        self._partial_active = False
+        self._assembly: bytearray | None = None  # where a message arriving in records is put
+        self._packet_end = 0  # how much of it is filled (its first byte: a type byte); 0: none
+        # Whether a Message's data may be a view of the assembly buffer, valid only
+        # until the next call of next_event (the peer link decodes it at once).
+        self.lend_messages = False
+        self._scratch: bytearray | None = None  # one record's plaintext while it is sealed
+        self._sealing: bytearray | None = None  # send_message's frames before they are copied out
         now = clock()
         self._created = now
         self._last_received = now
@@ -285,7 +305,7 @@ class Session:
         payload = json.dumps({"v": PROTOCOL_VERSION}).encode()
         return self._guard(lambda: self._frame(self._handshake.write_message(payload)))
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Feed bytes read from the socket; ``b""`` when the peer closed its side."""
         self._check_alive()
         self._guard(lambda: self._reader.feed(bytes(data)))
@@ -303,48 +323,110 @@ class Session:
 
     # -- output
 
-    def send_message(self, data: bytes) -> bytes:
+    def send_message(self, data: Buffer) -> bytes:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
-        return b"".join(self.send_message_parts(data))
+        return bytes(self._seal_frames((data,), keep=False))
 
-    def send_message_parts(self, data: bytes) -> list[bytes]:
-        """``send_message``'s bytes as a list of pieces to write in order (no joining)."""
+    def seal_message(self, pieces: Sequence[Buffer]) -> bytes | bytearray:
+        """The frames of one message whose bytes are ``pieces`` joined, in one new buffer.
+
+        The pieces are not joined: each record's plaintext (its type byte and
+        up to a frame's worth of the pieces) is gathered in a buffer the
+        session reuses, and sealed straight into its place in the result,
+        behind its length; a REKEY frame, when one is due, goes before the
+        record it precedes on the wire. The bytes are those of sealing
+        ``encode_record(kind, chunk)`` chunk by chunk (docs/mesh-protocol.md).
+        """
+        frames = self._seal_frames(pieces, keep=True)
+        assert not isinstance(frames, memoryview)  # kept: a buffer of its own
+        return frames
+
+    def _seal_frames(
+        self, pieces: Sequence[Buffer], *, keep: bool
+    ) -> bytes | bytearray | memoryview:
+        """``seal_message``; ``keep=False``: large results are a view of a buffer the session reuses."""
         self._require_open("send a message")
-        if len(data) > self.config.max_message_size:
+        size = sum(map(len, pieces))
+        if size > self.config.max_message_size:
             raise LocalProtocolError(
-                f"message of {len(data)} bytes exceeds the maximum of {self.config.max_message_size}",
+                f"message of {size} bytes exceeds the maximum of {self.config.max_message_size}",
                 hint="split it at the application level",
             )
-        return self._guard(lambda: self._seal_message(data))
+        return self._guard(lambda: self._seal_pieces(pieces, size, keep))
 
-    def _seal_message(self, data: bytes) -> list[bytes]:
+    def _seal_pieces(
+        self, pieces: Sequence[Buffer], size: int, keep: bool
+    ) -> bytes | bytearray | memoryview:
+        send = self._send
+        assert send is not None
         chunk = self.config.max_frame_size - TAG_LEN - 1
-        parts: list[bytes] = []
+        if size <= min(_SMALL, chunk):  # an ACK, a small message: the copies cost less than steps
+            now = self.clock()
+            rekey = self._rekey_if_due(now)
+            sealed = send.encrypt_with_ad(b"", b"".join((_DATA, *pieces)))
+            self._sent_since_rekey += 1
+            self._last_sent = now
+            return b"".join((rekey, _LENGTH.pack(len(sealed)), sealed))
+        records = max(1, -(-size // chunk))
         now = self.clock()
-        if len(data) <= chunk:
-            self._seal_into(parts, _DATA, data, now)
-            return parts
-        with memoryview(data) as view:
-            for offset in range(0, len(view), chunk):
-                last = offset + chunk >= len(view)
-                self._seal_into(
-                    parts, _DATA if last else _DATA_MORE, view[offset : offset + chunk], now
-                )
-        return parts
+        config = self.config
+        due = (
+            self._sent_since_rekey + records > config.rekey_messages
+            or now >= self._send_key_since + config.rekey_interval
+        )
+        rekeys = self._rekeys_due(records, now) if due else 0
+        total = size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME
+        if keep:
+            out = bytearray(total)
+        else:  # copied out by the caller: sealed in a buffer kept for the next (no allocation)
+            if self._sealing is None or len(self._sealing) < total:
+                self._sealing = bytearray(total)
+            out = self._sealing
+        if self._scratch is None:
+            self._scratch = bytearray(chunk + 1)
+        views = [memoryview(piece) for piece in pieces]  # of bytes: len() counts bytes
+        index = at = 0  # where the next record's body begins: views[index][at:]
+        pos = 0
+        with memoryview(out) as target, memoryview(self._scratch) as scratch:
+            for record in range(records):
+                if due and (rekey := self._rekey_if_due(now)):
+                    target[pos : pos + len(rekey)] = rekey
+                    pos += len(rekey)
+                length = min(chunk, size - record * chunk)
+                scratch[0] = _DATA_TYPE if record == records - 1 else _DATA_MORE_TYPE
+                filled = 0
+                while filled < length:
+                    view = views[index]
+                    take = min(len(view) - at, length - filled)
+                    scratch[1 + filled : 1 + filled + take] = view[at : at + take]
+                    filled += take
+                    at += take
+                    if at == len(view):
+                        index += 1
+                        at = 0
+                end = pos + 2 + 1 + length + TAG_LEN
+                _LENGTH.pack_into(target, pos, end - pos - 2)
+                send.encrypt_into(b"", scratch[: 1 + length], target[pos + 2 : end])
+                pos = end
+                self._sent_since_rekey += 1
+                self._last_sent = now
+        for view in views:
+            view.release()
+        assert pos == total
+        return out if keep else memoryview(out)[:total]
 
-    def _seal_into(
-        self, parts: list[bytes], kind: bytes, body: bytes | memoryview, now: float
-    ) -> None:
-        """One record's frame, appended to ``parts`` as (length, ciphertext), after a REKEY if due."""
-        rekey = self._rekey_if_due(now)
-        if rekey:
-            parts.append(rekey)
-        assert self._send is not None
-        sealed = self._send.encrypt_with_ad(b"", kind + body)
-        parts.append(len(sealed).to_bytes(2, "big"))
-        parts.append(sealed)
-        self._sent_since_rekey += 1
-        self._last_sent = now
+    def _rekeys_due(self, records: int, now: float) -> int:
+        """How many REKEY records ``_rekey_if_due`` will put before the next ``records``."""
+        sent = self._sent_since_rekey
+        timed = now >= self._send_key_since + self.config.rekey_interval
+        count = 0
+        for _ in range(records):
+            if timed or sent >= self.config.rekey_messages:
+                count += 1
+                sent = 0
+                timed = False
+            sent += 1
+        return count
 
     def send_keepalive(self) -> bytes:
         self._require_open("send a keepalive")
@@ -572,35 +654,99 @@ class Session:
 
     # transport
 
-    def _on_transport_frame(self, frame: bytes | memoryview) -> None:
-        assert self._recv is not None
-        if len(frame) <= TAG_LEN:
+    def _on_transport_frame(self, frame: Buffer) -> None:
+        recv = self._recv
+        assert recv is not None
+        size = len(frame) - TAG_LEN  # the record's: its type byte and body
+        if size <= 0:
             raise RemoteProtocolError("transport frame shorter than its tag", hint="garbage")
-        plaintext = self._recv.decrypt_with_ad(b"", frame)
-        self._last_received = self.clock()
-        kind = plaintext[:1]
-        if kind == _DATA_MORE or (kind == _DATA and self._partial):
-            # a piece of a longer message: kept as a view, copied once when joined
-            piece = memoryview(plaintext)[1:]
-            self._check_size(self._partial_size + len(piece))
-            self._partial.append(piece)
-            self._partial_size += len(piece)
-            if kind == _DATA:
-                self._events.append(Message(b"".join(self._partial)))
-                self._partial.clear()
-                self._partial_size = 0
+        if self._packet_end:
+            self._on_more(recv, frame, size)
             return
-        record, body = decode_record(plaintext)
-        if record is RecordType.DATA:  # the usual case: a message in one record
-            self._check_size(len(body))
-            self._events.append(Message(body))
-        elif record is RecordType.KEEPALIVE:
+        if size + TAG_LEN >= self.config.max_frame_size:  # a full record: a long message begins?
+            packet = self._assembly_for(size)
+            with memoryview(packet) as view:
+                recv.decrypt_into(b"", frame, view[:size])
+            self._last_received = self.clock()
+            if packet[0] == RecordType.DATA_MORE:
+                self._check_size(size - 1)
+                self._packet_end = size
+                return
+            plaintext: Buffer = packet
+        else:
+            plaintext = recv.decrypt_with_ad(b"", frame)
+            self._last_received = self.clock()
+        kind = plaintext[0]
+        if kind == RecordType.DATA:  # the usual case: a message in one record
+            self._check_size(size - 1)
+            self._deliver(plaintext, size)
+        elif kind == RecordType.DATA_MORE:  # a long message in records short of the most
+            self._check_size(size - 1)
+            self._assembly_for(size)[:size] = plaintext[:size]
+            self._packet_end = size
+        else:
+            self._on_record(*decode_record(bytes(plaintext[:size])))
+
+    def _assembly_for(self, size: int) -> bytearray:
+        """The buffer a message in records is assembled in, with room for ``size`` bytes.
+
+        One per session, kept: a larger one replaces it (a lent view of the
+        old stays valid), at most a maximal message, a type byte and a record.
+        """
+        packet = self._assembly
+        if packet is None or len(packet) < size:
+            most = self.config.max_message_size + 1 + MAX_FRAME_SIZE
+            grown = bytearray(min(most, max(size, 2 * len(packet or b""), 4 * MAX_FRAME_SIZE)))
+            if packet is not None:
+                grown[: self._packet_end] = packet[: self._packet_end]
+            self._assembly = packet = grown
+        return packet
+
+    def _deliver(self, plaintext: Buffer, end: int) -> None:
+        """A whole message: ``plaintext[1:end]``, lent as a view or copied."""
+        with memoryview(plaintext) as whole:
+            view = whole[1:end]
+            data = view.toreadonly() if self.lend_messages else view.tobytes()
+        self._events.append(Message(data))
+
+    def _on_more(self, recv: CipherState, frame: Buffer, size: int) -> None:
+        """The next record while a message arrives in records: decrypted in place behind them.
+
+        The assembly buffer holds the first record's type byte, then the
+        message so far (to ``_packet_end``). The record's type byte lands on
+        the last byte so far, kept aside and put back: its body follows the
+        message's without a copy.
+        """
+        end = self._packet_end
+        at = end - 1
+        packet = self._assembly_for(at + size)
+        kept = packet[at]
+        with memoryview(packet) as view:
+            recv.decrypt_into(b"", frame, view[at : at + size])
+        self._last_received = self.clock()
+        kind = packet[at]
+        packet[at] = kept
+        if kind in _PIECES:
+            end = at + size
+            self._check_size(end - 1)
+            if kind == RecordType.DATA:
+                self._packet_end = 0
+                self._deliver(packet, end)
+            else:
+                self._packet_end = end
+            return
+        record = bytes([kind]) + bytes(packet[at + 1 : at + size])
+        self._on_record(*decode_record(record))
+
+    def _on_record(self, record: RecordType, body: bytes) -> None:
+        """A record that is no piece of a message (those never come here)."""
+        assert self._recv is not None
+        if record is RecordType.KEEPALIVE:
             self._events.append(Keepalive())
         elif record is RecordType.REKEY:
             self._recv.rekey()
         elif record is RecordType.CLOSE:
-            self._partial.clear()
-            self._partial_size = 0
+            self._packet_end = 0
             reason = body.decode("utf-8", errors="replace")
             self._finish(Closed(reason or "closed by the peer", clean=True))
 
