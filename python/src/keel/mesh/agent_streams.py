@@ -88,7 +88,8 @@ class LocalStream:
             self.writer.write(data)
 
     def close(self) -> None:
-        """The stream is over: nothing more is written to it."""
+        """The stream is over: nothing more is written to it (its socket's duplicate closed;
+        the node's :meth:`Subscriptions.stream_closed` does this)."""
         self.closed = True
         if self._sock is not None:
             self._sock.close()
@@ -176,7 +177,7 @@ async def serve(
     except LocalStreamError as exc:
         stream.write(local.frame(Kind.ERROR, f"malformed frame: {exc}".encode()))
     finally:
-        stream.close()
+        stream.closed = True
         inbox.stream_closed(stream)
 
 

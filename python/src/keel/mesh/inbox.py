@@ -252,6 +252,7 @@ class Inbox:
 
     def stream_closed(self, stream: LocalStream) -> None:
         """What it held goes to the topic's other subscribers (and ``recv`` callers)."""
+        stream.close()
         del self._streams[stream.number]
         topic = self.handoffs.topic(stream.number)
         steps = self.handoffs.closed(stream.number)
