@@ -65,6 +65,7 @@ _SIZE = struct.Struct(">I")
 _REQUEST = struct.Struct(">I")
 _SUBSCRIBE = struct.Struct(">IIB")
 _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
+_DELIVER_PLAIN = struct.Struct(">Q16s32sdBI")  # a head without room or agent, with the size
 _RECEIPT = struct.Struct(">Q")
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
@@ -288,6 +289,10 @@ def deliver_entry_head(
     agent: str | None = None,
 ) -> bytes:
     """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
+    if room is None and agent is None:  # the common case: one pack
+        return _DELIVER_PLAIN.pack(
+            receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, 0, size
+        )
     flags = (FLAG_ROOM if room is not None else 0) | (FLAG_AGENT if agent is not None else 0)
     head = _DELIVER_HEAD.pack(
         receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
