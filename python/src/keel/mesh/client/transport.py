@@ -48,13 +48,19 @@ def send_all(sock: socket.socket, parts: Sequence[Buffer]) -> None:
 class Stream:
     """One upgraded connection; ``request`` numbers its SEND frames."""
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(
+        self, path: Path, timeout: float, *, sock: socket.socket | None = None, rest: bytes = b""
+    ) -> None:
+        """Connect to the daemon at ``path`` and upgrade; or, with ``sock``, use that
+        socket, upgraded already (``rest``: what followed the reply line)."""
         self.path = path
         self.timeout = timeout
-        connection = Connection(path, service="mesh", timeout=timeout)
-        _, self.sock, rest = connection.upgrade(
-            "stream", timeout=timeout, buffer_size=local.SOCKET_BUFFER
-        )
+        if sock is None:
+            connection = Connection(path, service="mesh", timeout=timeout)
+            _, sock, rest = connection.upgrade(
+                "stream", timeout=timeout, buffer_size=local.SOCKET_BUFFER
+            )
+        self.sock = sock
         self.buffer = bytearray(rest)  # read past the last frame (its next one's start)
         self.request = 0
         self._timeout: float | None = timeout  # the socket's, as set last
