@@ -68,18 +68,19 @@ class LocalStream:
         if self._out or always:
             if not self.closed and not self.writer.is_closing():
                 self._out.insert(0, local.FRAME.pack(Kind.DELIVER, self._out_bytes))
-                self._send(self._out)
+                self._send(self._out, local.FRAME.size + self._out_bytes)
             self._out = []
             self._out_bytes = 0
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes], size: int) -> None:
+        """Write ``parts`` (``size`` bytes in all)."""
         rest: Sequence[bytes | memoryview] = parts
         if self._sock is not None and not self.writer.transport.get_write_buffer_size():
             try:
                 sent = self._sock.sendmsg(parts[:_IOV_MAX])
             except OSError:  # full (EAGAIN), or broken: the transport finds out and says so
                 sent = 0
-            rest = _after(parts, sent)
+            rest = () if sent == size else _after(parts, sent)
         if rest:
             self.writer.writelines(rest)
 

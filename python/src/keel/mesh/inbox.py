@@ -143,7 +143,8 @@ class Inbox:
         for stream in handed.values():
             stream.flush()
         self.answered_busy += len(plan.busy)
-        link.answer(ok, plan.busy, plan.rejected)
+        if ok or plan.busy or plan.rejected:  # what was handed is answered once taken
+            link.answer(ok, plan.busy, plan.rejected)
 
     def _agent_reads_room(self, room: str, agent: str) -> bool:
         readable = rooms.reads(self.view(), self.me, agent)
