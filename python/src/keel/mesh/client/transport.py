@@ -33,10 +33,12 @@ IOV_MAX: Final = 1024  # pieces per sendmsg (Linux's limit)
 def send_all(sock: socket.socket, parts: Sequence[Buffer]) -> None:
     """Send ``parts`` in order with ``sendmsg`` (no join), carrying on after short writes."""
     pending: list[Buffer] = [p for p in parts if len(p)]
+    left = sum(len(p) for p in pending)
     at = 0  # the first piece not (wholly) sent
-    while at < len(pending):
+    while left:
         sent = sock.sendmsg(pending[at : at + IOV_MAX])
-        while sent:  # skip what went; cut into the piece that went in part
+        left -= sent
+        while sent and left:  # skip what went; cut into the piece that went in part
             size = len(pending[at])
             if sent < size:
                 pending[at] = memoryview(pending[at])[sent:]
