@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from keel.mesh import local
 from keel.mesh.agent_frames import AgentFrames
@@ -32,7 +34,14 @@ Reads = Callable[[str], bool]
 
 
 class LocalStream:
-    """One agent's stream: what is written to it, DELIVER entries batched into frames."""
+    """One agent's stream: what is written to it, DELIVER entries batched into frames.
+
+    A DELIVER frame goes out in pieces (its head, then each entry's head and
+    payload): while the transport holds nothing unsent, they go to the
+    socket in one gathering ``sendmsg`` (no join of the payloads into one
+    bytes); what the socket does not take, and everything once something
+    waits in the transport, goes through the transport, in order.
+    """
 
     _numbers = itertools.count(1)
 
@@ -46,6 +55,7 @@ class LocalStream:
         self.closed = False
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._sock = _gathering_socket(writer)
 
     def deliver(self, head: bytes, payload: bytes) -> None:
         """Queue one DELIVER entry (its head, then its payload) for the next frame."""
@@ -58,14 +68,60 @@ class LocalStream:
         """Write the DELIVER frame queued so far (an empty one too with ``always``)."""
         if self._out or always:
             if not self.closed and not self.writer.is_closing():
-                head = local.FRAME.pack(Kind.DELIVER, self._out_bytes)
-                self.writer.writelines([head, *self._out])  # one join, then the socket
+                self._out.insert(0, local.FRAME.pack(Kind.DELIVER, self._out_bytes))
+                self._send(self._out, local.FRAME.size + self._out_bytes)
             self._out = []
             self._out_bytes = 0
+
+    def _send(self, parts: list[bytes], size: int) -> None:
+        """Write ``parts`` (``size`` bytes in all)."""
+        rest: Sequence[bytes | memoryview] = parts
+        if self._sock is not None and not self.writer.transport.get_write_buffer_size():
+            try:
+                sent = self._sock.sendmsg(parts[:_IOV_MAX])
+            except OSError:  # full (EAGAIN), or broken: the transport finds out and says so
+                sent = 0
+            rest = () if sent == size else _after(parts, sent)
+        if rest:
+            self.writer.writelines(rest)
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self.writer.is_closing():
             self.writer.write(data)
+
+    def close(self) -> None:
+        """The stream is over: nothing more is written to it (its socket's duplicate closed;
+        the node's :meth:`Subscriptions.stream_closed` does this)."""
+        self.closed = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+_IOV_MAX: Final = 1024  # pieces per sendmsg (Linux's limit)
+
+
+def _gathering_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """A socket of the stream's own (a duplicate descriptor, non-blocking as the
+    transport's) for ``sendmsg``; None if the transport has no socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        dup = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None
+    dup.setblocking(False)
+    return dup
+
+
+def _after(parts: Sequence[bytes], sent: int) -> Sequence[bytes | memoryview]:
+    """What of ``parts`` is left once their first ``sent`` bytes went."""
+    for at, part in enumerate(parts):
+        if sent < len(part):
+            return [memoryview(part)[sent:], *parts[at + 1 :]] if sent else parts[at:]
+        sent -= len(part)
+    return ()
 
 
 class Subscriptions(Protocol):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 from keel.mesh import inbound, local, rooms
 from keel.mesh.agent_streams import LocalStream
@@ -32,6 +32,8 @@ from keel.mesh.store import StateError, Store, state_failed
 log = logging.getLogger("keel.mesh")
 
 MIN_HOLD_CHECK = 0.05  # s between two looks at what agents hold, at the least
+TAKE_DELAY = 0.01  # s: agents' acknowledgements of messages handed from memory gathered
+TAKE_BATCH = 1024  # (or this many of them) before their dedup keys are stored and answered
 REFUSED_CHECK = 60.0  # s: how often a reader's kept-back senders on a topic are looked up
 
 Senders = Callable[[str | None], "Sequence[str] | None"]  # a reader's receiveFrom (None: all)
@@ -77,10 +79,18 @@ class Inbox:
         self._streams: dict[int, LocalStream] = {}
         self._waiters: dict[str, asyncio.Event] = {}  # recv calls waiting on a topic
         self._hold_timer: asyncio.TimerHandle | None = None
+        # Messages agents acknowledged straight from memory, their dedup keys not stored yet:
+        # gathered (TAKE_DELAY, TAKE_BATCH) so that one transaction and one ACK to each peer
+        # cover many of the agents' ACKs; until then a copy that arrives is left unanswered,
+        # as while an agent holds the message.
+        self._taking: list[Hold] = []
+        self._taking_keys: set[tuple[str, str]] = set()
+        self._take_timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
+        self._flush_takes()
 
     # -- batches from peers
 
@@ -100,7 +110,7 @@ class Inbox:
             me=self.me,
             view=self.view(),
             seen=seen,
-            handed=self.handoffs.handed(),
+            handed=_Either(self.handoffs.handed(), self._taking_keys),
             inbox=(self.count, self.bytes),
             limits=self.limits,
             windows=self.handoffs.windows({m.topic for m in messages}),
@@ -133,7 +143,8 @@ class Inbox:
         for stream in handed.values():
             stream.flush()
         self.answered_busy += len(plan.busy)
-        link.answer(ok, plan.busy, plan.rejected)
+        if ok or plan.busy or plan.rejected:  # what was handed is answered once taken
+            link.answer(ok, plan.busy, plan.rejected)
 
     def _agent_reads_room(self, room: str, agent: str) -> bool:
         readable = rooms.reads(self.view(), self.me, agent)
@@ -242,6 +253,7 @@ class Inbox:
 
     def stream_closed(self, stream: LocalStream) -> None:
         """What it held goes to the topic's other subscribers (and ``recv`` callers)."""
+        stream.close()
         del self._streams[stream.number]
         topic = self.handoffs.topic(stream.number)
         steps = self.handoffs.closed(stream.number)
@@ -347,7 +359,7 @@ class Inbox:
         """Do what ``steps`` say; ``reads`` bounds the topics an agent's ACK may delete,
         ``reader`` (the agent) the senders and rooms."""
         if steps.take:
-            self._take(steps.take)
+            self._defer_take(steps.take)
         if steps.store_kept:
             self._store(steps.store_kept, keep=True)
         if steps.store_freed:
@@ -357,6 +369,26 @@ class Inbox:
                 self.consume(steps.consume, reads, reader=reader)
             except StateError as exc:
                 state_failed(f"cannot delete {len(steps.consume)} acknowledged message(s)", exc)
+
+    def _defer_take(self, holds: Sequence[Hold]) -> None:
+        """Store the dedup keys of and answer ``holds`` (agents took them) with the others
+        taken within :data:`TAKE_DELAY` (or once there are :data:`TAKE_BATCH`)."""
+        self._taking += holds
+        self._taking_keys.update((h.item.sender, h.item.id) for h in holds if h.item is not None)
+        if len(self._taking) >= TAKE_BATCH:
+            self._flush_takes()
+        elif self._take_timer is None:
+            loop = asyncio.get_running_loop()
+            self._take_timer = loop.call_later(TAKE_DELAY, self._flush_takes)
+
+    def _flush_takes(self) -> None:
+        if self._take_timer is not None:
+            self._take_timer.cancel()
+            self._take_timer = None
+        holds, self._taking = self._taking, []
+        self._taking_keys = set()
+        if holds:
+            self._take(holds)
 
     def _take(self, holds: Sequence[Hold]) -> None:
         """Agents took these from memory: store their dedup keys, then answer ``ok``."""
@@ -419,6 +451,19 @@ class Inbox:
 
 def _everyone(reader: str | None) -> None:
     return None
+
+
+class _Either(Container[tuple[str, str]]):
+    """Keys in either of two containers."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[tuple[str, str]], second: Container[tuple[str, str]]):
+        self.first = first
+        self.second = second
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.first or key in self.second
 
 
 def _head(receipt_number: int, item: Incoming, received: float) -> bytes:

@@ -67,6 +67,7 @@ _SIZE = struct.Struct(">I")
 _REQUEST = struct.Struct(">I")
 _SUBSCRIBE = struct.Struct(">IIB")
 _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
+_DELIVER_PLAIN = struct.Struct(">Q16s32sdBI")  # a head without room or agent, with the size
 _RECEIPT = struct.Struct(">Q")
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
@@ -130,7 +131,7 @@ def read_frame_head(head: bytes) -> tuple[int, int]:
     return kind, length
 
 
-def _ascii(raw: bytes, what: str) -> str:
+def _ascii(raw: bytes | bytearray, what: str) -> str:
     try:
         return raw.decode("ascii")
     except UnicodeDecodeError:
@@ -163,6 +164,18 @@ def send_entry_head(message: SendEntry, *, to_agents: bool = False) -> bytes:
 
 def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
     return send_entry_head(message, to_agents=to_agents) + message.payload
+
+
+def encode_send_parts(
+    request: int, entries: Sequence[bytes], *, to_agents: bool = False
+) -> list[bytes]:
+    """``encode_send``'s frame in pieces, in order (its head, then ``entries``): for a
+    gathering write (``sendmsg``), so the payloads are not copied into one bytes."""
+    size = _REQUEST.size + sum(len(e) for e in entries)
+    if size > MAX_FRAME:
+        raise LocalStreamError(f"a frame body carries at most {MAX_FRAME} bytes")
+    kind = Kind.SEND_TO if to_agents else Kind.SEND
+    return [FRAME.pack(kind, size) + _REQUEST.pack(request), *entries]
 
 
 def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = False) -> bytes:
@@ -242,7 +255,7 @@ def encode_sent(request: int, status: Status = Status.QUEUED, error: str = "") -
     return frame(Kind.SENT, _SENT.pack(request, status) + error.encode())
 
 
-def decode_sent(body: bytes) -> tuple[int, Status, str]:
+def decode_sent(body: bytes | bytearray) -> tuple[int, Status, str]:
     """(request, status, error text: empty when queued)."""
     if len(body) < _SENT.size:
         raise LocalStreamError("SENT too short")
@@ -297,6 +310,10 @@ def deliver_entry_head(
     agent: str | None = None,
 ) -> bytes:
     """A DELIVER entry up to its payload (the entry is this head, then the payload)."""
+    if room is None and agent is None:  # the common case: one pack
+        return _DELIVER_PLAIN.pack(
+            receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, 0, size
+        )
     flags = (FLAG_ROOM if room is not None else 0) | (FLAG_AGENT if agent is not None else 0)
     head = _DELIVER_HEAD.pack(
         receipt, bytes.fromhex(message_id), sender.encode("ascii"), received, flags
@@ -331,7 +348,8 @@ def deliver_entry(
     return head + payload
 
 
-def decode_deliver(body: bytes) -> Iterator[Delivered]:
+def decode_deliver(body: bytes | bytearray) -> Iterator[Delivered]:
+    """The entries of a DELIVER body, each payload its own ``bytes`` (one copy)."""
     view = memoryview(body)
     at, end = 0, len(body)
     try:

@@ -53,6 +53,7 @@ log = logging.getLogger("keel.mesh")
 
 SCHEMA_VERSION = 4  # 2: agent and to_agent in outbox and inbox; 3: blob columns; 4: agent and
 # to_agent in dead_letters (each migrated from the one before)
+SEEN_CEILINGS = 4096  # authors whose highest stored dedup id is remembered (seen_among)
 PAGE_SIZE = 8192  # new databases only; an existing file keeps its own
 CHECKPOINT_BYTES = 64 << 20  # the checkpoint thread copies the log once it is this big
 CHECKPOINT_DELAY = 0.02  # s between two looks at the log's size
@@ -222,6 +223,8 @@ class Store:
 
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = path
+        # Per author, an id no dedup key of its in ``seen`` is above (``seen_among``).
+        self._seen_ceiling: dict[str, str] = {}
         try:
             # Messages and invite secrets live here: owner only (the -wal and
             # -shm files SQLite makes take the database file's mode).
@@ -655,8 +658,38 @@ class Store:
 
     @_state_errors
     def seen_among(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The ``(author, id)`` pairs of ``keys`` received before (one query per 400)."""
-        return self._existing("seen", "sender", keys)
+        """The ``(author, id)`` pairs of ``keys`` received before (one query per 500).
+
+        Ids are time-ordered, so an author's new messages mostly come with
+        ids above all of its stored ones: those are new without a query. The
+        ceiling kept per author (its highest stored id, read once) is raised by
+        every insert, never lowered (a pruned key leaves it high: only more
+        queries).
+        """
+        ceiling = self._seen_ceiling
+        doubtful: list[tuple[str, str]] = []
+        for author, message_id in keys:
+            top = ceiling.get(author)
+            if top is None:
+                top = self._seen_top(author)
+            if message_id <= top:
+                doubtful.append((author, message_id))
+        return self._existing("seen", "sender", doubtful) if doubtful else set()
+
+    def _seen_top(self, author: str) -> str:
+        (top,) = self._db.execute("SELECT max(id) FROM seen WHERE sender = ?", (author,)).fetchone()
+        if len(self._seen_ceiling) >= SEEN_CEILINGS:
+            self._seen_ceiling.clear()
+        top = self._seen_ceiling[author] = "" if top is None else str(top)
+        return top
+
+    def _raise_ceilings(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Keys go into ``seen`` (called before the commit: a ceiling too high is harmless)."""
+        ceiling = self._seen_ceiling
+        for author, message_id in keys:
+            top = ceiling.get(author)
+            if top is not None and message_id > top:  # absent: read from the table when needed
+                ceiling[author] = message_id
 
     @_state_errors
     def receive(self, items: Sequence[Incoming], wall: float) -> list[int]:
@@ -666,6 +699,7 @@ class Store:
                 "INSERT INTO seen (sender, id, keep_until) VALUES (?, ?, ?)",
                 [(i.sender, i.id, i.keep_until) for i in items],
             )
+            self._raise_ceilings((i.sender, i.id) for i in items)
             db.executemany(
                 "INSERT INTO inbox (id, sender, room, topic, received, payload, agent, to_agent) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -681,6 +715,7 @@ class Store:
             db.executemany(
                 "INSERT OR IGNORE INTO seen (sender, id, keep_until) VALUES (?, ?, ?)", keys
             )
+            self._raise_ceilings((sender, message_id) for sender, message_id, _ in keys)
 
     @_state_errors
     def inbox_totals(self) -> tuple[int, int]:

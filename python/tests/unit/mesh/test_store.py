@@ -120,11 +120,47 @@ def test_dedup_lookups_walk_the_index(tmp_path: Path) -> None:
     store.enqueue([out(f"{i:032x}") for i in range(3, 7)], created=3.0)
     store._db.set_trace_callback(None)
     lookups = [sql for sql in statements if sql.startswith("SELECT") and " id IN (" in sql]
-    assert len(lookups) == 3  # seen for P, seen for Q, outbox for P
+    # seen for P (45 to 49 only: 50 to 54 are above P's highest stored id, Q has none), outbox
+    assert len(lookups) == 2
+    assert "'00000000000000000000000000000050'" not in lookups[0]
     for sql in lookups:
         plan = [row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}")]
         assert plan, sql
         assert all(step.startswith("SEARCH") for step in plan), (sql, plan)
+
+
+def test_ids_above_an_authors_highest_stored_one_are_new_without_a_lookup(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    def lookups() -> list[str]:
+        found = [sql for sql in statements if " id IN (" in sql]
+        statements.clear()
+        return found
+
+    def key(i: int, author: str = P) -> tuple[str, str]:
+        return (author, f"{i:032x}")
+
+    assert store.seen_among([key(5), key(6)]) == set()  # P has no stored id: none looked up
+    assert lookups() == []
+    store.receive([Incoming(P, f"{i:032x}", None, "t", b"", 1e10) for i in (5, 6)], wall=1.0)
+    store.mark_seen([(P, f"{9:032x}", 1e10), (Q, f"{3:032x}", 1e10)])
+    assert lookups() == []
+    # 5, 6 and 9 are below or at the ceiling (9): looked up and found; 10 is above it
+    assert store.seen_among([key(5), key(9), key(7), key(10)]) == {key(5), key(9)}
+    assert len(lookups()) == 1
+    assert store.seen_among([key(3, Q), key(4, Q), key(2, Q)]) == {key(3, Q)}
+    assert len(lookups()) == 1
+    assert store.prune_seen(wall=2e10) == 4  # pruned: the ceiling stays, lookups say "new"
+    assert store.seen_among([key(9), key(10)]) == set()
+    store._db.set_trace_callback(None)
+    store.mark_seen([(P, f"{20:032x}", 1e10)])
+    store.close()
+    reopened = Store(tmp_path / "s.db")  # the ceiling is read again from the table
+    assert reopened.seen_among([key(20), key(21), key(19)]) == {key(20)}
 
 
 def test_records_and_invites(tmp_path: Path) -> None:

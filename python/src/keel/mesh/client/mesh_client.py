@@ -208,7 +208,11 @@ class MeshClient:
         """One SEND frame on this thread's stream, and its SENT."""
         to_agents = any(entry.to_agent is not None for entry in entries)
         try:
-            frames = [local.send_entry(entry, to_agents=to_agents) for entry in entries]
+            parts = [
+                part
+                for entry in entries
+                for part in (local.send_entry_head(entry, to_agents=to_agents), entry.payload)
+            ]
         except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
             raise BadRequest(f"cannot send: {exc}") from None
         stream: Stream | None = getattr(self._local, "stream", None)
@@ -216,7 +220,8 @@ class MeshClient:
             stream = self._local.stream = Stream(self.path, self.timeout)
         stream.request += 1
         try:
-            stream.write(local.encode_send(stream.request, frames, to_agents=to_agents), "send")
+            frame = local.encode_send_parts(stream.request, parts, to_agents=to_agents)
+            stream.write_parts(frame, "send")
             request, status, error = stream.sent("send")
         except local.LocalStreamError as exc:  # the frame would be too big
             raise BadRequest(f"cannot send {len(entries)} message(s) at once: {exc}") from None

@@ -122,8 +122,8 @@ class Sender:
                 self._stream = Stream(self.path, self.timeout)
             self._stream.request += 1
             batch.request = self._stream.request
-            self._stream.write(
-                local.encode_send(batch.request, batch.entries, to_agents=batch.to_agents),
+            self._stream.write_parts(
+                local.encode_send_parts(batch.request, batch.entries, to_agents=batch.to_agents),
                 "send",
             )
         except Unavailable as exc:
@@ -170,10 +170,10 @@ class Sender:
                 for batch in self._in_flight:
                     stream.request += 1
                     batch.request = stream.request
-                    frame = local.encode_send(
+                    frame = local.encode_send_parts(
                         batch.request, batch.entries, to_agents=batch.to_agents
                     )
-                    stream.write(frame, "send")
+                    stream.write_parts(frame, "send")
             except ApiError as exc:
                 failure = exc
                 continue

@@ -102,7 +102,7 @@ class Subscription:
         self._unacked += [ready.receipt for ready in out]
         return [ready.message for ready in out]
 
-    def _take(self, stream: Stream, body: bytes) -> None:
+    def _take(self, stream: Stream, body: bytearray) -> None:
         try:
             delivered = list(local.decode_deliver(body))
         except local.LocalStreamError as exc:
