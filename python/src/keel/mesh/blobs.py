@@ -19,6 +19,14 @@ never read. Spares are deleted when the store closes, and files no row
 names when it opens. A segment is never appended to after the daemon
 restarts (a new one starts).
 
+A segment stays while any row names it, so one message waiting for a peer
+that is down keeps its whole segment on disk. The store compacts: once per
+new segment it looks for older segments holding a quarter or less of
+their size in live payloads, and moves those payloads (at most half a
+segment each time) to the current segment, fsynced, before the rows name
+their new place (``Store`` has the steps). Disk use stays near what is
+queued, whatever the mix of fast and stalled peers.
+
 Durability is the database's. With ``durability: full`` the segment is
 fsynced before the commit of the rows naming it. With ``normal`` (SQLite's
 ``synchronous=NORMAL``: a crash of the daemon loses nothing, a crash of the
@@ -79,6 +87,7 @@ class BlobFiles:
         self._unsynced: set[int] = set(found)  # segments written since their last fsync
         self._unsynced_bytes = 0
         self.current = max(found, default=0) + 1
+        self.rotations = 0  # new segments begun (the store compacts after each)
         self._offset = 0
         self._committed_seq = 0  # the last outbox seq whose rows committed (set by the store)
 
@@ -136,8 +145,9 @@ class BlobFiles:
 
     # -- writing and reading
 
-    def write(self, payloads: Sequence[bytes]) -> list[tuple[int, int]]:
-        """Append ``payloads``; their (segment, offset) in order. Fsynced first if ``full``."""
+    def write(self, payloads: Sequence[bytes], *, sync: bool = False) -> list[tuple[int, int]]:
+        """Append ``payloads``; their (segment, offset) in order. Fsynced first if ``full``,
+        or if ``sync`` (the directory too: rows older than the last sync will name them)."""
         with self._lock:
             if self._offset >= SEGMENT_BYTES:
                 self._rotate()
@@ -156,7 +166,10 @@ class BlobFiles:
                     rest = b"".join(chunk)[written:]
                     written += os.pwrite(fd, rest, offset + written)
             self._offset = at
-            if self.full:
+            if sync:
+                os.fdatasync(fd)
+                self._fsync_directory()
+            elif self.full:
                 os.fdatasync(fd)
             else:
                 self._unsynced.add(segment)
@@ -192,6 +205,18 @@ class BlobFiles:
     def unsynced_bytes(self) -> int:
         return self._unsynced_bytes
 
+    @property
+    def live_segments(self) -> int:
+        """How many segments rows name (the current one among them once it has rows)."""
+        return len(self._live)
+
+    def segment_bytes(self, segment: int) -> int:
+        """How big the file of ``segment`` is (0 if it has none)."""
+        try:
+            return os.fstat(self._fds[segment]).st_size if segment in self._fds else 0
+        except OSError:
+            return 0
+
     # -- the sync thread's
 
     def sync(self, *, clean: bool = False) -> None:
@@ -214,6 +239,9 @@ class BlobFiles:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.directory / SYNCED)
+        self._fsync_directory()
+
+    def _fsync_directory(self) -> None:
         directory = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -239,15 +267,12 @@ class BlobFiles:
     def _new_name(self) -> None:
         """With ``full``, a new segment's name is on disk before any row names it."""
         if self.full:
-            directory = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            self._fsync_directory()
 
     def _rotate(self) -> None:
         old = self.current
         self.current += 1
+        self.rotations += 1
         self._offset = 0
         if old not in self._live:
             self._retire(old)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from keel.errors import KeelError
+from keel.mesh import blobs as blob_files
 from keel.mesh.blobs import BLOB_MIN, BlobFiles
 from keel.mesh.delivery import Envelope, InboxMessage, Incoming, OutboxRow, Queued
 from keel.mesh.invite import InviteRecord
@@ -251,6 +252,7 @@ class Store:
                 "(a damaged file? move it away to start afresh, losing queued messages)"
             ) from None
         self._last_seq: int | None = None  # the last outbox seq used (cached)
+        self._compacted_at = 0  # the blob files' rotations when last compacted
         self._after_commit: Callable[[], None] = lambda: None  # the checkpointer's poke, soon
         try:
             self._blobs = BlobFiles(
@@ -461,6 +463,8 @@ class Store:
             return self._enqueue_checked(items, created, blobs)
         self._last_seq = last + len(rows)
         self._blobs_committed(items, blobs)
+        if self._blobs.rotations != self._compacted_at:
+            self._compact_blobs()
         return [item.queued(seq) for seq, item in enumerate(items, last + 1)]
 
     def _write_blobs(self, items: Sequence[OutboxRow]) -> dict[int, tuple[int, int]]:
@@ -475,6 +479,69 @@ class Store:
                 f"{self.path}: cannot write to the outbox's blob files: {exc}"
             ) from None
         return dict(zip(large, places, strict=True))
+
+    def _compact_blobs(self) -> None:
+        """Move the live payloads of sparse older segments to the current one (``blobs``).
+
+        Once per new segment. A segment is sparse when what rows still name in
+        it is a quarter of its file or less; the oldest go first, at most half a
+        segment's bytes each time (so compacting copies at most half a byte per
+        byte written). Steps, each safe to be cut short: the payloads are
+        appended and fsynced (the directory too), then one transaction points
+        their rows at the new place, then the old segments are released (and
+        deleted, or kept as spares, once nothing names them). A failure is
+        logged and changes nothing rows depend on.
+        """
+        self._compacted_at = self._blobs.rotations
+        if self._blobs.live_segments <= 2:  # the current one and the one before: nothing to do
+            return
+        size = blob_files.SEGMENT_BYTES
+        try:
+            live = self._db.execute(
+                "SELECT blob, sum(blob_size) FROM outbox WHERE blob IS NOT NULL "
+                "GROUP BY blob ORDER BY blob"
+            ).fetchall()
+            chosen: list[int] = []
+            budget = size // 2
+            for segment, held in live:
+                if segment == self._blobs.current or held * 4 > max(
+                    self._blobs.segment_bytes(segment), size
+                ):
+                    continue  # the one being written, or not sparse
+                if chosen and held > budget:
+                    break
+                chosen.append(segment)
+                budget -= held
+            if not chosen:
+                return
+            marks = ", ".join("?" * len(chosen))
+            moving: list[tuple[int, int, int, int]] = self._db.execute(  # seq, segment, at, size
+                f"SELECT seq, blob, blob_at, blob_size FROM outbox WHERE blob IN ({marks}) "  # noqa: S608
+                "ORDER BY seq",
+                chosen,
+            ).fetchall()
+            if not moving:
+                return
+            payloads = [self._blobs.read(segment, at, n) for _, segment, at, n in moving]
+            places = self._blobs.write(payloads, sync=True)
+            with self.transaction() as db:
+                db.executemany(
+                    "UPDATE outbox SET blob = ?, blob_at = ? WHERE seq = ?",
+                    [(new, at, row[0]) for (new, at), row in zip(places, moving, strict=True)],
+                )
+        except (OSError, sqlite3.Error, StateError) as exc:
+            log.warning(
+                "mesh: compacting the outbox's blob files failed (tried again later): %s", exc
+            )
+            return
+        self._blobs.committed((new for new, _ in places), self._outbox_seq(self._db))
+        self._blobs.released(row[1] for row in moving)
+        log.info(
+            "mesh: moved %d queued payloads (%d bytes) out of %d sparse blob segments",
+            len(moving),
+            sum(row[3] for row in moving),
+            len({row[1] for row in moving}),
+        )
 
     def _blobs_committed(
         self, items: Iterable[OutboxRow | None], blobs: Mapping[int, tuple[int, int]]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from keel.mesh import store as store_module
@@ -482,6 +484,79 @@ def test_emptied_segments_are_written_over_not_deleted_and_made_anew(
         Envelope(BIG, None),
         Envelope(BIG, None),
     ]
+    store.close()
+
+
+def test_segments_held_by_a_few_waiting_messages_are_compacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that is down keeps one message in each segment; the rest were delivered."""
+    monkeypatch.setattr("keel.mesh.blobs.SEGMENT_BYTES", 4 * len(BIG))  # four payloads each
+    monkeypatch.setattr("keel.mesh.blobs.SPARE_SEGMENTS", 0)
+    path = tmp_path / "s.db"
+    store = Store(path, synchronous="NORMAL")
+    waiting = {}
+    for n in range(6):  # six segments: one payload for P (down), three for Q (delivered)
+        payload = bytes([n]) * len(BIG)
+        batch = [out(f"{n:030x}00", P, payload)] + [
+            out(f"{n:030x}{k:02x}", Q, bytes([n, k]) * (len(BIG) // 2)) for k in range(1, 4)
+        ]
+        queued = store.enqueue(batch, created=1.0)
+        waiting[queued[0].seq] = payload  # type: ignore[union-attr]
+        store.delivered([q for q in queued[1:] if q is not None])
+    # each new segment moved the sparse ones' payloads forward: not six files of four
+    assert len(segments(path)) <= 3
+    for seq, payload in waiting.items():
+        assert store.outbox_payload(seq) == Envelope(payload, None)
+    store.close()
+    store = Store(path)  # the rows name the new places after reopening too
+    assert {q.seq: store.outbox_payload(q.seq) for q in store.load_outbox()} == {
+        seq: Envelope(payload, None) for seq, payload in waiting.items()
+    }
+    store.delivered(store.load_outbox())
+    store.close()
+
+
+def test_a_compaction_cut_short_leaves_every_row_naming_its_payload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keel.mesh.blobs.SEGMENT_BYTES", 4 * len(BIG))
+    monkeypatch.setattr("keel.mesh.blobs.SPARE_SEGMENTS", 0)
+    path = tmp_path / "s.db"
+    store = Store(path, synchronous="NORMAL")
+    real = store.transaction
+    calls = {"n": 0}
+
+    def failing() -> Any:
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:  # every third transaction fails (some are compactions)
+            raise StateError("injected")
+        return real()
+
+    monkeypatch.setattr(store, "transaction", failing)
+    waiting = {}
+    for n in range(8):
+        payload = bytes([n + 1]) * len(BIG)
+        try:
+            queued = store.enqueue(
+                [out(f"{n:030x}00", P, payload)]
+                + [
+                    out(f"{n:030x}{k:02x}", Q, bytes([n, k]) * (len(BIG) // 2)) for k in range(1, 4)
+                ],
+                created=1.0,
+            )
+        except StateError:
+            continue
+        waiting[queued[0].seq] = payload  # type: ignore[union-attr]
+        with contextlib.suppress(StateError):
+            store.delivered([q for q in queued[1:] if q is not None])
+    monkeypatch.setattr(store, "transaction", real)
+    for seq, payload in waiting.items():
+        assert store.outbox_payload(seq) == Envelope(payload, None)
+    store.close()
+    store = Store(path)
+    for seq, payload in waiting.items():
+        assert store.outbox_payload(seq) == Envelope(payload, None)
     store.close()
 
 
