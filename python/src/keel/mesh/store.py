@@ -483,7 +483,8 @@ class Store:
     def _compact_blobs(self) -> None:
         """Move the live payloads of sparse older segments to the current one (``blobs``).
 
-        Once per new segment. A segment is sparse when what rows still name in
+        Once per new segment, among the segments before the last two (whose
+        messages may just be in flight). A segment is sparse when what rows still name in
         it is a quarter of its file or less; the oldest go first, at most half a
         segment's bytes each time (so compacting copies at most half a byte per
         byte written). Steps, each safe to be cut short: the payloads are
@@ -504,10 +505,10 @@ class Store:
             chosen: list[int] = []
             budget = size // 2
             for segment, held in live:
-                if segment == self._blobs.current or held * 4 > max(
+                if segment >= self._blobs.current - 1 or held * 4 > max(
                     self._blobs.segment_bytes(segment), size
                 ):
-                    continue  # the one being written, or not sparse
+                    continue  # the one being written or the one before (in flight), or not sparse
                 if chosen and held > budget:
                     break
                 chosen.append(segment)
