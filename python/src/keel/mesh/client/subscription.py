@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from keel.errors import ApiError, BadRequest, Unavailable
 from keel.mesh import local
-from keel.mesh.client.messages import Received, Returned
+from keel.mesh.client.messages import Received, Returned, received
 from keel.mesh.client.transport import Stream
 
 
@@ -114,15 +114,13 @@ class Subscription:
             stream.close()
             self._stream = None
             raise Unavailable(f"{self.path}: malformed frame from the daemon: {exc}") from exc
-        first_time, topic, ready = self.returned.first_time, self.topic, self._ready
-        for item in delivered:
-            if not first_time(item.sender, item.id):
+        fresh = self.returned.first_times([(item.sender, item.id) for item in delivered])
+        topic, ready = self.topic, self._ready
+        for item, first in zip(delivered, fresh, strict=True):
+            if not first:
                 self._unacked.append(item.receipt)  # handed out again: acknowledge, skip
                 continue
-            message = Received(
-                item.id, item.sender, topic, item.room, item.payload, item.received, item.agent
-            )
-            ready.append(_Ready(item.receipt, message))
+            ready.append(_Ready(item.receipt, received(item, topic)))
 
     def __iter__(self) -> Iterator[Received]:
         while True:

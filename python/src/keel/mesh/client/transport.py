@@ -146,6 +146,8 @@ class Stream:
                     if self._start == end:
                         self._start = self._end = 0
                     body = self._view[start + HEAD : start + want]
+                    if len(self._buffer) > KEEP:  # a huge frame's buffer is not kept
+                        self._make_room(HEAD)
                     if kind == Kind.ERROR:
                         self.close()
                         text = bytes(body).decode(errors="replace")
@@ -163,17 +165,21 @@ class Stream:
                 return None
 
     def _make_room(self, want: int) -> None:
-        """Room for ``want`` bytes from the frame at ``_start``: it goes to the front of
-        the buffer, or into a larger one."""
+        """Room for ``want`` bytes from the frame at ``_start``: it moves to the front of
+        the buffer; or into a larger one (doubling, up to ``KEEP``: exactly beyond); or,
+        once a frame beyond ``KEEP`` is handed out, into one of the size needed."""
         start, end = self._start, self._end
         size = len(self._buffer)
-        if want > size or (want <= KEEP < size):  # grow; or shrink back after a huge frame
-            size = max(READ_AHEAD, want if want > KEEP else min(KEEP, max(want, 2 * size)))
+        if want <= size <= KEEP:
+            self._view[: end - start] = self._view[start:end]
+        else:
+            if want > size:
+                size = want if want > KEEP else min(KEEP, max(want, 2 * size))
+            else:
+                size = max(READ_AHEAD, want, end - start)
             buffer = bytearray(size)
             buffer[: end - start] = self._view[start:end]
             self._buffer, self._view = buffer, memoryview(buffer)
-        else:
-            self._view[: end - start] = self._view[start:end]
         self._start, self._end = 0, end - start
 
     def _receive(self, into: memoryview, deadline: float | None, what: str) -> bool:
