@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
+import resource
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -243,3 +247,36 @@ def test_a_write_to_a_full_socket_waits_for_room_then_times_out(tmp_path: Path) 
     finally:
         stream.close()
         theirs.close()
+
+
+BURSTS = """
+import resource, sys
+from keel.mesh.client import transport
+if sys.argv[1] == "kept":
+    transport.keep_heap()
+def burst():  # as a Sender's confirmed batch, or a recv's messages once handled
+    held = [bytes(65536) for _ in range(16)]
+    del held
+burst()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    burst()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_bursts_of_large_payloads_freed_do_not_fault_the_heap_in_again_once_it_is_kept() -> None:
+    """glibc hands the top of the heap back after each burst of 1 MiB freed, and faults it
+    in again for the next (16 pages a payload): ``keep_heap`` (every Stream) stops that."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the trimming and its thresholds are glibc's")
+    faults = {}
+    for mode in ("default", "kept"):
+        done = subprocess.run(
+            [sys.executable, "-c", BURSTS, mode], capture_output=True, text=True, check=True
+        )
+        faults[mode] = int(done.stdout)
+    pages = 50 * 16 * 65536 // resource.getpagesize()
+    if faults["default"] < pages // 10:
+        pytest.skip(f"this malloc does not hand the heap back ({faults})")
+    assert faults["kept"] < pages // 20, faults
