@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import Final
@@ -68,17 +70,54 @@ def parse_address(text: str) -> tuple[str | None, str]:
     return agent or None, node
 
 
-def new_message_id(
-    random: Callable[[int], bytes] = secrets.token_bytes, clock: Callable[[], float] = time.time
-) -> str:
-    """A fresh id: 6 bytes of Unix time in milliseconds (big-endian), then 10 random bytes.
+class _Entropy:
+    """Random bytes from the OS, drawn ``BLOCK`` at a time (one system call per block,
+    not per id); thread-safe, and a forked child never hands out its parent's."""
+
+    BLOCK: Final = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._block = b""
+        self._at = 0
+
+    def take(self, count: int) -> bytes:
+        with self._lock:
+            at = self._at
+            if at + count > len(self._block):
+                self._block, at = secrets.token_bytes(max(count, self.BLOCK)), 0
+            self._at = at + count
+            return self._block[at : at + count]
+
+    def forget(self) -> None:
+        """In a forked child: what is left of the block is the parent's too."""
+        self._lock = threading.Lock()
+        self._block, self._at = b"", 0
+
+
+_ENTROPY: Final = _Entropy()
+os.register_at_fork(after_in_child=_ENTROPY.forget)
+
+
+def new_message_id_bytes(
+    random: Callable[[int], bytes] = _ENTROPY.take, clock: Callable[[], float] = time.time
+) -> bytes:
+    """A fresh id's 16 bytes: 6 bytes of Unix time in milliseconds (big-endian), then 10
+    random bytes.
 
     Receivers take any 16 bytes; time-ordered ids just keep the stores'
     ``(sender, id)`` indexes growing at their end, so inserting one touches
     one page instead of a random page of a week-long table.
     """
     millis = int(clock() * 1000) & 0xFFFF_FFFF_FFFF
-    return millis.to_bytes(6, "big").hex() + random(MESSAGE_ID_BYTES - 6).hex()
+    return millis.to_bytes(6, "big") + random(MESSAGE_ID_BYTES - 6)
+
+
+def new_message_id(
+    random: Callable[[int], bytes] = _ENTROPY.take, clock: Callable[[], float] = time.time
+) -> str:
+    """A fresh id (:func:`new_message_id_bytes`) as 32 hex digits."""
+    return new_message_id_bytes(random, clock).hex()
 
 
 def is_message_id(value: object) -> bool:

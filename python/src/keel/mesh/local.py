@@ -56,7 +56,7 @@ import collections
 import enum
 import mmap
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
 MAX_FRAME: Final = 16 << 20
@@ -64,6 +64,7 @@ SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (keel.api.widen; t
 FRAME: Final = struct.Struct(">BI")
 _SEND_HEAD = struct.Struct(">16s32sQB")
 _SIZE = struct.Struct(">I")
+_TTL_LENGTH = struct.Struct(">QB")  # a SEND entry's ttl_ms, and the length after it
 _REQUEST = struct.Struct(">I")
 _SUBSCRIBE = struct.Struct(">IIB")
 _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
@@ -141,25 +142,36 @@ def _ascii(raw: bytes | bytearray, what: str) -> str:
 # ---------------------------------------------------------------- SEND
 
 
+def send_entry_route(
+    to: str, topic: str, ttl_ms: int = 0, to_agent: str | None = None, *, to_agents: bool = False
+) -> bytes:
+    """A SEND entry's head between its id and its size (recipient, TTL, agent, topic): the
+    same for every message to one recipient on one topic; ``to_agents`` as below."""
+    raw_topic = topic.encode("ascii")
+    raw_to = to.encode("ascii")
+    if len(raw_to) != 32 or not 0 < len(raw_topic) < 256:
+        raise LocalStreamError("to must be a node id, topic 1 to 255 ASCII characters")
+    if not to_agents:
+        if to_agent is not None:
+            raise LocalStreamError("a message for an agent goes in a SEND_TO frame")
+        return b"".join((raw_to, _TTL_LENGTH.pack(ttl_ms, len(raw_topic)), raw_topic))
+    agent = (to_agent or "").encode("ascii")  # the agent's length and name, then the topic's
+    if len(agent) > 255:
+        raise LocalStreamError("an agent's name is at most 255 ASCII characters")
+    return b"".join(
+        (raw_to, _TTL_LENGTH.pack(ttl_ms, len(agent)), agent, bytes([len(raw_topic)]), raw_topic)
+    )
+
+
 def send_entry_head(message: SendEntry, *, to_agents: bool = False) -> bytes:
     """A SEND entry up to its payload (the entry is this head, then ``message.payload``);
     ``to_agents``: in the form of a SEND_TO frame."""
-    topic = message.topic.encode("ascii")
-    to = message.to.encode("ascii")
-    if len(to) != 32 or not 0 < len(topic) < 256 or len(message.id) != 32:
-        raise LocalStreamError("to must be a node id, topic 1 to 255 ASCII characters")
-    raw_id = bytes.fromhex(message.id)
-    if not to_agents:
-        if message.to_agent is not None:
-            raise LocalStreamError("a message for an agent goes in a SEND_TO frame")
-        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(topic))
-    else:  # the agent's length and name, then the topic's length
-        agent = (message.to_agent or "").encode("ascii")
-        if len(agent) > 255:
-            raise LocalStreamError("an agent's name is at most 255 ASCII characters")
-        head = _SEND_HEAD.pack(raw_id, to, message.ttl_ms, len(agent)) + agent
-        head += bytes([len(topic)])
-    return b"".join((head, topic, _SIZE.pack(len(message.payload))))
+    route = send_entry_route(
+        message.to, message.topic, message.ttl_ms, message.to_agent, to_agents=to_agents
+    )
+    if len(message.id) != 32:
+        raise LocalStreamError("an id is 32 hex digits")
+    return b"".join((bytes.fromhex(message.id), route, _SIZE.pack(len(message.payload))))
 
 
 def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
@@ -255,7 +267,7 @@ def encode_sent(request: int, status: Status = Status.QUEUED, error: str = "") -
     return frame(Kind.SENT, _SENT.pack(request, status) + error.encode())
 
 
-def decode_sent(body: bytes | bytearray) -> tuple[int, Status, str]:
+def decode_sent(body: bytes | bytearray | memoryview) -> tuple[int, Status, str]:
     """(request, status, error text: empty when queued)."""
     if len(body) < _SENT.size:
         raise LocalStreamError("SENT too short")
@@ -264,7 +276,7 @@ def decode_sent(body: bytes | bytearray) -> tuple[int, Status, str]:
         status = Status(status)
     except ValueError:
         raise LocalStreamError(f"SENT status {status} is not 0, 1 or 2") from None
-    text = body[_SENT.size :].decode("utf-8", errors="replace")
+    text = bytes(body[_SENT.size :]).decode("utf-8", errors="replace")
     return request, status, text or ("" if status is Status.QUEUED else "refused")
 
 
@@ -348,35 +360,47 @@ def deliver_entry(
     return head + payload
 
 
-def decode_deliver(body: bytes | bytearray) -> Iterator[Delivered]:
-    """The entries of a DELIVER body, each payload its own ``bytes`` (one copy)."""
+def decode_deliver(body: bytes | bytearray | memoryview) -> list[Delivered]:
+    """The entries of a DELIVER body, each payload its own ``bytes`` (one copy: ``body``
+    may be a view of a buffer read into again later)."""
     view = memoryview(body)
-    at, end = 0, len(body)
+    at, end = 0, len(view)
+    out: list[Delivered] = []
+    plain, unpack_plain = _DELIVER_PLAIN.size, _DELIVER_PLAIN.unpack_from
+    senders: dict[bytes, str] = {}  # the same few in a frame
     try:
         while at < end:
-            receipt, raw_id, sender, received, flags = _DELIVER_HEAD.unpack_from(body, at)
-            at += _DELIVER_HEAD.size
+            receipt, raw_id, sender, received, flags, size = unpack_plain(view, at)
             room = agent = None
-            if flags & FLAG_ROOM:
-                room = body[at : at + 16].hex()
-                at += 16
-            if flags & FLAG_AGENT:
-                length = body[at]
-                agent = _ascii(body[at + 1 : at + 1 + length], "agent")
-                at += 1 + length
-            (size,) = _SIZE.unpack_from(body, at)
-            at += _SIZE.size
+            if flags:  # a room or an agent between the flags and the size
+                at += _DELIVER_HEAD.size
+                if flags & FLAG_ROOM:
+                    room = view[at : at + 16].hex()
+                    at += 16
+                if flags & FLAG_AGENT:
+                    length = view[at]
+                    agent = _ascii_view(view[at + 1 : at + 1 + length], "agent")
+                    at += 1 + length
+                (size,) = _SIZE.unpack_from(view, at)
+                at += _SIZE.size
+            else:
+                at += plain
             if at + size > end:
                 raise LocalStreamError("DELIVER entry runs past the frame's end")
-            payload = bytes(view[at : at + size])
-            at += size
-            yield Delivered(
-                receipt, raw_id.hex(), _ascii(sender, "from"), received, room, payload, agent
+            name = senders.get(sender)
+            if name is None:
+                name = senders[sender] = _ascii(sender, "from")
+            out.append(
+                Delivered(
+                    receipt, raw_id.hex(), name, received, room, bytes(view[at : at + size]), agent
+                )
             )
-    except struct.error:
+            at += size
+    except (struct.error, IndexError):
         raise LocalStreamError("DELIVER entry runs past the frame's end") from None
     finally:
         view.release()
+    return out
 
 
 # ---------------------------------------------------------------- reading frames

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,10 @@ import pytest
 from keel import api
 from keel.errors import BadRequest, Refused, Unavailable, UsageError
 from keel.mesh import local
-from keel.mesh.client import MeshClient, SendRefused
+from keel.mesh.client import MeshClient, Sender, SendRefused
+from keel.mesh.client import sender as sender_module
+from keel.mesh.client.messages import Received, Returned, received
+from keel.mesh.client.transport import Stream
 
 NODE = "b" * 32
 
@@ -187,3 +192,78 @@ def test_the_default_socket_is_the_agents_one_for_a_process_that_cannot_open_the
     control.unlink()
     monkeypatch.setattr(paths, "dev_mode", lambda: True)
     assert mesh_client.default_socket() == control
+
+
+def test_a_sender_encodes_each_recipient_once_and_its_frames_decode_to_the_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Sender builds entry heads from a (recipient, topic) pair's encoded route and a
+    fresh id: the frames are what ``encode_send`` makes of the same messages."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    monkeypatch.setattr(
+        sender_module, "Stream", lambda path, timeout: Stream(path, timeout, sock=ours)
+    )
+    frames: list[tuple[int, bytes]] = []
+
+    def daemon() -> None:  # answers each SEND with a SENT, as the daemon does
+        data = b""
+        while chunk := theirs.recv(1 << 16):
+            data += chunk
+            while len(data) >= local.FRAME.size:
+                kind, length = local.read_frame_head(data[: local.FRAME.size])
+                if len(data) < local.FRAME.size + length:
+                    break
+                body, data = (
+                    data[local.FRAME.size : local.FRAME.size + length],
+                    data[local.FRAME.size + length :],
+                )
+                frames.append((kind, body))
+                theirs.sendall(local.encode_sent(int.from_bytes(body[:4], "big")))
+
+    thread = threading.Thread(target=daemon, daemon=True)
+    thread.start()
+    given = "0123456789abcdef" * 2
+    with Sender(tmp_path / "mesh.sock", timeout=5, ttl=2.5) as out:
+        with pytest.raises(BadRequest, match="not 32 hex digits"):
+            out.send(NODE, "jobs", b"x", id="not an id")
+        for _ in range(2):  # refused each time: a bad pair is not remembered
+            with pytest.raises(BadRequest, match="topic"):
+                out.send(NODE, "bad topic", b"x")
+        first = out.send(NODE, "jobs", b"one")
+        second = out.send(f"scout@{NODE}", "jobs", b"two")
+        third = out.send(NODE, "jobs", b"three", id=given)
+    theirs.shutdown(socket.SHUT_WR)
+    thread.join(timeout=10)
+    theirs.close()
+    assert third == given
+    assert len({first, second}) == 2
+    assert [kind for kind, _ in frames] == [local.Kind.SEND, local.Kind.SEND_TO]
+    assert local.decode_send(frames[0][1]) == (
+        1,
+        [local.SendEntry(first, NODE, "jobs", b"one", 2500)],
+    )
+    assert local.decode_send(frames[1][1], to_agents=True) == (
+        2,
+        [
+            local.SendEntry(second, NODE, "jobs", b"two", 2500, "scout"),
+            local.SendEntry(given, NODE, "jobs", b"three", 2500),
+        ],
+    )
+
+
+def test_a_delivered_message_is_handed_out_as_the_received_its_constructor_makes() -> None:
+    item = local.Delivered(7, "0123456789abcdef" * 2, NODE, 1.5, None, b"data", "scout")
+    made = received(item, "jobs")
+    assert made == Received("0123456789abcdef" * 2, NODE, "jobs", None, b"data", 1.5, "scout")
+    assert hash(made) == hash(Received(item.id, NODE, "jobs", None, b"data", 1.5, "scout"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.data = b"other"  # type: ignore[misc]
+
+
+def test_what_was_returned_is_remembered_in_order_under_one_lock_a_frame() -> None:
+    returned = Returned(remember=3)
+    assert returned.first_times([("a", "1"), ("a", "2"), ("a", "1")]) == [True, True, False]
+    assert returned.first_time("b", "1")
+    assert returned.first_times([("a", "1"), ("c", "1")]) == [False, True]
+    assert not returned.first_time("c", "1")
+    assert returned.first_time("a", "1")  # the oldest of four, forgotten

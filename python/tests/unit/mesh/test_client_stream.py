@@ -3,8 +3,13 @@ frames sent in pieces arriving whole (``keel.mesh.client.transport``)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import platform
+import resource
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,7 +18,7 @@ from typing import cast
 import pytest
 from keel.errors import Unavailable
 from keel.mesh import local
-from keel.mesh.client.transport import READ_AHEAD, Buffer, Stream, send_all
+from keel.mesh.client.transport import KEEP, READ_AHEAD, Buffer, Stream, send_all
 from keel.mesh.local import Kind
 
 NODE = "b" * 32
@@ -42,7 +47,7 @@ def deliver_frame(payloads: Sequence[bytes], *, room: str | None = None) -> byte
     return local.frame(Kind.DELIVER, b"".join(entries))
 
 
-def payloads_of(body: bytes | bytearray) -> list[bytes]:
+def payloads_of(body: bytes | bytearray | memoryview) -> list[bytes]:
     return [d.payload for d in local.decode_deliver(body)]
 
 
@@ -102,9 +107,12 @@ def test_a_room_message_and_bytes_read_ahead_of_a_large_body(
     data = deliver_frame(first, room="ab" * 16) + deliver_frame(second)
     daemon.sendall(data[: READ_AHEAD + 100])  # the head, and more than READ_AHEAD of the body
     writer = send_from_a_thread(daemon, data[READ_AHEAD + 100 :])
-    got = [stream.frame(None, "recv") for _ in range(2)]
-    assert [g[0] for g in got if g is not None] == [Kind.DELIVER, Kind.DELIVER]
-    delivered = [list(local.decode_deliver(g[1])) for g in got if g is not None]
+    delivered = []
+    for _ in range(2):  # each body decoded before the next frame is read (a view)
+        got = stream.frame(None, "recv")
+        assert got is not None
+        assert got[0] == Kind.DELIVER
+        delivered.append(local.decode_deliver(got[1]))
     assert [d.payload for d in delivered[0]] == first
     assert delivered[0][0].room == "ab" * 16
     assert [d.payload for d in delivered[1]] == second
@@ -178,3 +186,97 @@ def test_a_send_frame_in_pieces_is_the_frame_joined(pair: tuple[Stream, socket.s
     assert (kind, length) == (Kind.SEND, len(frame) - local.FRAME.size)
     request, decoded = local.decode_send(bytes(got[local.FRAME.size :]))
     assert (request, [d.payload for d in decoded]) == (9, [m.payload for m in messages])
+
+
+def test_frames_of_every_size_cut_anywhere_come_whole_from_the_kept_buffer(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    """Small frames several to a read, large ones (one beyond the buffer kept, KEEP) read
+    after their heads, in a stream cut at odd places: each body whole, in order, and the
+    buffer back to at most KEEP after the huge frame."""
+    stream, daemon = pair
+    sizes = [0, 10, READ_AHEAD - 80, 3, READ_AHEAD + 1, 1 << 20, 7, KEEP + 4096, 100, 1 << 20]
+    batches = [[os.urandom(size)] for size in sizes]
+    data = b"".join(deliver_frame(b) for b in batches)
+    cuts = [*range(0, len(data), 40_009), len(data)]
+
+    def write() -> None:
+        for a, b in itertools.pairwise(cuts):
+            daemon.sendall(data[a:b])
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    for batch in batches:
+        got = stream.frame(None, "recv")
+        assert got is not None
+        assert got[0] == Kind.DELIVER
+        assert isinstance(got[1], memoryview)  # a view of the stream's buffer
+        assert payloads_of(got[1]) == batch
+    writer.join(timeout=10)
+    assert not stream.buffered()
+    daemon.sendall(local.encode_sent(1))
+    assert stream.sent("send") == (1, local.Status.QUEUED, "")
+    assert len(stream._buffer) <= KEEP
+
+
+def test_a_timeout_of_zero_hands_out_only_what_was_read_already(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, daemon = pair
+    daemon.sendall(local.encode_sent(1) + local.encode_sent(2)[:3])
+    got = stream.frame(None, "send")  # reads both, the second in part
+    assert got is not None
+    assert local.decode_sent(got[1]) == (1, local.Status.QUEUED, "")
+    assert stream.buffered()
+    daemon.sendall(local.encode_sent(2)[3:])
+    assert stream.frame(0.0, "send") is None  # the rest waits in the socket, unread
+    assert stream.sent("send") == (2, local.Status.QUEUED, "")
+    assert not stream.buffered()
+
+
+def test_a_write_to_a_full_socket_waits_for_room_then_times_out(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = Stream(tmp_path / "mesh.sock", 0.2, sock=ours)
+    try:
+        data = os.urandom(4 << 20)
+        reader = threading.Thread(target=lambda: theirs.recv(1 << 16), daemon=True)
+        reader.start()  # takes a little; the socket then stays full
+        with pytest.raises(Unavailable, match="timed out"):
+            stream.write_parts([data, data], "send")
+        reader.join(timeout=10)
+    finally:
+        stream.close()
+        theirs.close()
+
+
+BURSTS = """
+import resource, sys
+from keel.mesh.client import transport
+if sys.argv[1] == "kept":
+    transport.keep_heap()
+def burst():  # as a Sender's confirmed batch, or a recv's messages once handled
+    held = [bytes(65536) for _ in range(16)]
+    del held
+burst()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    burst()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_bursts_of_large_payloads_freed_do_not_fault_the_heap_in_again_once_it_is_kept() -> None:
+    """glibc hands the top of the heap back after each burst of 1 MiB freed, and faults it
+    in again for the next (16 pages a payload): ``keep_heap`` (every Stream) stops that."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the trimming and its thresholds are glibc's")
+    faults = {}
+    for mode in ("default", "kept"):
+        done = subprocess.run(
+            [sys.executable, "-c", BURSTS, mode], capture_output=True, text=True, check=True
+        )
+        faults[mode] = int(done.stdout)
+    pages = 50 * 16 * 65536 // resource.getpagesize()
+    if faults["default"] < pages // 10:
+        pytest.skip(f"this malloc does not hand the heap back ({faults})")
+    assert faults["kept"] < pages // 20, faults

@@ -109,3 +109,44 @@ def test_fuzz_decoders_raise_only_local_stream_errors(data: bytes) -> None:
     ):
         with contextlib.suppress(LocalStreamError):
             decode(data)
+
+
+def test_deliver_decodes_from_a_view_with_rooms_and_agents_each_payload_bytes() -> None:
+    entries = [
+        local.deliver_entry(1, ID, sender=NODE, received=1.5, room=ID, payload=b"r", agent="ops"),
+        local.deliver_entry(2, ID, sender="b" * 32, received=2.5, room=None, payload=b"p"),
+        local.deliver_entry(3, ID, sender=NODE, received=3.5, room=None, payload=b"", agent="a"),
+    ]
+    buffer = bytearray(b"\xff" + b"".join(entries) + b"\xff")  # a view inside a larger buffer
+    got = local.decode_deliver(memoryview(buffer)[1:-1])
+    assert got == [
+        Delivered(1, ID, NODE, 1.5, ID, b"r", "ops"),
+        Delivered(2, ID, "b" * 32, 2.5, None, b"p"),
+        Delivered(3, ID, NODE, 3.5, None, b"", "a"),
+    ]
+    assert all(type(d.payload) is bytes for d in got)
+    buffer[:] = bytes(len(buffer))  # the buffer is read into again: the payloads stay
+    assert [d.payload for d in got] == [b"r", b"p", b""]
+
+
+def test_a_deliver_entry_cut_in_its_agent_is_malformed() -> None:
+    entry = local.deliver_entry(
+        1, ID, sender=NODE, received=1.5, room=None, payload=b"x", agent="a"
+    )
+    for cut in range(1, len(entry)):
+        with pytest.raises(LocalStreamError, match="runs past"):
+            local.decode_deliver(entry[:cut])
+
+
+def test_a_send_entry_head_is_its_id_its_route_and_its_size() -> None:
+    plain = SendEntry(ID, NODE, "jobs", b"12345", 1500)
+    route = local.send_entry_route(NODE, "jobs", 1500)
+    assert local.send_entry_head(plain) == bytes.fromhex(ID) + route + (5).to_bytes(4, "big")
+    for agent in ("scout", None):
+        entry = SendEntry(ID, NODE, "jobs", b"", 0, agent)
+        route = local.send_entry_route(NODE, "jobs", 0, agent, to_agents=True)
+        assert local.send_entry_head(entry, to_agents=True) == bytes.fromhex(ID) + route + bytes(4)
+    with pytest.raises(LocalStreamError, match="SEND_TO"):
+        local.send_entry_route(NODE, "jobs", 0, "scout")
+    with pytest.raises(LocalStreamError, match="topic"):
+        local.send_entry_route(NODE, "", 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -343,3 +344,26 @@ def test_fuzz_msgs_raises_only_remote_protocol_errors(body: bytes) -> None:
         return
     assert isinstance(packet, Msgs)
     assert packets.decode(packets.encode(packet)) == packet
+
+
+def test_message_ids_drawn_from_one_block_of_randomness_differ_in_a_forked_child() -> None:
+    """The random bytes come from the OS a block at a time: a forked child must not hand
+    out the rest of its parent's block (the same ids twice on the mesh)."""
+    made = {ids.new_message_id() for _ in range(1000)}  # several blocks
+    assert len(made) == 1000
+    assert len({i[12:] for i in made}) == 1000
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(writer, "".join(ids.new_message_id() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        theirs = pipe.read()
+    os.waitpid(pid, 0)
+    ours = "".join(ids.new_message_id() for _ in range(3))
+    assert len(theirs) == len(ours) == 96
+    random_parts = {text[n + 12 : n + 32] for text in (ours, theirs) for n in range(0, 96, 32)}
+    assert len(random_parts) == 6

@@ -5,12 +5,14 @@ from __future__ import annotations
 import collections
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from keel.errors import BadRequest
 from keel.mesh.arguments import MAX_TTL, too_big
 from keel.mesh.ids import check_topic, parse_address
+from keel.mesh.local import Delivered
 from keel.mesh.packets import MAX_PAYLOAD
 
 REMEMBERED_IDS: Final = 1 << 17
@@ -43,14 +45,41 @@ class Returned:
 
     def first_time(self, sender: str, message_id: str) -> bool:
         """True the first time this message is seen (and remembers it)."""
-        key = (sender, message_id)
+        return self.first_times([(sender, message_id)])[0]
+
+    def first_times(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
+        """``first_time`` of each (sender, id) in turn, under one lock (a frame's messages)."""
+        seen = self._keys
+        out = []
         with self._lock:
-            if key in self._keys:
-                return False
-            self._keys[key] = None
-            if len(self._keys) > self.remember:
-                self._keys.popitem(last=False)
-            return True
+            for key in keys:
+                fresh = key not in seen
+                if fresh:
+                    seen[key] = None
+                out.append(fresh)
+            while len(seen) > self.remember:
+                seen.popitem(last=False)
+        return out
+
+
+def received(item: Delivered, topic: str) -> Received:
+    """``Received(...)`` of a delivered message, equal to it, made without the frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field): a subscription makes
+    one per message it hands out."""
+    message: Received = _new(Received)
+    message.__dict__.update(
+        id=item.id,
+        sender=item.sender,
+        topic=topic,
+        room=item.room,
+        data=item.payload,
+        received=item.received,
+        agent=item.agent,
+    )
+    return message
+
+
+_new = object.__new__
 
 
 def check_message(to: str, topic: str, data: bytes) -> tuple[str | None, str]:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import collections
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from keel.errors import ApiError, BadRequest, Refused, Unavailable
 from keel.mesh import local
-from keel.mesh.client.messages import check_message, check_size, ttl_ms
+from keel.mesh.arguments import too_big
+from keel.mesh.client.messages import check_message, ttl_ms
 from keel.mesh.client.transport import Retrying, Stream
-from keel.mesh.ids import new_message_id
+from keel.mesh.ids import new_message_id_bytes
+from keel.mesh.packets import MAX_PAYLOAD
 
 SEND_BATCH: Final = 1000  # messages per SEND frame
 SEND_BATCH_BYTES: Final = 1 << 20
 SEND_WINDOW: Final = 4  # SEND frames in flight
 CHECKED_PAIRS: Final = 4096  # (recipient, topic) pairs remembered as well-formed
+_SIZE: Final = struct.Struct(">I")  # a SEND entry's payload size, after its head
 
 
 class SendRefused(Refused):
@@ -32,6 +36,27 @@ class SendRefused(Refused):
         super().__init__(message)
         self.ids = list(ids)
         self.busy = busy  # back-pressure: the same messages may be sent again later
+
+
+class _Route(NamedTuple):
+    """A checked (recipient, topic) pair: its agent, and its entries' heads between the
+    id and the size in a SEND frame and in a SEND_TO frame."""
+
+    agent: str | None
+    plain: bytes
+    to_agents: bytes
+
+
+def _raw_id(message_id: str, to: str, topic: str) -> bytes:
+    """A caller's id (32 hex digits) as its 16 bytes; ``BadRequest`` if it is not one."""
+    try:
+        if len(message_id) == 32:
+            return bytes.fromhex(message_id)
+    except (TypeError, ValueError):
+        pass
+    raise BadRequest(
+        f"cannot send to {to!r} on topic {topic!r}: the id {message_id!r} is not 32 hex digits"
+    )
 
 
 @dataclass
@@ -75,36 +100,53 @@ class Sender:
         self.batch = max(1, batch)
         self.batch_bytes = batch_bytes
         self._stream: Stream | None = None
-        self._checked: dict[tuple[str, str], tuple[str | None, str]] = {}  # -> (agent, node)
+        self._routes: dict[tuple[str, str], _Route] = {}  # checked (recipient, topic) pairs
         self._next = _Batch()
         self._in_flight: collections.deque[_Batch] = collections.deque()
 
     def send(self, to: str, topic: str, data: bytes, *, id: str | None = None) -> str:
-        address = self._checked.get((to, topic))  # the same few pairs, again and again
-        if address is None:
-            address = check_message(to, topic, b"")
-            if len(self._checked) >= CHECKED_PAIRS:
-                self._checked.clear()
-            self._checked[to, topic] = address
-        check_size(data)
-        agent, node = address
-        if agent is not None and not self._next.to_agents:
+        route = self._routes.get((to, topic))  # the same few pairs, again and again
+        if route is None:
+            route = self._route(to, topic)
+        if len(data) > MAX_PAYLOAD:
+            raise BadRequest(too_big(len(data)))
+        batch = self._next
+        if route.agent is not None and not batch.to_agents:
             self._write_batch()  # what is batched goes as SEND; this and the rest as SEND_TO
-            self._next.to_agents = True
-        message_id = id or new_message_id()
-        entry = local.SendEntry(message_id, node, topic, data, self.ttl_ms, agent)
-        try:
-            self._next.entries += (
-                local.send_entry_head(entry, to_agents=self._next.to_agents),
-                data,
-            )
-        except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
-            raise BadRequest(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
-        self._next.ids.append(message_id)
-        self._next.size += len(data)
-        if len(self._next.ids) >= self.batch or self._next.size >= self.batch_bytes:
+            batch = self._next
+            batch.to_agents = True
+        if not id:
+            raw_id = new_message_id_bytes()
+            message_id = raw_id.hex()
+        else:
+            raw_id = _raw_id(id, to, topic)
+            message_id = id
+        batch.entries += (
+            raw_id + (route.to_agents if batch.to_agents else route.plain) + _SIZE.pack(len(data)),
+            data,
+        )
+        batch.ids.append(message_id)
+        batch.size += len(data)
+        if len(batch.ids) >= self.batch or batch.size >= self.batch_bytes:
             self._write_batch()
         return message_id
+
+    def _route(self, to: str, topic: str) -> _Route:
+        """Check a (recipient, topic) pair once, and encode its part of the entries' heads."""
+        agent, node = check_message(to, topic, b"")
+        try:
+            plain = (
+                local.send_entry_route(node, topic, self.ttl_ms, to_agents=False)
+                if agent is None
+                else b""  # never in a SEND frame
+            )
+            to_agents = local.send_entry_route(node, topic, self.ttl_ms, agent, to_agents=True)
+        except (local.LocalStreamError, UnicodeEncodeError, ValueError) as exc:
+            raise BadRequest(f"cannot send to {to!r} on topic {topic!r}: {exc}") from None
+        if len(self._routes) >= CHECKED_PAIRS:
+            self._routes.clear()
+        route = self._routes[to, topic] = _Route(agent, plain, to_agents)
+        return route
 
     def _write_batch(self) -> None:
         if not self._next.ids:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from keel.errors import ApiError, BadRequest, Unavailable
 from keel.mesh import local
-from keel.mesh.client.messages import Received, Returned
+from keel.mesh.client.messages import Received, Returned, received
 from keel.mesh.client.transport import Stream
 
 
@@ -87,7 +87,8 @@ class Subscription:
         stream = self._connect()
         deadline = time.monotonic() + wait
         try:
-            while not self._ready or stream.readable():
+            # what came already (whole frames), or the first that comes within ``wait``
+            while not self._ready or stream.buffered():
                 got = stream.frame(0.0 if self._ready else _left(deadline), "recv")
                 if got is None:
                     break
@@ -97,32 +98,29 @@ class Subscription:
         except ApiError:
             self._stream = None
             raise
-        count = len(self._ready) if max is None else min(max, len(self._ready))
-        out = [self._ready.popleft() for _ in range(count)]
-        self._unacked += [ready.receipt for ready in out]
-        return [ready.message for ready in out]
+        ready = self._ready
+        count = len(ready) if max is None else min(max, len(ready))
+        if count == len(ready):
+            out, self._ready = ready, collections.deque()
+        else:
+            out = collections.deque(ready.popleft() for _ in range(count))
+        self._unacked += [item.receipt for item in out]
+        return [item.message for item in out]
 
-    def _take(self, stream: Stream, body: bytearray) -> None:
+    def _take(self, stream: Stream, body: memoryview) -> None:
         try:
-            delivered = list(local.decode_deliver(body))
+            delivered = local.decode_deliver(body)
         except local.LocalStreamError as exc:
             stream.close()
             self._stream = None
             raise Unavailable(f"{self.path}: malformed frame from the daemon: {exc}") from exc
-        for item in delivered:
-            if not self.returned.first_time(item.sender, item.id):
+        fresh = self.returned.first_times([(item.sender, item.id) for item in delivered])
+        topic, ready = self.topic, self._ready
+        for item, first in zip(delivered, fresh, strict=True):
+            if not first:
                 self._unacked.append(item.receipt)  # handed out again: acknowledge, skip
                 continue
-            message = Received(
-                id=item.id,
-                sender=item.sender,
-                topic=self.topic,
-                room=item.room,
-                data=item.payload,
-                received=item.received,
-                agent=item.agent,
-            )
-            self._ready.append(_Ready(item.receipt, message))
+            ready.append(_Ready(item.receipt, received(item, topic)))
 
     def __iter__(self) -> Iterator[Received]:
         while True:
