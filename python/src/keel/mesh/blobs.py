@@ -136,7 +136,7 @@ class BlobFiles:
 
     # -- writing and reading
 
-    def write(self, payloads: Sequence[bytes]) -> list[tuple[int, int]]:
+    def write(self, payloads: Sequence[bytes | memoryview]) -> list[tuple[int, int]]:
         """Append ``payloads``; their (segment, offset) in order. Fsynced first if ``full``."""
         with self._lock:
             if self._offset >= SEGMENT_BYTES:

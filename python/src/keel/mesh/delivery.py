@@ -87,7 +87,7 @@ class OutboxRow(NamedTuple):
     topic: str
     expires: float
     stamp: RoomStamp | None  # a room message's, the same for every recipient
-    payload: bytes
+    payload: bytes | memoryview
     agent: str | None = None  # the sending agent (None: the node itself)
     to: str | None = None  # the agent it is for on the recipient (None: the node's topic)
 
@@ -112,7 +112,7 @@ class OutboxRow(NamedTuple):
 class Envelope(NamedTuple):
     """What the pump needs of a queued message besides its :class:`Queued` (cached or stored)."""
 
-    payload: bytes
+    payload: bytes | memoryview  # a view: of an agent's SEND frame (local.decode_send)
     stamp: RoomStamp | None
     agent: str | None = None
     to: str | None = None

@@ -283,7 +283,7 @@ class PeerLink(asyncio.Protocol):
         """An encoded packet, once the session is open (dropped otherwise: the node resends)."""
         self.send_pieces((data,))
 
-    def send_pieces(self, pieces: Sequence[bytes]) -> None:
+    def send_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
         """``send_packet`` for a packet given as pieces: sealed from them, never joined."""
         if self.closing or self.session.state is not State.OPEN:
             return
@@ -339,7 +339,7 @@ class Batch:
 
     def __init__(self, link: PeerLink) -> None:
         self.link = link
-        self.parts: list[bytes] = [packets.MSGS_HEADER]  # entry heads and payloads, in order
+        self.parts: list[bytes | memoryview] = [packets.MSGS_HEADER]  # entry heads, payloads
         self.count = 0
         self.size = len(packets.MSGS_HEADER)
 

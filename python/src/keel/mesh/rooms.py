@@ -169,7 +169,7 @@ def signed_bytes(
     topic: str,
     expires: int,
     version: int,
-    payload: bytes,
+    payload: bytes | memoryview,
     agent: str | None = None,
 ) -> bytes:
     """What the author signs (domain ``room-message``): ``agent`` only when an agent sent it."""

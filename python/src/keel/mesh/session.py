@@ -26,7 +26,6 @@ import enum
 import json
 import secrets
 import struct
-import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any, Final, TypeVar
 
 from keel.config import parse_json
 from keel.errors import ConfigError
+from keel.mesh.buffers import BufferPool
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import (
     HandshakeTimeout,
@@ -77,46 +77,9 @@ MAX_MESSAGE_SIZE: Final = 1 << 20
 T = TypeVar("T")
 
 
-class Outputs:
-    """Buffers for sealed messages, each used again once nothing holds a view of it.
-
-    A sealed message of several records (a ``MSGS`` packet: up to 1 MiB) is
-    written into a buffer of this pool and handed out as a view; the peer
-    link hands the view to its transport, which sends it (Python 3.11 copies
-    what the socket did not take; later ones keep the view until it is
-    sent). A buffer nothing else refers to any more (its reference count:
-    this pool's list, the loop's name and ``getrefcount``'s argument) is
-    free: so large messages are not each allocated and zeroed afresh. At
-    most ``KEEP`` buffers are kept (one process, all its sessions); when all
-    are taken, a new one is made and dropped after use.
-    """
-
-    KEEP: Final = 4
-    ROUND: Final = 64 << 10  # buffers are made in these steps, to fit later messages
-    _FREE: Final = 3  # references to a free buffer while take() looks at it
-
-    def __init__(self) -> None:
-        self._kept: list[bytearray] = []
-
-    def take(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes that nothing else holds (its bytes are stale)."""
-        kept = self._kept
-        spot = None  # a free buffer too small for this message: replaced by the new one
-        for number in range(len(kept)):
-            buffer = kept[number]
-            if sys.getrefcount(buffer) == self._FREE:
-                if len(buffer) >= size:
-                    return buffer
-                spot = number
-        buffer = bytearray(-(-size // self.ROUND) * self.ROUND)
-        if spot is not None:
-            kept[spot] = buffer
-        elif len(kept) < self.KEEP:
-            kept.append(buffer)
-        return buffer
-
-
-OUTPUTS: Final = Outputs()  # the daemon's sessions' sealed messages (one event loop thread)
+# The buffers of sealed messages over 8 KiB (``seal_message``; one event loop thread, all
+# sessions): four MSGS packets of 1 MiB.
+OUTPUTS: Final = BufferPool(keep=4, keep_bytes=5 << 20)
 
 
 class Role(enum.Enum):
@@ -380,10 +343,10 @@ class Session:
         behind its length; a REKEY frame, when one is due, goes before the
         record it precedes on the wire. The bytes are those of sealing
         ``encode_record(kind, chunk)`` chunk by chunk (docs/mesh-protocol.md).
-        A message of more than one record is a view of a buffer of
-        :data:`OUTPUTS`: used again for a later message once nothing holds
-        the view (the transport wrote it), so each one is not allocated and
-        zeroed afresh.
+        A message of more than 8 KiB is a view of a buffer of :data:`OUTPUTS`
+        (``keel.mesh.buffers``), used again for a later message once nothing
+        holds the view (the transport wrote it): a 1 MiB packet is not
+        allocated and zeroed afresh each time.
         """
         frames = self._seal_frames(pieces, keep=True)
         assert not isinstance(frames, bytearray)  # kept: bytes, or a view of its own buffer
