@@ -107,17 +107,16 @@ class Outbound:
         size = 0
         rows: list[OutboxRow] = []
         envelopes: list[Envelope] = []  # each row's: one per message, shared by its recipients
-        for m in messages:
-            stamp, payload = m.stamp, m.payload
+        for message_id, recipients, topic, payload, expires, stamp, agent, to in messages:
             room = stamp.room if stamp is not None else None
-            envelope = Envelope(payload, stamp, m.agent, m.to)
-            for peer in m.recipients:
+            envelope = Envelope(payload, stamp, agent, to)
+            for peer in recipients:
                 counts[peer] = counts.get(peer, 0) + 1
                 rows.append(
-                    OutboxRow(m.id, peer, room, m.topic, m.expires, stamp, payload, m.agent, m.to)
+                    OutboxRow(message_id, peer, room, topic, expires, stamp, payload, agent, to)
                 )
                 envelopes.append(envelope)
-            size += len(payload) * len(m.recipients)
+            size += len(payload) * len(recipients)
         self.outbox.check_batch(counts, size)
         items = self.store.enqueue(rows, self.wall())
         self.outbox.add_many(items)  # None: the same id for the same peer was queued already
@@ -175,11 +174,20 @@ class Outbound:
         batches: dict[str, Batch] = {}
         too_old: list[Queued] = []
         too_old_rooms: list[Queued] = []
-        for item in due.sends:
-            link = self.links.get(item.peer)
-            stored = self._payload(item.seq)
-            if link is None or stored is None:
+        links, cached = self.links, self._payloads
+        peer: str | None = None
+        link: PeerLink | None = None
+        for item in due.sends:  # peer by peer (Outbox.poll): the link looked up once per run
+            if item.peer != peer:
+                peer = item.peer
+                link = links.get(peer)
+            if link is None:
                 continue
+            stored = cached.get(item.seq)
+            if stored is None:
+                stored = self.store.outbox_payload(item.seq)
+                if stored is None:
+                    continue
             payload, stamp, agent, to = stored
             if stamp is not None and agent is not None and not link.room_agents:
                 too_old_rooms.append(item)  # its signature covers the agent: it cannot go without

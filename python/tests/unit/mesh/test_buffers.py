@@ -13,6 +13,7 @@ from keel.mesh.buffers import BufferPool
 from keel.mesh.delivery import Outbox
 from keel.mesh.outbound import PAYLOAD_CACHE_BYTES, NewMessage, Outbound
 from keel.mesh.packets import Ack
+from keel.mesh.session import Event
 from keel.mesh.store import Store
 
 from tests.unit.mesh.conftest import drain, open_pair, production_kem
@@ -64,15 +65,17 @@ def test_a_sealed_packet_is_not_written_over_while_its_view_is_held(
     assert isinstance(first, memoryview)
     kept = bytes(first)
     second = pair.initiator.seal_message([data])  # first still held: another buffer
+    assert isinstance(second, memoryview)
     assert id(second.obj) != id(first.obj)
     assert bytes(first) == kept
     first_buffer = id(first.obj)
     del first
     third = pair.initiator.seal_message([data])
+    assert isinstance(third, memoryview)
     assert id(third.obj) == first_buffer  # free again: used again
     assert session_module.OUTPUTS.made == 2
     # and every message reads back as it was sealed
-    events: list[object] = []
+    events: list[Event] = []
     pair.responder.receive_data(kept + bytes(second) + bytes(third))
     drain(pair.responder, events)
     assert [getattr(e, "data", None) for e in events] == [data, data, data]
