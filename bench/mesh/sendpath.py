@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +48,7 @@ class Transport:
     def __init__(self) -> None:
         self.bytes = 0
 
-    def write(self, data) -> None:  # type: ignore[no-untyped-def]
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes += len(data)
 
     def is_closing(self) -> bool:
@@ -56,7 +59,7 @@ class Transport:
 
 
 class Events:
-    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a, **k: None
 
 
@@ -68,10 +71,10 @@ class View:
 
 
 class Agents:
-    def refuse_nodes(self, *a, **k):  # type: ignore[no-untyped-def]
+    def refuse_nodes(self, *a: object, **k: object) -> str | None:
         return None
 
-    def refuse_topic(self, *a, **k):  # type: ignore[no-untyped-def]
+    def refuse_topic(self, *a: object, **k: object) -> str | None:
         return None
 
 
@@ -91,12 +94,14 @@ def frames(count: int, size: int, per: int) -> list[bytes]:
     return out
 
 
-async def run(count: int, size: int, per: int, tmp: Path, prof=None) -> tuple[float, float]:
+async def run(
+    count: int, size: int, per: int, tmp: Path, prof: cProfile.Profile | None = None
+) -> tuple[float, float]:
     clock = time.monotonic
     store = Store(tmp / "state.db", synchronous="NORMAL")
     outbox = Outbox(Limits(), clock=clock, wall=time.time)
     pair = open_pair(production_kem())
-    link = PeerLink(Events(), pair.initiator, local_id=ME, clock=clock)  # type: ignore[arg-type]
+    link = PeerLink(Events(), pair.initiator, local_id=ME, clock=clock)
     link.transport = Transport()  # type: ignore[assignment]
     link.batching = link.agents = link.room_agents = True
     link.peer = PEER
@@ -117,7 +122,7 @@ async def run(count: int, size: int, per: int, tmp: Path, prof=None) -> tuple[fl
         wall=time.time,
         outbound=outbound,
     )
-    control = Control(node)  # type: ignore[arg-type]
+    control = Control(node)
     caller = Caller(1, 0, 0, None)
     data = frames(count, size, per)
     reader = local.FrameReader()
@@ -170,9 +175,6 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="micro-", dir="/dev/shm"))
         try:
             if args.profile:
-                import cProfile
-                import pstats
-
                 prof = cProfile.Profile()
                 results.append(asyncio.run(run(args.count, args.size, args.per, tmp, prof)))
                 pstats.Stats(prof).sort_stats("tottime").print_stats(35)
