@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from keel.mesh import packets
 from keel.mesh import session as session_module
 from keel.mesh.buffers import BufferPool
 from keel.mesh.delivery import Outbox
 from keel.mesh.outbound import PAYLOAD_CACHE_BYTES, NewMessage, Outbound
-from keel.mesh.packets import Ack
+from keel.mesh.packets import Ack, Msg
 from keel.mesh.session import Event
 from keel.mesh.store import Store
 
@@ -147,3 +148,14 @@ def test_views_of_a_frame_too_large_for_the_cache_are_not_cached(tmp_path: Path)
             store.close()
 
     asyncio.run(run())
+
+
+def test_a_message_whose_payload_is_a_view_encodes_as_its_bytes() -> None:
+    data = os.urandom(70_000)
+    frame = bytearray(b"\0" * 10 + data)
+    view = memoryview(frame).toreadonly()[10:]
+    for agent, to in ((None, None), ("alice", "bob")):
+        as_view = Msg(f"{1:032x}", "jobs", 1_700_000_000, view, None, agent, to)
+        as_bytes = as_view._replace(payload=data)
+        assert packets.encode(as_view) == packets.encode(as_bytes)
+        assert packets.msgs_entry(as_view) == packets.msgs_entry(as_bytes)
