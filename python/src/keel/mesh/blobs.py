@@ -145,7 +145,9 @@ class BlobFiles:
 
     # -- writing and reading
 
-    def write(self, payloads: Sequence[bytes], *, sync: bool = False) -> list[tuple[int, int]]:
+    def write(
+        self, payloads: Sequence[bytes | memoryview], *, sync: bool = False
+    ) -> list[tuple[int, int]]:
         """Append ``payloads``; their (segment, offset) in order. Fsynced first if ``full``,
         or if ``sync`` (the directory too: rows older than the last sync will name them)."""
         with self._lock:

@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol, TypeVar
 from keel.agents.identity import Caller
 from keel.api import Handler, Peer, Upgrade
 from keel.errors import KeelError, UsageError
-from keel.mesh import agent_streams, arguments, local, rooms, verbs
+from keel.mesh import agent_streams, arguments, local, packets, rooms, verbs
 from keel.mesh.access import NotPermitted, guard
 from keel.mesh.config import Settings
 from keel.mesh.delivery import Backpressure
@@ -436,37 +436,33 @@ class Control:
         agents = self.agents
         default = self.node.settings.default_ttl
         wall = self.node.wall()
-        messages = []
-        for entry in entries:
-            if (entry.to, entry.to_agent) not in checked:
-                if not is_node_id(entry.to):
-                    raise UsageError(f"{entry.to!r} is not a node id")
-                verbs.recipient(self.node.members.view, self.node.me, entry.to)
-                if entry.to_agent is not None and not is_agent_name(entry.to_agent):
-                    raise UsageError(f"{entry.to_agent!r} is not an agent's name")
-                refusal = agents.refuse_nodes(caller, (entry.to,), to_agent=entry.to_agent)
+        sender = caller.agent
+        largest, longest = packets.MAX_PAYLOAD, arguments.MAX_TTL
+        messages: list[NewMessage] = []
+        append = messages.append
+        for message_id, to, topic, payload, ttl_ms, to_agent in entries:
+            if (to, to_agent) not in checked:
+                if not is_node_id(to):
+                    raise UsageError(f"{to!r} is not a node id")
+                verbs.recipient(self.node.members.view, self.node.me, to)
+                if to_agent is not None and not is_agent_name(to_agent):
+                    raise UsageError(f"{to_agent!r} is not an agent's name")
+                refusal = agents.refuse_nodes(caller, (to,), to_agent=to_agent)
                 self._refuse(caller, "send", refusal)
-                checked.add((entry.to, entry.to_agent))
-            if entry.topic not in topics:
+                checked.add((to, to_agent))
+            if topic not in topics:
                 try:
-                    topics.add(check_topic(entry.topic))
+                    topics.add(check_topic(topic))
                 except ValueError as exc:
                     raise UsageError(str(exc)) from None
-                self._refuse(caller, "send", agents.refuse_topic(caller, entry.topic))
-            arguments.check_size(len(entry.payload))
-            ttl = entry.ttl_ms / 1000 if entry.ttl_ms else default
-            if ttl > arguments.MAX_TTL:
+                self._refuse(caller, "send", agents.refuse_topic(caller, topic))
+            if len(payload) > largest:
+                arguments.check_size(len(payload))
+            ttl = ttl_ms / 1000 if ttl_ms else default
+            if ttl > longest:
                 raise UsageError(f"ttl must be at most {arguments.MAX_TTL} s (ten years)")
-            messages.append(
-                NewMessage(
-                    entry.id,
-                    (entry.to,),
-                    entry.topic,
-                    entry.payload,
-                    wall + ttl,
-                    agent=caller.agent,
-                    to=entry.to_agent,
-                )
+            append(
+                NewMessage(message_id, (to,), topic, payload, wall + ttl, None, sender, to_agent)
             )
         return messages
 

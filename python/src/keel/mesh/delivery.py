@@ -87,7 +87,7 @@ class OutboxRow(NamedTuple):
     topic: str
     expires: float
     stamp: RoomStamp | None  # a room message's, the same for every recipient
-    payload: bytes
+    payload: bytes | memoryview
     agent: str | None = None  # the sending agent (None: the node itself)
     to: str | None = None  # the agent it is for on the recipient (None: the node's topic)
 
@@ -112,7 +112,7 @@ class OutboxRow(NamedTuple):
 class Envelope(NamedTuple):
     """What the pump needs of a queued message besides its :class:`Queued` (cached or stored)."""
 
-    payload: bytes
+    payload: bytes | memoryview  # a view: of an agent's SEND frame (local.decode_send)
     stamp: RoomStamp | None
     agent: str | None = None
     to: str | None = None
@@ -367,6 +367,9 @@ class Outbox:
             if state is not None and seq in state.entries:
                 expired.append(self._remove(state, seq))
         sends: list[Queued] = []
+        append = sends.append
+        window_messages, window_bytes = self.limits.window_messages, self.limits.window_bytes
+        first_timeout = self._first_ack_timeout
         for state in self._peers.values():
             while state.timers and state.timers[0][0] <= now:
                 deadline, seq = heapq.heappop(state.timers)
@@ -380,18 +383,29 @@ class Outbox:
                 heapq.heappush(state.ready, seq)
             if not state.connected:
                 continue
-            while state.ready and self._window_open(state):
-                seq = heapq.heappop(state.ready)
-                entry = state.entries.get(seq)
+            ready, timers, entries = state.ready, state.timers, state.entries
+            inflight, inflight_bytes = state.inflight, state.inflight_bytes
+            # while the window is open (``_window_open``, on the counts kept here)
+            while (
+                ready
+                and inflight < window_messages
+                and (inflight == 0 or inflight_bytes < window_bytes)
+            ):
+                seq = heapq.heappop(ready)
+                entry = entries.get(seq)
                 if entry is None or entry.phase is not _Phase.READY:
                     continue
                 entry.phase = _Phase.INFLIGHT
-                entry.attempts += 1
-                entry.deadline = now + self._ack_timeout(entry.attempts)
-                heapq.heappush(state.timers, (entry.deadline, seq))
-                state.inflight += 1
-                state.inflight_bytes += entry.item.size
-                sends.append(entry.item)
+                attempts = entry.attempts = entry.attempts + 1
+                deadline = entry.deadline = now + (
+                    first_timeout if attempts == 1 else self._ack_timeout(attempts)
+                )
+                heapq.heappush(timers, (deadline, seq))
+                item = entry.item
+                inflight += 1
+                inflight_bytes += item.size
+                append(item)
+            state.inflight, state.inflight_bytes = inflight, inflight_bytes
         return Due(sends, expired)
 
     def _window_open(self, state: _Peer) -> bool:

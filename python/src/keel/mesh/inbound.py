@@ -127,7 +127,7 @@ def plan(
             msg.id,
             msg.room.room if msg.room else None,
             msg.topic,
-            msg.payload,
+            bytes(msg.payload),  # decoded: bytes already (not copied); Msg's type covers sending
             keep_seen_until(msg.expires, wall, limits),
             msg.agent,
             msg.to,

@@ -59,6 +59,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
+from keel.mesh.buffers import BufferPool
+
 MAX_FRAME: Final = 16 << 20
 SOCKET_BUFFER: Final = 4 << 20  # both ends ask for this much (keel.api.widen; the kernel caps it)
 FRAME: Final = struct.Struct(">BI")
@@ -70,6 +72,7 @@ _SUBSCRIBE = struct.Struct(">IIB")
 _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
 _DELIVER_PLAIN = struct.Struct(">Q16s32sdBI")  # a head without room or agent, with the size
 _RECEIPT = struct.Struct(">Q")
+VIEW_MIN: Final = 16 << 10  # decode_send: a payload this large, in a large frame, is a view of it
 _SENT = struct.Struct(">IB")
 FLAG_ROOM: Final = 0x01
 FLAG_AGENT: Final = 0x02
@@ -97,7 +100,7 @@ class SendEntry(NamedTuple):
     id: str
     to: str
     topic: str
-    payload: bytes
+    payload: bytes | memoryview  # decode_send: a large one is a read-only view of its frame
     ttl_ms: int = 0
     to_agent: str | None = None  # the agent on node ``to`` it is for (a SEND_TO frame)
 
@@ -179,8 +182,8 @@ def send_entry(message: SendEntry, *, to_agents: bool = False) -> bytes:
 
 
 def encode_send_parts(
-    request: int, entries: Sequence[bytes], *, to_agents: bool = False
-) -> list[bytes]:
+    request: int, entries: Sequence[bytes | memoryview], *, to_agents: bool = False
+) -> list[bytes | memoryview]:
     """``encode_send``'s frame in pieces, in order (its head, then ``entries``): for a
     gathering write (``sendmsg``), so the payloads are not copied into one bytes."""
     size = _REQUEST.size + sum(len(e) for e in entries)
@@ -201,14 +204,23 @@ def encode_send(request: int, entries: Sequence[bytes], *, to_agents: bool = Fal
 
 
 def decode_send(body: Body, *, to_agents: bool = False) -> tuple[int, list[SendEntry]]:
-    """A SEND (``to_agents``: SEND_TO) frame's request number and messages; each payload is
-    copied out of ``body`` once (``body`` may be a buffer read into again later)."""
+    """A SEND (``to_agents``: SEND_TO) frame's request number and messages.
+
+    A payload of ``VIEW_MIN`` bytes or more in a body that is a view (a large
+    frame's, read into a buffer of its own: ``FrameReader``) is a read-only
+    view of it, not a copy: it keeps the frame's buffer from being used
+    again while it lives. Other payloads are copied out of ``body`` (which
+    may be a buffer read into again later).
+    """
     if len(body) < _REQUEST.size:
         raise LocalStreamError("SEND without a request number")
     (request,) = _REQUEST.unpack_from(body)
     view = memoryview(body)
+    lend = not isinstance(body, bytes)
+    payloads = view.toreadonly() if lend else view
     at, end = _REQUEST.size, len(body)
     out: list[SendEntry] = []
+    append = out.append
     head, unpack_head = _SEND_HEAD.size, _SEND_HEAD.unpack_from
     size_length, unpack_size = _SIZE.size, _SIZE.unpack_from
     names: dict[bytes, str] = {}  # recipients, as sent: the same few in a frame
@@ -229,21 +241,19 @@ def decode_send(body: Body, *, to_agents: bool = False) -> tuple[int, list[SendE
             at += topic_length
             (size,) = unpack_size(view, at)
             at += size_length
-            if at + size > end:
+            stop = at + size
+            if stop > end:
                 raise LocalStreamError("SEND entry runs past the frame's end")
             recipient = names.get(to)
             if recipient is None:
                 recipient = names[to] = _ascii(to, "to")
-            out.append(
-                SendEntry(
-                    raw_id.hex(), recipient, topic, bytes(view[at : at + size]), ttl_ms, to_agent
-                )
-            )
-            at += size
+            payload = payloads[at:stop] if lend and size >= VIEW_MIN else bytes(view[at:stop])
+            append(SendEntry(raw_id.hex(), recipient, topic, payload, ttl_ms, to_agent))
+            at = stop
     except (struct.error, IndexError):
         raise LocalStreamError("SEND entry runs past the frame's end") from None
     finally:
-        view.release()
+        view.release()  # the payloads' views stay valid: they hold the buffer themselves
     if not out:
         raise LocalStreamError("SEND without a message")
     return request, out
@@ -418,18 +428,18 @@ class FrameReader:
     several in one read, and its body copied out (``bytes``). A larger
     frame's body is read straight into a buffer of its own (the head alone
     is read first after such a frame, so none of the body lands in the
-    scratch buffer) and handed out as a ``memoryview`` of it, valid until
-    the next :meth:`pop`: then that buffer is reused for a later large frame
-    (one is kept, up to ``KEEP`` bytes). A body over ``KEEP`` bytes gets an
-    anonymous mapping, whose memory is taken only as the bytes arrive: a
-    head alone costs no 16 MiB. A frame head announcing more than
+    scratch buffer) and handed out as a ``memoryview`` of it. That buffer
+    comes from :data:`BODIES` (``keel.mesh.buffers``): it is used again for
+    a later large frame once no view of it is left (``decode_send``'s
+    payloads are views of it: they hold it until they are dropped). A body
+    over ``KEEP`` bytes gets an anonymous mapping, whose memory is taken
+    only as the bytes arrive: a head alone costs no 16 MiB. A frame head announcing more than
     ``MAX_FRAME`` bytes ends the stream: :meth:`pop` raises its
     ``LocalStreamError`` after the frames before it.
     """
 
     SCRATCH: Final = 64 << 10
     KEEP: Final = 4 << 20
-    _ROUND: Final = 64 << 10  # large bodies' buffers are allocated in these steps (to reuse)
 
     def __init__(self) -> None:
         self._scratch = bytearray(self.SCRATCH)
@@ -442,9 +452,6 @@ class FrameReader:
         self._length = 0
         self._got = 0
         self._frames: collections.deque[tuple[int, Body]] = collections.deque()
-        self._buffers: collections.deque[bytearray | None] = collections.deque()  # per frame
-        self._lent: bytearray | None = None  # the large body handed out by the last pop
-        self._spare: bytearray | None = None
         self._error: LocalStreamError | None = None
         self.queued = 0  # bytes of the complete frames not yet popped
 
@@ -481,34 +488,23 @@ class FrameReader:
             return
         self._got += count
         if self._got == self._length:
-            buffer = self._body.obj
-            reuse = buffer if isinstance(buffer, bytearray) else None  # not a mapping
-            self._queue(self._kind, self._body[: self._length], reuse)
+            self._queue(self._kind, self._body[: self._length])
             self._body = None
             self._head_only = True
 
     def pop(self) -> tuple[int, Body] | None:
-        """The next complete frame, or None; the previous large body's buffer is reused now."""
-        lent, self._lent = self._lent, None
-        spare = self._spare
-        if (
-            lent is not None
-            and len(lent) <= self.KEEP
-            and (spare is None or len(lent) > len(spare))
-        ):
-            self._spare = lent
+        """The next complete frame, or None (a large body's buffer is used again for a later
+        frame only once nothing holds a view of it)."""
         if self._frames:
             kind, body = self._frames.popleft()
-            self._lent = self._buffers.popleft()
             self.queued -= len(body)
             return kind, body
         if self._error is not None:
             raise self._error
         return None
 
-    def _queue(self, kind: int, body: Body, buffer: bytearray | None) -> None:
+    def _queue(self, kind: int, body: Body) -> None:
         self._frames.append((kind, body))
-        self._buffers.append(buffer)
         self.queued += len(body)
 
     def _parse(self) -> None:
@@ -527,7 +523,7 @@ class FrameReader:
                 return
             if stop > end:
                 break
-            self._queue(kind, bytes(view[at + head : stop]), None)
+            self._queue(kind, bytes(view[at + head : stop]))
             self._head_only = False
             at = stop
         if at == end:
@@ -537,15 +533,18 @@ class FrameReader:
 
     def _large(self, kind: int, length: int, begun: memoryview) -> None:
         """Read a large frame's body into a buffer of its own (``begun``: what came already)."""
-        spare = self._spare
         buffer: bytearray | mmap.mmap
-        if spare is not None and len(spare) >= length:
-            buffer, self._spare = spare, None
-        elif length > self.KEEP:
+        if length > self.KEEP:
             buffer = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
         else:
-            buffer = bytearray(-(-length // self._ROUND) * self._ROUND)
+            buffer = BODIES.take(length)
         body = memoryview(buffer)
         got = len(begun)
         body[:got] = begun
         self._kind, self._length, self._got, self._body = kind, length, got, body
+
+
+# The large SEND frames' bodies of all agents' streams (one event loop thread): their
+# payloads' views live until the recipients acknowledge them (or the outbox's payload cache
+# drops them), so a flood holds a few of these at a time.
+BODIES: Final = BufferPool(keep=16, keep_bytes=16 << 20)

@@ -40,7 +40,7 @@ class NewMessage(NamedTuple):
     id: str
     recipients: Sequence[str]
     topic: str
-    payload: bytes
+    payload: bytes | memoryview  # a view: of an agent's SEND frame (local.decode_send)
     expires: float  # Unix seconds
     stamp: RoomStamp | None = None
     agent: str | None = None  # the sending agent (None: the node itself)
@@ -73,7 +73,9 @@ class Outbound:
         self.wall = wall
         self.room = asyncio.Event()  # set whenever messages leave the outbox
         self._payloads: dict[int, Envelope] = {}
-        self._payload_bytes = 0
+        self._payload_bytes = 0  # what the cached payloads keep in memory
+        # id(buffer) -> [cached payloads that are views of it, its size]: the frames they hold
+        self._buffers: dict[int, list[int]] = {}
         self._pump_handle: asyncio.Handle | None = None
         self._pump_timer: asyncio.TimerHandle | None = None
 
@@ -105,26 +107,20 @@ class Outbound:
         size = 0
         rows: list[OutboxRow] = []
         envelopes: list[Envelope] = []  # each row's: one per message, shared by its recipients
-        for m in messages:
-            stamp, payload = m.stamp, m.payload
+        for message_id, recipients, topic, payload, expires, stamp, agent, to in messages:
             room = stamp.room if stamp is not None else None
-            envelope = Envelope(payload, stamp, m.agent, m.to)
-            for peer in m.recipients:
+            envelope = Envelope(payload, stamp, agent, to)
+            for peer in recipients:
                 counts[peer] = counts.get(peer, 0) + 1
                 rows.append(
-                    OutboxRow(m.id, peer, room, m.topic, m.expires, stamp, payload, m.agent, m.to)
+                    OutboxRow(message_id, peer, room, topic, expires, stamp, payload, agent, to)
                 )
                 envelopes.append(envelope)
-            size += len(payload) * len(m.recipients)
+            size += len(payload) * len(recipients)
         self.outbox.check_batch(counts, size)
         items = self.store.enqueue(rows, self.wall())
         self.outbox.add_many(items)  # None: the same id for the same peer was queued already
-        cached, cached_bytes = self._payloads, self._payload_bytes
-        for item, envelope in zip(items, envelopes, strict=True):
-            if item is not None and cached_bytes + item.size <= PAYLOAD_CACHE_BYTES:
-                cached[item.seq] = envelope
-                cached_bytes += item.size
-        self._payload_bytes = cached_bytes
+        self._cache(items, envelopes)
         if self.audit is not None:
             self.audit.add("sent", _audited(i for i in items if i is not None))
         self.pump()  # now, not on the next turn of the loop: the frames leave before the reply
@@ -178,11 +174,20 @@ class Outbound:
         batches: dict[str, Batch] = {}
         too_old: list[Queued] = []
         too_old_rooms: list[Queued] = []
-        for item in due.sends:
-            link = self.links.get(item.peer)
-            stored = self._payload(item.seq)
-            if link is None or stored is None:
+        links, cached = self.links, self._payloads
+        peer: str | None = None
+        link: PeerLink | None = None
+        for item in due.sends:  # peer by peer (Outbox.poll): the link looked up once per run
+            if item.peer != peer:
+                peer = item.peer
+                link = links.get(peer)
+            if link is None:
                 continue
+            stored = cached.get(item.seq)
+            if stored is None:
+                stored = self.store.outbox_payload(item.seq)
+                if stored is None:
+                    continue
             payload, stamp, agent, to = stored
             if stamp is not None and agent is not None and not link.room_agents:
                 too_old_rooms.append(item)  # its signature covers the agent: it cannot go without
@@ -266,6 +271,35 @@ class Outbound:
 
     # -- the payload cache
 
+    def _cache(self, items: Sequence[Queued | None], envelopes: Sequence[Envelope]) -> None:
+        """Keep what fits of these payloads (``PAYLOAD_CACHE_BYTES`` in all).
+
+        A payload that is a view (of an agent's SEND frame: ``local.decode_send``)
+        keeps that whole buffer alive: the buffer counts, once, for as long as
+        any payload of it is cached, and the payload itself adds nothing.
+        """
+        cached, cached_bytes, buffers = self._payloads, self._payload_bytes, self._buffers
+        for item, envelope in zip(items, envelopes, strict=True):
+            if item is None:
+                continue
+            payload = envelope.payload
+            if type(payload) is not memoryview:
+                if cached_bytes + item.size <= PAYLOAD_CACHE_BYTES:
+                    cached[item.seq] = envelope
+                    cached_bytes += item.size
+                continue
+            held = buffers.get(id(payload.obj))
+            if held is not None:  # its buffer counts already
+                cached[item.seq] = envelope
+                held[0] += 1
+                continue
+            size = memoryview(payload.obj).nbytes
+            if cached_bytes + size <= PAYLOAD_CACHE_BYTES:
+                cached[item.seq] = envelope
+                cached_bytes += size
+                buffers[id(payload.obj)] = [1, size]
+        self._payload_bytes = cached_bytes
+
     def _payload(self, seq: int) -> Envelope | None:
         cached = self._payloads.get(seq)
         if cached is not None:
@@ -274,8 +308,18 @@ class Outbound:
 
     def _forget(self, seq: int) -> None:
         cached = self._payloads.pop(seq, None)
-        if cached is not None:
-            self._payload_bytes -= len(cached[0])
+        if cached is None:
+            return
+        payload = cached[0]
+        if type(payload) is not memoryview:
+            self._payload_bytes -= len(payload)
+            return
+        key = id(payload.obj)  # alive: this view holds it
+        held = self._buffers[key]
+        held[0] -= 1
+        if not held[0]:
+            del self._buffers[key]
+            self._payload_bytes -= held[1]
 
 
 def _audited(items: Iterable[Queued]) -> Iterator[Message]:

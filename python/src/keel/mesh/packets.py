@@ -87,7 +87,7 @@ class Msg(NamedTuple):
     id: str
     topic: str
     expires: int  # Unix seconds, sender's clock
-    payload: bytes
+    payload: bytes | memoryview  # decoded: bytes; sent: a view of an agent's frame, maybe
     room: RoomStamp | None = None
     agent: str | None = None  # the sending agent, stamped by the sending node
     to: str | None = None  # the agent it is for on the receiving node (None: the node's topic)
@@ -124,7 +124,7 @@ Packet = Msg | Ack | Records | Msgs
 # ---------------------------------------------------------------- encoding
 
 
-def _pack(kind: PacketType, header: Mapping[str, Any], body: bytes = b"") -> bytes:
+def _pack(kind: PacketType, header: Mapping[str, Any], body: bytes | memoryview = b"") -> bytes:
     raw = canonical_json(header)
     if len(raw) > MAX_HEADER:
         raise LocalProtocolError(f"{kind.name} header of {len(raw)} bytes is over {MAX_HEADER}")

@@ -107,7 +107,7 @@ class PeerLink(asyncio.Protocol):
 
         self.join_records: list[SignedRecord] = []  # a joining link: the inviter's records so far
         self._timer: asyncio.TimerHandle | None = None
-        self._out: list[bytes | bytearray] = []  # frames to write, in order
+        self._out: list[bytes | bytearray | memoryview] = []  # frames to write, in order
         self._flush_scheduled = False
 
     def hello(self, hello: Hello) -> None:
@@ -248,7 +248,7 @@ class PeerLink(asyncio.Protocol):
 
     # -- writing
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes; everything written in one turn of the loop leaves in this order, together."""
         if data:
             self._out.append(data)
@@ -266,7 +266,7 @@ class PeerLink(asyncio.Protocol):
             elif sum(len(piece) for piece in out) <= JOIN_LIMIT:
                 self.transport.write(b"".join(out))
             else:
-                small: list[bytes | bytearray] = []
+                small: list[bytes | bytearray | memoryview] = []
                 for piece in out:
                     if len(piece) < JOIN_LIMIT:
                         small.append(piece)
@@ -283,7 +283,7 @@ class PeerLink(asyncio.Protocol):
         """An encoded packet, once the session is open (dropped otherwise: the node resends)."""
         self.send_pieces((data,))
 
-    def send_pieces(self, pieces: Sequence[bytes]) -> None:
+    def send_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
         """``send_packet`` for a packet given as pieces: sealed from them, never joined."""
         if self.closing or self.session.state is not State.OPEN:
             return
@@ -339,7 +339,7 @@ class Batch:
 
     def __init__(self, link: PeerLink) -> None:
         self.link = link
-        self.parts: list[bytes] = [packets.MSGS_HEADER]  # entry heads and payloads, in order
+        self.parts: list[bytes | memoryview] = [packets.MSGS_HEADER]  # entry heads, payloads
         self.count = 0
         self.size = len(packets.MSGS_HEADER)
 

@@ -169,7 +169,7 @@ def signed_bytes(
     topic: str,
     expires: int,
     version: int,
-    payload: bytes,
+    payload: bytes | memoryview,
     agent: str | None = None,
 ) -> bytes:
     """What the author signs (domain ``room-message``): ``agent`` only when an agent sent it."""
@@ -194,7 +194,7 @@ def stamp(
     *,
     topic: str,
     expires: int,
-    payload: bytes,
+    payload: bytes | memoryview,
     agent: str | None = None,
 ) -> RoomStamp:
     """The author's stamp for one room message (the same on every member's copy), sent by

@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar
 
 from keel.config import parse_json
 from keel.errors import ConfigError
+from keel.mesh.buffers import BufferPool
 from keel.mesh.encoding import b64u_decode, b64u_encode
 from keel.mesh.errors import (
     HandshakeTimeout,
@@ -69,10 +70,16 @@ _REKEY_FRAME: Final = _RECORD_OVERHEAD  # a REKEY record has no body
 _SMALL: Final = 8192  # bytes: a message up to this long is sealed as one record in a few steps
 _PIECES: Final = frozenset({RecordType.DATA, RecordType.DATA_MORE})  # the records of a message
 PROLOGUE: Final = b"keel-mesh/1"
+
 PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_SIZE: Final = 1 << 20
 
 T = TypeVar("T")
+
+
+# The buffers of sealed messages over 8 KiB (``seal_message``; one event loop thread, all
+# sessions): four MSGS packets of 1 MiB.
+OUTPUTS: Final = BufferPool(keep=4, keep_bytes=5 << 20)
 
 
 class Role(enum.Enum):
@@ -327,8 +334,8 @@ class Session:
         """Encrypt one application message (split into DATA_MORE.../DATA records)."""
         return bytes(self._seal_frames((data,), keep=False))
 
-    def seal_message(self, pieces: Sequence[Buffer]) -> bytes | bytearray:
-        """The frames of one message whose bytes are ``pieces`` joined, in one new buffer.
+    def seal_message(self, pieces: Sequence[Buffer]) -> bytes | memoryview:
+        """The frames of one message whose bytes are ``pieces`` joined.
 
         The pieces are not joined: each record's plaintext (its type byte and
         up to a frame's worth of the pieces) is gathered in a buffer the
@@ -336,15 +343,20 @@ class Session:
         behind its length; a REKEY frame, when one is due, goes before the
         record it precedes on the wire. The bytes are those of sealing
         ``encode_record(kind, chunk)`` chunk by chunk (docs/mesh-protocol.md).
+        A message of more than 8 KiB is a view of a buffer of :data:`OUTPUTS`
+        (``keel.mesh.buffers``), used again for a later message once nothing
+        holds the view (the transport wrote it): a 1 MiB packet is not
+        allocated and zeroed afresh each time.
         """
         frames = self._seal_frames(pieces, keep=True)
-        assert not isinstance(frames, memoryview)  # kept: a buffer of its own
+        assert not isinstance(frames, bytearray)  # kept: bytes, or a view of its own buffer
         return frames
 
     def _seal_frames(
         self, pieces: Sequence[Buffer], *, keep: bool
     ) -> bytes | bytearray | memoryview:
-        """``seal_message``; ``keep=False``: large results are a view of a buffer the session reuses."""
+        """``seal_message``; ``keep=False``: large results are a view of a buffer the session
+        reuses at its next message."""
         self._require_open("send a message")
         size = sum(map(len, pieces))
         if size > self.config.max_message_size:
@@ -376,44 +388,55 @@ class Session:
         )
         rekeys = self._rekeys_due(records, now) if due else 0
         total = size + records * _RECORD_OVERHEAD + rekeys * _REKEY_FRAME
-        if keep:
-            out = bytearray(total)
+        if keep:  # a buffer of its own while the caller holds the result
+            out = OUTPUTS.take(total)
         else:  # copied out by the caller: sealed in a buffer kept for the next (no allocation)
             if self._sealing is None or len(self._sealing) < total:
                 self._sealing = bytearray(total)
             out = self._sealing
         if self._scratch is None:
             self._scratch = bytearray(chunk + 1)
-        views = [memoryview(piece) for piece in pieces]  # of bytes: len() counts bytes
-        index = at = 0  # where the next record's body begins: views[index][at:]
+        index = at = 0  # where the next record's body begins: pieces[index][at:]
         pos = 0
+        encrypt, pack_length = send.encrypt_into, _LENGTH.pack_into
         with memoryview(out) as target, memoryview(self._scratch) as scratch:
             for record in range(records):
-                if due and (rekey := self._rekey_if_due(now)):
-                    target[pos : pos + len(rekey)] = rekey
-                    pos += len(rekey)
+                if due:  # counted record by record: a REKEY may fall before any of them
+                    if rekey := self._rekey_if_due(now):
+                        target[pos : pos + len(rekey)] = rekey
+                        pos += len(rekey)
+                    self._sent_since_rekey += 1
                 length = min(chunk, size - record * chunk)
                 scratch[0] = _DATA_TYPE if record == records - 1 else _DATA_MORE_TYPE
-                filled = 0
-                while filled < length:
-                    view = views[index]
-                    take = min(len(view) - at, length - filled)
-                    scratch[1 + filled : 1 + filled + take] = view[at : at + take]
-                    filled += take
-                    at += take
-                    if at == len(view):
+                filled = 1
+                end = 1 + length
+                while filled < end:
+                    piece = pieces[index]
+                    left = len(piece) - at
+                    if left <= end - filled:  # the rest of this piece: no view of a whole one
+                        if at:
+                            with memoryview(piece) as view:
+                                scratch[filled : filled + left] = view[at:]
+                        else:
+                            scratch[filled : filled + left] = piece
+                        filled += left
                         index += 1
                         at = 0
-                end = pos + 2 + 1 + length + TAG_LEN
-                _LENGTH.pack_into(target, pos, end - pos - 2)
-                send.encrypt_into(b"", scratch[: 1 + length], target[pos + 2 : end])
-                pos = end
-                self._sent_since_rekey += 1
-                self._last_sent = now
-        for view in views:
-            view.release()
+                    else:  # the record ends inside this piece
+                        take = end - filled
+                        with memoryview(piece) as view:
+                            scratch[filled:end] = view[at : at + take]
+                        filled = end
+                        at += take
+                stop = pos + 2 + end + TAG_LEN
+                pack_length(target, pos, stop - pos - 2)
+                encrypt(b"", scratch[:end], target[pos + 2 : stop])
+                pos = stop
+        if not due:
+            self._sent_since_rekey += records
+        self._last_sent = now
         assert pos == total
-        return out if keep else memoryview(out)[:total]
+        return memoryview(out)[:total]
 
     def _rekeys_due(self, records: int, now: float) -> int:
         """How many REKEY records ``_rekey_if_due`` will put before the next ``records``."""

@@ -148,43 +148,39 @@ def _insert_new(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None
 
 def _outbox_rows(
     last: int, items: Sequence[OutboxRow], created: float, blobs: Mapping[int, Location]
-) -> list[tuple[Any, ...]]:
-    """Rows for ``items`` with seqs after ``last``; a room stamp is encoded once per message.
+) -> tuple[list[tuple[Any, ...]], list[int], list[Queued]]:
+    """Rows for ``items`` with seqs after ``last`` (a room stamp encoded once per message),
+    the blob segment each row names (in order, once per row that names one), and what the
+    outbox keeps of each: one pass.
 
     ``blobs``: where the payloads written to blob files are, by ``id(payload)``
     (their rows hold an empty payload).
     """
-    texts: dict[
-        int, str
-    ] = {}  # id(stamp): its stored form (the recipients of one message share it)
-    rows = []
-    for seq, item in enumerate(items, last + 1):
-        stamp = item.stamp
+    texts: dict[int, str] = {}  # id(stamp): its stored form (one message's recipients share it)
+    rows: list[tuple[Any, ...]] = []
+    segments: list[int] = []
+    queued: list[Queued] = []
+    where_is = blobs.get
+    for seq, (message_id, peer, room, topic, expires, stamp, payload, agent, to) in enumerate(
+        items, last + 1
+    ):
         text = None
         if stamp is not None:
             text = texts.get(id(stamp))
             if text is None:
                 text = texts[id(stamp)] = _stamp_text(stamp)
-        where = blobs.get(id(item.payload))
-        rows.append(
-            (
-                seq,
-                item.id,
-                item.peer,
-                item.room,
-                item.topic,
-                item.expires,
-                created,
-                text,
-                item.payload if where is None else b"",
-                item.agent,
-                item.to,
-                None if where is None else where[0],
-                None if where is None else where[1],
-                None if where is None else len(item.payload),
-            )
-        )
-    return rows
+        size = len(payload)
+        where = where_is(id(payload))
+        if where is None:
+            row = (seq, message_id, peer, room, topic, expires, created, text, payload, agent, to)
+            rows.append((*row, None, None, None))
+        else:
+            segment, offset = where
+            segments.append(segment)
+            row = (seq, message_id, peer, room, topic, expires, created, text, b"", agent, to)
+            rows.append((*row, segment, offset, size))
+        queued.append(Queued(seq, message_id, peer, topic, room, expires, size, agent, to))
+    return rows, segments, queued
 
 
 def _stamp_text(stamp: RoomStamp) -> str:
@@ -443,7 +439,7 @@ class Store:
     # -- outbox
 
     @_state_errors
-    def enqueue(self, items: Sequence[OutboxRow], created: float) -> list[Queued | None]:
+    def enqueue(self, items: Sequence[OutboxRow], created: float) -> Sequence[Queued | None]:
         """Store outgoing messages; ``None`` for one already queued (same peer and id).
 
         One transaction. Payloads of ``BLOB_MIN`` bytes or more are first
@@ -457,15 +453,16 @@ class Store:
         try:
             with self.transaction() as db:
                 last = self._outbox_seq(db)
-                rows = _outbox_rows(last, items, created, blobs)
+                rows, segments, queued = _outbox_rows(last, items, created, blobs)
                 _insert_new(db, rows)
         except _Duplicates:
             return self._enqueue_checked(items, created, blobs)
         self._last_seq = last + len(rows)
-        self._blobs_committed(items, blobs)
+        if blobs:
+            self._blobs.committed(segments, self._last_seq)
         if self._blobs.rotations != self._compacted_at:
             self._compact_blobs()
-        return [item.queued(seq) for seq, item in enumerate(items, last + 1)]
+        return queued
 
     def _write_blobs(self, items: Sequence[OutboxRow]) -> dict[int, tuple[int, int]]:
         """The large payloads of ``items`` appended to the blob files: where each is, by id()."""
@@ -544,19 +541,6 @@ class Store:
             len({row[1] for row in moving}),
         )
 
-    def _blobs_committed(
-        self, items: Iterable[OutboxRow | None], blobs: Mapping[int, tuple[int, int]]
-    ) -> None:
-        if blobs:
-            self._blobs.committed(
-                (
-                    blobs[id(i.payload)][0]
-                    for i in items
-                    if i is not None and id(i.payload) in blobs
-                ),
-                self._outbox_seq(self._db),
-            )
-
     def _enqueue_checked(
         self, items: Sequence[OutboxRow], created: float, blobs: Mapping[int, tuple[int, int]]
     ) -> list[Queued | None]:
@@ -573,9 +557,11 @@ class Store:
                 queued.add(key)
                 new.append(item)
                 out.append(item.queued(last + len(new)))
-            db.executemany(_INSERT_OUTBOX, _outbox_rows(last, new, created, blobs))
+            rows, segments, _ = _outbox_rows(last, new, created, blobs)
+            db.executemany(_INSERT_OUTBOX, rows)
         self._last_seq = last + len(new)
-        self._blobs_committed(new, blobs)
+        if blobs:
+            self._blobs.committed(segments, self._last_seq)
         return out
 
     def _outbox_seq(self, db: sqlite3.Connection) -> int:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keel import api
 from keel.mesh import agent_streams, local
+from keel.mesh.buffers import BufferPool
 from keel.mesh.local import FrameReader, Kind, LocalStreamError, SendEntry, Status
 
 NODE = "a" * 32
@@ -89,7 +90,10 @@ def test_frames_read_a_byte_at_a_time_are_the_same_frames() -> None:
     assert read(FrameReader(), small, [1]) == EXPECTED[:4] + EXPECTED[6:]
 
 
-def test_a_large_body_is_read_in_place_and_its_buffer_used_again() -> None:
+def test_a_large_body_is_read_in_place_and_its_buffer_used_again_once_no_payload_holds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(local, "BODIES", BufferPool(keep=4, keep_bytes=16 << 20))
     reader = FrameReader()
     first = [os.urandom(65536) for _ in range(16)]
     data = send_frame(1, first)
@@ -98,25 +102,71 @@ def test_a_large_body_is_read_in_place_and_its_buffer_used_again() -> None:
     reader.filled(len(into))
     rest = reader.buffer()  # the rest of the body, in the frame's own buffer, and no further
     assert len(rest) == len(data) - len(into)
-    own = rest.obj
+    own = id(rest.obj)  # (its id: a name for it would hold it)
     rest[:] = data[len(into) :]
     reader.filled(len(rest))
+    del into, rest
     frame = reader.pop()
     assert frame is not None
     assert frame[0] == Kind.SEND
     body = frame[1]
     assert isinstance(body, memoryview)
-    assert body.obj is own
+    assert id(body.obj) == own
     messages = local.decode_send(body)[1]
     assert [m.payload for m in messages] == first
-    assert reader.pop() is None  # done with the frame: its buffer is free again
+    for message in messages:  # views of the frame's buffer, not copies, and read-only
+        assert isinstance(message.payload, memoryview)
+        assert id(message.payload.obj) == own
+        assert message.payload.readonly
+    assert reader.pop() is None
     assert len(reader.buffer()) == local.FRAME.size  # after a large frame, a head alone
+    del frame, body
 
     second = [os.urandom(65536) for _ in range(16)]
     data = send_frame(2, second)
     assert read(reader, data, [len(data)]) == [(Kind.SEND, local.decode_send(data[5:]))]
-    assert reader._spare is own or reader._lent is own  # the first frame's buffer, written over
-    assert [m.payload for m in messages] == first  # the payloads of the first: copies, intact
+    assert [m.payload for m in messages] == first  # the first's payloads: held, so intact
+    assert local.BODIES.made == 2  # the second frame had a buffer of its own
+
+    del messages, message  # the payloads dropped (acknowledged): the first buffer is free
+    third = [os.urandom(65536) for _ in range(16)]
+    data = send_frame(3, third)
+    into = reader.buffer()
+    into[: local.FRAME.size] = data[: local.FRAME.size]
+    reader.filled(local.FRAME.size)
+    rest = reader.buffer()
+    assert id(rest.obj) == own  # used again, written over
+    assert local.BODIES.made == 2
+
+
+def test_small_payloads_and_small_frames_are_copied() -> None:
+    reader = FrameReader()
+    payloads = [os.urandom(local.VIEW_MIN - 1), os.urandom(local.VIEW_MIN), os.urandom(70_000)]
+    large = send_frame(1, payloads)
+    small = send_frame(2, [os.urandom(local.VIEW_MIN)])
+    bodies = []
+    for data in (large, small):
+        read_into = reader.buffer()
+        count = min(len(read_into), len(data))
+        read_into[:count] = data[:count]
+        reader.filled(count)
+        at = count
+        while at < len(data):
+            read_into = reader.buffer()
+            count = min(len(read_into), len(data) - at)
+            read_into[:count] = data[at : at + count]
+            reader.filled(count)
+            at += count
+        frame = reader.pop()
+        assert frame is not None
+        bodies.append(frame[1])
+    assert isinstance(bodies[0], memoryview)
+    assert isinstance(bodies[1], bytes)  # a small frame: copied out of the scratch buffer
+    got = local.decode_send(bodies[0])[1]
+    assert [type(m.payload) for m in got] == [bytes, memoryview, memoryview]
+    assert [m.payload for m in got] == payloads
+    (alone,) = local.decode_send(bodies[1])[1]
+    assert type(alone.payload) is bytes
 
 
 def test_a_body_over_what_is_kept_is_read_into_a_mapping_taken_as_it_fills() -> None:

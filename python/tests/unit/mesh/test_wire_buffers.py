@@ -175,7 +175,7 @@ def test_a_rekey_when_the_key_is_old_goes_first(cipher: str, size: int) -> None:
 def test_a_batch_of_messages_sealed_from_its_pieces_is_its_msgs_packet(cipher: str) -> None:
     pair = open_pair(KEM)
     messages = [Msg(f"{n:032x}", "jobs", 1_700_000_000, bytes([n]) * 65536) for n in range(15)]
-    pieces = [packets.MSGS_HEADER]
+    pieces: list[bytes | memoryview] = [packets.MSGS_HEADER]
     for message in messages:
         pieces += (packets.msgs_entry_head(message), message.payload)
     reference = Reference(pair.initiator)
