@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -194,18 +195,17 @@ def test_the_default_socket_is_the_agents_one_for_a_process_that_cannot_open_the
     assert mesh_client.default_socket() == control
 
 
-def test_a_sender_encodes_each_recipient_once_and_its_frames_decode_to_the_messages(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Sender builds entry heads from a (recipient, topic) pair's encoded route and a
-    fresh id: the frames are what ``encode_send`` makes of the same messages."""
+@contextlib.contextmanager
+def recording_daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, bytes]]]:
+    """A Sender's stream to a thread that records each frame and answers each SEND with a
+    SENT, as the daemon does; the frames are complete once the block is left."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     monkeypatch.setattr(
         sender_module, "Stream", lambda path, timeout: Stream(path, timeout, sock=ours)
     )
     frames: list[tuple[int, bytes]] = []
 
-    def daemon() -> None:  # answers each SEND with a SENT, as the daemon does
+    def daemon() -> None:
         data = b""
         while chunk := theirs.recv(1 << 16):
             data += chunk
@@ -222,19 +222,30 @@ def test_a_sender_encodes_each_recipient_once_and_its_frames_decode_to_the_messa
 
     thread = threading.Thread(target=daemon, daemon=True)
     thread.start()
-    given = "0123456789abcdef" * 2
-    with Sender(tmp_path / "mesh.sock", timeout=5, ttl=2.5) as out:
-        with pytest.raises(BadRequest, match="not 32 hex digits"):
-            out.send(NODE, "jobs", b"x", id="not an id")
-        for _ in range(2):  # refused each time: a bad pair is not remembered
-            with pytest.raises(BadRequest, match="topic"):
-                out.send(NODE, "bad topic", b"x")
-        first = out.send(NODE, "jobs", b"one")
-        second = out.send(f"scout@{NODE}", "jobs", b"two")
-        third = out.send(NODE, "jobs", b"three", id=given)
-    theirs.shutdown(socket.SHUT_WR)
-    thread.join(timeout=10)
-    theirs.close()
+    try:
+        yield frames
+    finally:
+        theirs.shutdown(socket.SHUT_WR)
+        thread.join(timeout=10)
+        theirs.close()
+
+
+def test_a_sender_encodes_each_recipient_once_and_its_frames_decode_to_the_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Sender builds entry heads from a (recipient, topic) pair's encoded route and a
+    fresh id: the frames are what ``encode_send`` makes of the same messages."""
+    with recording_daemon(monkeypatch) as frames:
+        given = "0123456789abcdef" * 2
+        with Sender(tmp_path / "mesh.sock", timeout=5, ttl=2.5) as out:
+            with pytest.raises(BadRequest, match="not 32 hex digits"):
+                out.send(NODE, "jobs", b"x", id="not an id")
+            for _ in range(2):  # refused each time: a bad pair is not remembered
+                with pytest.raises(BadRequest, match="topic"):
+                    out.send(NODE, "bad topic", b"x")
+            first = out.send(NODE, "jobs", b"one")
+            second = out.send(f"scout@{NODE}", "jobs", b"two")
+            third = out.send(NODE, "jobs", b"three", id=given)
     assert third == given
     assert len({first, second}) == 2
     assert [kind for kind, _ in frames] == [local.Kind.SEND, local.Kind.SEND_TO]
@@ -249,6 +260,28 @@ def test_a_sender_encodes_each_recipient_once_and_its_frames_decode_to_the_messa
             local.SendEntry(given, NODE, "jobs", b"three", 2500),
         ],
     )
+
+
+@pytest.mark.parametrize("agent", [None, "scout"])
+def test_a_senders_frames_stay_within_their_bytes_so_each_fits_one_msgs_packet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent: str | None
+) -> None:
+    """Sixteen 64 KiB messages are just over 1 MiB: a frame takes fifteen, and the
+    sixteenth begins the next (of the same kind), where one frame of sixteen became a
+    packet of 15 and a packet of 1 on the daemon's side."""
+    to = NODE if agent is None else f"{agent}@{NODE}"
+    payloads = [bytes([n]) * 65536 for n in range(40)]
+    with recording_daemon(monkeypatch) as frames, Sender(tmp_path / "mesh.sock", timeout=5) as out:
+        ids = [out.send(to, "bulk", payload) for payload in payloads]
+    kind = local.Kind.SEND if agent is None else local.Kind.SEND_TO
+    assert [k for k, _ in frames] == [kind] * 3
+    decoded = [local.decode_send(body, to_agents=agent is not None)[1] for _, body in frames]
+    assert [len(entries) for entries in decoded] == [15, 15, 10]
+    assert all(len(body) <= sender_module.SEND_BATCH_BYTES + 4 for _, body in frames)
+    entries = [entry for frame in decoded for entry in frame]
+    assert [e.id for e in entries] == ids
+    assert [bytes(e.payload) for e in entries] == payloads
+    assert {e.to_agent for e in entries} == {agent}
 
 
 def test_a_delivered_message_is_handed_out_as_the_received_its_constructor_makes() -> None:

@@ -63,7 +63,7 @@ def _raw_id(message_id: str, to: str, topic: str) -> bytes:
 class _Batch:
     ids: list[str] = field(default_factory=list)
     entries: list[bytes] = field(default_factory=list)  # SEND entries' heads and payloads
-    size: int = 0
+    size: int = 0  # bytes of its entries (heads and payloads)
     request: int = 0
     to_agents: bool = False  # a SEND_TO frame (some entry is for an agent)
 
@@ -121,12 +121,20 @@ class Sender:
         else:
             raw_id = _raw_id(id, to, topic)
             message_id = id
-        batch.entries += (
-            raw_id + (route.to_agents if batch.to_agents else route.plain) + _SIZE.pack(len(data)),
-            data,
+        head = (
+            raw_id + (route.to_agents if batch.to_agents else route.plain) + _SIZE.pack(len(data))
         )
+        if batch.ids and batch.size + len(head) + len(data) > self.batch_bytes:
+            # This one would take the frame past batch_bytes: it begins the next. So a frame's
+            # messages fit one MSGS packet (1 MiB) on the daemon's side, where sixteen 64 KiB
+            # messages (just over 1 MiB) went as a packet of 15 and one of 1.
+            to_agents = batch.to_agents
+            self._write_batch()
+            batch = self._next
+            batch.to_agents = to_agents
+        batch.entries += (head, data)
         batch.ids.append(message_id)
-        batch.size += len(data)
+        batch.size += len(head) + len(data)
         if len(batch.ids) >= self.batch or batch.size >= self.batch_bytes:
             self._write_batch()
         return message_id
