@@ -85,6 +85,26 @@ def test_a_copy_of_a_message_an_agent_holds_is_left_unanswered() -> None:
     assert plan.busy == []
 
 
+def test_a_copy_of_a_message_an_agent_took_from_memory_is_left_unanswered() -> None:
+    """Taken (its dedup key not stored yet): as while the agent held it."""
+    plan = inbound.plan(
+        [msg(1), msg(2), msg(3)],
+        peer=PEER,
+        me=ME,
+        view=mesh().view,
+        seen=set(),
+        handed={(PEER, f"{1:032x}")},
+        taken={(PEER, f"{2:032x}")},
+        inbox=(0, 0),
+        limits=LIMITS,
+        windows={},
+        wall=WALL,
+    )
+    assert plan.ok == [f"{3:032x}"]
+    assert [i.id for i in plan.store] == [f"{3:032x}"]
+    assert (plan.busy, plan.rejected) == ([], [])
+
+
 def test_subscribers_with_room_take_messages_in_order_the_rest_is_stored() -> None:
     windows = {
         "jobs": [
