@@ -155,6 +155,9 @@ class _Takers:
         self.windows = windows
         self.room_reads = room_reads  # (room, agent) -> whether the agent reads the room
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
+        # The subscribers without backlog that may take a message, by (topic, to, sender,
+        # room): the same for the batch's every message alike (a batch is mostly one kind).
+        self._takers: dict[tuple[str, str | None, Sender | None, str | None], list[Window]] = {}
 
     def take(
         self,
@@ -167,9 +170,15 @@ class _Takers:
         """The first subscriber of ``topic`` (the agent ``to``, if not None; an agent in
         ``room``, if not None) with room and no backlog that may receive from ``sender``,
         charged ``size``."""
-        for window in self.windows.get(topic, ()):
-            if window.backlog or not self._may_take(window, to, sender, room):
-                continue
+        kind = (topic, to, sender, room)
+        takers = self._takers.get(kind)
+        if takers is None:
+            takers = self._takers[kind] = [
+                w
+                for w in self.windows.get(topic, ())
+                if not w.backlog and self._may_take(w, to, sender, room)
+            ]
+        for window in takers:
             held = self.held.get(window.stream)
             if held is None:
                 held = self.held[window.stream] = [window.pending, window.pending_bytes]
