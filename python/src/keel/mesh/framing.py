@@ -57,7 +57,8 @@ class FrameReader:
     A frame that lies whole inside one fed chunk is handed out as a
     ``memoryview`` of that chunk (no copy: a chunk is immutable ``bytes``);
     only a frame cut across chunks is gathered in a buffer (and handed out
-    as ``bytes``).
+    as a read-only view of that buffer, which the reader then lets go of:
+    no second copy).
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
@@ -120,7 +121,7 @@ class FrameReader:
         self._check_truncated()
         return None
 
-    def _from_buffer(self) -> bytes | None:
+    def _from_buffer(self) -> bytes | memoryview | None:
         """Complete the frame begun in the buffer from the chunk fed last."""
         buffer, data = self._buffer, self._data
         if len(buffer) < LENGTH_SIZE:
@@ -137,6 +138,9 @@ class FrameReader:
         if len(buffer) < total:
             self._check_truncated()
             return None
+        if len(buffer) == total:  # the usual case: handed out as a view, not copied again
+            self._buffer = bytearray()
+            return memoryview(buffer)[LENGTH_SIZE:].toreadonly()
         with memoryview(buffer) as view:  # one copy, not two
             frame = bytes(view[LENGTH_SIZE:total])
         del buffer[:total]

@@ -252,6 +252,24 @@ class Handoffs:
         self._keep(hold)
         return hold.receipt
 
+    def hand_all(self, pairs: Sequence[tuple[int, Incoming]], peer: str) -> list[int]:
+        """:meth:`hand` each ``(stream, item)`` of a batch from ``peer``; their receipts."""
+        receipts = self._receipts
+        handed = self._handed
+        streams = self._streams
+        now = self.clock()
+        out: list[int] = []
+        for stream, item in pairs:
+            receipt = next(receipts)
+            size = len(item.payload)
+            hold = Hold(receipt, stream, Phase.HANDED, size, now, item, peer)
+            handed[item.sender, item.id] = hold
+            state = streams[stream]
+            state.held[receipt] = hold
+            state.bytes += size
+            out.append(receipt)
+        return out
+
     def hand_stored(self, stream: int, seq: int, size: int) -> int:
         """Hand the stored message ``seq`` to ``stream``; its receipt is its seq."""
         hold = Hold(seq, stream, Phase.STORED, size, self.clock(), seq=seq)
@@ -301,12 +319,21 @@ class Handoffs:
         """
         steps = Steps()
         state = self._streams[stream]
+        held, handed, take = state.held, self._handed, steps.take
         for receipt in receipts:
-            hold = state.held.get(receipt)
+            hold = held.get(receipt)
             if hold is None:
                 if receipt < STREAM_RECEIPTS:
                     steps.consume.append(receipt)
                 continue  # another stream's, or stale: not this agent's to acknowledge
+            if hold.phase is Phase.HANDED:  # the table's (HANDED, ACKED) row, written out:
+                item = hold.item  # forgotten (as _forget does), then TAKE
+                if item is not None:
+                    handed.pop((item.sender, item.id), None)
+                del held[receipt]
+                state.bytes -= hold.size
+                take.append(hold)
+                continue
             self._apply(hold, Event.ACKED, steps)
         return steps
 

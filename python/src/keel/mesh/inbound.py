@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from keel.agents.meshgrant import matches
 from keel.mesh import rooms
-from keel.mesh.delivery import InboxLimits, Incoming, Receipt, keep_seen_until, receipt
+from keel.mesh.delivery import InboxLimits, Incoming
 from keel.mesh.handoffs import Window, has_room
 from keel.mesh.membership import View
 from keel.mesh.packets import Msg
@@ -71,11 +71,13 @@ def plan(
     wall: float,
     addressable: Addressable | None = None,
     room_reads: Callable[[str, str], bool] | None = None,
+    taken: Container[Key] = frozenset(),
 ) -> Plan:
     """Decide on ``messages`` from ``peer`` (see the module's docstring).
 
     ``seen``: the keys among them stored before; ``handed``: the keys of
-    messages local agents hold from memory; ``inbox``: (messages, bytes) stored now;
+    messages local agents hold from memory; ``taken``: those they took from
+    memory, not yet marked seen (both left unanswered); ``inbox``: (messages, bytes) stored now;
     ``windows``: the subscribers of the batch's topics; ``addressable``:
     why a message for an agent cannot be taken (None: it can), None: no
     agent here takes any; ``room_reads(room, agent)``: whether a subscribed agent may
@@ -85,69 +87,59 @@ def plan(
     count, size = inbox
     this_batch: set[Key] = set()
     takers = _Takers(windows, room_reads)
+    # Per message only what differs between messages: the limits, lists and lookups are
+    # bound once (receipt() and keep_seen_until() are written out below, as they are).
+    max_messages, max_bytes, grace = limits.max_messages, limits.max_bytes, limits.dedup_grace
+    ok, busy, rejected, store, hand = out.ok, out.busy, out.rejected, out.store, out.hand
+    take = takers.take if windows else None
+    new_item = tuple.__new__  # Incoming(...) without its Python-level __new__
     for msg in messages:
+        message_id, topic, expires, payload, stamp, agent, to = msg
         author = peer
-        if msg.room is not None:
+        if stamp is not None:
             check = rooms.check_message(view, me, msg)
             if check.verdict is rooms.RoomVerdict.REJECT:
-                out.rejected.append((msg.id, check.reason))
+                rejected.append((message_id, check.reason))
                 continue
             if check.verdict is rooms.RoomVerdict.BUSY:
-                out.busy.append(msg.id)
+                busy.append(message_id)
                 continue
-            author = msg.room.author
-        if msg.to is not None:
+            author = stamp.author
+        if to is not None:
             refusal = (
-                f"no agent {msg.to} here"
+                f"no agent {to} here"
                 if addressable is None
-                else addressable(msg.to, msg.topic, (author, msg.agent))
+                else addressable(to, topic, (author, agent))
             )
             if refusal is not None:
-                out.rejected.append((msg.id, refusal))
+                rejected.append((message_id, refusal))
                 continue
-        key = (author, msg.id)
-        if key in handed:
+        key = (author, message_id)
+        if key in handed or key in taken:
             continue
-        answer = receipt(
-            seen=key in this_batch or key in seen,
-            inbox_messages=count,
-            inbox_bytes=size,
-            size=len(msg.payload),
-            limits=limits,
-        )
-        if answer is Receipt.BUSY:
-            out.busy.append(msg.id)
+        length = len(payload)
+        if key in this_batch or key in seen:  # Receipt.DUPLICATE
+            ok.append(message_id)
             continue
-        if answer is Receipt.DUPLICATE:
-            out.ok.append(msg.id)
+        if count >= max_messages or size + length > max_bytes:  # Receipt.BUSY
+            busy.append(message_id)
             continue
         this_batch.add(key)
-        item = Incoming(
-            author,
-            msg.id,
-            msg.room.room if msg.room else None,
-            msg.topic,
-            bytes(msg.payload),  # decoded: bytes already (not copied); Msg's type covers sending
-            keep_seen_until(msg.expires, wall, limits),
-            msg.agent,
-            msg.to,
+        room = stamp.room if stamp is not None else None
+        item: Incoming = new_item(
+            Incoming,
+            (author, message_id, room, topic, payload, max(expires, wall) + grace, agent, to),
         )
-        stream = (
-            takers.take(msg.topic, len(msg.payload), msg.to, (author, msg.agent), item.room)
-            if windows
-            else None
-        )
+        stream = take(topic, length, to, (author, agent), room) if take is not None else None
         if stream is not None:
-            out.hand.append((stream, item))
+            hand.append((stream, item))
             continue
-        out.ok.append(msg.id)
-        out.store.append(item)
+        ok.append(message_id)
+        store.append(item)
         count += 1
-        size += len(msg.payload)
-        if msg.topic in windows:
-            out.backlogged.update(
-                takers.could_take(msg.topic, msg.to, (author, msg.agent), item.room)
-            )
+        size += length
+        if topic in windows:
+            out.backlogged.update(takers.could_take(topic, to, (author, agent), room))
     out.inbox_messages, out.inbox_bytes = count, size
     return out
 
@@ -163,6 +155,9 @@ class _Takers:
         self.windows = windows
         self.room_reads = room_reads  # (room, agent) -> whether the agent reads the room
         self.held: dict[int, list[int]] = {}  # stream -> [messages, bytes] held, this batch's too
+        # The subscribers without backlog that may take a message, by (topic, to, sender,
+        # room): the same for the batch's every message alike (a batch is mostly one kind).
+        self._takers: dict[tuple[str, str | None, Sender | None, str | None], list[Window]] = {}
 
     def take(
         self,
@@ -175,9 +170,15 @@ class _Takers:
         """The first subscriber of ``topic`` (the agent ``to``, if not None; an agent in
         ``room``, if not None) with room and no backlog that may receive from ``sender``,
         charged ``size``."""
-        for window in self.windows.get(topic, ()):
-            if window.backlog or not self._may_take(window, to, sender, room):
-                continue
+        kind = (topic, to, sender, room)
+        takers = self._takers.get(kind)
+        if takers is None:
+            takers = self._takers[kind] = [
+                w
+                for w in self.windows.get(topic, ())
+                if not w.backlog and self._may_take(w, to, sender, room)
+            ]
+        for window in takers:
             held = self.held.get(window.stream)
             if held is None:
                 held = self.held[window.stream] = [window.pending, window.pending_bytes]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from keel.mesh import inbound, local, rooms
 from keel.mesh.agent_streams import LocalStream
@@ -110,7 +110,8 @@ class Inbox:
             me=self.me,
             view=self.view(),
             seen=seen,
-            handed=_Either(self.handoffs.handed(), self._taking_keys),
+            handed=self.handoffs.handed(),
+            taken=self._taking_keys,
             inbox=(self.count, self.bytes),
             limits=self.limits,
             windows=self.handoffs.windows({m.topic for m in messages}),
@@ -133,15 +134,18 @@ class Inbox:
                 self.count, self.bytes = plan.inbox_messages, plan.inbox_bytes
                 self._received(plan.store)
         self.handoffs.set_backlog(plan.backlogged)
-        handed: dict[int, LocalStream] = {}
-        for number, item in plan.hand:
-            stream = handed[number] = self._streams[number]
-            receipt_number = self.handoffs.hand(number, item, peer)
-            stream.deliver(_head(receipt_number, item, wall), item.payload)
-        if handed:
+        if plan.hand:
+            streams = self._streams
+            handed: dict[int, LocalStream] = {}
+            receipts = self.handoffs.hand_all(plan.hand, peer)
+            for (number, item), receipt_number in zip(plan.hand, receipts, strict=True):
+                stream = handed.get(number)
+                if stream is None:
+                    stream = handed[number] = streams[number]
+                stream.deliver(_head(receipt_number, item, wall), item.payload)
             self._arm_hold_check()
-        for stream in handed.values():
-            stream.flush()
+            for stream in handed.values():
+                stream.flush()
         self.answered_busy += len(plan.busy)
         if ok or plan.busy or plan.rejected:  # what was handed is answered once taken
             link.answer(ok, plan.busy, plan.rejected)
@@ -453,20 +457,16 @@ def _everyone(reader: str | None) -> None:
     return None
 
 
-class _Either(Container[tuple[str, str]]):
-    """Keys in either of two containers."""
-
-    __slots__ = ("first", "second")
-
-    def __init__(self, first: Container[tuple[str, str]], second: Container[tuple[str, str]]):
-        self.first = first
-        self.second = second
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.first or key in self.second
-
-
 def _head(receipt_number: int, item: Incoming, received: float) -> bytes:
+    if item.room is None and item.agent is None:  # the usual entry: one pack, no keywords
+        return local.DELIVER_PLAIN.pack(
+            receipt_number,
+            bytes.fromhex(item.id),
+            item.sender.encode("ascii"),
+            received,
+            0,
+            len(item.payload),
+        )
     return local.deliver_entry_head(
         receipt_number,
         item.id,

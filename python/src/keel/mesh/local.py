@@ -71,6 +71,7 @@ _REQUEST = struct.Struct(">I")
 _SUBSCRIBE = struct.Struct(">IIB")
 _DELIVER_HEAD = struct.Struct(">Q16s32sdB")
 _DELIVER_PLAIN = struct.Struct(">Q16s32sdBI")  # a head without room or agent, with the size
+DELIVER_PLAIN: Final = _DELIVER_PLAIN  # (receipt, id, sender, received, 0, size): the inbox's
 _RECEIPT = struct.Struct(">Q")
 VIEW_MIN: Final = 16 << 10  # decode_send: a payload this large, in a large frame, is a view of it
 _SENT = struct.Struct(">IB")

@@ -166,6 +166,19 @@ def encode(packet: Packet) -> bytes:
     return _pack(PacketType.RECORDS, {"records": list(packet.records)})
 
 
+def encode_ok_ack(ids: Sequence[str]) -> bytes | None:
+    """``encode(Ack(tuple(ids)))`` for message ids, written without the JSON encoder;
+    None if an id is not a message id (then ``encode`` it is)."""
+    raw = b'{"busy":[],"ok":["' + '","'.join(ids).encode() + b'"],"rejected":[]}'
+    if (
+        not 0 < len(ids) <= MAX_ACK_IDS
+        or len(raw) != 32 + 35 * len(ids)  # as many ids as the pattern finds: no id held '","'
+        or _PLAIN_ACK.fullmatch(raw) is None
+    ):
+        return None
+    return b"\x11" + len(raw).to_bytes(HEADER_LENGTH_SIZE, "big") + raw
+
+
 def _msg_header(message: Msg) -> dict[str, Any]:
     header: dict[str, Any] = {"id": message.id, "topic": message.topic, "exp": message.expires}
     room = message.room
@@ -389,44 +402,50 @@ def _decode_msgs(data: bytes | memoryview) -> Msgs:
     end = len(data)
     at = 3
     messages: list[Msg] = []
+    append = messages.append
+    entry, entry_size = _ENTRY.unpack_from, _ENTRY.size
+    length = _LENGTH.unpack_from
+    topics = _valid_topics
+    new_msg = tuple.__new__  # Msg(...) without its Python-level __new__: one per message
     try:
         while at < end:
             if len(messages) == MAX_BATCH_MESSAGES:
                 raise _bad(f"MSGS holds more than {MAX_BATCH_MESSAGES} messages")
-            flags, raw_id, expires = _ENTRY.unpack_from(data, at)
-            at += _ENTRY.size
-            stamp = None
-            if flags & ~(_FLAG_ROOM | _FLAG_AGENTS):
-                raise _bad(
-                    f"MSGS entry flags 0x{flags:02x} (only bits 0, room, and 1, agents, are defined)"
-                )
-            if flags & _FLAG_ROOM:
-                room, author, version, signature = _ROOM.unpack_from(data, at)
-                at += _ROOM.size
-                author_id = author.decode("ascii", errors="replace")
-                if not is_node_id(author_id):
-                    raise _bad("MSGS entry from is not a node id")
-                if version < 1:
-                    raise _bad("MSGS entry rv must be an integer >= 1")
-                stamp = RoomStamp(room.hex(), author_id, version, signature)
-            agent = to = None
-            if flags & _FLAG_AGENTS:
-                agent, at = _entry_agent(data, at, "agent")
-                to, at = _entry_agent(data, at, "to")
-                if agent is None and to is None:
-                    raise _bad("MSGS entry with the agents flag names no agent")
-            topic_length = data[at]
-            topic = _topic(bytes(data[at + 1 : at + 1 + topic_length]))
-            at += 1 + topic_length
-            (size,) = _LENGTH.unpack_from(data, at)
-            at += 4
+            flags, raw_id, expires = entry(data, at)
+            at += entry_size
+            stamp = agent = to = None
+            if flags:
+                if flags & ~(_FLAG_ROOM | _FLAG_AGENTS):
+                    raise _bad(
+                        f"MSGS entry flags 0x{flags:02x} (only bits 0, room, and 1, agents, "
+                        "are defined)"
+                    )
+                if flags & _FLAG_ROOM:
+                    room, author, version, signature = _ROOM.unpack_from(data, at)
+                    at += _ROOM.size
+                    author_id = author.decode("ascii", errors="replace")
+                    if not is_node_id(author_id):
+                        raise _bad("MSGS entry from is not a node id")
+                    if version < 1:
+                        raise _bad("MSGS entry rv must be an integer >= 1")
+                    stamp = RoomStamp(room.hex(), author_id, version, signature)
+                if flags & _FLAG_AGENTS:
+                    agent, at = _entry_agent(data, at, "agent")
+                    to, at = _entry_agent(data, at, "to")
+                    if agent is None and to is None:
+                        raise _bad("MSGS entry with the agents flag names no agent")
+            topic_end = at + 1 + data[at]
+            raw_topic = bytes(view[at + 1 : topic_end])
+            topic = topics.get(raw_topic) or _topic(raw_topic)
+            (size,) = length(data, topic_end)
+            at = topic_end + 4
             if size > MAX_PAYLOAD:
                 raise _bad(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
             if at + size > end:
                 raise _bad("MSGS entry runs past the packet's end")
             payload = bytes(view[at : at + size])
             at += size
-            messages.append(Msg(raw_id.hex(), topic, expires, payload, stamp, agent, to))
+            append(new_msg(Msg, (raw_id.hex(), topic, expires, payload, stamp, agent, to)))
     except (struct.error, IndexError):
         raise _bad("MSGS entry runs past the packet's end") from None
     finally:

@@ -300,8 +300,8 @@ class PeerLink(asyncio.Protocol):
         rejected: Sequence[tuple[str, str]] = (),
     ) -> None:
         """ACK packets, each under the header limit (reasons cut to 200 characters)."""
-        for reply in acks(ok, busy, rejected):
-            self.send_packet(packets.encode(reply))
+        for packet in ack_packets(ok, busy, rejected):
+            self.send_packet(packet)
 
     # -- hanging up
 
@@ -380,6 +380,26 @@ def merge_acks(answers: Sequence[Ack]) -> Ack:
 
 
 ACK_HEADER_BUDGET: Final = 60_000  # bytes of ids and reasons in one ACK (the header's limit: 65535)
+OK_ID_COST: Final = 35  # what ``acks`` counts for a message id in an ok list (32 + 3)
+
+
+def ack_packets(
+    ok: Sequence[str], busy: Sequence[str] = (), rejected: Sequence[tuple[str, str]] = ()
+) -> Iterator[bytes]:
+    """:func:`acks`, encoded; the usual answer (ok message ids only) written without
+    the JSON encoder (:func:`keel.mesh.packets.encode_ok_ack`), in the same packets."""
+    if not busy and not rejected:
+        step = min(packets.MAX_ACK_IDS, ACK_HEADER_BUDGET // OK_ID_COST)
+        for at in range(0, len(ok), step):
+            packet = packets.encode_ok_ack(ok[at : at + step])
+            if packet is None:  # not all message ids: the general way from here
+                ok = ok[at:]
+                break
+            yield packet
+        else:
+            return
+    for reply in acks(ok, busy, rejected):
+        yield packets.encode(reply)
 
 
 def acks(

@@ -51,6 +51,24 @@ def test_a_frame_whole_in_one_chunk_is_a_view_of_it() -> None:
     assert reader.next_frame() is None
 
 
+def test_a_frame_cut_across_chunks_is_a_view_of_a_buffer_let_go_of() -> None:
+    """The gathered frame is handed out as it is (no second copy); the reader gathers the
+    next one in a new buffer, so the view handed out stays as it was."""
+    reader = FrameReader()
+    reader.feed(encode_frame(b"first") + encode_frame(b"second")[:4])
+    assert reader.next_frame() == b"first"
+    assert reader.next_frame() is None
+    reader.feed(b"cond" + encode_frame(b"third")[:3])
+    second = reader.next_frame()
+    assert isinstance(second, memoryview)
+    assert second.readonly
+    assert reader.next_frame() is None
+    reader.feed(b"hird")
+    third = reader.next_frame()
+    assert (bytes(second), third) == (b"second", b"third")
+    assert reader.buffered == 0
+
+
 def test_a_bad_length_cut_across_chunks_is_refused_once_whole() -> None:
     reader = FrameReader(max_frame_size=100)
     reader.feed(b"\x00")

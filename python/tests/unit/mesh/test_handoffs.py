@@ -64,6 +64,22 @@ def test_an_acknowledged_handoff_is_taken_and_frees_its_place() -> None:
     assert core.acked(1, [receipt]).take == []  # twice: stale, ignored
 
 
+def test_a_batch_handed_at_once_is_held_as_if_handed_one_by_one() -> None:
+    clock = FakeClock()
+    one, batch = subscribed(clock, 1, 2), subscribed(clock, 1, 2)
+    pairs = [(1, message(1, size=5)), (2, message(2, size=7)), (1, message(3, size=11))]
+    receipts = [one.hand(stream, item, PEER) for stream, item in pairs]
+    assert batch.hand_all(pairs, PEER) == receipts
+    for core in (one, batch):
+        assert [w[:3] for w in core.windows(["jobs"])["jobs"]] == [(1, 2, 16), (2, 1, 7)]
+        assert {(AUTHOR, f"{n:032x}") for n in (1, 2, 3)} <= core.handed()  # type: ignore[operator]
+        steps = core.acked(1, [receipts[0], receipts[2], receipts[1]])  # the last: stream 2's
+        assert [h.item for h in steps.take] == [pairs[0][1], pairs[2][1]]
+        assert [w[:3] for w in core.windows(["jobs"])["jobs"]] == [(1, 0, 0), (2, 1, 7)]
+        assert (AUTHOR, f"{1:032x}") not in core.handed()
+        assert (AUTHOR, f"{2:032x}") in core.handed()
+
+
 def test_stream_receipts_count_only_on_their_stream_and_seqs_anywhere() -> None:
     clock = FakeClock()
     core = subscribed(clock, 1, 2)

@@ -85,6 +85,26 @@ def test_a_copy_of_a_message_an_agent_holds_is_left_unanswered() -> None:
     assert plan.busy == []
 
 
+def test_a_copy_of_a_message_an_agent_took_from_memory_is_left_unanswered() -> None:
+    """Taken (its dedup key not stored yet): as while the agent held it."""
+    plan = inbound.plan(
+        [msg(1), msg(2), msg(3)],
+        peer=PEER,
+        me=ME,
+        view=mesh().view,
+        seen=set(),
+        handed={(PEER, f"{1:032x}")},
+        taken={(PEER, f"{2:032x}")},
+        inbox=(0, 0),
+        limits=LIMITS,
+        windows={},
+        wall=WALL,
+    )
+    assert plan.ok == [f"{3:032x}"]
+    assert [i.id for i in plan.store] == [f"{3:032x}"]
+    assert (plan.busy, plan.rejected) == ([], [])
+
+
 def test_subscribers_with_room_take_messages_in_order_the_rest_is_stored() -> None:
     windows = {
         "jobs": [
@@ -244,6 +264,28 @@ def test_a_subscriber_is_handed_only_what_its_receive_from_allows() -> None:
     assert for_open.backlogged == set()
     full = windows["jobs"][0]._replace(pending=10)
     assert decide([from_ops], windows={"jobs": [full]}).backlogged == {1}
+
+
+def test_a_batch_of_senders_interleaved_goes_to_the_first_taker_with_room_each() -> None:
+    """What may take a kind of message is found once a batch; who has room, per message."""
+    windows = {
+        "jobs": [
+            Window(1, 0, 0, 2, 1000, False, "picky", (f"ops@{PEER}",)),  # room for two
+            Window(2, 0, 0, 10, 1000, False, "open", None),
+            Window(3, 0, 0, 10, 1000, True, "late", None),  # a backlog: never handed to
+        ]
+    }
+    batch = [msg(n)._replace(agent="scout" if n % 2 else "ops") for n in range(6)]
+    plan = decide(batch, windows=windows)
+    assert [(stream, item.agent) for stream, item in plan.hand] == [
+        (1, "ops"),
+        (2, "scout"),
+        (1, "ops"),
+        (2, "scout"),
+        (2, "ops"),  # picky is full: the next taker that may
+        (2, "scout"),
+    ]
+    assert (plan.ok, plan.store) == ([], [])
 
 
 def test_a_message_for_an_agent_from_a_sender_it_does_not_receive_from_is_refused() -> None:
