@@ -160,6 +160,13 @@ DHS = {
 # --------------------------------------------------------------- CipherState
 
 
+def _tampered() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        "decryption failed (bad authentication tag)",
+        hint="tampered, replayed, reordered or truncated data, or a wrong key",
+    )
+
+
 class CipherState:
     """A key ``k`` (or none) and a nonce ``n``; section 5.1.
 
@@ -196,33 +203,30 @@ class CipherState:
             raise LocalProtocolError(f"nonce {nonce} out of range")
         self.nonce = nonce
 
+    def _nonce(self, direction: str) -> bytes:
+        """The current nonce's bytes; ``NonceExhausted`` at 2^64 - 1 (reserved)."""
+        if self.nonce >= MAX_NONCE:
+            raise NonceExhausted(
+                f"{direction} nonce exhausted (2^64 - 1 is reserved)",
+                hint="start a new handshake",
+            )
+        return self.cipher.nonce(self.nonce)
+
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._aead is None:
             return bytes(plaintext)
-        if self.nonce >= MAX_NONCE:
-            raise NonceExhausted(
-                "sending nonce exhausted (2^64 - 1 is reserved)",
-                hint="start a new handshake",
-            )
-        ciphertext = self._aead.encrypt(self.cipher.nonce(self.nonce), plaintext, ad)
+        ciphertext = self._aead.encrypt(self._nonce("sending"), plaintext, ad)
         self.nonce += 1
         return ciphertext
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: Buffer) -> bytes:
         if self._aead is None:
             return bytes(ciphertext)
-        if self.nonce >= MAX_NONCE:
-            raise NonceExhausted(
-                "receiving nonce exhausted (2^64 - 1 is reserved)",
-                hint="start a new handshake",
-            )
+        nonce = self._nonce("receiving")
         try:
-            plaintext = self._aead.decrypt(self.cipher.nonce(self.nonce), ciphertext, ad)
+            plaintext = self._aead.decrypt(nonce, ciphertext, ad)
         except InvalidTag:
-            raise RemoteProtocolError(
-                "decryption failed (bad authentication tag)",
-                hint="tampered, replayed, reordered or truncated data, or a wrong key",
-            ) from None
+            raise _tampered() from None
         self.nonce += 1
         return plaintext
 
@@ -235,12 +239,7 @@ class CipherState:
         if self._aead is None:
             out[:] = plaintext
             return
-        if self.nonce >= MAX_NONCE:
-            raise NonceExhausted(
-                "sending nonce exhausted (2^64 - 1 is reserved)",
-                hint="start a new handshake",
-            )
-        nonce = self.cipher.nonce(self.nonce)
+        nonce = self._nonce("sending")
         if self._encrypt_into is not None:
             self._encrypt_into(nonce, plaintext, ad, out)
         else:  # cryptography before 47.0.0
@@ -256,22 +255,14 @@ class CipherState:
         if self._aead is None:
             out[:] = ciphertext
             return
-        if self.nonce >= MAX_NONCE:
-            raise NonceExhausted(
-                "receiving nonce exhausted (2^64 - 1 is reserved)",
-                hint="start a new handshake",
-            )
-        nonce = self.cipher.nonce(self.nonce)
+        nonce = self._nonce("receiving")
         try:
             if self._decrypt_into is not None:
                 self._decrypt_into(nonce, ciphertext, ad, out)
             else:  # cryptography before 47.0.0
                 out[:] = self._aead.decrypt(nonce, ciphertext, ad)
         except InvalidTag:
-            raise RemoteProtocolError(
-                "decryption failed (bad authentication tag)",
-                hint="tampered, replayed, reordered or truncated data, or a wrong key",
-            ) from None
+            raise _tampered() from None
         self.nonce += 1
 
     def rekey(self) -> None:

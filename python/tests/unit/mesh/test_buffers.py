@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,22 +84,31 @@ def test_a_sealed_packet_is_not_written_over_while_its_view_is_held(
     assert [getattr(e, "data", None) for e in events] == [data, data, data]
 
 
+@contextlib.contextmanager
+def outbound_on(tmp_path: Path) -> Iterator[Outbound]:
+    """An outbound with a real store and no links (what it sends waits)."""
+    store = Store(tmp_path / "state.db", synchronous="NORMAL")
+    outbound = Outbound(
+        store=store,
+        outbox=Outbox(clock=time.monotonic, wall=time.time),
+        links={},
+        me="a" * 32,
+        audit=None,
+        clock=time.monotonic,
+        wall=time.time,
+    )
+    try:
+        yield outbound
+    finally:
+        outbound.close()
+        store.close()
+
+
 def test_the_payload_cache_counts_a_frame_buffer_once_while_a_view_of_it_is_cached(
     tmp_path: Path,
 ) -> None:
     async def run() -> None:
-        store = Store(tmp_path / "state.db", synchronous="NORMAL")
-        outbox = Outbox(clock=time.monotonic, wall=time.time)
-        outbound = Outbound(
-            store=store,
-            outbox=outbox,
-            links={},
-            me="a" * 32,
-            audit=None,
-            clock=time.monotonic,
-            wall=time.time,
-        )
-        try:
+        with outbound_on(tmp_path) as outbound:
             frame = bytearray(os.urandom(1 << 20))
             payloads = memoryview(frame).toreadonly()
             ids = [f"{n:032x}" for n in range(1, 5)]
@@ -113,27 +124,13 @@ def test_the_payload_cache_counts_a_frame_buffer_once_while_a_view_of_it_is_cach
             outbound.answered(PEER, Ack((ids[3], small.id)))
             assert outbound._payload_bytes == 0
             assert outbound._buffers == {}
-        finally:
-            outbound.close()
-            store.close()
 
     asyncio.run(run())
 
 
 def test_views_of_a_frame_too_large_for_the_cache_are_not_cached(tmp_path: Path) -> None:
     async def run() -> None:
-        store = Store(tmp_path / "state.db", synchronous="NORMAL")
-        outbox = Outbox(clock=time.monotonic, wall=time.time)
-        outbound = Outbound(
-            store=store,
-            outbox=outbox,
-            links={},
-            me="a" * 32,
-            audit=None,
-            clock=time.monotonic,
-            wall=time.time,
-        )
-        try:
+        with outbound_on(tmp_path) as outbound:
             frame = bytearray(PAYLOAD_CACHE_BYTES + 1)
             view = memoryview(frame).toreadonly()[:65536]
             message = NewMessage(f"{1:032x}", (PEER,), "t", view, time.time() + 60)
@@ -143,9 +140,6 @@ def test_views_of_a_frame_too_large_for_the_cache_are_not_cached(tmp_path: Path)
             envelope = outbound._payload(1)  # read back from the store when it is sent
             assert envelope is not None
             assert envelope.payload == bytes(view)
-        finally:
-            outbound.close()
-            store.close()
 
     asyncio.run(run())
 
