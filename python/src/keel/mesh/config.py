@@ -14,7 +14,7 @@ installed agent specs: :mod:`keel.agents.roster`)::
      "lease": 30, "max_outbox_per_peer": 10000, "max_outbox": 100000,
      "max_outbox_bytes": 268435456, "max_inbox": 100000,
      "max_inbox_bytes": 268435456, "window_messages": 4096,
-     "window_bytes": 16777216, "durability": "normal"}
+     "window_bytes": 16777216, "durability": "normal", "keep_dead_letters": 10000}
 
 ``socket``, ``ledger`` and ``checkpoint_every`` are read as every daemon reads
 them (:func:`keel.service.read_common`). Unknown keys and bad values stop the
@@ -56,6 +56,7 @@ class Settings:
     max_handshakes: int = 64
     max_handshakes_per_address: int = 8
     durability: str = "normal"
+    keep_dead_letters: int = 10_000  # the newest kept; older ones are deleted
     operator_group: str | None = None
     operator_gid: int | None = None
     agents: Agents = field(default_factory=lambda: Agents({}))
@@ -145,6 +146,7 @@ def _settings(cfg: Section) -> Settings:
         max_handshakes=cfg.integer("max_handshakes", 64, minimum=1),
         max_handshakes_per_address=cfg.integer("max_handshakes_per_address", 8, minimum=1),
         durability=cfg.choice("durability", ["full", "normal"], "normal"),
+        keep_dead_letters=cfg.integer("keep_dead_letters", 10_000, minimum=1),
         operator_group=group,
         operator_gid=gid,
         agents=Agents(read_agents(cfg)),

@@ -114,7 +114,11 @@ class MeshNode(Daemon):
         self.me = self.identity.node_id
         self.kem: Kem = self._kem or get_kem()
         sync = "FULL" if self.settings.durability == "full" else "NORMAL"
-        self.store = Store(directory / STATE_FILE, synchronous=sync)
+        self.store = Store(
+            directory / STATE_FILE,
+            synchronous=sync,
+            keep_dead_letters=self.settings.keep_dead_letters,
+        )
         self._opened.callback(self.store.close)
         record = shell.record
         audit = None  # message metadata, many messages to a ledger entry (keel.mesh.audit)

@@ -218,8 +218,12 @@ def _state_errors(method: Callable[P, R]) -> Callable[P, R]:
 class Store:
     """The database; every failure it can meet is a :class:`StateError` naming the file."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "FULL", keep_dead_letters: int = 10_000
+    ) -> None:
         self.path = path
+        self.keep_dead_letters = keep_dead_letters
+        self._dead_count: int | None = None  # dead letters held (counted on the first one)
         # Per author, an id no dedup key of its in ``seen`` is above (``seen_among``).
         self._seen_ceiling: dict[str, str] = {}
         try:
@@ -652,7 +656,25 @@ class Store:
                 for i in items
             ],
         )
+        self._prune_dead_letters(db, len(items))
         return segments
+
+    def _prune_dead_letters(self, db: sqlite3.Connection, added: int) -> None:
+        """At most ``keep_dead_letters``: past it, the oldest go, down to nine tenths of it
+        (so a steady trickle prunes once per tenth, not once per letter)."""
+        if self._dead_count is None:
+            (self._dead_count,) = db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        else:
+            self._dead_count += added  # at most: a letter may have replaced one of its seq
+        if self._dead_count <= self.keep_dead_letters:
+            return
+        keep = max(1, self.keep_dead_letters * 9 // 10)
+        db.execute(
+            "DELETE FROM dead_letters WHERE seq <= "
+            "(SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (keep,),
+        )
+        (self._dead_count,) = db.execute("SELECT count(*) FROM dead_letters").fetchone()
 
     @staticmethod
     def _delete_outbox(db: sqlite3.Connection, items: Sequence[Queued]) -> list[int]:

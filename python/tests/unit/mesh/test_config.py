@@ -69,6 +69,7 @@ def test_every_key_of_the_flags_and_settings_file_is_read(tmp_path: Path) -> Non
         window_messages=64,
         window_bytes=4096,
         durability="full",
+        keep_dead_letters=500,
         operator_group=grp.getgrgid(0).gr_name,
     )
     settings = loaded.settings
@@ -80,6 +81,7 @@ def test_every_key_of_the_flags_and_settings_file_is_read(tmp_path: Path) -> Non
     assert settings.lease == 5
     assert (settings.dial_base, settings.dial_cap) == (0.1, 1)
     assert settings.durability == "full"
+    assert settings.keep_dead_letters == 500
     assert settings.operators().gid == 0
 
 
@@ -89,6 +91,7 @@ def test_every_key_of_the_flags_and_settings_file_is_read(tmp_path: Path) -> Non
         ({"nope": 1}, "nope"),
         ({"idle_timeout": 1, "keepalive_interval": 2}, "idle_timeout: must exceed"),
         ({"durability": "maybe"}, "durability"),
+        ({"keep_dead_letters": 0}, "keep_dead_letters"),
         ({"retry_base": 10, "retry_cap": 1}, "retry_base: must not exceed retry_cap"),
         ({"dial_base": 10, "dial_cap": 1}, "dial_base: must not exceed dial_cap"),
         ({"operator_group": "no-such-group-here"}, "operator_group: no group"),

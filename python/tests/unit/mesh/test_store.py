@@ -702,6 +702,28 @@ def test_a_schema_3_database_gains_the_dead_letters_agents_and_keeps_its_dead_le
     Store(path).close()  # and opens again as schema 4
 
 
+def test_dead_letters_are_kept_up_to_their_limit_the_oldest_going_first(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path, keep_dead_letters=100)
+    ids = []
+    for start in range(0, 250, 25):  # ten expiries of 25
+        rows = [out(f"{n:032x}") for n in range(start, start + 25)]
+        queued = [q for q in store.enqueue(rows, created=1.0) if q is not None]
+        store.dead_letter(queued, "expired", wall=2.0)
+        ids += [r.id for r in rows]
+        held = [d["id"] for d in store.dead_letters(10_000)]
+        assert len(held) <= 100
+        assert held == ids[::-1][: len(held)]  # the newest, newest first
+    assert len(held) >= 90  # pruned to nine tenths of the limit, not further
+    store.close()
+    store = Store(path, keep_dead_letters=50)  # a lower limit applies at the next letter
+    queued = [q for q in store.enqueue([out("f" * 32)], created=3.0) if q is not None]
+    store.dead_letter(queued, "expired", wall=4.0)
+    held = [d["id"] for d in store.dead_letters(10_000)]
+    assert held == ["f" * 32, *ids[::-1][:44]]
+    store.close()
+
+
 def test_an_agent_gets_only_the_dead_letters_it_sent_on_its_topics(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     rows = [
