@@ -205,20 +205,21 @@ class Outbound:
                 batch.add(message)
             else:
                 link.send_packet(packets.encode(message))
-        if too_old:
-            seqs = {item.seq for item in too_old}
-            self.drop(
-                lambda queued: queued.seq not in seqs,
+        for old, reason in (
+            (
+                too_old,
                 "the recipient's keel is too old for messages to an agent (application "
                 f"revision {packets.AGENTS_REVISION}): upgrade it, or send to its topic",
-            )
-        if too_old_rooms:
-            seqs = {item.seq for item in too_old_rooms}
-            self.drop(
-                lambda queued: queued.seq not in seqs,
+            ),
+            (
+                too_old_rooms,
                 "the recipient's keel is too old for room messages from an agent (application "
                 f"revision {packets.ROOM_AGENTS_REVISION}): upgrade it",
-            )
+            ),
+        ):
+            if old:
+                seqs = {item.seq for item in old}
+                self.drop(lambda queued: queued.seq not in seqs, reason)  # noqa: B023 (used at once)
         for batch in batches.values():
             batch.flush()
         for peer in {item.peer for item in due.sends}:

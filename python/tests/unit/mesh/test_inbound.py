@@ -208,34 +208,24 @@ def test_a_room_message_goes_only_to_an_agent_in_the_room() -> None:
     def room_reads(room_id: str, agent: str) -> bool:
         return membership.view.rooms[room_id].admits(ME, agent)
 
-    plan = inbound.plan(
-        [message._replace(room=stamp)],
-        peer=PEER,
-        me=ME,
-        view=membership.view,
-        seen=set(),
-        handed=set(),
-        inbox=(0, 0),
-        limits=LIMITS,
-        windows=windows,
-        wall=WALL,
-        room_reads=room_reads,
-    )
+    def plan_for(windows: dict[str, list[Window]]) -> inbound.Plan:
+        return inbound.plan(
+            [message._replace(room=stamp)],
+            peer=PEER,
+            me=ME,
+            view=membership.view,
+            seen=set(),
+            handed=set(),
+            inbox=(0, 0),
+            limits=LIMITS,
+            windows=windows,
+            wall=WALL,
+            room_reads=room_reads,
+        )
+
+    plan = plan_for(windows)
     assert [stream for stream, _ in plan.hand] == [2]
-    only_scout = {"chat": windows["chat"][:1]}
-    plan = inbound.plan(
-        [message._replace(room=stamp)],
-        peer=PEER,
-        me=ME,
-        view=membership.view,
-        seen=set(),
-        handed=set(),
-        inbox=(0, 0),
-        limits=LIMITS,
-        windows=only_scout,
-        wall=WALL,
-        room_reads=room_reads,
-    )
+    plan = plan_for({"chat": windows["chat"][:1]})  # only scout, not a member
     assert plan.hand == []
     assert [i.id for i in plan.store] == [message.id]  # stored for a reader that may read it
 
